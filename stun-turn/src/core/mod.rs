@@ -1,0 +1,1396 @@
+//! The sans-IO STUN/TURN server: bytes and `now` in, bytes and timeouts out.
+//!
+//! One [`Server`] serves one worker's sockets. Workers share a [`Shared`]
+//! (credentials, nonce key, peer policy, quotas) so a quota holds across
+//! cores. The server never touches sockets or clocks:
+//!
+//! - [`Server::handle_client_input`] takes a datagram (or one framed message
+//!   from a stream) from a client. ChannelData and Send indications come back
+//!   as [`ClientOutcome::Forward`], a range of the input to send from a relay
+//!   socket, so the data path copies and allocates nothing.
+//! - [`Server::handle_peer_input`] takes a datagram that arrived on a relay
+//!   socket and says how to wrap it for the client.
+//! - Control responses are queued for [`Server::poll_transmit`]; relay
+//!   sockets to open and close come from [`Server::poll_event`], and the
+//!   runtime reports each bind back through [`Server::handle_relay_bound`].
+//! - [`Server::poll_timeout`] and [`Server::handle_timeout`] expire
+//!   allocations, permissions and channels.
+
+mod allocation;
+pub mod auth;
+pub mod policy;
+mod quota;
+
+use crate::channel_data::{self, ChannelNumber};
+use crate::config::Config;
+use crate::message::attr::{decode_family, Family};
+use crate::message::{
+    AttrType, Class, ErrorCode, IntegrityKind, Message, MessageBuilder, Method, PasswordAlgorithm,
+    TransactionId,
+};
+use crate::metrics::{AuthFailure, Metrics};
+use allocation::{Allocation, Channel, TokenBucket};
+use auth::{Credentials, Lookup, NonceError, NonceKey};
+use policy::PeerPolicy;
+use quota::Quotas;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// The transport a client reached us on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+/// A client's 5-tuple: transport, its address, and our local address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientAddr {
+    pub transport: Transport,
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+}
+
+impl ClientAddr {
+    pub(crate) fn hash_into(&self, mut f: impl FnMut(&[u8])) {
+        f(&[self.transport as u8]);
+        for a in [self.remote, self.local] {
+            match a.ip() {
+                IpAddr::V4(ip) => f(&ip.octets()),
+                IpAddr::V6(ip) => f(&ip.octets()),
+            }
+            f(&a.port().to_be_bytes());
+        }
+    }
+}
+
+/// A relay socket, named by the core; the runtime maps it to a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelayId(pub u32);
+
+/// A control message for a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub to: ClientAddr,
+    /// Our local address to send from; differs from `to.local` only for an
+    /// RFC 5780 CHANGE-REQUEST answer.
+    pub from: SocketAddr,
+    pub bytes: Vec<u8>,
+}
+
+/// Work for the runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Bind a UDP relay socket at `addr` and report with `handle_relay_bound`.
+    /// `dont_fragment`: the client sent DONT-FRAGMENT, so set the IP DF bit.
+    BindRelay {
+        relay: RelayId,
+        addr: SocketAddr,
+        dont_fragment: bool,
+    },
+    /// Close a relay socket; its allocation is gone.
+    ReleaseRelay { relay: RelayId },
+}
+
+/// What to do with a client datagram after [`Server::handle_client_input`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientOutcome {
+    /// Nothing to forward; responses, if any, are queued.
+    Handled,
+    /// Send `input[payload]` from relay socket `relay` to `peer`.
+    Forward {
+        relay: RelayId,
+        peer: SocketAddr,
+        payload: Range<usize>,
+    },
+}
+
+/// How to deliver a datagram that arrived from a peer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PeerOutcome<'s> {
+    Drop,
+    /// Prefix the payload with the ChannelData header for `channel`.
+    ChannelData {
+        to: ClientAddr,
+        channel: ChannelNumber,
+    },
+    /// Send this Data indication, which already carries the payload.
+    Indication {
+        to: ClientAddr,
+        message: &'s [u8],
+    },
+}
+
+/// State shared by every worker of one server.
+#[derive(Debug)]
+pub struct Shared {
+    config: Config,
+    credentials: RwLock<Arc<Credentials>>,
+    nonce: NonceKey,
+    policy: PeerPolicy,
+    quotas: Mutex<Quotas>,
+    /// Maps monotonic time to Unix time: the wall clock enters only here,
+    /// as an argument, so simulated time drives REST expiry and nonces.
+    epoch: (Instant, u64),
+}
+
+impl Shared {
+    /// `own_sockets` are the server's listening addresses (never a peer);
+    /// `unix_now` is the wall-clock time at `now`.
+    pub fn new(
+        config: Config,
+        nonce_secret: [u8; 32],
+        own_sockets: Vec<SocketAddr>,
+        now: Instant,
+        unix_now: u64,
+    ) -> Arc<Self> {
+        let mut own_ips: Vec<IpAddr> = own_sockets
+            .iter()
+            .map(|s| s.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        own_ips.extend(config.relay_ipv4);
+        own_ips.extend(config.relay_ipv6);
+        own_ips.extend(config.external_ipv4);
+        let policy = PeerPolicy::new(
+            config.allow_peers.clone(),
+            config.deny_peers.clone(),
+            own_ips,
+            own_sockets,
+        );
+        let credentials = Credentials::new(&config.realm, &config.users, &config.rest_secrets);
+        Arc::new(Shared {
+            credentials: RwLock::new(Arc::new(credentials)),
+            nonce: NonceKey::new(&nonce_secret),
+            policy,
+            quotas: Mutex::new(Quotas::default()),
+            epoch: (now, unix_now),
+            config,
+        })
+    }
+
+    /// Replaces static users and REST secrets (SIGHUP). Existing allocations
+    /// stay; their next Refresh authenticates against the new table.
+    pub fn set_credentials(&self, users: &[(String, String)], rest_secrets: &[String]) {
+        let c = Arc::new(Credentials::new(&self.config.realm, users, rest_secrets));
+        // A poisoned lock only means another thread panicked mid-swap of an Arc.
+        *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = c;
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn credentials(&self) -> Arc<Credentials> {
+        self.credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn unix(&self, now: Instant) -> u64 {
+        self.epoch.1 + now.saturating_duration_since(self.epoch.0).as_secs()
+    }
+}
+
+/// How long an expired channel's number and peer stay reserved (RFC 8656 §12).
+const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+/// Relay ports to try before giving up with 508.
+const BIND_ATTEMPTS: u32 = 8;
+const MAX_TEXT: usize = 763;
+
+/// Authenticated request context.
+#[derive(Debug, Clone)]
+struct Auth {
+    username: String,
+    key: Vec<u8>,
+    kind: IntegrityKind,
+}
+
+/// Response options that follow from the request.
+#[derive(Debug, Clone, Copy)]
+struct Reply {
+    to: ClientAddr,
+    method: Method,
+    tid: TransactionId,
+    fingerprint: bool,
+}
+
+/// An Allocate waiting for its relay sockets.
+#[derive(Debug)]
+struct Pending {
+    reply: Reply,
+    auth: Auth,
+    lifetime: Duration,
+    wanted: Vec<Family>,
+    bound: Vec<(Family, RelayId, SocketAddr)>,
+    /// Family, relay, attempts so far, port being bound.
+    waiting: Vec<(Family, RelayId, u32, u16)>,
+    address_error: Option<(Family, ErrorCode)>,
+    dont_fragment: bool,
+}
+
+/// One worker's sans-IO STUN/TURN server.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    rng: StdRng,
+    worker: u16,
+    workers: u16,
+    slots: Vec<Option<Allocation>>,
+    free_slots: Vec<usize>,
+    by_client: FxHashMap<ClientAddr, usize>,
+    by_relay: FxHashMap<RelayId, usize>,
+    pending: FxHashMap<ClientAddr, Pending>,
+    pending_relay: FxHashMap<RelayId, ClientAddr>,
+    used_ports: FxHashSet<(Family, u16)>,
+    next_relay: u32,
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    scratch: Vec<u8>,
+}
+
+impl Server {
+    /// A worker `worker` of `workers`; relay ports are split between
+    /// workers by `port % workers` so they never collide.
+    pub fn new(
+        shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
+        worker: u16,
+        workers: u16,
+        seed: u64,
+    ) -> Self {
+        Server {
+            shared,
+            metrics,
+            rng: StdRng::seed_from_u64(seed),
+            worker,
+            workers: workers.max(1),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            by_client: FxHashMap::default(),
+            by_relay: FxHashMap::default(),
+            pending: FxHashMap::default(),
+            pending_relay: FxHashMap::default(),
+            used_ports: FxHashSet::default(),
+            next_relay: 1,
+            timers: BinaryHeap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            scratch: Vec::with_capacity(2048),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Whether `client` holds an allocation here.
+    pub fn has_allocation(&self, client: &ClientAddr) -> bool {
+        self.by_client.contains_key(client)
+    }
+
+    /// Number of live allocations on this worker.
+    pub fn allocation_count(&self) -> usize {
+        self.by_client.len()
+    }
+
+    /// Handles one datagram, or one framed message of a stream, from a client.
+    pub fn handle_client_input(
+        &mut self,
+        from: ClientAddr,
+        bytes: &[u8],
+        now: Instant,
+    ) -> ClientOutcome {
+        if channel_data::is_channel_data(bytes) {
+            return self.handle_channel_data(from, bytes, now);
+        }
+        let msg = match Message::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.metrics
+                    .malformed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(error = %e, "malformed STUN message");
+                self.answer_undecodable(from, bytes);
+                return ClientOutcome::Handled;
+            }
+        };
+        match (msg.class(), msg.method()) {
+            (Class::Request, Method::Binding) => self.handle_binding(from, &msg),
+            (Class::Indication, Method::Send) => return self.handle_send(from, &msg, now),
+            (
+                Class::Request,
+                Method::Allocate | Method::Refresh | Method::CreatePermission | Method::ChannelBind,
+            ) => {
+                if msg.is_classic() {
+                    self.error(reply_for(from, &msg), ErrorCode::BAD_REQUEST, None);
+                } else {
+                    self.handle_authenticated(from, &msg, now);
+                }
+            }
+            (Class::Request, _) => self.error(reply_for(from, &msg), ErrorCode::BAD_REQUEST, None),
+            // Binding indications are keepalives; responses are not ours to take.
+            _ => {}
+        }
+        ClientOutcome::Handled
+    }
+
+    /// Handles a datagram that arrived on relay socket `relay` from `peer`.
+    pub fn handle_peer_input(
+        &mut self,
+        relay: RelayId,
+        peer: SocketAddr,
+        payload: &[u8],
+        now: Instant,
+    ) -> PeerOutcome<'_> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(&slot) = self.by_relay.get(&relay) else {
+            return PeerOutcome::Drop;
+        };
+        let Some(a) = self.slots[slot].as_mut() else {
+            return PeerOutcome::Drop;
+        };
+        if !a.has_permission(peer.ip(), now) {
+            self.metrics.dropped_no_permission.fetch_add(1, Relaxed);
+            return PeerOutcome::Drop;
+        }
+        if !a.down.take(payload.len() as u64, now) {
+            self.metrics.dropped_rate_limited.fetch_add(1, Relaxed);
+            return PeerOutcome::Drop;
+        }
+        self.metrics.packets_to_client.fetch_add(1, Relaxed);
+        self.metrics
+            .bytes_to_client
+            .fetch_add(payload.len() as u64, Relaxed);
+        let to = a.client;
+        if let Some(ch) = a.channel_for(peer, now) {
+            return PeerOutcome::ChannelData { to, channel: ch };
+        }
+        // Data indication (RFC 8656 §11.6); a TCP client needs no padding
+        // beyond the STUN attribute padding already in the message.
+        let mut tid = [0u8; 12];
+        self.rng.fill(&mut tid);
+        let mut b = MessageBuilder::new(
+            &mut self.scratch,
+            Class::Indication,
+            Method::Data,
+            TransactionId(tid),
+        );
+        b.add_xor_address(AttrType::XorPeerAddress, peer);
+        b.add_attr(AttrType::Data, payload);
+        PeerOutcome::Indication {
+            to,
+            message: &self.scratch,
+        }
+    }
+
+    /// Reports the result of an [`Event::BindRelay`]: the bound address, or
+    /// `None` when the port was taken.
+    pub fn handle_relay_bound(&mut self, relay: RelayId, bound: Option<SocketAddr>, now: Instant) {
+        let Some(client) = self.pending_relay.remove(&relay) else {
+            return;
+        };
+        let Some(mut p) = self.pending.remove(&client) else {
+            return;
+        };
+        let Some(i) = p.waiting.iter().position(|w| w.1 == relay) else {
+            return;
+        };
+        let (family, _, attempts, port) = p.waiting.swap_remove(i);
+        match bound {
+            Some(addr) => p.bound.push((family, relay, addr)),
+            None => {
+                // Another process holds the port; pick again, then free it
+                // so a later allocation may try it once more.
+                let retry = (attempts + 1 < BIND_ATTEMPTS)
+                    .then(|| self.pick_relay(family))
+                    .flatten();
+                self.used_ports.remove(&(family, port));
+                if let Some((id, addr)) = retry {
+                    p.waiting.push((family, id, attempts + 1, addr.port()));
+                    self.pending_relay.insert(id, client);
+                    let dont_fragment = p.dont_fragment;
+                    self.events.push_back(Event::BindRelay {
+                        relay: id,
+                        addr,
+                        dont_fragment,
+                    });
+                } else if p.address_error.is_none() && p.wanted.len() > 1 {
+                    p.address_error = Some((family, ErrorCode::INSUFFICIENT_CAPACITY));
+                }
+            }
+        }
+        if !p.waiting.is_empty() {
+            self.pending.insert(client, p);
+            return;
+        }
+        self.finish_allocate(client, p, now);
+    }
+
+    /// A stream client's connection closed: its allocation goes with it
+    /// (RFC 8656 §3.1, allocations over TCP live as long as the connection).
+    pub fn handle_client_closed(&mut self, client: ClientAddr) {
+        if let Some(p) = self.pending.remove(&client) {
+            for (_, relay, _, _) in p.waiting {
+                self.pending_relay.remove(&relay);
+            }
+            for (_, relay, _) in p.bound {
+                self.events.push_back(Event::ReleaseRelay { relay });
+            }
+            self.release_quota(&p.auth.username, client.remote.ip());
+        }
+        if let Some(&slot) = self.by_client.get(&client) {
+            self.delete_allocation(slot);
+        }
+    }
+
+    /// Expires allocations, permissions and channels due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((at, slot))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(a) = self.slots[slot].as_mut() else {
+                continue;
+            };
+            if a.scheduled != Some(at) {
+                continue;
+            }
+            a.scheduled = None;
+            if a.expires <= now {
+                tracing::debug!(user = %redact(&a.username), "allocation expired");
+                self.delete_allocation(slot);
+                continue;
+            }
+            let (perms, chans) = a.sweep(now, CHANNEL_COOLDOWN);
+            self.metrics
+                .permissions
+                .fetch_sub(perms as i64, std::sync::atomic::Ordering::Relaxed);
+            self.metrics
+                .channels
+                .fetch_sub(chans as i64, std::sync::atomic::Ordering::Relaxed);
+            self.schedule(slot);
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Drops every allocation (graceful shutdown), releasing quotas and sockets.
+    pub fn shutdown(&mut self) {
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].is_some() {
+                self.delete_allocation(slot);
+            }
+        }
+    }
+
+    fn handle_channel_data(
+        &mut self,
+        from: ClientAddr,
+        bytes: &[u8],
+        now: Instant,
+    ) -> ClientOutcome {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Ok((ch, range)) = channel_data::decode(bytes) else {
+            self.metrics.malformed.fetch_add(1, Relaxed);
+            return ClientOutcome::Handled;
+        };
+        let Some(&slot) = self.by_client.get(&from) else {
+            return ClientOutcome::Handled;
+        };
+        let Some(a) = self.slots[slot].as_mut() else {
+            return ClientOutcome::Handled;
+        };
+        let Some(peer) = a
+            .channels
+            .get(&ch.get())
+            .filter(|c| c.expires > now)
+            .map(|c| c.peer)
+        else {
+            return ClientOutcome::Handled;
+        };
+        if !a.up.take(range.len() as u64, now) {
+            self.metrics.dropped_rate_limited.fetch_add(1, Relaxed);
+            return ClientOutcome::Handled;
+        }
+        let Some(relay) = a.relay_for(peer) else {
+            return ClientOutcome::Handled;
+        };
+        self.metrics.packets_to_peer.fetch_add(1, Relaxed);
+        self.metrics
+            .bytes_to_peer
+            .fetch_add(range.len() as u64, Relaxed);
+        ClientOutcome::Forward {
+            relay,
+            peer,
+            payload: range,
+        }
+    }
+
+    fn handle_send(&mut self, from: ClientAddr, msg: &Message<'_>, now: Instant) -> ClientOutcome {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(&slot) = self.by_client.get(&from) else {
+            return ClientOutcome::Handled;
+        };
+        let (Ok(Some(peer)), Some(data)) = (
+            msg.xor_address(AttrType::XorPeerAddress),
+            msg.attr(AttrType::Data),
+        ) else {
+            self.metrics.malformed.fetch_add(1, Relaxed);
+            return ClientOutcome::Handled;
+        };
+        if self.shared.policy.check(peer).is_err() {
+            self.metrics.peer_denied.fetch_add(1, Relaxed);
+            return ClientOutcome::Handled;
+        }
+        let Some(a) = self.slots[slot].as_mut() else {
+            return ClientOutcome::Handled;
+        };
+        if !a.has_permission(peer.ip(), now) {
+            self.metrics.dropped_no_permission.fetch_add(1, Relaxed);
+            return ClientOutcome::Handled;
+        }
+        if !a.up.take(data.len() as u64, now) {
+            self.metrics.dropped_rate_limited.fetch_add(1, Relaxed);
+            return ClientOutcome::Handled;
+        }
+        let Some(relay) = a.relay_for(peer) else {
+            return ClientOutcome::Handled;
+        };
+        // The DATA value is a slice of `msg`, which borrows the input buffer.
+        let start = data.as_ptr() as usize - msg.as_bytes().as_ptr() as usize;
+        self.metrics.packets_to_peer.fetch_add(1, Relaxed);
+        self.metrics
+            .bytes_to_peer
+            .fetch_add(data.len() as u64, Relaxed);
+        ClientOutcome::Forward {
+            relay,
+            peer,
+            payload: start..start + data.len(),
+        }
+    }
+
+    /// RFC 8489 §6.3.4 Binding, plus the classic RFC 3489 form and RFC 5780
+    /// behaviour discovery.
+    fn handle_binding(&mut self, from: ClientAddr, msg: &Message<'_>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics.binding_requests.fetch_add(1, Relaxed);
+        let alternate = self.shared.config.alternate;
+        if !msg.is_classic() {
+            if let Some(t) = msg.unknown_required().next() {
+                let reply = reply_for(from, msg);
+                self.unknown_attributes(reply, t);
+                return;
+            }
+        }
+        // CHANGE-REQUEST (RFC 5780 §7.2): flags 0x4 change IP, 0x2 change port.
+        let change = match msg.u32_attr(AttrType::ChangeRequest) {
+            Ok(v) => v.unwrap_or(0),
+            Err(_) => {
+                self.error(reply_for(from, msg), ErrorCode::BAD_REQUEST, None);
+                return;
+            }
+        };
+        // RFC 5780 §4: the four addresses are {primary, alternate} IP × port;
+        // OTHER-ADDRESS differs from the receiving one in both.
+        let primary = self.shared.config.udp.first().copied();
+        let flip = |addr: SocketAddr, ip: bool, port: bool| -> SocketAddr {
+            let (Some(p), Some(a)) = (primary, alternate) else {
+                return addr;
+            };
+            let mut out = addr;
+            if ip {
+                out.set_ip(if addr.ip() == p.ip() { a.ip() } else { p.ip() });
+            }
+            if port {
+                out.set_port(if addr.port() == p.port() {
+                    a.port()
+                } else {
+                    p.port()
+                });
+            }
+            out
+        };
+        if change & 0x6 != 0 && alternate.is_none() {
+            // Without a second address CHANGE-REQUEST cannot be honoured
+            // (RFC 5780 §6.1: 420). Classic clients read silence as "blocked".
+            if !msg.is_classic() {
+                let reply = reply_for(from, msg);
+                self.unknown_attributes(reply, AttrType::ChangeRequest as u16);
+            }
+            return;
+        }
+        let source = flip(from.local, change & 0x4 != 0, change & 0x2 != 0);
+        let other = alternate.map(|_| flip(from.local, true, true));
+        let software = self.shared.config.software.clone();
+        let mut out = Vec::with_capacity(96);
+        if msg.is_classic() {
+            let mut b = MessageBuilder::with_raw_id(
+                &mut out,
+                Class::Success,
+                Method::Binding,
+                msg.classic_transaction_id(),
+            );
+            b.add_address(AttrType::MappedAddress, from.remote);
+            b.add_address(AttrType::SourceAddress, source);
+            if let Some(o) = other {
+                b.add_address(AttrType::ChangedAddress, o);
+            }
+        } else {
+            let mut b = MessageBuilder::new(
+                &mut out,
+                Class::Success,
+                Method::Binding,
+                msg.transaction_id(),
+            );
+            b.add_xor_address(AttrType::XorMappedAddress, from.remote);
+            if let Some(o) = other {
+                b.add_address(AttrType::OtherAddress, o);
+                b.add_address(AttrType::ResponseOrigin, source);
+            }
+            if let Some(s) = &software {
+                b.add_attr(AttrType::Software, s.as_bytes());
+            }
+            if msg.has(AttrType::Fingerprint) {
+                b.add_fingerprint();
+            }
+        }
+        self.transmits.push_back(Transmit {
+            to: from,
+            from: source,
+            bytes: out,
+        });
+    }
+
+    fn handle_authenticated(&mut self, from: ClientAddr, msg: &Message<'_>, now: Instant) {
+        let reply = reply_for(from, msg);
+        // A retransmitted Allocate whose sockets are still being bound.
+        if msg.method() == Method::Allocate && self.pending.contains_key(&from) {
+            return;
+        }
+        let Some(auth) = self.authenticate(reply, msg, now) else {
+            return;
+        };
+        if let Some(t) = msg.unknown_required().next() {
+            self.unknown_attributes(reply, t);
+            return;
+        }
+        match msg.method() {
+            Method::Allocate => self.handle_allocate(reply, auth, msg, now),
+            Method::Refresh => self.handle_refresh(reply, auth, msg, now),
+            Method::CreatePermission => self.handle_create_permission(reply, auth, msg, now),
+            Method::ChannelBind => self.handle_channel_bind(reply, auth, msg, now),
+            _ => self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
+        }
+    }
+
+    /// RFC 8489 §9.2.4 long-term credential checks. Sends the error and
+    /// returns `None` unless the request is authenticated.
+    fn authenticate(&mut self, reply: Reply, msg: &Message<'_>, now: Instant) -> Option<Auth> {
+        let creds = self.shared.credentials();
+        let has_mi =
+            msg.has(AttrType::MessageIntegrity) || msg.has(AttrType::MessageIntegritySha256);
+        if !has_mi {
+            self.metrics.auth_failure(AuthFailure::Challenged);
+            self.challenge(
+                reply,
+                ErrorCode::UNAUTHORIZED,
+                &creds,
+                now,
+                msg.as_bytes().len(),
+            );
+            return None;
+        }
+        let username = match (
+            msg.text_attr(AttrType::Username, 513),
+            msg.attr(AttrType::Userhash),
+        ) {
+            (Ok(Some(u)), _) => Some(u.to_owned()),
+            (Ok(None), Some(h)) => creds.user_for_hash(h).map(str::to_owned),
+            _ => None,
+        };
+        let realm = msg.text_attr(AttrType::Realm, MAX_TEXT).ok().flatten();
+        let nonce = msg.text_attr(AttrType::Nonce, MAX_TEXT).ok().flatten();
+        let (Some(realm), Some(nonce)) = (realm, nonce) else {
+            self.metrics.auth_failure(AuthFailure::BadRequest);
+            self.error(reply, ErrorCode::BAD_REQUEST, None);
+            return None;
+        };
+        if msg.attr(AttrType::Username).is_none() && msg.attr(AttrType::Userhash).is_none() {
+            self.metrics.auth_failure(AuthFailure::BadRequest);
+            self.error(reply, ErrorCode::BAD_REQUEST, None);
+            return None;
+        }
+        let unix = self.shared.unix(now);
+        let lifetime = self.shared.config.nonce_lifetime.as_secs();
+        if let Err(e) = self.shared.nonce.check(nonce, &reply.to, unix, lifetime) {
+            self.metrics.auth_failure(match e {
+                NonceError::Stale => AuthFailure::StaleNonce,
+                NonceError::Invalid => AuthFailure::InvalidNonce,
+            });
+            self.challenge(reply, ErrorCode::STALE_NONCE, &creds, now, usize::MAX);
+            return None;
+        }
+        if realm != creds.realm() {
+            self.metrics.auth_failure(AuthFailure::BadIntegrity);
+            self.challenge(reply, ErrorCode::UNAUTHORIZED, &creds, now, usize::MAX);
+            return None;
+        }
+        // Bid-down protection (RFC 8489 §9.2.4): every nonce we issue carries
+        // the password-algorithms feature bit, so either both attributes are
+        // absent (MD5 as before RFC 8489) or both are present and the list is
+        // exactly the one we offered.
+        let alg = match (
+            msg.attr(AttrType::PasswordAlgorithm),
+            msg.attr(AttrType::PasswordAlgorithms),
+        ) {
+            (None, None) => PasswordAlgorithm::Md5,
+            (Some(a), Some(list)) => {
+                let mut offered = Vec::with_capacity(8);
+                PasswordAlgorithm::encode_list(OFFERED_ALGORITHMS, &mut offered);
+                match PasswordAlgorithm::decode(a) {
+                    Ok(Some(alg)) if list == offered.as_slice() => alg,
+                    _ => {
+                        self.metrics.auth_failure(AuthFailure::BadRequest);
+                        self.error(reply, ErrorCode::BAD_REQUEST, None);
+                        return None;
+                    }
+                }
+            }
+            _ => {
+                self.metrics.auth_failure(AuthFailure::BadRequest);
+                self.error(reply, ErrorCode::BAD_REQUEST, None);
+                return None;
+            }
+        };
+        let Some(username) = username else {
+            self.metrics.auth_failure(AuthFailure::UnknownUser);
+            self.challenge(reply, ErrorCode::UNAUTHORIZED, &creds, now, usize::MAX);
+            return None;
+        };
+        let passwords = match creds.lookup(&username, unix) {
+            Lookup::Passwords(p) => p,
+            Lookup::Expired => {
+                self.metrics.auth_failure(AuthFailure::ExpiredCredential);
+                self.challenge(reply, ErrorCode::UNAUTHORIZED, &creds, now, usize::MAX);
+                return None;
+            }
+            Lookup::Unknown => {
+                self.metrics.auth_failure(AuthFailure::UnknownUser);
+                self.challenge(reply, ErrorCode::UNAUTHORIZED, &creds, now, usize::MAX);
+                return None;
+            }
+        };
+        for p in &passwords {
+            let key = auth::long_term_key(alg, &username, creds.realm(), p);
+            if let Ok(Some(kind)) = msg.verify_integrity(&key) {
+                // An allocation belongs to the credentials that made it (RFC 8656 §5).
+                if let Some(&slot) = self.by_client.get(&reply.to) {
+                    if self.slots[slot]
+                        .as_ref()
+                        .is_some_and(|a| a.username != username)
+                    {
+                        self.metrics.auth_failure(AuthFailure::WrongCredentials);
+                        let a = Auth {
+                            username,
+                            key,
+                            kind,
+                        };
+                        self.error(reply, ErrorCode::WRONG_CREDENTIALS, Some(&a));
+                        return None;
+                    }
+                }
+                return Some(Auth {
+                    username,
+                    key,
+                    kind,
+                });
+            }
+        }
+        self.metrics.auth_failure(AuthFailure::BadIntegrity);
+        self.challenge(reply, ErrorCode::UNAUTHORIZED, &creds, now, usize::MAX);
+        None
+    }
+
+    fn handle_allocate(&mut self, reply: Reply, auth: Auth, msg: &Message<'_>, now: Instant) {
+        if let Some(&slot) = self.by_client.get(&reply.to) {
+            // A retransmission gets the same success; anything else is a 437.
+            let same = self.slots[slot]
+                .as_ref()
+                .is_some_and(|a| a.allocate_tid == reply.tid);
+            if same {
+                self.allocate_success(slot, reply, &auth, now, None);
+            } else {
+                self.error(reply, ErrorCode::ALLOCATION_MISMATCH, Some(&auth));
+            }
+            return;
+        }
+        match msg.attr(AttrType::RequestedTransport) {
+            Some([17, 0, 0, 0]) => {}
+            Some([_, 0, 0, 0]) => {
+                return self.error(reply, ErrorCode::UNSUPPORTED_TRANSPORT, Some(&auth))
+            }
+            _ => return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
+        }
+        if msg.has(AttrType::ReservationToken) || msg.has(AttrType::EvenPort) {
+            // Port pairs are not offered; RFC 8656 §7.2 lets a server refuse them.
+            return self.unknown_attributes(
+                reply,
+                if msg.has(AttrType::EvenPort) {
+                    AttrType::EvenPort as u16
+                } else {
+                    AttrType::ReservationToken as u16
+                },
+            );
+        }
+        let requested = msg
+            .attr(AttrType::RequestedAddressFamily)
+            .map(|v| decode_family(v, "REQUESTED-ADDRESS-FAMILY"));
+        let additional = msg
+            .attr(AttrType::AdditionalAddressFamily)
+            .map(|v| decode_family(v, "ADDITIONAL-ADDRESS-FAMILY"));
+        let mut wanted = Vec::with_capacity(2);
+        match (requested, additional) {
+            (Some(_), Some(_)) => return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
+            (Some(Ok(Some(f))), None) => wanted.push(f),
+            (Some(Ok(None)), None) => {
+                return self.error(reply, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED, Some(&auth))
+            }
+            (None, Some(Ok(Some(Family::V6)))) => {
+                wanted.push(Family::V4);
+                wanted.push(Family::V6);
+            }
+            // ADDITIONAL-ADDRESS-FAMILY may only ask for IPv6 (RFC 8656 §18.11).
+            (None, Some(_)) | (Some(Err(_)), None) => {
+                return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth))
+            }
+            (None, None) => wanted.push(Family::V4),
+        }
+        let cfg = &self.shared.config;
+        let mut address_error = None;
+        wanted.retain(|&f| {
+            let ok = match f {
+                Family::V4 => cfg.relay_ipv4.is_some(),
+                Family::V6 => cfg.relay_ipv6.is_some(),
+            };
+            if !ok {
+                address_error = Some((f, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED));
+            }
+            ok
+        });
+        if wanted.is_empty() {
+            return self.error(reply, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED, Some(&auth));
+        }
+        let lifetime = match self.requested_lifetime(msg) {
+            Ok(l) => l,
+            Err(()) => return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
+        };
+        if lifetime.is_zero() {
+            return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth));
+        }
+        let quota = self
+            .shared
+            .quotas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .acquire(&auth.username, reply.to.remote.ip(), cfg);
+        if let Err(code) = quota {
+            self.metrics
+                .quota_rejected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return self.error(reply, code, Some(&auth));
+        }
+        let mut p = Pending {
+            reply,
+            auth,
+            lifetime,
+            wanted: wanted.clone(),
+            bound: Vec::new(),
+            waiting: Vec::new(),
+            address_error,
+            dont_fragment: msg.has(AttrType::DontFragment),
+        };
+        for f in wanted {
+            let Some((id, addr)) = self.pick_relay(f) else {
+                continue;
+            };
+            p.waiting.push((f, id, 0, addr.port()));
+            self.pending_relay.insert(id, reply.to);
+            let dont_fragment = p.dont_fragment;
+            self.events.push_back(Event::BindRelay {
+                relay: id,
+                addr,
+                dont_fragment,
+            });
+        }
+        if p.waiting.is_empty() {
+            self.release_quota(&p.auth.username, reply.to.remote.ip());
+            self.metrics
+                .quota_rejected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return self.error(reply, ErrorCode::INSUFFICIENT_CAPACITY, Some(&p.auth));
+        }
+        self.pending.insert(reply.to, p);
+    }
+
+    fn finish_allocate(&mut self, client: ClientAddr, p: Pending, now: Instant) {
+        if p.bound.is_empty() {
+            self.release_quota(&p.auth.username, client.remote.ip());
+            self.metrics
+                .quota_rejected
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return self.error(p.reply, ErrorCode::INSUFFICIENT_CAPACITY, Some(&p.auth));
+        }
+        let cfg = &self.shared.config;
+        let mut relays = [None, None];
+        for &(family, id, bound) in &p.bound {
+            let advertised = match (family, cfg.external_ipv4) {
+                (Family::V4, Some(ext)) => SocketAddr::new(ext, bound.port()),
+                _ => bound,
+            };
+            relays[(family == Family::V6) as usize] = Some((id, advertised));
+        }
+        let max_bps = cfg.max_bytes_per_sec;
+        let a = Allocation {
+            client,
+            username: p.auth.username.clone(),
+            relays,
+            expires: now + p.lifetime,
+            permissions: FxHashMap::default(),
+            channels: FxHashMap::default(),
+            channel_of_peer: FxHashMap::default(),
+            allocate_tid: p.reply.tid,
+            up: TokenBucket::new(max_bps, now),
+            down: TokenBucket::new(max_bps, now),
+            scheduled: None,
+        };
+        let slot = match self.free_slots.pop() {
+            Some(s) => {
+                self.slots[s] = Some(a);
+                s
+            }
+            None => {
+                self.slots.push(Some(a));
+                self.slots.len() - 1
+            }
+        };
+        self.by_client.insert(client, slot);
+        for &(_, id, _) in &p.bound {
+            self.by_relay.insert(id, slot);
+        }
+        self.schedule(slot);
+        self.metrics
+            .allocations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .allocations_created
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(user = %redact(&p.auth.username), transport = ?client.transport, "allocation created");
+        self.allocate_success(slot, p.reply, &p.auth, now, p.address_error);
+    }
+
+    fn allocate_success(
+        &mut self,
+        slot: usize,
+        reply: Reply,
+        auth: &Auth,
+        now: Instant,
+        address_error: Option<(Family, ErrorCode)>,
+    ) {
+        let Some(a) = self.slots[slot].as_ref() else {
+            return;
+        };
+        let lifetime = a.expires.saturating_duration_since(now).as_secs() as u32;
+        let relays: Vec<SocketAddr> = a.relays.iter().flatten().map(|r| r.1).collect();
+        let mut out = Vec::with_capacity(128);
+        let mut b = MessageBuilder::new(&mut out, Class::Success, Method::Allocate, reply.tid);
+        for r in relays {
+            b.add_xor_address(AttrType::XorRelayedAddress, r);
+        }
+        b.add_u32(AttrType::Lifetime, lifetime);
+        b.add_xor_address(AttrType::XorMappedAddress, reply.to.remote);
+        if let Some((f, code)) = address_error {
+            let c = code.0;
+            b.add_with(AttrType::AddressErrorCode as u16, 4, |o| {
+                o.extend_from_slice(&[f.code(), 0, (c / 100) as u8, (c % 100) as u8])
+            });
+        }
+        self.finish(b, reply, Some(auth));
+        self.transmits.push_back(Transmit {
+            to: reply.to,
+            from: reply.to.local,
+            bytes: out,
+        });
+    }
+
+    fn handle_refresh(&mut self, reply: Reply, auth: Auth, msg: &Message<'_>, now: Instant) {
+        let Some(&slot) = self.by_client.get(&reply.to) else {
+            return self.error(reply, ErrorCode::ALLOCATION_MISMATCH, Some(&auth));
+        };
+        let lifetime = match self.requested_lifetime(msg) {
+            Ok(l) => l,
+            Err(()) => return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
+        };
+        if let Some(v) = msg.attr(AttrType::RequestedAddressFamily) {
+            let fam = decode_family(v, "REQUESTED-ADDRESS-FAMILY").ok().flatten();
+            let has = fam.is_some_and(|f| {
+                self.slots[slot]
+                    .as_ref()
+                    .is_some_and(|a| a.relays[(f == Family::V6) as usize].is_some())
+            });
+            if !has {
+                return self.error(reply, ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH, Some(&auth));
+            }
+        }
+        if lifetime.is_zero() {
+            self.delete_allocation(slot);
+        } else if let Some(a) = self.slots[slot].as_mut() {
+            a.expires = now + lifetime;
+            self.schedule(slot);
+        }
+        let mut out = Vec::with_capacity(64);
+        let mut b = MessageBuilder::new(&mut out, Class::Success, Method::Refresh, reply.tid);
+        b.add_u32(AttrType::Lifetime, lifetime.as_secs() as u32);
+        self.finish(b, reply, Some(&auth));
+        self.transmits.push_back(Transmit {
+            to: reply.to,
+            from: reply.to.local,
+            bytes: out,
+        });
+    }
+
+    fn handle_create_permission(
+        &mut self,
+        reply: Reply,
+        auth: Auth,
+        msg: &Message<'_>,
+        now: Instant,
+    ) {
+        let Some(&slot) = self.by_client.get(&reply.to) else {
+            return self.error(reply, ErrorCode::ALLOCATION_MISMATCH, Some(&auth));
+        };
+        let mut peers = Vec::with_capacity(4);
+        for p in msg.xor_addresses(AttrType::XorPeerAddress) {
+            match p {
+                Ok(p) => peers.push(p),
+                Err(_) => return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
+            }
+        }
+        if peers.is_empty() {
+            return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth));
+        }
+        // All or nothing (RFC 8656 §10.2).
+        for &p in &peers {
+            if let Err(code) = self.check_peer(slot, p) {
+                return self.error(reply, code, Some(&auth));
+            }
+        }
+        let lifetime = self.shared.config.permission_lifetime;
+        let mut added = 0;
+        if let Some(a) = self.slots[slot].as_mut() {
+            for p in peers {
+                added += a.permit(p.ip(), now + lifetime) as i64;
+            }
+        }
+        self.metrics
+            .permissions
+            .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
+        self.schedule(slot);
+        self.empty_success(reply, &auth);
+    }
+
+    fn handle_channel_bind(&mut self, reply: Reply, auth: Auth, msg: &Message<'_>, now: Instant) {
+        let Some(&slot) = self.by_client.get(&reply.to) else {
+            return self.error(reply, ErrorCode::ALLOCATION_MISMATCH, Some(&auth));
+        };
+        let ch = match msg.attr(AttrType::ChannelNumber) {
+            Some(v) if v.len() == 4 => ChannelNumber::new(u16::from_be_bytes([v[0], v[1]])),
+            _ => return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
+        };
+        let (Ok(ch), Ok(Some(peer))) = (ch, msg.xor_address(AttrType::XorPeerAddress)) else {
+            return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth));
+        };
+        if let Err(code) = self.check_peer(slot, peer) {
+            return self.error(reply, code, Some(&auth));
+        }
+        let cfg = &self.shared.config;
+        let (perm_life, chan_life) = (cfg.permission_lifetime, cfg.channel_lifetime);
+        let Some(a) = self.slots[slot].as_mut() else {
+            return;
+        };
+        // A number is bound to one peer and a peer to one number, including
+        // during the cool-down after expiry (RFC 8656 §12).
+        let number_taken = a.channels.get(&ch.get()).is_some_and(|c| c.peer != peer);
+        let peer_taken = a.channel_of_peer.get(&peer).is_some_and(|&n| n != ch.get());
+        if number_taken || peer_taken {
+            return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth));
+        }
+        let new_perm = a.permit(peer.ip(), now + perm_life) as i64;
+        let fresh = a
+            .channels
+            .insert(
+                ch.get(),
+                Channel {
+                    peer,
+                    expires: now + chan_life,
+                },
+            )
+            .is_none_or(|c| c.expires <= now);
+        a.channel_of_peer.insert(peer, ch.get());
+        self.metrics
+            .permissions
+            .fetch_add(new_perm, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .channels
+            .fetch_add(fresh as i64, std::sync::atomic::Ordering::Relaxed);
+        self.schedule(slot);
+        self.empty_success(reply, &auth);
+    }
+
+    fn check_peer(&mut self, slot: usize, peer: SocketAddr) -> Result<(), ErrorCode> {
+        if self.shared.policy.check(peer).is_err() {
+            self.metrics
+                .peer_denied
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!("peer refused by policy");
+            return Err(ErrorCode::FORBIDDEN);
+        }
+        let has_family = self.slots[slot]
+            .as_ref()
+            .is_some_and(|a| a.relay_for(peer).is_some());
+        if !has_family {
+            return Err(ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH);
+        }
+        Ok(())
+    }
+
+    fn requested_lifetime(&self, msg: &Message<'_>) -> Result<Duration, ()> {
+        let cfg = &self.shared.config;
+        match msg.u32_attr(AttrType::Lifetime) {
+            Err(_) => Err(()),
+            Ok(None) => Ok(cfg.default_lifetime),
+            Ok(Some(0)) => Ok(Duration::ZERO),
+            // RFC 8656 §7.2: at least the default, at most the server maximum.
+            Ok(Some(s)) => {
+                Ok(Duration::from_secs(u64::from(s)).clamp(cfg.default_lifetime, cfg.max_lifetime))
+            }
+        }
+    }
+
+    fn pick_relay(&mut self, family: Family) -> Option<(RelayId, SocketAddr)> {
+        let cfg = &self.shared.config;
+        let ip = match family {
+            Family::V4 => cfg.relay_ipv4?,
+            Family::V6 => cfg.relay_ipv6?,
+        };
+        let (lo, hi) = (u32::from(cfg.min_port), u32::from(cfg.max_port));
+        let (w, n) = (u32::from(self.worker), u32::from(self.workers));
+        // Random start, then walk this worker's share of the range.
+        let span = hi - lo + 1;
+        let start = self.rng.gen_range(0..span);
+        for i in 0..span {
+            let port = lo + (start + i) % span;
+            if port % n != w || self.used_ports.contains(&(family, port as u16)) {
+                continue;
+            }
+            self.used_ports.insert((family, port as u16));
+            let id = RelayId(self.next_relay);
+            self.next_relay = self.next_relay.wrapping_add(1).max(1);
+            return Some((id, SocketAddr::new(ip, port as u16)));
+        }
+        None
+    }
+
+    fn delete_allocation(&mut self, slot: usize) {
+        let Some(a) = self.slots[slot].take() else {
+            return;
+        };
+        self.free_slots.push(slot);
+        self.by_client.remove(&a.client);
+        for (i, r) in a.relays.iter().enumerate() {
+            if let Some((id, addr)) = r {
+                self.by_relay.remove(id);
+                let fam = if i == 0 { Family::V4 } else { Family::V6 };
+                self.used_ports.remove(&(fam, addr.port()));
+                self.events.push_back(Event::ReleaseRelay { relay: *id });
+            }
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics.allocations.fetch_sub(1, Relaxed);
+        self.metrics
+            .permissions
+            .fetch_sub(a.live_permissions() as i64, Relaxed);
+        self.metrics
+            .channels
+            .fetch_sub(a.live_channels() as i64, Relaxed);
+        self.release_quota(&a.username, a.client.remote.ip());
+    }
+
+    fn release_quota(&self, user: &str, ip: IpAddr) {
+        self.shared
+            .quotas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(user, ip);
+    }
+
+    fn schedule(&mut self, slot: usize) {
+        let Some(a) = self.slots[slot].as_mut() else {
+            return;
+        };
+        let next = a.next_deadline(CHANNEL_COOLDOWN);
+        if a.scheduled.is_none_or(|s| next < s) {
+            a.scheduled = Some(next);
+            self.timers.push(Reverse((next, slot)));
+        }
+    }
+
+    fn empty_success(&mut self, reply: Reply, auth: &Auth) {
+        let mut out = Vec::with_capacity(48);
+        let b = MessageBuilder::new(&mut out, Class::Success, reply.method, reply.tid);
+        self.finish(b, reply, Some(auth));
+        self.transmits.push_back(Transmit {
+            to: reply.to,
+            from: reply.to.local,
+            bytes: out,
+        });
+    }
+
+    /// An error response; authenticated ones carry integrity.
+    fn error(&mut self, reply: Reply, code: ErrorCode, auth: Option<&Auth>) {
+        let mut out = Vec::with_capacity(64);
+        let mut b = MessageBuilder::new(&mut out, Class::Error, reply.method, reply.tid);
+        // Reason phrases only where the client proved who it is: an
+        // unauthenticated answer stays as small as it can be.
+        b.add_error(code, if auth.is_some() { code.reason() } else { "" });
+        self.finish(b, reply, auth);
+        self.transmits.push_back(Transmit {
+            to: reply.to,
+            from: reply.to.local,
+            bytes: out,
+        });
+    }
+
+    fn unknown_attributes(&mut self, reply: Reply, typ: u16) {
+        let mut out = Vec::with_capacity(48);
+        let mut b = MessageBuilder::new(&mut out, Class::Error, reply.method, reply.tid);
+        b.add_error(ErrorCode::UNKNOWN_ATTRIBUTE, "");
+        b.add(AttrType::UnknownAttributes as u16, &typ.to_be_bytes());
+        self.finish(b, reply, None);
+        self.transmits.push_back(Transmit {
+            to: reply.to,
+            from: reply.to.local,
+            bytes: out,
+        });
+    }
+
+    /// A 401 or 438 with REALM, a fresh NONCE and PASSWORD-ALGORITHMS.
+    fn challenge(
+        &mut self,
+        reply: Reply,
+        code: ErrorCode,
+        creds: &Credentials,
+        now: Instant,
+        _request_len: usize,
+    ) {
+        let nonce = self.shared.nonce.issue(&reply.to, self.shared.unix(now));
+        let mut out = Vec::with_capacity(96);
+        let mut b = MessageBuilder::new(&mut out, Class::Error, reply.method, reply.tid);
+        b.add_error(code, "");
+        b.add_attr(AttrType::Realm, creds.realm().as_bytes());
+        b.add_attr(AttrType::Nonce, nonce.as_bytes());
+        b.add_with(
+            AttrType::PasswordAlgorithms as u16,
+            4 * OFFERED_ALGORITHMS.len(),
+            |o| PasswordAlgorithm::encode_list(OFFERED_ALGORITHMS, o),
+        );
+        self.finish(b, reply, None);
+        self.transmits.push_back(Transmit {
+            to: reply.to,
+            from: reply.to.local,
+            bytes: out,
+        });
+    }
+
+    fn finish(&self, mut b: MessageBuilder<'_>, reply: Reply, auth: Option<&Auth>) {
+        if let Some(s) = &self.shared.config.software {
+            if auth.is_some() {
+                b.add_attr(AttrType::Software, s.as_bytes());
+            }
+        }
+        if let Some(a) = auth {
+            b.add_integrity(a.kind, &a.key);
+        }
+        if reply.fingerprint {
+            b.add_fingerprint();
+        }
+    }
+
+    /// A 400 for a request whose header is readable but whose body is not.
+    fn answer_undecodable(&mut self, from: ClientAddr, bytes: &[u8]) {
+        if bytes.len() < crate::message::HEADER_LEN
+            || bytes[0] & 0xc0 != 0
+            || bytes[0] & 0x01 != 0
+            || bytes[1] & 0x10 != 0
+        {
+            return;
+        }
+        if bytes[4..8] != crate::message::MAGIC_COOKIE.to_be_bytes() {
+            return;
+        }
+        let t = u16::from_be_bytes([bytes[0], bytes[1]]);
+        let method = Method::from_code((t & 0x000f) | ((t >> 1) & 0x0070) | ((t >> 2) & 0x0f80));
+        let mut tid = [0u8; 12];
+        tid.copy_from_slice(&bytes[8..20]);
+        let reply = Reply {
+            to: from,
+            method,
+            tid: TransactionId(tid),
+            fingerprint: false,
+        };
+        self.error(reply, ErrorCode::BAD_REQUEST, None);
+    }
+}
+
+/// Password algorithms offered, in order of preference.
+const OFFERED_ALGORITHMS: &[PasswordAlgorithm] =
+    &[PasswordAlgorithm::Sha256, PasswordAlgorithm::Md5];
+
+fn reply_for(to: ClientAddr, msg: &Message<'_>) -> Reply {
+    Reply {
+        to,
+        method: msg.method(),
+        tid: msg.transaction_id(),
+        fingerprint: msg.has(AttrType::Fingerprint),
+    }
+}
+
+/// A username shortened for logs: REST usernames carry a user id.
+fn redact(user: &str) -> String {
+    let head: String = user.chars().take(3).collect();
+    format!("{head}…")
+}
+
+#[cfg(test)]
+mod tests;
