@@ -3,13 +3,17 @@
 
 use crate::error::DecodeError;
 
-/// Lowest and highest valid channel numbers (RFC 8656 §12).
+/// Lowest and highest channel numbers accepted. RFC 8656 §12 narrowed the
+/// range to 0x4000–0x4FFF to leave room for DTLS-SRTP demultiplexing (RFC
+/// 7983) on the *client's* side; RFC 5766 clients still in wide use, coturn's
+/// among them, pick from 0x4000–0x7FFF. On the client–server leg nothing
+/// else shares the socket, so the server accepts the older range.
 pub const MIN_CHANNEL: u16 = 0x4000;
-pub const MAX_CHANNEL: u16 = 0x4FFF;
+pub const MAX_CHANNEL: u16 = 0x7FFF;
 /// Size of the ChannelData header.
 pub const CHANNEL_HEADER_LEN: usize = 4;
 
-/// A channel number in `0x4000..=0x4FFF`.
+/// A channel number in `0x4000..=0x7FFF`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChannelNumber(u16);
 
@@ -69,8 +73,12 @@ mod tests {
             Err(DecodeError::BadChannelNumber)
         );
         assert_eq!(
-            ChannelNumber::new(0x5000),
+            ChannelNumber::new(0x8000),
             Err(DecodeError::BadChannelNumber)
+        );
+        assert!(
+            ChannelNumber::new(0x7fff).is_ok(),
+            "RFC 5766 clients use up to 0x7FFF"
         );
         assert!(ChannelNumber::new(0x4000).is_ok());
         assert!(ChannelNumber::new(0x4fff).is_ok());

@@ -27,7 +27,7 @@ pub enum DecodeError {
     IntegrityMismatch,
     #[error("ChannelData frame is shorter than its length field says")]
     ChannelDataTruncated,
-    #[error("channel number outside 0x4000..=0x4FFF")]
+    #[error("channel number outside 0x4000..=0x7FFF")]
     BadChannelNumber,
 }
 

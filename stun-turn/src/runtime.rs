@@ -574,11 +574,12 @@ async fn stream_loop<S>(
             break;
         }
     }
-    let mut st = state.borrow_mut();
-    st.streams.remove(&client);
-    st.server.handle_client_closed(client);
-    drain(&mut st);
-    drop(st);
+    {
+        let mut st = state.borrow_mut();
+        st.streams.remove(&client);
+        st.server.handle_client_closed(client);
+        drain(&mut st);
+    }
     let _ = writer.await;
 }
 

@@ -21,6 +21,8 @@ pub(super) struct Allocation {
     pub channels: FxHashMap<u16, Channel>,
     pub channel_of_peer: FxHashMap<SocketAddr, u16>,
     pub allocate_tid: TransactionId,
+    /// The RESERVATION-TOKEN handed out with this allocation, for retransmits.
+    pub reservation: Option<[u8; 8]>,
     pub up: TokenBucket,
     pub down: TokenBucket,
     /// The deadline queued in the server's timer heap for this allocation.

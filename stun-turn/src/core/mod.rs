@@ -136,6 +136,9 @@ pub struct Shared {
     nonce: NonceKey,
     policy: PeerPolicy,
     quotas: Mutex<Quotas>,
+    /// RESERVATION-TOKEN → (reserved relay address, expiry). Shared because
+    /// the second Allocate of a pair may hash to another worker.
+    reservations: Mutex<FxHashMap<[u8; 8], (SocketAddr, Instant)>>,
     /// Maps monotonic time to Unix time: the wall clock enters only here,
     /// as an argument, so simulated time drives REST expiry and nonces.
     epoch: (Instant, u64),
@@ -171,6 +174,7 @@ impl Shared {
             nonce: NonceKey::new(&nonce_secret),
             policy,
             quotas: Mutex::new(Quotas::default()),
+            reservations: Mutex::new(FxHashMap::default()),
             epoch: (now, unix_now),
             config,
         })
@@ -195,6 +199,24 @@ impl Shared {
             .clone()
     }
 
+    fn reserve(&self, token: [u8; 8], addr: SocketAddr, until: Instant, now: Instant) {
+        let mut r = self.reservations.lock().unwrap_or_else(|e| e.into_inner());
+        r.retain(|_, (_, exp)| *exp > now);
+        r.insert(token, (addr, until));
+    }
+
+    fn take_reservation(&self, token: &[u8; 8], now: Instant) -> Option<SocketAddr> {
+        let mut r = self.reservations.lock().unwrap_or_else(|e| e.into_inner());
+        r.remove(token)
+            .filter(|(_, exp)| *exp > now)
+            .map(|(a, _)| a)
+    }
+
+    fn is_reserved(&self, addr: SocketAddr, now: Instant) -> bool {
+        let r = self.reservations.lock().unwrap_or_else(|e| e.into_inner());
+        r.values().any(|&(a, exp)| a == addr && exp > now)
+    }
+
     fn unix(&self, now: Instant) -> u64 {
         self.epoch.1 + now.saturating_duration_since(self.epoch.0).as_secs()
     }
@@ -202,6 +224,8 @@ impl Shared {
 
 /// How long an expired channel's number and peer stay reserved (RFC 8656 §12).
 const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+/// How long an EVEN-PORT reservation of the next port lasts (RFC 8656 §7.2).
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// Relay ports to try before giving up with 508.
 const BIND_ATTEMPTS: u32 = 8;
 const MAX_TEXT: usize = 763;
@@ -235,6 +259,8 @@ struct Pending {
     waiting: Vec<(Family, RelayId, u32, u16)>,
     address_error: Option<(Family, ErrorCode)>,
     dont_fragment: bool,
+    /// EVEN-PORT: `Some(reserve_next)`.
+    even: Option<bool>,
 }
 
 /// One worker's sans-IO STUN/TURN server.
@@ -407,13 +433,15 @@ impl Server {
             return;
         };
         let (family, _, attempts, port) = p.waiting.swap_remove(i);
+        let attempts = attempts.min(BIND_ATTEMPTS);
         match bound {
             Some(addr) => p.bound.push((family, relay, addr)),
             None => {
                 // Another process holds the port; pick again, then free it
                 // so a later allocation may try it once more.
+                let even = p.even;
                 let retry = (attempts + 1 < BIND_ATTEMPTS)
-                    .then(|| self.pick_relay(family))
+                    .then(|| self.pick_relay(family, even, now))
                     .flatten();
                 self.used_ports.remove(&(family, port));
                 if let Some((id, addr)) = retry {
@@ -598,7 +626,13 @@ impl Server {
         self.metrics.binding_requests.fetch_add(1, Relaxed);
         let alternate = self.shared.config.alternate;
         if !msg.is_classic() {
-            if let Some(t) = msg.unknown_required().next() {
+            // RESPONSE-PORT (RFC 5780 §7.5) would point our answers at a port
+            // the request did not come from: a reflection tool. Refused as
+            // not understood, which the RFC allows.
+            let refused = msg
+                .has(AttrType::ResponsePort)
+                .then_some(AttrType::ResponsePort as u16);
+            if let Some(t) = refused.or_else(|| msg.unknown_required().next()) {
                 let reply = reply_for(from, msg);
                 self.unknown_attributes(reply, t);
                 return;
@@ -853,16 +887,26 @@ impl Server {
             }
             _ => return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
         }
-        if msg.has(AttrType::ReservationToken) || msg.has(AttrType::EvenPort) {
-            // Port pairs are not offered; RFC 8656 §7.2 lets a server refuse them.
-            return self.unknown_attributes(
-                reply,
-                if msg.has(AttrType::EvenPort) {
-                    AttrType::EvenPort as u16
-                } else {
-                    AttrType::ReservationToken as u16
-                },
-            );
+        // EVEN-PORT (R bit: also hold the next port) and RESERVATION-TOKEN
+        // (claim a port held that way), RFC 8656 §7.2.
+        let even = match msg.attr(AttrType::EvenPort) {
+            None => None,
+            Some(v) if !v.is_empty() => Some(v[0] & 0x80 != 0),
+            Some(_) => return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
+        };
+        let token: Option<[u8; 8]> = match msg.attr(AttrType::ReservationToken) {
+            None => None,
+            Some(v) => match v.try_into() {
+                Ok(t) => Some(t),
+                Err(_) => return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
+            },
+        };
+        if token.is_some()
+            && (even.is_some()
+                || msg.has(AttrType::RequestedAddressFamily)
+                || msg.has(AttrType::AdditionalAddressFamily))
+        {
+            return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth));
         }
         let requested = msg
             .attr(AttrType::RequestedAddressFamily)
@@ -930,9 +974,27 @@ impl Server {
             waiting: Vec::new(),
             address_error,
             dont_fragment: msg.has(AttrType::DontFragment),
+            even,
         };
+        if let Some(t) = token {
+            // The reserved port is bound as it is, with no second try.
+            if let Some(addr) = self.shared.take_reservation(&t, now) {
+                let id = self.next_relay_id();
+                let f = Family::of(addr.ip());
+                p.wanted = vec![f];
+                p.waiting.push((f, id, BIND_ATTEMPTS, addr.port()));
+                self.pending_relay.insert(id, reply.to);
+                let dont_fragment = p.dont_fragment;
+                self.events.push_back(Event::BindRelay {
+                    relay: id,
+                    addr,
+                    dont_fragment,
+                });
+            }
+            wanted = Vec::new();
+        }
         for f in wanted {
-            let Some((id, addr)) = self.pick_relay(f) else {
+            let Some((id, addr)) = self.pick_relay(f, even, now) else {
                 continue;
             };
             p.waiting.push((f, id, 0, addr.port()));
@@ -972,7 +1034,22 @@ impl Server {
             relays[(family == Family::V6) as usize] = Some((id, advertised));
         }
         let max_bps = cfg.max_bytes_per_sec;
+        let reservation = match (p.even, relays[0]) {
+            (Some(true), Some((_, _))) => {
+                let bound = p.bound.iter().find(|b| b.0 == Family::V4).map(|b| b.2);
+                bound.map(|b| {
+                    let mut token = [0u8; 8];
+                    self.rng.fill(&mut token);
+                    let next = SocketAddr::new(b.ip(), b.port() + 1);
+                    self.shared
+                        .reserve(token, next, now + RESERVATION_LIFETIME, now);
+                    token
+                })
+            }
+            _ => None,
+        };
         let a = Allocation {
+            reservation,
             client,
             username: p.auth.username.clone(),
             relays,
@@ -1023,12 +1100,16 @@ impl Server {
         };
         let lifetime = a.expires.saturating_duration_since(now).as_secs() as u32;
         let relays: Vec<SocketAddr> = a.relays.iter().flatten().map(|r| r.1).collect();
+        let reservation = a.reservation;
         let mut out = Vec::with_capacity(128);
         let mut b = MessageBuilder::new(&mut out, Class::Success, Method::Allocate, reply.tid);
         for r in relays {
             b.add_xor_address(AttrType::XorRelayedAddress, r);
         }
         b.add_u32(AttrType::Lifetime, lifetime);
+        if let Some(t) = reservation {
+            b.add_attr(AttrType::ReservationToken, &t);
+        }
         b.add_xor_address(AttrType::XorMappedAddress, reply.to.remote);
         if let Some((f, code)) = address_error {
             let c = code.0;
@@ -1198,7 +1279,15 @@ impl Server {
         }
     }
 
-    fn pick_relay(&mut self, family: Family) -> Option<(RelayId, SocketAddr)> {
+    /// A free relay port of this worker's share. Ports are split between
+    /// workers in pairs (`port / 2 % workers`) so every worker can offer an
+    /// even port with its odd neighbour (EVEN-PORT).
+    fn pick_relay(
+        &mut self,
+        family: Family,
+        even: Option<bool>,
+        now: Instant,
+    ) -> Option<(RelayId, SocketAddr)> {
         let cfg = &self.shared.config;
         let ip = match family {
             Family::V4 => cfg.relay_ipv4?,
@@ -1206,20 +1295,39 @@ impl Server {
         };
         let (lo, hi) = (u32::from(cfg.min_port), u32::from(cfg.max_port));
         let (w, n) = (u32::from(self.worker), u32::from(self.workers));
-        // Random start, then walk this worker's share of the range.
         let span = hi - lo + 1;
         let start = self.rng.gen_range(0..span);
         for i in 0..span {
             let port = lo + (start + i) % span;
-            if port % n != w || self.used_ports.contains(&(family, port as u16)) {
+            if (port / 2) % n != w || self.used_ports.contains(&(family, port as u16)) {
                 continue;
             }
+            if even.is_some() && port % 2 != 0 {
+                continue;
+            }
+            let addr = SocketAddr::new(ip, port as u16);
+            if self.shared.is_reserved(addr, now) {
+                continue;
+            }
+            if even == Some(true) {
+                let next = SocketAddr::new(ip, (port + 1) as u16);
+                if port + 1 > hi
+                    || self.used_ports.contains(&(family, next.port()))
+                    || self.shared.is_reserved(next, now)
+                {
+                    continue;
+                }
+            }
             self.used_ports.insert((family, port as u16));
-            let id = RelayId(self.next_relay);
-            self.next_relay = self.next_relay.wrapping_add(1).max(1);
-            return Some((id, SocketAddr::new(ip, port as u16)));
+            return Some((self.next_relay_id(), addr));
         }
         None
+    }
+
+    fn next_relay_id(&mut self) -> RelayId {
+        let id = RelayId(self.next_relay);
+        self.next_relay = self.next_relay.wrapping_add(1).max(1);
+        id
     }
 
     fn delete_allocation(&mut self, slot: usize) {

@@ -278,6 +278,80 @@ fn change_request_without_alternate_is_unknown_attribute() {
 }
 
 #[test]
+fn response_port_is_refused() {
+    let mut h = harness();
+    let req = h.request(Method::Binding, None, |b| {
+        b.add_u32(AttrType::ResponsePort, 0x1234_0000);
+    });
+    h.send(client(4004), &req);
+    let resp = h.response();
+    assert_eq!(error_code(&Message::decode(&resp).unwrap()), Some(420));
+}
+
+#[test]
+fn even_port_reserves_the_next_port_for_a_token() {
+    let mut h = harness_with(Config {
+        workers: 2,
+        ..config()
+    });
+    h.server.workers = 2;
+    let c = client(4010);
+    let creds = h.challenge(c, "alice", "wonderland");
+    let resp = h.allocate_with(c, &creds, |b| {
+        b.add_with(AttrType::EvenPort as u16, 1, |o| o.push(0x80));
+    });
+    let m = Message::decode(&resp).unwrap();
+    assert_eq!(m.class(), Class::Success, "{:?}", error_code(&m));
+    let relay = m.xor_address(AttrType::XorRelayedAddress).unwrap().unwrap();
+    assert_eq!(relay.port() % 2, 0);
+    assert_eq!((relay.port() / 2) % 2, 0, "worker 0 owns this pair");
+    let token = m.attr(AttrType::ReservationToken).unwrap().to_vec();
+    // Another client claims the odd port with the token.
+    let d = client(4011);
+    let creds = h.challenge(d, "alice", "wonderland");
+    let resp = h.allocate_with(d, &creds, |b| {
+        b.add_attr(AttrType::ReservationToken, &token);
+    });
+    let m = Message::decode(&resp).unwrap();
+    let odd = m.xor_address(AttrType::XorRelayedAddress).unwrap().unwrap();
+    assert_eq!(odd.port(), relay.port() + 1);
+    // A token works once; with EVEN-PORT beside it it is a 400.
+    let e = client(4012);
+    let creds = h.challenge(e, "alice", "wonderland");
+    let resp = h.allocate_with(e, &creds, |b| {
+        b.add_attr(AttrType::ReservationToken, &token);
+    });
+    assert_eq!(error_code(&Message::decode(&resp).unwrap()), Some(508));
+    let resp = h.allocate_with(e, &creds, |b| {
+        b.add_attr(AttrType::ReservationToken, &token);
+        b.add_with(AttrType::EvenPort as u16, 1, |o| o.push(0));
+    });
+    assert_eq!(error_code(&Message::decode(&resp).unwrap()), Some(400));
+}
+
+#[test]
+fn reservation_expires_after_30_seconds() {
+    let mut h = harness();
+    let c = client(4020);
+    let creds = h.challenge(c, "alice", "wonderland");
+    let resp = h.allocate_with(c, &creds, |b| {
+        b.add_with(AttrType::EvenPort as u16, 1, |o| o.push(0x80));
+    });
+    let token = Message::decode(&resp)
+        .unwrap()
+        .attr(AttrType::ReservationToken)
+        .unwrap()
+        .to_vec();
+    h.advance(Duration::from_secs(30));
+    let d = client(4021);
+    let creds = h.challenge(d, "alice", "wonderland");
+    let resp = h.allocate_with(d, &creds, |b| {
+        b.add_attr(AttrType::ReservationToken, &token);
+    });
+    assert_eq!(error_code(&Message::decode(&resp).unwrap()), Some(508));
+}
+
+#[test]
 fn rfc5780_change_request_answers_from_the_other_address() {
     let mut cfg = config();
     cfg.alternate = Some("192.0.2.11:3479".parse().unwrap());
