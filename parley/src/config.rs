@@ -1,0 +1,392 @@
+//! Configuration from a TOML file, `PARLEY_*` environment variables and
+//! flags, in that order of precedence. All three are merged into one TOML
+//! document, then read into typed sections once, so a bad value gets the
+//! same one-line error naming its key wherever it came from.
+//!
+//! Environment variables map to keys by section: `PARLEY_TURN_MIN_PORT=50000`
+//! is `turn.min_port = 50000`, `PARLEY_ADMIN_LISTEN` is `admin.listen`,
+//! `PARLEY_DATA` is `data`. A value with commas is a list.
+
+use anyhow::{anyhow, Result};
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use stun_turn::core::policy::IpNet;
+use toml::{Table, Value};
+
+/// Sections that environment variables may address.
+const SECTIONS: &[&str] = &["admin", "turn"];
+
+/// The whole configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Data directory. Default `./parley-data`.
+    pub data: Option<PathBuf>,
+    /// Log filter (`info`, `debug`, `stun_turn=trace`…). Default `info`.
+    pub log: Option<String>,
+    pub admin: AdminSection,
+    pub turn: TurnSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Listen address of `/metrics`, `/healthz`, `/readyz`. Default 127.0.0.1:9090.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TurnSection {
+    pub realm: Option<String>,
+    /// UDP and TCP listen addresses (both), unless `udp`/`tcp` say otherwise.
+    pub listen: Option<OneOrMany<SocketAddr>>,
+    pub udp: Option<OneOrMany<SocketAddr>>,
+    pub tcp: Option<OneOrMany<SocketAddr>>,
+    pub tls: Option<OneOrMany<SocketAddr>>,
+    pub relay_ipv4: Option<IpAddr>,
+    pub relay_ipv6: Option<IpAddr>,
+    pub external_ipv4: Option<IpAddr>,
+    pub min_port: Option<u16>,
+    pub max_port: Option<u16>,
+    pub default_lifetime_secs: Option<u64>,
+    pub max_lifetime_secs: Option<u64>,
+    pub nonce_lifetime_secs: Option<u64>,
+    /// Static users as `name:password`.
+    pub users: Option<OneOrMany<String>>,
+    /// REST secrets; the first is current. Default: the data directory's.
+    pub rest_secrets: Option<OneOrMany<String>>,
+    pub max_allocations: Option<u32>,
+    pub max_allocations_per_user: Option<u32>,
+    pub max_allocations_per_ip: Option<u32>,
+    pub max_bytes_per_sec: Option<u64>,
+    pub allow_peers: Option<OneOrMany<String>>,
+    pub deny_peers: Option<OneOrMany<String>>,
+    pub software: Option<String>,
+    pub alternate: Option<SocketAddr>,
+    pub workers: Option<usize>,
+    /// TLS certificate chain and key (PEM). Default: the data directory's.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// A value or a list of values.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T: Clone> OneOrMany<T> {
+    pub fn to_vec(&self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Reads the file (if any), overlays the environment and `overrides`
+/// (`key.path`, value) from flags, and parses the result.
+pub fn load(
+    file: Option<&Path>,
+    env: impl Iterator<Item = (String, String)>,
+    overrides: &[(String, Value)],
+) -> Result<Settings> {
+    let mut doc = match file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| anyhow!("cannot read config file {}: {e}", p.display()))?;
+            text.parse::<Table>()
+                .map_err(|e| anyhow!("config file {}: {}", p.display(), one_line(e.message())))?
+        }
+        None => Table::new(),
+    };
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("PARLEY_") else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        if rest == "config" {
+            continue;
+        }
+        let path = match rest.split_once('_') {
+            Some((section, key)) if SECTIONS.contains(&section) => format!("{section}.{key}"),
+            _ => rest,
+        };
+        set(&mut doc, &path, env_value(&raw));
+    }
+    for (path, v) in overrides {
+        set(&mut doc, path, v.clone());
+    }
+    serde_path_to_error::deserialize(Value::Table(doc)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = one_line(&e.into_inner().to_string());
+        if path == "." || path.is_empty() {
+            anyhow!("invalid configuration: {inner}")
+        } else {
+            anyhow!("invalid configuration: {path}: {inner}")
+        }
+    })
+}
+
+/// Parses an environment value as TOML (numbers, booleans, arrays) or,
+/// failing that, as a string; commas make a list of strings.
+fn env_value(raw: &str) -> Value {
+    if let Ok(t) = format!("v = {raw}").parse::<Table>() {
+        if let Some(v) = t.get("v") {
+            return v.clone();
+        }
+    }
+    if raw.contains(',') {
+        return Value::Array(
+            raw.split(',')
+                .map(|s| Value::String(s.trim().to_owned()))
+                .collect(),
+        );
+    }
+    Value::String(raw.to_owned())
+}
+
+fn set(doc: &mut Table, path: &str, v: Value) {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let Some(last) = parts.pop() else { return };
+    let mut t = doc;
+    for p in parts {
+        let entry = t
+            .entry(p.to_owned())
+            .or_insert_with(|| Value::Table(Table::new()));
+        if !entry.is_table() {
+            *entry = Value::Table(Table::new());
+        }
+        let Value::Table(next) = entry else { return };
+        t = next;
+    }
+    t.insert(last.to_owned(), v);
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl TurnSection {
+    /// Builds the relay configuration; `secret` is the data directory's
+    /// REST secret, used when none is configured.
+    pub fn to_config(&self, secret: &str) -> Result<stun_turn::Config> {
+        let mut c = stun_turn::Config::default();
+        if let Some(r) = &self.realm {
+            c.realm = r.clone();
+        }
+        if let Some(l) = &self.listen {
+            c.udp = l.to_vec();
+            c.tcp = l.to_vec();
+            // TLS follows the listen IPs on port 5349 unless set.
+            c.tls = l
+                .to_vec()
+                .iter()
+                .map(|a| SocketAddr::new(a.ip(), if a.port() == 0 { 0 } else { 5349 }))
+                .collect();
+        }
+        if let Some(v) = &self.udp {
+            c.udp = v.to_vec();
+        }
+        if let Some(v) = &self.tcp {
+            c.tcp = v.to_vec();
+        }
+        if let Some(v) = &self.tls {
+            c.tls = v.to_vec();
+        }
+        c.relay_ipv4 = self.relay_ipv4;
+        c.relay_ipv6 = self.relay_ipv6;
+        c.external_ipv4 = self.external_ipv4;
+        if c.relay_ipv4.is_none() && c.relay_ipv6.is_none() {
+            c.relay_ipv4 = Some(default_relay_ip(&c.udp));
+        }
+        c.min_port = self.min_port.unwrap_or(c.min_port);
+        c.max_port = self.max_port.unwrap_or(c.max_port);
+        let secs = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_secs);
+        c.default_lifetime = secs(self.default_lifetime_secs, c.default_lifetime);
+        c.max_lifetime = secs(self.max_lifetime_secs, c.max_lifetime);
+        c.nonce_lifetime = secs(self.nonce_lifetime_secs, c.nonce_lifetime);
+        c.users = self.users()?;
+        c.rest_secrets = self.rest_secrets(secret);
+        c.max_allocations = self.max_allocations.unwrap_or(c.max_allocations);
+        c.max_allocations_per_user = self
+            .max_allocations_per_user
+            .unwrap_or(c.max_allocations_per_user);
+        c.max_allocations_per_ip = self
+            .max_allocations_per_ip
+            .unwrap_or(c.max_allocations_per_ip);
+        c.max_bytes_per_sec = self.max_bytes_per_sec.unwrap_or(c.max_bytes_per_sec);
+        c.allow_peers = nets("turn.allow_peers", &self.allow_peers)?;
+        c.deny_peers = nets("turn.deny_peers", &self.deny_peers)?;
+        c.software = self.software.clone();
+        c.alternate = self.alternate;
+        c.workers = self.workers.unwrap_or(0);
+        if c.alternate.is_some() && c.udp.first().is_none_or(|a| a.ip().is_unspecified()) {
+            anyhow::bail!("invalid configuration: turn.alternate: needs a specific first UDP listen address (not 0.0.0.0)");
+        }
+        c.validate().map_err(|e| match e {
+            stun_turn::Error::Config { key, reason } => {
+                anyhow!("invalid configuration: turn.{key}: {reason}")
+            }
+            other => anyhow!(other),
+        })?;
+        Ok(c)
+    }
+
+    pub fn users(&self) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for u in self
+            .users
+            .as_ref()
+            .map(OneOrMany::to_vec)
+            .unwrap_or_default()
+        {
+            let (name, pass) = u.split_once(':').ok_or_else(|| {
+                anyhow!(
+                    "invalid configuration: turn.users: `{}` is not name:password",
+                    u.split(':').next().unwrap_or("")
+                )
+            })?;
+            out.push((name.to_owned(), pass.to_owned()));
+        }
+        Ok(out)
+    }
+
+    pub fn rest_secrets(&self, secret: &str) -> Vec<String> {
+        match &self.rest_secrets {
+            Some(s) => s.to_vec(),
+            None => vec![secret.to_owned()],
+        }
+    }
+}
+
+fn nets(key: &str, v: &Option<OneOrMany<String>>) -> Result<Vec<IpNet>> {
+    v.as_ref()
+        .map(OneOrMany::to_vec)
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            s.parse::<IpNet>()
+                .map_err(|e| anyhow!("invalid configuration: {key}: {e}"))
+        })
+        .collect()
+}
+
+/// The relay address when none is configured: the first specific UDP listen
+/// IP, else the address of the interface that holds the default route
+/// (found with `connect` on a UDP socket, which sends nothing), else loopback.
+fn default_relay_ip(udp: &[SocketAddr]) -> IpAddr {
+    if let Some(a) = udp.iter().find(|a| a.is_ipv4() && !a.ip().is_unspecified()) {
+        return a.ip();
+    }
+    let probe = || -> Option<IpAddr> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        s.connect("192.0.2.1:9").ok()?;
+        Some(s.local_addr().ok()?.ip())
+    };
+    probe()
+        .filter(|ip| !ip.is_unspecified())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn precedence_is_file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("parley.toml");
+        std::fs::write(
+            &f,
+            "[turn]\nrealm = \"file\"\nmin_port = 40000\nmax_port = 40100\n",
+        )
+        .unwrap();
+        let s = load(
+            Some(&f),
+            env(&[
+                ("PARLEY_TURN_REALM", "env"),
+                ("PARLEY_TURN_MIN_PORT", "40010"),
+            ])
+            .into_iter(),
+            &[("turn.min_port".into(), Value::Integer(40020))],
+        )
+        .unwrap();
+        assert_eq!(s.turn.realm.as_deref(), Some("env"));
+        assert_eq!(s.turn.min_port, Some(40020));
+        assert_eq!(s.turn.max_port, Some(40100));
+    }
+
+    #[test]
+    fn env_lists_and_addresses() {
+        let s = load(
+            None,
+            env(&[
+                ("PARLEY_TURN_ALLOW_PEERS", "127.0.0.0/8,::1"),
+                ("PARLEY_ADMIN_LISTEN", "127.0.0.1:9999"),
+                ("PARLEY_DATA", "/tmp/x"),
+            ])
+            .into_iter(),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            s.turn.allow_peers.unwrap().to_vec(),
+            vec!["127.0.0.0/8".to_owned(), "::1".to_owned()]
+        );
+        assert_eq!(s.admin.listen, Some("127.0.0.1:9999".parse().unwrap()));
+        assert_eq!(s.data, Some(PathBuf::from("/tmp/x")));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = load(
+            None,
+            env(&[("PARLEY_TURN_MIN_PORT", "70000")]).into_iter(),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("turn.min_port"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = load(None, env(&[("PARLEY_TURN_BOGUS", "1")]).into_iter(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let s = load(
+            None,
+            env(&[("PARLEY_TURN_ALLOW_PEERS", "300.0.0.0/8")]).into_iter(),
+            &[],
+        )
+        .unwrap();
+        let e = s.turn.to_config("s").unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid configuration: turn.allow_peers"),
+            "{e}"
+        );
+        let s = load(
+            None,
+            env(&[
+                ("PARLEY_TURN_MIN_PORT", "60000"),
+                ("PARLEY_TURN_MAX_PORT", "50000"),
+            ])
+            .into_iter(),
+            &[],
+        )
+        .unwrap();
+        let e = s.turn.to_config("s").unwrap_err().to_string();
+        assert!(e.starts_with("invalid configuration: turn.min_port"), "{e}");
+    }
+}

@@ -1,0 +1,143 @@
+//! The data directory: created on first start, reused afterwards.
+//!
+//! ```text
+//! parley-data/
+//!   ca.pem, ca-key.pem          development CA (trust ca.pem in clients)
+//!   server.pem, server-key.pem  localhost, 127.0.0.1 and ::1, issued by the CA
+//!   turn-secret                 the TURN REST shared secret
+//! ```
+//! Keys and secrets are written with mode 0600. Production passes real
+//! certificate files and secrets instead; then these are not used.
+
+use anyhow::{Context, Result};
+use base64::Engine;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Paths and secrets of a data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    pub root: PathBuf,
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub turn_secret: String,
+}
+
+/// Opens `root`, creating whatever is missing. Says what it created.
+pub fn open(root: &Path) -> Result<DataDir> {
+    fs::create_dir_all(root)
+        .with_context(|| format!("cannot create data directory {}", root.display()))?;
+    restrict(root, 0o700)?;
+    let ca_cert = root.join("ca.pem");
+    let ca_key = root.join("ca-key.pem");
+    let server_cert = root.join("server.pem");
+    let server_key = root.join("server-key.pem");
+    let secret_path = root.join("turn-secret");
+
+    if !ca_cert.exists() || !ca_key.exists() {
+        let (cert, key) = new_ca()?;
+        write_file(&ca_key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&ca_cert, cert.pem().as_bytes(), 0o644)?;
+        // A new CA invalidates any old server certificate.
+        let _ = fs::remove_file(&server_cert);
+        tracing::info!(path = %ca_cert.display(), "created development CA");
+    }
+    if !server_cert.exists() || !server_key.exists() {
+        let ca_pem = fs::read_to_string(&ca_cert)
+            .with_context(|| format!("cannot read {}", ca_cert.display()))?;
+        let ca_key_pem = fs::read_to_string(&ca_key)
+            .with_context(|| format!("cannot read {}", ca_key.display()))?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem)
+            .with_context(|| format!("{} is not a private key", ca_key.display()))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+            .with_context(|| format!("{} is not a CA certificate", ca_cert.display()))?;
+        let (cert, key) = new_server_cert(&issuer)?;
+        write_file(&server_key, key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(&server_cert, cert.pem().as_bytes(), 0o644)?;
+        tracing::info!(path = %server_cert.display(), "issued server certificate for localhost, 127.0.0.1, ::1");
+    }
+    if !secret_path.exists() {
+        let mut raw = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+            .map_err(|_| anyhow::anyhow!("system random number generator unavailable"))?;
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        write_file(&secret_path, format!("{secret}\n").as_bytes(), 0o600)?;
+        tracing::info!(path = %secret_path.display(), "generated TURN REST secret");
+    }
+    let turn_secret = read_secret(&secret_path)?;
+    Ok(DataDir {
+        root: root.to_owned(),
+        ca_cert,
+        server_cert,
+        server_key,
+        turn_secret,
+    })
+}
+
+/// Reads a one-line secret file.
+pub fn read_secret(path: &Path) -> Result<String> {
+    let s = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let s = s.trim().to_owned();
+    anyhow::ensure!(!s.is_empty(), "{} is empty", path.display());
+    Ok(s)
+}
+
+fn new_ca() -> Result<(rcgen::Certificate, KeyPair)> {
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.distinguished_name
+        .push(DnType::CommonName, "Parley development CA");
+    p.distinguished_name
+        .push(DnType::OrganizationName, "Parley");
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let cert = p.self_signed(&key)?;
+    Ok((cert, key))
+}
+
+fn new_server_cert(issuer: &Issuer<'_, KeyPair>) -> Result<(rcgen::Certificate, KeyPair)> {
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(vec!["localhost".to_owned()])?;
+    p.subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    p.subject_alt_names
+        .push(SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()));
+    p.distinguished_name.push(DnType::CommonName, "localhost");
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2035, 1, 1);
+    let cert = p.signed_by(&key, issuer)?;
+    Ok((cert, key))
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f =
+            fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        restrict(&tmp, mode)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn restrict(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set permissions on {}", path.display()))
+}

@@ -1,0 +1,326 @@
+//! `parley`: runs Parley's services, all in one process (`parley up`) or
+//! one at a time (`parley turn`).
+
+mod admin;
+mod config;
+mod data;
+mod tls;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use stun_turn::runtime::{Relay, ALPN_STUN_TURN};
+use toml::Value;
+
+/// Parley: self-hostable calling and push infrastructure.
+///
+/// Configuration comes from a TOML file (--config), then PARLEY_* environment
+/// variables (PARLEY_TURN_REALM is turn.realm), then flags, each overriding the
+/// one before. On first start the data directory gets a development CA, a
+/// server certificate for localhost and a TURN REST secret.
+#[derive(Debug, Parser)]
+#[command(name = "parley", version, propagate_version = true)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "PARLEY_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory: CA, certificates, secrets. [default: ./parley-data]
+    #[arg(long, global = true, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Admin listener for /metrics, /healthz and /readyz. [default: 127.0.0.1:9090]
+    #[arg(long, global = true, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+    /// Log filter, e.g. `info`, `debug`, `stun_turn=trace`. [default: info]
+    #[arg(long, global = true, value_name = "FILTER")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every service in one process on the data directory.
+    ///
+    /// Today that is the STUN/TURN relay on 3478 (UDP and TCP) and 5349 (TLS).
+    Up(TurnArgs),
+    /// Run the STUN/TURN relay alone.
+    ///
+    /// STUN (RFC 8489) and TURN (RFC 8656, RFC 6156) on UDP, TCP and TLS, with
+    /// long-term and coturn-style REST credentials. Peers on loopback, private
+    /// and other special-purpose addresses are refused unless --allow-peer
+    /// names them. SIGHUP reloads credentials and certificates; SIGTERM drains.
+    Turn(TurnArgs),
+}
+
+#[derive(Debug, Args, Default)]
+struct TurnArgs {
+    /// Realm sent in challenges. [default: parley]
+    #[arg(long)]
+    realm: Option<String>,
+    /// UDP and TCP listen address; repeat for several. [default: 0.0.0.0:3478]
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// TLS listen address (ALPN stun.turn). [default: port 5349 on the listen IPs]
+    #[arg(long = "tls-listen", value_name = "ADDR")]
+    tls_listen: Vec<SocketAddr>,
+    /// IPv4 address relayed allocations bind to. [default: the listen IP, else the default-route interface]
+    #[arg(long = "relay-ip", value_name = "IP")]
+    relay_ip: Option<std::net::IpAddr>,
+    /// IPv6 address for IPv6 and dual-stack allocations. [default: none]
+    #[arg(long = "relay-ipv6", value_name = "IP")]
+    relay_ipv6: Option<std::net::IpAddr>,
+    /// Relay port range, e.g. 49152-65535.
+    #[arg(long = "ports", value_name = "MIN-MAX")]
+    ports: Option<String>,
+    /// Static user `name:password`; repeat for several.
+    #[arg(long = "user", value_name = "NAME:PASSWORD")]
+    users: Vec<String>,
+    /// REST shared secret; repeat to accept several while rotating. [default: the data directory's]
+    #[arg(long = "rest-secret", value_name = "SECRET")]
+    rest_secrets: Vec<String>,
+    /// Allow peers in this prefix even if special-purpose (labs, tests), e.g. 127.0.0.0/8.
+    #[arg(long = "allow-peer", value_name = "PREFIX")]
+    allow_peers: Vec<String>,
+    /// Second address for RFC 5780 NAT behaviour discovery, e.g. 127.0.0.2:3479.
+    #[arg(long, value_name = "ADDR")]
+    alternate: Option<SocketAddr>,
+    /// Worker threads. [default: one per core]
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+impl TurnArgs {
+    fn overrides(&self) -> Result<Vec<(String, Value)>> {
+        let mut o = Vec::new();
+        let strs =
+            |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
+        let addrs = |v: &[SocketAddr]| {
+            Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect())
+        };
+        if let Some(r) = &self.realm {
+            o.push(("turn.realm".into(), Value::String(r.clone())));
+        }
+        if !self.listen.is_empty() {
+            o.push(("turn.listen".into(), addrs(&self.listen)));
+        }
+        if !self.tls_listen.is_empty() {
+            o.push(("turn.tls".into(), addrs(&self.tls_listen)));
+        }
+        if let Some(ip) = self.relay_ip {
+            o.push(("turn.relay_ipv4".into(), Value::String(ip.to_string())));
+        }
+        if let Some(ip) = self.relay_ipv6 {
+            o.push(("turn.relay_ipv6".into(), Value::String(ip.to_string())));
+        }
+        if let Some(p) = &self.ports {
+            let (lo, hi) = p
+                .split_once('-')
+                .context("--ports: expected MIN-MAX, e.g. 49152-65535")?;
+            let lo: u16 = lo.parse().context("--ports: bad minimum port")?;
+            let hi: u16 = hi.parse().context("--ports: bad maximum port")?;
+            o.push(("turn.min_port".into(), Value::Integer(lo.into())));
+            o.push(("turn.max_port".into(), Value::Integer(hi.into())));
+        }
+        if !self.users.is_empty() {
+            o.push(("turn.users".into(), strs(&self.users)));
+        }
+        if !self.rest_secrets.is_empty() {
+            o.push(("turn.rest_secrets".into(), strs(&self.rest_secrets)));
+        }
+        if !self.allow_peers.is_empty() {
+            o.push(("turn.allow_peers".into(), strs(&self.allow_peers)));
+        }
+        if let Some(a) = self.alternate {
+            o.push(("turn.alternate".into(), Value::String(a.to_string())));
+        }
+        if let Some(w) = self.workers {
+            o.push(("turn.workers".into(), Value::Integer(w as i64)));
+        }
+        Ok(o)
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("parley: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let args = match &cli.command {
+        Command::Up(a) | Command::Turn(a) => a,
+    };
+    let mut overrides = args.overrides()?;
+    if let Some(d) = &cli.data {
+        overrides.push(("data".into(), Value::String(d.display().to_string())));
+    }
+    if let Some(a) = cli.admin {
+        overrides.push(("admin.listen".into(), Value::String(a.to_string())));
+    }
+    if let Some(l) = &cli.log {
+        overrides.push(("log".into(), Value::String(l.clone())));
+    }
+    let settings = config::load(cli.config.as_deref(), std::env::vars(), &overrides)?;
+    init_tracing(settings.log.as_deref().unwrap_or("info"))?;
+
+    let data_root = settings
+        .data
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("./parley-data"));
+    let data = data::open(&data_root)?;
+    let turn_config = settings.turn.to_config(&data.turn_secret)?;
+    let (cert, key) = tls_files(&settings.turn, &data);
+    let tls = tls::server_config(&cert, &key, &[ALPN_STUN_TURN])?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(
+        cli.config,
+        overrides,
+        settings,
+        data,
+        turn_config,
+        tls,
+    ))
+}
+
+fn tls_files(turn: &config::TurnSection, data: &data::DataDir) -> (PathBuf, PathBuf) {
+    (
+        turn.cert
+            .clone()
+            .unwrap_or_else(|| data.server_cert.clone()),
+        turn.key.clone().unwrap_or_else(|| data.server_key.clone()),
+    )
+}
+
+async fn serve(
+    config_file: Option<PathBuf>,
+    overrides: Vec<(String, Value)>,
+    settings: config::Settings,
+    data: data::DataDir,
+    turn_config: stun_turn::Config,
+    tls: Arc<rustls::ServerConfig>,
+) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Install handlers before binding so an early signal is not lost.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let relay = Arc::new(Relay::start(turn_config, Some(tls))?);
+    let admin_addr = settings
+        .admin
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090)));
+    let listener = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("cannot bind admin listener {admin_addr}"))?;
+    let admin_addr = listener.local_addr()?;
+    let state = admin::AdminState {
+        ready: ready.clone(),
+        sources: Arc::new(vec![relay.clone() as Arc<dyn admin::MetricsSource>]),
+    };
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = tokio::spawn(async move {
+        let _ = axum::serve(listener, admin::router(state))
+            .with_graceful_shutdown(async {
+                let _ = admin_stopped.await;
+            })
+            .await;
+    });
+
+    let list = |v: &[SocketAddr]| {
+        v.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // User-facing start-up lines: scripts and tests read these.
+    #[allow(clippy::print_stdout)]
+    {
+        println!(
+            "parley: data {} (trust {} in clients)",
+            data.root.display(),
+            data.ca_cert.display()
+        );
+        println!(
+            "parley: turn udp={} tcp={} tls={}",
+            list(relay.udp_addrs()),
+            list(relay.tcp_addrs()),
+            list(relay.tls_addrs())
+        );
+        println!("parley: admin http://{admin_addr} (/metrics /healthz /readyz)");
+        println!("parley: ready");
+    }
+    ready.store(true, Ordering::Release);
+
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                match reload(config_file.as_deref(), &overrides, &data) {
+                    Ok((users, secrets, tls)) => relay.reload(&users, &secrets, Some(tls)),
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the running configuration"),
+                }
+            }
+        }
+    }
+    tracing::info!("draining");
+    ready.store(false, Ordering::Release);
+    let relay =
+        Arc::try_unwrap(relay).map_err(|_| anyhow::anyhow!("relay still referenced at shutdown"));
+    let _ = stop_admin.send(());
+    let _ = admin_task.await;
+    match relay {
+        Ok(r) => tokio::task::spawn_blocking(move || r.shutdown()).await?,
+        Err(e) => tracing::error!(error = %e, "unclean shutdown"),
+    }
+    Ok(())
+}
+
+/// What SIGHUP replaces: static users, REST secrets, the TLS configuration.
+type Reloaded = (
+    Vec<(String, String)>,
+    Vec<String>,
+    Arc<rustls::ServerConfig>,
+);
+
+/// Re-reads the configuration and secret files for SIGHUP.
+fn reload(
+    config_file: Option<&std::path::Path>,
+    overrides: &[(String, Value)],
+    data: &data::DataDir,
+) -> Result<Reloaded> {
+    let settings = config::load(config_file, std::env::vars(), overrides)?;
+    let secret = data::read_secret(&data.root.join("turn-secret"))?;
+    let users = settings.turn.users()?;
+    let secrets = settings.turn.rest_secrets(&secret);
+    let (cert, key) = tls_files(&settings.turn, data);
+    let tls = tls::server_config(&cert, &key, &[ALPN_STUN_TURN])?;
+    Ok((users, secrets, tls))
+}
+
+impl admin::MetricsSource for Relay {
+    fn render(&self, out: &mut String) {
+        self.render_metrics(out);
+    }
+}
+
+fn init_tracing(filter: &str) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: log: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    Ok(())
+}
