@@ -1,1 +1,12 @@
-//! Helpers for interop tests.
+//! Test support shared by the scenario and interop tests:
+//!
+//! - [`tool`]: runs third-party clients (coturn's `turnutils_*`, `stun`)
+//!   with a time bound, and fails loudly when one is not installed;
+//! - [`relay`]: starts the real relay in-process on loopback;
+//! - [`peer`]: a UDP echo peer that records what reaches it;
+//! - [`turn_client`]: a small blocking TURN client for byte-level checks.
+
+pub mod peer;
+pub mod relay;
+pub mod tool;
+pub mod turn_client;

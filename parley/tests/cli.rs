@@ -1,0 +1,285 @@
+//! The `parley` binary as a user runs it.
+
+use parley_tests::turn_client::TurnClient;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use stun_turn::core::auth::rest_password;
+
+const BIN: &str = env!("CARGO_BIN_EXE_parley");
+
+fn parley(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run parley")
+}
+
+#[test]
+fn help_explains_every_command() {
+    let out = parley(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["up", "turn", "--config", "--data", "--admin", "PARLEY_"] {
+        assert!(text.contains(word), "--help lacks {word}:\n{text}");
+    }
+    let out = parley(&["turn", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "--listen",
+        "--allow-peer",
+        "--user",
+        "--rest-secret",
+        "--relay-ip",
+        "--alternate",
+        "SIGHUP",
+    ] {
+        assert!(text.contains(word), "turn --help lacks {word}:\n{text}");
+    }
+}
+
+#[test]
+fn bad_values_get_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("d");
+    let out = Command::new(BIN)
+        .args(["--data", data.to_str().expect("utf8"), "turn"])
+        .env("PARLEY_TURN_MIN_PORT", "70000")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("turn.min_port"), "{err}");
+
+    let cfg = dir.path().join("parley.toml");
+    std::fs::write(&cfg, "[turn]\nallow_peers = [\"10.0.0.0/99\"]\n").expect("write");
+    let out = parley(&[
+        "--config",
+        cfg.to_str().expect("utf8"),
+        "--data",
+        data.to_str().expect("utf8"),
+        "turn",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("turn.allow_peers"), "{err}");
+
+    let out = parley(&[
+        "--data",
+        data.to_str().expect("utf8"),
+        "turn",
+        "--ports",
+        "9-3",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("turn.min_port"), "{err}");
+}
+
+/// A running `parley up` and the addresses it printed.
+struct Running {
+    child: Child,
+    udp: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(data: &Path, extra: &[&str]) -> Running {
+    let mut args = vec![
+        "--data",
+        data.to_str().expect("utf8"),
+        "--admin",
+        "127.0.0.1:0",
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--user",
+        "ann:secret-pw",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = Command::new(BIN)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut udp, mut admin) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        if let Some(rest) = line.strip_prefix("parley: turn udp=") {
+            udp = rest.split([',', ' ']).next().and_then(|s| s.parse().ok());
+        }
+        if let Some(rest) = line.strip_prefix("parley: admin http://") {
+            admin = rest.split(' ').next().and_then(|s| s.parse().ok());
+        }
+        if line == "parley: ready" {
+            return Running {
+                child,
+                udp: udp.expect("udp line"),
+                admin: admin.expect("admin line"),
+            };
+        }
+    }
+    panic!("parley up did not report ready within 30 s");
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let code = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok);
+}
+
+fn rest_user(secret: &str) -> (String, String) {
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3600;
+    let user = format!("{expiry}:dora");
+    let pass = rest_password(secret, &user);
+    (user, pass)
+}
+
+#[test]
+fn up_creates_the_data_dir_serves_admin_reloads_and_drains() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("parley-data");
+    let mut run = start(&data, &[]);
+
+    for (file, mode) in [
+        ("ca.pem", 0o644),
+        ("ca-key.pem", 0o600),
+        ("server.pem", 0o644),
+        ("server-key.pem", 0o600),
+        ("turn-secret", 0o600),
+    ] {
+        let meta = std::fs::metadata(data.join(file)).unwrap_or_else(|_| panic!("{file} created"));
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
+    }
+    let ca = std::fs::read_to_string(data.join("ca.pem")).expect("ca");
+    assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"));
+
+    assert_eq!(http_get(run.admin, "/healthz").0, 200);
+    assert_eq!(http_get(run.admin, "/readyz").0, 200);
+
+    // The generated secret works for REST credentials; the static user works too.
+    let secret = std::fs::read_to_string(data.join("turn-secret"))
+        .expect("secret")
+        .trim()
+        .to_owned();
+    let (user, pass) = rest_user(&secret);
+    let mut rest = TurnClient::new(run.udp, &user, &pass);
+    rest.allocate().expect("REST allocation");
+    let mut kept = TurnClient::new(run.udp, "ann", "secret-pw");
+    kept.allocate().expect("static user allocation");
+
+    let (code, metrics) = http_get(run.admin, "/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("parley_turn_allocations 2"), "{metrics}");
+    assert!(
+        metrics.contains("parley_turn_auth_failures_total{reason=\"challenged\"}"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(&secret) && !metrics.contains("secret-pw"),
+        "no secrets in metrics"
+    );
+
+    // SIGHUP: a rotated secret takes effect, allocations stay.
+    std::fs::write(data.join("turn-secret"), "rotated-secret\n").expect("rotate");
+    signal(&run.child, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (new_user, new_pass) = rest_user("rotated-secret");
+    loop {
+        let mut c = TurnClient::new(run.udp, &new_user, &new_pass);
+        if c.allocate().is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rotated secret was not picked up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut stale = TurnClient::new(run.udp, &user, &pass);
+    assert_eq!(stale.allocate(), Err(401), "the old secret is gone");
+    assert_eq!(
+        kept.refresh(600),
+        Ok(()),
+        "the allocation survived the reload"
+    );
+
+    // SIGTERM: exits 0 promptly.
+    signal(&run.child, "-TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = run.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "parley did not exit within 10 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+
+    // A second start reuses the CA instead of making a new one.
+    let _again = start(&data, &[]);
+    assert_eq!(
+        std::fs::read_to_string(data.join("ca.pem")).expect("ca"),
+        ca
+    );
+}

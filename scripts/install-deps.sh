@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what Parley's tests and benchmarks need beyond the Rust toolchain.
+# Safe to run again: it installs only what is missing.
+#
+#   coturn       turnutils_uclient, turnutils_stunclient, turnutils_natdiscovery,
+#                turnutils_peer (interop tests) and turnserver (the benchmark anchor)
+#   stun-client  the classic RFC 3489 `stun` client (interop tests)
+#   procps       `kill` and `ps`, used by the tests and benchmarks
+set -euo pipefail
+
+packages=(coturn stun-client procps)
+commands=(turnutils_uclient stun kill)
+
+missing=()
+for i in "${!packages[@]}"; do
+  command -v "${commands[$i]}" >/dev/null 2>&1 || missing+=("${packages[$i]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "install-deps: installing ${missing[*]}"
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null 2>&1 || { echo "install-deps: need root or sudo to install ${missing[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Debian's coturn package ships a system service; Parley's tests start their
+# own servers, so make sure none is left holding port 3478.
+if command -v systemctl >/dev/null 2>&1; then
+  $sudo systemctl disable --now coturn >/dev/null 2>&1 || true
+fi
+for i in "${!packages[@]}"; do
+  command -v "${commands[$i]}" >/dev/null 2>&1 || { echo "install-deps: ${packages[$i]} did not provide ${commands[$i]}" >&2; exit 1; }
+done

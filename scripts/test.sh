@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every test: unit, property, scenario, interop (coturn and stun-client
+# tools against the real relay on loopback) and the command line end to end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo test --workspace --locked "$@"

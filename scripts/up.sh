@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Builds and runs the whole Parley stack in one process, with its data in
+# ./parley-data (created on first start). Extra arguments go to `parley up`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec cargo run --release --locked -p parley -- up "$@"

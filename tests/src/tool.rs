@@ -1,0 +1,87 @@
+//! Running third-party command-line clients with a deadline.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The path of `name`, or a panic that says how to install it: a missing
+/// tool must fail the test, never skip it.
+pub fn require(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("`{name}` is not installed; run scripts/install-deps.sh (it installs Debian's coturn and stun-client)");
+}
+
+/// What a finished tool printed.
+#[derive(Debug)]
+pub struct Output {
+    pub success: bool,
+    pub code: Option<i32>,
+    /// stdout and stderr, stdout first.
+    pub text: String,
+}
+
+/// Runs `name args…`, killing it after `limit`. Returns what it printed.
+pub fn run(name: &str, args: &[String], limit: Duration) -> Output {
+    let exe = require(name);
+    let mut child = Command::new(&exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+    let mut out = child.stdout.take().map(reader);
+    let mut err = child.stderr.take().map(reader);
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for child") {
+            break Some(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut text = out
+        .take()
+        .map(|h| h.join().unwrap_or_default())
+        .unwrap_or_default();
+    text.push_str(
+        &err.take()
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default(),
+    );
+    match status {
+        Some(s) => Output {
+            success: s.success(),
+            code: s.code(),
+            text,
+        },
+        None => panic!(
+            "{name} {} did not finish within {limit:?}; it printed:\n{text}",
+            args.join(" ")
+        ),
+    }
+}
+
+fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+/// Converts string literals to owned arguments.
+pub fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}

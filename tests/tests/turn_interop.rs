@@ -1,0 +1,299 @@
+//! Interop with the standard clients from Debian's `coturn` and
+//! `stun-client` packages against the real relay on loopback.
+
+use parley_tests::peer::EchoPeer;
+use parley_tests::relay::{self, PASSWORD, SECRET, USER};
+use parley_tests::tool::{args, run};
+use std::time::Duration;
+use stun_turn::runtime::Relay;
+
+const LIMIT: Duration = Duration::from_secs(60);
+const CLIENTS: usize = 10;
+const MESSAGES: usize = 100;
+
+/// turnutils_uclient's closing counters.
+#[derive(Debug)]
+struct Totals {
+    sent: usize,
+    received: usize,
+    lost: usize,
+}
+
+fn totals(text: &str) -> Totals {
+    let num_after = |key: &str| -> Option<usize> {
+        let i = text.rfind(key)? + key.len();
+        text[i..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    Totals {
+        sent: num_after("tot_send_msgs=").unwrap_or_else(|| panic!("no totals in:\n{text}")),
+        received: num_after("tot_recv_msgs=").expect("tot_recv_msgs"),
+        lost: num_after("Total lost packets").expect("lost packets"),
+    }
+}
+
+/// Runs turnutils_uclient with `mode` flags against `port`, echoing via `peer`.
+fn uclient(mode: &[&str], port: u16, peer: Option<&EchoPeer>, creds: &[&str]) -> Totals {
+    let mut a = args(mode);
+    if let Some(p) = peer {
+        a.extend(args(&[
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &p.addr().port().to_string(),
+        ]));
+    }
+    a.extend(args(creds));
+    a.extend(args(&[
+        "-X",
+        "-g",
+        "-m",
+        &CLIENTS.to_string(),
+        "-n",
+        &MESSAGES.to_string(),
+        "-l",
+        "120",
+        "-z",
+        "5",
+        "-p",
+        &port.to_string(),
+        "127.0.0.1",
+    ]));
+    let out = run("turnutils_uclient", &a, LIMIT);
+    assert!(
+        !out.text.contains("error 4") && !out.text.contains("error 5"),
+        "relay refused a request:\n{}",
+        out.text
+    );
+    totals(&out.text)
+}
+
+fn assert_lossless(t: &Totals, expected: usize) {
+    assert_eq!(t.sent, expected, "{t:?}");
+    assert_eq!(t.received, expected, "{t:?}");
+    assert_eq!(t.lost, 0, "{t:?}");
+}
+
+fn relayed(relay: &Relay) -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    relay.metrics().iter().fold((0, 0), |(a, b), m| {
+        (
+            a + m.packets_to_peer.load(Relaxed),
+            b + m.packets_to_client.load(Relaxed),
+        )
+    })
+}
+
+const STATIC: &[&str] = &["-u", USER, "-w", PASSWORD];
+
+#[test]
+fn uclient_udp_channels_lossless() {
+    let relay = relay::start(relay::lab_config());
+    let peer = EchoPeer::start();
+    let t = uclient(&[], relay.udp_addrs()[0].port(), Some(&peer), STATIC);
+    assert_lossless(&t, CLIENTS * MESSAGES);
+    assert_eq!(
+        peer.count(),
+        CLIENTS * MESSAGES,
+        "every datagram reached the peer through the relay"
+    );
+    assert!(
+        peer.received()
+            .iter()
+            .all(|(from, _)| from.ip().is_loopback() && from.port() >= 49152),
+        "the peer only ever hears from relay ports"
+    );
+    let (up, down) = relayed(&relay);
+    assert_eq!(
+        (up, down),
+        ((CLIENTS * MESSAGES) as u64, (CLIENTS * MESSAGES) as u64)
+    );
+}
+
+#[test]
+fn uclient_tcp_lossless() {
+    let relay = relay::start(relay::lab_config());
+    let peer = EchoPeer::start();
+    let t = uclient(&["-t"], relay.tcp_addrs()[0].port(), Some(&peer), STATIC);
+    assert_lossless(&t, CLIENTS * MESSAGES);
+    assert_eq!(peer.count(), CLIENTS * MESSAGES);
+}
+
+#[test]
+fn uclient_send_indications_lossless() {
+    let relay = relay::start(relay::lab_config());
+    let peer = EchoPeer::start();
+    let t = uclient(&["-s"], relay.udp_addrs()[0].port(), Some(&peer), STATIC);
+    assert_lossless(&t, CLIENTS * MESSAGES);
+    assert_eq!(peer.count(), CLIENTS * MESSAGES);
+}
+
+#[test]
+fn uclient_client_to_client_lossless() {
+    let relay = relay::start(relay::lab_config());
+    let t = uclient(&["-y"], relay.udp_addrs()[0].port(), None, STATIC);
+    // Client pairs talk to each other; uclient counts both directions.
+    assert!(t.sent >= CLIENTS * MESSAGES, "{t:?}");
+    assert_lossless(&t, t.sent);
+    let (up, down) = relayed(&relay);
+    assert!(
+        up >= (CLIENTS * MESSAGES) as u64 && down >= (CLIENTS * MESSAGES) as u64,
+        "{up} {down}"
+    );
+}
+
+#[test]
+fn uclient_tls_lossless() {
+    let relay = relay::start(relay::lab_config());
+    let peer = EchoPeer::start();
+    let t = uclient(
+        &["-S", "-t"],
+        relay.tls_addrs()[0].port(),
+        Some(&peer),
+        STATIC,
+    );
+    assert_lossless(&t, CLIENTS * MESSAGES);
+    assert_eq!(peer.count(), CLIENTS * MESSAGES);
+}
+
+#[test]
+fn uclient_rest_credentials_lossless() {
+    let relay = relay::start(relay::lab_config());
+    let peer = EchoPeer::start();
+    let t = uclient(
+        &[],
+        relay.udp_addrs()[0].port(),
+        Some(&peer),
+        &["-u", "carol", "-W", SECRET],
+    );
+    assert_lossless(&t, CLIENTS * MESSAGES);
+    assert_eq!(peer.count(), CLIENTS * MESSAGES);
+}
+
+#[test]
+fn uclient_with_wrong_rest_secret_is_refused() {
+    let relay = relay::start(relay::lab_config());
+    let peer = EchoPeer::start();
+    let a = args(&[
+        "-u",
+        "carol",
+        "-W",
+        "not-the-secret",
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer.addr().port().to_string(),
+        "-m",
+        "1",
+        "-n",
+        "5",
+        "-p",
+        &relay.udp_addrs()[0].port().to_string(),
+        "127.0.0.1",
+    ]);
+    let out = run("turnutils_uclient", &a, LIMIT);
+    assert!(
+        out.text.contains("Cannot complete Allocation"),
+        "{}",
+        out.text
+    );
+    assert_eq!(peer.count(), 0);
+    let refused: u64 = relay
+        .metrics()
+        .iter()
+        .map(|m| m.auth_failures(stun_turn::metrics::AuthFailure::BadIntegrity))
+        .sum();
+    assert!(refused > 0, "the relay counted the bad MESSAGE-INTEGRITY");
+}
+
+#[test]
+fn default_policy_refuses_a_loopback_peer() {
+    let relay = relay::start(relay::loopback_config());
+    let peer = EchoPeer::start();
+    let a = args(&[
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer.addr().port().to_string(),
+        "-m",
+        "1",
+        "-n",
+        "5",
+        "-p",
+        &relay.udp_addrs()[0].port().to_string(),
+        "127.0.0.1",
+    ]);
+    let out = run("turnutils_uclient", &a, LIMIT);
+    assert!(
+        out.text.contains("error 403"),
+        "expected 403 Forbidden:\n{}",
+        out.text
+    );
+    assert_eq!(peer.count(), 0, "nothing may reach a loopback peer");
+}
+
+#[test]
+fn stunclient_gets_its_reflexive_address() {
+    let relay = relay::start(relay::loopback_config());
+    let out = run(
+        "turnutils_stunclient",
+        &args(&["-p", &relay.udp_addrs()[0].port().to_string(), "127.0.0.1"]),
+        LIMIT,
+    );
+    assert!(
+        out.text.contains("UDP reflexive addr: 127.0.0.1:"),
+        "{}",
+        out.text
+    );
+}
+
+#[test]
+fn classic_rfc3489_stun_client_sees_an_open_internet() {
+    let relay = relay::start_with_alternate(relay::loopback_config());
+    let port = relay.udp_addrs()[0].port();
+    let out = run("stun", &args(&["-v", &format!("127.0.0.1:{port}")]), LIMIT);
+    assert!(
+        out.text.contains("MappedAddress = 127.0.0.1:"),
+        "{}",
+        out.text
+    );
+    assert!(
+        out.text.contains("Primary: Open"),
+        "loopback has no NAT:\n{}",
+        out.text
+    );
+}
+
+#[test]
+fn natdiscovery_reports_endpoint_independent_behaviour() {
+    let relay = relay::start_with_alternate(relay::loopback_config());
+    let port = relay.udp_addrs()[0].port();
+    let out = run(
+        "turnutils_natdiscovery",
+        &args(&["-m", "-f", "-p", &port.to_string(), "127.0.0.1"]),
+        LIMIT,
+    );
+    assert!(
+        out.text.contains("NAT with Endpoint Independent Mapping"),
+        "{}",
+        out.text
+    );
+    assert!(
+        out.text.contains("NAT with Endpoint Independent Filtering"),
+        "{}",
+        out.text
+    );
+    assert!(
+        out.text.contains("Other addr: : 127.0.0.2:"),
+        "OTHER-ADDRESS names the alternate:\n{}",
+        out.text
+    );
+}
