@@ -8,11 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Each datagram the peer received, with its sender.
+type Log = Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>;
+
 #[derive(Debug)]
 pub struct EchoPeer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
-    received: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    received: Log,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -29,7 +32,7 @@ impl EchoPeer {
             .expect("a free loopback port pair");
         let addr = a.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
-        let received = Arc::new(Mutex::new(Vec::new()));
+        let received: Log = Arc::new(Mutex::new(Vec::new()));
         let threads = [a, b]
             .into_iter()
             .map(|sock| {
