@@ -110,14 +110,21 @@ fn start(data: &Path, extra: &[&str]) -> Running {
         "ann:secret-pw",
     ];
     args.extend_from_slice(extra);
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
+    // From here on the guard kills and reaps the child on every path.
+    let unset = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut run = Running {
+        child,
+        udp: unset,
+        admin: unset,
+    };
+    let stdout = run.child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -126,24 +133,31 @@ fn start(data: &Path, extra: &[&str]) -> Running {
             }
         }
     });
-    let (mut udp, mut admin) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
             continue;
         };
         if let Some(rest) = line.strip_prefix("parley: turn udp=") {
-            udp = rest.split([',', ' ']).next().and_then(|s| s.parse().ok());
+            run.udp = rest
+                .split([',', ' '])
+                .next()
+                .and_then(|s| s.parse().ok())
+                .expect("udp address");
         }
         if let Some(rest) = line.strip_prefix("parley: admin http://") {
-            admin = rest.split(' ').next().and_then(|s| s.parse().ok());
+            run.admin = rest
+                .split(' ')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .expect("admin address");
         }
         if line == "parley: ready" {
-            return Running {
-                child,
-                udp: udp.expect("udp line"),
-                admin: admin.expect("admin line"),
-            };
+            assert!(
+                run.udp.port() != 0 && run.admin.port() != 0,
+                "addresses printed before ready"
+            );
+            return run;
         }
     }
     panic!("parley up did not report ready within 30 s");
