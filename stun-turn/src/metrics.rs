@@ -61,6 +61,8 @@ pub struct Metrics {
     pub peer_denied: AtomicU64,
     pub quota_rejected: AtomicU64,
     pub malformed: AtomicU64,
+    /// RFC 6062 peer connections bound to a data connection.
+    pub tcp_connections_bound: AtomicU64,
     auth_failures: [AtomicU64; 8],
 }
 
@@ -162,6 +164,12 @@ pub fn render(workers: &[std::sync::Arc<Metrics>], out: &mut String) {
         "parley_turn_quota_rejected_total",
         "Allocations refused by a quota (486/508).",
         sum_u(|m| &m.quota_rejected),
+    );
+    counter(
+        out,
+        "parley_turn_tcp_connections_bound_total",
+        "RFC 6062 peer connections spliced to a client data connection.",
+        sum_u(|m| &m.tcp_connections_bound),
     );
     counter(
         out,

@@ -9,7 +9,8 @@
 //! core names the relay socket and the byte range, and it is sent from there.
 
 use crate::core::{
-    ClientAddr, ClientOutcome, Event, PeerOutcome, RelayId, Server, Shared, Transmit, Transport,
+    ClientAddr, ClientOutcome, ConnectionId, Event, PeerOutcome, RelayId, Server, Shared, Transmit,
+    Transport,
 };
 use crate::message::stream_frame_len;
 use crate::metrics::Metrics;
@@ -36,6 +37,21 @@ const IDLE_STREAM_TIMEOUT: Duration = Duration::from_secs(60);
 const STREAM_QUEUE: usize = 512;
 /// Largest TCP frame: a STUN message or ChannelData of up to 64 KiB.
 const MAX_FRAME: usize = 4 + 65535 + 3;
+
+/// How long the relay waits for a peer to accept an RFC 6062 Connect.
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// RFC 6062 peer connections by id, shared by the workers: the data
+/// connection that binds one may be accepted by any worker.
+type ConnTable = Arc<std::sync::Mutex<FxHashMap<ConnectionId, PeerConn>>>;
+
+#[derive(Debug)]
+enum PeerConn {
+    /// Open, waiting for ConnectionBind.
+    Waiting(std::net::TcpStream),
+    /// Spliced; notifying ends the splice.
+    Spliced(Arc<tokio::sync::Notify>),
+}
 
 /// A TLS server configuration that SIGHUP can replace; new connections use
 /// the newest, established ones keep theirs.
@@ -123,6 +139,7 @@ impl Relay {
         let shared = Shared::new(config, random_bytes(), own, now, unix);
         let tls_config = tls.map(|c| Arc::new(RwLock::new(c)));
         let (shutdown, _) = watch::channel(false);
+        let conns: ConnTable = Arc::default();
         let mut metrics = Vec::new();
         let mut threads = Vec::new();
         for (i, (udp, tcp)) in udp_sets.into_iter().zip(tcp_sets).enumerate() {
@@ -132,9 +149,10 @@ impl Relay {
             let server = Server::new(shared.clone(), m, i as u16, workers as u16, seed);
             let rx = shutdown.subscribe();
             let tls = tls_config.clone();
+            let conns = conns.clone();
             let t = std::thread::Builder::new()
                 .name(format!("turn-worker-{i}"))
-                .spawn(move || run_worker(i, server, udp, tcp, tls, rx))?;
+                .spawn(move || run_worker(i, server, udp, tcp, tls, conns, rx))?;
             threads.push(t);
         }
         tracing::info!(workers, udp = ?udp_bound, tcp = ?tcp_bound, tls = ?tls_bound, "STUN/TURN relay listening");
@@ -199,8 +217,13 @@ impl Relay {
 struct Worker {
     server: Server,
     udp: FxHashMap<SocketAddr, Rc<UdpSocket>>,
-    relays: FxHashMap<RelayId, (Rc<UdpSocket>, tokio::task::JoinHandle<()>)>,
+    /// UDP relay sockets, and the task reading each (TCP relays have only
+    /// their accept task).
+    relays: FxHashMap<RelayId, (Option<Rc<UdpSocket>>, tokio::task::JoinHandle<()>)>,
     streams: FxHashMap<ClientAddr, mpsc::Sender<Vec<u8>>>,
+    /// Data connections whose ConnectionBind succeeded, to splice.
+    splices: FxHashMap<ClientAddr, ConnectionId>,
+    conns: ConnTable,
 }
 
 type WorkerRef = Rc<RefCell<Worker>>;
@@ -211,6 +234,7 @@ fn run_worker(
     udp: Vec<std::net::UdpSocket>,
     tcp: Vec<(std::net::TcpListener, Transport)>,
     tls: Option<TlsConfig>,
+    conns: ConnTable,
     shutdown: watch::Receiver<bool>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -233,6 +257,8 @@ fn run_worker(
                 udp: FxHashMap::default(),
                 relays: FxHashMap::default(),
                 streams: FxHashMap::default(),
+                splices: FxHashMap::default(),
+                conns,
             }));
             WORKER.with(|w| *w.borrow_mut() = Some(state.clone()));
             for s in udp {
@@ -329,7 +355,7 @@ async fn udp_loop(
             payload,
         } = st.server.handle_client_input(client, input, Instant::now())
         {
-            if let Some((s, _)) = st.relays.get(&relay) {
+            if let Some((Some(s), _)) = st.relays.get(&relay) {
                 let _ = s.try_send_to(&input[payload], peer);
             }
         }
@@ -402,7 +428,25 @@ fn drain(st: &mut Worker) {
                 Event::BindRelay {
                     relay,
                     addr,
+                    tcp: true,
+                    ..
+                } => {
+                    let bound = bind_tcp_relay(addr).and_then(|l| {
+                        let a = l.local_addr().ok()?;
+                        Some((l, a))
+                    });
+                    let addr = bound.as_ref().map(|b| b.1);
+                    if let Some((l, _)) = bound {
+                        let task = tokio::task::spawn_local(tcp_relay_accept(l, relay));
+                        st.relays.insert(relay, (None, task));
+                    }
+                    st.server.handle_relay_bound(relay, addr, Instant::now());
+                }
+                Event::BindRelay {
+                    relay,
+                    addr,
                     dont_fragment,
+                    tcp: false,
                 } => {
                     let bound = bind_relay(addr, dont_fragment).and_then(|s| {
                         let a = s.local_addr().ok()?;
@@ -411,13 +455,29 @@ fn drain(st: &mut Worker) {
                     let addr = bound.as_ref().map(|b| b.1);
                     if let Some((s, _)) = bound {
                         let task = tokio::task::spawn_local(relay_loop_handle(s.clone(), relay));
-                        st.relays.insert(relay, (s, task));
+                        st.relays.insert(relay, (Some(s), task));
                     }
                     st.server.handle_relay_bound(relay, addr, Instant::now());
                 }
                 Event::ReleaseRelay { relay } => {
                     if let Some((_, task)) = st.relays.remove(&relay) {
                         task.abort();
+                    }
+                }
+                Event::ConnectPeer { conn, from, peer } => {
+                    tokio::task::spawn_local(connect_peer(conn, from, peer));
+                }
+                Event::Splice { conn, client } => {
+                    st.splices.insert(client, conn);
+                }
+                Event::ClosePeer { conn } => {
+                    let gone = st
+                        .conns
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&conn);
+                    if let Some(PeerConn::Spliced(stop)) = gone {
+                        stop.notify_one();
                     }
                 }
             }
@@ -546,20 +606,33 @@ async fn stream_loop<S>(
         loop {
             match stream_frame_len(&buf[start..filled]) {
                 Ok(Some(len)) => {
-                    let frame = &buf[start..start + len];
-                    let mut st = state.borrow_mut();
-                    if let ClientOutcome::Forward {
-                        relay,
-                        peer,
-                        payload,
-                    } = st.server.handle_client_input(client, frame, Instant::now())
-                    {
-                        if let Some((s, _)) = st.relays.get(&relay) {
-                            let _ = s.try_send_to(&frame[payload], peer);
+                    let spliced = {
+                        let frame = &buf[start..start + len];
+                        let mut st = state.borrow_mut();
+                        if let ClientOutcome::Forward {
+                            relay,
+                            peer,
+                            payload,
+                        } = st.server.handle_client_input(client, frame, Instant::now())
+                        {
+                            if let Some((Some(s), _)) = st.relays.get(&relay) {
+                                let _ = s.try_send_to(&frame[payload], peer);
+                            }
                         }
-                    }
-                    drain(&mut st);
+                        drain(&mut st);
+                        let conn = st.splices.remove(&client);
+                        conn.map(|c| (c, st.streams.get(&client).cloned()))
+                    };
                     start += len;
+                    if let Some((conn, tx)) = spliced {
+                        // ConnectionBind succeeded: from here on the stream
+                        // carries raw bytes for the peer (RFC 6062 §5.3).
+                        let leftover = buf[start..filled].to_vec();
+                        if let Some(tx) = tx {
+                            splice(&state, conn, &mut rd, tx, leftover, shutdown.clone()).await;
+                        }
+                        break 'conn;
+                    }
                 }
                 Ok(None) => break,
                 Err(_) => {
@@ -581,6 +654,154 @@ async fn stream_loop<S>(
         drain(&mut st);
     }
     let _ = writer.await;
+}
+
+/// Accepts peer connections on a TCP relay (RFC 6062 §5.4).
+async fn tcp_relay_accept(listener: TcpListener, relay: RelayId) {
+    let Some(state) = WORKER.with(|w| w.borrow().clone()) else {
+        return;
+    };
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut st = state.borrow_mut();
+        match st.server.handle_peer_accepted(relay, peer, Instant::now()) {
+            Some(conn) => {
+                let _ = stream.set_nodelay(true);
+                if let Ok(s) = stream.into_std() {
+                    st.conns
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(conn, PeerConn::Waiting(s));
+                }
+            }
+            None => tracing::debug!("peer connection without permission refused"),
+        }
+        drain(&mut st);
+    }
+}
+
+/// Opens an RFC 6062 Connect's connection from the relayed address.
+async fn connect_peer(conn: ConnectionId, from: SocketAddr, peer: SocketAddr) {
+    let Some(state) = WORKER.with(|w| w.borrow().clone()) else {
+        return;
+    };
+    let attempt = async {
+        let sock = if from.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // Share the relayed address with its listener (RFC 6062 §5.2).
+        sock.set_reuseaddr(true)?;
+        sock.set_reuseport(true)?;
+        sock.bind(from)?;
+        sock.connect(peer).await
+    };
+    let stream = match tokio::time::timeout(PEER_CONNECT_TIMEOUT, attempt).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            s.into_std().ok()
+        }
+        _ => None,
+    };
+    let mut st = state.borrow_mut();
+    let ok = stream.is_some();
+    if let Some(s) = stream {
+        // Filed before the core answers, so a ConnectionBind on any worker finds it.
+        st.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(conn, PeerConn::Waiting(s));
+    }
+    st.server.handle_peer_connected(conn, ok, Instant::now());
+    drain(&mut st);
+}
+
+/// Relays raw bytes between a bound data connection and its peer
+/// connection until either closes, the allocation goes, or shutdown.
+async fn splice<R: AsyncRead + Unpin>(
+    state: &WorkerRef,
+    conn: ConnectionId,
+    client: &mut R,
+    to_client: mpsc::Sender<Vec<u8>>,
+    leftover: Vec<u8>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let peer = {
+        let st = state.borrow();
+        let mut table = st.conns.lock().unwrap_or_else(|e| e.into_inner());
+        match table.remove(&conn) {
+            Some(PeerConn::Waiting(s)) => {
+                table.insert(conn, PeerConn::Spliced(stop.clone()));
+                Some(s)
+            }
+            _ => None,
+        }
+    };
+    let Some(peer) = peer.and_then(|s| tokio::net::TcpStream::from_std(s).ok()) else {
+        return;
+    };
+    let (mut pr, mut pw) = peer.into_split();
+    if pw.write_all(&leftover).await.is_err() {
+        return;
+    }
+    let up = async {
+        let mut buf = vec![0u8; 16384];
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if pw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = pw.shutdown().await;
+    };
+    let down = async {
+        let mut buf = vec![0u8; 16384];
+        loop {
+            match pr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                // Awaiting queue space gives TCP back-pressure to the peer.
+                Ok(n) => {
+                    if to_client.send(buf[..n].to_vec()).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = stop.notified() => {}
+        _ = shutdown.changed() => {}
+    }
+    state
+        .borrow()
+        .conns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&conn);
+}
+
+fn bind_tcp_relay(addr: SocketAddr) -> Option<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).ok()?;
+    if addr.is_ipv6() {
+        let _ = s.set_only_v6(true);
+    }
+    s.set_reuse_address(true).ok()?;
+    s.set_reuse_port(true).ok()?;
+    s.set_nonblocking(true).ok()?;
+    s.bind(&addr.into()).ok()?;
+    s.listen(128).ok()?;
+    TcpListener::from_std(s.into()).ok()
 }
 
 fn bind_udp(addr: SocketAddr, reuse_port: bool) -> Result<std::net::UdpSocket, Error> {

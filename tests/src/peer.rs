@@ -16,6 +16,7 @@ pub struct EchoPeer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     received: Log,
+    tcp_bytes: Arc<std::sync::atomic::AtomicUsize>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -33,7 +34,7 @@ impl EchoPeer {
         let addr = a.local_addr().expect("local addr");
         let stop = Arc::new(AtomicBool::new(false));
         let received: Log = Arc::new(Mutex::new(Vec::new()));
-        let threads = [a, b]
+        let mut threads = [a, b]
             .into_iter()
             .map(|sock| {
                 sock.set_read_timeout(Some(Duration::from_millis(50)))
@@ -49,17 +50,41 @@ impl EchoPeer {
                     }
                 })
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // A TCP echo on the same port, for RFC 6062 TCP relaying.
+        let tcp_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        if let Ok(listener) = std::net::TcpListener::bind(addr) {
+            listener.set_nonblocking(true).expect("nonblocking");
+            let (s, bytes) = (stop.clone(), tcp_bytes.clone());
+            threads.push(std::thread::spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            let _ = conn.set_nonblocking(false);
+                            let (s, bytes) = (s.clone(), bytes.clone());
+                            std::thread::spawn(move || tcp_echo(conn, &s, &bytes));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            }));
+        }
         EchoPeer {
             addr,
             stop,
             received,
+            tcp_bytes,
             threads,
         }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Bytes echoed over TCP so far.
+    pub fn tcp_bytes(&self) -> usize {
+        self.tcp_bytes.load(Ordering::Relaxed)
     }
 
     /// Datagrams received so far.
@@ -78,6 +103,34 @@ impl Drop for EchoPeer {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+fn tcp_echo(
+    mut conn: std::net::TcpStream,
+    stop: &AtomicBool,
+    bytes: &std::sync::atomic::AtomicUsize,
+) {
+    use std::io::{Read, Write};
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(100)));
+    let _ = conn.set_nodelay(true);
+    let mut buf = vec![0u8; 16384];
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                bytes.fetch_add(n, Ordering::Relaxed);
+                if conn.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
         }
     }
 }

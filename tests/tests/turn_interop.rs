@@ -297,3 +297,76 @@ fn natdiscovery_reports_endpoint_independent_behaviour() {
         out.text
     );
 }
+
+/// RFC 6062: turnutils_uclient -T makes TCP allocations and relays over
+/// TCP connections set up with Connect / ConnectionAttempt / ConnectionBind.
+fn tcp_relay(mode: &[&str], tls: bool) {
+    let relay = relay::start(relay::lab_config());
+    let peer = EchoPeer::start();
+    let port = if tls {
+        relay.tls_addrs()[0].port()
+    } else {
+        relay.tcp_addrs()[0].port()
+    };
+    let mut a = args(mode);
+    a.extend(args(&[
+        "-T",
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer.addr().port().to_string(),
+        "-u",
+        USER,
+        "-w",
+        PASSWORD,
+    ]));
+    // uclient paces its TCP-relay mode at about one message a second per
+    // client whatever -z says, so keep the run short.
+    a.extend(args(&[
+        "-X",
+        "-g",
+        "-c",
+        "-m",
+        "2",
+        "-n",
+        "10",
+        "-l",
+        "120",
+        "-z",
+        "5",
+        "-p",
+        &port.to_string(),
+        "127.0.0.1",
+    ]));
+    let out = run("turnutils_uclient", &a, LIMIT);
+    assert!(
+        !out.text.contains("error 4") && !out.text.contains("error 5"),
+        "{}",
+        out.text
+    );
+    let t = totals(&out.text);
+    assert!(t.sent >= 20, "{t:?}");
+    assert_lossless(&t, t.sent);
+    let bound: u64 = relay
+        .metrics()
+        .iter()
+        .map(|m| {
+            m.tcp_connections_bound
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
+    assert!(
+        bound >= 2,
+        "data connections were bound through ConnectionBind: {bound}"
+    );
+}
+
+#[test]
+fn uclient_rfc6062_tcp_relay_lossless() {
+    tcp_relay(&["-t"], false);
+}
+
+#[test]
+fn uclient_rfc6062_tcp_relay_over_tls_lossless() {
+    tcp_relay(&["-S", "-t"], true);
+}

@@ -27,6 +27,11 @@ pub(super) struct Allocation {
     pub down: TokenBucket,
     /// The deadline queued in the server's timer heap for this allocation.
     pub scheduled: Option<Instant>,
+    /// A TCP allocation (RFC 6062): the relay is a listener, not a socket.
+    pub tcp: bool,
+    /// RFC 6062 connections, with the deadline for binding each one
+    /// (`None` once a data connection bound it).
+    pub connections: Vec<(super::ConnectionId, Option<Instant>)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -95,7 +100,11 @@ impl Allocation {
     pub fn next_deadline(&self, cooldown: Duration) -> Instant {
         let perms = self.permissions.values().copied();
         let chans = self.channels.values().map(|c| c.expires + cooldown);
-        perms.chain(chans).fold(self.expires, Instant::min)
+        let conns = self.connections.iter().filter_map(|c| c.1);
+        perms
+            .chain(chans)
+            .chain(conns)
+            .fold(self.expires, Instant::min)
     }
 }
 

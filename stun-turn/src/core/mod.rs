@@ -20,6 +20,7 @@ mod allocation;
 pub mod auth;
 pub mod policy;
 mod quota;
+mod tcp_relay;
 
 use crate::channel_data::{self, ChannelNumber};
 use crate::config::Config;
@@ -90,14 +91,35 @@ pub struct Transmit {
 pub enum Event {
     /// Bind a UDP relay socket at `addr` and report with `handle_relay_bound`.
     /// `dont_fragment`: the client sent DONT-FRAGMENT, so set the IP DF bit.
+    /// With `tcp`, listen for peer connections there instead (RFC 6062).
     BindRelay {
         relay: RelayId,
         addr: SocketAddr,
         dont_fragment: bool,
+        tcp: bool,
     },
     /// Close a relay socket; its allocation is gone.
     ReleaseRelay { relay: RelayId },
+    /// Open a TCP connection from the relayed address `from` to `peer` and
+    /// report with `handle_peer_connected` (RFC 6062 Connect).
+    ConnectPeer {
+        conn: ConnectionId,
+        from: SocketAddr,
+        peer: SocketAddr,
+    },
+    /// The stream client `client` bound peer connection `conn`: after the
+    /// queued success response, relay raw bytes between the two.
+    Splice {
+        conn: ConnectionId,
+        client: ClientAddr,
+    },
+    /// Close peer connection `conn` (and its data connection, if spliced).
+    ClosePeer { conn: ConnectionId },
 }
+
+/// An RFC 6062 connection id, unique across the server's workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId(pub u32);
 
 /// What to do with a client datagram after [`Server::handle_client_input`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +161,9 @@ pub struct Shared {
     /// RESERVATION-TOKEN → (reserved relay address, expiry). Shared because
     /// the second Allocate of a pair may hash to another worker.
     reservations: Mutex<FxHashMap<[u8; 8], (SocketAddr, Instant)>>,
+    /// RFC 6062 connections by id, shared because a data connection may be
+    /// accepted by another worker than the one holding the allocation.
+    connections: Mutex<FxHashMap<u32, tcp_relay::ConnEntry>>,
     /// Maps monotonic time to Unix time: the wall clock enters only here,
     /// as an argument, so simulated time drives REST expiry and nonces.
     epoch: (Instant, u64),
@@ -175,6 +200,7 @@ impl Shared {
             policy,
             quotas: Mutex::new(Quotas::default()),
             reservations: Mutex::new(FxHashMap::default()),
+            connections: Mutex::new(FxHashMap::default()),
             epoch: (now, unix_now),
             config,
         })
@@ -261,6 +287,8 @@ struct Pending {
     dont_fragment: bool,
     /// EVEN-PORT: `Some(reserve_next)`.
     even: Option<bool>,
+    /// A TCP allocation (REQUESTED-TRANSPORT 6, RFC 6062).
+    tcp: bool,
 }
 
 /// One worker's sans-IO STUN/TURN server.
@@ -280,6 +308,8 @@ pub struct Server {
     used_ports: FxHashSet<(Family, u16)>,
     next_relay: u32,
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Connect requests waiting for the runtime's TCP handshake.
+    connecting: FxHashMap<ConnectionId, (Reply, Auth, usize)>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     scratch: Vec<u8>,
@@ -310,6 +340,7 @@ impl Server {
             used_ports: FxHashSet::default(),
             next_relay: 1,
             timers: BinaryHeap::new(),
+            connecting: FxHashMap::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             scratch: Vec::with_capacity(2048),
@@ -356,7 +387,12 @@ impl Server {
             (Class::Indication, Method::Send) => return self.handle_send(from, &msg, now),
             (
                 Class::Request,
-                Method::Allocate | Method::Refresh | Method::CreatePermission | Method::ChannelBind,
+                Method::Allocate
+                | Method::Refresh
+                | Method::CreatePermission
+                | Method::ChannelBind
+                | Method::Connect
+                | Method::ConnectionBind,
             ) => {
                 if msg.is_classic() {
                     self.error(reply_for(from, &msg), ErrorCode::BAD_REQUEST, None);
@@ -447,11 +483,12 @@ impl Server {
                 if let Some((id, addr)) = retry {
                     p.waiting.push((family, id, attempts + 1, addr.port()));
                     self.pending_relay.insert(id, client);
-                    let dont_fragment = p.dont_fragment;
+                    let (dont_fragment, tcp) = (p.dont_fragment, p.tcp);
                     self.events.push_back(Event::BindRelay {
                         relay: id,
                         addr,
                         dont_fragment,
+                        tcp,
                     });
                 } else if p.address_error.is_none() && p.wanted.len() > 1 {
                     p.address_error = Some((family, ErrorCode::INSUFFICIENT_CAPACITY));
@@ -502,6 +539,7 @@ impl Server {
                 continue;
             }
             let (perms, chans) = a.sweep(now, CHANNEL_COOLDOWN);
+            self.expire_connections(slot, now);
             self.metrics
                 .permissions
                 .fetch_sub(perms as i64, std::sync::atomic::Ordering::Relaxed);
@@ -592,7 +630,7 @@ impl Server {
             self.metrics.peer_denied.fetch_add(1, Relaxed);
             return ClientOutcome::Handled;
         }
-        let Some(a) = self.slots[slot].as_mut() else {
+        let Some(a) = self.slots[slot].as_mut().filter(|a| !a.tcp) else {
             return ClientOutcome::Handled;
         };
         if !a.has_permission(peer.ip(), now) {
@@ -735,6 +773,8 @@ impl Server {
             Method::Refresh => self.handle_refresh(reply, auth, msg, now),
             Method::CreatePermission => self.handle_create_permission(reply, auth, msg, now),
             Method::ChannelBind => self.handle_channel_bind(reply, auth, msg, now),
+            Method::Connect => self.handle_connect(reply, auth, msg),
+            Method::ConnectionBind => self.handle_connection_bind(reply, auth, msg),
             _ => self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
         }
     }
@@ -880,13 +920,16 @@ impl Server {
             }
             return;
         }
-        match msg.attr(AttrType::RequestedTransport) {
-            Some([17, 0, 0, 0]) => {}
+        // UDP, or TCP over a stream control connection (RFC 6062 §5.1).
+        let tcp = match msg.attr(AttrType::RequestedTransport) {
+            Some([17, 0, 0, 0]) => false,
+            Some([6, 0, 0, 0]) if reply.to.transport != Transport::Udp => true,
+            Some([6, 0, 0, 0]) => return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
             Some([_, 0, 0, 0]) => {
                 return self.error(reply, ErrorCode::UNSUPPORTED_TRANSPORT, Some(&auth))
             }
             _ => return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
-        }
+        };
         // EVEN-PORT (R bit: also hold the next port) and RESERVATION-TOKEN
         // (claim a port held that way), RFC 8656 §7.2.
         let even = match msg.attr(AttrType::EvenPort) {
@@ -975,6 +1018,7 @@ impl Server {
             address_error,
             dont_fragment: msg.has(AttrType::DontFragment),
             even,
+            tcp,
         };
         if let Some(t) = token {
             // The reserved port is bound as it is, with no second try.
@@ -984,11 +1028,12 @@ impl Server {
                 p.wanted = vec![f];
                 p.waiting.push((f, id, BIND_ATTEMPTS, addr.port()));
                 self.pending_relay.insert(id, reply.to);
-                let dont_fragment = p.dont_fragment;
+                let (dont_fragment, tcp) = (p.dont_fragment, p.tcp);
                 self.events.push_back(Event::BindRelay {
                     relay: id,
                     addr,
                     dont_fragment,
+                    tcp,
                 });
             }
             wanted = Vec::new();
@@ -999,11 +1044,12 @@ impl Server {
             };
             p.waiting.push((f, id, 0, addr.port()));
             self.pending_relay.insert(id, reply.to);
-            let dont_fragment = p.dont_fragment;
+            let (dont_fragment, tcp) = (p.dont_fragment, p.tcp);
             self.events.push_back(Event::BindRelay {
                 relay: id,
                 addr,
                 dont_fragment,
+                tcp,
             });
         }
         if p.waiting.is_empty() {
@@ -1061,6 +1107,8 @@ impl Server {
             up: TokenBucket::new(max_bps, now),
             down: TokenBucket::new(max_bps, now),
             scheduled: None,
+            tcp: p.tcp,
+            connections: Vec::new(),
         };
         let slot = match self.free_slots.pop() {
             Some(s) => {
@@ -1205,6 +1253,10 @@ impl Server {
         let Some(&slot) = self.by_client.get(&reply.to) else {
             return self.error(reply, ErrorCode::ALLOCATION_MISMATCH, Some(&auth));
         };
+        // A TCP allocation has no channels (RFC 6062 §5.3).
+        if self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
+            return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth));
+        }
         let ch = match msg.attr(AttrType::ChannelNumber) {
             Some(v) if v.len() == 4 => ChannelNumber::new(u16::from_be_bytes([v[0], v[1]])),
             _ => return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth)),
@@ -1353,6 +1405,10 @@ impl Server {
             .channels
             .fetch_sub(a.live_channels() as i64, Relaxed);
         self.release_quota(&a.username, a.client.remote.ip());
+        // RFC 6062 §5.5: the allocation's connections close with it.
+        for (conn, _) in a.connections {
+            self.close_connection(conn);
+        }
     }
 
     fn release_quota(&self, user: &str, ip: IpAddr) {

@@ -990,7 +990,7 @@ fn unsupported_transport_and_unknown_attributes() {
     let c = client(6050);
     let creds = h.challenge(c, "alice", "wonderland");
     let req = h.request(Method::Allocate, Some(&creds), |b| {
-        b.add_attr(AttrType::RequestedTransport, &[6, 0, 0, 0]);
+        b.add_attr(AttrType::RequestedTransport, &[132, 0, 0, 0]);
     });
     h.send(c, &req);
     assert_eq!(
@@ -1072,5 +1072,211 @@ proptest! {
         let _ = h.server.handle_client_input(client(7000), &b, h.now);
         while h.server.poll_transmit().is_some() {}
         let _ = h.server.handle_peer_input(RelayId(1), peer("203.0.114.1:1"), &b, h.now);
+    }
+}
+
+mod tcp_allocations {
+    use super::*;
+
+    fn tcp_client(port: u16) -> ClientAddr {
+        ClientAddr {
+            transport: Transport::Tcp,
+            ..client(port)
+        }
+    }
+
+    fn tcp_allocate(h: &mut Harness, c: ClientAddr) -> (Creds, RelayId) {
+        let creds = h.challenge(c, "alice", "wonderland");
+        let req = h.request(Method::Allocate, Some(&creds), |b| {
+            b.add_attr(AttrType::RequestedTransport, &[6, 0, 0, 0]);
+        });
+        h.server.handle_client_input(c, &req, h.now);
+        let Some(Event::BindRelay {
+            relay,
+            addr,
+            tcp: true,
+            ..
+        }) = h.server.poll_event()
+        else {
+            panic!("a TCP relay listener is requested")
+        };
+        h.server.handle_relay_bound(relay, Some(addr), h.now);
+        let resp = h.response();
+        assert_eq!(Message::decode(&resp).unwrap().class(), Class::Success);
+        (creds, relay)
+    }
+
+    fn connect(h: &mut Harness, c: ClientAddr, creds: &Creds, peer: SocketAddr) -> Vec<u8> {
+        let req = h.request(Method::Connect, Some(creds), |b| {
+            b.add_xor_address(AttrType::XorPeerAddress, peer);
+        });
+        h.server.handle_client_input(c, &req, h.now);
+        req
+    }
+
+    fn connection_id(resp: &[u8]) -> u32 {
+        Message::decode(resp)
+            .unwrap()
+            .u32_attr(AttrType::ConnectionId)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn bind(h: &mut Harness, data: ClientAddr, creds: &Creds, id: u32) -> Option<u16> {
+        let req = h.request(Method::ConnectionBind, Some(creds), |b| {
+            b.add_u32(AttrType::ConnectionId, id);
+        });
+        h.server.handle_client_input(data, &req, h.now);
+        let resp = h.response();
+        error_code(&Message::decode(&resp).unwrap())
+    }
+
+    #[test]
+    fn tcp_allocation_over_udp_is_a_bad_request() {
+        let mut h = harness();
+        let c2 = client(8002);
+        let creds = h.challenge(c2, "alice", "wonderland");
+        let req = h.request(Method::Allocate, Some(&creds), |b| {
+            b.add_attr(AttrType::RequestedTransport, &[6, 0, 0, 0]);
+        });
+        h.send(c2, &req);
+        assert_eq!(
+            error_code(&Message::decode(&h.response()).unwrap()),
+            Some(400)
+        );
+    }
+
+    #[test]
+    fn connect_then_connection_bind_splices() {
+        let mut h = harness();
+        let c = tcp_client(8010);
+        let (creds, _) = tcp_allocate(&mut h, c);
+        let peer = peer("203.0.114.20:80");
+        connect(&mut h, c, &creds, peer);
+        let Some(Event::ConnectPeer {
+            conn,
+            from,
+            peer: to,
+        }) = h.server.poll_event()
+        else {
+            panic!("connect expected")
+        };
+        assert_eq!(to, peer);
+        assert_eq!(from.ip(), "192.0.2.10".parse::<IpAddr>().unwrap());
+        h.server.handle_peer_connected(conn, true, h.now);
+        let resp = h.response();
+        let id = connection_id(&resp);
+        assert_eq!(id, conn.0);
+        // A second Connect to the same peer: 446.
+        connect(&mut h, c, &creds, peer);
+        assert_eq!(
+            error_code(&Message::decode(&h.response()).unwrap()),
+            Some(446)
+        );
+        // The data connection binds it; binding twice fails.
+        let data = tcp_client(8011);
+        let data_creds = h.challenge(data, "alice", "wonderland");
+        assert_eq!(bind(&mut h, data, &data_creds, id), None);
+        assert_eq!(
+            h.server.poll_event(),
+            Some(Event::Splice { conn, client: data })
+        );
+        let data2 = tcp_client(8012);
+        let creds2 = h.challenge(data2, "alice", "wonderland");
+        assert_eq!(bind(&mut h, data2, &creds2, id), Some(400));
+        // Bound connections outlive the 30 s window, and close with the allocation.
+        h.advance(Duration::from_secs(31));
+        assert_eq!(h.server.poll_event(), None);
+        h.server.handle_client_closed(c);
+        let events: Vec<_> = std::iter::from_fn(|| h.server.poll_event()).collect();
+        assert!(events.contains(&Event::ClosePeer { conn }), "{events:?}");
+    }
+
+    #[test]
+    fn connect_failure_is_447_and_policy_is_403() {
+        let mut h = harness();
+        let c = tcp_client(8020);
+        let (creds, _) = tcp_allocate(&mut h, c);
+        connect(&mut h, c, &creds, peer("203.0.114.21:80"));
+        let Some(Event::ConnectPeer { conn, .. }) = h.server.poll_event() else {
+            panic!()
+        };
+        h.server.handle_peer_connected(conn, false, h.now);
+        assert_eq!(
+            error_code(&Message::decode(&h.response()).unwrap()),
+            Some(447)
+        );
+        connect(&mut h, c, &creds, peer("127.0.0.1:80"));
+        assert_eq!(
+            error_code(&Message::decode(&h.response()).unwrap()),
+            Some(403)
+        );
+        assert_eq!(h.server.poll_event(), None);
+    }
+
+    #[test]
+    fn unbound_connection_closes_after_30_seconds() {
+        let mut h = harness();
+        let c = tcp_client(8030);
+        let (creds, _) = tcp_allocate(&mut h, c);
+        connect(&mut h, c, &creds, peer("203.0.114.22:80"));
+        let Some(Event::ConnectPeer { conn, .. }) = h.server.poll_event() else {
+            panic!()
+        };
+        h.server.handle_peer_connected(conn, true, h.now);
+        let id = connection_id(&h.response());
+        h.advance(Duration::from_secs(29));
+        assert_eq!(h.server.poll_event(), None);
+        h.advance(Duration::from_secs(1));
+        assert_eq!(h.server.poll_event(), Some(Event::ClosePeer { conn }));
+        let data = tcp_client(8031);
+        let creds = h.challenge(data, "alice", "wonderland");
+        assert_eq!(bind(&mut h, data, &creds, id), Some(400));
+    }
+
+    #[test]
+    fn incoming_peer_needs_a_permission_and_gets_a_connection_attempt() {
+        let mut h = harness();
+        let c = tcp_client(8040);
+        let (creds, relay) = tcp_allocate(&mut h, c);
+        let p = peer("203.0.114.23:5555");
+        assert_eq!(h.server.handle_peer_accepted(relay, p, h.now), None);
+        assert_eq!(
+            h.simple(c, Method::CreatePermission, &creds, |b| {
+                b.add_xor_address(AttrType::XorPeerAddress, p);
+            }),
+            None
+        );
+        let conn = h
+            .server
+            .handle_peer_accepted(relay, p, h.now)
+            .expect("accepted");
+        let t = h.server.poll_transmit().unwrap();
+        assert_eq!(t.to, c);
+        let m = Message::decode(&t.bytes).unwrap();
+        assert_eq!(
+            (m.class(), m.method()),
+            (Class::Indication, Method::ConnectionAttempt)
+        );
+        assert_eq!(m.xor_address(AttrType::XorPeerAddress).unwrap(), Some(p));
+        assert_eq!(m.u32_attr(AttrType::ConnectionId).unwrap(), Some(conn.0));
+        // Someone else's credentials cannot bind it.
+        let data = tcp_client(8041);
+        let bob = h.challenge(data, "bob", "builder");
+        assert_eq!(bind(&mut h, data, &bob, conn.0), Some(400));
+        let alice = h.challenge(data, "alice", "wonderland");
+        assert_eq!(bind(&mut h, data, &alice, conn.0), None);
+    }
+
+    #[test]
+    fn channels_do_not_exist_on_tcp_allocations() {
+        let mut h = harness();
+        let c = tcp_client(8050);
+        let (creds, _) = tcp_allocate(&mut h, c);
+        let code = h.simple(c, Method::ChannelBind, &creds, |b| {
+            b.add(AttrType::ChannelNumber as u16, &[0x40, 0, 0, 0]);
+            b.add_xor_address(AttrType::XorPeerAddress, peer("203.0.114.24:1"));
+        });
+        assert_eq!(code, Some(400));
     }
 }
