@@ -291,9 +291,26 @@ fn up_creates_the_data_dir_serves_admin_reloads_and_drains() {
     assert!(status.success(), "{status:?}");
 
     // A second start reuses the CA instead of making a new one.
-    let _again = start(&data, &[]);
+    let again = start(&data, &[]);
     assert_eq!(
         std::fs::read_to_string(data.join("ca.pem")).expect("ca"),
         ca
     );
+
+    // A second server on a port the first holds is refused, not let in
+    // beside it through SO_REUSEPORT.
+    let port = again.udp.to_string();
+    let other = dir.path().join("other");
+    let out = parley(&[
+        "--data",
+        other.to_str().expect("utf8"),
+        "--admin",
+        "127.0.0.1:0",
+        "turn",
+        "--listen",
+        &port,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot bind") && err.contains(&port), "{err}");
 }

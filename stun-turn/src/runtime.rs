@@ -99,6 +99,7 @@ impl Relay {
             (0..workers).map(|_| Vec::new()).collect();
         let mut udp_bound = Vec::new();
         for &addr in &udp_addrs {
+            ensure_free(addr, Type::DGRAM)?;
             let first = bind_udp(addr, true)?;
             let actual = first.local_addr()?;
             udp_bound.push(actual);
@@ -117,6 +118,7 @@ impl Relay {
             (tls_targets, Transport::Tls),
         ] {
             for &addr in addrs {
+                ensure_free(addr, Type::STREAM)?;
                 let first = bind_tcp(addr)?;
                 let actual = first.local_addr()?;
                 match transport {
@@ -804,6 +806,27 @@ fn bind_tcp_relay(addr: SocketAddr) -> Option<TcpListener> {
     TcpListener::from_std(s.into()).ok()
 }
 
+/// Fails if another socket already holds `addr`. Our own listeners use
+/// SO_REUSEPORT to share a port between workers, which would also let a
+/// second server process join the port silently and take half the traffic;
+/// a plain bind first tells the two cases apart.
+fn ensure_free(addr: SocketAddr, ty: Type) -> Result<(), Error> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let s = Socket::new(Domain::for_address(addr), ty, None)
+        .map_err(|e| Error::Bind { addr, source: e })?;
+    if addr.is_ipv6() {
+        let _ = s.set_only_v6(true);
+    }
+    if ty == Type::STREAM {
+        // TIME_WAIT leftovers of a previous run must not block a restart.
+        let _ = s.set_reuse_address(true);
+    }
+    s.bind(&addr.into())
+        .map_err(|e| Error::Bind { addr, source: e })
+}
+
 fn bind_udp(addr: SocketAddr, reuse_port: bool) -> Result<std::net::UdpSocket, Error> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
         .map_err(|e| Error::Bind { addr, source: e })?;
@@ -844,15 +867,52 @@ fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
 }
 
 /// Binds a relay socket; `None` when the port is taken.
-fn bind_relay(addr: SocketAddr, _dont_fragment: bool) -> Option<UdpSocket> {
+fn bind_relay(addr: SocketAddr, dont_fragment: bool) -> Option<UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).ok()?;
     if addr.is_ipv6() {
         let _ = s.set_only_v6(true);
+    }
+    if dont_fragment {
+        // DONT-FRAGMENT (RFC 8656 §7.2, §18.8): relayed packets carry the DF
+        // bit, so a too-large one fails instead of being fragmented.
+        set_dont_fragment(&s, addr.is_ipv6()).ok()?;
     }
     let _ = s.set_recv_buffer_size(1 << 20);
     s.set_nonblocking(true).ok()?;
     s.bind(&addr.into()).ok()?;
     UdpSocket::from_std(s.into()).ok()
+}
+
+/// Sets the IP "don't fragment" behaviour: IP_MTU_DISCOVER = IP_PMTUDISC_DO
+/// for IPv4, IPV6_DONTFRAG for IPv6. socket2 offers neither.
+#[allow(unsafe_code)]
+fn set_dont_fragment(s: &Socket, v6: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (level, name, value) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1 as libc::c_int)
+    } else {
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )
+    };
+    // SAFETY: the descriptor is open (borrowed from `s`), and the option
+    // value is a live c_int whose size is passed alongside it.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -863,4 +923,36 @@ fn random_bytes<const N: usize>() -> [u8; N] {
         .fill(&mut out)
         .expect("system random number generator unavailable");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(unsafe_code)]
+    fn mtu_discover(s: &UdpSocket) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: reads one c_int option into a live local of that size.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        v
+    }
+
+    #[tokio::test]
+    async fn dont_fragment_sets_the_df_bit_only_when_asked() {
+        let df = bind_relay("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        assert_eq!(mtu_discover(&df), libc::IP_PMTUDISC_DO);
+        let plain = bind_relay("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        assert_ne!(mtu_discover(&plain), libc::IP_PMTUDISC_DO);
+    }
 }
