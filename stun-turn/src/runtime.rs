@@ -349,20 +349,24 @@ async fn udp_loop(
             remote: from,
             local,
         };
-        let mut st = state.borrow_mut();
-        let input = &buf[..n];
-        if let ClientOutcome::Forward {
-            relay,
-            peer,
-            payload,
-        } = st.server.handle_client_input(client, input, Instant::now())
-        {
-            if let Some((Some(s), _)) = st.relays.get(&relay) {
-                let _ = s.try_send_to(&input[payload], peer);
-            }
-        }
-        drain(&mut st);
+        client_input(&mut state.borrow_mut(), client, &buf[..n]);
     }
+}
+
+/// Hands one datagram or stream frame to the core, relays what it says to
+/// forward, and carries out the rest.
+fn client_input(st: &mut Worker, client: ClientAddr, input: &[u8]) {
+    if let ClientOutcome::Forward {
+        relay,
+        peer,
+        payload,
+    } = st.server.handle_client_input(client, input, Instant::now())
+    {
+        if let Some((Some(s), _)) = st.relays.get(&relay) {
+            let _ = s.try_send_to(&input[payload], peer);
+        }
+    }
+    drain(st);
 }
 
 async fn relay_loop(state: WorkerRef, sock: Rc<UdpSocket>, relay: RelayId) {
@@ -609,19 +613,8 @@ async fn stream_loop<S>(
             match stream_frame_len(&buf[start..filled]) {
                 Ok(Some(len)) => {
                     let spliced = {
-                        let frame = &buf[start..start + len];
                         let mut st = state.borrow_mut();
-                        if let ClientOutcome::Forward {
-                            relay,
-                            peer,
-                            payload,
-                        } = st.server.handle_client_input(client, frame, Instant::now())
-                        {
-                            if let Some((Some(s), _)) = st.relays.get(&relay) {
-                                let _ = s.try_send_to(&frame[payload], peer);
-                            }
-                        }
-                        drain(&mut st);
+                        client_input(&mut st, client, &buf[start..start + len]);
                         let conn = st.splices.remove(&client);
                         conn.map(|c| (c, st.streams.get(&client).cloned()))
                     };

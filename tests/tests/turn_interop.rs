@@ -90,6 +90,29 @@ fn relayed(relay: &Relay) -> (u64, u64) {
 
 const STATIC: &[&str] = &["-u", USER, "-w", PASSWORD];
 
+/// One client, five messages over UDP: for runs that must be refused.
+fn uclient_once(relay: &Relay, peer: &EchoPeer, creds: &[&str]) -> parley_tests::tool::Output {
+    let mut a = args(creds);
+    let (peer_port, port) = (
+        peer.addr().port().to_string(),
+        relay.udp_addrs()[0].port().to_string(),
+    );
+    a.extend(args(&[
+        "-e",
+        "127.0.0.1",
+        "-r",
+        &peer_port,
+        "-m",
+        "1",
+        "-n",
+        "5",
+        "-p",
+        &port,
+        "127.0.0.1",
+    ]));
+    run("turnutils_uclient", &a, LIMIT)
+}
+
 #[test]
 fn uclient_udp_channels_lossless() {
     let relay = relay::start(relay::lab_config());
@@ -178,24 +201,7 @@ fn uclient_rest_credentials_lossless() {
 fn uclient_with_wrong_rest_secret_is_refused() {
     let relay = relay::start(relay::lab_config());
     let peer = EchoPeer::start();
-    let a = args(&[
-        "-u",
-        "carol",
-        "-W",
-        "not-the-secret",
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &peer.addr().port().to_string(),
-        "-m",
-        "1",
-        "-n",
-        "5",
-        "-p",
-        &relay.udp_addrs()[0].port().to_string(),
-        "127.0.0.1",
-    ]);
-    let out = run("turnutils_uclient", &a, LIMIT);
+    let out = uclient_once(&relay, &peer, &["-u", "carol", "-W", "not-the-secret"]);
     assert!(
         out.text.contains("Cannot complete Allocation"),
         "{}",
@@ -214,24 +220,7 @@ fn uclient_with_wrong_rest_secret_is_refused() {
 fn default_policy_refuses_a_loopback_peer() {
     let relay = relay::start(relay::loopback_config());
     let peer = EchoPeer::start();
-    let a = args(&[
-        "-u",
-        USER,
-        "-w",
-        PASSWORD,
-        "-e",
-        "127.0.0.1",
-        "-r",
-        &peer.addr().port().to_string(),
-        "-m",
-        "1",
-        "-n",
-        "5",
-        "-p",
-        &relay.udp_addrs()[0].port().to_string(),
-        "127.0.0.1",
-    ]);
-    let out = run("turnutils_uclient", &a, LIMIT);
+    let out = uclient_once(&relay, &peer, STATIC);
     assert!(
         out.text.contains("error 403"),
         "expected 403 Forbidden:\n{}",

@@ -481,15 +481,7 @@ impl Server {
                     .flatten();
                 self.used_ports.remove(&(family, port));
                 if let Some((id, addr)) = retry {
-                    p.waiting.push((family, id, attempts + 1, addr.port()));
-                    self.pending_relay.insert(id, client);
-                    let (dont_fragment, tcp) = (p.dont_fragment, p.tcp);
-                    self.events.push_back(Event::BindRelay {
-                        relay: id,
-                        addr,
-                        dont_fragment,
-                        tcp,
-                    });
+                    self.request_bind(&mut p, client, family, id, addr, attempts + 1);
                 } else if p.address_error.is_none() && p.wanted.len() > 1 {
                     p.address_error = Some((family, ErrorCode::INSUFFICIENT_CAPACITY));
                 }
@@ -1026,15 +1018,7 @@ impl Server {
                 let id = self.next_relay_id();
                 let f = Family::of(addr.ip());
                 p.wanted = vec![f];
-                p.waiting.push((f, id, BIND_ATTEMPTS, addr.port()));
-                self.pending_relay.insert(id, reply.to);
-                let (dont_fragment, tcp) = (p.dont_fragment, p.tcp);
-                self.events.push_back(Event::BindRelay {
-                    relay: id,
-                    addr,
-                    dont_fragment,
-                    tcp,
-                });
+                self.request_bind(&mut p, reply.to, f, id, addr, BIND_ATTEMPTS);
             }
             wanted = Vec::new();
         }
@@ -1042,15 +1026,7 @@ impl Server {
             let Some((id, addr)) = self.pick_relay(f, even, now) else {
                 continue;
             };
-            p.waiting.push((f, id, 0, addr.port()));
-            self.pending_relay.insert(id, reply.to);
-            let (dont_fragment, tcp) = (p.dont_fragment, p.tcp);
-            self.events.push_back(Event::BindRelay {
-                relay: id,
-                addr,
-                dont_fragment,
-                tcp,
-            });
+            self.request_bind(&mut p, reply.to, f, id, addr, 0);
         }
         if p.waiting.is_empty() {
             self.release_quota(&p.auth.username, reply.to.remote.ip());
@@ -1060,6 +1036,26 @@ impl Server {
             return self.error(reply, ErrorCode::INSUFFICIENT_CAPACITY, Some(&p.auth));
         }
         self.pending.insert(reply.to, p);
+    }
+
+    /// Asks the runtime to bind relay `id` at `addr` for a pending Allocate.
+    fn request_bind(
+        &mut self,
+        p: &mut Pending,
+        client: ClientAddr,
+        family: Family,
+        id: RelayId,
+        addr: SocketAddr,
+        attempts: u32,
+    ) {
+        p.waiting.push((family, id, attempts, addr.port()));
+        self.pending_relay.insert(id, client);
+        self.events.push_back(Event::BindRelay {
+            relay: id,
+            addr,
+            dont_fragment: p.dont_fragment,
+            tcp: p.tcp,
+        });
     }
 
     fn finish_allocate(&mut self, client: ClientAddr, p: Pending, now: Instant) {
