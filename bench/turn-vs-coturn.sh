@@ -51,22 +51,55 @@ start_peer() {
   pids+=($!)
 }
 
-# run_levels NAME PID PORT → appends "name clients interval offered sent recv lost rtt relayed cpu_us" lines
+start_coturn() {
+  mkdir -p "$tmp/coturn"
+  turnserver -n --listening-ip=127.0.0.1 --relay-ip=127.0.0.1 --listening-port=$coturn_port \
+    --use-auth-secret --static-auth-secret=$secret --realm=$realm --allow-loopback-peers \
+    --no-cli --no-tls --no-dtls --min-port=49152 --max-port=65535 \
+    --userdb="$tmp/coturn/turndb" --pidfile="$tmp/coturn/ts.pid" --log-file=stdout >"$tmp/coturn/log" 2>&1 &
+  server_pid=$!
+  pids+=($server_pid)
+  server_port=$coturn_port
+}
+
+start_parley() {
+  PARLEY_TURN_MAX_ALLOCATIONS_PER_IP=100000 PARLEY_TURN_MAX_ALLOCATIONS_PER_USER=100000 \
+  "$parley_bin" --data "$tmp/parley-data" --admin 127.0.0.1:0 --log warn turn \
+    --listen 127.0.0.1:$parley_port --tls-listen 127.0.0.1:0 --relay-ip 127.0.0.1 --realm $realm \
+    --allow-peer 127.0.0.0/8 --rest-secret $secret >"$tmp/parley.log" 2>&1 &
+  server_pid=$!
+  pids+=($server_pid)
+  server_port=$parley_port
+}
+
+# run_levels NAME → one line per level:
+#   name clients interval offered sent recv lost rtt relayed cpu_us
+# Each level gets a freshly started server: turnutils_uclient never frees
+# its allocations, and a later run reusing a source port would meet them.
 run_levels() {
-  local name=$1 pid=$2 port=$3
+  local name=$1
   for lv in "${levels[@]}"; do
     local m=${lv%%:*} z=${lv##*:}
     local n=$(( seconds * 1000 / z ))
-    local before after out
+    "start_$name"
+    for _ in $(seq 50); do timeout 1 turnutils_stunclient -p "$server_port" 127.0.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
+    local pid=$server_pid before after out
+    kill -0 "$pid" 2>/dev/null || { echo "bench: $name (pid $pid) is not running" >&2; exit 1; }
     before=$(cpu_ticks "$pid")
     out=$(timeout 120 turnutils_uclient -e 127.0.0.1 -r "$peer_port" -X -g -c -u bench -W "$secret" \
-            -m "$m" -n "$n" -l 120 -z "$z" -p "$port" 127.0.0.1 2>&1 || true)
+            -m "$m" -n "$n" -l 120 -z "$z" -p "$server_port" 127.0.0.1 2>&1 || true)
     after=$(cpu_ticks "$pid")
+    kill "$pid"; wait "$pid" 2>/dev/null || true
     local sent recv lost rtt
-    sent=$(grep -o 'tot_send_msgs=[0-9]*' <<<"$out" | tail -1 | cut -d= -f2)
-    recv=$(grep -o 'tot_recv_msgs=[0-9]*' <<<"$out" | tail -1 | cut -d= -f2)
-    lost=$(grep -o 'Total lost packets [0-9]*' <<<"$out" | tail -1 | awk '{print $4}')
-    rtt=$(grep -o 'Average round trip delay [0-9.]*' <<<"$out" | tail -1 | awk '{print $5}')
+    # A level the client could not finish counts as all lost, not as an abort.
+    sent=$(grep -o 'tot_send_msgs=[0-9]*' <<<"$out" | tail -1 | cut -d= -f2 || true)
+    recv=$(grep -o 'tot_recv_msgs=[0-9]*' <<<"$out" | tail -1 | cut -d= -f2 || true)
+    lost=$(grep -o 'Total lost packets [0-9]*' <<<"$out" | tail -1 | awk '{print $4}' || true)
+    rtt=$(grep -o 'Average round trip delay [0-9.]*' <<<"$out" | tail -1 | awk '{print $5}' || true)
+    if [ -z "$sent" ]; then
+      echo "bench: $name at $m clients / ${z} ms did not finish; its last lines:" >&2
+      tail -5 <<<"$out" >&2
+    fi
     sent=${sent:-0}; recv=${recv:-0}; lost=${lost:-$sent}; rtt=${rtt:-nan}
     local relayed=$(( sent + recv ))
     local cpu_us=$(( (after - before) * 1000000 / clk ))
@@ -77,30 +110,9 @@ run_levels() {
 
 : > "$tmp/results"
 echo "bench: name clients interval_ms offered_msg/s sent recv lost rtt_ms relayed cpu_us"
-
-# --- coturn -----------------------------------------------------------------
 start_peer
-mkdir -p "$tmp/coturn"
-turnserver -n --listening-ip=127.0.0.1 --relay-ip=127.0.0.1 --listening-port=$coturn_port \
-  --use-auth-secret --static-auth-secret=$secret --realm=$realm --allow-loopback-peers \
-  --no-cli --no-tls --no-dtls --min-port=49152 --max-port=65535 \
-  --userdb="$tmp/coturn/turndb" --pidfile="$tmp/coturn/ts.pid" --log-file=stdout >"$tmp/coturn/log" 2>&1 &
-coturn_pid=$!
-pids+=($coturn_pid)
-for _ in $(seq 50); do timeout 1 turnutils_stunclient -p $coturn_port 127.0.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
-run_levels coturn "$coturn_pid" $coturn_port
-kill "$coturn_pid"; wait "$coturn_pid" 2>/dev/null || true
-
-# --- parley -----------------------------------------------------------------
-PARLEY_TURN_MAX_ALLOCATIONS_PER_IP=100000 PARLEY_TURN_MAX_ALLOCATIONS_PER_USER=100000 \
-"$parley_bin" --data "$tmp/parley-data" --admin 127.0.0.1:0 --log warn turn \
-  --listen 127.0.0.1:$parley_port --tls-listen 127.0.0.1:0 --relay-ip 127.0.0.1 --realm $realm \
-  --allow-peer 127.0.0.0/8 --rest-secret $secret >"$tmp/parley.log" 2>&1 &
-parley_pid=$!
-pids+=($parley_pid)
-for _ in $(seq 50); do timeout 1 turnutils_stunclient -p $parley_port 127.0.0.1 >/dev/null 2>&1 && break; sleep 0.1; done
-run_levels parley "$parley_pid" $parley_port
-kill "$parley_pid"; wait "$parley_pid" 2>/dev/null || true
+run_levels coturn
+run_levels parley
 
 # --- summary ----------------------------------------------------------------
 report=bench/results/turn-vs-coturn.md
