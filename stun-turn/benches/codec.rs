@@ -80,10 +80,10 @@ fn relay_with_channel() -> (
     let peer: std::net::SocketAddr = "203.0.114.9:7000".parse().unwrap();
     let key = long_term_key(PasswordAlgorithm::Md5, "alice", "parley", "pw");
     let request = |server: &mut Server,
-                       method: Method,
-                       nonce: &str,
-                       tid: u8,
-                       attrs: &dyn Fn(&mut MessageBuilder<'_>)|
+                   method: Method,
+                   nonce: &str,
+                   tid: u8,
+                   attrs: &dyn Fn(&mut MessageBuilder<'_>)|
      -> Vec<u8> {
         let mut buf = Vec::new();
         let mut b = MessageBuilder::new(&mut buf, Class::Request, method, TransactionId([tid; 12]));

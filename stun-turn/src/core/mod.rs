@@ -871,8 +871,13 @@ impl Server {
         for p in &passwords {
             let key = auth::long_term_key(alg, &username, creds.realm(), p);
             if let Ok(Some(kind)) = msg.verify_integrity(&key) {
-                // An allocation belongs to the credentials that made it (RFC 8656 §5).
-                if let Some(&slot) = self.by_client.get(&reply.to) {
+                // An allocation belongs to the credentials that made it (RFC
+                // 8656 §5). An Allocate on a taken 5-tuple is a 437 instead
+                // (§7.2), whoever sends it.
+                let existing = (reply.method != Method::Allocate)
+                    .then(|| self.by_client.get(&reply.to))
+                    .flatten();
+                if let Some(&slot) = existing {
                     if self.slots[slot]
                         .as_ref()
                         .is_some_and(|a| a.username != username)

@@ -958,6 +958,9 @@ fn other_users_credentials_on_an_allocation_get_441() {
     // Bob's nonce is bound to his own address; fetch one for this 5-tuple.
     let bob = h.refresh_nonce(c, bob);
     assert_eq!(h.simple(c, Method::Refresh, &bob, |_| {}), Some(441));
+    // Allocating again on that 5-tuple is a mismatch, not a credential error.
+    let resp = h.allocate_with(c, &bob, |_| {});
+    assert_eq!(error_code(&Message::decode(&resp).unwrap()), Some(437));
 }
 
 #[test]
