@@ -4,8 +4,9 @@ use crate::core::policy::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-/// Configuration of the STUN/TURN service.
-#[derive(Debug, Clone)]
+/// Configuration of the STUN/TURN service. Its `Debug` output hides
+/// passwords and secrets.
+#[derive(Clone)]
 pub struct Config {
     /// REALM sent in challenges. Default `parley`.
     pub realm: String,
@@ -60,6 +61,32 @@ pub struct Config {
     pub alternate: Option<SocketAddr>,
     /// Worker threads, each with its own sockets (SO_REUSEPORT). 0 = one per core.
     pub workers: usize,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let users: Vec<&str> = self.users.iter().map(|(u, _)| u.as_str()).collect();
+        f.debug_struct("Config")
+            .field("realm", &self.realm)
+            .field("udp", &self.udp)
+            .field("tcp", &self.tcp)
+            .field("tls", &self.tls)
+            .field("relay_ipv4", &self.relay_ipv4)
+            .field("relay_ipv6", &self.relay_ipv6)
+            .field("external_ipv4", &self.external_ipv4)
+            .field("ports", &(self.min_port..=self.max_port))
+            .field("users", &users)
+            .field(
+                "rest_secrets",
+                &format_args!("[{} hidden]", self.rest_secrets.len()),
+            )
+            .field("max_allocations", &self.max_allocations)
+            .field("allow_peers", &self.allow_peers)
+            .field("deny_peers", &self.deny_peers)
+            .field("alternate", &self.alternate)
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Config {
@@ -147,5 +174,25 @@ impl Config {
             return bad("rest_secrets", "secrets must not be empty");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_passwords_and_secrets() {
+        let c = Config {
+            users: vec![("alice".into(), "hunter2".into())],
+            rest_secrets: vec!["s3cr3t-value".into()],
+            ..Config::default()
+        };
+        let text = format!("{c:?}");
+        assert!(text.contains("alice"));
+        assert!(
+            !text.contains("hunter2") && !text.contains("s3cr3t-value"),
+            "{text}"
+        );
     }
 }
