@@ -157,7 +157,15 @@ impl Relay {
                 .spawn(move || run_worker(i, server, udp, tcp, tls, conns, rx))?;
             threads.push(t);
         }
-        tracing::info!(workers, udp = ?udp_bound, tcp = ?tcp_bound, tls = ?tls_bound, "STUN/TURN relay listening");
+        tracing::info!(
+            workers,
+            relay_ipv4 = ?shared.config().relay_ipv4,
+            relay_ipv6 = ?shared.config().relay_ipv6,
+            udp = ?udp_bound,
+            tcp = ?tcp_bound,
+            tls = ?tls_bound,
+            "STUN/TURN relay listening"
+        );
         Ok(Relay {
             shared,
             metrics,
