@@ -223,13 +223,44 @@ impl Relay {
     }
 }
 
+/// A UDP socket: tokio's half for receiving, a duplicate descriptor for
+/// sending. Tokio's `try_send_to` reports WouldBlock without trying until
+/// the socket's first writable event has been polled, which loses the first
+/// datagram sent on a fresh relay socket; a plain non-blocking `sendto`
+/// fails only when the kernel's buffer is really full (then the datagram
+/// is dropped, as UDP may).
+#[derive(Debug)]
+struct Udp {
+    rx: UdpSocket,
+    tx: std::net::UdpSocket,
+}
+
+impl Udp {
+    fn new(s: std::net::UdpSocket) -> std::io::Result<Udp> {
+        s.set_nonblocking(true)?;
+        let tx = s.try_clone()?;
+        Ok(Udp {
+            rx: UdpSocket::from_std(s)?,
+            tx,
+        })
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.rx.local_addr()
+    }
+
+    fn send_to(&self, buf: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        self.tx.send_to(buf, to)
+    }
+}
+
 /// Per-worker state shared by the worker's tasks.
 struct Worker {
     server: Server,
-    udp: FxHashMap<SocketAddr, Rc<UdpSocket>>,
+    udp: FxHashMap<SocketAddr, Rc<Udp>>,
     /// UDP relay sockets, and the task reading each (TCP relays have only
     /// their accept task).
-    relays: FxHashMap<RelayId, (Option<Rc<UdpSocket>>, tokio::task::JoinHandle<()>)>,
+    relays: FxHashMap<RelayId, (Option<Rc<Udp>>, tokio::task::JoinHandle<()>)>,
     streams: FxHashMap<ClientAddr, mpsc::Sender<Vec<u8>>>,
     /// Data connections whose ConnectionBind succeeded, to splice.
     splices: FxHashMap<ClientAddr, ConnectionId>,
@@ -272,7 +303,7 @@ fn run_worker(
             }));
             WORKER.with(|w| *w.borrow_mut() = Some(state.clone()));
             for s in udp {
-                match UdpSocket::from_std(s) {
+                match Udp::new(s) {
                     Ok(s) => {
                         let s = Rc::new(s);
                         let Ok(local) = s.local_addr() else { continue };
@@ -338,14 +369,14 @@ async fn timer_loop(state: WorkerRef, mut shutdown: watch::Receiver<bool>) {
 
 async fn udp_loop(
     state: WorkerRef,
-    sock: Rc<UdpSocket>,
+    sock: Rc<Udp>,
     local: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; 65536];
     loop {
         let (n, from) = tokio::select! {
-            r = sock.recv_from(&mut buf) => match r {
+            r = sock.rx.recv_from(&mut buf) => match r {
                 Ok(r) => r,
                 // ICMP errors surface here on Linux; the socket stays usable.
                 Err(_) => continue,
@@ -371,17 +402,17 @@ fn client_input(st: &mut Worker, client: ClientAddr, input: &[u8]) {
     } = st.server.handle_client_input(client, input, Instant::now())
     {
         if let Some((Some(s), _)) = st.relays.get(&relay) {
-            let _ = s.try_send_to(&input[payload], peer);
+            let _ = s.send_to(&input[payload], peer);
         }
     }
     drain(st);
 }
 
-async fn relay_loop(state: WorkerRef, sock: Rc<UdpSocket>, relay: RelayId) {
+async fn relay_loop(state: WorkerRef, sock: Rc<Udp>, relay: RelayId) {
     // 4 bytes of headroom for the ChannelData header, 3 for TCP padding.
     let mut buf = vec![0u8; 4 + 65536 + 3];
     loop {
-        let Ok((n, peer)) = sock.recv_from(&mut buf[4..4 + 65536]).await else {
+        let Ok((n, peer)) = sock.rx.recv_from(&mut buf[4..4 + 65536]).await else {
             continue;
         };
         let mut st = state.borrow_mut();
@@ -397,7 +428,7 @@ async fn relay_loop(state: WorkerRef, sock: Rc<UdpSocket>, relay: RelayId) {
                 buf[..4].copy_from_slice(&channel_data::encode_header(channel, n));
                 if to.transport == Transport::Udp {
                     if let Some(s) = udp.get(&to.local) {
-                        let _ = s.try_send_to(&buf[..4 + n], to.remote);
+                        let _ = s.send_to(&buf[..4 + n], to.remote);
                     }
                 } else {
                     let pad = channel_data::stream_padding(n);
@@ -408,7 +439,7 @@ async fn relay_loop(state: WorkerRef, sock: Rc<UdpSocket>, relay: RelayId) {
             PeerOutcome::Indication { to, message } => {
                 if to.transport == Transport::Udp {
                     if let Some(s) = udp.get(&to.local) {
-                        let _ = s.try_send_to(message, to.remote);
+                        let _ = s.send_to(message, to.remote);
                     }
                 } else {
                     send_stream(streams, to, message.to_vec());
@@ -512,7 +543,7 @@ thread_local! {
     static WORKER: RefCell<Option<WorkerRef>> = const { RefCell::new(None) };
 }
 
-async fn relay_loop_handle(sock: Rc<UdpSocket>, relay: RelayId) {
+async fn relay_loop_handle(sock: Rc<Udp>, relay: RelayId) {
     let Some(state) = WORKER.with(|w| w.borrow().clone()) else {
         return;
     };
@@ -523,7 +554,7 @@ fn send_transmit(st: &mut Worker, t: Transmit) {
     match t.to.transport {
         Transport::Udp => {
             if let Some(s) = st.udp.get(&t.from) {
-                let _ = s.try_send_to(&t.bytes, t.to.remote);
+                let _ = s.send_to(&t.bytes, t.to.remote);
             }
         }
         Transport::Tcp | Transport::Tls => send_stream(&mut st.streams, t.to, t.bytes),
@@ -868,7 +899,7 @@ fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
 }
 
 /// Binds a relay socket; `None` when the port is taken.
-fn bind_relay(addr: SocketAddr, dont_fragment: bool) -> Option<UdpSocket> {
+fn bind_relay(addr: SocketAddr, dont_fragment: bool) -> Option<Udp> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).ok()?;
     if addr.is_ipv6() {
         let _ = s.set_only_v6(true);
@@ -881,7 +912,7 @@ fn bind_relay(addr: SocketAddr, dont_fragment: bool) -> Option<UdpSocket> {
     let _ = s.set_recv_buffer_size(1 << 20);
     s.set_nonblocking(true).ok()?;
     s.bind(&addr.into()).ok()?;
-    UdpSocket::from_std(s.into()).ok()
+    Udp::new(s.into()).ok()
 }
 
 /// Sets the IP "don't fragment" behaviour: IP_MTU_DISCOVER = IP_PMTUDISC_DO
@@ -952,8 +983,8 @@ mod tests {
     #[tokio::test]
     async fn dont_fragment_sets_the_df_bit_only_when_asked() {
         let df = bind_relay("127.0.0.1:0".parse().unwrap(), true).unwrap();
-        assert_eq!(mtu_discover(&df), libc::IP_PMTUDISC_DO);
+        assert_eq!(mtu_discover(&df.rx), libc::IP_PMTUDISC_DO);
         let plain = bind_relay("127.0.0.1:0".parse().unwrap(), false).unwrap();
-        assert_ne!(mtu_discover(&plain), libc::IP_PMTUDISC_DO);
+        assert_ne!(mtu_discover(&plain.rx), libc::IP_PMTUDISC_DO);
     }
 }

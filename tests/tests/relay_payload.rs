@@ -37,7 +37,22 @@ fn channel_data_and_send_indications_arrive_byte_for_byte_both_ways() {
             Some(Incoming::ChannelData(0x4001, echoed)) => {
                 assert_eq!(echoed, p, "echo of datagram {i}")
             }
-            other => panic!("datagram {i}: expected ChannelData, got {other:?}"),
+            other => {
+                use std::sync::atomic::Ordering::Relaxed;
+                let m: Vec<_> = relay
+                    .metrics()
+                    .iter()
+                    .map(|m| {
+                        (
+                            m.packets_to_peer.load(Relaxed),
+                            m.packets_to_client.load(Relaxed),
+                            m.dropped_no_permission.load(Relaxed),
+                            m.allocations.load(Relaxed),
+                        )
+                    })
+                    .collect();
+                panic!("datagram {i}: expected ChannelData, got {other:?}; peer got {:?}; metrics {m:?}; relayed {relayed}", peer.received());
+            }
         }
         sent.push(p);
     }
