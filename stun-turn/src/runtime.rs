@@ -784,17 +784,7 @@ async fn splice<R: AsyncRead + Unpin>(
         return;
     }
     let up = async {
-        let mut buf = vec![0u8; 16384];
-        loop {
-            match client.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if pw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }
+        let _ = tokio::io::copy(client, &mut pw).await;
         let _ = pw.shutdown().await;
     };
     let down = async {

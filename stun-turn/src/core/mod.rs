@@ -469,7 +469,6 @@ impl Server {
             return;
         };
         let (family, _, attempts, port) = p.waiting.swap_remove(i);
-        let attempts = attempts.min(BIND_ATTEMPTS);
         match bound {
             Some(addr) => p.bound.push((family, relay, addr)),
             None => {
@@ -1081,20 +1080,16 @@ impl Server {
             relays[(family == Family::V6) as usize] = Some((id, advertised));
         }
         let max_bps = cfg.max_bytes_per_sec;
-        let reservation = match (p.even, relays[0]) {
-            (Some(true), Some((_, _))) => {
-                let bound = p.bound.iter().find(|b| b.0 == Family::V4).map(|b| b.2);
-                bound.map(|b| {
-                    let mut token = [0u8; 8];
-                    self.rng.fill(&mut token);
-                    let next = SocketAddr::new(b.ip(), b.port() + 1);
-                    self.shared
-                        .reserve(token, next, now + RESERVATION_LIFETIME, now);
-                    token
-                })
-            }
-            _ => None,
-        };
+        // EVEN-PORT with the R bit holds the IPv4 relay's odd neighbour.
+        let v4 = p.bound.iter().find(|b| b.0 == Family::V4).map(|b| b.2);
+        let reservation = v4.filter(|_| p.even == Some(true)).map(|b| {
+            let mut token = [0u8; 8];
+            self.rng.fill(&mut token);
+            let next = SocketAddr::new(b.ip(), b.port() + 1);
+            self.shared
+                .reserve(token, next, now + RESERVATION_LIFETIME, now);
+            token
+        });
         let a = Allocation {
             reservation,
             client,

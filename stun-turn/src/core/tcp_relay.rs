@@ -49,10 +49,7 @@ impl Server {
         let Ok(Some(peer)) = msg.xor_address(AttrType::XorPeerAddress) else {
             return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth));
         };
-        let Some(a) = self.slots[slot].as_ref() else {
-            return;
-        };
-        if !a.tcp {
+        if !self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
             return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth));
         }
         if let Err(code) = self.check_peer(slot, peer) {
