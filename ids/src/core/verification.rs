@@ -1,0 +1,481 @@
+//! Proving a handle: a 6-digit code goes out, comes back, and is checked.
+//!
+//! Sans-IO: time and randomness come in as arguments, the code to deliver
+//! comes out in the result. Sessions live in memory (they are short-lived
+//! and bounded in number); what they prove is a single-use handle token.
+//!
+//! Rules (defaults in [`VerificationConfig`]):
+//! - a session expires 10 minutes after it starts; codes are stored as
+//!   HMAC-SHA256(key, session id ‖ code) and compared in constant time;
+//! - at most 5 sends per session, each resend waiting longer (30 s, 1 min,
+//!   2 min, 4 min);
+//! - at most 5 checks per session: two right away, then 1 min, 2 min,
+//!   4 min after each wrong code;
+//! - new sessions are rate-limited per handle and per client IP;
+//! - every refusal says when to retry.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use ring::hmac;
+use wire::Handle;
+
+use super::ratelimit::RateLimiter;
+
+#[derive(Debug, Clone)]
+pub struct VerificationConfig {
+    /// How long a session (and its code) is valid. Default 10 min.
+    pub session_ttl: Duration,
+    /// Sends per session, the first included. Default 5.
+    pub max_sends: u32,
+    /// Wait before resend n (n = 1, 2, …); the last entry repeats.
+    pub resend_delays: Vec<Duration>,
+    /// Code checks per session. Default 5.
+    pub max_checks: u32,
+    /// Wait after wrong check n before check n+1; the last entry repeats.
+    pub check_delays: Vec<Duration>,
+    /// New sessions per handle per hour. Default 5.
+    pub starts_per_handle_per_hour: u32,
+    /// New sessions per client IP per hour. Default 20.
+    pub starts_per_ip_per_hour: u32,
+    /// How long a handle token from a passed check is valid. Default 10 min.
+    pub token_ttl: Duration,
+    /// Sessions kept at most; beyond this new sessions are refused. Default 100 000.
+    pub max_sessions: usize,
+}
+
+impl Default for VerificationConfig {
+    fn default() -> Self {
+        VerificationConfig {
+            session_ttl: Duration::from_secs(600),
+            max_sends: 5,
+            resend_delays: [30, 60, 120, 240].map(Duration::from_secs).to_vec(),
+            max_checks: 5,
+            check_delays: [0, 60, 120, 240].map(Duration::from_secs).to_vec(),
+            starts_per_handle_per_hour: 5,
+            starts_per_ip_per_hour: 20,
+            token_ttl: Duration::from_secs(600),
+            max_sessions: 100_000,
+        }
+    }
+}
+
+/// A verification session id (16 random bytes, hex on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub [u8; 16]);
+
+/// What the caller learns about a live session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionState {
+    pub id: SessionId,
+    pub handle: Handle,
+    pub expires_at: Instant,
+    /// When the next resend is allowed, or None if no sends are left.
+    pub next_send_at: Option<Instant>,
+    pub checks_left: u32,
+    /// When the next check is allowed.
+    pub next_check_at: Instant,
+}
+
+/// A code to deliver to the handle. Never log it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Code(pub String);
+
+impl std::fmt::Debug for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Code(******)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("too many requests; retry in {0:?}")]
+    RetryAfter(Duration),
+    #[error("no such verification session, or it expired")]
+    NotFound,
+    #[error("no sends or checks left in this session; start a new one")]
+    Exhausted,
+    #[error("wrong code; {checks_left} checks left")]
+    WrongCode {
+        checks_left: u32,
+        next_check_in: Duration,
+    },
+    #[error("the service is busy; retry later")]
+    Busy,
+}
+
+struct Session {
+    handle: Handle,
+    started: Instant,
+    code_mac: hmac::Tag,
+    sends: u32,
+    last_send: Instant,
+    checks: u32,
+    next_check_at: Instant,
+}
+
+/// All verification sessions of one node.
+pub struct Verifications {
+    config: VerificationConfig,
+    key: hmac::Key,
+    sessions: HashMap<SessionId, Session>,
+    tokens: HashMap<[u8; 32], (Handle, Instant)>,
+    per_handle: RateLimiter<Handle>,
+    per_ip: RateLimiter<IpAddr>,
+}
+
+impl std::fmt::Debug for Verifications {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifications")
+            .field("sessions", &self.sessions.len())
+            .field("tokens", &self.tokens.len())
+            .finish()
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+impl Verifications {
+    /// `key` is the HMAC key codes are stored under (32 random bytes).
+    pub fn new(config: VerificationConfig, key: &[u8]) -> Verifications {
+        Verifications {
+            per_handle: RateLimiter::new(config.starts_per_handle_per_hour, HOUR),
+            per_ip: RateLimiter::new(config.starts_per_ip_per_hour, HOUR),
+            key: hmac::Key::new(hmac::HMAC_SHA256, key),
+            sessions: HashMap::new(),
+            tokens: HashMap::new(),
+            config,
+        }
+    }
+
+    /// Starts a session. `id` and `code_seed` come from a CSPRNG.
+    pub fn start(
+        &mut self,
+        handle: Handle,
+        ip: IpAddr,
+        now: Instant,
+        id: [u8; 16],
+        code_seed: u32,
+    ) -> Result<(SessionState, Code), Refusal> {
+        self.handle_timeout(now);
+        if self.sessions.len() >= self.config.max_sessions {
+            return Err(Refusal::Busy);
+        }
+        // Check both limits before consuming either.
+        let wait = self
+            .per_ip
+            .wait_time(&ip, now)
+            .max(self.per_handle.wait_time(&handle, now));
+        if !wait.is_zero() {
+            return Err(Refusal::RetryAfter(wait));
+        }
+        self.per_ip.take(ip, now);
+        self.per_handle.take(handle.clone(), now);
+        let id = SessionId(id);
+        let code = code_from(code_seed);
+        let session = Session {
+            handle,
+            started: now,
+            code_mac: self.mac(&id, &code),
+            sends: 1,
+            last_send: now,
+            checks: 0,
+            next_check_at: now,
+        };
+        self.sessions.insert(id, session);
+        Ok((self.state(id), code))
+    }
+
+    /// Sends a new code for a session (the old one stops working).
+    pub fn resend(
+        &mut self,
+        id: SessionId,
+        now: Instant,
+        code_seed: u32,
+    ) -> Result<(SessionState, Code), Refusal> {
+        self.handle_timeout(now);
+        let s = self.sessions.get(&id).ok_or(Refusal::NotFound)?;
+        if s.sends >= self.config.max_sends {
+            return Err(Refusal::Exhausted);
+        }
+        let at = s.last_send + delay(&self.config.resend_delays, s.sends);
+        if now < at {
+            return Err(Refusal::RetryAfter(at - now));
+        }
+        let code = code_from(code_seed);
+        let mac = self.mac(&id, &code);
+        let s = self.sessions.get_mut(&id).ok_or(Refusal::NotFound)?;
+        s.code_mac = mac;
+        s.sends += 1;
+        s.last_send = now;
+        Ok((self.state(id), code))
+    }
+
+    /// Checks a code. On success the session ends and a single-use handle
+    /// token (from `token`, 32 random bytes) proves the handle.
+    pub fn check(
+        &mut self,
+        id: SessionId,
+        code: &str,
+        now: Instant,
+        token: [u8; 32],
+    ) -> Result<Handle, Refusal> {
+        self.handle_timeout(now);
+        let s = self.sessions.get(&id).ok_or(Refusal::NotFound)?;
+        if s.checks >= self.config.max_checks {
+            return Err(Refusal::Exhausted);
+        }
+        if now < s.next_check_at {
+            return Err(Refusal::RetryAfter(s.next_check_at - now));
+        }
+        let ok = code.len() == 6
+            && hmac::verify(&self.key, &mac_input(&id, code), s.code_mac.as_ref()).is_ok();
+        let s = self.sessions.get_mut(&id).ok_or(Refusal::NotFound)?;
+        s.checks += 1;
+        if ok {
+            let handle = s.handle.clone();
+            self.sessions.remove(&id);
+            self.tokens
+                .insert(token, (handle.clone(), now + self.config.token_ttl));
+            return Ok(handle);
+        }
+        let wait = delay(&self.config.check_delays, s.checks);
+        s.next_check_at = now + wait;
+        let checks_left = self.config.max_checks - s.checks;
+        if checks_left == 0 {
+            self.sessions.remove(&id);
+            return Err(Refusal::Exhausted);
+        }
+        Err(Refusal::WrongCode {
+            checks_left,
+            next_check_in: wait,
+        })
+    }
+
+    /// Spends a handle token. Returns the handle it proves, once.
+    pub fn redeem(&mut self, token: &[u8; 32], now: Instant) -> Option<Handle> {
+        let (handle, until) = self.tokens.remove(token)?;
+        (now < until).then_some(handle)
+    }
+
+    /// Puts a token back (the request that spent it failed for another reason).
+    pub fn restore(&mut self, token: [u8; 32], handle: Handle, now: Instant) {
+        self.tokens
+            .insert(token, (handle, now + self.config.token_ttl));
+    }
+
+    pub fn state_of(&self, id: SessionId) -> Option<SessionState> {
+        self.sessions.contains_key(&id).then(|| self.state(id))
+    }
+
+    /// Drops expired sessions, tokens and rate-limit entries.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let ttl = self.config.session_ttl;
+        self.sessions.retain(|_, s| now < s.started + ttl);
+        self.tokens.retain(|_, (_, until)| now < *until);
+        self.per_handle.prune(now);
+        self.per_ip.prune(now);
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let ttl = self.config.session_ttl;
+        self.sessions
+            .values()
+            .map(|s| s.started + ttl)
+            .chain(self.tokens.values().map(|(_, t)| *t))
+            .min()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn state(&self, id: SessionId) -> SessionState {
+        let s = &self.sessions[&id];
+        SessionState {
+            id,
+            handle: s.handle.clone(),
+            expires_at: s.started + self.config.session_ttl,
+            next_send_at: (s.sends < self.config.max_sends)
+                .then(|| s.last_send + delay(&self.config.resend_delays, s.sends)),
+            checks_left: self.config.max_checks - s.checks,
+            next_check_at: s.next_check_at,
+        }
+    }
+
+    fn mac(&self, id: &SessionId, code: &Code) -> hmac::Tag {
+        hmac::sign(&self.key, &mac_input(id, &code.0))
+    }
+}
+
+fn mac_input(id: &SessionId, code: &str) -> Vec<u8> {
+    let mut b = id.0.to_vec();
+    b.extend_from_slice(code.as_bytes());
+    b
+}
+
+/// Six decimal digits. `seed` is uniform over u32; the modulo bias of
+/// 2^32 mod 10^6 is below 2^-12 per code and irrelevant at 5 guesses.
+fn code_from(seed: u32) -> Code {
+    Code(format!("{:06}", seed % 1_000_000))
+}
+
+/// `delays[n-1]`, the last entry repeating; zero if empty.
+fn delay(delays: &[Duration], n: u32) -> Duration {
+    let i = (n as usize)
+        .saturating_sub(1)
+        .min(delays.len().saturating_sub(1));
+    delays.get(i).copied().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 7));
+
+    fn handle() -> Handle {
+        Handle::parse("+14155550123").unwrap()
+    }
+
+    fn v() -> Verifications {
+        Verifications::new(VerificationConfig::default(), b"test key")
+    }
+
+    #[test]
+    fn right_code_proves_the_handle_once() {
+        let mut v = v();
+        let t0 = Instant::now();
+        let (s, code) = v.start(handle(), IP, t0, [1; 16], 123_456).unwrap();
+        assert_eq!(code.0, "123456");
+        assert_eq!(s.checks_left, 5);
+        assert_eq!(s.expires_at, t0 + Duration::from_secs(600));
+        assert_eq!(v.check(s.id, "123456", t0, [9; 32]), Ok(handle()));
+        assert_eq!(v.check(s.id, "123456", t0, [9; 32]), Err(Refusal::NotFound));
+        assert_eq!(v.redeem(&[9; 32], t0), Some(handle()));
+        assert_eq!(v.redeem(&[9; 32], t0), None, "single use");
+    }
+
+    #[test]
+    fn codes_expire_after_ten_minutes() {
+        let mut v = v();
+        let t0 = Instant::now();
+        let (s, code) = v.start(handle(), IP, t0, [1; 16], 42).unwrap();
+        assert_eq!(code.0, "000042");
+        let late = t0 + Duration::from_secs(600);
+        assert_eq!(
+            v.check(s.id, "000042", late, [9; 32]),
+            Err(Refusal::NotFound)
+        );
+        assert_eq!(v.session_count(), 0);
+    }
+
+    #[test]
+    fn handle_tokens_expire() {
+        let mut v = v();
+        let t0 = Instant::now();
+        let (s, _) = v.start(handle(), IP, t0, [1; 16], 1).unwrap();
+        v.check(s.id, "000001", t0, [9; 32]).unwrap();
+        assert_eq!(v.redeem(&[9; 32], t0 + Duration::from_secs(601)), None);
+    }
+
+    #[test]
+    fn wrong_codes_get_growing_delays_then_the_session_ends() {
+        let mut v = v();
+        let mut now = Instant::now();
+        let (s, _) = v.start(handle(), IP, now, [1; 16], 111_111).unwrap();
+        // Two immediate tries, then 1 min, 2 min, 4 min.
+        let expect = [0, 60, 120, 240];
+        for (i, wait) in expect.iter().enumerate() {
+            let r = v.check(s.id, "000000", now, [9; 32]);
+            assert_eq!(
+                r,
+                Err(Refusal::WrongCode {
+                    checks_left: 4 - i as u32,
+                    next_check_in: Duration::from_secs(*wait)
+                })
+            );
+            if *wait > 0 {
+                assert_eq!(
+                    v.check(s.id, "111111", now, [9; 32]),
+                    Err(Refusal::RetryAfter(Duration::from_secs(*wait))),
+                    "too early, even with the right code"
+                );
+            }
+            now += Duration::from_secs(*wait);
+        }
+        // The fifth check is the last; wrong again ends the session.
+        assert_eq!(
+            v.check(s.id, "000000", now, [9; 32]),
+            Err(Refusal::Exhausted)
+        );
+        assert_eq!(
+            v.check(s.id, "111111", now, [9; 32]),
+            Err(Refusal::NotFound)
+        );
+    }
+
+    #[test]
+    fn resends_are_limited_and_spaced() {
+        let mut v = v();
+        let mut now = Instant::now();
+        let (s, first) = v.start(handle(), IP, now, [1; 16], 1).unwrap();
+        assert_eq!(s.next_send_at, Some(now + Duration::from_secs(30)));
+        assert_eq!(
+            v.resend(s.id, now, 2).map(|x| x.1),
+            Err(Refusal::RetryAfter(Duration::from_secs(30)))
+        );
+        let mut last = first;
+        for wait in [30, 60, 120, 240] {
+            now += Duration::from_secs(wait);
+            let (_, code) = v.resend(s.id, now, wait as u32).unwrap();
+            assert_ne!(code, last);
+            last = code;
+        }
+        // Five sends in 7.5 minutes; a sixth is refused outright.
+        assert_eq!(v.resend(s.id, now, 9).map(|x| x.1), Err(Refusal::Exhausted));
+        // Only the newest code works.
+        assert!(v.check(s.id, "000001", now, [9; 32]).is_err());
+        assert_eq!(v.check(s.id, &last.0, now, [9; 32]), Ok(handle()));
+    }
+
+    #[test]
+    fn starts_are_rate_limited_per_handle_and_per_ip() {
+        let mut v = v();
+        let now = Instant::now();
+        for i in 0..5u8 {
+            v.start(handle(), IP, now, [i; 16], 1).unwrap();
+        }
+        let Err(Refusal::RetryAfter(wait)) = v.start(handle(), IP, now, [9; 16], 1) else {
+            panic!("sixth start for one handle must be refused")
+        };
+        assert_eq!(wait, Duration::from_secs(720), "one token per 12 min");
+        // Another handle from the same IP still works, up to 20 per hour.
+        let mut refused = None;
+        for i in 0..20u32 {
+            let h = Handle::parse(&format!("user{i}@example.com")).unwrap();
+            if let Err(e) = v.start(h, IP, now, [100 + i as u8; 16], 1) {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        assert_eq!(
+            refused,
+            Some((15, Refusal::RetryAfter(Duration::from_secs(180))))
+        );
+        // A refused start consumed nothing: after the wait it works.
+        let later = now + Duration::from_secs(720);
+        v.start(handle(), IP, later, [77; 16], 1).unwrap();
+    }
+
+    #[test]
+    fn codes_look_random_and_are_six_digits() {
+        for seed in [0, 7, 999_999, 1_000_000, u32::MAX] {
+            let c = code_from(seed);
+            assert_eq!(c.0.len(), 6);
+            assert!(c.0.bytes().all(|b| b.is_ascii_digit()));
+        }
+        assert_eq!(format!("{:?}", code_from(5)), "Code(******)");
+    }
+}

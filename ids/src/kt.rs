@@ -1,0 +1,533 @@
+//! The key transparency directory: akd on our own sqlx storage.
+//!
+//! akd keeps three kinds of records: the tree header (`Azks`), tree nodes
+//! and per-label value states. Records go in `akd_records` keyed by akd's
+//! binary id; value states go in `akd_states` keyed by (label, epoch) so the
+//! version queries akd needs are indexed SQL. Both hold the record's
+//! bincode encoding. Writes of one publish land in one SQL transaction.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use akd::errors::StorageError;
+use akd::storage::types::{
+    DbRecord, KeyData, StorageType, ValueState, ValueStateKey, ValueStateRetrievalFlag,
+};
+use akd::storage::{Database, DbSetState, Storable, StorageManager};
+use akd::{AkdLabel, AkdValue, AzksParallelismConfig, Directory, EpochHash};
+use async_trait::async_trait;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use sqlx::Row;
+use wire::transparency::{KtConfig, SignedRoot, TrustAnchor};
+
+use crate::error::Error;
+use crate::store::Store;
+
+/// akd storage backed by the service's database.
+#[derive(Clone, Debug)]
+pub struct SqlDatabase {
+    store: Store,
+}
+
+fn se(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Connection(e.to_string())
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
+    bincode::serialize(v).map_err(|e| StorageError::Other(e.to_string()))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, StorageError> {
+    bincode::deserialize(b).map_err(|e| StorageError::Other(e.to_string()))
+}
+
+const STATE_COLUMNS: &str = "SELECT data FROM akd_states WHERE label = $1";
+
+impl SqlDatabase {
+    pub fn new(store: Store) -> SqlDatabase {
+        SqlDatabase { store }
+    }
+
+    async fn states(
+        &self,
+        label: &AkdLabel,
+        tail: &str,
+        arg: Option<i64>,
+    ) -> Result<Option<ValueState>, StorageError> {
+        let sql = format!("{STATE_COLUMNS} {tail}");
+        let mut q = sqlx::query(&sql).bind(label.0.clone());
+        if let Some(a) = arg {
+            q = q.bind(a);
+        }
+        let row = q.fetch_optional(self.store.pool()).await.map_err(se)?;
+        row.map(|r| decode::<ValueState>(&r.get::<Vec<u8>, _>(0)))
+            .transpose()
+    }
+}
+
+#[async_trait]
+impl Database for SqlDatabase {
+    async fn set(&self, record: DbRecord) -> Result<(), StorageError> {
+        self.batch_set(vec![record], DbSetState::General).await
+    }
+
+    async fn batch_set(
+        &self,
+        records: Vec<DbRecord>,
+        _state: DbSetState,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.store.pool().begin().await.map_err(se)?;
+        for record in &records {
+            match record {
+                DbRecord::ValueState(s) => {
+                    sqlx::query(
+                        "INSERT INTO akd_states (label, epoch, version, data) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (label, epoch) DO UPDATE SET version = excluded.version, data = excluded.data",
+                    )
+                    .bind(s.username.0.clone())
+                    .bind(s.epoch as i64)
+                    .bind(s.version as i64)
+                    .bind(encode(s)?)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(se)?;
+                }
+                other => {
+                    sqlx::query(
+                        "INSERT INTO akd_records (id, data) VALUES ($1, $2)
+                         ON CONFLICT (id) DO UPDATE SET data = excluded.data",
+                    )
+                    .bind(other.get_full_binary_id())
+                    .bind(encode(other)?)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(se)?;
+                }
+            }
+        }
+        tx.commit().await.map_err(se)
+    }
+
+    async fn get<St: Storable>(&self, id: &St::StorageKey) -> Result<DbRecord, StorageError> {
+        let bin = St::get_full_binary_key_id(id);
+        if St::data_type() == StorageType::ValueState {
+            let ValueStateKey(label, epoch) =
+                ValueState::key_from_full_binary(&bin).map_err(StorageError::Other)?;
+            return self
+                .states(&AkdLabel(label), "AND epoch = $2", Some(epoch as i64))
+                .await?
+                .map(DbRecord::ValueState)
+                .ok_or_else(|| StorageError::NotFound(format!("ValueState {id:?}")));
+        }
+        let row = sqlx::query("SELECT data FROM akd_records WHERE id = $1")
+            .bind(bin)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(se)?
+            .ok_or_else(|| StorageError::NotFound(format!("{:?} {id:?}", St::data_type())))?;
+        decode(&row.get::<Vec<u8>, _>(0))
+    }
+
+    async fn batch_get<St: Storable>(
+        &self,
+        ids: &[St::StorageKey],
+    ) -> Result<Vec<DbRecord>, StorageError> {
+        if St::data_type() == StorageType::ValueState {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Ok(r) = self.get::<St>(id).await {
+                    out.push(r);
+                }
+            }
+            return Ok(out);
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT data FROM akd_records WHERE id IN ({})",
+                placeholders.join(",")
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(St::get_full_binary_key_id(id));
+            }
+            for row in q.fetch_all(self.store.pool()).await.map_err(se)? {
+                out.push(decode(&row.get::<Vec<u8>, _>(0))?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get_user_data(&self, username: &AkdLabel) -> Result<KeyData, StorageError> {
+        let rows = sqlx::query(&format!("{STATE_COLUMNS} ORDER BY epoch"))
+            .bind(username.0.clone())
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(se)?;
+        if rows.is_empty() {
+            return Err(StorageError::NotFound(format!("ValueState {username:?}")));
+        }
+        let states = rows
+            .iter()
+            .map(|r| decode::<ValueState>(&r.get::<Vec<u8>, _>(0)))
+            .collect::<Result<_, _>>()?;
+        Ok(KeyData { states })
+    }
+
+    async fn get_user_state(
+        &self,
+        username: &AkdLabel,
+        flag: ValueStateRetrievalFlag,
+    ) -> Result<ValueState, StorageError> {
+        let (tail, arg) = match flag {
+            ValueStateRetrievalFlag::MaxEpoch => ("ORDER BY epoch DESC LIMIT 1", None),
+            ValueStateRetrievalFlag::MinEpoch => ("ORDER BY epoch ASC LIMIT 1", None),
+            ValueStateRetrievalFlag::SpecificEpoch(e) => ("AND epoch = $2", Some(e as i64)),
+            ValueStateRetrievalFlag::SpecificVersion(v) => ("AND version = $2", Some(v as i64)),
+            ValueStateRetrievalFlag::LeqEpoch(e) => (
+                "AND epoch <= $2 ORDER BY epoch DESC LIMIT 1",
+                Some(e as i64),
+            ),
+        };
+        self.states(username, tail, arg)
+            .await?
+            .ok_or_else(|| StorageError::NotFound(format!("ValueState {username:?}")))
+    }
+
+    async fn get_user_state_versions(
+        &self,
+        usernames: &[AkdLabel],
+        flag: ValueStateRetrievalFlag,
+    ) -> Result<HashMap<AkdLabel, (u64, AkdValue)>, StorageError> {
+        let mut map = HashMap::new();
+        for u in usernames {
+            if let Ok(s) = self.get_user_state(u, flag).await {
+                map.insert(u.clone(), (s.version, s.value));
+            }
+        }
+        Ok(map)
+    }
+}
+
+/// The VRF private key, kept in the data directory.
+#[derive(Clone)]
+pub struct VrfKey(pub [u8; 32]);
+
+impl std::fmt::Debug for VrfKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VrfKey(…)")
+    }
+}
+
+#[async_trait]
+impl akd::ecvrf::VRFKeyStorage for VrfKey {
+    async fn retrieve(&self) -> Result<Vec<u8>, akd::ecvrf::VrfError> {
+        Ok(self.0.to_vec())
+    }
+}
+
+/// The directory plus the key that signs its epoch roots.
+pub struct Transparency {
+    dir: Directory<KtConfig, SqlDatabase, VrfKey>,
+    store: Store,
+    root_key: Ed25519KeyPair,
+    anchor: TrustAnchor,
+}
+
+impl std::fmt::Debug for Transparency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transparency").finish_non_exhaustive()
+    }
+}
+
+impl Transparency {
+    /// `root_key_pkcs8` is an Ed25519 PKCS#8 document.
+    pub async fn open(
+        store: Store,
+        vrf: VrfKey,
+        root_key_pkcs8: &[u8],
+    ) -> Result<Transparency, Error> {
+        let root_key = Ed25519KeyPair::from_pkcs8(root_key_pkcs8)
+            .map_err(|_| Error::Config("KT root key is not an Ed25519 PKCS#8 document".into()))?;
+        let manager = StorageManager::new(
+            SqlDatabase::new(store.clone()),
+            Some(Duration::from_secs(600)),
+            Some(512 * 1024 * 1024),
+            Some(Duration::from_secs(60)),
+        );
+        let dir = Directory::<KtConfig, _, _>::new(manager, vrf, AzksParallelismConfig::default())
+            .await
+            .map_err(dir_err)?;
+        let vrf_pk = dir.get_public_key().await.map_err(dir_err)?;
+        let anchor = TrustAnchor {
+            vrf_public_key: vrf_pk.to_bytes().to_vec(),
+            root_key: root_key.public_key().as_ref().to_vec(),
+        };
+        let t = Transparency {
+            dir,
+            store,
+            root_key,
+            anchor,
+        };
+        // Sign the current root if this epoch has none yet (a new directory,
+        // or a crash between publish and signing).
+        let EpochHash(epoch, hash) = t.dir.get_epoch_hash().await.map_err(dir_err)?;
+        if t.store.root(epoch).await?.is_none() {
+            t.sign_root(epoch, hash).await?;
+        }
+        Ok(t)
+    }
+
+    pub fn anchor(&self) -> &TrustAnchor {
+        &self.anchor
+    }
+
+    async fn sign_root(&self, epoch: u64, hash: [u8; 32]) -> Result<SignedRoot, Error> {
+        let sig = self.root_key.sign(&SignedRoot::signing_bytes(epoch, &hash));
+        self.store
+            .save_root(epoch, &hash, sig.as_ref(), unix_now())
+            .await?;
+        Ok(SignedRoot {
+            epoch,
+            root_hash: hash,
+            signature: sig.as_ref().to_vec(),
+        })
+    }
+
+    /// Publishes every queued value as one new epoch. Returns the number
+    /// of values published (0: no epoch was made).
+    pub async fn publish_pending(&self, max: i64) -> Result<usize, Error> {
+        let pending = self.store.pending(max).await?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let updates = pending
+            .iter()
+            .map(|(uri, v)| (AkdLabel(uri.as_bytes().to_vec()), AkdValue(v.clone())))
+            .collect();
+        let EpochHash(epoch, hash) = self.dir.publish(updates).await.map_err(dir_err)?;
+        self.sign_root(epoch, hash).await?;
+        self.store.unqueue(&pending).await?;
+        Ok(pending.len())
+    }
+
+    /// A lookup proof (protobuf) for a label, with the root it verifies
+    /// against; None if the label was never published.
+    pub async fn lookup(&self, uri: &str) -> Result<Option<(Vec<u8>, SignedRoot)>, Error> {
+        let label = AkdLabel(uri.as_bytes().to_vec());
+        match self.dir.lookup(label).await {
+            Ok((proof, EpochHash(epoch, hash))) => {
+                let root = self.root_at(epoch, hash).await?;
+                Ok(Some((
+                    wire::transparency::encode_lookup_proof(&proof),
+                    root,
+                )))
+            }
+            Err(akd::errors::AkdError::Storage(StorageError::NotFound(_))) => Ok(None),
+            Err(e) => Err(dir_err(e)),
+        }
+    }
+
+    /// A complete history proof (protobuf) for a label.
+    pub async fn history(&self, uri: &str) -> Result<Option<(Vec<u8>, SignedRoot)>, Error> {
+        let label = AkdLabel(uri.as_bytes().to_vec());
+        match self
+            .dir
+            .key_history(&label, akd::HistoryParams::Complete)
+            .await
+        {
+            Ok((proof, EpochHash(epoch, hash))) => {
+                let root = self.root_at(epoch, hash).await?;
+                Ok(Some((
+                    wire::transparency::encode_history_proof(&proof),
+                    root,
+                )))
+            }
+            Err(akd::errors::AkdError::Storage(StorageError::NotFound(_))) => Ok(None),
+            Err(e) => Err(dir_err(e)),
+        }
+    }
+
+    /// An append-only proof (protobuf) between two epochs, with the root
+    /// hashes of every epoch from `start` to `end`.
+    pub async fn audit(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> Result<(Vec<u8>, Vec<(u64, Vec<u8>)>), Error> {
+        use protobuf::Message;
+        let proof = self.dir.audit(start, end).await.map_err(dir_err)?;
+        let bytes = akd::proto::specs::types::AppendOnlyProof::from(&proof)
+            .write_to_bytes()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        Ok((bytes, self.store.roots(start, end).await?))
+    }
+
+    /// The signed root of `epoch`, signing it now if the publisher has
+    /// not yet (a proof can be served between publish and signing).
+    async fn root_at(&self, epoch: u64, hash: [u8; 32]) -> Result<SignedRoot, Error> {
+        match self.store.root(epoch).await? {
+            Some((h, sig)) if h == hash => Ok(SignedRoot {
+                epoch,
+                root_hash: hash,
+                signature: sig,
+            }),
+            Some(_) => Err(Error::Internal(format!(
+                "stored root of epoch {epoch} differs from the directory's"
+            ))),
+            None => self.sign_root(epoch, hash).await,
+        }
+    }
+
+    /// The latest signed root.
+    pub async fn root(&self) -> Result<SignedRoot, Error> {
+        let EpochHash(epoch, hash) = self.dir.get_epoch_hash().await.map_err(dir_err)?;
+        self.root_at(epoch, hash).await
+    }
+}
+
+fn dir_err(e: akd::errors::AkdError) -> Error {
+    Error::Directory(e.to_string())
+}
+
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::device_list::{DeviceEntry, DeviceList, DirectoryValue};
+    use wire::transparency::{verify_history, verify_lookup, KtError};
+    use wire::{DeviceId, SigningKey};
+
+    pub(crate) async fn temp_store(name: &str) -> Store {
+        let dir = std::env::temp_dir().join(format!(
+            "parley-ids-{name}-{}-{}",
+            std::process::id(),
+            unix_now()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Store::open(&format!("sqlite://{}", dir.join("ids.db").display()))
+            .await
+            .unwrap()
+    }
+
+    fn root_key() -> Vec<u8> {
+        Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .unwrap()
+            .as_ref()
+            .to_vec()
+    }
+
+    fn list(account: &SigningKey, uri: &str, seq: u64, devices: usize) -> Vec<u8> {
+        DirectoryValue::Active(
+            DeviceList {
+                account_key: account.public(),
+                seq,
+                handles: vec![uri.into()],
+                devices: (0..devices)
+                    .map(|_| DeviceEntry {
+                        id: DeviceId::random(),
+                        identity_key: SigningKey::generate().public(),
+                    })
+                    .collect(),
+            }
+            .sign(account)
+            .unwrap(),
+        )
+        .encode()
+    }
+
+    async fn queue(store: &Store, uri: &str, value: &[u8]) {
+        let mut tx = store.begin().await.unwrap();
+        crate::store::tx::queue_publish(&mut tx, uri, value, unix_now())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn published_values_verify_on_the_client_and_survive_reopen() {
+        let store = temp_store("kt").await;
+        let key = root_key();
+        let kt = Transparency::open(store.clone(), VrfKey([7; 32]), &key)
+            .await
+            .unwrap();
+        let anchor = kt.anchor().clone();
+        let account = SigningKey::generate();
+        let alice = "mailto:alice@example.com";
+        let v1 = list(&account, alice, 1, 1);
+        queue(&store, alice, &v1).await;
+        queue(
+            &store,
+            "tel:+14155550123",
+            &list(&SigningKey::generate(), "tel:+14155550123", 1, 2),
+        )
+        .await;
+        assert_eq!(kt.publish_pending(1000).await.unwrap(), 2);
+        assert_eq!(kt.publish_pending(1000).await.unwrap(), 0, "queue drained");
+        let v2 = list(&account, alice, 2, 2);
+        queue(&store, alice, &v2).await;
+        assert_eq!(kt.publish_pending(1000).await.unwrap(), 1);
+
+        let (proof, root) = kt.lookup(alice).await.unwrap().unwrap();
+        assert_eq!(root.epoch, 2);
+        let got = verify_lookup(&anchor, &root, alice, &proof).unwrap();
+        assert_eq!(got.version, 2);
+        assert_eq!(got.value.encode(), v2);
+        // The same proof does not verify for another label or another root.
+        assert!(matches!(
+            verify_lookup(&anchor, &root, "tel:+14155550123", &proof),
+            Err(KtError::Proof(_))
+        ));
+        let mut bad_root = root.clone();
+        bad_root.root_hash[0] ^= 1;
+        assert_eq!(
+            verify_lookup(&anchor, &bad_root, alice, &proof),
+            Err(KtError::RootSignature)
+        );
+        assert!(kt
+            .lookup("mailto:nobody@example.com")
+            .await
+            .unwrap()
+            .is_none());
+
+        let (hproof, hroot) = kt.history(alice).await.unwrap().unwrap();
+        let history = verify_history(&anchor, &hroot, alice, &hproof).unwrap();
+        let versions: Vec<_> = history.iter().map(|v| v.value.encode()).collect();
+        assert_eq!(versions, vec![v2.clone(), v1.clone()], "newest first");
+
+        let (audit, roots) = kt.audit(1, 2).await.unwrap();
+        let proof = akd::proto::specs::types::AppendOnlyProof::parse_from_bytes(&audit).unwrap();
+        let proof = akd::AppendOnlyProof::try_from(&proof).unwrap();
+        let hashes = roots
+            .into_iter()
+            .map(|(_, h)| <[u8; 32]>::try_from(h).unwrap())
+            .collect();
+        akd::auditor::audit_verify::<KtConfig>(hashes, proof)
+            .await
+            .unwrap();
+
+        // Reopen from the same database: same anchor, same data.
+        drop(kt);
+        let kt = Transparency::open(store.clone(), VrfKey([7; 32]), &key)
+            .await
+            .unwrap();
+        assert_eq!(kt.anchor(), &anchor);
+        let (proof, root) = kt.lookup(alice).await.unwrap().unwrap();
+        assert_eq!(
+            verify_lookup(&anchor, &root, alice, &proof)
+                .unwrap()
+                .version,
+            2
+        );
+    }
+
+    use protobuf::Message;
+}

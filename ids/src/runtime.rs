@@ -1,0 +1,135 @@
+//! The tokio shell: the HTTPS listener, the epoch publisher and
+//! housekeeping.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower::ServiceExt;
+
+use crate::error::Error;
+use crate::service::Ids;
+
+/// A running identity service.
+#[derive(Debug)]
+pub struct Server {
+    pub ids: Arc<Ids>,
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds `listen` and serves the API over TLS (`tls` should offer
+    /// ALPN `http/1.1`), publishing queued changes every
+    /// `publish_interval`.
+    pub async fn start(
+        ids: Ids,
+        listen: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Result<Server, Error> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| Error::Config(format!("ids listen {listen}: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let ids = Arc::new(ids);
+        let (shutdown, rx) = watch::channel(false);
+        let tasks = vec![
+            tokio::spawn(serve(listener, tls, ids.clone(), rx.clone())),
+            tokio::spawn(publisher(ids.clone(), rx.clone())),
+        ];
+        tracing::info!(%addr, "ids listening");
+        Ok(Server {
+            ids,
+            addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, publishes what is queued, and returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        if let Err(e) = self.ids.kt.publish_pending(100_000).await {
+            tracing::warn!(error = %e, "final publish failed; changes stay queued");
+        }
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    ids: Arc<Ids>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let app = crate::api::router(ids);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ids accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    _ => return,
+                };
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    app.clone().oneshot(req.map(axum::body::Body::new))
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
+
+async fn publisher(ids: Arc<Ids>, mut shutdown: watch::Receiver<bool>) {
+    let every = ids.config.publish_interval;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        ids.tick();
+        let started = std::time::Instant::now();
+        match ids.kt.publish_pending(100_000).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                values = n,
+                ms = started.elapsed().as_millis() as u64,
+                "epoch published"
+            ),
+            Err(e) => tracing::error!(error = %e, "epoch publish failed; will retry"),
+        }
+    }
+}

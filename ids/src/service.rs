@@ -1,0 +1,954 @@
+//! The identity service's operations, independent of HTTP.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use ring::rand::{SecureRandom, SystemRandom};
+use wire::device_list::{DirectoryValue, SignedDeviceList};
+use wire::transparency::SignedRoot;
+use wire::{DeviceId, Handle, PublicKey};
+
+use crate::certs::DeviceCa;
+use crate::core::ratelimit::RateLimiter;
+use crate::core::verification::{
+    Refusal, SessionId, SessionState, VerificationConfig, Verifications,
+};
+use crate::error::Error;
+use crate::kt::{unix_now, Transparency};
+use crate::sender::CodeSender;
+use crate::store::{tx, AccountRow, DeviceRow, Store};
+
+/// Identity service settings. Durations are `Duration`; defaults in
+/// `Default`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Database URL: `sqlite://…/ids.db` (default in the data directory)
+    /// or `postgres://…`.
+    pub database_url: String,
+    pub verification: VerificationConfig,
+    /// How often queued changes are published as a new epoch. Default 2 s
+    /// (the target is at most 10 s).
+    pub publish_interval: Duration,
+    /// Allowed clock skew of signed requests. Default 300 s.
+    pub max_skew: Duration,
+    /// Handles a device may look up per minute. Default 600.
+    pub lookups_per_minute: u32,
+    /// Handles per lookup request. Default 64.
+    pub max_lookup_handles: usize,
+    /// Link code lifetime. Default 10 min.
+    pub link_ttl: Duration,
+    /// Devices per account. Default 16 (the format allows 32).
+    pub max_devices: usize,
+    /// Where the development sender writes codes.
+    pub outbox: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: "sqlite://parley-data/ids.db".into(),
+            verification: VerificationConfig::default(),
+            publish_interval: Duration::from_secs(2),
+            max_skew: Duration::from_secs(300),
+            lookups_per_minute: 600,
+            max_lookup_handles: 64,
+            link_ttl: Duration::from_secs(600),
+            max_devices: 16,
+            outbox: PathBuf::from("parley-data/outbox"),
+        }
+    }
+}
+
+/// A device that signed its request and is registered and active.
+#[derive(Debug, Clone)]
+pub struct AuthedDevice {
+    pub device: DeviceRow,
+}
+
+/// Result of starting or resending a verification.
+#[derive(Debug, Clone)]
+pub struct VerificationView {
+    pub id: String,
+    pub handle: Handle,
+    pub expires_in: Duration,
+    pub resend_in: Option<Duration>,
+    pub checks_left: u32,
+}
+
+/// The result of registering a device.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub account_id: String,
+    pub device_id: DeviceId,
+    pub certificate: String,
+    pub ca: String,
+}
+
+/// One looked-up handle.
+#[derive(Debug, Clone)]
+pub enum LookupResult {
+    Invalid(String),
+    NotFound,
+    Found {
+        value: Vec<u8>,
+        proof: Vec<u8>,
+        root: SignedRoot,
+        /// Routing data for each active device in the value.
+        devices: Vec<DeviceRow>,
+    },
+}
+
+pub struct Ids {
+    pub config: Config,
+    pub store: Store,
+    pub kt: Transparency,
+    ca: DeviceCa,
+    sender: Box<dyn CodeSender>,
+    verifications: Mutex<Verifications>,
+    lookups: Mutex<RateLimiter<DeviceId>>,
+    epoch: Instant,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for Ids {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ids").finish_non_exhaustive()
+    }
+}
+
+fn refusal(r: Refusal) -> Error {
+    match r {
+        Refusal::RetryAfter(d) => Error::RetryAfter(d),
+        Refusal::NotFound => Error::NotFound("no such verification, or it expired".into()),
+        Refusal::Exhausted => {
+            Error::Gone("this verification has no attempts left; start a new one".into())
+        }
+        Refusal::WrongCode {
+            checks_left,
+            next_check_in,
+        } => Error::BadRequest(format!(
+            "wrong code; {checks_left} attempts left, next in {} s",
+            next_check_in.as_secs()
+        )),
+        Refusal::Busy => Error::Busy,
+    }
+}
+
+impl Ids {
+    pub fn new(
+        config: Config,
+        store: Store,
+        kt: Transparency,
+        ca: DeviceCa,
+        sender: Box<dyn CodeSender>,
+    ) -> Result<Ids, Error> {
+        let rng = SystemRandom::new();
+        let mut key = [0u8; 32];
+        rng.fill(&mut key)
+            .map_err(|_| Error::Internal("random".into()))?;
+        Ok(Ids {
+            verifications: Mutex::new(Verifications::new(config.verification.clone(), &key)),
+            lookups: Mutex::new(RateLimiter::new(
+                config.lookups_per_minute,
+                Duration::from_secs(60),
+            )),
+            config,
+            store,
+            kt,
+            ca,
+            sender,
+            epoch: Instant::now(),
+            rng,
+        })
+    }
+
+    fn random<const N: usize>(&self) -> [u8; N] {
+        let mut b = [0u8; N];
+        // The system RNG does not fail on Linux after boot.
+        self.rng
+            .fill(&mut b)
+            .expect("system random number generator");
+        b
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now().max(self.epoch)
+    }
+
+    fn lock_verifications(&self) -> std::sync::MutexGuard<'_, Verifications> {
+        // A panic while holding this lock would be our bug; the state
+        // stays usable.
+        self.verifications.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn view(&self, s: SessionState, now: Instant) -> VerificationView {
+        VerificationView {
+            id: wire::keys::hex(&s.id.0),
+            handle: s.handle,
+            expires_in: s.expires_at.saturating_duration_since(now),
+            resend_in: s.next_send_at.map(|t| t.saturating_duration_since(now)),
+            checks_left: s.checks_left,
+        }
+    }
+
+    // ---- verification -------------------------------------------------
+
+    pub fn start_verification(&self, handle: &str, ip: IpAddr) -> Result<VerificationView, Error> {
+        let handle = Handle::parse(handle).map_err(|e| Error::BadRequest(e.to_string()))?;
+        let now = self.now();
+        let (state, code) = self
+            .lock_verifications()
+            .start(
+                handle.clone(),
+                ip,
+                now,
+                self.random(),
+                u32::from_be_bytes(self.random()),
+            )
+            .map_err(refusal)?;
+        self.sender.send(&handle, &code)?;
+        tracing::info!(handle = %handle.redacted(), "verification started");
+        Ok(self.view(state, now))
+    }
+
+    pub fn resend_verification(&self, id: &str) -> Result<VerificationView, Error> {
+        let id = session_id(id)?;
+        let now = self.now();
+        let (state, code) = self
+            .lock_verifications()
+            .resend(id, now, u32::from_be_bytes(self.random()))
+            .map_err(refusal)?;
+        self.sender.send(&state.handle, &code)?;
+        Ok(self.view(state, now))
+    }
+
+    /// Returns (handle, handle token).
+    pub fn check_verification(&self, id: &str, code: &str) -> Result<(Handle, String), Error> {
+        let id = session_id(id)?;
+        let token: [u8; 32] = self.random();
+        let handle = self
+            .lock_verifications()
+            .check(id, code.trim(), self.now(), token)
+            .map_err(refusal)?;
+        Ok((handle, B64.encode(token)))
+    }
+
+    /// Spends handle tokens; all or none.
+    fn redeem(&self, tokens: &[String]) -> Result<Vec<(Handle, [u8; 32])>, Error> {
+        let now = self.now();
+        let mut v = self.lock_verifications();
+        let mut out = Vec::new();
+        for t in tokens {
+            let raw: Option<[u8; 32]> = B64.decode(t).ok().and_then(|b| b.try_into().ok());
+            match raw.and_then(|r| v.redeem(&r, now).map(|h| (h, r))) {
+                Some(x) => out.push(x),
+                None => {
+                    for (h, r) in out {
+                        v.restore(r, h, now);
+                    }
+                    return Err(Error::Forbidden(
+                        "a handle token is invalid, used or expired; verify the handle again"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn restore(&self, tokens: Vec<(Handle, [u8; 32])>) {
+        let now = self.now();
+        let mut v = self.lock_verifications();
+        for (h, r) in tokens {
+            v.restore(r, h, now);
+        }
+    }
+
+    /// Periodic housekeeping of in-memory state.
+    pub fn tick(&self) {
+        let now = self.now();
+        self.lock_verifications().handle_timeout(now);
+        self.lookups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .prune(now);
+    }
+
+    // ---- authentication ----------------------------------------------
+
+    /// Checks a signed request and returns the signing key.
+    pub fn verify_request(
+        &self,
+        header: Option<&str>,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<PublicKey, Error> {
+        let h =
+            header.ok_or_else(|| Error::Unauthorized("missing Authorization: Parley …".into()))?;
+        let auth = wire::request_auth::RequestAuth::parse(h)
+            .map_err(|e| Error::Unauthorized(e.to_string()))?;
+        auth.verify(
+            method,
+            path,
+            body,
+            unix_now().max(0) as u64,
+            self.config.max_skew.as_secs(),
+        )
+        .map_err(|e| Error::Unauthorized(e.to_string()))?;
+        Ok(auth.key)
+    }
+
+    /// The registered, active device with this key.
+    pub async fn device(&self, key: &PublicKey) -> Result<AuthedDevice, Error> {
+        match self.store.device_by_key(&key.0).await? {
+            Some(d) if d.revoked_at.is_none() => Ok(AuthedDevice { device: d }),
+            Some(_) => Err(Error::Forbidden(
+                "this device was removed from its account".into(),
+            )),
+            None => Err(Error::Unauthorized(
+                "this key is not a registered device".into(),
+            )),
+        }
+    }
+
+    // ---- accounts and devices ------------------------------------------
+
+    /// First device: creates an account for freshly proven handles.
+    pub async fn create_account(
+        &self,
+        key: &PublicKey,
+        handle_tokens: &[String],
+        device_list: &[u8],
+        name: &str,
+        capabilities: &[String],
+    ) -> Result<Registered, Error> {
+        let list = parse_signed_list(device_list)?;
+        let me = single_device(&list, key)?;
+        let proven = self.redeem(handle_tokens)?;
+        let r = self
+            .create_account_inner(&list, me, &proven, name, capabilities, false)
+            .await;
+        if r.is_err() {
+            self.restore(proven);
+        }
+        r
+    }
+
+    /// Lost every device: prove a handle again and start over with a new
+    /// account key. Every device of the old account is removed and told so;
+    /// the old account's other handles are deleted.
+    pub async fn reset_account(
+        &self,
+        key: &PublicKey,
+        handle_tokens: &[String],
+        device_list: &[u8],
+        name: &str,
+        capabilities: &[String],
+    ) -> Result<Registered, Error> {
+        let list = parse_signed_list(device_list)?;
+        let me = single_device(&list, key)?;
+        let proven = self.redeem(handle_tokens)?;
+        let r = self
+            .create_account_inner(&list, me, &proven, name, capabilities, true)
+            .await;
+        if r.is_err() {
+            self.restore(proven);
+        }
+        r
+    }
+
+    async fn create_account_inner(
+        &self,
+        list: &SignedDeviceList,
+        me: DeviceId,
+        proven: &[(Handle, [u8; 32])],
+        name: &str,
+        capabilities: &[String],
+        reset: bool,
+    ) -> Result<Registered, Error> {
+        let proven_uris: BTreeSet<String> = proven.iter().map(|(h, _)| h.uri()).collect();
+        let listed: BTreeSet<String> = list.list.handles.iter().cloned().collect();
+        if proven_uris != listed {
+            return Err(Error::BadRequest(
+                "the device list must name exactly the handles proven by the handle tokens".into(),
+            ));
+        }
+        let now = unix_now();
+        let account_id = wire::keys::hex(&self.random::<16>());
+        let (serial, cert) =
+            self.ca
+                .issue(me, &list.list.devices[0].identity_key, self.random(), now)?;
+        let mut t = self.store.begin().await?;
+        if reset {
+            let mut old_accounts = BTreeSet::new();
+            for uri in &listed {
+                if let Some(a) = self.store.account_of_handle(uri).await? {
+                    old_accounts.insert(a);
+                }
+            }
+            for old in old_accounts {
+                self.retire_account(&mut t, &old, &listed, now).await?;
+            }
+        }
+        tx::upsert_account(
+            &mut t,
+            &AccountRow {
+                id: account_id.clone(),
+                account_key: list.list.account_key.0.to_vec(),
+                seq: list.list.seq as i64,
+                list: list.encode(),
+            },
+            now,
+        )
+        .await?;
+        let value = DirectoryValue::Active(list.clone()).encode();
+        for uri in &listed {
+            tx::bind_handle(&mut t, uri, &account_id).await?;
+            tx::queue_publish(&mut t, uri, &value, now).await?;
+        }
+        tx::insert_device(
+            &mut t,
+            &DeviceRow {
+                id: me,
+                account_id: account_id.clone(),
+                identity_key: list.list.devices[0].identity_key.0.to_vec(),
+                name: clean_name(name)?,
+                capabilities: caps_json(capabilities)?,
+                push_tokens: "[]".into(),
+                cert_serial: serial,
+                certificate: cert.clone(),
+                created_at: now,
+                revoked_at: None,
+            },
+        )
+        .await?;
+        tx::event(
+            &mut t,
+            &account_id,
+            "device_added",
+            Some(&me.to_string()),
+            now,
+        )
+        .await?;
+        t.commit().await.map_err(Error::db)?;
+        tracing::info!(account = %&account_id[..8], reset, "account created");
+        Ok(Registered {
+            account_id,
+            device_id: me,
+            certificate: cert,
+            ca: self.ca.ca_pem().to_owned(),
+        })
+    }
+
+    /// Removes an account's devices and handles (inside `t`); handles in
+    /// `keep` are not tombstoned (they are about to be rebound).
+    async fn retire_account(
+        &self,
+        t: &mut sqlx::AnyConnection,
+        account_id: &str,
+        keep: &BTreeSet<String>,
+        now: i64,
+    ) -> Result<(), Error> {
+        for d in self.store.devices_of(account_id).await? {
+            if d.revoked_at.is_none() {
+                tx::revoke_device(t, &d.id.to_string(), now).await?;
+                tx::event(
+                    t,
+                    account_id,
+                    "device_removed",
+                    Some(&d.id.to_string()),
+                    now,
+                )
+                .await?;
+            }
+        }
+        tx::event(t, account_id, "account_reset", None, now).await?;
+        for uri in self.store.handles_of(account_id).await? {
+            tx::unbind_handle(t, &uri).await?;
+            if !keep.contains(&uri) {
+                tx::queue_publish(t, &uri, &DirectoryValue::Tombstone.encode(), now).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the account's signed device list: approve claimed devices,
+    /// remove devices, add freshly proven handles or drop handles.
+    pub async fn update_device_list(
+        &self,
+        me: &AuthedDevice,
+        device_list: &[u8],
+        handle_tokens: &[String],
+        sealed_account_keys: &HashMap<String, Vec<u8>>,
+    ) -> Result<i64, Error> {
+        let list = parse_signed_list(device_list)?;
+        let account_id = me.device.account_id.clone();
+        let account = self
+            .store
+            .account(&account_id)
+            .await?
+            .ok_or_else(|| Error::NotFound("account".into()))?;
+        if list.list.account_key.0[..] != account.account_key[..] {
+            return Err(Error::Forbidden(
+                "the list is signed by another account key; use an account reset to rotate it"
+                    .into(),
+            ));
+        }
+        if (list.list.seq as i64) <= account.seq {
+            return Err(Error::Conflict(format!(
+                "seq must be greater than the current {}",
+                account.seq
+            )));
+        }
+        if list.list.devices.len() > self.config.max_devices {
+            return Err(Error::BadRequest(format!(
+                "at most {} devices per account",
+                self.config.max_devices
+            )));
+        }
+        let proven = self.redeem(handle_tokens)?;
+        let r = self
+            .update_inner(&account_id, &list, &proven, sealed_account_keys)
+            .await;
+        if r.is_err() {
+            self.restore(proven);
+        }
+        r
+    }
+
+    async fn update_inner(
+        &self,
+        account_id: &str,
+        list: &SignedDeviceList,
+        proven: &[(Handle, [u8; 32])],
+        sealed: &HashMap<String, Vec<u8>>,
+    ) -> Result<i64, Error> {
+        let now = unix_now();
+        let current_handles: BTreeSet<String> = self
+            .store
+            .handles_of(account_id)
+            .await?
+            .into_iter()
+            .collect();
+        let proven_uris: BTreeSet<String> = proven.iter().map(|(h, _)| h.uri()).collect();
+        let new_handles: BTreeSet<String> = list.list.handles.iter().cloned().collect();
+        for h in &new_handles {
+            if !current_handles.contains(h) && !proven_uris.contains(h) {
+                return Err(Error::Forbidden(format!(
+                    "handle {h} is not on this account; prove it with a handle token"
+                )));
+            }
+        }
+        let existing: HashMap<DeviceId, DeviceRow> = self
+            .store
+            .devices_of(account_id)
+            .await?
+            .into_iter()
+            .filter(|d| d.revoked_at.is_none())
+            .map(|d| (d.id, d))
+            .collect();
+        let links = self.store.links_of(account_id, now).await?;
+        let mut added = Vec::new();
+        for d in &list.list.devices {
+            match existing.get(&d.id) {
+                Some(row) if row.identity_key[..] == d.identity_key.0[..] => {}
+                Some(_) => {
+                    return Err(Error::BadRequest(format!(
+                        "device {} is listed with a different key than it registered",
+                        d.id
+                    )))
+                }
+                None => {
+                    let link = links
+                        .iter()
+                        .find(|l| {
+                            l.claim_device.as_deref() == Some(&d.id.to_string())
+                                && l.claim_key.as_deref() == Some(&d.identity_key.0[..])
+                        })
+                        .ok_or_else(|| {
+                            Error::BadRequest(format!(
+                                "device {} is neither registered nor waiting on a link code of this account",
+                                d.id
+                            ))
+                        })?;
+                    added.push((d.clone(), link.clone()));
+                }
+            }
+        }
+        let removed: Vec<&DeviceRow> = existing
+            .values()
+            .filter(|row| list.list.device(row.id).is_none())
+            .collect();
+
+        let mut t = self.store.begin().await?;
+        for (d, link) in &added {
+            let (serial, cert) = self.ca.issue(d.id, &d.identity_key, self.random(), now)?;
+            tx::insert_device(
+                &mut t,
+                &DeviceRow {
+                    id: d.id,
+                    account_id: account_id.to_owned(),
+                    identity_key: d.identity_key.0.to_vec(),
+                    name: link.claim_name.clone().unwrap_or_default(),
+                    capabilities: link
+                        .claim_capabilities
+                        .clone()
+                        .unwrap_or_else(|| "[]".into()),
+                    push_tokens: "[]".into(),
+                    cert_serial: serial,
+                    certificate: cert,
+                    created_at: now,
+                    revoked_at: None,
+                },
+            )
+            .await?;
+            let code_hex = wire::keys::hex(&link.code_hash);
+            tx::approve_link(
+                &mut t,
+                &link.code_hash,
+                sealed.get(&code_hex).map(Vec::as_slice),
+            )
+            .await?;
+            tx::event(
+                &mut t,
+                account_id,
+                "device_added",
+                Some(&d.id.to_string()),
+                now,
+            )
+            .await?;
+        }
+        for row in &removed {
+            let id = row.id.to_string();
+            tx::revoke_device(&mut t, &id, now).await?;
+            tx::scrub_device(&mut t, &id).await?;
+            tx::event(&mut t, account_id, "device_removed", Some(&id), now).await?;
+        }
+        let value = DirectoryValue::Active(list.clone()).encode();
+        for uri in &new_handles {
+            tx::bind_handle(&mut t, uri, account_id).await?;
+            tx::queue_publish(&mut t, uri, &value, now).await?;
+            if !current_handles.contains(uri) {
+                tx::event(&mut t, account_id, "handle_added", None, now).await?;
+            }
+        }
+        for uri in current_handles.difference(&new_handles) {
+            tx::unbind_handle(&mut t, uri).await?;
+            tx::queue_publish(&mut t, uri, &DirectoryValue::Tombstone.encode(), now).await?;
+            tx::event(&mut t, account_id, "handle_removed", None, now).await?;
+        }
+        tx::upsert_account(
+            &mut t,
+            &AccountRow {
+                id: account_id.to_owned(),
+                account_key: list.list.account_key.0.to_vec(),
+                seq: list.list.seq as i64,
+                list: list.encode(),
+            },
+            now,
+        )
+        .await?;
+        t.commit().await.map_err(Error::db)?;
+        Ok(list.list.seq as i64)
+    }
+
+    /// Deletes the account: every handle becomes a tombstone in the
+    /// directory, every device is revoked, personal data is removed.
+    pub async fn delete_account(&self, me: &AuthedDevice) -> Result<(), Error> {
+        let now = unix_now();
+        let account_id = &me.device.account_id;
+        let mut t = self.store.begin().await?;
+        for uri in self.store.handles_of(account_id).await? {
+            tx::unbind_handle(&mut t, &uri).await?;
+            tx::queue_publish(&mut t, &uri, &DirectoryValue::Tombstone.encode(), now).await?;
+        }
+        for d in self.store.devices_of(account_id).await? {
+            let id = d.id.to_string();
+            tx::revoke_device(&mut t, &id, now).await?;
+            tx::scrub_device(&mut t, &id).await?;
+        }
+        tx::delete_account_rows(&mut t, account_id).await?;
+        t.commit().await.map_err(Error::db)?;
+        Ok(())
+    }
+
+    // ---- linking a new device -------------------------------------------
+
+    /// An existing device asks for a link code to show to the new device.
+    pub async fn create_link(&self, me: &AuthedDevice) -> Result<(String, Duration), Error> {
+        let code = link_code(&self.random::<10>());
+        let ttl = self.config.link_ttl;
+        self.store
+            .insert_link(
+                &link_hash(&code),
+                &me.device.account_id,
+                unix_now() + ttl.as_secs() as i64,
+            )
+            .await?;
+        Ok((code, ttl))
+    }
+
+    /// The new device claims a link code with its key.
+    pub async fn claim_link(
+        &self,
+        key: &PublicKey,
+        code: &str,
+        device_id: DeviceId,
+        name: &str,
+        capabilities: &[String],
+        transfer_key: Option<&[u8]>,
+    ) -> Result<(), Error> {
+        if self.store.device_by_key(&key.0).await?.is_some() {
+            return Err(Error::DeviceExists);
+        }
+        let hash = link_hash(&normalise_link_code(code));
+        let now = unix_now();
+        let link = self
+            .store
+            .link(&hash)
+            .await?
+            .filter(|l| l.expires_at > now)
+            .ok_or_else(|| Error::NotFound("no such link code, or it expired".into()))?;
+        if link.claim_key.is_some() {
+            return Err(Error::Conflict("this link code was already used".into()));
+        }
+        let ok = self
+            .store
+            .claim_link(
+                &hash,
+                &crate::store::Claim {
+                    device: device_id,
+                    key: &key.0,
+                    name: &clean_name(name)?,
+                    capabilities: &caps_json(capabilities)?,
+                    transfer_key,
+                },
+                now,
+            )
+            .await?;
+        if !ok {
+            return Err(Error::Conflict("this link code was already used".into()));
+        }
+        Ok(())
+    }
+
+    /// What the claiming device sees: pending, or approved with its
+    /// certificate (and the sealed account key if the approver sent one).
+    pub async fn link_status(
+        &self,
+        key: &PublicKey,
+        code: &str,
+    ) -> Result<(crate::store::LinkRow, Option<DeviceRow>), Error> {
+        let link = self
+            .store
+            .link(&link_hash(&normalise_link_code(code)))
+            .await?
+            .filter(|l| l.claim_key.as_deref() == Some(&key.0[..]))
+            .ok_or_else(|| Error::NotFound("no such link claim for this key".into()))?;
+        let device = self
+            .store
+            .device_by_key(&key.0)
+            .await?
+            .filter(|d| d.revoked_at.is_none());
+        Ok((link, device))
+    }
+
+    // ---- lookup ---------------------------------------------------------
+
+    pub async fn lookup(
+        &self,
+        me: &AuthedDevice,
+        handles: &[String],
+    ) -> Result<Vec<(String, LookupResult)>, Error> {
+        if handles.is_empty() || handles.len() > self.config.max_lookup_handles {
+            return Err(Error::BadRequest(format!(
+                "look up 1 to {} handles at a time",
+                self.config.max_lookup_handles
+            )));
+        }
+        {
+            let now = self.now();
+            let mut l = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+            for _ in handles {
+                if !l.take(me.device.id, now) {
+                    return Err(Error::RetryAfter(l.wait_time(&me.device.id, now)));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(handles.len());
+        for input in handles {
+            let h = match Handle::parse(input) {
+                Ok(h) => h,
+                Err(e) => {
+                    out.push((input.clone(), LookupResult::Invalid(e.to_string())));
+                    continue;
+                }
+            };
+            let uri = h.uri();
+            let r = match self.kt.lookup(&uri).await? {
+                None => LookupResult::NotFound,
+                Some((proof, root)) => {
+                    let value = lookup_value(&proof)?;
+                    let devices = match DirectoryValue::decode(&value) {
+                        Ok(DirectoryValue::Active(list)) => {
+                            let owner = self.store.account_of_handle(&uri).await?;
+                            let rows = match owner {
+                                Some(a) => self.store.devices_of(&a).await?,
+                                None => Vec::new(),
+                            };
+                            rows.into_iter()
+                                .filter(|r| {
+                                    r.revoked_at.is_none() && list.list.device(r.id).is_some()
+                                })
+                                .collect()
+                        }
+                        _ => Vec::new(),
+                    };
+                    LookupResult::Found {
+                        value,
+                        proof,
+                        root,
+                        devices,
+                    }
+                }
+            };
+            out.push((uri, r));
+        }
+        Ok(out)
+    }
+
+    pub fn crl(&self, revoked: &[(String, i64)]) -> Result<Vec<u8>, Error> {
+        self.ca.crl(revoked, unix_now())
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        self.ca.ca_pem()
+    }
+}
+
+/// The value inside a lookup proof (the server reads it for routing data;
+/// clients verify it).
+fn lookup_value(proof: &[u8]) -> Result<Vec<u8>, Error> {
+    use protobuf::Message;
+    let p = akd::proto::specs::types::LookupProof::parse_from_bytes(proof)
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(p.value.clone().unwrap_or_default())
+}
+
+fn session_id(s: &str) -> Result<SessionId, Error> {
+    wire::keys::unhex(s)
+        .and_then(|b| b.try_into().ok())
+        .map(SessionId)
+        .ok_or_else(|| Error::NotFound("no such verification, or it expired".into()))
+}
+
+fn parse_signed_list(b: &[u8]) -> Result<SignedDeviceList, Error> {
+    match DirectoryValue::decode(b) {
+        Ok(DirectoryValue::Active(l)) => {
+            l.verify()
+                .map_err(|e| Error::BadRequest(format!("device list: {e}")))?;
+            Ok(l)
+        }
+        Ok(DirectoryValue::Tombstone) => Err(Error::BadRequest(
+            "device list: a tombstone is not a device list".into(),
+        )),
+        Err(e) => Err(Error::BadRequest(format!("device list: {e}"))),
+    }
+}
+
+/// A new account's list holds exactly the registering device.
+fn single_device(list: &SignedDeviceList, key: &PublicKey) -> Result<DeviceId, Error> {
+    match &list.list.devices[..] {
+        [d] if d.identity_key == *key => Ok(d.id),
+        _ => Err(Error::BadRequest(
+            "a new account's device list must hold exactly the registering device".into(),
+        )),
+    }
+}
+
+fn clean_name(name: &str) -> Result<String, Error> {
+    let n = name.trim();
+    if n.chars().count() > 64 || n.chars().any(char::is_control) {
+        return Err(Error::BadRequest(
+            "device name: at most 64 characters, no control characters".into(),
+        ));
+    }
+    Ok(n.to_owned())
+}
+
+fn caps_json(caps: &[String]) -> Result<String, Error> {
+    if caps.len() > 32 || caps.iter().any(|c| c.is_empty() || c.len() > 32) {
+        return Err(Error::BadRequest(
+            "capabilities: at most 32 names of 1 to 32 characters".into(),
+        ));
+    }
+    serde_json::to_string(caps).map_err(|e| Error::Internal(e.to_string()))
+}
+
+const LINK_ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+
+/// 16 Crockford base32 characters (80 bits), shown as 4 groups of 4.
+fn link_code(random: &[u8; 10]) -> String {
+    let mut bits: u128 = 0;
+    for b in random {
+        bits = (bits << 8) | *b as u128;
+    }
+    let chars: String = (0..16)
+        .map(|i| LINK_ALPHABET[((bits >> (75 - 5 * i)) & 31) as usize] as char)
+        .collect();
+    format!(
+        "{}-{}-{}-{}",
+        &chars[0..4],
+        &chars[4..8],
+        &chars[8..12],
+        &chars[12..16]
+    )
+}
+
+/// Upper-cases, drops separators and maps the look-alikes Crockford allows.
+pub fn normalise_link_code(code: &str) -> String {
+    let c: String = code
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| match c.to_ascii_uppercase() {
+            'O' => '0',
+            'I' | 'L' => '1',
+            c => c,
+        })
+        .collect();
+    if c.len() == 16 {
+        format!("{}-{}-{}-{}", &c[0..4], &c[4..8], &c[8..12], &c[12..16])
+    } else {
+        c
+    }
+}
+
+fn link_hash(code: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, code.as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_codes_are_readable_and_normalise() {
+        let c = link_code(&[0xff; 10]);
+        assert_eq!(c, "ZZZZ-ZZZZ-ZZZZ-ZZZZ");
+        let c = link_code(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(c.len(), 19);
+        assert_eq!(normalise_link_code(&c.to_lowercase().replace('-', " ")), c);
+        assert_eq!(
+            normalise_link_code("o0il-0000-0000-0000"),
+            "0011-0000-0000-0000"
+        );
+    }
+}

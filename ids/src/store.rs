@@ -1,0 +1,705 @@
+//! Durable state on sqlx: SQLite (default, embedded) or PostgreSQL (by URL).
+//!
+//! Every identity change is one transaction that also queues the handle's
+//! new directory value in `kt_pending`; the publisher moves queued values
+//! into the key transparency directory and removes them. So a change that
+//! was acknowledged is in the database, and reaches the directory even if
+//! the process dies before the next epoch.
+
+use std::str::FromStr;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Row};
+use wire::DeviceId;
+
+use crate::error::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// A device row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRow {
+    pub id: DeviceId,
+    pub account_id: String,
+    pub identity_key: Vec<u8>,
+    pub name: String,
+    /// JSON array of strings.
+    pub capabilities: String,
+    /// JSON array of {topic, token}.
+    pub push_tokens: String,
+    pub cert_serial: String,
+    pub certificate: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// An account row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRow {
+    pub id: String,
+    pub account_key: Vec<u8>,
+    pub seq: i64,
+    /// The current signed device list (wire encoding).
+    pub list: Vec<u8>,
+}
+
+/// A link code row (new device waiting for approval).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkRow {
+    pub code_hash: Vec<u8>,
+    pub account_id: String,
+    pub expires_at: i64,
+    pub claim_device: Option<String>,
+    pub claim_key: Option<Vec<u8>>,
+    pub claim_name: Option<String>,
+    pub claim_capabilities: Option<String>,
+    pub claim_transfer_key: Option<Vec<u8>>,
+    pub sealed_account_key: Option<Vec<u8>>,
+    pub approved: bool,
+}
+
+/// A new device's claim on a link code.
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    pub device: DeviceId,
+    pub key: &'a [u8],
+    pub name: &'a str,
+    /// JSON array of strings.
+    pub capabilities: &'a str,
+    pub transfer_key: Option<&'a [u8]>,
+}
+
+/// An event for the devices of an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub seq: i64,
+    pub kind: String,
+    pub device_id: Option<String>,
+    pub at: i64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS accounts (
+    id TEXT PRIMARY KEY,
+    account_key {blob} NOT NULL,
+    seq BIGINT NOT NULL,
+    list {blob} NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS handles (
+    uri TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS handles_account ON handles (account_id);
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    identity_key {blob} NOT NULL,
+    name TEXT NOT NULL,
+    capabilities TEXT NOT NULL,
+    push_tokens TEXT NOT NULL,
+    cert_serial TEXT NOT NULL,
+    certificate TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    revoked_at BIGINT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS devices_key ON devices (identity_key);
+CREATE INDEX IF NOT EXISTS devices_account ON devices (account_id);
+CREATE TABLE IF NOT EXISTS links (
+    code_hash {blob} PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    claim_device TEXT,
+    claim_key {blob},
+    claim_name TEXT,
+    claim_capabilities TEXT,
+    claim_transfer_key {blob},
+    sealed_account_key {blob},
+    approved BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq {serial},
+    account_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    device_id TEXT,
+    at BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_account ON events (account_id, seq);
+CREATE TABLE IF NOT EXISTS kt_pending (
+    uri TEXT PRIMARY KEY,
+    value {blob} NOT NULL,
+    queued_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kt_roots (
+    epoch BIGINT PRIMARY KEY,
+    root_hash {blob} NOT NULL,
+    signature {blob} NOT NULL,
+    published_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS akd_records (
+    id {blob} PRIMARY KEY,
+    data {blob} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS akd_states (
+    label {blob} NOT NULL,
+    epoch BIGINT NOT NULL,
+    version BIGINT NOT NULL,
+    data {blob} NOT NULL,
+    PRIMARY KEY (label, epoch)
+);
+";
+
+impl Store {
+    /// Opens (creating if needed) the database at `url`:
+    /// `sqlite:///path/ids.db` or `postgres://user@host/db`.
+    pub async fn open(url: &str) -> Result<Store, Error> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(Error::Config(format!(
+                "database URL must start with sqlite: or postgres:, got {:?}",
+                url.split(':').next().unwrap_or("")
+            )));
+        };
+        let url = match backend {
+            Backend::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
+            _ => url.to_owned(),
+        };
+        let opts = AnyConnectOptions::from_str(&url).map_err(Error::db)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        sqlx::query("PRAGMA busy_timeout = 10000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = FULL")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await
+            .map_err(Error::db)?;
+        let store = Store { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), Error> {
+        let (blob, serial) = match self.backend {
+            Backend::Sqlite => ("BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT"),
+            Backend::Postgres => ("BYTEA", "BIGSERIAL PRIMARY KEY"),
+        };
+        if self.backend == Backend::Sqlite {
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&self.pool)
+                .await
+                .map_err(Error::db)?;
+        }
+        let ddl = SCHEMA.replace("{blob}", blob).replace("{serial}", serial);
+        let mut tx = self.pool.begin().await.map_err(Error::db)?;
+        for stmt in ddl.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            sqlx::query(stmt)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db)?;
+        }
+        tx.commit().await.map_err(Error::db)?;
+        Ok(())
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'_, sqlx::Any>, Error> {
+        self.pool.begin().await.map_err(Error::db)
+    }
+
+    pub async fn account_of_handle(&self, uri: &str) -> Result<Option<String>, Error> {
+        let row = sqlx::query("SELECT account_id FROM handles WHERE uri = $1")
+            .bind(uri)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn account(&self, id: &str) -> Result<Option<AccountRow>, Error> {
+        let row = sqlx::query("SELECT id, account_key, seq, list FROM accounts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(row.map(|r| AccountRow {
+            id: r.get(0),
+            account_key: r.get(1),
+            seq: r.get(2),
+            list: r.get(3),
+        }))
+    }
+
+    pub async fn handles_of(&self, account_id: &str) -> Result<Vec<String>, Error> {
+        let rows = sqlx::query("SELECT uri FROM handles WHERE account_id = $1 ORDER BY uri")
+            .bind(account_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
+    pub async fn device_by_key(&self, key: &[u8]) -> Result<Option<DeviceRow>, Error> {
+        let row = sqlx::query(&format!("{DEVICE_SELECT} WHERE identity_key = $1"))
+            .bind(key.to_vec())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        row.map(device_row).transpose()
+    }
+
+    pub async fn devices_of(&self, account_id: &str) -> Result<Vec<DeviceRow>, Error> {
+        let rows = sqlx::query(&format!(
+            "{DEVICE_SELECT} WHERE account_id = $1 ORDER BY id"
+        ))
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        rows.into_iter().map(device_row).collect()
+    }
+
+    pub async fn set_push_tokens(&self, device: DeviceId, json: &str) -> Result<(), Error> {
+        sqlx::query("UPDATE devices SET push_tokens = $1 WHERE id = $2")
+            .bind(json)
+            .bind(device.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(())
+    }
+
+    pub async fn link(&self, code_hash: &[u8]) -> Result<Option<LinkRow>, Error> {
+        let row = sqlx::query(&format!("{LINK_SELECT} WHERE code_hash = $1"))
+            .bind(code_hash.to_vec())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(row.map(link_row))
+    }
+
+    pub async fn links_of(&self, account_id: &str, now: i64) -> Result<Vec<LinkRow>, Error> {
+        let rows = sqlx::query(&format!(
+            "{LINK_SELECT} WHERE account_id = $1 AND expires_at > $2"
+        ))
+        .bind(account_id)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(rows.into_iter().map(link_row).collect())
+    }
+
+    pub async fn insert_link(
+        &self,
+        code_hash: &[u8],
+        account_id: &str,
+        expires_at: i64,
+    ) -> Result<(), Error> {
+        sqlx::query("DELETE FROM links WHERE expires_at <= $1")
+            .bind(expires_at - 3600)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        sqlx::query("INSERT INTO links (code_hash, account_id, expires_at) VALUES ($1, $2, $3)")
+            .bind(code_hash.to_vec())
+            .bind(account_id)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(())
+    }
+
+    /// Records a claim on an unclaimed, unexpired link. Returns false if
+    /// the link was already claimed.
+    pub async fn claim_link(
+        &self,
+        code_hash: &[u8],
+        claim: &Claim<'_>,
+        now: i64,
+    ) -> Result<bool, Error> {
+        let r = sqlx::query(
+            "UPDATE links SET claim_device = $1, claim_key = $2, claim_name = $3,
+                claim_capabilities = $4, claim_transfer_key = $5
+             WHERE code_hash = $6 AND claim_key IS NULL AND expires_at > $7",
+        )
+        .bind(claim.device.to_string())
+        .bind(claim.key.to_vec())
+        .bind(claim.name)
+        .bind(claim.capabilities)
+        .bind(claim.transfer_key.map(<[u8]>::to_vec))
+        .bind(code_hash.to_vec())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    pub async fn events_after(
+        &self,
+        account_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRow>, Error> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, device_id, at FROM events
+             WHERE account_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(account_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| EventRow {
+                seq: r.get(0),
+                kind: r.get(1),
+                device_id: r.get(2),
+                at: r.get(3),
+            })
+            .collect())
+    }
+
+    /// Serial numbers (hex) of revoked device certificates with when.
+    pub async fn revoked(&self) -> Result<Vec<(String, i64)>, Error> {
+        let rows = sqlx::query(
+            "SELECT cert_serial, revoked_at FROM devices WHERE revoked_at IS NOT NULL ORDER BY revoked_at",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub async fn pending(&self, limit: i64) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        let rows = sqlx::query("SELECT uri, value FROM kt_pending ORDER BY queued_at LIMIT $1")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Removes published values, unless a newer value was queued meanwhile.
+    pub async fn unqueue(&self, published: &[(String, Vec<u8>)]) -> Result<(), Error> {
+        let mut tx = self.begin().await?;
+        for (uri, value) in published {
+            sqlx::query("DELETE FROM kt_pending WHERE uri = $1 AND value = $2")
+                .bind(uri)
+                .bind(value.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db)?;
+        }
+        tx.commit().await.map_err(Error::db)
+    }
+
+    pub async fn pending_count(&self) -> Result<i64, Error> {
+        let r = sqlx::query("SELECT COUNT(*) FROM kt_pending")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(r.get(0))
+    }
+
+    pub async fn save_root(
+        &self,
+        epoch: u64,
+        root_hash: &[u8],
+        signature: &[u8],
+        now: i64,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO kt_roots (epoch, root_hash, signature, published_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (epoch) DO NOTHING",
+        )
+        .bind(epoch as i64)
+        .bind(root_hash.to_vec())
+        .bind(signature.to_vec())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(())
+    }
+
+    /// Root hashes of epochs `start..=end` in order.
+    pub async fn roots(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        let rows = sqlx::query(
+            "SELECT epoch, root_hash FROM kt_roots WHERE epoch >= $1 AND epoch <= $2 ORDER BY epoch",
+        )
+        .bind(start as i64)
+        .bind(end as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get::<i64, _>(0) as u64, r.get(1)))
+            .collect())
+    }
+
+    pub async fn root(&self, epoch: u64) -> Result<Option<(Vec<u8>, Vec<u8>)>, Error> {
+        let row = sqlx::query("SELECT root_hash, signature FROM kt_roots WHERE epoch = $1")
+            .bind(epoch as i64)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+}
+
+/// Writes inside one identity-change transaction.
+pub mod tx {
+    use super::*;
+    use sqlx::AnyConnection;
+
+    pub async fn upsert_account(
+        c: &mut AnyConnection,
+        a: &AccountRow,
+        now: i64,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO accounts (id, account_key, seq, list, created_at) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (id) DO UPDATE SET account_key = excluded.account_key,
+                seq = excluded.seq, list = excluded.list",
+        )
+        .bind(&a.id)
+        .bind(a.account_key.clone())
+        .bind(a.seq)
+        .bind(a.list.clone())
+        .bind(now)
+        .execute(c)
+        .await
+        .map_err(Error::db)?;
+        Ok(())
+    }
+
+    /// Binds a handle to an account. Fails with `HandleTaken` if another
+    /// account holds it.
+    pub async fn bind_handle(
+        c: &mut AnyConnection,
+        uri: &str,
+        account_id: &str,
+    ) -> Result<(), Error> {
+        let owner: Option<String> = sqlx::query("SELECT account_id FROM handles WHERE uri = $1")
+            .bind(uri)
+            .fetch_optional(&mut *c)
+            .await
+            .map_err(Error::db)?
+            .map(|r| r.get(0));
+        match owner {
+            Some(o) if o == account_id => Ok(()),
+            Some(_) => Err(Error::HandleTaken),
+            None => {
+                sqlx::query("INSERT INTO handles (uri, account_id) VALUES ($1, $2)")
+                    .bind(uri)
+                    .bind(account_id)
+                    .execute(c)
+                    .await
+                    .map_err(Error::db)?;
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn unbind_handle(c: &mut AnyConnection, uri: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM handles WHERE uri = $1")
+            .bind(uri)
+            .execute(c)
+            .await
+            .map_err(Error::db)?;
+        Ok(())
+    }
+
+    pub async fn insert_device(c: &mut AnyConnection, d: &DeviceRow) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO devices (id, account_id, identity_key, name, capabilities, push_tokens,
+                cert_serial, certificate, created_at, revoked_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL)",
+        )
+        .bind(d.id.to_string())
+        .bind(&d.account_id)
+        .bind(d.identity_key.clone())
+        .bind(&d.name)
+        .bind(&d.capabilities)
+        .bind(&d.push_tokens)
+        .bind(&d.cert_serial)
+        .bind(&d.certificate)
+        .bind(d.created_at)
+        .execute(c)
+        .await
+        .map_err(|e| {
+            if e.as_database_error()
+                .is_some_and(|d| d.is_unique_violation())
+            {
+                Error::DeviceExists
+            } else {
+                Error::db(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    pub async fn revoke_device(c: &mut AnyConnection, id: &str, now: i64) -> Result<(), Error> {
+        sqlx::query("UPDATE devices SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(c)
+            .await
+            .map_err(Error::db)?;
+        Ok(())
+    }
+
+    /// Personal data goes; the serial stays for the revocation list.
+    pub async fn scrub_device(c: &mut AnyConnection, id: &str) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE devices SET name = '', capabilities = '[]', push_tokens = '[]', certificate = ''
+             WHERE id = $1",
+        )
+        .bind(id)
+        .execute(c)
+        .await
+        .map_err(Error::db)?;
+        Ok(())
+    }
+
+    pub async fn event(
+        c: &mut AnyConnection,
+        account_id: &str,
+        kind: &str,
+        device_id: Option<&str>,
+        now: i64,
+    ) -> Result<(), Error> {
+        sqlx::query("INSERT INTO events (account_id, kind, device_id, at) VALUES ($1, $2, $3, $4)")
+            .bind(account_id)
+            .bind(kind)
+            .bind(device_id)
+            .bind(now)
+            .execute(c)
+            .await
+            .map_err(Error::db)?;
+        Ok(())
+    }
+
+    pub async fn queue_publish(
+        c: &mut AnyConnection,
+        uri: &str,
+        value: &[u8],
+        now: i64,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO kt_pending (uri, value, queued_at) VALUES ($1, $2, $3)
+             ON CONFLICT (uri) DO UPDATE SET value = excluded.value, queued_at = excluded.queued_at",
+        )
+        .bind(uri)
+        .bind(value.to_vec())
+        .bind(now)
+        .execute(c)
+        .await
+        .map_err(Error::db)?;
+        Ok(())
+    }
+
+    pub async fn approve_link(
+        c: &mut AnyConnection,
+        code_hash: &[u8],
+        sealed_account_key: Option<&[u8]>,
+    ) -> Result<(), Error> {
+        sqlx::query("UPDATE links SET approved = 1, sealed_account_key = $1 WHERE code_hash = $2")
+            .bind(sealed_account_key.map(<[u8]>::to_vec))
+            .bind(code_hash.to_vec())
+            .execute(c)
+            .await
+            .map_err(Error::db)?;
+        Ok(())
+    }
+
+    pub async fn delete_account_rows(c: &mut AnyConnection, id: &str) -> Result<(), Error> {
+        for q in [
+            "DELETE FROM accounts WHERE id = $1",
+            "DELETE FROM links WHERE account_id = $1",
+            "DELETE FROM events WHERE account_id = $1",
+        ] {
+            sqlx::query(q)
+                .bind(id)
+                .execute(&mut *c)
+                .await
+                .map_err(Error::db)?;
+        }
+        Ok(())
+    }
+}
+
+const DEVICE_SELECT: &str = "SELECT id, account_id, identity_key, name, capabilities, push_tokens,
+    cert_serial, certificate, created_at, revoked_at FROM devices";
+
+fn device_row(r: sqlx::any::AnyRow) -> Result<DeviceRow, Error> {
+    let id: String = r.get(0);
+    Ok(DeviceRow {
+        id: id
+            .parse()
+            .map_err(|_| Error::Internal(format!("bad device id in database: {id}")))?,
+        account_id: r.get(1),
+        identity_key: r.get(2),
+        name: r.get(3),
+        capabilities: r.get(4),
+        push_tokens: r.get(5),
+        cert_serial: r.get(6),
+        certificate: r.get(7),
+        created_at: r.get(8),
+        revoked_at: r.get(9),
+    })
+}
+
+const LINK_SELECT: &str = "SELECT code_hash, account_id, expires_at, claim_device, claim_key,
+    claim_name, claim_capabilities, claim_transfer_key, sealed_account_key, approved FROM links";
+
+fn link_row(r: sqlx::any::AnyRow) -> LinkRow {
+    LinkRow {
+        code_hash: r.get(0),
+        account_id: r.get(1),
+        expires_at: r.get(2),
+        claim_device: r.get(3),
+        claim_key: r.get(4),
+        claim_name: r.get(5),
+        claim_capabilities: r.get(6),
+        claim_transfer_key: r.get(7),
+        sealed_account_key: r.get(8),
+        approved: r.get::<i64, _>(9) != 0,
+    }
+}

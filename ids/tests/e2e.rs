@@ -1,0 +1,711 @@
+//! End to end over HTTPS on loopback: prove handles, register two devices
+//! (the second approved by the first), look up from another account and
+//! verify every proof, detect a server that inserts a device, revoke.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use serde_json::{json, Value};
+use wire::device_list::{DeviceEntry, DeviceList, DirectoryValue};
+use wire::transparency::{
+    unapproved_changes, verify_history, verify_lookup, KtError, SignedRoot, TrustAnchor, Unapproved,
+};
+use wire::{DeviceId, SigningKey};
+
+struct Lab {
+    addr: SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+    outbox: std::path::PathBuf,
+    server: Option<ids::runtime::Server>,
+    ca_pem: String,
+}
+
+fn pki() -> (String, String, rcgen::CertifiedKey<KeyPair>) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = p.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(
+        &ca.pem(),
+        KeyPair::from_pem(&ca_key.serialize_pem()).unwrap(),
+    )
+    .unwrap();
+    let key = KeyPair::generate().unwrap();
+    let p = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (
+        ca.pem(),
+        ca_key.serialize_pem(),
+        rcgen::CertifiedKey {
+            cert,
+            signing_key: key,
+        },
+    )
+}
+
+impl Lab {
+    async fn start(name: &str) -> Lab {
+        let dir =
+            std::env::temp_dir().join(format!("parley-ids-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca_pem, ca_key_pem, server_cert) = pki();
+        let config = ids::Config {
+            database_url: format!("sqlite://{}", dir.join("ids.db").display()),
+            publish_interval: Duration::from_millis(100),
+            outbox: dir.join("outbox"),
+            ..ids::Config::default()
+        };
+        let store = ids::store::Store::open(&config.database_url).await.unwrap();
+        let root_key =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .unwrap();
+        let kt =
+            ids::kt::Transparency::open(store.clone(), ids::kt::VrfKey([3; 32]), root_key.as_ref())
+                .await
+                .unwrap();
+        let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &ca_key_pem).unwrap();
+        let sender = ids::sender::OutboxSender {
+            dir: config.outbox.clone(),
+        };
+        let outbox = config.outbox.clone();
+        let service = ids::Ids::new(config, store, kt, ca, Box::new(sender)).unwrap();
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(server_cert.signing_key.serialize_der())
+                .unwrap();
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![server_cert.cert.der().clone()], key)
+            .unwrap();
+        server_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let server = ids::runtime::Server::start(
+            service,
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(server_tls),
+        )
+        .await
+        .unwrap();
+
+        let mut roots = rustls::RootCertStore::empty();
+        let ca_der = rustls_pemfile::certs(&mut ca_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        roots.add(ca_der).unwrap();
+        let client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Lab {
+            addr: server.addr(),
+            tls: tokio_rustls::TlsConnector::from(Arc::new(client_tls)),
+            outbox,
+            server: Some(server),
+            ca_pem,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&SigningKey>,
+    ) -> (u16, Value) {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = self.tls.connect(name, tcp).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "127.0.0.1")
+            .header("content-type", "application/json");
+        if let Some(k) = key {
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            req = req.header(
+                "authorization",
+                wire::request_auth::sign(k, method, path, ts, &bytes),
+            );
+        }
+        let resp = tokio::time::timeout(
+            Duration::from_secs(20),
+            send.send_request(req.body(Full::new(Bytes::from(bytes))).unwrap()),
+        )
+        .await
+        .expect("response within 20 s")
+        .unwrap();
+        let status = resp.status().as_u16();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        if status >= 400 {
+            assert_eq!(
+                ctype, "application/problem+json",
+                "errors are problem+json: {body:?}"
+            );
+        }
+        let v = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        (status, v)
+    }
+
+    /// Proves a handle through the outbox; returns the handle token.
+    async fn prove(&self, handle: &str) -> String {
+        let (s, v) = self
+            .call(
+                "POST",
+                "/v1/verifications",
+                Some(json!({"handle": handle})),
+                None,
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        let id = v["id"].as_str().unwrap().to_owned();
+        let code = self.read_code(v["handle"].as_str().unwrap()).await;
+        let (s, v) = self
+            .call(
+                "POST",
+                &format!("/v1/verifications/{id}/check"),
+                Some(json!({"code": code})),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v["handle_token"].as_str().unwrap().to_owned()
+    }
+
+    async fn read_code(&self, uri: &str) -> String {
+        let stem = uri.split_once(':').unwrap().1;
+        for _ in 0..100 {
+            if let Ok(rd) = std::fs::read_dir(&self.outbox) {
+                let mut files: Vec<_> = rd
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.extension().is_some_and(|x| x == "txt")
+                            && p.to_string_lossy().contains(stem)
+                    })
+                    .collect();
+                files.sort();
+                if let Some(f) = files.last() {
+                    let text = std::fs::read_to_string(f).unwrap();
+                    let code: String = text
+                        .split("code is ")
+                        .nth(1)
+                        .unwrap()
+                        .chars()
+                        .take(6)
+                        .collect();
+                    std::fs::remove_file(f).unwrap();
+                    return code;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no code for {uri} in the outbox");
+    }
+
+    async fn anchor(&self) -> TrustAnchor {
+        let (_, v) = self.call("GET", "/v1/kt/keys", None, None).await;
+        TrustAnchor {
+            vrf_public_key: B64.decode(v["vrf_public_key"].as_str().unwrap()).unwrap(),
+            root_key: B64.decode(v["root_key"].as_str().unwrap()).unwrap(),
+        }
+    }
+}
+
+fn root_of(v: &Value) -> SignedRoot {
+    SignedRoot {
+        epoch: v["epoch"].as_u64().unwrap(),
+        root_hash: B64
+            .decode(v["root_hash"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap(),
+        signature: B64.decode(v["signature"].as_str().unwrap()).unwrap(),
+    }
+}
+
+fn signed_list(
+    account: &SigningKey,
+    seq: u64,
+    handles: &[&str],
+    devices: &[(DeviceId, &SigningKey)],
+) -> String {
+    let list = DeviceList {
+        account_key: account.public(),
+        seq,
+        handles: handles.iter().map(|h| h.to_string()).collect(),
+        devices: devices
+            .iter()
+            .map(|(id, k)| DeviceEntry {
+                id: *id,
+                identity_key: k.public(),
+            })
+            .collect(),
+    };
+    B64.encode(DirectoryValue::Active(list.sign(account).unwrap()).encode())
+}
+
+/// Looks up one handle and verifies the proof; returns the verified value
+/// and the response entry.
+async fn lookup(
+    lab: &Lab,
+    anchor: &TrustAnchor,
+    me: &SigningKey,
+    handle: &str,
+) -> (Result<wire::transparency::VerifiedValue, KtError>, Value) {
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/lookup",
+            Some(json!({"handles": [handle]})),
+            Some(me),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let r = v["results"][0].clone();
+    assert_eq!(r["status"], "found", "{r}");
+    let proof = B64.decode(r["proof"].as_str().unwrap()).unwrap();
+    (
+        verify_lookup(
+            anchor,
+            &root_of(&r["root"]),
+            r["handle"].as_str().unwrap(),
+            &proof,
+        ),
+        r,
+    )
+}
+
+/// Waits (bounded) until a lookup shows `n` devices.
+async fn until_devices(
+    lab: &Lab,
+    anchor: &TrustAnchor,
+    me: &SigningKey,
+    handle: &str,
+    n: usize,
+) -> wire::transparency::VerifiedValue {
+    for _ in 0..200 {
+        let (s, v) = lab
+            .call(
+                "POST",
+                "/v1/lookup",
+                Some(json!({"handles": [handle]})),
+                Some(me),
+            )
+            .await;
+        assert_eq!(s, 200);
+        if v["results"][0]["status"] == "found" {
+            let (verified, _) = lookup(lab, anchor, me, handle).await;
+            let verified = verified.expect("proof verifies");
+            if let DirectoryValue::Active(l) = &verified.value {
+                if l.list.devices.len() == n {
+                    return verified;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{handle} never showed {n} devices");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prove_register_approve_lookup_and_detect_a_malicious_insert() {
+    let lab = Lab::start("main").await;
+    let anchor = lab.anchor().await;
+    let alice_uri = "mailto:alice@example.com";
+
+    // Alice's first device creates the account.
+    let alice_account = SigningKey::generate();
+    let a1 = SigningKey::generate();
+    let a1_id = DeviceId::random();
+    let token = lab.prove("Alice@Example.com").await;
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/accounts",
+            Some(json!({
+                "handle_tokens": [token],
+                "device_list": signed_list(&alice_account, 1, &[alice_uri], &[(a1_id, &a1)]),
+                "device": {"name": "Alice's phone", "capabilities": ["audio", "video"]},
+            })),
+            Some(&a1),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["device_id"], a1_id.to_string());
+    let cert_pem = v["certificate"].as_str().unwrap().to_owned();
+    assert_eq!(v["ca"].as_str().unwrap(), lab.ca_pem);
+    // The certificate carries the device's own identity key.
+    let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    assert_eq!(
+        cert.public_key().subject_public_key.data.as_ref(),
+        &a1.public().0[..]
+    );
+    // A used token cannot be used again.
+    let (s, _) = lab
+        .call(
+            "POST",
+            "/v1/accounts",
+            Some(json!({
+                "handle_tokens": [token],
+                "device_list": signed_list(&alice_account, 1, &[alice_uri], &[(a1_id, &a1)]),
+                "device": {},
+            })),
+            Some(&SigningKey::generate()),
+        )
+        .await;
+    assert!(
+        s == 400 || s == 403,
+        "reused token must be refused, got {s}"
+    );
+
+    // A second device is approved by the first through a link code.
+    let (s, v) = lab.call("POST", "/v1/account/links", None, Some(&a1)).await;
+    assert_eq!(s, 201, "{v}");
+    let code = v["code"].as_str().unwrap().to_owned();
+    let a2 = SigningKey::generate();
+    let a2_id = DeviceId::random();
+    let (s, v) = lab
+        .call(
+            "POST",
+            &format!("/v1/links/{}/claim", code.to_lowercase()),
+            Some(json!({"device_id": a2_id.to_string(), "name": "Alice's laptop"})),
+            Some(&a2),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let (_, v) = lab
+        .call("GET", &format!("/v1/links/{code}"), None, Some(&a2))
+        .await;
+    assert_eq!(v["status"], "pending");
+    let (_, v) = lab.call("GET", "/v1/account/links", None, Some(&a1)).await;
+    assert_eq!(v["claims"][0]["device_id"], a2_id.to_string());
+    assert_eq!(v["claims"][0]["identity_key"], a2.public().to_b64());
+    let (s, v) = lab
+        .call(
+            "PUT",
+            "/v1/account/device-list",
+            Some(json!({"device_list": signed_list(&alice_account, 2, &[alice_uri], &[(a1_id, &a1), (a2_id, &a2)])})),
+            Some(&a1),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = lab
+        .call("GET", &format!("/v1/links/{code}"), None, Some(&a2))
+        .await;
+    assert_eq!(v["status"], "approved", "{v}");
+    assert_eq!(v["device_id"], a2_id.to_string());
+    // Replaying an older list is refused.
+    let (s, _) = lab
+        .call(
+            "PUT",
+            "/v1/account/device-list",
+            Some(json!({"device_list": signed_list(&alice_account, 2, &[alice_uri], &[(a1_id, &a1), (a2_id, &a2)])})),
+            Some(&a2),
+        )
+        .await;
+    assert_eq!(s, 409);
+    // Every device hears of every added device.
+    let (_, v) = lab.call("GET", "/v1/device/events", None, Some(&a2)).await;
+    let added: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "device_added")
+        .map(|e| e["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(added, vec![a1_id.to_string(), a2_id.to_string()]);
+    let (s, _) = lab
+        .call(
+            "PUT",
+            "/v1/device/push-tokens",
+            Some(json!({"tokens": [{"topic": "voip", "token": "ab12"}]})),
+            Some(&a2),
+        )
+        .await;
+    assert_eq!(s, 204);
+
+    // Bob, on another account, looks Alice up and verifies everything.
+    let bob_account = SigningKey::generate();
+    let b1 = SigningKey::generate();
+    let b1_id = DeviceId::random();
+    let token = lab.prove("+1 415 555 0123").await;
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/accounts",
+            Some(json!({
+                "handle_tokens": [token],
+                "device_list": signed_list(&bob_account, 1, &["tel:+14155550123"], &[(b1_id, &b1)]),
+                "device": {"name": "Bob"},
+            })),
+            Some(&b1),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let verified = until_devices(&lab, &anchor, &b1, "alice@example.com", 2).await;
+    let DirectoryValue::Active(list) = &verified.value else {
+        panic!("tombstone")
+    };
+    assert_eq!(list.list.account_key, alice_account.public());
+    let (_, entry) = lookup(&lab, &anchor, &b1, "alice@example.com").await;
+    let routed: Vec<&str> = entry["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(routed.len(), 2);
+    let laptop = entry["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == a2_id.to_string())
+        .unwrap();
+    assert_eq!(laptop["push_tokens"][0]["token"], "ab12");
+    // Up to 64 handles at once; more is refused; bad ones say why.
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/lookup",
+            Some(json!({"handles": ["nobody@example.com", "not a handle"]})),
+            Some(&b1),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["results"][0]["status"], "not_found");
+    assert_eq!(v["results"][1]["status"], "invalid");
+    let many: Vec<String> = (0..65).map(|i| format!("u{i}@example.com")).collect();
+    let (s, _) = lab
+        .call(
+            "POST",
+            "/v1/lookup",
+            Some(json!({"handles": many})),
+            Some(&b1),
+        )
+        .await;
+    assert_eq!(s, 400);
+    // Unsigned or unregistered callers get 401.
+    let (s, _) = lab
+        .call(
+            "POST",
+            "/v1/lookup",
+            Some(json!({"handles": ["alice@example.com"]})),
+            None,
+        )
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = lab
+        .call(
+            "POST",
+            "/v1/lookup",
+            Some(json!({"handles": ["alice@example.com"]})),
+            Some(&SigningKey::generate()),
+        )
+        .await;
+    assert_eq!(s, 401);
+
+    // The malicious server, attempt 1: append its own device to Alice's
+    // signed list without the account key. Clients reject the value.
+    let server = lab.server.as_ref().unwrap();
+    let evil = SigningKey::generate();
+    let evil_id = DeviceId([0xee; 16]);
+    let mut forged = list.clone();
+    forged.list.devices.push(DeviceEntry {
+        id: evil_id,
+        identity_key: evil.public(),
+    });
+    forged.list.seq += 1;
+    {
+        let mut tx = server.ids.store.begin().await.unwrap();
+        ids::store::tx::queue_publish(
+            &mut tx,
+            alice_uri,
+            &DirectoryValue::Active(forged).encode(),
+            0,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    server.ids.kt.publish_pending(10).await.unwrap();
+    let (r, _) = lookup(&lab, &anchor, &b1, "alice@example.com").await;
+    assert_eq!(
+        r,
+        Err(KtError::ListSignature),
+        "a device added without the account key is refused"
+    );
+
+    // Attempt 2: re-key Alice's handle with an account key of its own.
+    // The lookup verifies, but Alice's devices audit their handle's history
+    // and see a change they never approved.
+    let evil_account = SigningKey::generate();
+    let rekeyed = DeviceList {
+        account_key: evil_account.public(),
+        seq: 1,
+        handles: vec![alice_uri.into()],
+        devices: vec![DeviceEntry {
+            id: evil_id,
+            identity_key: evil.public(),
+        }],
+    }
+    .sign(&evil_account)
+    .unwrap();
+    {
+        let mut tx = server.ids.store.begin().await.unwrap();
+        ids::store::tx::queue_publish(
+            &mut tx,
+            alice_uri,
+            &DirectoryValue::Active(rekeyed).encode(),
+            0,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    server.ids.kt.publish_pending(10).await.unwrap();
+    let (r, _) = lookup(&lab, &anchor, &b1, "alice@example.com").await;
+    assert!(r.is_ok(), "a re-keyed value is well formed: {r:?}");
+    let (s, v) = lab
+        .call("GET", "/v1/history/alice@example.com", None, Some(&a1))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let proof = B64.decode(v["proof"].as_str().unwrap()).unwrap();
+    // The forged list sits in the history; its signature fails, so the
+    // whole history is refused as tampered.
+    assert_eq!(
+        verify_history(&anchor, &root_of(&v["root"]), alice_uri, &proof),
+        Err(KtError::ListSignature)
+    );
+    // The akd proof itself is sound; audit the values Alice can verify.
+    let findings = audit_own(
+        &anchor,
+        &root_of(&v["root"]),
+        alice_uri,
+        &proof,
+        &alice_account,
+        &[a1_id, a2_id],
+    );
+    assert!(
+        findings.contains(&Unapproved::AccountKey {
+            epoch: root_of(&v["root"]).epoch
+        }),
+        "{findings:?}"
+    );
+
+    // Removing a device revokes its certificate.
+    let (s, v) = lab
+        .call(
+            "PUT",
+            "/v1/account/device-list",
+            Some(json!({"device_list": signed_list(&alice_account, 3, &[alice_uri], &[(a1_id, &a1)])})),
+            Some(&a1),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = lab.call("GET", "/v1/account", None, Some(&a2)).await;
+    assert_eq!(s, 403, "a removed device is refused");
+    let crl = crl_serials(&lab).await;
+    assert_eq!(crl.len(), 1, "one revoked certificate");
+
+    // The OpenAPI document is served.
+    let (s, v) = lab.call("GET", "/v1/openapi.json", None, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["openapi"], "3.1.0");
+
+    lab.server.unwrap().shutdown().await;
+}
+
+/// What a device does with its own history: verify each akd update on its
+/// own terms and list changes it did not approve. Values whose list
+/// signature fails are unapproved by definition.
+fn audit_own(
+    anchor: &TrustAnchor,
+    root: &SignedRoot,
+    uri: &str,
+    proof: &[u8],
+    account: &SigningKey,
+    approved: &[DeviceId],
+) -> Vec<Unapproved> {
+    use protobuf::Message;
+    let msg = akd_core::proto::specs::types::HistoryProof::parse_from_bytes(proof).unwrap();
+    let hp = akd_core::HistoryProof::try_from(&msg).unwrap();
+    let results = akd_core::verify::key_history_verify::<wire::transparency::KtConfig>(
+        &anchor.vrf_public_key,
+        root.root_hash,
+        root.epoch,
+        akd_core::AkdLabel(uri.as_bytes().to_vec()),
+        hp,
+        akd_core::verify::HistoryVerificationParams::default(),
+    )
+    .unwrap();
+    let mut history = Vec::new();
+    let mut forged = Vec::new();
+    for r in results {
+        let value = DirectoryValue::decode(&r.value.0).unwrap();
+        if let DirectoryValue::Active(l) = &value {
+            if l.verify().is_err() {
+                forged.push(r.epoch);
+                continue;
+            }
+        }
+        history.push(wire::transparency::VerifiedValue {
+            epoch: r.epoch,
+            version: r.version,
+            value,
+        });
+    }
+    assert_eq!(forged.len(), 1, "the forged list is in the history");
+    unapproved_changes(&history, 0, &account.public(), approved)
+}
+
+async fn crl_serials(lab: &Lab) -> Vec<Vec<u8>> {
+    let tcp = tokio::net::TcpStream::connect(lab.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = lab.tls.connect(name, tcp).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/v1/crl")
+        .header("host", "x")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "application/pkix-crl");
+    let der = resp.into_body().collect().await.unwrap().to_bytes();
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
+    crl.iter_revoked_certificates()
+        .map(|r| r.raw_serial().to_vec())
+        .collect()
+}
+
+use x509_parser::prelude::FromDer;

@@ -1,0 +1,205 @@
+//! P-256 ECDSA keys (device identity keys and account keys) and device ids.
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{self, EcdsaKeyPair, KeyPair};
+
+/// Length of an uncompressed SEC1 P-256 public key.
+pub const PUBLIC_KEY_LEN: usize = 65;
+/// Length of a fixed-size (r‖s) P-256 ECDSA signature.
+pub const SIGNATURE_LEN: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("a public key must be 65 bytes of uncompressed P-256 (base64url)")]
+    BadPublicKey,
+    #[error("a device id is 32 hex digits")]
+    BadDeviceId,
+    #[error("private key is not a P-256 PKCS#8 document")]
+    BadPrivateKey,
+    #[error("signature does not verify")]
+    BadSignature,
+}
+
+/// An uncompressed P-256 public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey(pub [u8; PUBLIC_KEY_LEN]);
+
+impl PublicKey {
+    pub fn from_slice(b: &[u8]) -> Result<PublicKey, KeyError> {
+        let arr: [u8; PUBLIC_KEY_LEN] = b.try_into().map_err(|_| KeyError::BadPublicKey)?;
+        if arr[0] != 4 {
+            return Err(KeyError::BadPublicKey);
+        }
+        Ok(PublicKey(arr))
+    }
+
+    /// Verifies an ECDSA P-256 SHA-256 signature in fixed (r‖s) form.
+    pub fn verify(&self, msg: &[u8], sig: &[u8]) -> Result<(), KeyError> {
+        signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &self.0)
+            .verify(msg, sig)
+            .map_err(|_| KeyError::BadSignature)
+    }
+
+    /// base64url without padding.
+    pub fn to_b64(&self) -> String {
+        B64.encode(self.0)
+    }
+
+    pub fn from_b64(s: &str) -> Result<PublicKey, KeyError> {
+        let b = B64.decode(s).map_err(|_| KeyError::BadPublicKey)?;
+        PublicKey::from_slice(&b)
+    }
+
+    /// A short, stable fingerprint for display and indexing (hex of the
+    /// first 8 bytes of SHA-256).
+    pub fn fingerprint(&self) -> String {
+        let d = ring::digest::digest(&ring::digest::SHA256, &self.0);
+        hex(&d.as_ref()[..8])
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.fingerprint())
+    }
+}
+
+/// A P-256 signing key with its PKCS#8 document, so it can be stored.
+pub struct SigningKey {
+    pair: EcdsaKeyPair,
+    pkcs8: Vec<u8>,
+}
+
+impl SigningKey {
+    pub fn generate() -> SigningKey {
+        let rng = SystemRandom::new();
+        // Generation fails only if the system RNG fails, which leaves
+        // nothing sensible to do.
+        let doc = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .expect("system random number generator failed");
+        SigningKey::from_pkcs8(doc.as_ref()).expect("freshly generated key parses")
+    }
+
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<SigningKey, KeyError> {
+        let pair = EcdsaKeyPair::from_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            pkcs8,
+            &SystemRandom::new(),
+        )
+        .map_err(|_| KeyError::BadPrivateKey)?;
+        Ok(SigningKey {
+            pair,
+            pkcs8: pkcs8.to_vec(),
+        })
+    }
+
+    pub fn pkcs8(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
+    pub fn public(&self) -> PublicKey {
+        PublicKey::from_slice(self.pair.public_key().as_ref())
+            .expect("ring returns an uncompressed P-256 point")
+    }
+
+    pub fn sign(&self, msg: &[u8]) -> [u8; SIGNATURE_LEN] {
+        let sig = self
+            .pair
+            .sign(&SystemRandom::new(), msg)
+            .expect("system random number generator failed");
+        sig.as_ref()
+            .try_into()
+            .expect("fixed P-256 signatures are 64 bytes")
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SigningKey({:?})", self.public())
+    }
+}
+
+/// A device's id: 16 random bytes, shown as 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId(pub [u8; 16]);
+
+impl DeviceId {
+    pub fn random() -> DeviceId {
+        let mut b = [0u8; 16];
+        SystemRandom::new()
+            .fill(&mut b)
+            .expect("system random number generator failed");
+        DeviceId(b)
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
+impl fmt::Debug for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DeviceId({self})")
+    }
+}
+
+impl FromStr for DeviceId {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<DeviceId, KeyError> {
+        let b = unhex(s).ok_or(KeyError::BadDeviceId)?;
+        Ok(DeviceId(b.try_into().map_err(|_| KeyError::BadDeviceId)?))
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    use fmt::Write;
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_and_verify() {
+        let k = SigningKey::generate();
+        let sig = k.sign(b"hello");
+        assert_eq!(k.public().verify(b"hello", &sig), Ok(()));
+        assert_eq!(
+            k.public().verify(b"hellO", &sig),
+            Err(KeyError::BadSignature)
+        );
+        let again = SigningKey::from_pkcs8(k.pkcs8()).unwrap();
+        assert_eq!(again.public(), k.public());
+        assert_eq!(PublicKey::from_b64(&k.public().to_b64()), Ok(k.public()));
+    }
+
+    #[test]
+    fn device_ids_round_trip() {
+        let id = DeviceId::random();
+        assert_eq!(id.to_string().parse::<DeviceId>(), Ok(id));
+        assert!("xyz".parse::<DeviceId>().is_err());
+        assert!("00".parse::<DeviceId>().is_err());
+    }
+}

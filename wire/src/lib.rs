@@ -1,0 +1,19 @@
+//! Types and formats shared by Parley's services and its client SDK. No I/O.
+//!
+//! - [`handle`]: phone numbers and email addresses in canonical form.
+//! - [`keys`]: P-256 device and account keys, ids.
+//! - [`device_list`]: the account-signed list of devices that the identity
+//!   service publishes in its key transparency directory.
+//! - [`request_auth`]: how a device signs its HTTP requests.
+//! - [`transparency`]: verification of lookup and history proofs against a
+//!   signed epoch root.
+
+pub mod device_list;
+pub mod handle;
+pub mod keys;
+pub mod request_auth;
+pub mod transparency;
+
+pub use device_list::{DeviceEntry, DeviceList, DirectoryValue, SignedDeviceList};
+pub use handle::{Handle, HandleError};
+pub use keys::{DeviceId, PublicKey, SigningKey};
