@@ -16,7 +16,7 @@ use stun_turn::core::policy::IpNet;
 use toml::{Table, Value};
 
 /// Sections that environment variables may address.
-const SECTIONS: &[&str] = &["admin", "turn"];
+const SECTIONS: &[&str] = &["admin", "turn", "ids"];
 
 /// The whole configuration file.
 #[derive(Debug, Default, Deserialize)]
@@ -28,6 +28,50 @@ pub struct Settings {
     pub log: Option<String>,
     pub admin: AdminSection,
     pub turn: TurnSection,
+    pub ids: IdsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdsSection {
+    /// HTTPS listen address of the identity service. Default 0.0.0.0:8444.
+    pub listen: Option<SocketAddr>,
+    /// `sqlite://…` or `postgres://…`. Default: `ids.db` in the data directory.
+    pub database: Option<String>,
+    /// Seconds between key transparency epochs when there are changes. Default 2.
+    pub publish_interval_secs: Option<f64>,
+    /// Where the development code sender writes messages. Default: `outbox/` in the data directory.
+    pub outbox: Option<PathBuf>,
+    /// TLS certificate chain and key (PEM). Default: the data directory's.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl IdsSection {
+    pub fn to_config(&self, data: &Path) -> Result<ids::Config> {
+        let mut c = ids::Config {
+            database_url: self
+                .database
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}", data.join("ids.db").display())),
+            outbox: self.outbox.clone().unwrap_or_else(|| data.join("outbox")),
+            ..ids::Config::default()
+        };
+        if let Some(s) = self.publish_interval_secs {
+            if !(0.01..=10.0).contains(&s) {
+                return Err(anyhow!(
+                    "invalid configuration: ids.publish_interval_secs: must be 0.01 to 10 (epochs at least every 10 s), got {s}"
+                ));
+            }
+            c.publish_interval = Duration::from_secs_f64(s);
+        }
+        Ok(c)
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8444)))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

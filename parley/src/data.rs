@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 pub struct DataDir {
     pub root: PathBuf,
     pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub turn_secret: String,
@@ -74,10 +75,44 @@ pub fn open(root: &Path) -> Result<DataDir> {
     Ok(DataDir {
         root: root.to_owned(),
         ca_cert,
+        ca_key,
         server_cert,
         server_key,
         turn_secret,
     })
+}
+
+impl DataDir {
+    /// The identity service's key transparency keys, created on first use:
+    /// `ids-vrf.key` (32 random bytes, the akd VRF key) and `ids-root.pk8`
+    /// (Ed25519 PKCS#8, signs epoch roots). Losing them means a new
+    /// directory that clients will not accept as the old one.
+    pub fn ids_keys(&self) -> Result<([u8; 32], Vec<u8>)> {
+        let rng = ring::rand::SystemRandom::new();
+        let vrf_path = self.root.join("ids-vrf.key");
+        let root_path = self.root.join("ids-root.pk8");
+        if !vrf_path.exists() {
+            let mut raw = [0u8; 32];
+            ring::rand::SecureRandom::fill(&rng, &mut raw)
+                .map_err(|_| anyhow::anyhow!("system random number generator unavailable"))?;
+            write_file(&vrf_path, &raw, 0o600)?;
+            tracing::info!(path = %vrf_path.display(), "generated key transparency VRF key");
+        }
+        if !root_path.exists() {
+            let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+                .map_err(|_| anyhow::anyhow!("cannot generate an Ed25519 key"))?;
+            write_file(&root_path, doc.as_ref(), 0o600)?;
+            tracing::info!(path = %root_path.display(), "generated key transparency root key");
+        }
+        let vrf =
+            fs::read(&vrf_path).with_context(|| format!("cannot read {}", vrf_path.display()))?;
+        let vrf: [u8; 32] = vrf
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{} must hold 32 bytes", vrf_path.display()))?;
+        let root =
+            fs::read(&root_path).with_context(|| format!("cannot read {}", root_path.display()))?;
+        Ok((vrf, root))
+    }
 }
 
 /// Reads a one-line secret file.

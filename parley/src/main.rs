@@ -44,8 +44,9 @@ struct Cli {
 enum Command {
     /// Run every service in one process on the data directory.
     ///
-    /// Today that is the STUN/TURN relay on 3478 (UDP and TCP) and 5349 (TLS).
-    Up(TurnArgs),
+    /// The STUN/TURN relay on 3478 (UDP and TCP) and 5349 (TLS), and the
+    /// identity service on 8444 (HTTPS).
+    Up(UpArgs),
     /// Run the STUN/TURN relay alone.
     ///
     /// STUN (RFC 8489) and TURN (RFC 8656, RFC 6156) on UDP, TCP and TLS, with
@@ -53,6 +54,45 @@ enum Command {
     /// and other special-purpose addresses are refused unless --allow-peer
     /// names them. SIGHUP reloads credentials and certificates; SIGTERM drains.
     Turn(TurnArgs),
+    /// Run the identity service alone.
+    ///
+    /// HTTPS JSON API on 8444: proves phone numbers and emails with codes
+    /// (written to <data>/outbox/ by default), registers devices under
+    /// account-signed device lists, issues device certificates from the
+    /// data directory's CA, and serves lookups with key transparency proofs
+    /// (akd). The OpenAPI document is at /v1/openapi.json.
+    Ids(IdsArgs),
+}
+
+#[derive(Debug, Args, Default)]
+struct UpArgs {
+    #[command(flatten)]
+    turn: TurnArgs,
+    #[command(flatten)]
+    ids: IdsArgs,
+}
+
+#[derive(Debug, Args, Default)]
+struct IdsArgs {
+    /// Identity service HTTPS listen address. [default: 0.0.0.0:8444]
+    #[arg(long = "ids-listen", value_name = "ADDR")]
+    ids_listen: Option<SocketAddr>,
+    /// Identity database: sqlite://PATH or postgres://URL. [default: sqlite in the data directory]
+    #[arg(long = "ids-database", value_name = "URL")]
+    ids_database: Option<String>,
+}
+
+impl IdsArgs {
+    fn overrides(&self) -> Vec<(String, Value)> {
+        let mut o = Vec::new();
+        if let Some(a) = self.ids_listen {
+            o.push(("ids.listen".into(), Value::String(a.to_string())));
+        }
+        if let Some(d) = &self.ids_database {
+            o.push(("ids.database".into(), Value::String(d.clone())));
+        }
+        o
+    }
 }
 
 #[derive(Debug, Args, Default)]
@@ -151,11 +191,45 @@ fn main() {
     }
 }
 
+/// Which services this process runs.
+#[derive(Debug, Clone, Copy)]
+struct Services {
+    turn: bool,
+    ids: bool,
+}
+
 fn run(cli: Cli) -> Result<()> {
-    let args = match &cli.command {
-        Command::Up(a) | Command::Turn(a) => a,
+    let empty = TurnArgs::default();
+    let (services, turn_args, ids_args) = match &cli.command {
+        Command::Up(a) => (
+            Services {
+                turn: true,
+                ids: true,
+            },
+            &a.turn,
+            Some(&a.ids),
+        ),
+        Command::Turn(a) => (
+            Services {
+                turn: true,
+                ids: false,
+            },
+            a,
+            None,
+        ),
+        Command::Ids(a) => (
+            Services {
+                turn: false,
+                ids: true,
+            },
+            &empty,
+            Some(a),
+        ),
     };
-    let mut overrides = args.overrides()?;
+    let mut overrides = turn_args.overrides()?;
+    if let Some(a) = ids_args {
+        overrides.extend(a.overrides());
+    }
     if let Some(d) = &cli.data {
         overrides.push(("data".into(), Value::String(d.display().to_string())));
     }
@@ -174,11 +248,12 @@ fn run(cli: Cli) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from("./parley-data"));
     let data = data::open(&data_root)?;
     let turn_config = settings.turn.to_config(&data.turn_secret)?;
+    let ids_config = settings.ids.to_config(&data.root)?;
     let (cert, key) = tls_files(&settings.turn, &data);
     let tls = tls::server_config(&cert, &key, &[ALPN_STUN_TURN])?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(serve(
@@ -186,9 +261,42 @@ fn run(cli: Cli) -> Result<()> {
         overrides,
         settings,
         data,
-        turn_config,
+        services,
+        (turn_config, ids_config),
         tls,
     ))
+}
+
+/// Opens the identity service's storage, directory and CA and binds it.
+async fn start_ids(
+    settings: &config::IdsSection,
+    data: &data::DataDir,
+    config: ids::Config,
+) -> Result<ids::runtime::Server> {
+    let (vrf, root_key) = data.ids_keys()?;
+    let store = ids::store::Store::open(&config.database_url)
+        .await
+        .with_context(|| "cannot open the identity database (ids.database)")?;
+    let kt = ids::kt::Transparency::open(store.clone(), ids::kt::VrfKey(vrf), &root_key).await?;
+    let ca_pem = std::fs::read_to_string(&data.ca_cert)
+        .with_context(|| format!("cannot read {}", data.ca_cert.display()))?;
+    let ca_key = std::fs::read_to_string(&data.ca_key)
+        .with_context(|| format!("cannot read {}", data.ca_key.display()))?;
+    let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &ca_key)?;
+    let sender = ids::sender::OutboxSender {
+        dir: config.outbox.clone(),
+    };
+    let service = ids::Ids::new(config, store, kt, ca, Box::new(sender))?;
+    let cert = settings
+        .cert
+        .clone()
+        .unwrap_or_else(|| data.server_cert.clone());
+    let key = settings
+        .key
+        .clone()
+        .unwrap_or_else(|| data.server_key.clone());
+    let tls = tls::server_config(&cert, &key, &[b"http/1.1"])?;
+    Ok(ids::runtime::Server::start(service, settings.listen(), tls).await?)
 }
 
 fn tls_files(turn: &config::TurnSection, data: &data::DataDir) -> (PathBuf, PathBuf) {
@@ -205,7 +313,8 @@ async fn serve(
     overrides: Vec<(String, Value)>,
     settings: config::Settings,
     data: data::DataDir,
-    turn_config: stun_turn::Config,
+    services: Services,
+    (turn_config, ids_config): (stun_turn::Config, ids::Config),
     tls: Arc<rustls::ServerConfig>,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -215,7 +324,14 @@ async fn serve(
     let mut hup = signal(SignalKind::hangup())?;
 
     let ready = Arc::new(AtomicBool::new(false));
-    let relay = Arc::new(Relay::start(turn_config, Some(tls))?);
+    let relay = match services.turn {
+        true => Some(Arc::new(Relay::start(turn_config, Some(tls))?)),
+        false => None,
+    };
+    let ids_server = match services.ids {
+        true => Some(start_ids(&settings.ids, &data, ids_config).await?),
+        false => None,
+    };
     let admin_addr = settings
         .admin
         .listen
@@ -226,7 +342,12 @@ async fn serve(
     let admin_addr = listener.local_addr()?;
     let state = admin::AdminState {
         ready: ready.clone(),
-        sources: Arc::new(vec![relay.clone() as Arc<dyn admin::MetricsSource>]),
+        sources: Arc::new(
+            relay
+                .iter()
+                .map(|r| r.clone() as Arc<dyn admin::MetricsSource>)
+                .collect(),
+        ),
     };
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_task = tokio::spawn(async move {
@@ -251,12 +372,17 @@ async fn serve(
             data.root.display(),
             data.ca_cert.display()
         );
-        println!(
-            "parley: turn udp={} tcp={} tls={}",
-            list(relay.udp_addrs()),
-            list(relay.tcp_addrs()),
-            list(relay.tls_addrs())
-        );
+        if let Some(relay) = &relay {
+            println!(
+                "parley: turn udp={} tcp={} tls={}",
+                list(relay.udp_addrs()),
+                list(relay.tcp_addrs()),
+                list(relay.tls_addrs())
+            );
+        }
+        if let Some(s) = &ids_server {
+            println!("parley: ids https://{} (/v1/openapi.json)", s.addr());
+        }
         println!("parley: admin http://{admin_addr} (/metrics /healthz /readyz)");
         println!("parley: ready");
     }
@@ -268,7 +394,11 @@ async fn serve(
             _ = int.recv() => break,
             _ = hup.recv() => {
                 match reload(config_file.as_deref(), &overrides, &data) {
-                    Ok((users, secrets, tls)) => relay.reload(&users, &secrets, Some(tls)),
+                    Ok((users, secrets, tls)) => {
+                        if let Some(relay) = &relay {
+                            relay.reload(&users, &secrets, Some(tls));
+                        }
+                    }
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the running configuration"),
                 }
             }
@@ -276,13 +406,16 @@ async fn serve(
     }
     tracing::info!("draining");
     ready.store(false, Ordering::Release);
-    let relay =
-        Arc::try_unwrap(relay).map_err(|_| anyhow::anyhow!("relay still referenced at shutdown"));
     let _ = stop_admin.send(());
     let _ = admin_task.await;
-    match relay {
-        Ok(r) => tokio::task::spawn_blocking(move || r.shutdown()).await?,
-        Err(e) => tracing::error!(error = %e, "unclean shutdown"),
+    if let Some(s) = ids_server {
+        s.shutdown().await;
+    }
+    if let Some(relay) = relay {
+        match Arc::try_unwrap(relay) {
+            Ok(r) => tokio::task::spawn_blocking(move || r.shutdown()).await?,
+            Err(_) => tracing::error!("relay still referenced at shutdown; unclean shutdown"),
+        }
     }
     Ok(())
 }

@@ -25,8 +25,21 @@ fn help_explains_every_command() {
     let out = parley(&["--help"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for word in ["up", "turn", "--config", "--data", "--admin", "PARLEY_"] {
+    for word in [
+        "up", "turn", "ids", "--config", "--data", "--admin", "PARLEY_",
+    ] {
         assert!(text.contains(word), "--help lacks {word}:\n{text}");
+    }
+    let out = parley(&["ids", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "--ids-listen",
+        "--ids-database",
+        "8444",
+        "openapi.json",
+        "outbox",
+    ] {
+        assert!(text.contains(word), "ids --help lacks {word}:\n{text}");
     }
     let out = parley(&["turn", "--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -86,6 +99,7 @@ struct Running {
     child: Child,
     udp: SocketAddr,
     admin: SocketAddr,
+    ids: SocketAddr,
 }
 
 impl Drop for Running {
@@ -108,6 +122,8 @@ fn start(data: &Path, extra: &[&str]) -> Running {
         "127.0.0.1:0",
         "--user",
         "ann:secret-pw",
+        "--ids-listen",
+        "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
     let child = Command::new(BIN)
@@ -123,6 +139,7 @@ fn start(data: &Path, extra: &[&str]) -> Running {
         child,
         udp: unset,
         admin: unset,
+        ids: unset,
     };
     let stdout = run.child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
@@ -152,9 +169,18 @@ fn start(data: &Path, extra: &[&str]) -> Running {
                 .and_then(|s| s.parse().ok())
                 .expect("admin address");
         }
+        if let Some(rest) = line.strip_prefix("parley: ids https://") {
+            let addr: SocketAddr = rest
+                .split(' ')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .expect("ids address");
+            TcpStream::connect(addr).expect("ids listens");
+            run.ids = addr;
+        }
         if line == "parley: ready" {
             assert!(
-                run.udp.port() != 0 && run.admin.port() != 0,
+                run.udp.port() != 0 && run.admin.port() != 0 && run.ids.port() != 0,
                 "addresses printed before ready"
             );
             return run;
@@ -218,6 +244,9 @@ fn up_creates_the_data_dir_serves_admin_reloads_and_drains() {
         ("server.pem", 0o644),
         ("server-key.pem", 0o600),
         ("turn-secret", 0o600),
+        ("ids-vrf.key", 0o600),
+        ("ids-root.pk8", 0o600),
+        ("ids.db", 0o644),
     ] {
         let meta = std::fs::metadata(data.join(file)).unwrap_or_else(|_| panic!("{file} created"));
         assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
