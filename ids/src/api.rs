@@ -283,19 +283,7 @@ async fn create_account(
     headers: HeaderMap,
     body: Bytes,
 ) -> R {
-    let key = signer(&ids, &method, &uri, &headers, &body)?;
-    let req: CreateAccount = parse(&body)?;
-    let list = b64("device_list", &req.device_list)?;
-    let r = ids
-        .create_account(
-            &key,
-            &req.handle_tokens,
-            &list,
-            &req.device.name,
-            &req.device.capabilities,
-        )
-        .await?;
-    ok(StatusCode::CREATED, registered_json(&r))
+    register(&ids, &method, &uri, &headers, &body, false).await
 }
 
 async fn reset_account(
@@ -305,18 +293,31 @@ async fn reset_account(
     headers: HeaderMap,
     body: Bytes,
 ) -> R {
-    let key = signer(&ids, &method, &uri, &headers, &body)?;
-    let req: CreateAccount = parse(&body)?;
+    register(&ids, &method, &uri, &headers, &body, true).await
+}
+
+/// `POST /v1/accounts` and `/v1/accounts/reset` take the same body.
+async fn register(
+    ids: &Ids,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    reset: bool,
+) -> R {
+    let key = signer(ids, method, uri, headers, body)?;
+    let req: CreateAccount = parse(body)?;
     let list = b64("device_list", &req.device_list)?;
-    let r = ids
-        .reset_account(
-            &key,
-            &req.handle_tokens,
-            &list,
-            &req.device.name,
-            &req.device.capabilities,
-        )
-        .await?;
+    let (tokens, name, caps) = (
+        &req.handle_tokens,
+        &req.device.name,
+        &req.device.capabilities,
+    );
+    let r = if reset {
+        ids.reset_account(&key, tokens, &list, name, caps).await?
+    } else {
+        ids.create_account(&key, tokens, &list, name, caps).await?
+    };
     ok(StatusCode::CREATED, registered_json(&r))
 }
 

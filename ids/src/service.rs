@@ -111,7 +111,6 @@ pub struct Ids {
     sender: Box<dyn CodeSender>,
     verifications: Mutex<Verifications>,
     lookups: Mutex<RateLimiter<DeviceId>>,
-    epoch: Instant,
     rng: SystemRandom,
 }
 
@@ -162,7 +161,6 @@ impl Ids {
             kt,
             ca,
             sender,
-            epoch: Instant::now(),
             rng,
         })
     }
@@ -174,10 +172,6 @@ impl Ids {
             .fill(&mut b)
             .expect("system random number generator");
         b
-    }
-
-    fn now(&self) -> Instant {
-        Instant::now().max(self.epoch)
     }
 
     fn lock_verifications(&self) -> std::sync::MutexGuard<'_, Verifications> {
@@ -200,7 +194,7 @@ impl Ids {
 
     pub fn start_verification(&self, handle: &str, ip: IpAddr) -> Result<VerificationView, Error> {
         let handle = Handle::parse(handle).map_err(|e| Error::BadRequest(e.to_string()))?;
-        let now = self.now();
+        let now = Instant::now();
         let (state, code) = self
             .lock_verifications()
             .start(
@@ -218,7 +212,7 @@ impl Ids {
 
     pub fn resend_verification(&self, id: &str) -> Result<VerificationView, Error> {
         let id = session_id(id)?;
-        let now = self.now();
+        let now = Instant::now();
         let (state, code) = self
             .lock_verifications()
             .resend(id, now, u32::from_be_bytes(self.random()))
@@ -233,14 +227,14 @@ impl Ids {
         let token: [u8; 32] = self.random();
         let handle = self
             .lock_verifications()
-            .check(id, code.trim(), self.now(), token)
+            .check(id, code.trim(), Instant::now(), token)
             .map_err(refusal)?;
         Ok((handle, B64.encode(token)))
     }
 
     /// Spends handle tokens; all or none.
     fn redeem(&self, tokens: &[String]) -> Result<Vec<(Handle, [u8; 32])>, Error> {
-        let now = self.now();
+        let now = Instant::now();
         let mut v = self.lock_verifications();
         let mut out = Vec::new();
         for t in tokens {
@@ -262,7 +256,7 @@ impl Ids {
     }
 
     fn restore(&self, tokens: Vec<(Handle, [u8; 32])>) {
-        let now = self.now();
+        let now = Instant::now();
         let mut v = self.lock_verifications();
         for (h, r) in tokens {
             v.restore(r, h, now);
@@ -271,7 +265,7 @@ impl Ids {
 
     /// Periodic housekeeping of in-memory state.
     pub fn tick(&self) {
-        let now = self.now();
+        let now = Instant::now();
         self.lock_verifications().handle_timeout(now);
         self.lookups
             .lock()
@@ -328,16 +322,8 @@ impl Ids {
         name: &str,
         capabilities: &[String],
     ) -> Result<Registered, Error> {
-        let list = parse_signed_list(device_list)?;
-        let me = single_device(&list, key)?;
-        let proven = self.redeem(handle_tokens)?;
-        let r = self
-            .create_account_inner(&list, me, &proven, name, capabilities, false)
-            .await;
-        if r.is_err() {
-            self.restore(proven);
-        }
-        r
+        self.register(key, handle_tokens, device_list, name, capabilities, false)
+            .await
     }
 
     /// Lost every device: prove a handle again and start over with a new
@@ -351,11 +337,26 @@ impl Ids {
         name: &str,
         capabilities: &[String],
     ) -> Result<Registered, Error> {
+        self.register(key, handle_tokens, device_list, name, capabilities, true)
+            .await
+    }
+
+    /// Registers the one device of a new account; the handle tokens are
+    /// given back if registration fails.
+    async fn register(
+        &self,
+        key: &PublicKey,
+        handle_tokens: &[String],
+        device_list: &[u8],
+        name: &str,
+        capabilities: &[String],
+        reset: bool,
+    ) -> Result<Registered, Error> {
         let list = parse_signed_list(device_list)?;
         let me = single_device(&list, key)?;
         let proven = self.redeem(handle_tokens)?;
         let r = self
-            .create_account_inner(&list, me, &proven, name, capabilities, true)
+            .create_account_inner(&list, me, &proven, name, capabilities, reset)
             .await;
         if r.is_err() {
             self.restore(proven);
@@ -773,7 +774,7 @@ impl Ids {
             )));
         }
         {
-            let now = self.now();
+            let now = Instant::now();
             let mut l = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
             for _ in handles {
                 if !l.take(me.device.id, now) {

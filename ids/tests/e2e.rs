@@ -116,13 +116,11 @@ impl Lab {
         }
     }
 
-    async fn call(
+    /// Sends one request on a fresh TLS connection; bounded at 20 s.
+    async fn send(
         &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-        key: Option<&SigningKey>,
-    ) -> (u16, Value) {
+        req: hyper::Request<Full<Bytes>>,
+    ) -> hyper::Response<hyper::body::Incoming> {
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
         let tls = self.tls.connect(name, tcp).await.unwrap();
@@ -131,6 +129,31 @@ impl Lab {
                 .await
                 .unwrap();
         tokio::spawn(conn);
+        tokio::time::timeout(Duration::from_secs(20), send.send_request(req))
+            .await
+            .expect("response within 20 s")
+            .unwrap()
+    }
+
+    /// Plays the server itself: puts `value` under `uri` in the directory,
+    /// bypassing every API check.
+    async fn server_publishes(&self, uri: &str, value: &DirectoryValue) {
+        let server = self.server.as_ref().unwrap();
+        let mut tx = server.ids.store.begin().await.unwrap();
+        ids::store::tx::queue_publish(&mut tx, uri, &value.encode(), 0)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        server.ids.kt.publish_pending(10).await.unwrap();
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&SigningKey>,
+    ) -> (u16, Value) {
         let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
         let mut req = hyper::Request::builder()
             .method(method)
@@ -147,13 +170,9 @@ impl Lab {
                 wire::request_auth::sign(k, method, path, ts, &bytes),
             );
         }
-        let resp = tokio::time::timeout(
-            Duration::from_secs(20),
-            send.send_request(req.body(Full::new(Bytes::from(bytes))).unwrap()),
-        )
-        .await
-        .expect("response within 20 s")
-        .unwrap();
+        let resp = self
+            .send(req.body(Full::new(Bytes::from(bytes))).unwrap())
+            .await;
         let status = resp.status().as_u16();
         let ctype = resp
             .headers()
@@ -535,7 +554,6 @@ async fn prove_register_approve_lookup_and_detect_a_malicious_insert() {
 
     // The malicious server, attempt 1: append its own device to Alice's
     // signed list without the account key. Clients reject the value.
-    let server = lab.server.as_ref().unwrap();
     let evil = SigningKey::generate();
     let evil_id = DeviceId([0xee; 16]);
     let mut forged = list.clone();
@@ -544,19 +562,8 @@ async fn prove_register_approve_lookup_and_detect_a_malicious_insert() {
         identity_key: evil.public(),
     });
     forged.list.seq += 1;
-    {
-        let mut tx = server.ids.store.begin().await.unwrap();
-        ids::store::tx::queue_publish(
-            &mut tx,
-            alice_uri,
-            &DirectoryValue::Active(forged).encode(),
-            0,
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-    }
-    server.ids.kt.publish_pending(10).await.unwrap();
+    lab.server_publishes(alice_uri, &DirectoryValue::Active(forged))
+        .await;
     let (r, _) = lookup(&lab, &anchor, &b1, "alice@example.com").await;
     assert_eq!(
         r,
@@ -579,19 +586,8 @@ async fn prove_register_approve_lookup_and_detect_a_malicious_insert() {
     }
     .sign(&evil_account)
     .unwrap();
-    {
-        let mut tx = server.ids.store.begin().await.unwrap();
-        ids::store::tx::queue_publish(
-            &mut tx,
-            alice_uri,
-            &DirectoryValue::Active(rekeyed).encode(),
-            0,
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-    }
-    server.ids.kt.publish_pending(10).await.unwrap();
+    lab.server_publishes(alice_uri, &DirectoryValue::Active(rekeyed))
+        .await;
     let (r, _) = lookup(&lab, &anchor, &b1, "alice@example.com").await;
     assert!(r.is_ok(), "a re-keyed value is well formed: {r:?}");
     let (s, v) = lab
@@ -688,18 +684,11 @@ fn audit_own(
 }
 
 async fn crl_serials(lab: &Lab) -> Vec<Vec<u8>> {
-    let tcp = tokio::net::TcpStream::connect(lab.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = lab.tls.connect(name, tcp).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
     let req = hyper::Request::get("/v1/crl")
         .header("host", "x")
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let resp = send.send_request(req).await.unwrap();
+    let resp = lab.send(req).await;
     assert_eq!(resp.headers()["content-type"], "application/pkix-crl");
     let der = resp.into_body().collect().await.unwrap().to_bytes();
     let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
