@@ -6,14 +6,25 @@
 #                turnutils_peer (interop tests) and turnserver (the benchmark anchor)
 #   stun-client  the classic RFC 3489 `stun` client (interop tests)
 #   procps       `kill` and `ps`, used by the tests and benchmarks
+#   postgresql   a PostgreSQL server the identity service's tests start
+#                in a temporary directory (no system cluster is used)
 set -euo pipefail
 
-packages=(coturn stun-client procps)
-commands=(turnutils_uclient stun kill)
+packages=(coturn stun-client procps postgresql)
+commands=(turnutils_uclient stun kill initdb)
+
+# initdb lives outside PATH on Debian, under /usr/lib/postgresql/<version>/bin.
+have() {
+  if [ "$1" = initdb ]; then
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+  else
+    command -v "$1" >/dev/null 2>&1
+  fi
+}
 
 missing=()
 for i in "${!packages[@]}"; do
-  command -v "${commands[$i]}" >/dev/null 2>&1 || missing+=("${packages[$i]}")
+  have "${commands[$i]}" || missing+=("${packages[$i]}")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
@@ -30,7 +41,8 @@ $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # own servers, so make sure none is left holding port 3478.
 if command -v systemctl >/dev/null 2>&1; then
   $sudo systemctl disable --now coturn >/dev/null 2>&1 || true
+  $sudo systemctl disable --now postgresql >/dev/null 2>&1 || true
 fi
 for i in "${!packages[@]}"; do
-  command -v "${commands[$i]}" >/dev/null 2>&1 || { echo "install-deps: ${packages[$i]} did not provide ${commands[$i]}" >&2; exit 1; }
+  have "${commands[$i]}" || { echo "install-deps: ${packages[$i]} did not provide ${commands[$i]}" >&2; exit 1; }
 done

@@ -10,6 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
+use protobuf::Message;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::{json, Value};
 use wire::device_list::{DeviceEntry, DeviceList, DirectoryValue};
@@ -50,19 +51,27 @@ fn pki() -> (String, String, rcgen::CertifiedKey<KeyPair>) {
 }
 
 impl Lab {
-    async fn start(name: &str) -> Lab {
+    /// Starts the service on `database` (SQLite in a temporary directory
+    /// when None).
+    async fn start(name: &str, database: Option<String>) -> Lab {
         let dir =
             std::env::temp_dir().join(format!("parley-ids-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (ca_pem, ca_key_pem, server_cert) = pki();
         let config = ids::Config {
-            database_url: format!("sqlite://{}", dir.join("ids.db").display()),
+            database_url: database
+                .unwrap_or_else(|| format!("sqlite://{}", dir.join("ids.db").display())),
             publish_interval: Duration::from_millis(100),
             outbox: dir.join("outbox"),
             ..ids::Config::default()
         };
         let store = ids::store::Store::open(&config.database_url).await.unwrap();
+        let expected = match config.database_url.starts_with("postgres") {
+            true => ids::store::Backend::Postgres,
+            false => ids::store::Backend::Sqlite,
+        };
+        assert_eq!(store.backend(), expected);
         let root_key =
             ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
                 .unwrap();
@@ -352,8 +361,21 @@ async fn until_devices(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prove_register_approve_lookup_and_detect_a_malicious_insert() {
-    let lab = Lab::start("main").await;
+async fn prove_register_approve_lookup_and_detect_a_malicious_insert_sqlite() {
+    prove_register_approve_lookup_and_detect_a_malicious_insert(Lab::start("sqlite", None).await)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prove_register_approve_lookup_and_detect_a_malicious_insert_postgres() {
+    let pg = parley_tests::postgres::Postgres::start("ids-e2e");
+    prove_register_approve_lookup_and_detect_a_malicious_insert(
+        Lab::start("postgres", Some(pg.url())).await,
+    )
+    .await;
+}
+
+async fn prove_register_approve_lookup_and_detect_a_malicious_insert(lab: Lab) {
     let anchor = lab.anchor().await;
     let alice_uri = "mailto:alice@example.com";
 
@@ -637,6 +659,41 @@ async fn prove_register_approve_lookup_and_detect_a_malicious_insert() {
     assert_eq!(s, 200);
     assert_eq!(v["openapi"], "3.1.0");
 
+    // Auditors can check that every epoch so far only appended.
+    let (_, root) = lab.call("GET", "/v1/kt/root", None, None).await;
+    let latest = root["epoch"].as_u64().unwrap();
+    let (s, v) = lab
+        .call(
+            "GET",
+            &format!("/v1/kt/audit?start=1&end={latest}"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let proof = B64.decode(v["proof"].as_str().unwrap()).unwrap();
+    let proof = akd::proto::specs::types::AppendOnlyProof::parse_from_bytes(&proof).unwrap();
+    let proof = akd::AppendOnlyProof::try_from(&proof).unwrap();
+    let hashes: Vec<[u8; 32]> = v["root_hashes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            B64.decode(h["root_hash"].as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(hashes.len() as u64, latest);
+    akd::auditor::audit_verify::<wire::transparency::KtConfig>(hashes, proof)
+        .await
+        .expect("the directory only appended");
+    let (s, _) = lab
+        .call("GET", "/v1/kt/audit?start=2&end=1", None, None)
+        .await;
+    assert_eq!(s, 400);
+
     lab.server.unwrap().shutdown().await;
 }
 
@@ -651,7 +708,6 @@ fn audit_own(
     account: &SigningKey,
     approved: &[DeviceId],
 ) -> Vec<Unapproved> {
-    use protobuf::Message;
     let msg = akd_core::proto::specs::types::HistoryProof::parse_from_bytes(proof).unwrap();
     let hp = akd_core::HistoryProof::try_from(&msg).unwrap();
     let results = akd_core::verify::key_history_verify::<wire::transparency::KtConfig>(

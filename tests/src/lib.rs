@@ -4,9 +4,11 @@
 //!   with a time bound, and fails loudly when one is not installed;
 //! - [`relay`]: starts the real relay in-process on loopback;
 //! - [`peer`]: a UDP echo peer that records what reaches it;
+//! - [`postgres`]: a throwaway PostgreSQL server on loopback;
 //! - [`turn_client`]: a small blocking TURN client for byte-level checks.
 
 pub mod peer;
+pub mod postgres;
 pub mod relay;
 pub mod tool;
 pub mod turn_client;
