@@ -54,6 +54,7 @@ pub fn router(ids: Arc<Ids>) -> Router {
         .route("/v1/ca.pem", get(ca))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(as_problem))
         .with_state(ids)
 }
 
@@ -128,6 +129,40 @@ pub fn problem(status: StatusCode, kind: &str, detail: &str, retry_after: Option
         }
     }
     r
+}
+
+/// Rejections from axum's own extractors (a bad query string, an
+/// undecodable path, a body over the limit, a wrong method) come as plain
+/// text; rewrite every error that is not problem+json yet into one, keeping
+/// its status and message.
+async fn as_problem(resp: Response) -> Response {
+    let status = resp.status();
+    let is_problem = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/problem+json");
+    if status.as_u16() < 400 || is_problem {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let body = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let detail = String::from_utf8_lossy(&body);
+    let detail = match detail.trim() {
+        "" => status.canonical_reason().unwrap_or("error"),
+        d => d,
+    };
+    let kind = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload-too-large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported-media-type",
+        s if s.is_server_error() => "internal",
+        _ => "bad-request",
+    };
+    let mut out = problem(status, kind, detail, None);
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
 }
 
 async fn not_found() -> Response {

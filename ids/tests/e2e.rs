@@ -754,3 +754,75 @@ async fn crl_serials(lab: &Lab) -> Vec<Vec<u8>> {
 }
 
 use x509_parser::prelude::FromDer;
+
+/// Every operation the OpenAPI document lists is routed (no 404 "no such
+/// endpoint", no 405), and refusals of malformed input are problem+json
+/// (`Lab::call` checks the content type of every error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_matches_the_routes_and_errors_are_problems() {
+    let lab = Lab::start("openapi", None).await;
+    let doc: Value = serde_json::from_str(ids::api::OPENAPI).unwrap();
+    let (s, served) = lab.call("GET", "/v1/openapi.json", None, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        served, doc,
+        "the served document is the crate's openapi.json"
+    );
+    let mut operations = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let concrete = path
+            .replace("{id}", "00")
+            .replace("{code}", "ABCD")
+            .replace("{handle}", "x");
+        for method in ops.as_object().unwrap().keys() {
+            let method = method.to_uppercase();
+            let body = matches!(method.as_str(), "POST" | "PUT").then(|| json!({}));
+            let (s, v) = lab.call(&method, &concrete, body, None).await;
+            assert_ne!(s, 405, "{method} {path} is not routed");
+            assert!(
+                !(s == 404 && v["detail"] == "no such endpoint"),
+                "{method} {path} is not routed"
+            );
+            operations += 1;
+        }
+    }
+    assert!(operations >= 20, "only {operations} operations documented");
+
+    // Malformed input of every kind is answered in problem+json.
+    let (s, v) = lab.call("GET", "/v1/kt/audit?start=x", None, None).await;
+    assert_eq!(s, 400, "{v}");
+    let (s, _) = lab.call("DELETE", "/v1/kt/root", None, None).await;
+    assert_eq!(s, 405);
+    let (s, _) = lab
+        .call(
+            "POST",
+            "/v1/verifications",
+            Some(json!({"handle": "x".repeat(70_000)})),
+            None,
+        )
+        .await;
+    assert_eq!(s, 413);
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/verifications",
+            Some(json!({"handle": 5})),
+            None,
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert!(v["detail"].as_str().unwrap().contains("handle"), "{v}");
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/verifications",
+            Some(json!({"handle": "+1 415"})),
+            None,
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert!(v["detail"].as_str().unwrap().contains("phone"), "{v}");
+    let (s, _) = lab.call("GET", "/v1/nothing-here", None, None).await;
+    assert_eq!(s, 404);
+    lab.server.unwrap().shutdown().await;
+}
