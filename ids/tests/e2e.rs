@@ -54,18 +54,28 @@ impl Lab {
     /// Starts the service on `database` (SQLite in a temporary directory
     /// when None).
     async fn start(name: &str, database: Option<String>) -> Lab {
+        Lab::start_with(name, database, |_| {}).await
+    }
+
+    /// As `start`, with configuration changes.
+    async fn start_with(
+        name: &str,
+        database: Option<String>,
+        tweak: impl FnOnce(&mut ids::Config),
+    ) -> Lab {
         let dir =
             std::env::temp_dir().join(format!("parley-ids-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (ca_pem, ca_key_pem, server_cert) = pki();
-        let config = ids::Config {
+        let mut config = ids::Config {
             database_url: database
                 .unwrap_or_else(|| format!("sqlite://{}", dir.join("ids.db").display())),
             publish_interval: Duration::from_millis(100),
             outbox: dir.join("outbox"),
             ..ids::Config::default()
         };
+        tweak(&mut config);
         let store = ids::store::Store::open(&config.database_url).await.unwrap();
         let expected = match config.database_url.starts_with("postgres") {
             true => ids::store::Backend::Postgres,
@@ -825,4 +835,236 @@ async fn openapi_document_matches_the_routes_and_errors_are_problems() {
     let (s, _) = lab.call("GET", "/v1/nothing-here", None, None).await;
     assert_eq!(s, 404);
     lab.server.unwrap().shutdown().await;
+}
+
+/// Registers a first device for `handle`; returns (account key, device key, device id).
+async fn new_account(lab: &Lab, handle: &str) -> (SigningKey, SigningKey, DeviceId) {
+    let account = SigningKey::generate();
+    let device = SigningKey::generate();
+    let id = DeviceId::random();
+    let uri = wire::Handle::parse(handle).unwrap().uri();
+    let token = lab.prove(handle).await;
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/accounts",
+            Some(json!({
+                "handle_tokens": [token],
+                "device_list": signed_list(&account, 1, &[&uri], &[(id, &device)]),
+                "device": {},
+            })),
+            Some(&device),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    (account, device, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_links_limits_reset_and_delete() {
+    let lab = Lab::start_with("lifecycle", None, |c| c.lookups_per_minute = 60).await;
+    let anchor = lab.anchor().await;
+    let alice = "mailto:alice@example.com";
+    let phone = "tel:+14155550123";
+    let (account, a1, a1_id) = new_account(&lab, "alice@example.com").await;
+    let (_, bob, _) = new_account(&lab, "bob@example.com").await;
+
+    // Adding a handle needs a token proving it.
+    let both = signed_list(&account, 2, &[alice, phone], &[(a1_id, &a1)]);
+    let (s, _) = lab
+        .call(
+            "PUT",
+            "/v1/account/device-list",
+            Some(json!({"device_list": both})),
+            Some(&a1),
+        )
+        .await;
+    assert_eq!(s, 403, "an unproven handle is refused");
+    let token = lab.prove("+14155550123").await;
+    let (s, v) = lab
+        .call(
+            "PUT",
+            "/v1/account/device-list",
+            Some(json!({"device_list": both, "handle_tokens": [token]})),
+            Some(&a1),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (_, v) = lab.call("GET", "/v1/account", None, Some(&a1)).await;
+    assert_eq!(v["handles"], json!([alice, phone]));
+
+    // A link code is claimed once; unknown codes are 404.
+    let (_, v) = lab.call("POST", "/v1/account/links", None, Some(&a1)).await;
+    let code = v["code"].as_str().unwrap().to_owned();
+    let claim = |id: DeviceId| json!({"device_id": id.to_string(), "name": "tablet"});
+    let (a2, a2_id) = (SigningKey::generate(), DeviceId::random());
+    let path = format!("/v1/links/{code}/claim");
+    let (s, _) = lab.call("POST", &path, Some(claim(a2_id)), Some(&a2)).await;
+    assert_eq!(s, 202);
+    let (s, _) = lab
+        .call(
+            "POST",
+            &path,
+            Some(claim(DeviceId::random())),
+            Some(&SigningKey::generate()),
+        )
+        .await;
+    assert_eq!(s, 409, "a second claim on one code is refused");
+    let (s, _) = lab
+        .call(
+            "POST",
+            "/v1/links/0000-0000-0000-0000/claim",
+            Some(claim(a2_id)),
+            Some(&a2),
+        )
+        .await;
+    assert_eq!(s, 404);
+    // A device that claimed no code of this account cannot be listed.
+    let stranger = (DeviceId::random(), SigningKey::generate());
+    let (s, _) = lab
+        .call(
+            "PUT",
+            "/v1/account/device-list",
+            Some(json!({"device_list": signed_list(&account, 3, &[alice, phone], &[(a1_id, &a1), (stranger.0, &stranger.1)])})),
+            Some(&a1),
+        )
+        .await;
+    assert_eq!(s, 400);
+    let (s, _) = lab
+        .call(
+            "PUT",
+            "/v1/account/device-list",
+            Some(json!({"device_list": signed_list(&account, 3, &[alice, phone], &[(a1_id, &a1), (a2_id, &a2)])})),
+            Some(&a1),
+        )
+        .await;
+    assert_eq!(s, 200);
+
+    // Lookups are counted per handle against the device's quota.
+    let sixty: Vec<String> = (0..60).map(|i| format!("nobody{i}@example.com")).collect();
+    let (s, _) = lab
+        .call(
+            "POST",
+            "/v1/lookup",
+            Some(json!({"handles": sixty})),
+            Some(&a2),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/lookup",
+            Some(json!({"handles": ["nobody@example.com"]})),
+            Some(&a2),
+        )
+        .await;
+    assert_eq!(s, 429, "{v}");
+    assert!(v["retry_after"].as_u64().unwrap() >= 1);
+
+    // Every device lost: prove the email again and reset. The old devices
+    // are out, the old account's other handle becomes a tombstone.
+    let new_account_key = SigningKey::generate();
+    let (n1, n1_id) = (SigningKey::generate(), DeviceId::random());
+    let token = lab.prove("alice@example.com").await;
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/accounts/reset",
+            Some(json!({
+                "handle_tokens": [token],
+                "device_list": signed_list(&new_account_key, 1, &[alice], &[(n1_id, &n1)]),
+                "device": {"name": "new phone"},
+            })),
+            Some(&n1),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    for old in [&a1, &a2] {
+        let (s, _) = lab.call("GET", "/v1/account", None, Some(old)).await;
+        assert_eq!(s, 403, "devices of the reset account are removed");
+    }
+    let value = until_value(&lab, &anchor, &bob, alice, |v| {
+        matches!(v, DirectoryValue::Active(l) if l.list.account_key == new_account_key.public())
+    })
+    .await;
+    assert!(matches!(value, DirectoryValue::Active(_)));
+    until_value(&lab, &anchor, &bob, phone, |v| {
+        *v == DirectoryValue::Tombstone
+    })
+    .await;
+    assert_eq!(
+        crl_serials(&lab).await.len(),
+        2,
+        "both old certificates revoked"
+    );
+
+    // Deleting the account leaves only tombstones.
+    let (s, _) = lab.call("DELETE", "/v1/account", None, Some(&n1)).await;
+    assert_eq!(s, 204);
+    let (s, _) = lab.call("GET", "/v1/account", None, Some(&n1)).await;
+    assert_eq!(s, 403);
+    until_value(&lab, &anchor, &bob, alice, |v| {
+        *v == DirectoryValue::Tombstone
+    })
+    .await;
+    let token = lab.prove("alice@example.com").await;
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/accounts",
+            Some(json!({
+                "handle_tokens": [token],
+                "device_list": signed_list(&account, 1, &[alice], &[(a1_id, &SigningKey::generate())]),
+                "device": {},
+            })),
+            Some(&SigningKey::generate()),
+        )
+        .await;
+    assert_eq!(
+        s, 400,
+        "the list must hold exactly the registering device: {v}"
+    );
+    lab.server.unwrap().shutdown().await;
+}
+
+/// Waits (bounded) until a verified lookup of `uri` satisfies `pred`.
+async fn until_value(
+    lab: &Lab,
+    anchor: &TrustAnchor,
+    me: &SigningKey,
+    uri: &str,
+    pred: impl Fn(&DirectoryValue) -> bool,
+) -> DirectoryValue {
+    let mut last = None;
+    for _ in 0..200 {
+        let (s, v) = lab
+            .call(
+                "POST",
+                "/v1/lookup",
+                Some(json!({"handles": [uri]})),
+                Some(me),
+            )
+            .await;
+        if s == 429 {
+            // The caller's own lookups ran out of quota: wait as told.
+            let wait = v["retry_after"].as_u64().unwrap_or(1).min(2);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            continue;
+        }
+        assert_eq!(s, 200, "{v}");
+        let r = &v["results"][0];
+        if r["status"] == "found" {
+            let proof = B64.decode(r["proof"].as_str().unwrap()).unwrap();
+            let got = verify_lookup(anchor, &root_of(&r["root"]), uri, &proof)
+                .expect("proof verifies")
+                .value;
+            if pred(&got) {
+                return got;
+            }
+            last = Some(got);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{uri} never reached the expected value; last {last:?}");
 }
