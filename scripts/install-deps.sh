@@ -8,6 +8,9 @@
 #   procps       `kill` and `ps`, used by the tests and benchmarks
 #   postgresql   a PostgreSQL server the identity service's tests start
 #                in a temporary directory (no system cluster is used)
+#
+# and from PyPI:
+#   schemathesis API fuzzing from the identity service's OpenAPI document
 set -euo pipefail
 
 packages=(coturn stun-client procps postgresql)
@@ -26,23 +29,31 @@ missing=()
 for i in "${!packages[@]}"; do
   have "${commands[$i]}" || missing+=("${packages[$i]}")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "install-deps: need root or sudo to install ${missing[*]}" >&2; exit 1; }
+    sudo="sudo"
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian's coturn and postgresql packages ship system services; Parley's
+  # tests start their own servers, so make sure none is left holding ports.
+  if command -v systemctl >/dev/null 2>&1; then
+    $sudo systemctl disable --now coturn >/dev/null 2>&1 || true
+    $sudo systemctl disable --now postgresql >/dev/null 2>&1 || true
+  fi
+  for i in "${!packages[@]}"; do
+    have "${commands[$i]}" || { echo "install-deps: ${packages[$i]} did not provide ${commands[$i]}" >&2; exit 1; }
+  done
+fi
 
-echo "install-deps: installing ${missing[*]}"
-sudo=""
-if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null 2>&1 || { echo "install-deps: need root or sudo to install ${missing[*]}" >&2; exit 1; }
-  sudo="sudo"
+schemathesis_version=4.32.5
+if ! have schemathesis; then
+  echo "install-deps: installing schemathesis $schemathesis_version from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    "schemathesis==$schemathesis_version"
+  have schemathesis || { echo "install-deps: schemathesis installed but is not on PATH ($(python3 -m site --user-base)/bin?)" >&2; exit 1; }
 fi
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# Debian's coturn package ships a system service; Parley's tests start their
-# own servers, so make sure none is left holding port 3478.
-if command -v systemctl >/dev/null 2>&1; then
-  $sudo systemctl disable --now coturn >/dev/null 2>&1 || true
-  $sudo systemctl disable --now postgresql >/dev/null 2>&1 || true
-fi
-for i in "${!packages[@]}"; do
-  have "${commands[$i]}" || { echo "install-deps: ${packages[$i]} did not provide ${commands[$i]}" >&2; exit 1; }
-done
