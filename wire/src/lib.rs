@@ -5,6 +5,7 @@
 //! - [`device_list`]: the account-signed list of devices that the identity
 //!   service publishes in its key transparency directory.
 //! - [`request_auth`]: how a device signs its HTTP requests.
+//! - [`safety_number`]: the 60 digits and QR payload two people compare.
 //! - [`transparency`]: verification of lookup and history proofs against a
 //!   signed epoch root.
 
@@ -12,8 +13,10 @@ pub mod device_list;
 pub mod handle;
 pub mod keys;
 pub mod request_auth;
+pub mod safety_number;
 pub mod transparency;
 
 pub use device_list::{DeviceEntry, DeviceList, DirectoryValue, SignedDeviceList};
 pub use handle::{Handle, HandleError};
 pub use keys::{DeviceId, PublicKey, SigningKey};
+pub use safety_number::SafetyNumber;
