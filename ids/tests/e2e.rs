@@ -444,11 +444,16 @@ async fn prove_register_approve_lookup_and_detect_a_malicious_insert(lab: Lab) {
     let code = v["code"].as_str().unwrap().to_owned();
     let a2 = SigningKey::generate();
     let a2_id = DeviceId::random();
+    let transfer = wire::key_transfer::TransferKey::generate();
     let (s, v) = lab
         .call(
             "POST",
             &format!("/v1/links/{}/claim", code.to_lowercase()),
-            Some(json!({"device_id": a2_id.to_string(), "name": "Alice's laptop"})),
+            Some(json!({
+                "device_id": a2_id.to_string(),
+                "name": "Alice's laptop",
+                "transfer_key": B64.encode(transfer.public()),
+            })),
             Some(&a2),
         )
         .await;
@@ -460,11 +465,20 @@ async fn prove_register_approve_lookup_and_detect_a_malicious_insert(lab: Lab) {
     let (_, v) = lab.call("GET", "/v1/account/links", None, Some(&a1)).await;
     assert_eq!(v["claims"][0]["device_id"], a2_id.to_string());
     assert_eq!(v["claims"][0]["identity_key"], a2.public().to_b64());
+    // The approver seals the account key to the new device's transfer key;
+    // the server only relays the sealed bytes.
+    let claim = &v["claims"][0];
+    let transfer_public = B64.decode(claim["transfer_key"].as_str().unwrap()).unwrap();
+    let sealed =
+        wire::key_transfer::seal_account_key(&alice_account, &transfer_public, a2_id).unwrap();
     let (s, v) = lab
         .call(
             "PUT",
             "/v1/account/device-list",
-            Some(json!({"device_list": signed_list(&alice_account, 2, &[alice_uri], &[(a1_id, &a1), (a2_id, &a2)])})),
+            Some(json!({
+                "device_list": signed_list(&alice_account, 2, &[alice_uri], &[(a1_id, &a1), (a2_id, &a2)]),
+                "sealed_account_keys": {claim["link"].as_str().unwrap(): B64.encode(&sealed)},
+            })),
             Some(&a1),
         )
         .await;
@@ -474,6 +488,15 @@ async fn prove_register_approve_lookup_and_detect_a_malicious_insert(lab: Lab) {
         .await;
     assert_eq!(v["status"], "approved", "{v}");
     assert_eq!(v["device_id"], a2_id.to_string());
+    let relayed = B64
+        .decode(v["sealed_account_key"].as_str().unwrap())
+        .unwrap();
+    let account_on_a2 = transfer.open(&relayed, a2_id).unwrap();
+    assert_eq!(
+        account_on_a2.public(),
+        alice_account.public(),
+        "the laptop holds the account key"
+    );
     // Replaying an older list is refused.
     let (s, _) = lab
         .call(

@@ -2,6 +2,7 @@
 //!
 //! - [`handle`]: phone numbers and email addresses in canonical form.
 //! - [`keys`]: P-256 device and account keys, ids.
+//! - [`key_transfer`]: sealing the account key to a newly approved device.
 //! - [`device_list`]: the account-signed list of devices that the identity
 //!   service publishes in its key transparency directory.
 //! - [`request_auth`]: how a device signs its HTTP requests.
@@ -11,6 +12,7 @@
 
 pub mod device_list;
 pub mod handle;
+pub mod key_transfer;
 pub mod keys;
 pub mod request_auth;
 pub mod safety_number;

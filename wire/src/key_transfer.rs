@@ -1,0 +1,185 @@
+//! Handing the account key to a newly approved device without the server
+//! learning it.
+//!
+//! The new device makes an ephemeral P-256 key ([`TransferKey`]) and sends
+//! its public half with its link claim. The approving device seals the
+//! account key to it ([`seal_account_key`]): ECDH with a fresh ephemeral
+//! key, HKDF-SHA256 (salt = both public keys, info = context ‖ device id),
+//! AES-256-GCM. The server stores and relays the sealed bytes:
+//!
+//! ```text
+//! [65] approver's ephemeral public key ‖ AES-256-GCM(account key PKCS#8) ‖ [16] tag
+//! ```
+//!
+//! Each derived key seals exactly one message, so the nonce is fixed.
+
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, ECDH_P256};
+use ring::hkdf;
+use ring::rand::SystemRandom;
+
+use crate::keys::{DeviceId, SigningKey, PUBLIC_KEY_LEN};
+
+const INFO: &[u8] = b"parley-account-key-transfer-v1";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransferError {
+    #[error("transfer key must be 65 bytes of uncompressed P-256")]
+    BadTransferKey,
+    #[error("sealed account key does not open with this transfer key")]
+    Open,
+    #[error("the opened account key is not a P-256 PKCS#8 document")]
+    BadAccountKey,
+}
+
+/// The new device's half; lives in memory until the approval arrives.
+#[derive(Debug)]
+pub struct TransferKey {
+    private: EphemeralPrivateKey,
+    public: Vec<u8>,
+}
+
+impl TransferKey {
+    pub fn generate() -> TransferKey {
+        let rng = SystemRandom::new();
+        let private = EphemeralPrivateKey::generate(&ECDH_P256, &rng)
+            .expect("system random number generator failed");
+        let public = private
+            .compute_public_key()
+            .expect("public key of a fresh P-256 key")
+            .as_ref()
+            .to_vec();
+        TransferKey { private, public }
+    }
+
+    /// The public half to send with the link claim.
+    pub fn public(&self) -> &[u8] {
+        &self.public
+    }
+
+    /// Opens what the approving device sealed for `device`.
+    pub fn open(self, sealed: &[u8], device: DeviceId) -> Result<SigningKey, TransferError> {
+        if sealed.len() < PUBLIC_KEY_LEN + AES_256_GCM.tag_len() {
+            return Err(TransferError::Open);
+        }
+        let (their_public, ciphertext) = sealed.split_at(PUBLIC_KEY_LEN);
+        let key = derive(
+            self.private,
+            their_public,
+            their_public,
+            &self.public,
+            device,
+        )
+        .ok_or(TransferError::Open)?;
+        let mut buf = ciphertext.to_vec();
+        let plain = key
+            .open_in_place(
+                Nonce::assume_unique_for_key([0; 12]),
+                Aad::empty(),
+                &mut buf,
+            )
+            .map_err(|_| TransferError::Open)?;
+        SigningKey::from_pkcs8(plain).map_err(|_| TransferError::BadAccountKey)
+    }
+}
+
+/// Seals `account` to the new device's transfer key.
+pub fn seal_account_key(
+    account: &SigningKey,
+    transfer_public: &[u8],
+    device: DeviceId,
+) -> Result<Vec<u8>, TransferError> {
+    if transfer_public.len() != PUBLIC_KEY_LEN {
+        return Err(TransferError::BadTransferKey);
+    }
+    let rng = SystemRandom::new();
+    let mine = EphemeralPrivateKey::generate(&ECDH_P256, &rng)
+        .expect("system random number generator failed");
+    let my_public = mine
+        .compute_public_key()
+        .expect("public key of a fresh P-256 key")
+        .as_ref()
+        .to_vec();
+    let key = derive(mine, transfer_public, &my_public, transfer_public, device)
+        .ok_or(TransferError::BadTransferKey)?;
+    let mut buf = account.pkcs8().to_vec();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key([0; 12]),
+        Aad::empty(),
+        &mut buf,
+    )
+    .map_err(|_| TransferError::BadTransferKey)?;
+    let mut out = my_public;
+    out.extend_from_slice(&buf);
+    Ok(out)
+}
+
+/// ECDH with `peer`, then HKDF with salt = sealer's ‖ opener's public key.
+fn derive(
+    private: EphemeralPrivateKey,
+    peer: &[u8],
+    sealer_public: &[u8],
+    opener_public: &[u8],
+    device: DeviceId,
+) -> Option<LessSafeKey> {
+    let mut salt = sealer_public.to_vec();
+    salt.extend_from_slice(opener_public);
+    agreement::agree_ephemeral(
+        private,
+        &UnparsedPublicKey::new(&ECDH_P256, peer),
+        |shared| {
+            let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt).extract(shared);
+            let info = [INFO, &device.0[..]];
+            let okm = prk.expand(&info, &AES_256_GCM).ok()?;
+            let mut key = [0u8; 32];
+            okm.fill(&mut key).ok()?;
+            Some(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).ok()?))
+        },
+    )
+    .ok()
+    .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_new_device_recovers_the_account_key() {
+        let account = SigningKey::generate();
+        let device = DeviceId::random();
+        let t = TransferKey::generate();
+        let sealed = seal_account_key(&account, t.public(), device).unwrap();
+        let opened = t.open(&sealed, device).unwrap();
+        assert_eq!(opened.public(), account.public());
+    }
+
+    #[test]
+    fn wrong_key_device_or_tampering_fails() {
+        let account = SigningKey::generate();
+        let device = DeviceId::random();
+        let t = TransferKey::generate();
+        let sealed = seal_account_key(&account, t.public(), device).unwrap();
+        assert_eq!(
+            TransferKey::generate().open(&sealed, device).unwrap_err(),
+            TransferError::Open
+        );
+        let t2 = TransferKey::generate();
+        let sealed2 = seal_account_key(&account, t2.public(), device).unwrap();
+        assert_eq!(
+            t2.open(&sealed2, DeviceId::random()).unwrap_err(),
+            TransferError::Open,
+            "bound to the device id"
+        );
+        let t3 = TransferKey::generate();
+        let mut sealed3 = seal_account_key(&account, t3.public(), device).unwrap();
+        let last = sealed3.len() - 1;
+        sealed3[last] ^= 1;
+        assert_eq!(t3.open(&sealed3, device).unwrap_err(), TransferError::Open);
+        assert_eq!(
+            seal_account_key(&account, &[4; 10], device),
+            Err(TransferError::BadTransferKey)
+        );
+        assert!(TransferKey::generate().open(&[1, 2, 3], device).is_err());
+    }
+}
