@@ -76,34 +76,45 @@ impl Database for SqlDatabase {
         records: Vec<DbRecord>,
         _state: DbSetState,
     ) -> Result<(), StorageError> {
+        // Multi-row upserts: a publish writes a few records per changed
+        // leaf, and one statement per record made it row-at-a-time.
+        const ROWS: usize = 200;
+        let mut states = Vec::new();
+        let mut others = Vec::new();
+        for r in &records {
+            match r {
+                DbRecord::ValueState(s) => states.push(s),
+                other => others.push(other),
+            }
+        }
         let mut tx = self.store.pool().begin().await.map_err(se)?;
-        for record in &records {
-            match record {
-                DbRecord::ValueState(s) => {
-                    sqlx::query(
-                        "INSERT INTO akd_states (label, epoch, version, data) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (label, epoch) DO UPDATE SET version = excluded.version, data = excluded.data",
-                    )
+        for chunk in states.chunks(ROWS) {
+            let sql = format!(
+                "INSERT INTO akd_states (label, epoch, version, data) VALUES {}
+                 ON CONFLICT (label, epoch) DO UPDATE SET version = excluded.version, data = excluded.data",
+                placeholders(chunk.len(), 4)
+            );
+            let mut q = sqlx::query(&sql);
+            for s in chunk {
+                q = q
                     .bind(s.username.0.clone())
                     .bind(s.epoch as i64)
                     .bind(s.version as i64)
-                    .bind(encode(s)?)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(se)?;
-                }
-                other => {
-                    sqlx::query(
-                        "INSERT INTO akd_records (id, data) VALUES ($1, $2)
-                         ON CONFLICT (id) DO UPDATE SET data = excluded.data",
-                    )
-                    .bind(other.get_full_binary_id())
-                    .bind(encode(other)?)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(se)?;
-                }
+                    .bind(encode(*s)?);
             }
+            q.execute(&mut *tx).await.map_err(se)?;
+        }
+        for chunk in others.chunks(ROWS) {
+            let sql = format!(
+                "INSERT INTO akd_records (id, data) VALUES {}
+                 ON CONFLICT (id) DO UPDATE SET data = excluded.data",
+                placeholders(chunk.len(), 2)
+            );
+            let mut q = sqlx::query(&sql);
+            for r in chunk {
+                q = q.bind(r.get_full_binary_id()).bind(encode(*r)?);
+            }
+            q.execute(&mut *tx).await.map_err(se)?;
         }
         tx.commit().await.map_err(se)
     }
@@ -143,10 +154,12 @@ impl Database for SqlDatabase {
         }
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
-            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
                 "SELECT data FROM akd_records WHERE id IN ({})",
-                placeholders.join(",")
+                (1..=chunk.len())
+                    .map(|i| format!("${i}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
             );
             let mut q = sqlx::query(&sql);
             for id in chunk {
@@ -208,6 +221,17 @@ impl Database for SqlDatabase {
         }
         Ok(map)
     }
+}
+
+/// `($1, $2), ($3, $4), …` for `rows` rows of `cols` values.
+fn placeholders(rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let vals: Vec<String> = (1..=cols).map(|c| format!("${}", r * cols + c)).collect();
+            format!("({})", vals.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The VRF private key, kept in the data directory.
