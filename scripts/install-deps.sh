@@ -11,6 +11,7 @@
 #
 # and from PyPI:
 #   schemathesis API fuzzing from the identity service's OpenAPI document
+#   aiosmtpd     a real SMTP server for the email code sender's test
 set -euo pipefail
 
 packages=(coturn stun-client procps postgresql)
@@ -56,4 +57,10 @@ if ! have schemathesis; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     "schemathesis==$schemathesis_version"
   have schemathesis || { echo "install-deps: schemathesis installed but is not on PATH ($(python3 -m site --user-base)/bin?)" >&2; exit 1; }
+fi
+aiosmtpd_version=1.4.6
+if ! python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
+  echo "install-deps: installing aiosmtpd $aiosmtpd_version from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    "aiosmtpd==$aiosmtpd_version"
 fi

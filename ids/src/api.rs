@@ -85,6 +85,7 @@ impl IntoResponse for ApiError {
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Error::RetryAfter(_) => (StatusCode::TOO_MANY_REQUESTS, "rate-limited"),
             Error::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "delivery-failed"),
             Error::Config(_) | Error::Database(_) | Error::Directory(_) | Error::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -261,12 +262,12 @@ async fn start_verification(
     body: Bytes,
 ) -> R {
     let req: StartVerification = parse(&body)?;
-    let v = ids.start_verification(&req.handle, peer.ip())?;
+    let v = ids.start_verification(&req.handle, peer.ip()).await?;
     ok(StatusCode::CREATED, verification_json(&v))
 }
 
 async fn resend_verification(State(ids): S, Path(id): Path<String>) -> R {
-    let v = ids.resend_verification(&id)?;
+    let v = ids.resend_verification(&id).await?;
     ok(StatusCode::OK, verification_json(&v))
 }
 

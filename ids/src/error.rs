@@ -33,6 +33,9 @@ pub enum Error {
     RetryAfter(Duration),
     #[error("service is busy; retry later")]
     Busy,
+    /// A dependency (SMTP relay, SMS webhook) failed; the message says what.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl Error {

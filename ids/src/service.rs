@@ -192,7 +192,11 @@ impl Ids {
 
     // ---- verification -------------------------------------------------
 
-    pub fn start_verification(&self, handle: &str, ip: IpAddr) -> Result<VerificationView, Error> {
+    pub async fn start_verification(
+        &self,
+        handle: &str,
+        ip: IpAddr,
+    ) -> Result<VerificationView, Error> {
         let handle = Handle::parse(handle).map_err(|e| Error::BadRequest(e.to_string()))?;
         let now = Instant::now();
         let (state, code) = self
@@ -205,19 +209,19 @@ impl Ids {
                 u32::from_be_bytes(self.random()),
             )
             .map_err(refusal)?;
-        self.sender.send(&handle, &code)?;
+        self.sender.send(&handle, &code).await?;
         tracing::info!(handle = %handle.redacted(), "verification started");
         Ok(self.view(state, now))
     }
 
-    pub fn resend_verification(&self, id: &str) -> Result<VerificationView, Error> {
+    pub async fn resend_verification(&self, id: &str) -> Result<VerificationView, Error> {
         let id = session_id(id)?;
         let now = Instant::now();
         let (state, code) = self
             .lock_verifications()
             .resend(id, now, u32::from_be_bytes(self.random()))
             .map_err(refusal)?;
-        self.sender.send(&state.handle, &code)?;
+        self.sender.send(&state.handle, &code).await?;
         Ok(self.view(state, now))
     }
 

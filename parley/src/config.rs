@@ -31,7 +31,7 @@ pub struct Settings {
     pub ids: IdsSection,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IdsSection {
     /// HTTPS listen address of the identity service. Default 0.0.0.0:8444.
@@ -45,9 +45,65 @@ pub struct IdsSection {
     /// TLS certificate chain and key (PEM). Default: the data directory's.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// SMTP relay for email codes, e.g. `smtps://user:pass@mail.example.com:465`.
+    /// Default: none (codes go to the outbox).
+    pub email_smtp_url: Option<String>,
+    /// Sender of code emails, e.g. `Parley <no-reply@example.com>`.
+    pub email_from: Option<String>,
+    /// HTTPS webhook for SMS codes. Default: none (codes go to the outbox).
+    pub sms_webhook_url: Option<String>,
+    /// Bearer token sent to the SMS webhook.
+    pub sms_webhook_token: Option<String>,
+}
+
+/// Secrets (SMTP URL with its password, webhook token) stay out of Debug.
+impl std::fmt::Debug for IdsSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |o: &Option<String>| o.as_ref().map(|_| "<set>");
+        f.debug_struct("IdsSection")
+            .field("listen", &self.listen)
+            .field("database", &set(&self.database))
+            .field("publish_interval_secs", &self.publish_interval_secs)
+            .field("outbox", &self.outbox)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("email_smtp_url", &set(&self.email_smtp_url))
+            .field("email_from", &self.email_from)
+            .field("sms_webhook_url", &self.sms_webhook_url)
+            .field("sms_webhook_token", &set(&self.sms_webhook_token))
+            .finish()
+    }
 }
 
 impl IdsSection {
+    /// The code senders: SMTP for email and the webhook for phone numbers
+    /// when configured, else the development outbox.
+    pub fn sender(&self, outbox: &Path) -> Result<Box<dyn ids::sender::CodeSender>> {
+        use ids::sender::{ByKind, CodeSender, OutboxSender, SmtpSender, WebhookSender};
+        let dev = || -> Box<dyn CodeSender> {
+            tracing::warn!(dir = %outbox.display(), "verification codes are written to the outbox, not sent");
+            Box::new(OutboxSender {
+                dir: outbox.to_owned(),
+            })
+        };
+        let email: Box<dyn CodeSender> = match &self.email_smtp_url {
+            Some(url) => {
+                let from = self.email_from.as_deref().ok_or_else(|| {
+                    anyhow!(
+                        "invalid configuration: ids.email_from: required with ids.email_smtp_url"
+                    )
+                })?;
+                Box::new(SmtpSender::new(url, from)?)
+            }
+            None => dev(),
+        };
+        let phone: Box<dyn CodeSender> = match &self.sms_webhook_url {
+            Some(url) => Box::new(WebhookSender::new(url, self.sms_webhook_token.clone())?),
+            None => dev(),
+        };
+        Ok(Box::new(ByKind { email, phone }))
+    }
+
     pub fn to_config(&self, data: &Path) -> Result<ids::Config> {
         let mut c = ids::Config {
             database_url: self
@@ -432,5 +488,41 @@ mod tests {
         .unwrap();
         let e = s.turn.to_config("s").unwrap_err().to_string();
         assert!(e.starts_with("invalid configuration: turn.min_port"), "{e}");
+    }
+
+    #[test]
+    fn ids_senders_are_checked_and_secrets_stay_out_of_debug() {
+        let s = load(
+            None,
+            env(&[
+                (
+                    "PARLEY_IDS_EMAIL_SMTP_URL",
+                    "smtps://u:hunter2@mail.example.com:465",
+                ),
+                ("PARLEY_IDS_SMS_WEBHOOK_URL", "https://sms.example.com/send"),
+                ("PARLEY_IDS_SMS_WEBHOOK_TOKEN", "tok-secret"),
+            ])
+            .into_iter(),
+            &[],
+        )
+        .unwrap();
+        let debug = format!("{s:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("tok-secret"),
+            "{debug}"
+        );
+        let e = s.ids.sender(Path::new("/tmp/x")).unwrap_err().to_string();
+        assert!(e.contains("ids.email_from"), "{e}");
+        let e = load(
+            None,
+            env(&[("PARLEY_IDS_PUBLISH_INTERVAL_SECS", "30")]).into_iter(),
+            &[],
+        )
+        .unwrap()
+        .ids
+        .to_config(Path::new("/tmp"))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ids.publish_interval_secs"), "{e}");
     }
 }

@@ -283,10 +283,8 @@ async fn start_ids(
     let ca_key = std::fs::read_to_string(&data.ca_key)
         .with_context(|| format!("cannot read {}", data.ca_key.display()))?;
     let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &ca_key)?;
-    let sender = ids::sender::OutboxSender {
-        dir: config.outbox.clone(),
-    };
-    let service = ids::Ids::new(config, store, kt, ca, Box::new(sender))?;
+    let sender = settings.sender(&config.outbox)?;
+    let service = ids::Ids::new(config, store, kt, ca, sender)?;
     let cert = settings
         .cert
         .clone()
