@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::extract::{ConnectInfo, FromRequest, Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -192,29 +192,54 @@ fn path_of(uri: &Uri) -> &str {
     uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
 }
 
-/// Verifies the request signature; returns the signing key.
-fn signer(
-    ids: &Ids,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<PublicKey, Error> {
-    let h = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    ids.verify_request(h, method.as_str(), path_of(uri), body)
+/// A request signed by a device key (registered or not): the key and the
+/// body it signed. Refusals are problem+json like every other error.
+#[derive(Debug)]
+pub struct Signed {
+    pub key: PublicKey,
+    pub body: Bytes,
 }
 
-async fn authed(
-    ids: &Ids,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<AuthedDevice, Error> {
-    let key = signer(ids, method, uri, headers, body)?;
-    ids.device(&key).await
+impl FromRequest<Arc<Ids>> for Signed {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, ids: &Arc<Ids>) -> Result<Self, Response> {
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // Bytes honours DefaultBodyLimit (413).
+        let body = Bytes::from_request(req, ids)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let key = ids
+            .verify_request(auth.as_deref(), method.as_str(), path_of(&uri), &body)
+            .map_err(|e| ApiError(e).into_response())?;
+        Ok(Signed { key, body })
+    }
+}
+
+/// A signed request from a registered, active device.
+#[derive(Debug)]
+pub struct Device {
+    pub me: AuthedDevice,
+    pub body: Bytes,
+}
+
+impl FromRequest<Arc<Ids>> for Device {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, ids: &Arc<Ids>) -> Result<Self, Response> {
+        let Signed { key, body } = Signed::from_request(req, ids).await?;
+        let me = ids
+            .device(&key)
+            .await
+            .map_err(|e| ApiError(e).into_response())?;
+        Ok(Device { me, body })
+    }
 }
 
 fn ok(status: StatusCode, v: Value) -> R {
@@ -312,37 +337,17 @@ fn registered_json(r: &Registered) -> Value {
     })
 }
 
-async fn create_account(
-    State(ids): S,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> R {
-    register(&ids, &method, &uri, &headers, &body, false).await
+async fn create_account(State(ids): S, signed: Signed) -> R {
+    register(&ids, signed, false).await
 }
 
-async fn reset_account(
-    State(ids): S,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> R {
-    register(&ids, &method, &uri, &headers, &body, true).await
+async fn reset_account(State(ids): S, signed: Signed) -> R {
+    register(&ids, signed, true).await
 }
 
 /// `POST /v1/accounts` and `/v1/accounts/reset` take the same body.
-async fn register(
-    ids: &Ids,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &[u8],
-    reset: bool,
-) -> R {
-    let key = signer(ids, method, uri, headers, body)?;
-    let req: CreateAccount = parse(body)?;
+async fn register(ids: &Ids, Signed { key, body }: Signed, reset: bool) -> R {
+    let req: CreateAccount = parse(&body)?;
     let list = b64("device_list", &req.device_list)?;
     let (tokens, name, caps) = (
         &req.handle_tokens,
@@ -367,8 +372,7 @@ fn device_json(d: &crate::store::DeviceRow) -> Value {
     })
 }
 
-async fn account(State(ids): S, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> R {
-    let me = authed(&ids, &method, &uri, &headers, &body).await?;
+async fn account(State(ids): S, Device { me, .. }: Device) -> R {
     let a = ids
         .store
         .account(&me.device.account_id)
@@ -396,14 +400,7 @@ async fn account(State(ids): S, method: Method, uri: Uri, headers: HeaderMap, bo
     )
 }
 
-async fn delete_account(
-    State(ids): S,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> R {
-    let me = authed(&ids, &method, &uri, &headers, &body).await?;
+async fn delete_account(State(ids): S, Device { me, .. }: Device) -> R {
     ids.delete_account(&me).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -419,14 +416,7 @@ struct UpdateDeviceList {
     sealed_account_keys: HashMap<String, String>,
 }
 
-async fn update_device_list(
-    State(ids): S,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> R {
-    let me = authed(&ids, &method, &uri, &headers, &body).await?;
+async fn update_device_list(State(ids): S, Device { me, body }: Device) -> R {
     let req: UpdateDeviceList = parse(&body)?;
     let list = b64("device_list", &req.device_list)?;
     let mut sealed = HashMap::new();
@@ -439,14 +429,7 @@ async fn update_device_list(
     ok(StatusCode::OK, json!({"seq": seq}))
 }
 
-async fn create_link(
-    State(ids): S,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> R {
-    let me = authed(&ids, &method, &uri, &headers, &body).await?;
+async fn create_link(State(ids): S, Device { me, .. }: Device) -> R {
     let (code, ttl) = ids.create_link(&me).await?;
     ok(
         StatusCode::CREATED,
@@ -454,8 +437,7 @@ async fn create_link(
     )
 }
 
-async fn list_links(State(ids): S, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> R {
-    let me = authed(&ids, &method, &uri, &headers, &body).await?;
+async fn list_links(State(ids): S, Device { me, .. }: Device) -> R {
     let links = ids
         .store
         .links_of(&me.device.account_id, crate::kt::unix_now())
@@ -489,15 +471,7 @@ struct ClaimLink {
     transfer_key: Option<String>,
 }
 
-async fn claim_link(
-    State(ids): S,
-    Path(code): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> R {
-    let key = signer(&ids, &method, &uri, &headers, &body)?;
+async fn claim_link(State(ids): S, Path(code): Path<String>, Signed { key, body }: Signed) -> R {
     let req: ClaimLink = parse(&body)?;
     let device_id: DeviceId = req
         .device_id
@@ -520,15 +494,7 @@ async fn claim_link(
     ok(StatusCode::ACCEPTED, json!({"status": "pending"}))
 }
 
-async fn link_status(
-    State(ids): S,
-    Path(code): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> R {
-    let key = signer(&ids, &method, &uri, &headers, &body)?;
+async fn link_status(State(ids): S, Path(code): Path<String>, Signed { key, .. }: Signed) -> R {
     let (link, device) = ids.link_status(&key, &code).await?;
     let v = match device {
         Some(d) if link.approved => json!({
@@ -558,14 +524,7 @@ struct PushTokens {
     tokens: Vec<PushToken>,
 }
 
-async fn set_push_tokens(
-    State(ids): S,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> R {
-    let me = authed(&ids, &method, &uri, &headers, &body).await?;
+async fn set_push_tokens(State(ids): S, Device { me, body }: Device) -> R {
     let req: PushTokens = parse(&body)?;
     if req.tokens.len() > 16
         || req.tokens.iter().any(|t| {
@@ -588,15 +547,7 @@ struct EventsQuery {
     after: i64,
 }
 
-async fn events(
-    State(ids): S,
-    Query(q): Query<EventsQuery>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> R {
-    let me = authed(&ids, &method, &uri, &headers, &body).await?;
+async fn events(State(ids): S, Query(q): Query<EventsQuery>, Device { me, .. }: Device) -> R {
     let evs = ids
         .store
         .events_after(&me.device.account_id, q.after, 100)
@@ -614,8 +565,7 @@ struct Lookup {
     handles: Vec<String>,
 }
 
-async fn lookup(State(ids): S, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> R {
-    let me = authed(&ids, &method, &uri, &headers, &body).await?;
+async fn lookup(State(ids): S, Device { me, body }: Device) -> R {
     let req: Lookup = parse(&body)?;
     let results = ids.lookup(&me, &req.handles).await?;
     let results: Vec<Value> = results
@@ -641,15 +591,7 @@ async fn lookup(State(ids): S, method: Method, uri: Uri, headers: HeaderMap, bod
     ok(StatusCode::OK, json!({"results": results}))
 }
 
-async fn history(
-    State(ids): S,
-    Path(handle): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> R {
-    authed(&ids, &method, &uri, &headers, &body).await?;
+async fn history(State(ids): S, Path(handle): Path<String>, _: Device) -> R {
     let h = wire::Handle::parse(&handle).map_err(|e| Error::BadRequest(e.to_string()))?;
     let (proof, root) = ids
         .kt
