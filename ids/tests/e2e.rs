@@ -1117,8 +1117,13 @@ async fn schemathesis_finds_no_server_error() {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // Schemathesis keeps a crash cache in its working directory and replays
+    // it on the next run, against a server that no longer exists: give
+    // each run a fresh directory.
+    let cwd = lab.outbox.parent().unwrap().join("schemathesis");
+    std::fs::create_dir_all(&cwd).unwrap();
     let out = tokio::task::spawn_blocking(move || {
-        parley_tests::tool::run("schemathesis", &args, Duration::from_secs(180))
+        parley_tests::tool::run_in(Some(&cwd), "schemathesis", &args, Duration::from_secs(180))
     })
     .await
     .unwrap();

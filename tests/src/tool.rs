@@ -29,8 +29,23 @@ pub struct Output {
 
 /// Runs `name args…`, killing it after `limit`. Returns what it printed.
 pub fn run(name: &str, args: &[String], limit: Duration) -> Output {
+    run_in(None, name, args, limit)
+}
+
+/// As [`run`], in working directory `dir` (for tools that leave state in
+/// their working directory).
+pub fn run_in(
+    dir: Option<&std::path::Path>,
+    name: &str,
+    args: &[String],
+    limit: Duration,
+) -> Output {
     let exe = require(name);
-    let mut child = Command::new(&exe)
+    let mut cmd = Command::new(&exe);
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
