@@ -233,8 +233,16 @@ impl Store {
         self.backend
     }
 
-    pub async fn begin(&self) -> Result<sqlx::Transaction<'_, sqlx::Any>, Error> {
-        self.pool.begin().await.map_err(Error::db)
+    /// Starts a write transaction. On SQLite it takes the write lock at
+    /// once (`BEGIN IMMEDIATE`): a deferred transaction that reads first
+    /// and writes later fails with SQLITE_BUSY, without waiting, if another
+    /// connection committed in between.
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+        .map_err(Error::db)
     }
 
     pub async fn account_of_handle(&self, uri: &str) -> Result<Option<String>, Error> {
@@ -526,12 +534,14 @@ pub mod tx {
             Some(o) if o == account_id => Ok(()),
             Some(_) => Err(Error::HandleTaken),
             None => {
+                // Another transaction may bind it between our read and this
+                // insert (PostgreSQL, read committed): that is HandleTaken too.
                 sqlx::query("INSERT INTO handles (uri, account_id) VALUES ($1, $2)")
                     .bind(uri)
                     .bind(account_id)
                     .execute(c)
                     .await
-                    .map_err(Error::db)?;
+                    .map_err(|e| unique_or(e, Error::HandleTaken))?;
                 Ok(())
             }
         }
@@ -563,15 +573,7 @@ pub mod tx {
         .bind(d.created_at)
         .execute(c)
         .await
-        .map_err(|e| {
-            if e.as_database_error()
-                .is_some_and(|d| d.is_unique_violation())
-            {
-                Error::DeviceExists
-            } else {
-                Error::db(e)
-            }
-        })?;
+        .map_err(|e| unique_or(e, Error::DeviceExists))?;
         Ok(())
     }
 
@@ -662,6 +664,17 @@ pub mod tx {
                 .map_err(Error::db)?;
         }
         Ok(())
+    }
+}
+
+/// `conflict` for a unique-constraint violation, else a database error.
+fn unique_or(e: sqlx::Error, conflict: Error) -> Error {
+    if e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+    {
+        conflict
+    } else {
+        Error::db(e)
     }
 }
 
