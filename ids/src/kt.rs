@@ -7,7 +7,6 @@
 //! bincode encoding. Writes of one publish land in one SQL transaction.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use akd::errors::StorageError;
 use akd::storage::types::{
@@ -87,7 +86,7 @@ impl Database for SqlDatabase {
                 other => others.push(other),
             }
         }
-        let mut tx = self.store.pool().begin().await.map_err(se)?;
+        let mut tx = self.store.begin().await.map_err(se)?;
         for chunk in states.chunks(ROWS) {
             let sql = format!(
                 "INSERT INTO akd_states (label, epoch, version, data) VALUES {}
@@ -257,6 +256,15 @@ pub struct Transparency {
     store: Store,
     root_key: Ed25519KeyPair,
     anchor: TrustAnchor,
+    /// akd lets proofs be built while an epoch is being published: a reader
+    /// that started at epoch N finds epoch N's version of every tree node
+    /// beside the new one. It keeps only one previous version, so a reader
+    /// must not span two publishes. Proof builders hold this lock shared;
+    /// each publish first takes it exclusively for an instant, waiting out
+    /// the readers that started before the previous publish.
+    readers: tokio::sync::RwLock<()>,
+    /// akd allows one writer at a time.
+    publishing: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Transparency {
@@ -274,12 +282,12 @@ impl Transparency {
     ) -> Result<Transparency, Error> {
         let root_key = Ed25519KeyPair::from_pkcs8(root_key_pkcs8)
             .map_err(|_| Error::Config("KT root key is not an Ed25519 PKCS#8 document".into()))?;
-        let manager = StorageManager::new(
-            SqlDatabase::new(store.clone()),
-            Some(Duration::from_secs(600)),
-            Some(512 * 1024 * 1024),
-            Some(Duration::from_secs(60)),
-        );
+        // No akd cache: akd fills its cache with a new epoch (the tree
+        // header included) before the database has the epoch's value
+        // states, and a proof built in that gap claims a stale version and
+        // fails to verify. Without it every read comes from one committed
+        // database state, which the publish writes in one transaction.
+        let manager = StorageManager::new_no_cache(SqlDatabase::new(store.clone()));
         let dir = Directory::<KtConfig, _, _>::new(manager, vrf, AzksParallelismConfig::default())
             .await
             .map_err(dir_err)?;
@@ -293,6 +301,8 @@ impl Transparency {
             store,
             root_key,
             anchor,
+            readers: tokio::sync::RwLock::new(()),
+            publishing: tokio::sync::Mutex::new(()),
         };
         // Sign the current root if this epoch has none yet (a new directory,
         // or a crash between publish and signing).
@@ -322,10 +332,12 @@ impl Transparency {
     /// Publishes every queued value as one new epoch. Returns the number
     /// of values published (0: no epoch was made).
     pub async fn publish_pending(&self, max: i64) -> Result<usize, Error> {
+        let _writer = self.publishing.lock().await;
         let pending = self.store.pending(max).await?;
         if pending.is_empty() {
             return Ok(0);
         }
+        drop(self.readers.write().await);
         let updates = pending
             .iter()
             .map(|(uri, v)| (AkdLabel(uri.as_bytes().to_vec()), AkdValue(v.clone())))
@@ -339,6 +351,7 @@ impl Transparency {
     /// A lookup proof (protobuf) for a label, with the root it verifies
     /// against; None if the label was never published.
     pub async fn lookup(&self, uri: &str) -> Result<Option<(Vec<u8>, SignedRoot)>, Error> {
+        let _reading = self.readers.read().await;
         let label = AkdLabel(uri.as_bytes().to_vec());
         match self.dir.lookup(label).await {
             Ok((proof, EpochHash(epoch, hash))) => {
@@ -355,6 +368,7 @@ impl Transparency {
 
     /// A complete history proof (protobuf) for a label.
     pub async fn history(&self, uri: &str) -> Result<Option<(Vec<u8>, SignedRoot)>, Error> {
+        let _reading = self.readers.read().await;
         let label = AkdLabel(uri.as_bytes().to_vec());
         match self
             .dir
@@ -381,6 +395,7 @@ impl Transparency {
         end: u64,
     ) -> Result<(Vec<u8>, Vec<(u64, Vec<u8>)>), Error> {
         use protobuf::Message;
+        let _reading = self.readers.read().await;
         let proof = self.dir.audit(start, end).await.map_err(dir_err)?;
         let bytes = akd::proto::specs::types::AppendOnlyProof::from(&proof)
             .write_to_bytes()
