@@ -20,12 +20,14 @@ use sqlx::Row;
 use wire::transparency::{KtConfig, SignedRoot, TrustAnchor};
 
 use crate::error::Error;
+use crate::record_cache::RecordCache;
 use crate::store::Store;
 
 /// akd storage backed by the service's database.
 #[derive(Clone, Debug)]
 pub struct SqlDatabase {
     store: Store,
+    cache: std::sync::Arc<RecordCache>,
 }
 
 fn se(e: impl std::fmt::Display) -> StorageError {
@@ -43,8 +45,12 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, StorageError> {
 const STATE_COLUMNS: &str = "SELECT data FROM akd_states WHERE label = $1";
 
 impl SqlDatabase {
-    pub fn new(store: Store) -> SqlDatabase {
-        SqlDatabase { store }
+    /// `cached_records`: how many tree records to keep in memory.
+    pub fn new(store: Store, cached_records: usize) -> SqlDatabase {
+        SqlDatabase {
+            store,
+            cache: std::sync::Arc::new(RecordCache::new(cached_records)),
+        }
     }
 
     async fn states(
@@ -115,7 +121,9 @@ impl Database for SqlDatabase {
             }
             q.execute(&mut *tx).await.map_err(se)?;
         }
-        tx.commit().await.map_err(se)
+        tx.commit().await.map_err(se)?;
+        self.cache.committed(others);
+        Ok(())
     }
 
     async fn get<St: Storable>(&self, id: &St::StorageKey) -> Result<DbRecord, StorageError> {
@@ -129,13 +137,19 @@ impl Database for SqlDatabase {
                 .map(DbRecord::ValueState)
                 .ok_or_else(|| StorageError::NotFound(format!("ValueState {id:?}")));
         }
+        let ticket = match self.cache.get(&bin) {
+            Ok(hit) => return Ok(hit),
+            Err(t) => t,
+        };
         let row = sqlx::query("SELECT data FROM akd_records WHERE id = $1")
-            .bind(bin)
+            .bind(bin.clone())
             .fetch_optional(self.store.pool())
             .await
             .map_err(se)?
             .ok_or_else(|| StorageError::NotFound(format!("{:?} {id:?}", St::data_type())))?;
-        decode(&row.get::<Vec<u8>, _>(0))
+        let record: DbRecord = decode(&row.get::<Vec<u8>, _>(0))?;
+        self.cache.fill(ticket, [(bin, record.clone())]);
+        Ok(record)
     }
 
     async fn batch_get<St: Storable>(
@@ -151,23 +165,36 @@ impl Database for SqlDatabase {
             }
             return Ok(out);
         }
+        let ticket = self.cache.ticket();
         let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(500) {
+        let mut missing = Vec::new();
+        for id in ids {
+            let bin = St::get_full_binary_key_id(id);
+            match self.cache.get(&bin) {
+                Ok(hit) => out.push(hit),
+                Err(_) => missing.push(bin),
+            }
+        }
+        let mut found = Vec::new();
+        for chunk in missing.chunks(500) {
             let sql = format!(
-                "SELECT data FROM akd_records WHERE id IN ({})",
+                "SELECT id, data FROM akd_records WHERE id IN ({})",
                 (1..=chunk.len())
                     .map(|i| format!("${i}"))
                     .collect::<Vec<_>>()
                     .join(",")
             );
             let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(St::get_full_binary_key_id(id));
+            for bin in chunk {
+                q = q.bind(bin.clone());
             }
             for row in q.fetch_all(self.store.pool()).await.map_err(se)? {
-                out.push(decode(&row.get::<Vec<u8>, _>(0))?);
+                let record: DbRecord = decode(&row.get::<Vec<u8>, _>(1))?;
+                found.push((row.get::<Vec<u8>, _>(0), record));
             }
         }
+        out.extend(found.iter().map(|(_, r)| r.clone()));
+        self.cache.fill(ticket, found);
         Ok(out)
     }
 
@@ -282,12 +309,11 @@ impl Transparency {
     ) -> Result<Transparency, Error> {
         let root_key = Ed25519KeyPair::from_pkcs8(root_key_pkcs8)
             .map_err(|_| Error::Config("KT root key is not an Ed25519 PKCS#8 document".into()))?;
-        // No akd cache: akd fills its cache with a new epoch (the tree
-        // header included) before the database has the epoch's value
-        // states, and a proof built in that gap claims a stale version and
-        // fails to verify. Without it every read comes from one committed
-        // database state, which the publish writes in one transaction.
-        let manager = StorageManager::new_no_cache(SqlDatabase::new(store.clone()));
+        // Not akd's cache: it takes a new epoch, tree header included,
+        // before the database has the epoch's value states, and a proof
+        // built in that gap does not verify. SqlDatabase caches tree records
+        // only after they commit (record_cache.rs).
+        let manager = StorageManager::new_no_cache(SqlDatabase::new(store.clone(), 1_000_000));
         let dir = Directory::<KtConfig, _, _>::new(manager, vrf, AzksParallelismConfig::default())
             .await
             .map_err(dir_err)?;

@@ -13,6 +13,7 @@ pub mod certs;
 pub mod core;
 pub mod error;
 pub mod kt;
+mod record_cache;
 pub mod runtime;
 pub mod sender;
 pub mod service;
