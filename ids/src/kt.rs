@@ -277,6 +277,15 @@ impl akd::ecvrf::VRFKeyStorage for VrfKey {
     }
 }
 
+/// A lookup answer: the proof (akd protobuf), the value it proves (the
+/// directory value, unverified here; clients verify) and the signed root.
+#[derive(Debug, Clone)]
+pub struct Proven {
+    pub proof: Vec<u8>,
+    pub value: Vec<u8>,
+    pub root: SignedRoot,
+}
+
 /// The directory plus the key that signs its epoch roots.
 pub struct Transparency {
     dir: Directory<KtConfig, SqlDatabase, VrfKey>,
@@ -374,18 +383,19 @@ impl Transparency {
         Ok(pending.len())
     }
 
-    /// A lookup proof (protobuf) for a label, with the root it verifies
-    /// against; None if the label was never published.
-    pub async fn lookup(&self, uri: &str) -> Result<Option<(Vec<u8>, SignedRoot)>, Error> {
+    /// A lookup proof for a label, with the value it proves and the root
+    /// it verifies against; None if the label was never published.
+    pub async fn lookup(&self, uri: &str) -> Result<Option<Proven>, Error> {
         let _reading = self.readers.read().await;
         let label = AkdLabel(uri.as_bytes().to_vec());
         match self.dir.lookup(label).await {
             Ok((proof, EpochHash(epoch, hash))) => {
                 let root = self.root_at(epoch, hash).await?;
-                Ok(Some((
-                    wire::transparency::encode_lookup_proof(&proof),
+                Ok(Some(Proven {
+                    proof: wire::transparency::encode_lookup_proof(&proof),
+                    value: proof.value.0,
                     root,
-                )))
+                }))
             }
             Err(akd::errors::AkdError::Storage(StorageError::NotFound(_))) => Ok(None),
             Err(e) => Err(dir_err(e)),
@@ -541,8 +551,9 @@ mod tests {
         queue(&store, alice, &v2).await;
         assert_eq!(kt.publish_pending(1000).await.unwrap(), 1);
 
-        let (proof, root) = kt.lookup(alice).await.unwrap().unwrap();
+        let Proven { proof, value, root } = kt.lookup(alice).await.unwrap().unwrap();
         assert_eq!(root.epoch, 2);
+        assert_eq!(value, v2);
         let got = verify_lookup(&anchor, &root, alice, &proof).unwrap();
         assert_eq!(got.version, 2);
         assert_eq!(got.value.encode(), v2);
@@ -585,7 +596,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kt.anchor(), &anchor);
-        let (proof, root) = kt.lookup(alice).await.unwrap().unwrap();
+        let Proven { proof, root, .. } = kt.lookup(alice).await.unwrap().unwrap();
         assert_eq!(
             verify_lookup(&anchor, &root, alice, &proof)
                 .unwrap()

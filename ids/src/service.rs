@@ -798,8 +798,7 @@ impl Ids {
             let uri = h.uri();
             let r = match self.kt.lookup(&uri).await? {
                 None => LookupResult::NotFound,
-                Some((proof, root)) => {
-                    let value = lookup_value(&proof)?;
+                Some(crate::kt::Proven { proof, value, root }) => {
                     let devices = match DirectoryValue::decode(&value) {
                         Ok(DirectoryValue::Active(list)) => {
                             let owner = self.store.account_of_handle(&uri).await?;
@@ -835,15 +834,6 @@ impl Ids {
     pub fn ca_pem(&self) -> &str {
         self.ca.ca_pem()
     }
-}
-
-/// The value inside a lookup proof (the server reads it for routing data;
-/// clients verify it).
-fn lookup_value(proof: &[u8]) -> Result<Vec<u8>, Error> {
-    use protobuf::Message;
-    let p = akd::proto::specs::types::LookupProof::parse_from_bytes(proof)
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    Ok(p.value.clone().unwrap_or_default())
 }
 
 fn session_id(s: &str) -> Result<SessionId, Error> {
