@@ -322,7 +322,7 @@ impl Transparency {
         // before the database has the epoch's value states, and a proof
         // built in that gap does not verify. SqlDatabase caches tree records
         // only after they commit (record_cache.rs).
-        let manager = StorageManager::new_no_cache(SqlDatabase::new(store.clone(), 1_000_000));
+        let manager = StorageManager::new_no_cache(SqlDatabase::new(store.clone(), 4_000_000));
         let dir = Directory::<KtConfig, _, _>::new(manager, vrf, AzksParallelismConfig::default())
             .await
             .map_err(dir_err)?;
