@@ -14,7 +14,6 @@ use wire::transparency::SignedRoot;
 use wire::{DeviceId, Handle, PublicKey};
 
 use crate::certs::DeviceCa;
-use crate::core::ratelimit::RateLimiter;
 use crate::core::verification::{
     Refusal, SessionId, SessionState, VerificationConfig, Verifications,
 };
@@ -22,6 +21,7 @@ use crate::error::Error;
 use crate::kt::{unix_now, Transparency};
 use crate::sender::CodeSender;
 use crate::store::{tx, AccountRow, DeviceRow, Store};
+use wire::ratelimit::RateLimiter;
 
 /// Identity service settings. Durations are `Duration`; defaults in
 /// `Default`.

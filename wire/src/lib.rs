@@ -5,6 +5,9 @@
 //! - [`key_transfer`]: sealing the account key to a newly approved device.
 //! - [`device_list`]: the account-signed list of devices that the identity
 //!   service publishes in its key transparency directory.
+//! - [`push`]: `parley-push/1`, the device link of the push courier.
+//! - [`webpush`]: opening (and sealing) RFC 8291 Web Push bodies.
+//! - [`ratelimit`]: keyed token buckets with time passed in.
 //! - [`request_auth`]: how a device signs its HTTP requests.
 //! - [`safety_number`]: the 60 digits and QR payload two people compare.
 //! - [`transparency`]: verification of lookup and history proofs against a
@@ -14,9 +17,12 @@ pub mod device_list;
 pub mod handle;
 pub mod key_transfer;
 pub mod keys;
+pub mod push;
+pub mod ratelimit;
 pub mod request_auth;
 pub mod safety_number;
 pub mod transparency;
+pub mod webpush;
 
 pub use device_list::{DeviceEntry, DeviceList, DirectoryValue, SignedDeviceList};
 pub use handle::{Handle, HandleError};

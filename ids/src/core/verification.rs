@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use ring::hmac;
 use wire::Handle;
 
-use super::ratelimit::RateLimiter;
+use wire::ratelimit::RateLimiter;
 
 #[derive(Debug, Clone)]
 pub struct VerificationConfig {
