@@ -40,11 +40,23 @@ pub fn run_in(
     args: &[String],
     limit: Duration,
 ) -> Output {
+    run_with(dir, &[], name, args, limit)
+}
+
+/// As [`run_in`], with extra environment variables.
+pub fn run_with(
+    dir: Option<&std::path::Path>,
+    env: &[(&str, &str)],
+    name: &str,
+    args: &[String],
+    limit: Duration,
+) -> Output {
     let exe = require(name);
     let mut cmd = Command::new(&exe);
     if let Some(d) = dir {
         cmd.current_dir(d);
     }
+    cmd.envs(env.iter().copied());
     let mut child = cmd
         .args(args)
         .stdin(Stdio::null())

@@ -1,0 +1,358 @@
+//! The device side of `parley-push/1`, over TLS or QUIC.
+//!
+//! [`DeviceClient::connect`] does the handshake with the device
+//! certificate, sends Hello and waits for the tokens. Notifications arrive
+//! from [`DeviceClient::next`] at most once each: an id seen before (a
+//! redelivery after reconnecting before the ack landed) is acked again and
+//! not returned. Courier pings are answered in the background; with a ping
+//! interval set, the client pings on its own schedule and treats two
+//! silent intervals as a dead link.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use wire::push::{CloseReason, DeviceToken, Frame, Notification, NotificationId, ALPN, VERSION};
+
+/// How to reach the courier and who this device is.
+#[derive(Debug)]
+pub struct DeviceCredentials {
+    /// Device certificate (from the identity service) and its key.
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub key: rustls::pki_types::PrivateKeyDer<'static>,
+    /// Trust anchors for the courier's server certificate.
+    pub roots: rustls::RootCertStore,
+    /// Name in the courier's certificate.
+    pub server_name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tls,
+    Quic,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    Notification(Notification),
+    Subscription {
+        request: u32,
+        token: DeviceToken,
+        endpoint: String,
+    },
+    Tokens(Vec<(String, DeviceToken)>),
+    /// The link ended; with the courier's reason if it sent one.
+    Closed(Option<(CloseReason, String)>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("quic: {0}")]
+    Quic(String),
+    #[error("courier closed the link: {0:?} {1}")]
+    Closed(CloseReason, String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("timed out")]
+    Timeout,
+}
+
+/// A connected device.
+#[derive(Debug)]
+pub struct DeviceClient {
+    out: mpsc::Sender<Frame>,
+    events: mpsc::Receiver<ClientEvent>,
+    seen: HashSet<NotificationId>,
+    seen_order: VecDeque<NotificationId>,
+    next_request: u32,
+    /// The QUIC endpoint, kept to rebind after a network change.
+    quic: Option<quinn::Endpoint>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Ids remembered for de-duplication.
+const SEEN: usize = 4096;
+
+impl DeviceClient {
+    /// Connects, says Hello with `topics`, and returns the client with the
+    /// tokens the courier assigned. `ping_interval_s` 0 leaves keepalive
+    /// to the courier.
+    pub async fn connect(
+        addr: SocketAddr,
+        transport: Transport,
+        creds: &DeviceCredentials,
+        topics: &[&str],
+        ping_interval_s: u16,
+    ) -> Result<(DeviceClient, Vec<(String, DeviceToken)>), ClientError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Tls(e.to_string()))?
+            .with_root_certificates(creds.roots.clone())
+            .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(creds.server_name.clone())
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let (out_tx, out_rx) = mpsc::channel(256);
+        let (ev_tx, ev_rx) = mpsc::channel(1024);
+        let hello = Frame::Hello {
+            version: VERSION,
+            ping_interval_s,
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+        };
+        let interval = (ping_interval_s > 0).then(|| Duration::from_secs(ping_interval_s.into()));
+        let (task, quic) = match transport {
+            Transport::Tls => {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+                    .connect(name, tcp)
+                    .await?;
+                (
+                    tokio::spawn(drive(stream, hello, out_rx, ev_tx, interval)),
+                    None,
+                )
+            }
+            Transport::Quic => {
+                let bind: SocketAddr = if addr.is_ipv4() {
+                    SocketAddr::from(([127, 0, 0, 1], 0))
+                } else {
+                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
+                };
+                let mut ep = quinn::Endpoint::client(bind)?;
+                let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+                    .map_err(|e| ClientError::Quic(e.to_string()))?;
+                let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+                let mut transport = quinn::TransportConfig::default();
+                transport.keep_alive_interval(interval);
+                cfg.transport_config(Arc::new(transport));
+                ep.set_default_client_config(cfg);
+                let conn = ep
+                    .connect(addr, &creds.server_name)
+                    .map_err(|e| ClientError::Quic(e.to_string()))?
+                    .await
+                    .map_err(|e| ClientError::Quic(e.to_string()))?;
+                let (send, recv) = conn
+                    .open_bi()
+                    .await
+                    .map_err(|e| ClientError::Quic(e.to_string()))?;
+                let io = tokio::io::join(recv, send);
+                let task = tokio::spawn(async move {
+                    drive(io, hello, out_rx, ev_tx, interval).await;
+                    conn.close(0u32.into(), b"bye");
+                });
+                (task, Some(ep))
+            }
+        };
+        let mut client = DeviceClient {
+            out: out_tx,
+            events: ev_rx,
+            seen: HashSet::new(),
+            seen_order: VecDeque::new(),
+            next_request: 1,
+            quic,
+            task,
+        };
+        let tokens = match tokio::time::timeout(Duration::from_secs(10), client.events.recv()).await
+        {
+            Ok(Some(ClientEvent::Tokens(t))) => t,
+            Ok(Some(ClientEvent::Closed(Some((r, t))))) => return Err(ClientError::Closed(r, t)),
+            Ok(_) => return Err(ClientError::Protocol("no tokens after hello".into())),
+            Err(_) => return Err(ClientError::Timeout),
+        };
+        Ok((client, tokens))
+    }
+
+    /// The next event; notifications already seen are acked and skipped.
+    pub async fn next(&mut self) -> Option<ClientEvent> {
+        loop {
+            let ev = self.events.recv().await?;
+            if let ClientEvent::Notification(n) = &ev {
+                if self.seen.contains(&n.id) {
+                    let _ = self.out.send(Frame::Ack { ids: vec![n.id] }).await;
+                    continue;
+                }
+                self.seen.insert(n.id);
+                self.seen_order.push_back(n.id);
+                if self.seen_order.len() > SEEN {
+                    if let Some(old) = self.seen_order.pop_front() {
+                        self.seen.remove(&old);
+                    }
+                }
+            }
+            return Some(ev);
+        }
+    }
+
+    /// The next event within `t`.
+    pub async fn next_within(&mut self, t: Duration) -> Result<ClientEvent, ClientError> {
+        match tokio::time::timeout(t, self.next()).await {
+            Ok(Some(e)) => Ok(e),
+            Ok(None) => Err(ClientError::Protocol("link task ended".into())),
+            Err(_) => Err(ClientError::Timeout),
+        }
+    }
+
+    /// Acks notifications (the app has them).
+    pub async fn ack(&self, ids: &[NotificationId]) -> Result<(), ClientError> {
+        for chunk in ids.chunks(wire::push::MAX_ACK_IDS) {
+            self.out
+                .send(Frame::Ack {
+                    ids: chunk.to_vec(),
+                })
+                .await
+                .map_err(|_| ClientError::Protocol("link closed".into()))?;
+        }
+        Ok(())
+    }
+
+    /// Asks for a Web Push subscription; the answer arrives as
+    /// [`ClientEvent::Subscription`] with the returned request id.
+    pub async fn subscribe(
+        &mut self,
+        topic: &str,
+        server_key: Option<[u8; 65]>,
+    ) -> Result<u32, ClientError> {
+        let request = self.next_request;
+        self.next_request += 1;
+        self.out
+            .send(Frame::Subscribe {
+                request,
+                topic: topic.to_owned(),
+                server_key,
+            })
+            .await
+            .map_err(|_| ClientError::Protocol("link closed".into()))?;
+        Ok(request)
+    }
+
+    /// Revokes one of this device's tokens.
+    pub async fn revoke(&self, token: DeviceToken) -> Result<(), ClientError> {
+        self.out
+            .send(Frame::Revoke { token })
+            .await
+            .map_err(|_| ClientError::Protocol("link closed".into()))
+    }
+
+    /// QUIC only: moves the connection to a new local socket, as after a
+    /// network change (connection migration).
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> Result<(), ClientError> {
+        match &self.quic {
+            Some(ep) => ep.rebind(socket).map_err(ClientError::Io),
+            None => Err(ClientError::Protocol("rebind needs QUIC".into())),
+        }
+    }
+
+    /// The local address of the QUIC socket.
+    pub fn quic_local_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().and_then(|e| e.local_addr().ok())
+    }
+
+    /// Drops the link without a goodbye (as a phone losing its radio).
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+async fn drive<S>(
+    io: S,
+    hello: Frame,
+    mut out: mpsc::Receiver<Frame>,
+    events: mpsc::Sender<ClientEvent>,
+    interval: Option<Duration>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut wbuf = Vec::new();
+    let mut closed_with = None;
+    if hello.encode(&mut wbuf).is_err() || wr.write_all(&wbuf).await.is_err() {
+        let _ = events.send(ClientEvent::Closed(None)).await;
+        return;
+    }
+    let _ = wr.flush().await;
+    let mut rbuf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut last_rx = tokio::time::Instant::now();
+    let mut ping = interval.map(tokio::time::interval);
+    let mut ping_seq = 0u64;
+    'outer: loop {
+        let tick = async {
+            match ping.as_mut() {
+                Some(p) => {
+                    p.tick().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let mut send = Vec::new();
+        tokio::select! {
+            r = rd.read(&mut chunk) => {
+                let n = match r { Ok(0) | Err(_) => break, Ok(n) => n };
+                last_rx = tokio::time::Instant::now();
+                rbuf.extend_from_slice(&chunk[..n]);
+                let mut used = 0;
+                loop {
+                    match Frame::decode(&rbuf[used..]) {
+                        Ok(Some((f, k))) => {
+                            used += k;
+                            let ev = match f {
+                                Frame::Notification(n) => ClientEvent::Notification(n),
+                                Frame::Tokens { tokens, .. } => ClientEvent::Tokens(tokens),
+                                Frame::Subscription { request, token, endpoint } => {
+                                    ClientEvent::Subscription { request, token, endpoint }
+                                }
+                                Frame::Ping(v) => { send.push(Frame::Pong(v)); continue; }
+                                Frame::Pong(_) => continue,
+                                Frame::Close { reason, text } => {
+                                    closed_with = Some((reason, text));
+                                    break 'outer;
+                                }
+                                _ => break 'outer,
+                            };
+                            if events.send(ev).await.is_err() {
+                                break 'outer;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(_) => break 'outer,
+                    }
+                }
+                rbuf.drain(..used);
+            }
+            f = out.recv() => match f {
+                Some(f) => send.push(f),
+                None => break,
+            },
+            _ = tick => {
+                if let Some(i) = interval {
+                    if last_rx.elapsed() >= 2 * i {
+                        break;
+                    }
+                }
+                ping_seq += 1;
+                send.push(Frame::Ping(ping_seq));
+            }
+        }
+        if !send.is_empty() {
+            wbuf.clear();
+            for f in &send {
+                if f.encode(&mut wbuf).is_err() {
+                    break 'outer;
+                }
+            }
+            if wr.write_all(&wbuf).await.is_err() || wr.flush().await.is_err() {
+                break;
+            }
+        }
+    }
+    let _ = events.send(ClientEvent::Closed(closed_with)).await;
+}

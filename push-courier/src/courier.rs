@@ -1,0 +1,713 @@
+//! Shared state and the durable path of a push.
+//!
+//! Memory holds the token index, the queue policy index and who is online;
+//! the database holds the messages. A push is admitted in memory (collapse,
+//! cap), committed by the writer task together with whatever it displaced,
+//! and only then answered 2xx and handed to the device's connection if it is
+//! online. A device that connects is registered first and loads its queue
+//! second, so a push that commits in between reaches it one way or the
+//! other (its session drops a second copy).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, Notify};
+use wire::push::{CloseReason, DeviceToken, Notification, NotificationId, PushType};
+use wire::ratelimit::RateLimiter;
+use wire::DeviceId;
+
+use crate::core::queue::{Entry, Queues};
+use crate::error::Error;
+use crate::store::{MessageState, Store, StoredMessage, TokenKind, TokenRow, Write};
+use crate::Config;
+
+/// What a device connection is told to do.
+#[derive(Debug)]
+pub enum ConnCommand {
+    Deliver(Notification),
+    Close(CloseReason, &'static str),
+}
+
+/// Deliveries a connection may have waiting before it counts as a slow
+/// reader.
+const CONN_CHANNEL: usize = 512;
+
+#[derive(Debug)]
+struct Online {
+    generation: u64,
+    serial: Vec<u8>,
+    tx: mpsc::Sender<ConnCommand>,
+}
+
+#[derive(Debug, Clone)]
+struct TokenEntry {
+    device: DeviceId,
+    topic: String,
+    kind: TokenKind,
+    server_key: Option<Vec<u8>>,
+    revoked_at: Option<i64>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    tokens: HashMap<DeviceToken, TokenEntry>,
+    by_topic: HashMap<(DeviceId, String), DeviceToken>,
+    queues: Queues,
+    online: HashMap<DeviceId, Online>,
+    provider_limit: RateLimiter<String>,
+    subscription_limit: RateLimiter<DeviceToken>,
+    revoked_serials: HashSet<Vec<u8>>,
+}
+
+/// A push as a provider API hands it over.
+#[derive(Debug, Clone)]
+pub struct PushRequest {
+    pub id: NotificationId,
+    pub token: DeviceToken,
+    pub push_type: PushType,
+    pub priority: u8,
+    /// Unix seconds; 0 = no expiry.
+    pub expires: u64,
+    /// Deliver only if the device is connected now; never store.
+    pub now_or_never: bool,
+    pub collapse_id: String,
+    /// The topic the provider named (APNs `apns-topic`), checked against
+    /// the token's.
+    pub topic: Option<String>,
+    pub payload: Vec<u8>,
+    pub provider: String,
+    /// Web Push: the VAPID key that signed the request.
+    pub vapid_key: Option<[u8; 65]>,
+    /// Web Push receipt subscription.
+    pub receipt: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Stored (and handed to the device if online).
+    Stored,
+    /// Now-or-never: handed to the connected device.
+    SentNow,
+    /// Now-or-never and the device is not connected: discarded.
+    Discarded,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    #[error("no such token")]
+    UnknownToken,
+    #[error("token was revoked")]
+    Unregistered { at: i64 },
+    #[error("token is not for this topic")]
+    TopicMismatch,
+    #[error("token is not of this kind")]
+    WrongKind,
+    #[error("subscription is restricted to another application server key")]
+    KeyMismatch,
+    #[error("too many requests")]
+    TooManyRequests,
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections: AtomicU64,
+    pub connects: AtomicU64,
+    pub replaced: AtomicU64,
+    pub pushes_stored: AtomicU64,
+    pub pushes_sent_now: AtomicU64,
+    pub pushes_discarded: AtomicU64,
+    pub pushes_rejected: AtomicU64,
+    pub delivered: AtomicU64,
+    pub dropped: AtomicU64,
+    pub collapsed: AtomicU64,
+    pub expired: AtomicU64,
+    pub batches: AtomicU64,
+    pub batched_writes: AtomicU64,
+}
+
+type Reply = oneshot::Sender<Result<(), String>>;
+
+#[derive(Debug)]
+pub struct Courier {
+    pub config: Config,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    writer: mpsc::Sender<(Vec<Write>, Option<Reply>)>,
+    inner: Mutex<Inner>,
+    seq: AtomicI64,
+    generation: AtomicU64,
+    /// Woken when a message with a receipt subscription finishes.
+    pub receipts: Notify,
+}
+
+impl Courier {
+    /// Loads tokens and queued messages and starts the writer task. Must
+    /// run inside a tokio runtime.
+    pub async fn open(config: Config, store: Store) -> Result<Arc<Courier>, Error> {
+        let mut tokens = HashMap::new();
+        let mut by_topic = HashMap::new();
+        for t in store.tokens().await? {
+            if t.revoked_at.is_none() && t.kind == TokenKind::Topic {
+                by_topic.insert((t.device, t.topic.clone()), t.token);
+            }
+            tokens.insert(
+                t.token,
+                TokenEntry {
+                    device: t.device,
+                    topic: t.topic,
+                    kind: t.kind,
+                    server_key: t.server_key,
+                    revoked_at: t.revoked_at,
+                },
+            );
+        }
+        let mut queues = Queues::new(config.queue_cap);
+        let queued = store.queued(None).await?;
+        for m in &queued {
+            queues.admit(m.device, entry(m));
+        }
+        let seq = store.max_seq().await?;
+        tracing::info!(
+            tokens = tokens.len(),
+            queued = queued.len(),
+            "courier state loaded"
+        );
+        let (tx, rx) = mpsc::channel(config.max_batch * 2);
+        let inner = Inner {
+            tokens,
+            by_topic,
+            queues,
+            online: HashMap::new(),
+            provider_limit: RateLimiter::new(config.provider_rate, Duration::from_secs(1)),
+            subscription_limit: RateLimiter::new(config.subscription_rate, Duration::from_secs(1)),
+            revoked_serials: HashSet::new(),
+        };
+        let metrics = Arc::new(Metrics::default());
+        let courier = Arc::new(Courier {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            writer: tx,
+            inner: Mutex::new(inner),
+            seq: AtomicI64::new(seq),
+            generation: AtomicU64::new(0),
+            receipts: Notify::new(),
+            config,
+        });
+        tokio::spawn(writer(store, rx, courier.config.max_batch, metrics));
+        Ok(courier)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock is a bug; keep serving with the
+        // state as it is rather than poisoning every later request.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits `writes` as one transaction (batched with others).
+    pub async fn commit(&self, writes: Vec<Write>) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send((writes, Some(tx)))
+            .await
+            .map_err(|_| Error::Internal("writer stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Internal("writer stopped".into()))?
+            .map_err(Error::Database)
+    }
+
+    /// Queues writes without waiting for them (acks, expiry): losing them
+    /// in a crash only means a redelivery the device drops.
+    fn commit_later(&self, writes: Vec<Write>) {
+        if let Err(e) = self.writer.try_send((writes, None)) {
+            tracing::warn!(error = %e, "writer queue full; state change deferred to restart");
+        }
+    }
+
+    /// Accepts a push: durable before this returns `Ok(Stored)`.
+    pub async fn push(&self, req: PushRequest) -> Result<PushOutcome, PushError> {
+        let now = unix_now();
+        let (device, note, insert) = {
+            let mut inner = self.lock();
+            let t = inner
+                .tokens
+                .get(&req.token)
+                .cloned()
+                .ok_or(PushError::UnknownToken)?;
+            if let Some(at) = t.revoked_at {
+                return Err(PushError::Unregistered { at });
+            }
+            let web = req.push_type == PushType::WebPush;
+            if web != (t.kind == TokenKind::WebPush) {
+                return Err(PushError::WrongKind);
+            }
+            if let Some(topic) = &req.topic {
+                if *topic != t.topic {
+                    return Err(PushError::TopicMismatch);
+                }
+            }
+            if let Some(k) = &t.server_key {
+                if req.vapid_key.map(|v| v.to_vec()).as_ref() != Some(k) {
+                    return Err(PushError::KeyMismatch);
+                }
+            }
+            let instant = Instant::now();
+            if !inner.provider_limit.take(req.provider.clone(), instant)
+                || (web && !inner.subscription_limit.take(req.token, instant))
+            {
+                self.metrics.pushes_rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(PushError::TooManyRequests);
+            }
+            let note = Notification {
+                id: req.id,
+                token: req.token,
+                push_type: req.push_type,
+                priority: req.priority,
+                expires: req.expires,
+                collapse_id: req.collapse_id,
+                topic: t.topic.clone(),
+                payload: req.payload,
+            };
+            if req.now_or_never {
+                let sent = inner
+                    .online
+                    .get(&t.device)
+                    .is_some_and(|o| o.tx.try_send(ConnCommand::Deliver(note.clone())).is_ok());
+                let (outcome, counter) = if sent {
+                    (PushOutcome::SentNow, &self.metrics.pushes_sent_now)
+                } else {
+                    (PushOutcome::Discarded, &self.metrics.pushes_discarded)
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                return Ok(outcome);
+            }
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let stored = StoredMessage {
+                seq,
+                device: t.device,
+                note: note.clone(),
+                receipt: req.receipt,
+                provider: req.provider,
+                created_at: now,
+            };
+            let adm = inner.queues.admit(t.device, entry(&stored));
+            let mut writes = vec![Write::Insert(Box::new(stored))];
+            for (ids, state, counter) in [
+                (
+                    adm.replaced,
+                    MessageState::Replaced,
+                    &self.metrics.collapsed,
+                ),
+                (adm.dropped, MessageState::Dropped, &self.metrics.dropped),
+            ] {
+                if !ids.is_empty() {
+                    counter.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    if state == MessageState::Dropped {
+                        tracing::info!(count = ids.len(), "device queue full; oldest dropped");
+                    }
+                    writes.push(Write::State {
+                        device: t.device,
+                        ids,
+                        state,
+                        at: now,
+                    });
+                }
+            }
+            (t.device, note, writes)
+        };
+        if let Err(e) = self.commit(insert).await {
+            self.lock().queues.remove(&device, &note.id);
+            return Err(PushError::Unavailable(e.to_string()));
+        }
+        self.metrics.pushes_stored.fetch_add(1, Ordering::Relaxed);
+        let inner = self.lock();
+        if let Some(o) = inner.online.get(&device) {
+            if let Err(mpsc::error::TrySendError::Full(_)) =
+                o.tx.try_send(ConnCommand::Deliver(note))
+            {
+                // Stored already; the device gets it after reconnecting.
+                let _ = o.tx.try_send(ConnCommand::Close(
+                    CloseReason::SlowReader,
+                    "too far behind",
+                ));
+            }
+        }
+        Ok(PushOutcome::Stored)
+    }
+
+    /// A device connected (after its handshake): kicks an older connection
+    /// of the same device. Returns the channel the connection reads its
+    /// commands from and its generation, or `None` if the certificate is
+    /// revoked.
+    pub fn connect(
+        &self,
+        device: DeviceId,
+        serial: Vec<u8>,
+    ) -> Option<(u64, mpsc::Receiver<ConnCommand>)> {
+        let mut inner = self.lock();
+        if inner.revoked_serials.contains(&serial) {
+            return None;
+        }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(CONN_CHANNEL);
+        if let Some(old) = inner.online.insert(
+            device,
+            Online {
+                generation,
+                serial,
+                tx,
+            },
+        ) {
+            self.metrics.replaced.fetch_add(1, Ordering::Relaxed);
+            let _ = old.tx.try_send(ConnCommand::Close(
+                CloseReason::Replaced,
+                "another connection from this device",
+            ));
+        } else {
+            self.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        }
+        self.metrics.connects.fetch_add(1, Ordering::Relaxed);
+        Some((generation, rx))
+    }
+
+    /// The connection of `generation` ended.
+    pub fn disconnect(&self, device: DeviceId, generation: u64) {
+        let mut inner = self.lock();
+        if inner
+            .online
+            .get(&device)
+            .is_some_and(|o| o.generation == generation)
+        {
+            inner.online.remove(&device);
+            self.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Hello: one token per topic (created on first use, stable after).
+    pub async fn tokens_for(
+        &self,
+        device: DeviceId,
+        topics: &[String],
+    ) -> Result<Vec<(String, DeviceToken)>, Error> {
+        let now = unix_now();
+        let mut out = Vec::new();
+        let mut new = Vec::new();
+        {
+            let mut inner = self.lock();
+            for topic in topics {
+                if let Some(t) = inner.by_topic.get(&(device, topic.clone())) {
+                    out.push((topic.clone(), *t));
+                    continue;
+                }
+                let token = DeviceToken(random()?);
+                inner.by_topic.insert((device, topic.clone()), token);
+                inner.tokens.insert(
+                    token,
+                    TokenEntry {
+                        device,
+                        topic: topic.clone(),
+                        kind: TokenKind::Topic,
+                        server_key: None,
+                        revoked_at: None,
+                    },
+                );
+                new.push(Write::Token(TokenRow {
+                    token,
+                    device,
+                    topic: topic.clone(),
+                    kind: TokenKind::Topic,
+                    server_key: None,
+                    created_at: now,
+                    revoked_at: None,
+                }));
+                out.push((topic.clone(), token));
+            }
+        }
+        if !new.is_empty() {
+            self.commit(new).await?;
+        }
+        Ok(out)
+    }
+
+    /// A new Web Push subscription for `topic` (the app), optionally
+    /// restricted to one VAPID key (RFC 8292 §4).
+    pub async fn subscribe(
+        &self,
+        device: DeviceId,
+        topic: &str,
+        server_key: Option<[u8; 65]>,
+    ) -> Result<DeviceToken, Error> {
+        let token = DeviceToken(random()?);
+        let row = TokenRow {
+            token,
+            device,
+            topic: topic.to_owned(),
+            kind: TokenKind::WebPush,
+            server_key: server_key.map(|k| k.to_vec()),
+            created_at: unix_now(),
+            revoked_at: None,
+        };
+        self.commit(vec![Write::Token(row.clone())]).await?;
+        self.lock().tokens.insert(
+            token,
+            TokenEntry {
+                device,
+                topic: row.topic,
+                kind: row.kind,
+                server_key: row.server_key,
+                revoked_at: None,
+            },
+        );
+        Ok(token)
+    }
+
+    /// Revokes a token of `device` (an app uninstalled, a subscription
+    /// dropped). Providers get 410 from now on; queued messages on it are
+    /// marked unregistered.
+    pub async fn revoke(&self, device: DeviceId, token: DeviceToken) -> Result<bool, Error> {
+        let now = unix_now();
+        {
+            let mut inner = self.lock();
+            let Some(t) = inner.tokens.get_mut(&token) else {
+                return Ok(false);
+            };
+            if t.device != device || t.revoked_at.is_some() {
+                return Ok(false);
+            }
+            t.revoked_at = Some(now);
+            let key = (device, t.topic.clone());
+            if t.kind == TokenKind::Topic {
+                inner.by_topic.remove(&key);
+            }
+            inner.queues.remove_token(&device, &token);
+        }
+        self.commit(vec![Write::Revoke { token, at: now }]).await?;
+        Ok(true)
+    }
+
+    /// Stored messages for a device that just said Hello, in delivery order
+    /// (VoIP and priority 10 first).
+    pub async fn backlog(&self, device: DeviceId) -> Result<Vec<Notification>, Error> {
+        let rows = self.store.queued(Some(device)).await?;
+        let now = unix_now() as u64;
+        let mut inner = self.lock();
+        for m in &rows {
+            if !inner.queues.contains(&device, &m.note.id) {
+                // Displaced in memory by a push that then failed to commit;
+                // the database still has it, so it counts again.
+                inner.queues.admit(device, entry(m));
+            }
+        }
+        let order = inner.queues.delivery_order(&device, now);
+        drop(inner);
+        let mut by_id: HashMap<NotificationId, Notification> =
+            rows.into_iter().map(|m| (m.note.id, m.note)).collect();
+        Ok(order
+            .into_iter()
+            .filter_map(|id| by_id.remove(&id))
+            .collect())
+    }
+
+    /// The device acked these ids.
+    pub fn acked(&self, device: DeviceId, ids: Vec<NotificationId>) {
+        let mut any_receipt = false;
+        {
+            let mut inner = self.lock();
+            for id in &ids {
+                while inner.queues.remove(&device, id).is_some() {}
+            }
+        }
+        self.metrics
+            .delivered
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+        any_receipt |= !ids.is_empty();
+        self.commit_later(vec![Write::State {
+            device,
+            ids,
+            state: MessageState::Delivered,
+            at: unix_now(),
+        }]);
+        if any_receipt {
+            self.receipts.notify_waiters();
+        }
+    }
+
+    /// Drops expired messages from queues; called every second.
+    pub fn expire(&self) {
+        let now = unix_now();
+        let gone = self.lock().queues.take_expired(now as u64);
+        if gone.is_empty() {
+            return;
+        }
+        self.metrics
+            .expired
+            .fetch_add(gone.len() as u64, Ordering::Relaxed);
+        let mut by_device: HashMap<DeviceId, Vec<NotificationId>> = HashMap::new();
+        for (d, id) in gone {
+            by_device.entry(d).or_default().push(id);
+        }
+        self.commit_later(
+            by_device
+                .into_iter()
+                .map(|(device, ids)| Write::State {
+                    device,
+                    ids,
+                    state: MessageState::Expired,
+                    at: now,
+                })
+                .collect(),
+        );
+        self.receipts.notify_waiters();
+    }
+
+    /// Replaces the set of revoked certificate serials; connected devices
+    /// holding one are closed.
+    pub fn set_revoked_serials(&self, serials: HashSet<Vec<u8>>) {
+        let mut inner = self.lock();
+        for o in inner.online.values() {
+            if serials.contains(&o.serial) {
+                let _ = o.tx.try_send(ConnCommand::Close(
+                    CloseReason::Revoked,
+                    "certificate revoked",
+                ));
+            }
+        }
+        inner.revoked_serials = serials;
+    }
+
+    /// Closes every device connection (shutdown).
+    pub fn close_all(&self, reason: CloseReason, text: &'static str) {
+        for o in self.lock().online.values() {
+            let _ = o.tx.try_send(ConnCommand::Close(reason, text));
+        }
+    }
+
+    pub fn queued_total(&self) -> usize {
+        self.lock().queues.total()
+    }
+
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let m = &self.metrics;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# TYPE parley_courier_connections gauge\nparley_courier_connections {}",
+            g(&m.connections)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE parley_courier_queued gauge\nparley_courier_queued {}",
+            self.queued_total()
+        );
+        let _ = writeln!(out, "# TYPE parley_courier_pushes_total counter");
+        for (outcome, v) in [
+            ("stored", &m.pushes_stored),
+            ("sent_now", &m.pushes_sent_now),
+            ("discarded", &m.pushes_discarded),
+            ("rejected", &m.pushes_rejected),
+        ] {
+            let _ = writeln!(
+                out,
+                "parley_courier_pushes_total{{outcome=\"{outcome}\"}} {}",
+                g(v)
+            );
+        }
+        let _ = writeln!(out, "# TYPE parley_courier_messages_total counter");
+        for (state, v) in [
+            ("delivered", &m.delivered),
+            ("dropped", &m.dropped),
+            ("replaced", &m.collapsed),
+            ("expired", &m.expired),
+        ] {
+            let _ = writeln!(
+                out,
+                "parley_courier_messages_total{{state=\"{state}\"}} {}",
+                g(v)
+            );
+        }
+        for (name, v) in [
+            ("parley_courier_connects_total", &m.connects),
+            ("parley_courier_replaced_connections_total", &m.replaced),
+            ("parley_courier_commit_batches_total", &m.batches),
+            ("parley_courier_committed_writes_total", &m.batched_writes),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", g(v));
+        }
+    }
+}
+
+fn entry(m: &StoredMessage) -> Entry {
+    Entry {
+        id: m.note.id,
+        seq: m.seq as u64,
+        token: m.note.token,
+        collapse: m.note.collapse_id.as_str().into(),
+        priority: m.note.priority,
+        voip: m.note.push_type == PushType::Voip,
+        expires: m.note.expires,
+    }
+}
+
+/// The group-commit writer: takes whatever is waiting (up to `max_batch`
+/// writes), commits it as one transaction, answers every waiter.
+async fn writer(
+    store: Store,
+    mut rx: mpsc::Receiver<(Vec<Write>, Option<Reply>)>,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch: Vec<Write> = Vec::new();
+    let mut replies: Vec<Reply> = Vec::new();
+    while let Some((w, r)) = rx.recv().await {
+        batch.extend(w);
+        replies.extend(r);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok((w, r)) => {
+                    batch.extend(w);
+                    replies.extend(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let result = store.apply(&batch).await.map_err(|e| e.to_string());
+        metrics.batches.fetch_add(1, Ordering::Relaxed);
+        metrics
+            .batched_writes
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, writes = batch.len(), "commit failed");
+        }
+        for r in replies.drain(..) {
+            let _ = r.send(result.clone());
+        }
+        batch.clear();
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Unix milliseconds, as APNs error timestamps are written.
+pub fn unix_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub fn random<const N: usize>() -> Result<[u8; N], Error> {
+    let mut b = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| Error::Internal("system random number generator failed".into()))?;
+    Ok(b)
+}

@@ -1,0 +1,19 @@
+//! The courier's one error type.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("database: {0}")]
+    Database(String),
+    #[error("internal: {0}")]
+    Internal(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    pub(crate) fn db(e: sqlx::Error) -> Error {
+        Error::Database(e.to_string())
+    }
+}

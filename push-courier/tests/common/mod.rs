@@ -1,0 +1,327 @@
+//! A courier on loopback with a throwaway CA, device certificates issued
+//! the way the identity service issues them, a registered APNs-style
+//! provider, and curl as the provider's HTTP client.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine;
+use push_courier::client::{DeviceClient, DeviceCredentials, Transport};
+use push_courier::runtime::{Server, Tls};
+use push_courier::{Config, Provider};
+use ring::signature::KeyPair;
+use wire::push::DeviceToken;
+use wire::{DeviceId, SigningKey};
+
+pub const TEAM: &str = "TEAM123456";
+pub const KID: &str = "KEY1234567";
+pub const TOPIC: &str = "com.example.chat";
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub server: Option<Server>,
+    pub ca_pem: PathBuf,
+    device_ca: ids::certs::DeviceCa,
+    roots: rustls::RootCertStore,
+    /// The provider's ES256 key (PKCS#8).
+    pub provider_key: Vec<u8>,
+    pub config: Config,
+    server_chain: Option<(rustls::pki_types::CertificateDer<'static>, Vec<u8>)>,
+}
+
+pub fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+pub fn p256_keypair() -> (Vec<u8>, Vec<u8>) {
+    let rng = ring::rand::SystemRandom::new();
+    let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+    let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+    let kp = ring::signature::EcdsaKeyPair::from_pkcs8(alg, doc.as_ref(), &rng).unwrap();
+    (doc.as_ref().to_vec(), kp.public_key().as_ref().to_vec())
+}
+
+/// The raw 32-byte scalar inside a ring P-256 PKCS#8 document.
+pub fn p256_scalar(pkcs8: &[u8]) -> Vec<u8> {
+    let pat = [0x02, 0x01, 0x01, 0x04, 0x20];
+    let i = pkcs8.windows(5).position(|w| w == pat).unwrap() + 5;
+    pkcs8[i..i + 32].to_vec()
+}
+
+pub fn pem(label: &str, der: &[u8]) -> String {
+    let b = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+impl Env {
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        // CA and a localhost server certificate.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "test CA");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = p.self_signed(&ca_key).unwrap();
+        let ca_pem = dir.path().join("ca.pem");
+        std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
+        let ca_key_pem = ca_key.serialize_pem();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key).unwrap();
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let mut sp = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        sp.subject_alt_names
+            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+        let server_cert = sp.signed_by(&server_key, &issuer).unwrap();
+        // The same CA issues device certificates, as in `parley up`.
+        let device_ca = ids::certs::DeviceCa::from_pem(&ca_cert.pem(), &ca_key_pem).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+
+        let (provider_key, provider_pub) = p256_keypair();
+        let mut config = Config {
+            device_listen: "127.0.0.1:0".parse().unwrap(),
+            provider_listen: "127.0.0.1:0".parse().unwrap(),
+            database_url: format!("sqlite://{}", dir.path().join("courier.db").display()),
+            providers: vec![
+                Provider {
+                    name: "acme".into(),
+                    team_id: TEAM.into(),
+                    key_id: KID.into(),
+                    public_key: Some(provider_pub.try_into().unwrap()),
+                    topics: vec![],
+                },
+                Provider {
+                    name: "narrow".into(),
+                    team_id: "TEAMNARROW".into(),
+                    key_id: "KEYNARROW0".into(),
+                    public_key: Some(p256_keypair().1.try_into().unwrap()),
+                    topics: vec!["com.example.other".into()],
+                },
+            ],
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let mut env = Env {
+            dir,
+            server: None,
+            ca_pem,
+            device_ca,
+            roots,
+            provider_key,
+            config,
+            server_chain: None,
+        };
+        env.server_chain = Some((server_cert.der().clone(), server_key.serialize_der()));
+        env.restart().await;
+        env
+    }
+
+    /// (Re)starts the courier on the same database and ports.
+    pub async fn restart(&mut self) {
+        if let Some(s) = self.server.take() {
+            let device = s.device_addr();
+            let provider = s.provider_addr();
+            s.shutdown().await;
+            self.config.device_listen = device;
+            self.config.provider_listen = provider;
+        }
+        let (cert, key) = self.server_chain.clone().unwrap();
+        let tls = Tls {
+            chain: vec![cert],
+            key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+            device_roots: self.roots.clone(),
+            device_crls: vec![],
+            provider_roots: Some(self.roots.clone()),
+        };
+        self.server = Some(Server::start(self.config.clone(), tls).await.unwrap());
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    pub fn provider_port(&self) -> u16 {
+        self.server().provider_addr().port()
+    }
+
+    /// A new device: its id and credentials with an `ids`-issued cert.
+    pub fn device(&self) -> (DeviceId, DeviceCredentials) {
+        let key = SigningKey::generate();
+        let id = DeviceId::random();
+        let serial: [u8; 16] = push_courier::courier::random().unwrap();
+        let (_, cert_pem) = self
+            .device_ca
+            .issue(id, &key.public(), serial, unix_now())
+            .unwrap();
+        let chain = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        (id, self.creds_for(chain, key.pkcs8().to_vec()))
+    }
+
+    pub fn creds_for(
+        &self,
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        pkcs8: Vec<u8>,
+    ) -> DeviceCredentials {
+        DeviceCredentials {
+            chain,
+            key: rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8.into()),
+            roots: self.roots.clone(),
+            server_name: "localhost".into(),
+        }
+    }
+
+    pub async fn connect(
+        &self,
+        creds: &DeviceCredentials,
+        transport: Transport,
+        topics: &[&str],
+    ) -> (DeviceClient, Vec<(String, DeviceToken)>) {
+        let addr = match transport {
+            Transport::Tls => self.server().device_addr(),
+            Transport::Quic => self.server().quic_addr().unwrap(),
+        };
+        DeviceClient::connect(addr, transport, creds, topics, 0)
+            .await
+            .unwrap()
+    }
+
+    /// A fresh provider token.
+    pub fn jwt(&self) -> String {
+        self.jwt_at(unix_now())
+    }
+
+    pub fn jwt_at(&self, iat: i64) -> String {
+        push_courier::core::jwt::sign(
+            &self.provider_key,
+            Some(KID),
+            &serde_json::json!({"iss": TEAM, "iat": iat}),
+        )
+        .unwrap()
+    }
+
+    /// Runs curl against the provider API. Returns (status, headers, body).
+    pub async fn curl(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<&[u8]>,
+    ) -> Curl {
+        let dir = self.dir.path().to_owned();
+        let port = self.provider_port();
+        let ca = self.ca_pem.display().to_string();
+        let n: u64 = u64::from_le_bytes(push_courier::courier::random().unwrap());
+        let body_in = dir.join(format!("req-{n}"));
+        let body_out = dir.join(format!("resp-{n}"));
+        let head_out = dir.join(format!("head-{n}"));
+        let mut args: Vec<String> = vec![
+            "-sS".into(),
+            "--http2".into(),
+            "--cacert".into(),
+            ca,
+            "--resolve".into(),
+            format!("localhost:{port}:127.0.0.1"),
+            "-X".into(),
+            method.into(),
+            "-o".into(),
+            body_out.display().to_string(),
+            "-D".into(),
+            head_out.display().to_string(),
+            "-w".into(),
+            "%{http_code} %{http_version}".into(),
+        ];
+        for (k, v) in headers {
+            args.push("-H".into());
+            args.push(format!("{k}: {v}"));
+        }
+        if let Some(b) = body {
+            std::fs::write(&body_in, b).unwrap();
+            args.push("--data-binary".into());
+            args.push(format!("@{}", body_in.display()));
+        }
+        args.push(format!("https://localhost:{port}{path}"));
+        let out = tokio::task::spawn_blocking(move || {
+            parley_tests::tool::run("curl", &args, Duration::from_secs(20))
+        })
+        .await
+        .unwrap();
+        let mut parts = out.text.split_whitespace();
+        let status: u16 = parts
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("curl printed {:?}", out.text));
+        let version = parts.next().unwrap_or("").to_owned();
+        Curl {
+            status,
+            version,
+            headers: std::fs::read_to_string(&head_out).unwrap_or_default(),
+            body: std::fs::read_to_string(&body_out).unwrap_or_default(),
+        }
+    }
+
+    /// An APNs push with a valid provider token.
+    pub async fn apns(&self, token: &DeviceToken, extra: &[(&str, String)], body: &[u8]) -> Curl {
+        let mut h = vec![
+            ("authorization", format!("bearer {}", self.jwt())),
+            ("apns-topic", TOPIC.to_owned()),
+        ];
+        h.extend(extra.iter().cloned());
+        self.curl(
+            "POST",
+            &format!("/3/device/{}", token.to_hex()),
+            &h,
+            Some(body),
+        )
+        .await
+    }
+}
+
+#[derive(Debug)]
+pub struct Curl {
+    pub status: u16,
+    pub version: String,
+    pub headers: String,
+    pub body: String,
+}
+
+impl Curl {
+    pub fn reason(&self) -> String {
+        serde_json::from_str::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["reason"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
+    }
+}

@@ -1,0 +1,732 @@
+//! The courier end to end over real loopback sockets: devices on TLS and
+//! QUIC, providers through curl (HTTP/2), pywebpush and npm `web-push`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use push_courier::client::{ClientEvent, DeviceClient, Transport};
+use wire::push::{CloseReason, Notification, PushType};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn next_note(c: &mut DeviceClient) -> Notification {
+    loop {
+        match c.next_within(WAIT).await.unwrap() {
+            ClientEvent::Notification(n) => return n,
+            ClientEvent::Closed(r) => panic!("link closed: {r:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Nothing arrives within `t`.
+async fn quiet(c: &mut DeviceClient, t: Duration) {
+    match c.next_within(t).await {
+        Err(push_courier::client::ClientError::Timeout) => {}
+        other => panic!("expected silence, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apns_push_over_http2_reaches_a_tls_device_and_status_says_delivered() {
+    let env = Env::start(|_| {}).await;
+    let (_, creds) = env.device();
+    let (dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    assert_eq!(tokens.len(), 1);
+    let token = tokens[0].1;
+    // The token is stable across connections.
+    drop(dev);
+    let (mut dev, again) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    assert_eq!(again[0].1, token);
+
+    let payload = br#"{"aps":{"alert":"hello"}}"#;
+    let id = "0A1B2C3D-0000-4000-8000-00000000AA01";
+    let r = env
+        .apns(&token, &[("apns-id", id.to_owned())], payload)
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.version, "2", "curl spoke HTTP/2");
+    assert_eq!(r.header("apns-id").as_deref(), Some(id));
+    let n = next_note(&mut dev).await;
+    assert_eq!(n.id.to_uuid(), id);
+    assert_eq!(n.payload, payload);
+    assert_eq!(n.topic, TOPIC);
+    assert_eq!(n.push_type, PushType::Alert);
+    dev.ack(&[n.id]).await.unwrap();
+
+    // The delivery-status endpoint reports the ack (written in the background).
+    let mut status = String::new();
+    for _ in 0..100 {
+        let r = env
+            .curl(
+                "GET",
+                &format!("/3/status/{id}"),
+                &[("authorization", format!("bearer {}", env.jwt()))],
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+        status = r.body;
+        if status.contains("delivered") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(status.contains("\"delivered\""), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apns_errors_match_apple_reasons() {
+    let env = Env::start(|_| {}).await;
+    let (_, creds) = env.device();
+    let (_dev, tokens) = env
+        .connect(&creds, Transport::Tls, &[TOPIC, "com.example.other"])
+        .await;
+    let token = tokens[0].1;
+    let body = br#"{"aps":{}}"#;
+
+    // Malformed and unknown tokens.
+    let r = env
+        .curl(
+            "POST",
+            "/3/device/nothex",
+            &[("authorization", format!("bearer {}", env.jwt()))],
+            Some(body),
+        )
+        .await;
+    assert_eq!((r.status, r.reason().as_str()), (400, "BadDeviceToken"));
+    let r = env.apns(&wire::push::DeviceToken([7; 32]), &[], body).await;
+    assert_eq!((r.status, r.reason().as_str()), (400, "BadDeviceToken"));
+
+    // Payload limits: 4096 bytes, 5120 for VoIP; empty.
+    let big = format!("{{\"x\":\"{}\"}}", "a".repeat(4100));
+    let r = env.apns(&token, &[], big.as_bytes()).await;
+    assert_eq!((r.status, r.reason().as_str()), (413, "PayloadTooLarge"));
+    let r = env.apns(&token, &[], b"").await;
+    assert_eq!((r.status, r.reason().as_str()), (400, "PayloadEmpty"));
+
+    // Provider authentication.
+    let path = format!("/3/device/{}", token.to_hex());
+    let r = env
+        .curl(
+            "POST",
+            &path,
+            &[("apns-topic", TOPIC.to_owned())],
+            Some(body),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.reason().as_str()),
+        (403, "MissingProviderToken")
+    );
+    let r = env
+        .curl(
+            "POST",
+            &path,
+            &[
+                ("authorization", "bearer not.a.jwt".to_owned()),
+                ("apns-topic", TOPIC.to_owned()),
+            ],
+            Some(body),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.reason().as_str()),
+        (403, "InvalidProviderToken")
+    );
+    let (other_key, _) = p256_keypair();
+    let forged = push_courier::core::jwt::sign(
+        &other_key,
+        Some(KID),
+        &serde_json::json!({"iss": TEAM, "iat": unix_now()}),
+    )
+    .unwrap();
+    let r = env
+        .curl(
+            "POST",
+            &path,
+            &[
+                ("authorization", format!("bearer {forged}")),
+                ("apns-topic", TOPIC.to_owned()),
+            ],
+            Some(body),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.reason().as_str()),
+        (403, "InvalidProviderToken")
+    );
+    let r = env
+        .curl(
+            "POST",
+            &path,
+            &[
+                (
+                    "authorization",
+                    format!("bearer {}", env.jwt_at(unix_now() - 3700)),
+                ),
+                ("apns-topic", TOPIC.to_owned()),
+            ],
+            Some(body),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.reason().as_str()),
+        (403, "ExpiredProviderToken")
+    );
+
+    // Headers.
+    let r = env
+        .apns(&token, &[("apns-priority", "7".into())], body)
+        .await;
+    assert_eq!((r.status, r.reason().as_str()), (400, "BadPriority"));
+    let r = env
+        .apns(&token, &[("apns-push-type", "carrier-pigeon".into())], body)
+        .await;
+    assert_eq!((r.status, r.reason().as_str()), (400, "InvalidPushType"));
+    let r = env.apns(&token, &[("apns-id", "42".into())], body).await;
+    assert_eq!((r.status, r.reason().as_str()), (400, "BadMessageId"));
+    let r = env
+        .apns(&token, &[("apns-collapse-id", "c".repeat(65))], body)
+        .await;
+    assert_eq!((r.status, r.reason().as_str()), (400, "BadCollapseId"));
+    let r = env
+        .curl(
+            "POST",
+            &path,
+            &[("authorization", format!("bearer {}", env.jwt()))],
+            Some(body),
+        )
+        .await;
+    assert_eq!((r.status, r.reason().as_str()), (400, "MissingTopic"));
+    // A token belongs to one topic.
+    let other = tokens[1].1;
+    let r = env.apns(&other, &[], body).await;
+    assert_eq!(
+        (r.status, r.reason().as_str()),
+        (400, "DeviceTokenNotForTopic")
+    );
+    let r = env.curl("GET", &path, &[], None).await;
+    assert_eq!((r.status, r.reason().as_str()), (405, "MethodNotAllowed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_token_gets_410_unregistered_with_timestamp() {
+    let env = Env::start(|_| {}).await;
+    let (_, creds) = env.device();
+    let (dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let token = tokens[0].1;
+    let before = unix_now() * 1000;
+    dev.revoke(token).await.unwrap();
+    let mut r = env.apns(&token, &[], b"{}").await;
+    for _ in 0..100 {
+        if r.status == 410 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        r = env.apns(&token, &[], b"{}").await;
+    }
+    assert_eq!((r.status, r.reason().as_str()), (410, "Unregistered"));
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let ts = v["timestamp"].as_i64().unwrap();
+    assert!(
+        ts >= before - 1000 && ts <= unix_now() * 1000 + 1000,
+        "{ts}"
+    );
+    // A new Hello gives the topic a new token.
+    drop(dev);
+    let (_dev, again) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    assert_ne!(again[0].1, token);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_queue_collapses_expires_and_puts_voip_first() {
+    let env = Env::start(|_| {}).await;
+    let (_, creds) = env.device();
+    let voip_topic = "com.example.chat.voip";
+    let (dev, tokens) = env
+        .connect(&creds, Transport::Tls, &[TOPIC, voip_topic])
+        .await;
+    let (token, voip) = (tokens[0].1, tokens[1].1);
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let soon = (unix_now() + 1).to_string();
+    type Push<'a> = (&'a wire::push::DeviceToken, Vec<(&'a str, String)>, &'a str);
+    let pushes: Vec<Push> = vec![
+        (&token, vec![("apns-priority", "5".into())], r#"{"n":1}"#),
+        (
+            &token,
+            vec![
+                ("apns-collapse-id", "score".into()),
+                ("apns-priority", "5".into()),
+            ],
+            r#"{"n":2}"#,
+        ),
+        (&token, vec![("apns-expiration", soon)], r#"{"n":3}"#),
+        (&token, vec![("apns-expiration", "0".into())], r#"{"n":4}"#),
+        (
+            &token,
+            vec![
+                ("apns-collapse-id", "score".into()),
+                ("apns-priority", "5".into()),
+            ],
+            r#"{"n":5}"#,
+        ),
+    ];
+    for (t, h, b) in pushes {
+        let r = env.apns(t, &h, b.as_bytes()).await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let r = env
+        .curl(
+            "POST",
+            &format!("/3/device/{}", voip.to_hex()),
+            &[
+                ("authorization", format!("bearer {}", env.jwt())),
+                ("apns-topic", voip_topic.to_owned()),
+                ("apns-push-type", "voip".into()),
+                ("apns-priority", "5".into()),
+            ],
+            Some(br#"{"n":6}"#),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    // Let n=3 expire.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    let (mut dev, _) = env
+        .connect(&creds, Transport::Tls, &[TOPIC, voip_topic])
+        .await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let n = next_note(&mut dev).await;
+        got.push(String::from_utf8(n.payload.clone()).unwrap());
+        dev.ack(&[n.id]).await.unwrap();
+    }
+    // VoIP first; n=2 replaced by n=5; n=3 expired; n=4 was now-or-never.
+    assert_eq!(got, vec![r#"{"n":6}"#, r#"{"n":1}"#, r#"{"n":5}"#]);
+    quiet(&mut dev, Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_cap_drops_the_oldest_and_reports_it() {
+    let env = Env::start(|c| c.queue_cap = 3).await;
+    let (_, creds) = env.device();
+    let (dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let token = tokens[0].1;
+    drop(dev);
+    let ids: Vec<String> = (1..=4)
+        .map(|i| format!("00000000-0000-4000-8000-00000000000{i}"))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let r = env
+            .apns(
+                &token,
+                &[("apns-id", id.clone())],
+                format!("{{\"n\":{i}}}").as_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let r = env
+        .curl(
+            "GET",
+            &format!("/3/status/{}", ids[0]),
+            &[("authorization", format!("bearer {}", env.jwt()))],
+            None,
+        )
+        .await;
+    assert!(r.body.contains("\"dropped\""), "{r:?}");
+    let (mut dev, _) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(next_note(&mut dev).await.id.to_uuid());
+    }
+    assert_eq!(got, ids[1..].to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_connection_closes_the_first_with_a_reason() {
+    let env = Env::start(|_| {}).await;
+    let (_, creds) = env.device();
+    let (mut first, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let (mut second, _) = env.connect(&creds, Transport::Quic, &[TOPIC]).await;
+    match first.next_within(WAIT).await.unwrap() {
+        ClientEvent::Closed(Some((CloseReason::Replaced, _))) => {}
+        other => panic!("expected Replaced, got {other:?}"),
+    }
+    // The new one gets the pushes.
+    let r = env.apns(&tokens[0].1, &[], b"{\"to\":\"second\"}").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(next_note(&mut second).await.payload, b"{\"to\":\"second\"}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_messages_come_back_after_reconnect_and_the_device_sees_them_once() {
+    let env = Env::start(|_| {}).await;
+    let (_, creds) = env.device();
+    let (mut dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let token = tokens[0].1;
+    let r = env.apns(&token, &[], b"{\"n\":1}").await;
+    assert_eq!(r.status, 200);
+    let n = next_note(&mut dev).await;
+    // No ack: the link drops.
+    dev.abort();
+    let (mut dev, _) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let again = next_note(&mut dev).await;
+    assert_eq!(again.id, n.id, "redelivered after reconnect");
+    dev.ack(&[again.id]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(dev);
+    let (mut dev, _) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    quiet(&mut dev, Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_device_keeps_its_link_across_a_network_change() {
+    let env = Env::start(|_| {}).await;
+    let (_, creds) = env.device();
+    let (mut dev, tokens) = env.connect(&creds, Transport::Quic, &[TOPIC]).await;
+    let token = tokens[0].1;
+    let r = env.apns(&token, &[], b"{\"n\":1}").await;
+    assert_eq!(r.status, 200);
+    let n = next_note(&mut dev).await;
+    dev.ack(&[n.id]).await.unwrap();
+
+    // Move to a new local address (a new UDP socket on another loopback IP).
+    let before = dev.quic_local_addr().unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    dev.rebind(socket).unwrap();
+    assert_ne!(dev.quic_local_addr().unwrap(), before);
+    let r = env.apns(&token, &[], b"{\"n\":2}").await;
+    assert_eq!(r.status, 200);
+    let n = next_note(&mut dev).await;
+    assert_eq!(n.payload, b"{\"n\":2}");
+    assert_eq!(
+        env.server()
+            .courier
+            .metrics
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "no reconnect happened"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_without_a_device_certificate_are_refused() {
+    let env = Env::start(|_| {}).await;
+    // A certificate from another CA.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let p = rcgen::CertificateParams::new(vec!["device".into()]).unwrap();
+    let cert = p.self_signed(&key).unwrap();
+    let creds = env.creds_for(vec![cert.der().clone()], key.serialize_der());
+    let r = DeviceClient::connect(
+        env.server().device_addr(),
+        Transport::Tls,
+        &creds,
+        &[TOPIC],
+        0,
+    )
+    .await;
+    assert!(r.is_err(), "foreign certificate accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_rate_limit_answers_429() {
+    let env = Env::start(|c| c.provider_rate = 2).await;
+    let (_, creds) = env.device();
+    let (_dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        let r = env.apns(&tokens[0].1, &[], b"{}").await;
+        codes.push((r.status, r.reason()));
+    }
+    assert!(
+        codes
+            .iter()
+            .any(|(s, r)| *s == 429 && r == "TooManyRequests"),
+        "{codes:?}"
+    );
+}
+
+/// What a Web Push test needs: a subscribed device and a VAPID key.
+struct WebPushSetup {
+    dev: DeviceClient,
+    creds: push_courier::client::DeviceCredentials,
+    keys: wire::webpush::SubscriptionKeys,
+    endpoint: String,
+    vapid_pkcs8: Vec<u8>,
+    vapid_pub: Vec<u8>,
+}
+
+async fn web_push_setup(env: &Env, restrict: bool) -> WebPushSetup {
+    let (_, creds) = env.device();
+    let (mut dev, _) = env.connect(&creds, Transport::Tls, &[]).await;
+    let (vapid_pkcs8, vapid_pub) = p256_keypair();
+    let key = restrict.then(|| vapid_pub.clone().try_into().unwrap());
+    let req = dev.subscribe("https://app.example", key).await.unwrap();
+    let endpoint = match dev.next_within(WAIT).await.unwrap() {
+        ClientEvent::Subscription {
+            request, endpoint, ..
+        } => {
+            assert_eq!(request, req);
+            endpoint
+        }
+        other => panic!("{other:?}"),
+    };
+    WebPushSetup {
+        dev,
+        creds,
+        keys: wire::webpush::SubscriptionKeys::generate().unwrap(),
+        endpoint,
+        vapid_pkcs8,
+        vapid_pub,
+    }
+}
+
+fn vapid_header(env: &Env, pkcs8: &[u8], public: &[u8], aud_port: u16, exp: i64) -> String {
+    let _ = env;
+    let t = push_courier::core::jwt::sign(
+        pkcs8,
+        None,
+        &serde_json::json!({
+            "aud": format!("https://localhost:{aud_port}"),
+            "exp": exp,
+            "sub": "mailto:ops@example.com",
+        }),
+    )
+    .unwrap();
+    format!("vapid t={t}, k={}", b64(public))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pywebpush_sends_to_a_subscription_and_the_device_decrypts_it() {
+    let env = Env::start(|_| {}).await;
+    let mut s = web_push_setup(&env, true).await;
+    assert!(s
+        .endpoint
+        .starts_with(&format!("https://localhost:{}/wp/", env.provider_port())));
+    let pem_path = env.dir.path().join("vapid.pem");
+    std::fs::write(&pem_path, pem("PRIVATE KEY", &s.vapid_pkcs8)).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/pywebpush_send.py"
+    );
+    let args = vec![
+        script.to_owned(),
+        s.endpoint.clone(),
+        b64(&s.keys.public()),
+        b64(&s.keys.auth),
+        pem_path.display().to_string(),
+        "hello from pywebpush".to_owned(),
+    ];
+    let ca = env.ca_pem.display().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        parley_tests::tool::run_with(
+            None,
+            &[("REQUESTS_CA_BUNDLE", &ca)],
+            "python3",
+            &args,
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    let mut lines = out.text.lines();
+    assert_eq!(lines.next(), Some("201"), "{}", out.text);
+    assert!(
+        lines.next().unwrap_or("").contains("/wp/m/"),
+        "{}",
+        out.text
+    );
+    let n = next_note(&mut s.dev).await;
+    assert_eq!(n.push_type, PushType::WebPush);
+    assert_eq!(
+        s.keys.decrypt(&n.payload).unwrap(),
+        b"hello from pywebpush",
+        "body passed through untouched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn npm_web_push_sends_to_a_subscription_and_the_device_decrypts_it() {
+    let env = Env::start(|_| {}).await;
+    let mut s = web_push_setup(&env, false).await;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop");
+    assert!(
+        std::path::Path::new(dir)
+            .join("node_modules/web-push")
+            .is_dir(),
+        "npm web-push is not installed; run scripts/install-deps.sh"
+    );
+    let args = vec![
+        "webpush_send.js".to_owned(),
+        s.endpoint.clone(),
+        b64(&s.keys.public()),
+        b64(&s.keys.auth),
+        b64(&s.vapid_pub),
+        b64(&p256_scalar(&s.vapid_pkcs8)),
+        "hello from web-push".to_owned(),
+    ];
+    let ca = env.ca_pem.display().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        parley_tests::tool::run_with(
+            Some(std::path::Path::new(dir)),
+            &[("NODE_EXTRA_CA_CERTS", &ca)],
+            "node",
+            &args,
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    let mut lines = out.text.lines();
+    assert_eq!(lines.next(), Some("201"), "{}", out.text);
+    let n = next_note(&mut s.dev).await;
+    assert_eq!(s.keys.decrypt(&n.payload).unwrap(), b"hello from web-push");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_push_protocol_rules() {
+    let env = Env::start(|_| {}).await;
+    let s = web_push_setup(&env, true).await;
+    let path = s.endpoint.split_once("localhost").unwrap().1;
+    let path = &path[path.find('/').unwrap()..];
+    let port = env.provider_port();
+    let good = vapid_header(&env, &s.vapid_pkcs8, &s.vapid_pub, port, unix_now() + 600);
+    let body =
+        wire::webpush::encrypt(&s.keys.public(), &s.keys.auth, b"topic one", [3u8; 48]).unwrap();
+    let h = |auth: &str, extra: &[(&'static str, &'static str)]| {
+        let mut v = vec![
+            ("authorization", auth.to_owned()),
+            ("content-encoding", "aes128gcm".to_owned()),
+        ];
+        v.extend(extra.iter().map(|(k, x)| (*k, (*x).to_owned())));
+        v
+    };
+
+    // VAPID: 401 without, 403 for a bad signature, wrong aud, expired, or
+    // a key other than the one the subscription is restricted to.
+    let r = env
+        .curl("POST", path, &[("ttl", "60".into())], Some(&body))
+        .await;
+    assert_eq!(r.status, 401, "{r:?}");
+    let (other_pkcs8, other_pub) = p256_keypair();
+    let forged = {
+        let t = vapid_header(&env, &other_pkcs8, &other_pub, port, unix_now() + 600);
+        let (tok, _) = t.split_once(", k=").unwrap();
+        format!("{tok}, k={}", b64(&s.vapid_pub))
+    };
+    for bad in [
+        forged,
+        vapid_header(&env, &s.vapid_pkcs8, &s.vapid_pub, 1, unix_now() + 600),
+        vapid_header(&env, &s.vapid_pkcs8, &s.vapid_pub, port, unix_now() - 10),
+        vapid_header(&env, &other_pkcs8, &other_pub, port, unix_now() + 600),
+    ] {
+        let r = env
+            .curl("POST", path, &h(&bad, &[("ttl", "60")]), Some(&body))
+            .await;
+        assert_eq!(r.status, 403, "{bad}: {r:?}");
+    }
+    // TTL is required; Urgency and Topic are checked.
+    let r = env.curl("POST", path, &h(&good, &[]), Some(&body)).await;
+    assert_eq!(r.status, 400, "{r:?}");
+    let r = env
+        .curl(
+            "POST",
+            path,
+            &h(&good, &[("ttl", "60"), ("urgency", "asap")]),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    let r = env
+        .curl(
+            "POST",
+            path,
+            &h(&good, &[("ttl", "60"), ("topic", "not valid!")]),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    let r = env
+        .curl(
+            "POST",
+            path,
+            &h(&good, &[("ttl", "60")]),
+            Some(&vec![0u8; 4097]),
+        )
+        .await;
+    assert_eq!(r.status, 413, "{r:?}");
+    let r = env
+        .curl("POST", "/wp/AAAA", &h(&good, &[("ttl", "60")]), Some(&body))
+        .await;
+    assert_eq!(r.status, 404, "{r:?}");
+
+    // Topic replacement while the device is away, then a receipt.
+    let receipt = env
+        .curl(
+            "POST",
+            "/wp/receipts",
+            &[("authorization", good.clone())],
+            None,
+        )
+        .await;
+    assert_eq!(receipt.status, 201, "{receipt:?}");
+    let receipt_url = receipt.header("location").unwrap();
+    let receipt_path = &receipt_url[receipt_url.find("/wp/r/").unwrap()..];
+    let WebPushSetup {
+        dev, creds, keys, ..
+    } = s;
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for text in [b"topic one" as &[u8], b"topic two"] {
+        let body = wire::webpush::encrypt(&keys.public(), &keys.auth, text, [5u8; 48]).unwrap();
+        let mut hh = h(
+            &good,
+            &[
+                ("ttl", "600"),
+                ("topic", "news"),
+                ("urgency", "high"),
+                ("prefer", "respond-async"),
+            ],
+        );
+        hh.push(("push-receipt", receipt_url.clone()));
+        let r = env.curl("POST", path, &hh, Some(&body)).await;
+        assert_eq!(r.status, 201, "{r:?}");
+        assert_eq!(r.header("ttl").as_deref(), Some("600"));
+        assert!(r.header("location").unwrap().contains("/wp/m/"));
+    }
+    // The device comes back: only the newer message is waiting.
+    let (mut dev, _) = env.connect(&creds, Transport::Tls, &[]).await;
+    let n = next_note(&mut dev).await;
+    assert_eq!(keys.decrypt(&n.payload).unwrap(), b"topic two");
+    assert_eq!(n.priority, 10, "urgency high");
+    dev.ack(&[n.id]).await.unwrap();
+    quiet(&mut dev, Duration::from_millis(300)).await;
+    // Receipts: one replaced, one delivered.
+    let mut seen = String::new();
+    for _ in 0..3 {
+        let r = env
+            .curl(
+                "GET",
+                receipt_path,
+                &[("authorization", good.clone())],
+                None,
+            )
+            .await;
+        assert!(r.status == 200 || r.status == 204, "{r:?}");
+        seen.push_str(&r.body);
+        if seen.contains("delivered") && seen.contains("replaced") {
+            break;
+        }
+    }
+    assert!(
+        seen.contains("\"delivered\"") && seen.contains("\"replaced\""),
+        "{seen}"
+    );
+}
