@@ -8,14 +8,20 @@
 #   procps       `kill` and `ps`, used by the tests and benchmarks
 #   postgresql   a PostgreSQL server the identity service's tests start
 #                in a temporary directory (no system cluster is used)
+#   curl         the courier's APNs-style API is tested with curl --http2
+#   nodejs, npm  run the npm `web-push` sender against the courier
 #
-# and from PyPI:
+# from PyPI:
 #   schemathesis API fuzzing from the identity service's OpenAPI document
 #   aiosmtpd     a real SMTP server for the email code sender's test
+#   pywebpush    a real Web Push sender for the courier's interop test
+#
+# and from npm, into push-courier/tests/interop/node_modules:
+#   web-push     the other real Web Push sender
 set -euo pipefail
 
-packages=(coturn stun-client procps postgresql)
-commands=(turnutils_uclient stun kill initdb)
+packages=(coturn stun-client procps postgresql curl nodejs npm)
+commands=(turnutils_uclient stun kill initdb curl node npm)
 
 # initdb lives outside PATH on Debian, under /usr/lib/postgresql/<version>/bin.
 have() {
@@ -63,4 +69,15 @@ if ! python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
   echo "install-deps: installing aiosmtpd $aiosmtpd_version from PyPI"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     "aiosmtpd==$aiosmtpd_version"
+fi
+pywebpush_version=2.5.0
+if ! python3 -c 'import pywebpush' >/dev/null 2>&1; then
+  echo "install-deps: installing pywebpush $pywebpush_version from PyPI"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    "pywebpush==$pywebpush_version"
+fi
+interop="$(cd "$(dirname "$0")/.." && pwd)/push-courier/tests/interop"
+if [ ! -d "$interop/node_modules/web-push" ]; then
+  echo "install-deps: installing npm web-push (push-courier/tests/interop)"
+  (cd "$interop" && npm ci --no-audit --no-fund --silent)
 fi

@@ -16,7 +16,7 @@ use stun_turn::core::policy::IpNet;
 use toml::{Table, Value};
 
 /// Sections that environment variables may address.
-const SECTIONS: &[&str] = &["admin", "turn", "ids"];
+const SECTIONS: &[&str] = &["admin", "turn", "ids", "courier"];
 
 /// The whole configuration file.
 #[derive(Debug, Default, Deserialize)]
@@ -29,6 +29,155 @@ pub struct Settings {
     pub admin: AdminSection,
     pub turn: TurnSection,
     pub ids: IdsSection,
+    pub courier: CourierSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CourierSection {
+    /// Device listener, TLS over TCP and QUIC over UDP on the same port. Default 0.0.0.0:5223.
+    pub device_listen: Option<SocketAddr>,
+    /// Serve QUIC beside TLS. Default true.
+    pub quic: Option<bool>,
+    /// Provider HTTPS listener (APNs-style API and Web Push). Default 0.0.0.0:8443.
+    pub provider_listen: Option<SocketAddr>,
+    /// `sqlite://…` or `postgres://…`. Default: `courier.db` in the data directory.
+    pub database: Option<String>,
+    /// Origin providers use, for Web Push endpoints and VAPID `aud`.
+    /// Default `https://localhost:<provider port>`.
+    pub public_url: Option<String>,
+    /// Stored messages per device. Default 100.
+    pub queue_cap: Option<usize>,
+    /// Courier keepalive when the device does not choose one, seconds. Default 240.
+    pub ping_interval_secs: Option<u64>,
+    /// Pushes per second per provider. Default 20000.
+    pub provider_rate: Option<u32>,
+    /// How long message statuses stay queryable, seconds. Default 86400.
+    pub status_retention_secs: Option<u64>,
+    /// TLS certificate chain and key (PEM). Default: the data directory's.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// CA that issues device certificates. Default: the data directory's CA (the one `ids` uses).
+    pub device_ca: Option<PathBuf>,
+    /// CA for provider client certificates (CN = provider name). Default: the data directory's CA.
+    pub provider_ca: Option<PathBuf>,
+    /// APNs-style providers: `[[courier.providers]]` tables.
+    pub providers: Vec<ProviderEntry>,
+}
+
+/// One APNs-style provider.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProviderEntry {
+    /// Name; also the CN of its client certificate if it uses one.
+    pub name: String,
+    /// Provider token `iss` (team id) and `kid` (key id).
+    pub team_id: Option<String>,
+    pub key_id: Option<String>,
+    /// PEM file with its ES256 public key (`-----BEGIN PUBLIC KEY-----`).
+    pub key: Option<PathBuf>,
+    /// Topics it may push to. Default: any.
+    pub topics: Vec<String>,
+}
+
+impl CourierSection {
+    pub fn to_config(&self, data: &Path) -> Result<push_courier::Config> {
+        let mut c = push_courier::Config {
+            database_url: self
+                .database
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}", data.join("courier.db").display())),
+            ..push_courier::Config::default()
+        };
+        if let Some(a) = self.device_listen {
+            c.device_listen = a;
+        }
+        if let Some(a) = self.provider_listen {
+            c.provider_listen = a;
+        }
+        if let Some(q) = self.quic {
+            c.quic = q;
+        }
+        if let Some(u) = &self.public_url {
+            if !u.starts_with("https://") {
+                return Err(anyhow!(
+                    "invalid configuration: courier.public_url: must start with https://, got {u:?}"
+                ));
+            }
+            c.public_url = u.trim_end_matches('/').to_owned();
+        }
+        if let Some(n) = self.queue_cap {
+            if n == 0 || n > 10_000 {
+                return Err(anyhow!(
+                    "invalid configuration: courier.queue_cap: must be 1 to 10000, got {n}"
+                ));
+            }
+            c.queue_cap = n;
+        }
+        if let Some(s) = self.ping_interval_secs {
+            if !(10..=3600).contains(&s) {
+                return Err(anyhow!(
+                    "invalid configuration: courier.ping_interval_secs: must be 10 to 3600, got {s}"
+                ));
+            }
+            c.session.ping_interval = Duration::from_secs(s);
+        }
+        if let Some(r) = self.provider_rate {
+            c.provider_rate = r.max(1);
+        }
+        if let Some(s) = self.status_retention_secs {
+            c.status_retention = Duration::from_secs(s);
+        }
+        for (i, p) in self.providers.iter().enumerate() {
+            let key = |what: &str| format!("invalid configuration: courier.providers[{i}].{what}");
+            if p.name.is_empty() {
+                return Err(anyhow!("{}: required", key("name")));
+            }
+            let public_key = match &p.key {
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|e| {
+                        anyhow!("{}: cannot read {}: {e}", key("key"), path.display())
+                    })?;
+                    let der = rustls_pemfile::read_one(&mut pem.as_slice())
+                        .ok()
+                        .flatten()
+                        .and_then(|item| match item {
+                            rustls_pemfile::Item::SubjectPublicKeyInfo(d) => {
+                                Some(d.as_ref().to_vec())
+                            }
+                            _ => None,
+                        })
+                        .ok_or_else(|| {
+                            anyhow!("{}: {} is not a PEM public key", key("key"), path.display())
+                        })?;
+                    Some(
+                        push_courier::core::jwt::p256_point_from_spki(&der).ok_or_else(|| {
+                            anyhow!(
+                                "{}: {} is not a P-256 (ES256) key",
+                                key("key"),
+                                path.display()
+                            )
+                        })?,
+                    )
+                }
+                None => None,
+            };
+            if public_key.is_some() && (p.team_id.is_none() || p.key_id.is_none()) {
+                return Err(anyhow!(
+                    "{}: team_id and key_id are required with key",
+                    key("key")
+                ));
+            }
+            c.providers.push(push_courier::Provider {
+                name: p.name.clone(),
+                team_id: p.team_id.clone().unwrap_or_default(),
+                key_id: p.key_id.clone().unwrap_or_default(),
+                public_key,
+                topics: p.topics.clone(),
+            });
+        }
+        Ok(c)
+    }
 }
 
 #[derive(Default, Deserialize)]
@@ -524,5 +673,33 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("ids.publish_interval_secs"), "{e}");
+    }
+
+    #[test]
+    fn courier_values_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let load_toml = |t: &str| {
+            let f = dir.path().join("c.toml");
+            std::fs::write(&f, t).unwrap();
+            load(Some(&f), std::iter::empty(), &[]).and_then(|s| s.courier.to_config(dir.path()))
+        };
+        let e = load_toml("[courier]\nqueue_cap = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("courier.queue_cap"), "{e}");
+        let e = load_toml("[courier]\npublic_url = \"http://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("courier.public_url"), "{e}");
+        let e = load_toml("[[courier.providers]]\nname = \"a\"\nkey = \"/nonexistent.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("courier.providers[0].key"), "{e}");
+        let c = load_toml("[courier]\nqueue_cap = 7\nping_interval_secs = 60\n\n[[courier.providers]]\nname = \"cert-only\"\ntopics = [\"com.example\"]\n").unwrap();
+        assert_eq!(c.queue_cap, 7);
+        assert_eq!(c.session.ping_interval, Duration::from_secs(60));
+        assert_eq!(c.providers[0].name, "cert-only");
+        assert!(c.providers[0].public_key.is_none());
+        assert!(c.database_url.ends_with("courier.db"));
     }
 }

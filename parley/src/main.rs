@@ -44,8 +44,9 @@ struct Cli {
 enum Command {
     /// Run every service in one process on the data directory.
     ///
-    /// The STUN/TURN relay on 3478 (UDP and TCP) and 5349 (TLS), and the
-    /// identity service on 8444 (HTTPS).
+    /// The STUN/TURN relay on 3478 (UDP and TCP) and 5349 (TLS), the
+    /// identity service on 8444 (HTTPS), and the push courier on 5223 (devices,
+    /// TLS and QUIC) and 8443 (providers, HTTPS).
     Up(UpArgs),
     /// Run the STUN/TURN relay alone.
     ///
@@ -62,6 +63,49 @@ enum Command {
     /// data directory's CA, and serves lookups with key transparency proofs
     /// (akd). The OpenAPI document is at /v1/openapi.json.
     Ids(IdsArgs),
+    /// Run the push courier alone.
+    ///
+    /// Devices hold one connection each on 5223 (TLS 1.3 over TCP, or QUIC),
+    /// ALPN parley-push/1, authenticated by the device certificate the
+    /// identity service issued (the data directory's CA). Providers push on
+    /// 8443 over HTTP/2 or HTTP/1.1: the APNs-compatible API
+    /// (POST /3/device/<token>, ES256 provider tokens or client
+    /// certificates) and Web Push (RFC 8030, VAPID, aes128gcm). A push
+    /// answered 2xx is in the database (courier.db) first and survives a
+    /// crash; offline devices get their queue when they reconnect.
+    Courier(CourierArgs),
+}
+
+#[derive(Debug, Args, Default)]
+struct CourierArgs {
+    /// Device listen address, TCP (TLS) and UDP (QUIC). [default: 0.0.0.0:5223]
+    #[arg(long = "courier-device-listen", value_name = "ADDR")]
+    device_listen: Option<SocketAddr>,
+    /// Provider HTTPS listen address. [default: 0.0.0.0:8443]
+    #[arg(long = "courier-provider-listen", value_name = "ADDR")]
+    provider_listen: Option<SocketAddr>,
+    /// Courier database: sqlite://PATH or postgres://URL. [default: sqlite in the data directory]
+    #[arg(long = "courier-database", value_name = "URL")]
+    database: Option<String>,
+}
+
+impl CourierArgs {
+    fn overrides(&self) -> Vec<(String, Value)> {
+        let mut o = Vec::new();
+        if let Some(a) = self.device_listen {
+            o.push(("courier.device_listen".into(), Value::String(a.to_string())));
+        }
+        if let Some(a) = self.provider_listen {
+            o.push((
+                "courier.provider_listen".into(),
+                Value::String(a.to_string()),
+            ));
+        }
+        if let Some(d) = &self.database {
+            o.push(("courier.database".into(), Value::String(d.clone())));
+        }
+        o
+    }
 }
 
 #[derive(Debug, Args, Default)]
@@ -70,6 +114,8 @@ struct UpArgs {
     turn: TurnArgs,
     #[command(flatten)]
     ids: IdsArgs,
+    #[command(flatten)]
+    courier: CourierArgs,
 }
 
 #[derive(Debug, Args, Default)]
@@ -196,38 +242,28 @@ fn main() {
 struct Services {
     turn: bool,
     ids: bool,
+    courier: bool,
 }
 
 fn run(cli: Cli) -> Result<()> {
     let empty = TurnArgs::default();
-    let (services, turn_args, ids_args) = match &cli.command {
+    let only = |turn, ids, courier| Services { turn, ids, courier };
+    let (services, turn_args, ids_args, courier_args) = match &cli.command {
         Command::Up(a) => (
-            Services {
-                turn: true,
-                ids: true,
-            },
+            only(true, true, true),
             &a.turn,
             Some(&a.ids),
+            Some(&a.courier),
         ),
-        Command::Turn(a) => (
-            Services {
-                turn: true,
-                ids: false,
-            },
-            a,
-            None,
-        ),
-        Command::Ids(a) => (
-            Services {
-                turn: false,
-                ids: true,
-            },
-            &empty,
-            Some(a),
-        ),
+        Command::Turn(a) => (only(true, false, false), a, None, None),
+        Command::Ids(a) => (only(false, true, false), &empty, Some(a), None),
+        Command::Courier(a) => (only(false, false, true), &empty, None, Some(a)),
     };
     let mut overrides = turn_args.overrides()?;
     if let Some(a) = ids_args {
+        overrides.extend(a.overrides());
+    }
+    if let Some(a) = courier_args {
         overrides.extend(a.overrides());
     }
     if let Some(d) = &cli.data {
@@ -249,6 +285,7 @@ fn run(cli: Cli) -> Result<()> {
     let data = data::open(&data_root)?;
     let turn_config = settings.turn.to_config(&data.turn_secret)?;
     let ids_config = settings.ids.to_config(&data.root)?;
+    let courier_config = settings.courier.to_config(&data.root)?;
     let (cert, key) = tls_files(&settings.turn, &data);
     let tls = tls::server_config(&cert, &key, &[ALPN_STUN_TURN])?;
 
@@ -262,7 +299,7 @@ fn run(cli: Cli) -> Result<()> {
         settings,
         data,
         services,
-        (turn_config, ids_config),
+        (turn_config, ids_config, courier_config),
         tls,
     ))
 }
@@ -297,6 +334,58 @@ async fn start_ids(
     Ok(ids::runtime::Server::start(service, settings.listen(), tls).await?)
 }
 
+/// Loads the courier's certificates and trust anchors and binds it.
+async fn start_courier(
+    settings: &config::CourierSection,
+    data: &data::DataDir,
+    config: push_courier::Config,
+) -> Result<push_courier::runtime::Server> {
+    let cert = settings
+        .cert
+        .clone()
+        .unwrap_or_else(|| data.server_cert.clone());
+    let key = settings
+        .key
+        .clone()
+        .unwrap_or_else(|| data.server_key.clone());
+    let device_ca = settings
+        .device_ca
+        .clone()
+        .unwrap_or_else(|| data.ca_cert.clone());
+    let provider_ca = settings
+        .provider_ca
+        .clone()
+        .unwrap_or_else(|| data.ca_cert.clone());
+    let tls = push_courier::runtime::Tls {
+        chain: tls::chain(&cert)?,
+        key: tls::private_key(&key)?,
+        device_roots: tls::roots(&device_ca)?,
+        device_crls: Vec::new(),
+        provider_roots: Some(tls::roots(&provider_ca)?),
+    };
+    push_courier::runtime::Server::start(config, tls)
+        .await
+        .with_context(|| "cannot start the push courier")
+}
+
+/// In `parley up`, device certificates revoked in the identity service
+/// close their courier links and are refused from then on.
+async fn sync_revocations(ids: Arc<ids::Ids>, courier: Arc<push_courier::courier::Courier>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        match ids.store.revoked().await {
+            Ok(list) => courier.set_revoked_serials(
+                list.iter()
+                    .filter_map(|(serial, _)| wire::keys::unhex(serial))
+                    .map(|s| push_courier::device::normalize_serial(&s))
+                    .collect(),
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot read revoked device certificates"),
+        }
+    }
+}
+
 fn tls_files(turn: &config::TurnSection, data: &data::DataDir) -> (PathBuf, PathBuf) {
     (
         turn.cert
@@ -312,7 +401,11 @@ async fn serve(
     settings: config::Settings,
     data: data::DataDir,
     services: Services,
-    (turn_config, ids_config): (stun_turn::Config, ids::Config),
+    (turn_config, ids_config, courier_config): (
+        stun_turn::Config,
+        ids::Config,
+        push_courier::Config,
+    ),
     tls: Arc<rustls::ServerConfig>,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -330,6 +423,17 @@ async fn serve(
         true => Some(start_ids(&settings.ids, &data, ids_config).await?),
         false => None,
     };
+    let courier_server = match services.courier {
+        true => Some(start_courier(&settings.courier, &data, courier_config).await?),
+        false => None,
+    };
+    let revocations = match (&ids_server, &courier_server) {
+        (Some(i), Some(c)) => Some(tokio::spawn(sync_revocations(
+            i.ids.clone(),
+            c.courier.clone(),
+        ))),
+        _ => None,
+    };
     let admin_addr = settings
         .admin
         .listen
@@ -344,6 +448,9 @@ async fn serve(
             relay
                 .iter()
                 .map(|r| r.clone() as Arc<dyn admin::MetricsSource>)
+                .chain(courier_server.iter().map(|c| {
+                    Arc::new(CourierMetrics(c.courier.clone())) as Arc<dyn admin::MetricsSource>
+                }))
                 .collect(),
         ),
     };
@@ -381,6 +488,15 @@ async fn serve(
         if let Some(s) = &ids_server {
             println!("parley: ids https://{} (/v1/openapi.json)", s.addr());
         }
+        if let Some(c) = &courier_server {
+            println!(
+                "parley: courier devices tls={} quic={} providers https://{} (web push {}/wp/)",
+                c.device_addr(),
+                c.quic_addr().map_or("off".to_owned(), |a| a.to_string()),
+                c.provider_addr(),
+                c.courier.config.public_url,
+            );
+        }
         println!("parley: admin http://{admin_addr} (/metrics /healthz /readyz)");
         println!("parley: ready");
     }
@@ -406,6 +522,12 @@ async fn serve(
     ready.store(false, Ordering::Release);
     let _ = stop_admin.send(());
     let _ = admin_task.await;
+    if let Some(r) = revocations {
+        r.abort();
+    }
+    if let Some(c) = courier_server {
+        c.shutdown().await;
+    }
     if let Some(s) = ids_server {
         s.shutdown().await;
     }
@@ -438,6 +560,14 @@ fn reload(
     let (cert, key) = tls_files(&settings.turn, data);
     let tls = tls::server_config(&cert, &key, &[ALPN_STUN_TURN])?;
     Ok((users, secrets, tls))
+}
+
+struct CourierMetrics(Arc<push_courier::courier::Courier>);
+
+impl admin::MetricsSource for CourierMetrics {
+    fn render(&self, out: &mut String) {
+        self.0.render_metrics(out);
+    }
 }
 
 impl admin::MetricsSource for Relay {

@@ -26,7 +26,7 @@ fn help_explains_every_command() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for word in [
-        "up", "turn", "ids", "--config", "--data", "--admin", "PARLEY_",
+        "up", "turn", "ids", "courier", "--config", "--data", "--admin", "PARLEY_",
     ] {
         assert!(text.contains(word), "--help lacks {word}:\n{text}");
     }
@@ -40,6 +40,20 @@ fn help_explains_every_command() {
         "outbox",
     ] {
         assert!(text.contains(word), "ids --help lacks {word}:\n{text}");
+    }
+    let out = parley(&["courier", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "--courier-device-listen",
+        "--courier-provider-listen",
+        "--courier-database",
+        "5223",
+        "8443",
+        "QUIC",
+        "Web Push",
+        "/3/device/",
+    ] {
+        assert!(text.contains(word), "courier --help lacks {word}:\n{text}");
     }
     let out = parley(&["turn", "--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -123,6 +137,10 @@ fn start(data: &Path, extra: &[&str]) -> Running {
         "--user",
         "ann:secret-pw",
         "--ids-listen",
+        "127.0.0.1:0",
+        "--courier-device-listen",
+        "127.0.0.1:0",
+        "--courier-provider-listen",
         "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);

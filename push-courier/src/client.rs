@@ -72,6 +72,7 @@ pub struct DeviceClient {
     seen: HashSet<NotificationId>,
     seen_order: VecDeque<NotificationId>,
     next_request: u32,
+    duplicates: u64,
     /// The QUIC endpoint, kept to rebind after a network change.
     quic: Option<quinn::Endpoint>,
     task: tokio::task::JoinHandle<()>,
@@ -158,6 +159,7 @@ impl DeviceClient {
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
             next_request: 1,
+            duplicates: 0,
             quic,
             task,
         };
@@ -177,6 +179,7 @@ impl DeviceClient {
             let ev = self.events.recv().await?;
             if let ClientEvent::Notification(n) = &ev {
                 if self.seen.contains(&n.id) {
+                    self.duplicates += 1;
                     let _ = self.out.send(Frame::Ack { ids: vec![n.id] }).await;
                     continue;
                 }
@@ -199,6 +202,11 @@ impl DeviceClient {
             Ok(None) => Err(ClientError::Protocol("link task ended".into())),
             Err(_) => Err(ClientError::Timeout),
         }
+    }
+
+    /// Notifications received again and dropped as already seen.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
     }
 
     /// Acks notifications (the app has them).

@@ -1,0 +1,289 @@
+//! `parley courier` as an operator runs it: pushes answered 2xx survive
+//! `kill -9`, and reach the device exactly once per ack.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use parley_tests::http2::Http2;
+use push_courier::client::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
+use ring::signature::KeyPair;
+use wire::push::NotificationId;
+
+const BIN: &str = env!("CARGO_BIN_EXE_parley");
+const TOPIC: &str = "com.example.crash";
+
+struct Courier {
+    child: Child,
+    device: SocketAddr,
+    provider: SocketAddr,
+}
+
+impl Drop for Courier {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(data: &Path, config: &Path) -> Courier {
+    let child = Command::new(BIN)
+        .args([
+            "--data",
+            data.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--admin",
+            "127.0.0.1:0",
+            "courier",
+            "--courier-device-listen",
+            "127.0.0.1:0",
+            "--courier-provider-listen",
+            "127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn parley");
+    let unset = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut c = Courier {
+        child,
+        device: unset,
+        provider: unset,
+    };
+    let stdout = c.child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        if let Some(rest) = line.strip_prefix("parley: courier devices tls=") {
+            let mut words = rest.split_whitespace();
+            c.device = words.next().unwrap().parse().unwrap();
+            let provider = words
+                .find_map(|w| w.strip_prefix("https://"))
+                .expect("provider address");
+            c.provider = provider.parse().unwrap();
+        }
+        if line == "parley: ready" {
+            assert_ne!(c.provider.port(), 0, "courier line before ready");
+            return c;
+        }
+    }
+    panic!("parley courier did not report ready within 30 s");
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let b = base64::engine::general_purpose::STANDARD.encode(der);
+    let body: Vec<&str> = b
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        body.join("\n")
+    )
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A provider key registered in the config file; returns its PKCS#8.
+fn provider_config(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
+    let rng = ring::rand::SystemRandom::new();
+    let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+    let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+    let kp = ring::signature::EcdsaKeyPair::from_pkcs8(alg, doc.as_ref(), &rng).unwrap();
+    let mut spki = vec![
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
+        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    ];
+    spki.extend_from_slice(kp.public_key().as_ref());
+    let key_path = dir.join("provider.pem");
+    std::fs::write(&key_path, pem("PUBLIC KEY", &spki)).unwrap();
+    let config = dir.join("parley.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[courier]\nqueue_cap = 1000\n\n[[courier.providers]]\nname = \"acme\"\nteam_id = \"TEAM123456\"\nkey_id = \"KEY1234567\"\nkey = \"{}\"\ntopics = [\"{TOPIC}\"]\n",
+            key_path.display()
+        ),
+    )
+    .unwrap();
+    (config, doc.as_ref().to_vec())
+}
+
+/// A device certificate from the data directory's CA, as `ids` issues it.
+fn device_creds(data: &Path) -> DeviceCredentials {
+    let ca_pem = std::fs::read_to_string(data.join("ca.pem")).unwrap();
+    let ca_key = std::fs::read_to_string(data.join("ca-key.pem")).unwrap();
+    let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &ca_key).unwrap();
+    let key = wire::SigningKey::generate();
+    let (_, cert) = ca
+        .issue(
+            wire::DeviceId::random(),
+            &key.public(),
+            [0x11; 16],
+            unix_now(),
+        )
+        .unwrap();
+    let chain = rustls_pemfile::certs(&mut cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    DeviceCredentials {
+        chain,
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.pkcs8().to_vec().into()),
+        roots: roots(data),
+        server_name: "localhost".into(),
+    }
+}
+
+fn roots(data: &Path) -> rustls::RootCertStore {
+    let ca_pem = std::fs::read(data.join("ca.pem")).unwrap();
+    let mut r = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca_pem.as_slice()) {
+        r.add(c.unwrap()).unwrap();
+    }
+    r
+}
+
+/// Pushes `n` messages concurrently; returns the ids answered 200.
+async fn push_many(c: &Courier, data: &Path, key: &[u8], token: &str, n: usize) -> Vec<String> {
+    let jwt = push_courier::core::jwt::sign(
+        key,
+        Some("KEY1234567"),
+        &serde_json::json!({"iss": "TEAM123456", "iat": unix_now()}),
+    )
+    .unwrap();
+    let client = Http2::connect(c.provider, "localhost", roots(data))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut client = client.clone();
+        let auth = format!("bearer {jwt}");
+        let path = format!("/3/device/{token}");
+        let id = NotificationId(push_courier::courier::random().unwrap()).to_uuid();
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .request(
+                    "POST",
+                    &path,
+                    &[
+                        ("authorization", &auth),
+                        ("apns-topic", TOPIC),
+                        ("apns-id", &id),
+                    ],
+                    format!("{{\"n\":{i}}}").into_bytes(),
+                )
+                .await
+                .unwrap();
+            (r.status, id)
+        }));
+    }
+    let mut ok = Vec::new();
+    for t in tasks {
+        let (status, id) = t.await.unwrap();
+        assert_eq!(status, 200, "push {id}");
+        ok.push(id);
+    }
+    ok
+}
+
+/// Receives until `want` distinct ids arrived (acking each); returns them
+/// and how many arrived more than once.
+async fn drain(dev: &mut DeviceClient, want: usize) -> HashSet<String> {
+    let mut got = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < want && Instant::now() < deadline {
+        match dev.next_within(Duration::from_secs(10)).await {
+            Ok(ClientEvent::Notification(n)) => {
+                dev.ack(&[n.id]).await.unwrap();
+                assert!(got.insert(n.id.to_uuid()), "the app saw {} twice", n.id);
+            }
+            Ok(ClientEvent::Closed(r)) => panic!("link closed: {r:?}"),
+            Ok(_) => {}
+            Err(e) => panic!("after {} of {want}: {e}", got.len()),
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_after_2xx_loses_nothing_and_delivers_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (config, key) = provider_config(dir.path());
+    let courier = start(&data, &config);
+    let creds = device_creds(&data);
+    let (dev, tokens) = DeviceClient::connect(courier.device, Transport::Tls, &creds, &[TOPIC], 0)
+        .await
+        .unwrap();
+    let token = tokens[0].1.to_hex();
+    drop(dev);
+
+    // Offline device: every 2xx must survive the kill.
+    const N: usize = 300;
+    let pushed = push_many(&courier, &data, &key, &token, N).await;
+    drop(courier); // SIGKILL right after the last 2xx
+    let courier = start(&data, &config);
+    let (mut dev, again) =
+        DeviceClient::connect(courier.device, Transport::Tls, &creds, &[TOPIC], 0)
+            .await
+            .unwrap();
+    assert_eq!(again[0].1.to_hex(), token, "token survives restart");
+    let got = drain(&mut dev, N).await;
+    assert_eq!(got, pushed.iter().cloned().collect::<HashSet<_>>());
+    assert_eq!(dev.duplicates(), 0, "nothing acked before was sent again");
+    // Acks are written in the background; give them a moment, then make
+    // sure a reconnect brings nothing back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(dev);
+
+    // Online device, killed mid-stream: unacked messages come back after
+    // the restart and the device drops what it has already seen.
+    let (mut dev, _) = DeviceClient::connect(courier.device, Transport::Tls, &creds, &[TOPIC], 0)
+        .await
+        .unwrap();
+    match dev.next_within(Duration::from_millis(500)).await {
+        Err(push_courier::client::ClientError::Timeout) => {}
+        other => panic!("acked messages came back: {other:?}"),
+    }
+    const M: usize = 200;
+    let pushed = push_many(&courier, &data, &key, &token, M).await;
+    let mut seen = HashSet::new();
+    // Take some, without acking, then kill.
+    for _ in 0..M / 2 {
+        if let Ok(ClientEvent::Notification(n)) = dev.next_within(Duration::from_secs(10)).await {
+            seen.insert(n.id.to_uuid());
+        }
+    }
+    drop(courier);
+    dev.abort();
+    let courier = start(&data, &config);
+    let (mut dev, _) = DeviceClient::connect(courier.device, Transport::Tls, &creds, &[TOPIC], 0)
+        .await
+        .unwrap();
+    let after = drain(&mut dev, M).await;
+    assert_eq!(after, pushed.iter().cloned().collect::<HashSet<_>>());
+    assert!(seen.is_subset(&after), "unacked messages were redelivered");
+}
