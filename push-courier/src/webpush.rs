@@ -384,8 +384,8 @@ impl WebPushState {
     }
 }
 
-/// Splits a VAPID authorization into (token, key).
-fn parse_vapid<'a>(auth: &'a str, crypto_key: Option<&'a str>) -> Option<(&'a str, &'a str)> {
+/// Splits a VAPID `Authorization` (and draft `Crypto-Key`) into (token, key).
+pub fn parse_vapid<'a>(auth: &'a str, crypto_key: Option<&'a str>) -> Option<(&'a str, &'a str)> {
     let (scheme, rest) = auth.trim().split_once(' ')?;
     if scheme.eq_ignore_ascii_case("vapid") {
         let mut t = None;
