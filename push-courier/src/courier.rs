@@ -26,7 +26,9 @@ use crate::Config;
 /// What a device connection is told to do.
 #[derive(Debug)]
 pub enum ConnCommand {
-    Deliver(Notification),
+    /// Boxed so that the channel's slots, allocated per connection, stay
+    /// small.
+    Deliver(Box<Notification>),
     Close(CloseReason, &'static str),
 }
 
@@ -273,10 +275,10 @@ impl Courier {
                 payload: req.payload,
             };
             if req.now_or_never {
-                let sent = inner
-                    .online
-                    .get(&t.device)
-                    .is_some_and(|o| o.tx.try_send(ConnCommand::Deliver(note.clone())).is_ok());
+                let sent = inner.online.get(&t.device).is_some_and(|o| {
+                    o.tx.try_send(ConnCommand::Deliver(Box::new(note.clone())))
+                        .is_ok()
+                });
                 let (outcome, counter) = if sent {
                     (PushOutcome::SentNow, &self.metrics.pushes_sent_now)
                 } else {
@@ -296,7 +298,7 @@ impl Courier {
             };
             let adm = inner.queues.admit(t.device, entry(&stored));
             let mut writes = vec![Write::Insert(Box::new(stored))];
-            for (ids, state, counter) in [
+            for (gone, state, counter) in [
                 (
                     adm.replaced,
                     MessageState::Replaced,
@@ -304,14 +306,13 @@ impl Courier {
                 ),
                 (adm.dropped, MessageState::Dropped, &self.metrics.dropped),
             ] {
-                if !ids.is_empty() {
-                    counter.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                if !gone.is_empty() {
+                    counter.fetch_add(gone.len() as u64, Ordering::Relaxed);
                     if state == MessageState::Dropped {
-                        tracing::info!(count = ids.len(), "device queue full; oldest dropped");
+                        tracing::debug!(count = gone.len(), "device queue full; oldest dropped");
                     }
                     writes.push(Write::State {
-                        device: t.device,
-                        ids,
+                        seqs: gone.iter().map(|e| e.seq as i64).collect(),
                         state,
                         at: now,
                     });
@@ -327,7 +328,7 @@ impl Courier {
         let inner = self.lock();
         if let Some(o) = inner.online.get(&device) {
             if let Err(mpsc::error::TrySendError::Full(_)) =
-                o.tx.try_send(ConnCommand::Deliver(note))
+                o.tx.try_send(ConnCommand::Deliver(Box::new(note)))
             {
                 // Stored already; the device gets it after reconnecting.
                 let _ = o.tx.try_send(ConnCommand::Close(
@@ -514,26 +515,28 @@ impl Courier {
 
     /// The device acked these ids.
     pub fn acked(&self, device: DeviceId, ids: Vec<NotificationId>) {
-        let mut any_receipt = false;
+        let mut seqs = Vec::with_capacity(ids.len());
         {
             let mut inner = self.lock();
             for id in &ids {
-                while inner.queues.remove(&device, id).is_some() {}
+                while let Some(e) = inner.queues.remove(&device, id) {
+                    seqs.push(e.seq as i64);
+                }
             }
+        }
+        if seqs.is_empty() {
+            // Now-or-never messages are not stored; nothing to record.
+            return;
         }
         self.metrics
             .delivered
-            .fetch_add(ids.len() as u64, Ordering::Relaxed);
-        any_receipt |= !ids.is_empty();
+            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
         self.commit_later(vec![Write::State {
-            device,
-            ids,
+            seqs,
             state: MessageState::Delivered,
             at: unix_now(),
         }]);
-        if any_receipt {
-            self.receipts.notify_waiters();
-        }
+        self.receipts.notify_waiters();
     }
 
     /// Drops expired messages from queues; called every second.
@@ -546,21 +549,11 @@ impl Courier {
         self.metrics
             .expired
             .fetch_add(gone.len() as u64, Ordering::Relaxed);
-        let mut by_device: HashMap<DeviceId, Vec<NotificationId>> = HashMap::new();
-        for (d, id) in gone {
-            by_device.entry(d).or_default().push(id);
-        }
-        self.commit_later(
-            by_device
-                .into_iter()
-                .map(|(device, ids)| Write::State {
-                    device,
-                    ids,
-                    state: MessageState::Expired,
-                    at: now,
-                })
-                .collect(),
-        );
+        self.commit_later(vec![Write::State {
+            seqs: gone.iter().map(|(_, e)| e.seq as i64).collect(),
+            state: MessageState::Expired,
+            at: now,
+        }]);
         self.receipts.notify_waiters();
     }
 

@@ -279,7 +279,7 @@ async fn run<S>(
                 // Take what else is waiting so it goes out in one write.
                 for _ in 0..64 {
                     match next {
-                        Some(ConnCommand::Deliver(n)) => s.deliver(n, now),
+                        Some(ConnCommand::Deliver(n)) => s.deliver(*n, now),
                         Some(ConnCommand::Close(r, t)) => { s.close(r, t, now); break; }
                         None => { s.close(CloseReason::Shutdown, "courier stopping", now); break; }
                     }

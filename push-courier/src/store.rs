@@ -143,6 +143,25 @@ CREATE TABLE IF NOT EXISTS receipt_subscriptions (
 )
 ";
 
+/// Batch statements come in these row counts only (largest first), so a
+/// handful of prepared statements serve every batch: preparing a new
+/// 500-row statement per batch would cost more than it saves. 256 rows of
+/// 13 parameters stay under SQLite's 32766.
+const SHAPES: [usize; 4] = [256, 32, 4, 1];
+
+/// Splits `items` into chunks whose lengths are in [`SHAPES`].
+fn shaped<T>(mut items: &[T]) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    for size in SHAPES {
+        while items.len() >= size {
+            let (h, t) = items.split_at(size);
+            out.push(h);
+            items = t;
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
@@ -153,11 +172,10 @@ pub struct Store {
 #[derive(Debug)]
 pub enum Write {
     Insert(Box<StoredMessage>),
-    /// Sets the state of messages of a device by id (acks, expiry,
+    /// Sets the state of queued messages by sequence number (acks, expiry,
     /// displacement).
     State {
-        device: DeviceId,
-        ids: Vec<NotificationId>,
+        seqs: Vec<i64>,
         state: MessageState,
         at: i64,
     },
@@ -243,60 +261,40 @@ impl Store {
         self.backend
     }
 
-    /// Applies a batch of writes in one transaction.
+    /// Parameter `i` (1-based) in a statement whose parameters are all in
+    /// order. SQLite gets `?`: sqlx resolves `$N` names one by one through
+    /// SQLite's linear name list, which is quadratic in a 3000-parameter
+    /// batch statement.
+    fn param(&self, i: usize) -> String {
+        match self.backend {
+            Backend::Sqlite => "?".to_owned(),
+            Backend::Postgres => format!("${i}"),
+        }
+    }
+
+    /// `n` parameters from `first` on, comma-separated.
+    fn placeholders(&self, first: usize, n: usize) -> String {
+        (first..first + n)
+            .map(|i| self.param(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Applies a batch of writes in one transaction, as few statements as
+    /// possible: tokens, then messages (multi-row inserts), then state
+    /// changes (one statement per state), then the rest.
     pub async fn apply(&self, writes: &[Write]) -> Result<(), Error> {
         let mut tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             Backend::Postgres => self.pool.begin().await,
         }
         .map_err(Error::db)?;
+        let mut inserts: Vec<&StoredMessage> = Vec::new();
+        let mut states: Vec<(MessageState, i64, &[i64])> = Vec::new();
         for w in writes {
             match w {
-                Write::Insert(m) => {
-                    let n = &m.note;
-                    sqlx::query(
-                        "INSERT INTO messages (seq, id, device, token, push_type, priority, \
-                         expires, collapse, topic, payload, receipt, provider, state, \
-                         created_at, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0, $13, $13)",
-                    )
-                    .bind(m.seq)
-                    .bind(n.id.0.to_vec())
-                    .bind(m.device.to_string())
-                    .bind(n.token.0.to_vec())
-                    .bind(push_type_code(n.push_type))
-                    .bind(i64::from(n.priority))
-                    .bind(n.expires as i64)
-                    .bind(n.collapse_id.clone())
-                    .bind(n.topic.clone())
-                    .bind(n.payload.clone())
-                    .bind(m.receipt.clone())
-                    .bind(m.provider.clone())
-                    .bind(m.created_at)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(Error::db)?;
-                }
-                Write::State {
-                    device,
-                    ids,
-                    state,
-                    at,
-                } => {
-                    for id in ids {
-                        sqlx::query(
-                            "UPDATE messages SET state = $1, updated_at = $2, payload = NULL \
-                             WHERE device = $3 AND id = $4 AND state = 0",
-                        )
-                        .bind(*state as i64)
-                        .bind(*at)
-                        .bind(device.to_string())
-                        .bind(id.0.to_vec())
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(Error::db)?;
-                    }
-                }
+                Write::Insert(m) => inserts.push(m),
+                Write::State { seqs, state, at } => states.push((*state, *at, seqs)),
                 Write::Token(t) => {
                     sqlx::query(
                         "INSERT INTO tokens (token, device, topic, kind, server_key, created_at) \
@@ -312,6 +310,72 @@ impl Store {
                     .await
                     .map_err(Error::db)?;
                 }
+                _ => {}
+            }
+        }
+        for chunk in shaped(&inserts) {
+            let mut sql = String::from(
+                "INSERT INTO messages (seq, id, device, token, push_type, priority, expires, \
+                 collapse, topic, payload, receipt, provider, state, created_at, updated_at) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push('(');
+                for c in 1..=12 {
+                    sql.push_str(&self.param(i * 13 + c));
+                    sql.push(',');
+                }
+                // created_at and updated_at: the 13th value, bound twice
+                // (positional `?` cannot repeat).
+                sql.push_str(&format!(
+                    "0,{},{})",
+                    self.param(i * 13 + 13),
+                    self.param(i * 13 + 13)
+                ));
+            }
+            let mut q = sqlx::query(&sql);
+            for m in chunk {
+                let n = &m.note;
+                q = q
+                    .bind(m.seq)
+                    .bind(n.id.0.to_vec())
+                    .bind(m.device.to_string())
+                    .bind(n.token.0.to_vec())
+                    .bind(push_type_code(n.push_type))
+                    .bind(i64::from(n.priority))
+                    .bind(n.expires as i64)
+                    .bind(n.collapse_id.clone())
+                    .bind(n.topic.clone())
+                    .bind(n.payload.clone())
+                    .bind(m.receipt.clone())
+                    .bind(m.provider.clone())
+                    .bind(m.created_at);
+                if self.backend == Backend::Sqlite {
+                    q = q.bind(m.created_at);
+                }
+            }
+            q.execute(&mut *tx).await.map_err(Error::db)?;
+        }
+        for (state, at, seqs) in states {
+            for chunk in shaped(seqs) {
+                let sql = format!(
+                    "UPDATE messages SET state = {}, updated_at = {}, payload = NULL \
+                     WHERE state = 0 AND seq IN ({})",
+                    self.param(1),
+                    self.param(2),
+                    self.placeholders(3, chunk.len())
+                );
+                let mut q = sqlx::query(&sql).bind(state as i64).bind(at);
+                for s in chunk {
+                    q = q.bind(*s);
+                }
+                q.execute(&mut *tx).await.map_err(Error::db)?;
+            }
+        }
+        for w in writes {
+            match w {
                 Write::Revoke { token, at } => {
                     sqlx::query(
                         "UPDATE tokens SET revoked_at = $1 WHERE token = $2 AND revoked_at IS NULL",
@@ -344,14 +408,19 @@ impl Store {
                     .map_err(Error::db)?;
                 }
                 Write::ReceiptsSent { seqs } => {
-                    for s in seqs {
-                        sqlx::query("UPDATE messages SET receipt_sent = 1 WHERE seq = $1")
-                            .bind(*s)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(Error::db)?;
+                    for chunk in shaped(seqs) {
+                        let sql = format!(
+                            "UPDATE messages SET receipt_sent = 1 WHERE seq IN ({})",
+                            self.placeholders(1, chunk.len())
+                        );
+                        let mut q = sqlx::query(&sql);
+                        for s in chunk {
+                            q = q.bind(*s);
+                        }
+                        q.execute(&mut *tx).await.map_err(Error::db)?;
                     }
                 }
+                _ => {}
             }
         }
         tx.commit().await.map_err(Error::db)
@@ -519,4 +588,21 @@ fn blob_array<const N: usize>(v: Vec<u8>) -> Result<[u8; N], Error> {
 fn device_id(s: &str) -> Result<DeviceId, Error> {
     s.parse()
         .map_err(|_| Error::Database(format!("stored device id {s:?} is malformed")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_use_few_statement_shapes() {
+        let v: Vec<u32> = (0..300).collect();
+        let chunks = shaped(&v);
+        assert_eq!(
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            vec![256, 32, 4, 4, 4]
+        );
+        assert_eq!(chunks.concat(), v);
+        assert!(shaped::<u8>(&[]).is_empty());
+    }
 }

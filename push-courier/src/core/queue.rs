@@ -45,9 +45,9 @@ impl Entry {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Admission {
     /// Older messages with the same collapse id.
-    pub replaced: Vec<NotificationId>,
+    pub replaced: Vec<Entry>,
     /// Messages dropped because the queue was full.
-    pub dropped: Vec<NotificationId>,
+    pub dropped: Vec<Entry>,
 }
 
 #[derive(Debug)]
@@ -75,7 +75,7 @@ impl Queues {
             q.retain(|e| {
                 let same = e.token == entry.token && e.collapse == entry.collapse;
                 if same {
-                    adm.replaced.push(e.id);
+                    adm.replaced.push(e.clone());
                 }
                 !same
             });
@@ -83,7 +83,7 @@ impl Queues {
         q.push(entry);
         while q.len() > self.cap {
             let victim = q.iter().position(|e| !e.voip).unwrap_or(0);
-            adm.dropped.push(q.remove(victim).id);
+            adm.dropped.push(q.remove(victim));
         }
         self.total = self.total + q.len() - before;
         adm
@@ -102,7 +102,7 @@ impl Queues {
     }
 
     /// Forgets every message on a revoked token.
-    pub fn remove_token(&mut self, device: &DeviceId, token: &DeviceToken) -> Vec<NotificationId> {
+    pub fn remove_token(&mut self, device: &DeviceId, token: &DeviceToken) -> Vec<Entry> {
         let Some(q) = self.devices.get_mut(device) else {
             return Vec::new();
         };
@@ -110,7 +110,7 @@ impl Queues {
         q.retain(|e| {
             let hit = e.token == *token;
             if hit {
-                gone.push(e.id);
+                gone.push(e.clone());
             }
             !hit
         });
@@ -122,13 +122,13 @@ impl Queues {
     }
 
     /// Removes and returns every message past its expiry.
-    pub fn take_expired(&mut self, now_unix: u64) -> Vec<(DeviceId, NotificationId)> {
+    pub fn take_expired(&mut self, now_unix: u64) -> Vec<(DeviceId, Entry)> {
         let mut out = Vec::new();
         self.devices.retain(|d, q| {
             q.retain(|e| {
                 let x = e.expired(now_unix);
                 if x {
-                    out.push((*d, e.id));
+                    out.push((*d, e.clone()));
                 }
                 !x
             });
@@ -190,6 +190,10 @@ mod tests {
         }
     }
 
+    fn ids(v: &[Entry]) -> Vec<NotificationId> {
+        v.iter().map(|e| e.id).collect()
+    }
+
     #[test]
     fn collapse_replaces_the_older_message_on_the_same_token() {
         let mut q = Queues::new(100);
@@ -198,7 +202,7 @@ mod tests {
         let mut c = entry(3, "score", 5, false, 0);
         c.token = DeviceToken([2; 32]);
         assert_eq!(q.admit(dev(1), a.clone()), Admission::default());
-        assert_eq!(q.admit(dev(1), b.clone()).replaced, vec![a.id]);
+        assert_eq!(ids(&q.admit(dev(1), b.clone()).replaced), vec![a.id]);
         assert!(q.admit(dev(1), c).replaced.is_empty(), "other token");
         assert_eq!(q.len(&dev(1)), 2);
         assert!(q
@@ -217,7 +221,7 @@ mod tests {
         q.admit(dev(1), a.clone());
         q.admit(dev(1), b.clone());
         let adm = q.admit(dev(1), entry(4, "", 5, false, 0));
-        assert_eq!(adm.dropped, vec![a.id]);
+        assert_eq!(ids(&adm.dropped), vec![a.id]);
         assert!(q.contains(&dev(1), &v.id));
         // All VoIP: the oldest goes.
         let mut q = Queues::new(2);
@@ -225,7 +229,7 @@ mod tests {
         q.admit(dev(1), v1.clone());
         q.admit(dev(1), entry(2, "", 10, true, 0));
         assert_eq!(
-            q.admit(dev(1), entry(3, "", 10, true, 0)).dropped,
+            ids(&q.admit(dev(1), entry(3, "", 10, true, 0)).dropped),
             vec![v1.id]
         );
     }
@@ -242,7 +246,7 @@ mod tests {
         }
         assert_eq!(q.delivery_order(&dev(1), 10), vec![b.id, d.id, a.id, c.id]);
         assert_eq!(q.delivery_order(&dev(1), 50), vec![b.id, d.id, a.id]);
-        assert_eq!(q.take_expired(50), vec![(dev(1), c.id)]);
+        assert_eq!(q.take_expired(50), vec![(dev(1), c.clone())]);
         assert_eq!(q.total(), 3);
         assert_eq!(q.remove(&dev(1), &a.id), Some(a.clone()));
         assert_eq!(q.remove(&dev(1), &a.id), None);
@@ -275,7 +279,7 @@ mod tests {
                 let adm = q.admit(dev(d), e);
                 live.insert((d, id));
                 for gone in adm.replaced.iter().chain(&adm.dropped) {
-                    prop_assert!(live.remove(&(d, *gone)));
+                    prop_assert!(live.remove(&(d, gone.id)));
                 }
                 prop_assert!(q.len(&dev(d)) <= cap);
                 prop_assert_eq!(q.total(), live.len());
