@@ -4,6 +4,7 @@
 mod admin;
 mod config;
 mod data;
+mod loadsim;
 mod tls;
 
 use anyhow::{Context, Result};
@@ -74,6 +75,22 @@ enum Command {
     /// answered 2xx is in the database (courier.db) first and survives a
     /// crash; offline devices get their queue when they reconnect.
     Courier(CourierArgs),
+    /// Load generators (not tests): drive a running service and report.
+    #[command(subcommand)]
+    Loadsim(Loadsim),
+}
+
+#[derive(Debug, Subcommand)]
+enum Loadsim {
+    /// Connect many devices to a running courier, push at a rate through the
+    /// APNs-style API, and report connections held, courier memory per
+    /// connection, accepted pushes/s and provider→device latency.
+    ///
+    /// Device certificates are issued from <data>/ca-key.pem, as ids issues
+    /// them; the provider key must be registered in [[courier.providers]].
+    /// TLS devices come from 127.0.1.x source addresses (one per worker
+    /// process), QUIC devices share a few UDP sockets per worker.
+    Courier(loadsim::CourierLoad),
 }
 
 #[derive(Debug, Args, Default)]
@@ -231,6 +248,14 @@ impl TurnArgs {
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::Loadsim(Loadsim::Courier(args)) = cli.command {
+        // A client, not a service: no data directory, config or admin port.
+        if let Err(e) = loadsim::run(args) {
+            eprintln!("parley loadsim: {e:#}");
+            std::process::exit(2);
+        }
+        return;
+    }
     if let Err(e) = run(cli) {
         eprintln!("parley: {e:#}");
         std::process::exit(2);
@@ -258,6 +283,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Turn(a) => (only(true, false, false), a, None, None),
         Command::Ids(a) => (only(false, true, false), &empty, Some(a), None),
         Command::Courier(a) => (only(false, false, true), &empty, None, Some(a)),
+        Command::Loadsim(_) => unreachable!("handled in main"),
     };
     let mut overrides = turn_args.overrides()?;
     if let Some(a) = ids_args {

@@ -10,8 +10,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use parley_tests::http2::Http2;
 use push_courier::client::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
+use push_courier::provider::Http2;
 use ring::signature::KeyPair;
 use wire::push::NotificationId;
 

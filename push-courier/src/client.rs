@@ -64,6 +64,14 @@ pub enum ClientError {
     Timeout,
 }
 
+/// How to reach the courier.
+enum Via {
+    /// TLS over TCP, optionally from a given local address.
+    Tls(Option<std::net::IpAddr>),
+    /// QUIC, on a shared endpoint or a new one of its own.
+    Quic(Option<quinn::Endpoint>),
+}
+
 /// A connected device.
 #[derive(Debug)]
 pub struct DeviceClient {
@@ -92,6 +100,50 @@ impl DeviceClient {
         topics: &[&str],
         ping_interval_s: u16,
     ) -> Result<(DeviceClient, Vec<(String, DeviceToken)>), ClientError> {
+        let via = match transport {
+            Transport::Tls => Via::Tls(None),
+            Transport::Quic => Via::Quic(None),
+        };
+        DeviceClient::open(addr, via, creds, topics, ping_interval_s).await
+    }
+
+    /// TLS from a chosen local address (load generators spread devices
+    /// over many loopback addresses).
+    pub async fn connect_from(
+        source: std::net::IpAddr,
+        addr: SocketAddr,
+        creds: &DeviceCredentials,
+        topics: &[&str],
+        ping_interval_s: u16,
+    ) -> Result<(DeviceClient, Vec<(String, DeviceToken)>), ClientError> {
+        DeviceClient::open(addr, Via::Tls(Some(source)), creds, topics, ping_interval_s).await
+    }
+
+    /// QUIC over an existing endpoint, shared with other connections.
+    pub async fn connect_quic_on(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        creds: &DeviceCredentials,
+        topics: &[&str],
+        ping_interval_s: u16,
+    ) -> Result<(DeviceClient, Vec<(String, DeviceToken)>), ClientError> {
+        DeviceClient::open(
+            addr,
+            Via::Quic(Some(endpoint.clone())),
+            creds,
+            topics,
+            ping_interval_s,
+        )
+        .await
+    }
+
+    async fn open(
+        addr: SocketAddr,
+        via: Via,
+        creds: &DeviceCredentials,
+        topics: &[&str],
+        ping_interval_s: u16,
+    ) -> Result<(DeviceClient, Vec<(String, DeviceToken)>), ClientError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -102,17 +154,28 @@ impl DeviceClient {
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let name = rustls::pki_types::ServerName::try_from(creds.server_name.clone())
             .map_err(|e| ClientError::Tls(e.to_string()))?;
-        let (out_tx, out_rx) = mpsc::channel(256);
-        let (ev_tx, ev_rx) = mpsc::channel(1024);
+        let (out_tx, out_rx) = mpsc::channel(64);
+        let (ev_tx, ev_rx) = mpsc::channel(64);
         let hello = Frame::Hello {
             version: VERSION,
             ping_interval_s,
             topics: topics.iter().map(|t| (*t).to_owned()).collect(),
         };
         let interval = (ping_interval_s > 0).then(|| Duration::from_secs(ping_interval_s.into()));
-        let (task, quic) = match transport {
-            Transport::Tls => {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let (task, quic) = match via {
+            Via::Tls(source) => {
+                let tcp = match source {
+                    None => tokio::net::TcpStream::connect(addr).await?,
+                    Some(ip) => {
+                        let sock = if ip.is_ipv4() {
+                            tokio::net::TcpSocket::new_v4()?
+                        } else {
+                            tokio::net::TcpSocket::new_v6()?
+                        };
+                        sock.bind(SocketAddr::new(ip, 0))?;
+                        sock.connect(addr).await?
+                    }
+                };
                 tcp.set_nodelay(true)?;
                 let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
                     .connect(name, tcp)
@@ -122,22 +185,27 @@ impl DeviceClient {
                     None,
                 )
             }
-            Transport::Quic => {
-                let bind: SocketAddr = if addr.is_ipv4() {
-                    SocketAddr::from(([127, 0, 0, 1], 0))
-                } else {
-                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
+            Via::Quic(shared) => {
+                let own = shared.is_none();
+                let ep = match shared {
+                    Some(ep) => ep,
+                    None => {
+                        let bind: SocketAddr = if addr.is_ipv4() {
+                            SocketAddr::from(([127, 0, 0, 1], 0))
+                        } else {
+                            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
+                        };
+                        quinn::Endpoint::client(bind)?
+                    }
                 };
-                let mut ep = quinn::Endpoint::client(bind)?;
                 let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
                     .map_err(|e| ClientError::Quic(e.to_string()))?;
                 let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
                 let mut transport = quinn::TransportConfig::default();
                 transport.keep_alive_interval(interval);
                 cfg.transport_config(Arc::new(transport));
-                ep.set_default_client_config(cfg);
                 let conn = ep
-                    .connect(addr, &creds.server_name)
+                    .connect_with(cfg, addr, &creds.server_name)
                     .map_err(|e| ClientError::Quic(e.to_string()))?
                     .await
                     .map_err(|e| ClientError::Quic(e.to_string()))?;
@@ -150,7 +218,7 @@ impl DeviceClient {
                     drive(io, hello, out_rx, ev_tx, interval).await;
                     conn.close(0u32.into(), b"bye");
                 });
-                (task, Some(ep))
+                (task, own.then_some(ep))
             }
         };
         let mut client = DeviceClient {

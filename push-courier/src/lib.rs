@@ -13,6 +13,7 @@
 //! - [`store`]: sqlx on SQLite or PostgreSQL.
 //! - [`device`]: the TLS and QUIC listeners that drive sessions.
 //! - [`client`]: the device side, for the SDK, tests and the load simulator.
+//! - [`provider`]: the provider side (HTTP/2 client, APNs-style sender).
 //! - [`runtime`]: starts and stops all of it.
 
 pub mod apns;
@@ -22,6 +23,7 @@ pub mod courier;
 pub mod device;
 pub mod error;
 mod http;
+pub mod provider;
 pub mod runtime;
 pub mod store;
 pub mod webpush;

@@ -1,5 +1,7 @@
-//! A minimal HTTP/2 client over TLS for provider-side tests and the load
-//! simulator: one connection, many concurrent streams.
+//! The provider side: an HTTP/2 client over TLS (one connection, many
+//! concurrent streams) and [`ApnsSender`], which pushes through the
+//! APNs-style API with an ES256 provider token it refreshes itself. Used by
+//! services that wake devices, the load simulator and tests.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -107,5 +109,68 @@ impl Http2 {
             headers,
             body,
         })
+    }
+}
+
+/// Pushes through the APNs-style API as one provider.
+#[derive(Debug, Clone)]
+pub struct ApnsSender {
+    http: Http2,
+    pkcs8: Arc<Vec<u8>>,
+    key_id: String,
+    team_id: String,
+    token: Arc<std::sync::Mutex<(i64, String)>>,
+}
+
+/// Provider tokens are renewed after this long (APNs: between 20 and 60
+/// minutes).
+const TOKEN_REFRESH_S: i64 = 30 * 60;
+
+impl ApnsSender {
+    pub fn new(http: Http2, pkcs8: Vec<u8>, key_id: &str, team_id: &str) -> ApnsSender {
+        ApnsSender {
+            http,
+            pkcs8: Arc::new(pkcs8),
+            key_id: key_id.to_owned(),
+            team_id: team_id.to_owned(),
+            token: Arc::new(std::sync::Mutex::new((0, String::new()))),
+        }
+    }
+
+    fn bearer(&self) -> std::io::Result<String> {
+        let now = crate::courier::unix_now();
+        let mut t = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        if now - t.0 >= TOKEN_REFRESH_S {
+            let jwt = crate::core::jwt::sign(
+                &self.pkcs8,
+                Some(&self.key_id),
+                &serde_json::json!({"iss": self.team_id, "iat": now}),
+            )
+            .map_err(std::io::Error::other)?;
+            *t = (now, format!("bearer {jwt}"));
+        }
+        Ok(t.1.clone())
+    }
+
+    /// `POST /3/device/<token>` with `apns-topic` and extra headers
+    /// (`apns-push-type`, `apns-priority`, `apns-id`, …).
+    pub async fn push(
+        &mut self,
+        token: &wire::push::DeviceToken,
+        topic: &str,
+        headers: &[(&str, &str)],
+        payload: Vec<u8>,
+    ) -> std::io::Result<Response> {
+        let auth = self.bearer()?;
+        let mut h: Vec<(&str, &str)> = vec![("authorization", &auth), ("apns-topic", topic)];
+        h.extend_from_slice(headers);
+        self.http
+            .request(
+                "POST",
+                &format!("/3/device/{}", token.to_hex()),
+                &h,
+                payload,
+            )
+            .await
     }
 }

@@ -1,0 +1,678 @@
+//! `parley loadsim courier`: many devices and a provider against a running
+//! courier, with a progress line and a summary.
+//!
+//! The parent process starts worker processes (itself, with `--worker`),
+//! each holding a slice of the devices: TLS devices from their own
+//! loopback source address (one address has ~28k ephemeral ports, one
+//! process 20k files), QUIC devices multiplexed over a few UDP sockets.
+//! Workers print each device's token, then "ready"; the parent samples the
+//! courier's resident memory, pushes through the APNs-style API at a target
+//! rate (phase 1: throughput), then at half the rate it achieved (phase 2:
+//! latency). Each payload carries its send time; workers record
+//! provider→device latency in an HDR histogram per phase and hand the
+//! buckets to the parent, which merges them.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use hdrhistogram::Histogram;
+use push_courier::client::{ClientEvent, DeviceClient, DeviceCredentials};
+use push_courier::provider::{ApnsSender, Http2};
+use wire::push::DeviceToken;
+
+#[derive(Debug, Args, Clone)]
+pub struct CourierLoad {
+    /// Data directory of the courier: device certificates are issued from
+    /// its CA (as `ids` does), and its ca.pem is trusted.
+    #[arg(long, default_value = "./parley-data")]
+    pub data: PathBuf,
+    /// Courier device address (TLS and QUIC).
+    #[arg(long, default_value = "127.0.0.1:5223")]
+    pub device_addr: SocketAddr,
+    /// Courier provider address (HTTPS).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub provider_addr: SocketAddr,
+    /// Provider ES256 private key (PKCS#8 PEM) registered with the courier.
+    #[arg(long)]
+    pub provider_key: PathBuf,
+    #[arg(long, default_value = "LOADTEAM01")]
+    pub team_id: String,
+    #[arg(long, default_value = "LOADKEY001")]
+    pub key_id: String,
+    #[arg(long, default_value = "com.example.load")]
+    pub topic: String,
+    /// Devices to connect.
+    #[arg(long, default_value_t = 1000)]
+    pub devices: usize,
+    /// Share of devices on QUIC, in percent; the rest use TLS over TCP.
+    #[arg(long, default_value_t = 85)]
+    pub quic_percent: u8,
+    /// Worker processes holding the devices. [default: enough for 15,000 TLS devices each, at least 2]
+    #[arg(long)]
+    pub procs: Option<usize>,
+    /// Phase 1 push rate (pushes/s offered).
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 15)]
+    pub seconds: u64,
+    /// HTTP/2 connections the provider pushes over.
+    #[arg(long, default_value_t = 8)]
+    pub provider_connections: usize,
+    /// Pushes in flight at once.
+    #[arg(long, default_value_t = 512)]
+    pub concurrency: usize,
+    /// The courier's process id, to report its memory per connection.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Device connections opened at once per worker.
+    #[arg(long, default_value_t = 64)]
+    pub connect_parallelism: usize,
+    /// Internal: run as worker INDEX of COUNT.
+    #[arg(long, hide = true, num_args = 2, value_names = ["INDEX", "COUNT"])]
+    pub worker: Option<Vec<usize>>,
+}
+
+pub fn run(args: CourierLoad) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match args.worker.clone() {
+        Some(w) => rt.block_on(worker(args, w[0], w[1])),
+        None => rt.block_on(parent(args)),
+    }
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Devices of worker `i` of `n`: (first index, count).
+fn slice(total: usize, i: usize, n: usize) -> (usize, usize) {
+    let base = total / n;
+    let extra = total % n;
+    let start = i * base + i.min(extra);
+    (start, base + usize::from(i < extra))
+}
+
+fn is_quic(index: usize, percent: u8) -> bool {
+    (index % 100) < usize::from(percent)
+}
+
+fn read_pem(path: &std::path::Path) -> Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    match rustls_pemfile::read_one(&mut pem.as_slice()) {
+        Ok(Some(rustls_pemfile::Item::Pkcs8Key(k))) => Ok(k.secret_pkcs8_der().to_vec()),
+        _ => bail!("{} is not a PKCS#8 PEM private key", path.display()),
+    }
+}
+
+// ---------------------------------------------------------------- worker
+
+#[derive(Default)]
+struct WorkerStats {
+    received: AtomicU64,
+    connected: AtomicU64,
+    failed: AtomicU64,
+    closed: AtomicU64,
+}
+
+async fn worker(args: CourierLoad, index: usize, count: usize) -> Result<()> {
+    let (start, n) = slice(args.devices, index, count);
+    let ca_pem = std::fs::read_to_string(args.data.join("ca.pem"))?;
+    let ca_key = std::fs::read_to_string(args.data.join("ca-key.pem"))
+        .context("the load simulator issues device certificates from ca-key.pem")?;
+    let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &ca_key)?;
+    let roots = crate::tls::roots(&args.data.join("ca.pem"))?;
+    // One device key for all simulated devices (certificates still differ
+    // per device id): key generation is not what is being measured.
+    let key = wire::SigningKey::generate();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    // TLS devices bind a source address of their own per worker so that
+    // ephemeral ports do not run out; QUIC shares a few UDP sockets.
+    let tls_source = IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        1 + (index / 250) as u8,
+        1 + (index % 250) as u8,
+    ));
+    let hist: Arc<Mutex<[Histogram<u64>; 2]>> = Arc::new(Mutex::new([
+        Histogram::new_with_bounds(1, 60_000_000_000, 3)?,
+        Histogram::new_with_bounds(1, 60_000_000_000, 3)?,
+    ]));
+    let stats = Arc::new(WorkerStats::default());
+    let quic_eps: Vec<quinn::Endpoint> = {
+        let quic_n = (start..start + n)
+            .filter(|i| is_quic(*i, args.quic_percent))
+            .count();
+        let k = quic_n.div_ceil(4096).max(1);
+        (0..k)
+            .map(|_| {
+                quinn::Endpoint::client(SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::new(127, 0, 2, 1 + (index % 250) as u8)),
+                    0,
+                ))
+            })
+            .collect::<std::io::Result<_>>()?
+    };
+    let sem = Arc::new(tokio::sync::Semaphore::new(args.connect_parallelism));
+    let out = Arc::new(Mutex::new(std::io::stdout()));
+    let mut tasks = Vec::with_capacity(n);
+    for (k, i) in (start..start + n).enumerate() {
+        let device = wire::DeviceId({
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            b[8..].copy_from_slice(b"loadsim!");
+            b
+        });
+        let mut serial = [0u8; 16];
+        serial[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+        let (_, pem) = ca.issue(device, &key.public(), serial, now)?;
+        let chain = rustls_pemfile::certs(&mut pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+        let creds = DeviceCredentials {
+            chain,
+            key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.pkcs8().to_vec().into()),
+            roots: roots.clone(),
+            server_name: "localhost".into(),
+        };
+        let quic = is_quic(i, args.quic_percent).then(|| quic_eps[k % quic_eps.len()].clone());
+        let (sem, hist, stats, out) = (sem.clone(), hist.clone(), stats.clone(), out.clone());
+        let (addr, topic) = (args.device_addr, args.topic.clone());
+        tasks.push(tokio::spawn(async move {
+            let permit = sem.acquire_owned().await;
+            let mut tries = 0;
+            let conn = loop {
+                let r = match &quic {
+                    Some(ep) => DeviceClient::connect_quic_on(ep, addr, &creds, &[&topic], 0).await,
+                    None => {
+                        DeviceClient::connect_from(tls_source, addr, &creds, &[&topic], 0).await
+                    }
+                };
+                match r {
+                    Ok(c) => break Some(c),
+                    Err(_) if tries < 5 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                    }
+                    Err(e) => {
+                        eprintln!("device {i}: {e}");
+                        break None;
+                    }
+                }
+            };
+            drop(permit);
+            let Some((mut dev, tokens)) = conn else {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            stats.connected.fetch_add(1, Ordering::Relaxed);
+            if let Some((_, t)) = tokens.first() {
+                let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = writeln!(o, "token {}", t.to_hex());
+            }
+            while let Some(ev) = dev.next().await {
+                match ev {
+                    ClientEvent::Notification(n) => {
+                        let now = unix_nanos();
+                        let _ = dev.ack(&[n.id]).await;
+                        stats.received.fetch_add(1, Ordering::Relaxed);
+                        if let Some((phase, sent)) = parse_payload(&n.payload) {
+                            let mut h = hist.lock().unwrap_or_else(|p| p.into_inner());
+                            let _ = h[phase].record(now.saturating_sub(sent).max(1));
+                        }
+                    }
+                    ClientEvent::Closed(_) => {
+                        stats.closed.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }));
+    }
+    // Progress until every device tried, then "ready".
+    loop {
+        let c = stats.connected.load(Ordering::Relaxed);
+        let f = stats.failed.load(Ordering::Relaxed);
+        {
+            let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(o, "connected {c} failed {f}");
+            let _ = o.flush();
+        }
+        if c + f >= n as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    {
+        let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(o, "ready");
+        let _ = o.flush();
+    }
+    // Report on request (a line on stdin), until stdin closes.
+    let stdin = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    });
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tokio::pin!(stdin);
+    loop {
+        tokio::select! {
+            _ = &mut stdin => break,
+            _ = tick.tick() => {
+                let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = writeln!(o, "received {} closed {}", stats.received.load(Ordering::Relaxed), stats.closed.load(Ordering::Relaxed));
+                let _ = o.flush();
+            }
+        }
+    }
+    let h = hist.lock().unwrap_or_else(|p| p.into_inner());
+    let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+    for (phase, h) in h.iter().enumerate() {
+        for v in h.iter_recorded() {
+            let _ = writeln!(
+                o,
+                "hist {phase} {} {}",
+                v.value_iterated_to(),
+                v.count_at_value()
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "final received {} closed {}",
+        stats.received.load(Ordering::Relaxed),
+        stats.closed.load(Ordering::Relaxed)
+    );
+    let _ = o.flush();
+    std::process::exit(0);
+}
+
+fn parse_payload(p: &[u8]) -> Option<(usize, u64)> {
+    // {"p":1,"t":123}
+    let s = std::str::from_utf8(p).ok()?;
+    let phase = s
+        .split("\"p\":")
+        .nth(1)?
+        .split([',', '}'])
+        .next()?
+        .parse::<usize>()
+        .ok()?;
+    let t = s
+        .split("\"t\":")
+        .nth(1)?
+        .split([',', '}'])
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    Some((phase.min(1), t))
+}
+
+// ---------------------------------------------------------------- parent
+
+struct Worker {
+    child: Child,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    tokens: Vec<DeviceToken>,
+    connected: HashMap<usize, (u64, u64)>,
+    received: HashMap<usize, u64>,
+    ready: usize,
+    hist: Vec<(usize, u64, u64)>,
+    finals: usize,
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[allow(clippy::print_stdout)]
+async fn parent(args: CourierLoad) -> Result<()> {
+    if args.devices == 0 || args.quic_percent > 100 {
+        bail!("--devices must be positive and --quic-percent at most 100");
+    }
+    let tls_devices = args.devices - args.devices * usize::from(args.quic_percent) / 100;
+    let procs = args
+        .procs
+        .unwrap_or_else(|| tls_devices.div_ceil(15_000).max(2))
+        .clamp(1, 250);
+    let provider_key = read_pem(&args.provider_key)?;
+    let rss_before = args.server_pid.and_then(rss_kib);
+    println!(
+        "loadsim: {} devices ({}% QUIC) over {procs} worker processes against {}",
+        args.devices, args.quic_percent, args.device_addr
+    );
+    let exe = std::env::current_exe()?;
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let mut workers = Vec::new();
+    for i in 0..procs {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["loadsim", "courier"])
+            .arg("--data")
+            .arg(&args.data)
+            .arg("--device-addr")
+            .arg(args.device_addr.to_string())
+            .arg("--provider-key")
+            .arg(&args.provider_key)
+            .arg("--topic")
+            .arg(&args.topic)
+            .arg("--devices")
+            .arg(args.devices.to_string())
+            .arg("--quic-percent")
+            .arg(args.quic_percent.to_string())
+            .arg("--connect-parallelism")
+            .arg(args.connect_parallelism.to_string())
+            .arg("--worker")
+            .arg(i.to_string())
+            .arg(procs.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().context("cannot start a loadsim worker")?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("worker stdout"))?;
+        let shared = shared.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
+                let w: Vec<&str> = line.split_whitespace().collect();
+                match w.as_slice() {
+                    ["token", hex] => {
+                        if let Some(t) = DeviceToken::from_hex(hex) {
+                            s.tokens.push(t);
+                        }
+                    }
+                    ["connected", c, "failed", f] => {
+                        s.connected
+                            .insert(i, (c.parse().unwrap_or(0), f.parse().unwrap_or(0)));
+                    }
+                    ["ready"] => s.ready += 1,
+                    ["received", r, ..] => {
+                        s.received.insert(i, r.parse().unwrap_or(0));
+                    }
+                    ["hist", p, v, c] => {
+                        let t = (
+                            p.parse().unwrap_or(0),
+                            v.parse().unwrap_or(0),
+                            c.parse().unwrap_or(0),
+                        );
+                        s.hist.push(t);
+                    }
+                    ["final", "received", r, ..] => {
+                        s.received.insert(i, r.parse().unwrap_or(0));
+                        s.finals += 1;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        workers.push(Worker { child });
+    }
+
+    // Connect phase.
+    let started = Instant::now();
+    let connect_deadline = started + Duration::from_secs(60 + args.devices as u64 / 200);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (c, f, ready) = {
+            let s = shared.lock().unwrap_or_else(|p| p.into_inner());
+            let (c, f) = s
+                .connected
+                .values()
+                .fold((0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
+            (c, f, s.ready)
+        };
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "loadsim: connecting {c}/{} ({f} failed) {:.0}/s, {:.0} s",
+            args.devices,
+            c as f64 / secs,
+            secs
+        );
+        if ready == procs {
+            break;
+        }
+        if Instant::now() > connect_deadline {
+            bail!("devices did not all connect in time ({c} connected, {f} failed)");
+        }
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    // Let the courier settle, then sample its memory.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (held, failed) = {
+        let s = shared.lock().unwrap_or_else(|p| p.into_inner());
+        s.connected
+            .values()
+            .fold((0u64, 0u64), |a, v| (a.0 + v.0, a.1 + v.1))
+    };
+    let rss_after = args.server_pid.and_then(rss_kib);
+    let per_conn = match (rss_before, rss_after) {
+        (Some(b), Some(a)) if held > 0 => Some((a.saturating_sub(b)) as f64 * 1024.0 / held as f64),
+        _ => None,
+    };
+    println!(
+        "loadsim: {held} connections held ({failed} failed) after {connect_secs:.0} s; courier RSS {} -> {} KiB{}",
+        rss_before.map_or("?".into(), |v| v.to_string()),
+        rss_after.map_or("?".into(), |v| v.to_string()),
+        per_conn.map_or(String::new(), |b| format!(", {:.0} bytes per connection", b))
+    );
+
+    let tokens: Arc<Vec<DeviceToken>> = Arc::new(
+        shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .tokens
+            .clone(),
+    );
+    if tokens.is_empty() {
+        bail!("no device tokens");
+    }
+    let roots = crate::tls::roots(&args.data.join("ca.pem"))?;
+    let mut senders = Vec::new();
+    for _ in 0..args.provider_connections.max(1) {
+        let http = Http2::connect(args.provider_addr, "localhost", roots.clone()).await?;
+        senders.push(ApnsSender::new(
+            http,
+            provider_key.clone(),
+            &args.key_id,
+            &args.team_id,
+        ));
+    }
+
+    // Phase 1: throughput at the offered rate; phase 2: half of what phase 1 achieved.
+    let p1 = push_phase(&args, &senders, &tokens, 0, args.rate, &shared).await;
+    let half = (p1.accepted_per_s / 2.0).max(1.0) as u64;
+    let p2 = push_phase(&args, &senders, &tokens, 1, half, &shared).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Collect histograms.
+    for w in &mut workers {
+        if let Some(mut stdin) = w.child.stdin.take() {
+            let _ = writeln!(stdin, "report");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shared.lock().unwrap_or_else(|p| p.into_inner()).finals < procs
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = shared.lock().unwrap_or_else(|p| p.into_inner());
+    let mut hists = [
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?,
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?,
+    ];
+    for (p, v, c) in &s.hist {
+        let _ = hists[*p].record_n(*v, *c);
+    }
+    let received: u64 = s.received.values().sum();
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e6;
+    println!();
+    println!("| | value |");
+    println!("|---|---|");
+    println!(
+        "| devices connected | {held} ({failed} failed), {:.0}/s |",
+        held as f64 / connect_secs
+    );
+    println!(
+        "| transports | {}% QUIC, the rest TLS over TCP, {procs} worker processes |",
+        args.quic_percent
+    );
+    if let Some(b) = per_conn {
+        println!(
+            "| courier memory per idle connection | {:.1} KiB (RSS {} → {} KiB) |",
+            b / 1024.0,
+            rss_before.unwrap_or(0),
+            rss_after.unwrap_or(0)
+        );
+    }
+    println!(
+        "| phase 1 offered | {} pushes/s for {} s |",
+        args.rate, args.seconds
+    );
+    println!(
+        "| phase 1 accepted (2xx, durable) | {:.0} pushes/s ({} errors) |",
+        p1.accepted_per_s, p1.errors
+    );
+    println!(
+        "| phase 2 (half load) offered | {half} pushes/s, accepted {:.0}/s |",
+        p2.accepted_per_s
+    );
+    for (i, h) in hists.iter().enumerate() {
+        if h.is_empty() {
+            continue;
+        }
+        println!(
+            "| phase {} provider→device latency | p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.1} ms ({} samples) |",
+            i + 1,
+            ms(h, 0.5),
+            ms(h, 0.9),
+            ms(h, 0.99),
+            ms(h, 0.999),
+            h.max() as f64 / 1e6,
+            h.len()
+        );
+    }
+    println!(
+        "| delivered to devices | {received} of {} accepted |",
+        p1.accepted + p2.accepted
+    );
+    Ok(())
+}
+
+struct PhaseResult {
+    accepted: u64,
+    accepted_per_s: f64,
+    errors: u64,
+}
+
+#[allow(clippy::print_stdout)]
+async fn push_phase(
+    args: &CourierLoad,
+    senders: &[ApnsSender],
+    tokens: &Arc<Vec<DeviceToken>>,
+    phase: usize,
+    rate: u64,
+    shared: &Arc<Mutex<Shared>>,
+) -> PhaseResult {
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let issued = Arc::new(AtomicU64::new(0));
+    let total = rate * args.seconds;
+    let start = Instant::now();
+    let lanes = args.concurrency.max(1);
+    let mut tasks = Vec::new();
+    for lane in 0..lanes {
+        let mut sender = senders[lane % senders.len()].clone();
+        let (ok, errors, issued, tokens) =
+            (ok.clone(), errors.clone(), issued.clone(), tokens.clone());
+        let topic = args.topic.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let k = issued.fetch_add(1, Ordering::Relaxed);
+                if k >= total {
+                    break;
+                }
+                // Pace: push k is due at start + k / rate.
+                let due = start + Duration::from_secs_f64(k as f64 / rate as f64);
+                tokio::time::sleep_until(due.into()).await;
+                let token = tokens[(k as usize) % tokens.len()];
+                let payload = format!("{{\"p\":{phase},\"t\":{}}}", unix_nanos()).into_bytes();
+                match sender
+                    .push(&token, &topic, &[("apns-priority", "10")], payload)
+                    .await
+                {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let progress = {
+        let (ok, errors) = (ok.clone(), errors.clone());
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let o = ok.load(Ordering::Relaxed);
+                let r: u64 = shared
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .received
+                    .values()
+                    .sum();
+                println!(
+                    "loadsim: phase {} {:.0} s: accepted {}/s, {} errors, delivered {r} total",
+                    phase + 1,
+                    start.elapsed().as_secs_f64(),
+                    o - last,
+                    errors.load(Ordering::Relaxed)
+                );
+                last = o;
+            }
+        })
+    };
+    for t in tasks {
+        let _ = t.await;
+    }
+    progress.abort();
+    let secs = start.elapsed().as_secs_f64();
+    let accepted = ok.load(Ordering::Relaxed);
+    PhaseResult {
+        accepted,
+        accepted_per_s: accepted as f64 / secs,
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
