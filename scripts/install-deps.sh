@@ -17,7 +17,8 @@
 #   pywebpush    a real Web Push sender for the courier's interop test
 #
 # and from npm, into push-courier/tests/interop/node_modules:
-#   web-push     the other real Web Push sender
+#   web-push          the other real Web Push sender
+#   @parse/node-apn   a real APNs client library, pointed at the courier
 set -euo pipefail
 
 packages=(coturn stun-client procps postgresql curl nodejs npm)
@@ -77,7 +78,7 @@ if ! python3 -c 'import pywebpush' >/dev/null 2>&1; then
     "pywebpush==$pywebpush_version"
 fi
 interop="$(cd "$(dirname "$0")/.." && pwd)/push-courier/tests/interop"
-if [ ! -d "$interop/node_modules/web-push" ]; then
-  echo "install-deps: installing npm web-push (push-courier/tests/interop)"
+if [ ! -d "$interop/node_modules/web-push" ] || [ ! -d "$interop/node_modules/@parse/node-apn" ]; then
+  echo "install-deps: installing npm web-push and @parse/node-apn (push-courier/tests/interop)"
   (cd "$interop" && npm ci --no-audit --no-fund --silent)
 fi

@@ -730,3 +730,131 @@ async fn web_push_protocol_rules() {
         "{seen}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_apn_library_pointed_at_the_courier_works() {
+    let env = Env::start(|_| {}).await;
+    let (_, creds) = env.device();
+    let (mut dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop");
+    assert!(
+        std::path::Path::new(dir)
+            .join("node_modules/@parse/node-apn")
+            .is_dir(),
+        "npm @parse/node-apn is not installed; run scripts/install-deps.sh"
+    );
+    let p8 = env.dir.path().join("AuthKey.p8");
+    std::fs::write(&p8, pem("PRIVATE KEY", &env.provider_key)).unwrap();
+    let args = vec![
+        "apn_send.js".to_owned(),
+        env.provider_port().to_string(),
+        env.ca_pem.display().to_string(),
+        p8.display().to_string(),
+        KID.to_owned(),
+        TEAM.to_owned(),
+        TOPIC.to_owned(),
+        tokens[0].1.to_hex(),
+        "hello from node-apn".to_owned(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        parley_tests::tool::run_in(
+            Some(std::path::Path::new(dir)),
+            "node",
+            &args,
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(out.text.contains("sent 1 failed 1"), "{}", out.text);
+    assert!(out.text.contains("400 BadDeviceToken"), "{}", out.text);
+    let n = next_note(&mut dev).await;
+    let v: serde_json::Value = serde_json::from_slice(&n.payload).unwrap();
+    assert_eq!(v["aps"]["alert"], "hello from node-apn");
+    assert_eq!(n.collapse_id, "greeting");
+    assert_eq!(n.priority, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_may_authenticate_with_a_client_certificate() {
+    let env = Env::start(|_| {}).await;
+    let (_, creds) = env.device();
+    let (mut dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let path = format!("/3/device/{}", tokens[0].1.to_hex());
+    let (cert, key) = env.provider_cert("certco");
+    let tls = vec![
+        "--cert".to_owned(),
+        cert.display().to_string(),
+        "--key".to_owned(),
+        key.display().to_string(),
+    ];
+    // No token, no apns-topic: the certificate names the provider and its
+    // one topic.
+    let r = env
+        .curl_with(&tls, "POST", &path, &[], Some(b"{\"via\":\"cert\"}"))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(next_note(&mut dev).await.payload, b"{\"via\":\"cert\"}");
+    // A certificate for a provider that is not registered proves nothing.
+    let (cert, key) = env.provider_cert("stranger");
+    let tls = vec![
+        "--cert".to_owned(),
+        cert.display().to_string(),
+        "--key".to_owned(),
+        key.display().to_string(),
+    ];
+    let r = env.curl_with(&tls, "POST", &path, &[], Some(b"{}")).await;
+    assert_eq!(
+        (r.status, r.reason().as_str()),
+        (403, "MissingProviderToken")
+    );
+    // The certificate provider may push only to its topic.
+    let (cert, key) = env.provider_cert("certco");
+    let tls = vec![
+        "--cert".to_owned(),
+        cert.display().to_string(),
+        "--key".to_owned(),
+        key.display().to_string(),
+    ];
+    let r = env
+        .curl_with(
+            &tls,
+            "POST",
+            &path,
+            &[("apns-topic", "com.example.other".to_owned())],
+            Some(b"{}"),
+        )
+        .await;
+    assert_eq!((r.status, r.reason().as_str()), (400, "TopicDisallowed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_pushes_are_stored_collapsed_and_survive_a_restart() {
+    let mut env = Env::start_postgres("courier-e2e", |_| {}).await;
+    let (_, creds) = env.device();
+    let (dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let token = tokens[0].1;
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for (i, collapse) in ["a", "b", "b", ""].iter().enumerate() {
+        let mut h = vec![("apns-priority", "5".to_owned())];
+        if !collapse.is_empty() {
+            h.push(("apns-collapse-id", (*collapse).to_owned()));
+        }
+        let r = env
+            .apns(&token, &h, format!("{{\"n\":{i}}}").as_bytes())
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    env.restart().await;
+    let (mut dev, again) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    assert_eq!(again[0].1, token);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let n = next_note(&mut dev).await;
+        got.push(String::from_utf8(n.payload.clone()).unwrap());
+        dev.ack(&[n.id]).await.unwrap();
+    }
+    assert_eq!(got, vec![r#"{"n":0}"#, r#"{"n":2}"#, r#"{"n":3}"#]);
+    quiet(&mut dev, Duration::from_millis(300)).await;
+}

@@ -29,6 +29,9 @@ pub struct Env {
     pub provider_key: Vec<u8>,
     pub config: Config,
     server_chain: Option<(rustls::pki_types::CertificateDer<'static>, Vec<u8>)>,
+    ca_issuer: (String, String),
+    /// A PostgreSQL server, when the test runs on one.
+    _pg: Option<parley_tests::postgres::Postgres>,
 }
 
 pub fn b64(b: &[u8]) -> String {
@@ -72,6 +75,24 @@ pub fn unix_now() -> i64 {
 
 impl Env {
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> Env {
+        Env::start_on(None, tweak).await
+    }
+
+    /// As [`Env::start`], on a throwaway PostgreSQL server.
+    pub async fn start_postgres(name: &str, tweak: impl FnOnce(&mut Config)) -> Env {
+        let pg = tokio::task::spawn_blocking({
+            let name = name.to_owned();
+            move || parley_tests::postgres::Postgres::start(&name)
+        })
+        .await
+        .unwrap();
+        Env::start_on(Some(pg), tweak).await
+    }
+
+    async fn start_on(
+        pg: Option<parley_tests::postgres::Postgres>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Env {
         let dir = tempfile::tempdir().unwrap();
         // CA and a localhost server certificate.
         let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -103,7 +124,10 @@ impl Env {
         let mut config = Config {
             device_listen: "127.0.0.1:0".parse().unwrap(),
             provider_listen: "127.0.0.1:0".parse().unwrap(),
-            database_url: format!("sqlite://{}", dir.path().join("courier.db").display()),
+            database_url: match &pg {
+                Some(pg) => pg.url(),
+                None => format!("sqlite://{}", dir.path().join("courier.db").display()),
+            },
             providers: vec![
                 Provider {
                     name: "acme".into(),
@@ -111,6 +135,13 @@ impl Env {
                     key_id: KID.into(),
                     public_key: Some(provider_pub.try_into().unwrap()),
                     topics: vec![],
+                },
+                Provider {
+                    name: "certco".into(),
+                    team_id: String::new(),
+                    key_id: String::new(),
+                    public_key: None,
+                    topics: vec![TOPIC.into()],
                 },
                 Provider {
                     name: "narrow".into(),
@@ -132,6 +163,8 @@ impl Env {
             provider_key,
             config,
             server_chain: None,
+            ca_issuer: (ca_cert.pem(), ca_key_pem.clone()),
+            _pg: pg,
         };
         env.server_chain = Some((server_cert.der().clone(), server_key.serialize_der()));
         env.restart().await;
@@ -223,9 +256,38 @@ impl Env {
         .unwrap()
     }
 
+    /// A provider client certificate (CN = `name`) from the test CA;
+    /// returns the certificate and key file paths.
+    pub fn provider_cert(&self, name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::from_pem(&self.ca_issuer.1).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&self.ca_issuer.0, key).unwrap();
+        let own = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&own, &issuer).unwrap();
+        let c = self.dir.path().join(format!("{name}.pem"));
+        let k = self.dir.path().join(format!("{name}-key.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, own.serialize_pem()).unwrap();
+        (c, k)
+    }
+
     /// Runs curl against the provider API. Returns (status, headers, body).
     pub async fn curl(
         &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<&[u8]>,
+    ) -> Curl {
+        self.curl_with(&[], method, path, headers, body).await
+    }
+
+    /// As [`Env::curl`], with extra curl arguments first.
+    pub async fn curl_with(
+        &self,
+        extra: &[String],
         method: &str,
         path: &str,
         headers: &[(&str, String)],
@@ -254,6 +316,7 @@ impl Env {
             "-w".into(),
             "%{http_code} %{http_version}".into(),
         ];
+        args.extend(extra.iter().cloned());
         for (k, v) in headers {
             args.push("-H".into());
             args.push(format!("{k}: {v}"));
