@@ -55,6 +55,10 @@ pub struct CourierLoad {
     /// Share of devices on QUIC, in percent; the rest use TLS over TCP.
     #[arg(long, default_value_t = 85)]
     pub quic_percent: u8,
+    /// Share of devices, in percent, that disconnect once they have their
+    /// token: pushes to them are only stored (the store path alone).
+    #[arg(long, default_value_t = 0)]
+    pub offline_percent: u8,
     /// Worker processes holding the devices. [default: enough for 15,000 TLS devices each, at least 2]
     #[arg(long)]
     pub procs: Option<usize>,
@@ -126,6 +130,7 @@ struct WorkerStats {
     received: AtomicU64,
     connected: AtomicU64,
     failed: AtomicU64,
+    offline: AtomicU64,
     closed: AtomicU64,
 }
 
@@ -192,6 +197,7 @@ async fn worker(args: CourierLoad, index: usize, count: usize) -> Result<()> {
         let quic = is_quic(i, args.quic_percent).then(|| quic_eps[k % quic_eps.len()].clone());
         let (sem, hist, stats, out) = (sem.clone(), hist.clone(), stats.clone(), out.clone());
         let (addr, topic) = (args.device_addr, args.topic.clone());
+        let offline = args.offline_percent;
         tasks.push(tokio::spawn(async move {
             let permit = sem.acquire_owned().await;
             let mut tries = 0;
@@ -219,11 +225,15 @@ async fn worker(args: CourierLoad, index: usize, count: usize) -> Result<()> {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 return;
             };
-            stats.connected.fetch_add(1, Ordering::Relaxed);
             if let Some((_, t)) = tokens.first() {
                 let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                 let _ = writeln!(o, "token {}", t.to_hex());
             }
+            if (i * 7 % 100) < usize::from(offline) {
+                stats.offline.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            stats.connected.fetch_add(1, Ordering::Relaxed);
             while let Some(ev) = dev.next().await {
                 match ev {
                     ClientEvent::Notification(n) => {
@@ -248,12 +258,13 @@ async fn worker(args: CourierLoad, index: usize, count: usize) -> Result<()> {
     loop {
         let c = stats.connected.load(Ordering::Relaxed);
         let f = stats.failed.load(Ordering::Relaxed);
+        let off = stats.offline.load(Ordering::Relaxed);
         {
             let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
             let _ = writeln!(o, "connected {c} failed {f}");
             let _ = o.flush();
         }
-        if c + f >= n as u64 {
+        if c + f + off >= n as u64 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -389,6 +400,8 @@ async fn parent(args: CourierLoad) -> Result<()> {
             .arg(args.devices.to_string())
             .arg("--quic-percent")
             .arg(args.quic_percent.to_string())
+            .arg("--offline-percent")
+            .arg(args.offline_percent.to_string())
             .arg("--connect-parallelism")
             .arg(args.connect_parallelism.to_string())
             .arg("--worker")
@@ -549,6 +562,12 @@ async fn parent(args: CourierLoad) -> Result<()> {
         "| transports | {}% QUIC, the rest TLS over TCP, {procs} worker processes |",
         args.quic_percent
     );
+    if args.offline_percent > 0 {
+        println!(
+            "| offline devices (pushes only stored) | {}% |",
+            args.offline_percent
+        );
+    }
     if let Some(b) = per_conn {
         println!(
             "| courier memory per idle connection | {:.1} KiB (RSS {} → {} KiB) |",

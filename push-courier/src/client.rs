@@ -203,6 +203,10 @@ impl DeviceClient {
                 let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
                 let mut transport = quinn::TransportConfig::default();
                 transport.keep_alive_interval(interval);
+                // No QUIC idle timeout of our own (quinn's default is 30 s):
+                // the courier's (two of its longest ping intervals) applies,
+                // and the link's own keepalive finds dead peers sooner.
+                transport.max_idle_timeout(None);
                 cfg.transport_config(Arc::new(transport));
                 let conn = ep
                     .connect_with(cfg, addr, &creds.server_name)

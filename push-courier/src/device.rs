@@ -161,7 +161,13 @@ pub fn quic_endpoint(
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window((64u32 * 1024).into())
-        .receive_window((128u32 * 1024).into());
+        .receive_window((128u32 * 1024).into())
+        .send_window(256 * 1024)
+        // Devices send tiny frames: no unreliable datagrams, no path MTU
+        // probing, so idle connections keep less state.
+        .datagram_receive_buffer_size(None)
+        .datagram_send_buffer_size(0)
+        .mtu_discovery_config(None);
     cfg.transport_config(Arc::new(transport));
     cfg.migration(true);
     quinn::Endpoint::server(cfg, addr).map_err(Error::Io)
