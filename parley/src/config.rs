@@ -54,6 +54,9 @@ pub struct CourierSection {
     pub provider_rate: Option<u32>,
     /// How long message statuses stay queryable, seconds. Default 86400.
     pub status_retention_secs: Option<u64>,
+    /// Wait for the disk on every commit. false: a push answered 2xx survives
+    /// the courier being killed, not a power loss (SQLite only). Default true.
+    pub fsync: Option<bool>,
     /// TLS certificate chain and key (PEM). Default: the data directory's.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
@@ -127,6 +130,9 @@ impl CourierSection {
         }
         if let Some(s) = self.status_retention_secs {
             c.status_retention = Duration::from_secs(s);
+        }
+        if let Some(f) = self.fsync {
+            c.fsync = f;
         }
         for (i, p) in self.providers.iter().enumerate() {
             let key = |what: &str| format!("invalid configuration: courier.providers[{i}].{what}");

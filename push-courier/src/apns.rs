@@ -115,8 +115,8 @@ async fn push(
                 return respond(id, Err(err(StatusCode::BAD_REQUEST, "BadMessageId")));
             }
         },
-        None => match random() {
-            Ok(r) => NotificationId(r),
+        None => match Courier::new_id() {
+            Ok(id) => id,
             Err(_) => {
                 return respond(
                     NotificationId([0; 16]),

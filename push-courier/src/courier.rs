@@ -145,6 +145,9 @@ pub struct Courier {
     generation: AtomicU64,
     /// Woken when a message with a receipt subscription finishes.
     pub receipts: Notify,
+    /// (unix time, next sequence number) once a minute, to purge old
+    /// statuses by sequence range.
+    marks: Mutex<std::collections::VecDeque<(i64, i64)>>,
 }
 
 impl Courier {
@@ -169,7 +172,7 @@ impl Courier {
             );
         }
         let mut queues = Queues::new(config.queue_cap);
-        let queued = store.queued(None).await?;
+        let queued = store.queued_index().await?;
         for m in &queued {
             queues.admit(m.device, entry(m));
         }
@@ -198,6 +201,7 @@ impl Courier {
             seq: AtomicI64::new(seq),
             generation: AtomicU64::new(0),
             receipts: Notify::new(),
+            marks: Mutex::new(std::collections::VecDeque::new()),
             config,
         });
         tokio::spawn(writer(store, rx, courier.config.max_batch, metrics));
@@ -298,6 +302,7 @@ impl Courier {
             };
             let adm = inner.queues.admit(t.device, entry(&stored));
             let mut writes = vec![Write::Insert(Box::new(stored))];
+            let displaced: Vec<Entry> = adm.replaced.iter().chain(&adm.dropped).cloned().collect();
             for (gone, state, counter) in [
                 (
                     adm.replaced,
@@ -318,10 +323,13 @@ impl Courier {
                     });
                 }
             }
-            (t.device, note, writes)
+            (t.device, note, (writes, displaced))
         };
+        let (insert, displaced) = insert;
         if let Err(e) = self.commit(insert).await {
-            self.lock().queues.remove(&device, &note.id);
+            let mut inner = self.lock();
+            inner.queues.remove(&device, &note.id);
+            inner.queues.restore(device, displaced);
             return Err(PushError::Unavailable(e.to_string()));
         }
         self.metrics.pushes_stored.fetch_add(1, Ordering::Relaxed);
@@ -471,7 +479,7 @@ impl Courier {
     /// marked unregistered.
     pub async fn revoke(&self, device: DeviceId, token: DeviceToken) -> Result<bool, Error> {
         let now = unix_now();
-        {
+        let gone = {
             let mut inner = self.lock();
             let Some(t) = inner.tokens.get_mut(&token) else {
                 return Ok(false);
@@ -484,33 +492,33 @@ impl Courier {
             if t.kind == TokenKind::Topic {
                 inner.by_topic.remove(&key);
             }
-            inner.queues.remove_token(&device, &token);
-        }
-        self.commit(vec![Write::Revoke { token, at: now }]).await?;
+            inner.queues.remove_token(&device, &token)
+        };
+        self.commit(vec![
+            Write::Revoke { token, at: now },
+            Write::State {
+                seqs: gone.iter().map(|e| e.seq as i64).collect(),
+                state: MessageState::Unregistered,
+                at: now,
+            },
+        ])
+        .await?;
         Ok(true)
     }
 
     /// Stored messages for a device that just said Hello, in delivery order
-    /// (VoIP and priority 10 first).
+    /// (VoIP and priority 10 first). Memory knows which sequence numbers
+    /// the device has waiting; the database has their payloads.
     pub async fn backlog(&self, device: DeviceId) -> Result<Vec<Notification>, Error> {
-        let rows = self.store.queued(Some(device)).await?;
-        let now = unix_now() as u64;
-        let mut inner = self.lock();
-        for m in &rows {
-            if !inner.queues.contains(&device, &m.note.id) {
-                // Displaced in memory by a push that then failed to commit;
-                // the database still has it, so it counts again.
-                inner.queues.admit(device, entry(m));
-            }
+        let order = self.lock().queues.delivery_seqs(&device, unix_now() as u64);
+        if order.is_empty() {
+            return Ok(Vec::new());
         }
-        let order = inner.queues.delivery_order(&device, now);
-        drop(inner);
-        let mut by_id: HashMap<NotificationId, Notification> =
-            rows.into_iter().map(|m| (m.note.id, m.note)).collect();
-        Ok(order
-            .into_iter()
-            .filter_map(|id| by_id.remove(&id))
-            .collect())
+        let seqs: Vec<i64> = order.iter().map(|s| *s as i64).collect();
+        let rows = self.store.queued_by_seq(&seqs).await?;
+        let mut by_seq: HashMap<i64, Notification> =
+            rows.into_iter().map(|m| (m.seq, m.note)).collect();
+        Ok(seqs.iter().filter_map(|s| by_seq.remove(s)).collect())
     }
 
     /// The device acked these ids.
@@ -577,6 +585,29 @@ impl Courier {
         for o in self.lock().online.values() {
             let _ = o.tx.try_send(ConnCommand::Close(reason, text));
         }
+    }
+
+    /// Records where the sequence is now and returns the sequence number
+    /// below which every message is older than `retention_s`.
+    pub fn purge_cutoff(&self, now: i64, retention_s: i64) -> Option<i64> {
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        marks.push_back((now, self.seq.load(Ordering::Relaxed) + 1));
+        let mut cutoff = None;
+        while marks.front().is_some_and(|(t, _)| *t <= now - retention_s) {
+            cutoff = marks.pop_front().map(|(_, s)| s);
+        }
+        cutoff
+    }
+
+    /// A new message id: a UUID whose first 48 bits are the time in
+    /// milliseconds (as UUIDv7), so ids the courier makes sort by time and
+    /// their index grows at its end.
+    pub fn new_id() -> Result<NotificationId, Error> {
+        let mut b: [u8; 16] = random()?;
+        b[..6].copy_from_slice(&(unix_now_ms() as u64).to_be_bytes()[2..]);
+        b[6] = 0x70 | (b[6] & 0x0f);
+        b[8] = 0x80 | (b[8] & 0x3f);
+        Ok(NotificationId(b))
     }
 
     pub fn queued_total(&self) -> usize {
@@ -703,4 +734,20 @@ pub fn random<const N: usize>() -> Result<[u8; N], Error> {
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
         .map_err(|_| Error::Internal("system random number generator failed".into()))?;
     Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn courier_ids_are_time_ordered_uuid_v7() {
+        let a = Courier::new_id().unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        let b = Courier::new_id().unwrap();
+        assert!(a.0 < b.0, "later id sorts later");
+        let u = b.to_uuid();
+        assert_eq!(&u[14..15], "7", "version 7: {u}");
+        assert!("89AB".contains(&u[19..20]), "RFC 4122 variant: {u}");
+    }
 }

@@ -91,6 +91,10 @@ pub struct Config {
     /// How long delivered/expired/dropped statuses stay queryable.
     /// Default 24 h.
     pub status_retention: Duration,
+    /// Wait for the disk on every commit (SQLite `synchronous = FULL`).
+    /// Off, a 2xx push survives the courier being killed but not the
+    /// machine losing power (`synchronous = NORMAL`). Default true.
+    pub fsync: bool,
     /// Largest group-commit batch. Default 2048 writes.
     pub max_batch: usize,
     pub providers: Vec<Provider>,
@@ -111,6 +115,7 @@ impl Default for Config {
             provider_rate: 20_000,
             subscription_rate: 100,
             status_retention: Duration::from_secs(24 * 3600),
+            fsync: true,
             max_batch: 2048,
             providers: Vec::new(),
         }

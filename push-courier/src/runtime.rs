@@ -43,7 +43,7 @@ pub struct Server {
 
 impl Server {
     pub async fn start(config: Config, tls: Tls) -> Result<Server, Error> {
-        let store = Store::open(&config.database_url).await?;
+        let store = Store::open_with(&config.database_url, config.fsync).await?;
         let device_tls = crate::device::tls_config(
             tls.chain.clone(),
             tls.key.clone_key(),
@@ -163,7 +163,10 @@ async fn housekeeping(courier: Arc<Courier>, mut shutdown: watch::Receiver<bool>
         courier.expire();
         n += 1;
         if n % 60 == 0 {
-            let before = unix_now() - courier.config.status_retention.as_secs() as i64;
+            let retention = courier.config.status_retention.as_secs() as i64;
+            let Some(before) = courier.purge_cutoff(unix_now(), retention) else {
+                continue;
+            };
             match courier.store.purge(before).await {
                 Ok(0) => {}
                 Ok(k) => tracing::debug!(rows = k, "purged old message statuses"),

@@ -6,6 +6,13 @@
 //! its 2xx and the fsync cost is shared. Messages keep their row after
 //! delivery (state changes, payload cleared) for the delivery-status
 //! endpoint and receipts, until `status_retention` passes.
+//!
+//! Every index grows at its end, so a batch touches few pages: rows are
+//! keyed by the courier's increasing sequence number, queued rows are
+//! found through a partial index on it (the courier's memory knows which
+//! sequence numbers each device has waiting), and ids the courier makes
+//! are time-ordered. An index keyed by device would put every row of a
+//! batch on a different page.
 
 use std::str::FromStr;
 
@@ -133,9 +140,10 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS messages_queued ON messages (device, state, seq);
+CREATE INDEX IF NOT EXISTS messages_live ON messages (seq) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS messages_id ON messages (id);
-CREATE INDEX IF NOT EXISTS messages_receipt ON messages (receipt, receipt_sent);
+CREATE INDEX IF NOT EXISTS messages_receipt ON messages (receipt, receipt_sent)
+    WHERE receipt IS NOT NULL;
 CREATE TABLE IF NOT EXISTS receipt_subscriptions (
     id TEXT PRIMARY KEY,
     provider TEXT NOT NULL,
@@ -198,6 +206,13 @@ impl Store {
     /// Opens (creating if needed) `sqlite:///path/courier.db` or
     /// `postgres://user@host/db`.
     pub async fn open(url: &str) -> Result<Store, Error> {
+        Store::open_with(url, true).await
+    }
+
+    /// As [`Store::open`]; with `fsync` false, SQLite commits without
+    /// waiting for the disk (`synchronous = NORMAL` in WAL mode): a commit
+    /// survives the process being killed, not the machine losing power.
+    pub async fn open_with(url: &str, fsync: bool) -> Result<Store, Error> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -219,7 +234,12 @@ impl Store {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
-                        for p in ["PRAGMA busy_timeout = 10000", "PRAGMA synchronous = FULL"] {
+                        let sync = if fsync {
+                            "PRAGMA synchronous = FULL"
+                        } else {
+                            "PRAGMA synchronous = NORMAL"
+                        };
+                        for p in ["PRAGMA busy_timeout = 10000", sync] {
                             sqlx::query(p).execute(&mut *conn).await?;
                         }
                     }
@@ -377,17 +397,9 @@ impl Store {
         for w in writes {
             match w {
                 Write::Revoke { token, at } => {
+                    // Its queued messages arrive as a State write.
                     sqlx::query(
                         "UPDATE tokens SET revoked_at = $1 WHERE token = $2 AND revoked_at IS NULL",
-                    )
-                    .bind(*at)
-                    .bind(token.0.to_vec())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(Error::db)?;
-                    sqlx::query(
-                        "UPDATE messages SET state = 5, updated_at = $1, payload = NULL \
-                         WHERE token = $2 AND state = 0",
                     )
                     .bind(*at)
                     .bind(token.0.to_vec())
@@ -453,47 +465,36 @@ impl Store {
             .collect()
     }
 
-    /// Queued messages: of one device, or of all (`None`) at start.
-    pub async fn queued(&self, device: Option<DeviceId>) -> Result<Vec<StoredMessage>, Error> {
-        const COLS: &str = "SELECT seq, id, device, token, push_type, priority, expires, \
-                            collapse, topic, payload, receipt, provider, created_at FROM messages";
-        let rows = match device {
-            Some(d) => {
-                sqlx::query(&format!(
-                    "{COLS} WHERE device = $1 AND state = 0 ORDER BY seq"
-                ))
-                .bind(d.to_string())
-                .fetch_all(&self.pool)
-                .await
+    /// Every queued message without its payload, for the in-memory
+    /// queue index at start.
+    pub async fn queued_index(&self) -> Result<Vec<StoredMessage>, Error> {
+        let rows = sqlx::query(&format!(
+            "{MESSAGE_COLS_NO_PAYLOAD} FROM messages WHERE state = 0 ORDER BY seq"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        rows.into_iter().map(message_row).collect()
+    }
+
+    /// The queued messages among `seqs`, with payloads, in sequence order.
+    pub async fn queued_by_seq(&self, seqs: &[i64]) -> Result<Vec<StoredMessage>, Error> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for chunk in shaped(seqs) {
+            let sql = format!(
+                "{MESSAGE_COLS} FROM messages WHERE state = 0 AND seq IN ({})",
+                self.placeholders(1, chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for s in chunk {
+                q = q.bind(*s);
             }
-            None => {
-                sqlx::query(&format!("{COLS} WHERE state = 0 ORDER BY seq"))
-                    .fetch_all(&self.pool)
-                    .await
+            for r in q.fetch_all(&self.pool).await.map_err(Error::db)? {
+                out.push(message_row(r)?);
             }
         }
-        .map_err(Error::db)?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(StoredMessage {
-                    seq: r.get(0),
-                    device: device_id(&r.get::<String, _>(2))?,
-                    note: Notification {
-                        id: NotificationId(blob_array(r.get::<Vec<u8>, _>(1))?),
-                        token: DeviceToken(blob_array(r.get::<Vec<u8>, _>(3))?),
-                        push_type: push_type_from(r.get(4)),
-                        priority: r.get::<i64, _>(5).clamp(0, 255) as u8,
-                        expires: r.get::<i64, _>(6).max(0) as u64,
-                        collapse_id: r.get(7),
-                        topic: r.get(8),
-                        payload: r.get::<Option<Vec<u8>>, _>(9).unwrap_or_default(),
-                    },
-                    receipt: r.get(10),
-                    provider: r.get(11),
-                    created_at: r.get(12),
-                })
-            })
-            .collect()
+        out.sort_by_key(|m| m.seq);
+        Ok(out)
     }
 
     /// The highest message sequence number used so far.
@@ -558,15 +559,40 @@ impl Store {
             .collect()
     }
 
-    /// Deletes finished messages last changed before `before`.
+    /// Deletes finished messages with a sequence number below `before`.
     pub async fn purge(&self, before: i64) -> Result<u64, Error> {
-        let r = sqlx::query("DELETE FROM messages WHERE state <> 0 AND updated_at < $1")
+        let r = sqlx::query("DELETE FROM messages WHERE seq < $1 AND state <> 0")
             .bind(before)
             .execute(&self.pool)
             .await
             .map_err(Error::db)?;
         Ok(r.rows_affected())
     }
+}
+
+const MESSAGE_COLS: &str = "SELECT seq, id, device, token, push_type, priority, expires, \
+                            collapse, topic, payload, receipt, provider, created_at";
+const MESSAGE_COLS_NO_PAYLOAD: &str = "SELECT seq, id, device, token, push_type, priority, \
+                                       expires, collapse, topic, NULL, receipt, provider, created_at";
+
+fn message_row(r: sqlx::any::AnyRow) -> Result<StoredMessage, Error> {
+    Ok(StoredMessage {
+        seq: r.get(0),
+        device: device_id(&r.get::<String, _>(2))?,
+        note: Notification {
+            id: NotificationId(blob_array(r.get::<Vec<u8>, _>(1))?),
+            token: DeviceToken(blob_array(r.get::<Vec<u8>, _>(3))?),
+            push_type: push_type_from(r.get(4)),
+            priority: r.get::<i64, _>(5).clamp(0, 255) as u8,
+            expires: r.get::<i64, _>(6).max(0) as u64,
+            collapse_id: r.get(7),
+            topic: r.get(8),
+            payload: r.get::<Option<Vec<u8>>, _>(9).unwrap_or_default(),
+        },
+        receipt: r.get(10),
+        provider: r.get(11),
+        created_at: r.get(12),
+    })
 }
 
 fn push_type_code(t: PushType) -> i64 {

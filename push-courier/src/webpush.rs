@@ -30,7 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine;
-use wire::push::{DeviceToken, NotificationId, PushType};
+use wire::push::{DeviceToken, PushType};
 
 use crate::core::jwt::Jwt;
 use crate::courier::{random, unix_now, Courier, PushError, PushOutcome, PushRequest};
@@ -175,8 +175,8 @@ async fn push(
         },
         _ => None,
     };
-    let id = match random() {
-        Ok(r) => NotificationId(r),
+    let id = match Courier::new_id() {
+        Ok(id) => id,
         Err(_) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "no randomness"),
     };
     let req = PushRequest {

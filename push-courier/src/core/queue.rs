@@ -151,6 +151,28 @@ impl Queues {
             .collect()
     }
 
+    /// Sequence numbers of the device's live messages, in delivery order.
+    pub fn delivery_seqs(&self, device: &DeviceId, now_unix: u64) -> Vec<u64> {
+        let Some(q) = self.devices.get(device) else {
+            return Vec::new();
+        };
+        let live = || q.iter().filter(|e| !e.expired(now_unix));
+        live()
+            .filter(|e| e.urgent())
+            .chain(live().filter(|e| !e.urgent()))
+            .map(|e| e.seq)
+            .collect()
+    }
+
+    /// Puts back entries an admission displaced, when the admission is
+    /// undone (its commit failed). No policy applies.
+    pub fn restore(&mut self, device: DeviceId, entries: Vec<Entry>) {
+        let q = self.devices.entry(device).or_default();
+        self.total += entries.len();
+        q.extend(entries);
+        q.sort_by_key(|e| e.seq);
+    }
+
     pub fn contains(&self, device: &DeviceId, id: &NotificationId) -> bool {
         self.devices
             .get(device)
@@ -250,7 +272,12 @@ mod tests {
         assert_eq!(q.total(), 3);
         assert_eq!(q.remove(&dev(1), &a.id), Some(a.clone()));
         assert_eq!(q.remove(&dev(1), &a.id), None);
-        assert_eq!(q.remove_token(&dev(1), &DeviceToken([1; 32])).len(), 2);
+        let gone = q.remove_token(&dev(1), &DeviceToken([1; 32]));
+        assert_eq!(gone.len(), 2);
+        // Undoing puts them back in sequence order.
+        q.restore(dev(1), gone.clone());
+        assert_eq!(q.delivery_seqs(&dev(1), 10), vec![2, 4]);
+        assert_eq!(q.remove_token(&dev(1), &DeviceToken([1; 32])), gone);
         assert_eq!(q.total(), 0);
         assert_eq!(q.len(&dev(1)), 0);
     }
