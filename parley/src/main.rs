@@ -8,6 +8,12 @@ mod loadsim;
 mod tls;
 
 use anyhow::{Context, Result};
+
+/// mimalloc instead of glibc's allocator: per-request allocations from
+/// many threads were a quarter of the courier's CPU under load, and its
+/// pages return to the system more readily with 100k connections.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
