@@ -490,6 +490,10 @@ async fn parent(args: CourierLoad) -> Result<()> {
             .fold((0u64, 0u64), |a, v| (a.0 + v.0, a.1 + v.1))
     };
     let rss_after = args.server_pid.and_then(rss_kib);
+    let server_files = args
+        .server_pid
+        .and_then(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
+        .map(|d| d.count());
     let per_conn = match (rss_before, rss_after) {
         (Some(b), Some(a)) if held > 0 => Some((a.saturating_sub(b)) as f64 * 1024.0 / held as f64),
         _ => None,
@@ -567,6 +571,9 @@ async fn parent(args: CourierLoad) -> Result<()> {
             "| offline devices (pushes only stored) | {}% |",
             args.offline_percent
         );
+    }
+    if let Some(f) = server_files {
+        println!("| courier open files while connected | {f} |");
     }
     if let Some(b) = per_conn {
         println!(

@@ -1,12 +1,11 @@
 //! The `parley` binary as a user runs it.
 
 use parley_tests::turn_client::TurnClient;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use stun_turn::core::auth::rest_password;
 
@@ -159,15 +158,7 @@ fn start(data: &Path, extra: &[&str]) -> Running {
         admin: unset,
         ids: unset,
     };
-    let stdout = run.child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = parley_tests::tool::lines(run.child.stdout.take().expect("stdout"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {

@@ -2,14 +2,11 @@
 //! `kill -9`, and reach the device exactly once per ack.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use push_courier::client::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
 use push_courier::provider::Http2;
 use ring::signature::KeyPair;
@@ -57,15 +54,7 @@ fn start(data: &Path, config: &Path) -> Courier {
         device: unset,
         provider: unset,
     };
-    let stdout = c.child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = parley_tests::tool::lines(c.child.stdout.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
@@ -87,19 +76,6 @@ fn start(data: &Path, config: &Path) -> Courier {
     panic!("parley courier did not report ready within 30 s");
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
-    let b = base64::engine::general_purpose::STANDARD.encode(der);
-    let body: Vec<&str> = b
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        body.join("\n")
-    )
-}
-
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -119,7 +95,7 @@ fn provider_config(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     ];
     spki.extend_from_slice(kp.public_key().as_ref());
     let key_path = dir.join("provider.pem");
-    std::fs::write(&key_path, pem("PUBLIC KEY", &spki)).unwrap();
+    std::fs::write(&key_path, parley_tests::tool::pem("PUBLIC KEY", &spki)).unwrap();
     let config = dir.join("parley.toml");
     std::fs::write(
         &config,

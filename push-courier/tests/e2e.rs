@@ -781,13 +781,7 @@ async fn providers_may_authenticate_with_a_client_certificate() {
     let (_, creds) = env.device();
     let (mut dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
     let path = format!("/3/device/{}", tokens[0].1.to_hex());
-    let (cert, key) = env.provider_cert("certco");
-    let tls = vec![
-        "--cert".to_owned(),
-        cert.display().to_string(),
-        "--key".to_owned(),
-        key.display().to_string(),
-    ];
+    let tls = env.cert_args("certco");
     // No token, no apns-topic: the certificate names the provider and its
     // one topic.
     let r = env
@@ -796,26 +790,14 @@ async fn providers_may_authenticate_with_a_client_certificate() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(next_note(&mut dev).await.payload, b"{\"via\":\"cert\"}");
     // A certificate for a provider that is not registered proves nothing.
-    let (cert, key) = env.provider_cert("stranger");
-    let tls = vec![
-        "--cert".to_owned(),
-        cert.display().to_string(),
-        "--key".to_owned(),
-        key.display().to_string(),
-    ];
+    let tls = env.cert_args("stranger");
     let r = env.curl_with(&tls, "POST", &path, &[], Some(b"{}")).await;
     assert_eq!(
         (r.status, r.reason().as_str()),
         (403, "MissingProviderToken")
     );
     // The certificate provider may push only to its topic.
-    let (cert, key) = env.provider_cert("certco");
-    let tls = vec![
-        "--cert".to_owned(),
-        cert.display().to_string(),
-        "--key".to_owned(),
-        key.display().to_string(),
-    ];
+    let tls = env.cert_args("certco");
     let r = env
         .curl_with(
             &tls,

@@ -139,7 +139,7 @@ impl Queues {
     }
 
     /// The device's live messages in delivery order.
-    pub fn delivery_order(&self, device: &DeviceId, now_unix: u64) -> Vec<NotificationId> {
+    pub fn delivery_order(&self, device: &DeviceId, now_unix: u64) -> Vec<&Entry> {
         let Some(q) = self.devices.get(device) else {
             return Vec::new();
         };
@@ -147,19 +147,13 @@ impl Queues {
         live()
             .filter(|e| e.urgent())
             .chain(live().filter(|e| !e.urgent()))
-            .map(|e| e.id)
             .collect()
     }
 
     /// Sequence numbers of the device's live messages, in delivery order.
     pub fn delivery_seqs(&self, device: &DeviceId, now_unix: u64) -> Vec<u64> {
-        let Some(q) = self.devices.get(device) else {
-            return Vec::new();
-        };
-        let live = || q.iter().filter(|e| !e.expired(now_unix));
-        live()
-            .filter(|e| e.urgent())
-            .chain(live().filter(|e| !e.urgent()))
+        self.delivery_order(device, now_unix)
+            .into_iter()
             .map(|e| e.seq)
             .collect()
     }
@@ -266,8 +260,8 @@ mod tests {
         for e in [&a, &b, &c, &d] {
             q.admit(dev(1), e.clone());
         }
-        assert_eq!(q.delivery_order(&dev(1), 10), vec![b.id, d.id, a.id, c.id]);
-        assert_eq!(q.delivery_order(&dev(1), 50), vec![b.id, d.id, a.id]);
+        assert_eq!(q.delivery_order(&dev(1), 10), vec![&b, &d, &a, &c]);
+        assert_eq!(q.delivery_order(&dev(1), 50), vec![&b, &d, &a]);
         assert_eq!(q.take_expired(50), vec![(dev(1), c.clone())]);
         assert_eq!(q.total(), 3);
         assert_eq!(q.remove(&dev(1), &a.id), Some(a.clone()));

@@ -53,18 +53,7 @@ pub fn p256_scalar(pkcs8: &[u8]) -> Vec<u8> {
     pkcs8[i..i + 32].to_vec()
 }
 
-pub fn pem(label: &str, der: &[u8]) -> String {
-    let b = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        lines.join("\n")
-    )
-}
+pub use parley_tests::tool::pem;
 
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -271,6 +260,17 @@ impl Env {
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, own.serialize_pem()).unwrap();
         (c, k)
+    }
+
+    /// curl arguments presenting a provider client certificate for `name`.
+    pub fn cert_args(&self, name: &str) -> Vec<String> {
+        let (cert, key) = self.provider_cert(name);
+        vec![
+            "--cert".to_owned(),
+            cert.display().to_string(),
+            "--key".to_owned(),
+            key.display().to_string(),
+        ]
     }
 
     /// Runs curl against the provider API. Returns (status, headers, body).
