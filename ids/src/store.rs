@@ -6,19 +6,12 @@
 //! was acknowledged is in the database, and reaches the directory even if
 //! the process dies before the next epoch.
 
-use std::str::FromStr;
-
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Row};
 use wire::DeviceId;
 
 use crate::error::Error;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+pub use sqlstore::Backend;
 
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -163,66 +156,18 @@ impl Store {
     /// Opens (creating if needed) the database at `url`:
     /// `sqlite:///path/ids.db` or `postgres://user@host/db`.
     pub async fn open(url: &str) -> Result<Store, Error> {
-        sqlx::any::install_default_drivers();
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            Backend::Postgres
-        } else {
-            return Err(Error::Config(format!(
-                "database URL must start with sqlite: or postgres:, got {:?}",
-                url.split(':').next().unwrap_or("")
-            )));
-        };
-        let url = match backend {
-            Backend::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
-            _ => url.to_owned(),
-        };
-        let opts = AnyConnectOptions::from_str(&url).map_err(Error::db)?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        sqlx::query("PRAGMA busy_timeout = 10000")
-                            .execute(&mut *conn)
-                            .await?;
-                        sqlx::query("PRAGMA synchronous = FULL")
-                            .execute(&mut *conn)
-                            .await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(opts)
+        let (pool, backend) = sqlstore::open(url, sqlstore::Options::default())
             .await
-            .map_err(Error::db)?;
+            .map_err(Error::from_sqlstore)?;
         let store = Store { pool, backend };
         store.migrate().await?;
         Ok(store)
     }
 
     async fn migrate(&self) -> Result<(), Error> {
-        let (blob, serial) = match self.backend {
-            Backend::Sqlite => ("BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT"),
-            Backend::Postgres => ("BYTEA", "BIGSERIAL PRIMARY KEY"),
-        };
-        if self.backend == Backend::Sqlite {
-            sqlx::query("PRAGMA journal_mode = WAL")
-                .execute(&self.pool)
-                .await
-                .map_err(Error::db)?;
-        }
-        let ddl = SCHEMA.replace("{blob}", blob).replace("{serial}", serial);
-        let mut tx = self.pool.begin().await.map_err(Error::db)?;
-        for stmt in ddl.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            sqlx::query(stmt)
-                .execute(&mut *tx)
-                .await
-                .map_err(Error::db)?;
-        }
-        tx.commit().await.map_err(Error::db)?;
-        Ok(())
+        sqlstore::migrate(&self.pool, self.backend, SCHEMA)
+            .await
+            .map_err(Error::from_sqlstore)
     }
 
     pub fn pool(&self) -> &AnyPool {

@@ -16,4 +16,11 @@ impl Error {
     pub(crate) fn db(e: sqlx::Error) -> Error {
         Error::Database(e.to_string())
     }
+
+    pub(crate) fn from_sqlstore(e: sqlstore::Error) -> Error {
+        match e {
+            sqlstore::Error::Url(_) => Error::Config(e.to_string()),
+            sqlstore::Error::Sqlx(e) => Error::db(e),
+        }
+    }
 }

@@ -14,20 +14,13 @@
 //! are time-ordered. An index keyed by device would put every row of a
 //! batch on a different page.
 
-use std::str::FromStr;
-
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Row};
 use wire::push::{DeviceToken, Notification, NotificationId, PushType};
 use wire::DeviceId;
 
 use crate::error::Error;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+pub use sqlstore::Backend;
 
 /// Where a message is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,68 +206,24 @@ impl Store {
     /// waiting for the disk (`synchronous = NORMAL` in WAL mode): a commit
     /// survives the process being killed, not the machine losing power.
     pub async fn open_with(url: &str, fsync: bool) -> Result<Store, Error> {
-        sqlx::any::install_default_drivers();
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            Backend::Postgres
-        } else {
-            return Err(Error::Config(format!(
-                "database URL must start with sqlite: or postgres:, got {:?}",
-                url.split(':').next().unwrap_or("")
-            )));
-        };
-        let url = match backend {
-            Backend::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
-            _ => url.to_owned(),
-        };
-        let opts = AnyConnectOptions::from_str(&url).map_err(Error::db)?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        let sync = if fsync {
-                            "PRAGMA synchronous = FULL"
-                        } else {
-                            "PRAGMA synchronous = NORMAL"
-                        };
-                        for p in ["PRAGMA busy_timeout = 10000", sync] {
-                            sqlx::query(p).execute(&mut *conn).await?;
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(opts)
-            .await
-            .map_err(Error::db)?;
+        let (pool, backend) = sqlstore::open(
+            url,
+            sqlstore::Options {
+                fsync,
+                ..sqlstore::Options::default()
+            },
+        )
+        .await
+        .map_err(Error::from_sqlstore)?;
         let store = Store { pool, backend };
         store.migrate().await?;
         Ok(store)
     }
 
     async fn migrate(&self) -> Result<(), Error> {
-        let blob = match self.backend {
-            Backend::Sqlite => "BLOB",
-            Backend::Postgres => "BYTEA",
-        };
-        if self.backend == Backend::Sqlite {
-            sqlx::query("PRAGMA journal_mode = WAL")
-                .execute(&self.pool)
-                .await
-                .map_err(Error::db)?;
-        }
-        let ddl = SCHEMA.replace("{blob}", blob);
-        let mut tx = self.pool.begin().await.map_err(Error::db)?;
-        for stmt in ddl.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            sqlx::query(stmt)
-                .execute(&mut *tx)
-                .await
-                .map_err(Error::db)?;
-        }
-        tx.commit().await.map_err(Error::db)?;
-        Ok(())
+        sqlstore::migrate(&self.pool, self.backend, SCHEMA)
+            .await
+            .map_err(Error::from_sqlstore)
     }
 
     pub fn backend(&self) -> Backend {
