@@ -313,7 +313,7 @@ async fn on_event(courier: &Courier, device: DeviceId, s: &mut Session, ev: Sess
                 (Ok(t), Ok(b)) => {
                     s.send_tokens(t, now);
                     for n in b {
-                        s.deliver(n, now);
+                        s.deliver_stored(n, now);
                     }
                 }
                 (Err(e), _) | (_, Err(e)) => {

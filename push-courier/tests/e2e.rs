@@ -840,3 +840,62 @@ async fn on_postgresql_pushes_are_stored_collapsed_and_survive_a_restart() {
     assert_eq!(got, vec![r#"{"n":0}"#, r#"{"n":2}"#, r#"{"n":3}"#]);
     quiet(&mut dev, Duration::from_millis(300)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_does_not_ack_is_disconnected_and_loses_nothing() {
+    let env = Env::start(|c| {
+        c.session.max_inflight = 2;
+        c.session.max_waiting = 2;
+    })
+    .await;
+    let (_, creds) = env.device();
+    let (mut dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    for i in 0..5 {
+        let r = env
+            .apns(&tokens[0].1, &[], format!("{{\"n\":{i}}}").as_bytes())
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    // It reads but never acks: two in flight, two waiting, then closed.
+    let mut reason = None;
+    for _ in 0..10 {
+        if let ClientEvent::Closed(r) = dev.next_within(WAIT).await.unwrap() {
+            reason = r;
+            break;
+        }
+    }
+    assert!(
+        matches!(reason, Some((CloseReason::SlowReader, _))),
+        "{reason:?}"
+    );
+    // Everything is still stored for its next connection.
+    let (mut dev, _) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let n = next_note(&mut dev).await;
+        got.push(String::from_utf8(n.payload.clone()).unwrap());
+        dev.ack(&[n.id]).await.unwrap();
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        (0..5).map(|i| format!("{{\"n\":{i}}}")).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_dropped_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt;
+    let env = Env::start(|c| c.handshake_timeout = Duration::from_millis(500)).await;
+    let mut tcp = tokio::net::TcpStream::connect(env.server().device_addr())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+        .await
+        .expect("the courier closes a silent connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a word");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+}

@@ -25,6 +25,9 @@ pub struct SessionConfig {
     pub hello_timeout: Duration,
     /// Unacked notifications on the wire at once.
     pub max_inflight: usize,
+    /// Notifications held back behind a full window before the device
+    /// counts as a slow reader and is disconnected (they stay stored).
+    pub max_waiting: usize,
 }
 
 impl Default for SessionConfig {
@@ -35,6 +38,7 @@ impl Default for SessionConfig {
             max_ping_interval: Duration::from_secs(3600),
             hello_timeout: Duration::from_secs(10),
             max_inflight: 128,
+            max_waiting: 1024,
         }
     }
 }
@@ -246,9 +250,20 @@ impl Session {
         );
     }
 
-    /// Queues a notification for the device. One already in flight or
-    /// waiting is not sent twice.
+    /// Queues a live notification for the device. One already in flight or
+    /// waiting is not sent twice; past `max_inflight` + `max_waiting` the
+    /// device is a slow reader and is closed.
     pub fn deliver(&mut self, n: Notification, now: Instant) {
+        self.enqueue(n, now, true);
+    }
+
+    /// Queues the device's stored backlog after Hello: bounded by the queue
+    /// cap already, so never a reason to close.
+    pub fn deliver_stored(&mut self, n: Notification, now: Instant) {
+        self.enqueue(n, now, false);
+    }
+
+    fn enqueue(&mut self, n: Notification, now: Instant, live: bool) {
         if self.state == State::Closed
             || self.inflight.contains(&n.id)
             || self.waiting.iter().any(|w| w.id == n.id)
@@ -258,8 +273,16 @@ impl Session {
         if self.state == State::Open && self.inflight.len() < self.cfg.max_inflight {
             self.inflight.insert(n.id);
             self.send(&Frame::Notification(n), now);
-        } else {
+        } else if !live || self.waiting.len() < self.cfg.max_waiting {
             self.waiting.push_back(n);
+        } else {
+            // Everything it has not acked is stored; it gets it all again
+            // on its next connection.
+            self.close(
+                CloseReason::SlowReader,
+                "too many unacked notifications",
+                now,
+            );
         }
     }
 
@@ -526,6 +549,31 @@ mod tests {
         );
         assert_eq!(frames(&mut s), vec![Frame::Notification(note(3))]);
         assert_eq!(s.unacked(), 2);
+    }
+
+    #[test]
+    fn a_device_that_never_acks_is_a_slow_reader() {
+        let t0 = Instant::now();
+        let cfg = SessionConfig {
+            max_inflight: 2,
+            max_waiting: 2,
+            ..SessionConfig::default()
+        };
+        let mut s = Session::new(cfg, t0);
+        s.handle_bytes(&hello(0), t0);
+        s.poll_event();
+        for i in 1..=4 {
+            s.deliver(note(i), t0);
+        }
+        assert!(!s.is_closed(), "two in flight, two waiting");
+        s.deliver(note(5), t0);
+        assert!(s.is_closed());
+        assert_eq!(
+            s.poll_event(),
+            Some(SessionEvent::Closed {
+                reason: CloseReason::SlowReader
+            })
+        );
     }
 
     #[test]
