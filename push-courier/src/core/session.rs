@@ -98,6 +98,8 @@ pub struct Session {
     last_tx: Instant,
     timer: Timer,
     ping_seq: u64,
+    /// Tokens go first; notifications wait until they are out.
+    tokens_sent: bool,
 }
 
 impl Session {
@@ -118,6 +120,7 @@ impl Session {
             last_tx: now,
             timer,
             ping_seq: 0,
+            tokens_sent: false,
         }
     }
 
@@ -222,6 +225,8 @@ impl Session {
     }
 
     /// Answers Hello with the device's tokens.
+    /// Answers Hello with the device's tokens; notifications that arrived
+    /// before it go out right after.
     pub fn send_tokens(&mut self, tokens: Vec<(String, DeviceToken)>, now: Instant) {
         let secs = self.interval.as_secs().min(u16::MAX as u64) as u16;
         self.send(
@@ -231,6 +236,22 @@ impl Session {
             },
             now,
         );
+        self.tokens_sent = true;
+        self.fill_window(now);
+    }
+
+    /// Moves waiting notifications onto the wire while the window allows.
+    fn fill_window(&mut self, now: Instant) {
+        if !self.tokens_sent || self.state != State::Open {
+            return;
+        }
+        while self.inflight.len() < self.cfg.max_inflight {
+            let Some(n) = self.waiting.pop_front() else {
+                break;
+            };
+            self.inflight.insert(n.id);
+            self.send(&Frame::Notification(n), now);
+        }
     }
 
     pub fn send_subscription(
@@ -270,7 +291,7 @@ impl Session {
         {
             return;
         }
-        if self.state == State::Open && self.inflight.len() < self.cfg.max_inflight {
+        if self.tokens_sent && self.inflight.len() < self.cfg.max_inflight {
             self.inflight.insert(n.id);
             self.send(&Frame::Notification(n), now);
         } else if !live || self.waiting.len() < self.cfg.max_waiting {
@@ -331,13 +352,7 @@ impl Session {
                     .into_iter()
                     .filter(|id| self.inflight.remove(id))
                     .collect();
-                while self.inflight.len() < self.cfg.max_inflight {
-                    let Some(n) = self.waiting.pop_front() else {
-                        break;
-                    };
-                    self.inflight.insert(n.id);
-                    self.send(&Frame::Notification(n), now);
-                }
+                self.fill_window(now);
                 if !acked.is_empty() {
                     self.events.push_back(SessionEvent::Acked(acked));
                 }
@@ -531,6 +546,8 @@ mod tests {
         let mut s = Session::new(cfg, t0);
         s.handle_bytes(&hello(0), t0);
         s.poll_event();
+        s.send_tokens(vec![], t0);
+        frames(&mut s);
         for i in 1..=3 {
             s.deliver(note(i), t0);
         }
@@ -552,6 +569,24 @@ mod tests {
     }
 
     #[test]
+    fn notifications_before_hello_follow_the_tokens() {
+        let t0 = Instant::now();
+        let mut s = Session::new(SessionConfig::default(), t0);
+        // A push lands between the handshake and Hello.
+        s.deliver(note(1), t0);
+        assert!(s.output().is_empty());
+        s.handle_bytes(&hello(0), t0);
+        s.poll_event();
+        // The backlog from the store holds it too: not sent twice.
+        s.deliver_stored(note(1), t0);
+        assert!(s.output().is_empty(), "nothing before the tokens");
+        s.send_tokens(vec![], t0);
+        let sent = frames(&mut s);
+        assert!(matches!(sent[0], Frame::Tokens { .. }));
+        assert_eq!(sent[1..], [Frame::Notification(note(1))]);
+    }
+
+    #[test]
     fn a_device_that_never_acks_is_a_slow_reader() {
         let t0 = Instant::now();
         let cfg = SessionConfig {
@@ -562,6 +597,7 @@ mod tests {
         let mut s = Session::new(cfg, t0);
         s.handle_bytes(&hello(0), t0);
         s.poll_event();
+        s.send_tokens(vec![], t0);
         for i in 1..=4 {
             s.deliver(note(i), t0);
         }
