@@ -97,6 +97,9 @@ pub async fn serve_tcp(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut stop = shutdown.clone();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(
+        courier.config.max_handshakes.max(1),
+    ));
     loop {
         let (tcp, _peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -114,9 +117,17 @@ pub async fn serve_tcp(
         let acceptor = acceptor.clone();
         let courier = courier.clone();
         let shutdown = shutdown.clone();
+        // Past max_handshakes at once, new connections are dropped (devices
+        // retry with backoff) rather than running unbounded handshakes.
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::debug!("too many handshakes in progress; connection dropped");
+            continue;
+        };
         tokio::spawn(async move {
             let timeout = courier.config.handshake_timeout;
-            let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            let accepted = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+            drop(permit);
+            let tls = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "device TLS handshake failed");

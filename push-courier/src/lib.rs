@@ -81,6 +81,9 @@ pub struct Config {
     pub session: SessionConfig,
     /// Time for a device's TLS or QUIC handshake. Default 10 s.
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at once; connections beyond are dropped
+    /// and the device retries. Default 1024.
+    pub max_handshakes: usize,
     /// Unwritten bytes to a device before it is a slow reader and is
     /// disconnected (its messages stay stored). Default 256 KiB.
     pub max_write_buffer: usize,
@@ -111,6 +114,7 @@ impl Default for Config {
             queue_cap: 100,
             session: SessionConfig::default(),
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 1024,
             max_write_buffer: 256 * 1024,
             provider_rate: 20_000,
             subscription_rate: 100,

@@ -899,3 +899,31 @@ async fn a_silent_connection_is_dropped_after_the_handshake_timeout() {
     assert_eq!(n, 0, "closed without a word");
     assert!(started.elapsed() >= Duration::from_millis(400));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_in_progress_are_bounded() {
+    let env = Env::start(|c| {
+        c.max_handshakes = 1;
+        c.handshake_timeout = Duration::from_millis(700);
+    })
+    .await;
+    let (_, creds) = env.device();
+    // A silent connection holds the only handshake slot…
+    let _silent = tokio::net::TcpStream::connect(env.server().device_addr())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // …so a device arriving now is turned away,
+    let r = DeviceClient::connect(
+        env.server().device_addr(),
+        Transport::Tls,
+        &creds,
+        &[TOPIC],
+        0,
+    )
+    .await;
+    assert!(r.is_err(), "accepted beyond max_handshakes");
+    // and gets in once the slot is free again.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+}
