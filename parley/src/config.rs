@@ -64,6 +64,10 @@ pub struct CourierSection {
     pub device_ca: Option<PathBuf>,
     /// CA for provider client certificates (CN = provider name). Default: the data directory's CA.
     pub provider_ca: Option<PathBuf>,
+    /// Revocation list of device certificates (DER or PEM, as ids serves at
+    /// /v1/crl), re-read every 30 s. Default: none; `parley up` takes
+    /// revocations from its own ids instead.
+    pub device_crl: Option<PathBuf>,
     /// APNs-style providers: `[[courier.providers]]` tables.
     pub providers: Vec<ProviderEntry>,
 }

@@ -418,6 +418,26 @@ async fn sync_revocations(ids: Arc<ids::Ids>, courier: Arc<push_courier::courier
     }
 }
 
+/// A standalone courier re-reads the operator's copy of the ids revocation
+/// list every 30 s.
+async fn sync_crl_file(path: PathBuf, courier: Arc<push_courier::courier::Courier>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        let read = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|b| {
+                push_courier::device::crl_serials(&b).map_err(|e| anyhow::anyhow!("{e}"))
+            });
+        match read {
+            Ok(serials) => courier.set_revoked_serials(serials),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read courier.device_crl; keeping the previous list")
+            }
+        }
+    }
+}
+
 fn tls_files(turn: &config::TurnSection, data: &data::DataDir) -> (PathBuf, PathBuf) {
     (
         turn.cert
@@ -459,8 +479,19 @@ async fn serve(
         true => Some(start_courier(&settings.courier, &data, courier_config).await?),
         false => None,
     };
-    let revocations = match (&ids_server, &courier_server) {
-        (Some(i), Some(c)) => Some(tokio::spawn(sync_revocations(
+    if let (Some(path), Some(c)) = (&settings.courier.device_crl, &courier_server) {
+        // Loaded once before serving, so a bad path stops start-up.
+        let b = std::fs::read(path)
+            .with_context(|| format!("courier.device_crl: cannot read {}", path.display()))?;
+        let serials = push_courier::device::crl_serials(&b)
+            .with_context(|| format!("courier.device_crl: {}", path.display()))?;
+        c.courier.set_revoked_serials(serials);
+    }
+    let revocations = match (&settings.courier.device_crl, &ids_server, &courier_server) {
+        (Some(path), _, Some(c)) => {
+            Some(tokio::spawn(sync_crl_file(path.clone(), c.courier.clone())))
+        }
+        (None, Some(i), Some(c)) => Some(tokio::spawn(sync_revocations(
             i.ids.clone(),
             c.courier.clone(),
         ))),

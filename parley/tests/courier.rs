@@ -263,3 +263,44 @@ async fn kill_9_after_2xx_loses_nothing_and_delivers_once() {
     assert_eq!(after, pushed.iter().cloned().collect::<HashSet<_>>());
     assert!(seen.is_subset(&after), "unacked messages were redelivered");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_courier_refuses_devices_on_its_revocation_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (config, _) = provider_config(dir.path());
+    // First start creates the CA; the device's certificate comes from it.
+    drop(start(&data, &config));
+    let creds = device_creds(&data);
+    let ca = ids::certs::DeviceCa::from_pem(
+        &std::fs::read_to_string(data.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(data.join("ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    // device_creds issues serial 11…11.
+    let crl = ca
+        .crl(&[(wire::keys::hex(&[0x11; 16]), unix_now())], unix_now())
+        .unwrap();
+    std::fs::write(dir.path().join("devices.crl"), &crl).unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replace(
+        "[courier]\n",
+        &format!(
+            "[courier]\ndevice_crl = \"{}\"\n",
+            dir.path().join("devices.crl").display()
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    let courier = start(&data, &config);
+    let r = DeviceClient::connect(courier.device, Transport::Tls, &creds, &[TOPIC], 0).await;
+    assert!(
+        matches!(
+            r,
+            Err(push_courier::client::ClientError::Closed(
+                wire::push::CloseReason::Revoked,
+                _
+            ))
+        ),
+        "{r:?}"
+    );
+}

@@ -927,3 +927,32 @@ async fn handshakes_in_progress_are_bounded() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     env.connect(&creds, Transport::Tls, &[TOPIC]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_certificate_is_closed_and_refused() {
+    let env = Env::start(|_| {}).await;
+    let (_, creds, serial) = env.device_with_serial();
+    let (_, other) = env.device();
+    let (mut dev, _) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let (mut bystander, _) = env.connect(&other, Transport::Quic, &[TOPIC]).await;
+    let revoked = push_courier::device::crl_serials(&env.crl(&[&serial])).unwrap();
+    assert_eq!(revoked.len(), 1);
+    env.server().courier.set_revoked_serials(revoked);
+    match dev.next_within(WAIT).await.unwrap() {
+        ClientEvent::Closed(Some((CloseReason::Revoked, _))) => {}
+        other => panic!("expected Revoked, got {other:?}"),
+    }
+    match DeviceClient::connect(
+        env.server().device_addr(),
+        Transport::Tls,
+        &creds,
+        &[TOPIC],
+        0,
+    )
+    .await
+    {
+        Err(push_courier::client::ClientError::Closed(CloseReason::Revoked, _)) => {}
+        other => panic!("revoked device got in: {other:?}"),
+    }
+    quiet(&mut bystander, Duration::from_millis(200)).await;
+}

@@ -190,17 +190,32 @@ impl Env {
 
     /// A new device: its id and credentials with an `ids`-issued cert.
     pub fn device(&self) -> (DeviceId, DeviceCredentials) {
+        let (id, creds, _) = self.device_with_serial();
+        (id, creds)
+    }
+
+    /// As [`Env::device`], with the certificate's serial (hex).
+    pub fn device_with_serial(&self) -> (DeviceId, DeviceCredentials, String) {
         let key = SigningKey::generate();
         let id = DeviceId::random();
         let serial: [u8; 16] = push_courier::courier::random().unwrap();
-        let (_, cert_pem) = self
+        let (serial_hex, cert_pem) = self
             .device_ca
             .issue(id, &key.public(), serial, unix_now())
             .unwrap();
         let chain = rustls_pemfile::certs(&mut cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
-        (id, self.creds_for(chain, key.pkcs8().to_vec()))
+        (id, self.creds_for(chain, key.pkcs8().to_vec()), serial_hex)
+    }
+
+    /// A revocation list naming these serials, as `ids` serves it.
+    pub fn crl(&self, serials: &[&str]) -> Vec<u8> {
+        let revoked: Vec<(String, i64)> = serials
+            .iter()
+            .map(|s| ((*s).to_owned(), unix_now()))
+            .collect();
+        self.device_ca.crl(&revoked, unix_now()).unwrap()
     }
 
     pub fn creds_for(
