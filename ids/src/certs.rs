@@ -17,12 +17,6 @@ use wire::{DeviceId, PublicKey};
 
 use crate::error::Error;
 
-/// DER prefix of a SubjectPublicKeyInfo for an uncompressed P-256 point.
-const P256_SPKI_PREFIX: [u8; 26] = [
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
-    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-];
-
 /// Device certificates are valid this long; devices renew by re-registering.
 pub const CERT_LIFETIME_DAYS: i64 = 365;
 
@@ -61,8 +55,7 @@ impl DeviceCa {
         serial: [u8; 16],
         now_unix: i64,
     ) -> Result<(String, String), Error> {
-        let mut spki = P256_SPKI_PREFIX.to_vec();
-        spki.extend_from_slice(&key.0);
+        let spki = key.to_spki_der();
         let spki = SubjectPublicKeyInfo::from_der(&spki)
             .map_err(|e| Error::Internal(format!("device key: {e}")))?;
         let mut p = CertificateParams::new(Vec::<String>::new())

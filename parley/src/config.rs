@@ -160,15 +160,14 @@ impl CourierSection {
                         .ok_or_else(|| {
                             anyhow!("{}: {} is not a PEM public key", key("key"), path.display())
                         })?;
-                    Some(
-                        push_courier::core::jwt::p256_point_from_spki(&der).ok_or_else(|| {
-                            anyhow!(
-                                "{}: {} is not a P-256 (ES256) key",
-                                key("key"),
-                                path.display()
-                            )
-                        })?,
-                    )
+                    let point = wire::PublicKey::from_spki_der(&der).map_err(|_| {
+                        anyhow!(
+                            "{}: {} is not a P-256 (ES256) key",
+                            key("key"),
+                            path.display()
+                        )
+                    })?;
+                    Some(point.0)
                 }
                 None => None,
             };

@@ -89,11 +89,9 @@ fn provider_config(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
     let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
     let kp = ring::signature::EcdsaKeyPair::from_pkcs8(alg, doc.as_ref(), &rng).unwrap();
-    let mut spki = vec![
-        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-    ];
-    spki.extend_from_slice(kp.public_key().as_ref());
+    let spki = wire::PublicKey::from_slice(kp.public_key().as_ref())
+        .unwrap()
+        .to_spki_der();
     let key_path = dir.join("provider.pem");
     std::fs::write(&key_path, parley_tests::tool::pem("PUBLIC KEY", &spki)).unwrap();
     let config = dir.join("parley.toml");

@@ -29,7 +29,31 @@ pub enum KeyError {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublicKey(pub [u8; PUBLIC_KEY_LEN]);
 
+/// DER prefix of a SubjectPublicKeyInfo holding an uncompressed P-256
+/// point: SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING 0x00 ‖ point }.
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
 impl PublicKey {
+    /// The key as a DER SubjectPublicKeyInfo (what certificates and
+    /// `-----BEGIN PUBLIC KEY-----` files hold).
+    pub fn to_spki_der(&self) -> Vec<u8> {
+        let mut v = P256_SPKI_PREFIX.to_vec();
+        v.extend_from_slice(&self.0);
+        v
+    }
+
+    /// The key in a DER SubjectPublicKeyInfo, if it is an uncompressed
+    /// P-256 point.
+    pub fn from_spki_der(der: &[u8]) -> Result<PublicKey, KeyError> {
+        match der.strip_prefix(&P256_SPKI_PREFIX[..]) {
+            Some(point) => PublicKey::from_slice(point),
+            None => Err(KeyError::BadPublicKey),
+        }
+    }
+
     pub fn from_slice(b: &[u8]) -> Result<PublicKey, KeyError> {
         let arr: [u8; PUBLIC_KEY_LEN] = b.try_into().map_err(|_| KeyError::BadPublicKey)?;
         if arr[0] != 4 {
@@ -180,6 +204,16 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spki_round_trip() {
+        let k = SigningKey::generate().public();
+        let der = k.to_spki_der();
+        assert_eq!(der.len(), 91);
+        assert_eq!(PublicKey::from_spki_der(&der), Ok(k));
+        assert!(PublicKey::from_spki_der(&der[1..]).is_err());
+        assert!(PublicKey::from_spki_der(&der[..90]).is_err());
+    }
 
     #[test]
     fn sign_and_verify() {

@@ -112,20 +112,6 @@ pub fn sign(
     Ok(format!("{input}.{}", B64.encode(sig.as_ref())))
 }
 
-/// The uncompressed point inside a P-256 SubjectPublicKeyInfo (PEM or DER),
-/// the form operators register provider keys in.
-pub fn p256_point_from_spki(spki_der: &[u8]) -> Option<[u8; 65]> {
-    // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING 0x00 ‖ point }
-    const PREFIX: [u8; 26] = [
-        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-    ];
-    if spki_der.len() != PREFIX.len() + 65 || spki_der[..PREFIX.len()] != PREFIX {
-        return None;
-    }
-    spki_der[PREFIX.len()..].try_into().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
