@@ -6,8 +6,7 @@
 //! what became of a message (queued, delivered, expired, dropped,
 //! replaced, unregistered).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -17,9 +16,9 @@ use axum::routing::{any, get};
 use axum::{Extension, Router};
 use wire::push::{DeviceToken, NotificationId, PushType};
 
-use crate::core::jwt::Jwt;
+use crate::core::jwt::{Jwt, VerifiedCache};
 use crate::courier::{random, unix_now, Courier, PushError, PushRequest};
-use crate::http::ClientCertName;
+use crate::http::{header, ClientCertName};
 use crate::Provider;
 
 /// Largest payload for every push type but VoIP.
@@ -40,14 +39,14 @@ const TOKEN_CACHE: usize = 4096;
 pub struct ApnsState {
     courier: Arc<Courier>,
     providers: Vec<Provider>,
-    verified: Mutex<HashMap<String, (usize, i64)>>,
+    verified: VerifiedCache<(usize, i64)>,
 }
 
 pub fn router(courier: Arc<Courier>) -> Router {
     let state = Arc::new(ApnsState {
         providers: courier.config.providers.clone(),
         courier,
-        verified: Mutex::new(HashMap::new()),
+        verified: VerifiedCache::new(TOKEN_CACHE),
     });
     Router::new()
         .route("/3/device/{token}", any(push))
@@ -289,7 +288,7 @@ impl ApnsState {
             .ok_or(invalid.clone())?
             .trim();
         let now = unix_now();
-        if let Some(&(i, iat)) = self.cache().get(token) {
+        if let Some((i, iat)) = self.verified.get(token) {
             return check_age(iat, now).map(|()| &self.providers[i]);
         }
         let jwt = Jwt::parse(token).map_err(|_| invalid.clone())?;
@@ -309,16 +308,8 @@ impl ApnsState {
         let key = p.public_key.as_ref().ok_or(invalid.clone())?;
         jwt.verify(key).map_err(|_| invalid.clone())?;
         check_age(iat, now)?;
-        let mut cache = self.cache();
-        if cache.len() >= TOKEN_CACHE {
-            cache.clear();
-        }
-        cache.insert(token.to_owned(), (i, iat));
+        self.verified.insert(token, (i, iat));
         Ok(p)
-    }
-
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, (usize, i64)>> {
-        self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -330,8 +321,4 @@ fn check_age(iat: i64, now: i64) -> Result<(), ApnsError> {
         return Err(err(StatusCode::FORBIDDEN, "ExpiredProviderToken"));
     }
     Ok(())
-}
-
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
 }

@@ -112,3 +112,8 @@ fn common_name(der: &[u8]) -> Option<String> {
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
 }
+
+/// A header's value, if present and visible ASCII.
+pub(crate) fn header<'a>(h: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}

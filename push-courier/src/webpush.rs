@@ -19,8 +19,7 @@
 //! `{"message": <push message URL>, "status": "delivered" | "expired" |
 //! "dropped" | "replaced" | "unregistered"}`, or 204 when nothing finished.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -32,8 +31,9 @@ use axum::Router;
 use base64::Engine;
 use wire::push::{DeviceToken, PushType};
 
-use crate::core::jwt::Jwt;
+use crate::core::jwt::{Jwt, VerifiedCache};
 use crate::courier::{random, unix_now, Courier, PushError, PushOutcome, PushRequest};
+use crate::http::header;
 use crate::store::Write;
 
 /// Largest body a push service must accept (RFC 8030 §7.2).
@@ -51,7 +51,7 @@ const VAPID_CACHE: usize = 4096;
 struct WebPushState {
     courier: Arc<Courier>,
     origin: String,
-    verified: Mutex<HashMap<String, ([u8; 65], i64)>>,
+    verified: VerifiedCache<([u8; 65], i64)>,
 }
 
 pub fn router(courier: Arc<Courier>) -> Router {
@@ -59,7 +59,7 @@ pub fn router(courier: Arc<Courier>) -> Router {
     let state = Arc::new(WebPushState {
         courier,
         origin,
-        verified: Mutex::new(HashMap::new()),
+        verified: VerifiedCache::new(VAPID_CACHE),
     });
     Router::new()
         .route("/wp/receipts", post(new_receipt_subscription))
@@ -351,8 +351,8 @@ impl WebPushState {
             .and_then(|v| v.try_into().ok())
             .ok_or_else(|| forbidden("VAPID key is not an uncompressed P-256 point"))?;
         let now = unix_now();
-        if let Some((cached_key, exp)) = self.cache().get(t) {
-            if *cached_key == key && *exp > now {
+        if let Some((cached_key, exp)) = self.verified.get(t) {
+            if cached_key == key && exp > now {
                 return Ok(key);
             }
         }
@@ -371,16 +371,8 @@ impl WebPushState {
         if exp > now + MAX_VAPID_LIFETIME_S + 60 {
             return Err(forbidden("VAPID exp is more than 24 hours ahead"));
         }
-        let mut cache = self.cache();
-        if cache.len() >= VAPID_CACHE {
-            cache.clear();
-        }
-        cache.insert(t.to_owned(), (key, exp));
+        self.verified.insert(t, (key, exp));
         Ok(key)
-    }
-
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, ([u8; 65], i64)>> {
-        self.verified.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -424,10 +416,6 @@ fn origin_of(url: &str) -> String {
         },
         None => url.to_owned(),
     }
-}
-
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok())
 }
 
 #[cfg(test)]

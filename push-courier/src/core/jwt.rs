@@ -112,6 +112,40 @@ pub fn sign(
     Ok(format!("{input}.{}", B64.encode(sig.as_ref())))
 }
 
+/// Tokens that already verified, so a provider reusing its token (as APNs
+/// asks) costs one signature check per token, not one per push. Only
+/// verified tokens go in; when full it starts over.
+#[derive(Debug)]
+pub struct VerifiedCache<V> {
+    cap: usize,
+    map: std::sync::Mutex<std::collections::HashMap<String, V>>,
+}
+
+impl<V: Clone> VerifiedCache<V> {
+    pub fn new(cap: usize) -> VerifiedCache<V> {
+        VerifiedCache {
+            cap: cap.max(1),
+            map: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, token: &str) -> Option<V> {
+        self.lock().get(token).cloned()
+    }
+
+    pub fn insert(&self, token: &str, v: V) {
+        let mut map = self.lock();
+        if map.len() >= self.cap {
+            map.clear();
+        }
+        map.insert(token.to_owned(), v);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, V>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
