@@ -115,10 +115,10 @@ fn is_quic(index: usize, percent: u8) -> bool {
     (index % 100) < usize::from(percent)
 }
 
-fn read_pem(path: &std::path::Path) -> Result<Vec<u8>> {
-    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    match rustls_pemfile::read_one(&mut pem.as_slice()) {
-        Ok(Some(rustls_pemfile::Item::Pkcs8Key(k))) => Ok(k.secret_pkcs8_der().to_vec()),
+/// The provider's ES256 key as PKCS#8 DER, from a PEM file.
+fn read_pkcs8(path: &std::path::Path) -> Result<Vec<u8>> {
+    match crate::tls::private_key(path)? {
+        rustls::pki_types::PrivateKeyDer::Pkcs8(k) => Ok(k.secret_pkcs8_der().to_vec()),
         _ => bail!("{} is not a PKCS#8 PEM private key", path.display()),
     }
 }
@@ -376,7 +376,7 @@ async fn parent(args: CourierLoad) -> Result<()> {
         .procs
         .unwrap_or_else(|| tls_devices.div_ceil(15_000).max(2))
         .clamp(1, 250);
-    let provider_key = read_pem(&args.provider_key)?;
+    let provider_key = read_pkcs8(&args.provider_key)?;
     let rss_before = args.server_pid.and_then(rss_kib);
     println!(
         "loadsim: {} devices ({}% QUIC) over {procs} worker processes against {}",

@@ -279,10 +279,10 @@ impl Courier {
                 payload: req.payload,
             };
             if req.now_or_never {
-                let sent = inner.online.get(&t.device).is_some_and(|o| {
-                    o.tx.try_send(ConnCommand::Deliver(Box::new(note.clone())))
-                        .is_ok()
-                });
+                let sent = inner
+                    .online
+                    .get(&t.device)
+                    .is_some_and(|o| o.tx.try_send(ConnCommand::Deliver(Box::new(note))).is_ok());
                 let (outcome, counter) = if sent {
                     (PushOutcome::SentNow, &self.metrics.pushes_sent_now)
                 } else {

@@ -121,20 +121,7 @@ pub async fn serve_tcp(
     let handshakes = Arc::new(tokio::sync::Semaphore::new(
         courier.config.max_handshakes.max(1),
     ));
-    loop {
-        let (tcp, _peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and similar: back off, keep serving.
-                    tracing::warn!(error = %e, "device accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, _peer)) = crate::http::accept(&listener, &mut stop, "device").await {
         let acceptor = acceptor.clone();
         let courier = courier.clone();
         let shutdown = shutdown.clone();
