@@ -12,7 +12,7 @@
 //!   each oldest first;
 //! - a message past its expiry is never delivered.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use wire::push::{DeviceToken, NotificationId};
 use wire::DeviceId;
 
@@ -41,6 +41,10 @@ impl Entry {
     }
 }
 
+fn expiry_key(device: DeviceId, e: &Entry) -> Option<(u64, u64, DeviceId)> {
+    (e.expires != 0).then_some((e.expires, e.seq, device))
+}
+
 /// What admitting a message displaced.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Admission {
@@ -55,6 +59,9 @@ pub struct Queues {
     cap: usize,
     devices: HashMap<DeviceId, Vec<Entry>>,
     total: usize,
+    /// (expires, seq, device) of every stored message that expires, so
+    /// expiry looks only at what is due instead of at every message.
+    by_expiry: BTreeSet<(u64, u64, DeviceId)>,
 }
 
 impl Queues {
@@ -63,6 +70,7 @@ impl Queues {
             cap: cap.max(1),
             devices: HashMap::new(),
             total: 0,
+            by_expiry: BTreeSet::new(),
         }
     }
 
@@ -80,12 +88,17 @@ impl Queues {
                 !same
             });
         }
+        let added = expiry_key(device, &entry);
         q.push(entry);
         while q.len() > self.cap {
             let victim = q.iter().position(|e| !e.voip).unwrap_or(0);
             adm.dropped.push(q.remove(victim));
         }
         self.total = self.total + q.len() - before;
+        self.by_expiry.extend(added);
+        for e in adm.replaced.iter().chain(&adm.dropped) {
+            self.forget_expiry(device, e);
+        }
         adm
     }
 
@@ -98,6 +111,7 @@ impl Queues {
         if q.is_empty() {
             self.devices.remove(device);
         }
+        self.forget_expiry(*device, &e);
         Some(e)
     }
 
@@ -118,23 +132,31 @@ impl Queues {
         if q.is_empty() {
             self.devices.remove(device);
         }
+        for e in &gone {
+            self.forget_expiry(*device, e);
+        }
         gone
     }
 
     /// Removes and returns every message past its expiry.
     pub fn take_expired(&mut self, now_unix: u64) -> Vec<(DeviceId, Entry)> {
         let mut out = Vec::new();
-        self.devices.retain(|d, q| {
-            q.retain(|e| {
-                let x = e.expired(now_unix);
-                if x {
-                    out.push((*d, e.clone()));
-                }
-                !x
-            });
-            !q.is_empty()
-        });
-        self.total -= out.len();
+        while let Some(&(expires, seq, device)) = self.by_expiry.first() {
+            if expires > now_unix {
+                break;
+            }
+            self.by_expiry.pop_first();
+            let Some(q) = self.devices.get_mut(&device) else {
+                continue;
+            };
+            if let Some(i) = q.iter().position(|e| e.seq == seq) {
+                out.push((device, q.remove(i)));
+                self.total -= 1;
+            }
+            if q.is_empty() {
+                self.devices.remove(&device);
+            }
+        }
         out
     }
 
@@ -161,16 +183,18 @@ impl Queues {
     /// Puts back entries an admission displaced, when the admission is
     /// undone (its commit failed). No policy applies.
     pub fn restore(&mut self, device: DeviceId, entries: Vec<Entry>) {
+        self.by_expiry
+            .extend(entries.iter().filter_map(|e| expiry_key(device, e)));
         let q = self.devices.entry(device).or_default();
         self.total += entries.len();
         q.extend(entries);
         q.sort_by_key(|e| e.seq);
     }
 
-    pub fn contains(&self, device: &DeviceId, id: &NotificationId) -> bool {
-        self.devices
-            .get(device)
-            .is_some_and(|q| q.iter().any(|e| e.id == *id))
+    fn forget_expiry(&mut self, device: DeviceId, e: &Entry) {
+        if let Some(k) = expiry_key(device, e) {
+            self.by_expiry.remove(&k);
+        }
     }
 
     pub fn len(&self, device: &DeviceId) -> usize {
@@ -238,7 +262,7 @@ mod tests {
         q.admit(dev(1), b.clone());
         let adm = q.admit(dev(1), entry(4, "", 5, false, 0));
         assert_eq!(ids(&adm.dropped), vec![a.id]);
-        assert!(q.contains(&dev(1), &v.id));
+        assert_eq!(q.delivery_seqs(&dev(1), 0), vec![v.seq, b.seq, 4]);
         // All VoIP: the oldest goes.
         let mut q = Queues::new(2);
         let v1 = entry(1, "", 10, true, 0);
@@ -295,7 +319,7 @@ mod tests {
                     continue;
                 }
                 let collapse = if c == 0 { String::new() } else { format!("c{c}") };
-                let e = entry(seq, &collapse, 5, voip, 0);
+                let e = entry(seq, &collapse, 5, voip, u64::from(c) * 10);
                 let id = e.id;
                 let adm = q.admit(dev(d), e);
                 live.insert((d, id));
@@ -304,7 +328,18 @@ mod tests {
                 }
                 prop_assert!(q.len(&dev(d)) <= cap);
                 prop_assert_eq!(q.total(), live.len());
+                // The expiry index holds exactly the stored expiring messages.
+                let expiring = q.devices.values().flatten().filter(|e| e.expires != 0).count();
+                prop_assert_eq!(q.by_expiry.len(), expiring);
             }
+            // Expiry takes exactly the expiring messages, nothing twice.
+            let expiring = q.devices.values().flatten().filter(|e| e.expires != 0).count();
+            let before = q.total();
+            let gone = q.take_expired(u64::MAX);
+            prop_assert_eq!(gone.len(), expiring);
+            prop_assert_eq!(q.total(), before - expiring);
+            prop_assert!(q.by_expiry.is_empty());
+            prop_assert!(q.devices.values().flatten().all(|e| e.expires == 0));
         }
     }
 }
