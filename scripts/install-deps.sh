@@ -10,6 +10,7 @@
 #                in a temporary directory (no system cluster is used)
 #   curl         the courier's APNs-style API is tested with curl --http2
 #   nodejs, npm  run the npm `web-push` sender against the courier
+#   sip-tester   SIPp: registration and call scenarios against signaling
 #
 # from PyPI:
 #   schemathesis API fuzzing from the identity service's OpenAPI document
@@ -21,8 +22,8 @@
 #   @parse/node-apn   a real APNs client library, pointed at the courier
 set -euo pipefail
 
-packages=(coturn stun-client procps postgresql curl nodejs npm)
-commands=(turnutils_uclient stun kill initdb curl node npm)
+packages=(coturn stun-client procps postgresql curl nodejs npm sip-tester)
+commands=(turnutils_uclient stun kill initdb curl node npm sipp)
 
 # initdb lives outside PATH on Debian, under /usr/lib/postgresql/<version>/bin.
 have() {

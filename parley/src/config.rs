@@ -16,7 +16,7 @@ use stun_turn::core::policy::IpNet;
 use toml::{Table, Value};
 
 /// Sections that environment variables may address.
-const SECTIONS: &[&str] = &["admin", "turn", "ids", "courier"];
+const SECTIONS: &[&str] = &["admin", "turn", "ids", "courier", "signaling"];
 
 /// The whole configuration file.
 #[derive(Debug, Default, Deserialize)]
@@ -30,6 +30,146 @@ pub struct Settings {
     pub turn: TurnSection,
     pub ids: IdsSection,
     pub courier: CourierSection,
+    pub signaling: SignalingSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SignalingSection {
+    /// SIP over UDP and TCP, unless `udp`/`tcp` say otherwise. Default 0.0.0.0:5060.
+    pub listen: Option<OneOrMany<SocketAddr>>,
+    pub udp: Option<OneOrMany<SocketAddr>>,
+    pub tcp: Option<OneOrMany<SocketAddr>>,
+    /// SIP over TLS. Default 0.0.0.0:5061.
+    pub tls: Option<OneOrMany<SocketAddr>>,
+    /// The domains of our addresses-of-record (`sip:<handle>@<domain>`).
+    /// Default `localhost`.
+    pub domains: Option<OneOrMany<String>>,
+    /// Address written in Via and Record-Route, per listener, when the
+    /// listen address is not what peers reach (NAT, 0.0.0.0). Default: the
+    /// bound address, with 0.0.0.0 as 127.0.0.1.
+    pub advertise: Option<IpAddr>,
+    /// Digest realm. Default: the first domain.
+    pub realm: Option<String>,
+    /// How long a call may ring, seconds. Default 60.
+    pub ring_timeout_secs: Option<u64>,
+    /// How long a device woken by push may take to register, seconds. Default 30.
+    pub push_window_secs: Option<u64>,
+    /// Out-of-dialog requests per second per source address. Default 200.
+    pub source_rate: Option<u32>,
+    /// Calls ringing at once. Default 100000.
+    pub max_calls: Option<usize>,
+    /// Open SIP connections. Default 10000.
+    pub max_connections: Option<usize>,
+    /// Let calls through without a device certificate or digest
+    /// credentials (benchmarks, labs). Default false.
+    pub allow_unauthenticated_calls: Option<bool>,
+    /// Digest accounts for standard user agents: `[[signaling.accounts]]`
+    /// with `handle` and `password`.
+    pub accounts: Vec<SipAccount>,
+    /// TLS certificate chain and key (PEM). Default: the data directory's.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// CA of device certificates. Default: the data directory's CA.
+    pub device_ca: Option<PathBuf>,
+}
+
+/// A digest account: the handle it may register and call as.
+#[derive(Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SipAccount {
+    pub handle: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for SipAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SipAccount")
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SignalingSection {
+    pub fn to_config(&self) -> Result<signaling::runtime::Config> {
+        let mut c = signaling::runtime::Config::default();
+        let listen = self.listen.as_ref().map(OneOrMany::to_vec);
+        if let Some(v) = self.udp.as_ref().map(OneOrMany::to_vec).or(listen.clone()) {
+            c.udp = v;
+        }
+        if let Some(v) = self.tcp.as_ref().map(OneOrMany::to_vec).or(listen) {
+            c.tcp = v;
+        }
+        if let Some(v) = &self.tls {
+            c.tls = v.to_vec();
+        }
+        let p = &mut c.proxy;
+        if let Some(d) = &self.domains {
+            p.domains = d.to_vec().iter().map(|d| d.to_ascii_lowercase()).collect();
+            if p.domains.is_empty() {
+                return Err(anyhow!(
+                    "invalid configuration: signaling.domains: name at least one domain"
+                ));
+            }
+        }
+        p.realm = self.realm.clone().unwrap_or_else(|| p.domains[0].clone());
+        if let Some(s) = self.ring_timeout_secs {
+            if !(5..=600).contains(&s) {
+                return Err(anyhow!(
+                    "invalid configuration: signaling.ring_timeout_secs: must be 5 to 600, got {s}"
+                ));
+            }
+            p.ring_timeout = Duration::from_secs(s);
+        }
+        if let Some(s) = self.push_window_secs {
+            if !(1..=300).contains(&s) {
+                return Err(anyhow!(
+                    "invalid configuration: signaling.push_window_secs: must be 1 to 300, got {s}"
+                ));
+            }
+            p.push_window = Duration::from_secs(s);
+        }
+        if let Some(r) = self.source_rate {
+            p.source_rate = r.max(1);
+        }
+        if let Some(n) = self.max_calls {
+            p.max_calls = n.max(1);
+        }
+        if let Some(n) = self.max_connections {
+            c.max_connections = n.max(1);
+        }
+        if let Some(b) = self.allow_unauthenticated_calls {
+            p.allow_unauthenticated_calls = b;
+        }
+        for (i, a) in self.accounts.iter().enumerate() {
+            let handle = wire::handle::Handle::parse(&a.handle).map_err(|e| {
+                anyhow!("invalid configuration: signaling.accounts[{i}].handle: {e}")
+            })?;
+            if a.password.len() < 8 {
+                return Err(anyhow!(
+                    "invalid configuration: signaling.accounts[{i}].password: at least 8 characters"
+                ));
+            }
+            p.accounts.insert(handle, a.password.clone());
+        }
+        Ok(c)
+    }
+
+    /// The advertised address, applied once the listeners are known.
+    pub fn advertise(&self, c: &mut signaling::runtime::Config) {
+        if let Some(ip) = self.advertise {
+            use signaling::core::flow::Transport;
+            for (t, list) in [
+                (Transport::Udp, &c.udp),
+                (Transport::Tcp, &c.tcp),
+                (Transport::Tls, &c.tls),
+            ] {
+                if let Some(a) = list.first() {
+                    c.proxy.advertise.push((t, SocketAddr::new(ip, a.port())));
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

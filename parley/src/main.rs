@@ -6,6 +6,7 @@ mod config;
 mod data;
 mod loadsim;
 mod tls;
+mod wiring;
 
 use anyhow::{Context, Result};
 
@@ -52,9 +53,10 @@ enum Command {
     /// Run every service in one process on the data directory.
     ///
     /// The STUN/TURN relay on 3478 (UDP and TCP) and 5349 (TLS), the
-    /// identity service on 8444 (HTTPS), and the push courier on 5223 (devices,
-    /// TLS and QUIC) and 8443 (providers, HTTPS).
-    Up(UpArgs),
+    /// identity service on 8444 (HTTPS), the push courier on 5223 (devices,
+    /// TLS and QUIC) and 8443 (providers, HTTPS), and SIP signaling on 5060
+    /// (UDP and TCP) and 5061 (TLS).
+    Up(Box<UpArgs>),
     /// Run the STUN/TURN relay alone.
     ///
     /// STUN (RFC 8489) and TURN (RFC 8656, RFC 6156) on UDP, TCP and TLS, with
@@ -81,6 +83,15 @@ enum Command {
     /// answered 2xx is in the database (courier.db) first and survives a
     /// crash; offline devices get their queue when they reconnect.
     Courier(CourierArgs),
+    /// Run the SIP registrar and forking proxy alone.
+    ///
+    /// SIP (RFC 3261) on 5060 (UDP and TCP) and 5061 (TLS 1.3). Handles
+    /// register as sip:<handle>@<domain> (an E.164 number, or an email with
+    /// its @ written %40) with a device certificate or a digest account
+    /// ([[signaling.accounts]]); an INVITE to a handle rings every
+    /// registered device at once, the first answer cancels the others
+    /// ("Call completed elsewhere") and a decline ends the call everywhere.
+    Signaling(SignalingArgs),
     /// Load generators (not tests): drive a running service and report.
     #[command(subcommand)]
     Loadsim(Loadsim),
@@ -132,6 +143,53 @@ impl CourierArgs {
 }
 
 #[derive(Debug, Args, Default)]
+struct SignalingArgs {
+    /// SIP UDP and TCP listen address; repeat for several. [default: 0.0.0.0:5060]
+    #[arg(long = "sip-listen", value_name = "ADDR")]
+    sip_listen: Vec<SocketAddr>,
+    /// SIP TLS listen address. [default: 0.0.0.0:5061]
+    #[arg(long = "sip-tls-listen", value_name = "ADDR")]
+    sip_tls_listen: Vec<SocketAddr>,
+    /// Domain of the addresses-of-record; repeat for several. [default: localhost]
+    #[arg(long = "sip-domain", value_name = "DOMAIN")]
+    sip_domains: Vec<String>,
+    /// Address peers reach us at, for Via and Record-Route. [default: the listen address]
+    #[arg(long = "sip-advertise", value_name = "IP")]
+    sip_advertise: Option<std::net::IpAddr>,
+}
+
+impl SignalingArgs {
+    fn overrides(&self) -> Vec<(String, Value)> {
+        let mut o = Vec::new();
+        let list = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+        if !self.sip_listen.is_empty() {
+            o.push((
+                "signaling.listen".into(),
+                list(self.sip_listen.iter().map(ToString::to_string).collect()),
+            ));
+        }
+        if !self.sip_tls_listen.is_empty() {
+            o.push((
+                "signaling.tls".into(),
+                list(
+                    self.sip_tls_listen
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                ),
+            ));
+        }
+        if !self.sip_domains.is_empty() {
+            o.push(("signaling.domains".into(), list(self.sip_domains.clone())));
+        }
+        if let Some(ip) = self.sip_advertise {
+            o.push(("signaling.advertise".into(), Value::String(ip.to_string())));
+        }
+        o
+    }
+}
+
+#[derive(Debug, Args, Default)]
 struct UpArgs {
     #[command(flatten)]
     turn: TurnArgs,
@@ -139,6 +197,8 @@ struct UpArgs {
     ids: IdsArgs,
     #[command(flatten)]
     courier: CourierArgs,
+    #[command(flatten)]
+    signaling: SignalingArgs,
 }
 
 #[derive(Debug, Args, Default)]
@@ -274,21 +334,29 @@ struct Services {
     turn: bool,
     ids: bool,
     courier: bool,
+    signaling: bool,
 }
 
 fn run(cli: Cli) -> Result<()> {
     let empty = TurnArgs::default();
-    let only = |turn, ids, courier| Services { turn, ids, courier };
-    let (services, turn_args, ids_args, courier_args) = match &cli.command {
+    let only = |turn, ids, courier, signaling| Services {
+        turn,
+        ids,
+        courier,
+        signaling,
+    };
+    let (services, turn_args, ids_args, courier_args, sip_args) = match &cli.command {
         Command::Up(a) => (
-            only(true, true, true),
+            only(true, true, true, true),
             &a.turn,
             Some(&a.ids),
             Some(&a.courier),
+            Some(&a.signaling),
         ),
-        Command::Turn(a) => (only(true, false, false), a, None, None),
-        Command::Ids(a) => (only(false, true, false), &empty, Some(a), None),
-        Command::Courier(a) => (only(false, false, true), &empty, None, Some(a)),
+        Command::Turn(a) => (only(true, false, false, false), a, None, None, None),
+        Command::Ids(a) => (only(false, true, false, false), &empty, Some(a), None, None),
+        Command::Courier(a) => (only(false, false, true, false), &empty, None, Some(a), None),
+        Command::Signaling(a) => (only(false, false, false, true), &empty, None, None, Some(a)),
         Command::Loadsim(_) => unreachable!("handled in main"),
     };
     let mut overrides = turn_args.overrides()?;
@@ -296,6 +364,9 @@ fn run(cli: Cli) -> Result<()> {
         overrides.extend(a.overrides());
     }
     if let Some(a) = courier_args {
+        overrides.extend(a.overrides());
+    }
+    if let Some(a) = sip_args {
         overrides.extend(a.overrides());
     }
     if let Some(d) = &cli.data {
@@ -318,6 +389,8 @@ fn run(cli: Cli) -> Result<()> {
     let turn_config = settings.turn.to_config(&data.turn_secret)?;
     let ids_config = settings.ids.to_config(&data.root)?;
     let courier_config = settings.courier.to_config(&data.root)?;
+    let mut signaling_config = settings.signaling.to_config()?;
+    settings.signaling.advertise(&mut signaling_config);
     let (cert, key) = tls_files(&settings.turn, &data);
     let tls = tls::server_config(&cert, &key, &[ALPN_STUN_TURN])?;
 
@@ -331,7 +404,7 @@ fn run(cli: Cli) -> Result<()> {
         settings,
         data,
         services,
-        (turn_config, ids_config, courier_config),
+        (turn_config, ids_config, courier_config, signaling_config),
         tls,
     ))
 }
@@ -400,6 +473,45 @@ async fn start_courier(
         .with_context(|| "cannot start the push courier")
 }
 
+/// Binds SIP signaling; in `parley up` its device checks go to the
+/// identity service and its wake-ups to the courier.
+async fn start_signaling(
+    settings: &config::SignalingSection,
+    data: &data::DataDir,
+    config: signaling::runtime::Config,
+    ids: Option<Arc<ids::Ids>>,
+    courier: Option<Arc<push_courier::courier::Courier>>,
+) -> Result<signaling::runtime::Server> {
+    let cert = settings
+        .cert
+        .clone()
+        .unwrap_or_else(|| data.server_cert.clone());
+    let key = settings
+        .key
+        .clone()
+        .unwrap_or_else(|| data.server_key.clone());
+    let device_ca = settings
+        .device_ca
+        .clone()
+        .unwrap_or_else(|| data.ca_cert.clone());
+    let tls = signaling::runtime::tls_config(
+        tls::chain(&cert)?,
+        tls::private_key(&key)?,
+        tls::roots(&device_ca)?,
+    )?;
+    let directory: Arc<dyn signaling::runtime::Directory> = match ids {
+        Some(ids) => Arc::new(wiring::IdsDirectory(ids)),
+        None => Arc::new(signaling::runtime::NoDirectory),
+    };
+    let waker: Arc<dyn signaling::runtime::Waker> = match courier {
+        Some(c) => Arc::new(wiring::CourierWaker(c)),
+        None => Arc::new(signaling::runtime::NoWaker),
+    };
+    signaling::runtime::Server::start(config, Some(tls), directory, waker)
+        .await
+        .with_context(|| "cannot start signaling")
+}
+
 /// In `parley up`, device certificates revoked in the identity service
 /// close their courier links and are refused from then on.
 async fn sync_revocations(ids: Arc<ids::Ids>, courier: Arc<push_courier::courier::Courier>) {
@@ -453,10 +565,11 @@ async fn serve(
     settings: config::Settings,
     data: data::DataDir,
     services: Services,
-    (turn_config, ids_config, courier_config): (
+    (turn_config, ids_config, courier_config, signaling_config): (
         stun_turn::Config,
         ids::Config,
         push_courier::Config,
+        signaling::runtime::Config,
     ),
     tls: Arc<rustls::ServerConfig>,
 ) -> Result<()> {
@@ -497,6 +610,20 @@ async fn serve(
         ))),
         _ => None,
     };
+    let signaling_server = match services.signaling {
+        true => Some(
+            start_signaling(
+                &settings.signaling,
+                &data,
+                signaling_config,
+                ids_server.as_ref().map(|s| s.ids.clone()),
+                courier_server.as_ref().map(|c| c.courier.clone()),
+            )
+            .await?,
+        ),
+        false => None,
+    };
+    let signaling_server = signaling_server.map(Arc::new);
     let admin_addr = settings
         .admin
         .listen
@@ -513,6 +640,9 @@ async fn serve(
                 .map(|r| r.clone() as Arc<dyn admin::MetricsSource>)
                 .chain(courier_server.iter().map(|c| {
                     Arc::new(CourierMetrics(c.courier.clone())) as Arc<dyn admin::MetricsSource>
+                }))
+                .chain(signaling_server.iter().map(|s| {
+                    Arc::new(SignalingMetrics(s.clone())) as Arc<dyn admin::MetricsSource>
                 }))
                 .collect(),
         ),
@@ -560,6 +690,14 @@ async fn serve(
                 c.courier.config.public_url,
             );
         }
+        if let Some(s) = &signaling_server {
+            println!(
+                "parley: signaling udp={} tcp={} tls={}",
+                list(s.udp_addrs()),
+                list(s.tcp_addrs()),
+                list(s.tls_addrs())
+            );
+        }
         println!("parley: admin http://{admin_addr} (/metrics /healthz /readyz)");
         println!("parley: ready");
     }
@@ -587,6 +725,14 @@ async fn serve(
     let _ = admin_task.await;
     if let Some(r) = revocations {
         r.abort();
+    }
+    if let Some(s) = signaling_server {
+        // Calls still ringing get a few seconds; admin metrics no longer
+        // hold a reference once the admin task has stopped.
+        match Arc::try_unwrap(s) {
+            Ok(s) => s.shutdown(std::time::Duration::from_secs(5)).await,
+            Err(_) => tracing::error!("signaling still referenced at shutdown"),
+        }
     }
     if let Some(c) = courier_server {
         c.shutdown().await;
@@ -623,6 +769,14 @@ fn reload(
     let (cert, key) = tls_files(&settings.turn, data);
     let tls = tls::server_config(&cert, &key, &[ALPN_STUN_TURN])?;
     Ok((users, secrets, tls))
+}
+
+struct SignalingMetrics(Arc<signaling::runtime::Server>);
+
+impl admin::MetricsSource for SignalingMetrics {
+    fn render(&self, out: &mut String) {
+        self.0.render_metrics(out);
+    }
 }
 
 struct CourierMetrics(Arc<push_courier::courier::Courier>);

@@ -25,7 +25,15 @@ fn help_explains_every_command() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     for word in [
-        "up", "turn", "ids", "courier", "--config", "--data", "--admin", "PARLEY_",
+        "up",
+        "turn",
+        "ids",
+        "courier",
+        "signaling",
+        "--config",
+        "--data",
+        "--admin",
+        "PARLEY_",
     ] {
         assert!(text.contains(word), "--help lacks {word}:\n{text}");
     }
@@ -53,6 +61,24 @@ fn help_explains_every_command() {
         "/3/device/",
     ] {
         assert!(text.contains(word), "courier --help lacks {word}:\n{text}");
+    }
+    let out = parley(&["signaling", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "--sip-listen",
+        "--sip-tls-listen",
+        "--sip-domain",
+        "--sip-advertise",
+        "5060",
+        "5061",
+        "%40",
+        "signaling.accounts",
+        "Call completed elsewhere",
+    ] {
+        assert!(
+            text.contains(word),
+            "signaling --help lacks {word}:\n{text}"
+        );
     }
     let out = parley(&["turn", "--help"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -140,6 +166,10 @@ fn start(data: &Path, extra: &[&str]) -> Running {
         "--courier-device-listen",
         "127.0.0.1:0",
         "--courier-provider-listen",
+        "127.0.0.1:0",
+        "--sip-listen",
+        "127.0.0.1:0",
+        "--sip-tls-listen",
         "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);

@@ -16,42 +16,7 @@ use crate::core::session::{Session, SessionEvent};
 use crate::courier::{ConnCommand, Courier};
 use crate::error::Error;
 
-/// A device's identity, from its certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceIdentity {
-    pub device: DeviceId,
-    /// Certificate serial, leading zero bytes stripped.
-    pub serial: Vec<u8>,
-}
-
-/// Reads the device id (SAN `urn:parley:device:<id>`, else the subject CN)
-/// and serial from a certificate.
-pub fn identity(cert_der: &[u8]) -> Option<DeviceIdentity> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    let from_san = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .and_then(|san| {
-            san.value.general_names.iter().find_map(|n| match n {
-                x509_parser::extensions::GeneralName::URI(u) => u
-                    .strip_prefix("urn:parley:device:")
-                    .and_then(|id| id.parse().ok()),
-                _ => None,
-            })
-        });
-    let device = from_san.or_else(|| {
-        cert.subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .and_then(|s| s.parse().ok())
-    })?;
-    Some(DeviceIdentity {
-        device,
-        serial: normalize_serial(cert.raw_serial()),
-    })
-}
+pub use wire::device_cert::{identity, normalize_serial, DeviceIdentity};
 
 /// The revoked serials (normalized) in a certificate revocation list, DER
 /// or PEM. The list is trusted as given: it comes from the operator's own
@@ -72,12 +37,6 @@ pub fn crl_serials(crl: &[u8]) -> Result<std::collections::HashSet<Vec<u8>>, Err
         .iter_revoked_certificates()
         .map(|r| normalize_serial(r.raw_serial()))
         .collect())
-}
-
-/// Strips leading zero bytes so serials compare equal however encoded.
-pub fn normalize_serial(s: &[u8]) -> Vec<u8> {
-    let start = s.iter().position(|b| *b != 0).unwrap_or(s.len());
-    s[start..].to_vec()
 }
 
 /// The TLS configuration for device links: TLS 1.3 only, client

@@ -1,1 +1,842 @@
-//! placeholder
+//! The tokio shell around one [`Proxy`] core: UDP sockets, TCP and TLS
+//! listeners (and outgoing TCP connections), one task that owns the core,
+//! and the two hooks the binary wires to the other services.
+//!
+//! The core task is a single `select!` over the input channel and the
+//! core's next timer; after each batch of inputs it drains the core's
+//! transmits (UDP is sent at once; connections have a writer task each)
+//! and events ([`Directory`] for REGISTER by device certificate, [`Waker`]
+//! for VoIP pushes).
+
+use crate::core::flow::{ConnId, Flow, Source, Transmit, Transport};
+use crate::core::message::{frame, Frame, MAX_MESSAGE};
+use crate::core::proxy::{self, Event, Metrics, Proxy};
+use crate::core::registrar::PushParams;
+use crate::error::Error;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, watch};
+use wire::handle::Handle;
+use wire::keys::DeviceId;
+
+/// Where to listen and how the proxy behaves.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// UDP listen addresses. Default 0.0.0.0:5060.
+    pub udp: Vec<SocketAddr>,
+    /// TCP listen addresses. Default 0.0.0.0:5060.
+    pub tcp: Vec<SocketAddr>,
+    /// TLS listen addresses (needs [`Tls`]). Default 0.0.0.0:5061.
+    pub tls: Vec<SocketAddr>,
+    pub proxy: proxy::Config,
+    /// Open connections at most, both directions; more are refused.
+    /// Default 10,000 (the process shares a 20,000-file limit).
+    pub max_connections: usize,
+    /// A connection that sends nothing (not even a CRLF keepalive) for
+    /// this long is closed. Default: twice the flow timer plus 30 s.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let proxy = proxy::Config::default();
+        Config {
+            udp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
+            tcp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
+            tls: vec![SocketAddr::from(([0, 0, 0, 0], 5061))],
+            idle_timeout: 2 * proxy.flow_timer + Duration::from_secs(30),
+            proxy,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Answers "is this device listed for this handle?" (the identity
+/// service in `parley up`).
+pub trait Directory: Send + Sync + 'static {
+    fn authorize(
+        &self,
+        device: DeviceId,
+        handle: Handle,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'static>>;
+}
+
+/// Sends a VoIP push to a sleeping device (the courier in `parley up`).
+pub trait Waker: Send + Sync + 'static {
+    fn wake(&self, handle: Handle, push: PushParams, call_id: String, caller: String);
+}
+
+/// A directory that refuses every device: for a proxy with digest
+/// accounts only.
+#[derive(Debug)]
+pub struct NoDirectory;
+
+impl Directory for NoDirectory {
+    fn authorize(
+        &self,
+        _: DeviceId,
+        _: Handle,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'static>> {
+        Box::pin(async { false })
+    }
+}
+
+/// A waker that drops pushes, logging them.
+#[derive(Debug)]
+pub struct NoWaker;
+
+impl Waker for NoWaker {
+    fn wake(&self, handle: Handle, push: PushParams, _: String, _: String) {
+        tracing::warn!(handle = %handle.redacted(), provider = %push.provider, "no push service configured; cannot wake device");
+    }
+}
+
+/// The running service.
+pub struct Server {
+    udp_addrs: Vec<SocketAddr>,
+    tcp_addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
+    metrics: Arc<Mutex<Metrics>>,
+    counters: Arc<Counters>,
+    inputs: mpsc::Sender<Input>,
+    shutdown: watch::Sender<bool>,
+    core: tokio::task::JoinHandle<()>,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("udp", &self.udp_addrs)
+            .field("tcp", &self.tcp_addrs)
+            .field("tls", &self.tls_addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    connections: AtomicU64,
+    refused_connections: AtomicU64,
+    dropped_sends: AtomicU64,
+}
+
+enum Input {
+    Message(Source, Vec<u8>),
+    Closed(ConnId),
+    Authorized(u64, bool),
+    Drain,
+}
+
+#[derive(Default)]
+struct Conns {
+    by_id: HashMap<ConnId, mpsc::Sender<Vec<u8>>>,
+    by_remote: HashMap<(Transport, SocketAddr), ConnId>,
+}
+
+struct Shared {
+    conns: Mutex<Conns>,
+    next_conn: AtomicU64,
+    inputs: mpsc::Sender<Input>,
+    counters: Arc<Counters>,
+    limit: Arc<tokio::sync::Semaphore>,
+    idle_timeout: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Server {
+    /// Binds every listener and starts the core. `tls` is the server
+    /// configuration for the TLS listeners (see [`tls_config`]).
+    pub async fn start(
+        mut config: Config,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        directory: Arc<dyn Directory>,
+        waker: Arc<dyn Waker>,
+    ) -> Result<Server, Error> {
+        let mut udp = Vec::new();
+        for addr in &config.udp {
+            let s = UdpSocket::bind(addr)
+                .await
+                .map_err(|source| Error::Listen {
+                    addr: *addr,
+                    source,
+                })?;
+            udp.push(Arc::new(s));
+        }
+        let mut tcp = Vec::new();
+        for addr in &config.tcp {
+            tcp.push(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Listen {
+                        addr: *addr,
+                        source,
+                    })?,
+            );
+        }
+        let mut tls_listeners = Vec::new();
+        if tls.is_some() {
+            for addr in &config.tls {
+                tls_listeners.push(TcpListener::bind(addr).await.map_err(|source| {
+                    Error::Listen {
+                        addr: *addr,
+                        source,
+                    }
+                })?);
+            }
+        }
+        let udp_addrs: Vec<SocketAddr> = udp.iter().filter_map(|s| s.local_addr().ok()).collect();
+        let tcp_addrs: Vec<SocketAddr> = tcp.iter().filter_map(|s| s.local_addr().ok()).collect();
+        let tls_addrs: Vec<SocketAddr> = tls_listeners
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect();
+        if config.proxy.advertise.is_empty() {
+            // Without a configured public address, advertise what we bound
+            // (an unspecified address becomes loopback: set `advertise` for
+            // anything reachable from elsewhere).
+            let fix = |a: SocketAddr| {
+                if a.ip().is_unspecified() {
+                    SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())
+                } else {
+                    a
+                }
+            };
+            for (t, list) in [
+                (Transport::Udp, &udp_addrs),
+                (Transport::Tcp, &tcp_addrs),
+                (Transport::Tls, &tls_addrs),
+            ] {
+                if let Some(a) = list.first() {
+                    config.proxy.advertise.push((t, fix(*a)));
+                }
+            }
+        }
+
+        let (inputs, rx) = mpsc::channel(4096);
+        let (shutdown, stop) = watch::channel(false);
+        let counters = Arc::new(Counters::default());
+        let shared = Arc::new(Shared {
+            conns: Mutex::new(Conns::default()),
+            next_conn: AtomicU64::new(1),
+            inputs: inputs.clone(),
+            counters: counters.clone(),
+            limit: Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1))),
+            idle_timeout: config.idle_timeout,
+            shutdown: stop.clone(),
+        });
+        let metrics = Arc::new(Mutex::new(Metrics::default()));
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| Error::Tls("no system randomness".into()))?;
+        let core = Proxy::new(config.proxy.clone(), secret, Instant::now());
+        let mut listeners = Vec::new();
+        for s in &udp {
+            listeners.push(tokio::spawn(udp_reader(
+                s.clone(),
+                inputs.clone(),
+                stop.clone(),
+            )));
+        }
+        for l in tcp {
+            listeners.push(tokio::spawn(accept_loop(l, None, shared.clone())));
+        }
+        if let Some(tls) = tls {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            for l in tls_listeners {
+                listeners.push(tokio::spawn(accept_loop(
+                    l,
+                    Some(acceptor.clone()),
+                    shared.clone(),
+                )));
+            }
+        }
+        let core = tokio::spawn(run_core(
+            core,
+            rx,
+            udp,
+            shared,
+            directory,
+            waker,
+            metrics.clone(),
+        ));
+        tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, "signaling listening");
+        Ok(Server {
+            udp_addrs,
+            tcp_addrs,
+            tls_addrs,
+            metrics,
+            counters,
+            inputs,
+            shutdown,
+            core,
+            listeners,
+        })
+    }
+
+    pub fn udp_addrs(&self) -> &[SocketAddr] {
+        &self.udp_addrs
+    }
+
+    pub fn tcp_addrs(&self) -> &[SocketAddr] {
+        &self.tcp_addrs
+    }
+
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls_addrs
+    }
+
+    /// The core's counters, at most a second old.
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Graceful drain: new calls and registrations get 503 at once; calls
+    /// ringing get up to `grace` to finish; then everything stops.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.inputs.send(Input::Drain).await;
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline {
+            if self.metrics().calls_active == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = self.shutdown.send(true);
+        for l in self.listeners {
+            l.abort();
+        }
+        self.core.abort();
+        let _ = self.core.await;
+    }
+
+    /// Prometheus text for the admin listener.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let m = self.metrics();
+        let c = &self.counters;
+        let mut line = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP parley_sip_{name} {help}\n# TYPE parley_sip_{name} {kind}\nparley_sip_{name} {v}"
+            );
+        };
+        line(
+            "requests_total",
+            "counter",
+            "SIP requests received.",
+            m.requests,
+        );
+        line(
+            "responses_total",
+            "counter",
+            "SIP responses received.",
+            m.responses,
+        );
+        line(
+            "malformed_total",
+            "counter",
+            "Messages that could not be parsed.",
+            m.malformed,
+        );
+        line(
+            "rate_limited_total",
+            "counter",
+            "Requests refused by the per-source limit.",
+            m.rate_limited,
+        );
+        line(
+            "registrations_total",
+            "counter",
+            "REGISTERs accepted.",
+            m.registrations,
+        );
+        line(
+            "registrations_refused_total",
+            "counter",
+            "REGISTERs refused.",
+            m.registrations_refused,
+        );
+        line("bindings", "gauge", "Registered contacts.", m.bindings);
+        line(
+            "calls_active",
+            "gauge",
+            "Calls (forks) in progress.",
+            m.calls_active,
+        );
+        line(
+            "forks_total",
+            "counter",
+            "Requests forked to a handle's devices.",
+            m.forks,
+        );
+        line(
+            "fork_branches_total",
+            "counter",
+            "Branches created by forking (fan-out = branches / forks).",
+            m.fork_branches,
+        );
+        line(
+            "push_wakes_total",
+            "counter",
+            "VoIP pushes sent to wake a device.",
+            m.push_wakes,
+        );
+        line(
+            "cancels_sent_total",
+            "counter",
+            "CANCELs sent to losing branches.",
+            m.cancels_sent,
+        );
+        line(
+            "cancel_latency_microseconds_sum",
+            "counter",
+            "Time from the deciding answer to each CANCEL.",
+            m.cancel_latency_us_sum,
+        );
+        line(
+            "cancel_latency_microseconds_max",
+            "gauge",
+            "Longest time from the deciding answer to a CANCEL.",
+            m.cancel_latency_us_max,
+        );
+        line(
+            "retransmissions_total",
+            "counter",
+            "Requests and responses retransmitted over UDP.",
+            m.retransmissions,
+        );
+        line(
+            "connections",
+            "gauge",
+            "Open TCP/TLS connections.",
+            c.connections.load(Ordering::Relaxed),
+        );
+        line(
+            "connections_refused_total",
+            "counter",
+            "Connections refused at max_connections.",
+            c.refused_connections.load(Ordering::Relaxed),
+        );
+        line(
+            "dropped_sends_total",
+            "counter",
+            "Messages dropped: send buffer full or peer unreachable.",
+            c.dropped_sends.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(out, "# HELP parley_sip_calls_total Calls by outcome.\n# TYPE parley_sip_calls_total counter");
+        for (outcome, v) in [
+            ("answered", m.calls_answered),
+            ("declined", m.calls_declined),
+            ("cancelled", m.calls_cancelled),
+            ("no_answer", m.calls_no_answer),
+            ("unavailable", m.calls_unavailable),
+            ("failed", m.calls_failed),
+        ] {
+            let _ = writeln!(out, "parley_sip_calls_total{{outcome=\"{outcome}\"}} {v}");
+        }
+    }
+}
+
+/// The TLS configuration for 5061: TLS 1.3; a client certificate from the
+/// device CA is asked for but not required (standard user agents use
+/// digest accounts instead); a device that presents one is identified by
+/// it.
+pub fn tls_config(
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    device_roots: rustls::RootCertStore,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(device_roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| Error::Tls(format!("device CA: {e}")))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| Error::Tls(format!("signaling certificate: {e}")))?;
+    Ok(Arc::new(cfg))
+}
+
+async fn run_core(
+    mut proxy: Proxy,
+    mut rx: mpsc::Receiver<Input>,
+    udp: Vec<Arc<UdpSocket>>,
+    shared: Arc<Shared>,
+    directory: Arc<dyn Directory>,
+    waker: Arc<dyn Waker>,
+    metrics: Arc<Mutex<Metrics>>,
+) {
+    let mut publish = tokio::time::interval(Duration::from_secs(1));
+    publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let next = proxy.poll_timeout();
+        let sleep = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            input = rx.recv() => {
+                let Some(input) = input else { break };
+                let now = Instant::now();
+                handle(&mut proxy, input, now);
+                // Take what else is waiting before flushing: one wake-up
+                // serves a burst.
+                for _ in 0..256 {
+                    match rx.try_recv() {
+                        Ok(input) => handle(&mut proxy, input, now),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = sleep => proxy.handle_timeout(Instant::now()),
+            _ = publish.tick() => {
+                if let Ok(mut m) = metrics.lock() {
+                    *m = proxy.metrics();
+                }
+            }
+        }
+        while let Some(t) = proxy.poll_transmit() {
+            send(&udp, &shared, t);
+        }
+        while let Some(e) = proxy.poll_event() {
+            match e {
+                Event::Authorize { id, device, handle } => {
+                    let inputs = shared.inputs.clone();
+                    let check = directory.authorize(device, handle);
+                    tokio::spawn(async move {
+                        let ok = check.await;
+                        let _ = inputs.send(Input::Authorized(id, ok)).await;
+                    });
+                }
+                Event::Wake {
+                    handle,
+                    push,
+                    call_id,
+                    caller,
+                } => waker.wake(handle, push, call_id, caller),
+            }
+        }
+    }
+}
+
+fn handle(proxy: &mut Proxy, input: Input, now: Instant) {
+    match input {
+        Input::Message(source, bytes) => proxy.handle_input(source, &bytes, now),
+        Input::Closed(conn) => proxy.handle_conn_closed(conn, now),
+        Input::Authorized(id, ok) => proxy.handle_authorization(id, ok, now),
+        Input::Drain => proxy.start_drain(),
+    }
+}
+
+/// Sends one transmit: UDP directly; over the named connection if it is
+/// open, else any connection to the address, else a new TCP connection.
+fn send(udp: &[Arc<UdpSocket>], shared: &Arc<Shared>, t: Transmit) {
+    if t.flow.transport == Transport::Udp {
+        let socket = udp
+            .iter()
+            .find(|s| {
+                s.local_addr()
+                    .is_ok_and(|a| a.is_ipv4() == t.flow.remote.is_ipv4())
+            })
+            .or(udp.first());
+        match socket {
+            Some(s) => {
+                if s.try_send_to(&t.bytes, t.flow.remote).is_err() {
+                    shared
+                        .counters
+                        .dropped_sends
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                shared
+                    .counters
+                    .dropped_sends
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        return;
+    }
+    let tx = {
+        let Ok(conns) = shared.conns.lock() else {
+            return;
+        };
+        let id = t
+            .flow
+            .conn
+            .filter(|c| conns.by_id.contains_key(c))
+            .or_else(|| {
+                conns
+                    .by_remote
+                    .get(&(t.flow.transport, t.flow.remote))
+                    .copied()
+            });
+        id.and_then(|id| conns.by_id.get(&id)).cloned()
+    };
+    match tx {
+        Some(tx) => {
+            if tx.try_send(t.bytes).is_err() {
+                // A peer that does not read its connection loses messages
+                // rather than stalling everyone else.
+                shared
+                    .counters
+                    .dropped_sends
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        None if t.flow.transport == Transport::Tcp => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+                    shared
+                        .counters
+                        .dropped_sends
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                let dial =
+                    tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(t.flow.remote))
+                        .await;
+                match dial {
+                    Ok(Ok(stream)) => {
+                        let _ = stream.set_nodelay(true);
+                        let remote = t.flow.remote;
+                        run_conn(
+                            stream,
+                            Transport::Tcp,
+                            remote,
+                            None,
+                            shared,
+                            permit,
+                            Some(t.bytes),
+                        )
+                        .await;
+                    }
+                    _ => {
+                        tracing::debug!(to = %t.flow.remote, "cannot connect to SIP peer");
+                        shared
+                            .counters
+                            .dropped_sends
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        None => {
+            // TLS and WebSocket peers are reached over the connection they
+            // opened; a device whose connection is gone is asleep.
+            tracing::debug!(to = %t.flow.remote, transport = ?t.flow.transport, "no connection to peer");
+            shared
+                .counters
+                .dropped_sends
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn udp_reader(
+    socket: Arc<UdpSocket>,
+    inputs: mpsc::Sender<Input>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; MAX_MESSAGE + 1];
+    loop {
+        let received = tokio::select! {
+            r = socket.recv_from(&mut buf) => r,
+            _ = stop.changed() => return,
+        };
+        let (n, from) = match received {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP errors surface here on some systems; keep serving.
+                tracing::trace!(error = %e, "udp receive");
+                continue;
+            }
+        };
+        let data = &buf[..n];
+        // Keepalives (RFC 5626 §3.5.1 CRLF, or zero-filled pings) carry no
+        // message.
+        if data.iter().all(|b| matches!(b, b'\r' | b'\n' | 0)) {
+            continue;
+        }
+        let source = Source {
+            flow: Flow {
+                transport: Transport::Udp,
+                remote: from,
+                conn: None,
+            },
+            device: None,
+        };
+        if inputs
+            .send(Input::Message(source, data.to_vec()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+) {
+    let mut stop = shared.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let (stream, remote) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors or similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+            shared
+                .counters
+                .refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => run_conn(stream, Transport::Tcp, remote, None, shared, permit, None).await,
+                Some(acceptor) => {
+                    let hs = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await;
+                    let Ok(Ok(tls)) = hs else {
+                        tracing::debug!(%remote, "TLS handshake failed");
+                        return;
+                    };
+                    let device = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| wire::device_cert::identity(c.as_ref()))
+                        .map(|i| i.device);
+                    run_conn(tls, Transport::Tls, remote, device, shared, permit, None).await
+                }
+            }
+        });
+    }
+}
+
+/// Reads frames from one connection into the core and writes what the
+/// core sends to it, until either side closes, the idle timeout, or a
+/// framing error.
+async fn run_conn<S>(
+    stream: S,
+    transport: Transport,
+    remote: SocketAddr,
+    device: Option<DeviceId>,
+    shared: Arc<Shared>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    first: Option<Vec<u8>>,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+    let flow = Flow {
+        transport,
+        remote,
+        conn: Some(id),
+    };
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
+    if let Some(b) = first {
+        let _ = tx.try_send(b);
+    }
+    if let Ok(mut c) = shared.conns.lock() {
+        c.by_id.insert(id, tx.clone());
+        c.by_remote.insert((transport, remote), id);
+    }
+    shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let writer_task = tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if writer.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut stop = shared.shutdown.clone();
+    'read: loop {
+        let n = tokio::select! {
+            r = tokio::time::timeout(shared.idle_timeout, reader.read(&mut chunk)) => match r {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(n)) => n,
+            },
+            _ = stop.changed() => break,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        loop {
+            match frame(&buf) {
+                Ok(None) => break,
+                Ok(Some(Frame::Keepalive { n, ping })) => {
+                    buf.drain(..n);
+                    if ping {
+                        // RFC 5626 §3.5.1: a double CRLF is answered with one.
+                        let _ = tx.try_send(b"\r\n".to_vec());
+                    }
+                }
+                Ok(Some(Frame::Message(n))) => {
+                    let msg: Vec<u8> = buf.drain(..n).collect();
+                    let source = Source { flow, device };
+                    if shared
+                        .inputs
+                        .send(Input::Message(source, msg))
+                        .await
+                        .is_err()
+                    {
+                        break 'read;
+                    }
+                }
+                Err(e) => {
+                    // A stream we cannot frame cannot be resynchronised
+                    // (RFC 3261 §18.3): close it.
+                    tracing::debug!(%remote, error = %e, "closing unframeable SIP connection");
+                    break 'read;
+                }
+            }
+        }
+    }
+    if let Ok(mut c) = shared.conns.lock() {
+        c.by_id.remove(&id);
+        if c.by_remote.get(&(transport, remote)) == Some(&id) {
+            c.by_remote.remove(&(transport, remote));
+        }
+    }
+    drop(tx);
+    let _ = writer_task.await;
+    shared.counters.connections.fetch_sub(1, Ordering::Relaxed);
+    let _ = shared.inputs.send(Input::Closed(id)).await;
+}

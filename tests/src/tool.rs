@@ -15,7 +15,7 @@ pub fn require(name: &str) -> PathBuf {
             return p;
         }
     }
-    panic!("`{name}` is not installed; run scripts/install-deps.sh (it installs Debian's coturn and stun-client)");
+    panic!("`{name}` is not installed; run scripts/install-deps.sh (it installs the Debian packages the tests use)");
 }
 
 /// What a finished tool printed.

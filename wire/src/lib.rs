@@ -13,6 +13,7 @@
 //! - [`transparency`]: verification of lookup and history proofs against a
 //!   signed epoch root.
 
+pub mod device_cert;
 pub mod device_list;
 pub mod handle;
 pub mod key_transfer;

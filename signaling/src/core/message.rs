@@ -510,6 +510,16 @@ impl Message {
             .flat_map(|h| split_list(&h.value))
     }
 
+    /// Every line of a header, whole: for headers whose values contain
+    /// commas but are not lists (Authorization, WWW-Authenticate…).
+    pub fn lines<'a>(&'a self, name: &HeaderName) -> impl Iterator<Item = &'a str> + 'a {
+        let name = name.clone();
+        self.headers
+            .iter()
+            .filter(move |h| h.name.is(&name))
+            .map(|h| h.value.as_str())
+    }
+
     pub fn has(&self, name: &HeaderName) -> bool {
         self.headers.iter().any(|h| h.name.is(name))
     }

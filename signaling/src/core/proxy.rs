@@ -626,7 +626,7 @@ impl Proxy {
         now: Instant,
     ) -> Option<(Verdict, Handle)> {
         let elapsed = now.duration_since(self.epoch);
-        req.values(header)
+        req.lines(header)
             .filter_map(Credentials::parse)
             .filter(|c| c.realm == self.digest.realm())
             .find_map(|c| {

@@ -54,7 +54,7 @@ impl Binding {
     /// Where requests for this binding go now; `None` if it is asleep (or
     /// its contact names a host we would have to resolve).
     pub fn target(&self) -> Option<Flow> {
-        if self.flow.conn.is_some() && self.live {
+        if self.flow.conn.is_some() && self.live && self.reuses_connection() {
             return Some(self.flow);
         }
         if self.flow.transport == Transport::Udp && self.outbound {
@@ -77,6 +77,21 @@ impl Binding {
             remote: SocketAddr::new(ip, port),
             conn: None,
         })
+    }
+
+    /// Requests go back over the REGISTER's connection when the device
+    /// asked for it (outbound, push), when its contact is the connection's
+    /// own address, or when the contact names no address we could dial
+    /// (a device behind NAT, a WebSocket client). A third-party
+    /// registration of some other address is reached at that address.
+    fn reuses_connection(&self) -> bool {
+        let uri = &self.contact.uri;
+        let contact_ip = uri.host.parse::<IpAddr>().ok();
+        self.outbound
+            || self.push.is_some()
+            || contact_ip.is_none()
+            || (contact_ip == Some(self.flow.remote.ip())
+                && uri.port.unwrap_or(5060) == self.flow.remote.port())
     }
 
     /// Asleep: reachable only by push.

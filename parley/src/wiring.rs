@@ -1,0 +1,101 @@
+//! How `parley up` joins the services in one process: signaling asks the
+//! identity service which devices a handle has, and wakes sleeping devices
+//! through the courier.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use wire::handle::Handle;
+use wire::keys::DeviceId;
+
+/// "Is this device one of the handle's active devices?", from ids' store.
+pub struct IdsDirectory(pub Arc<ids::Ids>);
+
+impl signaling::runtime::Directory for IdsDirectory {
+    fn authorize(
+        &self,
+        device: DeviceId,
+        handle: Handle,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'static>> {
+        let ids = self.0.clone();
+        Box::pin(async move {
+            let account = match ids.store.account_of_handle(&handle.uri()).await {
+                Ok(Some(a)) => a,
+                Ok(None) => return false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the identity store; refusing REGISTER");
+                    return false;
+                }
+            };
+            match ids.store.devices_of(&account).await {
+                Ok(devices) => devices
+                    .iter()
+                    .any(|d| d.id == device && d.revoked_at.is_none()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the identity store; refusing REGISTER");
+                    false
+                }
+            }
+        })
+    }
+}
+
+/// Sends VoIP pushes for calls waiting on a sleeping device straight into
+/// the in-process courier. Contacts name the courier with
+/// `pn-provider=parley` (or `apns`, the API it imitates), the device token
+/// in hex as `pn-prid`, and the app topic as `pn-param`.
+pub struct CourierWaker(pub Arc<push_courier::courier::Courier>);
+
+/// A wake-up is useless once the call has stopped waiting for the device.
+const WAKE_TTL: Duration = Duration::from_secs(30);
+
+impl signaling::runtime::Waker for CourierWaker {
+    fn wake(
+        &self,
+        handle: Handle,
+        push: signaling::core::registrar::PushParams,
+        call_id: String,
+        caller: String,
+    ) {
+        if push.provider != "parley" && push.provider != "apns" {
+            tracing::warn!(provider = %push.provider, "cannot wake a device through this push provider");
+            return;
+        }
+        let Some(token) = wire::push::DeviceToken::from_hex(&push.prid) else {
+            tracing::debug!("pn-prid is not a courier device token");
+            return;
+        };
+        let Ok(id) = push_courier::courier::Courier::new_id() else {
+            return;
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let payload = serde_json::json!({
+            "aps": {},
+            "parley": {"type": "call", "call_id": call_id, "from": caller, "to": handle.as_str()},
+        });
+        let collapse: String = call_id.chars().take(64).collect();
+        let req = push_courier::courier::PushRequest {
+            id,
+            token,
+            push_type: wire::push::PushType::Voip,
+            priority: 10,
+            expires: (now + WAKE_TTL).as_secs(),
+            now_or_never: false,
+            collapse_id: collapse,
+            topic: push.param.clone(),
+            payload: payload.to_string().into_bytes(),
+            provider: "signaling".into(),
+            vapid_key: None,
+            receipt: None,
+        };
+        let courier = self.0.clone();
+        tokio::spawn(async move {
+            if let Err(e) = courier.push(req).await {
+                tracing::info!(error = %e, "VoIP push for a waiting call refused");
+            }
+        });
+    }
+}

@@ -1,0 +1,302 @@
+//! Interop with SIPp (Debian `sip-tester`): registration with digest, and
+//! calls from a SIPp caller through the proxy to SIPp devices over UDP and
+//! TCP, including a fork to three devices where one answers and the other
+//! two must get CANCEL with the RFC 3326 Reason. The scenarios are in
+//! `tests/sipp/`.
+
+use parley_tests::tool::{require, run_in, Output};
+use signaling::runtime::{Config, NoDirectory, NoWaker, Server};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wire::handle::Handle;
+
+const ALICE: &str = "+14155550100";
+const BOB: &str = "+14155550123";
+const LIMIT: Duration = Duration::from_secs(40);
+
+struct Proxy {
+    rt: tokio::runtime::Runtime,
+    server: Option<Server>,
+    port: u16,
+}
+
+impl Proxy {
+    fn start() -> Proxy {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        // UDP and TCP on one port number, as SIP expects (bounded retries
+        // if another test took the TCP side first).
+        for _ in 0..20 {
+            let port = free_port();
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let mut config = Config {
+                udp: vec![addr],
+                tcp: vec![addr],
+                tls: vec![],
+                ..Config::default()
+            };
+            config.proxy.domains = vec!["parley.test".into()];
+            config.proxy.realm = "parley.test".into();
+            for (h, pw) in [(ALICE, "alice-password"), (BOB, "bob-password")] {
+                config
+                    .proxy
+                    .accounts
+                    .insert(Handle::parse(h).unwrap(), pw.into());
+            }
+            let started = rt.block_on(Server::start(
+                config,
+                None,
+                Arc::new(NoDirectory),
+                Arc::new(NoWaker),
+            ));
+            if let Ok(server) = started {
+                return Proxy {
+                    rt,
+                    server: Some(server),
+                    port,
+                };
+            }
+        }
+        panic!("no free port pair for the proxy");
+    }
+
+    fn metrics(&self) -> signaling::core::proxy::Metrics {
+        // The runtime publishes its counters once a second.
+        std::thread::sleep(Duration::from_millis(1100));
+        self.server.as_ref().unwrap().metrics()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            self.rt.block_on(s.shutdown(Duration::ZERO));
+        }
+    }
+}
+
+/// A port free on loopback for both UDP and TCP right now.
+fn free_port() -> u16 {
+    for _ in 0..100 {
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u.local_addr().unwrap().port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+fn scenario(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sipp")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// Runs SIPp for one call in `dir`, with its error trace there.
+fn sipp(dir: &Path, transport: &str, port: u16, extra: &[&str]) -> Output {
+    let port = port.to_string();
+    let mut a = args(&[
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-t",
+        transport,
+        "-m",
+        "1",
+        "-nostdin",
+        "-timeout",
+        "30s",
+        "-timeout_error",
+        "-trace_err",
+        "-trace_msg",
+    ]);
+    a.extend(args(extra));
+    run_in(Some(dir), "sipp", &a, LIMIT)
+}
+
+/// What SIPp logged, for a failure message.
+fn logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p: PathBuf = e.path();
+        if p.extension().is_some_and(|x| x == "log") {
+            out.push_str(&format!("--- {}\n", p.display()));
+            out.push_str(&std::fs::read_to_string(&p).unwrap_or_default());
+        }
+    }
+    out
+}
+
+/// Waits until SIPp holds `port` (it binds before it takes calls).
+fn wait_bound(port: u16, transport: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let taken = match transport {
+            "t1" => TcpListener::bind(("127.0.0.1", port)).is_err(),
+            _ => UdpSocket::bind(("127.0.0.1", port)).is_err(),
+        };
+        if taken {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("SIPp did not bind port {port}");
+}
+
+/// Registers `contact_port` (another SIPp's address) for Bob.
+fn register(dir: &Path, proxy: &Proxy, transport: &str, contact_port: u16) {
+    let target = format!("127.0.0.1:{}", proxy.port);
+    let cp = contact_port.to_string();
+    let out = sipp(
+        dir,
+        transport,
+        free_port(),
+        &[
+            &target,
+            "-sf",
+            &scenario("register.xml"),
+            "-s",
+            BOB,
+            "-au",
+            BOB,
+            "-ap",
+            "bob-password",
+            "-key",
+            "contact_port",
+            &cp,
+        ],
+    );
+    assert!(
+        out.success,
+        "SIPp registration failed:\n{}\n{}",
+        out.text,
+        logs(dir)
+    );
+}
+
+/// Starts a device scenario in the background.
+fn device(
+    dir: &Path,
+    transport: &'static str,
+    file: &str,
+) -> (u16, std::thread::JoinHandle<Output>) {
+    let port = free_port();
+    let dir = dir.to_path_buf();
+    let file = scenario(file);
+    let handle = std::thread::spawn(move || sipp(&dir, transport, port, &["-sf", &file]));
+    wait_bound(port, transport);
+    (port, handle)
+}
+
+fn call(dir: &Path, proxy: &Proxy, transport: &str) -> Output {
+    let target = format!("127.0.0.1:{}", proxy.port);
+    sipp(
+        dir,
+        transport,
+        free_port(),
+        &[
+            &target,
+            "-sf",
+            &scenario("call.xml"),
+            "-s",
+            BOB,
+            "-key",
+            "caller",
+            ALICE,
+            "-au",
+            ALICE,
+            "-ap",
+            "alice-password",
+        ],
+    )
+}
+
+fn call_through_the_proxy(transport: &'static str) {
+    require("sipp");
+    let proxy = Proxy::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, uas) = device(dir.path(), transport, "uas_answer.xml");
+    register(dir.path(), &proxy, transport, port);
+    let caller = call(dir.path(), &proxy, transport);
+    let uas = uas.join().unwrap();
+    assert!(
+        caller.success,
+        "SIPp caller failed:\n{}\n{}",
+        caller.text,
+        logs(dir.path())
+    );
+    assert!(
+        uas.success,
+        "SIPp device failed:\n{}\n{}",
+        uas.text,
+        logs(dir.path())
+    );
+    let m = proxy.metrics();
+    assert_eq!(m.calls_answered, 1);
+    assert_eq!(m.registrations, 1);
+}
+
+#[test]
+fn sipp_call_through_the_proxy_over_udp() {
+    call_through_the_proxy("u1");
+}
+
+#[test]
+fn sipp_call_through_the_proxy_over_tcp() {
+    call_through_the_proxy("t1");
+}
+
+fn fork_to_three(transport: &'static str) {
+    require("sipp");
+    let proxy = Proxy::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut devices = Vec::new();
+    for file in ["uas_cancelled.xml", "uas_answer.xml", "uas_cancelled.xml"] {
+        let (port, handle) = device(dir.path(), transport, file);
+        register(dir.path(), &proxy, transport, port);
+        devices.push((file, handle));
+    }
+    let caller = call(dir.path(), &proxy, transport);
+    assert!(
+        caller.success,
+        "SIPp caller failed:\n{}\n{}",
+        caller.text,
+        logs(dir.path())
+    );
+    for (file, handle) in devices {
+        let out = handle.join().unwrap();
+        assert!(
+            out.success,
+            "SIPp device {file} failed (a cancelled device must see the Reason):\n{}\n{}",
+            out.text,
+            logs(dir.path())
+        );
+    }
+    let m = proxy.metrics();
+    assert_eq!(m.calls_answered, 1);
+    assert_eq!(m.fork_branches, 3);
+    assert_eq!(m.cancels_sent, 2);
+}
+
+#[test]
+fn sipp_fork_to_three_devices_one_answers_two_are_cancelled_over_udp() {
+    fork_to_three("u1");
+}
+
+#[test]
+fn sipp_fork_to_three_devices_one_answers_two_are_cancelled_over_tcp() {
+    fork_to_three("t1");
+}
