@@ -9,16 +9,29 @@ fuzz_target!(|data: &[u8]| {
     let Ok(m) = Message::decode(data) else { return };
     let _ = m.check_fingerprint();
     let _ = m.verify_integrity(b"fuzz-key");
-    for t in [AttrType::XorPeerAddress, AttrType::XorMappedAddress, AttrType::XorRelayedAddress] {
+    for t in [
+        AttrType::XorPeerAddress,
+        AttrType::XorMappedAddress,
+        AttrType::XorRelayedAddress,
+    ] {
         let _ = m.xor_address(t);
         for a in m.xor_addresses(t) {
             let _ = a;
         }
     }
-    for t in [AttrType::Lifetime, AttrType::ChangeRequest, AttrType::ConnectionId] {
+    for t in [
+        AttrType::Lifetime,
+        AttrType::ChangeRequest,
+        AttrType::ConnectionId,
+    ] {
         let _ = m.u32_attr(t);
     }
-    for t in [AttrType::Username, AttrType::Realm, AttrType::Nonce, AttrType::Software] {
+    for t in [
+        AttrType::Username,
+        AttrType::Realm,
+        AttrType::Nonce,
+        AttrType::Software,
+    ] {
         let _ = m.text_attr(t, 763);
     }
     if let Some(v) = m.attr(AttrType::ErrorCode) {

@@ -29,15 +29,27 @@ fuzz_target!(|data: &[u8]| {
         let (sel, len) = (rest[0], rest[1] as usize);
         let body = &rest[2..(2 + len).min(rest.len())];
         rest = &rest[(2 + len).min(rest.len())..];
-        let transport = if sel & 1 == 0 { Transport::Udp } else { Transport::Tcp };
+        let transport = if sel & 1 == 0 {
+            Transport::Udp
+        } else {
+            Transport::Tcp
+        };
         let client = ClientAddr {
             transport,
-            remote: std::net::SocketAddr::from(([198, 51, 100, sel >> 4], 4000 + u16::from(sel & 0x0e))),
+            remote: std::net::SocketAddr::from((
+                [198, 51, 100, sel >> 4],
+                4000 + u16::from(sel & 0x0e),
+            )),
             local: "192.0.2.10:3478".parse().unwrap(),
         };
         match sel % 5 {
             4 => {
-                let _ = server.handle_peer_input(RelayId(u32::from(sel)), "203.0.113.1:9".parse().unwrap(), body, t);
+                let _ = server.handle_peer_input(
+                    RelayId(u32::from(sel)),
+                    "203.0.113.1:9".parse().unwrap(),
+                    body,
+                    t,
+                );
             }
             3 => server.handle_client_closed(client),
             _ => {

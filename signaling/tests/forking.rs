@@ -130,6 +130,12 @@ fn ring_timeout_cancels_and_answers_480_or_408() {
     assert_eq!(requests(&out, &dev, "INVITE").len(), 1);
     let out = w.advance(Duration::from_secs(61));
     assert_eq!(codes(&out, &alice).first(), Some(&408));
+    let timeout = to(&out, &alice)[0];
+    assert_eq!(
+        timeout.values(&HeaderName::VIA).count(),
+        1,
+        "our own Via never reaches the caller"
+    );
     assert!(
         requests(&out, &dev, "CANCEL").is_empty(),
         "no CANCEL before a provisional (§9.1)"

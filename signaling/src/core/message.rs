@@ -347,9 +347,11 @@ impl Message {
                 if line.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
                     return Err(ParseError::HeaderLine);
                 }
-                let more = line.trim();
+                let more = line.trim_matches(is_lws);
                 if !more.is_empty() {
-                    last.value.push(' ');
+                    if !last.value.is_empty() {
+                        last.value.push(' ');
+                    }
                     last.value.push_str(more);
                 }
                 continue;
@@ -359,7 +361,7 @@ impl Message {
             if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
                 return Err(ParseError::HeaderLine);
             }
-            let name = name.trim_end();
+            let name = name.trim_end_matches(is_lws);
             if name.is_empty() || !name.bytes().all(is_token_byte) {
                 return Err(ParseError::HeaderLine);
             }
@@ -368,7 +370,7 @@ impl Message {
             }
             headers.push(Header {
                 name: HeaderName::from_wire(name),
-                value: value.trim().to_string(),
+                value: value.trim_matches(is_lws).to_string(),
             });
         }
 
@@ -737,6 +739,13 @@ fn parse_length(value: &str) -> Result<usize, ParseError> {
     v.parse().map_err(|_| ParseError::ContentLength)
 }
 
+/// Linear white space inside a header line (RFC 3261 §25.1): only space
+/// and tab, never other Unicode spaces, so what we write reads back the
+/// same.
+fn is_lws(c: char) -> bool {
+    c == ' ' || c == '\t'
+}
+
 /// RFC 3261 §25.1 `token` characters.
 pub fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
@@ -792,6 +801,20 @@ mod tests {
         let out = String::from_utf8(m.to_bytes()).unwrap();
         assert!(out.contains("\r\nCall-ID: abc\r\n"), "{out}");
         assert!(out.contains("\r\nContent-Length: 0\r\n\r\n"));
+    }
+
+    /// Found by fuzzing: a value that starts on a folded line, or with a
+    /// non-ASCII space, must read back as it was written.
+    #[test]
+    fn folded_empty_values_and_unicode_spaces_round_trip() {
+        for raw in [
+            "OPTIONS sip:a SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\nSubject:\r\n  hello\r\n\r\n",
+            "OPTIONS sip:a SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\nSubject: \u{a0}hello\r\n\r\n",
+        ] {
+            let m = Message::parse(raw.as_bytes()).unwrap();
+            let again = Message::parse(&m.to_bytes()).unwrap();
+            assert_eq!(again.to_bytes(), m.to_bytes());
+        }
     }
 
     #[test]

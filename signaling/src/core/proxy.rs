@@ -1498,7 +1498,11 @@ impl Proxy {
             let request = tx.request.clone();
             self.clients.remove(key);
             if let Some(id) = fork {
-                let timeout = Message::response_to(&request, 408, "Request Timeout", Some("tmo"));
+                // As if the branch had answered 408 (§16.7 step 2), with
+                // our own Via already taken off like any response's.
+                let mut timeout =
+                    Message::response_to(&request, 408, "Request Timeout", Some("tmo"));
+                timeout.pop_first(&HeaderName::VIA);
                 self.fork_response(id, key, timeout, now);
             }
             return;

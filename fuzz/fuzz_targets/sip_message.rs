@@ -1,0 +1,56 @@
+//! SIP messages as they arrive: framing a stream, parsing a message, and
+//! every header reader the proxy uses on what it parsed.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use signaling::core::digest::Credentials;
+use signaling::core::message::{frame, Frame, HeaderName, Message};
+use signaling::core::uri::{NameAddr, Uri};
+use signaling::core::via::Via;
+
+fuzz_target!(|data: &[u8]| {
+    // Framing consumes what it says, never more than there is.
+    let mut rest = data;
+    while let Ok(Some(f)) = frame(rest) {
+        let n = match f {
+            Frame::Keepalive { n, .. } | Frame::Message(n) => n,
+        };
+        assert!(n > 0 && n <= rest.len());
+        rest = &rest[n..];
+    }
+    if let Ok(m) = Message::parse(data) {
+        // What we write reads back and writes the same again.
+        let again = Message::parse(&m.to_bytes()).expect("our own output parses");
+        assert_eq!(again.to_bytes(), m.to_bytes());
+        for v in m.values(&HeaderName::VIA) {
+            if let Some(via) = Via::parse(v) {
+                let _ = via.response_addr();
+                assert!(Via::parse(&via.to_string()).is_some());
+            }
+        }
+        for name in [
+            HeaderName::FROM,
+            HeaderName::TO,
+            HeaderName::CONTACT,
+            HeaderName::ROUTE,
+            HeaderName::RECORD_ROUTE,
+        ] {
+            for v in m.values(&name) {
+                if let Ok(na) = NameAddr::parse(v) {
+                    let _ = na.uri.user_unescaped();
+                    let _ = Uri::parse(&na.uri.to_string());
+                }
+            }
+        }
+        for v in m.lines(&HeaderName::AUTHORIZATION) {
+            let _ = Credentials::parse(v);
+        }
+        let _ = m.cseq();
+        let _ = m.tag(&HeaderName::TO);
+    }
+    if let Ok(s) = std::str::from_utf8(data) {
+        if let Ok(u) = Uri::parse(s) {
+            assert_eq!(Uri::parse(&u.to_string()), Ok(u));
+        }
+    }
+});
