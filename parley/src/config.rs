@@ -42,6 +42,8 @@ pub struct SignalingSection {
     pub tcp: Option<OneOrMany<SocketAddr>>,
     /// SIP over TLS. Default 0.0.0.0:5061.
     pub tls: Option<OneOrMany<SocketAddr>>,
+    /// SIP over secure WebSocket (RFC 7118). Default 0.0.0.0:8445.
+    pub wss: Option<OneOrMany<SocketAddr>>,
     /// The domains of our addresses-of-record (`sip:<handle>@<domain>`).
     /// Default `localhost`.
     pub domains: Option<OneOrMany<String>>,
@@ -103,6 +105,9 @@ impl SignalingSection {
         if let Some(v) = &self.tls {
             c.tls = v.to_vec();
         }
+        if let Some(v) = &self.wss {
+            c.wss = v.to_vec();
+        }
         let p = &mut c.proxy;
         if let Some(d) = &self.domains {
             p.domains = d.to_vec().iter().map(|d| d.to_ascii_lowercase()).collect();
@@ -163,6 +168,7 @@ impl SignalingSection {
                 (Transport::Udp, &c.udp),
                 (Transport::Tcp, &c.tcp),
                 (Transport::Tls, &c.tls),
+                (Transport::Wss, &c.wss),
             ] {
                 if let Some(a) = list.first() {
                     c.proxy.advertise.push((t, SocketAddr::new(ip, a.port())));

@@ -55,7 +55,7 @@ enum Command {
     /// The STUN/TURN relay on 3478 (UDP and TCP) and 5349 (TLS), the
     /// identity service on 8444 (HTTPS), the push courier on 5223 (devices,
     /// TLS and QUIC) and 8443 (providers, HTTPS), and SIP signaling on 5060
-    /// (UDP and TCP) and 5061 (TLS).
+    /// (UDP and TCP), 5061 (TLS) and 8445 (secure WebSocket).
     Up(Box<UpArgs>),
     /// Run the STUN/TURN relay alone.
     ///
@@ -85,7 +85,8 @@ enum Command {
     Courier(CourierArgs),
     /// Run the SIP registrar and forking proxy alone.
     ///
-    /// SIP (RFC 3261) on 5060 (UDP and TCP) and 5061 (TLS 1.3). Handles
+    /// SIP (RFC 3261) on 5060 (UDP and TCP), 5061 (TLS 1.3) and 8445 (secure
+    /// WebSocket, RFC 7118). Handles
     /// register as sip:<handle>@<domain> (an E.164 number, or an email with
     /// its @ written %40) with a device certificate or a digest account
     /// ([[signaling.accounts]]); an INVITE to a handle rings every
@@ -150,6 +151,9 @@ struct SignalingArgs {
     /// SIP TLS listen address. [default: 0.0.0.0:5061]
     #[arg(long = "sip-tls-listen", value_name = "ADDR")]
     sip_tls_listen: Vec<SocketAddr>,
+    /// SIP secure WebSocket listen address (RFC 7118). [default: 0.0.0.0:8445]
+    #[arg(long = "sip-wss-listen", value_name = "ADDR")]
+    sip_wss_listen: Vec<SocketAddr>,
     /// Domain of the addresses-of-record; repeat for several. [default: localhost]
     #[arg(long = "sip-domain", value_name = "DOMAIN")]
     sip_domains: Vec<String>,
@@ -173,6 +177,17 @@ impl SignalingArgs {
                 "signaling.tls".into(),
                 list(
                     self.sip_tls_listen
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect(),
+                ),
+            ));
+        }
+        if !self.sip_wss_listen.is_empty() {
+            o.push((
+                "signaling.wss".into(),
+                list(
+                    self.sip_wss_listen
                         .iter()
                         .map(ToString::to_string)
                         .collect(),
@@ -692,10 +707,11 @@ async fn serve(
         }
         if let Some(s) = &signaling_server {
             println!(
-                "parley: signaling udp={} tcp={} tls={}",
+                "parley: signaling udp={} tcp={} tls={} wss={}",
                 list(s.udp_addrs()),
                 list(s.tcp_addrs()),
-                list(s.tls_addrs())
+                list(s.tls_addrs()),
+                list(s.wss_addrs())
             );
         }
         println!("parley: admin http://{admin_addr} (/metrics /healthz /readyz)");

@@ -67,6 +67,8 @@ fn help_explains_every_command() {
     for word in [
         "--sip-listen",
         "--sip-tls-listen",
+        "--sip-wss-listen",
+        "8445",
         "--sip-domain",
         "--sip-advertise",
         "5060",
@@ -170,6 +172,8 @@ fn start(data: &Path, extra: &[&str]) -> Running {
         "--sip-listen",
         "127.0.0.1:0",
         "--sip-tls-listen",
+        "127.0.0.1:0",
+        "--sip-wss-listen",
         "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);

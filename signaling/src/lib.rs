@@ -9,10 +9,12 @@
 //!
 //! - [`core`]: the protocol state machines, no I/O — start at
 //!   [`core::proxy::Proxy`].
-//! - [`runtime`]: UDP, TCP and TLS listeners (5060, 5061) around one core.
+//! - [`runtime`]: UDP, TCP, TLS and secure WebSocket listeners (5060,
+//!   5061, 8445) around one core.
 
 pub mod core;
 pub mod error;
 pub mod runtime;
+mod websocket;
 
 pub use error::Error;

@@ -33,8 +33,11 @@ pub struct Config {
     pub udp: Vec<SocketAddr>,
     /// TCP listen addresses. Default 0.0.0.0:5060.
     pub tcp: Vec<SocketAddr>,
-    /// TLS listen addresses (needs [`Tls`]). Default 0.0.0.0:5061.
+    /// TLS listen addresses (needs a TLS configuration). Default 0.0.0.0:5061.
     pub tls: Vec<SocketAddr>,
+    /// Secure WebSocket listen addresses (RFC 7118, subprotocol `sip`;
+    /// needs a TLS configuration). Default 0.0.0.0:8445.
+    pub wss: Vec<SocketAddr>,
     pub proxy: proxy::Config,
     /// Open connections at most, both directions; more are refused.
     /// Default 10,000 (the process shares a 20,000-file limit).
@@ -51,6 +54,7 @@ impl Default for Config {
             udp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
             tcp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
             tls: vec![SocketAddr::from(([0, 0, 0, 0], 5061))],
+            wss: vec![SocketAddr::from(([0, 0, 0, 0], 8445))],
             idle_timeout: 2 * proxy.flow_timer + Duration::from_secs(30),
             proxy,
             max_connections: 10_000,
@@ -103,6 +107,7 @@ pub struct Server {
     udp_addrs: Vec<SocketAddr>,
     tcp_addrs: Vec<SocketAddr>,
     tls_addrs: Vec<SocketAddr>,
+    wss_addrs: Vec<SocketAddr>,
     metrics: Arc<Mutex<Metrics>>,
     counters: Arc<Counters>,
     inputs: mpsc::Sender<Input>,
@@ -117,18 +122,19 @@ impl std::fmt::Debug for Server {
             .field("udp", &self.udp_addrs)
             .field("tcp", &self.tcp_addrs)
             .field("tls", &self.tls_addrs)
+            .field("wss", &self.wss_addrs)
             .finish_non_exhaustive()
     }
 }
 
 #[derive(Debug, Default)]
-struct Counters {
-    connections: AtomicU64,
-    refused_connections: AtomicU64,
-    dropped_sends: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) connections: AtomicU64,
+    pub(crate) refused_connections: AtomicU64,
+    pub(crate) dropped_sends: AtomicU64,
 }
 
-enum Input {
+pub(crate) enum Input {
     Message(Source, Vec<u8>),
     Closed(ConnId),
     Authorized(u64, bool),
@@ -141,14 +147,14 @@ struct Conns {
     by_remote: HashMap<(Transport, SocketAddr), ConnId>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     conns: Mutex<Conns>,
     next_conn: AtomicU64,
-    inputs: mpsc::Sender<Input>,
-    counters: Arc<Counters>,
-    limit: Arc<tokio::sync::Semaphore>,
-    idle_timeout: Duration,
-    shutdown: watch::Receiver<bool>,
+    pub(crate) inputs: mpsc::Sender<Input>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) limit: Arc<tokio::sync::Semaphore>,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) shutdown: watch::Receiver<bool>,
 }
 
 impl Server {
@@ -182,19 +188,31 @@ impl Server {
             );
         }
         let mut tls_listeners = Vec::new();
+        let mut wss_listeners = Vec::new();
         if tls.is_some() {
-            for addr in &config.tls {
-                tls_listeners.push(TcpListener::bind(addr).await.map_err(|source| {
-                    Error::Listen {
-                        addr: *addr,
-                        source,
-                    }
-                })?);
+            for (list, addrs) in [
+                (&mut tls_listeners, &config.tls),
+                (&mut wss_listeners, &config.wss),
+            ] {
+                for addr in addrs {
+                    list.push(
+                        TcpListener::bind(addr)
+                            .await
+                            .map_err(|source| Error::Listen {
+                                addr: *addr,
+                                source,
+                            })?,
+                    );
+                }
             }
         }
         let udp_addrs: Vec<SocketAddr> = udp.iter().filter_map(|s| s.local_addr().ok()).collect();
         let tcp_addrs: Vec<SocketAddr> = tcp.iter().filter_map(|s| s.local_addr().ok()).collect();
         let tls_addrs: Vec<SocketAddr> = tls_listeners
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect();
+        let wss_addrs: Vec<SocketAddr> = wss_listeners
             .iter()
             .filter_map(|s| s.local_addr().ok())
             .collect();
@@ -213,6 +231,7 @@ impl Server {
                 (Transport::Udp, &udp_addrs),
                 (Transport::Tcp, &tcp_addrs),
                 (Transport::Tls, &tls_addrs),
+                (Transport::Wss, &wss_addrs),
             ] {
                 if let Some(a) = list.first() {
                     config.proxy.advertise.push((t, fix(*a)));
@@ -257,6 +276,13 @@ impl Server {
                     shared.clone(),
                 )));
             }
+            for l in wss_listeners {
+                listeners.push(tokio::spawn(crate::websocket::accept_loop(
+                    l,
+                    acceptor.clone(),
+                    shared.clone(),
+                )));
+            }
         }
         let core = tokio::spawn(run_core(
             core,
@@ -267,11 +293,12 @@ impl Server {
             waker,
             metrics.clone(),
         ));
-        tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, "signaling listening");
+        tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, wss = ?wss_addrs, "signaling listening");
         Ok(Server {
             udp_addrs,
             tcp_addrs,
             tls_addrs,
+            wss_addrs,
             metrics,
             counters,
             inputs,
@@ -291,6 +318,10 @@ impl Server {
 
     pub fn tls_addrs(&self) -> &[SocketAddr] {
         &self.tls_addrs
+    }
+
+    pub fn wss_addrs(&self) -> &[SocketAddr] {
+        &self.wss_addrs
     }
 
     /// The core's counters, at most a second old.
@@ -761,21 +792,10 @@ async fn run_conn<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let id = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
-    let flow = Flow {
-        transport,
-        remote,
-        conn: Some(id),
-    };
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
+    let (flow, tx, mut rx) = shared.open_conn(transport, remote);
     if let Some(b) = first {
         let _ = tx.try_send(b);
     }
-    if let Ok(mut c) = shared.conns.lock() {
-        c.by_id.insert(id, tx.clone());
-        c.by_remote.insert((transport, remote), id);
-    }
-    shared.counters.connections.fetch_add(1, Ordering::Relaxed);
     let (mut reader, mut writer) = tokio::io::split(stream);
     let writer_task = tokio::spawn(async move {
         while let Some(b) = rx.recv().await {
@@ -829,14 +849,48 @@ async fn run_conn<S>(
             }
         }
     }
-    if let Ok(mut c) = shared.conns.lock() {
-        c.by_id.remove(&id);
-        if c.by_remote.get(&(transport, remote)) == Some(&id) {
-            c.by_remote.remove(&(transport, remote));
-        }
-    }
     drop(tx);
-    let _ = writer_task.await;
-    shared.counters.connections.fetch_sub(1, Ordering::Relaxed);
-    let _ = shared.inputs.send(Input::Closed(id)).await;
+    shared.close_conn(flow, writer_task).await;
+}
+
+impl Shared {
+    /// Numbers a new connection and makes it reachable for sends: its
+    /// flow, and the sending and receiving ends of its outgoing queue.
+    pub(crate) fn open_conn(
+        &self,
+        transport: Transport,
+        remote: SocketAddr,
+    ) -> (Flow, mpsc::Sender<Vec<u8>>, mpsc::Receiver<Vec<u8>>) {
+        let id = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(256);
+        if let Ok(mut c) = self.conns.lock() {
+            c.by_id.insert(id, tx.clone());
+            c.by_remote.insert((transport, remote), id);
+        }
+        self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        let flow = Flow {
+            transport,
+            remote,
+            conn: Some(id),
+        };
+        (flow, tx, rx)
+    }
+
+    /// Forgets a connection once its reader stopped, waits for its writer
+    /// to flush, and tells the core.
+    pub(crate) async fn close_conn(&self, flow: Flow, writer: tokio::task::JoinHandle<()>) {
+        let Some(id) = flow.conn else {
+            return;
+        };
+        let key = (flow.transport, flow.remote);
+        if let Ok(mut c) = self.conns.lock() {
+            c.by_id.remove(&id);
+            if c.by_remote.get(&key) == Some(&id) {
+                c.by_remote.remove(&key);
+            }
+        }
+        let _ = writer.await;
+        self.counters.connections.fetch_sub(1, Ordering::Relaxed);
+        let _ = self.inputs.send(Input::Closed(id)).await;
+    }
 }
