@@ -1,0 +1,495 @@
+//! `parley up` joins signaling to the identity service and the courier:
+//! a device activated through ids registers over SIP/TLS with its ids
+//! certificate (a device ids does not list is refused), falls asleep, is
+//! woken by a VoIP push on its courier link when a call comes, registers
+//! again and takes the call.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use push_courier::client::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wire::device_list::{DeviceEntry, DeviceList, DirectoryValue};
+use wire::{DeviceId, SigningKey};
+
+const BIN: &str = env!("CARGO_BIN_EXE_parley");
+const BOB: &str = "+14155550123";
+const ALICE: &str = "+14155550100";
+const ALICE_PASSWORD: &str = "alice-password";
+const TOPIC: &str = "com.example.phone.voip";
+
+struct Up {
+    child: Child,
+    ids: SocketAddr,
+    courier: SocketAddr,
+    sip_udp: SocketAddr,
+    sip_tls: SocketAddr,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn addr_after(line: &str, key: &str) -> Option<SocketAddr> {
+    line.split(key)
+        .nth(1)?
+        .split([' ', ','])
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn start(data: &Path, config: &Path) -> Up {
+    let any = "127.0.0.1:0";
+    let child = Command::new(BIN)
+        .args([
+            "--data",
+            data.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--admin",
+            any,
+            "up",
+            "--listen",
+            any,
+            "--tls-listen",
+            any,
+            "--ids-listen",
+            any,
+            "--courier-device-listen",
+            any,
+            "--courier-provider-listen",
+            any,
+            "--sip-listen",
+            any,
+            "--sip-tls-listen",
+            any,
+            "--sip-wss-listen",
+            any,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn parley up");
+    let unset = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut up = Up {
+        child,
+        ids: unset,
+        courier: unset,
+        sip_udp: unset,
+        sip_tls: unset,
+    };
+    let rx = parley_tests::tool::lines(up.child.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        if line.starts_with("parley: ids ") {
+            up.ids = addr_after(&line, "https://").unwrap();
+        }
+        if line.starts_with("parley: courier ") {
+            up.courier = addr_after(&line, "tls=").unwrap();
+        }
+        if line.starts_with("parley: signaling ") {
+            up.sip_udp = addr_after(&line, "udp=").unwrap();
+            up.sip_tls = addr_after(&line, "tls=").unwrap();
+        }
+        if line == "parley: ready" {
+            return up;
+        }
+    }
+    panic!("parley up did not report ready within 30 s");
+}
+
+/// One HTTPS call to ids with curl; returns (status, JSON body).
+fn ids_call(
+    up: &Up,
+    data: &Path,
+    path: &str,
+    body: &serde_json::Value,
+    key: Option<&SigningKey>,
+) -> (u16, serde_json::Value) {
+    let body = body.to_string();
+    let mut args: Vec<String> = vec![
+        "-sS".into(),
+        "--cacert".into(),
+        data.join("ca.pem").display().to_string(),
+        "-X".into(),
+        "POST".into(),
+        "-H".into(),
+        "content-type: application/json".into(),
+        "-d".into(),
+        body.clone(),
+        "-w".into(),
+        "\n%{http_code}".into(),
+    ];
+    if let Some(k) = key {
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let auth = wire::request_auth::sign(k, "POST", path, ts, body.as_bytes());
+        args.push("-H".into());
+        args.push(format!("authorization: {auth}"));
+    }
+    args.push(format!("https://{}{path}", up.ids));
+    let out = parley_tests::tool::run("curl", &args, Duration::from_secs(20));
+    let (json, status) = out.text.trim().rsplit_once('\n').expect("status line");
+    (
+        status.trim().parse().unwrap(),
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Proves Bob's number and creates his account with one device; returns
+/// the device's key, id and certificate (PEM).
+fn activate(up: &Up, data: &Path) -> (SigningKey, DeviceId, String) {
+    let (s, v) = ids_call(
+        up,
+        data,
+        "/v1/verifications",
+        &serde_json::json!({"handle": BOB}),
+        None,
+    );
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let outbox = data.join("outbox");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        let found = std::fs::read_dir(&outbox).ok().and_then(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "txt"))
+        });
+        if let Some(f) = found {
+            let text = std::fs::read_to_string(f).unwrap();
+            break text
+                .split("code is ")
+                .nth(1)
+                .unwrap()
+                .chars()
+                .take(6)
+                .collect::<String>();
+        }
+        assert!(Instant::now() < deadline, "no code in the outbox");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (s, v) = ids_call(
+        up,
+        data,
+        &format!("/v1/verifications/{id}/check"),
+        &serde_json::json!({"code": code}),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    let token = v["handle_token"].as_str().unwrap().to_owned();
+
+    let account = SigningKey::generate();
+    let device = SigningKey::generate();
+    let device_id = DeviceId::random();
+    let list = DeviceList {
+        account_key: account.public(),
+        seq: 1,
+        handles: vec![wire::Handle::parse(BOB).unwrap().uri()],
+        devices: vec![DeviceEntry {
+            id: device_id,
+            identity_key: device.public(),
+        }],
+    };
+    let signed = B64.encode(DirectoryValue::Active(list.sign(&account).unwrap()).encode());
+    let (s, v) = ids_call(
+        up,
+        data,
+        "/v1/accounts",
+        &serde_json::json!({"handle_tokens": [token], "device_list": signed, "device": {}}),
+        Some(&device),
+    );
+    assert_eq!(s, 201, "{v}");
+    let cert = v["certificate"].as_str().unwrap().to_owned();
+    (device, device_id, cert)
+}
+
+fn roots(data: &Path) -> rustls::RootCertStore {
+    let pem = std::fs::read(data.join("ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    roots
+}
+
+fn credentials(data: &Path, key: &SigningKey, cert_pem: &str) -> DeviceCredentials {
+    DeviceCredentials {
+        chain: rustls_pemfile::certs(&mut cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap(),
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.pkcs8().to_vec().into()),
+        roots: roots(data),
+        server_name: "localhost".into(),
+    }
+}
+
+/// A SIP/TLS connection with a device certificate; reads whole messages.
+struct SipTls {
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl SipTls {
+    async fn connect(addr: SocketAddr, creds: &DeviceCredentials) -> SipTls {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(creds.roots.clone())
+            .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
+            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        SipTls {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, msg: &str) {
+        self.stream.write_all(msg.as_bytes()).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(signaling::core::message::Frame::Message(n))) =
+                signaling::core::message::frame(&self.buf)
+            {
+                let m: Vec<u8> = self.buf.drain(..n).collect();
+                return String::from_utf8(m).unwrap();
+            }
+            let mut chunk = [0u8; 8192];
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
+                .await
+                .expect("a SIP message within 10 s")
+                .unwrap();
+            assert!(n > 0, "signaling closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn register_text(contact: &str, call_id: &str, cseq: u32) -> String {
+    format!(
+        "REGISTER sip:localhost SIP/2.0\r\n\
+         Via: SIP/2.0/TLS 127.0.0.1:1;branch=z9hG4bKreg{cseq}{call_id}\r\n\
+         From: <sip:{BOB}@localhost>;tag=r\r\n\
+         To: <sip:{BOB}@localhost>\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: {cseq} REGISTER\r\n\
+         Contact: {contact}\r\n\
+         Expires: 600\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+}
+
+fn header<'a>(msg: &'a str, name: &str) -> Vec<&'a str> {
+    msg.split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+        .collect()
+}
+
+/// The digest answer for Alice's account to a `Proxy-Authenticate`
+/// challenge (SHA-256, RFC 8760).
+fn proxy_authorization(challenges: &[&str], uri: &str) -> String {
+    let sha = challenges
+        .iter()
+        .find(|c| c.contains("SHA-256"))
+        .expect("a SHA-256 challenge");
+    let field = |name: &str| {
+        sha.split(&format!("{name}=\""))
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let (realm, nonce) = (field("realm"), field("nonce"));
+    let h = |s: String| {
+        ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let ha1 = h(format!("{ALICE}:{realm}:{ALICE_PASSWORD}"));
+    let ha2 = h(format!("INVITE:{uri}"));
+    let response = h(format!("{ha1}:{nonce}:00000001:feed:auth:{ha2}"));
+    format!(
+        "Digest username=\"{ALICE}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", \
+         response=\"{response}\", algorithm=SHA-256, qop=auth, nc=00000001, cnonce=\"feed\""
+    )
+}
+
+#[test]
+fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
+    parley_tests::tool::require("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("parley.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[signaling]\n\
+             ring_timeout_secs = 30\n\
+             [[signaling.accounts]]\n\
+             handle = \"{ALICE}\"\n\
+             password = \"{ALICE_PASSWORD}\"\n"
+        ),
+    )
+    .unwrap();
+    let up = start(&data, &config);
+    let (key, _device_id, cert) = activate(&up, &data);
+    let creds = credentials(&data, &key, &cert);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // The phone holds its courier link and learns its VoIP token.
+        let (mut courier, tokens) =
+            DeviceClient::connect(up.courier, Transport::Tls, &creds, &[TOPIC], 0)
+                .await
+                .unwrap();
+        let token = tokens
+            .iter()
+            .find(|(t, _)| t == TOPIC)
+            .map(|(_, t)| t.to_hex())
+            .unwrap();
+        let contact = format!(
+            "<sip:phone@127.0.0.1:1;transport=tls;pn-provider=parley;pn-prid={token};pn-param={TOPIC}>;+sip.instance=\"<urn:uuid:0f1e2d3c-0000-4000-8000-000000000001>\""
+        );
+
+        // A certificate from the same CA for a device ids does not list is
+        // refused.
+        let stranger_key = SigningKey::generate();
+        let ca = ids::certs::DeviceCa::from_pem(
+            &std::fs::read_to_string(data.join("ca.pem")).unwrap(),
+            &std::fs::read_to_string(data.join("ca-key.pem")).unwrap(),
+        )
+        .unwrap();
+        let (_, stranger_pem) = ca
+            .issue(DeviceId::random(), &stranger_key.public(), [9; 16], 1_790_000_000)
+            .unwrap();
+        let mut stranger =
+            SipTls::connect(up.sip_tls, &credentials(&data, &stranger_key, &stranger_pem)).await;
+        stranger.send(&register_text(&contact, "reg-x", 1)).await;
+        let r = stranger.recv().await;
+        assert!(r.starts_with("SIP/2.0 403 "), "{r}");
+
+        // Bob's phone registers with its ids certificate, then sleeps.
+        let mut sip = SipTls::connect(up.sip_tls, &creds).await;
+        sip.send(&register_text(&contact, "reg-1", 1)).await;
+        let r = sip.recv().await;
+        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
+        drop(sip);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // Alice calls from a standard user agent with her digest account.
+        let alice = UdpSocket::bind("127.0.0.1:0").unwrap();
+        alice.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let me = alice.local_addr().unwrap();
+        let uri = format!("sip:{BOB}@localhost");
+        let invite = |branch: &str, cseq: u32, auth: Option<String>| {
+            let auth = auth
+                .map(|a| format!("Proxy-Authorization: {a}\r\n"))
+                .unwrap_or_default();
+            format!(
+                "INVITE {uri} SIP/2.0\r\n\
+                 Via: SIP/2.0/UDP {me};branch=z9hG4bK{branch};rport\r\n\
+                 Max-Forwards: 70\r\n\
+                 From: <sip:{ALICE}@localhost>;tag=alice\r\n\
+                 To: <sip:{BOB}@localhost>\r\n\
+                 Call-ID: wake-call\r\n\
+                 CSeq: {cseq} INVITE\r\n\
+                 Contact: <sip:alice@{me}>\r\n\
+                 {auth}\
+                 Content-Length: 0\r\n\r\n"
+            )
+        };
+        let recv = |sock: &UdpSocket| {
+            let mut buf = [0u8; 8192];
+            let (n, _) = sock.recv_from(&mut buf).expect("a response within 10 s");
+            String::from_utf8_lossy(&buf[..n]).to_string()
+        };
+        alice
+            .send_to(invite("a1", 1, None).as_bytes(), up.sip_udp)
+            .unwrap();
+        let challenge = recv(&alice);
+        assert!(challenge.starts_with("SIP/2.0 407 "), "{challenge}");
+        let ack = format!(
+            "ACK {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKa1;rport\r\n\
+             From: <sip:{ALICE}@localhost>;tag=alice\r\nTo: {}\r\nCall-ID: wake-call\r\n\
+             CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+            header(&challenge, "To")[0]
+        );
+        alice.send_to(ack.as_bytes(), up.sip_udp).unwrap();
+        let auth = proxy_authorization(&header(&challenge, "Proxy-Authenticate"), &uri);
+        alice
+            .send_to(invite("a2", 2, Some(auth)).as_bytes(), up.sip_udp)
+            .unwrap();
+        let trying = recv(&alice);
+        assert!(trying.starts_with("SIP/2.0 100 "), "{trying}");
+
+        // The VoIP push arrives on the phone's courier link.
+        let push = loop {
+            match courier.next_within(Duration::from_secs(10)).await {
+                Ok(ClientEvent::Notification(n)) => break n,
+                Ok(ClientEvent::Closed(r)) => panic!("courier link closed: {r:?}"),
+                Ok(_) => {}
+                Err(e) => panic!("no VoIP push: {e}"),
+            }
+        };
+        courier.ack(&[push.id]).await.unwrap();
+        assert_eq!(push.push_type, wire::push::PushType::Voip);
+        assert_eq!(push.priority, 10);
+        let payload: serde_json::Value = serde_json::from_slice(&push.payload).unwrap();
+        assert_eq!(payload["parley"]["call_id"], "wake-call");
+
+        // Woken, the phone registers again and the INVITE follows.
+        let mut sip = SipTls::connect(up.sip_tls, &creds).await;
+        sip.send(&register_text(&contact, "reg-1", 2)).await;
+        let r = sip.recv().await;
+        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
+        let inv = sip.recv().await;
+        assert!(inv.starts_with("INVITE sip:phone@127.0.0.1:1;"), "{inv}");
+        let mut ok = String::from("SIP/2.0 200 OK\r\n");
+        for name in ["Via", "From", "Call-ID", "CSeq", "Record-Route"] {
+            for v in header(&inv, name) {
+                ok.push_str(&format!("{name}: {v}\r\n"));
+            }
+        }
+        ok.push_str(&format!(
+            "To: {};tag=phone\r\nContact: <sip:phone@127.0.0.1:1;transport=tls>\r\nContent-Length: 0\r\n\r\n",
+            header(&inv, "To")[0]
+        ));
+        sip.send(&ok).await;
+        let answered = recv(&alice);
+        assert!(answered.starts_with("SIP/2.0 200 OK\r\n"), "{answered}");
+    });
+}
