@@ -212,6 +212,15 @@ fn in_dialog_requests_follow_record_route_over_the_right_connections() {
     let out = w.send(&laptop, &bye_back);
     assert_eq!(out[0].0.conn, Some(ConnId(22)));
 
+    // A BYE that names the proxy itself and has no route of ours would
+    // loop: 404.
+    let stray = bye
+        .replace(&format!("Route: {}\n", rr[0]), "")
+        .replace("sip:uas@10.0.0.99:5060;transport=tcp", "sip:192.0.2.1:5060")
+        .replace("bye1", "bye4");
+    let out = w.send(&alice, &stray);
+    assert_eq!(codes(&out, &alice), vec![404]);
+
     // A forged token routes nowhere special: it is not ours.
     let forged = rr[0].replace("pf=", "pf=00");
     let out = w.send(

@@ -1134,6 +1134,14 @@ impl Proxy {
             Some(r) => NameAddr::parse(r).ok().map(|na| na.uri),
             None => req.uri().cloned(),
         };
+        // An in-dialog request that names us and carries no route of ours
+        // has nowhere to go (sending it on would loop back to us).
+        if token.is_none() && next_uri.as_ref().is_some_and(|u| self.is_ours(u)) {
+            if method != Method::Ack {
+                self.reply(source, &req, 404, "Not Here", now);
+            }
+            return;
+        }
         let mut flow = next_uri.as_ref().and_then(uri_flow);
         if let Some((Some(pf), ftag)) = &token {
             if let Some(flows) = self.tokens.decode(pf) {
