@@ -45,6 +45,10 @@ pub struct Config {
     /// A connection that sends nothing (not even a CRLF keepalive) for
     /// this long is closed. Default: twice the flow timer plus 30 s.
     pub idle_timeout: Duration,
+    /// UDP socket receive and send buffers, bytes (the kernel caps them at
+    /// net.core.rmem_max / wmem_max). Default 4 MiB: a burst of requests
+    /// waits in the socket instead of being dropped and retransmitted.
+    pub udp_buffer: usize,
 }
 
 impl Default for Config {
@@ -58,6 +62,7 @@ impl Default for Config {
             idle_timeout: 2 * proxy.flow_timer + Duration::from_secs(30),
             proxy,
             max_connections: 10_000,
+            udp_buffer: 4 << 20,
         }
     }
 }
@@ -168,12 +173,10 @@ impl Server {
     ) -> Result<Server, Error> {
         let mut udp = Vec::new();
         for addr in &config.udp {
-            let s = UdpSocket::bind(addr)
-                .await
-                .map_err(|source| Error::Listen {
-                    addr: *addr,
-                    source,
-                })?;
+            let s = bind_udp(*addr, config.udp_buffer).map_err(|source| Error::Listen {
+                addr: *addr,
+                source,
+            })?;
             udp.push(Arc::new(s));
         }
         let mut tcp = Vec::new();
@@ -526,11 +529,16 @@ async fn run_core(
                 let Some(input) = input else { break };
                 let now = Instant::now();
                 handle(&mut proxy, input, now);
-                // Take what else is waiting before flushing: one wake-up
-                // serves a burst.
+                flush(&mut proxy, &udp, &shared);
+                // Take what else is waiting: one wake-up serves a burst.
+                // Each input's messages go out before the next is read, so
+                // peers see a steady stream rather than bursts.
                 for _ in 0..256 {
                     match rx.try_recv() {
-                        Ok(input) => handle(&mut proxy, input, now),
+                        Ok(input) => {
+                            handle(&mut proxy, input, now);
+                            flush(&mut proxy, &udp, &shared);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -542,9 +550,7 @@ async fn run_core(
                 }
             }
         }
-        while let Some(t) = proxy.poll_transmit() {
-            send(&udp, &shared, t);
-        }
+        flush(&mut proxy, &udp, &shared);
         while let Some(e) = proxy.poll_event() {
             match e {
                 Event::Authorize { id, device, handle } => {
@@ -563,6 +569,12 @@ async fn run_core(
                 } => waker.wake(handle, push, call_id, caller),
             }
         }
+    }
+}
+
+fn flush(proxy: &mut Proxy, udp: &[Arc<UdpSocket>], shared: &Arc<Shared>) {
+    while let Some(t) = proxy.poll_transmit() {
+        send(udp, shared, t);
     }
 }
 
@@ -679,6 +691,17 @@ fn send(udp: &[Arc<UdpSocket>], shared: &Arc<Shared>, t: Transmit) {
                 .fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
+    let domain = socket2::Domain::for_address(addr);
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    // Best effort: a smaller buffer than asked for is still a buffer.
+    let _ = s.set_recv_buffer_size(buffer);
+    let _ = s.set_send_buffer_size(buffer);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    UdpSocket::from_std(s.into())
 }
 
 async fn udp_reader(

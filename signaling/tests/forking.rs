@@ -58,6 +58,11 @@ fn call_rings_all_devices_and_first_answer_cancels_the_rest() {
         );
     }
     assert!(requests(&out, laptop, "CANCEL").is_empty());
+    assert_eq!(
+        w.proxy.metrics().calls_active,
+        0,
+        "an answered call keeps no fork state"
+    );
     // The cancelled devices answer 200 to CANCEL and 487 to INVITE; the
     // proxy ACKs the 487 and Alice hears nothing more.
     for (ua, inv) in [&legs[0], &legs[2]] {

@@ -69,6 +69,11 @@ fn digest_register_challenges_then_accepts_the_right_password_only() {
     let right = format!("{contact}{}", answer("alice-secret"));
     let out = w.send(&ua, &register_text(&ua, ALICE, 3, &right));
     assert_eq!(codes(&out, &ua), vec![200]);
+    // A retransmission is answered again; an older CSeq is out of order.
+    let out = w.send(&ua, &register_text(&ua, ALICE, 3, &right));
+    assert_eq!(codes(&out, &ua), vec![200]);
+    let out = w.send(&ua, &register_text(&ua, ALICE, 2, &right));
+    assert_eq!(codes(&out, &ua), vec![500]);
     // Alice's credentials do not register Bob.
     let out = w.send(&ua, &register_text(&ua, BOB, 4, &right));
     assert_eq!(codes(&out, &ua), vec![403]);

@@ -277,7 +277,7 @@ impl Proxy {
             return;
         };
         if allowed {
-            self.register(&p.key, &p.source, &p.request, &p.handle, now);
+            self.register(Some(&p.key), &p.source, &p.request, &p.handle, now);
         } else {
             self.metrics.registrations_refused += 1;
             self.respond(&p.key, 403, "Device Not Listed For Handle", now);
@@ -501,8 +501,10 @@ impl Proxy {
             self.reply(source, &req, 404, "Not Found", now);
             return;
         };
-        self.start_server(&key, source, &req, None);
         if let Some(device) = source.device {
+            // The answer waits for the directory: keep a transaction so
+            // retransmissions meanwhile are absorbed.
+            self.start_server(&key, source, &req, None);
             if self.pending_auth.len() >= MAX_PENDING_AUTH {
                 self.respond(&key, 503, "Service Unavailable", now);
                 return;
@@ -521,33 +523,48 @@ impl Proxy {
                 .push_back(Event::Authorize { id, device, handle });
             return;
         }
+        // Digest REGISTERs are answered statelessly, as a registrar may
+        // (a retransmission is answered again the same way: the
+        // registrar treats a repeated CSeq as the same request).
         match self.check_digest(&req, &HeaderName::AUTHORIZATION, "REGISTER", now) {
             Some((Verdict::Ok, who)) if who == handle => {
-                self.register(&key, &source, &req, &handle, now);
+                self.register(None, &source, &req, &handle, now);
             }
             Some((Verdict::Ok, _)) => {
                 self.metrics.registrations_refused += 1;
-                self.respond(&key, 403, "Forbidden", now);
+                let resp = self.stateless_response(&req, 403, "Forbidden");
+                self.send(reply_flow(&source, &req), resp.to_bytes());
             }
-            Some((Verdict::Stale, _)) => {
-                self.servers.remove(&key);
-                self.challenge_stale(source, &req, 401, true, now);
-            }
-            _ => {
-                self.servers.remove(&key);
-                self.challenge(source, &req, 401, now);
-            }
+            Some((Verdict::Stale, _)) => self.challenge_stale(source, &req, 401, true, now),
+            _ => self.challenge(source, &req, 401, now),
         }
     }
 
+    /// A response outside any transaction, with a To tag derived from the
+    /// request so a retransmission gets the same one.
+    fn stateless_response(&self, req: &Message, code: u16, reason: &str) -> Message {
+        let tag = self.tokens.digest(req.call_id().as_bytes());
+        Message::response_to(req, code, reason, Some(&tag[..10]))
+    }
+
+    /// Applies a REGISTER and answers it: in the transaction `key` if
+    /// there is one, else statelessly.
     fn register(
         &mut self,
-        key: &str,
+        key: Option<&str>,
         source: &Source,
         req: &Message,
         handle: &Handle,
         now: Instant,
     ) {
+        let answer = |this: &mut Proxy, resp: Message| match key {
+            Some(k) => this.send_response(k, resp, now),
+            None => this.send(reply_flow(source, req), resp.to_bytes()),
+        };
+        let respond = |this: &Proxy, code: u16, reason: &str| match key {
+            Some(k) => this.response(k, req, code, reason),
+            None => this.stateless_response(req, code, reason),
+        };
         let result = self.registrar.register(
             handle,
             req,
@@ -559,15 +576,15 @@ impl Proxy {
         match result {
             Err(refusal) => {
                 self.metrics.registrations_refused += 1;
-                let mut resp = self.response(key, req, refusal.code, refusal.reason);
+                let mut resp = respond(self, refusal.code, refusal.reason);
                 if let Some(min) = refusal.min_expires {
                     resp.push(HeaderName::MIN_EXPIRES, min.to_string());
                 }
-                self.send_response(key, resp, now);
+                answer(self, resp);
             }
             Ok(update) => {
                 self.metrics.registrations += 1;
-                let mut resp = self.response(key, req, 200, "OK");
+                let mut resp = respond(self, 200, "OK");
                 for c in self.registrar.contact_values(handle, now) {
                     resp.push(HeaderName::CONTACT, c);
                 }
@@ -586,7 +603,7 @@ impl Proxy {
                     }
                 }
                 resp.push(HeaderName::SUPPORTED, "outbound, path");
-                self.send_response(key, resp, now);
+                answer(self, resp);
                 for i in update.awake {
                     self.binding_awake(handle, i, now);
                 }
@@ -656,16 +673,20 @@ impl Proxy {
                 HeaderName::PROXY_AUTHENTICATE,
             )
         };
-        let tag = self.tokens.digest(req.call_id().as_bytes());
-        let mut resp = Message::response_to(req, code, reason, Some(&tag[..10]));
+        let mut resp = self.stateless_response(req, code, reason);
         for c in self
             .digest
             .challenges(now.duration_since(self.epoch), stale)
         {
             resp.push(header.clone(), c);
         }
-        let key = self.start_server_for(source, req);
-        self.send_response(&key, resp, now);
+        if req.method() == Some(&Method::Invite) {
+            // The caller ACKs a 407 hop by hop: a transaction absorbs it.
+            let key = self.start_server_for(source, req);
+            self.send_response(&key, resp, now);
+        } else {
+            self.send(reply_flow(&source, req), resp.to_bytes());
+        }
     }
 }
 
@@ -1389,7 +1410,9 @@ struct ClientTx {
 struct ServerTx {
     invite: bool,
     state: SState,
-    request: Message,
+    /// The request, until the final response is sent; after that only
+    /// the response bytes are kept (for retransmissions).
+    request: Option<Message>,
     reply_flow: Flow,
     last: Option<Vec<u8>>,
     fork: Option<u64>,
@@ -1580,7 +1603,7 @@ impl Proxy {
             ServerTx {
                 invite: req.method() == Some(&Method::Invite),
                 state: SState::Proceeding,
-                request: req.clone(),
+                request: Some(req.clone()),
                 reply_flow,
                 last: None,
                 fork,
@@ -1618,10 +1641,9 @@ impl Proxy {
 
     /// Our own final response in an existing server transaction.
     fn respond(&mut self, key: &str, code: u16, reason: &str, now: Instant) {
-        let Some(tx) = self.servers.get(key) else {
-            return;
+        let Some(req) = self.servers.get(key).and_then(|tx| tx.request.clone()) else {
+            return; // the final response was sent already
         };
-        let req = tx.request.clone();
         let resp = self.response(key, &req, code, reason);
         self.send_response(key, resp, now);
     }
@@ -1676,7 +1698,33 @@ impl Proxy {
         }
         // In Accepted, retransmitted INVITEs are absorbed (RFC 6026 §7.1).
         tx.last = (tx.state != SState::Accepted).then(|| bytes.clone());
+        let release = if code >= 200 {
+            tx.request = None;
+            tx.fork
+        } else {
+            None
+        };
         self.send(flow, bytes);
+        if let Some(id) = release {
+            self.release_fork(key, id);
+        }
+    }
+
+    /// After the final response a fork is kept only while a branch still
+    /// waits for a provisional before its CANCEL can go (§9.1); calls
+    /// that are answered or over then cost only their transaction entry.
+    fn release_fork(&mut self, key: &str, id: u64) {
+        let pending = self
+            .forks
+            .get(&id)
+            .is_some_and(|f| f.branches.iter().any(|b| b.cancel_pending.is_some()));
+        if pending {
+            return;
+        }
+        self.drop_fork(id);
+        if let Some(tx) = self.servers.get_mut(key) {
+            tx.fork = None;
+        }
     }
 
     fn send(&mut self, flow: Flow, bytes: Vec<u8>) {

@@ -255,7 +255,11 @@ impl Registrar {
             let existing = list.iter().position(|b| b.same(&instance, reg_id, &na));
             if let Some(i) = existing {
                 let b = &list[i];
-                if b.call_id == call_id && cseq <= b.cseq {
+                // §10.3 step 7: an older CSeq on the same Call-ID is out
+                // of order. The same CSeq is this request again (a
+                // retransmission answered statelessly) and is applied
+                // again, which changes nothing.
+                if b.call_id == call_id && cseq < b.cseq {
                     return Err(refuse(500, "Out Of Order REGISTER"));
                 }
             }
