@@ -251,7 +251,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b>0) printf "%.2f", a/b; else pri
 
 out=bench/results/sip-vs-kamailio.md
 {
-  echo "# SIP proxy: parley signaling vs Kamailio $(kamailio -v | head -1 | awk '{print $2}')"
+  echo "# SIP proxy: parley signaling vs Kamailio $(kamailio -v | head -1 | awk '{print $3}')"
   echo
   echo "$(date -u +%Y-%m-%d), $(nproc) cores, SIPp $(sipp -v 2>/dev/null | grep -o 'v[0-9.]*' | head -1) on the same machine, ${step_secs} s per step."
   echo
