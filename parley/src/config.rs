@@ -66,6 +66,9 @@ pub struct SignalingSection {
     /// Let calls through without a device certificate or digest
     /// credentials (benchmarks, labs). Default false.
     pub allow_unauthenticated_calls: Option<bool>,
+    /// Offer SHA-256 digest (RFC 8760) before MD5. Off by default: SIPp
+    /// 3.6 and baresip 1.0 fail on a SHA-256 challenge. Default false.
+    pub digest_sha256: Option<bool>,
     /// Digest accounts for standard user agents: `[[signaling.accounts]]`
     /// with `handle` and `password`.
     pub accounts: Vec<SipAccount>,
@@ -145,6 +148,9 @@ impl SignalingSection {
         }
         if let Some(b) = self.allow_unauthenticated_calls {
             p.allow_unauthenticated_calls = b;
+        }
+        if let Some(b) = self.digest_sha256 {
+            p.digest_sha256 = b;
         }
         for (i, a) in self.accounts.iter().enumerate() {
             let handle = wire::handle::Handle::parse(&a.handle).map_err(|e| {

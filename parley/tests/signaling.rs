@@ -355,6 +355,7 @@ fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
         format!(
             "[signaling]\n\
              ring_timeout_secs = 30\n\
+             digest_sha256 = true\n\
              [[signaling.accounts]]\n\
              handle = \"{ALICE}\"\n\
              password = \"{ALICE_PASSWORD}\"\n"

@@ -28,6 +28,21 @@ fn register_text(ua: &Ua, handle: &str, cseq: u32, extra: &str) -> String {
 #[test]
 fn digest_register_challenges_then_accepts_the_right_password_only() {
     let mut w = World::new();
+    let www_md5_only = {
+        let mut ua = Ua::new("md5", udp("10.0.0.4:5060"));
+        ua.device = None;
+        let contact = format!("Contact: {}\n", ua.contact());
+        let out = w.send(&ua, &register_text(&ua, ALICE, 1, &contact));
+        to(&out, &ua)[0]
+            .lines(&HeaderName::WWW_AUTHENTICATE)
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(www_md5_only.len(), 1, "MD5 only unless SHA-256 is enabled");
+    assert!(www_md5_only[0].contains("algorithm=MD5"));
+    let mut config = config();
+    config.digest_sha256 = true;
+    let mut w = World::with(config);
     let mut ua = Ua::new("softphone", udp("10.0.0.5:5060"));
     ua.device = None; // a standard user agent: no device certificate
     let contact = format!("Contact: {}\n", ua.contact());
@@ -36,8 +51,8 @@ fn digest_register_challenges_then_accepts_the_right_password_only() {
     assert_eq!(challenge.code(), Some(401));
     let www: Vec<&str> = challenge.lines(&HeaderName::WWW_AUTHENTICATE).collect();
     assert_eq!(www.len(), 2);
-    assert!(www[0].contains("algorithm=MD5") && www[1].contains("algorithm=SHA-256"));
-    let nonce = www[1]
+    assert!(www[0].contains("algorithm=SHA-256") && www[1].contains("algorithm=MD5"));
+    let nonce = www[0]
         .split("nonce=\"")
         .nth(1)
         .unwrap()

@@ -113,19 +113,30 @@ impl Digest {
         &self.realm
     }
 
-    /// The challenge header values, MD5 first: SIPp and baresip 1.0 read
-    /// only the first challenge and know only MD5; clients that read all
-    /// of them may pick SHA-256 (RFC 8760 §2.4).
-    pub fn challenges(&self, elapsed: Duration, stale: bool) -> [String; 2] {
+    /// The challenge header values: SHA-256 first if `sha256` (RFC 8760
+    /// §2.4: the preferred algorithm comes first), then MD5. SHA-256 is
+    /// opt-in because common user agents break on it: baresip 1.0 fails
+    /// the whole registration ("Function not implemented") when any
+    /// challenge names an algorithm it lacks, and SIPp 3.6 knows MD5 only.
+    /// Either way, credentials in both algorithms are accepted.
+    pub fn challenges(&self, elapsed: Duration, stale: bool, sha256: bool) -> Vec<String> {
         let nonce = self.nonce(elapsed.as_secs());
         let stale = if stale { ", stale=true" } else { "" };
-        [Algorithm::Md5, Algorithm::Sha256].map(|a| {
-            format!(
-                "Digest realm=\"{}\", nonce=\"{nonce}\", algorithm={}, qop=\"auth\"{stale}",
-                self.realm,
-                a.name()
-            )
-        })
+        let algorithms: &[Algorithm] = if sha256 {
+            &[Algorithm::Sha256, Algorithm::Md5]
+        } else {
+            &[Algorithm::Md5]
+        };
+        algorithms
+            .iter()
+            .map(|a| {
+                format!(
+                    "Digest realm=\"{}\", nonce=\"{nonce}\", algorithm={}, qop=\"auth\"{stale}",
+                    self.realm,
+                    a.name()
+                )
+            })
+            .collect()
     }
 
     /// Checks `creds` for a request with `method`, given the account's
@@ -253,7 +264,7 @@ mod tests {
     fn accepts_a_correct_answer_and_refuses_others() {
         let d = Digest::new("parley.test", &[1; 32]);
         let now = Duration::from_secs(1000);
-        let challenge = &d.challenges(now, false)[0];
+        let challenge = &d.challenges(now, false, false)[0];
         let nonce = challenge
             .split("nonce=\"")
             .nth(1)

@@ -55,6 +55,9 @@ pub struct Config {
     /// Let out-of-dialog requests without credentials through (a
     /// benchmark against a proxy without authentication). Default off.
     pub allow_unauthenticated_calls: bool,
+    /// Offer SHA-256 digest (RFC 8760) before MD5. Default off: see
+    /// [`crate::core::digest::Digest::challenges`].
+    pub digest_sha256: bool,
     /// How long a call may ring before it is given up. Default 60 s.
     pub ring_timeout: Duration,
     /// How long a branch woken by push may take to register. Default 30 s.
@@ -82,6 +85,7 @@ impl Default for Config {
             realm: "localhost".into(),
             accounts: HashMap::new(),
             allow_unauthenticated_calls: false,
+            digest_sha256: false,
             ring_timeout: Duration::from_secs(60),
             push_window: Duration::from_secs(30),
             registrar: Limits {
@@ -674,10 +678,11 @@ impl Proxy {
             )
         };
         let mut resp = self.stateless_response(req, code, reason);
-        for c in self
-            .digest
-            .challenges(now.duration_since(self.epoch), stale)
-        {
+        for c in self.digest.challenges(
+            now.duration_since(self.epoch),
+            stale,
+            self.config.digest_sha256,
+        ) {
             resp.push(header.clone(), c);
         }
         if req.method() == Some(&Method::Invite) {
