@@ -11,6 +11,10 @@
 #   curl         the courier's APNs-style API is tested with curl --http2
 #   nodejs, npm  run the npm `web-push` sender against the courier
 #   sip-tester   SIPp: registration and call scenarios against signaling
+#   baresip-core baresip: a real SIP user agent calling through signaling
+#                and the relay with ICE and DTLS-SRTP
+#   iproute2     `ip netns`: the baresip test gives each instance a network
+#                namespace of its own
 #
 # from PyPI:
 #   schemathesis API fuzzing from the identity service's OpenAPI document
@@ -22,8 +26,8 @@
 #   @parse/node-apn   a real APNs client library, pointed at the courier
 set -euo pipefail
 
-packages=(coturn stun-client procps postgresql curl nodejs npm sip-tester)
-commands=(turnutils_uclient stun kill initdb curl node npm sipp)
+packages=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2)
+commands=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip)
 
 # initdb lives outside PATH on Debian, under /usr/lib/postgresql/<version>/bin.
 have() {
