@@ -216,6 +216,16 @@ fn in_dialog_requests_follow_record_route_over_the_right_connections() {
     assert_eq!(out[0].0.conn, Some(ConnId(22)));
     assert_eq!(out[0].1.values(&HeaderName::VIA).count(), 1);
 
+    // A re-INVITE or UPDATE (an ICE restart) takes the same way.
+    let update = bye
+        .replace("BYE sip:", "UPDATE sip:")
+        .replace("CSeq: 2 BYE", "CSeq: 2 UPDATE")
+        .replace("bye1", "upd1");
+    let out = w.send(&alice, &update);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0.conn, Some(ConnId(21)));
+    assert_eq!(out[0].1.method().map(|m| m.as_str()), Some("UPDATE"));
+
     // The laptop's own BYE the other way goes to Alice's connection.
     let bye_back = format!(
         "BYE sip:alice@10.0.0.1:41000 SIP/2.0\n\

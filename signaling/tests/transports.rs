@@ -1,0 +1,97 @@
+//! The runtime's transports on loopback: CRLF keepalive pongs on streams
+//! (RFC 5626 §3.5.1), a stream that cannot be framed is closed, malformed
+//! datagrams get a 400 that names the fault, and OPTIONS to the proxy is
+//! answered over TCP.
+
+use signaling::runtime::{Config, NoDirectory, NoWaker, Server};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn start(rt: &tokio::runtime::Runtime) -> Server {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut config = Config {
+        udp: vec![any],
+        tcp: vec![any],
+        tls: vec![],
+        wss: vec![],
+        ..Config::default()
+    };
+    config.proxy.domains = vec!["parley.test".into()];
+    rt.block_on(Server::start(
+        config,
+        None,
+        Arc::new(NoDirectory),
+        Arc::new(NoWaker),
+    ))
+    .unwrap()
+}
+
+fn read_some(s: &mut TcpStream) -> Vec<u8> {
+    let mut buf = [0u8; 4096];
+    match s.read(&mut buf) {
+        Ok(n) => buf[..n].to_vec(),
+        Err(e) => panic!("nothing within the timeout: {e}"),
+    }
+}
+
+#[test]
+fn keepalives_framing_errors_and_malformed_datagrams() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = start(&rt);
+    let tcp = server.tcp_addrs()[0];
+    let udp = server.udp_addrs()[0];
+
+    // A double CRLF is a ping; the answer is one CRLF.
+    let mut s = TcpStream::connect(tcp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"\r\n\r\n").unwrap();
+    assert_eq!(read_some(&mut s), b"\r\n");
+
+    // OPTIONS to the proxy over the same connection.
+    let options = "OPTIONS sip:parley.test SIP/2.0\r\n\
+        Via: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKo1\r\n\
+        From: <sip:a@parley.test>;tag=1\r\n\
+        To: <sip:parley.test>\r\n\
+        Call-ID: opt-1\r\n\
+        CSeq: 1 OPTIONS\r\n\
+        Content-Length: 0\r\n\r\n";
+    s.write_all(options.as_bytes()).unwrap();
+    let reply = String::from_utf8(read_some(&mut s)).unwrap();
+    assert!(reply.starts_with("SIP/2.0 200 OK\r\n"), "{reply}");
+    assert!(reply.contains("\r\nAllow: "), "{reply}");
+
+    // A message without Content-Length cannot be framed: closed.
+    s.write_all(b"OPTIONS sip:parley.test SIP/2.0\r\nVia: x\r\n\r\n")
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = s.read_to_end(&mut rest);
+    assert!(closed.is_ok(), "the proxy closes the connection");
+
+    // A datagram missing its Call-ID gets a 400 naming it.
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let me = u.local_addr().unwrap();
+    let bad = format!(
+        "OPTIONS sip:parley.test SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {me};branch=z9hG4bKu1\r\n\
+         From: <sip:a@parley.test>;tag=1\r\n\
+         To: <sip:parley.test>\r\n\
+         CSeq: 1 OPTIONS\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    u.send_to(bad.as_bytes(), udp).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, _) = u.recv_from(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        text.starts_with("SIP/2.0 400 Bad Request (Missing Call-ID Header)\r\n"),
+        "{text}"
+    );
+    rt.block_on(server.shutdown(Duration::ZERO));
+}
