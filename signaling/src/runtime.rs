@@ -179,36 +179,11 @@ impl Server {
             })?;
             udp.push(Arc::new(s));
         }
-        let mut tcp = Vec::new();
-        for addr in &config.tcp {
-            tcp.push(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| Error::Listen {
-                        addr: *addr,
-                        source,
-                    })?,
-            );
-        }
-        let mut tls_listeners = Vec::new();
-        let mut wss_listeners = Vec::new();
-        if tls.is_some() {
-            for (list, addrs) in [
-                (&mut tls_listeners, &config.tls),
-                (&mut wss_listeners, &config.wss),
-            ] {
-                for addr in addrs {
-                    list.push(
-                        TcpListener::bind(addr)
-                            .await
-                            .map_err(|source| Error::Listen {
-                                addr: *addr,
-                                source,
-                            })?,
-                    );
-                }
-            }
-        }
+        let tcp = bind_tcp(&config.tcp).await?;
+        let (tls_listeners, wss_listeners) = match tls {
+            Some(_) => (bind_tcp(&config.tls).await?, bind_tcp(&config.wss).await?),
+            None => (Vec::new(), Vec::new()),
+        };
         let udp_addrs: Vec<SocketAddr> = udp.iter().filter_map(|s| s.local_addr().ok()).collect();
         let tcp_addrs: Vec<SocketAddr> = tcp.iter().filter_map(|s| s.local_addr().ok()).collect();
         let tls_addrs: Vec<SocketAddr> = tls_listeners
@@ -693,6 +668,54 @@ fn send(udp: &[Arc<UdpSocket>], shared: &Arc<Shared>, t: Transmit) {
     }
 }
 
+async fn bind_tcp(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, Error> {
+    let mut out = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        out.push(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Listen {
+                    addr: *addr,
+                    source,
+                })?,
+        );
+    }
+    Ok(out)
+}
+
+/// The next accepted connection with a connection slot, until shutdown.
+/// Past `max_connections` new connections are closed at once.
+pub(crate) async fn accept_next(
+    listener: &TcpListener,
+    shared: &Shared,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return None,
+        };
+        let (stream, remote) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors or similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+            shared
+                .counters
+                .refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        return Some((stream, remote, permit));
+    }
+}
+
 fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
@@ -753,28 +776,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
 ) {
     let mut stop = shared.shutdown.clone();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.changed() => return,
-        };
-        let (stream, remote) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of descriptors or similar: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
-            shared
-                .counters
-                .refused_connections
-                .fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, remote, permit)) = accept_next(&listener, &shared, &mut stop).await {
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {

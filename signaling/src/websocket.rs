@@ -6,7 +6,6 @@ use crate::core::flow::{Source, Transport};
 use crate::core::message::MAX_MESSAGE;
 use crate::runtime::{Input, Shared};
 use futures_util::{SinkExt, StreamExt};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -22,27 +21,9 @@ pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
 ) {
     let mut stop = shared.shutdown.clone();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.changed() => return,
-        };
-        let (stream, remote) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
-            shared
-                .counters
-                .refused_connections
-                .fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, remote, permit)) =
+        crate::runtime::accept_next(&listener, &shared, &mut stop).await
+    {
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {

@@ -82,6 +82,27 @@ pub struct Flow {
     pub conn: Option<ConnId>,
 }
 
+impl Flow {
+    /// Where a URI says to send (RFC 3261 §18.1.1, §19.1.2): its transport
+    /// and port, or the defaults; `None` for a host name (we do not
+    /// resolve names) or a WebSocket peer (it cannot be dialled).
+    pub fn for_uri(uri: &crate::core::uri::Uri) -> Option<Flow> {
+        let transport = Transport::from_uri(uri);
+        if transport == Transport::Wss {
+            return None;
+        }
+        let ip: IpAddr = uri.host.parse().ok()?;
+        let port = uri
+            .port
+            .unwrap_or(crate::core::via::default_port(transport.via()));
+        Some(Flow {
+            transport,
+            remote: SocketAddr::new(ip, port),
+            conn: None,
+        })
+    }
+}
+
 /// Where a received message came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Source {

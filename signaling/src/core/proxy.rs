@@ -1050,25 +1050,9 @@ impl Proxy {
         let Some(tx) = self.clients.get(branch) else {
             return;
         };
-        let inv = &tx.request;
-        let Some(uri) = inv.uri().cloned() else {
+        let Some(mut c) = hop_request(&tx.request, Method::Cancel, None) else {
             return;
         };
-        let mut c = Message::request(Method::Cancel, uri);
-        if let Some(v) = inv.values(&HeaderName::VIA).next() {
-            c.push(HeaderName::VIA, v.to_string());
-        }
-        for name in [HeaderName::FROM, HeaderName::TO, HeaderName::CALL_ID] {
-            if let Some(v) = inv.header(&name) {
-                c.push(name, v.to_string());
-            }
-        }
-        let n = inv.cseq().map_or(1, |(n, _)| n);
-        c.push(HeaderName::CSEQ, format!("{n} CANCEL"));
-        for r in inv.values(&HeaderName::ROUTE) {
-            c.push(HeaderName::ROUTE, r.to_string());
-        }
-        c.push(HeaderName::MAX_FORWARDS, "70");
         if let Some(r) = reason {
             c.push(HeaderName::REASON, r);
         }
@@ -1168,7 +1152,7 @@ impl Proxy {
             }
             return;
         }
-        let mut flow = next_uri.as_ref().and_then(uri_flow);
+        let mut flow = next_uri.as_ref().and_then(Flow::for_uri);
         if let Some((Some(pf), ftag)) = &token {
             if let Some(flows) = self.tokens.decode(pf) {
                 let from_caller = ftag.as_deref() == req.tag(&HeaderName::FROM);
@@ -1212,19 +1196,6 @@ impl Proxy {
         req.prepend(HeaderName::VIA, via);
         self.send(flow, req.to_bytes());
     }
-}
-
-fn uri_flow(uri: &Uri) -> Option<Flow> {
-    let transport = Transport::from_uri(uri);
-    let ip: IpAddr = uri.host.parse().ok()?;
-    let port = uri
-        .port
-        .unwrap_or(crate::core::via::default_port(transport.via()));
-    Some(Flow {
-        transport,
-        remote: SocketAddr::new(ip, port),
-        conn: None,
-    })
 }
 
 // ---------------------------------------------------------------------
@@ -1355,28 +1326,9 @@ impl Proxy {
         let Some(tx) = self.clients.get(key) else {
             return;
         };
-        let inv = &tx.request;
-        let Some(uri) = inv.uri().cloned() else {
+        let Some(ack) = hop_request(&tx.request, Method::Ack, resp.header(&HeaderName::TO)) else {
             return;
         };
-        let mut ack = Message::request(Method::Ack, uri);
-        if let Some(v) = inv.values(&HeaderName::VIA).next() {
-            ack.push(HeaderName::VIA, v.to_string());
-        }
-        for name in [HeaderName::FROM, HeaderName::CALL_ID] {
-            if let Some(v) = inv.header(&name) {
-                ack.push(name, v.to_string());
-            }
-        }
-        if let Some(to) = resp.header(&HeaderName::TO) {
-            ack.push(HeaderName::TO, to.to_string());
-        }
-        let n = inv.cseq().map_or(1, |(n, _)| n);
-        ack.push(HeaderName::CSEQ, format!("{n} ACK"));
-        for r in inv.values(&HeaderName::ROUTE) {
-            ack.push(HeaderName::ROUTE, r.to_string());
-        }
-        ack.push(HeaderName::MAX_FORWARDS, "70");
         let flow = tx.flow;
         self.send(flow, ack.to_bytes());
     }
@@ -1803,6 +1755,32 @@ impl Proxy {
             a.ip() == ip && uri.port.unwrap_or(crate::core::via::default_port(t.via())) == a.port()
         })
     }
+}
+
+/// A request that belongs to the INVITE's own transaction (CANCEL §9.1,
+/// ACK for a non-2xx §17.1.1.3): its Request-URI, top Via, From, Call-ID,
+/// CSeq number and Route set, with `to` (the response's To, for an ACK) or
+/// the INVITE's To.
+fn hop_request(inv: &Message, method: Method, to: Option<&str>) -> Option<Message> {
+    let mut m = Message::request(method.clone(), inv.uri()?.clone());
+    if let Some(v) = inv.values(&HeaderName::VIA).next() {
+        m.push(HeaderName::VIA, v.to_string());
+    }
+    for name in [HeaderName::FROM, HeaderName::CALL_ID] {
+        if let Some(v) = inv.header(&name) {
+            m.push(name, v.to_string());
+        }
+    }
+    if let Some(to) = to.or(inv.header(&HeaderName::TO)) {
+        m.push(HeaderName::TO, to.to_string());
+    }
+    let n = inv.cseq().map_or(1, |(n, _)| n);
+    m.push(HeaderName::CSEQ, format!("{n} {method}"));
+    for r in inv.values(&HeaderName::ROUTE) {
+        m.push(HeaderName::ROUTE, r.to_string());
+    }
+    m.push(HeaderName::MAX_FORWARDS, "70");
+    Some(m)
 }
 
 fn server_key(top: &Via, req: &Message, method: &Method) -> String {

@@ -14,7 +14,7 @@ use crate::core::flow::{ConnId, Flow, Transport};
 use crate::core::message::{HeaderName, Message};
 use crate::core::uri::NameAddr;
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use wire::handle::Handle;
 use wire::keys::DeviceId;
@@ -63,20 +63,7 @@ impl Binding {
         if self.push.is_some() && self.flow.conn.is_some() {
             return None;
         }
-        let uri = &self.contact.uri;
-        let transport = Transport::from_uri(uri);
-        if transport == Transport::Wss {
-            return None;
-        }
-        let ip: IpAddr = uri.host.parse().ok()?;
-        let port = uri
-            .port
-            .unwrap_or(crate::core::via::default_port(transport.via()));
-        Some(Flow {
-            transport,
-            remote: SocketAddr::new(ip, port),
-            conn: None,
-        })
+        Flow::for_uri(&self.contact.uri)
     }
 
     /// Requests go back over the REGISTER's connection when the device

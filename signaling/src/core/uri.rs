@@ -161,12 +161,7 @@ impl fmt::Display for Uri {
         if let Some(p) = self.port {
             write!(f, ":{p}")?;
         }
-        for (k, v) in &self.params {
-            match v {
-                Some(v) => write!(f, ";{k}={v}")?,
-                None => write!(f, ";{k}")?,
-            }
-        }
+        write_params(f, &self.params)?;
         if let Some(h) = &self.headers {
             write!(f, "?{h}")?;
         }
@@ -238,14 +233,23 @@ impl fmt::Display for NameAddr {
             write!(f, "{d} ")?;
         }
         write!(f, "<{}>", self.uri)?;
-        for (k, v) in &self.params {
-            match v {
-                Some(v) => write!(f, ";{k}={v}")?,
-                None => write!(f, ";{k}")?,
-            }
-        }
+        write_params(f, &self.params)?;
         Ok(())
     }
+}
+
+/// Writes `;name[=value]` for each parameter.
+pub fn write_params(
+    f: &mut fmt::Formatter<'_>,
+    params: &[(String, Option<String>)],
+) -> fmt::Result {
+    for (k, v) in params {
+        match v {
+            Some(v) => write!(f, ";{k}={v}")?,
+            None => write!(f, ";{k}")?,
+        }
+    }
+    Ok(())
 }
 
 /// Decodes `%XX` escapes; invalid escapes are kept as written.

@@ -131,12 +131,7 @@ impl fmt::Display for Via {
         if let Some(p) = self.port {
             write!(f, ":{p}")?;
         }
-        for (k, v) in &self.params {
-            match v {
-                Some(v) => write!(f, ";{k}={v}")?,
-                None => write!(f, ";{k}")?,
-            }
-        }
+        crate::core::uri::write_params(f, &self.params)?;
         Ok(())
     }
 }
