@@ -339,3 +339,48 @@ fn nobody_registered_is_480_and_not_a_handle_is_404() {
     let out = w.invite(&alice, "nobody", "call-m");
     assert_eq!(codes(&out, &alice), vec![404]);
 }
+
+#[test]
+fn timers_h_and_d_end_the_transactions() {
+    let mut w = World::new();
+    let phone = Ua::new("phone", udp("10.0.0.11:5060"));
+    w.register(&phone, BOB);
+    let alice = Ua::new("alice", udp("10.0.0.1:5060"));
+    let out = w.invite(&alice, BOB, "call-h");
+    let inv = requests(&out, &phone, "INVITE")[0].clone();
+    w.send_msg(&phone, &reply(&inv, 180, "Ringing", "p"));
+    let busy = reply(&inv, 486, "Busy Here", "p");
+    let out = w.send_msg(&phone, &busy);
+    assert_eq!(requests(&out, &phone, "ACK").len(), 1);
+    assert_eq!(codes(&out, &alice), vec![486]);
+
+    // Timer D: for 32 s the device's retransmitted 486 is ACKed again and
+    // not relayed; then the client transaction is gone.
+    let out = w.advance(Duration::from_secs(5));
+    assert!(requests(&out, &phone, "ACK").is_empty());
+    let out = w.send_msg(&phone, &busy);
+    assert_eq!(
+        requests(&out, &phone, "ACK").len(),
+        1,
+        "re-ACK in Completed"
+    );
+    assert!(codes(&out, &alice).is_empty(), "not relayed again");
+
+    // Timer H: Alice never ACKs; 64·T1 after the 486 the server
+    // transaction gives up and stops retransmitting.
+    let out = w.advance(Duration::from_secs(27));
+    assert!(codes(&out, &alice).contains(&486), "Timer G still running");
+    let out = w.advance(Duration::from_secs(2));
+    let _ = out;
+    let out = w.advance(Duration::from_secs(20));
+    assert!(
+        codes(&out, &alice).is_empty(),
+        "Timer H ended the transaction"
+    );
+    assert_eq!(w.proxy.metrics().calls_active, 0);
+
+    // After Timer D the device's late 486 finds no transaction: dropped,
+    // never ACKed by a transaction that no longer exists.
+    let out = w.send_msg(&phone, &busy);
+    assert!(requests(&out, &phone, "ACK").is_empty());
+}
