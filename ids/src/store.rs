@@ -358,6 +358,18 @@ impl Store {
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// Ids of devices whose certificates are revoked.
+    pub async fn revoked_devices(&self) -> Result<Vec<DeviceId>, Error> {
+        let rows = sqlx::query("SELECT id FROM devices WHERE revoked_at IS NOT NULL")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| r.get::<String, _>(0).parse().ok())
+            .collect())
+    }
+
     pub async fn pending(&self, limit: i64) -> Result<Vec<(String, Vec<u8>)>, Error> {
         let rows = sqlx::query("SELECT uri, value FROM kt_pending ORDER BY queued_at LIMIT $1")
             .bind(limit)

@@ -545,6 +545,26 @@ async fn sync_revocations(ids: Arc<ids::Ids>, courier: Arc<push_courier::courier
     }
 }
 
+/// In `parley up`, devices revoked in the identity service lose their SIP
+/// bindings within 5 s and can no longer register or call.
+async fn sync_signaling_revocations(
+    ids: Arc<ids::Ids>,
+    signaling: Arc<signaling::runtime::Server>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        match ids.store.revoked_devices().await {
+            Ok(list) => {
+                signaling
+                    .set_revoked_devices(list.into_iter().collect())
+                    .await
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read revoked devices"),
+        }
+    }
+}
+
 /// A standalone courier re-reads the operator's copy of the ids revocation
 /// list every 30 s.
 async fn sync_crl_file(path: PathBuf, courier: Arc<push_courier::courier::Courier>) {
@@ -639,6 +659,13 @@ async fn serve(
         false => None,
     };
     let signaling_server = signaling_server.map(Arc::new);
+    let signaling_revocations = match (&ids_server, &signaling_server) {
+        (Some(i), Some(s)) => Some(tokio::spawn(sync_signaling_revocations(
+            i.ids.clone(),
+            s.clone(),
+        ))),
+        _ => None,
+    };
     let admin_addr = settings
         .admin
         .listen
@@ -739,8 +766,9 @@ async fn serve(
     ready.store(false, Ordering::Release);
     let _ = stop_admin.send(());
     let _ = admin_task.await;
-    if let Some(r) = revocations {
+    for r in [revocations, signaling_revocations].into_iter().flatten() {
         r.abort();
+        let _ = r.await;
     }
     if let Some(s) = signaling_server {
         // Calls still ringing get a few seconds; admin metrics no longer

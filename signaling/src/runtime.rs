@@ -143,6 +143,7 @@ pub(crate) enum Input {
     Message(Source, Vec<u8>),
     Closed(ConnId),
     Authorized(u64, bool),
+    Revoked(std::collections::HashSet<DeviceId>),
     Drain,
 }
 
@@ -300,6 +301,12 @@ impl Server {
 
     pub fn wss_addrs(&self) -> &[SocketAddr] {
         &self.wss_addrs
+    }
+
+    /// Devices whose certificates are revoked (the whole current set):
+    /// their bindings go and they can no longer register or call.
+    pub async fn set_revoked_devices(&self, devices: std::collections::HashSet<DeviceId>) {
+        let _ = self.inputs.send(Input::Revoked(devices)).await;
     }
 
     /// The core's counters, at most a second old.
@@ -558,6 +565,7 @@ fn handle(proxy: &mut Proxy, input: Input, now: Instant) {
         Input::Message(source, bytes) => proxy.handle_input(source, &bytes, now),
         Input::Closed(conn) => proxy.handle_conn_closed(conn, now),
         Input::Authorized(id, ok) => proxy.handle_authorization(id, ok, now),
+        Input::Revoked(devices) => proxy.handle_revoked(devices, now),
         Input::Drain => proxy.start_drain(),
     }
 }

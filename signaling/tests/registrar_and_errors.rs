@@ -391,3 +391,21 @@ fn draining_refuses_new_calls_and_registrations() {
     assert_eq!(codes(&out, &alice), vec![503]);
     let _ = Proxy::new(config(), [0; 32], Instant::now());
 }
+
+#[test]
+fn a_revoked_device_loses_its_bindings_and_cannot_register_or_call() {
+    let mut w = World::new();
+    let phone = Ua::new("phone", tcp("10.0.0.11:40000", 5));
+    let laptop = Ua::new("laptop", udp("10.0.0.12:5060"));
+    w.register(&phone, BOB);
+    w.register(&laptop, BOB);
+    assert_eq!(w.proxy.registrar().len(), 2);
+    let revoked: std::collections::HashSet<_> = [phone.device.unwrap()].into_iter().collect();
+    w.proxy.handle_revoked(revoked, w.now);
+    assert_eq!(w.proxy.registrar().len(), 1, "only the laptop is left");
+    let contact = format!("Contact: {}\n", phone.contact());
+    let out = w.send(&phone, &register_text(&phone, BOB, 7, &contact));
+    assert_eq!(codes(&out, &phone), vec![403]);
+    let out = w.invite(&phone, ALICE, "from-revoked");
+    assert_eq!(codes(&out, &phone), vec![407]);
+}

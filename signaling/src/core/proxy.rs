@@ -33,7 +33,7 @@ use crate::core::registrar::{Limits, PushParams, Registrar};
 use crate::core::timer::Timers;
 use crate::core::uri::{NameAddr, Uri};
 use crate::core::via::{Via, MAGIC_COOKIE};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use wire::handle::Handle;
@@ -165,6 +165,8 @@ pub struct Proxy {
     waiting: HashMap<Handle, Vec<u64>>,
     pending_auth: HashMap<u64, PendingRegister>,
     limiter: RateLimiter<IpAddr>,
+    /// Devices whose certificates ids revoked: refused, and unbound.
+    revoked: HashSet<DeviceId>,
     timers: Timers<Timer>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -206,6 +208,7 @@ impl Proxy {
             waiting: HashMap::new(),
             pending_auth: HashMap::new(),
             limiter,
+            revoked: HashSet::new(),
             timers,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -286,6 +289,17 @@ impl Proxy {
             self.metrics.registrations_refused += 1;
             self.respond(&p.key, 403, "Device Not Listed For Handle", now);
         }
+    }
+
+    /// The devices whose certificates are revoked now (the whole set, as
+    /// the identity service lists it). Their bindings go at once; they can
+    /// neither register nor call from then on, whatever their connection.
+    pub fn handle_revoked(&mut self, devices: HashSet<DeviceId>, _now: Instant) {
+        let gone = self.registrar.remove_devices(&devices);
+        if gone > 0 {
+            tracing::info!(bindings = gone, "removed bindings of revoked devices");
+        }
+        self.revoked = devices;
     }
 
     /// A connection closed.
@@ -505,6 +519,11 @@ impl Proxy {
             self.reply(source, &req, 404, "Not Found", now);
             return;
         };
+        if source.device.is_some_and(|d| self.revoked.contains(&d)) {
+            self.metrics.registrations_refused += 1;
+            self.reply(source, &req, 403, "Device Revoked", now);
+            return;
+        }
         if let Some(device) = source.device {
             // The answer waits for the directory: keep a transaction so
             // retransmissions meanwhile are absorbed.
@@ -624,7 +643,10 @@ impl Proxy {
         method: &Method,
         now: Instant,
     ) -> bool {
-        if source.device.is_some() || self.config.allow_unauthenticated_calls {
+        if let Some(d) = source.device {
+            return !self.revoked.contains(&d);
+        }
+        if self.config.allow_unauthenticated_calls {
             return true;
         }
         let ok = matches!(

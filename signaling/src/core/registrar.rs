@@ -342,6 +342,20 @@ impl Registrar {
         removed
     }
 
+    /// Drops every binding of these devices (their certificates were
+    /// revoked). Returns how many went.
+    pub fn remove_devices(&mut self, devices: &std::collections::HashSet<DeviceId>) -> usize {
+        let mut removed = 0;
+        self.aors.retain(|_, list| {
+            let before = list.len();
+            list.retain(|b| !b.device.is_some_and(|d| devices.contains(&d)));
+            removed += before - list.len();
+            !list.is_empty()
+        });
+        self.total -= removed;
+        removed
+    }
+
     /// Drops expired bindings.
     pub fn sweep(&mut self, now: Instant) -> usize {
         let mut removed = 0;
