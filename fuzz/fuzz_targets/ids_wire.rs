@@ -20,5 +20,13 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(h) = wire::Handle::parse(text) {
             assert_eq!(wire::Handle::parse(&h.uri()), Ok(h));
         }
+        // Identity headers and SDP fingerprints as a callee reads them.
+        let fps = wire::passport::sdp_fingerprints(text);
+        let key = KEY.get_or_init(wire::SigningKey::generate).public();
+        let _ = wire::passport::verify_identity(text, &key, &fps, 1_790_000_000, 60);
     }
 });
+
+/// One key for the whole run: no input can carry a valid signature by it,
+/// so only the parsing and the checks before the signature are exercised.
+static KEY: std::sync::OnceLock<wire::SigningKey> = std::sync::OnceLock::new();

@@ -18,6 +18,7 @@ pub mod device_list;
 pub mod handle;
 pub mod key_transfer;
 pub mod keys;
+pub mod passport;
 pub mod push;
 pub mod ratelimit;
 pub mod request_auth;
