@@ -384,3 +384,25 @@ fn timers_h_and_d_end_the_transactions() {
     let out = w.send_msg(&phone, &busy);
     assert!(requests(&out, &phone, "ACK").is_empty());
 }
+
+#[test]
+fn a_branch_whose_connection_drops_fails_at_once() {
+    let mut w = World::new();
+    let phone = Ua::new("phone", tcp("10.0.0.11:40000", 9));
+    let laptop = Ua::new("laptop", udp("10.0.0.12:5060"));
+    w.register(&phone, BOB);
+    w.register(&laptop, BOB);
+    let alice = Ua::new("alice", udp("10.0.0.1:5060"));
+    let out = w.invite(&alice, BOB, "call-drop");
+    assert_eq!(requests(&out, &phone, "INVITE").len(), 1);
+    let lap_inv = requests(&out, &laptop, "INVITE")[0].clone();
+    // The phone's connection drops while it rings: its branch is over
+    // (no 32 s wait), the laptop rings on.
+    w.proxy
+        .handle_conn_closed(signaling::core::flow::ConnId(9), w.now);
+    let out = w.drain();
+    assert!(codes(&out, &alice).is_empty(), "the laptop still rings");
+    let out = w.send_msg(&laptop, &reply(&lap_inv, 486, "Busy Here", "l"));
+    // Both branches are done: the best of 486 and the lost branch's 503.
+    assert_eq!(codes(&out, &alice), vec![486]);
+}

@@ -187,6 +187,9 @@ impl std::fmt::Debug for Proxy {
 }
 
 const MAX_PENDING_AUTH: usize = 10_000;
+/// Server transactions at once (each lives at most 64·T1 after its final
+/// response); past this, new requests get a stateless 503.
+const MAX_SERVER_TRANSACTIONS: usize = 1_000_000;
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 impl Proxy {
@@ -303,8 +306,29 @@ impl Proxy {
     }
 
     /// A connection closed.
-    pub fn handle_conn_closed(&mut self, conn: ConnId, _now: Instant) {
+    pub fn handle_conn_closed(&mut self, conn: ConnId, now: Instant) {
         self.registrar.conn_closed(conn);
+        // Branches that were waiting on that connection will hear nothing:
+        // a transport error is a 503 from the branch (RFC 3261 §8.1.3.1),
+        // so the call goes on with the others instead of waiting for
+        // Timer B.
+        let lost: Vec<String> = self
+            .clients
+            .iter()
+            .filter(|(_, tx)| tx.flow.conn == Some(conn) && tx.state != CState::Completed)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in lost {
+            let Some(tx) = self.clients.remove(&key) else {
+                continue;
+            };
+            if let Some(id) = tx.fork.filter(|id| self.forks.contains_key(id)) {
+                let mut resp =
+                    Message::response_to(&tx.request, 503, "Service Unavailable", Some("tx"));
+                resp.pop_first(&HeaderName::VIA);
+                self.fork_response(id, &key, resp, now);
+            }
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -374,6 +398,12 @@ impl Proxy {
         let Some(uri) = req.uri().cloned() else {
             return;
         };
+        if self.servers.len() >= MAX_SERVER_TRANSACTIONS {
+            let mut resp = self.stateless_response(&req, 503, "Service Unavailable");
+            resp.push(HeaderName::RETRY_AFTER, "5");
+            self.send(reply_flow(&source, &req), resp.to_bytes());
+            return;
+        }
         if !self.is_ours(&uri) {
             self.reply(source, &req, 403, "Relaying Forbidden", now);
             return;
