@@ -496,6 +496,11 @@ async fn run_core(
     waker: Arc<dyn Waker>,
     metrics: Arc<Mutex<Metrics>>,
 ) {
+    // Each socket's address family, read once rather than per datagram.
+    let udp: Vec<(bool, Arc<UdpSocket>)> = udp
+        .into_iter()
+        .map(|s| (s.local_addr().map_or(true, |a| a.is_ipv4()), s))
+        .collect();
     let mut publish = tokio::time::interval(Duration::from_secs(1));
     publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -554,7 +559,7 @@ async fn run_core(
     }
 }
 
-fn flush(proxy: &mut Proxy, udp: &[Arc<UdpSocket>], shared: &Arc<Shared>) {
+fn flush(proxy: &mut Proxy, udp: &[(bool, Arc<UdpSocket>)], shared: &Arc<Shared>) {
     while let Some(t) = proxy.poll_transmit() {
         send(udp, shared, t);
     }
@@ -572,15 +577,13 @@ fn handle(proxy: &mut Proxy, input: Input, now: Instant) {
 
 /// Sends one transmit: UDP directly; over the named connection if it is
 /// open, else any connection to the address, else a new TCP connection.
-fn send(udp: &[Arc<UdpSocket>], shared: &Arc<Shared>, t: Transmit) {
+fn send(udp: &[(bool, Arc<UdpSocket>)], shared: &Arc<Shared>, t: Transmit) {
     if t.flow.transport == Transport::Udp {
         let socket = udp
             .iter()
-            .find(|s| {
-                s.local_addr()
-                    .is_ok_and(|a| a.is_ipv4() == t.flow.remote.is_ipv4())
-            })
-            .or(udp.first());
+            .find(|(v4, _)| *v4 == t.flow.remote.is_ipv4())
+            .or(udp.first())
+            .map(|(_, s)| s);
         match socket {
             Some(s) => {
                 if s.try_send_to(&t.bytes, t.flow.remote).is_err() {

@@ -458,8 +458,9 @@ impl Proxy {
     }
 
     /// Takes our own entries off the top of the Route set (§16.4) and
-    /// returns the flow token and `ftag` of the first.
-    fn pop_our_routes(&self, req: &mut Message) -> Option<(Option<String>, Option<String>)> {
+    /// returns what the first one carried: the flows of its token (decoded
+    /// once, here) and its `ftag`.
+    fn pop_our_routes(&self, req: &mut Message) -> Option<RouteToken> {
         let mut token = None;
         loop {
             let first = req.values(&HeaderName::ROUTE).next().map(str::to_string);
@@ -469,14 +470,19 @@ impl Proxy {
             let Ok(na) = NameAddr::parse(&first) else {
                 break;
             };
-            if !self.is_ours(&na.uri) {
+            let flows = na
+                .uri
+                .param("pf")
+                .flatten()
+                .and_then(|t| self.tokens.decode(t));
+            if flows.is_none() && !self.names_us(&na.uri) {
                 break;
             }
             if token.is_none() {
-                token = Some((
-                    na.uri.param("pf").flatten().map(str::to_string),
-                    na.uri.param("ftag").flatten().map(str::to_string),
-                ));
+                token = Some(RouteToken {
+                    flows,
+                    ftag: na.uri.param("ftag").flatten().map(str::to_string),
+                });
             }
             req.pop_first(&HeaderName::ROUTE);
         }
@@ -1185,7 +1191,7 @@ impl Proxy {
         &mut self,
         source: Source,
         mut req: Message,
-        token: Option<(Option<String>, Option<String>)>,
+        token: Option<RouteToken>,
         now: Instant,
     ) {
         let method = req.method().cloned().unwrap_or(Method::Ack);
@@ -1205,17 +1211,19 @@ impl Proxy {
             return;
         }
         let mut flow = next_uri.as_ref().and_then(Flow::for_uri);
-        if let Some((Some(pf), ftag)) = &token {
-            if let Some(flows) = self.tokens.decode(pf) {
-                let from_caller = ftag.as_deref() == req.tag(&HeaderName::FROM);
-                let pick = if from_caller {
-                    flows.get(1)
-                } else {
-                    flows.first()
-                };
-                if let Some(f) = pick {
-                    flow = Some(*f);
-                }
+        if let Some(RouteToken {
+            flows: Some(flows),
+            ftag,
+        }) = &token
+        {
+            let from_caller = ftag.as_deref() == req.tag(&HeaderName::FROM);
+            let pick = if from_caller {
+                flows.get(1)
+            } else {
+                flows.first()
+            };
+            if let Some(f) = pick {
+                flow = Some(*f);
             }
         }
         let Some(flow) = flow else {
@@ -1267,33 +1275,34 @@ impl Proxy {
         } else {
             branch.clone()
         };
-        let ours = self.clients.contains_key(&key)
-            || top
-                .param("pf")
-                .flatten()
-                .is_some_and(|t| self.tokens.decode(t).is_some());
-        if !ours {
-            tracing::debug!(from = %source.flow.remote, "response not for us");
-            return;
-        }
-        resp.pop_first(&HeaderName::VIA);
         if self.clients.contains_key(&key) {
+            resp.pop_first(&HeaderName::VIA);
             self.client_response(&key, &top, resp, now);
             return;
         }
-        // Stateless: back along the next Via, over the flow in our token.
-        self.forward_response(&top, resp);
+        // Not a transaction of ours: forwarded statelessly if our Via
+        // carries our token (back along the next Via, over its flow).
+        let Some(flows) = self.via_token(&top) else {
+            tracing::debug!(from = %source.flow.remote, "response not for us");
+            return;
+        };
+        resp.pop_first(&HeaderName::VIA);
+        self.forward_response(flows.first().copied(), resp);
     }
 
-    fn forward_response(&mut self, ours: &Via, resp: Message) {
+    /// The flows in the token of one of our Vias.
+    fn via_token(&self, via: &Via) -> Option<Vec<Flow>> {
+        via.param("pf")
+            .flatten()
+            .and_then(|t| self.tokens.decode(t))
+    }
+
+    /// Sends a response on to the next Via, over `token_flow` (the inbound
+    /// flow our Via recorded) when that is a connection.
+    fn forward_response(&mut self, token_flow: Option<Flow>, resp: Message) {
         let Some(next) = resp.values(&HeaderName::VIA).next().and_then(Via::parse) else {
             return;
         };
-        let token_flow = ours
-            .param("pf")
-            .flatten()
-            .and_then(|t| self.tokens.decode(t))
-            .and_then(|f| f.first().copied());
         let flow = match (token_flow, next.response_addr()) {
             (Some(f), _) if f.conn.is_some() => f,
             (_, Some(addr)) => Flow {
@@ -1351,7 +1360,10 @@ impl Proxy {
         match fork {
             Some(id) if self.forks.contains_key(&id) => self.fork_response(id, key, resp, now),
             // The call is over here, but every 2xx still goes upstream.
-            _ if invite && (200..300).contains(&code) => self.forward_response(ours, resp),
+            _ if invite && (200..300).contains(&code) => {
+                let flow = self.via_token(ours).and_then(|f| f.first().copied());
+                self.forward_response(flow, resp)
+            }
             _ => {}
         }
     }
@@ -1785,13 +1797,14 @@ impl Proxy {
 
     /// A URI that names this proxy: one of our domains or addresses.
     fn is_ours(&self, uri: &Uri) -> bool {
-        if uri
-            .param("pf")
+        uri.param("pf")
             .flatten()
             .is_some_and(|t| self.tokens.decode(t).is_some())
-        {
-            return true;
-        }
+            || self.names_us(uri)
+    }
+
+    /// A URI with one of our domains, or one of our addresses.
+    fn names_us(&self, uri: &Uri) -> bool {
         if self
             .config
             .domains
@@ -1807,6 +1820,14 @@ impl Proxy {
             a.ip() == ip && uri.port.unwrap_or(crate::core::via::default_port(t.via())) == a.port()
         })
     }
+}
+
+/// What our own Route entry carried back to us.
+struct RouteToken {
+    /// Caller's and callee's flows, when the signed token was valid.
+    flows: Option<Vec<Flow>>,
+    /// The caller's From tag: tells the two directions apart.
+    ftag: Option<String>,
 }
 
 /// A request that belongs to the INVITE's own transaction (CANCEL §9.1,
