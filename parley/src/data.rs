@@ -30,6 +30,26 @@ pub struct DataDir {
     pub turn_secret: String,
 }
 
+impl DataDir {
+    /// A service's certificate chain and key: the configured files, else
+    /// the data directory's server certificate.
+    pub fn server_files(
+        &self,
+        cert: &Option<PathBuf>,
+        key: &Option<PathBuf>,
+    ) -> (PathBuf, PathBuf) {
+        (
+            cert.clone().unwrap_or_else(|| self.server_cert.clone()),
+            key.clone().unwrap_or_else(|| self.server_key.clone()),
+        )
+    }
+
+    /// A CA file: the configured one, else the data directory's CA.
+    pub fn ca_or(&self, ca: &Option<PathBuf>) -> PathBuf {
+        ca.clone().unwrap_or_else(|| self.ca_cert.clone())
+    }
+}
+
 /// Opens `root`, creating whatever is missing. Says what it created.
 pub fn open(root: &Path) -> Result<DataDir> {
     fs::create_dir_all(root)

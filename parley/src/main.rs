@@ -442,14 +442,7 @@ async fn start_ids(
     let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &ca_key)?;
     let sender = settings.sender(&config.outbox)?;
     let service = ids::Ids::new(config, store, kt, ca, sender)?;
-    let cert = settings
-        .cert
-        .clone()
-        .unwrap_or_else(|| data.server_cert.clone());
-    let key = settings
-        .key
-        .clone()
-        .unwrap_or_else(|| data.server_key.clone());
+    let (cert, key) = data.server_files(&settings.cert, &settings.key);
     let tls = tls::server_config(&cert, &key, &[b"http/1.1"])?;
     Ok(ids::runtime::Server::start(service, settings.listen(), tls).await?)
 }
@@ -460,22 +453,9 @@ async fn start_courier(
     data: &data::DataDir,
     config: push_courier::Config,
 ) -> Result<push_courier::runtime::Server> {
-    let cert = settings
-        .cert
-        .clone()
-        .unwrap_or_else(|| data.server_cert.clone());
-    let key = settings
-        .key
-        .clone()
-        .unwrap_or_else(|| data.server_key.clone());
-    let device_ca = settings
-        .device_ca
-        .clone()
-        .unwrap_or_else(|| data.ca_cert.clone());
-    let provider_ca = settings
-        .provider_ca
-        .clone()
-        .unwrap_or_else(|| data.ca_cert.clone());
+    let (cert, key) = data.server_files(&settings.cert, &settings.key);
+    let device_ca = data.ca_or(&settings.device_ca);
+    let provider_ca = data.ca_or(&settings.provider_ca);
     let tls = push_courier::runtime::Tls {
         chain: tls::chain(&cert)?,
         key: tls::private_key(&key)?,
@@ -497,18 +477,8 @@ async fn start_signaling(
     ids: Option<Arc<ids::Ids>>,
     courier: Option<Arc<push_courier::courier::Courier>>,
 ) -> Result<signaling::runtime::Server> {
-    let cert = settings
-        .cert
-        .clone()
-        .unwrap_or_else(|| data.server_cert.clone());
-    let key = settings
-        .key
-        .clone()
-        .unwrap_or_else(|| data.server_key.clone());
-    let device_ca = settings
-        .device_ca
-        .clone()
-        .unwrap_or_else(|| data.ca_cert.clone());
+    let (cert, key) = data.server_files(&settings.cert, &settings.key);
+    let device_ca = data.ca_or(&settings.device_ca);
     let tls = signaling::runtime::tls_config(
         tls::chain(&cert)?,
         tls::private_key(&key)?,
@@ -586,12 +556,7 @@ async fn sync_crl_file(path: PathBuf, courier: Arc<push_courier::courier::Courie
 }
 
 fn tls_files(turn: &config::TurnSection, data: &data::DataDir) -> (PathBuf, PathBuf) {
-    (
-        turn.cert
-            .clone()
-            .unwrap_or_else(|| data.server_cert.clone()),
-        turn.key.clone().unwrap_or_else(|| data.server_key.clone()),
-    )
+    data.server_files(&turn.cert, &turn.key)
 }
 
 async fn serve(
