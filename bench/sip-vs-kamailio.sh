@@ -205,31 +205,32 @@ run_proxy() { # label port
       -s callee%40bench.test -au callee@bench.test -ap bench-password -key contact_port $uas_port \
       -timeout 10s -timeout_error > out 2>&1) || { echo "callee registration failed"; cat "$dir/reg-callee-$label/out"; exit 1; }
   for r in $call_rates; do
-    local before after ticks line
-    before=$(cpu_ticks)
-    line=$(sipp_step "call-$label-$r" "$port" "$r" $((r * step_secs)) -sf "$scen/uac.xml" -s callee%40bench.test)
-    after=$(cpu_ticks)
-    ticks=$((after - before))
-    read -r ok failed p50 p99 <<< "$line"
-    awk -v l="$label" -v r="$r" -v ok="$ok" -v f="$failed" -v p50="$p50" -v p99="$p99" -v t="$ticks" -v tck="$tck" -v s="$step_secs" \
-      'BEGIN { tot=ok+f; fp=(tot>0)?100*f/tot:100; cpu=(ok>0)?1e6*t/tck/ok:0;
-               printf "call %s %d %.0f %.3f %s %s %.0f %.2f\n", l, r, ok/s, fp, p50, p99, cpu, 100*t/tck/s }' >> "$results"
-    tail -1 "$results" | awk '{printf "bench: %-8s calls   offered %5d/s: %6d/s done, %6.3f%% failed, p50 %s ms, p99 %s ms, %s us CPU/call, %s%% CPU\n", $2, $3, $4, $5, $6, $7, $8, $9}'
+    measure_step call "$label" "$port" "$r" -sf "$scen/uac.xml" -s callee%40bench.test
   done
   kill "$uas" 2>/dev/null || true
   wait "$uas" 2>/dev/null || true
   for r in $reg_rates; do
-    local before after ticks line
-    before=$(cpu_ticks)
-    line=$(sipp_step "reg-$label-$r" "$port" "$r" $((r * step_secs)) -sf "$scen/reg.xml" -s bench%40bench.test -au bench@bench.test -ap bench-password)
-    after=$(cpu_ticks)
-    ticks=$((after - before))
-    read -r ok failed p50 p99 <<< "$line"
-    awk -v l="$label" -v r="$r" -v ok="$ok" -v f="$failed" -v p50="$p50" -v p99="$p99" -v t="$ticks" -v tck="$tck" -v s="$step_secs" \
-      'BEGIN { tot=ok+f; fp=(tot>0)?100*f/tot:100; cpu=(ok>0)?1e6*t/tck/ok:0;
-               printf "reg %s %d %.0f %.3f %s %s %.0f %.2f\n", l, r, ok/s, fp, p50, p99, cpu, 100*t/tck/s }' >> "$results"
-    tail -1 "$results" | awk '{printf "bench: %-8s REGISTER offered %5d/s: %6d/s done, %6.3f%% failed, p50 %s ms, p99 %s ms, %s us CPU/reg, %s%% CPU\n", $2, $3, $4, $5, $6, $7, $8, $9}'
+    measure_step reg "$label" "$port" "$r" -sf "$scen/reg.xml" -s bench%40bench.test \
+      -au bench@bench.test -ap bench-password
   done
+}
+
+# One step at one rate: SIPp runs, the proxy's CPU is read around it, and
+# a line "kind label offered done/s failed% p50 p99 cpu_us cpu%" is added
+# to the results and printed.
+measure_step() { # kind label port rate sipp-args...
+  local kind=$1 label=$2 port=$3 r=$4; shift 4
+  local before after line ok failed p50 p99
+  before=$(cpu_ticks)
+  line=$(sipp_step "$kind-$label-$r" "$port" "$r" $((r * step_secs)) "$@")
+  after=$(cpu_ticks)
+  read -r ok failed p50 p99 <<< "$line"
+  awk -v k="$kind" -v l="$label" -v r="$r" -v ok="$ok" -v f="$failed" -v p50="$p50" -v p99="$p99" \
+      -v t="$((after - before))" -v tck="$tck" -v s="$step_secs" \
+    'BEGIN { tot=ok+f; fp=(tot>0)?100*f/tot:100; cpu=(ok>0)?1e6*t/tck/ok:0;
+             printf "%s %s %d %.0f %.3f %s %s %.0f %.2f\n", k, l, r, ok/s, fp, p50, p99, cpu, 100*t/tck/s }' >> "$results"
+  tail -1 "$results" | awk '{ what = ($1 == "call") ? "calls   " : "REGISTER"; unit = ($1 == "call") ? "call" : "reg";
+    printf "bench: %-8s %s offered %5d/s: %6d/s done, %6.3f%% failed, p50 %s ms, p99 %s ms, %s us CPU/%s, %s%% CPU\n", $2, what, $3, $4, $5, $6, $7, $8, unit, $9 }'
 }
 
 start_parley
