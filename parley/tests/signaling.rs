@@ -7,6 +7,7 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use push_courier::client::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
+use signaling::core::message::{HeaderName, Message};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -303,14 +304,6 @@ fn register_text(contact: &str, call_id: &str, cseq: u32) -> String {
     )
 }
 
-fn header<'a>(msg: &'a str, name: &str) -> Vec<&'a str> {
-    msg.split("\r\n")
-        .filter_map(|l| l.split_once(':'))
-        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim())
-        .collect()
-}
-
 /// The digest answer for Alice's account to a `Proxy-Authenticate`
 /// challenge (SHA-256, RFC 8760).
 fn proxy_authorization(challenges: &[&str], uri: &str) -> String {
@@ -443,14 +436,16 @@ fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
             .unwrap();
         let challenge = recv(&alice);
         assert!(challenge.starts_with("SIP/2.0 407 "), "{challenge}");
+        let challenge = Message::parse(challenge.as_bytes()).unwrap();
         let ack = format!(
             "ACK {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKa1;rport\r\n\
              From: <sip:{ALICE}@localhost>;tag=alice\r\nTo: {}\r\nCall-ID: wake-call\r\n\
              CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
-            header(&challenge, "To")[0]
+            challenge.header(&HeaderName::TO).unwrap()
         );
         alice.send_to(ack.as_bytes(), up.sip_udp).unwrap();
-        let auth = proxy_authorization(&header(&challenge, "Proxy-Authenticate"), &uri);
+        let challenges: Vec<&str> = challenge.lines(&HeaderName::PROXY_AUTHENTICATE).collect();
+        let auth = proxy_authorization(&challenges, &uri);
         alice
             .send_to(invite("a2", 2, Some(auth)).as_bytes(), up.sip_udp)
             .unwrap();
@@ -479,17 +474,10 @@ fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
         assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
         let inv = sip.recv().await;
         assert!(inv.starts_with("INVITE sip:phone@127.0.0.1:1;"), "{inv}");
-        let mut ok = String::from("SIP/2.0 200 OK\r\n");
-        for name in ["Via", "From", "Call-ID", "CSeq", "Record-Route"] {
-            for v in header(&inv, name) {
-                ok.push_str(&format!("{name}: {v}\r\n"));
-            }
-        }
-        ok.push_str(&format!(
-            "To: {};tag=phone\r\nContact: <sip:phone@127.0.0.1:1;transport=tls>\r\nContent-Length: 0\r\n\r\n",
-            header(&inv, "To")[0]
-        ));
-        sip.send(&ok).await;
+        let inv = Message::parse(inv.as_bytes()).unwrap();
+        let mut ok = Message::dialog_response(&inv, 200, "OK", "phone");
+        ok.push(HeaderName::CONTACT, "<sip:phone@127.0.0.1:1;transport=tls>");
+        sip.send(&String::from_utf8(ok.to_bytes()).unwrap()).await;
         let answered = recv(&alice);
         assert!(answered.starts_with("SIP/2.0 200 OK\r\n"), "{answered}");
     });

@@ -98,13 +98,7 @@ fn call(c: &mut Criterion) {
                 }
             }
             let fwd = forwarded.expect("forwarded INVITE");
-            let mut ok = Message::response_to(&fwd, 200, "OK", Some("b"));
-            for rr in fwd.values(&signaling::core::message::HeaderName::RECORD_ROUTE) {
-                ok.push(
-                    signaling::core::message::HeaderName::RECORD_ROUTE,
-                    rr.to_string(),
-                );
-            }
+            let ok = Message::dialog_response(&fwd, 200, "OK", "b");
             p.handle_input(callee, &ok.to_bytes(), now);
             while p.poll_transmit().is_some() {}
         })

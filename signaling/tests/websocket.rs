@@ -3,6 +3,7 @@
 //! directory, and a call from UDP reaches it over its WebSocket.
 
 use futures_util::{SinkExt, StreamExt};
+use signaling::core::message::{HeaderName, Message};
 use signaling::runtime::{tls_config, Config, Directory, NoWaker, Server};
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
@@ -133,14 +134,6 @@ async fn next_sip(ws: &mut WsStream) -> String {
     }
 }
 
-fn header<'a>(msg: &'a str, name: &str) -> Vec<&'a str> {
-    msg.split("\r\n")
-        .filter_map(|l| l.split_once(':'))
-        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim())
-        .collect()
-}
-
 #[test]
 fn a_device_registers_over_wss_and_a_udp_call_reaches_it() {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -205,7 +198,8 @@ fn a_device_registers_over_wss_and_a_udp_call_reaches_it() {
         ws.send(Ws::Text(register("d1"))).await.unwrap();
         let r = next_sip(&mut ws).await;
         assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
-        assert_eq!(header(&r, "Require"), vec!["outbound"]);
+        let r = Message::parse(r.as_bytes()).unwrap();
+        assert_eq!(r.header(&HeaderName::REQUIRE), Some("outbound"));
 
         // A call from a UDP caller reaches the device over its WebSocket.
         let caller = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -227,18 +221,15 @@ fn a_device_registers_over_wss_and_a_udp_call_reaches_it() {
         caller.send_to(invite.as_bytes(), udp).unwrap();
         let inv = next_sip(&mut ws).await;
         assert!(inv.starts_with("INVITE sip:dev@df7jal23ls0d.invalid;transport=ws SIP/2.0\r\n"), "{inv}");
-        let rr = header(&inv, "Record-Route");
-        assert_eq!(rr.len(), 2, "UDP on one side, WSS on the other: two Record-Routes\n{inv}");
-        assert!(rr[0].contains("transport=ws"), "{inv}");
-        let mut ok = String::from("SIP/2.0 200 OK\r\n");
-        for name in ["Via", "From", "Call-ID", "CSeq", "Record-Route"] {
-            for v in header(&inv, name) {
-                ok.push_str(&format!("{name}: {v}\r\n"));
-            }
-        }
-        ok.push_str(&format!("To: {};tag=dev\r\n", header(&inv, "To")[0]));
-        ok.push_str("Contact: <sip:dev@df7jal23ls0d.invalid;transport=ws>\r\nContent-Length: 0\r\n\r\n");
-        ws.send(Ws::Text(ok)).await.unwrap();
+        let inv = Message::parse(inv.as_bytes()).unwrap();
+        let rr: Vec<&str> = inv.values(&HeaderName::RECORD_ROUTE).collect();
+        assert_eq!(rr.len(), 2, "UDP on one side, WSS on the other: two Record-Routes\n{inv:?}");
+        assert!(rr[0].contains("transport=ws"), "{inv:?}");
+        let mut ok = Message::dialog_response(&inv, 200, "OK", "dev");
+        ok.push(HeaderName::CONTACT, "<sip:dev@df7jal23ls0d.invalid;transport=ws>");
+        ws.send(Ws::Text(String::from_utf8(ok.to_bytes()).unwrap()))
+            .await
+            .unwrap();
         let mut buf = [0u8; 4096];
         let mut codes = Vec::new();
         while !codes.contains(&200) {

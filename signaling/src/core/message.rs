@@ -469,6 +469,19 @@ impl Message {
         }
     }
 
+    /// A UAS's response that creates or confirms a dialog (RFC 3261
+    /// §12.1.1): [`Message::response_to`] plus the request's Record-Route
+    /// set, in order, so in-dialog requests follow the proxies.
+    pub fn dialog_response(req: &Message, code: u16, reason: &str, to_tag: &str) -> Message {
+        let mut resp = Message::response_to(req, code, reason, Some(to_tag));
+        for h in &req.headers {
+            if h.name.is(&HeaderName::RECORD_ROUTE) {
+                resp.headers.push(h.clone());
+            }
+        }
+        resp
+    }
+
     pub fn is_request(&self) -> bool {
         matches!(self.start, StartLine::Request { .. })
     }

@@ -227,11 +227,7 @@ pub fn invite_text(caller: &Ua, handle: &str, call: &str, branch: &str) -> Strin
 
 /// The response a UA sends to a request it received.
 pub fn reply(req: &Message, code: u16, reason: &str, tag: &str) -> Message {
-    let mut r = Message::response_to(req, code, reason, Some(tag));
-    // A UAS copies Record-Route into its responses (§12.1.1).
-    for rr in req.values(&HeaderName::RECORD_ROUTE) {
-        r.push(HeaderName::RECORD_ROUTE, rr.to_string());
-    }
+    let mut r = Message::dialog_response(req, code, reason, tag);
     if req.method().is_some_and(|m| m.as_str() == "INVITE") && (200..300).contains(&code) {
         r.push(HeaderName::CONTACT, "<sip:uas@10.0.0.99:5060>".to_string());
     }
