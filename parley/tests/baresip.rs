@@ -100,32 +100,16 @@ fn make_namespace(lab: &Lab, side: char, n: u8) {
     ]);
 }
 
-/// Starts `parley <args>` and waits for "parley: ready"; returns the admin
-/// address.
+/// Starts `parley <args>`, kept for clean-up; returns its admin address.
 fn start_parley(lab: &mut Lab, args: &[&str]) -> SocketAddr {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn parley");
-    let rx = parley_tests::tool::lines(child.stdout.take().unwrap());
+    let (child, printed) = parley_tests::tool::start_until_ready(BIN, args);
     lab.children.push(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut admin = None;
-    while Instant::now() < deadline {
-        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
-            continue;
-        };
-        if let Some(rest) = line.strip_prefix("parley: admin http://") {
-            admin = rest.split(' ').next().and_then(|a| a.parse().ok());
-        }
-        if line == "parley: ready" {
-            return admin.expect("admin address");
-        }
-    }
-    panic!("parley {args:?} did not start");
+    printed
+        .iter()
+        .find_map(|l| l.strip_prefix("parley: admin http://"))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|a| a.parse().ok())
+        .expect("admin address")
 }
 
 fn metric(admin: SocketAddr, line_prefix: &str) -> u64 {

@@ -177,13 +177,7 @@ fn start(data: &Path, extra: &[&str]) -> Running {
         "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
-    let child = Command::new(BIN)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let (child, printed) = parley_tests::tool::start_until_ready(BIN, &args);
     // From here on the guard kills and reaps the child on every path.
     let unset = SocketAddr::from(([0, 0, 0, 0], 0));
     let mut run = Running {
@@ -192,12 +186,7 @@ fn start(data: &Path, extra: &[&str]) -> Running {
         admin: unset,
         ids: unset,
     };
-    let rx = parley_tests::tool::lines(run.child.stdout.take().expect("stdout"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
-            continue;
-        };
+    for line in &printed {
         if let Some(rest) = line.strip_prefix("parley: turn udp=") {
             run.udp = rest
                 .split([',', ' '])
@@ -221,15 +210,12 @@ fn start(data: &Path, extra: &[&str]) -> Running {
             TcpStream::connect(addr).expect("ids listens");
             run.ids = addr;
         }
-        if line == "parley: ready" {
-            assert!(
-                run.udp.port() != 0 && run.admin.port() != 0 && run.ids.port() != 0,
-                "addresses printed before ready"
-            );
-            return run;
-        }
     }
-    panic!("parley up did not report ready within 30 s");
+    assert!(
+        run.udp.port() != 0 && run.admin.port() != 0 && run.ids.port() != 0,
+        "addresses printed before ready"
+    );
+    run
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {

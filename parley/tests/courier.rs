@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use push_courier::client::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
@@ -29,8 +29,9 @@ impl Drop for Courier {
 }
 
 fn start(data: &Path, config: &Path) -> Courier {
-    let child = Command::new(BIN)
-        .args([
+    let (child, printed) = parley_tests::tool::start_until_ready(
+        BIN,
+        &[
             "--data",
             data.to_str().unwrap(),
             "--config",
@@ -42,24 +43,15 @@ fn start(data: &Path, config: &Path) -> Courier {
             "127.0.0.1:0",
             "--courier-provider-listen",
             "127.0.0.1:0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn parley");
+        ],
+    );
     let unset = SocketAddr::from(([0, 0, 0, 0], 0));
     let mut c = Courier {
         child,
         device: unset,
         provider: unset,
     };
-    let rx = parley_tests::tool::lines(c.child.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
-            continue;
-        };
+    for line in &printed {
         if let Some(rest) = line.strip_prefix("parley: courier devices tls=") {
             let mut words = rest.split_whitespace();
             c.device = words.next().unwrap().parse().unwrap();
@@ -68,12 +60,9 @@ fn start(data: &Path, config: &Path) -> Courier {
                 .expect("provider address");
             c.provider = provider.parse().unwrap();
         }
-        if line == "parley: ready" {
-            assert_ne!(c.provider.port(), 0, "courier line before ready");
-            return c;
-        }
     }
-    panic!("parley courier did not report ready within 30 s");
+    assert_ne!(c.provider.port(), 0, "courier line before ready");
+    c
 }
 
 fn unix_now() -> i64 {

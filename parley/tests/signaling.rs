@@ -10,7 +10,7 @@ use push_courier::client::{ClientEvent, DeviceClient, DeviceCredentials, Transpo
 use signaling::core::message::{HeaderName, Message};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,8 +49,9 @@ fn addr_after(line: &str, key: &str) -> Option<SocketAddr> {
 
 fn start(data: &Path, config: &Path) -> Up {
     let any = "127.0.0.1:0";
-    let child = Command::new(BIN)
-        .args([
+    let (child, printed) = parley_tests::tool::start_until_ready(
+        BIN,
+        &[
             "--data",
             data.to_str().unwrap(),
             "--config",
@@ -74,12 +75,8 @@ fn start(data: &Path, config: &Path) -> Up {
             any,
             "--sip-wss-listen",
             any,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn parley up");
+        ],
+    );
     let unset = SocketAddr::from(([0, 0, 0, 0], 0));
     let mut up = Up {
         child,
@@ -88,27 +85,19 @@ fn start(data: &Path, config: &Path) -> Up {
         sip_udp: unset,
         sip_tls: unset,
     };
-    let rx = parley_tests::tool::lines(up.child.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
-            continue;
-        };
+    for line in &printed {
         if line.starts_with("parley: ids ") {
-            up.ids = addr_after(&line, "https://").unwrap();
+            up.ids = addr_after(line, "https://").unwrap();
         }
         if line.starts_with("parley: courier ") {
-            up.courier = addr_after(&line, "tls=").unwrap();
+            up.courier = addr_after(line, "tls=").unwrap();
         }
         if line.starts_with("parley: signaling ") {
-            up.sip_udp = addr_after(&line, "udp=").unwrap();
-            up.sip_tls = addr_after(&line, "tls=").unwrap();
-        }
-        if line == "parley: ready" {
-            return up;
+            up.sip_udp = addr_after(line, "udp=").unwrap();
+            up.sip_tls = addr_after(line, "tls=").unwrap();
         }
     }
-    panic!("parley up did not report ready within 30 s");
+    up
 }
 
 /// One HTTPS call to ids with curl; returns (status, JSON body).

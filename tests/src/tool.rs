@@ -128,6 +128,35 @@ pub fn lines(out: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<Strin
     rx
 }
 
+/// Starts `exe args…` (a `parley` service) and waits up to 30 s for its
+/// `parley: ready` line; returns the child and every line it printed up
+/// to then (the addresses it listens on). A child that does not get ready
+/// is killed and the test fails.
+pub fn start_until_ready(exe: &str, args: &[&str]) -> (std::process::Child, Vec<String>) {
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {exe}: {e}"));
+    let rx = lines(child.stdout.take().expect("piped stdout"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut printed = Vec::new();
+    while Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        if line == "parley: ready" {
+            return (child, printed);
+        }
+        printed.push(line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("{exe} {args:?} did not report ready within 30 s; it printed {printed:?}");
+}
+
 /// DER bytes as a PEM block with `label` (`CERTIFICATE`, `PRIVATE KEY`…).
 pub fn pem(label: &str, der: &[u8]) -> String {
     use base64::Engine;
