@@ -38,30 +38,11 @@ struct Pki {
 }
 
 fn pki() -> Pki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, "test CA");
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = p.self_signed(&ca_key).unwrap();
-    let ca_key_pem = ca_key.serialize_pem();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key).unwrap();
-    let server_key = rcgen::KeyPair::generate().unwrap();
-    let mut sp = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
-    sp.subject_alt_names
-        .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
-    let server_cert = sp.signed_by(&server_key, &issuer).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca_cert.der().clone()).unwrap();
+    let t = parley_tests::pki::TestPki::new();
     Pki {
-        roots,
-        server: (vec![server_cert.der().clone()], server_key.serialize_der()),
-        device_ca: ids::certs::DeviceCa::from_pem(&ca_cert.pem(), &ca_key_pem).unwrap(),
+        roots: t.roots(),
+        server: (vec![t.server_cert.clone()], t.server_key.clone()),
+        device_ca: ids::certs::DeviceCa::from_pem(&t.ca_pem, &t.ca_key_pem).unwrap(),
     }
 }
 

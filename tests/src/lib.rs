@@ -4,10 +4,12 @@
 //!   with a time bound, and fails loudly when one is not installed;
 //! - [`relay`]: starts the real relay in-process on loopback;
 //! - [`peer`]: a UDP echo peer that records what reaches it;
+//! - [`pki`]: a throwaway CA with a localhost server certificate;
 //! - [`postgres`]: a throwaway PostgreSQL server on loopback;
 //! - [`turn_client`]: a small blocking TURN client for byte-level checks.
 
 pub mod peer;
+pub mod pki;
 pub mod postgres;
 pub mod relay;
 pub mod tool;

@@ -84,30 +84,12 @@ impl Env {
     ) -> Env {
         let dir = tempfile::tempdir().unwrap();
         // CA and a localhost server certificate.
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, "test CA");
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = p.self_signed(&ca_key).unwrap();
+        let pki = parley_tests::pki::TestPki::new();
         let ca_pem = dir.path().join("ca.pem");
-        std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
-        let ca_key_pem = ca_key.serialize_pem();
-        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key).unwrap();
-        let server_key = rcgen::KeyPair::generate().unwrap();
-        let mut sp = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
-        sp.subject_alt_names
-            .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
-        let server_cert = sp.signed_by(&server_key, &issuer).unwrap();
+        std::fs::write(&ca_pem, &pki.ca_pem).unwrap();
         // The same CA issues device certificates, as in `parley up`.
-        let device_ca = ids::certs::DeviceCa::from_pem(&ca_cert.pem(), &ca_key_pem).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca_cert.der().clone()).unwrap();
+        let device_ca = ids::certs::DeviceCa::from_pem(&pki.ca_pem, &pki.ca_key_pem).unwrap();
+        let roots = pki.roots();
 
         let (provider_key, provider_pub) = p256_keypair();
         let mut config = Config {
@@ -152,10 +134,10 @@ impl Env {
             provider_key,
             config,
             server_chain: None,
-            ca_issuer: (ca_cert.pem(), ca_key_pem.clone()),
+            ca_issuer: (pki.ca_pem.clone(), pki.ca_key_pem.clone()),
             _pg: pg,
         };
-        env.server_chain = Some((server_cert.der().clone(), server_key.serialize_der()));
+        env.server_chain = Some((pki.server_cert.clone(), pki.server_key.clone()));
         env.restart().await;
         env
     }
