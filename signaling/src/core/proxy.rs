@@ -1770,14 +1770,10 @@ impl Proxy {
     fn our_via(&self, transport: Transport, branch: &str, inbound: Flow) -> String {
         let addr = self.our_addr(transport);
         let token = self.tokens.encode(&[inbound]);
-        let host = match addr.ip() {
-            IpAddr::V6(ip) => format!("[{ip}]"),
-            IpAddr::V4(ip) => ip.to_string(),
-        };
+        // A SocketAddr writes an IPv6 host in brackets, as sent-by wants.
         format!(
-            "SIP/2.0/{} {host}:{};branch={branch};pf={token}",
-            transport.via(),
-            addr.port()
+            "SIP/2.0/{} {addr};branch={branch};pf={token}",
+            transport.via()
         )
     }
 

@@ -153,14 +153,7 @@ impl fmt::Display for Uri {
         if let Some(u) = &self.user {
             write!(f, "{u}@")?;
         }
-        if self.host.contains(':') {
-            write!(f, "[{}]", self.host)?;
-        } else {
-            f.write_str(&self.host)?;
-        }
-        if let Some(p) = self.port {
-            write!(f, ":{p}")?;
-        }
+        write_hostport(f, &self.host, self.port)?;
         write_params(f, &self.params)?;
         if let Some(h) = &self.headers {
             write!(f, "?{h}")?;
@@ -235,6 +228,19 @@ impl fmt::Display for NameAddr {
         write!(f, "<{}>", self.uri)?;
         write_params(f, &self.params)?;
         Ok(())
+    }
+}
+
+/// Writes `host[:port]`, an IPv6 host in brackets.
+pub fn write_hostport(f: &mut fmt::Formatter<'_>, host: &str, port: Option<u16>) -> fmt::Result {
+    if host.contains(':') {
+        write!(f, "[{host}]")?;
+    } else {
+        f.write_str(host)?;
+    }
+    match port {
+        Some(p) => write!(f, ":{p}"),
+        None => Ok(()),
     }
 }
 
