@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
-# Installs what Parley's tests and benchmarks need beyond the Rust toolchain.
-# Safe to run again: it installs only what is missing.
+# Installs what Parley needs beyond the Rust toolchain. Safe to run again:
+# it installs only what is missing.
 #
+#   scripts/install-deps.sh --build   only what building needs (scripts/up.sh)
+#   scripts/install-deps.sh           that, and what the tests and benchmarks need
+#
+# To build:
+#   cmake        builds the Opus codec (libopus, bundled by the `opus` crate)
+#                that the client SDK's media engine links statically
+#
+# To test:
 #   coturn       turnutils_uclient, turnutils_stunclient, turnutils_natdiscovery,
 #                turnutils_peer (interop tests) and turnserver (the benchmark anchor)
 #   stun-client  the classic RFC 3489 `stun` client (interop tests)
@@ -26,8 +34,19 @@
 #   @parse/node-apn   a real APNs client library, pointed at the courier
 set -euo pipefail
 
-packages=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2)
-commands=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip)
+build_only=false
+case "${1:-}" in
+  --build) build_only=true ;;
+  "") ;;
+  *) echo "usage: $0 [--build]" >&2; exit 2 ;;
+esac
+
+packages=(cmake)
+commands=(cmake)
+if ! $build_only; then
+  packages+=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2)
+  commands+=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip)
+fi
 
 # initdb lives outside PATH on Debian, under /usr/lib/postgresql/<version>/bin.
 have() {
@@ -62,6 +81,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     have "${commands[$i]}" || { echo "install-deps: ${packages[$i]} did not provide ${commands[$i]}" >&2; exit 1; }
   done
 fi
+$build_only && exit 0
 
 schemathesis_version=4.32.5
 if ! have schemathesis; then

@@ -3,4 +3,5 @@
 # ./parley-data (created on first start). Extra arguments go to `parley up`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/install-deps.sh --build
 exec cargo run --release --locked -p parley -- up "$@"
