@@ -1,7 +1,10 @@
 //! The Parley client SDK: what a device runs. It grows protocol by
 //! protocol; each piece is a sans-IO core driven by the app's runtime.
 //!
+//! - [`media`]: one call's audio over ICE and DTLS-SRTP (str0m), with
+//!   Opus, an adaptive jitter buffer, loss-driven bitrate and call stats.
 //! - [`turn`]: the TURN client behind the relayed ICE candidate (str0m,
 //!   the media engine, has none).
 
+pub mod media;
 pub mod turn;
