@@ -197,3 +197,75 @@ fn twenty_percent_loss_is_repaired_by_fec_and_concealment() {
     assert!(alice.bitrate_out < 64_000, "{alice:?}");
     assert_eq!(bob.heard.len() % FRAME_SAMPLES, 0);
 }
+
+/// Frames (20 ms) from `from` on until the phone plays half a second of
+/// audio from packets without a gap.
+fn recovery_frames(phone: &sim::Phone, from: usize) -> usize {
+    let d = &phone.decoded[from..];
+    d.windows(25)
+        .position(|w| w.iter().all(|x| *x == Some(Decoded::Packet)))
+        .expect("audio never came back")
+}
+
+#[test]
+fn a_network_change_restarts_ice_and_the_call_carries_on() {
+    let mut net = Net::new(5, Link::default(), true, false);
+    call(&mut net);
+    net.run(Duration::from_secs(3));
+    // Alice's phone leaves Wi-Fi for cellular: a new address.
+    let moved = sim::addr("192.0.2.77:41000");
+    let at = net.phones[0].decoded.len();
+    let now = net.now;
+    net.phones[0].addr = moved;
+    net.phones[0].public = moved;
+    let before = net.count_events(0, |e| matches!(e, MediaEvent::Gathered { .. }));
+    net.phones[0].session.network_changed(now, moved).unwrap();
+    net.run_until(Duration::from_secs(5), |n| {
+        n.count_events(0, |e| matches!(e, MediaEvent::Gathered { .. })) > before
+    });
+    net.restart_ice(0).expect("ICE restart");
+    net.run(Duration::from_secs(4));
+    let bob = &net.phones[1];
+    let gap = recovery_frames(bob, at);
+    eprintln!("network change: Bob's audio back after {} ms", gap * 20);
+    assert!(gap * 20 < 1500, "{gap} frames");
+    let (f, _) = dominant_frequency(tail(&bob.heard, 2), candidates());
+    assert_eq!(f, 440.0);
+    let (f, _) = dominant_frequency(tail(&net.phones[0].heard, 2), candidates());
+    assert_eq!(f, 880.0);
+    // The same DTLS session: connected once, never torn down.
+    assert_eq!(net.count_events(1, |e| *e == MediaEvent::Connected), 1);
+}
+
+#[test]
+fn a_nat_rebinding_is_detected_and_repaired() {
+    let mut net = Net::new(6, Link::default(), false, false);
+    // Alice sits behind a NAT: her host address is private.
+    net.phones[0].public = sim::addr("192.0.2.1:40000");
+    let internal = sim::addr("10.0.0.2:40000");
+    net.phones[0].addr = internal;
+    net.phones[0].session =
+        client_sdk::media::MediaSession::new(net.now, Default::default(), internal).unwrap();
+    net.phones[0].events.clear();
+    call(&mut net);
+    net.run(Duration::from_secs(3));
+    // The NAT drops its mapping and picks another port.
+    let at = net.phones[0].decoded.len();
+    net.phones[0].public = sim::addr("192.0.2.1:40999");
+    let stalled = |n: &Net| n.count_events(0, |e| *e == MediaEvent::Stalled) > 0;
+    net.run_until(Duration::from_secs(5), stalled);
+    // Bob's media still goes to the old mapping: Alice hears nothing and
+    // says so; what the app does then is restart ICE.
+    assert!(stalled(&net), "the stall was not noticed");
+    net.restart_ice(0).expect("ICE restart");
+    net.run(Duration::from_secs(4));
+    let alice = &net.phones[0];
+    let gap = recovery_frames(alice, at);
+    eprintln!("NAT rebinding: Alice's audio back after {} ms", gap * 20);
+    // The stall threshold (1.5 s) plus the restart.
+    assert!(gap * 20 < 2500, "{gap} frames");
+    let (f, _) = dominant_frequency(tail(&alice.heard, 2), candidates());
+    assert_eq!(f, 880.0);
+    let (f, _) = dominant_frequency(tail(&net.phones[1].heard, 2), candidates());
+    assert_eq!(f, 440.0);
+}

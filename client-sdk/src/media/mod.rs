@@ -40,6 +40,9 @@ use jitter::{JitterBuffer, JitterStats, Playout};
 /// How long gathering waits for the TURN server before going on without
 /// a relayed candidate.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
+/// No incoming media for this long raises [`MediaEvent::Stalled`]. DTX
+/// still sends a packet every 400 ms in silence.
+const STALL: Duration = Duration::from_millis(1500);
 /// How old a PASSporT may be.
 const PASSPORT_MAX_AGE_S: u64 = 60;
 
@@ -162,6 +165,10 @@ pub enum MediaEvent {
     Connected,
     /// ICE lost the far end (a network change: restart ICE).
     Disconnected,
+    /// No media has arrived for a while although ICE holds (the far end
+    /// may be muted with DTX, or a NAT rebound): an ICE restart finds a
+    /// working path again.
+    Stalled,
     Stats(CallStats),
 }
 
@@ -206,6 +213,14 @@ pub struct MediaSession {
     reflexive: Option<SocketAddr>,
     /// Remote addresses the relay has been asked to let in.
     permitted: HashSet<SocketAddr>,
+    /// Our candidates now in use (replaced on a network change).
+    candidates: Vec<Candidate>,
+    /// The far end's candidates from the last SDP (the relay must let
+    /// them in again after a new allocation).
+    remote_sdp: Option<String>,
+    /// Last time media arrived, for stall detection.
+    last_media_in: Option<Instant>,
+    stalled: bool,
     pending_offer: Option<SdpPendingOffer>,
     audio_mid: Option<Mid>,
     encoder: AudioEncoder,
@@ -270,6 +285,10 @@ impl MediaSession {
             relayed: None,
             reflexive: None,
             permitted: HashSet::new(),
+            candidates: Vec::new(),
+            remote_sdp: None,
+            last_media_in: None,
+            stalled: false,
             pending_offer: None,
             audio_mid: None,
             encoder: AudioEncoder::new(config.audio)?,
@@ -301,7 +320,7 @@ impl MediaSession {
         if !s.config.relay_only {
             let host = Candidate::host(local, Protocol::Udp)
                 .map_err(|e| MediaError::Sdp(format!("host candidate {local}: {e}")))?;
-            s.rtc.add_local_candidate(host);
+            s.add_candidate(host);
         }
         match s.config.turn.clone() {
             Some(tc) => {
@@ -340,6 +359,7 @@ impl MediaSession {
         let parsed =
             SdpAnswer::from_sdp_string(answer.sdp()).map_err(|e| MediaError::Sdp(e.to_string()))?;
         self.rtc.sdp_api().accept_answer(pending, parsed)?;
+        self.remote_sdp = Some(answer.sdp().into());
         self.permit_candidates(answer.sdp(), now);
         self.drain(now)
     }
@@ -368,9 +388,60 @@ impl MediaSession {
         if self.audio_mid.is_none() {
             return Err(MediaError::NoAudio);
         }
+        self.remote_sdp = Some(offer.sdp().into());
         self.permit_candidates(offer.sdp(), now);
         self.drain(now)?;
         Ok(answer.to_sdp_string())
+    }
+
+    /// The device moved to another network: the app's socket is now
+    /// bound at `local`. The old candidates are dropped, new ones gathered
+    /// (a new relay allocation too, as the old one belongs to the old
+    /// address); at [`MediaEvent::Gathered`] make the ICE restart offer
+    /// with [`MediaSession::create_restart_offer`]. DTLS and SRTP carry
+    /// on: the call does not drop.
+    pub fn network_changed(&mut self, now: Instant, local: SocketAddr) -> Result<(), MediaError> {
+        for c in std::mem::take(&mut self.candidates) {
+            self.rtc.direct_api().invalidate_candidate(&c);
+        }
+        self.drain(now)?;
+        self.local = local;
+        self.relayed = None;
+        self.reflexive = None;
+        self.permitted.clear();
+        if !self.config.relay_only {
+            let host = Candidate::host(local, Protocol::Udp)
+                .map_err(|e| MediaError::Sdp(format!("host candidate {local}: {e}")))?;
+            self.add_candidate(host);
+        }
+        match self.config.turn.clone() {
+            Some(tc) => {
+                self.config.seed = self.config.seed.wrapping_add(1);
+                let mut client = TurnClient::new(tc, self.config.seed);
+                client.allocate(now);
+                self.turn = Some(client);
+                self.gather_deadline = Some(now + GATHER_TIMEOUT);
+                self.drain_turn(now);
+            }
+            None => self.gathered()?,
+        }
+        self.drain(now)
+    }
+
+    /// An offer that restarts ICE (new credentials, the current
+    /// candidates), for a re-INVITE: after a network change, or when
+    /// media stalls ([`MediaEvent::Stalled`]). The answer goes to
+    /// [`MediaSession::accept_answer`].
+    pub fn create_restart_offer(&mut self, now: Instant) -> Result<String, MediaError> {
+        self.require_gathered("create_restart_offer")?;
+        let mut api = self.rtc.sdp_api();
+        api.ice_restart(true);
+        let (offer, pending) = api
+            .apply()
+            .ok_or(MediaError::State("create_restart_offer"))?;
+        self.pending_offer = Some(pending);
+        self.drain(now)?;
+        Ok(offer.to_sdp_string())
     }
 
     /// Our DTLS fingerprints, for the PASSporT the app signs.
@@ -417,6 +488,15 @@ impl MediaSession {
         if now >= self.rtc_timeout {
             self.rtc.handle_input(Input::Timeout(now))?;
         }
+        if self.is_connected()
+            && !self.stalled
+            && self
+                .last_media_in
+                .is_some_and(|t| now.saturating_duration_since(t) >= STALL)
+        {
+            self.stalled = true;
+            self.events.push_back(MediaEvent::Stalled);
+        }
         if now >= self.next_stats {
             self.next_stats = now + self.config.stats_interval;
             let stats = self.stats(now);
@@ -440,6 +520,9 @@ impl MediaSession {
         }
         if let Some(tt) = self.turn.as_ref().and_then(|c| c.poll_timeout()) {
             t = t.min(tt);
+        }
+        if let (Some(last), false) = (self.last_media_in, self.stalled) {
+            t = t.min(last + STALL);
         }
         t
     }
@@ -562,6 +645,11 @@ impl MediaSession {
         Ok(())
     }
 
+    fn add_candidate(&mut self, c: Candidate) {
+        self.candidates.push(c.clone());
+        self.rtc.add_local_candidate(c);
+    }
+
     fn gathered(&mut self) -> Result<(), MediaError> {
         self.gather_deadline = None;
         self.events.push_back(MediaEvent::Gathered {
@@ -609,19 +697,22 @@ impl MediaSession {
                 turn::Event::Allocated { relayed, mapped } => {
                     self.relayed = Some(relayed);
                     if let Ok(c) = Candidate::relayed(relayed, self.local, Protocol::Udp) {
-                        self.rtc.add_local_candidate(c);
+                        self.add_candidate(c);
                     }
                     if let Some(m) = mapped.filter(|m| *m != self.local) {
                         if !self.config.relay_only {
                             if let Ok(c) = Candidate::server_reflexive(m, self.local, Protocol::Udp)
                             {
-                                self.rtc.add_local_candidate(c);
+                                self.add_candidate(c);
                                 self.reflexive = Some(m);
                             }
                         }
                     }
                     if self.gather_deadline.is_some() {
                         let _ = self.gathered();
+                    }
+                    if let Some(sdp) = self.remote_sdp.clone() {
+                        self.permit_candidates(&sdp, now);
                     }
                 }
                 turn::Event::Failed { code, reason } => {
@@ -691,6 +782,8 @@ impl MediaSession {
                 self.events.push_back(MediaEvent::Disconnected);
             }
             Event::MediaData(d) => {
+                self.last_media_in = Some(now);
+                self.stalled = false;
                 let ts = d.time.numer();
                 let seq = *d.seq_range.start();
                 self.received += 1;

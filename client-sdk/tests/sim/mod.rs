@@ -65,7 +65,10 @@ impl Rng {
 
 /// One device in a call.
 pub struct Phone {
+    /// The session's own socket address.
     pub addr: SocketAddr,
+    /// Where the world sees it: `addr` unless behind a NAT.
+    pub public: SocketAddr,
     pub session: MediaSession,
     pub key: SigningKey,
     pub tone: Tone,
@@ -178,6 +181,7 @@ impl Net {
             let session = MediaSession::new(now, config, addr(a)).unwrap();
             net.phones.push(Phone {
                 addr: addr(a),
+                public: addr(a),
                 session,
                 key: SigningKey::generate(),
                 tone: Tone::new(freq, 0.3),
@@ -230,19 +234,40 @@ impl Net {
         &mut self,
         tamper: impl Fn(&str) -> String,
     ) -> Result<(), client_sdk::media::MediaError> {
+        let offer = self.phones[0].session.create_offer(self.now)?;
+        self.exchange(0, offer, tamper)
+    }
+
+    /// Phone `from` restarts ICE (a re-INVITE) and the other answers.
+    pub fn restart_ice(&mut self, from: usize) -> Result<(), client_sdk::media::MediaError> {
+        let offer = self.phones[from].session.create_restart_offer(self.now)?;
+        self.exchange(from, offer, |s| s.to_string())
+    }
+
+    fn exchange(
+        &mut self,
+        from: usize,
+        offer: String,
+        tamper: impl Fn(&str) -> String,
+    ) -> Result<(), client_sdk::media::MediaError> {
         let now = self.now;
-        let offer = self.phones[0].session.create_offer(now)?;
-        let offer_identity = self.identity(0);
+        let to = 1 - from;
+        let offer_identity = self.identity(from);
         let offer = tamper(&offer);
-        let alice_key = self.phones[0].key.public();
-        let verified = VerifiedSdp::verify(&offer, &offer_identity, &alice_key, unix_now())?;
-        let answer = self.phones[1].session.accept_offer(now, &verified)?;
-        let answer_identity = self.identity(1);
-        let bob_key = self.phones[1].key.public();
-        let verified = VerifiedSdp::verify(&answer, &answer_identity, &bob_key, unix_now())?;
-        self.phones[0].session.accept_answer(now, &verified)?;
+        let key = self.phones[from].key.public();
+        let verified = VerifiedSdp::verify(&offer, &offer_identity, &key, unix_now())?;
+        let answer = self.phones[to].session.accept_offer(now, &verified)?;
+        let answer_identity = self.identity(to);
+        let key = self.phones[to].key.public();
+        let verified = VerifiedSdp::verify(&answer, &answer_identity, &key, unix_now())?;
+        self.phones[from].session.accept_answer(now, &verified)?;
         self.flush();
         Ok(())
+    }
+
+    /// Events of phone `i` of this kind since the start.
+    pub fn count_events(&self, i: usize, f: impl Fn(&MediaEvent) -> bool) -> usize {
+        self.phones[i].events.iter().filter(|e| f(e)).count()
     }
 
     pub fn connected(&self) -> bool {
@@ -327,7 +352,7 @@ impl Net {
             let mut sends = Vec::new();
             for p in &mut self.phones {
                 while let Some(d) = p.session.poll_transmit() {
-                    sends.push((p.addr, d.to, d.data));
+                    sends.push((p.public, d.to, d.data));
                 }
                 while let Some(e) = p.session.poll_event() {
                     p.events.push(e);
@@ -370,7 +395,7 @@ impl Net {
 
     fn deliver(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
         let now = self.now;
-        if let Some(p) = self.phones.iter_mut().find(|p| p.addr == to) {
+        if let Some(p) = self.phones.iter_mut().find(|p| p.public == to) {
             p.session.handle_input(now, from, &data).unwrap();
             return;
         }
