@@ -9,6 +9,7 @@
 //! - [`webpush`]: opening (and sealing) RFC 8291 Web Push bodies.
 //! - [`ratelimit`]: keyed token buckets with time passed in.
 //! - [`request_auth`]: how a device signs its HTTP requests.
+//! - [`sip`]: SIP messages, URIs, Via and digest authentication.
 //! - [`safety_number`]: the 60 digits and QR payload two people compare.
 //! - [`transparency`]: verification of lookup and history proofs against a
 //!   signed epoch root.
@@ -23,6 +24,7 @@ pub mod push;
 pub mod ratelimit;
 pub mod request_auth;
 pub mod safety_number;
+pub mod sip;
 pub mod transparency;
 pub mod webpush;
 

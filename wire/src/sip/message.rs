@@ -7,7 +7,7 @@
 //! long names in their usual capitalisation, CRLF, one line per header
 //! and an exact `Content-Length`.
 
-use crate::core::uri::Uri;
+use crate::sip::uri::Uri;
 use std::fmt::{self, Write as _};
 
 /// The largest message accepted on any transport (a UDP datagram's payload

@@ -123,8 +123,8 @@ impl Via {
 impl fmt::Display for Via {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SIP/2.0/{} ", self.transport)?;
-        crate::core::uri::write_hostport(f, &self.host, self.port)?;
-        crate::core::uri::write_params(f, &self.params)?;
+        crate::sip::uri::write_hostport(f, &self.host, self.port)?;
+        crate::sip::uri::write_params(f, &self.params)?;
         Ok(())
     }
 }

@@ -203,6 +203,76 @@ impl Digest {
     }
 }
 
+/// The client side: the `Authorization` (or `Proxy-Authorization`) value
+/// answering the strongest of `challenges` (SHA-256 over MD5), with
+/// `qop=auth` when offered. `None` when no challenge is a digest this
+/// knows.
+pub fn respond(
+    challenges: &[&str],
+    method: &str,
+    uri: &str,
+    username: &str,
+    password: &str,
+    cnonce: &str,
+    nc: u32,
+) -> Option<String> {
+    let mut best: Option<(Algorithm, Vec<(String, String)>)> = None;
+    for c in challenges {
+        let c = c.trim();
+        let Some((scheme, rest)) = c.split_once(|ch: char| ch.is_ascii_whitespace()) else {
+            continue;
+        };
+        if !scheme.eq_ignore_ascii_case("Digest") {
+            continue;
+        }
+        let p = params(rest);
+        let alg = match p.iter().find(|(k, _)| k.eq_ignore_ascii_case("algorithm")) {
+            None => Algorithm::Md5,
+            Some((_, v)) if v.eq_ignore_ascii_case("MD5") => Algorithm::Md5,
+            Some((_, v)) if v.eq_ignore_ascii_case("SHA-256") => Algorithm::Sha256,
+            Some(_) => continue,
+        };
+        if best
+            .as_ref()
+            .is_none_or(|(b, _)| *b == Algorithm::Md5 && alg == Algorithm::Sha256)
+        {
+            best = Some((alg, p));
+        }
+    }
+    let (alg, p) = best?;
+    let get = |name: &str| {
+        p.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let realm = get("realm")?;
+    let nonce = get("nonce")?;
+    let qop_auth = get("qop").is_some_and(|q| q.split(',').any(|x| x.trim() == "auth"));
+    let ha1 = alg.hash(&format!("{username}:{realm}:{password}"));
+    let ha2 = alg.hash(&format!("{method}:{uri}"));
+    let quote = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut out = format!(
+        "Digest username=\"{}\", realm=\"{}\", nonce=\"{}\", uri=\"{}\"",
+        quote(username),
+        quote(realm),
+        quote(nonce),
+        quote(uri)
+    );
+    let response = if qop_auth {
+        let nc = format!("{nc:08x}");
+        let r = alg.hash(&format!("{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}"));
+        let _ = write!(out, ", qop=auth, nc={nc}, cnonce=\"{}\"", quote(cnonce));
+        r
+    } else {
+        alg.hash(&format!("{ha1}:{nonce}:{ha2}"))
+    };
+    let _ = write!(out, ", response=\"{response}\", algorithm={}", alg.name());
+    if let Some(opaque) = get("opaque") {
+        let _ = write!(out, ", opaque=\"{}\"", quote(opaque));
+    }
+    Some(out)
+}
+
 /// `k=v, k="v"` pairs; quoted strings may hold commas and `\"`.
 fn params(s: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -258,6 +328,23 @@ fn params(s: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_answer_verifies_and_prefers_sha256() {
+        let d = Digest::new("example.com", &[5; 32]);
+        for sha in [false, true] {
+            let ch = d.challenges(Duration::from_secs(10), false, sha);
+            let ch: Vec<&str> = ch.iter().map(String::as_str).collect();
+            let v = respond(&ch, "REGISTER", "sip:example.com", "alice", "pw", "abc", 1).unwrap();
+            assert_eq!(v.contains("algorithm=SHA-256"), sha, "{v}");
+            let creds = Credentials::parse(&v).unwrap();
+            let ok = d.verify(&creds, "REGISTER", "pw", Duration::from_secs(11));
+            assert_eq!(ok, Verdict::Ok);
+            let wrong = d.verify(&creds, "REGISTER", "nope", Duration::from_secs(11));
+            assert_eq!(wrong, Verdict::Wrong);
+        }
+        assert!(respond(&["Basic realm=\"x\""], "A", "b", "c", "d", "e", 1).is_none());
+    }
 
     /// The example of RFC 2617 §3.5, but with SIP's method and URI.
     #[test]
