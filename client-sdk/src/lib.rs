@@ -3,8 +3,11 @@
 //!
 //! - [`media`]: one call's audio over ICE and DTLS-SRTP (str0m), with
 //!   Opus, an adaptive jitter buffer, loss-driven bitrate and call stats.
+//! - [`sip`]: the SIP user agent: registration with push parameters,
+//!   calls as caller and callee.
 //! - [`turn`]: the TURN client behind the relayed ICE candidate (str0m,
 //!   the media engine, has none).
 
 pub mod media;
+pub mod sip;
 pub mod turn;
