@@ -1,6 +1,8 @@
 //! The Parley client SDK: what a device runs. It grows protocol by
 //! protocol; each piece is a sans-IO core driven by the app's runtime.
 //!
+//! - [`call`]: calls end to end: the user agent, a media session per
+//!   call, and the PASSporTs that authenticate each side's DTLS key.
 //! - [`media`]: one call's audio over ICE and DTLS-SRTP (str0m), with
 //!   Opus, an adaptive jitter buffer, loss-driven bitrate and call stats.
 //! - [`sip`]: the SIP user agent: registration with push parameters,
@@ -8,6 +10,7 @@
 //! - [`turn`]: the TURN client behind the relayed ICE candidate (str0m,
 //!   the media engine, has none).
 
+pub mod call;
 pub mod media;
 pub mod sip;
 pub mod turn;

@@ -283,13 +283,33 @@ impl UserAgent {
         sdp: &str,
         identity: Option<&str>,
     ) -> Result<CallId, UaError> {
+        let call_id = self.next_call_id();
+        self.invite_as(now, &call_id, target, sdp, identity)?;
+        Ok(call_id)
+    }
+
+    /// A fresh Call-ID, for a call set up before its INVITE is sent.
+    pub fn next_call_id(&mut self) -> CallId {
+        format!("{}@parley", self.token())
+    }
+
+    /// [`UserAgent::invite`] with a Call-ID from
+    /// [`UserAgent::next_call_id`].
+    pub fn invite_as(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        target: &str,
+        sdp: &str,
+        identity: Option<&str>,
+    ) -> Result<(), UaError> {
+        let call_id = call_id.to_string();
         let uri_text = if target.starts_with("sip:") || target.starts_with("sips:") {
             target.to_string()
         } else {
             handle_uri(target, &self.config.domain)
         };
         let uri = Uri::parse(&uri_text).map_err(|e| UaError::Target(format!("{target}: {e}")))?;
-        let call_id = format!("{}@parley", self.token());
         let local_tag = self.token();
         let local_uri = format!("<{}>;tag={local_tag}", self.config.aor());
         let remote_uri = format!("<{uri_text}>");
@@ -327,7 +347,7 @@ impl UserAgent {
                 cancel_sent: false,
             },
         );
-        Ok(call_id)
+        Ok(())
     }
 
     /// Answers an incoming call with our SDP and PASSporT.
@@ -369,6 +389,8 @@ impl UserAgent {
             486 => "Busy Here",
             600 => "Busy Everywhere",
             603 => "Decline",
+            400 => "Bad Request",
+            438 => "Invalid Identity Header",
             _ => "Declined",
         };
         let r = Message::response_to(&c.invite, code, reason, Some(&c.local_tag));

@@ -104,7 +104,7 @@ fn relay_only_call_goes_through_turn_and_the_relay_sees_only_ciphertext() {
     let mut dec = client_sdk::media::audio::AudioDecoder::new().unwrap();
     let mut pcm = Vec::new();
     let mut out = Vec::new();
-    for p in &net.relayed_payloads {
+    for p in &net.udp.relayed_payloads {
         match p[0] {
             0..=3 => {}
             20..=63 => dtls += 1,

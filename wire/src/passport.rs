@@ -85,6 +85,18 @@ pub fn sdp_fingerprints(sdp: &str) -> Vec<Fingerprint> {
     out
 }
 
+/// The `info` parameter's URI of an Identity header value: who signed
+/// (RFC 8224 §4.1).
+pub fn info(value: &str) -> Option<&str> {
+    value.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        if !k.trim().eq_ignore_ascii_case("info") {
+            return None;
+        }
+        v.trim().strip_prefix('<')?.strip_suffix('>')
+    })
+}
+
 /// Signs `claims` with a device key; returns the Identity header value.
 pub fn identity_header(claims: &Claims, key: &SigningKey, info: &str) -> String {
     let header = serde_json::json!({"alg": "ES256", "typ": "passport", "x5u": info});

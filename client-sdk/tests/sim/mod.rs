@@ -94,42 +94,29 @@ pub struct Relay {
     next_port: u16,
 }
 
-pub struct Net {
+/// The wire: datagrams in flight with loss and delay, and the TURN
+/// server's core at [`TURN`] with its relayed addresses.
+pub struct Udp {
     pub now: Instant,
     pub link: Link,
     rng: Rng,
     seq: u64,
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
     in_flight: HashMap<u64, (SocketAddr, SocketAddr, Vec<u8>)>,
-    pub phones: Vec<Phone>,
     pub relay: Option<Relay>,
     /// What the relay forwarded between the devices (peer-side payloads).
     pub relayed_payloads: Vec<Vec<u8>>,
-    next_tick: Instant,
-    pub audio_on: bool,
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-impl Net {
-    /// Alice and Bob; with `with_turn`, both get the relay and its
-    /// credentials; `relay_only` keeps their own addresses out of the SDP.
-    pub fn new(seed: u64, link: Link, with_turn: bool, relay_only: bool) -> Net {
-        let now = Instant::now();
-        let relay = with_turn.then(|| {
+impl Udp {
+    /// `users`: TURN accounts (user, password).
+    pub fn new(seed: u64, link: Link, now: Instant, users: Option<Vec<(String, String)>>) -> Udp {
+        let relay = users.map(|users| {
             let config = stun_turn::Config {
                 realm: "parley".into(),
                 udp: vec![addr(TURN)],
                 relay_ipv4: Some(RELAY_IP.parse().unwrap()),
-                users: vec![
-                    ("alice".into(), "alice-pass".into()),
-                    ("bob".into(), "bob-pass".into()),
-                ],
+                users,
                 // The simulated devices and relay live in documentation
                 // ranges, which the relay's default policy refuses.
                 allow_peers: vec![
@@ -153,20 +140,165 @@ impl Net {
                 next_port: 49_152,
             }
         });
-        let mut net = Net {
+        Udp {
             now,
             link,
             rng: Rng(seed),
             seq: 0,
             queue: BinaryHeap::new(),
             in_flight: HashMap::new(),
-            phones: Vec::new(),
-            relay: None,
+            relay,
             relayed_payloads: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
+        if self.rng.unit() < self.link.loss {
+            return;
+        }
+        let extra = self.link.jitter.mul_f64(self.rng.unit());
+        let at = self.now + self.link.latency + extra;
+        self.seq += 1;
+        self.queue.push(Reverse((at, self.seq)));
+        self.in_flight.insert(self.seq, (from, to, data));
+    }
+
+    /// When the wire or the relay next has something to do.
+    pub fn next_time(&self) -> Option<Instant> {
+        let q = self.queue.peek().map(|Reverse((t, _))| *t);
+        let r = self.relay.as_ref().and_then(|r| r.server.poll_timeout());
+        match (q, r) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs the relay and hands back the datagrams that arrive at an
+    /// endpoint by `now`: (from, to, data).
+    pub fn due(&mut self) -> Vec<(SocketAddr, SocketAddr, Vec<u8>)> {
+        let now = self.now;
+        if let Some(r) = &mut self.relay {
+            if r.server.poll_timeout().is_some_and(|t| t <= now) {
+                r.server.handle_timeout(now);
+            }
+        }
+        self.flush_relay();
+        let mut out = Vec::new();
+        while let Some(Reverse((t, id))) = self.queue.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.queue.pop();
+            let (from, to, data) = self.in_flight.remove(&id).unwrap();
+            if !self.deliver_to_relay(from, to, &data) {
+                out.push((from, to, data));
+            }
+        }
+        out
+    }
+
+    /// Sends what the relay's core queued.
+    fn flush_relay(&mut self) {
+        let Some(r) = &mut self.relay else { return };
+        let mut sends = Vec::new();
+        while let Some(e) = r.server.poll_event() {
+            if let stun_turn::core::Event::BindRelay { relay, addr, .. } = e {
+                let bound = SocketAddr::new(addr.ip(), r.next_port);
+                r.next_port += 1;
+                r.by_addr.insert(bound, relay);
+                r.addr_of.insert(relay, bound);
+                r.server.handle_relay_bound(relay, Some(bound), self.now);
+            }
+        }
+        while let Some(t) = r.server.poll_transmit() {
+            sends.push((t.from, t.to.remote, t.bytes));
+        }
+        for (from, to, data) in sends {
+            self.send(from, to, data);
+        }
+    }
+
+    /// Delivers to the relay if it is for the relay.
+    fn deliver_to_relay(&mut self, from: SocketAddr, to: SocketAddr, data: &[u8]) -> bool {
+        let now = self.now;
+        let Some(r) = self.relay.as_mut() else {
+            return false;
+        };
+        let mut out = Vec::new();
+        if to == addr(TURN) {
+            let client = ClientAddr {
+                transport: Transport::Udp,
+                remote: from,
+                local: to,
+            };
+            if let ClientOutcome::Forward {
+                relay,
+                peer,
+                payload,
+            } = r.server.handle_client_input(client, data, now)
+            {
+                if let Some(src) = r.addr_of.get(&relay) {
+                    self.relayed_payloads.push(data[payload.clone()].to_vec());
+                    out.push((*src, peer, data[payload].to_vec()));
+                }
+            }
+        } else if let Some(&relay) = r.by_addr.get(&to) {
+            match r.server.handle_peer_input(relay, from, data, now) {
+                PeerOutcome::Drop => {}
+                PeerOutcome::ChannelData { to, channel } => {
+                    let mut f =
+                        stun_turn::channel_data::encode_header(channel, data.len()).to_vec();
+                    f.extend_from_slice(data);
+                    out.push((addr(TURN), to.remote, f));
+                }
+                PeerOutcome::Indication { to, message } => {
+                    out.push((addr(TURN), to.remote, message.to_vec()));
+                }
+            }
+        } else {
+            return false;
+        }
+        for (from, to, data) in out {
+            self.send(from, to, data);
+        }
+        self.flush_relay();
+        true
+    }
+}
+
+pub struct Net {
+    pub now: Instant,
+    pub udp: Udp,
+    pub phones: Vec<Phone>,
+    next_tick: Instant,
+    pub audio_on: bool,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+impl Net {
+    /// Alice and Bob; with `with_turn`, both get the relay and its
+    /// credentials; `relay_only` keeps their own addresses out of the SDP.
+    pub fn new(seed: u64, link: Link, with_turn: bool, relay_only: bool) -> Net {
+        let now = Instant::now();
+        let users = with_turn.then(|| {
+            vec![
+                ("alice".to_string(), "alice-pass".to_string()),
+                ("bob".to_string(), "bob-pass".to_string()),
+            ]
+        });
+        let mut net = Net {
+            now,
+            udp: Udp::new(seed, link, now, users),
+            phones: Vec::new(),
             next_tick: now,
             audio_on: true,
         };
-        net.relay = relay;
         for (i, (a, user, freq)) in [(ALICE, "alice", 440.0), (BOB, "bob", 880.0)]
             .into_iter()
             .enumerate()
@@ -282,16 +414,11 @@ impl Net {
                 return;
             }
             let mut next = until;
-            if let Some(Reverse((t, _))) = self.queue.peek() {
-                next = next.min(*t);
+            if let Some(t) = self.udp.next_time() {
+                next = next.min(t);
             }
             for p in &self.phones {
                 next = next.min(p.session.poll_timeout());
-            }
-            if let Some(r) = &self.relay {
-                if let Some(t) = r.server.poll_timeout() {
-                    next = next.min(t);
-                }
             }
             if self.audio_on {
                 next = next.min(self.next_tick);
@@ -300,8 +427,9 @@ impl Net {
                 return;
             }
             self.now = self.now.max(next);
+            self.udp.now = self.now;
             self.step();
-            if self.now >= until && self.queue.peek().is_none_or(|Reverse((t, _))| *t > until) {
+            if self.now >= until && self.udp.next_time().is_none_or(|t| t > until) {
                 return;
             }
         }
@@ -314,22 +442,14 @@ impl Net {
 
     fn step(&mut self) {
         let now = self.now;
-        while let Some(Reverse((t, id))) = self.queue.peek().copied() {
-            if t > now {
-                break;
+        for (from, to, data) in self.udp.due() {
+            if let Some(p) = self.phones.iter_mut().find(|p| p.public == to) {
+                p.session.handle_input(now, from, &data).unwrap();
             }
-            self.queue.pop();
-            let (from, to, data) = self.in_flight.remove(&id).unwrap();
-            self.deliver(from, to, data);
         }
         for p in &mut self.phones {
             if p.session.poll_timeout() <= now {
                 p.session.handle_timeout(now).unwrap();
-            }
-        }
-        if let Some(r) = &mut self.relay {
-            if r.server.poll_timeout().is_some_and(|t| t <= now) {
-                r.server.handle_timeout(now);
             }
         }
         if self.audio_on && now >= self.next_tick {
@@ -346,97 +466,16 @@ impl Net {
         self.flush();
     }
 
-    /// Collects what every node wants to send and puts it on the wire.
+    /// Collects what every phone wants to send and puts it on the wire.
     fn flush(&mut self) {
-        for _ in 0..1000 {
-            let mut sends = Vec::new();
-            for p in &mut self.phones {
-                while let Some(d) = p.session.poll_transmit() {
-                    sends.push((p.public, d.to, d.data));
-                }
-                while let Some(e) = p.session.poll_event() {
-                    p.events.push(e);
-                }
+        self.udp.now = self.now;
+        for p in &mut self.phones {
+            while let Some(d) = p.session.poll_transmit() {
+                self.udp.send(p.public, d.to, d.data);
             }
-            if let Some(r) = &mut self.relay {
-                while let Some(e) = r.server.poll_event() {
-                    if let stun_turn::core::Event::BindRelay { relay, addr, .. } = e {
-                        let bound = SocketAddr::new(addr.ip(), r.next_port);
-                        r.next_port += 1;
-                        r.by_addr.insert(bound, relay);
-                        r.addr_of.insert(relay, bound);
-                        r.server.handle_relay_bound(relay, Some(bound), self.now);
-                    }
-                }
-                while let Some(t) = r.server.poll_transmit() {
-                    sends.push((t.from, t.to.remote, t.bytes));
-                }
-            }
-            if sends.is_empty() {
-                return;
-            }
-            for (from, to, data) in sends {
-                self.send(from, to, data);
+            while let Some(e) = p.session.poll_event() {
+                p.events.push(e);
             }
         }
-        panic!("the nodes never stopped sending");
-    }
-
-    pub fn send(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
-        if self.rng.unit() < self.link.loss {
-            return;
-        }
-        let extra = self.link.jitter.mul_f64(self.rng.unit());
-        let at = self.now + self.link.latency + extra;
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq)));
-        self.in_flight.insert(self.seq, (from, to, data));
-    }
-
-    fn deliver(&mut self, from: SocketAddr, to: SocketAddr, data: Vec<u8>) {
-        let now = self.now;
-        if let Some(p) = self.phones.iter_mut().find(|p| p.public == to) {
-            p.session.handle_input(now, from, &data).unwrap();
-            return;
-        }
-        let Some(r) = self.relay.as_mut() else {
-            return;
-        };
-        let mut out = Vec::new();
-        if to == addr(TURN) {
-            let client = ClientAddr {
-                transport: Transport::Udp,
-                remote: from,
-                local: to,
-            };
-            if let ClientOutcome::Forward {
-                relay,
-                peer,
-                payload,
-            } = r.server.handle_client_input(client, &data, now)
-            {
-                if let Some(src) = r.addr_of.get(&relay) {
-                    self.relayed_payloads.push(data[payload.clone()].to_vec());
-                    out.push((*src, peer, data[payload].to_vec()));
-                }
-            }
-        } else if let Some(&relay) = r.by_addr.get(&to) {
-            match r.server.handle_peer_input(relay, from, &data, now) {
-                PeerOutcome::Drop => {}
-                PeerOutcome::ChannelData { to, channel } => {
-                    let mut f =
-                        stun_turn::channel_data::encode_header(channel, data.len()).to_vec();
-                    f.extend_from_slice(&data);
-                    out.push((addr(TURN), to.remote, f));
-                }
-                PeerOutcome::Indication { to, message } => {
-                    out.push((addr(TURN), to.remote, message.to_vec()));
-                }
-            }
-        }
-        for (from, to, data) in out {
-            self.send(from, to, data);
-        }
-        self.flush();
     }
 }

@@ -1,0 +1,728 @@
+//! Calls end to end, sans-IO: the SIP user agent, one media session per
+//! call, and the PASSporTs that bind each side's DTLS key to a device key
+//! that `ids` proved belongs to the handle.
+//!
+//! The app supplies the far side's device keys, from an `ids` lookup
+//! whose key transparency proof verified: before dialing (the callee's
+//! devices) and when a call comes in (the caller's, [`Phone::ring`]).
+//! Nothing is keyed, rung or answered before the far device's PASSporT
+//! verified against one of those keys over the SDP actually received;
+//! a mismatch ends the call with [`CallError::Security`].
+//!
+//! I/O: one stream to the proxy (`sip` calls) and one UDP socket per call
+//! for its media (`media` calls), plus the audio clock.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use wire::handle::Handle;
+use wire::keys::{DeviceId, PublicKey, SigningKey};
+use wire::passport::{self, Claims};
+
+use crate::media::audio::Decoded;
+use crate::media::{
+    CallStats, Datagram, MediaConfig, MediaError, MediaEvent, MediaSession, VerifiedSdp,
+};
+use crate::sip::{CallId, UaConfig, UaError, UaEvent, UserAgent};
+
+/// A device and its identity key, from a verified `ids` lookup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceKey {
+    pub device: DeviceId,
+    pub key: PublicKey,
+}
+
+/// 20 ms for the speaker, and how it was made (`None`: silence, nothing
+/// has arrived yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Played {
+    pub pcm: Vec<i16>,
+    pub how: Option<Decoded>,
+}
+
+/// Why a call ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// We hung up.
+    Local,
+    /// The far end hung up.
+    Remote,
+    /// Another of our devices answered.
+    AnsweredElsewhere,
+    /// The caller gave up before we answered (or the call was declined
+    /// on another of our devices).
+    Cancelled(Option<String>),
+    /// The call was refused or failed: SIP status and reason.
+    Failed(u16, String),
+    /// The far end's keys could not be authenticated.
+    Security(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum CallEvent {
+    /// A call for us. Look up `from` in `ids` and pass the verified
+    /// device keys to [`Phone::ring`], with a socket for the media.
+    Incoming {
+        call: CallId,
+        from: Handle,
+        device: Option<DeviceId>,
+    },
+    /// Our phone rings (the caller is authenticated): answer or decline.
+    Ringing {
+        call: CallId,
+    },
+    /// The far end's devices ring.
+    Alerting {
+        call: CallId,
+    },
+    /// The call is answered (by `device` of the far handle).
+    Answered {
+        call: CallId,
+        device: DeviceId,
+    },
+    /// Media flows (ICE and DTLS up).
+    MediaConnected {
+        call: CallId,
+    },
+    Stats {
+        call: CallId,
+        stats: CallStats,
+    },
+    Ended {
+        call: CallId,
+        reason: EndReason,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("security: {0}")]
+    Security(String),
+    #[error(transparent)]
+    Media(#[from] MediaError),
+    #[error(transparent)]
+    Sip(#[from] UaError),
+    #[error("no such call")]
+    NoCall,
+    #[error("{0}")]
+    Handle(String),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Stage {
+    /// Caller: gathering candidates before the INVITE.
+    Gathering,
+    /// Caller: INVITE sent.
+    Calling,
+    /// Callee: waiting for the app's keys ([`Phone::ring`]).
+    Incoming,
+    /// Callee: gathering before ringing.
+    Preparing,
+    /// Callee: ringing, our answer SDP made.
+    Ringing,
+    Active,
+}
+
+#[derive(Debug)]
+struct Call {
+    stage: Stage,
+    peer: Handle,
+    /// The far side's devices; after the answer, the one that answered.
+    keys: Vec<DeviceKey>,
+    media: Option<MediaSession>,
+    /// Callee: the offer and its Identity header; caller: unused.
+    offer: Option<(String, Option<String>)>,
+    answer_sdp: Option<String>,
+    /// A network change waiting for gathering to make the restart offer.
+    restart_pending: bool,
+    /// Caller: Alerting was reported.
+    alerted: bool,
+}
+
+/// This device's calls.
+#[derive(Debug)]
+pub struct Phone {
+    ua: UserAgent,
+    handle: Handle,
+    device: DeviceId,
+    key: SigningKey,
+    media_config: MediaConfig,
+    calls: HashMap<CallId, Call>,
+    events: VecDeque<CallEvent>,
+    media_out: VecDeque<(CallId, Datagram)>,
+    dial_seq: u64,
+}
+
+/// The Identity header's `info` URI naming the signing device.
+fn device_info(device: DeviceId) -> String {
+    format!("urn:parley:device:{device}")
+}
+
+fn info_device(identity: &str) -> Option<DeviceId> {
+    let info = passport::info(identity)?;
+    let hex = info.strip_prefix("urn:parley:device:")?;
+    let bytes = wire::keys::unhex(hex)?;
+    Some(DeviceId(bytes.try_into().ok()?))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The handle a SIP From/To value names (`sip:<handle>@domain`).
+fn handle_of(value: &str) -> Option<Handle> {
+    let na = wire::sip::uri::NameAddr::parse(value).ok()?;
+    Handle::parse(&na.uri.user_unescaped()?).ok()
+}
+
+impl Phone {
+    pub fn new(
+        ua: UaConfig,
+        handle: Handle,
+        device: DeviceId,
+        key: SigningKey,
+        media_config: MediaConfig,
+        seed: u64,
+    ) -> Phone {
+        Phone {
+            ua: UserAgent::new(ua, seed),
+            handle,
+            device,
+            key,
+            media_config,
+            calls: HashMap::new(),
+            events: VecDeque::new(),
+            media_out: VecDeque::new(),
+            dial_seq: 0,
+        }
+    }
+
+    pub fn ua(&mut self) -> &mut UserAgent {
+        &mut self.ua
+    }
+
+    /// Calls `callee`, whose devices (from a verified lookup) are `keys`,
+    /// with media on the socket bound at `local`. The INVITE goes out once
+    /// candidates are gathered. Returns the call's id (its Call-ID).
+    pub fn dial(
+        &mut self,
+        now: Instant,
+        callee: &Handle,
+        keys: Vec<DeviceKey>,
+        local: SocketAddr,
+    ) -> Result<CallId, CallError> {
+        self.dial_seq += 1;
+        let id = self.ua.next_call_id();
+        let mut config = self.media_config.clone();
+        config.seed = config.seed.wrapping_add(self.dial_seq);
+        let media = MediaSession::new(now, config, local)?;
+        self.calls.insert(
+            id.clone(),
+            Call {
+                stage: Stage::Gathering,
+                peer: callee.clone(),
+                keys,
+                media: Some(media),
+                offer: None,
+                answer_sdp: None,
+                restart_pending: false,
+                alerted: false,
+            },
+        );
+        self.drive(now, &id)?;
+        Ok(id)
+    }
+
+    /// An incoming call's caller keys (from a verified lookup of the
+    /// `from` handle) and the socket for its media: the PASSporT is
+    /// checked and, if it holds, the phone rings. If it does not, the
+    /// call is refused with 438 (RFC 8224) and ends with a security
+    /// reason.
+    pub fn ring(
+        &mut self,
+        now: Instant,
+        call: &str,
+        keys: Vec<DeviceKey>,
+        local: SocketAddr,
+    ) -> Result<(), CallError> {
+        let c = self.calls.get_mut(call).ok_or(CallError::NoCall)?;
+        if c.stage != Stage::Incoming {
+            return Err(CallError::Sip(UaError::State("ring")));
+        }
+        c.keys = keys;
+        let (sdp, identity) = c.offer.clone().unwrap_or_default();
+        match verify(&c.peer, &c.keys, &sdp, identity.as_deref()) {
+            Ok(_) => {}
+            Err(e) => {
+                let _ = self.ua.decline(call, 438);
+                self.end(call, EndReason::Security(e.to_string()));
+                return Err(e);
+            }
+        }
+        let mut config = self.media_config.clone();
+        config.seed = config.seed.wrapping_add(call.len() as u64 + self.dial_seq);
+        let c = self.calls.get_mut(call).ok_or(CallError::NoCall)?;
+        c.media = Some(MediaSession::new(now, config, local)?);
+        c.stage = Stage::Preparing;
+        self.drive(now, call)
+    }
+
+    /// Answers a ringing call.
+    pub fn answer(&mut self, now: Instant, call: &str) -> Result<(), CallError> {
+        let c = self.calls.get_mut(call).ok_or(CallError::NoCall)?;
+        if c.stage != Stage::Ringing {
+            return Err(CallError::Sip(UaError::State("answer")));
+        }
+        let sdp = c.answer_sdp.clone().unwrap_or_default();
+        let identity = self.sign(call, &sdp, false)?;
+        self.ua.answer(now, call, &sdp, Some(&identity))?;
+        if let Some(c) = self.calls.get_mut(call) {
+            c.stage = Stage::Active;
+        }
+        Ok(())
+    }
+
+    /// Declines a call: 603 ends it on all the handle's devices.
+    pub fn decline(&mut self, call: &str) -> Result<(), CallError> {
+        if self.calls.get(call).is_some_and(|c| {
+            c.stage == Stage::Incoming || c.stage == Stage::Preparing || c.stage == Stage::Ringing
+        }) {
+            self.ua.decline(call, 603)?;
+            self.end(call, EndReason::Local);
+            return Ok(());
+        }
+        Err(CallError::NoCall)
+    }
+
+    pub fn hangup(&mut self, now: Instant, call: &str) -> Result<(), CallError> {
+        let c = self.calls.get(call).ok_or(CallError::NoCall)?;
+        if c.stage != Stage::Gathering {
+            self.ua.hangup(now, call)?;
+        }
+        // A caller's CANCEL ends with the 487; everything else now.
+        if c.stage != Stage::Calling {
+            self.end(call, EndReason::Local);
+        }
+        Ok(())
+    }
+
+    /// The device's network changed; the call's media socket is now
+    /// bound at `local`. ICE restarts (re-INVITE) once gathered.
+    pub fn network_changed(
+        &mut self,
+        now: Instant,
+        call: &str,
+        local: SocketAddr,
+    ) -> Result<(), CallError> {
+        let c = self.calls.get_mut(call).ok_or(CallError::NoCall)?;
+        let m = c.media.as_mut().ok_or(CallError::NoCall)?;
+        m.network_changed(now, local)?;
+        c.restart_pending = true;
+        self.drive(now, call)
+    }
+
+    pub fn mute(&mut self, call: &str, muted: bool) {
+        if let Some(m) = self.calls.get_mut(call).and_then(|c| c.media.as_mut()) {
+            m.set_muted(muted);
+        }
+    }
+
+    pub fn stats(&self, call: &str, now: Instant) -> Option<CallStats> {
+        self.calls
+            .get(call)
+            .and_then(|c| c.media.as_ref())
+            .map(|m| m.stats(now))
+    }
+
+    /// One 20 ms microphone frame for the call.
+    pub fn send_audio(&mut self, now: Instant, call: &str, pcm: &[i16]) -> Result<(), CallError> {
+        if let Some(m) = self.calls.get_mut(call).and_then(|c| c.media.as_mut()) {
+            if m.is_connected() {
+                m.send_audio(now, pcm)?;
+            }
+        }
+        self.collect(now, call);
+        Ok(())
+    }
+
+    /// The call's next 20 ms for the speaker.
+    pub fn play_audio(&mut self, now: Instant, call: &str) -> Result<Option<Played>, CallError> {
+        let Some(m) = self.calls.get_mut(call).and_then(|c| c.media.as_mut()) else {
+            return Ok(None);
+        };
+        let (pcm, how) = m.play_audio(now)?;
+        Ok(Some(Played {
+            pcm: pcm.to_vec(),
+            how,
+        }))
+    }
+
+    /// Bytes from the stream to the proxy.
+    pub fn handle_sip_input(&mut self, now: Instant, bytes: &[u8]) -> Result<(), CallError> {
+        self.ua.handle_input(now, bytes)?;
+        self.ua_events(now);
+        Ok(())
+    }
+
+    /// A datagram on a call's media socket.
+    pub fn handle_media_input(
+        &mut self,
+        now: Instant,
+        call: &str,
+        from: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), CallError> {
+        if let Some(m) = self.calls.get_mut(call).and_then(|c| c.media.as_mut()) {
+            m.handle_input(now, from, data)?;
+        }
+        self.drive(now, call)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), CallError> {
+        self.ua.handle_timeout(now);
+        self.ua_events(now);
+        let ids: Vec<CallId> = self.calls.keys().cloned().collect();
+        for id in ids {
+            if let Some(m) = self.calls.get_mut(&id).and_then(|c| c.media.as_mut()) {
+                if m.poll_timeout() <= now {
+                    m.handle_timeout(now)?;
+                }
+            }
+            self.drive(now, &id)?;
+        }
+        Ok(())
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let media = self
+            .calls
+            .values()
+            .filter_map(|c| c.media.as_ref().map(MediaSession::poll_timeout))
+            .min();
+        match (self.ua.poll_timeout(), media) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn poll_sip_transmit(&mut self) -> Option<Vec<u8>> {
+        self.ua.poll_transmit()
+    }
+
+    /// A datagram for a call's media socket.
+    pub fn poll_media_transmit(&mut self) -> Option<(CallId, Datagram)> {
+        self.media_out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<CallEvent> {
+        self.events.pop_front()
+    }
+
+    /// Moves a call on after its media changed.
+    fn drive(&mut self, now: Instant, id: &str) -> Result<(), CallError> {
+        let mut gathered = false;
+        let mut media_events = Vec::new();
+        if let Some(m) = self.calls.get_mut(id).and_then(|c| c.media.as_mut()) {
+            while let Some(e) = m.poll_event() {
+                if matches!(e, MediaEvent::Gathered { .. }) {
+                    gathered = true;
+                }
+                media_events.push(e);
+            }
+        }
+        for e in media_events {
+            match e {
+                MediaEvent::Connected => self
+                    .events
+                    .push_back(CallEvent::MediaConnected { call: id.into() }),
+                MediaEvent::Stats(stats) => self.events.push_back(CallEvent::Stats {
+                    call: id.into(),
+                    stats,
+                }),
+                MediaEvent::Stalled => {
+                    // A NAT rebound under us, or the far end moved: find a
+                    // path again.
+                    if let Some(c) = self.calls.get_mut(id) {
+                        if c.stage == Stage::Active {
+                            c.restart_pending = true;
+                            gathered = true;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if gathered {
+            self.on_gathered(now, id)?;
+        }
+        self.collect(now, id);
+        Ok(())
+    }
+
+    fn collect(&mut self, _now: Instant, id: &str) {
+        if let Some(m) = self.calls.get_mut(id).and_then(|c| c.media.as_mut()) {
+            while let Some(d) = m.poll_transmit() {
+                self.media_out.push_back((id.to_string(), d));
+            }
+        }
+    }
+
+    fn on_gathered(&mut self, now: Instant, id: &str) -> Result<(), CallError> {
+        let Some(c) = self.calls.get_mut(id) else {
+            return Ok(());
+        };
+        match c.stage {
+            Stage::Gathering => {
+                let media = c.media.as_mut().ok_or(CallError::NoCall)?;
+                let offer = media.create_offer(now)?;
+                c.stage = Stage::Calling;
+                let peer = c.peer.clone();
+                let identity = self.sign_for(&peer, &offer, true);
+                self.ua
+                    .invite_as(now, id, peer.as_str(), &offer, Some(&identity))?;
+            }
+            Stage::Preparing => {
+                let (sdp, identity) = c.offer.clone().unwrap_or_default();
+                // ring() checked the PASSporT; the check hands over the
+                // verified SDP for the media engine.
+                let (_, verified) = verify(&c.peer, &c.keys, &sdp, identity.as_deref())?;
+                let media = c.media.as_mut().ok_or(CallError::NoCall)?;
+                let answer = media.accept_offer(now, &verified)?;
+                c.answer_sdp = Some(answer);
+                c.stage = Stage::Ringing;
+                self.events
+                    .push_back(CallEvent::Ringing { call: id.into() });
+            }
+            Stage::Active if c.restart_pending => {
+                c.restart_pending = false;
+                let media = c.media.as_mut().ok_or(CallError::NoCall)?;
+                let offer = media.create_restart_offer(now)?;
+                let peer = c.peer.clone();
+                let identity = self.sign_for(&peer, &offer, true);
+                // A glare (491) leaves the far end's restart to win.
+                let _ = self.ua.reoffer(now, id, &offer, Some(&identity));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn ua_events(&mut self, now: Instant) {
+        while let Some(e) = self.ua.poll_event() {
+            if let Err(err) = self.on_ua_event(now, e) {
+                tracing::warn!(error = %err, "call event");
+            }
+        }
+    }
+
+    fn on_ua_event(&mut self, now: Instant, e: UaEvent) -> Result<(), CallError> {
+        match e {
+            UaEvent::Incoming {
+                call,
+                from,
+                sdp,
+                identity,
+            } => {
+                let Some(peer) = handle_of(&from) else {
+                    self.ua.decline(&call, 400)?;
+                    return Ok(());
+                };
+                let device = identity.as_deref().and_then(info_device);
+                self.calls.insert(
+                    call.clone(),
+                    Call {
+                        stage: Stage::Incoming,
+                        peer: peer.clone(),
+                        keys: Vec::new(),
+                        media: None,
+                        offer: Some((sdp, identity)),
+                        answer_sdp: None,
+                        restart_pending: false,
+                        alerted: false,
+                    },
+                );
+                self.events.push_back(CallEvent::Incoming {
+                    call,
+                    from: peer,
+                    device,
+                });
+            }
+            UaEvent::Answered {
+                call,
+                sdp,
+                identity,
+            } => {
+                let Some(c) = self.calls.get_mut(&call) else {
+                    return Ok(());
+                };
+                match verify(&c.peer, &c.keys, &sdp, identity.as_deref()) {
+                    Ok((device, verified)) => {
+                        c.keys.retain(|k| k.device == device);
+                        c.stage = Stage::Active;
+                        if let Some(m) = c.media.as_mut() {
+                            m.accept_answer(now, &verified)?;
+                        }
+                        self.events.push_back(CallEvent::Answered {
+                            call: call.clone(),
+                            device,
+                        });
+                        self.collect(now, &call);
+                    }
+                    Err(e) => {
+                        let _ = self.ua.hangup(now, &call);
+                        self.end(&call, EndReason::Security(e.to_string()));
+                    }
+                }
+            }
+            UaEvent::Ringing { call } => {
+                // Once, however many devices ring.
+                let first = self
+                    .calls
+                    .get_mut(&call)
+                    .is_some_and(|c| !std::mem::replace(&mut c.alerted, true));
+                if first {
+                    self.events.push_back(CallEvent::Alerting { call });
+                }
+            }
+            UaEvent::Failed { call, code, reason } => {
+                self.end(&call, EndReason::Failed(code, reason));
+            }
+            UaEvent::Cancelled { call, reason } => {
+                let r = if reason.as_deref() == Some("Call completed elsewhere") {
+                    EndReason::AnsweredElsewhere
+                } else {
+                    EndReason::Cancelled(reason)
+                };
+                self.end(&call, r);
+            }
+            UaEvent::Ended { call, by_peer } => {
+                if self.calls.contains_key(&call) {
+                    self.end(
+                        &call,
+                        if by_peer {
+                            EndReason::Remote
+                        } else {
+                            EndReason::Local
+                        },
+                    );
+                }
+            }
+            UaEvent::ReOffer {
+                call,
+                sdp,
+                identity,
+            } => {
+                let Some(c) = self.calls.get_mut(&call) else {
+                    return Ok(());
+                };
+                match verify(&c.peer, &c.keys, &sdp, identity.as_deref()) {
+                    Ok((_, verified)) => {
+                        let media = c.media.as_mut().ok_or(CallError::NoCall)?;
+                        let answer = media.accept_offer(now, &verified)?;
+                        let identity = self.sign(&call, &answer, false)?;
+                        self.ua.answer_reoffer(&call, &answer, Some(&identity))?;
+                        self.collect(now, &call);
+                    }
+                    Err(e) => {
+                        let _ = self.ua.hangup(now, &call);
+                        self.end(&call, EndReason::Security(e.to_string()));
+                    }
+                }
+            }
+            UaEvent::ReAnswered {
+                call,
+                sdp,
+                identity,
+            } => {
+                let Some(c) = self.calls.get_mut(&call) else {
+                    return Ok(());
+                };
+                match verify(&c.peer, &c.keys, &sdp, identity.as_deref()) {
+                    Ok((_, verified)) => {
+                        if let Some(m) = c.media.as_mut() {
+                            m.accept_answer(now, &verified)?;
+                        }
+                        self.collect(now, &call);
+                    }
+                    Err(e) => {
+                        let _ = self.ua.hangup(now, &call);
+                        self.end(&call, EndReason::Security(e.to_string()));
+                    }
+                }
+            }
+            UaEvent::Registered { .. }
+            | UaEvent::RegistrationFailed { .. }
+            | UaEvent::Unregistered => {}
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, call: &str, reason: EndReason) {
+        if let Some(mut c) = self.calls.remove(call) {
+            if let Some(m) = c.media.as_mut() {
+                m.close();
+            }
+            self.events.push_back(CallEvent::Ended {
+                call: call.into(),
+                reason,
+            });
+        }
+    }
+
+    /// Our PASSporT over `sdp` for the call's far handle.
+    fn sign(&mut self, call: &str, sdp: &str, caller: bool) -> Result<String, CallError> {
+        let peer = self.calls.get(call).ok_or(CallError::NoCall)?.peer.clone();
+        Ok(self.sign_for(&peer, sdp, caller))
+    }
+
+    fn sign_for(&self, peer: &Handle, sdp: &str, caller: bool) -> String {
+        let (orig, dest) = if caller {
+            (self.handle.uri(), peer.uri())
+        } else {
+            (peer.uri(), self.handle.uri())
+        };
+        let claims = Claims {
+            orig,
+            dest: vec![dest],
+            iat: unix_now(),
+            mky: passport::sdp_fingerprints(sdp),
+        };
+        passport::identity_header(&claims, &self.key, &device_info(self.device))
+    }
+}
+
+/// Checks a PASSporT from one of `keys` (the devices of `peer`) over
+/// `sdp`: the device it names, its signature and age, the fingerprints,
+/// and that it speaks for `peer`.
+fn verify(
+    peer: &Handle,
+    keys: &[DeviceKey],
+    sdp: &str,
+    identity: Option<&str>,
+) -> Result<(DeviceId, VerifiedSdp), CallError> {
+    let identity =
+        identity.ok_or_else(|| CallError::Security("the far end sent no PASSporT".into()))?;
+    let device = info_device(identity)
+        .ok_or_else(|| CallError::Security("the PASSporT names no device".into()))?;
+    let key = keys.iter().find(|k| k.device == device).ok_or_else(|| {
+        CallError::Security(format!(
+            "device {device} is not one of {}'s devices in the key directory",
+            peer.redacted()
+        ))
+    })?;
+    let verified = VerifiedSdp::verify(sdp, identity, &key.key, unix_now())
+        .map_err(|e| CallError::Security(e.to_string()))?;
+    let claims = verified
+        .claims()
+        .ok_or_else(|| CallError::Security("no claims".into()))?;
+    let peer_uri = peer.uri();
+    if claims.orig != peer_uri && !claims.dest.contains(&peer_uri) {
+        return Err(CallError::Security(
+            "the PASSporT is for another handle".into(),
+        ));
+    }
+    Ok((device, verified))
+}
