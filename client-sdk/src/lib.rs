@@ -3,6 +3,8 @@
 //!
 //! - [`call`]: calls end to end: the user agent, a media session per
 //!   call, and the PASSporTs that authenticate each side's DTLS key.
+//! - [`courier`]: the push courier's device link (`parley-push/1` over
+//!   TLS or QUIC), reconnect-safe and deduplicating.
 //! - [`media`]: one call's audio over ICE and DTLS-SRTP (str0m), with
 //!   Opus, an adaptive jitter buffer, loss-driven bitrate and call stats.
 //! - [`sip`]: the SIP user agent: registration with push parameters,
@@ -11,6 +13,7 @@
 //!   the media engine, has none).
 
 pub mod call;
+pub mod courier;
 pub mod media;
 pub mod sip;
 pub mod turn;

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use hdrhistogram::Histogram;
-use push_courier::client::{ClientEvent, DeviceClient, DeviceCredentials};
+use client_sdk::courier::{ClientEvent, DeviceClient, DeviceCredentials};
 use push_courier::provider::{ApnsSender, Http2};
 use wire::push::DeviceToken;
 

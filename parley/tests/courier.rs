@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use push_courier::client::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
+use client_sdk::courier::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
 use push_courier::provider::Http2;
 use ring::signature::KeyPair;
 use wire::push::NotificationId;
@@ -228,7 +228,7 @@ async fn kill_9_after_2xx_loses_nothing_and_delivers_once() {
         .await
         .unwrap();
     match dev.next_within(Duration::from_millis(500)).await {
-        Err(push_courier::client::ClientError::Timeout) => {}
+        Err(client_sdk::courier::ClientError::Timeout) => {}
         other => panic!("acked messages came back: {other:?}"),
     }
     const M: usize = 200;
@@ -283,7 +283,7 @@ async fn a_standalone_courier_refuses_devices_on_its_revocation_list() {
     assert!(
         matches!(
             r,
-            Err(push_courier::client::ClientError::Closed(
+            Err(client_sdk::courier::ClientError::Closed(
                 wire::push::CloseReason::Revoked,
                 _
             ))

@@ -6,7 +6,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
-use push_courier::client::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
+use client_sdk::courier::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
 use signaling::core::message::{HeaderName, Message};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;

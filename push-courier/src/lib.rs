@@ -12,12 +12,10 @@
 //!   group-commit writer: a push is in the database before its 2xx.
 //! - [`store`]: sqlx on SQLite or PostgreSQL.
 //! - [`device`]: the TLS and QUIC listeners that drive sessions.
-//! - [`client`]: the device side, for the SDK, tests and the load simulator.
 //! - [`provider`]: the provider side (HTTP/2 client, APNs-style sender).
 //! - [`runtime`]: starts and stops all of it.
 
 pub mod apns;
-pub mod client;
 pub mod core;
 pub mod courier;
 pub mod device;

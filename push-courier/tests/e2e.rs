@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use push_courier::client::{ClientEvent, DeviceClient, Transport};
+use client_sdk::courier::{ClientEvent, DeviceClient, Transport};
 use wire::push::{CloseReason, Notification, PushType};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -24,7 +24,7 @@ async fn next_note(c: &mut DeviceClient) -> Notification {
 /// Nothing arrives within `t`.
 async fn quiet(c: &mut DeviceClient, t: Duration) {
     match c.next_within(t).await {
-        Err(push_courier::client::ClientError::Timeout) => {}
+        Err(client_sdk::courier::ClientError::Timeout) => {}
         other => panic!("expected silence, got {other:?}"),
     }
 }
@@ -456,7 +456,7 @@ async fn provider_rate_limit_answers_429() {
 /// What a Web Push test needs: a subscribed device and a VAPID key.
 struct WebPushSetup {
     dev: DeviceClient,
-    creds: push_courier::client::DeviceCredentials,
+    creds: client_sdk::courier::DeviceCredentials,
     keys: wire::webpush::SubscriptionKeys,
     endpoint: String,
     vapid_pkcs8: Vec<u8>,
@@ -951,7 +951,7 @@ async fn a_revoked_device_certificate_is_closed_and_refused() {
     )
     .await
     {
-        Err(push_courier::client::ClientError::Closed(CloseReason::Revoked, _)) => {}
+        Err(client_sdk::courier::ClientError::Closed(CloseReason::Revoked, _)) => {}
         other => panic!("revoked device got in: {other:?}"),
     }
     quiet(&mut bystander, Duration::from_millis(200)).await;

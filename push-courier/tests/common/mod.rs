@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine;
-use push_courier::client::{DeviceClient, DeviceCredentials, Transport};
+use client_sdk::courier::{DeviceClient, DeviceCredentials, Transport};
 use push_courier::runtime::{Server, Tls};
 use push_courier::{Config, Provider};
 use ring::signature::KeyPair;
