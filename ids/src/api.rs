@@ -46,6 +46,7 @@ pub fn router(ids: Arc<Ids>) -> Router {
         .route("/v1/device/push-tokens", put(set_push_tokens))
         .route("/v1/device/events", get(events))
         .route("/v1/lookup", post(lookup))
+        .route("/v1/turn-credentials", post(turn_credentials))
         .route("/v1/history/{handle}", get(history))
         .route("/v1/kt/keys", get(kt_keys))
         .route("/v1/kt/root", get(kt_root))
@@ -563,6 +564,17 @@ async fn events(State(ids): S, Query(q): Query<EventsQuery>, Device { me, .. }: 
 #[serde(deny_unknown_fields)]
 struct Lookup {
     handles: Vec<String>,
+}
+
+async fn turn_credentials(State(ids): S, Device { me, .. }: Device) -> R {
+    let c = ids.turn_credential(&me)?;
+    Ok(Json(json!({
+        "username": c.username,
+        "password": c.password,
+        "ttl": c.ttl.as_secs(),
+        "uris": c.uris,
+    }))
+    .into_response())
 }
 
 async fn lookup(State(ids): S, Device { me, body }: Device) -> R {

@@ -46,6 +46,40 @@ pub struct Config {
     pub max_devices: usize,
     /// Where the development sender writes codes.
     pub outbox: PathBuf,
+    /// Short-lived relay credentials for devices.
+    pub turn: TurnConfig,
+}
+
+/// What `ids` needs to hand devices coturn-style REST credentials for the
+/// relay (the same shared secret as `stun-turn`).
+#[derive(Clone, Default)]
+pub struct TurnConfig {
+    /// The relay's REST secret; `None`: no relay, credentials refused.
+    pub secret: Option<String>,
+    /// `turn:` / `turns:` URIs for the device.
+    pub uris: Vec<String>,
+    /// Lifetime of a credential. Default 1 h.
+    pub ttl: Duration,
+}
+
+impl std::fmt::Debug for TurnConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnConfig")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("uris", &self.uris)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+/// A relay credential: username `<expiry>:<device id>`, password
+/// base64(HMAC-SHA1(secret, username)).
+#[derive(Clone, Debug)]
+pub struct TurnCredential {
+    pub username: String,
+    pub password: String,
+    pub ttl: Duration,
+    pub uris: Vec<String>,
 }
 
 impl Default for Config {
@@ -60,6 +94,10 @@ impl Default for Config {
             link_ttl: Duration::from_secs(600),
             max_devices: 16,
             outbox: PathBuf::from("parley-data/outbox"),
+            turn: TurnConfig {
+                ttl: Duration::from_secs(3600),
+                ..TurnConfig::default()
+            },
         }
     }
 }
@@ -765,6 +803,23 @@ impl Ids {
     }
 
     // ---- lookup ---------------------------------------------------------
+
+    /// Relay credentials for a registered device, valid `turn.ttl`.
+    pub fn turn_credential(&self, me: &AuthedDevice) -> Result<TurnCredential, Error> {
+        let t = &self.config.turn;
+        let secret = t
+            .secret
+            .as_deref()
+            .ok_or_else(|| Error::Unavailable("this deployment has no relay configured".into()))?;
+        let expiry = crate::kt::unix_now().max(0) as u64 + t.ttl.as_secs();
+        let username = format!("{expiry}:{}", me.device.id);
+        Ok(TurnCredential {
+            password: stun_turn::core::auth::rest_password(secret, &username),
+            username,
+            ttl: t.ttl,
+            uris: t.uris.clone(),
+        })
+    }
 
     pub async fn lookup(
         &self,

@@ -1148,3 +1148,45 @@ async fn schemathesis_finds_no_server_error() {
     );
     lab.server.unwrap().shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_get_relay_credentials_the_relay_accepts() {
+    let lab = Lab::start_with("turn", None, |c| {
+        c.turn = ids::TurnConfig {
+            secret: Some("relay-secret".into()),
+            uris: vec!["turn:127.0.0.1:3478?transport=udp".into()],
+            ttl: Duration::from_secs(600),
+        }
+    })
+    .await;
+    let (_, device, id) = new_account(&lab, "alice@example.com").await;
+    let (s, v) = lab
+        .call("POST", "/v1/turn-credentials", None, Some(&device))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let username = v["username"].as_str().unwrap();
+    let (expiry, who) = username.split_once(':').unwrap();
+    assert_eq!(who, id.to_string());
+    let expiry: u64 = expiry.parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!((now + 590..=now + 610).contains(&expiry), "{expiry} vs {now}");
+    // The relay's own formula gives the same password.
+    assert_eq!(
+        v["password"],
+        stun_turn::core::auth::rest_password("relay-secret", username)
+    );
+    assert_eq!(v["uris"][0], "turn:127.0.0.1:3478?transport=udp");
+    // Unsigned: refused as a problem.
+    let (s, _) = lab.call("POST", "/v1/turn-credentials", None, None).await;
+    assert_eq!(s, 401);
+
+    let plain = Lab::start("turn-none", None).await;
+    let (_, device, _) = new_account(&plain, "bob@example.com").await;
+    let (s, v) = plain
+        .call("POST", "/v1/turn-credentials", None, Some(&device))
+        .await;
+    assert_eq!(s, 503, "{v}");
+}

@@ -364,6 +364,12 @@ pub struct IdsSection {
     pub sms_webhook_url: Option<String>,
     /// Bearer token sent to the SMS webhook.
     pub sms_webhook_token: Option<String>,
+    /// Relay URIs handed to devices with their TURN credentials, e.g.
+    /// `turn:turn.example.com:3478?transport=udp`. Default: the relay's
+    /// listen addresses (unspecified ones as loopback).
+    pub turn_uris: Option<OneOrMany<String>>,
+    /// Lifetime of a device's TURN credentials, seconds. Default 3600.
+    pub turn_ttl_secs: Option<u64>,
 }
 
 /// Secrets (SMTP URL with its password, webhook token) stay out of Debug.
@@ -381,6 +387,8 @@ impl std::fmt::Debug for IdsSection {
             .field("email_from", &self.email_from)
             .field("sms_webhook_url", &self.sms_webhook_url)
             .field("sms_webhook_token", &set(&self.sms_webhook_token))
+            .field("turn_uris", &self.turn_uris)
+            .field("turn_ttl_secs", &self.turn_ttl_secs)
             .finish()
     }
 }
@@ -423,6 +431,26 @@ impl IdsSection {
             outbox: self.outbox.clone().unwrap_or_else(|| data.join("outbox")),
             ..ids::Config::default()
         };
+        if let Some(u) = &self.turn_uris {
+            let uris = u.to_vec();
+            if let Some(bad) = uris
+                .iter()
+                .find(|u| !(u.starts_with("turn:") || u.starts_with("turns:")))
+            {
+                return Err(anyhow!(
+                    "invalid configuration: ids.turn_uris: {bad:?} is not a turn: or turns: URI"
+                ));
+            }
+            c.turn.uris = uris;
+        }
+        if let Some(t) = self.turn_ttl_secs {
+            if !(60..=86_400).contains(&t) {
+                return Err(anyhow!(
+                    "invalid configuration: ids.turn_ttl_secs: must be 60 to 86400, got {t}"
+                ));
+            }
+            c.turn.ttl = Duration::from_secs(t);
+        }
         if let Some(s) = self.publish_interval_secs {
             if !(0.01..=10.0).contains(&s) {
                 return Err(anyhow!(

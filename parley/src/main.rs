@@ -402,7 +402,11 @@ fn run(cli: Cli) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from("./parley-data"));
     let data = data::open(&data_root)?;
     let turn_config = settings.turn.to_config(&data.turn_secret)?;
-    let ids_config = settings.ids.to_config(&data.root)?;
+    let mut ids_config = settings.ids.to_config(&data.root)?;
+    ids_config.turn.secret = Some(data.turn_secret.clone());
+    if ids_config.turn.uris.is_empty() {
+        ids_config.turn.uris = turn_uris(&turn_config);
+    }
     let courier_config = settings.courier.to_config(&data.root)?;
     let mut signaling_config = settings.signaling.to_config()?;
     settings.signaling.advertise(&mut signaling_config);
@@ -422,6 +426,30 @@ fn run(cli: Cli) -> Result<()> {
         (turn_config, ids_config, courier_config, signaling_config),
         tls,
     ))
+}
+
+/// The relay's addresses as `turn:`/`turns:` URIs for devices; an
+/// unspecified address becomes loopback (set `ids.turn_uris` for
+/// deployments reached from elsewhere).
+fn turn_uris(c: &stun_turn::Config) -> Vec<String> {
+    let host = |a: &std::net::SocketAddr| {
+        let ip = if a.ip().is_unspecified() {
+            match a {
+                std::net::SocketAddr::V4(_) => "127.0.0.1".to_string(),
+                std::net::SocketAddr::V6(_) => "[::1]".to_string(),
+            }
+        } else if a.is_ipv6() {
+            format!("[{}]", a.ip())
+        } else {
+            a.ip().to_string()
+        };
+        format!("{ip}:{}", a.port())
+    };
+    let mut out = Vec::new();
+    out.extend(c.udp.iter().map(|a| format!("turn:{}?transport=udp", host(a))));
+    out.extend(c.tcp.iter().map(|a| format!("turn:{}?transport=tcp", host(a))));
+    out.extend(c.tls.iter().map(|a| format!("turns:{}?transport=tcp", host(a))));
+    out
 }
 
 /// Opens the identity service's storage, directory and CA and binds it.
