@@ -5,6 +5,10 @@
 //!   call, and the PASSporTs that authenticate each side's DTLS key.
 //! - [`courier`]: the push courier's device link (`parley-push/1` over
 //!   TLS or QUIC), reconnect-safe and deduplicating.
+//! - [`device`]: all of it on tokio: a running device with the courier
+//!   link, SIP over TLS, media sockets and the audio clock.
+//! - [`ids`]: the identity service: activation, device approval,
+//!   verified lookups, the own-history audit, relay credentials.
 //! - [`media`]: one call's audio over ICE and DTLS-SRTP (str0m), with
 //!   Opus, an adaptive jitter buffer, loss-driven bitrate and call stats.
 //! - [`sip`]: the SIP user agent: registration with push parameters,
@@ -14,6 +18,8 @@
 
 pub mod call;
 pub mod courier;
+pub mod device;
+pub mod ids;
 pub mod media;
 pub mod sip;
 pub mod turn;

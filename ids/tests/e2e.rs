@@ -1172,7 +1172,10 @@ async fn devices_get_relay_credentials_the_relay_accepts() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    assert!((now + 590..=now + 610).contains(&expiry), "{expiry} vs {now}");
+    assert!(
+        (now + 590..=now + 610).contains(&expiry),
+        "{expiry} vs {now}"
+    );
     // The relay's own formula gives the same password.
     assert_eq!(
         v["password"],

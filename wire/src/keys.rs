@@ -142,6 +142,12 @@ impl SigningKey {
     }
 }
 
+impl Clone for SigningKey {
+    fn clone(&self) -> SigningKey {
+        SigningKey::from_pkcs8(&self.pkcs8).expect("a key's own PKCS#8 parses")
+    }
+}
+
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "SigningKey({:?})", self.public())

@@ -1,0 +1,626 @@
+//! The identity service from the device's side, over HTTPS: proving a
+//! handle, creating the account (first device) or joining it (approved by
+//! an existing device through a link code), the device certificate,
+//! looking up handles with their key transparency proofs verified, the
+//! own-history audit, push tokens and relay credentials.
+//!
+//! Every key handed out by [`IdsClient::lookup`] comes from a device list
+//! that verified against the pinned transparency keys and its account
+//! signature; the server's own routing data never supplies a key.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD as B64};
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use wire::device_list::{DeviceEntry, DeviceList, DirectoryValue, SignedDeviceList};
+use wire::handle::Handle;
+use wire::keys::{DeviceId, SigningKey};
+use wire::transparency::{self, SignedRoot, TrustAnchor, Unapproved};
+
+use crate::call::DeviceKey;
+
+/// Every request is bounded.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdsError {
+    #[error("cannot reach the identity service: {0}")]
+    Connect(String),
+    /// The service refused: HTTP status and its problem detail.
+    #[error("identity service: {status} {detail}")]
+    Refused { status: u16, detail: String },
+    #[error("identity service sent something unexpected: {0}")]
+    Protocol(String),
+    /// A transparency proof or list signature failed: the keys must not
+    /// be used.
+    #[error("key transparency: {0}")]
+    Transparency(String),
+}
+
+/// What registration gives a device.
+#[derive(Clone, Debug)]
+pub struct Registered {
+    pub account_id: String,
+    pub device_id: DeviceId,
+    /// The device certificate (PEM) for mutual TLS with the courier and
+    /// signaling, and the CA that issued it.
+    pub certificate: String,
+    pub ca: String,
+}
+
+/// A new device's claim on a link code, as the approving device sees it.
+#[derive(Clone, Debug)]
+pub struct Claim {
+    pub link: String,
+    pub device: DeviceId,
+    pub identity_key: wire::keys::PublicKey,
+    pub transfer_key: Vec<u8>,
+}
+
+/// Relay credentials.
+#[derive(Clone, Debug)]
+pub struct TurnCredentials {
+    pub username: String,
+    pub password: String,
+    pub ttl: Duration,
+    pub uris: Vec<String>,
+}
+
+/// One handle's verified lookup.
+#[derive(Clone, Debug)]
+pub struct Found {
+    pub handle: Handle,
+    /// From the verified, account-signed device list.
+    pub devices: Vec<DeviceKey>,
+    pub epoch: u64,
+}
+
+#[derive(Clone)]
+pub struct IdsClient {
+    addr: SocketAddr,
+    server_name: rustls::pki_types::ServerName<'static>,
+    tls: tokio_rustls::TlsConnector,
+    anchor: Option<TrustAnchor>,
+}
+
+impl std::fmt::Debug for IdsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdsClient")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn str_field<'a>(v: &'a Value, k: &str) -> Result<&'a str, IdsError> {
+    v[k].as_str()
+        .ok_or_else(|| IdsError::Protocol(format!("no {k:?} in {v}")))
+}
+
+impl IdsClient {
+    /// `roots`: trust anchors for the service's certificate.
+    pub fn new(
+        addr: SocketAddr,
+        server_name: &str,
+        roots: rustls::RootCertStore,
+    ) -> Result<IdsClient, IdsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| IdsError::Connect(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+            .map_err(|e| IdsError::Connect(e.to_string()))?;
+        Ok(IdsClient {
+            addr,
+            server_name,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+            anchor: None,
+        })
+    }
+
+    /// One request; `key` signs it (`wire::request_auth`).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&SigningKey>,
+    ) -> Result<(u16, Value), IdsError> {
+        let run = async {
+            let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+            let mut req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", self.addr.to_string())
+                .header("content-type", "application/json");
+            if let Some(k) = key {
+                req = req.header(
+                    "authorization",
+                    wire::request_auth::sign(k, method, path, unix_now(), &bytes),
+                );
+            }
+            let req = req
+                .body(Full::new(Bytes::from(bytes)))
+                .map_err(|e| IdsError::Protocol(e.to_string()))?;
+            let tcp = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| IdsError::Connect(e.to_string()))?;
+            let tls = self
+                .tls
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|e| IdsError::Connect(e.to_string()))?;
+            let (mut send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .map_err(|e| IdsError::Connect(e.to_string()))?;
+            tokio::spawn(conn);
+            let resp = send
+                .send_request(req)
+                .await
+                .map_err(|e| IdsError::Connect(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| IdsError::Connect(e.to_string()))?
+                .to_bytes();
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            Ok((status, v))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, run)
+            .await
+            .map_err(|_| IdsError::Connect(format!("no answer within {REQUEST_TIMEOUT:?}")))?
+    }
+
+    /// [`IdsClient::call`] expecting `want`; other statuses are refusals.
+    async fn expect(
+        &self,
+        want: u16,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&SigningKey>,
+    ) -> Result<Value, IdsError> {
+        let (s, v) = self.call(method, path, body, key).await?;
+        if s != want {
+            let detail = v["detail"]
+                .as_str()
+                .or(v["title"].as_str())
+                .unwrap_or("")
+                .to_string();
+            return Err(IdsError::Refused { status: s, detail });
+        }
+        Ok(v)
+    }
+
+    /// Starts proving a handle: a code goes to it. Returns the
+    /// verification id.
+    pub async fn start_verification(&self, handle: &Handle) -> Result<String, IdsError> {
+        let v = self
+            .expect(
+                201,
+                "POST",
+                "/v1/verifications",
+                Some(json!({"handle": handle.as_str()})),
+                None,
+            )
+            .await?;
+        Ok(str_field(&v, "id")?.to_string())
+    }
+
+    /// The code that arrived; returns the handle token for registration.
+    pub async fn check_verification(&self, id: &str, code: &str) -> Result<String, IdsError> {
+        let v = self
+            .expect(
+                200,
+                "POST",
+                &format!("/v1/verifications/{id}/check"),
+                Some(json!({"code": code})),
+                None,
+            )
+            .await?;
+        Ok(str_field(&v, "handle_token")?.to_string())
+    }
+
+    /// The first device of a new account: `account` is the account key
+    /// this device just made; the list names `handles` and this device.
+    pub async fn create_account(
+        &self,
+        account: &SigningKey,
+        device: DeviceId,
+        key: &SigningKey,
+        handles: &[Handle],
+        tokens: &[String],
+        name: &str,
+    ) -> Result<Registered, IdsError> {
+        let list = DeviceList {
+            account_key: account.public(),
+            seq: 1,
+            handles: handles.iter().map(Handle::uri).collect(),
+            devices: vec![DeviceEntry {
+                id: device,
+                identity_key: key.public(),
+            }],
+        };
+        let signed = sign_list(&list, account)?;
+        let v = self
+            .expect(
+                201,
+                "POST",
+                "/v1/accounts",
+                Some(json!({
+                    "handle_tokens": tokens,
+                    "device_list": signed,
+                    "device": {"name": name, "capabilities": ["audio", "video"]},
+                })),
+                Some(key),
+            )
+            .await?;
+        registered(&v)
+    }
+
+    /// An existing device opens a link code for a new one.
+    pub async fn create_link(&self, key: &SigningKey) -> Result<String, IdsError> {
+        let v = self
+            .expect(201, "POST", "/v1/account/links", None, Some(key))
+            .await?;
+        Ok(str_field(&v, "code")?.to_string())
+    }
+
+    /// The new device claims the code with its identity key and a
+    /// transfer key for receiving the account key.
+    pub async fn claim_link(
+        &self,
+        code: &str,
+        device: DeviceId,
+        key: &SigningKey,
+        transfer: &wire::key_transfer::TransferKey,
+        name: &str,
+    ) -> Result<(), IdsError> {
+        self.expect(
+            202,
+            "POST",
+            &format!("/v1/links/{}/claim", code.to_lowercase()),
+            Some(json!({
+                "device_id": device.to_string(),
+                "name": name,
+                "transfer_key": B64.encode(transfer.public()),
+            })),
+            Some(key),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Claims waiting for this account's approval.
+    pub async fn pending_claims(&self, key: &SigningKey) -> Result<Vec<Claim>, IdsError> {
+        let v = self
+            .expect(200, "GET", "/v1/account/links", None, Some(key))
+            .await?;
+        let mut out = Vec::new();
+        for c in v["claims"].as_array().cloned().unwrap_or_default() {
+            let device = wire::keys::unhex(str_field(&c, "device_id")?)
+                .and_then(|b| b.try_into().ok())
+                .map(DeviceId)
+                .ok_or_else(|| IdsError::Protocol("bad device id".into()))?;
+            out.push(Claim {
+                link: str_field(&c, "link")?.to_string(),
+                device,
+                identity_key: wire::keys::PublicKey::from_b64(str_field(&c, "identity_key")?)
+                    .map_err(|e| IdsError::Protocol(e.to_string()))?,
+                transfer_key: B64
+                    .decode(str_field(&c, "transfer_key")?)
+                    .map_err(|e| IdsError::Protocol(e.to_string()))?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Approves a claim: the account's new list (`current` plus the
+    /// device, next sequence number) and the account key sealed to the
+    /// new device. Returns the new list.
+    pub async fn approve(
+        &self,
+        key: &SigningKey,
+        account: &SigningKey,
+        current: &DeviceList,
+        claim: &Claim,
+    ) -> Result<DeviceList, IdsError> {
+        let mut list = current.clone();
+        list.seq += 1;
+        list.devices.push(DeviceEntry {
+            id: claim.device,
+            identity_key: claim.identity_key,
+        });
+        let sealed =
+            wire::key_transfer::seal_account_key(account, &claim.transfer_key, claim.device)
+                .map_err(|e| IdsError::Protocol(e.to_string()))?;
+        self.expect(
+            200,
+            "PUT",
+            "/v1/account/device-list",
+            Some(json!({
+                "device_list": sign_list(&list, account)?,
+                "sealed_account_keys": {claim.link.clone(): B64.encode(&sealed)},
+            })),
+            Some(key),
+        )
+        .await?;
+        Ok(list)
+    }
+
+    /// The new device waits (bounded) for approval; returns its
+    /// registration and the account key the approver sealed to it.
+    pub async fn await_approval(
+        &self,
+        code: &str,
+        key: &SigningKey,
+        transfer: wire::key_transfer::TransferKey,
+        max: Duration,
+    ) -> Result<(Registered, SigningKey), IdsError> {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let v = self
+                .expect(200, "GET", &format!("/v1/links/{code}"), None, Some(key))
+                .await?;
+            match v["status"].as_str() {
+                Some("approved") => {
+                    let reg = registered(&v)?;
+                    let sealed = B64
+                        .decode(str_field(&v, "sealed_account_key")?)
+                        .map_err(|e| IdsError::Protocol(e.to_string()))?;
+                    let account = transfer
+                        .open(&sealed, reg.device_id)
+                        .map_err(|e| IdsError::Protocol(e.to_string()))?;
+                    return Ok((reg, account));
+                }
+                Some("expired") => {
+                    return Err(IdsError::Refused {
+                        status: 410,
+                        detail: "the link code expired".into(),
+                    })
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(IdsError::Connect("no approval in time".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Fetches and pins the transparency keys (trust on first use; an
+    /// app that ships them pins them with [`IdsClient::pin`]).
+    pub async fn anchor(&mut self) -> Result<TrustAnchor, IdsError> {
+        if let Some(a) = &self.anchor {
+            return Ok(a.clone());
+        }
+        let v = self.expect(200, "GET", "/v1/kt/keys", None, None).await?;
+        let decode = |k: &str| -> Result<Vec<u8>, IdsError> {
+            B64.decode(str_field(&v, k)?)
+                .map_err(|e| IdsError::Protocol(e.to_string()))
+        };
+        let a = TrustAnchor {
+            vrf_public_key: decode("vrf_public_key")?,
+            root_key: decode("root_key")?,
+        };
+        self.anchor = Some(a.clone());
+        Ok(a)
+    }
+
+    pub fn pin(&mut self, anchor: TrustAnchor) {
+        self.anchor = Some(anchor);
+    }
+
+    /// Looks handles up and verifies each proof and list before any key
+    /// is returned. A handle that is not found has no entry.
+    pub async fn lookup(
+        &mut self,
+        key: &SigningKey,
+        handles: &[Handle],
+    ) -> Result<Vec<Found>, IdsError> {
+        let anchor = self.anchor().await?;
+        let names: Vec<&str> = handles.iter().map(Handle::as_str).collect();
+        let v = self
+            .expect(
+                200,
+                "POST",
+                "/v1/lookup",
+                Some(json!({"handles": names})),
+                Some(key),
+            )
+            .await?;
+        let mut out = Vec::new();
+        for r in v["results"].as_array().cloned().unwrap_or_default() {
+            if r["status"] != "found" {
+                continue;
+            }
+            let handle = Handle::parse(str_field(&r, "handle")?)
+                .map_err(|e| IdsError::Protocol(e.to_string()))?;
+            let proof = B64
+                .decode(str_field(&r, "proof")?)
+                .map_err(|e| IdsError::Protocol(e.to_string()))?;
+            let root = root_of(&r["root"])?;
+            let verified = transparency::verify_lookup(&anchor, &root, &handle.uri(), &proof)
+                .map_err(|e| IdsError::Transparency(e.to_string()))?;
+            let devices = match verified.value {
+                DirectoryValue::Active(l) => l
+                    .list
+                    .devices
+                    .iter()
+                    .map(|d| DeviceKey {
+                        device: d.id,
+                        key: d.identity_key,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            out.push(Found {
+                handle,
+                devices,
+                epoch: verified.epoch,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Audits this device's own handle: its whole verified history from
+    /// `since_epoch`, and every change this account did not make (a
+    /// device it did not approve, a swapped account key, a tombstone).
+    pub async fn audit_own(
+        &mut self,
+        key: &SigningKey,
+        handle: &Handle,
+        account: &wire::keys::PublicKey,
+        approved: &[DeviceId],
+        since_epoch: u64,
+    ) -> Result<Vec<Unapproved>, IdsError> {
+        let anchor = self.anchor().await?;
+        let path = format!("/v1/history/{}", handle.as_str().replace('+', "%2B"));
+        let v = self.expect(200, "GET", &path, None, Some(key)).await?;
+        let proof = B64
+            .decode(str_field(&v, "proof")?)
+            .map_err(|e| IdsError::Protocol(e.to_string()))?;
+        let root = root_of(&v["root"])?;
+        let history = transparency::verify_history(&anchor, &root, &handle.uri(), &proof)
+            .map_err(|e| IdsError::Transparency(e.to_string()))?;
+        Ok(transparency::unapproved_changes(
+            &history,
+            since_epoch,
+            account,
+            approved,
+        ))
+    }
+
+    /// Tells `ids` which push tokens reach this device.
+    pub async fn set_push_tokens(
+        &self,
+        key: &SigningKey,
+        tokens: &[(String, String)],
+    ) -> Result<(), IdsError> {
+        let t: Vec<Value> = tokens
+            .iter()
+            .map(|(topic, token)| json!({"topic": topic, "token": token}))
+            .collect();
+        self.expect(
+            204,
+            "PUT",
+            "/v1/device/push-tokens",
+            Some(json!({"tokens": t})),
+            Some(key),
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn turn_credentials(&self, key: &SigningKey) -> Result<TurnCredentials, IdsError> {
+        let v = self
+            .expect(200, "POST", "/v1/turn-credentials", None, Some(key))
+            .await?;
+        Ok(TurnCredentials {
+            username: str_field(&v, "username")?.to_string(),
+            password: str_field(&v, "password")?.to_string(),
+            ttl: Duration::from_secs(v["ttl"].as_u64().unwrap_or(0)),
+            uris: v["uris"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|u| u.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+}
+
+fn sign_list(list: &DeviceList, account: &SigningKey) -> Result<String, IdsError> {
+    let signed: SignedDeviceList = list
+        .clone()
+        .sign(account)
+        .map_err(|e| IdsError::Protocol(e.to_string()))?;
+    Ok(B64.encode(DirectoryValue::Active(signed).encode()))
+}
+
+fn registered(v: &Value) -> Result<Registered, IdsError> {
+    let device_id = wire::keys::unhex(str_field(v, "device_id")?)
+        .and_then(|b| b.try_into().ok())
+        .map(DeviceId)
+        .ok_or_else(|| IdsError::Protocol("bad device id".into()))?;
+    Ok(Registered {
+        account_id: str_field(v, "account_id")?.to_string(),
+        device_id,
+        certificate: str_field(v, "certificate")?.to_string(),
+        ca: str_field(v, "ca")?.to_string(),
+    })
+}
+
+fn root_of(v: &Value) -> Result<SignedRoot, IdsError> {
+    let bad = || IdsError::Protocol(format!("bad root {v}"));
+    Ok(SignedRoot {
+        epoch: v["epoch"].as_u64().ok_or_else(bad)?,
+        root_hash: B64
+            .decode(v["root_hash"].as_str().ok_or_else(bad)?)
+            .map_err(|_| bad())?
+            .try_into()
+            .map_err(|_| bad())?,
+        signature: B64
+            .decode(v["signature"].as_str().ok_or_else(bad)?)
+            .map_err(|_| bad())?,
+    })
+}
+
+/// The certificate (PEM) and key as rustls wants them.
+pub fn tls_identity(
+    certificate_pem: &str,
+    key: &SigningKey,
+) -> Result<
+    (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    IdsError,
+> {
+    let chain = pem_certs(certificate_pem)?;
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.pkcs8().to_vec().into());
+    Ok((chain, key))
+}
+
+/// The DER certificates of a PEM bundle.
+pub fn pem_certs(pem: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, IdsError> {
+    let mut out = Vec::new();
+    let mut in_cert = false;
+    let mut b64 = String::new();
+    for line in pem.lines() {
+        let line = line.trim();
+        if line == "-----BEGIN CERTIFICATE-----" {
+            in_cert = true;
+            b64.clear();
+        } else if line == "-----END CERTIFICATE-----" {
+            in_cert = false;
+            let der = STANDARD
+                .decode(&b64)
+                .map_err(|e| IdsError::Protocol(format!("certificate PEM: {e}")))?;
+            out.push(rustls::pki_types::CertificateDer::from(der));
+        } else if in_cert {
+            b64.push_str(line);
+        }
+    }
+    if out.is_empty() {
+        return Err(IdsError::Protocol("no certificate in the PEM".into()));
+    }
+    Ok(out)
+}
