@@ -87,7 +87,7 @@ pub enum CallEvent {
     },
     Stats {
         call: CallId,
-        stats: CallStats,
+        stats: Box<CallStats>,
     },
     Ended {
         call: CallId,
@@ -440,7 +440,7 @@ impl Phone {
                     .push_back(CallEvent::MediaConnected { call: id.into() }),
                 MediaEvent::Stats(stats) => self.events.push_back(CallEvent::Stats {
                     call: id.into(),
-                    stats,
+                    stats: Box::new(stats),
                 }),
                 MediaEvent::Stalled => {
                     // A NAT rebound under us, or the far end moved: find a

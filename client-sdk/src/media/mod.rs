@@ -172,6 +172,31 @@ pub enum MediaEvent {
     Stats(CallStats),
 }
 
+/// What this side handed the relay to carry, by RFC 7983's first-byte
+/// demultiplexing: the relay must only ever see ciphertext.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayPayloads {
+    /// ICE connectivity checks.
+    pub stun: u64,
+    /// The DTLS handshake.
+    pub dtls: u64,
+    /// SRTP and SRTCP.
+    pub srtp: u64,
+    /// Anything else (never expected).
+    pub other: u64,
+}
+
+impl RelayPayloads {
+    fn count(&mut self, p: &[u8]) {
+        match p.first() {
+            Some(0..=3) => self.stun += 1,
+            Some(20..=63) => self.dtls += 1,
+            Some(128..=191) => self.srtp += 1,
+            _ => self.other += 1,
+        }
+    }
+}
+
 /// One call's statistics.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CallStats {
@@ -199,6 +224,7 @@ pub struct CallStats {
     pub concealed: f64,
     /// E-model MOS estimate (1–4.5).
     pub mos: f64,
+    pub relay_payloads: RelayPayloads,
 }
 
 /// One call's media.
@@ -221,6 +247,7 @@ pub struct MediaSession {
     /// Last time media arrived, for stall detection.
     last_media_in: Option<Instant>,
     stalled: bool,
+    relay_payloads: RelayPayloads,
     pending_offer: Option<SdpPendingOffer>,
     audio_mid: Option<Mid>,
     encoder: AudioEncoder,
@@ -289,6 +316,7 @@ impl MediaSession {
             remote_sdp: None,
             last_media_in: None,
             stalled: false,
+            relay_payloads: RelayPayloads::default(),
             pending_offer: None,
             audio_mid: None,
             encoder: AudioEncoder::new(config.audio)?,
@@ -632,6 +660,7 @@ impl MediaSession {
             playout_delay: self.jitter.target(),
             concealed,
             mos: quality::mos(one_way_ms, concealed),
+            relay_payloads: self.relay_payloads,
         }
     }
 
@@ -747,6 +776,7 @@ impl MediaSession {
                 Output::Transmit(t) => {
                     let data: Vec<u8> = t.contents.to_vec();
                     if Some(t.source) == self.relayed {
+                        self.relay_payloads.count(&data);
                         let server = turn_server(&self.config);
                         if let (Some(turn), Some(server)) = (self.turn.as_mut(), server) {
                             let wrapped = turn.wrap(t.destination, &data);

@@ -1,0 +1,646 @@
+//! A device on a tokio runtime: the courier link, SIP over TLS with the
+//! device certificate, a UDP socket per call, the audio clock, and the
+//! identity service for lookups and relay credentials, all driving one
+//! [`Phone`]. The app talks to it through [`Device`]'s async methods and
+//! its event stream.
+//!
+//! A device is either online (SIP registered) or asleep (only the courier
+//! link, as a phone in the background): a VoIP push wakes it, it
+//! registers, and the call that was waiting forks to it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use wire::handle::Handle;
+use wire::keys::{DeviceId, SigningKey};
+
+use crate::call::{CallEvent, Phone};
+use crate::courier::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
+use crate::ids::{IdsClient, IdsError};
+use crate::media::audio::{Tone, FRAME_SAMPLES};
+use crate::media::MediaConfig;
+use crate::sip::{CallId, PushContact, UaConfig};
+use crate::turn;
+
+const TICK: Duration = Duration::from_millis(20);
+/// What a device keeps of the audio it played, per call (10 s).
+const HEARD_MAX: usize = 48_000 * 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error(transparent)]
+    Ids(#[from] IdsError),
+    #[error("courier: {0}")]
+    Courier(String),
+    #[error("signaling: {0}")]
+    Signaling(String),
+    #[error("call: {0}")]
+    Call(String),
+    #[error("the device task stopped")]
+    Stopped,
+    #[error("{0} is not in the key directory")]
+    Unknown(String),
+}
+
+/// Where the services are and how this device shows up.
+#[derive(Clone, Debug)]
+pub struct DeviceConfig {
+    pub name: String,
+    pub handle: Handle,
+    pub sip_domain: String,
+    /// Signaling's SIP/TLS address.
+    pub sip: SocketAddr,
+    /// The courier's device port.
+    pub courier: SocketAddr,
+    /// Name in the services' certificates, and their trust anchors.
+    pub server_name: String,
+    pub roots: rustls::RootCertStore,
+    /// The app's VoIP push topic.
+    pub voip_topic: String,
+    /// Local address for media sockets.
+    pub media_ip: IpAddr,
+    /// Offer only relayed candidates.
+    pub relay_only: bool,
+    /// The test tone this device "speaks" (Hz); silence when 0.
+    pub tone_hz: f64,
+}
+
+/// Who the device is: from activation.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub device: DeviceId,
+    pub key: SigningKey,
+    /// Certificate PEM from `ids`.
+    pub certificate: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum DeviceEvent {
+    Call(CallEvent),
+    /// SIP registration holds.
+    Registered,
+    /// A VoIP push arrived (the device was asleep); its call id.
+    Woken {
+        call_id: String,
+    },
+    /// Something went wrong outside a call.
+    Error(String),
+}
+
+enum Command {
+    Dial(Handle, oneshot::Sender<Result<CallId, DeviceError>>),
+    Answer(CallId, oneshot::Sender<Result<(), DeviceError>>),
+    Decline(CallId, oneshot::Sender<Result<(), DeviceError>>),
+    Hangup(CallId, oneshot::Sender<Result<(), DeviceError>>),
+    Register(oneshot::Sender<Result<(), DeviceError>>),
+    Sleep(oneshot::Sender<()>),
+    Heard(CallId, oneshot::Sender<Vec<i16>>),
+    Stats(CallId, oneshot::Sender<Option<crate::media::CallStats>>),
+}
+
+/// The app's handle on a running device.
+#[derive(Debug)]
+pub struct Device {
+    commands: mpsc::Sender<Command>,
+    events: mpsc::Receiver<DeviceEvent>,
+    task: tokio::task::JoinHandle<()>,
+    /// The courier token for VoIP pushes.
+    pub voip_token: String,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Device {
+    /// Connects the courier link (always) and, if `online`, registers
+    /// over SIP. Relay credentials come from `ids`.
+    pub async fn start(
+        config: DeviceConfig,
+        me: Identity,
+        ids: IdsClient,
+        online: bool,
+    ) -> Result<Device, DeviceError> {
+        let (chain, key) = crate::ids::tls_identity(&me.certificate, &me.key)?;
+        let creds = DeviceCredentials {
+            chain,
+            key,
+            roots: config.roots.clone(),
+            server_name: config.server_name.clone(),
+        };
+        let (courier, tokens) = DeviceClient::connect(
+            config.courier,
+            Transport::Tls,
+            &creds,
+            &[config.voip_topic.as_str()],
+            0,
+        )
+        .await
+        .map_err(|e| DeviceError::Courier(e.to_string()))?;
+        let voip_token = tokens
+            .iter()
+            .find(|(t, _)| *t == config.voip_topic)
+            .map(|(_, t)| t.to_hex())
+            .ok_or_else(|| DeviceError::Courier("no token for the VoIP topic".into()))?;
+        ids.set_push_tokens(&me.key, &[(config.voip_topic.clone(), voip_token.clone())])
+            .await?;
+        let turn = ids.turn_credentials(&me.key).await?;
+        let relay = turn
+            .uris
+            .iter()
+            .find_map(|u| turn_udp_addr(u))
+            .ok_or_else(|| DeviceError::Call("no UDP relay among the TURN URIs".into()))?;
+        let media = MediaConfig {
+            turn: Some(turn::Config::new(relay, &turn.username, &turn.password)),
+            relay_only: config.relay_only,
+            seed: u64::from_le_bytes(me.device.0[..8].try_into().unwrap_or([7; 8])),
+            ..MediaConfig::default()
+        };
+        let mut ua = UaConfig::new(
+            config.handle.as_str(),
+            &config.sip_domain,
+            // Our end of the TLS flow is not known before connecting; the
+            // proxy uses the connection, and Contact needs an address.
+            SocketAddr::new(config.media_ip, 5061),
+            &format!("urn:uuid:{}", uuid_of(me.device)),
+        );
+        ua.transport = "TLS";
+        ua.push = Some(PushContact {
+            provider: "parley".into(),
+            prid: voip_token.clone(),
+            param: Some(config.voip_topic.clone()),
+        });
+        let phone = Phone::new(
+            ua,
+            config.handle.clone(),
+            me.device,
+            me.key.clone(),
+            media,
+            u64::from_le_bytes(me.device.0[8..].try_into().unwrap_or([9; 8])),
+        );
+        let (ctx, crx) = mpsc::channel(64);
+        let (etx, erx) = mpsc::channel(1024);
+        let (mtx, mrx) = mpsc::channel(4096);
+        let mut task = Task {
+            config,
+            me,
+            creds: Arc::new(creds),
+            ids,
+            phone,
+            courier,
+            sip: None,
+            sip_buf: vec![0; 16 * 1024],
+            sockets: HashMap::new(),
+            media_tx: mtx,
+            events: etx,
+            tones: HashMap::new(),
+            heard: HashMap::new(),
+            registered_reported: false,
+        };
+        if online {
+            task.connect_sip().await?;
+            task.phone.ua().register(Instant::now());
+            task.flush().await;
+        }
+        let handle = tokio::spawn(task.run(crx, mrx));
+        Ok(Device {
+            commands: ctx,
+            events: erx,
+            task: handle,
+            voip_token,
+        })
+    }
+
+    async fn ask<T>(
+        &self,
+        f: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, DeviceError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(f(tx))
+            .await
+            .map_err(|_| DeviceError::Stopped)?;
+        rx.await.map_err(|_| DeviceError::Stopped)
+    }
+
+    /// Looks the handle up (verified) and calls every one of its devices.
+    pub async fn dial(&self, handle: &Handle) -> Result<CallId, DeviceError> {
+        self.ask(|tx| Command::Dial(handle.clone(), tx)).await?
+    }
+
+    pub async fn answer(&self, call: &str) -> Result<(), DeviceError> {
+        self.ask(|tx| Command::Answer(call.into(), tx)).await?
+    }
+
+    pub async fn decline(&self, call: &str) -> Result<(), DeviceError> {
+        self.ask(|tx| Command::Decline(call.into(), tx)).await?
+    }
+
+    pub async fn hangup(&self, call: &str) -> Result<(), DeviceError> {
+        self.ask(|tx| Command::Hangup(call.into(), tx)).await?
+    }
+
+    /// Connects to signaling and registers.
+    pub async fn register(&self) -> Result<(), DeviceError> {
+        self.ask(Command::Register).await?
+    }
+
+    /// Goes to the background: the SIP connection closes; the courier
+    /// link stays.
+    pub async fn sleep(&self) -> Result<(), DeviceError> {
+        self.ask(Command::Sleep).await
+    }
+
+    /// The audio this device played for a call so far (last 10 s).
+    pub async fn heard(&self, call: &str) -> Result<Vec<i16>, DeviceError> {
+        self.ask(|tx| Command::Heard(call.into(), tx)).await
+    }
+
+    pub async fn stats(&self, call: &str) -> Result<Option<crate::media::CallStats>, DeviceError> {
+        self.ask(|tx| Command::Stats(call.into(), tx)).await
+    }
+
+    /// The next event within `t`.
+    pub async fn next_event(&mut self, t: Duration) -> Option<DeviceEvent> {
+        tokio::time::timeout(t, self.events.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// `turn:host:port?transport=udp` with an IP host, as a socket address.
+fn turn_udp_addr(uri: &str) -> Option<SocketAddr> {
+    let rest = uri.strip_prefix("turn:")?;
+    let (hostport, query) = rest.split_once('?').unwrap_or((rest, "transport=udp"));
+    if !query.contains("transport=udp") {
+        return None;
+    }
+    hostport.parse().ok()
+}
+
+/// A UUID (RFC 4122 form) from the device id, for `+sip.instance`.
+fn uuid_of(d: DeviceId) -> String {
+    let h = wire::keys::hex(&d.0);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+type Sip = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+struct Task {
+    config: DeviceConfig,
+    me: Identity,
+    creds: Arc<DeviceCredentials>,
+    ids: IdsClient,
+    phone: Phone,
+    courier: DeviceClient,
+    sip: Option<Sip>,
+    sip_buf: Vec<u8>,
+    sockets: HashMap<CallId, Arc<UdpSocket>>,
+    media_tx: mpsc::Sender<(CallId, SocketAddr, Vec<u8>)>,
+    events: mpsc::Sender<DeviceEvent>,
+    tones: HashMap<CallId, Tone>,
+    heard: HashMap<CallId, Vec<i16>>,
+    registered_reported: bool,
+}
+
+impl Task {
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut media: mpsc::Receiver<(CallId, SocketAddr, Vec<u8>)>,
+    ) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = self
+                .phone
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    self.command(cmd).await;
+                }
+                read = read_sip(&mut self.sip, &mut self.sip_buf) => {
+                    match read {
+                        Ok(n) if n > 0 => {
+                            let bytes = self.sip_buf[..n].to_vec();
+                            if let Err(e) = self.phone.handle_sip_input(Instant::now(), &bytes) {
+                                self.event(DeviceEvent::Error(e.to_string())).await;
+                                self.drop_sip();
+                            }
+                        }
+                        _ => {
+                            self.drop_sip();
+                        }
+                    }
+                }
+                ev = self.courier.next() => {
+                    match ev {
+                        Some(ClientEvent::Notification(n)) => {
+                            let _ = self.courier.ack(&[n.id]).await;
+                            self.on_push(&n.payload).await;
+                        }
+                        Some(_) => {}
+                        None => {
+                            self.event(DeviceEvent::Error("the courier link closed".into())).await;
+                            return;
+                        }
+                    }
+                }
+                Some((call, from, data)) = media.recv() => {
+                    if let Err(e) = self.phone.handle_media_input(Instant::now(), &call, from, &data) {
+                        self.event(DeviceEvent::Error(e.to_string())).await;
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {
+                    if let Err(e) = self.phone.handle_timeout(Instant::now()) {
+                        self.event(DeviceEvent::Error(e.to_string())).await;
+                    }
+                }
+                _ = tick.tick() => self.audio(),
+            }
+            self.flush().await;
+        }
+    }
+
+    /// One audio clock tick for every call with a socket.
+    fn audio(&mut self) {
+        let now = Instant::now();
+        let calls: Vec<CallId> = self.sockets.keys().cloned().collect();
+        for call in calls {
+            let hz = self.config.tone_hz;
+            let frame = self
+                .tones
+                .entry(call.clone())
+                .or_insert_with(|| Tone::new(hz, 0.3))
+                .next_frame();
+            let frame = if hz > 0.0 {
+                frame
+            } else {
+                vec![0; FRAME_SAMPLES]
+            };
+            let _ = self.phone.send_audio(now, &call, &frame);
+            if let Ok(Some(p)) = self.phone.play_audio(now, &call) {
+                let h = self.heard.entry(call).or_default();
+                h.extend_from_slice(&p.pcm);
+                if h.len() > HEARD_MAX {
+                    h.drain(..h.len() - HEARD_MAX);
+                }
+            }
+        }
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        let now = Instant::now();
+        match cmd {
+            Command::Dial(handle, reply) => {
+                let r = self.dial(now, &handle).await;
+                let _ = reply.send(r);
+            }
+            Command::Answer(call, reply) => {
+                let r = self
+                    .phone
+                    .answer(now, &call)
+                    .map_err(|e| DeviceError::Call(e.to_string()));
+                let _ = reply.send(r);
+            }
+            Command::Decline(call, reply) => {
+                let r = self
+                    .phone
+                    .decline(&call)
+                    .map_err(|e| DeviceError::Call(e.to_string()));
+                let _ = reply.send(r);
+            }
+            Command::Hangup(call, reply) => {
+                let r = self
+                    .phone
+                    .hangup(now, &call)
+                    .map_err(|e| DeviceError::Call(e.to_string()));
+                let _ = reply.send(r);
+            }
+            Command::Register(reply) => {
+                let r = self.connect_sip().await;
+                if r.is_ok() {
+                    self.phone.ua().register(now);
+                }
+                let _ = reply.send(r);
+            }
+            Command::Sleep(reply) => {
+                if let Some(mut s) = self.sip.take() {
+                    let _ = s.shutdown().await;
+                }
+                self.phone.ua().handle_disconnected();
+                let _ = reply.send(());
+            }
+            Command::Heard(call, reply) => {
+                let _ = reply.send(self.heard.get(&call).cloned().unwrap_or_default());
+            }
+            Command::Stats(call, reply) => {
+                let _ = reply.send(self.phone.stats(&call, now));
+            }
+        }
+    }
+
+    async fn dial(&mut self, now: Instant, handle: &Handle) -> Result<CallId, DeviceError> {
+        let found = self
+            .ids
+            .lookup(&self.me.key, std::slice::from_ref(handle))
+            .await?;
+        let keys = found
+            .into_iter()
+            .find(|f| f.handle == *handle)
+            .map(|f| f.devices)
+            .filter(|d| !d.is_empty())
+            .ok_or_else(|| DeviceError::Unknown(handle.redacted()))?;
+        let socket = self.bind_media().await?;
+        let local = socket
+            .local_addr()
+            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        let call = self
+            .phone
+            .dial(now, handle, keys, local)
+            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        self.add_socket(&call, socket);
+        Ok(call)
+    }
+
+    async fn bind_media(&mut self) -> Result<Arc<UdpSocket>, DeviceError> {
+        let s = UdpSocket::bind(SocketAddr::new(self.config.media_ip, 0))
+            .await
+            .map_err(|e| DeviceError::Call(format!("media socket: {e}")))?;
+        Ok(Arc::new(s))
+    }
+
+    fn add_socket(&mut self, call: &str, socket: Arc<UdpSocket>) {
+        let tx = self.media_tx.clone();
+        let s = socket.clone();
+        let id = call.to_string();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                if tx
+                    .send((id.clone(), from, buf[..n].to_vec()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        self.sockets.insert(call.to_string(), socket);
+    }
+
+    async fn connect_sip(&mut self) -> Result<(), DeviceError> {
+        if self.sip.is_some() {
+            return Ok(());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| DeviceError::Signaling(e.to_string()))?
+            .with_root_certificates(self.creds.roots.clone())
+            .with_client_auth_cert(self.creds.chain.clone(), self.creds.key.clone_key())
+            .map_err(|e| DeviceError::Signaling(e.to_string()))?;
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(self.config.sip),
+        )
+        .await
+        .map_err(|_| DeviceError::Signaling("connect timed out".into()))?
+        .map_err(|e| DeviceError::Signaling(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from(self.config.server_name.clone())
+            .map_err(|e| DeviceError::Signaling(e.to_string()))?;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| DeviceError::Signaling("TLS handshake timed out".into()))?
+        .map_err(|e| DeviceError::Signaling(e.to_string()))?;
+        self.sip = Some(stream);
+        Ok(())
+    }
+
+    fn drop_sip(&mut self) {
+        self.sip = None;
+        self.registered_reported = false;
+        self.phone.ua().handle_disconnected();
+    }
+
+    /// A push: a call waits for this device, so come online.
+    async fn on_push(&mut self, payload: &[u8]) {
+        let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+        if v["parley"]["type"] != "call" {
+            return;
+        }
+        let call_id = v["parley"]["call_id"].as_str().unwrap_or("").to_string();
+        self.event(DeviceEvent::Woken { call_id }).await;
+        if self.connect_sip().await.is_ok() {
+            self.phone.ua().register(Instant::now());
+        }
+    }
+
+    async fn event(&mut self, e: DeviceEvent) {
+        let _ = self.events.send(e).await;
+    }
+
+    /// Sends what the phone queued and handles its events.
+    async fn flush(&mut self) {
+        for _ in 0..64 {
+            let mut busy = false;
+            while let Some(bytes) = self.phone.poll_sip_transmit() {
+                busy = true;
+                if let Some(s) = self.sip.as_mut() {
+                    if s.write_all(&bytes).await.is_err() {
+                        self.drop_sip();
+                    }
+                }
+            }
+            while let Some((call, d)) = self.phone.poll_media_transmit() {
+                busy = true;
+                if let Some(s) = self.sockets.get(&call) {
+                    let _ = s.send_to(&d.data, d.to).await;
+                }
+            }
+            while let Some(e) = self.phone.poll_event() {
+                busy = true;
+                self.on_call_event(e).await;
+            }
+            if self.phone.ua().is_registered() && !self.registered_reported {
+                self.registered_reported = true;
+                self.event(DeviceEvent::Registered).await;
+            }
+            if !busy {
+                return;
+            }
+        }
+    }
+
+    async fn on_call_event(&mut self, e: CallEvent) {
+        match &e {
+            CallEvent::Incoming { call, from, .. } => {
+                // Who calls? Only a verified lookup gives their keys.
+                let now = Instant::now();
+                let keys = match self
+                    .ids
+                    .lookup(&self.me.key, std::slice::from_ref(from))
+                    .await
+                {
+                    Ok(f) => f
+                        .into_iter()
+                        .find(|x| x.handle == *from)
+                        .map(|x| x.devices)
+                        .unwrap_or_default(),
+                    Err(err) => {
+                        self.event(DeviceEvent::Error(format!("lookup of the caller: {err}")))
+                            .await;
+                        Vec::new()
+                    }
+                };
+                match self.bind_media().await {
+                    Ok(socket) => {
+                        let local = socket.local_addr().ok();
+                        if let Some(local) = local {
+                            self.add_socket(call, socket);
+                            // A failed check declines with 438 and ends the
+                            // call with a security reason (an event).
+                            let _ = self.phone.ring(now, call, keys, local);
+                        }
+                    }
+                    Err(err) => self.event(DeviceEvent::Error(err.to_string())).await,
+                }
+            }
+            CallEvent::Ended { call, .. } => {
+                self.sockets.remove(call);
+                self.tones.remove(call);
+            }
+            _ => {}
+        }
+        self.event(DeviceEvent::Call(e)).await;
+    }
+}
+
+async fn read_sip(sip: &mut Option<Sip>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match sip {
+        Some(s) => s.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
