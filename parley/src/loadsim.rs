@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use hdrhistogram::Histogram;
 use client_sdk::courier::{ClientEvent, DeviceClient, DeviceCredentials};
+use hdrhistogram::Histogram;
 use push_courier::provider::{ApnsSender, Http2};
 use wire::push::DeviceToken;
 

@@ -4,6 +4,7 @@
 mod admin;
 mod config;
 mod data;
+mod demo;
 mod loadsim;
 mod tls;
 mod wiring;
@@ -93,6 +94,18 @@ enum Command {
     /// registered device at once, the first answer cancels the others
     /// ("Call completed elsewhere") and a decline ends the call everywhere.
     Signaling(SignalingArgs),
+    /// Show a whole call: the stack in this process, three devices, one call.
+    ///
+    /// Starts every service on free loopback ports with a temporary data
+    /// directory and activates Alice (one device) and Bob (a laptop, and a
+    /// phone approved by it that is asleep with only its courier link).
+    /// Alice calls Bob: both of Bob's devices ring (the phone woken by a
+    /// VoIP push), the laptop answers, the phone hears "answered
+    /// elsewhere", a tone flows each way through the relay, end to end
+    /// encrypted, then Alice hangs up. Prints a timeline and the call's
+    /// statistics; exits 0 only if each side detected the other's tone and
+    /// the relay carried nothing but STUN, DTLS and SRTP.
+    Demo(demo::DemoArgs),
     /// Load generators (not tests): drive a running service and report.
     #[command(subcommand)]
     Loadsim(Loadsim),
@@ -337,6 +350,14 @@ fn main() {
         }
         return;
     }
+    if let Command::Demo(args) = cli.command {
+        // Its own stack, data directory and ports.
+        if let Err(e) = demo::run(args) {
+            eprintln!("parley demo: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Err(e) = run(cli) {
         eprintln!("parley: {e:#}");
         std::process::exit(2);
@@ -372,7 +393,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ids(a) => (only(false, true, false, false), &empty, Some(a), None, None),
         Command::Courier(a) => (only(false, false, true, false), &empty, None, Some(a), None),
         Command::Signaling(a) => (only(false, false, false, true), &empty, None, None, Some(a)),
-        Command::Loadsim(_) => unreachable!("handled in main"),
+        Command::Loadsim(_) | Command::Demo(_) => unreachable!("handled in main"),
     };
     let mut overrides = turn_args.overrides()?;
     if let Some(a) = ids_args {
@@ -404,9 +425,6 @@ fn run(cli: Cli) -> Result<()> {
     let turn_config = settings.turn.to_config(&data.turn_secret)?;
     let mut ids_config = settings.ids.to_config(&data.root)?;
     ids_config.turn.secret = Some(data.turn_secret.clone());
-    if ids_config.turn.uris.is_empty() {
-        ids_config.turn.uris = turn_uris(&turn_config);
-    }
     let courier_config = settings.courier.to_config(&data.root)?;
     let mut signaling_config = settings.signaling.to_config()?;
     settings.signaling.advertise(&mut signaling_config);
@@ -431,7 +449,7 @@ fn run(cli: Cli) -> Result<()> {
 /// The relay's addresses as `turn:`/`turns:` URIs for devices; an
 /// unspecified address becomes loopback (set `ids.turn_uris` for
 /// deployments reached from elsewhere).
-fn turn_uris(c: &stun_turn::Config) -> Vec<String> {
+fn turn_uris(relay: &Relay) -> Vec<String> {
     let host = |a: &std::net::SocketAddr| {
         let ip = if a.ip().is_unspecified() {
             match a {
@@ -446,9 +464,24 @@ fn turn_uris(c: &stun_turn::Config) -> Vec<String> {
         format!("{ip}:{}", a.port())
     };
     let mut out = Vec::new();
-    out.extend(c.udp.iter().map(|a| format!("turn:{}?transport=udp", host(a))));
-    out.extend(c.tcp.iter().map(|a| format!("turn:{}?transport=tcp", host(a))));
-    out.extend(c.tls.iter().map(|a| format!("turns:{}?transport=tcp", host(a))));
+    out.extend(
+        relay
+            .udp_addrs()
+            .iter()
+            .map(|a| format!("turn:{}?transport=udp", host(a))),
+    );
+    out.extend(
+        relay
+            .tcp_addrs()
+            .iter()
+            .map(|a| format!("turn:{}?transport=tcp", host(a))),
+    );
+    out.extend(
+        relay
+            .tls_addrs()
+            .iter()
+            .map(|a| format!("turns:{}?transport=tcp", host(a))),
+    );
     out
 }
 
@@ -587,13 +620,128 @@ fn tls_files(turn: &config::TurnSection, data: &data::DataDir) -> (PathBuf, Path
     data.server_files(&turn.cert, &turn.key)
 }
 
+/// The services of one process, started.
+struct Stack {
+    relay: Option<Arc<Relay>>,
+    ids: Option<ids::runtime::Server>,
+    courier: Option<push_courier::runtime::Server>,
+    signaling: Option<Arc<signaling::runtime::Server>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Stack {
+    async fn start(
+        settings: &config::Settings,
+        data: &data::DataDir,
+        services: Services,
+        (turn_config, mut ids_config, courier_config, signaling_config): (
+            stun_turn::Config,
+            ids::Config,
+            push_courier::Config,
+            signaling::runtime::Config,
+        ),
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Result<Stack> {
+        let relay = match services.turn {
+            true => Some(Arc::new(Relay::start(turn_config, Some(tls))?)),
+            false => None,
+        };
+        if let (Some(r), true) = (&relay, ids_config.turn.uris.is_empty()) {
+            // The addresses actually bound (a port 0 is chosen by now).
+            ids_config.turn.uris = turn_uris(r);
+        }
+        let ids_server = match services.ids {
+            true => Some(start_ids(&settings.ids, data, ids_config).await?),
+            false => None,
+        };
+        let courier_server = match services.courier {
+            true => Some(start_courier(&settings.courier, data, courier_config).await?),
+            false => None,
+        };
+        if let (Some(path), Some(c)) = (&settings.courier.device_crl, &courier_server) {
+            // Loaded once before serving, so a bad path stops start-up.
+            let b = std::fs::read(path)
+                .with_context(|| format!("courier.device_crl: cannot read {}", path.display()))?;
+            let serials = push_courier::device::crl_serials(&b)
+                .with_context(|| format!("courier.device_crl: {}", path.display()))?;
+            c.courier.set_revoked_serials(serials);
+        }
+        let mut tasks = Vec::new();
+        match (&settings.courier.device_crl, &ids_server, &courier_server) {
+            (Some(path), _, Some(c)) => {
+                tasks.push(tokio::spawn(sync_crl_file(path.clone(), c.courier.clone())))
+            }
+            (None, Some(i), Some(c)) => tasks.push(tokio::spawn(sync_revocations(
+                i.ids.clone(),
+                c.courier.clone(),
+            ))),
+            _ => {}
+        }
+        let signaling_server = match services.signaling {
+            true => Some(Arc::new(
+                start_signaling(
+                    &settings.signaling,
+                    data,
+                    signaling_config,
+                    ids_server.as_ref().map(|s| s.ids.clone()),
+                    courier_server.as_ref().map(|c| c.courier.clone()),
+                )
+                .await?,
+            )),
+            false => None,
+        };
+        if let (Some(i), Some(s)) = (&ids_server, &signaling_server) {
+            tasks.push(tokio::spawn(sync_signaling_revocations(
+                i.ids.clone(),
+                s.clone(),
+            )));
+        }
+        Ok(Stack {
+            relay,
+            ids: ids_server,
+            courier: courier_server,
+            signaling: signaling_server,
+            tasks,
+        })
+    }
+
+    /// Stops everything: ringing calls get a few seconds.
+    async fn shutdown(self) -> Result<()> {
+        for r in self.tasks {
+            r.abort();
+            let _ = r.await;
+        }
+        if let Some(s) = self.signaling {
+            // Admin metrics no longer hold a reference once the admin task
+            // has stopped.
+            match Arc::try_unwrap(s) {
+                Ok(s) => s.shutdown(std::time::Duration::from_secs(5)).await,
+                Err(_) => tracing::error!("signaling still referenced at shutdown"),
+            }
+        }
+        if let Some(c) = self.courier {
+            c.shutdown().await;
+        }
+        if let Some(s) = self.ids {
+            s.shutdown().await;
+        }
+        if let Some(relay) = self.relay {
+            match Arc::try_unwrap(relay) {
+                Ok(r) => tokio::task::spawn_blocking(move || r.shutdown()).await?,
+                Err(_) => tracing::error!("relay still referenced at shutdown; unclean shutdown"),
+            }
+        }
+        Ok(())
+    }
+}
+
 async fn serve(
     config_file: Option<PathBuf>,
     overrides: Vec<(String, Value)>,
     settings: config::Settings,
     data: data::DataDir,
     services: Services,
-    (turn_config, ids_config, courier_config, signaling_config): (
+    configs: (
         stun_turn::Config,
         ids::Config,
         push_courier::Config,
@@ -608,57 +756,11 @@ async fn serve(
     let mut hup = signal(SignalKind::hangup())?;
 
     let ready = Arc::new(AtomicBool::new(false));
-    let relay = match services.turn {
-        true => Some(Arc::new(Relay::start(turn_config, Some(tls))?)),
-        false => None,
-    };
-    let ids_server = match services.ids {
-        true => Some(start_ids(&settings.ids, &data, ids_config).await?),
-        false => None,
-    };
-    let courier_server = match services.courier {
-        true => Some(start_courier(&settings.courier, &data, courier_config).await?),
-        false => None,
-    };
-    if let (Some(path), Some(c)) = (&settings.courier.device_crl, &courier_server) {
-        // Loaded once before serving, so a bad path stops start-up.
-        let b = std::fs::read(path)
-            .with_context(|| format!("courier.device_crl: cannot read {}", path.display()))?;
-        let serials = push_courier::device::crl_serials(&b)
-            .with_context(|| format!("courier.device_crl: {}", path.display()))?;
-        c.courier.set_revoked_serials(serials);
-    }
-    let revocations = match (&settings.courier.device_crl, &ids_server, &courier_server) {
-        (Some(path), _, Some(c)) => {
-            Some(tokio::spawn(sync_crl_file(path.clone(), c.courier.clone())))
-        }
-        (None, Some(i), Some(c)) => Some(tokio::spawn(sync_revocations(
-            i.ids.clone(),
-            c.courier.clone(),
-        ))),
-        _ => None,
-    };
-    let signaling_server = match services.signaling {
-        true => Some(
-            start_signaling(
-                &settings.signaling,
-                &data,
-                signaling_config,
-                ids_server.as_ref().map(|s| s.ids.clone()),
-                courier_server.as_ref().map(|c| c.courier.clone()),
-            )
-            .await?,
-        ),
-        false => None,
-    };
-    let signaling_server = signaling_server.map(Arc::new);
-    let signaling_revocations = match (&ids_server, &signaling_server) {
-        (Some(i), Some(s)) => Some(tokio::spawn(sync_signaling_revocations(
-            i.ids.clone(),
-            s.clone(),
-        ))),
-        _ => None,
-    };
+    let stack = Stack::start(&settings, &data, services, configs, tls).await?;
+    let relay = &stack.relay;
+    let ids_server = &stack.ids;
+    let courier_server = &stack.courier;
+    let signaling_server = &stack.signaling;
     let admin_addr = settings
         .admin
         .listen
@@ -746,7 +848,7 @@ async fn serve(
             _ = hup.recv() => {
                 match reload(config_file.as_deref(), &overrides, &data) {
                     Ok((users, secrets, tls)) => {
-                        if let Some(relay) = &relay {
+                        if let Some(relay) = relay {
                             relay.reload(&users, &secrets, Some(tls));
                         }
                     }
@@ -759,31 +861,7 @@ async fn serve(
     ready.store(false, Ordering::Release);
     let _ = stop_admin.send(());
     let _ = admin_task.await;
-    for r in [revocations, signaling_revocations].into_iter().flatten() {
-        r.abort();
-        let _ = r.await;
-    }
-    if let Some(s) = signaling_server {
-        // Calls still ringing get a few seconds; admin metrics no longer
-        // hold a reference once the admin task has stopped.
-        match Arc::try_unwrap(s) {
-            Ok(s) => s.shutdown(std::time::Duration::from_secs(5)).await,
-            Err(_) => tracing::error!("signaling still referenced at shutdown"),
-        }
-    }
-    if let Some(c) = courier_server {
-        c.shutdown().await;
-    }
-    if let Some(s) = ids_server {
-        s.shutdown().await;
-    }
-    if let Some(relay) = relay {
-        match Arc::try_unwrap(relay) {
-            Ok(r) => tokio::task::spawn_blocking(move || r.shutdown()).await?,
-            Err(_) => tracing::error!("relay still referenced at shutdown; unclean shutdown"),
-        }
-    }
-    Ok(())
+    stack.shutdown().await
 }
 
 /// What SIGHUP replaces: static users, REST secrets, the TLS configuration.

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::*;
 use client_sdk::courier::{ClientEvent, DeviceClient, Transport};
+use common::*;
 use wire::push::{CloseReason, Notification, PushType};
 
 const WAIT: Duration = Duration::from_secs(10);

@@ -1,0 +1,530 @@
+//! `parley demo`: the whole stack in this process on free loopback ports
+//! with a temporary data directory, three devices on the client SDK, and
+//! one call, printed as a timeline and checked.
+//!
+//! Alice has one device. Bob has a laptop (online) and a phone that is
+//! asleep: it registered once with its push token and closed its SIP
+//! connection, keeping only the courier link. Alice calls Bob; both of
+//! Bob's devices ring (the phone woken by a VoIP push); the laptop
+//! answers and the phone hears "answered elsewhere"; a tone flows each way
+//! through the relay only, end to end encrypted; then Alice hangs up.
+//! The demo exits 0 only if each side detected the other's tone and the
+//! relay was handed nothing but STUN, DTLS and SRTP.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use client_sdk::call::{CallEvent, EndReason};
+use client_sdk::device::{Device, DeviceConfig, DeviceEvent, Identity};
+use client_sdk::ids::{IdsClient, Registered};
+use client_sdk::media::audio::dominant_frequency;
+use toml::Value;
+use wire::device_list::{DeviceEntry, DeviceList};
+use wire::handle::Handle;
+use wire::keys::{DeviceId, SigningKey};
+
+use crate::{config, data, Stack};
+
+const ALICE: &str = "alice@example.com";
+const BOB: &str = "+14155550123";
+const ALICE_HZ: f64 = 440.0;
+const BOB_HZ: f64 = 660.0;
+const TOPIC: &str = "com.example.parley.voip";
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Seconds of audio once the call is answered.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Keep the temporary data directory (its path is printed).
+    #[arg(long)]
+    keep: bool,
+}
+
+pub fn run(args: DemoArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let dir = std::env::temp_dir().join(format!("parley-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let result = rt.block_on(demo(&dir, &args));
+    if !args.keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+/// The timeline: milliseconds since the start, who, what.
+struct Timeline {
+    start: Instant,
+    lines: Vec<(Duration, String, String)>,
+}
+
+impl Timeline {
+    #[allow(clippy::print_stdout)]
+    fn note(&mut self, who: &str, what: impl Into<String>) {
+        let at = self.start.elapsed();
+        let what = what.into();
+        println!("{:>8.1} ms  {who:<7} {what}", at.as_secs_f64() * 1000.0);
+        self.lines.push((at, who.to_string(), what));
+    }
+}
+
+struct Dev {
+    name: &'static str,
+    device: Device,
+    events: Vec<DeviceEvent>,
+}
+
+/// Waits (bounded) until `done` holds, recording every device event.
+async fn until(
+    devs: &mut [Dev],
+    t: &mut Timeline,
+    max: Duration,
+    what: &str,
+    done: impl Fn(&[Dev]) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + max;
+    while !done(devs) {
+        if Instant::now() >= deadline {
+            bail!("timed out after {max:?} waiting for {what}");
+        }
+        for d in devs.iter_mut() {
+            while let Some(e) = d.device.next_event(Duration::from_millis(2)).await {
+                match &e {
+                    DeviceEvent::Call(CallEvent::Stats { .. }) => {}
+                    other => t.note(d.name, describe(other)),
+                }
+                d.events.push(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn describe(e: &DeviceEvent) -> String {
+    match e {
+        DeviceEvent::Registered => "SIP registered".into(),
+        DeviceEvent::Woken { .. } => "woken by a VoIP push".into(),
+        DeviceEvent::Error(e) => format!("error: {e}"),
+        DeviceEvent::Call(c) => match c {
+            CallEvent::Incoming { from, .. } => format!("incoming call from {}", from.as_str()),
+            CallEvent::Ringing { .. } => "ringing (caller's PASSporT verified against ids)".into(),
+            CallEvent::Alerting { .. } => "the callee's devices ring".into(),
+            CallEvent::Answered { device, .. } => format!("answered by device {device}"),
+            CallEvent::MediaConnected { .. } => {
+                "media connected (ICE + DTLS-SRTP via the relay)".into()
+            }
+            CallEvent::Ended { reason, .. } => format!("call ended: {reason:?}"),
+            CallEvent::Stats { .. } => "stats".into(),
+        },
+    }
+}
+
+fn has(devs: &[Dev], name: &str, f: impl Fn(&DeviceEvent) -> bool) -> bool {
+    devs.iter()
+        .find(|d| d.name == name)
+        .is_some_and(|d| d.events.iter().any(f))
+}
+
+fn dev<'a>(devs: &'a [Dev], name: &str) -> &'a Device {
+    &devs
+        .iter()
+        .find(|d| d.name == name)
+        .expect("known device")
+        .device
+}
+
+/// Reads the newest code the development sender wrote for `handle`.
+async fn read_code(outbox: &Path, handle: &Handle) -> Result<String> {
+    let stem = handle.as_str().to_string();
+    for _ in 0..200 {
+        if let Ok(rd) = std::fs::read_dir(outbox) {
+            let mut files: Vec<PathBuf> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains(&stem))
+                .collect();
+            files.sort();
+            if let Some(f) = files.last() {
+                let text = std::fs::read_to_string(f)?;
+                let code: String = text
+                    .split("code is ")
+                    .nth(1)
+                    .ok_or_else(|| anyhow!("no code in {}", f.display()))?
+                    .chars()
+                    .take(6)
+                    .collect();
+                std::fs::remove_file(f)?;
+                return Ok(code);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("no code for {} in {}", handle.as_str(), outbox.display())
+}
+
+/// Proves a handle with the code from the outbox; returns its token.
+async fn prove(ids: &IdsClient, outbox: &Path, handle: &Handle) -> Result<String> {
+    let id = ids.start_verification(handle).await?;
+    let code = read_code(outbox, handle).await?;
+    Ok(ids.check_verification(&id, &code).await?)
+}
+
+/// The first device of a new account.
+async fn first_device(
+    ids: &IdsClient,
+    outbox: &Path,
+    handle: &Handle,
+    name: &str,
+) -> Result<(Identity, SigningKey, DeviceList)> {
+    let token = prove(ids, outbox, handle).await?;
+    let account = SigningKey::generate();
+    let key = SigningKey::generate();
+    let device = DeviceId::random();
+    let reg: Registered = ids
+        .create_account(
+            &account,
+            device,
+            &key,
+            std::slice::from_ref(handle),
+            &[token],
+            name,
+        )
+        .await?;
+    let list = DeviceList {
+        account_key: account.public(),
+        seq: 1,
+        handles: vec![handle.uri()],
+        devices: vec![DeviceEntry {
+            id: device,
+            identity_key: key.public(),
+        }],
+    };
+    Ok((
+        Identity {
+            device: reg.device_id,
+            key,
+            certificate: reg.certificate,
+        },
+        account,
+        list,
+    ))
+}
+
+#[allow(clippy::print_stdout)]
+async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
+    let mut t = Timeline {
+        start: Instant::now(),
+        lines: Vec::new(),
+    };
+    let any = Value::String("127.0.0.1:0".into());
+    let overrides: Vec<(String, Value)> = vec![
+        ("turn.listen".into(), any.clone()),
+        ("turn.tls".into(), any.clone()),
+        // The relay's peers are the other device's relayed addresses, on
+        // loopback here.
+        (
+            "turn.allow_peers".into(),
+            Value::Array(vec![Value::String("127.0.0.0/8".into())]),
+        ),
+        ("ids.listen".into(), any.clone()),
+        ("ids.publish_interval_secs".into(), Value::Float(0.05)),
+        ("courier.device_listen".into(), any.clone()),
+        ("courier.provider_listen".into(), any.clone()),
+        ("courier.quic".into(), Value::Boolean(false)),
+        ("signaling.listen".into(), any.clone()),
+        ("signaling.tls".into(), any.clone()),
+        ("signaling.wss".into(), any.clone()),
+        (
+            "signaling.domains".into(),
+            Value::Array(vec![Value::String("localhost".into())]),
+        ),
+    ];
+    let settings = config::load(None, std::iter::empty(), &overrides)?;
+    let data = data::open(dir)?;
+    let turn_config = settings.turn.to_config(&data.turn_secret)?;
+    let mut ids_config = settings.ids.to_config(&data.root)?;
+    ids_config.turn.secret = Some(data.turn_secret.clone());
+    let courier_config = settings.courier.to_config(&data.root)?;
+    let mut signaling_config = settings.signaling.to_config()?;
+    settings.signaling.advertise(&mut signaling_config);
+    let (cert, key) = crate::tls_files(&settings.turn, &data);
+    let tls = crate::tls::server_config(&cert, &key, &[crate::ALPN_STUN_TURN])?;
+    let services = crate::Services {
+        turn: true,
+        ids: true,
+        courier: true,
+        signaling: true,
+    };
+    let stack = Stack::start(
+        &settings,
+        &data,
+        services,
+        (turn_config, ids_config, courier_config, signaling_config),
+        tls,
+    )
+    .await?;
+    let result = scenario(&stack, &data, &settings, args, &mut t).await;
+    stack.shutdown().await?;
+    if args.keep {
+        println!("data directory kept: {}", dir.display());
+    }
+    result
+}
+
+#[allow(clippy::print_stdout)]
+async fn scenario(
+    stack: &Stack,
+    data: &data::DataDir,
+    settings: &config::Settings,
+    args: &DemoArgs,
+    t: &mut Timeline,
+) -> Result<()> {
+    let ids_addr = stack.ids.as_ref().ok_or_else(|| anyhow!("no ids"))?.addr();
+    let courier = stack
+        .courier
+        .as_ref()
+        .ok_or_else(|| anyhow!("no courier"))?;
+    let signaling = stack
+        .signaling
+        .as_ref()
+        .ok_or_else(|| anyhow!("no signaling"))?;
+    let relay = stack.relay.as_ref().ok_or_else(|| anyhow!("no relay"))?;
+    t.note(
+        "stack",
+        format!(
+            "up: relay udp {}, ids https://{ids_addr}, courier {}, signaling tls {}",
+            relay.udp_addrs()[0],
+            courier.device_addr(),
+            signaling.tls_addrs()[0]
+        ),
+    );
+    let ca = std::fs::read_to_string(&data.ca_cert)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in client_sdk::ids::pem_certs(&ca)? {
+        roots.add(c)?;
+    }
+    let ids = IdsClient::new(ids_addr, "localhost", roots.clone())?;
+    let outbox = settings
+        .ids
+        .outbox
+        .clone()
+        .unwrap_or_else(|| data.root.join("outbox"));
+
+    // Activation.
+    let alice_h = Handle::parse(ALICE)?;
+    let bob_h = Handle::parse(BOB)?;
+    let (alice_id, _, _) = first_device(&ids, &outbox, &alice_h, "Alice's phone").await?;
+    t.note(
+        "alice",
+        "activated: handle proven, account created, certificate issued",
+    );
+    let (laptop_id, bob_account, bob_list) =
+        first_device(&ids, &outbox, &bob_h, "Bob's laptop").await?;
+    t.note("laptop", "activated: Bob's first device");
+    // Bob's phone joins his account, approved by the laptop.
+    let phone_key = SigningKey::generate();
+    let phone_device = DeviceId::random();
+    let transfer = wire::key_transfer::TransferKey::generate();
+    let code = ids.create_link(&laptop_id.key).await?;
+    ids.claim_link(&code, phone_device, &phone_key, &transfer, "Bob's phone")
+        .await?;
+    let claim = ids
+        .pending_claims(&laptop_id.key)
+        .await?
+        .into_iter()
+        .find(|c| c.device == phone_device)
+        .ok_or_else(|| anyhow!("the phone's claim did not reach the laptop"))?;
+    ids.approve(&laptop_id.key, &bob_account, &bob_list, &claim)
+        .await?;
+    let (phone_reg, phone_account) = ids
+        .await_approval(&code, &phone_key, transfer, Duration::from_secs(10))
+        .await?;
+    if phone_account.public() != bob_account.public() {
+        bail!("the phone did not receive Bob's account key");
+    }
+    let phone_id = Identity {
+        device: phone_reg.device_id,
+        key: phone_key,
+        certificate: phone_reg.certificate,
+    };
+    t.note(
+        "phone",
+        "activated: approved by the laptop with a link code",
+    );
+
+    let cfg = |name: &str, handle: &Handle, hz: f64| DeviceConfig {
+        name: name.into(),
+        handle: handle.clone(),
+        sip_domain: "localhost".into(),
+        sip: signaling.tls_addrs()[0],
+        courier: courier.device_addr(),
+        server_name: "localhost".into(),
+        roots: roots.clone(),
+        voip_topic: TOPIC.into(),
+        media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        relay_only: true,
+        tone_hz: hz,
+    };
+    let alice = Device::start(
+        cfg("alice", &alice_h, ALICE_HZ),
+        alice_id,
+        ids.clone(),
+        true,
+    )
+    .await?;
+    let laptop = Device::start(cfg("laptop", &bob_h, BOB_HZ), laptop_id, ids.clone(), true).await?;
+    let phone = Device::start(cfg("phone", &bob_h, BOB_HZ), phone_id, ids.clone(), true).await?;
+    let mut devs = vec![
+        Dev {
+            name: "alice",
+            device: alice,
+            events: Vec::new(),
+        },
+        Dev {
+            name: "laptop",
+            device: laptop,
+            events: Vec::new(),
+        },
+        Dev {
+            name: "phone",
+            device: phone,
+            events: Vec::new(),
+        },
+    ];
+    until(
+        &mut devs,
+        t,
+        Duration::from_secs(10),
+        "every device registered",
+        |d| {
+            d.iter()
+                .all(|x| x.events.contains(&DeviceEvent::Registered))
+        },
+    )
+    .await?;
+    dev(&devs, "phone").sleep().await?;
+    t.note("phone", "asleep: SIP connection closed, courier link kept");
+    // Let the last device list change reach a published epoch.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The call.
+    let dialed = Instant::now();
+    let call = dev(&devs, "alice").dial(&bob_h).await?;
+    t.note(
+        "alice",
+        format!("dials {BOB} (lookup verified: Bob's devices and keys)"),
+    );
+    let ringing = |name: &'static str| {
+        move |d: &[Dev]| {
+            has(d, name, |e| {
+                matches!(e, DeviceEvent::Call(CallEvent::Ringing { .. }))
+            })
+        }
+    };
+    until(
+        &mut devs,
+        t,
+        Duration::from_secs(15),
+        "both of Bob's devices ringing",
+        |d| ringing("laptop")(d) && ringing("phone")(d),
+    )
+    .await?;
+    dev(&devs, "laptop").answer(&call).await?;
+    t.note("laptop", "answers");
+    until(
+        &mut devs,
+        t,
+        Duration::from_secs(10),
+        "the answer and media",
+        |d| {
+            has(d, "alice", |e| {
+                matches!(e, DeviceEvent::Call(CallEvent::MediaConnected { .. }))
+            }) && has(d, "laptop", |e| {
+                matches!(e, DeviceEvent::Call(CallEvent::MediaConnected { .. }))
+            }) && has(d, "phone", |e| {
+                matches!(
+                    e,
+                    DeviceEvent::Call(CallEvent::Ended {
+                        reason: EndReason::AnsweredElsewhere,
+                        ..
+                    })
+                )
+            })
+        },
+    )
+    .await?;
+    let connected = dialed.elapsed();
+    t.note("demo", format!("{} s of audio each way", args.seconds));
+    let talk = Duration::from_secs(args.seconds);
+    let _ = until(&mut devs, t, talk, "the talk", |_| false).await;
+
+    let alice_heard = dev(&devs, "alice").heard(&call).await?;
+    let laptop_heard = dev(&devs, "laptop").heard(&call).await?;
+    let alice_stats = dev(&devs, "alice").stats(&call).await?;
+    let laptop_stats = dev(&devs, "laptop").stats(&call).await?;
+    dev(&devs, "alice").hangup(&call).await?;
+    until(&mut devs, t, Duration::from_secs(5), "the hang-up", |d| {
+        has(d, "laptop", |e| {
+            matches!(e, DeviceEvent::Call(CallEvent::Ended { .. }))
+        })
+    })
+    .await?;
+
+    // Checks.
+    let freq = |pcm: &[i16]| {
+        let tail = &pcm[pcm.len().saturating_sub(48_000 * 3)..];
+        dominant_frequency(tail, (200..2000).step_by(20).map(f64::from))
+    };
+    let (fa, sa) = freq(&alice_heard);
+    let (fl, sl) = freq(&laptop_heard);
+    println!();
+    println!("dial → media connected: {} ms", connected.as_millis());
+    println!(
+        "Alice heard {fa:.0} Hz ({:.0}% of the energy); expected {BOB_HZ:.0} Hz",
+        sa * 100.0
+    );
+    println!(
+        "the laptop heard {fl:.0} Hz ({:.0}% of the energy); expected {ALICE_HZ:.0} Hz",
+        sl * 100.0
+    );
+    let mut ok = fa == BOB_HZ && fl == ALICE_HZ;
+    for (who, s) in [("alice", &alice_stats), ("laptop", &laptop_stats)] {
+        let Some(s) = s else {
+            println!("{who}: no stats");
+            ok = false;
+            continue;
+        };
+        println!(
+            "{who}: setup {:?}, first audio {:?}, rtt {:?}, loss in {:.1}%, jitter {:.1} ms, \
+             bitrate out {} bps in {} bps, playout delay {:?}, concealed {:.1}%, MOS {:.2}",
+            s.setup,
+            s.first_audio,
+            s.rtt,
+            s.loss_in * 100.0,
+            s.jitter_ms,
+            s.bitrate_out,
+            s.bitrate_in,
+            s.playout_delay,
+            s.concealed * 100.0,
+            s.mos
+        );
+        let r = s.relay_payloads;
+        println!(
+            "{who}: handed the relay {} STUN, {} DTLS, {} SRTP/SRTCP, {} other datagrams",
+            r.stun, r.dtls, r.srtp, r.other
+        );
+        if r.other != 0 || r.srtp < 50 {
+            ok = false;
+        }
+    }
+    if !ok {
+        bail!("the demo's checks failed (see above)");
+    }
+    println!("demo: OK");
+    Ok(())
+}
