@@ -1193,3 +1193,119 @@ async fn devices_get_relay_credentials_the_relay_accepts() {
         .await;
     assert_eq!(s, 503, "{v}");
 }
+
+/// The SDK's own identity client against a malicious server: a device
+/// appended to a list without the account key is refused at lookup, and a
+/// handle re-keyed with the server's own account key (which a caller
+/// cannot tell from a real change) is caught by the owner's history audit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_refuses_forged_lists_and_its_audit_catches_an_injected_device() {
+    use client_sdk::ids::{IdsClient, IdsError};
+    let lab = Lab::start("sdk-kt", None).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in client_sdk::ids::pem_certs(&lab.ca_pem).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut sdk = IdsClient::new(lab.addr, "localhost", roots).unwrap();
+    let bob_h = wire::Handle::parse("+14155550123").unwrap();
+    let alice_h = wire::Handle::parse("alice@example.com").unwrap();
+    let register = |h: wire::Handle| {
+        let lab = &lab;
+        let sdk = sdk.clone();
+        async move {
+            let token = lab.prove(h.as_str()).await;
+            let account = SigningKey::generate();
+            let key = SigningKey::generate();
+            let id = DeviceId::random();
+            let reg = sdk
+                .create_account(&account, id, &key, &[h], &[token], "device")
+                .await
+                .unwrap();
+            assert_eq!(reg.device_id, id);
+            assert!(reg.certificate.contains("BEGIN CERTIFICATE"));
+            (account, key, id)
+        }
+    };
+    let (bob_account, bob_key, bob_id) = register(bob_h.clone()).await;
+    let (alice_account, alice_key, alice_id) = register(alice_h.clone()).await;
+
+    // Honest: Alice's lookup of Bob gives exactly Bob's device and key.
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        found = sdk
+            .lookup(&alice_key, std::slice::from_ref(&bob_h))
+            .await
+            .unwrap();
+        if !found.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(found[0].devices.len(), 1);
+    assert_eq!(found[0].devices[0].device, bob_id);
+    assert_eq!(found[0].devices[0].key, bob_key.public());
+    let clean = sdk
+        .audit_own(&bob_key, &bob_h, &bob_account.public(), &[bob_id], 0)
+        .await
+        .unwrap();
+    assert!(clean.is_empty(), "{clean:?}");
+
+    // Attempt 1: a device appended to Alice's list without her account key.
+    let evil = SigningKey::generate();
+    let evil_id = DeviceId([0xee; 16]);
+    let mut list = DeviceList {
+        account_key: alice_account.public(),
+        seq: 2,
+        handles: vec![alice_h.uri()],
+        devices: vec![DeviceEntry {
+            id: alice_id,
+            identity_key: alice_key.public(),
+        }],
+    }
+    .sign(&alice_account)
+    .unwrap();
+    list.list.devices.push(DeviceEntry {
+        id: evil_id,
+        identity_key: evil.public(),
+    });
+    list.list.normalise();
+    lab.server_publishes(&alice_h.uri(), &DirectoryValue::Active(list))
+        .await;
+    match sdk.lookup(&bob_key, std::slice::from_ref(&alice_h)).await {
+        Err(IdsError::Transparency(_)) => {}
+        other => panic!("a forged list must be refused, got {other:?}"),
+    }
+
+    // Attempt 2: Bob's handle re-keyed to the server's own account with
+    // its own device. A caller's lookup verifies (it cannot know)...
+    let evil_account = SigningKey::generate();
+    let rekeyed = DeviceList {
+        account_key: evil_account.public(),
+        seq: 1,
+        handles: vec![bob_h.uri()],
+        devices: vec![DeviceEntry {
+            id: evil_id,
+            identity_key: evil.public(),
+        }],
+    }
+    .sign(&evil_account)
+    .unwrap();
+    lab.server_publishes(&bob_h.uri(), &DirectoryValue::Active(rekeyed))
+        .await;
+    let found = sdk
+        .lookup(&alice_key, std::slice::from_ref(&bob_h))
+        .await
+        .unwrap();
+    assert_eq!(found[0].devices[0].device, evil_id);
+    // ...but Bob's own device audits its handle and sees the change.
+    let findings = sdk
+        .audit_own(&bob_key, &bob_h, &bob_account.public(), &[bob_id], 0)
+        .await
+        .unwrap();
+    assert!(
+        findings
+            .iter()
+            .any(|f| matches!(f, Unapproved::AccountKey { .. })),
+        "{findings:?}"
+    );
+}
