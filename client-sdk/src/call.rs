@@ -348,6 +348,28 @@ impl Phone {
         Ok(())
     }
 
+    /// One camera frame for the call (see [`MediaSession::send_video`]).
+    pub fn send_video(
+        &mut self,
+        now: Instant,
+        call: &str,
+        frame: &openh264::formats::YUVBuffer,
+    ) -> Result<(), CallError> {
+        if let Some(m) = self.calls.get_mut(call).and_then(|c| c.media.as_mut()) {
+            if m.is_connected() {
+                m.send_video(now, frame)?;
+            }
+        }
+        self.collect(now, call);
+        Ok(())
+    }
+
+    pub fn set_camera(&mut self, call: &str, on: bool) {
+        if let Some(m) = self.calls.get_mut(call).and_then(|c| c.media.as_mut()) {
+            m.set_camera(on);
+        }
+    }
+
     /// The call's next 20 ms for the speaker.
     pub fn play_audio(&mut self, now: Instant, call: &str) -> Result<Option<Played>, CallError> {
         let Some(m) = self.calls.get_mut(call).and_then(|c| c.media.as_mut()) else {
@@ -440,7 +462,7 @@ impl Phone {
                     .push_back(CallEvent::MediaConnected { call: id.into() }),
                 MediaEvent::Stats(stats) => self.events.push_back(CallEvent::Stats {
                     call: id.into(),
-                    stats: Box::new(stats),
+                    stats,
                 }),
                 MediaEvent::Stalled => {
                     // A NAT rebound under us, or the far end moved: find a

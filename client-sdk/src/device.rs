@@ -23,6 +23,7 @@ use crate::call::{CallEvent, Phone};
 use crate::courier::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
 use crate::ids::{IdsClient, IdsError};
 use crate::media::audio::{Tone, FRAME_SAMPLES};
+use crate::media::video::{self, TestPattern};
 use crate::media::MediaConfig;
 use crate::sip::{CallId, PushContact, UaConfig};
 use crate::turn;
@@ -68,6 +69,8 @@ pub struct DeviceConfig {
     pub relay_only: bool,
     /// The test tone this device "speaks" (Hz); silence when 0.
     pub tone_hz: f64,
+    /// Send and receive video (the test pattern stands in for a camera).
+    pub video: bool,
 }
 
 /// Who the device is: from activation.
@@ -160,6 +163,7 @@ impl Device {
         let media = MediaConfig {
             turn: Some(turn::Config::new(relay, &turn.username, &turn.password)),
             relay_only: config.relay_only,
+            video: config.video,
             seed: u64::from_le_bytes(me.device.0[..8].try_into().unwrap_or([7; 8])),
             ..MediaConfig::default()
         };
@@ -203,6 +207,7 @@ impl Device {
             tones: HashMap::new(),
             heard: HashMap::new(),
             registered_reported: false,
+            camera: TestPattern::default(),
         };
         if online {
             task.connect_sip().await?;
@@ -316,6 +321,7 @@ struct Task {
     tones: HashMap<CallId, Tone>,
     heard: HashMap<CallId, Vec<i16>>,
     registered_reported: bool,
+    camera: TestPattern,
 }
 
 impl Task {
@@ -326,6 +332,9 @@ impl Task {
     ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut frame_tick =
+            tokio::time::interval(Duration::from_millis(1000 / u64::from(video::FPS)));
+        frame_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wake = self
                 .phone
@@ -375,8 +384,19 @@ impl Task {
                     }
                 }
                 _ = tick.tick() => self.audio(),
+                _ = frame_tick.tick(), if self.config.video => self.video(),
             }
             self.flush().await;
+        }
+    }
+
+    /// One camera frame for every call with a socket.
+    fn video(&mut self) {
+        let now = Instant::now();
+        let calls: Vec<CallId> = self.sockets.keys().cloned().collect();
+        for call in calls {
+            let frame = self.camera.next_frame();
+            let _ = self.phone.send_video(now, &call, &frame);
         }
     }
 

@@ -269,3 +269,39 @@ fn a_nat_rebinding_is_detected_and_repaired() {
     let (f, _) = dominant_frequency(tail(&net.phones[1].heard, 2), candidates());
     assert_eq!(f, 440.0);
 }
+
+#[test]
+fn video_flows_both_ways_with_audio_and_the_camera_can_go_off() {
+    let mut net = sim::Net::with_video(7, Link::default(), true, true, true);
+    call(&mut net);
+    net.run(Duration::from_secs(3));
+    for i in 0..2 {
+        let v = net.phones[i].session.stats(net.now).video;
+        eprintln!("phone {i}: {v:?}");
+        // 15 frames/s for ~3 s, each decoded to the pattern.
+        assert!(v.frames_sent >= 40, "{v:?}");
+        assert!(v.frames_decoded >= 40, "{v:?}");
+        assert!(v.pattern_frames >= v.frames_decoded - 1, "{v:?}");
+        // Only frames before the first key frame that got through (the
+        // very first was sent before the far end's SRTP was ready).
+        assert!(v.decode_errors <= 3, "{v:?}");
+    }
+    let (f, _) = dominant_frequency(tail(&net.phones[1].heard, 2), candidates());
+    assert_eq!(f, 440.0, "audio is unaffected by video");
+    // Camera off: Bob stops receiving frames; on again: they come back.
+    let before = net.phones[1].session.stats(net.now).video.frames_decoded;
+    net.phones[0].session.set_camera(false);
+    net.run(Duration::from_secs(1));
+    let off = net.phones[1].session.stats(net.now).video.frames_decoded;
+    assert!(off - before <= 2, "{before} → {off}");
+    net.phones[0].session.set_camera(true);
+    net.run(Duration::from_secs(1));
+    let on = net.phones[1].session.stats(net.now).video;
+    assert!(on.frames_decoded >= off + 10, "{on:?}");
+    assert!(video_is_pattern(&on));
+}
+
+fn video_is_pattern(v: &client_sdk::media::VideoStats) -> bool {
+    v.last
+        .is_some_and(|p| client_sdk::media::video::is_pattern(&p.quadrants))
+}

@@ -7,9 +7,10 @@
 //! connection, keeping only the courier link. Alice calls Bob; both of
 //! Bob's devices ring (the phone woken by a VoIP push); the laptop
 //! answers and the phone hears "answered elsewhere"; a tone flows each way
-//! through the relay only, end to end encrypted; then Alice hangs up.
-//! The demo exits 0 only if each side detected the other's tone and the
-//! relay was handed nothing but STUN, DTLS and SRTP.
+//! and an H.264 test pattern flow each way through the relay only, end to
+//! end encrypted; then Alice hangs up. The demo exits 0 only if each side
+//! detected the other's tone and decoded the other's test pattern, and
+//! the relay was handed nothing but STUN, DTLS and SRTP.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -369,6 +370,7 @@ async fn scenario(
         media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         relay_only: true,
         tone_hz: hz,
+        video: true,
     };
     let alice = Device::start(
         cfg("alice", &alice_h, ALICE_HZ),
@@ -459,7 +461,10 @@ async fn scenario(
     )
     .await?;
     let connected = dialed.elapsed();
-    t.note("demo", format!("{} s of audio each way", args.seconds));
+    t.note(
+        "demo",
+        format!("{} s of audio and video each way", args.seconds),
+    );
     let talk = Duration::from_secs(args.seconds);
     let _ = until(&mut devs, t, talk, "the talk", |_| false).await;
 
@@ -513,6 +518,20 @@ async fn scenario(
             s.concealed * 100.0,
             s.mos
         );
+        let v = s.video;
+        println!(
+            "{who}: video sent {} frames, decoded {} ({} showed the test pattern, {} not decodable), last {:?}",
+            v.frames_sent,
+            v.frames_decoded,
+            v.pattern_frames,
+            v.decode_errors,
+            v.last.map(|p| (p.width, p.height))
+        );
+        // About 15 frames/s, nearly all decoded to the pattern.
+        let expected = args.seconds * 15 / 2;
+        if v.frames_decoded < expected || v.pattern_frames + 3 < v.frames_decoded {
+            ok = false;
+        }
         let r = s.relay_payloads;
         println!(
             "{who}: handed the relay {} STUN, {} DTLS, {} SRTP/SRTCP, {} other datagrams",

@@ -101,9 +101,10 @@ enum Command {
     /// phone approved by it that is asleep with only its courier link).
     /// Alice calls Bob: both of Bob's devices ring (the phone woken by a
     /// VoIP push), the laptop answers, the phone hears "answered
-    /// elsewhere", a tone flows each way through the relay, end to end
-    /// encrypted, then Alice hangs up. Prints a timeline and the call's
-    /// statistics; exits 0 only if each side detected the other's tone and
+    /// elsewhere", a tone and an H.264 test pattern flow each way through
+    /// the relay, end to end encrypted, then Alice hangs up. Prints a
+    /// timeline and the call's statistics; exits 0 only if each side
+    /// detected the other's tone and decoded the other's test pattern, and
     /// the relay carried nothing but STUN, DTLS and SRTP.
     Demo(demo::DemoArgs),
     /// Load generators (not tests): drive a running service and report.

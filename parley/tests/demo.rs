@@ -1,8 +1,9 @@
 //! `parley demo` end to end on real loopback sockets: the whole stack in
 //! one process and three SDK devices; it exits 0 only if the call went
 //! through (ringing on both of Bob's devices, the phone woken by push,
-//! answered elsewhere), each side detected the other's tone, and the relay
-//! carried only STUN, DTLS and SRTP.
+//! answered elsewhere), each side detected the other's tone and decoded
+//! the other's H.264 test pattern, and the relay carried only STUN, DTLS
+//! and SRTP.
 
 use std::process::Command;
 
@@ -25,6 +26,7 @@ fn the_demo_call_goes_through_and_its_checks_hold() {
         "Alice heard 660 Hz",
         "the laptop heard 440 Hz",
         "0 other datagrams",
+        "showed the test pattern, 0 not decodable",
         "demo: OK",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");

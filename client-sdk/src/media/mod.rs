@@ -20,6 +20,7 @@
 pub mod audio;
 pub mod jitter;
 pub mod quality;
+pub mod video;
 
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid};
+use str0m::media::{Direction, Frequency, KeyframeRequestKind, MediaKind, MediaTime, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use wire::keys::PublicKey;
@@ -36,6 +37,7 @@ use wire::passport::{self, Claims, Fingerprint, PassportError};
 use crate::turn::{self, TurnClient};
 use audio::{AudioConfig, AudioDecoder, AudioEncoder, AudioError, Decoded, FRAME_SAMPLES};
 use jitter::{JitterBuffer, JitterStats, Playout};
+use video::{VideoDecoder, VideoEncoder, VideoError};
 
 /// How long gathering waits for the TURN server before going on without
 /// a relayed candidate.
@@ -43,6 +45,8 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
 /// No incoming media for this long raises [`MediaEvent::Stalled`]. DTX
 /// still sends a packet every 400 ms in silence.
 const STALL: Duration = Duration::from_millis(1500);
+/// At most one key frame request (PLI) per this long.
+const PLI_INTERVAL: Duration = Duration::from_millis(500);
 /// How old a PASSporT may be.
 const PASSPORT_MAX_AGE_S: u64 = 60;
 
@@ -63,6 +67,8 @@ pub enum MediaError {
     NoAudio,
     #[error(transparent)]
     Audio(#[from] AudioError),
+    #[error(transparent)]
+    Video(#[from] VideoError),
     #[error("{0} called in the wrong state")]
     State(&'static str),
 }
@@ -126,6 +132,10 @@ pub struct MediaConfig {
     pub seed: u64,
     /// How often [`MediaEvent::Stats`] comes.
     pub stats_interval: Duration,
+    /// Offer (and accept) H.264 video besides audio.
+    pub video: bool,
+    /// Video bitrate, bits per second. Default 300 kbps.
+    pub video_bitrate: u32,
 }
 
 impl Default for MediaConfig {
@@ -136,6 +146,8 @@ impl Default for MediaConfig {
             relay_only: false,
             seed: 0,
             stats_interval: Duration::from_secs(1),
+            video: false,
+            video_bitrate: 300_000,
         }
     }
 }
@@ -169,7 +181,7 @@ pub enum MediaEvent {
     /// may be muted with DTX, or a NAT rebound): an ICE restart finds a
     /// working path again.
     Stalled,
-    Stats(CallStats),
+    Stats(Box<CallStats>),
 }
 
 /// What this side handed the relay to carry, by RFC 7983's first-byte
@@ -225,6 +237,20 @@ pub struct CallStats {
     /// E-model MOS estimate (1–4.5).
     pub mos: f64,
     pub relay_payloads: RelayPayloads,
+    pub video: VideoStats,
+}
+
+/// Video in this call so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct VideoStats {
+    pub frames_sent: u64,
+    pub frames_decoded: u64,
+    /// Decoded frames that showed the test pattern.
+    pub pattern_frames: u64,
+    pub decode_errors: u64,
+    pub bytes_in: u64,
+    /// The last decoded picture.
+    pub last: Option<video::Picture>,
 }
 
 /// One call's media.
@@ -250,6 +276,13 @@ pub struct MediaSession {
     relay_payloads: RelayPayloads,
     pending_offer: Option<SdpPendingOffer>,
     audio_mid: Option<Mid>,
+    video_mid: Option<Mid>,
+    video: Option<(VideoEncoder, VideoDecoder)>,
+    camera_on: bool,
+    video_frames_sent: u64,
+    video_time: u64,
+    video_stats: VideoStats,
+    last_pli: Option<Instant>,
     encoder: AudioEncoder,
     decoder: AudioDecoder,
     jitter: JitterBuffer,
@@ -297,12 +330,21 @@ impl MediaSession {
         let rtc = RtcConfig::new()
             .clear_codecs()
             .enable_opus(true, false)
+            .enable_h264(config.video)
             // Every packet straight to our own jitter buffer.
             .set_reordering_size_audio(0)
             .set_stats_interval(Some(config.stats_interval))
             // Loss reports each second, so the encoder adapts within one.
             .set_rtcp_report_interval_audio(Duration::from_secs(1))
             .build(now);
+        let video = if config.video {
+            Some((
+                VideoEncoder::new(config.video_bitrate)?,
+                VideoDecoder::new()?,
+            ))
+        } else {
+            None
+        };
         let mut s = MediaSession {
             rtc,
             start: now,
@@ -319,6 +361,13 @@ impl MediaSession {
             relay_payloads: RelayPayloads::default(),
             pending_offer: None,
             audio_mid: None,
+            video_mid: None,
+            video,
+            camera_on: true,
+            video_frames_sent: 0,
+            video_time: 0,
+            video_stats: VideoStats::default(),
+            last_pli: None,
             encoder: AudioEncoder::new(config.audio)?,
             decoder: AudioDecoder::new()?,
             jitter: JitterBuffer::new(),
@@ -369,10 +418,15 @@ impl MediaSession {
         self.require_gathered("create_offer")?;
         let mut api = self.rtc.sdp_api();
         let mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        let video = self
+            .config
+            .video
+            .then(|| api.add_media(MediaKind::Video, Direction::SendRecv, None, None, None));
         let (offer, pending) = api
             .apply()
             .ok_or(MediaError::State("create_offer (nothing to offer)"))?;
         self.audio_mid = Some(mid);
+        self.video_mid = video;
         self.pending_offer = Some(pending);
         self.drain(now)?;
         Ok(offer.to_sdp_string())
@@ -403,16 +457,16 @@ impl MediaSession {
             SdpOffer::from_sdp_string(offer.sdp()).map_err(|e| MediaError::Sdp(e.to_string()))?;
         let answer = self.rtc.sdp_api().accept_offer(parsed)?;
         self.drain(now)?;
-        self.audio_mid = offer
-            .sdp()
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("a=mid:"))
-            .map(Mid::from)
-            .find(|m| {
-                self.rtc
-                    .media(*m)
-                    .is_some_and(|x| x.kind() == MediaKind::Audio)
-            });
+        let mid_of = |kind: MediaKind| {
+            offer
+                .sdp()
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("a=mid:"))
+                .map(Mid::from)
+                .find(|m| self.rtc.media(*m).is_some_and(|x| x.kind() == kind))
+        };
+        self.audio_mid = mid_of(MediaKind::Audio);
+        self.video_mid = mid_of(MediaKind::Video).filter(|_| self.config.video);
         if self.audio_mid.is_none() {
             return Err(MediaError::NoAudio);
         }
@@ -528,7 +582,7 @@ impl MediaSession {
         if now >= self.next_stats {
             self.next_stats = now + self.config.stats_interval;
             let stats = self.stats(now);
-            self.events.push_back(MediaEvent::Stats(stats));
+            self.events.push_back(MediaEvent::Stats(Box::new(stats)));
         }
         self.drain(now)
     }
@@ -608,6 +662,55 @@ impl MediaSession {
         Ok((&self.pcm, how))
     }
 
+    /// One camera frame (I420, [`video::WIDTH`]×[`video::HEIGHT`] at
+    /// [`video::FPS`]); dropped while the camera is off or before media
+    /// flows.
+    pub fn send_video(
+        &mut self,
+        now: Instant,
+        frame: &openh264::formats::YUVBuffer,
+    ) -> Result<(), MediaError> {
+        let rtp_time = self.video_time;
+        self.video_time += u64::from(90_000 / video::FPS);
+        let (Some(mid), true, true) = (self.video_mid, self.camera_on, self.rtc.is_connected())
+        else {
+            return Ok(());
+        };
+        let Some((enc, _)) = self.video.as_mut() else {
+            return Ok(());
+        };
+        let bits = enc.encode(frame)?;
+        if bits.is_empty() {
+            return Ok(());
+        }
+        let writer = self.rtc.writer(mid).ok_or(MediaError::NoAudio)?;
+        let Some(pt) = writer
+            .payload_params()
+            .find(|p| p.spec().codec == Codec::H264)
+            .map(|p| p.pt())
+        else {
+            return Ok(());
+        };
+        writer.write(
+            pt,
+            now,
+            MediaTime::new(rtp_time, Frequency::NINETY_KHZ),
+            bits,
+        )?;
+        self.video_frames_sent += 1;
+        self.drain(now)
+    }
+
+    /// Camera off stops sending video; on resumes with a key frame.
+    pub fn set_camera(&mut self, on: bool) {
+        if on && !self.camera_on {
+            if let Some((enc, _)) = self.video.as_mut() {
+                enc.request_keyframe();
+            }
+        }
+        self.camera_on = on;
+    }
+
     /// Mute sends silence (which DTX all but stops sending).
     pub fn set_muted(&mut self, muted: bool) {
         self.muted = muted;
@@ -661,6 +764,10 @@ impl MediaSession {
             concealed,
             mos: quality::mos(one_way_ms, concealed),
             relay_payloads: self.relay_payloads,
+            video: VideoStats {
+                frames_sent: self.video_frames_sent,
+                ..self.video_stats
+            },
         }
     }
 
@@ -810,6 +917,46 @@ impl MediaSession {
             }
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                 self.events.push_back(MediaEvent::Disconnected);
+            }
+            Event::MediaData(d) if Some(d.mid) == self.video_mid && self.video_mid.is_some() => {
+                self.last_media_in = Some(now);
+                self.video_stats.bytes_in += d.data.len() as u64;
+                let mut need_key = false;
+                if let Some((_, dec)) = self.video.as_mut() {
+                    match dec.decode(&d.data) {
+                        Ok(Some(p)) => {
+                            self.video_stats.frames_decoded += 1;
+                            if video::is_pattern(&p.quadrants) {
+                                self.video_stats.pattern_frames += 1;
+                            }
+                            self.video_stats.last = Some(p);
+                        }
+                        Ok(None) => need_key = true,
+                        Err(_) => {
+                            self.video_stats.decode_errors += 1;
+                            need_key = true;
+                        }
+                    }
+                }
+                // A frame we cannot decode (its key frame or parameter
+                // sets were lost, e.g. sent before our SRTP was ready):
+                // ask for a key frame (PLI), at most every 500 ms.
+                if need_key || !d.contiguous {
+                    let due = self
+                        .last_pli
+                        .is_none_or(|t| now.saturating_duration_since(t) >= PLI_INTERVAL);
+                    if due {
+                        self.last_pli = Some(now);
+                        if let Some(mut w) = self.rtc.writer(d.mid) {
+                            let _ = w.request_keyframe(None, KeyframeRequestKind::Pli);
+                        }
+                    }
+                }
+            }
+            Event::KeyframeRequest(_) => {
+                if let Some((enc, _)) = self.video.as_mut() {
+                    enc.request_keyframe();
+                }
             }
             Event::MediaData(d) => {
                 self.last_media_in = Some(now);

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use client_sdk::media::audio::{Decoded, Tone, FRAME_SAMPLES};
+use client_sdk::media::video::{self, TestPattern};
 use client_sdk::media::{MediaConfig, MediaEvent, MediaSession, VerifiedSdp};
 use client_sdk::turn;
 use stun_turn::core::{ClientAddr, ClientOutcome, PeerOutcome, RelayId, Server, Shared, Transport};
@@ -272,6 +273,8 @@ pub struct Net {
     pub phones: Vec<Phone>,
     next_tick: Instant,
     pub audio_on: bool,
+    /// Next video frame time and each phone's camera.
+    video: Option<(Instant, TestPattern, TestPattern)>,
 }
 
 pub fn unix_now() -> u64 {
@@ -285,6 +288,17 @@ impl Net {
     /// Alice and Bob; with `with_turn`, both get the relay and its
     /// credentials; `relay_only` keeps their own addresses out of the SDP.
     pub fn new(seed: u64, link: Link, with_turn: bool, relay_only: bool) -> Net {
+        Net::with_video(seed, link, with_turn, relay_only, false)
+    }
+
+    /// As [`Net::new`], with H.264 video (the test pattern) both ways.
+    pub fn with_video(
+        seed: u64,
+        link: Link,
+        with_turn: bool,
+        relay_only: bool,
+        video: bool,
+    ) -> Net {
         let now = Instant::now();
         let users = with_turn.then(|| {
             vec![
@@ -298,6 +312,7 @@ impl Net {
             phones: Vec::new(),
             next_tick: now,
             audio_on: true,
+            video: video.then(|| (now, TestPattern::default(), TestPattern::default())),
         };
         for (i, (a, user, freq)) in [(ALICE, "alice", 440.0), (BOB, "bob", 880.0)]
             .into_iter()
@@ -308,6 +323,7 @@ impl Net {
                     .then(|| turn::Config::new(addr(TURN), user, &format!("{user}-pass"))),
                 relay_only,
                 seed: seed + i as u64,
+                video,
                 ..MediaConfig::default()
             };
             let session = MediaSession::new(now, config, addr(a)).unwrap();
@@ -423,6 +439,9 @@ impl Net {
             if self.audio_on {
                 next = next.min(self.next_tick);
             }
+            if let Some((t, _, _)) = &self.video {
+                next = next.min(*t);
+            }
             if next > until {
                 return;
             }
@@ -450,6 +469,15 @@ impl Net {
         for p in &mut self.phones {
             if p.session.poll_timeout() <= now {
                 p.session.handle_timeout(now).unwrap();
+            }
+        }
+        if let Some((t, a, b)) = &mut self.video {
+            if now >= *t {
+                *t = now + Duration::from_millis(1000 / u64::from(video::FPS));
+                let frames = [a.next_frame(), b.next_frame()];
+                for (p, f) in self.phones.iter_mut().zip(frames.iter()) {
+                    p.session.send_video(now, f).unwrap();
+                }
             }
         }
         if self.audio_on && now >= self.next_tick {
