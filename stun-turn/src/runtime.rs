@@ -45,6 +45,10 @@ const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// connection that binds one may be accepted by any worker.
 type ConnTable = Arc<std::sync::Mutex<FxHashMap<ConnectionId, PeerConn>>>;
 
+/// Relay ports held for EVEN-PORT reservations, with their expiry; shared
+/// because the RESERVATION-TOKEN allocation may reach another worker.
+type HeldPorts = Arc<std::sync::Mutex<FxHashMap<SocketAddr, (std::net::UdpSocket, Instant)>>>;
+
 #[derive(Debug)]
 enum PeerConn {
     /// Open, waiting for ConnectionBind.
@@ -142,6 +146,7 @@ impl Relay {
         let tls_config = tls.map(|c| Arc::new(RwLock::new(c)));
         let (shutdown, _) = watch::channel(false);
         let conns: ConnTable = Arc::default();
+        let held: HeldPorts = Arc::default();
         let mut metrics = Vec::new();
         let mut threads = Vec::new();
         for (i, (udp, tcp)) in udp_sets.into_iter().zip(tcp_sets).enumerate() {
@@ -151,10 +156,10 @@ impl Relay {
             let server = Server::new(shared.clone(), m, i as u16, workers as u16, seed);
             let rx = shutdown.subscribe();
             let tls = tls_config.clone();
-            let conns = conns.clone();
+            let tables = (conns.clone(), held.clone());
             let t = std::thread::Builder::new()
                 .name(format!("turn-worker-{i}"))
-                .spawn(move || run_worker(i, server, udp, tcp, tls, conns, rx))?;
+                .spawn(move || run_worker(i, server, udp, tcp, tls, tables, rx))?;
             threads.push(t);
         }
         tracing::info!(
@@ -265,6 +270,7 @@ struct Worker {
     /// Data connections whose ConnectionBind succeeded, to splice.
     splices: FxHashMap<ClientAddr, ConnectionId>,
     conns: ConnTable,
+    held: HeldPorts,
 }
 
 type WorkerRef = Rc<RefCell<Worker>>;
@@ -275,7 +281,7 @@ fn run_worker(
     udp: Vec<std::net::UdpSocket>,
     tcp: Vec<(std::net::TcpListener, Transport)>,
     tls: Option<TlsConfig>,
-    conns: ConnTable,
+    (conns, held): (ConnTable, HeldPorts),
     shutdown: watch::Receiver<bool>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -300,6 +306,7 @@ fn run_worker(
                 streams: FxHashMap::default(),
                 splices: FxHashMap::default(),
                 conns,
+                held,
             }));
             WORKER.with(|w| *w.borrow_mut() = Some(state.clone()));
             for s in udp {
@@ -362,7 +369,10 @@ async fn timer_loop(state: WorkerRef, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
         }
         let mut st = state.borrow_mut();
-        st.server.handle_timeout(Instant::now());
+        let now = Instant::now();
+        st.server.handle_timeout(now);
+        // Reservations nobody claimed give their ports back.
+        (st.held.lock().unwrap_or_else(|e| e.into_inner())).retain(|_, (_, until)| *until > now);
         drain(&mut st);
     }
 }
@@ -493,16 +503,29 @@ fn drain(st: &mut Worker) {
                     dont_fragment,
                     tcp: false,
                 } => {
-                    let bound = bind_relay(addr, dont_fragment).and_then(|s| {
-                        let a = s.local_addr().ok()?;
-                        Some((Rc::new(s), a))
-                    });
+                    let held = (st.held.lock().unwrap_or_else(|e| e.into_inner()))
+                        .remove(&addr)
+                        .and_then(|(s, _)| take_held(s, dont_fragment));
+                    let bound = held
+                        .or_else(|| bind_relay(addr, dont_fragment))
+                        .and_then(|s| {
+                            let a = s.local_addr().ok()?;
+                            Some((Rc::new(s), a))
+                        });
                     let addr = bound.as_ref().map(|b| b.1);
                     if let Some((s, _)) = bound {
                         let task = tokio::task::spawn_local(relay_loop_handle(s.clone(), relay));
                         st.relays.insert(relay, (Some(s), task));
                     }
                     st.server.handle_relay_bound(relay, addr, Instant::now());
+                }
+                Event::HoldPort { addr, until } => {
+                    // Bound without DONT-FRAGMENT; the allocation that takes
+                    // the port over sets it if asked.
+                    if let Some(s) = bind_relay_std(addr, false) {
+                        let mut held = st.held.lock().unwrap_or_else(|e| e.into_inner());
+                        held.insert(addr, (s, until));
+                    }
                 }
                 Event::ReleaseRelay { relay } => {
                     if let Some((_, task)) = st.relays.remove(&relay) {
@@ -890,6 +913,11 @@ fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, Error> {
 
 /// Binds a relay socket; `None` when the port is taken.
 fn bind_relay(addr: SocketAddr, dont_fragment: bool) -> Option<Udp> {
+    Udp::new(bind_relay_std(addr, dont_fragment)?).ok()
+}
+
+/// Binds a non-blocking relay socket outside any runtime.
+fn bind_relay_std(addr: SocketAddr, dont_fragment: bool) -> Option<std::net::UdpSocket> {
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).ok()?;
     if addr.is_ipv6() {
         let _ = s.set_only_v6(true);
@@ -902,7 +930,16 @@ fn bind_relay(addr: SocketAddr, dont_fragment: bool) -> Option<Udp> {
     let _ = s.set_recv_buffer_size(1 << 20);
     s.set_nonblocking(true).ok()?;
     s.bind(&addr.into()).ok()?;
-    Udp::new(s.into()).ok()
+    Some(s.into())
+}
+
+/// Turns a held reservation socket into this worker's relay socket.
+fn take_held(s: std::net::UdpSocket, dont_fragment: bool) -> Option<Udp> {
+    if dont_fragment {
+        let v6 = s.local_addr().ok()?.is_ipv6();
+        set_dont_fragment(&socket2::SockRef::from(&s), v6).ok()?;
+    }
+    Udp::new(s).ok()
 }
 
 /// Sets the IP "don't fragment" behaviour: IP_MTU_DISCOVER = IP_PMTUDISC_DO

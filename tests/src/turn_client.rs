@@ -46,13 +46,43 @@ impl TurnClient {
 
     /// Allocates a UDP relay; returns the relayed address or the error code.
     pub fn allocate(&mut self) -> Result<SocketAddr, u16> {
+        self.allocate_with(|_| {}).map(|(a, _)| a)
+    }
+
+    /// Allocates an even relay port and reserves the next one (EVEN-PORT
+    /// with the R bit); returns the address and the RESERVATION-TOKEN.
+    pub fn allocate_even_pair(&mut self) -> Result<(SocketAddr, [u8; 8]), u16> {
+        let (addr, token) = self.allocate_with(|b| {
+            b.add_attr(AttrType::EvenPort, &[0x80]);
+        })?;
+        Ok((addr, token.expect("RESERVATION-TOKEN")))
+    }
+
+    /// Allocates the port reserved under `token`.
+    pub fn allocate_reserved(&mut self, token: [u8; 8]) -> Result<SocketAddr, u16> {
+        self.allocate_with(|b| {
+            b.add_attr(AttrType::ReservationToken, &token);
+        })
+        .map(|(a, _)| a)
+    }
+
+    fn allocate_with(
+        &mut self,
+        extra: impl Fn(&mut MessageBuilder<'_>),
+    ) -> Result<(SocketAddr, Option<[u8; 8]>), u16> {
         let resp = self.transact(Method::Allocate, |b| {
             b.add_attr(AttrType::RequestedTransport, &[17, 0, 0, 0]);
+            extra(b);
         })?;
         let m = Message::decode(&resp).expect("decodes");
-        Ok(m.xor_address(AttrType::XorRelayedAddress)
+        let addr = m
+            .xor_address(AttrType::XorRelayedAddress)
             .expect("address")
-            .expect("relayed address"))
+            .expect("relayed address");
+        let token = m
+            .attr(AttrType::ReservationToken)
+            .map(|t| t.try_into().expect("8-byte token"));
+        Ok((addr, token))
     }
 
     pub fn create_permission(&mut self, peer: SocketAddr) -> Result<(), u16> {

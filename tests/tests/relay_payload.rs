@@ -221,3 +221,32 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
             .supported_schemes()
     }
 }
+
+#[test]
+fn an_even_port_reservation_holds_the_next_port_until_claimed() {
+    let relay = relay::start(relay::lab_config());
+    let server = relay.udp_addrs()[0];
+    let mut first = TurnClient::new(server, USER, PASSWORD);
+    let (even, token) = first.allocate_even_pair().expect("even allocation");
+    assert_eq!(even.port() % 2, 0, "{even}");
+    let next = SocketAddr::new(even.ip(), even.port() + 1);
+    // Nobody else can take the reserved port meanwhile ...
+    assert!(
+        std::net::UdpSocket::bind(next).is_err(),
+        "{next} is not held for the reservation"
+    );
+    // ... and the token's allocation gets exactly it.
+    let mut second = TurnClient::new(server, USER, PASSWORD);
+    assert_eq!(second.allocate_reserved(token), Ok(next));
+    assert_eq!(
+        second.allocate_reserved(token),
+        Err(437),
+        "already allocated"
+    );
+    let mut third = TurnClient::new(server, USER, PASSWORD);
+    assert_eq!(
+        third.allocate_reserved(token),
+        Err(508),
+        "a token is single-use"
+    );
+}

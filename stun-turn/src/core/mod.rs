@@ -100,6 +100,11 @@ pub enum Event {
     },
     /// Close a relay socket; its allocation is gone.
     ReleaseRelay { relay: RelayId },
+    /// Keep UDP port `addr` bound and unused until `until` (an EVEN-PORT
+    /// reservation, RFC 8656 §7.2), so no other process takes it before
+    /// the RESERVATION-TOKEN allocation: that allocation's `BindRelay` for
+    /// `addr` then takes the held socket over.
+    HoldPort { addr: SocketAddr, until: Instant },
     /// Open a TCP connection from the relayed address `from` to `peer` and
     /// report with `handle_peer_connected` (RFC 6062 Connect).
     ConnectPeer {
@@ -1086,8 +1091,9 @@ impl Server {
             let mut token = [0u8; 8];
             self.rng.fill(&mut token);
             let next = SocketAddr::new(b.ip(), b.port() + 1);
-            self.shared
-                .reserve(token, next, now + RESERVATION_LIFETIME, now);
+            let until = now + RESERVATION_LIFETIME;
+            self.shared.reserve(token, next, until, now);
+            self.events.push_back(Event::HoldPort { addr: next, until });
             token
         });
         let a = Allocation {

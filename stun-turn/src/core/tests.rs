@@ -9,6 +9,8 @@ struct Harness {
     server: Server,
     now: Instant,
     relay_port: u16,
+    /// Ports the server asked to hold for reservations.
+    held: Vec<SocketAddr>,
     tid: u32,
 }
 
@@ -35,6 +37,7 @@ fn harness_with(cfg: Config) -> Harness {
         server: Server::new(shared, Arc::new(Metrics::default()), 0, 1, 42),
         now,
         relay_port: 50000,
+        held: Vec::new(),
         tid: 0,
     }
 }
@@ -126,9 +129,16 @@ impl Harness {
     /// Confirms every BindRelay with sequential fake ports.
     fn bind_all(&mut self) {
         while let Some(ev) = self.server.poll_event() {
-            if let Event::BindRelay { relay, addr, .. } = ev {
-                self.relay_port += 1;
-                self.server.handle_relay_bound(relay, Some(addr), self.now);
+            match ev {
+                Event::BindRelay { relay, addr, .. } => {
+                    self.relay_port += 1;
+                    self.server.handle_relay_bound(relay, Some(addr), self.now);
+                }
+                Event::HoldPort { addr, until } => {
+                    assert_eq!(until, self.now + Duration::from_secs(30));
+                    self.held.push(addr);
+                }
+                _ => {}
             }
         }
     }
@@ -306,6 +316,8 @@ fn even_port_reserves_the_next_port_for_a_token() {
     assert_eq!(relay.port() % 2, 0);
     assert_eq!((relay.port() / 2) % 2, 0, "worker 0 owns this pair");
     let token = m.attr(AttrType::ReservationToken).unwrap().to_vec();
+    let odd = SocketAddr::new(relay.ip(), relay.port() + 1);
+    assert_eq!(h.held, [odd], "the runtime is asked to hold the odd port");
     // Another client claims the odd port with the token.
     let d = client(4011);
     let creds = h.challenge(d, "alice", "wonderland");
