@@ -478,7 +478,20 @@ impl Phone {
             }
         }
         if gathered {
-            self.on_gathered(now, id)?;
+            if let Err(e) = self.on_gathered(now, id) {
+                // No usable candidates (say the relay refused): the call
+                // cannot have media, so it ends rather than rings.
+                match self.calls.get(id).map(|c| &c.stage) {
+                    Some(Stage::Preparing) => {
+                        let _ = self.ua.decline(id, 488);
+                        self.end(id, EndReason::Failed(488, e.to_string()));
+                    }
+                    Some(Stage::Gathering) | Some(Stage::Calling) => {
+                        self.end(id, EndReason::Failed(0, e.to_string()));
+                    }
+                    _ => return Err(e),
+                }
+            }
         }
         self.collect(now, id);
         Ok(())
@@ -685,7 +698,10 @@ impl Phone {
     fn end(&mut self, call: &str, reason: EndReason) {
         if let Some(mut c) = self.calls.remove(call) {
             if let Some(m) = c.media.as_mut() {
-                m.close();
+                m.close(Instant::now());
+                while let Some(d) = m.poll_transmit() {
+                    self.media_out.push_back((call.to_string(), d));
+                }
             }
             self.events.push_back(CallEvent::Ended {
                 call: call.into(),

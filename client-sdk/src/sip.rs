@@ -391,6 +391,7 @@ impl UserAgent {
             603 => "Decline",
             400 => "Bad Request",
             438 => "Invalid Identity Header",
+            488 => "Not Acceptable Here",
             _ => "Declined",
         };
         let r = Message::response_to(&c.invite, code, reason, Some(&c.local_tag));

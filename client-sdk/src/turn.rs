@@ -171,6 +171,23 @@ impl TurnClient {
         channel
     }
 
+    /// Gives the allocation back (Refresh with lifetime 0, RFC 8656 §7),
+    /// so it does not count against the user's quota until it expires.
+    /// Sent once; the client forgets the allocation either way.
+    pub fn release(&mut self, now: Instant) {
+        if self.relayed.take().is_none() {
+            return;
+        }
+        self.refresh_at = None;
+        self.permissions.clear();
+        self.channels.clear();
+        self.peers_by_channel.clear();
+        self.request(Kind::Refresh { lifetime: 0 }, now);
+        // No retransmissions: the allocation expires on its own if this
+        // is lost.
+        self.pending.clear();
+    }
+
     /// The datagram to send to the server to deliver `data` to `peer`:
     /// ChannelData once a channel is bound, else a Send indication.
     pub fn wrap(&mut self, peer: SocketAddr, data: &[u8]) -> Vec<u8> {

@@ -232,6 +232,30 @@ fn allocates_relays_both_ways_and_stays_alive_past_every_lifetime() {
 }
 
 #[test]
+fn a_released_allocation_is_gone_from_the_relay() {
+    let mut n = Net::new("wonderland");
+    n.client.allocate(n.now);
+    n.pump();
+    n.client.create_permission(addr(PEER), n.now);
+    n.pump();
+    n.peer_sends(b"before");
+    assert_eq!(n.take_data(), vec![b"before".to_vec()]);
+    let (relay, _) = n.relay.expect("allocated");
+    n.client.release(n.now);
+    n.pump();
+    assert_eq!(n.client.relayed(), None);
+    // The relay no longer knows the allocation: a peer's datagram to it
+    // goes nowhere.
+    let out = n
+        .server
+        .handle_peer_input(relay, addr(PEER), b"after", n.now);
+    assert_eq!(out, PeerOutcome::Drop);
+    // Releasing twice sends nothing more.
+    n.client.release(n.now);
+    assert!(n.client.poll_transmit().is_none());
+}
+
+#[test]
 fn a_wrong_password_fails_with_the_servers_code() {
     let mut n = Net::new("not-the-password");
     n.client.allocate(n.now);

@@ -725,10 +725,15 @@ impl MediaSession {
         self.relayed
     }
 
-    /// Ends the session (after BYE).
-    pub fn close(&mut self) {
+    /// Ends the session (after BYE) and gives the relay allocation back;
+    /// send what [`MediaSession::poll_transmit`] still has.
+    pub fn close(&mut self, now: Instant) {
         self.rtc.disconnect();
         self.closed = true;
+        if let Some(t) = self.turn.as_mut() {
+            t.release(now);
+        }
+        self.drain_turn(now);
     }
 
     pub fn stats(&self, now: Instant) -> CallStats {
