@@ -42,6 +42,14 @@ pub struct DemoArgs {
     /// Keep the temporary data directory (its path is printed).
     #[arg(long)]
     keep: bool,
+    /// After the shown call, place this many more (quietly) and report
+    /// dial → first audio at the callee and push-wake → ringing (p50/p95)
+    /// and the process's CPU during calls; for bench/call.sh.
+    #[arg(long, default_value_t = 0)]
+    calls: u32,
+    /// Audio only.
+    #[arg(long)]
+    no_video: bool,
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
@@ -62,6 +70,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
 struct Timeline {
     start: Instant,
     lines: Vec<(Duration, String, String)>,
+    quiet: bool,
 }
 
 impl Timeline {
@@ -69,9 +78,43 @@ impl Timeline {
     fn note(&mut self, who: &str, what: impl Into<String>) {
         let at = self.start.elapsed();
         let what = what.into();
-        println!("{:>8.1} ms  {who:<7} {what}", at.as_secs_f64() * 1000.0);
+        if !self.quiet {
+            println!("{:>8.1} ms  {who:<7} {what}", at.as_secs_f64() * 1000.0);
+        }
         self.lines.push((at, who.to_string(), what));
     }
+
+    /// When `who` last noted something starting with `what`.
+    fn last(&self, who: &str, what: &str) -> Option<Duration> {
+        self.lines
+            .iter()
+            .rev()
+            .find(|(_, w, x)| w == who && x.starts_with(what))
+            .map(|(t, _, _)| *t)
+    }
+}
+
+/// This process's CPU time so far (user + system, all threads), from
+/// /proc/self/stat in clock ticks of 10 ms (Linux's USER_HZ).
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are
+    // the 14th and 15th of the whole line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 struct Dev {
@@ -91,7 +134,22 @@ async fn until(
     let deadline = Instant::now() + max;
     while !done(devs) {
         if Instant::now() >= deadline {
-            bail!("timed out after {max:?} waiting for {what}");
+            let seen: Vec<String> = devs
+                .iter()
+                .map(|d| {
+                    let evs: Vec<String> = d
+                        .events
+                        .iter()
+                        .filter(|e| !matches!(e, DeviceEvent::Call(CallEvent::Stats { .. })))
+                        .map(describe)
+                        .collect();
+                    format!("{}: [{}]", d.name, evs.join("; "))
+                })
+                .collect();
+            bail!(
+                "timed out after {max:?} waiting for {what}; events: {}",
+                seen.join(" | ")
+            );
         }
         for d in devs.iter_mut() {
             while let Some(e) = d.device.next_event(Duration::from_millis(2)).await {
@@ -221,6 +279,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
     let mut t = Timeline {
         start: Instant::now(),
         lines: Vec::new(),
+        quiet: false,
     };
     let any = Value::String("127.0.0.1:0".into());
     let overrides: Vec<(String, Value)> = vec![
@@ -370,7 +429,7 @@ async fn scenario(
         media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         relay_only: true,
         tone_hz: hz,
-        video: true,
+        video: !args.no_video,
     };
     let alice = Device::start(
         cfg("alice", &alice_h, ALICE_HZ),
@@ -529,7 +588,9 @@ async fn scenario(
         );
         // About 15 frames/s, nearly all decoded to the pattern.
         let expected = args.seconds * 15 / 2;
-        if v.frames_decoded < expected || v.pattern_frames + 3 < v.frames_decoded {
+        if !args.no_video
+            && (v.frames_decoded < expected || v.pattern_frames + 3 < v.frames_decoded)
+        {
             ok = false;
         }
         let r = s.relay_payloads;
@@ -544,6 +605,96 @@ async fn scenario(
     if !ok {
         bail!("the demo's checks failed (see above)");
     }
+    if args.calls > 0 {
+        bench(&mut devs, t, &bob_h, args).await?;
+    }
     println!("demo: OK");
+    Ok(())
+}
+
+/// More calls, quietly, measured: dial → first audio at the callee,
+/// push-wake → ringing on the sleeping phone, and CPU while talking.
+#[allow(clippy::print_stdout)]
+async fn bench(devs: &mut [Dev], t: &mut Timeline, bob_h: &Handle, args: &DemoArgs) -> Result<()> {
+    t.quiet = true;
+    // Idle baseline: registered devices, no call.
+    let (c0, w0) = (cpu_time(), Instant::now());
+    let _ = until(devs, t, Duration::from_secs(2), "idle", |_| false).await;
+    let idle = (cpu_time() - c0).as_secs_f64() / w0.elapsed().as_secs_f64();
+    let (mut first_audio, mut wake, mut busy) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..args.calls {
+        for d in devs.iter_mut() {
+            d.events.clear();
+        }
+        dev(devs, "phone").sleep().await?;
+        let dialed = Instant::now();
+        let call = dev(devs, "alice").dial(bob_h).await?;
+        let ringing = |name: &'static str| {
+            move |d: &[Dev]| {
+                has(d, name, |e| {
+                    matches!(e, DeviceEvent::Call(CallEvent::Ringing { .. }))
+                })
+            }
+        };
+        until(devs, t, Duration::from_secs(15), "both ringing", |d| {
+            ringing("laptop")(d) && ringing("phone")(d)
+        })
+        .await?;
+        if let (Some(w), Some(r)) = (t.last("phone", "woken"), t.last("phone", "ringing")) {
+            wake.push(r.saturating_sub(w).as_secs_f64() * 1000.0);
+        }
+        dev(devs, "laptop").answer(&call).await?;
+        // The first audio the laptop plays.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let heard = dev(devs, "laptop").heard(&call).await?;
+            if heard.iter().any(|x| x.unsigned_abs() > 1000) {
+                first_audio.push(dialed.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("call {i}: no audio at the laptop");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let (c, w) = (cpu_time(), Instant::now());
+        let _ = until(devs, t, Duration::from_secs(args.seconds), "talk", |_| {
+            false
+        })
+        .await;
+        busy.push((cpu_time() - c).as_secs_f64() / w.elapsed().as_secs_f64());
+        dev(devs, "alice").hangup(&call).await?;
+        until(devs, t, Duration::from_secs(5), "hang-up", |d| {
+            has(d, "laptop", |e| {
+                matches!(e, DeviceEvent::Call(CallEvent::Ended { .. }))
+            })
+        })
+        .await?;
+    }
+    let n = first_audio.len();
+    let (fa50, fa95) = (
+        percentile(&mut first_audio, 0.5),
+        percentile(&mut first_audio, 0.95),
+    );
+    let (w50, w95) = (percentile(&mut wake, 0.5), percentile(&mut wake, 0.95));
+    let b50 = percentile(&mut busy, 0.5);
+    println!();
+    println!(
+        "bench: {n} calls ({}), {} s each",
+        if args.no_video {
+            "audio"
+        } else {
+            "audio + video"
+        },
+        args.seconds
+    );
+    println!("bench: dial → first audio at the callee: p50 {fa50:.0} ms, p95 {fa95:.0} ms");
+    println!("bench: push wake → ringing: p50 {w50:.0} ms, p95 {w95:.0} ms");
+    println!(
+        "bench: CPU of the whole process (services, relay, three devices): idle {:.1}%, in a call {:.1}% of one core (median); the call costs {:.1}%",
+        idle * 100.0,
+        b50 * 100.0,
+        (b50 - idle) * 100.0
+    );
     Ok(())
 }
