@@ -29,8 +29,6 @@ use crate::sip::{CallId, PushContact, UaConfig};
 use crate::turn;
 
 const TICK: Duration = Duration::from_millis(20);
-/// What a device keeps of the audio it played, per call (10 s).
-const HEARD_MAX: usize = 48_000 * 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -67,10 +65,56 @@ pub struct DeviceConfig {
     pub media_ip: IpAddr,
     /// Offer only relayed candidates.
     pub relay_only: bool,
-    /// The test tone this device "speaks" (Hz); silence when 0.
-    pub tone_hz: f64,
+    /// What this device "speaks" in every call.
+    pub microphone: AudioSource,
+    /// How much of the audio it played it keeps per call, for
+    /// [`Device::heard`] (the most recent part).
+    pub keep_heard: Duration,
     /// Send and receive video (the test pattern stands in for a camera).
     pub video: bool,
+}
+
+/// A device's microphone: where its outgoing audio comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AudioSource {
+    Silence,
+    /// A sine tone at this frequency (Hz).
+    Tone(f64),
+    /// 48 kHz mono samples, from the start of each call; silence after.
+    Samples(Arc<[i16]>),
+}
+
+/// One call's position in its [`AudioSource`].
+enum Speaking {
+    Silence,
+    Tone(Tone),
+    Samples(Arc<[i16]>, usize),
+}
+
+impl Speaking {
+    fn new(source: &AudioSource) -> Speaking {
+        match source {
+            AudioSource::Silence => Speaking::Silence,
+            AudioSource::Tone(hz) => Speaking::Tone(Tone::new(*hz, 0.3)),
+            AudioSource::Samples(s) => Speaking::Samples(s.clone(), 0),
+        }
+    }
+
+    fn next_frame(&mut self) -> Vec<i16> {
+        match self {
+            Speaking::Silence => vec![0; FRAME_SAMPLES],
+            Speaking::Tone(t) => t.next_frame(),
+            Speaking::Samples(s, at) => {
+                let mut f = vec![0; FRAME_SAMPLES];
+                let end = (*at + FRAME_SAMPLES).min(s.len());
+                if *at < end {
+                    f[..end - *at].copy_from_slice(&s[*at..end]);
+                }
+                *at = end;
+                f
+            }
+        }
+    }
 }
 
 /// Who the device is: from activation.
@@ -204,7 +248,7 @@ impl Device {
             sockets: HashMap::new(),
             media_tx: mtx,
             events: etx,
-            tones: HashMap::new(),
+            speaking: HashMap::new(),
             heard: HashMap::new(),
             registered_reported: false,
             camera: TestPattern::default(),
@@ -263,7 +307,8 @@ impl Device {
         self.ask(Command::Sleep).await
     }
 
-    /// The audio this device played for a call so far (last 10 s).
+    /// The audio this device played for a call so far (the last
+    /// [`DeviceConfig::keep_heard`] of it), 48 kHz mono.
     pub async fn heard(&self, call: &str) -> Result<Vec<i16>, DeviceError> {
         self.ask(|tx| Command::Heard(call.into(), tx)).await
     }
@@ -318,7 +363,7 @@ struct Task {
     sockets: HashMap<CallId, Arc<UdpSocket>>,
     media_tx: mpsc::Sender<(CallId, SocketAddr, Vec<u8>)>,
     events: mpsc::Sender<DeviceEvent>,
-    tones: HashMap<CallId, Tone>,
+    speaking: HashMap<CallId, Speaking>,
     heard: HashMap<CallId, Vec<i16>>,
     registered_reported: bool,
     camera: TestPattern,
@@ -405,23 +450,18 @@ impl Task {
         let now = Instant::now();
         let calls: Vec<CallId> = self.sockets.keys().cloned().collect();
         for call in calls {
-            let hz = self.config.tone_hz;
             let frame = self
-                .tones
+                .speaking
                 .entry(call.clone())
-                .or_insert_with(|| Tone::new(hz, 0.3))
+                .or_insert_with(|| Speaking::new(&self.config.microphone))
                 .next_frame();
-            let frame = if hz > 0.0 {
-                frame
-            } else {
-                vec![0; FRAME_SAMPLES]
-            };
             let _ = self.phone.send_audio(now, &call, &frame);
             if let Ok(Some(p)) = self.phone.play_audio(now, &call) {
                 let h = self.heard.entry(call).or_default();
                 h.extend_from_slice(&p.pcm);
-                if h.len() > HEARD_MAX {
-                    h.drain(..h.len() - HEARD_MAX);
+                let max = (self.config.keep_heard.as_millis() * 48) as usize;
+                if h.len() > max {
+                    h.drain(..h.len() - max);
                 }
             }
         }
@@ -650,7 +690,7 @@ impl Task {
             }
             CallEvent::Ended { call, .. } => {
                 self.sockets.remove(call);
-                self.tones.remove(call);
+                self.speaking.remove(call);
             }
             _ => {}
         }

@@ -62,6 +62,16 @@ pub struct Claim {
     pub transfer_key: Vec<u8>,
 }
 
+impl Claim {
+    /// Whether this claim is on `code`, as [`IdsClient::create_link`]
+    /// returned it (the service names links by the code's SHA-256).
+    pub fn is_for(&self, code: &str) -> bool {
+        let hash = ring::digest::digest(&ring::digest::SHA256, code.as_bytes());
+        self.link
+            .eq_ignore_ascii_case(&wire::keys::hex(hash.as_ref()))
+    }
+}
+
 /// Relay credentials.
 #[derive(Clone, Debug)]
 pub struct TurnCredentials {
@@ -304,6 +314,36 @@ impl IdsClient {
         )
         .await?;
         Ok(())
+    }
+
+    /// The account's current device list, as this device's account key
+    /// signed it: the service's copy is checked against `account` (the
+    /// signature, and that it is this account's key), so a list the
+    /// service altered is refused.
+    pub async fn account_list(
+        &self,
+        key: &SigningKey,
+        account: &SigningKey,
+    ) -> Result<DeviceList, IdsError> {
+        let v = self
+            .expect(200, "GET", "/v1/account", None, Some(key))
+            .await?;
+        let bytes = B64
+            .decode(str_field(&v, "device_list")?)
+            .map_err(|e| IdsError::Protocol(e.to_string()))?;
+        let signed = match DirectoryValue::decode(&bytes) {
+            Ok(DirectoryValue::Active(s)) => s,
+            Ok(DirectoryValue::Tombstone) => {
+                return Err(IdsError::Protocol("the account is deleted".into()))
+            }
+            Err(e) => return Err(IdsError::Protocol(e.to_string())),
+        };
+        if signed.list.account_key != account.public() || signed.verify().is_err() {
+            return Err(IdsError::Transparency(
+                "the service's device list is not signed by this account's key".into(),
+            ));
+        }
+        Ok(signed.list)
     }
 
     /// Claims waiting for this account's approval.

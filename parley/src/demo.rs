@@ -13,16 +13,16 @@
 //! the relay was handed nothing but STUN, DTLS and SRTP.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::client::{describe, first_device, prove_from_outbox};
 use anyhow::{anyhow, bail, Result};
 use client_sdk::call::{CallEvent, EndReason};
-use client_sdk::device::{Device, DeviceConfig, DeviceEvent, Identity};
-use client_sdk::ids::{IdsClient, Registered};
+use client_sdk::device::{AudioSource, Device, DeviceConfig, DeviceEvent, Identity};
+use client_sdk::ids::IdsClient;
 use client_sdk::media::audio::dominant_frequency;
 use toml::Value;
-use wire::device_list::{DeviceEntry, DeviceList};
 use wire::handle::Handle;
 use wire::keys::{DeviceId, SigningKey};
 
@@ -164,25 +164,6 @@ async fn until(
     Ok(())
 }
 
-fn describe(e: &DeviceEvent) -> String {
-    match e {
-        DeviceEvent::Registered => "SIP registered".into(),
-        DeviceEvent::Woken { .. } => "woken by a VoIP push".into(),
-        DeviceEvent::Error(e) => format!("error: {e}"),
-        DeviceEvent::Call(c) => match c {
-            CallEvent::Incoming { from, .. } => format!("incoming call from {}", from.as_str()),
-            CallEvent::Ringing { .. } => "ringing (caller's PASSporT verified against ids)".into(),
-            CallEvent::Alerting { .. } => "the callee's devices ring".into(),
-            CallEvent::Answered { device, .. } => format!("answered by device {device}"),
-            CallEvent::MediaConnected { .. } => {
-                "media connected (ICE + DTLS-SRTP via the relay)".into()
-            }
-            CallEvent::Ended { reason, .. } => format!("call ended: {reason:?}"),
-            CallEvent::Stats { .. } => "stats".into(),
-        },
-    }
-}
-
 fn has(devs: &[Dev], name: &str, f: impl Fn(&DeviceEvent) -> bool) -> bool {
     devs.iter()
         .find(|d| d.name == name)
@@ -195,83 +176,6 @@ fn dev<'a>(devs: &'a [Dev], name: &str) -> &'a Device {
         .find(|d| d.name == name)
         .expect("known device")
         .device
-}
-
-/// Reads the newest code the development sender wrote for `handle`.
-async fn read_code(outbox: &Path, handle: &Handle) -> Result<String> {
-    let stem = handle.as_str().to_string();
-    for _ in 0..200 {
-        if let Ok(rd) = std::fs::read_dir(outbox) {
-            let mut files: Vec<PathBuf> = rd
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.to_string_lossy().contains(&stem))
-                .collect();
-            files.sort();
-            if let Some(f) = files.last() {
-                let text = std::fs::read_to_string(f)?;
-                let code: String = text
-                    .split("code is ")
-                    .nth(1)
-                    .ok_or_else(|| anyhow!("no code in {}", f.display()))?
-                    .chars()
-                    .take(6)
-                    .collect();
-                std::fs::remove_file(f)?;
-                return Ok(code);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    bail!("no code for {} in {}", handle.as_str(), outbox.display())
-}
-
-/// Proves a handle with the code from the outbox; returns its token.
-async fn prove(ids: &IdsClient, outbox: &Path, handle: &Handle) -> Result<String> {
-    let id = ids.start_verification(handle).await?;
-    let code = read_code(outbox, handle).await?;
-    Ok(ids.check_verification(&id, &code).await?)
-}
-
-/// The first device of a new account.
-async fn first_device(
-    ids: &IdsClient,
-    outbox: &Path,
-    handle: &Handle,
-    name: &str,
-) -> Result<(Identity, SigningKey, DeviceList)> {
-    let token = prove(ids, outbox, handle).await?;
-    let account = SigningKey::generate();
-    let key = SigningKey::generate();
-    let device = DeviceId::random();
-    let reg: Registered = ids
-        .create_account(
-            &account,
-            device,
-            &key,
-            std::slice::from_ref(handle),
-            &[token],
-            name,
-        )
-        .await?;
-    let list = DeviceList {
-        account_key: account.public(),
-        seq: 1,
-        handles: vec![handle.uri()],
-        devices: vec![DeviceEntry {
-            id: device,
-            identity_key: key.public(),
-        }],
-    };
-    Ok((
-        Identity {
-            device: reg.device_id,
-            key,
-            certificate: reg.certificate,
-        },
-        account,
-        list,
-    ))
 }
 
 #[allow(clippy::print_stdout)]
@@ -378,13 +282,24 @@ async fn scenario(
     // Activation.
     let alice_h = Handle::parse(ALICE)?;
     let bob_h = Handle::parse(BOB)?;
-    let (alice_id, _, _) = first_device(&ids, &outbox, &alice_h, "Alice's phone").await?;
+    let (alice_id, _, _) = first_device(
+        &ids,
+        prove_from_outbox(&ids, &outbox, &alice_h).await?,
+        &alice_h,
+        "Alice's phone",
+    )
+    .await?;
     t.note(
         "alice",
         "activated: handle proven, account created, certificate issued",
     );
-    let (laptop_id, bob_account, bob_list) =
-        first_device(&ids, &outbox, &bob_h, "Bob's laptop").await?;
+    let (laptop_id, bob_account, bob_list) = first_device(
+        &ids,
+        prove_from_outbox(&ids, &outbox, &bob_h).await?,
+        &bob_h,
+        "Bob's laptop",
+    )
+    .await?;
     t.note("laptop", "activated: Bob's first device");
     // Bob's phone joins his account, approved by the laptop.
     let phone_key = SigningKey::generate();
@@ -428,7 +343,8 @@ async fn scenario(
         voip_topic: TOPIC.into(),
         media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         relay_only: true,
-        tone_hz: hz,
+        microphone: AudioSource::Tone(hz),
+        keep_heard: Duration::from_secs(10),
         video: !args.no_video,
     };
     let alice = Device::start(

@@ -2,6 +2,7 @@
 //! one at a time (`parley turn`).
 
 mod admin;
+mod client;
 mod config;
 mod data;
 mod demo;
@@ -107,6 +108,16 @@ enum Command {
     /// detected the other's tone and decoded the other's test pattern, and
     /// the relay carried nothing but STUN, DTLS and SRTP.
     Demo(demo::DemoArgs),
+    /// A desktop device against `parley up`: activate, approve, call, listen.
+    ///
+    /// Keeps its identity key, account key and device certificate in
+    /// --state. `activate` proves a handle (or joins an account with a link
+    /// code from `approve` on an existing device); `call` dials a handle
+    /// and `listen` takes calls. Audio comes from a WAV file (--play) or a
+    /// tone (--tone) and what the far end says goes to a WAV file
+    /// (--record). Every key is checked against the key transparency
+    /// directory before it is used.
+    Client(client::ClientArgs),
     /// Load generators (not tests): drive a running service and report.
     #[command(subcommand)]
     Loadsim(Loadsim),
@@ -359,6 +370,14 @@ fn main() {
         }
         return;
     }
+    if let Command::Client(args) = cli.command {
+        // A device, not a service.
+        if let Err(e) = client::run(args, cli.data) {
+            eprintln!("parley client: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Err(e) = run(cli) {
         eprintln!("parley: {e:#}");
         std::process::exit(2);
@@ -394,7 +413,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ids(a) => (only(false, true, false, false), &empty, Some(a), None, None),
         Command::Courier(a) => (only(false, false, true, false), &empty, None, Some(a), None),
         Command::Signaling(a) => (only(false, false, false, true), &empty, None, None, Some(a)),
-        Command::Loadsim(_) | Command::Demo(_) => unreachable!("handled in main"),
+        Command::Loadsim(_) | Command::Demo(_) | Command::Client(_) => {
+            unreachable!("handled in main")
+        }
     };
     let mut overrides = turn_args.overrides()?;
     if let Some(a) = ids_args {

@@ -7,10 +7,10 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
 use client_sdk::courier::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
+use parley_tests::up::Up;
 use signaling::core::message::{HeaderName, Message};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,81 +23,8 @@ const ALICE: &str = "+14155550100";
 const ALICE_PASSWORD: &str = "alice-password";
 const TOPIC: &str = "com.example.phone.voip";
 
-struct Up {
-    child: Child,
-    ids: SocketAddr,
-    courier: SocketAddr,
-    sip_udp: SocketAddr,
-    sip_tls: SocketAddr,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn addr_after(line: &str, key: &str) -> Option<SocketAddr> {
-    line.split(key)
-        .nth(1)?
-        .split([' ', ','])
-        .next()?
-        .parse()
-        .ok()
-}
-
 fn start(data: &Path, config: &Path) -> Up {
-    let any = "127.0.0.1:0";
-    let (child, printed) = parley_tests::tool::start_until_ready(
-        BIN,
-        &[
-            "--data",
-            data.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--admin",
-            any,
-            "up",
-            "--listen",
-            any,
-            "--tls-listen",
-            any,
-            "--ids-listen",
-            any,
-            "--courier-device-listen",
-            any,
-            "--courier-provider-listen",
-            any,
-            "--sip-listen",
-            any,
-            "--sip-tls-listen",
-            any,
-            "--sip-wss-listen",
-            any,
-        ],
-    );
-    let unset = SocketAddr::from(([0, 0, 0, 0], 0));
-    let mut up = Up {
-        child,
-        ids: unset,
-        courier: unset,
-        sip_udp: unset,
-        sip_tls: unset,
-    };
-    for line in &printed {
-        if line.starts_with("parley: ids ") {
-            up.ids = addr_after(line, "https://").unwrap();
-        }
-        if line.starts_with("parley: courier ") {
-            up.courier = addr_after(line, "tls=").unwrap();
-        }
-        if line.starts_with("parley: signaling ") {
-            up.sip_udp = addr_after(line, "udp=").unwrap();
-            up.sip_tls = addr_after(line, "tls=").unwrap();
-        }
-    }
-    up
+    parley_tests::up::start(BIN, data, config)
 }
 
 /// One HTTPS call to ids with curl; returns (status, JSON body).

@@ -6,7 +6,8 @@
 //! - [`peer`]: a UDP echo peer that records what reaches it;
 //! - [`pki`]: a throwaway CA with a localhost server certificate;
 //! - [`postgres`]: a throwaway PostgreSQL server on loopback;
-//! - [`turn_client`]: a small blocking TURN client for byte-level checks.
+//! - [`turn_client`]: a small blocking TURN client for byte-level checks;
+//! - [`up`]: `parley up` as a separate process on free loopback ports.
 
 pub mod peer;
 pub mod pki;
@@ -14,3 +15,4 @@ pub mod postgres;
 pub mod relay;
 pub mod tool;
 pub mod turn_client;
+pub mod up;

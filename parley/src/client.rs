@@ -1,0 +1,861 @@
+//! `parley client`: a desktop device over the client SDK, against the
+//! services of `parley up`. Its keys, certificate and pinned transparency
+//! keys live in a state directory; audio comes from and goes to WAV files.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use clap::{Args, Subcommand};
+use client_sdk::call::{CallEvent, EndReason};
+use client_sdk::device::{AudioSource, Device, DeviceConfig, DeviceEvent, Identity};
+use client_sdk::ids::IdsClient;
+use client_sdk::media::CallStats;
+use serde::{Deserialize, Serialize};
+use wire::device_list::{DeviceEntry, DeviceList};
+use wire::handle::Handle;
+use wire::keys::{DeviceId, SigningKey};
+use wire::transparency::TrustAnchor;
+
+/// The VoIP push topic of this client.
+pub const VOIP_TOPIC: &str = "org.parley.client.voip";
+const SAMPLE_RATE: u32 = 48_000;
+/// How long a device waits for its first SIP registration.
+const REGISTER_WAIT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// This device's state directory: identity key, account key, device
+    /// certificate, pinned transparency keys. Created by `activate`,
+    /// readable by its owner only.
+    #[arg(long, default_value = "parley-client", env = "PARLEY_CLIENT_STATE")]
+    state: PathBuf,
+    /// The identity service (HTTPS).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8444")]
+    ids: SocketAddr,
+    /// The push courier's device port (TLS).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5223")]
+    courier: SocketAddr,
+    /// Signaling's SIP over TLS port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5061")]
+    sip: SocketAddr,
+    /// The SIP domain of handles' addresses-of-record.
+    #[arg(long, default_value = "localhost")]
+    domain: String,
+    /// CA certificate(s) the services' certificates chain to [default: the
+    /// development CA of `parley up`, <data>/ca.pem].
+    #[arg(long, value_name = "PEM")]
+    ca: Option<PathBuf>,
+    /// Name the services' certificates carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    #[command(subcommand)]
+    command: ClientCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientCommand {
+    /// Make this machine a device of a handle (a phone number or email).
+    ///
+    /// The first device of a handle proves it with the 6-digit code the
+    /// identity service sends (typed in, --code, or read from a development
+    /// outbox with --outbox) and creates the account. A later device runs
+    /// `parley client approve` on an existing one and passes the code it
+    /// prints with --link.
+    Activate(ActivateArgs),
+    /// Let a new device join this account: prints a link code, waits for a
+    /// device to claim it, and approves it.
+    Approve(ApproveArgs),
+    /// Call a handle: every device of it rings; talk, then hang up.
+    Call(CallArgs),
+    /// Stay reachable and show incoming calls; answer them with --answer.
+    Listen(ListenArgs),
+    /// Show this device's handle, id and key fingerprint.
+    Whoami,
+}
+
+#[derive(Debug, Args)]
+struct ActivateArgs {
+    /// The handle: an E.164 number (+14155550123) or an email address.
+    #[arg(long)]
+    handle: String,
+    /// A name for this device, shown to the account's other devices.
+    #[arg(long, default_value = "desktop")]
+    name: String,
+    /// Join an existing account with a link code from `parley client approve`.
+    #[arg(long, conflicts_with_all = ["code", "outbox"])]
+    link: Option<String>,
+    /// The verification code, if already known.
+    #[arg(long)]
+    code: Option<String>,
+    /// Read the code from a development outbox (<data>/outbox of `parley up`).
+    #[arg(long, value_name = "DIR")]
+    outbox: Option<PathBuf>,
+    /// How long to wait for an approval (with --link), in seconds.
+    #[arg(long, default_value_t = 600)]
+    wait: u64,
+}
+
+#[derive(Debug, Args)]
+struct ApproveArgs {
+    /// How long to wait for a device to claim the code, in seconds.
+    #[arg(long, default_value_t = 600)]
+    wait: u64,
+}
+
+#[derive(Debug, Args, Clone)]
+struct MediaArgs {
+    /// Send this WAV file as the microphone (any rate, mixed to mono; then
+    /// silence).
+    #[arg(long, value_name = "WAV", conflicts_with = "tone")]
+    play: Option<PathBuf>,
+    /// Send a sine tone at this frequency (Hz) instead.
+    #[arg(long, value_name = "HZ")]
+    tone: Option<f64>,
+    /// Write what the far end said to this WAV file (48 kHz mono) when the
+    /// call ends.
+    #[arg(long, value_name = "WAV")]
+    record: Option<PathBuf>,
+    /// Offer only relayed candidates (hides this machine's addresses).
+    #[arg(long)]
+    relay_only: bool,
+    /// Send and receive video (a test pattern stands in for the camera).
+    #[arg(long)]
+    video: bool,
+    /// Local address for media [default: the one that reaches the services].
+    #[arg(long, value_name = "IP")]
+    media_ip: Option<IpAddr>,
+}
+
+#[derive(Debug, Args)]
+struct CallArgs {
+    /// Who to call.
+    handle: String,
+    /// Talk this long after media connects, then hang up (seconds).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Give up if nobody answers within this many seconds.
+    #[arg(long, default_value_t = 60)]
+    ring: u64,
+    #[command(flatten)]
+    media: MediaArgs,
+}
+
+#[derive(Debug, Args)]
+struct ListenArgs {
+    /// Answer every call that rings.
+    #[arg(long)]
+    answer: bool,
+    /// Exit after this many calls have ended (0: never).
+    #[arg(long, default_value_t = 0)]
+    calls: u32,
+    #[command(flatten)]
+    media: MediaArgs,
+}
+
+/// What `activate` keeps in <state>/device.json (mode 0600).
+#[derive(Serialize, Deserialize)]
+struct State {
+    handle: String,
+    name: String,
+    device_id: String,
+    /// PKCS#8, base64.
+    identity_key: String,
+    certificate: String,
+    /// The account key (PKCS#8, base64), which approves new devices.
+    account_key: String,
+    /// Transparency keys pinned at activation, base64.
+    kt_vrf_public_key: String,
+    kt_root_key: String,
+}
+
+impl State {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("device.json")
+    }
+
+    fn load(dir: &Path) -> Result<State> {
+        let p = State::path(dir);
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "no device in {} (run `parley client activate` first)",
+                dir.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", p.display()))
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = dir.join("device.json.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, State::path(dir))?;
+        Ok(())
+    }
+
+    fn key(b64: &str) -> Result<SigningKey> {
+        Ok(SigningKey::from_pkcs8(&B64.decode(b64)?)?)
+    }
+
+    fn identity(&self) -> Result<Identity> {
+        let id = wire::keys::unhex(&self.device_id)
+            .and_then(|b| b.try_into().ok())
+            .map(DeviceId)
+            .ok_or_else(|| anyhow!("bad device id in the state"))?;
+        Ok(Identity {
+            device: id,
+            key: State::key(&self.identity_key)?,
+            certificate: self.certificate.clone(),
+        })
+    }
+
+    fn anchor(&self) -> Result<TrustAnchor> {
+        Ok(TrustAnchor {
+            vrf_public_key: B64.decode(&self.kt_vrf_public_key)?,
+            root_key: B64.decode(&self.kt_root_key)?,
+        })
+    }
+}
+
+/// `data`: the global --data directory, where `parley up` keeps its CA.
+pub fn run(mut args: ClientArgs, data: Option<PathBuf>) -> Result<()> {
+    if args.ca.is_none() {
+        let data = data.unwrap_or_else(|| PathBuf::from("parley-data"));
+        args.ca = Some(data.join("ca.pem"));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match &args.command {
+            ClientCommand::Activate(a) => activate(&args, a).await,
+            ClientCommand::Approve(a) => approve(&args, a).await,
+            ClientCommand::Call(a) => call(&args, a).await,
+            ClientCommand::Listen(a) => listen(&args, a).await,
+            ClientCommand::Whoami => whoami(&args),
+        }
+    })
+}
+
+fn roots(args: &ClientArgs) -> Result<rustls::RootCertStore> {
+    let ca = args
+        .ca
+        .as_deref()
+        .unwrap_or(Path::new("parley-data/ca.pem"));
+    let pem = std::fs::read_to_string(ca)
+        .with_context(|| format!("reading the CA certificate {}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in client_sdk::ids::pem_certs(&pem)? {
+        roots.add(c)?;
+    }
+    Ok(roots)
+}
+
+fn ids_client(args: &ClientArgs) -> Result<IdsClient> {
+    Ok(IdsClient::new(args.ids, &args.server_name, roots(args)?)?)
+}
+
+/// Seconds since `start`, for progress lines.
+fn stamp(start: Instant) -> String {
+    format!("{:>9.3}", start.elapsed().as_secs_f64())
+}
+
+#[allow(clippy::print_stdout)]
+fn say(start: Instant, what: impl std::fmt::Display) {
+    println!("{} {what}", stamp(start));
+}
+
+/// Reads the newest code the development sender wrote for `handle`
+/// (bounded: about 2 s).
+pub async fn read_code(outbox: &Path, handle: &Handle) -> Result<String> {
+    let stem = handle.as_str().to_string();
+    for _ in 0..200 {
+        if let Ok(rd) = std::fs::read_dir(outbox) {
+            let mut files: Vec<PathBuf> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains(&stem))
+                .collect();
+            files.sort();
+            if let Some(f) = files.last() {
+                let text = std::fs::read_to_string(f)?;
+                let code: String = text
+                    .split("code is ")
+                    .nth(1)
+                    .ok_or_else(|| anyhow!("no code in {}", f.display()))?
+                    .chars()
+                    .take(6)
+                    .collect();
+                std::fs::remove_file(f)?;
+                return Ok(code);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("no code for {} in {}", handle.as_str(), outbox.display())
+}
+
+/// The first device of a new account: proves the handle with `token` and
+/// creates the account; returns the device, the account key and the
+/// account's first device list.
+pub async fn first_device(
+    ids: &IdsClient,
+    token: String,
+    handle: &Handle,
+    name: &str,
+) -> Result<(Identity, SigningKey, DeviceList)> {
+    let account = SigningKey::generate();
+    let key = SigningKey::generate();
+    let device = DeviceId::random();
+    let reg = ids
+        .create_account(
+            &account,
+            device,
+            &key,
+            std::slice::from_ref(handle),
+            &[token],
+            name,
+        )
+        .await?;
+    let list = DeviceList {
+        account_key: account.public(),
+        seq: 1,
+        handles: vec![handle.uri()],
+        devices: vec![DeviceEntry {
+            id: device,
+            identity_key: key.public(),
+        }],
+    };
+    Ok((
+        Identity {
+            device: reg.device_id,
+            key,
+            certificate: reg.certificate,
+        },
+        account,
+        list,
+    ))
+}
+
+/// Proves a handle with the code from the outbox; returns its token.
+pub async fn prove_from_outbox(ids: &IdsClient, outbox: &Path, handle: &Handle) -> Result<String> {
+    let id = ids.start_verification(handle).await?;
+    let code = read_code(outbox, handle).await?;
+    Ok(ids.check_verification(&id, &code).await?)
+}
+
+async fn activate(args: &ClientArgs, a: &ActivateArgs) -> Result<()> {
+    let start = Instant::now();
+    if State::path(&args.state).exists() {
+        bail!(
+            "{} already holds a device; use another --state",
+            args.state.display()
+        );
+    }
+    let handle = Handle::parse(&a.handle).map_err(|e| anyhow!("--handle: {e}"))?;
+    let mut ids = ids_client(args)?;
+    let anchor = ids.anchor().await?;
+    let (me, account) = match &a.link {
+        None => {
+            let id = ids.start_verification(&handle).await?;
+            say(start, format!("a code was sent to {}", handle.as_str()));
+            let code = match (&a.code, &a.outbox) {
+                (Some(c), _) => c.clone(),
+                (None, Some(dir)) => read_code(dir, &handle).await?,
+                (None, None) => prompt("the 6-digit code: ")?,
+            };
+            let token = ids.check_verification(&id, code.trim()).await?;
+            say(start, "handle proven");
+            let (me, account, _) = first_device(&ids, token, &handle, &a.name).await?;
+            (me, account)
+        }
+        Some(code) => {
+            let key = SigningKey::generate();
+            let device = DeviceId::random();
+            let transfer = wire::key_transfer::TransferKey::generate();
+            ids.claim_link(code, device, &key, &transfer, &a.name)
+                .await?;
+            say(start, "link code claimed; waiting for the approving device");
+            let (reg, account) = ids
+                .await_approval(code, &key, transfer, Duration::from_secs(a.wait))
+                .await?;
+            let me = Identity {
+                device: reg.device_id,
+                key,
+                certificate: reg.certificate,
+            };
+            (me, account)
+        }
+    };
+    let state = State {
+        handle: handle.as_str().to_string(),
+        name: a.name.clone(),
+        device_id: wire::keys::hex(&me.device.0),
+        identity_key: B64.encode(me.key.pkcs8()),
+        certificate: me.certificate.clone(),
+        account_key: B64.encode(account.pkcs8()),
+        kt_vrf_public_key: B64.encode(&anchor.vrf_public_key),
+        kt_root_key: B64.encode(&anchor.root_key),
+    };
+    state.save(&args.state)?;
+    say(
+        start,
+        format!(
+            "activated {} as device {} (key {}); state in {}",
+            handle.as_str(),
+            state.device_id,
+            me.key.public().fingerprint(),
+            args.state.display()
+        ),
+    );
+    Ok(())
+}
+
+fn prompt(what: &str) -> Result<String> {
+    use std::io::{BufRead, Write};
+    eprint!("{what}");
+    std::io::stderr().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if line.trim().is_empty() {
+        bail!("no code given (pass --code, or --outbox for a development server)");
+    }
+    Ok(line)
+}
+
+#[allow(clippy::print_stdout)]
+async fn approve(args: &ClientArgs, a: &ApproveArgs) -> Result<()> {
+    let start = Instant::now();
+    let state = State::load(&args.state)?;
+    let me = state.identity()?;
+    let account = State::key(&state.account_key)?;
+    let mut ids = ids_client(args)?;
+    ids.pin(state.anchor()?);
+    let code = ids.create_link(&me.key).await?;
+    // The code on a line of its own, for scripts.
+    println!("link code: {code}");
+    say(
+        start,
+        format!(
+            "run `parley client activate --handle {} --link {code}` on the new device",
+            state.handle
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(a.wait);
+    let claim = loop {
+        let claims = ids.pending_claims(&me.key).await?;
+        if let Some(c) = claims.into_iter().find(|c| c.is_for(&code)) {
+            break c;
+        }
+        if Instant::now() >= deadline {
+            bail!("no device claimed the code within {} s", a.wait);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    say(
+        start,
+        format!(
+            "device {} (key {}) claimed the code; approving",
+            wire::keys::hex(&claim.device.0),
+            claim.identity_key.fingerprint()
+        ),
+    );
+    let current = ids.account_list(&me.key, &account).await?;
+    let list = ids.approve(&me.key, &account, &current, &claim).await?;
+    say(
+        start,
+        format!("approved: the account has {} devices", list.devices.len()),
+    );
+    Ok(())
+}
+
+fn whoami(args: &ClientArgs) -> Result<()> {
+    let state = State::load(&args.state)?;
+    let me = state.identity()?;
+    say(
+        Instant::now(),
+        format!(
+            "{} ({}): device {}, key {}",
+            state.handle,
+            state.name,
+            state.device_id,
+            me.key.public().fingerprint(),
+        ),
+    );
+    Ok(())
+}
+
+/// The microphone the media flags ask for.
+fn microphone(m: &MediaArgs) -> Result<AudioSource> {
+    if let Some(p) = &m.play {
+        return Ok(AudioSource::Samples(read_wav(p)?.into()));
+    }
+    Ok(m.tone.map_or(AudioSource::Silence, AudioSource::Tone))
+}
+
+/// The local address that routes to `to` (no packet is sent).
+fn local_ip_towards(to: SocketAddr) -> Result<IpAddr> {
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let s = std::net::UdpSocket::bind(any)?;
+    s.connect(to)?;
+    Ok(s.local_addr()?.ip())
+}
+
+async fn start_device(args: &ClientArgs, m: &MediaArgs) -> Result<(Device, State)> {
+    let state = State::load(&args.state)?;
+    let me = state.identity()?;
+    let mut ids = ids_client(args)?;
+    ids.pin(state.anchor()?);
+    let handle = Handle::parse(&state.handle)?;
+    let config = DeviceConfig {
+        name: state.name.clone(),
+        handle,
+        sip_domain: args.domain.clone(),
+        sip: args.sip,
+        courier: args.courier,
+        server_name: args.server_name.clone(),
+        roots: roots(args)?,
+        voip_topic: VOIP_TOPIC.into(),
+        media_ip: match m.media_ip {
+            Some(ip) => ip,
+            None => local_ip_towards(args.sip)?,
+        },
+        relay_only: m.relay_only,
+        microphone: microphone(m)?,
+        keep_heard: Duration::from_secs(600),
+        video: m.video,
+    };
+    let device = Device::start(config, me, ids, true).await?;
+    Ok((device, state))
+}
+
+/// Waits for the first registration, showing events.
+async fn registered(device: &mut Device, start: Instant) -> Result<()> {
+    let deadline = Instant::now() + REGISTER_WAIT;
+    while Instant::now() < deadline {
+        match device.next_event(Duration::from_millis(200)).await {
+            Some(DeviceEvent::Registered) => {
+                say(start, "registered with signaling");
+                return Ok(());
+            }
+            Some(DeviceEvent::Error(e)) => bail!("{e}"),
+            _ => {}
+        }
+    }
+    bail!("not registered with signaling within {REGISTER_WAIT:?}")
+}
+
+/// A human line for a device event.
+pub fn describe(e: &DeviceEvent) -> String {
+    match e {
+        DeviceEvent::Registered => "SIP registered".into(),
+        DeviceEvent::Woken { .. } => "woken by a VoIP push".into(),
+        DeviceEvent::Error(e) => format!("error: {e}"),
+        DeviceEvent::Call(c) => match c {
+            CallEvent::Incoming { from, .. } => format!("incoming call from {}", from.as_str()),
+            CallEvent::Ringing { .. } => "ringing (caller's PASSporT verified against ids)".into(),
+            CallEvent::Alerting { .. } => "the callee's devices ring".into(),
+            CallEvent::Answered { device, .. } => format!("answered by device {device}"),
+            CallEvent::MediaConnected { .. } => "media connected (ICE + DTLS-SRTP)".into(),
+            CallEvent::Ended { reason, .. } => format!("call ended: {reason:?}"),
+            CallEvent::Stats { .. } => "stats".into(),
+        },
+    }
+}
+
+fn summary(s: &CallStats) -> String {
+    format!(
+        "rtt {} ms, loss in {:.1}% out {:.1}%, jitter {:.1} ms, audio {} kbps out, {} kbps in, \
+         concealed {:.1}%, MOS {:.2}",
+        s.rtt.map_or("-".into(), |r| r.as_millis().to_string()),
+        s.loss_in * 100.0,
+        s.loss_out * 100.0,
+        s.jitter_ms,
+        s.bitrate_out / 1000,
+        s.bitrate_in / 1000,
+        s.concealed * 100.0,
+        s.mos
+    )
+}
+
+/// Writes what was heard on `call` to the --record file, if any.
+async fn record(device: &Device, call: &str, to: Option<&Path>, start: Instant) -> Result<()> {
+    let Some(path) = to else { return Ok(()) };
+    let pcm = device.heard(call).await?;
+    write_wav(path, &pcm)?;
+    say(
+        start,
+        format!(
+            "wrote {:.1} s of the far end's audio to {}",
+            pcm.len() as f64 / f64::from(SAMPLE_RATE),
+            path.display()
+        ),
+    );
+    Ok(())
+}
+
+async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
+    let start = Instant::now();
+    let callee = Handle::parse(&a.handle).map_err(|e| anyhow!("{}: {e}", a.handle))?;
+    let (mut device, _) = start_device(args, &a.media).await?;
+    registered(&mut device, start).await?;
+    let dialed = Instant::now();
+    let call = device.dial(&callee).await?;
+    say(
+        start,
+        format!("calling {} (its devices' keys verified)", callee.as_str()),
+    );
+    let mut connected: Option<Instant> = None;
+    let mut hung_up = false;
+    let mut last: Option<CallStats> = None;
+    let ring_deadline = dialed + Duration::from_secs(a.ring);
+    let reason = loop {
+        let now = Instant::now();
+        let hang_up_due = match connected {
+            Some(c) => now >= c + Duration::from_secs(a.seconds),
+            None => now >= ring_deadline,
+        };
+        if hang_up_due && !hung_up {
+            hung_up = true;
+            if connected.is_none() {
+                say(start, format!("no answer within {} s", a.ring));
+            }
+            device.hangup(&call).await?;
+        }
+        if hung_up
+            && now
+                >= ring_deadline.max(connected.unwrap_or(now)) + Duration::from_secs(a.seconds + 10)
+        {
+            bail!("the call did not end after hanging up");
+        }
+        let ev = tokio::select! {
+            ev = device.next_event(Duration::from_millis(100)) => ev,
+            _ = tokio::signal::ctrl_c(), if !hung_up => {
+                hung_up = true;
+                device.hangup(&call).await?;
+                continue;
+            }
+        };
+        let Some(ev) = ev else { continue };
+        match &ev {
+            DeviceEvent::Call(CallEvent::Stats { stats, .. }) => {
+                last = Some((**stats).clone());
+                continue;
+            }
+            DeviceEvent::Call(CallEvent::MediaConnected { .. }) if connected.is_none() => {
+                connected = Some(Instant::now());
+                say(
+                    start,
+                    format!(
+                        "{} ({} ms after dialing); talking for {} s",
+                        describe(&ev),
+                        dialed.elapsed().as_millis(),
+                        a.seconds
+                    ),
+                );
+                continue;
+            }
+            DeviceEvent::Call(CallEvent::Ended { reason, .. }) => {
+                say(start, describe(&ev));
+                break reason.clone();
+            }
+            _ => {}
+        }
+        say(start, describe(&ev));
+    };
+    if let Some(s) = &last {
+        say(start, summary(s));
+    }
+    record(&device, &call, a.media.record.as_deref(), start).await?;
+    match (connected, reason) {
+        (Some(_), EndReason::Local | EndReason::Remote) => Ok(()),
+        (_, r) => bail!("the call did not go through: {r:?}"),
+    }
+}
+
+async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
+    let start = Instant::now();
+    let (mut device, state) = start_device(args, &a.media).await?;
+    registered(&mut device, start).await?;
+    say(start, format!("listening as {}", state.handle));
+    let mut ended = 0u32;
+    let mut last: Option<CallStats> = None;
+    loop {
+        let ev = tokio::select! {
+            ev = device.next_event(Duration::from_secs(1)) => ev,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let Some(ev) = ev else { continue };
+        match &ev {
+            DeviceEvent::Call(CallEvent::Stats { stats, .. }) => {
+                last = Some((**stats).clone());
+                continue;
+            }
+            DeviceEvent::Call(CallEvent::Ringing { call }) => {
+                say(start, describe(&ev));
+                if a.answer {
+                    device.answer(call).await?;
+                    say(start, "answered");
+                }
+                continue;
+            }
+            DeviceEvent::Call(CallEvent::Ended { call, .. }) => {
+                say(start, describe(&ev));
+                if let Some(s) = last.take() {
+                    say(start, summary(&s));
+                }
+                ended += 1;
+                let path = a.media.record.as_deref().map(|p| numbered(p, ended));
+                record(&device, call, path.as_deref(), start).await?;
+                if a.calls != 0 && ended >= a.calls {
+                    return Ok(());
+                }
+                continue;
+            }
+            DeviceEvent::Error(e) if e.contains("courier link closed") => {
+                bail!("{e}");
+            }
+            _ => {}
+        }
+        say(start, describe(&ev));
+    }
+}
+
+/// `out.wav` for the first call, `out-2.wav`, `out-3.wav`… after.
+fn numbered(p: &Path, n: u32) -> PathBuf {
+    if n <= 1 {
+        return p.to_path_buf();
+    }
+    let stem = p
+        .file_stem()
+        .map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    let ext = p
+        .extension()
+        .map_or_else(String::new, |e| format!(".{}", e.to_string_lossy()));
+    p.with_file_name(format!("{stem}-{n}{ext}"))
+}
+
+/// Reads a WAV file as 48 kHz mono samples: channels are averaged and
+/// other rates resampled (linear interpolation).
+pub fn read_wav(path: &Path) -> Result<Vec<i16>> {
+    let mut r =
+        hound::WavReader::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let spec = r.spec();
+    let channels = usize::from(spec.channels.max(1));
+    let samples: Vec<f32> = match spec.sample_format {
+        hound::SampleFormat::Float => r.samples::<f32>().collect::<Result<_, _>>()?,
+        hound::SampleFormat::Int => {
+            let scale = 1.0 / (1u64 << (spec.bits_per_sample.clamp(1, 32) - 1)) as f32;
+            r.samples::<i32>()
+                .map(|s| s.map(|v| v as f32 * scale))
+                .collect::<Result<_, _>>()?
+        }
+    };
+    let mono: Vec<f32> = samples
+        .chunks(channels)
+        .map(|c| c.iter().sum::<f32>() / c.len() as f32)
+        .collect();
+    let out = resample(&mono, spec.sample_rate, SAMPLE_RATE);
+    Ok(out
+        .iter()
+        .map(|s| (s * 32768.0).round().clamp(-32768.0, 32767.0) as i16)
+        .collect())
+}
+
+fn resample(x: &[f32], from: u32, to: u32) -> Vec<f32> {
+    if from == to || x.is_empty() || from == 0 {
+        return x.to_vec();
+    }
+    let n = (x.len() as u64 * u64::from(to) / u64::from(from)) as usize;
+    let step = f64::from(from) / f64::from(to);
+    (0..n)
+        .map(|i| {
+            let pos = i as f64 * step;
+            let j = pos as usize;
+            let frac = (pos - j as f64) as f32;
+            let a = x[j.min(x.len() - 1)];
+            let b = x[(j + 1).min(x.len() - 1)];
+            a + (b - a) * frac
+        })
+        .collect()
+}
+
+/// Writes 48 kHz mono 16-bit samples as a WAV file.
+pub fn write_wav(path: &Path, pcm: &[i16]) -> Result<()> {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: SAMPLE_RATE,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(path, spec)
+        .with_context(|| format!("writing {}", path.display()))?;
+    for &s in pcm {
+        w.write_sample(s)?;
+    }
+    w.finalize()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wav_round_trips_and_resamples_to_48k_mono() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.wav");
+        let pcm: Vec<i16> = (0..4800)
+            .map(|i| ((i % 100) * 300 - 15000) as i16)
+            .collect();
+        write_wav(&p, &pcm).unwrap();
+        assert_eq!(read_wav(&p).unwrap(), pcm);
+        // 16 kHz stereo: a third as many frames; both channels equal.
+        let q = dir.path().join("b.wav");
+        let spec = hound::WavSpec {
+            channels: 2,
+            sample_rate: 16_000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let mut w = hound::WavWriter::create(&q, spec).unwrap();
+        for _ in 0..1600 {
+            w.write_sample(8192i16).unwrap();
+            w.write_sample(8192i16).unwrap();
+        }
+        w.finalize().unwrap();
+        let up = read_wav(&q).unwrap();
+        assert_eq!(up.len(), 4800);
+        assert!(up.iter().all(|&s| s == 8192), "{:?}", &up[..4]);
+    }
+
+    #[test]
+    fn later_recordings_get_numbered_names() {
+        assert_eq!(numbered(Path::new("x/out.wav"), 1), Path::new("x/out.wav"));
+        assert_eq!(
+            numbered(Path::new("x/out.wav"), 3),
+            Path::new("x/out-3.wav")
+        );
+    }
+}

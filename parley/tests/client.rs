@@ -1,0 +1,221 @@
+//! A real-socket call on loopback through `parley up`, with `parley client`
+//! processes as the devices: Alice and Bob activate (Bob's second device
+//! is approved by his first with a link code), Bob listens and answers,
+//! Alice calls him with a WAV file as her microphone, and each side's
+//! recording holds the other's tone.
+
+use client_sdk::media::audio::dominant_frequency;
+use parley_tests::tool::lines;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_parley");
+const ALICE: &str = "alice@example.com";
+const BOB: &str = "+14155550123";
+
+/// `parley client` with the state directory and the stack's addresses.
+fn client(up: &parley_tests::up::Up, data: &Path, state: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("client")
+        .arg("--state")
+        .arg(state)
+        .arg("--ids")
+        .arg(up.ids.to_string())
+        .arg("--courier")
+        .arg(up.courier.to_string())
+        .arg("--sip")
+        .arg(up.sip_tls.to_string())
+        // The CA comes from `parley up`'s data directory.
+        .arg("--data")
+        .arg(data)
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs a client command to completion within `limit`; its output.
+fn finish(mut child: Child, limit: Duration, what: &str) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(status.success(), "{what} failed ({status}):\n{text}");
+            return text;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what} did not finish within {limit:?}:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run(mut c: Command, limit: Duration, what: &str) -> String {
+    let child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    finish(child, limit, what)
+}
+
+/// Waits (bounded) for a line containing `needle`; returns it.
+fn wait_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    seen: &mut Vec<String>,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            seen.push(l.clone());
+            if l.contains(needle) {
+                return l;
+            }
+        }
+    }
+    panic!("no line with {needle:?}; saw:\n{}", seen.join("\n"));
+}
+
+fn tone_wav(path: &Path, hz: f64, seconds: f64) {
+    // 16 kHz stereo, so the client's conversion to 48 kHz mono is used.
+    let spec = hound::WavSpec {
+        channels: 2,
+        sample_rate: 16_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(path, spec).unwrap();
+    for i in 0..(16_000.0 * seconds) as usize {
+        let t = i as f64 / 16_000.0;
+        let s = (0.3 * 32767.0 * (2.0 * std::f64::consts::PI * hz * t).sin()) as i16;
+        w.write_sample(s).unwrap();
+        w.write_sample(s).unwrap();
+    }
+    w.finalize().unwrap();
+}
+
+/// The dominant frequency of a recording's last 2 s, and its share.
+fn heard(path: &Path) -> (f64, f64, usize) {
+    let pcm: Vec<i16> = hound::WavReader::open(path)
+        .unwrap()
+        .samples::<i16>()
+        .map(Result::unwrap)
+        .collect();
+    let tail = &pcm[pcm.len().saturating_sub(96_000)..];
+    let (f, share) = dominant_frequency(tail, (200..2000).step_by(20).map(f64::from));
+    (f, share, pcm.len())
+}
+
+#[test]
+fn two_desktop_clients_call_each_other_through_parley_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("parley.toml");
+    // Epochs every 200 ms keep activation → lookup short; the relay may
+    // reach loopback peers (the other client's relayed address).
+    std::fs::write(
+        &config,
+        "[ids]\npublish_interval_secs = 0.2\n[turn]\nallow_peers = [\"127.0.0.0/8\"]\n",
+    )
+    .unwrap();
+    let up = parley_tests::up::start(BIN, &data, &config);
+    let outbox = data.join("outbox");
+    let (alice, bob, bob2) = (
+        dir.path().join("alice"),
+        dir.path().join("bob"),
+        dir.path().join("bob-phone"),
+    );
+    let limit = Duration::from_secs(60);
+    for (state, handle) in [(&alice, ALICE), (&bob, BOB)] {
+        let mut c = client(&up, &data, state);
+        c.args(["activate", "--handle", handle, "--outbox"])
+            .arg(&outbox);
+        let out = run(c, limit, "activate");
+        assert!(out.contains("activated"), "{out}");
+    }
+    // A second activation into the same state is refused.
+    let mut again = client(&up, &data, &alice);
+    again.args(["activate", "--handle", ALICE, "--code", "000000"]);
+    let out = again.output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a device"));
+
+    // Bob's phone joins his account with a link code his laptop approves.
+    let mut approve = client(&up, &data, &bob)
+        .args(["approve", "--wait", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let approve_out = lines(approve.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    let code = wait_line(&approve_out, "link code: ", &mut seen)
+        .split("link code: ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut join = client(&up, &data, &bob2);
+    join.args([
+        "activate", "--handle", BOB, "--name", "phone", "--link", &code,
+    ]);
+    let out = run(join, limit, "activate --link");
+    assert!(out.contains("activated"), "{out}");
+    finish(approve, limit, "approve");
+    let approved = wait_line(&approve_out, "approved", &mut seen);
+    assert!(approved.contains("2 devices"), "{approved}");
+
+    // Bob's laptop takes one call, speaking 660 Hz; Alice speaks 440 Hz
+    // from a WAV file, relay only.
+    let (alice_wav, alice_rec, bob_rec) = (
+        dir.path().join("alice-says.wav"),
+        dir.path().join("alice-heard.wav"),
+        dir.path().join("bob-heard.wav"),
+    );
+    tone_wav(&alice_wav, 440.0, 10.0);
+    let mut listen = client(&up, &data, &bob)
+        .args([
+            "listen", "--answer", "--calls", "1", "--tone", "660", "--record",
+        ])
+        .arg(&bob_rec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let listen_out = lines(listen.stdout.take().unwrap());
+    let mut bob_seen = Vec::new();
+    wait_line(&listen_out, "listening as", &mut bob_seen);
+    let mut call = client(&up, &data, &alice);
+    call.args(["call", BOB, "--seconds", "3", "--relay-only", "--play"])
+        .arg(&alice_wav)
+        .arg("--record")
+        .arg(&alice_rec);
+    let out = run(call, limit, "call");
+    assert!(out.contains("media connected"), "{out}");
+    assert!(out.contains("MOS"), "{out}");
+    finish(listen, limit, "listen");
+    for l in listen_out.try_iter() {
+        bob_seen.push(l);
+    }
+    let bob_text = bob_seen.join("\n");
+    assert!(bob_text.contains("ringing"), "{bob_text}");
+    assert!(bob_text.contains("answered"), "{bob_text}");
+
+    let (f, share, n) = heard(&bob_rec);
+    assert!(n >= 48_000 * 2, "Bob recorded {n} samples");
+    assert_eq!(f, 440.0, "Bob heard {f} Hz ({share:.2} of the energy)");
+    let (f, share, n) = heard(&alice_rec);
+    assert!(n >= 48_000 * 2, "Alice recorded {n} samples");
+    assert_eq!(f, 660.0, "Alice heard {f} Hz ({share:.2} of the energy)");
+}
