@@ -42,6 +42,13 @@ use video::{VideoDecoder, VideoEncoder, VideoError};
 /// How long gathering waits for the TURN server before going on without
 /// a relayed candidate.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(3);
+/// The first retransmission of an ICE check. Through relays the callee's
+/// first checks are always lost: the caller's relay lets nothing from the
+/// callee in until the answer has arrived and the caller bound a channel.
+/// str0m retries a pair only when this timer fires (an incoming check
+/// does not trigger one), so it bounds relayed set-up; str0m's default is
+/// 250 ms. It doubles on each retry, up to 3 s.
+const ICE_INITIAL_RTO: Duration = Duration::from_millis(100);
 /// No incoming media for this long raises [`MediaEvent::Stalled`]. DTX
 /// still sends a packet every 400 ms in silence.
 const STALL: Duration = Duration::from_millis(1500);
@@ -327,7 +334,7 @@ impl MediaSession {
     /// server it starts the allocation; [`MediaEvent::Gathered`] says
     /// when the offer or answer can be made.
     pub fn new(now: Instant, config: MediaConfig, local: SocketAddr) -> Result<Self, MediaError> {
-        let rtc = RtcConfig::new()
+        let mut rtc = RtcConfig::new()
             .clear_codecs()
             .enable_opus(true, false)
             .enable_h264(config.video)
@@ -335,8 +342,9 @@ impl MediaSession {
             .set_reordering_size_audio(0)
             .set_stats_interval(Some(config.stats_interval))
             // Loss reports each second, so the encoder adapts within one.
-            .set_rtcp_report_interval_audio(Duration::from_secs(1))
-            .build(now);
+            .set_rtcp_report_interval_audio(Duration::from_secs(1));
+        rtc.set_initial_stun_rto(ICE_INITIAL_RTO);
+        let rtc = rtc.build(now);
         let video = if config.video {
             Some((
                 VideoEncoder::new(config.video_bitrate)?,
@@ -456,6 +464,9 @@ impl MediaSession {
         let parsed =
             SdpOffer::from_sdp_string(offer.sdp()).map_err(|e| MediaError::Sdp(e.to_string()))?;
         let answer = self.rtc.sdp_api().accept_offer(parsed)?;
+        // The relay must let the far end's candidates in (and out) before
+        // str0m's first check goes through it.
+        self.permit_candidates(offer.sdp(), now);
         self.drain(now)?;
         let mid_of = |kind: MediaKind| {
             offer
@@ -471,8 +482,6 @@ impl MediaSession {
             return Err(MediaError::NoAudio);
         }
         self.remote_sdp = Some(offer.sdp().into());
-        self.permit_candidates(offer.sdp(), now);
-        self.drain(now)?;
         Ok(answer.to_sdp_string())
     }
 
@@ -891,6 +900,15 @@ impl MediaSession {
                         self.relay_payloads.count(&data);
                         let server = turn_server(&self.config);
                         if let (Some(turn), Some(server)) = (self.turn.as_mut(), server) {
+                            // Requests the client queued (a ChannelBind for
+                            // this peer) go first: the relay drops data to
+                            // a peer it has no permission for.
+                            while let Some(req) = turn.poll_transmit() {
+                                self.out.push_back(Datagram {
+                                    to: server,
+                                    data: req,
+                                });
+                            }
                             let wrapped = turn.wrap(t.destination, &data);
                             self.out.push_back(Datagram {
                                 to: server,
