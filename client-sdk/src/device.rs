@@ -27,8 +27,61 @@ use crate::media::video::{self, TestPattern};
 use crate::media::MediaConfig;
 use crate::sip::{CallId, PushContact, UaConfig};
 use crate::turn;
+use wire::push::CloseReason;
 
 const TICK: Duration = Duration::from_millis(20);
+/// Reconnection of the courier link and of SIP: the first retry, and the
+/// most it backs off to.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long one courier reconnection attempt may take.
+const COURIER_CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+/// When to try a lost connection again: doubling waits from
+/// [`RETRY_FIRST`] to [`RETRY_MAX`], less up to 20% by a per-device
+/// jitter so a restarted service is not hit by every device at once.
+#[derive(Debug)]
+struct Retry {
+    at: Option<tokio::time::Instant>,
+    wait: Duration,
+    jitter: f64,
+}
+
+impl Retry {
+    fn new(jitter: f64) -> Retry {
+        Retry {
+            at: None,
+            wait: RETRY_FIRST,
+            jitter: jitter.clamp(0.0, 1.0) * 0.2,
+        }
+    }
+
+    /// Schedules the first attempt after a loss; returns its delay.
+    fn start(&mut self) -> Duration {
+        self.wait = RETRY_FIRST;
+        self.at = Some(tokio::time::Instant::now() + RETRY_FIRST);
+        RETRY_FIRST
+    }
+
+    /// The attempt failed: the next waits twice as long.
+    fn failed(&mut self) {
+        self.wait = (self.wait * 2).min(RETRY_MAX);
+        let d = self.wait - self.wait.mul_f64(self.jitter);
+        self.at = Some(tokio::time::Instant::now() + d);
+    }
+
+    fn stop(&mut self) {
+        self.at = None;
+    }
+
+    /// Fires when the attempt is due; never while none is scheduled.
+    async fn due(at: Option<tokio::time::Instant>) {
+        match at {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -135,6 +188,13 @@ pub enum DeviceEvent {
     Woken {
         call_id: String,
     },
+    /// The courier link dropped; the device reconnects with backoff (it
+    /// does not when the same device connected elsewhere).
+    CourierLost {
+        retry_in: Option<Duration>,
+    },
+    /// The courier link is back after a loss.
+    CourierConnected,
     /// Something went wrong outside a call.
     Error(String),
 }
@@ -236,14 +296,20 @@ impl Device {
         let (ctx, crx) = mpsc::channel(64);
         let (etx, erx) = mpsc::channel(1024);
         let (mtx, mrx) = mpsc::channel(4096);
+        let jitter = |i: usize| f64::from(me.device.0[i]) / 255.0;
+        let (courier_retry, sip_retry) = (Retry::new(jitter(0)), Retry::new(jitter(1)));
         let mut task = Task {
             config,
             me,
             creds: Arc::new(creds),
             ids,
             phone,
-            courier,
+            courier: Some(courier),
+            courier_retry,
+            voip_token: voip_token.clone(),
             sip: None,
+            online,
+            sip_retry,
             sip_buf: vec![0; 16 * 1024],
             sockets: HashMap::new(),
             media_tx: mtx,
@@ -357,8 +423,13 @@ struct Task {
     creds: Arc<DeviceCredentials>,
     ids: IdsClient,
     phone: Phone,
-    courier: DeviceClient,
+    courier: Option<DeviceClient>,
+    courier_retry: Retry,
+    voip_token: String,
     sip: Option<Sip>,
+    /// The device wants to be registered (it is not asleep).
+    online: bool,
+    sip_retry: Retry,
     sip_buf: Vec<u8>,
     sockets: HashMap<CallId, Arc<UdpSocket>>,
     media_tx: mpsc::Sender<(CallId, SocketAddr, Vec<u8>)>,
@@ -405,19 +476,24 @@ impl Task {
                         }
                     }
                 }
-                ev = self.courier.next() => {
+                ev = next_push(&mut self.courier) => {
                     match ev {
                         Some(ClientEvent::Notification(n)) => {
-                            let _ = self.courier.ack(&[n.id]).await;
+                            if let Some(c) = self.courier.as_mut() {
+                                let _ = c.ack(&[n.id]).await;
+                            }
                             self.on_push(&n.payload).await;
                         }
-                        Some(_) => {}
-                        None => {
-                            self.event(DeviceEvent::Error("the courier link closed".into())).await;
-                            return;
+                        Some(ClientEvent::Closed(reason)) => {
+                            let replaced = matches!(reason, Some((CloseReason::Replaced, _)));
+                            self.courier_lost(!replaced).await;
                         }
+                        Some(_) => {}
+                        None => self.courier_lost(true).await,
                     }
                 }
+                _ = Retry::due(self.courier_retry.at) => self.courier_reconnect().await,
+                _ = Retry::due(self.sip_retry.at) => self.sip_reconnect().await,
                 Some((call, from, data)) = media.recv() => {
                     if let Err(e) = self.phone.handle_media_input(Instant::now(), &call, from, &data) {
                         self.event(DeviceEvent::Error(e.to_string())).await;
@@ -496,6 +572,7 @@ impl Task {
                 let _ = reply.send(r);
             }
             Command::Register(reply) => {
+                self.online = true;
                 let r = self.connect_sip().await;
                 if r.is_ok() {
                     self.phone.ua().register(now);
@@ -503,6 +580,8 @@ impl Task {
                 let _ = reply.send(r);
             }
             Command::Sleep(reply) => {
+                self.online = false;
+                self.sip_retry.stop();
                 if let Some(mut s) = self.sip.take() {
                     let _ = s.shutdown().await;
                 }
@@ -599,10 +678,77 @@ impl Task {
         Ok(())
     }
 
+    /// The SIP flow failed. An online device connects and registers again
+    /// (RFC 5626 flow recovery), with backoff.
     fn drop_sip(&mut self) {
         self.sip = None;
         self.registered_reported = false;
         self.phone.ua().handle_disconnected();
+        if self.online && self.sip_retry.at.is_none() {
+            self.sip_retry.start();
+        }
+    }
+
+    /// One SIP reconnection attempt.
+    async fn sip_reconnect(&mut self) {
+        self.sip_retry.stop();
+        if !self.online || self.sip.is_some() {
+            return;
+        }
+        match self.connect_sip().await {
+            Ok(()) => self.phone.ua().register(Instant::now()),
+            Err(_) => self.sip_retry.failed(),
+        }
+    }
+
+    /// The courier link is gone: retry later unless `retry` is false (the
+    /// same device connected elsewhere, which must not be fought).
+    async fn courier_lost(&mut self, retry: bool) {
+        if self.courier.take().is_none() {
+            return;
+        }
+        let retry_in = retry.then(|| self.courier_retry.start());
+        self.event(DeviceEvent::CourierLost { retry_in }).await;
+    }
+
+    /// One courier reconnection attempt.
+    async fn courier_reconnect(&mut self) {
+        self.courier_retry.stop();
+        let topic = self.config.voip_topic.clone();
+        let attempt = tokio::time::timeout(
+            COURIER_CONNECT_LIMIT,
+            DeviceClient::connect(
+                self.config.courier,
+                Transport::Tls,
+                &self.creds,
+                &[topic.as_str()],
+                0,
+            ),
+        )
+        .await;
+        match attempt {
+            Ok(Ok((client, tokens))) => {
+                self.courier = Some(client);
+                let token = tokens
+                    .iter()
+                    .find(|(t, _)| *t == topic)
+                    .map(|(_, t)| t.to_hex());
+                if let Some(t) = token.filter(|t| *t != self.voip_token) {
+                    // Tokens are stable per device and topic; should the
+                    // courier have issued a new one, ids must know it.
+                    if self
+                        .ids
+                        .set_push_tokens(&self.me.key, &[(topic, t.clone())])
+                        .await
+                        .is_ok()
+                    {
+                        self.voip_token = t;
+                    }
+                }
+                self.event(DeviceEvent::CourierConnected).await;
+            }
+            _ => self.courier_retry.failed(),
+        }
     }
 
     /// A push: a call waits for this device, so come online.
@@ -613,6 +759,7 @@ impl Task {
         }
         let call_id = v["parley"]["call_id"].as_str().unwrap_or("").to_string();
         self.event(DeviceEvent::Woken { call_id }).await;
+        self.online = true;
         if self.connect_sip().await.is_ok() {
             self.phone.ua().register(Instant::now());
         }
@@ -695,6 +842,14 @@ impl Task {
             _ => {}
         }
         self.event(DeviceEvent::Call(e)).await;
+    }
+}
+
+/// The courier's next event, or never while there is no link.
+async fn next_push(courier: &mut Option<DeviceClient>) -> Option<ClientEvent> {
+    match courier {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -571,6 +571,13 @@ pub fn describe(e: &DeviceEvent) -> String {
     match e {
         DeviceEvent::Registered => "SIP registered".into(),
         DeviceEvent::Woken { .. } => "woken by a VoIP push".into(),
+        DeviceEvent::CourierLost { retry_in: Some(d) } => {
+            format!("push link lost; reconnecting in {} ms", d.as_millis())
+        }
+        DeviceEvent::CourierLost { retry_in: None } => {
+            "push link taken over by another connection of this device".into()
+        }
+        DeviceEvent::CourierConnected => "push link back".into(),
         DeviceEvent::Error(e) => format!("error: {e}"),
         DeviceEvent::Call(c) => match c {
             CallEvent::Incoming { from, .. } => format!("incoming call from {}", from.as_str()),
@@ -733,8 +740,8 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
                 }
                 continue;
             }
-            DeviceEvent::Error(e) if e.contains("courier link closed") => {
-                bail!("{e}");
+            DeviceEvent::CourierLost { retry_in: None } => {
+                bail!("{}", describe(&ev));
             }
             _ => {}
         }

@@ -69,12 +69,16 @@ fn run(mut c: Command, limit: Duration, what: &str) -> String {
     finish(child, limit, what)
 }
 
-/// Waits (bounded) for a line containing `needle`; returns it.
+/// Waits (bounded) for a line containing `needle`, among those `seen`
+/// so far or arriving; returns it.
 fn wait_line(
     rx: &std::sync::mpsc::Receiver<String>,
     needle: &str,
     seen: &mut Vec<String>,
 ) -> String {
+    if let Some(l) = seen.iter().find(|l| l.contains(needle)) {
+        return l.clone();
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
@@ -117,8 +121,8 @@ fn heard(path: &Path) -> (f64, f64, usize) {
     (f, share, pcm.len())
 }
 
-#[test]
-fn two_desktop_clients_call_each_other_through_parley_up() {
+/// `parley up` in a temporary directory; (dir, data directory, stack).
+fn stack() -> (tempfile::TempDir, std::path::PathBuf, parley_tests::up::Up) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = dir.path().join("parley.toml");
@@ -130,6 +134,23 @@ fn two_desktop_clients_call_each_other_through_parley_up() {
     )
     .unwrap();
     let up = parley_tests::up::start(BIN, &data, &config);
+    (dir, data, up)
+}
+
+/// A client command left running, with its output lines.
+fn spawn(mut c: Command) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines(child.stdout.take().unwrap());
+    (child, rx)
+}
+
+#[test]
+fn two_desktop_clients_call_each_other_through_parley_up() {
+    let (dir, data, up) = stack();
     let outbox = data.join("outbox");
     let (alice, bob, bob2) = (
         dir.path().join("alice"),
@@ -218,4 +239,35 @@ fn two_desktop_clients_call_each_other_through_parley_up() {
     let (f, share, n) = heard(&alice_rec);
     assert!(n >= 48_000 * 2, "Alice recorded {n} samples");
     assert_eq!(f, 660.0, "Alice heard {f} Hz ({share:.2} of the energy)");
+}
+
+#[test]
+fn a_listening_client_rides_out_a_restart_of_the_services() {
+    let (dir, data, up) = stack();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    let limit = Duration::from_secs(60);
+    for (state, handle) in [(&alice, ALICE), (&bob, BOB)] {
+        let mut c = client(&up, &data, state);
+        c.args(["activate", "--handle", handle, "--outbox"])
+            .arg(data.join("outbox"));
+        run(c, limit, "activate");
+    }
+    let mut c = client(&up, &data, &bob);
+    c.args(["listen", "--answer", "--calls", "1", "--tone", "660"]);
+    let (listen, rx) = spawn(c);
+    let mut seen = Vec::new();
+    wait_line(&rx, "listening as", &mut seen);
+
+    // The stack dies without a goodbye and comes back: Bob's client
+    // reconnects its push link and registers again by itself.
+    let up = up.restart();
+    wait_line(&rx, "push link lost; reconnecting", &mut seen);
+    wait_line(&rx, "push link back", &mut seen);
+    wait_line(&rx, "SIP registered", &mut seen);
+
+    let mut call = client(&up, &data, &alice);
+    call.args(["call", BOB, "--seconds", "1", "--tone", "440"]);
+    let out = run(call, limit, "call after the restart");
+    assert!(out.contains("media connected"), "{out}");
+    finish(listen, limit, "listen");
 }

@@ -2,13 +2,18 @@
 //! that use the stack the way an operator runs it.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 
 /// A running `parley up`; killed when dropped.
 #[derive(Debug)]
 pub struct Up {
     child: Child,
+    bin: String,
+    data: PathBuf,
+    config: PathBuf,
+    /// The relay's UDP (and TCP) address.
+    pub turn: SocketAddr,
     pub ids: SocketAddr,
     /// The courier's device port (TLS).
     pub courier: SocketAddr,
@@ -35,7 +40,31 @@ fn addr_after(line: &str, key: &str) -> Option<SocketAddr> {
 /// Starts `bin up` with `data` and `config`, every listener on a free
 /// loopback port, and reads the bound addresses from its start-up lines.
 pub fn start(bin: &str, data: &Path, config: &Path) -> Up {
-    let any = "127.0.0.1:0";
+    launch(bin, data, config, None)
+}
+
+impl Up {
+    /// Kills the process (as a crash would) and starts it again on the
+    /// same data directory and addresses.
+    pub fn restart(self) -> Up {
+        let (bin, data, config) = (self.bin.clone(), self.data.clone(), self.config.clone());
+        let addrs = [
+            self.turn,
+            self.ids,
+            self.courier,
+            self.sip_udp,
+            self.sip_tls,
+        ];
+        drop(self);
+        launch(&bin, &data, &config, Some(addrs))
+    }
+}
+
+/// `fixed`: turn, ids, courier, SIP (UDP and TCP), SIP/TLS addresses.
+fn launch(bin: &str, data: &Path, config: &Path, fixed: Option<[SocketAddr; 5]>) -> Up {
+    let any = "127.0.0.1:0".to_string();
+    let at = |i: usize| fixed.map_or_else(|| any.clone(), |a| a[i].to_string());
+    let (turn, ids, courier, sip, sip_tls) = (at(0), at(1), at(2), at(3), at(4));
     let (child, printed) = crate::tool::start_until_ready(
         bin,
         &[
@@ -44,24 +73,24 @@ pub fn start(bin: &str, data: &Path, config: &Path) -> Up {
             "--config",
             config.to_str().expect("UTF-8 path"),
             "--admin",
-            any,
+            &any,
             "up",
             "--listen",
-            any,
+            &turn,
             "--tls-listen",
-            any,
+            &any,
             "--ids-listen",
-            any,
+            &ids,
             "--courier-device-listen",
-            any,
+            &courier,
             "--courier-provider-listen",
-            any,
+            &any,
             "--sip-listen",
-            any,
+            &sip,
             "--sip-tls-listen",
-            any,
+            &sip_tls,
             "--sip-wss-listen",
-            any,
+            &any,
         ],
     );
     let find = |service: &str, key: &str| {
@@ -72,10 +101,14 @@ pub fn start(bin: &str, data: &Path, config: &Path) -> Up {
             .unwrap_or_else(|| panic!("no {service} {key} address in {printed:?}"))
     };
     Up {
+        turn: find("turn", "udp="),
         ids: find("ids", "https://"),
         courier: find("courier", "tls="),
         sip_udp: find("signaling", "udp="),
         sip_tls: find("signaling", "tls="),
         child,
+        bin: bin.to_string(),
+        data: data.to_path_buf(),
+        config: config.to_path_buf(),
     }
 }
