@@ -1233,7 +1233,7 @@ impl Server {
         }
         // All or nothing (RFC 8656 §10.2).
         for &p in &peers {
-            if let Err(code) = self.check_peer(slot, p) {
+            if let Err(code) = self.check_peer(slot, p, false) {
                 return self.error(reply, code, Some(&auth));
             }
         }
@@ -1266,7 +1266,7 @@ impl Server {
         let (Ok(ch), Ok(Some(peer))) = (ch, msg.xor_address(AttrType::XorPeerAddress)) else {
             return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth));
         };
-        if let Err(code) = self.check_peer(slot, peer) {
+        if let Err(code) = self.check_peer(slot, peer, true) {
             return self.error(reply, code, Some(&auth));
         }
         let cfg = &self.shared.config;
@@ -1303,8 +1303,19 @@ impl Server {
         self.empty_success(reply, &auth);
     }
 
-    fn check_peer(&mut self, slot: usize, peer: SocketAddr) -> Result<(), ErrorCode> {
-        if self.shared.policy.check(peer).is_err() {
+    /// `port_matters`: the request names a transport address data will go
+    /// to (ChannelBind, Connect), not a permission, which ignores the port.
+    fn check_peer(
+        &mut self,
+        slot: usize,
+        peer: SocketAddr,
+        port_matters: bool,
+    ) -> Result<(), ErrorCode> {
+        let verdict = match port_matters {
+            true => self.shared.policy.check(peer),
+            false => self.shared.policy.check_ip(peer.ip()),
+        };
+        if verdict.is_err() {
             self.metrics
                 .peer_denied
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

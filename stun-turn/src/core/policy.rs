@@ -172,6 +172,14 @@ impl PeerPolicy {
         {
             return Err(Denied::OwnAddress);
         }
+        self.check_ip(peer.ip())
+    }
+
+    /// Checks a peer IP address, as a permission names it (RFC 8656 §9:
+    /// its port is ignored). Data to one of the server's own listeners is
+    /// still refused where a port is named: ChannelBind, Send, Connect.
+    pub fn check_ip(&self, ip: IpAddr) -> Result<(), Denied> {
+        let ip = canonicalize(ip);
         if self.allow.iter().any(|n| n.contains(ip)) {
             return Ok(());
         }
@@ -310,6 +318,12 @@ mod tests {
             Err(Denied::OwnAddress)
         );
         assert_eq!(p.check(sa("[::1]:3480")), Err(Denied::SpecialPurpose));
+        // A permission names no port: the listener's IP is allowed there.
+        assert_eq!(p.check_ip(listener.ip()), Ok(()));
+        assert_eq!(
+            p.check_ip("::1".parse().unwrap()),
+            Err(Denied::SpecialPurpose)
+        );
     }
 
     #[test]

@@ -52,7 +52,7 @@ impl Server {
         if !self.slots[slot].as_ref().is_some_and(|a| a.tcp) {
             return self.error(reply, ErrorCode::BAD_REQUEST, Some(&auth));
         }
-        if let Err(code) = self.check_peer(slot, peer) {
+        if let Err(code) = self.check_peer(slot, peer, true) {
             return self.error(reply, code, Some(&auth));
         }
         let Some(a) = self.slots[slot].as_ref() else {
