@@ -125,6 +125,21 @@ pub struct DeviceConfig {
     pub keep_heard: Duration,
     /// Send and receive video (the test pattern stands in for a camera).
     pub video: bool,
+    /// Check the own handle's key transparency history regularly.
+    pub audit: Option<OwnAudit>,
+}
+
+/// What a device checks its own handle's published history against: the
+/// account key, and the devices it knows of. A change it did not expect
+/// raises [`DeviceEvent::Unapproved`], once.
+#[derive(Clone, Debug)]
+pub struct OwnAudit {
+    pub account_key: wire::keys::PublicKey,
+    /// The account's devices as this device knows them; a device that
+    /// appears beyond them is reported (then known). The account key and
+    /// deletions are always checked.
+    pub known_devices: Vec<DeviceId>,
+    pub every: Duration,
 }
 
 /// A device's microphone: where its outgoing audio comes from.
@@ -195,6 +210,10 @@ pub enum DeviceEvent {
     },
     /// The courier link is back after a loss.
     CourierConnected,
+    /// The own handle's verified history shows what this device did not
+    /// expect: a device it did not know of, another account key (an
+    /// account reset, or a directory that lies), or a deletion.
+    Unapproved(Vec<wire::transparency::Unapproved>),
     /// Something went wrong outside a call.
     Error(String),
 }
@@ -310,6 +329,7 @@ impl Device {
             sip: None,
             online,
             sip_retry,
+            audit: None,
             sip_buf: vec![0; 16 * 1024],
             sockets: HashMap::new(),
             media_tx: mtx,
@@ -324,6 +344,11 @@ impl Device {
             task.phone.ua().register(Instant::now());
             task.flush().await;
         }
+        task.audit = task
+            .config
+            .audit
+            .clone()
+            .map(|a| (a, tokio::time::Instant::now(), 0));
         let handle = tokio::spawn(task.run(crx, mrx));
         Ok(Device {
             commands: ctx,
@@ -430,6 +455,9 @@ struct Task {
     /// The device wants to be registered (it is not asleep).
     online: bool,
     sip_retry: Retry,
+    /// The own-history audit: its settings, the next run, the first epoch
+    /// not yet checked.
+    audit: Option<(OwnAudit, tokio::time::Instant, u64)>,
     sip_buf: Vec<u8>,
     sockets: HashMap<CallId, Arc<UdpSocket>>,
     media_tx: mpsc::Sender<(CallId, SocketAddr, Vec<u8>)>,
@@ -494,6 +522,7 @@ impl Task {
                 }
                 _ = Retry::due(self.courier_retry.at) => self.courier_reconnect().await,
                 _ = Retry::due(self.sip_retry.at) => self.sip_reconnect().await,
+                _ = Retry::due(self.audit.as_ref().map(|a| a.1)) => self.audit_own().await,
                 Some((call, from, data)) = media.recv() => {
                     if let Err(e) = self.phone.handle_media_input(Instant::now(), &call, from, &data) {
                         self.event(DeviceEvent::Error(e.to_string())).await;
@@ -687,6 +716,56 @@ impl Task {
         if self.online && self.sip_retry.at.is_none() {
             self.sip_retry.start();
         }
+    }
+
+    /// Checks the own handle's history since the last check; whatever
+    /// this device did not expect is reported once.
+    async fn audit_own(&mut self) {
+        let Some((audit, _, since)) = self.audit.take() else {
+            return;
+        };
+        let result = self
+            .ids
+            .audit_own(
+                &self.me.key,
+                &self.config.handle,
+                &audit.account_key,
+                &audit.known_devices,
+                since,
+            )
+            .await;
+        let mut audit = audit;
+        let mut since = since;
+        match result {
+            Ok(found) if !found.is_empty() => {
+                use wire::transparency::Unapproved as U;
+                let epoch = |u: &U| match u {
+                    U::AccountKey { epoch } | U::Tombstone { epoch } | U::Device { epoch, .. } => {
+                        *epoch
+                    }
+                };
+                since = found.iter().map(epoch).max().unwrap_or(since) + 1;
+                // One report per device, however many epochs list it.
+                let mut report = Vec::new();
+                for u in found {
+                    if let U::Device { device, .. } = &u {
+                        if audit.known_devices.contains(device) {
+                            continue;
+                        }
+                        audit.known_devices.push(*device);
+                    }
+                    report.push(u);
+                }
+                self.event(DeviceEvent::Unapproved(report)).await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.event(DeviceEvent::Error(format!("own history audit: {e}")))
+                    .await;
+            }
+        }
+        let next = tokio::time::Instant::now() + audit.every;
+        self.audit = Some((audit, next, since));
     }
 
     /// One SIP reconnection attempt.

@@ -11,14 +11,14 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use clap::{Args, Subcommand};
 use client_sdk::call::{CallEvent, EndReason};
-use client_sdk::device::{AudioSource, Device, DeviceConfig, DeviceEvent, Identity};
+use client_sdk::device::{AudioSource, Device, DeviceConfig, DeviceEvent, Identity, OwnAudit};
 use client_sdk::ids::IdsClient;
 use client_sdk::media::CallStats;
 use serde::{Deserialize, Serialize};
 use wire::device_list::{DeviceEntry, DeviceList};
 use wire::handle::Handle;
 use wire::keys::{DeviceId, SigningKey};
-use wire::transparency::TrustAnchor;
+use wire::transparency::{TrustAnchor, Unapproved};
 
 /// The VoIP push topic of this client.
 pub const VOIP_TOPIC: &str = "org.parley.client.voip";
@@ -152,6 +152,11 @@ struct ListenArgs {
     /// Exit after this many calls have ended (0: never).
     #[arg(long, default_value_t = 0)]
     calls: u32,
+    /// Check the handle's key transparency history this often (seconds;
+    /// 0: never) and warn of any device or account key change this device
+    /// did not know of.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    audit_every: u64,
     #[command(flatten)]
     media: MediaArgs,
 }
@@ -522,12 +527,31 @@ fn local_ip_towards(to: SocketAddr) -> Result<IpAddr> {
     Ok(s.local_addr()?.ip())
 }
 
-async fn start_device(args: &ClientArgs, m: &MediaArgs) -> Result<(Device, State)> {
+/// `audit_every`: how often to audit the own handle's history, if at all.
+async fn start_device(
+    args: &ClientArgs,
+    m: &MediaArgs,
+    audit_every: Option<Duration>,
+) -> Result<(Device, State)> {
     let state = State::load(&args.state)?;
     let me = state.identity()?;
     let mut ids = ids_client(args)?;
     ids.pin(state.anchor()?);
     let handle = Handle::parse(&state.handle)?;
+    let audit = match audit_every {
+        Some(every) => {
+            // What this device knows of its account now: the list the
+            // account key signed, as ids holds it (checked).
+            let account = State::key(&state.account_key)?;
+            let list = ids.account_list(&me.key, &account).await?;
+            Some(OwnAudit {
+                account_key: account.public(),
+                known_devices: list.devices.iter().map(|d| d.id).collect(),
+                every,
+            })
+        }
+        None => None,
+    };
     let config = DeviceConfig {
         name: state.name.clone(),
         handle,
@@ -545,6 +569,7 @@ async fn start_device(args: &ClientArgs, m: &MediaArgs) -> Result<(Device, State
         microphone: microphone(m)?,
         keep_heard: Duration::from_secs(600),
         video: m.video,
+        audit,
     };
     let device = Device::start(config, me, ids, true).await?;
     Ok((device, state))
@@ -578,6 +603,23 @@ pub fn describe(e: &DeviceEvent) -> String {
             "push link taken over by another connection of this device".into()
         }
         DeviceEvent::CourierConnected => "push link back".into(),
+        DeviceEvent::Unapproved(found) => found
+            .iter()
+            .map(|u| match u {
+                Unapproved::Device { epoch, device } => format!(
+                    "WARNING: device {device} joined this account (epoch {epoch}), approved \
+                     by another device; revoke it if it is not yours"
+                ),
+                Unapproved::AccountKey { epoch } => format!(
+                    "WARNING: the handle is bound to another account key since epoch {epoch} \
+                     (an account reset, or a directory that lies)"
+                ),
+                Unapproved::Tombstone { epoch } => {
+                    format!("WARNING: the handle was deleted at epoch {epoch}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
         DeviceEvent::Error(e) => format!("error: {e}"),
         DeviceEvent::Call(c) => match c {
             CallEvent::Incoming { from, .. } => format!("incoming call from {}", from.as_str()),
@@ -625,7 +667,7 @@ async fn record(device: &Device, call: &str, to: Option<&Path>, start: Instant) 
 async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
     let start = Instant::now();
     let callee = Handle::parse(&a.handle).map_err(|e| anyhow!("{}: {e}", a.handle))?;
-    let (mut device, _) = start_device(args, &a.media).await?;
+    let (mut device, _) = start_device(args, &a.media, None).await?;
     registered(&mut device, start).await?;
     let dialed = Instant::now();
     let call = device.dial(&callee).await?;
@@ -703,7 +745,8 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
 
 async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
     let start = Instant::now();
-    let (mut device, state) = start_device(args, &a.media).await?;
+    let audit = (a.audit_every > 0).then(|| Duration::from_secs(a.audit_every));
+    let (mut device, state) = start_device(args, &a.media, audit).await?;
     registered(&mut device, start).await?;
     say(start, format!("listening as {}", state.handle));
     let mut ended = 0u32;

@@ -346,6 +346,7 @@ async fn scenario(
         microphone: AudioSource::Tone(hz),
         keep_heard: Duration::from_secs(10),
         video: !args.no_video,
+        audit: None,
     };
     let alice = Device::start(
         cfg("alice", &alice_h, ALICE_HZ),

@@ -173,28 +173,7 @@ fn two_desktop_clients_call_each_other_through_parley_up() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a device"));
 
     // Bob's phone joins his account with a link code his laptop approves.
-    let mut approve = client(&up, &data, &bob)
-        .args(["approve", "--wait", "60"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let approve_out = lines(approve.stdout.take().unwrap());
-    let mut seen = Vec::new();
-    let code = wait_line(&approve_out, "link code: ", &mut seen)
-        .split("link code: ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_string();
-    let mut join = client(&up, &data, &bob2);
-    join.args([
-        "activate", "--handle", BOB, "--name", "phone", "--link", &code,
-    ]);
-    let out = run(join, limit, "activate --link");
-    assert!(out.contains("activated"), "{out}");
-    finish(approve, limit, "approve");
-    let approved = wait_line(&approve_out, "approved", &mut seen);
+    let (_, approved) = link_device(&up, &data, &bob, &bob2, "phone");
     assert!(approved.contains("2 devices"), "{approved}");
 
     // Bob's laptop takes one call, speaking 660 Hz; Alice speaks 440 Hz
@@ -270,4 +249,81 @@ fn a_listening_client_rides_out_a_restart_of_the_services() {
     let out = run(call, limit, "call after the restart");
     assert!(out.contains("media connected"), "{out}");
     finish(listen, limit, "listen");
+}
+
+/// Joins a new device to `approver`'s account (as `approve` and `activate
+/// --link` do, in two processes); returns the new device's id and the
+/// approver's last line.
+fn link_device(
+    up: &parley_tests::up::Up,
+    data: &Path,
+    approver: &Path,
+    state: &Path,
+    name: &str,
+) -> (String, String) {
+    let limit = Duration::from_secs(60);
+    let mut c = client(up, data, approver);
+    c.args(["approve", "--wait", "60"]);
+    let (approve, rx) = spawn(c);
+    let mut seen = Vec::new();
+    let code = wait_line(&rx, "link code: ", &mut seen)
+        .split("link code: ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut join = client(up, data, state);
+    join.args(["activate", "--handle", BOB, "--name", name, "--link", &code]);
+    let out = run(join, limit, "activate --link");
+    finish(approve, limit, "approve");
+    let approved = wait_line(&rx, "approved", &mut seen);
+    let id = out
+        .split("as device ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no device id in {out}"))
+        .to_string();
+    (id, approved)
+}
+
+#[test]
+fn a_listening_client_warns_of_a_device_another_one_approved() {
+    let (dir, data, up) = stack();
+    let (laptop, phone, tablet) = (
+        dir.path().join("laptop"),
+        dir.path().join("phone"),
+        dir.path().join("tablet"),
+    );
+    let mut c = client(&up, &data, &laptop);
+    c.args(["activate", "--handle", BOB, "--outbox"])
+        .arg(data.join("outbox"));
+    run(c, Duration::from_secs(60), "activate");
+    link_device(&up, &data, &laptop, &phone, "phone");
+
+    // The laptop knows itself and the phone; it checks its history every
+    // second while it listens.
+    let mut c = client(&up, &data, &laptop);
+    c.args(["listen", "--audit-every", "1"]);
+    let (mut listen, rx) = spawn(c);
+    let mut seen = Vec::new();
+    wait_line(&rx, "listening as", &mut seen);
+    // Nothing to report about devices it knows.
+    std::thread::sleep(Duration::from_millis(1500));
+    while let Ok(l) = rx.try_recv() {
+        seen.push(l);
+    }
+    assert!(
+        !seen.iter().any(|l| l.contains("WARNING")),
+        "{}",
+        seen.join("\n")
+    );
+    // The phone approves a tablet: the laptop tells its user.
+    let (tablet_id, _) = link_device(&up, &data, &phone, &tablet, "tablet");
+    let warning = wait_line(&rx, "WARNING", &mut seen);
+    assert!(
+        warning.contains(&format!("device {tablet_id} joined this account")),
+        "{warning}"
+    );
+    let _ = listen.kill();
+    let _ = listen.wait();
 }
