@@ -142,6 +142,48 @@ pub struct OwnAudit {
     pub every: Duration,
 }
 
+/// The first device of a new account: proves the handle with `token` and
+/// creates the account; returns the device, the account key and the
+/// account's first device list.
+pub async fn first_device(
+    ids: &IdsClient,
+    token: String,
+    handle: &Handle,
+    name: &str,
+) -> Result<(Identity, SigningKey, wire::device_list::DeviceList), IdsError> {
+    let account = SigningKey::generate();
+    let key = SigningKey::generate();
+    let device = DeviceId::random();
+    let reg = ids
+        .create_account(
+            &account,
+            device,
+            &key,
+            std::slice::from_ref(handle),
+            &[token],
+            name,
+        )
+        .await?;
+    let list = wire::device_list::DeviceList {
+        account_key: account.public(),
+        seq: 1,
+        handles: vec![handle.uri()],
+        devices: vec![wire::device_list::DeviceEntry {
+            id: device,
+            identity_key: key.public(),
+        }],
+    };
+    Ok((
+        Identity {
+            device: reg.device_id,
+            key,
+            certificate: reg.certificate,
+        },
+        account,
+        list,
+    ))
+}
+
 /// A device's microphone: where its outgoing audio comes from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum AudioSource {
@@ -759,6 +801,9 @@ impl Task {
                 self.event(DeviceEvent::Unapproved(report)).await;
             }
             Ok(_) => {}
+            // Not in a published epoch yet (a handle just activated):
+            // nothing to check.
+            Err(IdsError::Refused { status: 404, .. }) => {}
             Err(e) => {
                 self.event(DeviceEvent::Error(format!("own history audit: {e}")))
                     .await;

@@ -15,7 +15,6 @@ use client_sdk::device::{AudioSource, Device, DeviceConfig, DeviceEvent, Identit
 use client_sdk::ids::IdsClient;
 use client_sdk::media::CallStats;
 use serde::{Deserialize, Serialize};
-use wire::device_list::{DeviceEntry, DeviceList};
 use wire::handle::Handle;
 use wire::keys::{DeviceId, SigningKey};
 use wire::transparency::{TrustAnchor, Unapproved};
@@ -317,47 +316,7 @@ pub async fn read_code(outbox: &Path, handle: &Handle) -> Result<String> {
     bail!("no code for {} in {}", handle.as_str(), outbox.display())
 }
 
-/// The first device of a new account: proves the handle with `token` and
-/// creates the account; returns the device, the account key and the
-/// account's first device list.
-pub async fn first_device(
-    ids: &IdsClient,
-    token: String,
-    handle: &Handle,
-    name: &str,
-) -> Result<(Identity, SigningKey, DeviceList)> {
-    let account = SigningKey::generate();
-    let key = SigningKey::generate();
-    let device = DeviceId::random();
-    let reg = ids
-        .create_account(
-            &account,
-            device,
-            &key,
-            std::slice::from_ref(handle),
-            &[token],
-            name,
-        )
-        .await?;
-    let list = DeviceList {
-        account_key: account.public(),
-        seq: 1,
-        handles: vec![handle.uri()],
-        devices: vec![DeviceEntry {
-            id: device,
-            identity_key: key.public(),
-        }],
-    };
-    Ok((
-        Identity {
-            device: reg.device_id,
-            key,
-            certificate: reg.certificate,
-        },
-        account,
-        list,
-    ))
-}
+pub use client_sdk::device::first_device;
 
 /// Proves a handle with the code from the outbox; returns its token.
 pub async fn prove_from_outbox(ids: &IdsClient, outbox: &Path, handle: &Handle) -> Result<String> {
@@ -584,7 +543,8 @@ async fn registered(device: &mut Device, start: Instant) -> Result<()> {
                 say(start, "registered with signaling");
                 return Ok(());
             }
-            Some(DeviceEvent::Error(e)) => bail!("{e}"),
+            // Not fatal: say it and keep waiting.
+            Some(e @ DeviceEvent::Error(_)) => say(start, describe(&e)),
             _ => {}
         }
     }

@@ -5,7 +5,6 @@
 //! recording holds the other's tone.
 
 use client_sdk::media::audio::dominant_frequency;
-use parley_tests::tool::lines;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -124,27 +123,35 @@ fn heard(path: &Path) -> (f64, f64, usize) {
 /// `parley up` in a temporary directory; (dir, data directory, stack).
 fn stack() -> (tempfile::TempDir, std::path::PathBuf, parley_tests::up::Up) {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = dir.path().join("parley.toml");
-    // Epochs every 200 ms keep activation → lookup short; the relay may
-    // reach loopback peers (the other client's relayed address).
-    std::fs::write(
-        &config,
-        "[ids]\npublish_interval_secs = 0.2\n[turn]\nallow_peers = [\"127.0.0.0/8\"]\n",
-    )
-    .unwrap();
-    let up = parley_tests::up::start(BIN, &data, &config);
+    let (data, up) = parley_tests::up::start_lab(BIN, dir.path());
     (dir, data, up)
 }
 
-/// A client command left running, with its output lines.
+/// A client command left running, with its output lines (stdout and
+/// stderr, as they come).
 fn spawn(mut c: Command) -> (Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
     let mut child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let rx = lines(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().unwrap());
+    let err: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().unwrap());
+    for stream in [out, err] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stream)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     (child, rx)
 }
 
@@ -184,16 +191,12 @@ fn two_desktop_clients_call_each_other_through_parley_up() {
         dir.path().join("bob-heard.wav"),
     );
     tone_wav(&alice_wav, 440.0, 10.0);
-    let mut listen = client(&up, &data, &bob)
-        .args([
-            "listen", "--answer", "--calls", "1", "--tone", "660", "--record",
-        ])
-        .arg(&bob_rec)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let listen_out = lines(listen.stdout.take().unwrap());
+    let mut c = client(&up, &data, &bob);
+    c.args([
+        "listen", "--answer", "--calls", "1", "--tone", "660", "--record",
+    ])
+    .arg(&bob_rec);
+    let (listen, listen_out) = spawn(c);
     let mut bob_seen = Vec::new();
     wait_line(&listen_out, "listening as", &mut bob_seen);
     let mut call = client(&up, &data, &alice);

@@ -43,6 +43,22 @@ pub fn start(bin: &str, data: &Path, config: &Path) -> Up {
     launch(bin, data, config, None)
 }
 
+/// `parley up` for calls on one machine, in `dir`: epochs every 200 ms
+/// (activation → lookup stays short) and a relay that may reach loopback
+/// peers (the other device's relayed address). Returns the data directory
+/// and the stack.
+pub fn start_lab(bin: &str, dir: &Path) -> (PathBuf, Up) {
+    let data = dir.join("data");
+    let config = dir.join("parley.toml");
+    std::fs::write(
+        &config,
+        "[ids]\npublish_interval_secs = 0.2\n[turn]\nallow_peers = [\"127.0.0.0/8\"]\n",
+    )
+    .expect("write the config");
+    let up = start(bin, &data, &config);
+    (data, up)
+}
+
 impl Up {
     /// Kills the process (as a crash would) and starts it again on the
     /// same data directory and addresses.

@@ -1,0 +1,377 @@
+//! The client SDK for apps in Swift, Kotlin and Python, through UniFFI.
+//!
+//! A blocking surface over the SDK's async one: [`Parley`] activates a
+//! device against the services, [`PhoneDevice`] is a running device
+//! (courier link, SIP, calls, media) with an event queue the app polls.
+//! Every call runs on a tokio runtime the library owns, so the app needs
+//! none. Generate the bindings with the `uniffi-bindgen` binary of this
+//! crate: `uniffi-bindgen generate --library libparley_ffi.so --language
+//! python|swift|kotlin --out-dir DIR`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use client_sdk::call::CallEvent;
+use client_sdk::device::{AudioSource, Device, DeviceConfig, DeviceEvent, Identity};
+use client_sdk::ids::IdsClient;
+use wire::handle::Handle;
+use wire::keys::{DeviceId, SigningKey};
+
+uniffi::setup_scaffolding!();
+
+/// The app's VoIP push topic for devices started here.
+const VOIP_TOPIC: &str = "org.parley.app.voip";
+
+#[derive(Debug, thiserror::Error, uniffi::Error)]
+#[uniffi(flat_error)]
+pub enum ParleyError {
+    /// Bad input: a handle, an address, a key.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// A service refused or could not be reached, or a proof failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn invalid(e: impl std::fmt::Display) -> ParleyError {
+    ParleyError::Invalid(e.to_string())
+}
+
+fn failed(e: impl std::fmt::Display) -> ParleyError {
+    ParleyError::Failed(e.to_string())
+}
+
+/// Where the services are (`parley up` prints these) and whom to trust.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct Services {
+    /// The identity service, `host:port`.
+    pub ids: String,
+    /// The push courier's device port.
+    pub courier: String,
+    /// Signaling's SIP over TLS port.
+    pub sip: String,
+    /// PEM of the CA the services' certificates chain to.
+    pub ca_pem: String,
+    /// Name in the services' certificates.
+    pub server_name: String,
+    /// SIP domain of the handles.
+    pub domain: String,
+}
+
+/// What activation gives a device. The app keeps it in its secure
+/// storage: it holds the device's and the account's private keys.
+#[derive(Clone, uniffi::Record)]
+pub struct DeviceIdentity {
+    pub handle: String,
+    pub device_id: String,
+    /// PKCS#8.
+    pub identity_key: Vec<u8>,
+    /// PKCS#8; approves the account's next devices.
+    pub account_key: Vec<u8>,
+    pub certificate: String,
+}
+
+impl std::fmt::Debug for DeviceIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceIdentity")
+            .field("handle", &self.handle)
+            .field("device_id", &self.device_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What happened on a device, in the order it happened.
+#[derive(Debug, Clone, PartialEq, uniffi::Enum)]
+pub enum PhoneEvent {
+    Registered,
+    /// A VoIP push woke the device.
+    Woken,
+    Incoming {
+        call: String,
+        from: String,
+    },
+    /// This device rings (the caller is verified): answer or hang up.
+    Ringing {
+        call: String,
+    },
+    /// The far end's devices ring.
+    Alerting {
+        call: String,
+    },
+    Answered {
+        call: String,
+        device: String,
+    },
+    MediaConnected {
+        call: String,
+    },
+    Ended {
+        call: String,
+        reason: String,
+    },
+    /// Anything else, described.
+    Other {
+        description: String,
+    },
+}
+
+fn phone_event(e: DeviceEvent) -> Option<PhoneEvent> {
+    Some(match e {
+        DeviceEvent::Registered => PhoneEvent::Registered,
+        DeviceEvent::Woken { .. } => PhoneEvent::Woken,
+        DeviceEvent::Call(c) => match c {
+            CallEvent::Incoming { call, from, .. } => PhoneEvent::Incoming {
+                call,
+                from: from.as_str().to_string(),
+            },
+            CallEvent::Ringing { call } => PhoneEvent::Ringing { call },
+            CallEvent::Alerting { call } => PhoneEvent::Alerting { call },
+            CallEvent::Answered { call, device } => PhoneEvent::Answered {
+                call,
+                device: device.to_string(),
+            },
+            CallEvent::MediaConnected { call } => PhoneEvent::MediaConnected { call },
+            CallEvent::Ended { call, reason } => PhoneEvent::Ended {
+                call,
+                reason: format!("{reason:?}"),
+            },
+            // Statistics arrive every second; the app asks for them.
+            CallEvent::Stats { .. } => return None,
+        },
+        other => PhoneEvent::Other {
+            description: format!("{other:?}"),
+        },
+    })
+}
+
+/// Normalises a phone number (E.164) or email address as the identity
+/// service does.
+#[uniffi::export]
+pub fn normalize_handle(input: String) -> Result<String, ParleyError> {
+    Handle::parse(&input)
+        .map(|h| h.as_str().to_string())
+        .map_err(invalid)
+}
+
+/// The frequency (Hz, 200–2000 in 20 Hz steps) that dominates 48 kHz
+/// samples, and nothing else: a check that a test tone arrived.
+#[uniffi::export]
+pub fn dominant_frequency(samples: Vec<i16>) -> f64 {
+    client_sdk::media::audio::dominant_frequency(&samples, (200..2000).step_by(20).map(f64::from)).0
+}
+
+fn addr(what: &str, s: &str) -> Result<SocketAddr, ParleyError> {
+    s.parse()
+        .map_err(|e| ParleyError::Invalid(format!("{what} {s:?}: {e}")))
+}
+
+/// The services of one deployment, for activating and starting devices.
+#[derive(uniffi::Object)]
+pub struct Parley {
+    rt: Arc<tokio::runtime::Runtime>,
+    services: Services,
+    roots: rustls::RootCertStore,
+    ids: Mutex<IdsClient>,
+}
+
+impl std::fmt::Debug for Parley {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parley")
+            .field("services", &self.services)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Parley {
+    fn ids(&self) -> IdsClient {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[uniffi::export]
+impl Parley {
+    #[uniffi::constructor]
+    pub fn new(services: Services) -> Result<Arc<Parley>, ParleyError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in client_sdk::ids::pem_certs(&services.ca_pem).map_err(invalid)? {
+            roots.add(c).map_err(invalid)?;
+        }
+        let ids = IdsClient::new(
+            addr("ids", &services.ids)?,
+            &services.server_name,
+            roots.clone(),
+        )
+        .map_err(invalid)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(failed)?;
+        Ok(Arc::new(Parley {
+            rt: Arc::new(rt),
+            services,
+            roots,
+            ids: Mutex::new(ids),
+        }))
+    }
+
+    /// Sends a code to `handle`; returns the verification's id.
+    pub fn start_verification(&self, handle: String) -> Result<String, ParleyError> {
+        let h = Handle::parse(&handle).map_err(invalid)?;
+        let ids = self.ids();
+        self.rt.block_on(ids.start_verification(&h)).map_err(failed)
+    }
+
+    /// Checks the code; returns the token that proves the handle.
+    pub fn check_verification(
+        &self,
+        verification: String,
+        code: String,
+    ) -> Result<String, ParleyError> {
+        let ids = self.ids();
+        self.rt
+            .block_on(ids.check_verification(&verification, code.trim()))
+            .map_err(failed)
+    }
+
+    /// Creates the account of a proven handle with this as its first
+    /// device.
+    pub fn create_account(
+        &self,
+        handle: String,
+        token: String,
+        name: String,
+    ) -> Result<DeviceIdentity, ParleyError> {
+        let h = Handle::parse(&handle).map_err(invalid)?;
+        let ids = self.ids();
+        let (me, account, _) = self
+            .rt
+            .block_on(async {
+                // Pin the transparency keys before the first lookup.
+                let mut ids = ids;
+                ids.anchor().await?;
+                *self.ids.lock().unwrap_or_else(|e| e.into_inner()) = ids.clone();
+                client_sdk::device::first_device(&ids, token, &h, &name).await
+            })
+            .map_err(failed)?;
+        Ok(DeviceIdentity {
+            handle: h.as_str().to_string(),
+            device_id: wire::keys::hex(&me.device.0),
+            identity_key: me.key.pkcs8().to_vec(),
+            account_key: account.pkcs8().to_vec(),
+            certificate: me.certificate,
+        })
+    }
+
+    /// Starts a device: its courier link and SIP registration. It speaks a
+    /// tone of `tone_hz` (0: silence) in calls, as a stand-in for the
+    /// microphone; `relay_only` hides its addresses behind the relay.
+    pub fn start_device(
+        &self,
+        identity: DeviceIdentity,
+        tone_hz: f64,
+        relay_only: bool,
+    ) -> Result<Arc<PhoneDevice>, ParleyError> {
+        let handle = Handle::parse(&identity.handle).map_err(invalid)?;
+        let device = wire::keys::unhex(&identity.device_id)
+            .and_then(|b| b.try_into().ok())
+            .map(DeviceId)
+            .ok_or_else(|| invalid("device_id is not 32 hex digits"))?;
+        let key = SigningKey::from_pkcs8(&identity.identity_key).map_err(invalid)?;
+        let sip = addr("sip", &self.services.sip)?;
+        let media_ip = if sip.ip().is_loopback() {
+            sip.ip()
+        } else {
+            IpAddr::from([0, 0, 0, 0])
+        };
+        let config = DeviceConfig {
+            name: "app".into(),
+            handle,
+            sip_domain: self.services.domain.clone(),
+            sip,
+            courier: addr("courier", &self.services.courier)?,
+            server_name: self.services.server_name.clone(),
+            roots: self.roots.clone(),
+            voip_topic: VOIP_TOPIC.into(),
+            media_ip,
+            relay_only,
+            microphone: if tone_hz > 0.0 {
+                AudioSource::Tone(tone_hz)
+            } else {
+                AudioSource::Silence
+            },
+            keep_heard: Duration::from_secs(60),
+            video: false,
+            audit: None,
+        };
+        let me = Identity {
+            device,
+            key,
+            certificate: identity.certificate,
+        };
+        let ids = self.ids();
+        let device = self
+            .rt
+            .block_on(Device::start(config, me, ids, true))
+            .map_err(failed)?;
+        Ok(Arc::new(PhoneDevice {
+            rt: self.rt.clone(),
+            device: tokio::sync::Mutex::new(device),
+        }))
+    }
+}
+
+/// A running device.
+#[derive(Debug, uniffi::Object)]
+pub struct PhoneDevice {
+    rt: Arc<tokio::runtime::Runtime>,
+    device: tokio::sync::Mutex<Device>,
+}
+
+#[uniffi::export]
+impl PhoneDevice {
+    /// Calls every device of `handle` (their keys verified first);
+    /// returns the call's id.
+    pub fn dial(&self, handle: String) -> Result<String, ParleyError> {
+        let h = Handle::parse(&handle).map_err(invalid)?;
+        self.rt
+            .block_on(async { self.device.lock().await.dial(&h).await })
+            .map_err(failed)
+    }
+
+    pub fn answer(&self, call: String) -> Result<(), ParleyError> {
+        self.rt
+            .block_on(async { self.device.lock().await.answer(&call).await })
+            .map_err(failed)
+    }
+
+    pub fn hangup(&self, call: String) -> Result<(), ParleyError> {
+        self.rt
+            .block_on(async { self.device.lock().await.hangup(&call).await })
+            .map_err(failed)
+    }
+
+    /// The next event, waiting at most `timeout_ms`.
+    pub fn next_event(&self, timeout_ms: u64) -> Option<PhoneEvent> {
+        self.rt.block_on(async {
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+            let mut d = self.device.lock().await;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let e = d.next_event(left).await?;
+                if let Some(e) = phone_event(e) {
+                    return Some(e);
+                }
+            }
+        })
+    }
+
+    /// The audio this device played for `call` (48 kHz mono), up to the
+    /// last minute.
+    pub fn heard(&self, call: String) -> Result<Vec<i16>, ParleyError> {
+        self.rt
+            .block_on(async { self.device.lock().await.heard(&call).await })
+            .map_err(failed)
+    }
+}

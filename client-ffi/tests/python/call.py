@@ -1,0 +1,100 @@
+"""A call between two devices through the Python binding, against a
+running `parley up`: both activate with codes from the development
+outbox, Alice calls Bob, Bob answers, and each hears the other's tone.
+
+Environment: PARLEY_IDS, PARLEY_COURIER, PARLEY_SIP (host:port),
+PARLEY_CA (PEM file), PARLEY_OUTBOX (the outbox directory).
+"""
+
+import os
+import sys
+import time
+
+import parley_ffi as parley
+
+ALICE, BOB = "alice@example.com", "+14155550123"
+ALICE_HZ, BOB_HZ = 440.0, 660.0
+
+
+def code_for(handle, outbox):
+    """The newest code the development sender wrote for `handle`."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        files = sorted(f for f in os.listdir(outbox) if handle in f)
+        if files:
+            path = os.path.join(outbox, files[-1])
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            os.remove(path)
+            return text.split("code is ")[1][:6]
+        time.sleep(0.05)
+    raise RuntimeError(f"no code for {handle} in {outbox}")
+
+
+def activate(p, handle, outbox):
+    verification = p.start_verification(handle)
+    token = p.check_verification(verification, code_for(handle, outbox))
+    return p.create_account(handle, token, "python")
+
+
+def wait_for(device, want, seconds=20):
+    """Events until one of type `want` arrives; returns it."""
+    deadline = time.monotonic() + seconds
+    seen = []
+    while time.monotonic() < deadline:
+        e = device.next_event(200)
+        if e is None:
+            continue
+        seen.append(e)
+        if isinstance(e, want):
+            return e
+    raise RuntimeError(f"no {want.__name__} within {seconds} s; saw {seen}")
+
+
+def main():
+    services = parley.Services(
+        ids=os.environ["PARLEY_IDS"],
+        courier=os.environ["PARLEY_COURIER"],
+        sip=os.environ["PARLEY_SIP"],
+        ca_pem=open(os.environ["PARLEY_CA"], encoding="utf-8").read(),
+        server_name="localhost",
+        domain="localhost",
+    )
+    outbox = os.environ["PARLEY_OUTBOX"]
+    p = parley.Parley(services)
+
+    assert parley.normalize_handle("Alice@Example.COM") == ALICE
+    try:
+        parley.normalize_handle("not a handle")
+        raise AssertionError("a bad handle was accepted")
+    except parley.ParleyError.Invalid:
+        pass
+
+    alice_id = activate(p, ALICE, outbox)
+    bob_id = activate(p, BOB, outbox)
+    assert alice_id.handle == ALICE and len(alice_id.device_id) == 32
+    alice = p.start_device(alice_id, ALICE_HZ, True)
+    bob = p.start_device(bob_id, BOB_HZ, False)
+    wait_for(alice, parley.PhoneEvent.REGISTERED)
+    wait_for(bob, parley.PhoneEvent.REGISTERED)
+    # Let Bob's device list reach a published epoch before the lookup.
+    time.sleep(0.5)
+
+    call = alice.dial(BOB)
+    ringing = wait_for(bob, parley.PhoneEvent.RINGING)
+    bob.answer(ringing.call)
+    wait_for(alice, parley.PhoneEvent.MEDIA_CONNECTED)
+    wait_for(bob, parley.PhoneEvent.MEDIA_CONNECTED)
+    time.sleep(2)
+    bob_heard = parley.dominant_frequency(bob.heard(ringing.call))
+    alice_heard = parley.dominant_frequency(alice.heard(call))
+    alice.hangup(call)
+    ended = wait_for(bob, parley.PhoneEvent.ENDED)
+    print(f"Bob heard {bob_heard} Hz, Alice heard {alice_heard} Hz; Bob: {ended.reason}")
+    assert bob_heard == ALICE_HZ, bob_heard
+    assert alice_heard == BOB_HZ, alice_heard
+    print("OK")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
