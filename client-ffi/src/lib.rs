@@ -291,6 +291,7 @@ impl Parley {
             sip_domain: self.services.domain.clone(),
             sip,
             courier: addr("courier", &self.services.courier)?,
+            courier_transport: client_sdk::courier::Transport::Tls,
             server_name: self.services.server_name.clone(),
             roots: self.roots.clone(),
             voip_topic: VOIP_TOPIC.into(),

@@ -107,8 +107,10 @@ pub struct DeviceConfig {
     pub sip_domain: String,
     /// Signaling's SIP/TLS address.
     pub sip: SocketAddr,
-    /// The courier's device port.
+    /// The courier's device port, and how to reach it: TLS over TCP, or
+    /// QUIC, which keeps the link across a change of network.
     pub courier: SocketAddr,
+    pub courier_transport: Transport,
     /// Name in the services' certificates, and their trust anchors.
     pub server_name: String,
     pub roots: rustls::RootCertStore,
@@ -305,7 +307,7 @@ impl Device {
         };
         let (courier, tokens) = DeviceClient::connect(
             config.courier,
-            Transport::Tls,
+            config.courier_transport,
             &creds,
             &[config.voip_topic.as_str()],
             0,
@@ -843,7 +845,7 @@ impl Task {
             COURIER_CONNECT_LIMIT,
             DeviceClient::connect(
                 self.config.courier,
-                Transport::Tls,
+                self.config.courier_transport,
                 &self.creds,
                 &[topic.as_str()],
                 0,

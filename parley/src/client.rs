@@ -11,6 +11,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use clap::{Args, Subcommand};
 use client_sdk::call::{CallEvent, EndReason};
+use client_sdk::courier::Transport;
 use client_sdk::device::{AudioSource, Device, DeviceConfig, DeviceEvent, Identity, OwnAudit};
 use client_sdk::ids::IdsClient;
 use client_sdk::media::CallStats;
@@ -38,6 +39,10 @@ pub struct ClientArgs {
     /// The push courier's device port (TLS).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5223")]
     courier: SocketAddr,
+    /// Reach the courier over QUIC (the same port, UDP) instead of TLS over
+    /// TCP: the push link then survives a change of network.
+    #[arg(long)]
+    quic: bool,
     /// Signaling's SIP over TLS port.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5061")]
     sip: SocketAddr,
@@ -517,6 +522,11 @@ async fn start_device(
         sip_domain: args.domain.clone(),
         sip: args.sip,
         courier: args.courier,
+        courier_transport: if args.quic {
+            Transport::Quic
+        } else {
+            Transport::Tls
+        },
         server_name: args.server_name.clone(),
         roots: roots(args)?,
         voip_topic: VOIP_TOPIC.into(),

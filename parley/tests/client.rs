@@ -191,9 +191,10 @@ fn two_desktop_clients_call_each_other_through_parley_up() {
         dir.path().join("bob-heard.wav"),
     );
     tone_wav(&alice_wav, 440.0, 10.0);
+    // Bob's push link runs over QUIC, Alice's over TLS.
     let mut c = client(&up, &data, &bob);
     c.args([
-        "listen", "--answer", "--calls", "1", "--tone", "660", "--record",
+        "--quic", "listen", "--answer", "--calls", "1", "--tone", "660", "--record",
     ])
     .arg(&bob_rec);
     let (listen, listen_out) = spawn(c);
