@@ -56,6 +56,9 @@ pub struct JitterStats {
     pub compressed: u64,
     /// Frames inserted to grow it.
     pub stretched: u64,
+    /// Frames the sender never sent (Opus DTX during silence): played as
+    /// comfort noise, not counted as concealed loss.
+    pub dtx: u64,
 }
 
 #[derive(Debug)]
@@ -74,6 +77,14 @@ pub struct JitterBuffer {
     transits: VecDeque<(Instant, f64)>,
     target: Duration,
     last_adjust: Option<Instant>,
+    /// The last packet's sequence number and frame index: a gap in frames
+    /// with no gap in sequence numbers is DTX, not loss.
+    last_packet: Option<(u64, u64)>,
+    /// Frame indices the sender skipped (DTX), known before their turn.
+    dtx: std::collections::BTreeSet<u64>,
+    /// Recently concealed frame indices: a later packet may show the
+    /// sender skipped them (DTX), and then they were not lost.
+    concealed_at: std::collections::BTreeSet<u64>,
     stats: JitterStats,
 }
 
@@ -94,15 +105,37 @@ impl JitterBuffer {
             transits: VecDeque::new(),
             target: MIN_TARGET * 2,
             last_adjust: None,
+            last_packet: None,
+            dtx: std::collections::BTreeSet::new(),
+            concealed_at: std::collections::BTreeSet::new(),
             stats: JitterStats::default(),
         }
     }
 
-    /// One packet: its RTP timestamp (48 kHz clock), payload and arrival.
-    pub fn push(&mut self, rtp_ts: u32, payload: Vec<u8>, arrival: Instant) {
+    /// One packet: its RTP timestamp (48 kHz clock), its (extended)
+    /// sequence number, payload and arrival.
+    pub fn push(&mut self, rtp_ts: u32, seq: u64, payload: Vec<u8>, arrival: Instant) {
         let ts = self.unwrap_ts(rtp_ts);
         let phase = *self.phase.get_or_insert(ts % FRAME_SAMPLES as u64);
         let index = (ts.saturating_sub(phase) + FRAME_SAMPLES as u64 / 2) / FRAME_SAMPLES as u64;
+        if let Some((last_seq, last_index)) = self.last_packet {
+            // Consecutive packets whose frames are apart: the sender was
+            // silent in between (bounded, as a timestamp can jump).
+            if seq == last_seq + 1 && index > last_index + 1 && index - last_index <= 500 {
+                for k in last_index + 1..index {
+                    if self.concealed_at.remove(&k) {
+                        // Already played as concealment: it was silence.
+                        self.stats.concealed = self.stats.concealed.saturating_sub(1);
+                        self.stats.dtx += 1;
+                    } else {
+                        self.dtx.insert(k);
+                    }
+                }
+            }
+        }
+        if self.last_packet.is_none_or(|(s, _)| seq > s) {
+            self.last_packet = Some((seq, index));
+        }
         self.stats.received += 1;
         let origin = *self.origin.get_or_insert(arrival);
         let transit = arrival.saturating_duration_since(origin).as_secs_f64()
@@ -178,11 +211,28 @@ impl JitterBuffer {
         if let Some(p) = self.frames.remove(&index) {
             return Playout::Frame(p);
         }
+        while let Some(&k) = self.dtx.first() {
+            if k < index {
+                self.dtx.pop_first();
+            } else {
+                break;
+            }
+        }
+        if self.dtx.remove(&index) {
+            // Nothing was sent: the decoder's concealment is the comfort
+            // noise, and nothing was lost.
+            self.stats.dtx += 1;
+            return Playout::Conceal;
+        }
         if let Some(p) = self.frames.get(&(index + 1)) {
             self.stats.fec += 1;
             return Playout::Fec(p.clone());
         }
         self.stats.concealed += 1;
+        self.concealed_at.insert(index);
+        while self.concealed_at.len() > 512 {
+            self.concealed_at.pop_first();
+        }
         Playout::Conceal
     }
 
@@ -272,7 +322,12 @@ mod tests {
         let mut played = Vec::new();
         for i in 0..100u32 {
             let now = t0 + FRAME * i;
-            jb.push(ts(i), vec![i as u8], now + Duration::from_millis(1));
+            jb.push(
+                ts(i),
+                i as u64,
+                vec![i as u8],
+                now + Duration::from_millis(1),
+            );
             if let Playout::Frame(p) = jb.pop(now + Duration::from_millis(2)) {
                 played.push(p[0]);
             }
@@ -293,7 +348,7 @@ mod tests {
         for i in 0..50u32 {
             let j = if i % 2 == 0 { i + 1 } else { i - 1 };
             if j != 30 {
-                jb.push(ts(j), vec![j as u8], t0 + FRAME * i);
+                jb.push(ts(j), j as u64, vec![j as u8], t0 + FRAME * i);
             }
             out.push(jb.pop(t0 + FRAME * i + Duration::from_millis(5)));
         }
@@ -319,6 +374,7 @@ mod tests {
             let extra = if i % 2 == 0 { 0 } else { 80 };
             jb.push(
                 ts(i),
+                i as u64,
                 vec![0],
                 t0 + FRAME * i + Duration::from_millis(extra),
             );
@@ -327,7 +383,12 @@ mod tests {
         let high = jb.target();
         assert!(high >= Duration::from_millis(80), "{high:?}");
         for _ in 0..400 {
-            jb.push(ts(i), vec![0], t0 + FRAME * i + Duration::from_millis(80));
+            jb.push(
+                ts(i),
+                i as u64,
+                vec![0],
+                t0 + FRAME * i + Duration::from_millis(80),
+            );
             i += 1;
         }
         assert!(jb.target() < high / 2, "{:?}", jb.target());
@@ -341,12 +402,55 @@ mod tests {
         let mut played = 0;
         for i in 0..50u32 {
             let now = t0 + FRAME * i;
-            jb.push(start.wrapping_add(i * FRAME_SAMPLES as u32), vec![1], now);
+            jb.push(
+                start.wrapping_add(i * FRAME_SAMPLES as u32),
+                i as u64,
+                vec![1],
+                now,
+            );
             if matches!(jb.pop(now), Playout::Frame(_)) {
                 played += 1;
             }
         }
         assert!(played >= 45, "{played}");
         assert_eq!(jb.stats().late, 0);
+    }
+
+    #[test]
+    fn dtx_silence_is_not_counted_as_loss() {
+        // 50 frames of speech, then the sender goes quiet (DTX: one packet
+        // 400 ms later, the next sequence number), then speech again.
+        let mut jb = JitterBuffer::new();
+        let t0 = Instant::now();
+        let mut seq = 0u64;
+        let mut frames: Vec<u64> = (0..50).collect();
+        frames.extend(70..120);
+        let mut sent = frames.iter().peekable();
+        for tick in 0..120u64 {
+            let now = t0 + FRAME * tick as u32;
+            while let Some(&&f) = sent.peek() {
+                if f > tick {
+                    break;
+                }
+                jb.push(f as u32 * FRAME_SAMPLES as u32, seq, vec![1], now);
+                seq += 1;
+                sent.next();
+            }
+            jb.pop(now + Duration::from_millis(1));
+        }
+        let st = jb.stats();
+        assert!(st.dtx >= 15, "{st:?}");
+        assert!(st.concealed <= 3, "{st:?}");
+        // A lost packet (a gap in sequence numbers) is still loss.
+        let mut jb = JitterBuffer::new();
+        for i in 0..60u64 {
+            let now = t0 + FRAME * i as u32;
+            if i != 30 && i != 31 && i != 32 {
+                jb.push(i as u32 * FRAME_SAMPLES as u32, i, vec![1], now);
+            }
+            jb.pop(now + Duration::from_millis(1));
+        }
+        assert!(jb.stats().concealed >= 1, "{:?}", jb.stats());
+        assert_eq!(jb.stats().dtx, 0);
     }
 }

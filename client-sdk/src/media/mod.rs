@@ -1002,7 +1002,8 @@ impl MediaSession {
                 }
                 self.last_transit = Some(transit);
                 self.bytes_in += d.data.len() as u64;
-                self.jitter.push(ts as u32, d.data.to_vec(), d.network_time);
+                self.jitter
+                    .push(ts as u32, *seq, d.data.to_vec(), d.network_time);
             }
             Event::MediaEgressStats(s) => {
                 if let Some(rtt) = s.rtt {
