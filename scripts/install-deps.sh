@@ -23,6 +23,9 @@
 #                and the relay with ICE and DTLS-SRTP
 #   iproute2     `ip netns`: the baresip test gives each instance a network
 #                namespace of its own
+#   libasound2-dev, pkg-config
+#                ALSA, for `parley client`'s sound-card feature (CI builds it
+#                and runs a call on ALSA's null device)
 #
 # from PyPI:
 #   schemathesis API fuzzing from the identity service's OpenAPI document
@@ -44,14 +47,17 @@ esac
 packages=(cmake)
 commands=(cmake)
 if ! $build_only; then
-  packages+=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2)
-  commands+=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip)
+  packages+=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2 pkg-config libasound2-dev)
+  commands+=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip pkg-config alsa.pc)
 fi
 
 # initdb lives outside PATH on Debian, under /usr/lib/postgresql/<version>/bin.
 have() {
   if [ "$1" = initdb ]; then
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+  elif [ "$1" = alsa.pc ]; then
+    # A library, not a command: its pkg-config file.
+    pkg-config --exists alsa 2>/dev/null
   else
     command -v "$1" >/dev/null 2>&1
   fi

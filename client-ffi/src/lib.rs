@@ -302,6 +302,7 @@ impl Parley {
             } else {
                 AudioSource::Silence
             },
+            speaker: None,
             keep_heard: Duration::from_secs(60),
             video: false,
             audit: None,

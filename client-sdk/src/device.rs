@@ -122,6 +122,9 @@ pub struct DeviceConfig {
     pub relay_only: bool,
     /// What this device "speaks" in every call.
     pub microphone: AudioSource,
+    /// Where the audio it plays goes as it plays (a sound card's output),
+    /// besides what it keeps for [`Device::heard`].
+    pub speaker: Option<LiveAudio>,
     /// How much of the audio it played it keeps per call, for
     /// [`Device::heard`] (the most recent part).
     pub keep_heard: Duration,
@@ -186,14 +189,42 @@ pub async fn first_device(
     ))
 }
 
+/// 48 kHz mono samples passed between the device and a sound card (or
+/// anything else that produces or consumes audio in real time).
+#[derive(Clone, Debug, Default)]
+pub struct LiveAudio(Arc<std::sync::Mutex<std::collections::VecDeque<i16>>>);
+
+impl LiveAudio {
+    /// At most this much is kept (200 ms): a consumer that falls behind
+    /// loses the oldest samples rather than adding delay.
+    const MAX: usize = 48 * 200;
+
+    pub fn push(&self, samples: &[i16]) {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        q.extend(samples.iter().copied());
+        let excess = q.len().saturating_sub(Self::MAX);
+        q.drain(..excess);
+    }
+
+    /// Fills `out` with the oldest samples, zeros where there are none.
+    pub fn pull(&self, out: &mut [i16]) {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for s in out.iter_mut() {
+            *s = q.pop_front().unwrap_or(0);
+        }
+    }
+}
+
 /// A device's microphone: where its outgoing audio comes from.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum AudioSource {
     Silence,
     /// A sine tone at this frequency (Hz).
     Tone(f64),
     /// 48 kHz mono samples, from the start of each call; silence after.
     Samples(Arc<[i16]>),
+    /// Samples as they come (a sound card's input), shared by every call.
+    Live(LiveAudio),
 }
 
 /// One call's position in its [`AudioSource`].
@@ -201,6 +232,7 @@ enum Speaking {
     Silence,
     Tone(Tone),
     Samples(Arc<[i16]>, usize),
+    Live(LiveAudio),
 }
 
 impl Speaking {
@@ -209,6 +241,7 @@ impl Speaking {
             AudioSource::Silence => Speaking::Silence,
             AudioSource::Tone(hz) => Speaking::Tone(Tone::new(*hz, 0.3)),
             AudioSource::Samples(s) => Speaking::Samples(s.clone(), 0),
+            AudioSource::Live(l) => Speaking::Live(l.clone()),
         }
     }
 
@@ -223,6 +256,11 @@ impl Speaking {
                     f[..end - *at].copy_from_slice(&s[*at..end]);
                 }
                 *at = end;
+                f
+            }
+            Speaking::Live(l) => {
+                let mut f = vec![0; FRAME_SAMPLES];
+                l.pull(&mut f);
                 f
             }
         }
@@ -606,6 +644,9 @@ impl Task {
                 .next_frame();
             let _ = self.phone.send_audio(now, &call, &frame);
             if let Ok(Some(p)) = self.phone.play_audio(now, &call) {
+                if let Some(speaker) = &self.config.speaker {
+                    speaker.push(&p.pcm);
+                }
                 let h = self.heard.entry(call).or_default();
                 h.extend_from_slice(&p.pcm);
                 let max = (self.config.keep_heard.as_millis() * 48) as usize;

@@ -12,7 +12,9 @@ use base64::Engine;
 use clap::{Args, Subcommand};
 use client_sdk::call::{CallEvent, EndReason};
 use client_sdk::courier::Transport;
-use client_sdk::device::{AudioSource, Device, DeviceConfig, DeviceEvent, Identity, OwnAudit};
+use client_sdk::device::{
+    AudioSource, Device, DeviceConfig, DeviceEvent, Identity, LiveAudio, OwnAudit,
+};
 use client_sdk::ids::IdsClient;
 use client_sdk::media::CallStats;
 use serde::{Deserialize, Serialize};
@@ -132,6 +134,39 @@ struct MediaArgs {
     /// Local address for media [default: the one that reaches the services].
     #[arg(long, value_name = "IP")]
     media_ip: Option<IpAddr>,
+    /// Speak into the sound card: its default input, or the cpal device
+    /// id given.
+    #[cfg(feature = "sound-card")]
+    #[arg(long, value_name = "DEVICE", num_args = 0..=1, default_missing_value = "default",
+          conflicts_with_all = ["play", "tone"])]
+    mic: Option<String>,
+    /// Hear the far end on the sound card: its default output, or the
+    /// cpal device id given.
+    #[cfg(feature = "sound-card")]
+    #[arg(long, value_name = "DEVICE", num_args = 0..=1, default_missing_value = "default")]
+    speaker: Option<String>,
+}
+
+/// The sound card's streams, kept open while the device runs.
+#[cfg(feature = "sound-card")]
+type Sound = Option<crate::sound::SoundCard>;
+#[cfg(not(feature = "sound-card"))]
+type Sound = ();
+
+/// Opens the sound card if the media flags ask for it: (streams,
+/// microphone, speaker).
+#[cfg(feature = "sound-card")]
+fn sound(m: &MediaArgs) -> Result<(Sound, Option<LiveAudio>, Option<LiveAudio>)> {
+    if m.mic.is_none() && m.speaker.is_none() {
+        return Ok((None, None, None));
+    }
+    let (card, mic, speaker) = crate::sound::open(m.mic.clone(), m.speaker.clone())?;
+    Ok((Some(card), mic, speaker))
+}
+
+#[cfg(not(feature = "sound-card"))]
+fn sound(_: &MediaArgs) -> Result<(Sound, Option<LiveAudio>, Option<LiveAudio>)> {
+    Ok(((), None, None))
 }
 
 #[derive(Debug, Args)]
@@ -496,12 +531,13 @@ async fn start_device(
     args: &ClientArgs,
     m: &MediaArgs,
     audit_every: Option<Duration>,
-) -> Result<(Device, State)> {
+) -> Result<(Device, State, Sound)> {
     let state = State::load(&args.state)?;
     let me = state.identity()?;
     let mut ids = ids_client(args)?;
     ids.pin(state.anchor()?);
     let handle = Handle::parse(&state.handle)?;
+    let (card, mic, speaker) = sound(m)?;
     let audit = match audit_every {
         Some(every) => {
             // What this device knows of its account now: the list the
@@ -535,13 +571,17 @@ async fn start_device(
             None => local_ip_towards(args.sip)?,
         },
         relay_only: m.relay_only,
-        microphone: microphone(m)?,
+        microphone: match mic {
+            Some(live) => AudioSource::Live(live),
+            None => microphone(m)?,
+        },
+        speaker,
         keep_heard: Duration::from_secs(600),
         video: m.video,
         audit,
     };
     let device = Device::start(config, me, ids, true).await?;
-    Ok((device, state))
+    Ok((device, state, card))
 }
 
 /// Waits for the first registration, showing events.
@@ -637,7 +677,7 @@ async fn record(device: &Device, call: &str, to: Option<&Path>, start: Instant) 
 async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
     let start = Instant::now();
     let callee = Handle::parse(&a.handle).map_err(|e| anyhow!("{}: {e}", a.handle))?;
-    let (mut device, _) = start_device(args, &a.media, None).await?;
+    let (mut device, _, _sound) = start_device(args, &a.media, None).await?;
     registered(&mut device, start).await?;
     let dialed = Instant::now();
     let call = device.dial(&callee).await?;
@@ -716,7 +756,7 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
 async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
     let start = Instant::now();
     let audit = (a.audit_every > 0).then(|| Duration::from_secs(a.audit_every));
-    let (mut device, state) = start_device(args, &a.media, audit).await?;
+    let (mut device, state, _sound) = start_device(args, &a.media, audit).await?;
     registered(&mut device, start).await?;
     say(start, format!("listening as {}", state.handle));
     let mut ended = 0u32;
@@ -803,7 +843,8 @@ pub fn read_wav(path: &Path) -> Result<Vec<i16>> {
         .collect())
 }
 
-fn resample(x: &[f32], from: u32, to: u32) -> Vec<f32> {
+/// Linear-interpolation resampling of mono samples from `from` Hz to `to`.
+pub(crate) fn resample(x: &[f32], from: u32, to: u32) -> Vec<f32> {
     if from == to || x.is_empty() || from == 0 {
         return x.to_vec();
     }

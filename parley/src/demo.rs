@@ -345,6 +345,7 @@ async fn scenario(
         media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         relay_only: true,
         microphone: AudioSource::Tone(hz),
+        speaker: None,
         keep_heard: Duration::from_secs(10),
         video: !args.no_video,
         audit: None,

@@ -7,6 +7,8 @@ mod config;
 mod data;
 mod demo;
 mod loadsim;
+#[cfg(feature = "sound-card")]
+mod sound;
 mod tls;
 mod wiring;
 

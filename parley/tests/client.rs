@@ -331,3 +331,39 @@ fn a_listening_client_warns_of_a_device_another_one_approved() {
     let _ = listen.kill();
     let _ = listen.wait();
 }
+
+/// With the `sound-card` feature: a call whose caller speaks from and
+/// listens to the sound card. ALSA's null device stands in for one (it
+/// needs no hardware): the streams open and run, and the call is whole.
+#[cfg(feature = "sound-card")]
+#[test]
+fn sound_card_streams_carry_a_call() {
+    let (dir, data, up) = stack();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    let limit = Duration::from_secs(60);
+    for (state, handle) in [(&alice, ALICE), (&bob, BOB)] {
+        let mut c = client(&up, &data, state);
+        c.args(["activate", "--handle", handle, "--outbox"])
+            .arg(data.join("outbox"));
+        run(c, limit, "activate");
+    }
+    let mut c = client(&up, &data, &bob);
+    c.args(["listen", "--answer", "--calls", "1", "--tone", "660"]);
+    let (listen, rx) = spawn(c);
+    let mut seen = Vec::new();
+    wait_line(&rx, "listening as", &mut seen);
+    let mut call = client(&up, &data, &alice);
+    call.args([
+        "call",
+        BOB,
+        "--seconds",
+        "2",
+        "--mic",
+        "alsa:null",
+        "--speaker",
+        "alsa:null",
+    ]);
+    let out = run(call, limit, "call on the sound card");
+    assert!(out.contains("media connected"), "{out}");
+    finish(listen, limit, "listen");
+}
