@@ -155,23 +155,49 @@ fn spawn(mut c: Command) -> (Child, std::sync::mpsc::Receiver<String>) {
     (child, rx)
 }
 
+/// Activates `handle` into `state` with the code from the outbox.
+fn activate(up: &parley_tests::up::Up, data: &Path, state: &Path, handle: &str) {
+    let mut c = client(up, data, state);
+    c.args(["activate", "--handle", handle, "--outbox"])
+        .arg(data.join("outbox"));
+    let out = run(c, Duration::from_secs(60), "activate");
+    assert!(out.contains("activated"), "{out}");
+}
+
+/// Alice and Bob activated, Bob listening (answering one call with a
+/// 660 Hz tone): Alice's state directory, Bob's client and its lines.
+fn bob_listens(
+    up: &parley_tests::up::Up,
+    data: &Path,
+    dir: &Path,
+) -> (
+    std::path::PathBuf,
+    Child,
+    std::sync::mpsc::Receiver<String>,
+    Vec<String>,
+) {
+    let (alice, bob) = (dir.join("alice"), dir.join("bob"));
+    activate(up, data, &alice, ALICE);
+    activate(up, data, &bob, BOB);
+    let mut c = client(up, data, &bob);
+    c.args(["listen", "--answer", "--calls", "1", "--tone", "660"]);
+    let (listen, rx) = spawn(c);
+    let mut seen = Vec::new();
+    wait_line(&rx, "listening as", &mut seen);
+    (alice, listen, rx, seen)
+}
+
 #[test]
 fn two_desktop_clients_call_each_other_through_parley_up() {
     let (dir, data, up) = stack();
-    let outbox = data.join("outbox");
     let (alice, bob, bob2) = (
         dir.path().join("alice"),
         dir.path().join("bob"),
         dir.path().join("bob-phone"),
     );
     let limit = Duration::from_secs(60);
-    for (state, handle) in [(&alice, ALICE), (&bob, BOB)] {
-        let mut c = client(&up, &data, state);
-        c.args(["activate", "--handle", handle, "--outbox"])
-            .arg(&outbox);
-        let out = run(c, limit, "activate");
-        assert!(out.contains("activated"), "{out}");
-    }
+    activate(&up, &data, &alice, ALICE);
+    activate(&up, &data, &bob, BOB);
     // A second activation into the same state is refused.
     let mut again = client(&up, &data, &alice);
     again.args(["activate", "--handle", ALICE, "--code", "000000"]);
@@ -227,19 +253,8 @@ fn two_desktop_clients_call_each_other_through_parley_up() {
 #[test]
 fn a_listening_client_rides_out_a_restart_of_the_services() {
     let (dir, data, up) = stack();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     let limit = Duration::from_secs(60);
-    for (state, handle) in [(&alice, ALICE), (&bob, BOB)] {
-        let mut c = client(&up, &data, state);
-        c.args(["activate", "--handle", handle, "--outbox"])
-            .arg(data.join("outbox"));
-        run(c, limit, "activate");
-    }
-    let mut c = client(&up, &data, &bob);
-    c.args(["listen", "--answer", "--calls", "1", "--tone", "660"]);
-    let (listen, rx) = spawn(c);
-    let mut seen = Vec::new();
-    wait_line(&rx, "listening as", &mut seen);
+    let (alice, listen, rx, mut seen) = bob_listens(&up, &data, dir.path());
 
     // The stack dies without a goodbye and comes back: Bob's client
     // reconnects its push link and registers again by itself.
@@ -298,10 +313,7 @@ fn a_listening_client_warns_of_a_device_another_one_approved() {
         dir.path().join("phone"),
         dir.path().join("tablet"),
     );
-    let mut c = client(&up, &data, &laptop);
-    c.args(["activate", "--handle", BOB, "--outbox"])
-        .arg(data.join("outbox"));
-    run(c, Duration::from_secs(60), "activate");
+    activate(&up, &data, &laptop, BOB);
     link_device(&up, &data, &laptop, &phone, "phone");
 
     // The laptop knows itself and the phone; it checks its history every
@@ -339,19 +351,9 @@ fn a_listening_client_warns_of_a_device_another_one_approved() {
 #[test]
 fn sound_card_streams_carry_a_call() {
     let (dir, data, up) = stack();
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
     let limit = Duration::from_secs(60);
-    for (state, handle) in [(&alice, ALICE), (&bob, BOB)] {
-        let mut c = client(&up, &data, state);
-        c.args(["activate", "--handle", handle, "--outbox"])
-            .arg(data.join("outbox"));
-        run(c, limit, "activate");
-    }
-    let mut c = client(&up, &data, &bob);
-    c.args(["listen", "--answer", "--calls", "1", "--tone", "660"]);
-    let (listen, rx) = spawn(c);
-    let mut seen = Vec::new();
-    wait_line(&rx, "listening as", &mut seen);
+    // `_rx` keeps reading Bob's output until he exits.
+    let (alice, listen, _rx, _) = bob_listens(&up, &data, dir.path());
     let mut call = client(&up, &data, &alice);
     call.args([
         "call",
