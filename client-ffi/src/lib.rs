@@ -257,7 +257,7 @@ impl Parley {
             .map_err(failed)?;
         Ok(DeviceIdentity {
             handle: h.as_str().to_string(),
-            device_id: wire::keys::hex(&me.device.0),
+            device_id: me.device.to_string(),
             identity_key: me.key.pkcs8().to_vec(),
             account_key: account.pkcs8().to_vec(),
             certificate: me.certificate,
@@ -274,10 +274,10 @@ impl Parley {
         relay_only: bool,
     ) -> Result<Arc<PhoneDevice>, ParleyError> {
         let handle = Handle::parse(&identity.handle).map_err(invalid)?;
-        let device = wire::keys::unhex(&identity.device_id)
-            .and_then(|b| b.try_into().ok())
-            .map(DeviceId)
-            .ok_or_else(|| invalid("device_id is not 32 hex digits"))?;
+        let device: DeviceId = identity
+            .device_id
+            .parse()
+            .map_err(|_| invalid("device_id is not 32 hex digits"))?;
         let key = SigningKey::from_pkcs8(&identity.identity_key).map_err(invalid)?;
         let sip = addr("sip", &self.services.sip)?;
         let media_ip = if sip.ip().is_loopback() {

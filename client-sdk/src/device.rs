@@ -169,15 +169,7 @@ pub async fn first_device(
             name,
         )
         .await?;
-    let list = wire::device_list::DeviceList {
-        account_key: account.public(),
-        seq: 1,
-        handles: vec![handle.uri()],
-        devices: vec![wire::device_list::DeviceEntry {
-            id: device,
-            identity_key: key.public(),
-        }],
-    };
+    let list = crate::ids::first_list(&account, device, &key, std::slice::from_ref(handle));
     Ok((
         Identity {
             device: reg.device_id,
@@ -343,20 +335,7 @@ impl Device {
             roots: config.roots.clone(),
             server_name: config.server_name.clone(),
         };
-        let (courier, tokens) = DeviceClient::connect(
-            config.courier,
-            config.courier_transport,
-            &creds,
-            &[config.voip_topic.as_str()],
-            0,
-        )
-        .await
-        .map_err(|e| DeviceError::Courier(e.to_string()))?;
-        let voip_token = tokens
-            .iter()
-            .find(|(t, _)| *t == config.voip_topic)
-            .map(|(_, t)| t.to_hex())
-            .ok_or_else(|| DeviceError::Courier("no token for the VoIP topic".into()))?;
+        let (courier, voip_token) = connect_courier(&config, &creds).await?;
         ids.set_push_tokens(&me.key, &[(config.voip_topic.clone(), voip_token.clone())])
             .await?;
         let turn = ids.turn_credentials(&me.key).await?;
@@ -881,35 +860,25 @@ impl Task {
     /// One courier reconnection attempt.
     async fn courier_reconnect(&mut self) {
         self.courier_retry.stop();
-        let topic = self.config.voip_topic.clone();
         let attempt = tokio::time::timeout(
             COURIER_CONNECT_LIMIT,
-            DeviceClient::connect(
-                self.config.courier,
-                self.config.courier_transport,
-                &self.creds,
-                &[topic.as_str()],
-                0,
-            ),
+            connect_courier(&self.config, &self.creds),
         )
         .await;
         match attempt {
-            Ok(Ok((client, tokens))) => {
+            Ok(Ok((client, token))) => {
                 self.courier = Some(client);
-                let token = tokens
-                    .iter()
-                    .find(|(t, _)| *t == topic)
-                    .map(|(_, t)| t.to_hex());
-                if let Some(t) = token.filter(|t| *t != self.voip_token) {
+                if token != self.voip_token {
                     // Tokens are stable per device and topic; should the
                     // courier have issued a new one, ids must know it.
+                    let topic = self.config.voip_topic.clone();
                     if self
                         .ids
-                        .set_push_tokens(&self.me.key, &[(topic, t.clone())])
+                        .set_push_tokens(&self.me.key, &[(topic, token.clone())])
                         .await
                         .is_ok()
                     {
-                        self.voip_token = t;
+                        self.voip_token = token;
                     }
                 }
                 self.event(DeviceEvent::CourierConnected).await;
@@ -1010,6 +979,29 @@ impl Task {
         }
         self.event(DeviceEvent::Call(e)).await;
     }
+}
+
+/// Connects the courier link for the VoIP topic; returns it and the
+/// topic's token (hex).
+async fn connect_courier(
+    config: &DeviceConfig,
+    creds: &DeviceCredentials,
+) -> Result<(DeviceClient, String), DeviceError> {
+    let (courier, tokens) = DeviceClient::connect(
+        config.courier,
+        config.courier_transport,
+        creds,
+        &[config.voip_topic.as_str()],
+        0,
+    )
+    .await
+    .map_err(|e| DeviceError::Courier(e.to_string()))?;
+    let token = tokens
+        .iter()
+        .find(|(t, _)| *t == config.voip_topic)
+        .map(|(_, t)| t.to_hex())
+        .ok_or_else(|| DeviceError::Courier("no token for the VoIP topic".into()))?;
+    Ok((courier, token))
 }
 
 /// The courier's next event, or never while there is no link.

@@ -117,6 +117,24 @@ fn str_field<'a>(v: &'a Value, k: &str) -> Result<&'a str, IdsError> {
         .ok_or_else(|| IdsError::Protocol(format!("no {k:?} in {v}")))
 }
 
+/// A new account's first device list: `handles` and the one device.
+pub fn first_list(
+    account: &SigningKey,
+    device: DeviceId,
+    key: &SigningKey,
+    handles: &[Handle],
+) -> DeviceList {
+    DeviceList {
+        account_key: account.public(),
+        seq: 1,
+        handles: handles.iter().map(Handle::uri).collect(),
+        devices: vec![DeviceEntry {
+            id: device,
+            identity_key: key.public(),
+        }],
+    }
+}
+
 impl IdsClient {
     /// `roots`: trust anchors for the service's certificate.
     pub fn new(
@@ -257,15 +275,7 @@ impl IdsClient {
         tokens: &[String],
         name: &str,
     ) -> Result<Registered, IdsError> {
-        let list = DeviceList {
-            account_key: account.public(),
-            seq: 1,
-            handles: handles.iter().map(Handle::uri).collect(),
-            devices: vec![DeviceEntry {
-                id: device,
-                identity_key: key.public(),
-            }],
-        };
+        let list = first_list(account, device, key, handles);
         let signed = sign_list(&list, account)?;
         let v = self
             .expect(

@@ -13,7 +13,7 @@ use clap::{Args, Subcommand};
 use client_sdk::call::{CallEvent, EndReason};
 use client_sdk::courier::Transport;
 use client_sdk::device::{
-    AudioSource, Device, DeviceConfig, DeviceEvent, Identity, LiveAudio, OwnAudit,
+    first_device, AudioSource, Device, DeviceConfig, DeviceEvent, Identity, LiveAudio, OwnAudit,
 };
 use client_sdk::ids::IdsClient;
 use client_sdk::media::CallStats;
@@ -27,6 +27,8 @@ pub const VOIP_TOPIC: &str = "org.parley.client.voip";
 const SAMPLE_RATE: u32 = 48_000;
 /// How long a device waits for its first SIP registration.
 const REGISTER_WAIT: Duration = Duration::from_secs(15);
+/// How long a call may take to end once we hung up.
+const HANGUP_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
@@ -258,10 +260,10 @@ impl State {
     }
 
     fn identity(&self) -> Result<Identity> {
-        let id = wire::keys::unhex(&self.device_id)
-            .and_then(|b| b.try_into().ok())
-            .map(DeviceId)
-            .ok_or_else(|| anyhow!("bad device id in the state"))?;
+        let id: DeviceId = self
+            .device_id
+            .parse()
+            .map_err(|_| anyhow!("bad device id in the state"))?;
         Ok(Identity {
             device: id,
             key: State::key(&self.identity_key)?,
@@ -356,8 +358,6 @@ pub async fn read_code(outbox: &Path, handle: &Handle) -> Result<String> {
     bail!("no code for {} in {}", handle.as_str(), outbox.display())
 }
 
-pub use client_sdk::device::first_device;
-
 /// Proves a handle with the code from the outbox; returns its token.
 pub async fn prove_from_outbox(ids: &IdsClient, outbox: &Path, handle: &Handle) -> Result<String> {
     let id = ids.start_verification(handle).await?;
@@ -411,7 +411,7 @@ async fn activate(args: &ClientArgs, a: &ActivateArgs) -> Result<()> {
     let state = State {
         handle: handle.as_str().to_string(),
         name: a.name.clone(),
-        device_id: wire::keys::hex(&me.device.0),
+        device_id: me.device.to_string(),
         identity_key: B64.encode(me.key.pkcs8()),
         certificate: me.certificate.clone(),
         account_key: B64.encode(account.pkcs8()),
@@ -477,7 +477,7 @@ async fn approve(args: &ClientArgs, a: &ApproveArgs) -> Result<()> {
         start,
         format!(
             "device {} (key {}) claimed the code; approving",
-            wire::keys::hex(&claim.device.0),
+            claim.device,
             claim.identity_key.fingerprint()
         ),
     );
@@ -686,7 +686,8 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
         format!("calling {} (its devices' keys verified)", callee.as_str()),
     );
     let mut connected: Option<Instant> = None;
-    let mut hung_up = false;
+    // When we hung up: the call must end within HANGUP_WAIT of it.
+    let mut hung_up: Option<Instant> = None;
     let mut last: Option<CallStats> = None;
     let ring_deadline = dialed + Duration::from_secs(a.ring);
     let reason = loop {
@@ -695,23 +696,20 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
             Some(c) => now >= c + Duration::from_secs(a.seconds),
             None => now >= ring_deadline,
         };
-        if hang_up_due && !hung_up {
-            hung_up = true;
+        if hang_up_due && hung_up.is_none() {
+            hung_up = Some(now);
             if connected.is_none() {
                 say(start, format!("no answer within {} s", a.ring));
             }
             device.hangup(&call).await?;
         }
-        if hung_up
-            && now
-                >= ring_deadline.max(connected.unwrap_or(now)) + Duration::from_secs(a.seconds + 10)
-        {
+        if hung_up.is_some_and(|h| now >= h + HANGUP_WAIT) {
             bail!("the call did not end after hanging up");
         }
         let ev = tokio::select! {
             ev = device.next_event(Duration::from_millis(100)) => ev,
-            _ = tokio::signal::ctrl_c(), if !hung_up => {
-                hung_up = true;
+            _ = tokio::signal::ctrl_c(), if hung_up.is_none() => {
+                hung_up = Some(Instant::now());
                 device.hangup(&call).await?;
                 continue;
             }

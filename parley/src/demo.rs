@@ -16,9 +16,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::client::{describe, first_device, prove_from_outbox};
+use crate::client::{describe, prove_from_outbox};
 use anyhow::{anyhow, bail, Result};
 use client_sdk::call::{CallEvent, EndReason};
+use client_sdk::device::first_device;
 use client_sdk::device::{AudioSource, Device, DeviceConfig, DeviceEvent, Identity};
 use client_sdk::ids::IdsClient;
 use client_sdk::media::audio::dominant_frequency;
