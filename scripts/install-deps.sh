@@ -23,6 +23,8 @@
 #                and the relay with ICE and DTLS-SRTP
 #   iproute2     `ip netns`: the baresip test gives each instance a network
 #                namespace of its own
+#   python3, python3-pip
+#                the Python binding's test, and pip for the PyPI tools below
 #   libasound2-dev, pkg-config
 #                ALSA, for `parley client`'s sound-card feature (CI builds it
 #                and runs a call on ALSA's null device)
@@ -47,14 +49,17 @@ esac
 packages=(cmake)
 commands=(cmake)
 if ! $build_only; then
-  packages+=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2 pkg-config libasound2-dev)
-  commands+=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip pkg-config alsa.pc)
+  packages+=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2 pkg-config libasound2-dev python3 python3-pip)
+  commands+=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip pkg-config alsa.pc python3 pip.module)
 fi
 
 # initdb lives outside PATH on Debian, under /usr/lib/postgresql/<version>/bin.
 have() {
   if [ "$1" = initdb ]; then
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+  elif [ "$1" = pip.module ]; then
+    # Any python3 with pip will do (a pyenv or venv one too).
+    python3 -m pip --version >/dev/null 2>&1
   elif [ "$1" = alsa.pc ]; then
     # A library, not a command: its pkg-config file.
     pkg-config --exists alsa 2>/dev/null
@@ -89,23 +94,30 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 $build_only && exit 0
 
+pip_flags=(--quiet --disable-pip-version-check --root-user-action=ignore)
+# Debian's own python3 refuses system-wide installs (PEP 668) unless told;
+# these tools are for the tests of this checkout only.
+if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["stdlib"], "EXTERNALLY-MANAGED")))'; then
+  pip_flags+=(--break-system-packages)
+fi
+
 schemathesis_version=4.32.5
 if ! have schemathesis; then
   echo "install-deps: installing schemathesis $schemathesis_version from PyPI"
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  python3 -m pip install "${pip_flags[@]}" \
     "schemathesis==$schemathesis_version"
   have schemathesis || { echo "install-deps: schemathesis installed but is not on PATH ($(python3 -m site --user-base)/bin?)" >&2; exit 1; }
 fi
 aiosmtpd_version=1.4.6
 if ! python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
   echo "install-deps: installing aiosmtpd $aiosmtpd_version from PyPI"
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  python3 -m pip install "${pip_flags[@]}" \
     "aiosmtpd==$aiosmtpd_version"
 fi
 pywebpush_version=2.5.0
 if ! python3 -c 'import pywebpush' >/dev/null 2>&1; then
   echo "install-deps: installing pywebpush $pywebpush_version from PyPI"
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  python3 -m pip install "${pip_flags[@]}" \
     "pywebpush==$pywebpush_version"
 fi
 interop="$(cd "$(dirname "$0")/.." && pwd)/push-courier/tests/interop"
