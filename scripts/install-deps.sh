@@ -89,7 +89,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo systemctl disable --now postgresql >/dev/null 2>&1 || true
   fi
   for i in "${!packages[@]}"; do
-    have "${commands[$i]}" || { echo "install-deps: ${packages[$i]} did not provide ${commands[$i]}" >&2; exit 1; }
+    if ! have "${commands[$i]}"; then
+      echo "install-deps: ${packages[$i]} did not provide ${commands[$i]}" >&2
+      if [ "${commands[$i]}" = pip.module ]; then
+        echo "install-deps: python3 is $(command -v python3); python3 -m pip says:" >&2
+        python3 -m pip --version >&2 || true
+      fi
+      exit 1
+    fi
   done
 fi
 $build_only && exit 0
