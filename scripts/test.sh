@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+# The bindings' tests load the shared library an app would ship, which
+# `cargo test` does not build.
+cargo build -p parley-ffi --locked
 cargo test --workspace --locked "$@"

@@ -19,7 +19,14 @@ fn target_dir() -> PathBuf {
 
 fn library() -> PathBuf {
     let lib = target_dir().join("libparley_ffi.so");
-    assert!(lib.is_file(), "{} was not built", lib.display());
+    // `cargo test` links the tests against the rlib only; the shared
+    // library an app loads comes from `cargo build -p parley-ffi`, which
+    // scripts/test.sh runs first.
+    assert!(
+        lib.is_file(),
+        "{} was not built: run `cargo build -p parley-ffi` first",
+        lib.display()
+    );
     lib
 }
 
