@@ -45,7 +45,8 @@ struct Cli {
     /// Admin listener for /metrics, /healthz and /readyz. [default: 127.0.0.1:9090]
     #[arg(long, global = true, value_name = "ADDR")]
     admin: Option<SocketAddr>,
-    /// Log filter, e.g. `info`, `debug`, `stun_turn=trace`. [default: info]
+    /// Log filter, e.g. `info`, `debug`, `stun_turn=trace`. [default: info;
+    /// warn for `parley client`]
     #[arg(long, global = true, value_name = "FILTER")]
     log: Option<String>,
     #[command(subcommand)]
@@ -373,7 +374,12 @@ fn main() {
         return;
     }
     if let Command::Client(args) = cli.command {
-        // A device, not a service.
+        // A device, not a service: it says what happens on stdout; the
+        // log (stderr) carries only what went wrong, unless asked.
+        if let Err(e) = init_tracing(cli.log.as_deref().unwrap_or("warn")) {
+            eprintln!("parley client: {e:#}");
+            std::process::exit(2);
+        }
         if let Err(e) = client::run(args, cli.data) {
             eprintln!("parley client: {e:#}");
             std::process::exit(1);
