@@ -8,6 +8,9 @@
 # To build:
 #   cmake        builds the Opus codec (libopus, bundled by the `opus` crate)
 #                that the client SDK's media engine links statically
+#   libssl-dev, pkg-config
+#                OpenSSL, the client SDK's DTLS for third-party SIP phones
+#                (their RSA certificates)
 #
 # To test:
 #   coturn       turnutils_uclient, turnutils_stunclient, turnutils_natdiscovery,
@@ -25,7 +28,7 @@
 #                namespace of its own
 #   python3, python3-pip
 #                the Python binding's test, and pip for the PyPI tools below
-#   libasound2-dev, pkg-config
+#   libasound2-dev
 #                ALSA, for `parley client`'s sound-card feature (CI builds it
 #                and runs a call on ALSA's null device)
 #
@@ -46,11 +49,11 @@ case "${1:-}" in
   *) echo "usage: $0 [--build]" >&2; exit 2 ;;
 esac
 
-packages=(cmake)
-commands=(cmake)
+packages=(cmake pkg-config libssl-dev)
+commands=(cmake pkg-config openssl.pc)
 if ! $build_only; then
-  packages+=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2 pkg-config libasound2-dev python3 python3-pip)
-  commands+=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip pkg-config alsa.pc python3 pip.module)
+  packages+=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2 libasound2-dev python3 python3-pip)
+  commands+=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip alsa.pc python3 pip.module)
 fi
 
 # initdb lives outside PATH on Debian, under /usr/lib/postgresql/<version>/bin.
@@ -60,9 +63,9 @@ have() {
   elif [ "$1" = pip.module ]; then
     # Any python3 with pip will do (a pyenv or venv one too).
     python3 -m pip --version >/dev/null 2>&1
-  elif [ "$1" = alsa.pc ]; then
+  elif [ "${1%.pc}" != "$1" ]; then
     # A library, not a command: its pkg-config file.
-    pkg-config --exists alsa 2>/dev/null
+    pkg-config --exists "${1%.pc}" 2>/dev/null
   else
     command -v "$1" >/dev/null 2>&1
   fi

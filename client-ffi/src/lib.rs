@@ -99,6 +99,8 @@ pub enum PhoneEvent {
     Alerting {
         call: String,
     },
+    /// Answered by `device` (hex id), whose key the directory proved;
+    /// empty for an unverified call to a phone outside the directory.
     Answered {
         call: String,
         device: String,
@@ -129,7 +131,7 @@ fn phone_event(e: DeviceEvent) -> Option<PhoneEvent> {
             CallEvent::Alerting { call } => PhoneEvent::Alerting { call },
             CallEvent::Answered { call, device } => PhoneEvent::Answered {
                 call,
-                device: device.to_string(),
+                device: device.map(|d| d.to_string()).unwrap_or_default(),
             },
             CallEvent::MediaConnected { call } => PhoneEvent::MediaConnected { call },
             CallEvent::Ended { call, reason } => PhoneEvent::Ended {

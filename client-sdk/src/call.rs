@@ -76,10 +76,12 @@ pub enum CallEvent {
     Alerting {
         call: CallId,
     },
-    /// The call is answered (by `device` of the far handle).
+    /// The call is answered by `device` of the far handle, whose key the
+    /// directory proved; `None` for a call placed with
+    /// [`Phone::dial_unverified`], which nothing authenticates.
     Answered {
         call: CallId,
-        device: DeviceId,
+        device: Option<DeviceId>,
     },
     /// Media flows (ICE and DTLS up).
     MediaConnected {
@@ -138,6 +140,9 @@ struct Call {
     restart_pending: bool,
     /// Caller: Alerting was reported.
     alerted: bool,
+    /// Caller: the far end is a SIP phone outside the key directory; its
+    /// SDP is taken as signaling delivered it.
+    unverified: bool,
 }
 
 /// This device's calls.
@@ -214,10 +219,37 @@ impl Phone {
         keys: Vec<DeviceKey>,
         local: SocketAddr,
     ) -> Result<CallId, CallError> {
+        self.place(now, callee, keys, local, false)
+    }
+
+    /// Calls whatever answers for `callee` at signaling (a SIP phone with
+    /// a digest account, outside the key directory), like [`Phone::dial`]
+    /// but without a PASSporT check on the answer: media is still
+    /// encrypted (DTLS-SRTP), but nothing proves who holds the far key,
+    /// so signaling could sit in the middle. Only for peers that cannot
+    /// be in the directory, and the app should say so.
+    pub fn dial_unverified(
+        &mut self,
+        now: Instant,
+        callee: &Handle,
+        local: SocketAddr,
+    ) -> Result<CallId, CallError> {
+        self.place(now, callee, Vec::new(), local, true)
+    }
+
+    fn place(
+        &mut self,
+        now: Instant,
+        callee: &Handle,
+        keys: Vec<DeviceKey>,
+        local: SocketAddr,
+        unverified: bool,
+    ) -> Result<CallId, CallError> {
         self.dial_seq += 1;
         let id = self.ua.next_call_id();
         let mut config = self.media_config.clone();
         config.seed = config.seed.wrapping_add(self.dial_seq);
+        config.sip_phone = unverified;
         let media = MediaSession::new(now, config, local)?;
         self.calls.insert(
             id.clone(),
@@ -230,6 +262,7 @@ impl Phone {
                 answer_sdp: None,
                 restart_pending: false,
                 alerted: false,
+                unverified,
             },
         );
         self.drive(now, &id)?;
@@ -577,6 +610,7 @@ impl Phone {
                         answer_sdp: None,
                         restart_pending: false,
                         alerted: false,
+                        unverified: false,
                     },
                 );
                 self.events.push_back(CallEvent::Incoming {
@@ -593,12 +627,20 @@ impl Phone {
                 let Some(c) = self.calls.get_mut(&call) else {
                     return Ok(());
                 };
-                match verify(&c.peer, &c.keys, &sdp, identity.as_deref()) {
+                match c.check(&sdp, identity.as_deref()) {
                     Ok((device, verified)) => {
-                        c.keys.retain(|k| k.device == device);
+                        c.keys.retain(|k| Some(k.device) == device);
                         c.stage = Stage::Active;
-                        if let Some(m) = c.media.as_mut() {
-                            m.accept_answer(now, &verified)?;
+                        let accepted = match c.media.as_mut() {
+                            Some(m) => m.accept_answer(now, &verified),
+                            None => Ok(()),
+                        };
+                        if let Err(e) = accepted {
+                            // Answered, but with media we cannot take:
+                            // the far end must not stay in a silent call.
+                            let _ = self.ua.hangup(now, &call);
+                            self.end(&call, EndReason::Failed(488, e.to_string()));
+                            return Ok(());
                         }
                         self.events.push_back(CallEvent::Answered {
                             call: call.clone(),
@@ -653,7 +695,7 @@ impl Phone {
                 let Some(c) = self.calls.get_mut(&call) else {
                     return Ok(());
                 };
-                match verify(&c.peer, &c.keys, &sdp, identity.as_deref()) {
+                match c.check(&sdp, identity.as_deref()) {
                     Ok((_, verified)) => {
                         let media = c.media.as_mut().ok_or(CallError::NoCall)?;
                         let answer = media.accept_offer(now, &verified)?;
@@ -675,7 +717,7 @@ impl Phone {
                 let Some(c) = self.calls.get_mut(&call) else {
                     return Ok(());
                 };
-                match verify(&c.peer, &c.keys, &sdp, identity.as_deref()) {
+                match c.check(&sdp, identity.as_deref()) {
                     Ok((_, verified)) => {
                         if let Some(m) = c.media.as_mut() {
                             m.accept_answer(now, &verified)?;
@@ -729,6 +771,23 @@ impl Phone {
             mky: passport::sdp_fingerprints(sdp),
         };
         passport::identity_header(&claims, &self.key, &device_info(self.device))
+    }
+}
+
+impl Call {
+    /// The far end's SDP, checked as the call requires: against its
+    /// devices' PASSporT, or (an unverified call) not at all. The device
+    /// that signed, if any.
+    fn check(
+        &self,
+        sdp: &str,
+        identity: Option<&str>,
+    ) -> Result<(Option<DeviceId>, VerifiedSdp), CallError> {
+        if self.unverified {
+            return Ok((None, VerifiedSdp::unauthenticated(sdp)));
+        }
+        let (device, verified) = verify(&self.peer, &self.keys, sdp, identity)?;
+        Ok((Some(device), verified))
     }
 }
 

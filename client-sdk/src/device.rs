@@ -293,7 +293,8 @@ pub enum DeviceEvent {
 }
 
 enum Command {
-    Dial(Handle, oneshot::Sender<Result<CallId, DeviceError>>),
+    /// The handle, and whether a phone outside the directory may answer.
+    Dial(Handle, bool, oneshot::Sender<Result<CallId, DeviceError>>),
     Answer(CallId, oneshot::Sender<Result<(), DeviceError>>),
     Decline(CallId, oneshot::Sender<Result<(), DeviceError>>),
     Hangup(CallId, oneshot::Sender<Result<(), DeviceError>>),
@@ -433,7 +434,17 @@ impl Device {
 
     /// Looks the handle up (verified) and calls every one of its devices.
     pub async fn dial(&self, handle: &Handle) -> Result<CallId, DeviceError> {
-        self.ask(|tx| Command::Dial(handle.clone(), tx)).await?
+        self.ask(|tx| Command::Dial(handle.clone(), false, tx))
+            .await?
+    }
+
+    /// Calls a SIP phone registered for `handle` at signaling that is not
+    /// in the key directory (a third-party phone with a digest account):
+    /// no lookup, and the answer is not authenticated — see
+    /// [`crate::call::Phone::dial_unverified`].
+    pub async fn dial_unverified(&self, handle: &Handle) -> Result<CallId, DeviceError> {
+        self.ask(|tx| Command::Dial(handle.clone(), true, tx))
+            .await?
     }
 
     pub async fn answer(&self, call: &str) -> Result<(), DeviceError> {
@@ -639,8 +650,8 @@ impl Task {
     async fn command(&mut self, cmd: Command) {
         let now = Instant::now();
         match cmd {
-            Command::Dial(handle, reply) => {
-                let r = self.dial(now, &handle).await;
+            Command::Dial(handle, unverified, reply) => {
+                let r = self.dial(now, &handle, unverified).await;
                 let _ = reply.send(r);
             }
             Command::Answer(call, reply) => {
@@ -690,25 +701,36 @@ impl Task {
         }
     }
 
-    async fn dial(&mut self, now: Instant, handle: &Handle) -> Result<CallId, DeviceError> {
-        let found = self
-            .ids
-            .lookup(&self.me.key, std::slice::from_ref(handle))
-            .await?;
-        let keys = found
-            .into_iter()
-            .find(|f| f.handle == *handle)
-            .map(|f| f.devices)
-            .filter(|d| !d.is_empty())
-            .ok_or_else(|| DeviceError::Unknown(handle.redacted()))?;
+    async fn dial(
+        &mut self,
+        now: Instant,
+        handle: &Handle,
+        unverified: bool,
+    ) -> Result<CallId, DeviceError> {
+        let keys = if unverified {
+            Vec::new()
+        } else {
+            let found = self
+                .ids
+                .lookup(&self.me.key, std::slice::from_ref(handle))
+                .await?;
+            found
+                .into_iter()
+                .find(|f| f.handle == *handle)
+                .map(|f| f.devices)
+                .filter(|d| !d.is_empty())
+                .ok_or_else(|| DeviceError::Unknown(handle.redacted()))?
+        };
         let socket = self.bind_media().await?;
         let local = socket
             .local_addr()
             .map_err(|e| DeviceError::Call(e.to_string()))?;
-        let call = self
-            .phone
-            .dial(now, handle, keys, local)
-            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        let call = if unverified {
+            self.phone.dial_unverified(now, handle, local)
+        } else {
+            self.phone.dial(now, handle, keys, local)
+        }
+        .map_err(|e| DeviceError::Call(e.to_string()))?;
         self.add_socket(&call, socket);
         Ok(call)
     }

@@ -379,7 +379,7 @@ fn alice_calls_bob_the_laptop_answers_the_phone_hears_answered_elsewhere() {
     assert!(w.has("alice", |e| *e
         == CallEvent::Answered {
             call: call.clone(),
-            device: laptop_device
+            device: Some(laptop_device)
         }));
     assert!(w.has("phone", |e| *e
         == CallEvent::Ended {

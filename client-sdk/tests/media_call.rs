@@ -58,6 +58,21 @@ fn direct_call_carries_both_tones() {
     assert!(bob.events.iter().any(|e| matches!(e, MediaEvent::Stats(_))));
 }
 
+/// DTLS on OpenSSL (as for SIP phones) against str0m's own, in both
+/// roles (the offerer is the DTLS server), and on both ends.
+#[test]
+fn openssl_dtls_interoperates_with_str0ms_own_in_either_role() {
+    for sip_phone in [[true, false], [false, true], [true, true]] {
+        let mut net = Net::with_sip_phones(1, sip_phone);
+        call(&mut net);
+        net.run(Duration::from_secs(3));
+        let (alice, bob) = (&net.phones[0], &net.phones[1]);
+        let (f_bob, _) = dominant_frequency(tail(&bob.heard, 2), candidates());
+        let (f_alice, _) = dominant_frequency(tail(&alice.heard, 2), candidates());
+        assert_eq!((f_bob, f_alice), (440.0, 880.0), "{sip_phone:?}");
+    }
+}
+
 #[test]
 fn relay_only_call_goes_through_turn_and_the_relay_sees_only_ciphertext() {
     let mut net = Net::new(2, Link::default(), true, true);

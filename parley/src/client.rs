@@ -181,6 +181,12 @@ struct CallArgs {
     /// Give up if nobody answers within this many seconds.
     #[arg(long, default_value_t = 60)]
     ring: u64,
+    /// Call a SIP phone that is not in the key directory (one with a
+    /// digest account at signaling, say baresip): no lookup, and whoever
+    /// answers is not authenticated. Media is still encrypted, but the
+    /// signaling server could sit in the middle unnoticed.
+    #[arg(long)]
+    unverified: bool,
     #[command(flatten)]
     media: MediaArgs,
 }
@@ -635,7 +641,14 @@ pub fn describe(e: &DeviceEvent) -> String {
             CallEvent::Incoming { from, .. } => format!("incoming call from {}", from.as_str()),
             CallEvent::Ringing { .. } => "ringing (caller's PASSporT verified against ids)".into(),
             CallEvent::Alerting { .. } => "the callee's devices ring".into(),
-            CallEvent::Answered { device, .. } => format!("answered by device {device}"),
+            CallEvent::Answered {
+                device: Some(device),
+                ..
+            } => format!("answered by device {device} (its key verified against ids)"),
+            CallEvent::Answered { device: None, .. } => {
+                "answered by a phone outside the key directory: encrypted, but NOT authenticated"
+                    .into()
+            }
             CallEvent::MediaConnected { .. } => "media connected (ICE + DTLS-SRTP)".into(),
             CallEvent::Ended { reason, .. } => format!("call ended: {reason:?}"),
             CallEvent::Stats { .. } => "stats".into(),
@@ -680,11 +693,24 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
     let (mut device, _, _sound) = start_device(args, &a.media, None).await?;
     registered(&mut device, start).await?;
     let dialed = Instant::now();
-    let call = device.dial(&callee).await?;
-    say(
-        start,
-        format!("calling {} (its devices' keys verified)", callee.as_str()),
-    );
+    let call = if a.unverified {
+        let call = device.dial_unverified(&callee).await?;
+        say(
+            start,
+            format!(
+                "calling {} WITHOUT verification: the far end's key will not be authenticated",
+                callee.as_str()
+            ),
+        );
+        call
+    } else {
+        let call = device.dial(&callee).await?;
+        say(
+            start,
+            format!("calling {} (its devices' keys verified)", callee.as_str()),
+        );
+        call
+    };
     let mut connected: Option<Instant> = None;
     // When we hung up: the call must end within HANGUP_WAIT of it.
     let mut hung_up: Option<Instant> = None;

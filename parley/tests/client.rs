@@ -2,7 +2,9 @@
 //! processes as the devices: Alice and Bob activate (Bob's second device
 //! is approved by his first with a link code), Bob listens and answers,
 //! Alice calls him with a WAV file as her microphone, and each side's
-//! recording holds the other's tone.
+//! recording holds the other's tone. And interop: the client calls a
+//! baresip phone (a digest account at signaling, outside the key
+//! directory) and each side hears the other.
 
 use client_sdk::media::audio::dominant_frequency;
 use std::path::Path;
@@ -108,12 +110,16 @@ fn tone_wav(path: &Path, hz: f64, seconds: f64) {
     w.finalize().unwrap();
 }
 
-/// The dominant frequency of a recording's last 2 s, and its share.
+/// The dominant frequency of a 48 kHz recording's last 2 s (its first
+/// channel), its share, and the recording's length in samples.
 fn heard(path: &Path) -> (f64, f64, usize) {
-    let pcm: Vec<i16> = hound::WavReader::open(path)
-        .unwrap()
+    let mut wav = hound::WavReader::open(path).unwrap();
+    let spec = wav.spec();
+    assert_eq!(spec.sample_rate, 48_000, "{}", path.display());
+    let pcm: Vec<i16> = wav
         .samples::<i16>()
         .map(Result::unwrap)
+        .step_by(usize::from(spec.channels))
         .collect();
     let tail = &pcm[pcm.len().saturating_sub(96_000)..];
     let (f, share) = dominant_frequency(tail, (200..2000).step_by(20).map(f64::from));
@@ -342,6 +348,108 @@ fn a_listening_client_warns_of_a_device_another_one_approved() {
     );
     let _ = listen.kill();
     let _ = listen.wait();
+}
+
+/// Interop: the SDK, as `parley client`, calls baresip through `parley
+/// signaling`. baresip registers with a digest account and is not in the
+/// key directory, so the call is placed unverified (and says so); media
+/// is ICE (both through `parley turn`) + DTLS-SRTP + Opus, and each side
+/// hears the other's tone.
+#[test]
+fn the_client_calls_baresip_and_each_hears_the_other() {
+    use parley_tests::baresip::{configure, heard_wav, wait_registered, Account, Ctrl, Lab};
+    const PHONE: &str = "+14155550177";
+    let mut lab = Lab::open();
+    lab.add_namespace('c', 3);
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "users = [\"baresip:{}\"]\n\
+         [[signaling.accounts]]\nhandle = \"{PHONE}\"\npassword = \"phone-password\"\n",
+        parley_tests::baresip::TURN_PASSWORD
+    );
+    let (data, up) = parley_tests::up::start_lab_on(
+        BIN,
+        dir.path(),
+        Some("10.213.3.1".parse().unwrap()),
+        &["10.213.3.0/24"],
+        &extra,
+    );
+    let phone = dir.path().join("baresip");
+    configure(
+        &phone,
+        3,
+        &Account {
+            handle: PHONE,
+            password: "phone-password",
+            registrar: &up.sip_udp.to_string(),
+            turn: &up.turn.to_string(),
+            turn_user: "baresip",
+            rtcp_mux: true,
+        },
+    );
+    lab.baresip('c', &phone);
+    wait_registered(&phone.join("out.log"));
+    let mut ctrl = Ctrl::connect("10.213.3.2:4444");
+
+    let alice = dir.path().join("alice");
+    activate(&up, &data, &alice, ALICE);
+    // Without --unverified the directory has no such handle.
+    let mut verified = client(&up, &data, &alice);
+    verified.args(["call", PHONE, "--seconds", "1"]);
+    let out = verified.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in the key directory"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let alice_rec = dir.path().join("alice-heard.wav");
+    let mut call = client(&up, &data, &alice);
+    call.args([
+        "call",
+        PHONE,
+        "--unverified",
+        "--ring",
+        "10",
+        "--relay-only",
+        "--seconds",
+        "3",
+        "--tone",
+        "660",
+        "--record",
+    ])
+    .arg(&alice_rec);
+    let out = run(call, Duration::from_secs(60), "call baresip");
+    assert!(out.contains("NOT authenticated"), "{out}");
+    assert!(out.contains("media connected"), "{out}");
+
+    let events = ctrl.events_until(&["CALL_CLOSED"], Duration::from_secs(10));
+    let log = std::fs::read_to_string(phone.join("out.log")).unwrap_or_default();
+    for want in [
+        "CALL_ESTABLISHED",
+        "CALL_MENC",
+        "CALL_RTPESTAB",
+        "CALL_CLOSED",
+    ] {
+        assert!(
+            events.iter().any(|e| e == want),
+            "baresip never reported {want}: {events:?}\n{log}"
+        );
+    }
+    assert!(log.contains("DTLS-SRTP complete"), "{log}");
+
+    let (f, share, n) = heard(&alice_rec);
+    assert!(n >= 48_000 * 2, "the client recorded {n} samples");
+    assert_eq!(
+        f, 440.0,
+        "the client heard {f} Hz ({share:.2} of the energy)"
+    );
+    let phone_rec =
+        heard_wav(&phone).unwrap_or_else(|| panic!("baresip wrote no recording\n{log}"));
+    let (f, share, n) = heard(&phone_rec);
+    assert!(n >= 48_000 * 2, "baresip recorded {n} samples");
+    assert_eq!(f, 660.0, "baresip heard {f} Hz ({share:.2} of the energy)");
 }
 
 /// With the `sound-card` feature: a call whose caller speaks from and

@@ -1,5 +1,6 @@
 //! Test support shared by the scenario and interop tests:
 //!
+//! - [`baresip`]: baresip as a peer, in network namespaces of its own;
 //! - [`tool`]: runs third-party clients (coturn's `turnutils_*`, `stun`)
 //!   with a time bound, and fails loudly when one is not installed;
 //! - [`relay`]: starts the real relay in-process on loopback;
@@ -9,6 +10,7 @@
 //! - [`turn_client`]: a small blocking TURN client for byte-level checks;
 //! - [`up`]: `parley up` as a separate process on free loopback ports.
 
+pub mod baresip;
 pub mod peer;
 pub mod pki;
 pub mod postgres;

@@ -1,7 +1,7 @@
 //! `parley up` as a separate process on free loopback ports, for tests
 //! that use the stack the way an operator runs it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
@@ -40,7 +40,7 @@ fn addr_after(line: &str, key: &str) -> Option<SocketAddr> {
 /// Starts `bin up` with `data` and `config`, every listener on a free
 /// loopback port, and reads the bound addresses from its start-up lines.
 pub fn start(bin: &str, data: &Path, config: &Path) -> Up {
-    launch(bin, data, config, None)
+    launch(bin, data, config, None, None)
 }
 
 /// `parley up` for calls on one machine, in `dir`: epochs every 200 ms
@@ -48,14 +48,36 @@ pub fn start(bin: &str, data: &Path, config: &Path) -> Up {
 /// peers (the other device's relayed address). Returns the data directory
 /// and the stack.
 pub fn start_lab(bin: &str, dir: &Path) -> (PathBuf, Up) {
+    start_lab_on(bin, dir, None, &[], "")
+}
+
+/// [`start_lab`] with the relay and SIP over UDP/TCP listening on
+/// `public` (an address other machines, or network namespaces, reach)
+/// instead of loopback, the relay also reaching peers in `allow_peers`
+/// (prefixes), and `extra` appended to the configuration: more `[turn]`
+/// keys, then other sections.
+pub fn start_lab_on(
+    bin: &str,
+    dir: &Path,
+    public: Option<IpAddr>,
+    allow_peers: &[&str],
+    extra: &str,
+) -> (PathBuf, Up) {
     let data = dir.join("data");
     let config = dir.join("parley.toml");
+    let peers: Vec<String> = std::iter::once("127.0.0.0/8")
+        .chain(allow_peers.iter().copied())
+        .map(|p| format!("\"{p}\""))
+        .collect();
     std::fs::write(
         &config,
-        "[ids]\npublish_interval_secs = 0.2\n[turn]\nallow_peers = [\"127.0.0.0/8\"]\n",
+        format!(
+            "[ids]\npublish_interval_secs = 0.2\n[turn]\nallow_peers = [{}]\n{extra}",
+            peers.join(", ")
+        ),
     )
     .expect("write the config");
-    let up = start(bin, &data, &config);
+    let up = launch(bin, &data, &config, None, public);
     (data, up)
 }
 
@@ -72,15 +94,27 @@ impl Up {
             self.sip_tls,
         ];
         drop(self);
-        launch(&bin, &data, &config, Some(addrs))
+        launch(&bin, &data, &config, Some(addrs), None)
     }
 }
 
 /// `fixed`: turn, ids, courier, SIP (UDP and TCP), SIP/TLS addresses.
-fn launch(bin: &str, data: &Path, config: &Path, fixed: Option<[SocketAddr; 5]>) -> Up {
+/// `public`: where the relay and SIP over UDP/TCP listen, if not on
+/// loopback.
+fn launch(
+    bin: &str,
+    data: &Path,
+    config: &Path,
+    fixed: Option<[SocketAddr; 5]>,
+    public: Option<IpAddr>,
+) -> Up {
     let any = "127.0.0.1:0".to_string();
     let at = |i: usize| fixed.map_or_else(|| any.clone(), |a| a[i].to_string());
-    let (turn, ids, courier, sip, sip_tls) = (at(0), at(1), at(2), at(3), at(4));
+    let (mut turn, ids, courier, mut sip, sip_tls) = (at(0), at(1), at(2), at(3), at(4));
+    if let Some(ip) = public {
+        turn = SocketAddr::new(ip, 0).to_string();
+        sip = turn.clone();
+    }
     let (child, printed) = crate::tool::start_until_ready(
         bin,
         &[

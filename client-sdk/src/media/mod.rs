@@ -18,8 +18,10 @@
 //! decision rather than an omission.
 
 pub mod audio;
+mod dtls;
 pub mod jitter;
 pub mod quality;
+mod sdp;
 pub mod video;
 
 use std::collections::{HashSet, VecDeque};
@@ -143,6 +145,10 @@ pub struct MediaConfig {
     pub video: bool,
     /// Video bitrate, bits per second. Default 300 kbps.
     pub video_bitrate: u32,
+    /// The far end is a third-party SIP phone: DTLS runs on OpenSSL,
+    /// which also takes the RSA certificates such phones present (see
+    /// the `dtls` module). Default off: our devices use str0m's own.
+    pub sip_phone: bool,
 }
 
 impl Default for MediaConfig {
@@ -155,6 +161,7 @@ impl Default for MediaConfig {
             stats_interval: Duration::from_secs(1),
             video: false,
             video_bitrate: 300_000,
+            sip_phone: false,
         }
     }
 }
@@ -344,6 +351,9 @@ impl MediaSession {
             // Loss reports each second, so the encoder adapts within one.
             .set_rtcp_report_interval_audio(Duration::from_secs(1));
         rtc.set_initial_stun_rto(ICE_INITIAL_RTO);
+        if config.sip_phone {
+            rtc = rtc.set_crypto_provider(std::sync::Arc::new(dtls::provider()));
+        }
         let rtc = rtc.build(now);
         let video = if config.video {
             Some((
@@ -437,7 +447,7 @@ impl MediaSession {
         self.video_mid = video;
         self.pending_offer = Some(pending);
         self.drain(now)?;
-        Ok(offer.to_sdp_string())
+        Ok(self.ours(&offer.to_sdp_string()))
     }
 
     /// The far end's answer to our offer.
@@ -446,11 +456,18 @@ impl MediaSession {
             .pending_offer
             .take()
             .ok_or(MediaError::State("accept_answer"))?;
+        let offered: Vec<String> = [self.audio_mid, self.video_mid]
+            .into_iter()
+            .flatten()
+            .map(|m| m.to_string())
+            .collect();
+        let sdp = sdp::bundled(answer.sdp(), &offered)?;
+        tracing::debug!(answer = %sdp, "the far end's answer");
         let parsed =
-            SdpAnswer::from_sdp_string(answer.sdp()).map_err(|e| MediaError::Sdp(e.to_string()))?;
+            SdpAnswer::from_sdp_string(&sdp).map_err(|e| MediaError::Sdp(e.to_string()))?;
         self.rtc.sdp_api().accept_answer(pending, parsed)?;
-        self.remote_sdp = Some(answer.sdp().into());
-        self.permit_candidates(answer.sdp(), now);
+        self.permit_candidates(&sdp, now);
+        self.remote_sdp = Some(sdp);
         self.drain(now)
     }
 
@@ -461,17 +478,16 @@ impl MediaSession {
         offer: &VerifiedSdp,
     ) -> Result<String, MediaError> {
         self.require_gathered("accept_offer")?;
-        let parsed =
-            SdpOffer::from_sdp_string(offer.sdp()).map_err(|e| MediaError::Sdp(e.to_string()))?;
+        let sdp = sdp::bundled(offer.sdp(), &[])?;
+        tracing::debug!(offer = %sdp, "the far end's offer");
+        let parsed = SdpOffer::from_sdp_string(&sdp).map_err(|e| MediaError::Sdp(e.to_string()))?;
         let answer = self.rtc.sdp_api().accept_offer(parsed)?;
         // The relay must let the far end's candidates in (and out) before
         // str0m's first check goes through it.
-        self.permit_candidates(offer.sdp(), now);
+        self.permit_candidates(&sdp, now);
         self.drain(now)?;
         let mid_of = |kind: MediaKind| {
-            offer
-                .sdp()
-                .lines()
+            sdp.lines()
                 .filter_map(|l| l.trim().strip_prefix("a=mid:"))
                 .map(Mid::from)
                 .find(|m| self.rtc.media(*m).is_some_and(|x| x.kind() == kind))
@@ -481,8 +497,8 @@ impl MediaSession {
         if self.audio_mid.is_none() {
             return Err(MediaError::NoAudio);
         }
-        self.remote_sdp = Some(offer.sdp().into());
-        Ok(answer.to_sdp_string())
+        self.remote_sdp = Some(sdp);
+        Ok(self.ours(&answer.to_sdp_string()))
     }
 
     /// The device moved to another network: the app's socket is now
@@ -532,7 +548,14 @@ impl MediaSession {
             .ok_or(MediaError::State("create_restart_offer"))?;
         self.pending_offer = Some(pending);
         self.drain(now)?;
-        Ok(offer.to_sdp_string())
+        Ok(self.ours(&offer.to_sdp_string()))
+    }
+
+    /// Our SDP as sent: a real default destination (see
+    /// [`sdp::with_default`]).
+    fn ours(&self, sdp: &str) -> String {
+        let default = self.relayed.or(self.reflexive).unwrap_or(self.local);
+        sdp::with_default(sdp, default)
     }
 
     /// Our DTLS fingerprints, for the PASSporT the app signs.

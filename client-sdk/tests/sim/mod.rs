@@ -299,6 +299,23 @@ impl Net {
         relay_only: bool,
         video: bool,
     ) -> Net {
+        Net::build(seed, link, with_turn, relay_only, video, [false, false])
+    }
+
+    /// As [`Net::new`], Alice and/or Bob running DTLS as for a SIP phone
+    /// (on OpenSSL rather than str0m's own).
+    pub fn with_sip_phones(seed: u64, sip_phone: [bool; 2]) -> Net {
+        Net::build(seed, Link::default(), false, false, false, sip_phone)
+    }
+
+    fn build(
+        seed: u64,
+        link: Link,
+        with_turn: bool,
+        relay_only: bool,
+        video: bool,
+        sip_phone: [bool; 2],
+    ) -> Net {
         let now = Instant::now();
         let users = with_turn.then(|| {
             vec![
@@ -324,6 +341,7 @@ impl Net {
                 relay_only,
                 seed: seed + i as u64,
                 video,
+                sip_phone: sip_phone[i],
                 ..MediaConfig::default()
             };
             let session = MediaSession::new(now, config, addr(a)).unwrap();
