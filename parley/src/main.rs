@@ -829,6 +829,9 @@ async fn serve(
             .collect::<Vec<_>>()
             .join(",")
     };
+    // Ready before it says so: whoever reads "parley: ready" may ask
+    // /readyz at once.
+    ready.store(true, Ordering::Release);
     // User-facing start-up lines: scripts and tests read these.
     #[allow(clippy::print_stdout)]
     {
@@ -869,7 +872,6 @@ async fn serve(
         println!("parley: admin http://{admin_addr} (/metrics /healthz /readyz)");
         println!("parley: ready");
     }
-    ready.store(true, Ordering::Release);
 
     loop {
         tokio::select! {
