@@ -284,6 +284,14 @@ pub enum DeviceEvent {
     },
     /// The courier link is back after a loss.
     CourierConnected,
+    /// `ids` pushed news of this device's account: `device_added`,
+    /// `device_removed` (with the device) or `account_reset`. A prompt
+    /// hint, not proof: the own-history audit ([`DeviceConfig::audit`])
+    /// checks what the directory actually published.
+    AccountChanged {
+        kind: String,
+        device: Option<DeviceId>,
+    },
     /// The own handle's verified history shows what this device did not
     /// expect: a device it did not know of, another account key (an
     /// account reset, or a directory that lies), or a deletion.
@@ -336,9 +344,9 @@ impl Device {
             roots: config.roots.clone(),
             server_name: config.server_name.clone(),
         };
-        let (courier, voip_token) = connect_courier(&config, &creds).await?;
-        ids.set_push_tokens(&me.key, &[(config.voip_topic.clone(), voip_token.clone())])
-            .await?;
+        let (courier, tokens) = connect_courier(&config, &creds).await?;
+        ids.set_push_tokens(&me.key, &tokens.pairs(&config)).await?;
+        let voip_token = tokens.voip.clone();
         let turn = ids.turn_credentials(&me.key).await?;
         let relay = turn
             .uris
@@ -387,7 +395,7 @@ impl Device {
             phone,
             courier: Some(courier),
             courier_retry,
-            voip_token: voip_token.clone(),
+            tokens,
             sip: None,
             online,
             sip_retry,
@@ -522,7 +530,7 @@ struct Task {
     phone: Phone,
     courier: Option<DeviceClient>,
     courier_retry: Retry,
-    voip_token: String,
+    tokens: Tokens,
     sip: Option<Sip>,
     /// The device wants to be registered (it is not asleep).
     online: bool,
@@ -888,19 +896,18 @@ impl Task {
         )
         .await;
         match attempt {
-            Ok(Ok((client, token))) => {
+            Ok(Ok((client, tokens))) => {
                 self.courier = Some(client);
-                if token != self.voip_token {
+                if tokens != self.tokens {
                     // Tokens are stable per device and topic; should the
-                    // courier have issued a new one, ids must know it.
-                    let topic = self.config.voip_topic.clone();
+                    // courier have issued new ones, ids must know them.
                     if self
                         .ids
-                        .set_push_tokens(&self.me.key, &[(topic, token.clone())])
+                        .set_push_tokens(&self.me.key, &tokens.pairs(&self.config))
                         .await
                         .is_ok()
                     {
-                        self.voip_token = token;
+                        self.tokens = tokens;
                     }
                 }
                 self.event(DeviceEvent::CourierConnected).await;
@@ -909,9 +916,19 @@ impl Task {
         }
     }
 
-    /// A push: a call waits for this device, so come online.
+    /// A push: a call waits for this device, so come online; or the
+    /// account changed.
     async fn on_push(&mut self, payload: &[u8]) {
         let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+        if v["parley"]["type"] == "account" {
+            let kind = v["parley"]["kind"].as_str().unwrap_or("").to_string();
+            let device = v["parley"]["device"]
+                .as_str()
+                .and_then(|d| d.parse::<DeviceId>().ok());
+            self.event(DeviceEvent::AccountChanged { kind, device })
+                .await;
+            return;
+        }
         if v["parley"]["type"] != "call" {
             return;
         }
@@ -1005,25 +1022,51 @@ impl Task {
 
 /// Connects the courier link for the VoIP topic; returns it and the
 /// topic's token (hex).
+/// The device's courier tokens (hex): VoIP pushes for calls, and
+/// background pushes from ids about the account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Tokens {
+    voip: String,
+    account: String,
+}
+
+impl Tokens {
+    /// (topic, token) pairs, as ids keeps them.
+    fn pairs(&self, config: &DeviceConfig) -> Vec<(String, String)> {
+        vec![
+            (config.voip_topic.clone(), self.voip.clone()),
+            (wire::push::ACCOUNT_TOPIC.into(), self.account.clone()),
+        ]
+    }
+}
+
 async fn connect_courier(
     config: &DeviceConfig,
     creds: &DeviceCredentials,
-) -> Result<(DeviceClient, String), DeviceError> {
+) -> Result<(DeviceClient, Tokens), DeviceError> {
     let (courier, tokens) = DeviceClient::connect(
         config.courier,
         config.courier_transport,
         creds,
-        &[config.voip_topic.as_str()],
+        &[config.voip_topic.as_str(), wire::push::ACCOUNT_TOPIC],
         0,
     )
     .await
     .map_err(|e| DeviceError::Courier(e.to_string()))?;
-    let token = tokens
-        .iter()
-        .find(|(t, _)| *t == config.voip_topic)
-        .map(|(_, t)| t.to_hex())
-        .ok_or_else(|| DeviceError::Courier("no token for the VoIP topic".into()))?;
-    Ok((courier, token))
+    let token = |topic: &str| {
+        tokens
+            .iter()
+            .find(|(t, _)| t == topic)
+            .map(|(_, t)| t.to_hex())
+            .ok_or_else(|| DeviceError::Courier(format!("no token for the topic {topic}")))
+    };
+    Ok((
+        courier,
+        Tokens {
+            voip: token(&config.voip_topic)?,
+            account: token(wire::push::ACCOUNT_TOPIC)?,
+        },
+    ))
 }
 
 /// The courier's next event, or never while there is no link.

@@ -20,4 +20,4 @@ pub mod service;
 pub mod store;
 
 pub use error::Error;
-pub use service::{Config, Ids, TurnConfig};
+pub use service::{AccountEvent, AccountNotifier, Config, Ids, TurnConfig};

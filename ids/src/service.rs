@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -150,6 +150,24 @@ pub struct Ids {
     verifications: Mutex<Verifications>,
     lookups: Mutex<RateLimiter<DeviceId>>,
     rng: SystemRandom,
+    notifier: OnceLock<Arc<dyn AccountNotifier>>,
+}
+
+/// A change to an account, as its devices hear of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountEvent {
+    /// `device_added`, `device_removed` or `account_reset`.
+    pub kind: &'static str,
+    pub device: Option<DeviceId>,
+}
+
+/// Tells an account's devices of a change besides the event stream they
+/// can read (`GET /v1/device/events`): in `parley up`, a background push
+/// through the courier to each device's [`wire::push::ACCOUNT_TOPIC`]
+/// token. Called after the change is committed; must not block.
+pub trait AccountNotifier: Send + Sync {
+    /// `tokens`: the courier tokens (hex) of the devices to tell.
+    fn notify(&self, tokens: Vec<String>, event: AccountEvent);
 }
 
 impl std::fmt::Debug for Ids {
@@ -200,9 +218,33 @@ impl Ids {
             ca,
             sender,
             rng,
+            notifier: OnceLock::new(),
         })
     }
 
+    /// Where account changes are pushed (once; later calls are ignored).
+    pub fn set_notifier(&self, n: Arc<dyn AccountNotifier>) {
+        let _ = self.notifier.set(n);
+    }
+
+    /// Tells the devices `to` (of `account_id`) of `events`, through the
+    /// notifier if there is one.
+    async fn tell(&self, account_id: &str, to: &[DeviceRow], events: Vec<AccountEvent>) {
+        let Some(n) = self.notifier.get() else {
+            return;
+        };
+        let tokens: Vec<String> = to
+            .iter()
+            .flat_map(|d| account_tokens(&d.push_tokens))
+            .collect();
+        tracing::debug!(account = %&account_id[..8.min(account_id.len())], devices = to.len(), "telling devices of an account change");
+        if tokens.is_empty() {
+            return;
+        }
+        for e in events {
+            n.notify(tokens.clone(), e);
+        }
+    }
     fn random<const N: usize>(&self) -> [u8; N] {
         let mut b = [0u8; N];
         // The system RNG does not fail on Linux after boot.
@@ -428,6 +470,8 @@ impl Ids {
             self.ca
                 .issue(me, &list.list.devices[0].identity_key, self.random(), now)?;
         let mut t = self.store.begin().await?;
+        // The old accounts' devices, to be told of the reset.
+        let mut retired = Vec::new();
         if reset {
             let mut old_accounts = BTreeSet::new();
             for uri in &listed {
@@ -436,7 +480,15 @@ impl Ids {
                 }
             }
             for old in old_accounts {
+                let active: Vec<DeviceRow> = self
+                    .store
+                    .devices_of(&old)
+                    .await?
+                    .into_iter()
+                    .filter(|d| d.revoked_at.is_none())
+                    .collect();
                 self.retire_account(&mut t, &old, &listed, now).await?;
+                retired.push((old, active));
             }
         }
         tx::upsert_account(
@@ -481,6 +533,13 @@ impl Ids {
         .await?;
         t.commit().await.map_err(Error::db)?;
         tracing::info!(account = %&account_id[..8], reset, "account created");
+        for (old, devices) in retired {
+            let reset = AccountEvent {
+                kind: "account_reset",
+                device: None,
+            };
+            self.tell(&old, &devices, vec![reset]).await;
+        }
         Ok(Registered {
             account_id,
             device_id: me,
@@ -628,6 +687,17 @@ impl Ids {
             .values()
             .filter(|row| list.list.device(row.id).is_none())
             .collect();
+        let events: Vec<AccountEvent> = added
+            .iter()
+            .map(|(d, _)| AccountEvent {
+                kind: "device_added",
+                device: Some(d.id),
+            })
+            .chain(removed.iter().map(|row| AccountEvent {
+                kind: "device_removed",
+                device: Some(row.id),
+            }))
+            .collect();
 
         let mut t = self.store.begin().await?;
         for (d, link) in &added {
@@ -698,6 +768,12 @@ impl Ids {
         )
         .await?;
         t.commit().await.map_err(Error::db)?;
+        // Every device that was on the account before, and still is.
+        let told: Vec<DeviceRow> = existing
+            .into_values()
+            .filter(|row| row.revoked_at.is_none() && list.list.device(row.id).is_some())
+            .collect();
+        self.tell(account_id, &told, events).await;
         Ok(list.list.seq as i64)
     }
 
@@ -983,6 +1059,18 @@ fn link_hash(code: &str) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, code.as_bytes())
         .as_ref()
         .to_vec()
+}
+
+/// A device's courier tokens for [`wire::push::ACCOUNT_TOPIC`], from the
+/// JSON it registered (`[{"topic": …, "token": …}]`).
+fn account_tokens(json: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["topic"] == wire::push::ACCOUNT_TOPIC)
+        .filter_map(|t| t["token"].as_str().map(str::to_owned))
+        .collect()
 }
 
 #[cfg(test)]

@@ -888,10 +888,22 @@ async fn new_account(lab: &Lab, handle: &str) -> (SigningKey, SigningKey, Device
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handles_links_limits_reset_and_delete() {
     let lab = Lab::start_with("lifecycle", None, |c| c.lookups_per_minute = 60).await;
+    let told = Arc::new(Told::default());
+    lab.server.as_ref().unwrap().ids.set_notifier(told.clone());
     let anchor = lab.anchor().await;
     let alice = "mailto:alice@example.com";
     let phone = "tel:+14155550123";
     let (account, a1, a1_id) = new_account(&lab, "alice@example.com").await;
+    // a1 hears of account changes on this token (and not on the other).
+    let a1_token = "a1".repeat(32);
+    let tokens = json!({"tokens": [
+        {"topic": wire::push::ACCOUNT_TOPIC, "token": a1_token},
+        {"topic": "app.voip", "token": "ff".repeat(32)},
+    ]});
+    let (s, _) = lab
+        .call("PUT", "/v1/device/push-tokens", Some(tokens), Some(&a1))
+        .await;
+    assert_eq!(s, 204);
     let (_, bob, _) = new_account(&lab, "bob@example.com").await;
 
     // Adding a handle needs a token proving it.
@@ -964,6 +976,23 @@ async fn handles_links_limits_reset_and_delete() {
         )
         .await;
     assert_eq!(s, 200);
+    // a1 was told of the tablet; the tablet itself is not told of itself.
+    assert_eq!(
+        told.take(),
+        vec![(
+            vec![a1_token.clone()],
+            ids::AccountEvent {
+                kind: "device_added",
+                device: Some(a2_id)
+            }
+        )]
+    );
+    let a2_token = "a2".repeat(32);
+    let tokens = json!({"tokens": [{"topic": wire::push::ACCOUNT_TOPIC, "token": a2_token}]});
+    let (s, _) = lab
+        .call("PUT", "/v1/device/push-tokens", Some(tokens), Some(&a2))
+        .await;
+    assert_eq!(s, 204);
 
     // Lookups are counted per handle against the device's quota.
     let sixty: Vec<String> = (0..60).map(|i| format!("nobody{i}@example.com")).collect();
@@ -1009,6 +1038,13 @@ async fn handles_links_limits_reset_and_delete() {
         let (s, _) = lab.call("GET", "/v1/account", None, Some(old)).await;
         assert_eq!(s, 403, "devices of the reset account are removed");
     }
+    // Both old devices were told of the reset that removed them.
+    let reset = told.take();
+    assert_eq!(reset.len(), 1, "{reset:?}");
+    let (mut tokens, event) = reset.into_iter().next().unwrap();
+    tokens.sort();
+    assert_eq!(tokens, vec![a1_token, a2_token]);
+    assert_eq!(event.kind, "account_reset");
     let value = until_value(&lab, &anchor, &bob, alice, |v| {
         matches!(v, DirectoryValue::Active(l) if l.list.account_key == new_account_key.public())
     })
@@ -1308,4 +1344,20 @@ async fn the_sdk_refuses_forged_lists_and_its_audit_catches_an_injected_device()
             .any(|f| matches!(f, Unapproved::AccountKey { .. })),
         "{findings:?}"
     );
+}
+
+/// Records what ids would push about account changes.
+#[derive(Default)]
+struct Told(std::sync::Mutex<Vec<(Vec<String>, ids::AccountEvent)>>);
+
+impl Told {
+    fn take(&self) -> Vec<(Vec<String>, ids::AccountEvent)> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl ids::AccountNotifier for Told {
+    fn notify(&self, tokens: Vec<String>, event: ids::AccountEvent) {
+        self.0.lock().unwrap().push((tokens, event));
+    }
 }

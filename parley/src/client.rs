@@ -619,6 +619,18 @@ pub fn describe(e: &DeviceEvent) -> String {
             "push link taken over by another connection of this device".into()
         }
         DeviceEvent::CourierConnected => "push link back".into(),
+        DeviceEvent::AccountChanged { kind, device } => {
+            let what = match kind.as_str() {
+                "device_added" => "a device was added",
+                "device_removed" => "a device was removed",
+                "account_reset" => "the account was reset (this device is no longer in it)",
+                _ => "the account changed",
+            };
+            match device {
+                Some(d) => format!("account: {what}: {d} (pushed by ids)"),
+                None => format!("account: {what} (pushed by ids)"),
+            }
+        }
         DeviceEvent::Unapproved(found) => found
             .iter()
             .map(|u| match u {

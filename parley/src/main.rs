@@ -707,6 +707,10 @@ impl Stack {
             ))),
             _ => {}
         }
+        if let (Some(i), Some(c)) = (&ids_server, &courier_server) {
+            i.ids
+                .set_notifier(Arc::new(wiring::CourierAccountNotifier(c.courier.clone())));
+        }
         let signaling_server = match services.signaling {
             true => Some(Arc::new(
                 start_signaling(

@@ -91,11 +91,69 @@ impl signaling::runtime::Waker for CourierWaker {
             vapid_key: None,
             receipt: None,
         };
-        let courier = self.0.clone();
-        tokio::spawn(async move {
-            if let Err(e) = courier.push(req).await {
-                tracing::info!(error = %e, "VoIP push for a waiting call refused");
-            }
-        });
+        spawn_push(&self.0, req, "VoIP push for a waiting call refused");
     }
+}
+
+/// `parley up`: the identity service tells an account's devices of a
+/// change (a device added or removed, an account reset) by a background
+/// push on their [`wire::push::ACCOUNT_TOPIC`] tokens.
+pub struct CourierAccountNotifier(pub Arc<push_courier::courier::Courier>);
+
+/// A device that stays offline longer than this reads the event stream.
+const ACCOUNT_EVENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl ids::AccountNotifier for CourierAccountNotifier {
+    fn notify(&self, tokens: Vec<String>, event: ids::AccountEvent) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let payload = serde_json::json!({
+            "aps": {"content-available": 1},
+            "parley": {
+                "type": "account",
+                "kind": event.kind,
+                "device": event.device.map(|d| d.to_string()),
+            },
+        })
+        .to_string()
+        .into_bytes();
+        for token in tokens {
+            let Some(token) = wire::push::DeviceToken::from_hex(&token) else {
+                continue;
+            };
+            let Ok(id) = push_courier::courier::Courier::new_id() else {
+                return;
+            };
+            let req = push_courier::courier::PushRequest {
+                id,
+                token,
+                push_type: wire::push::PushType::Background,
+                priority: 5,
+                expires: (now + ACCOUNT_EVENT_TTL).as_secs(),
+                now_or_never: false,
+                collapse_id: String::new(),
+                topic: Some(wire::push::ACCOUNT_TOPIC.into()),
+                payload: payload.clone(),
+                provider: "ids".into(),
+                vapid_key: None,
+                receipt: None,
+            };
+            spawn_push(&self.0, req, "account change push refused");
+        }
+    }
+}
+
+/// Hands `req` to the courier without waiting; a refusal is logged.
+fn spawn_push(
+    courier: &Arc<push_courier::courier::Courier>,
+    req: push_courier::courier::PushRequest,
+    refused: &'static str,
+) {
+    let courier = courier.clone();
+    tokio::spawn(async move {
+        if let Err(e) = courier.push(req).await {
+            tracing::info!(error = %e, "{refused}");
+        }
+    });
 }

@@ -339,8 +339,14 @@ fn a_listening_client_warns_of_a_device_another_one_approved() {
         "{}",
         seen.join("\n")
     );
-    // The phone approves a tablet: the laptop tells its user.
+    // The phone approves a tablet: the laptop tells its user, first from
+    // ids' push through the courier, then from its own audit.
     let (tablet_id, _) = link_device(&up, &data, &phone, &tablet, "tablet");
+    let news = wait_line(&rx, "pushed by ids", &mut seen);
+    assert!(
+        news.contains(&format!("a device was added: {tablet_id}")),
+        "{news}"
+    );
     let warning = wait_line(&rx, "WARNING", &mut seen);
     assert!(
         warning.contains(&format!("device {tablet_id} joined this account")),

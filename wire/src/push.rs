@@ -47,6 +47,10 @@ pub const MAX_ACK_IDS: usize = 64;
 pub const MAX_PAYLOAD: usize = 5120;
 /// Length of a device token.
 pub const TOKEN_LEN: usize = 32;
+/// The topic on which a device hears of changes to its own account (a
+/// device added or removed, an account reset): background pushes from
+/// the identity service, next to the app's own topics.
+pub const ACCOUNT_TOPIC: &str = "parley.account";
 
 /// A device token: 32 unguessable bytes, one per (device, topic) or per Web
 /// Push subscription.
