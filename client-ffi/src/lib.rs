@@ -308,6 +308,7 @@ impl Parley {
             keep_heard: Duration::from_secs(60),
             video: false,
             audit: None,
+            accept_unverified: false,
         };
         let me = Identity {
             device,

@@ -140,8 +140,9 @@ struct Call {
     restart_pending: bool,
     /// Caller: Alerting was reported.
     alerted: bool,
-    /// Caller: the far end is a SIP phone outside the key directory; its
-    /// SDP is taken as signaling delivered it.
+    /// The far end is a SIP phone outside the key directory (placed with
+    /// `dial_unverified`, or taken with `ring_unverified`); its SDP is
+    /// taken as signaling delivered it.
     unverified: bool,
 }
 
@@ -269,6 +270,20 @@ impl Phone {
         Ok(id)
     }
 
+    /// An incoming call from a SIP phone outside the key directory (no
+    /// PASSporT, no devices in a lookup of `from`), with a socket for its
+    /// media: the phone rings without any check, as for
+    /// [`Phone::dial_unverified`]. Only when the app chose to take such
+    /// calls; [`Phone::ring`] refuses them.
+    pub fn ring_unverified(
+        &mut self,
+        now: Instant,
+        call: &str,
+        local: SocketAddr,
+    ) -> Result<(), CallError> {
+        self.take_incoming(now, call, None, local)
+    }
+
     /// An incoming call's caller keys (from a verified lookup of the
     /// `from` handle) and the socket for its media: the PASSporT is
     /// checked and, if it holds, the phone rings. If it does not, the
@@ -281,22 +296,36 @@ impl Phone {
         keys: Vec<DeviceKey>,
         local: SocketAddr,
     ) -> Result<(), CallError> {
+        self.take_incoming(now, call, Some(keys), local)
+    }
+
+    /// Rings an incoming call: checked against `keys`, or (`None`) an
+    /// unverified SIP phone's.
+    fn take_incoming(
+        &mut self,
+        now: Instant,
+        call: &str,
+        keys: Option<Vec<DeviceKey>>,
+        local: SocketAddr,
+    ) -> Result<(), CallError> {
         let c = self.calls.get_mut(call).ok_or(CallError::NoCall)?;
         if c.stage != Stage::Incoming {
             return Err(CallError::Sip(UaError::State("ring")));
         }
-        c.keys = keys;
+        let sip_phone = keys.is_none();
+        match keys {
+            Some(keys) => c.keys = keys,
+            None => c.unverified = true,
+        }
         let (sdp, identity) = c.offer.clone().unwrap_or_default();
-        match verify(&c.peer, &c.keys, &sdp, identity.as_deref()) {
-            Ok(_) => {}
-            Err(e) => {
-                let _ = self.ua.decline(call, 438);
-                self.end(call, EndReason::Security(e.to_string()));
-                return Err(e);
-            }
+        if let Err(e) = c.check(&sdp, identity.as_deref()) {
+            let _ = self.ua.decline(call, 438);
+            self.end(call, EndReason::Security(e.to_string()));
+            return Err(e);
         }
         let mut config = self.media_config.clone();
         config.seed = config.seed.wrapping_add(call.len() as u64 + self.dial_seq);
+        config.sip_phone = sip_phone;
         let c = self.calls.get_mut(call).ok_or(CallError::NoCall)?;
         c.media = Some(MediaSession::new(now, config, local)?);
         c.stage = Stage::Preparing;
@@ -556,7 +585,7 @@ impl Phone {
                 let (sdp, identity) = c.offer.clone().unwrap_or_default();
                 // ring() checked the PASSporT; the check hands over the
                 // verified SDP for the media engine.
-                let (_, verified) = verify(&c.peer, &c.keys, &sdp, identity.as_deref())?;
+                let (_, verified) = c.check(&sdp, identity.as_deref())?;
                 let media = c.media.as_mut().ok_or(CallError::NoCall)?;
                 let answer = media.accept_offer(now, &verified)?;
                 c.answer_sdp = Some(answer);

@@ -132,6 +132,10 @@ pub struct DeviceConfig {
     pub video: bool,
     /// Check the own handle's key transparency history regularly.
     pub audit: Option<OwnAudit>,
+    /// Take calls from SIP phones outside the key directory (no PASSporT,
+    /// no devices for the caller's handle): they ring, unauthenticated,
+    /// instead of being refused (438). Off by default.
+    pub accept_unverified: bool,
 }
 
 /// What a device checks its own handle's published history against: the
@@ -978,7 +982,7 @@ impl Task {
 
     async fn on_call_event(&mut self, e: CallEvent) {
         match &e {
-            CallEvent::Incoming { call, from, .. } => {
+            CallEvent::Incoming { call, from, device } => {
                 // Who calls? Only a verified lookup gives their keys.
                 let now = Instant::now();
                 let keys = match self
@@ -997,14 +1001,20 @@ impl Task {
                         Vec::new()
                     }
                 };
+                // A phone outside the directory: no devices, no PASSporT.
+                let sip_phone = keys.is_empty() && device.is_none();
                 match self.bind_media().await {
                     Ok(socket) => {
                         let local = socket.local_addr().ok();
                         if let Some(local) = local {
                             self.add_socket(call, socket);
-                            // A failed check declines with 438 and ends the
-                            // call with a security reason (an event).
-                            let _ = self.phone.ring(now, call, keys, local);
+                            if sip_phone && self.config.accept_unverified {
+                                let _ = self.phone.ring_unverified(now, call, local);
+                            } else {
+                                // A failed check declines with 438 and ends
+                                // the call with a security reason (an event).
+                                let _ = self.phone.ring(now, call, keys, local);
+                            }
                         }
                     }
                     Err(err) => self.event(DeviceEvent::Error(err.to_string())).await,

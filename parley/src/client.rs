@@ -204,6 +204,12 @@ struct ListenArgs {
     /// did not know of.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     audit_every: u64,
+    /// Also take calls from SIP phones that are not in the key directory
+    /// (digest accounts at signaling, say baresip). They ring without any
+    /// proof of who is calling: encrypted, but not authenticated. Without
+    /// this they are refused (438).
+    #[arg(long)]
+    accept_unverified: bool,
     #[command(flatten)]
     media: MediaArgs,
 }
@@ -537,6 +543,7 @@ async fn start_device(
     args: &ClientArgs,
     m: &MediaArgs,
     audit_every: Option<Duration>,
+    accept_unverified: bool,
 ) -> Result<(Device, State, Sound)> {
     let state = State::load(&args.state)?;
     let me = state.identity()?;
@@ -585,6 +592,7 @@ async fn start_device(
         keep_heard: Duration::from_secs(600),
         video: m.video,
         audit,
+        accept_unverified,
     };
     let device = Device::start(config, me, ids, true).await?;
     Ok((device, state, card))
@@ -702,7 +710,7 @@ async fn record(device: &Device, call: &str, to: Option<&Path>, start: Instant) 
 async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
     let start = Instant::now();
     let callee = Handle::parse(&a.handle).map_err(|e| anyhow!("{}: {e}", a.handle))?;
-    let (mut device, _, _sound) = start_device(args, &a.media, None).await?;
+    let (mut device, _, _sound) = start_device(args, &a.media, None, false).await?;
     registered(&mut device, start).await?;
     let dialed = Instant::now();
     let call = if a.unverified {
@@ -792,10 +800,13 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
 async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
     let start = Instant::now();
     let audit = (a.audit_every > 0).then(|| Duration::from_secs(a.audit_every));
-    let (mut device, state, _sound) = start_device(args, &a.media, audit).await?;
+    let (mut device, state, _sound) =
+        start_device(args, &a.media, audit, a.accept_unverified).await?;
     registered(&mut device, start).await?;
     say(start, format!("listening as {}", state.handle));
     let mut ended = 0u32;
+    // Calls that came with no PASSporT (from phones outside the directory).
+    let mut unverified = std::collections::HashSet::new();
     let mut last: Option<CallStats> = None;
     loop {
         let ev = tokio::select! {
@@ -808,8 +819,21 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
                 last = Some((**stats).clone());
                 continue;
             }
+            DeviceEvent::Call(CallEvent::Incoming {
+                call, device: None, ..
+            }) => {
+                unverified.insert(call.clone());
+            }
             DeviceEvent::Call(CallEvent::Ringing { call }) => {
-                say(start, describe(&ev));
+                if unverified.remove(call) {
+                    say(
+                        start,
+                        "ringing: a phone outside the key directory; encrypted, but NOT \
+                         authenticated",
+                    );
+                } else {
+                    say(start, describe(&ev));
+                }
                 if a.answer {
                     device.answer(call).await?;
                     say(start, "answered");
@@ -817,6 +841,7 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
                 continue;
             }
             DeviceEvent::Call(CallEvent::Ended { call, .. }) => {
+                unverified.remove(call);
                 say(start, describe(&ev));
                 if let Some(s) = last.take() {
                     say(start, summary(&s));

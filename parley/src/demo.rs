@@ -350,6 +350,7 @@ async fn scenario(
         keep_heard: Duration::from_secs(10),
         video: !args.no_video,
         audit: None,
+        accept_unverified: false,
     };
     let alice = Device::start(
         cfg("alice", &alice_h, ALICE_HZ),

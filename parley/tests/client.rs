@@ -456,6 +456,41 @@ fn the_client_calls_baresip_and_each_hears_the_other() {
     let (f, share, n) = heard(&phone_rec);
     assert!(n >= 48_000 * 2, "baresip recorded {n} samples");
     assert_eq!(f, 660.0, "baresip heard {f} Hz ({share:.2} of the energy)");
+
+    // And the other way: baresip calls the client, which takes calls from
+    // phones outside the directory only when told to.
+    let alice_rec = dir.path().join("alice-heard-2.wav");
+    let mut c = client(&up, &data, &alice);
+    c.args([
+        "listen",
+        "--answer",
+        "--calls",
+        "1",
+        "--accept-unverified",
+        "--audit-every",
+        "0",
+        "--record",
+    ])
+    .arg(&alice_rec);
+    let (listen, rx) = spawn(c);
+    let mut seen = Vec::new();
+    wait_line(&rx, "listening as", &mut seen);
+    ctrl.command("dial", &format!("sip:alice%40example.com@{}", up.sip_udp));
+    wait_line(&rx, "NOT authenticated", &mut seen);
+    let events = ctrl.events_until(&["CALL_RTPESTAB"], Duration::from_secs(10));
+    assert!(
+        events.iter().any(|e| e == "CALL_RTPESTAB"),
+        "baresip's call to the client: {events:?}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    ctrl.command("hangup", "");
+    finish(listen, Duration::from_secs(20), "listen");
+    let (f, share, n) = heard(&alice_rec);
+    assert!(n >= 48_000 * 2, "the client recorded {n} samples");
+    assert_eq!(
+        f, 440.0,
+        "the client heard {f} Hz ({share:.2} of the energy)"
+    );
 }
 
 /// With the `sound-card` feature: a call whose caller speaks from and
