@@ -38,6 +38,9 @@ const MTU: u32 = 1150;
 /// How often a handshake in progress is woken to resend what was lost;
 /// OpenSSL keeps its own doubling timer and resends only when it ran out.
 const HANDSHAKE_TICK: Duration = Duration::from_millis(100);
+/// After the handshake, how often str0m is asked to wake this instance
+/// (it has nothing to do on a timer then).
+const SETTLED_TICK: Duration = Duration::from_secs(3600);
 /// At most this many datagrams wait in either direction.
 const QUEUE: usize = 64;
 
@@ -70,9 +73,8 @@ impl DtlsProvider for OpensslDtls {
         let context = context(cert).map_err(|e| CryptoError::Other(format!("OpenSSL: {e}")))?;
         Ok(Box::new(OpensslInstance {
             context,
-            state: State::Idle,
+            state: State::Idle(Datagrams::default()),
             active: false,
-            io_out: VecDeque::new(),
             events: VecDeque::new(),
             next_tick: now + HANDSHAKE_TICK,
             closing: false,
@@ -133,11 +135,12 @@ impl Write for Datagrams {
 }
 
 enum State {
-    /// No role yet; datagrams that arrive wait.
-    Idle,
+    /// No role yet; datagrams that arrive wait in `incoming`.
+    Idle(Datagrams),
     Handshaking(SslStream<Datagrams>),
     Connected(SslStream<Datagrams>),
-    Failed,
+    /// The handshake failed; the alert OpenSSL wrote waits in `outgoing`.
+    Failed(Datagrams),
 }
 
 enum Event {
@@ -152,8 +155,6 @@ struct OpensslInstance {
     context: SslContext,
     state: State,
     active: bool,
-    /// Datagrams that arrived before the role was known.
-    io_out: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     next_tick: Instant,
     closing: bool,
@@ -173,9 +174,9 @@ impl OpensslInstance {
         } else {
             ssl.set_accept_state();
         }
-        let io = Datagrams {
-            incoming: std::mem::take(&mut self.io_out),
-            outgoing: VecDeque::new(),
+        let io = match &mut self.state {
+            State::Idle(early) => std::mem::take(early),
+            _ => Datagrams::default(),
         };
         let stream = SslStream::new(ssl, io).map_err(|e| failed("setup", e))?;
         self.state = State::Handshaking(stream);
@@ -185,7 +186,7 @@ impl OpensslInstance {
     /// Moves the handshake on with what has arrived; reads what the
     /// connection delivers.
     fn progress(&mut self) -> Result<(), DtlsImplError> {
-        match std::mem::replace(&mut self.state, State::Failed) {
+        match std::mem::replace(&mut self.state, State::Failed(Datagrams::default())) {
             State::Handshaking(mut stream) => match stream.do_handshake() {
                 Ok(()) => {
                     self.connected(&stream)?;
@@ -198,7 +199,7 @@ impl OpensslInstance {
                 }
                 Err(e) => {
                     // Whatever alert OpenSSL wrote still goes out.
-                    self.io_out = std::mem::take(&mut stream.get_mut().outgoing);
+                    self.state = State::Failed(std::mem::take(stream.get_mut()));
                     Err(failed("handshake", e))
                 }
             },
@@ -260,14 +261,18 @@ impl OpensslInstance {
         }
     }
 
-    fn outgoing(&mut self) -> Option<Vec<u8>> {
+    /// The datagram queues, in whichever state.
+    fn io(&mut self) -> &mut Datagrams {
         match &mut self.state {
-            State::Handshaking(stream) => stream.get_mut().outgoing.pop_front(),
-            State::Connected(s) => s.get_mut().outgoing.pop_front(),
-            // Before a role, io_out holds what arrived; after a failure,
-            // the alert to send.
-            State::Failed => self.io_out.pop_front(),
-            State::Idle => None,
+            State::Idle(d) | State::Failed(d) => d,
+            State::Handshaking(s) | State::Connected(s) => s.get_mut(),
+        }
+    }
+
+    fn io_ref(&self) -> &Datagrams {
+        match &self.state {
+            State::Idle(d) | State::Failed(d) => d,
+            State::Handshaking(s) | State::Connected(s) => s.get_ref(),
         }
     }
 }
@@ -275,7 +280,7 @@ impl OpensslInstance {
 impl DtlsInstance for OpensslInstance {
     fn set_active(&mut self, active: bool) {
         self.active = active;
-        if matches!(self.state, State::Idle) {
+        if matches!(self.state, State::Idle(_)) {
             if let Err(e) = self.start() {
                 tracing::warn!(error = ?e, "DTLS (OpenSSL) did not start");
             }
@@ -288,37 +293,23 @@ impl DtlsInstance for OpensslInstance {
             // nothing would be the end of the stream.
             return self.progress();
         }
-        match &mut self.state {
-            State::Idle => {
-                if self.io_out.len() < QUEUE {
-                    self.io_out.push_back(packet.to_vec());
-                }
-                Ok(())
-            }
-            State::Handshaking(stream) => {
-                stream.get_mut().incoming.push_back(packet.to_vec());
-                self.progress()
-            }
-            State::Connected(s) => {
-                if s.get_ref().incoming.len() < QUEUE {
-                    s.get_mut().incoming.push_back(packet.to_vec());
-                }
-                self.progress()
-            }
-            State::Failed => Err(DtlsImplError::ConnectionClosed),
+        if matches!(self.state, State::Failed(_)) {
+            return Err(DtlsImplError::ConnectionClosed);
         }
+        let incoming = &mut self.io().incoming;
+        if incoming.len() < QUEUE {
+            incoming.push_back(packet.to_vec());
+        }
+        // Before a role is set, they wait for it.
+        self.progress()
     }
 
     fn poll_output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
-        if let Some(d) = self.outgoing() {
+        if let Some(d) = self.io().outgoing.pop_front() {
             if d.len() > buf.len() {
                 let needed = d.len();
                 // Keep it for a retry with a bigger buffer.
-                match &mut self.state {
-                    State::Handshaking(stream) => stream.get_mut().outgoing.push_front(d),
-                    State::Connected(s) => s.get_mut().outgoing.push_front(d),
-                    _ => self.io_out.push_front(d),
-                }
+                self.io().outgoing.push_front(d);
                 return DtlsOutput::BufferTooSmall { needed };
             }
             buf[..d.len()].copy_from_slice(&d);
@@ -346,7 +337,14 @@ impl DtlsInstance for OpensslInstance {
         if now < self.next_tick {
             return Ok(());
         }
-        self.next_tick = now + HANDSHAKE_TICK;
+        // Once the handshake is over there is nothing to resend.
+        let settled = matches!(self.state, State::Connected(_) | State::Failed(_));
+        self.next_tick = now
+            + if settled {
+                SETTLED_TICK
+            } else {
+                HANDSHAKE_TICK
+            };
         if matches!(self.state, State::Handshaking(_)) {
             // OpenSSL resends a flight whose timer ran out when it next
             // runs the handshake.
@@ -379,7 +377,7 @@ impl DtlsInstance for OpensslInstance {
     }
 
     fn is_closed(&self) -> bool {
-        self.closing && self.outgoing_len() == 0
+        self.closing && self.io_ref().outgoing.is_empty()
     }
 
     fn close(&mut self) -> Result<(), DtlsImplError> {
@@ -388,17 +386,6 @@ impl DtlsInstance for OpensslInstance {
             let _ = s.shutdown();
         }
         Ok(())
-    }
-}
-
-impl OpensslInstance {
-    fn outgoing_len(&self) -> usize {
-        match &self.state {
-            State::Handshaking(stream) => stream.get_ref().outgoing.len(),
-            State::Connected(s) => s.get_ref().outgoing.len(),
-            State::Failed => self.io_out.len(),
-            State::Idle => 0,
-        }
     }
 }
 
