@@ -227,9 +227,9 @@ impl Ids {
         let _ = self.notifier.set(n);
     }
 
-    /// Tells the devices `to` (of `account_id`) of `events`, through the
-    /// notifier if there is one.
-    async fn tell(&self, account_id: &str, to: &[DeviceRow], events: Vec<AccountEvent>) {
+    /// Tells the devices `to` of `events`, through the notifier if there
+    /// is one.
+    fn tell(&self, to: &[DeviceRow], events: Vec<AccountEvent>) {
         let Some(n) = self.notifier.get() else {
             return;
         };
@@ -237,7 +237,6 @@ impl Ids {
             .iter()
             .flat_map(|d| account_tokens(&d.push_tokens))
             .collect();
-        tracing::debug!(account = %&account_id[..8.min(account_id.len())], devices = to.len(), "telling devices of an account change");
         if tokens.is_empty() {
             return;
         }
@@ -245,6 +244,7 @@ impl Ids {
             n.notify(tokens.clone(), e);
         }
     }
+
     fn random<const N: usize>(&self) -> [u8; N] {
         let mut b = [0u8; N];
         // The system RNG does not fail on Linux after boot.
@@ -488,7 +488,7 @@ impl Ids {
                     .filter(|d| d.revoked_at.is_none())
                     .collect();
                 self.retire_account(&mut t, &old, &listed, now).await?;
-                retired.push((old, active));
+                retired.extend(active);
             }
         }
         tx::upsert_account(
@@ -533,13 +533,11 @@ impl Ids {
         .await?;
         t.commit().await.map_err(Error::db)?;
         tracing::info!(account = %&account_id[..8], reset, "account created");
-        for (old, devices) in retired {
-            let reset = AccountEvent {
-                kind: "account_reset",
-                device: None,
-            };
-            self.tell(&old, &devices, vec![reset]).await;
-        }
+        let reset = AccountEvent {
+            kind: "account_reset",
+            device: None,
+        };
+        self.tell(&retired, vec![reset]);
         Ok(Registered {
             account_id,
             device_id: me,
@@ -768,12 +766,12 @@ impl Ids {
         )
         .await?;
         t.commit().await.map_err(Error::db)?;
-        // Every device that was on the account before, and still is.
+        // Every (active) device that was on the account before, and still is.
         let told: Vec<DeviceRow> = existing
             .into_values()
-            .filter(|row| row.revoked_at.is_none() && list.list.device(row.id).is_some())
+            .filter(|row| list.list.device(row.id).is_some())
             .collect();
-        self.tell(account_id, &told, events).await;
+        self.tell(&told, events);
         Ok(list.list.seq as i64)
     }
 
