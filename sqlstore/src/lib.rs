@@ -68,6 +68,10 @@ pub async fn open(url: &str, opts: Options) -> Result<(AnyPool, Backend), Error>
             Backend::Sqlite => opts.sqlite_connections,
             Backend::Postgres => opts.postgres_connections,
         })
+        // A pooled SQLite connection is a file handle that cannot go stale;
+        // pinging it before every use was a round trip to its worker thread
+        // per query. PostgreSQL connections cross a network: keep the test.
+        .test_before_acquire(backend == Backend::Postgres)
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 if backend == Backend::Sqlite {
