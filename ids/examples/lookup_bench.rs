@@ -72,9 +72,12 @@ async fn run(a: Args) -> Result<()> {
     let root_key =
         ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
             .map_err(|_| anyhow::anyhow!("ed25519"))?;
-    let kt =
-        ids::kt::Transparency::open(store.clone(), ids::kt::VrfKey([5; 32]), root_key.as_ref())
-            .await?;
+    let kt = ids::kt::Transparency::open(
+        store.clone(),
+        ids::kt::VrfKey::new([5; 32])?,
+        root_key.as_ref(),
+    )
+    .await?;
 
     // --- load --------------------------------------------------------------
     let account = Arc::new(SigningKey::generate());

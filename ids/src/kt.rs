@@ -260,22 +260,7 @@ fn placeholders(rows: usize, cols: usize) -> String {
         .join(", ")
 }
 
-/// The VRF private key, kept in the data directory.
-#[derive(Clone)]
-pub struct VrfKey(pub [u8; 32]);
-
-impl std::fmt::Debug for VrfKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("VrfKey(…)")
-    }
-}
-
-#[async_trait]
-impl akd::ecvrf::VRFKeyStorage for VrfKey {
-    async fn retrieve(&self) -> Result<Vec<u8>, akd::ecvrf::VrfError> {
-        Ok(self.0.to_vec())
-    }
-}
+pub use crate::vrf::VrfKey;
 
 /// A lookup answer: the proof (akd protobuf), the value it proves (the
 /// directory value, unverified here; clients verify) and the signed root.
@@ -531,7 +516,7 @@ mod tests {
     async fn published_values_verify_on_the_client_and_survive_reopen() {
         let store = temp_store("kt").await;
         let key = root_key();
-        let kt = Transparency::open(store.clone(), VrfKey([7; 32]), &key)
+        let kt = Transparency::open(store.clone(), VrfKey::new([7; 32]).unwrap(), &key)
             .await
             .unwrap();
         let anchor = kt.anchor().clone();
@@ -592,7 +577,7 @@ mod tests {
 
         // Reopen from the same database: same anchor, same data.
         drop(kt);
-        let kt = Transparency::open(store.clone(), VrfKey([7; 32]), &key)
+        let kt = Transparency::open(store.clone(), VrfKey::new([7; 32]).unwrap(), &key)
             .await
             .unwrap();
         assert_eq!(kt.anchor(), &anchor);

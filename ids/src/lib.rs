@@ -18,6 +18,7 @@ pub mod runtime;
 pub mod sender;
 pub mod service;
 pub mod store;
+mod vrf;
 
 pub use error::Error;
 pub use service::{AccountEvent, AccountNotifier, Config, Ids, TurnConfig};

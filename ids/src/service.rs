@@ -930,11 +930,7 @@ impl Ids {
                 Some(crate::kt::Proven { proof, value, root }) => {
                     let devices = match DirectoryValue::decode(&value) {
                         Ok(DirectoryValue::Active(list)) => {
-                            let owner = self.store.account_of_handle(&uri).await?;
-                            let rows = match owner {
-                                Some(a) => self.store.devices_of(&a).await?,
-                                None => Vec::new(),
-                            };
+                            let rows = self.store.devices_of_handle(&uri).await?;
                             rows.into_iter()
                                 .filter(|r| {
                                     r.revoked_at.is_none() && list.list.device(r.id).is_some()

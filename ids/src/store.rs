@@ -232,13 +232,25 @@ impl Store {
     }
 
     pub async fn devices_of(&self, account_id: &str) -> Result<Vec<DeviceRow>, Error> {
-        let rows = sqlx::query(&format!(
-            "{DEVICE_SELECT} WHERE account_id = $1 ORDER BY id"
-        ))
-        .bind(account_id)
-        .fetch_all(&self.pool)
+        self.devices_where("account_id = $1", account_id).await
+    }
+
+    /// The devices of the account holding handle `uri` (none if no account
+    /// holds it), in one query: lookups run this for every handle.
+    pub async fn devices_of_handle(&self, uri: &str) -> Result<Vec<DeviceRow>, Error> {
+        self.devices_where(
+            "account_id = (SELECT account_id FROM handles WHERE uri = $1)",
+            uri,
+        )
         .await
-        .map_err(Error::db)?;
+    }
+
+    async fn devices_where(&self, condition: &str, arg: &str) -> Result<Vec<DeviceRow>, Error> {
+        let rows = sqlx::query(&format!("{DEVICE_SELECT} WHERE {condition} ORDER BY id"))
+            .bind(arg)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::db)?;
         rows.into_iter().map(device_row).collect()
     }
 

@@ -85,10 +85,13 @@ impl Lab {
         let root_key =
             ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
                 .unwrap();
-        let kt =
-            ids::kt::Transparency::open(store.clone(), ids::kt::VrfKey([3; 32]), root_key.as_ref())
-                .await
-                .unwrap();
+        let kt = ids::kt::Transparency::open(
+            store.clone(),
+            ids::kt::VrfKey::new([3; 32]).unwrap(),
+            root_key.as_ref(),
+        )
+        .await
+        .unwrap();
         let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &ca_key_pem).unwrap();
         let sender = ids::sender::OutboxSender {
             dir: config.outbox.clone(),
