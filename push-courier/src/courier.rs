@@ -20,14 +20,14 @@ use wire::DeviceId;
 
 use crate::core::queue::{Entry, Queues};
 use crate::error::Error;
+use crate::mailbox;
 use crate::store::{MessageState, Store, StoredMessage, TokenKind, TokenRow, Write};
 use crate::Config;
 
 /// What a device connection is told to do.
 #[derive(Debug)]
 pub enum ConnCommand {
-    /// Boxed so that the channel's slots, allocated per connection, stay
-    /// small.
+    /// Boxed so that a waiting command stays small.
     Deliver(Box<Notification>),
     Close(CloseReason, &'static str),
 }
@@ -40,7 +40,7 @@ const CONN_CHANNEL: usize = 512;
 struct Online {
     generation: u64,
     serial: Vec<u8>,
-    tx: mpsc::Sender<ConnCommand>,
+    tx: mailbox::Sender<ConnCommand>,
 }
 
 #[derive(Debug, Clone)]
@@ -335,7 +335,7 @@ impl Courier {
         self.metrics.pushes_stored.fetch_add(1, Ordering::Relaxed);
         let inner = self.lock();
         if let Some(o) = inner.online.get(&device) {
-            if let Err(mpsc::error::TrySendError::Full(_)) =
+            if let Err(mailbox::TrySendError::Full) =
                 o.tx.try_send(ConnCommand::Deliver(Box::new(note)))
             {
                 // Stored already; the device gets it after reconnecting.
@@ -356,13 +356,13 @@ impl Courier {
         &self,
         device: DeviceId,
         serial: Vec<u8>,
-    ) -> Option<(u64, mpsc::Receiver<ConnCommand>)> {
+    ) -> Option<(u64, mailbox::Receiver<ConnCommand>)> {
         let mut inner = self.lock();
         if inner.revoked_serials.contains(&serial) {
             return None;
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = mpsc::channel(CONN_CHANNEL);
+        let (tx, rx) = mailbox::mailbox(CONN_CHANNEL);
         if let Some(old) = inner.online.insert(
             device,
             Online {

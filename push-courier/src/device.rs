@@ -115,7 +115,9 @@ pub async fn serve_tcp(
                 tracing::debug!("device certificate names no device id");
                 return;
             };
-            run(tls, id, courier, shutdown).await;
+            // The connection's long-lived task holds only what `run` needs
+            // (see `run`); this one, sized for the handshake, ends here.
+            tokio::spawn(run(Box::new(tls), id, courier, shutdown));
         });
     }
 }
@@ -201,13 +203,20 @@ pub async fn serve_quic(
                     return;
                 }
             };
-            run(tokio::io::join(recv, send), id, courier, shutdown).await;
-            conn.close(0u32.into(), b"closed");
+            tokio::spawn(async move {
+                run(Box::new(tokio::io::join(recv, send)), id, courier, shutdown).await;
+                conn.close(0u32.into(), b"closed");
+            });
         });
     }
 }
 
 /// Drives one device connection until it ends.
+///
+/// Its future is most of an idle connection's memory, so it is kept small:
+/// the stream comes boxed (an async fn's arguments are held twice in its
+/// future, and a TLS stream is over 1 KiB), storage work is boxed while it
+/// runs, and reads go through a small buffer (devices send small frames).
 async fn run<S>(
     mut io: S,
     id: DeviceIdentity,
@@ -225,10 +234,10 @@ async fn run<S>(
     };
     let mut s = Session::new(courier.config.session.clone(), Instant::now());
     let write_timeout = courier.config.session.hello_timeout;
-    let mut buf = [0u8; 1024];
+    let mut buf = [0u8; 256];
     loop {
         while let Some(ev) = s.poll_event() {
-            on_event(&courier, device, &mut s, ev).await;
+            Box::pin(on_event(&courier, device, &mut s, ev)).await;
         }
         if !s.output().is_empty() {
             if s.output().len() > courier.config.max_write_buffer {
@@ -268,8 +277,8 @@ async fn run<S>(
                         None => { s.close(CloseReason::Shutdown, "courier stopping", now); break; }
                     }
                     match rx.try_recv() {
-                        Ok(c) => next = Some(c),
-                        Err(_) => break,
+                        Some(c) => next = Some(c),
+                        None => break,
                     }
                 }
             }

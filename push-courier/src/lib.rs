@@ -21,6 +21,7 @@ pub mod courier;
 pub mod device;
 pub mod error;
 mod http;
+pub mod mailbox;
 pub mod provider;
 pub mod runtime;
 pub mod store;
