@@ -75,13 +75,12 @@ pub async fn serve_tcp(
     courier: Arc<Courier>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut stop = shutdown.clone();
     let handshakes = Arc::new(tokio::sync::Semaphore::new(
         courier.config.max_handshakes.max(1),
     ));
     while let Some((tcp, _peer)) = crate::http::accept(&listener, &mut stop, "device").await {
-        let acceptor = acceptor.clone();
+        let tls = tls.clone();
         let courier = courier.clone();
         let shutdown = shutdown.clone();
         // Past max_handshakes at once, new connections are dropped (devices
@@ -92,7 +91,7 @@ pub async fn serve_tcp(
         };
         tokio::spawn(async move {
             let timeout = courier.config.handshake_timeout;
-            let accepted = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+            let accepted = tokio::time::timeout(timeout, crate::lean_tls::accept(tcp, tls)).await;
             drop(permit);
             let tls = match accepted {
                 Ok(Ok(s)) => s,
@@ -106,8 +105,6 @@ pub async fn serve_tcp(
                 }
             };
             let id = tls
-                .get_ref()
-                .1
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|c| identity(c));

@@ -21,6 +21,7 @@ pub mod courier;
 pub mod device;
 pub mod error;
 mod http;
+mod lean_tls;
 pub mod mailbox;
 pub mod provider;
 pub mod runtime;
