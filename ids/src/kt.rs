@@ -4,7 +4,10 @@
 //! and per-label value states. Records go in `akd_records` keyed by akd's
 //! binary id; value states go in `akd_states` keyed by (label, epoch) so the
 //! version queries akd needs are indexed SQL. Both hold the record's
-//! bincode encoding. Writes of one publish land in one SQL transaction.
+//! bincode encoding. Beside each label's latest state, `akd_lookup_vrf`
+//! keeps the VRF proofs a lookup of it needs (see `vrf.rs`), read in the
+//! same query as the state. Writes of one publish land in one SQL
+//! transaction.
 
 use std::collections::HashMap;
 
@@ -28,6 +31,7 @@ use crate::store::Store;
 pub struct SqlDatabase {
     store: Store,
     cache: std::sync::Arc<RecordCache>,
+    vrf: VrfKey,
 }
 
 fn se(e: impl std::fmt::Display) -> StorageError {
@@ -45,12 +49,57 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, StorageError> {
 const STATE_COLUMNS: &str = "SELECT data FROM akd_states WHERE label = $1";
 
 impl SqlDatabase {
-    /// `cached_records`: how many tree records to keep in memory.
-    pub fn new(store: Store, cached_records: usize) -> SqlDatabase {
+    /// `cached_records`: how many tree records to keep in memory. `vrf`
+    /// is the directory's key, for the lookup proofs stored at publish.
+    pub fn new(store: Store, cached_records: usize, vrf: VrfKey) -> SqlDatabase {
         SqlDatabase {
             store,
             cache: std::sync::Arc::new(RecordCache::new(cached_records)),
+            vrf,
         }
+    }
+
+    /// The latest state of `label` at or before `epoch`, for a lookup: its
+    /// stored lookup proofs, read in the same query, go to the VRF key.
+    async fn state_for_lookup(
+        &self,
+        label: &AkdLabel,
+        epoch: u64,
+    ) -> Result<Option<ValueState>, StorageError> {
+        let row = sqlx::query(
+            "SELECT s.data, v.proofs FROM akd_states s
+             LEFT JOIN akd_lookup_vrf v ON v.label = s.label AND v.epoch = s.epoch
+             WHERE s.label = $1 AND s.epoch <= $2 ORDER BY s.epoch DESC LIMIT 1",
+        )
+        .bind(label.0.clone())
+        .bind(epoch as i64)
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(se)?;
+        let Some(row) = row else { return Ok(None) };
+        let state = decode::<ValueState>(&row.get::<Vec<u8>, _>(0))?;
+        if let Some(proofs) = row.get::<Option<Vec<u8>>, _>(1) {
+            self.vrf.remember(label, state.version, &proofs);
+        }
+        Ok(Some(state))
+    }
+
+    async fn state(
+        &self,
+        label: &AkdLabel,
+        flag: ValueStateRetrievalFlag,
+    ) -> Result<Option<ValueState>, StorageError> {
+        let (tail, arg) = match flag {
+            ValueStateRetrievalFlag::MaxEpoch => ("ORDER BY epoch DESC LIMIT 1", None),
+            ValueStateRetrievalFlag::MinEpoch => ("ORDER BY epoch ASC LIMIT 1", None),
+            ValueStateRetrievalFlag::SpecificEpoch(e) => ("AND epoch = $2", Some(e as i64)),
+            ValueStateRetrievalFlag::SpecificVersion(v) => ("AND version = $2", Some(v as i64)),
+            ValueStateRetrievalFlag::LeqEpoch(e) => (
+                "AND epoch <= $2 ORDER BY epoch DESC LIMIT 1",
+                Some(e as i64),
+            ),
+        };
+        self.states(label, tail, arg).await
     }
 
     async fn states(
@@ -92,7 +141,42 @@ impl Database for SqlDatabase {
                 other => others.push(other),
             }
         }
+        // The lookup proofs of each label's newest state, proved on every
+        // core before the transaction opens.
+        let mut newest: HashMap<&[u8], &ValueState> = HashMap::new();
+        for s in &states {
+            let e = newest.entry(&s.username.0).or_insert(s);
+            if e.epoch < s.epoch {
+                *e = s;
+            }
+        }
+        let newest: Vec<&ValueState> = newest.into_values().collect();
+        let vrf = self.vrf.clone();
+        let proofs = crate::vrf::on_every_core(
+            newest
+                .iter()
+                .map(|s| (s.username.clone(), s.version))
+                .collect(),
+            move |(label, version)| vrf.lookup_proofs::<KtConfig>(&label, version),
+        )
+        .await
+        .map_err(se)?;
         let mut tx = self.store.begin().await.map_err(se)?;
+        for (chunk, proofs) in newest.chunks(ROWS).zip(proofs.chunks(ROWS)) {
+            let sql = format!(
+                "INSERT INTO akd_lookup_vrf (label, epoch, proofs) VALUES {}
+                 ON CONFLICT (label) DO UPDATE SET epoch = excluded.epoch, proofs = excluded.proofs",
+                placeholders(chunk.len(), 3)
+            );
+            let mut q = sqlx::query(&sql);
+            for (s, p) in chunk.iter().zip(proofs) {
+                q = q
+                    .bind(s.username.0.clone())
+                    .bind(s.epoch as i64)
+                    .bind(p.to_vec());
+            }
+            q.execute(&mut *tx).await.map_err(se)?;
+        }
         for chunk in states.chunks(ROWS) {
             let sql = format!(
                 "INSERT INTO akd_states (label, epoch, version, data) VALUES {}
@@ -214,24 +298,18 @@ impl Database for SqlDatabase {
         Ok(KeyData { states })
     }
 
+    /// One state of one label. akd asks for the latest at or before an
+    /// epoch when it builds a lookup proof (and only then one at a time).
     async fn get_user_state(
         &self,
         username: &AkdLabel,
         flag: ValueStateRetrievalFlag,
     ) -> Result<ValueState, StorageError> {
-        let (tail, arg) = match flag {
-            ValueStateRetrievalFlag::MaxEpoch => ("ORDER BY epoch DESC LIMIT 1", None),
-            ValueStateRetrievalFlag::MinEpoch => ("ORDER BY epoch ASC LIMIT 1", None),
-            ValueStateRetrievalFlag::SpecificEpoch(e) => ("AND epoch = $2", Some(e as i64)),
-            ValueStateRetrievalFlag::SpecificVersion(v) => ("AND version = $2", Some(v as i64)),
-            ValueStateRetrievalFlag::LeqEpoch(e) => (
-                "AND epoch <= $2 ORDER BY epoch DESC LIMIT 1",
-                Some(e as i64),
-            ),
+        let state = match flag {
+            ValueStateRetrievalFlag::LeqEpoch(e) => self.state_for_lookup(username, e).await?,
+            _ => self.state(username, flag).await?,
         };
-        self.states(username, tail, arg)
-            .await?
-            .ok_or_else(|| StorageError::NotFound(format!("ValueState {username:?}")))
+        state.ok_or_else(|| StorageError::NotFound(format!("ValueState {username:?}")))
     }
 
     async fn get_user_state_versions(
@@ -241,7 +319,7 @@ impl Database for SqlDatabase {
     ) -> Result<HashMap<AkdLabel, (u64, AkdValue)>, StorageError> {
         let mut map = HashMap::new();
         for u in usernames {
-            if let Ok(s) = self.get_user_state(u, flag).await {
+            if let Some(s) = self.state(u, flag).await? {
                 map.insert(u.clone(), (s.version, s.value));
             }
         }
@@ -286,6 +364,9 @@ pub struct Transparency {
     readers: tokio::sync::RwLock<()>,
     /// akd allows one writer at a time.
     publishing: tokio::sync::Mutex<()>,
+    /// The newest signed root seen: every lookup answers with the root
+    /// of the current epoch, and a root never changes once signed.
+    latest_root: std::sync::Mutex<Option<SignedRoot>>,
 }
 
 impl std::fmt::Debug for Transparency {
@@ -307,7 +388,8 @@ impl Transparency {
         // before the database has the epoch's value states, and a proof
         // built in that gap does not verify. SqlDatabase caches tree records
         // only after they commit (record_cache.rs).
-        let manager = StorageManager::new_no_cache(SqlDatabase::new(store.clone(), 4_000_000));
+        let manager =
+            StorageManager::new_no_cache(SqlDatabase::new(store.clone(), 4_000_000, vrf.clone()));
         let dir = Directory::<KtConfig, _, _>::new(manager, vrf, AzksParallelismConfig::default())
             .await
             .map_err(dir_err)?;
@@ -323,6 +405,7 @@ impl Transparency {
             anchor,
             readers: tokio::sync::RwLock::new(()),
             publishing: tokio::sync::Mutex::new(()),
+            latest_root: std::sync::Mutex::new(None),
         };
         // Sign the current root if this epoch has none yet (a new directory,
         // or a crash between publish and signing).
@@ -342,11 +425,25 @@ impl Transparency {
         self.store
             .save_root(epoch, &hash, sig.as_ref(), unix_now())
             .await?;
-        Ok(SignedRoot {
+        Ok(self.remember_root(SignedRoot {
             epoch,
             root_hash: hash,
             signature: sig.as_ref().to_vec(),
-        })
+        }))
+    }
+
+    fn latest_root(&self) -> std::sync::MutexGuard<'_, Option<SignedRoot>> {
+        // Only ever replaced whole: a panic cannot leave it half-written.
+        self.latest_root.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `root` if it is the newest seen; returns it.
+    fn remember_root(&self, root: SignedRoot) -> SignedRoot {
+        let mut latest = self.latest_root();
+        if latest.as_ref().is_none_or(|l| l.epoch < root.epoch) {
+            *latest = Some(root.clone());
+        }
+        root
     }
 
     /// Publishes every queued value as one new epoch. Returns the number
@@ -427,12 +524,17 @@ impl Transparency {
     /// The signed root of `epoch`, signing it now if the publisher has
     /// not yet (a proof can be served between publish and signing).
     async fn root_at(&self, epoch: u64, hash: [u8; 32]) -> Result<SignedRoot, Error> {
+        if let Some(r) = self.latest_root().as_ref() {
+            if r.epoch == epoch && r.root_hash == hash {
+                return Ok(r.clone());
+            }
+        }
         match self.store.root(epoch).await? {
-            Some((h, sig)) if h == hash => Ok(SignedRoot {
+            Some((h, sig)) if h == hash => Ok(self.remember_root(SignedRoot {
                 epoch,
                 root_hash: hash,
                 signature: sig,
-            }),
+            })),
             Some(_) => Err(Error::Internal(format!(
                 "stored root of epoch {epoch} differs from the directory's"
             ))),

@@ -150,6 +150,11 @@ CREATE TABLE IF NOT EXISTS akd_states (
     data {blob} NOT NULL,
     PRIMARY KEY (label, epoch)
 );
+CREATE TABLE IF NOT EXISTS akd_lookup_vrf (
+    label {blob} PRIMARY KEY,
+    epoch BIGINT NOT NULL,
+    proofs {blob} NOT NULL
+);
 ";
 
 impl Store {
