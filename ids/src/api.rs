@@ -538,7 +538,7 @@ async fn set_push_tokens(State(ids): S, Device { me, body }: Device) -> R {
         .into());
     }
     let json = serde_json::to_string(&req.tokens).map_err(|e| Error::Internal(e.to_string()))?;
-    ids.store.set_push_tokens(me.device.id, &json).await?;
+    ids.set_push_tokens(&me, &json).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

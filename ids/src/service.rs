@@ -19,6 +19,7 @@ use crate::core::verification::{
 };
 use crate::error::Error;
 use crate::kt::{unix_now, Transparency};
+use crate::record_cache::Cache;
 use crate::sender::CodeSender;
 use crate::store::{tx, AccountRow, DeviceRow, Store};
 use wire::ratelimit::RateLimiter;
@@ -151,7 +152,19 @@ pub struct Ids {
     lookups: Mutex<RateLimiter<DeviceId>>,
     rng: SystemRandom,
     notifier: OnceLock<Arc<dyn AccountNotifier>>,
+    /// Active devices by identity key, as read for authentication. Cleared
+    /// after every change this service commits to a device; an entry is
+    /// trusted for [`DEVICE_CACHE_TTL`], which bounds how long a change
+    /// made by another instance on a shared database goes unseen.
+    devices: Cache<[u8; wire::keys::PUBLIC_KEY_LEN], (DeviceRow, Instant)>,
 }
+
+/// How long an authenticated device is taken from memory instead of the
+/// database (see [`Ids::device`]).
+pub const DEVICE_CACHE_TTL: Duration = Duration::from_secs(2);
+
+/// At most this many devices are held for authentication.
+const DEVICE_CACHE_SIZE: usize = 65_536;
 
 /// A change to an account, as its devices hear of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -219,6 +232,7 @@ impl Ids {
             sender,
             rng,
             notifier: OnceLock::new(),
+            devices: Cache::new(DEVICE_CACHE_SIZE),
         })
     }
 
@@ -382,10 +396,26 @@ impl Ids {
         Ok(auth.key)
     }
 
-    /// The registered, active device with this key.
+    /// The registered, active device with this key. Every signed request
+    /// asks, so an active device is remembered for [`DEVICE_CACHE_TTL`]
+    /// or until this service changes any device.
     pub async fn device(&self, key: &PublicKey) -> Result<AuthedDevice, Error> {
+        let ticket = match self.devices.get(&key.0) {
+            Ok((d, at)) if at.elapsed() < DEVICE_CACHE_TTL => {
+                return Ok(AuthedDevice { device: d });
+            }
+            Ok(_) => self.devices.ticket(),
+            Err(t) => t,
+        };
         match self.store.device_by_key(&key.0).await? {
-            Some(d) if d.revoked_at.is_none() => Ok(AuthedDevice { device: d }),
+            Some(d) if d.revoked_at.is_none() => {
+                if self.devices.is_full() {
+                    self.devices.clear();
+                }
+                self.devices
+                    .fill(ticket, [(key.0, (d.clone(), Instant::now()))]);
+                Ok(AuthedDevice { device: d })
+            }
             Some(_) => Err(Error::Forbidden(
                 "this device was removed from its account".into(),
             )),
@@ -532,6 +562,7 @@ impl Ids {
         )
         .await?;
         t.commit().await.map_err(Error::db)?;
+        self.devices.clear();
         tracing::info!(account = %&account_id[..8], reset, "account created");
         let reset = AccountEvent {
             kind: "account_reset",
@@ -766,6 +797,7 @@ impl Ids {
         )
         .await?;
         t.commit().await.map_err(Error::db)?;
+        self.devices.clear();
         // Every (active) device that was on the account before, and still is.
         let told: Vec<DeviceRow> = existing
             .into_values()
@@ -792,6 +824,14 @@ impl Ids {
         }
         tx::delete_account_rows(&mut t, account_id).await?;
         t.commit().await.map_err(Error::db)?;
+        self.devices.clear();
+        Ok(())
+    }
+
+    /// Replaces the push tokens of the requesting device.
+    pub async fn set_push_tokens(&self, me: &AuthedDevice, json: &str) -> Result<(), Error> {
+        self.store.set_push_tokens(me.device.id, json).await?;
+        self.devices.clear();
         Ok(())
     }
 
