@@ -32,6 +32,8 @@ pub struct SqlDatabase {
     store: Store,
     cache: std::sync::Arc<RecordCache>,
     vrf: VrfKey,
+    /// Whether [`SqlDatabase::warm`] has run (it runs once).
+    warmed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn se(e: impl std::fmt::Display) -> StorageError {
@@ -56,7 +58,48 @@ impl SqlDatabase {
             store,
             cache: std::sync::Arc::new(RecordCache::new(cached_records)),
             vrf,
+            warmed: Default::default(),
         }
+    }
+
+    /// Reads tree records into the cache in id order until it is full or
+    /// every record is in; returns how many it holds. A chunk read while a
+    /// publish committed is read again. Only the first call reads.
+    async fn warm(&self) -> Result<usize, StorageError> {
+        const CHUNK: i64 = 10_000;
+        if self.warmed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(self.cache.len());
+        }
+        let mut after: Vec<u8> = Vec::new();
+        let mut retries = 0;
+        while !self.cache.is_full() {
+            let ticket = self.cache.ticket();
+            let rows =
+                sqlx::query("SELECT id, data FROM akd_records WHERE id > $1 ORDER BY id LIMIT $2")
+                    .bind(after.clone())
+                    .bind(CHUNK)
+                    .fetch_all(self.store.pool())
+                    .await
+                    .map_err(se)?;
+            let Some(last) = rows.last() else { break };
+            let last: Vec<u8> = last.get(0);
+            let records = rows
+                .iter()
+                .map(|r| Ok((r.get::<Vec<u8>, _>(0), decode(&r.get::<Vec<u8>, _>(1))?)))
+                .collect::<Result<Vec<_>, StorageError>>()?;
+            if self.cache.fill(ticket, records) {
+                after = last;
+                retries = 0;
+            } else {
+                retries += 1;
+                if retries > 100 {
+                    return Err(StorageError::Other(
+                        "publishes kept racing the cache warm-up".into(),
+                    ));
+                }
+            }
+        }
+        Ok(self.cache.len())
     }
 
     /// The latest state of `label` at or before `epoch`, for a lookup: its
@@ -352,6 +395,8 @@ pub struct Proven {
 /// The directory plus the key that signs its epoch roots.
 pub struct Transparency {
     dir: Directory<KtConfig, SqlDatabase, VrfKey>,
+    /// The same storage as `dir`'s (the record cache is shared).
+    db: SqlDatabase,
     store: Store,
     root_key: Ed25519KeyPair,
     anchor: TrustAnchor,
@@ -388,8 +433,8 @@ impl Transparency {
         // before the database has the epoch's value states, and a proof
         // built in that gap does not verify. SqlDatabase caches tree records
         // only after they commit (record_cache.rs).
-        let manager =
-            StorageManager::new_no_cache(SqlDatabase::new(store.clone(), 4_000_000, vrf.clone()));
+        let db = SqlDatabase::new(store.clone(), 4_000_000, vrf.clone());
+        let manager = StorageManager::new_no_cache(db.clone());
         let dir = Directory::<KtConfig, _, _>::new(manager, vrf, AzksParallelismConfig::default())
             .await
             .map_err(dir_err)?;
@@ -400,6 +445,7 @@ impl Transparency {
         };
         let t = Transparency {
             dir,
+            db,
             store,
             root_key,
             anchor,
@@ -418,6 +464,17 @@ impl Transparency {
 
     pub fn anchor(&self) -> &TrustAnchor {
         &self.anchor
+    }
+
+    /// Loads the directory's tree into memory. Until a record is cached a
+    /// proof reads it from the database, one query per tree level: a
+    /// restarted 1M-handle directory served a few hundred lookups a second
+    /// until warm. Returns the number of records now held.
+    pub async fn warm_cache(&self) -> Result<usize, Error> {
+        self.db
+            .warm()
+            .await
+            .map_err(|e| Error::Directory(e.to_string()))
     }
 
     async fn sign_root(&self, epoch: u64, hash: [u8; 32]) -> Result<SignedRoot, Error> {

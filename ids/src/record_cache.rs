@@ -83,17 +83,23 @@ impl<K: Eq + Hash, V: Clone, S: BuildHasher + Default> Cache<K, V, S> {
         Ticket(self.read().generation)
     }
 
-    /// Stores what a read found, unless a commit happened since `ticket`.
-    pub fn fill(&self, ticket: Ticket, records: impl IntoIterator<Item = (K, V)>) {
+    /// Stores what a read found, unless a commit happened since `ticket`
+    /// (then returns false).
+    pub fn fill(&self, ticket: Ticket, records: impl IntoIterator<Item = (K, V)>) -> bool {
         let mut g = self.write();
         if g.generation != ticket.0 {
-            return;
+            return false;
         }
         for (id, r) in records {
             if g.map.len() < self.capacity || g.map.contains_key(&id) {
                 g.map.insert(id, r);
             }
         }
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().map.len()
     }
 
     pub fn is_full(&self) -> bool {

@@ -43,6 +43,7 @@ impl Server {
         let tasks = vec![
             tokio::spawn(serve(listener, tls, ids.clone(), rx.clone())),
             tokio::spawn(publisher(ids.clone(), rx.clone())),
+            tokio::spawn(warm(ids.clone(), rx.clone())),
         ];
         tracing::info!(%addr, "ids listening");
         Ok(Server {
@@ -110,6 +111,23 @@ async fn serve(
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;
         });
+    }
+}
+
+/// Loads the key directory's tree into memory while the service already
+/// answers, logging how long it took.
+async fn warm(ids: Arc<Ids>, mut shutdown: watch::Receiver<bool>) {
+    let started = std::time::Instant::now();
+    tokio::select! {
+        r = ids.kt.warm_cache() => match r {
+            Ok(n) => tracing::info!(
+                records = n,
+                secs = started.elapsed().as_secs(),
+                "key directory tree loaded into memory"
+            ),
+            Err(e) => tracing::warn!(error = %e, "key directory warm-up stopped; proofs read the database"),
+        },
+        _ = shutdown.changed() => {}
     }
 }
 
