@@ -1,6 +1,8 @@
 //! Opening a service database: `sqlite://PATH` (embedded; created if
 //! missing, WAL journal, a busy timeout, `synchronous = FULL` unless asked
-//! otherwise) or `postgres://…`, through sqlx's `Any` driver so one set of
+//! otherwise, and read through a memory map so a page the kernel already
+//! caches costs no system call and no copy) or `postgres://…`, through
+//! sqlx's `Any` driver so one set of
 //! queries serves both. The identity service and the push courier each
 //! keep their own schema and queries; this is only how they open and
 //! create them.
@@ -80,7 +82,11 @@ pub async fn open(url: &str, opts: Options) -> Result<(AnyPool, Backend), Error>
                     } else {
                         "PRAGMA synchronous = NORMAL"
                     };
-                    for p in ["PRAGMA busy_timeout = 10000", sync] {
+                    // Up to 16 GiB of the file mapped (address space, not memory):
+                    // a 1M-handle identity directory spent 8% of its lookup
+                    // CPU in pread() without it.
+                    let mmap = "PRAGMA mmap_size = 17179869184";
+                    for p in ["PRAGMA busy_timeout = 10000", sync, mmap] {
                         sqlx::query(p).execute(&mut *conn).await?;
                     }
                 }
