@@ -3,9 +3,11 @@
 # on SQLite, then drives POST /v1/lookup over HTTPS (TLS 1.3, signed
 # requests, one random handle per request, every response carrying an akd
 # lookup proof) from CLIENTS keep-alive connections for SECONDS, and prints
-# lookups/s, p50/p99 latency, the load's publish rate and the time of one
-# epoch of 1000 changes on the full directory. The load generator runs in
-# the same process on the same 2 cores, so figures are conservative.
+# lookups/s, p50/p99 latency, the process's CPU per lookup, the load's
+# publish rate and the time of one epoch of 1000 changes on the full
+# directory. The load generator runs in the same process on the same 2
+# cores, so figures are conservative; CPU per lookup is the steadier figure
+# on a shared machine.
 #
 #   bench/ids-lookup.sh                       1M handles (~5 min load)
 #   HANDLES=100000 bench/ids-lookup.sh        quick
@@ -39,6 +41,7 @@ report=bench/results/ids-lookup.md
   echo "| lookups/s ($(get clients) connections) | $(get lookups_per_sec) | ≥ 5,000 |"
   echo "| p50 latency | $(get p50_ms) ms | |"
   echo "| p99 latency | $(get p99_ms) ms | ≤ 10 ms |"
+  echo "| CPU per lookup, server and client together | $(get cpu_us_per_lookup) µs | |"
   echo "| failed lookups | $(get failed_lookups) | 0 |"
   echo "| epoch of 1000 changes at full size | $(get epoch_1000_changes_ms) ms | epochs ≤ 10 s apart |"
   echo "| bulk publish rate while loading | $(get load_publish_values_per_sec) values/s | |"

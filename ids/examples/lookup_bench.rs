@@ -4,6 +4,10 @@
 //! Run through `bench/ids-lookup.sh`.
 //!
 //!   lookup_bench [--handles N] [--seconds S] [--clients C] [--db URL] [--dir DIR]
+//!                [--reuse yes]
+//!
+//! `--reuse yes` serves the SQLite directory a previous run left in DIR
+//! (loaded with the same N) instead of loading anew: for profiling.
 
 // A benchmark prints its results on stdout.
 #![allow(clippy::print_stdout)]
@@ -24,6 +28,7 @@ struct Args {
     clients: usize,
     db: Option<String>,
     dir: std::path::PathBuf,
+    reuse: bool,
 }
 
 fn args() -> Result<Args> {
@@ -33,6 +38,7 @@ fn args() -> Result<Args> {
         clients: 8,
         db: None,
         dir: std::env::temp_dir().join("parley-ids-bench"),
+        reuse: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -43,11 +49,16 @@ fn args() -> Result<Args> {
             "--clients" => a.clients = v.parse()?,
             "--db" => a.db = Some(v),
             "--dir" => a.dir = v.into(),
+            "--reuse" => a.reuse = v == "yes",
             _ => anyhow::bail!("unknown flag {flag}"),
         }
     }
     Ok(a)
 }
+
+// As in the `parley` binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn handle(i: u64) -> String {
     format!("mailto:user{i}@bench.example")
@@ -63,7 +74,10 @@ fn main() -> Result<()> {
 }
 
 async fn run(a: Args) -> Result<()> {
-    let _ = std::fs::remove_dir_all(&a.dir);
+    let reuse = a.reuse && a.db.is_none() && a.dir.join("ids.db").exists();
+    if !reuse {
+        let _ = std::fs::remove_dir_all(&a.dir);
+    }
     std::fs::create_dir_all(&a.dir)?;
     let url =
         a.db.clone()
@@ -84,7 +98,7 @@ async fn run(a: Args) -> Result<()> {
     let device_key = SigningKey::generate().public();
     let load_started = Instant::now();
     let batch = 50_000u64;
-    let mut published = 0u64;
+    let mut published = if reuse { a.handles } else { 0 };
     let mut publish_secs = 0f64;
     while published < a.handles {
         let n = batch.min(a.handles - published);
@@ -138,7 +152,7 @@ async fn run(a: Args) -> Result<()> {
     // An epoch of 1000 changes on the full directory.
     let t = Instant::now();
     let mut tx = store.begin().await?;
-    for i in 0..1000u64.min(a.handles) {
+    for i in 0..if reuse { 0 } else { 1000u64.min(a.handles) } {
         let list = DeviceList {
             account_key: account.public(),
             seq: 2,
@@ -161,6 +175,17 @@ async fn run(a: Args) -> Result<()> {
     let t = Instant::now();
     kt.publish_pending(i64::MAX).await?;
     let epoch_1000 = t.elapsed();
+
+    // What the server does as it starts (a fresh load left the tree
+    // cached already), done here so it is not measured.
+    {
+        let t = Instant::now();
+        let n = kt.warm_cache().await?;
+        eprintln!(
+            "bench: {n} tree records loaded in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
 
     // --- serve ----------------------------------------------------------------
     let me = SigningKey::generate();
@@ -275,6 +300,13 @@ async fn run(a: Args) -> Result<()> {
             anyhow::Ok((lat, bad))
         }));
     }
+    // Process CPU over the measured window, from the warm-up's end.
+    let cpu_window = tokio::spawn(async move {
+        tokio::time::sleep_until(warmup.into()).await;
+        let start = process_cpu_secs();
+        tokio::time::sleep_until(deadline.into()).await;
+        process_cpu_secs().zip(start).map(|(b, a)| b - a)
+    });
     let mut lat = Vec::new();
     let mut bad = 0;
     for t in tasks {
@@ -296,10 +328,12 @@ async fn run(a: Args) -> Result<()> {
         .map(|m| m.len())
         .sum();
     println!("handles {}", a.handles);
-    println!(
-        "load_publish_values_per_sec {:.0}",
-        a.handles as f64 / publish_secs
-    );
+    if !reuse {
+        println!(
+            "load_publish_values_per_sec {:.0}",
+            a.handles as f64 / publish_secs
+        );
+    }
     println!(
         "epoch_1000_changes_ms {:.0} (queueing {:.0} ms)",
         epoch_1000.as_secs_f64() * 1000.0,
@@ -311,6 +345,12 @@ async fn run(a: Args) -> Result<()> {
     println!("p50_ms {:.2}", pct(0.50).as_secs_f64() * 1000.0);
     println!("p99_ms {:.2}", pct(0.99).as_secs_f64() * 1000.0);
     println!("failed_lookups {bad}");
+    if let Some(cpu) = cpu_window.await? {
+        println!(
+            "cpu_us_per_lookup {:.0}",
+            cpu * 1e6 / (lat.len().max(1) as f64)
+        );
+    }
     Ok(())
 }
 
@@ -357,4 +397,15 @@ async fn insert_rows(store: &ids::store::Store, values: &[(u64, Vec<u8>)]) -> Re
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// User plus system CPU seconds of this process, from /proc (Linux).
+fn process_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on every Linux ABI Rust targets.
+    Some(ticks / 100.0)
 }
