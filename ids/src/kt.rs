@@ -740,6 +740,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kt.anchor(), &anchor);
+        // The tree is read into memory whole, once.
+        let records: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM akd_records")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert!(records > 2);
+        assert_eq!(kt.warm_cache().await.unwrap(), records as usize);
+        assert_eq!(kt.warm_cache().await.unwrap(), records as usize);
         let Proven { proof, root, .. } = kt.lookup(alice).await.unwrap().unwrap();
         assert_eq!(
             verify_lookup(&anchor, &root, alice, &proof)
@@ -747,6 +755,17 @@ mod tests {
                 .version,
             2
         );
+        // A lookup proves from the proofs stored at publish, and still
+        // proves when they are gone.
+        sqlx::query("DELETE FROM akd_lookup_vrf")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let kt = Transparency::open(store.clone(), VrfKey::new([7; 32]).unwrap(), &key)
+            .await
+            .unwrap();
+        let Proven { proof, root, .. } = kt.lookup(alice).await.unwrap().unwrap();
+        verify_lookup(&anchor, &root, alice, &proof).unwrap();
     }
 
     use protobuf::Message;
