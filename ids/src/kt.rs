@@ -127,6 +127,7 @@ impl SqlDatabase {
         Ok(Some(state))
     }
 
+    /// One state of `label`, chosen as akd's flag says.
     async fn state(
         &self,
         label: &AkdLabel,
@@ -142,15 +143,6 @@ impl SqlDatabase {
                 Some(e as i64),
             ),
         };
-        self.states(label, tail, arg).await
-    }
-
-    async fn states(
-        &self,
-        label: &AkdLabel,
-        tail: &str,
-        arg: Option<i64>,
-    ) -> Result<Option<ValueState>, StorageError> {
         let sql = format!("{STATE_COLUMNS} {tail}");
         let mut q = sqlx::query(&sql).bind(label.0.clone());
         if let Some(a) = arg {
@@ -259,7 +251,10 @@ impl Database for SqlDatabase {
             let ValueStateKey(label, epoch) =
                 ValueState::key_from_full_binary(&bin).map_err(StorageError::Other)?;
             return self
-                .states(&AkdLabel(label), "AND epoch = $2", Some(epoch as i64))
+                .state(
+                    &AkdLabel(label),
+                    ValueStateRetrievalFlag::SpecificEpoch(epoch),
+                )
                 .await?
                 .map(DbRecord::ValueState)
                 .ok_or_else(|| StorageError::NotFound(format!("ValueState {id:?}")));

@@ -301,6 +301,26 @@ mod tests {
     #[derive(Clone)]
     struct Plain([u8; 32]);
 
+    impl Plain {
+        /// akd's own proof (as bytes) and node label for an input.
+        async fn says(
+            &self,
+            label: &AkdLabel,
+            fresh: VersionFreshness,
+            version: u64,
+        ) -> ([u8; PROOF_LENGTH], NodeLabel) {
+            let p = self
+                .get_label_proof::<KtConfig>(label, fresh, version)
+                .await
+                .unwrap();
+            let n = self
+                .get_node_label::<KtConfig>(label, fresh, version)
+                .await
+                .unwrap();
+            (p.to_bytes(), n)
+        }
+    }
+
     #[async_trait]
     impl VRFKeyStorage for Plain {
         async fn retrieve(&self) -> Result<Vec<u8>, VrfError> {
@@ -323,11 +343,8 @@ mod tests {
                 (2, VersionFreshness::Stale),
             ] {
                 let label = AkdLabel(format!("mailto:user{i}@example.com").into_bytes());
+                let (q, b) = plain.says(&label, fresh, i).await;
                 let a = ours
-                    .get_node_label::<KtConfig>(&label, fresh, i)
-                    .await
-                    .unwrap();
-                let b = plain
                     .get_node_label::<KtConfig>(&label, fresh, i)
                     .await
                     .unwrap();
@@ -336,11 +353,7 @@ mod tests {
                     .get_label_proof::<KtConfig>(&label, fresh, i)
                     .await
                     .unwrap();
-                let q = plain
-                    .get_label_proof::<KtConfig>(&label, fresh, i)
-                    .await
-                    .unwrap();
-                assert_eq!(p.to_bytes(), q.to_bytes(), "proof, round {round}");
+                assert_eq!(p.to_bytes(), q, "proof, round {round}");
                 let alpha = KtConfig::get_hash_from_label_input(&label, fresh, i);
                 pk.verify(&p, &alpha).unwrap();
             }
@@ -359,19 +372,8 @@ mod tests {
             assert_eq!(other.memo().young.len(), distinct.len());
             for (fresh, v) in lookup_inputs(version) {
                 let remembered = other.memo().get(&(label.0.clone(), fresh, v)).unwrap();
-                let p = plain
-                    .get_label_proof::<KtConfig>(&label, fresh, v)
-                    .await
-                    .unwrap();
-                let n = plain
-                    .get_node_label::<KtConfig>(&label, fresh, v)
-                    .await
-                    .unwrap();
-                assert_eq!(
-                    remembered.0.to_bytes(),
-                    p.to_bytes(),
-                    "v{version} {fresh:?} {v}"
-                );
+                let (p, n) = plain.says(&label, fresh, v).await;
+                assert_eq!(remembered.0.to_bytes(), p, "v{version} {fresh:?} {v}");
                 assert_eq!(remembered.1, n, "v{version} {fresh:?} {v}");
             }
         }
