@@ -11,6 +11,7 @@
 #   bench/courier.sh                           100,000 devices
 #   DEVICES=10000 RATE=20000 bench/courier.sh  quick
 #   DB=postgres://… bench/courier.sh           on PostgreSQL
+#   BENCH_BIN=/tmp/parley bench/courier.sh    a prebuilt binary (compare builds)
 #
 # Then the store path alone: STORE_DEVICES (10,000) devices that go offline
 # after getting their token, pushed at STORE_RATE (80,000/s offered).
@@ -31,9 +32,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "bench: building parley (release)"
-cargo build --release --locked -q -p parley
-bin=target/release/parley
+if [ -n "${BENCH_BIN:-}" ]; then
+  bin=$BENCH_BIN
+else
+  echo "bench: building parley (release)"
+  cargo build --release --locked -q -p parley
+  bin=target/release/parley
+fi
 
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/provider-key.pem" 2>/dev/null
 openssl pkey -in "$dir/provider-key.pem" -pubout -out "$dir/provider-pub.pem"

@@ -2,11 +2,14 @@
 //!
 //! Memory holds the token index, the queue policy index and who is online;
 //! the database holds the messages. A push is admitted in memory (collapse,
-//! cap), committed by the writer task together with whatever it displaced,
-//! and only then answered 2xx and handed to the device's connection if it is
-//! online. A device that connects is registered first and loads its queue
-//! second, so a push that commits in between reaches it one way or the
-//! other (its session drops a second copy).
+//! cap), queued for the writer task together with whatever it displaced,
+//! handed to the device's connection if it is online while the writer
+//! commits it, and answered 2xx only once committed. The device's ack is a
+//! later write, so it never commits before the message it acks. A device
+//! that connects is registered first and loads its queue second, and a
+//! push hands its message over again after the commit if a new connection
+//! came up meanwhile, so it reaches the device one way or the other (its
+//! session drops a second copy).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -216,11 +219,24 @@ impl Courier {
 
     /// Commits `writes` as one transaction (batched with others).
     pub async fn commit(&self, writes: Vec<Write>) -> Result<(), Error> {
+        Self::committed(self.enqueue(writes).await?).await
+    }
+
+    /// Queues `writes` for the writer, after every write queued before;
+    /// the receiver answers once they are committed.
+    async fn enqueue(
+        &self,
+        writes: Vec<Write>,
+    ) -> Result<oneshot::Receiver<Result<(), String>>, Error> {
         let (tx, rx) = oneshot::channel();
         self.writer
             .send((writes, Some(tx)))
             .await
             .map_err(|_| Error::Internal("writer stopped".into()))?;
+        Ok(rx)
+    }
+
+    async fn committed(rx: oneshot::Receiver<Result<(), String>>) -> Result<(), Error> {
         rx.await
             .map_err(|_| Error::Internal("writer stopped".into()))?
             .map_err(Error::Database)
@@ -326,26 +342,51 @@ impl Courier {
             (t.device, note, (writes, displaced))
         };
         let (insert, displaced) = insert;
-        if let Err(e) = self.commit(insert).await {
+        // The insert is queued for the writer before the device can see the
+        // message, so its ack (a later write) commits after it; the device
+        // gets it while the commit runs, and the provider's 2xx still waits
+        // for the commit. If the commit fails the provider is told so and
+        // may retry with the same id, which the device drops.
+        let mut early = None;
+        let result = match self.enqueue(insert).await {
+            Ok(reply) => {
+                early = self.deliver(device, &note, None);
+                Self::committed(reply).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
             let mut inner = self.lock();
             inner.queues.remove(&device, &note.id);
             inner.queues.restore(device, displaced);
             return Err(PushError::Unavailable(e.to_string()));
         }
         self.metrics.pushes_stored.fetch_add(1, Ordering::Relaxed);
-        let inner = self.lock();
-        if let Some(o) = inner.online.get(&device) {
-            if let Err(mailbox::TrySendError::Full) =
-                o.tx.try_send(ConnCommand::Deliver(Box::new(note)))
-            {
-                // Stored already; the device gets it after reconnecting.
-                let _ = o.tx.try_send(ConnCommand::Close(
-                    CloseReason::SlowReader,
-                    "too far behind",
-                ));
-            }
-        }
+        // A connection that came up during the commit may have read its
+        // backlog before the message was there.
+        self.deliver(device, &note, early);
         Ok(PushOutcome::Stored)
+    }
+
+    /// Hands `note` to the device's connection unless it is the one of
+    /// generation `skip`; returns the generation it went to. A connection
+    /// too far behind is closed; the message is stored (or its provider
+    /// told otherwise) and comes back after the device reconnects.
+    fn deliver(&self, device: DeviceId, note: &Notification, skip: Option<u64>) -> Option<u64> {
+        let inner = self.lock();
+        let o = inner.online.get(&device)?;
+        if Some(o.generation) == skip {
+            return skip;
+        }
+        if let Err(mailbox::TrySendError::Full) =
+            o.tx.try_send(ConnCommand::Deliver(Box::new(note.clone())))
+        {
+            let _ = o.tx.try_send(ConnCommand::Close(
+                CloseReason::SlowReader,
+                "too far behind",
+            ));
+        }
+        Some(o.generation)
     }
 
     /// A device connected (after its handshake): kicks an older connection

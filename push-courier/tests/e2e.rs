@@ -57,6 +57,12 @@ async fn apns_push_over_http2_reaches_a_tls_device_and_status_says_delivered() {
     dev.ack(&[n.id]).await.unwrap();
 
     // The delivery-status endpoint reports the ack (written in the background).
+    assert_delivered(&env, id).await;
+}
+
+/// The delivery-status endpoint says `id` was delivered (within 5 s: acks
+/// are written in the background).
+async fn assert_delivered(env: &Env, id: &str) {
     let mut status = String::new();
     for _ in 0..100 {
         let r = env
@@ -75,6 +81,50 @@ async fn apns_push_over_http2_reaches_a_tls_device_and_status_says_delivered() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(status.contains("\"delivered\""), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_online_device_gets_a_push_while_it_commits_and_an_early_ack_sticks() {
+    use sqlx::Connection;
+    let env = Env::start(|_| {}).await;
+    let (_, creds) = env.device();
+    let (mut dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let token = tokens[0].1;
+    // Another connection holds the database's write lock, so the courier's
+    // commit waits (its busy timeout is 10 s).
+    let db = env.dir.path().join("courier.db");
+    let mut holder = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    let id = "0A1B2C3D-0000-4000-8000-00000000EA01";
+    let headers = [("apns-id", id.to_owned())];
+    let push = env.apns(&token, &headers, b"{\"n\":1}");
+    tokio::pin!(push);
+    let n = tokio::select! {
+        r = &mut push => panic!("answered before its commit: {r:?}"),
+        n = next_note(&mut dev) => n,
+    };
+    assert_eq!(n.id.to_uuid(), id);
+    // Acked before the message itself is durable.
+    dev.ack(&[n.id]).await.unwrap();
+    tokio::select! {
+        r = &mut push => panic!("answered before its commit: {r:?}"),
+        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+    }
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    let r = push.await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // The ack committed after the message: delivered, and not sent again.
+    assert_delivered(&env, id).await;
+    drop(dev);
+    let (mut dev, _) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    quiet(&mut dev, Duration::from_millis(500)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
