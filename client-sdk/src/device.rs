@@ -342,6 +342,7 @@ impl Device {
         online: bool,
     ) -> Result<Device, DeviceError> {
         let (chain, key) = crate::ids::tls_identity(&me.certificate, &me.key)?;
+        let ids = ids.with_certificate(&me.certificate, &me.key)?;
         let creds = DeviceCredentials {
             chain,
             key,

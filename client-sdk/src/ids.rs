@@ -19,7 +19,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use wire::device_list::{DeviceEntry, DeviceList, DirectoryValue, SignedDeviceList};
 use wire::handle::Handle;
-use wire::keys::{DeviceId, SigningKey};
+use wire::keys::{DeviceId, PublicKey, SigningKey};
 use wire::transparency::{self, SignedRoot, TrustAnchor, Unapproved};
 
 use crate::call::DeviceKey;
@@ -94,8 +94,33 @@ pub struct Found {
 pub struct IdsClient {
     addr: SocketAddr,
     server_name: rustls::pki_types::ServerName<'static>,
+    roots: rustls::RootCertStore,
     tls: tokio_rustls::TlsConnector,
+    /// This device's certificate, for requests by its identity key: they
+    /// go over mutual TLS instead of carrying a signature.
+    certificate: Option<(PublicKey, tokio_rustls::TlsConnector)>,
     anchor: Option<TrustAnchor>,
+}
+
+fn client_tls(
+    roots: rustls::RootCertStore,
+    identity: Option<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Result<tokio_rustls::TlsConnector, IdsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IdsError::Connect(e.to_string()))?
+        .with_root_certificates(roots);
+    let cfg = match identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| IdsError::Protocol(format!("device certificate: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 
 impl std::fmt::Debug for IdsClient {
@@ -142,23 +167,37 @@ impl IdsClient {
         server_name: &str,
         roots: rustls::RootCertStore,
     ) -> Result<IdsClient, IdsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| IdsError::Connect(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         let server_name = rustls::pki_types::ServerName::try_from(server_name.to_string())
             .map_err(|e| IdsError::Connect(e.to_string()))?;
         Ok(IdsClient {
             addr,
             server_name,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+            tls: client_tls(roots.clone(), None)?,
+            roots,
+            certificate: None,
             anchor: None,
         })
     }
 
-    /// One request; `key` signs it (`wire::request_auth`).
+    /// From now on, requests by `key` present its device certificate
+    /// (mutual TLS) instead of signing each request.
+    pub fn with_certificate(
+        mut self,
+        certificate_pem: &str,
+        key: &SigningKey,
+    ) -> Result<IdsClient, IdsError> {
+        let identity = tls_identity(certificate_pem, key)?;
+        self.certificate = Some((
+            key.public(),
+            client_tls(self.roots.clone(), Some(identity))?,
+        ));
+        Ok(self)
+    }
+
+    /// One request; `key` signs it (`wire::request_auth`), or, if it is
+    /// the key of the certificate given to [`IdsClient::with_certificate`],
+    /// the connection presents that certificate instead (and the request
+    /// is sent again signed if the service did not take the certificate).
     pub async fn call(
         &self,
         method: &str,
@@ -166,8 +205,28 @@ impl IdsClient {
         body: Option<Value>,
         key: Option<&SigningKey>,
     ) -> Result<(u16, Value), IdsError> {
+        let bytes = Bytes::from(body.map(|b| b.to_string().into_bytes()).unwrap_or_default());
+        if let (Some(k), Some((cert_key, mtls))) = (key, &self.certificate) {
+            if k.public() == *cert_key {
+                let (status, v) = self.send(mtls, method, path, bytes.clone(), None).await?;
+                if status != 401 {
+                    return Ok((status, v));
+                }
+            }
+        }
+        self.send(&self.tls, method, path, bytes, key).await
+    }
+
+    /// One request over a new connection made with `tls`, signed by `key`.
+    async fn send(
+        &self,
+        tls: &tokio_rustls::TlsConnector,
+        method: &str,
+        path: &str,
+        bytes: Bytes,
+        key: Option<&SigningKey>,
+    ) -> Result<(u16, Value), IdsError> {
         let run = async {
-            let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
             let mut req = hyper::Request::builder()
                 .method(method)
                 .uri(path)
@@ -180,13 +239,12 @@ impl IdsClient {
                 );
             }
             let req = req
-                .body(Full::new(Bytes::from(bytes)))
+                .body(Full::new(bytes))
                 .map_err(|e| IdsError::Protocol(e.to_string()))?;
             let tcp = tokio::net::TcpStream::connect(self.addr)
                 .await
                 .map_err(|e| IdsError::Connect(e.to_string()))?;
-            let tls = self
-                .tls
+            let tls = tls
                 .connect(self.server_name.clone(), tcp)
                 .await
                 .map_err(|e| IdsError::Connect(e.to_string()))?;

@@ -4,8 +4,10 @@
 //! Run through `bench/ids-lookup.sh`.
 //!
 //!   lookup_bench [--handles N] [--seconds S] [--clients C] [--db URL] [--dir DIR]
-//!                [--reuse yes]
+//!                [--reuse yes] [--auth mtls|signature]
 //!
+//! `--auth`: the client presents its device certificate (mutual TLS, as
+//! the SDK does; the default) or signs every request.
 //! `--reuse yes` serves the SQLite directory a previous run left in DIR
 //! (loaded with the same N) instead of loading anew: for profiling.
 
@@ -29,6 +31,8 @@ struct Args {
     db: Option<String>,
     dir: std::path::PathBuf,
     reuse: bool,
+    /// Sign each request instead of presenting a device certificate.
+    sign: bool,
 }
 
 fn args() -> Result<Args> {
@@ -39,6 +43,7 @@ fn args() -> Result<Args> {
         db: None,
         dir: std::env::temp_dir().join("parley-ids-bench"),
         reuse: false,
+        sign: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -50,6 +55,13 @@ fn args() -> Result<Args> {
             "--db" => a.db = Some(v),
             "--dir" => a.dir = v.into(),
             "--reuse" => a.reuse = v == "yes",
+            "--auth" => {
+                a.sign = match v.as_str() {
+                    "mtls" => false,
+                    "signature" => true,
+                    _ => anyhow::bail!("--auth is mtls or signature"),
+                }
+            }
             _ => anyhow::bail!("unknown flag {flag}"),
         }
     }
@@ -189,12 +201,13 @@ async fn run(a: Args) -> Result<()> {
 
     // --- serve ----------------------------------------------------------------
     let me = SigningKey::generate();
+    let me_id = DeviceId::random();
     {
         let mut tx = store.begin().await?;
         ids::store::tx::insert_device(
             &mut tx,
             &ids::store::DeviceRow {
-                id: DeviceId::random(),
+                id: me_id,
                 account_id: "bench-client".into(),
                 identity_key: me.public().0.to_vec(),
                 name: "bench".into(),
@@ -213,19 +226,26 @@ async fn run(a: Args) -> Result<()> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = p.self_signed(&ca_key)?;
+    let mut device_roots = rustls::RootCertStore::empty();
+    device_roots.add(ca.der().clone())?;
     let ca = ids::certs::DeviceCa::from_pem(&ca.pem(), &ca_key.serialize_pem())?;
+    let (_, my_cert) = ca.issue(
+        me_id,
+        &me.public(),
+        [7; 16],
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs() as i64,
+    )?;
     let server_key = KeyPair::generate()?;
     let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])?.self_signed(&server_key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der())
-                .map_err(anyhow::Error::msg)?,
-        )?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = ids::runtime::tls_config(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der())
+            .map_err(anyhow::Error::msg)?,
+        Some(device_roots),
+    )?;
     let config = ids::Config {
         database_url: url.clone(),
         lookups_per_minute: u32::MAX / 2,
@@ -242,18 +262,21 @@ async fn run(a: Args) -> Result<()> {
             dir: a.dir.join("outbox"),
         }),
     )?;
-    let server =
-        ids::runtime::Server::start(service, "127.0.0.1:0".parse()?, Arc::new(tls)).await?;
+    let server = ids::runtime::Server::start(service, "127.0.0.1:0".parse()?, tls).await?;
     let addr = server.addr();
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone())?;
-    let client_tls = Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    );
+    let client_tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    let client_tls = Arc::new(if a.sign {
+        client_tls.with_no_client_auth()
+    } else {
+        let (chain, key) = client_sdk::ids::tls_identity(&my_cert, &me)?;
+        client_tls.with_client_auth_cert(chain, key)?
+    });
+    let sign = a.sign;
     let me = Arc::new(me);
     let deadline = Instant::now() + Duration::from_secs(a.seconds);
     let warmup = Instant::now() + Duration::from_secs(2);
@@ -280,11 +303,13 @@ async fn run(a: Args) -> Result<()> {
                 let ts = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)?
                     .as_secs();
-                let auth = wire::request_auth::sign(&me, "POST", "/v1/lookup", ts, body.as_bytes());
-                let req = hyper::Request::post("/v1/lookup")
-                    .header("host", "127.0.0.1")
-                    .header("authorization", auth)
-                    .body(Full::new(Bytes::from(body)))?;
+                let mut req = hyper::Request::post("/v1/lookup").header("host", "127.0.0.1");
+                if sign {
+                    let auth =
+                        wire::request_auth::sign(&me, "POST", "/v1/lookup", ts, body.as_bytes());
+                    req = req.header("authorization", auth);
+                }
+                let req = req.body(Full::new(Bytes::from(body)))?;
                 let t = Instant::now();
                 let resp = send.send_request(req).await?;
                 let ok = resp.status() == 200;
@@ -341,6 +366,7 @@ async fn run(a: Args) -> Result<()> {
     );
     println!("database_mb {:.0}", db_bytes as f64 / 1e6);
     println!("clients {}", a.clients);
+    println!("auth {}", if a.sign { "signature" } else { "mtls" });
     println!("lookups_per_sec {:.0}", lat.len() as f64 / measured);
     println!("p50_ms {:.2}", pct(0.50).as_secs_f64() * 1000.0);
     println!("p99_ms {:.2}", pct(0.99).as_secs_f64() * 1000.0);

@@ -193,8 +193,10 @@ fn path_of(uri: &Uri) -> &str {
     uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
 }
 
-/// A request signed by a device key (registered or not): the key and the
-/// body it signed. Refusals are problem+json like every other error.
+/// A request signed by a device key (registered or not), or sent without a
+/// signature over a connection that presented a device certificate: the
+/// key and the body. A signature, when present, is what counts. Refusals
+/// are problem+json like every other error.
 #[derive(Debug)]
 pub struct Signed {
     pub key: PublicKey,
@@ -210,15 +212,21 @@ impl FromRequest<Arc<Ids>> for Signed {
         let auth = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+            .map(|v| v.to_str().unwrap_or_default().to_owned());
+        let cert_key = req
+            .extensions()
+            .get::<crate::runtime::ClientCertKey>()
+            .map(|k| k.0);
         // Bytes honours DefaultBodyLimit (413).
         let body = Bytes::from_request(req, ids)
             .await
             .map_err(IntoResponse::into_response)?;
-        let key = ids
-            .verify_request(auth.as_deref(), method.as_str(), path_of(&uri), &body)
-            .map_err(|e| ApiError(e).into_response())?;
+        let key = match (auth, cert_key) {
+            (None, Some(key)) => key,
+            (auth, _) => ids
+                .verify_request(auth.as_deref(), method.as_str(), path_of(&uri), &body)
+                .map_err(|e| ApiError(e).into_response())?,
+        };
         Ok(Signed { key, body })
     }
 }

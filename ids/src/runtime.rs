@@ -14,6 +14,23 @@ use tower::ServiceExt;
 use crate::error::Error;
 use crate::service::Ids;
 
+/// The identity key a request's TLS connection proved with a device
+/// certificate (mutual TLS), as a request extension.
+#[derive(Debug, Clone)]
+pub struct ClientCertKey(pub wire::keys::PublicKey);
+
+/// The service's TLS configuration: TLS 1.3, ALPN `http/1.1`, and, given
+/// the device CA, an optional client certificate chained to it (a device
+/// that presents its certificate needs no request signatures).
+pub fn tls_config(
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    device_roots: Option<rustls::RootCertStore>,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    wire::tls::server_config(chain, key, device_roots, &[b"http/1.1"])
+        .map_err(|e| Error::Config(format!("ids TLS: {e}")))
+}
+
 /// A running identity service.
 #[derive(Debug)]
 pub struct Server {
@@ -25,8 +42,8 @@ pub struct Server {
 
 impl Server {
     /// Binds `listen` and serves the API over TLS (`tls` should offer
-    /// ALPN `http/1.1`), publishing queued changes every
-    /// `publish_interval`.
+    /// ALPN `http/1.1`; see [`tls_config`]), publishing queued changes
+    /// every `publish_interval`.
     pub async fn start(
         ids: Ids,
         listen: SocketAddr,
@@ -98,10 +115,23 @@ async fn serve(
                     Ok(Ok(s)) => s,
                     _ => return,
                 };
+            // The verifier has chained the certificate to the device CA;
+            // whether its key is a device's, and an active one, is the
+            // request's check, as for a signature.
+            let cert_key = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| wire::device_cert::public_key(c))
+                .map(ClientCertKey);
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut()
                         .insert(axum::extract::ConnectInfo(peer));
+                    if let Some(k) = &cert_key {
+                        req.extensions_mut().insert(k.clone());
+                    }
                     app.clone().oneshot(req.map(axum::body::Body::new))
                 },
             );

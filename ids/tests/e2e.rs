@@ -50,6 +50,32 @@ fn pki() -> (String, String, rcgen::CertifiedKey<KeyPair>) {
     )
 }
 
+fn roots_of(ca_pem: &str) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in client_sdk::ids::pem_certs(ca_pem).unwrap() {
+        roots.add(c).unwrap();
+    }
+    roots
+}
+
+/// A client trusting `ca_pem`, presenting `identity` (a certificate PEM and
+/// its key) if given.
+fn client_tls(ca_pem: &str, identity: Option<(&str, &SigningKey)>) -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots_of(ca_pem));
+    let cfg = match identity {
+        Some((pem, key)) => {
+            let (chain, key) = client_sdk::ids::tls_identity(pem, key).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
 impl Lab {
     /// Starts the service on `database` (SQLite in a temporary directory
     /// when None).
@@ -99,39 +125,23 @@ impl Lab {
         let outbox = config.outbox.clone();
         let service = ids::Ids::new(config, store, kt, ca, Box::new(sender)).unwrap();
 
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let key =
             rustls::pki_types::PrivateKeyDer::try_from(server_cert.signing_key.serialize_der())
                 .unwrap();
-        let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![server_cert.cert.der().clone()], key)
-            .unwrap();
-        server_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let server = ids::runtime::Server::start(
-            service,
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::new(server_tls),
+        // Devices may present the certificates the service issues them.
+        let server_tls = ids::runtime::tls_config(
+            vec![server_cert.cert.der().clone()],
+            key,
+            Some(roots_of(&ca_pem)),
         )
-        .await
         .unwrap();
-
-        let mut roots = rustls::RootCertStore::empty();
-        let ca_der = rustls_pemfile::certs(&mut ca_pem.as_bytes())
-            .next()
-            .unwrap()
-            .unwrap();
-        roots.add(ca_der).unwrap();
-        let client_tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let server =
+            ids::runtime::Server::start(service, "127.0.0.1:0".parse().unwrap(), server_tls)
+                .await
+                .unwrap();
         Lab {
             addr: server.addr(),
-            tls: tokio_rustls::TlsConnector::from(Arc::new(client_tls)),
+            tls: client_tls(&ca_pem, None),
             outbox,
             server: Some(server),
             ca_pem,
@@ -143,18 +153,28 @@ impl Lab {
         &self,
         req: hyper::Request<Full<Bytes>>,
     ) -> hyper::Response<hyper::body::Incoming> {
+        self.send_with(&self.tls, req).await.unwrap()
+    }
+
+    /// As `send`, over a connection made with `tls`; errors are the
+    /// connection's.
+    async fn send_with(
+        &self,
+        tls: &tokio_rustls::TlsConnector,
+        req: hyper::Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let tls = self.tls.connect(name, tcp).await.unwrap();
+        let tls = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
         let (mut send, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
                 .await
-                .unwrap();
+                .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
         tokio::time::timeout(Duration::from_secs(20), send.send_request(req))
             .await
             .expect("response within 20 s")
-            .unwrap()
+            .map_err(|e| e.to_string())
     }
 
     /// Plays the server itself: puts `value` under `uri` in the directory,
@@ -867,6 +887,15 @@ async fn openapi_document_matches_the_routes_and_errors_are_problems() {
 
 /// Registers a first device for `handle`; returns (account key, device key, device id).
 async fn new_account(lab: &Lab, handle: &str) -> (SigningKey, SigningKey, DeviceId) {
+    let (account, device, id, _) = new_account_with_certificate(lab, handle).await;
+    (account, device, id)
+}
+
+/// As `new_account`, also returning the device's certificate (PEM).
+async fn new_account_with_certificate(
+    lab: &Lab,
+    handle: &str,
+) -> (SigningKey, SigningKey, DeviceId, String) {
     let account = SigningKey::generate();
     let device = SigningKey::generate();
     let id = DeviceId::random();
@@ -885,7 +914,98 @@ async fn new_account(lab: &Lab, handle: &str) -> (SigningKey, SigningKey, Device
         )
         .await;
     assert_eq!(s, 201, "{v}");
-    (account, device, id)
+    let cert = v["certificate"].as_str().unwrap().to_owned();
+    (account, device, id, cert)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_may_authenticate_with_their_certificate_instead_of_signing() {
+    let lab = Lab::start("mtls", None).await;
+    let handle = "+14155550188";
+    let (_, key, id, cert) = new_account_with_certificate(&lab, handle).await;
+    let mtls = client_tls(&lab.ca_pem, Some((&cert, &key)));
+    let unsigned = |method: &str, path: &str, body: Option<Value>| {
+        hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "127.0.0.1")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))
+            .unwrap()
+    };
+    let status = |r: Result<hyper::Response<hyper::body::Incoming>, String>| {
+        r.expect("the connection carries the request")
+            .status()
+            .as_u16()
+    };
+
+    // No signature, no certificate: refused.
+    let (s, _) = lab.call("GET", "/v1/account", None, None).await;
+    assert_eq!(s, 401);
+    // No signature over a connection that presented the certificate: this
+    // device, for reads and for lookups with proofs.
+    let r = lab
+        .send_with(&mtls, unsigned("GET", "/v1/account", None))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert!(v.to_string().contains(&id.to_string()), "{v}");
+    let mut found = false;
+    for _ in 0..100 {
+        let r = lab
+            .send_with(
+                &mtls,
+                unsigned("POST", "/v1/lookup", Some(json!({"handles": [handle]}))),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        if String::from_utf8_lossy(&body).contains("\"found\"") {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(found, "the handle is published and found");
+
+    // A signature still counts, and a bad one is not excused by the
+    // certificate.
+    let mut req = unsigned("GET", "/v1/account", None);
+    req.headers_mut()
+        .insert("authorization", "Parley garbage".parse().unwrap());
+    assert_eq!(status(lab.send_with(&mtls, req).await), 401);
+
+    // A certificate from another CA does not get a connection.
+    let (stranger_ca, stranger_ca_key, _) = pki();
+    let stranger = ids::certs::DeviceCa::from_pem(&stranger_ca, &stranger_ca_key).unwrap();
+    let (_, forged) = stranger.issue(id, &key.public(), [9; 16], 0).unwrap();
+    let forged_tls = client_tls(&lab.ca_pem, Some((&forged, &key)));
+    assert!(
+        lab.send_with(&forged_tls, unsigned("GET", "/v1/account", None))
+            .await
+            .is_err(),
+        "a device certificate must chain to the service's CA"
+    );
+
+    // Once the device is gone its certificate authenticates nothing.
+    assert_eq!(
+        status(
+            lab.send_with(&mtls, unsigned("DELETE", "/v1/account", None))
+                .await
+        ),
+        204
+    );
+    let s = status(
+        lab.send_with(&mtls, unsigned("GET", "/v1/account", None))
+            .await,
+    );
+    assert!(s == 401 || s == 403, "a deleted device is refused: {s}");
+    lab.server.unwrap().shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -535,7 +535,12 @@ async fn start_ids(
     let sender = settings.sender(&config.outbox)?;
     let service = ids::Ids::new(config, store, kt, ca, sender)?;
     let (cert, key) = data.server_files(&settings.cert, &settings.key);
-    let tls = tls::server_config(&cert, &key, &[b"http/1.1"])?;
+    // Devices may authenticate with the certificates this CA issues them.
+    let tls = ids::runtime::tls_config(
+        tls::chain(&cert)?,
+        tls::private_key(&key)?,
+        Some(tls::roots(&data.ca_cert)?),
+    )?;
     Ok(ids::runtime::Server::start(service, settings.listen(), tls).await?)
 }
 

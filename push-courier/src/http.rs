@@ -25,28 +25,8 @@ pub fn tls_config(
     key: rustls::pki_types::PrivateKeyDer<'static>,
     provider_roots: Option<rustls::RootCertStore>,
 ) -> Result<Arc<rustls::ServerConfig>, Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Config(e.to_string()))?;
-    let builder = match provider_roots {
-        Some(roots) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| Error::Config(format!("provider CA: {e}")))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let mut cfg = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| Error::Config(format!("courier certificate: {e}")))?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    wire::tls::server_config(chain, key, provider_roots, &[b"h2", b"http/1.1"])
+        .map_err(|e| Error::Config(format!("provider TLS: {e}")))
 }
 
 pub(crate) async fn serve(

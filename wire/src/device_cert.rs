@@ -2,7 +2,7 @@
 //! is in a `urn:parley:device:<id>` URI SAN (else the subject CN), and the
 //! serial is what revocation lists name.
 
-use crate::keys::DeviceId;
+use crate::keys::{DeviceId, PublicKey};
 
 /// A device's identity, from its certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +39,13 @@ pub fn identity(cert_der: &[u8]) -> Option<DeviceIdentity> {
         device,
         serial: normalize_serial(cert.raw_serial()),
     })
+}
+
+/// The P-256 key a device certificate certifies (the device's identity
+/// key), if it holds one.
+pub fn public_key(cert_der: &[u8]) -> Option<PublicKey> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    PublicKey::from_spki_der(cert.public_key().raw).ok()
 }
 
 /// Strips leading zero bytes so serials compare equal however encoded.

@@ -25,6 +25,7 @@ pub mod ratelimit;
 pub mod request_auth;
 pub mod safety_number;
 pub mod sip;
+pub mod tls;
 pub mod transparency;
 pub mod webpush;
 
