@@ -8,8 +8,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -96,11 +95,16 @@ fn respond(id: NotificationId, r: Result<(), ApnsError>) -> Response {
 async fn push(
     State(st): State<Arc<ApnsState>>,
     Path(token): Path<String>,
-    Extension(cert): Extension<ClientCertName>,
-    method: Method,
-    headers: HeaderMap,
-    body: Body,
+    req: Request,
 ) -> Response {
+    // The request's own parts, not the extractors' copies of the headers.
+    let (parts, body) = req.into_parts();
+    let (method, headers) = (parts.method, parts.headers);
+    let cert = parts
+        .extensions
+        .get::<ClientCertName>()
+        .cloned()
+        .unwrap_or(ClientCertName(None));
     // Read the body before any verdict: an HTTP/2 answer sent while the
     // client is still sending ends in a stream reset many clients report
     // as a failure instead of the answer.

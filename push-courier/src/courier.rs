@@ -251,14 +251,16 @@ impl Courier {
     }
 
     /// Accepts a push: durable before this returns `Ok(Stored)`.
-    pub async fn push(&self, req: PushRequest) -> Result<PushOutcome, PushError> {
+    pub async fn push(&self, mut req: PushRequest) -> Result<PushOutcome, PushError> {
         let now = unix_now();
         let (device, note, insert) = {
-            let mut inner = self.lock();
+            let mut guard = self.lock();
+            // Borrow fields apart: the token entry stays borrowed while the
+            // limits and queues change.
+            let inner = &mut *guard;
             let t = inner
                 .tokens
                 .get(&req.token)
-                .cloned()
                 .ok_or(PushError::UnknownToken)?;
             if let Some(at) = t.revoked_at {
                 return Err(PushError::Unregistered { at });
@@ -291,7 +293,8 @@ impl Courier {
                 priority: req.priority,
                 expires: req.expires,
                 collapse_id: req.collapse_id,
-                topic: t.topic.clone(),
+                // The provider's topic when it named one: the same string.
+                topic: req.topic.take().unwrap_or_else(|| t.topic.clone()),
                 payload: req.payload,
             };
             if req.now_or_never {

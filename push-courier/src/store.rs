@@ -307,19 +307,20 @@ impl Store {
             let mut q = sqlx::query(&sql);
             for m in chunk {
                 let n = &m.note;
+                // Borrowed: the writes outlive the statement.
                 q = q
                     .bind(m.seq)
-                    .bind(n.id.0.to_vec())
+                    .bind(&n.id.0[..])
                     .bind(m.device.to_string())
-                    .bind(n.token.0.to_vec())
+                    .bind(&n.token.0[..])
                     .bind(push_type_code(n.push_type))
                     .bind(i64::from(n.priority))
                     .bind(n.expires as i64)
-                    .bind(n.collapse_id.clone())
-                    .bind(n.topic.clone())
-                    .bind(n.payload.clone())
-                    .bind(m.receipt.clone())
-                    .bind(m.provider.clone())
+                    .bind(n.collapse_id.as_str())
+                    .bind(n.topic.as_str())
+                    .bind(&n.payload[..])
+                    .bind(m.receipt.as_deref())
+                    .bind(m.provider.as_str())
                     .bind(m.created_at);
                 if self.backend == Backend::Sqlite {
                     q = q.bind(m.created_at);

@@ -188,28 +188,62 @@ impl FromStr for DeviceId {
     }
 }
 
+/// Lower-case hex. (Tokens and ids are written on every push, so this
+/// avoids the formatting machinery.)
 pub fn hex(b: &[u8]) -> String {
-    use fmt::Write;
-    let mut s = String::with_capacity(b.len() * 2);
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(b.len() * 2);
     for x in b {
-        let _ = write!(s, "{x:02x}");
+        out.push(DIGITS[usize::from(x >> 4)]);
+        out.push(DIGITS[usize::from(x & 0xf)]);
     }
-    s
+    // Only ASCII digits and letters were pushed.
+    String::from_utf8(out).unwrap_or_default()
 }
 
+/// The value of one hex digit, either case.
+pub fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Hex digits (either case) to bytes; `None` for an odd length or a
+/// non-digit.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+    b.chunks_exact(2)
+        .map(|p| Some(hex_digit(p[0])? << 4 | hex_digit(p[1])?))
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn hex_round_trips_in_either_case(b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let h = hex(&b);
+            proptest::prop_assert!(h.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)));
+            proptest::prop_assert_eq!(unhex(&h), Some(b.clone()));
+            proptest::prop_assert_eq!(unhex(&h.to_ascii_uppercase()), Some(b));
+        }
+    }
+
+    #[test]
+    fn unhex_refuses_odd_lengths_and_non_digits() {
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("0g"), None);
+        assert_eq!(unhex("+1"), None);
+        assert_eq!(unhex(""), Some(vec![]));
+    }
 
     #[test]
     fn spki_round_trip() {

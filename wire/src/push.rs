@@ -68,7 +68,7 @@ impl DeviceToken {
         if s.len() != 2 * TOKEN_LEN {
             return None;
         }
-        let v = crate::keys::unhex(&s.to_ascii_lowercase())?;
+        let v = crate::keys::unhex(s)?;
         Some(DeviceToken(v.try_into().ok()?))
     }
 
@@ -101,15 +101,17 @@ pub struct NotificationId(pub [u8; 16]);
 impl NotificationId {
     /// The canonical UUID form, upper-case as APNs returns it.
     pub fn to_uuid(&self) -> String {
-        let h = crate::keys::hex(&self.0).to_ascii_uppercase();
-        format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        )
+        const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+        let mut out = Vec::with_capacity(36);
+        for (i, x) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                out.push(b'-');
+            }
+            out.push(DIGITS[usize::from(x >> 4)]);
+            out.push(DIGITS[usize::from(x & 0xf)]);
+        }
+        // Only ASCII digits, letters and dashes were pushed.
+        String::from_utf8(out).unwrap_or_default()
     }
 
     /// Parses `8-4-4-4-12` hex digits, either case.
@@ -122,7 +124,7 @@ impl NotificationId {
         if hex.len() != 32 {
             return None;
         }
-        let v = crate::keys::unhex(&hex.to_ascii_lowercase())?;
+        let v = crate::keys::unhex(&hex)?;
         Some(NotificationId(v.try_into().ok()?))
     }
 }
@@ -799,6 +801,9 @@ mod tests {
         assert_eq!(s, "ABABABAB-ABAB-ABAB-ABAB-ABABABABABAB");
         assert_eq!(NotificationId::from_uuid(&s.to_lowercase()), Some(id));
         assert_eq!(NotificationId::from_uuid("ABABABAB-ABAB-ABAB-ABAB"), None);
+        let seq = NotificationId(std::array::from_fn(|i| i as u8));
+        assert_eq!(seq.to_uuid(), "00010203-0405-0607-0809-0A0B0C0D0E0F");
+        assert_eq!(NotificationId::from_uuid(&seq.to_uuid()), Some(seq));
         let t = DeviceToken([0x0f; 32]);
         assert_eq!(DeviceToken::from_hex(&t.to_hex().to_uppercase()), Some(t));
         assert_eq!(DeviceToken::from_b64(&t.to_b64()), Some(t));
