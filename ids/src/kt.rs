@@ -619,17 +619,16 @@ mod tests {
     use wire::transparency::{verify_history, verify_lookup, KtError};
     use wire::{DeviceId, SigningKey};
 
-    pub(crate) async fn temp_store(name: &str) -> Store {
-        let dir = std::env::temp_dir().join(format!(
-            "parley-ids-{name}-{}-{}",
-            std::process::id(),
-            unix_now()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Store::open(&format!("sqlite://{}", dir.join("ids.db").display()))
+    /// A store in a fresh directory, removed when the returned guard drops.
+    pub(crate) async fn temp_store(name: &str) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("parley-ids-{name}-"))
+            .tempdir()
+            .unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("ids.db").display()))
             .await
-            .unwrap()
+            .unwrap();
+        (dir, store)
     }
 
     fn root_key() -> Vec<u8> {
@@ -668,7 +667,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn published_values_verify_on_the_client_and_survive_reopen() {
-        let store = temp_store("kt").await;
+        let (_dir, store) = temp_store("kt").await;
         let key = root_key();
         let kt = Transparency::open(store.clone(), VrfKey::new([7; 32]).unwrap(), &key)
             .await

@@ -25,6 +25,8 @@ struct Lab {
     outbox: std::path::PathBuf,
     server: Option<ids::runtime::Server>,
     ca_pem: String,
+    /// Removed when the test ends.
+    _dir: tempfile::TempDir,
 }
 
 fn pki() -> (String, String, rcgen::CertifiedKey<KeyPair>) {
@@ -89,10 +91,11 @@ impl Lab {
         database: Option<String>,
         tweak: impl FnOnce(&mut ids::Config),
     ) -> Lab {
-        let dir =
-            std::env::temp_dir().join(format!("parley-ids-e2e-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("parley-ids-e2e-{name}-"))
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_owned();
         let (ca_pem, ca_key_pem, server_cert) = pki();
         let mut config = ids::Config {
             database_url: database
@@ -145,6 +148,7 @@ impl Lab {
             outbox,
             server: Some(server),
             ca_pem,
+            _dir: tmp,
         }
     }
 
