@@ -102,7 +102,9 @@ pub struct IdsClient {
     anchor: Option<TrustAnchor>,
 }
 
-fn client_tls(
+/// A TLS 1.3 client trusting `roots`, presenting `identity` (a device's
+/// certificate chain and key, see [`tls_identity`]) when given.
+pub fn tls_connector(
     roots: rustls::RootCertStore,
     identity: Option<(
         Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -172,7 +174,7 @@ impl IdsClient {
         Ok(IdsClient {
             addr,
             server_name,
-            tls: client_tls(roots.clone(), None)?,
+            tls: tls_connector(roots.clone(), None)?,
             roots,
             certificate: None,
             anchor: None,
@@ -189,7 +191,7 @@ impl IdsClient {
         let identity = tls_identity(certificate_pem, key)?;
         self.certificate = Some((
             key.public(),
-            client_tls(self.roots.clone(), Some(identity))?,
+            tls_connector(self.roots.clone(), Some(identity))?,
         ));
         Ok(self)
     }

@@ -239,7 +239,6 @@ async fn run(a: Args) -> Result<()> {
     )?;
     let server_key = KeyPair::generate()?;
     let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])?.self_signed(&server_key)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = ids::runtime::tls_config(
         vec![cert.der().clone()],
         rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der())
@@ -267,15 +266,11 @@ async fn run(a: Args) -> Result<()> {
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone())?;
-    let client_tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots);
-    let client_tls = Arc::new(if a.sign {
-        client_tls.with_no_client_auth()
-    } else {
-        let (chain, key) = client_sdk::ids::tls_identity(&my_cert, &me)?;
-        client_tls.with_client_auth_cert(chain, key)?
-    });
+    let identity = match a.sign {
+        true => None,
+        false => Some(client_sdk::ids::tls_identity(&my_cert, &me)?),
+    };
+    let client_tls = client_sdk::ids::tls_connector(roots, identity)?;
     let sign = a.sign;
     let me = Arc::new(me);
     let deadline = Instant::now() + Duration::from_secs(a.seconds);
@@ -286,7 +281,7 @@ async fn run(a: Args) -> Result<()> {
         let handles = a.handles;
         tasks.push(tokio::spawn(async move {
             let tcp = tokio::net::TcpStream::connect(addr).await?;
-            let tls = tokio_rustls::TlsConnector::from(tls)
+            let tls = tls
                 .connect(rustls::pki_types::ServerName::try_from("127.0.0.1")?, tcp)
                 .await?;
             let (mut send, conn) =

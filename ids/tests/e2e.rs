@@ -63,19 +63,8 @@ fn roots_of(ca_pem: &str) -> rustls::RootCertStore {
 /// A client trusting `ca_pem`, presenting `identity` (a certificate PEM and
 /// its key) if given.
 fn client_tls(ca_pem: &str, identity: Option<(&str, &SigningKey)>) -> tokio_rustls::TlsConnector {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots_of(ca_pem));
-    let cfg = match identity {
-        Some((pem, key)) => {
-            let (chain, key) = client_sdk::ids::tls_identity(pem, key).unwrap();
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    let identity = identity.map(|(pem, key)| client_sdk::ids::tls_identity(pem, key).unwrap());
+    client_sdk::ids::tls_connector(roots_of(ca_pem), identity).unwrap()
 }
 
 impl Lab {

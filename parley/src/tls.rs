@@ -8,17 +8,8 @@ use std::sync::Arc;
 /// A TLS 1.3 server configuration for `cert` (PEM chain) and `key` (PEM),
 /// offering the given ALPN protocols.
 pub fn server_config(cert: &Path, key: &Path, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>> {
-    let certs = chain(cert)?;
-    let key = private_key(key)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3 unavailable")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("certificate and key do not match")?;
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(Arc::new(cfg))
+    wire::tls::server_config(chain(cert)?, private_key(key)?, None, alpn)
+        .context("certificate and key do not match")
 }
 
 /// A PEM certificate chain.

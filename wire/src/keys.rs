@@ -191,18 +191,26 @@ impl FromStr for DeviceId {
 /// Lower-case hex. (Tokens and ids are written on every push, so this
 /// avoids the formatting machinery.)
 pub fn hex(b: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = Vec::with_capacity(b.len() * 2);
-    for x in b {
-        out.push(DIGITS[usize::from(x >> 4)]);
-        out.push(DIGITS[usize::from(x & 0xf)]);
-    }
+    push_hex(&mut out, b, false);
     // Only ASCII digits and letters were pushed.
     String::from_utf8(out).unwrap_or_default()
 }
 
+/// Appends the hex digits of `b`, upper or lower case.
+pub(crate) fn push_hex(out: &mut Vec<u8>, b: &[u8], upper: bool) {
+    let digits = match upper {
+        true => b"0123456789ABCDEF",
+        false => b"0123456789abcdef",
+    };
+    for x in b {
+        out.push(digits[usize::from(x >> 4)]);
+        out.push(digits[usize::from(x & 0xf)]);
+    }
+}
+
 /// The value of one hex digit, either case.
-pub fn hex_digit(c: u8) -> Option<u8> {
+fn hex_digit(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),

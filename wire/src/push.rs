@@ -101,14 +101,12 @@ pub struct NotificationId(pub [u8; 16]);
 impl NotificationId {
     /// The canonical UUID form, upper-case as APNs returns it.
     pub fn to_uuid(&self) -> String {
-        const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
         let mut out = Vec::with_capacity(36);
-        for (i, x) in self.0.iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
+        for (i, group) in [0..4, 4..6, 6..8, 8..10, 10..16].into_iter().enumerate() {
+            if i > 0 {
                 out.push(b'-');
             }
-            out.push(DIGITS[usize::from(x >> 4)]);
-            out.push(DIGITS[usize::from(x & 0xf)]);
+            crate::keys::push_hex(&mut out, &self.0[group], true);
         }
         // Only ASCII digits, letters and dashes were pushed.
         String::from_utf8(out).unwrap_or_default()
