@@ -652,7 +652,11 @@ async fn push_phase(
                 }
                 // Pace: push k is due at start + k / rate.
                 let due = start + Duration::from_secs_f64(k as f64 / rate as f64);
-                tokio::time::sleep_until(due.into()).await;
+                // A push already due goes now: a timer would wait for the
+                // runtime's next tick.
+                if due > Instant::now() {
+                    tokio::time::sleep_until(due.into()).await;
+                }
                 let token = tokens[(k as usize) % tokens.len()];
                 let payload = format!("{{\"p\":{phase},\"t\":{}}}", unix_nanos()).into_bytes();
                 match sender

@@ -1,20 +1,25 @@
 //! The provider side: an HTTP/2 client over TLS (one connection, many
 //! concurrent streams) and [`ApnsSender`], which pushes through the
 //! APNs-style API with an ES256 provider token it refreshes itself. Used by
-//! services that wake devices, the load simulator and tests.
+//! the load simulator and tests.
+//!
+//! The client sits on `h2` (hyper's HTTP/2 layer) directly: hyper's client
+//! spawns a task and a dispatch channel per request, which cost a load
+//! generator sharing the courier's cores about as much CPU per push as the
+//! courier's own HTTP/2 handling.
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::{Bytes, BytesMut};
+use h2::client::SendRequest;
+use hyper::http::{HeaderName, HeaderValue, Method, Request, Uri};
 
 /// One HTTP/2 connection; clone it to send from many tasks.
 #[derive(Debug, Clone)]
 pub struct Http2 {
-    send: SendRequest<Full<Bytes>>,
+    send: SendRequest<Bytes>,
     authority: String,
 }
 
@@ -35,6 +40,10 @@ impl Response {
     }
 }
 
+fn io_err(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
 impl Http2 {
     /// Connects to `addr`, trusting `roots`, expecting a certificate for
     /// `server_name`, offering ALPN `h2` only.
@@ -46,23 +55,27 @@ impl Http2 {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(std::io::Error::other)?
+            .map_err(io_err)?
             .with_root_certificates(roots)
             .with_no_client_auth();
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
-        let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
-            .map_err(std::io::Error::other)?;
+        let name =
+            rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(io_err)?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
             .await?;
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        let (send, conn) = h2::client::Builder::new()
             .max_concurrent_reset_streams(1024)
-            .handshake(TokioIo::new(tls))
+            .handshake(tls)
             .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(conn);
+            .map_err(io_err)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "provider HTTP/2 connection ended");
+            }
+        });
         Ok(Http2 {
             send,
             authority: format!("{server_name}:{}", addr.port()),
@@ -77,37 +90,48 @@ impl Http2 {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> std::io::Result<Response> {
-        let mut req = hyper::Request::builder()
-            .method(method)
-            .uri(format!("https://{}{path}", self.authority));
+        let uri = Uri::builder()
+            .scheme("https")
+            .authority(self.authority.as_str())
+            .path_and_query(path)
+            .build()
+            .map_err(io_err)?;
+        let mut req = Request::new(());
+        *req.method_mut() = Method::from_bytes(method.as_bytes()).map_err(io_err)?;
+        *req.uri_mut() = uri;
+        let h = req.headers_mut();
         for (k, v) in headers {
-            req = req.header(*k, *v);
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).map_err(io_err)?,
+                HeaderValue::from_str(v).map_err(io_err)?,
+            );
         }
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .map_err(std::io::Error::other)?;
-        self.send.ready().await.map_err(std::io::Error::other)?;
-        let resp = self
+        // Waits while the server's stream limit is reached.
+        poll_fn(|cx| self.send.poll_ready(cx))
+            .await
+            .map_err(io_err)?;
+        let (response, mut stream) = self
             .send
-            .send_request(req)
-            .await
-            .map_err(std::io::Error::other)?;
-        let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-            .collect();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(std::io::Error::other)?
-            .to_bytes();
+            .send_request(req, body.is_empty())
+            .map_err(io_err)?;
+        if !body.is_empty() {
+            stream.send_data(Bytes::from(body), true).map_err(io_err)?;
+        }
+        let (parts, mut recv) = response.await.map_err(io_err)?.into_parts();
+        let mut body = BytesMut::new();
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.map_err(io_err)?;
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            body.extend_from_slice(&chunk);
+        }
         Ok(Response {
-            status,
-            headers,
-            body,
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                .collect(),
+            body: body.freeze(),
         })
     }
 }
