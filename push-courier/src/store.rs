@@ -163,6 +163,26 @@ fn shaped<T>(mut items: &[T]) -> Vec<&[T]> {
     out
 }
 
+/// The batch's state changes, in order, with consecutive changes to the
+/// same state at the same time joined into one: every push to a full
+/// queue drops one message and every ack marks one, and a statement per
+/// message cost a round trip to SQLite's worker thread each (a flood to
+/// full queues ran at half the rate). Only neighbours are joined, so a
+/// message named by two changes still gets the first (updates apply to
+/// queued rows only).
+fn merged_states(writes: &[Write]) -> Vec<(MessageState, i64, Vec<i64>)> {
+    let mut out: Vec<(MessageState, i64, Vec<i64>)> = Vec::new();
+    for w in writes {
+        if let Write::State { seqs, state, at } = w {
+            match out.last_mut() {
+                Some((s, a, all)) if s == state && a == at => all.extend_from_slice(seqs),
+                _ => out.push((*state, *at, seqs.clone())),
+            }
+        }
+    }
+    out
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
@@ -259,11 +279,10 @@ impl Store {
         }
         .map_err(Error::db)?;
         let mut inserts: Vec<&StoredMessage> = Vec::new();
-        let mut states: Vec<(MessageState, i64, &[i64])> = Vec::new();
+        let states = merged_states(writes);
         for w in writes {
             match w {
                 Write::Insert(m) => inserts.push(m),
-                Write::State { seqs, state, at } => states.push((*state, *at, seqs)),
                 Write::Token(t) => {
                     sqlx::query(
                         "INSERT INTO tokens (token, device, topic, kind, server_key, created_at) \
@@ -329,7 +348,7 @@ impl Store {
             q.execute(&mut *tx).await.map_err(Error::db)?;
         }
         for (state, at, seqs) in states {
-            for chunk in shaped(seqs) {
+            for chunk in shaped(&seqs) {
                 let sql = format!(
                     "UPDATE messages SET state = {}, updated_at = {}, payload = NULL \
                      WHERE state = 0 AND seq IN ({})",
@@ -580,5 +599,37 @@ mod tests {
         );
         assert_eq!(chunks.concat(), v);
         assert!(shaped::<u8>(&[]).is_empty());
+    }
+
+    #[test]
+    fn neighbouring_state_changes_share_a_statement_in_order() {
+        let st = |seqs: &[i64], state, at| Write::State {
+            seqs: seqs.to_vec(),
+            state,
+            at,
+        };
+        let rev = Write::Revoke {
+            token: DeviceToken([0; 32]),
+            at: 7,
+        };
+        use MessageState::*;
+        let writes = [
+            st(&[1], Dropped, 7),
+            rev,
+            st(&[2, 3], Dropped, 7),
+            st(&[4], Delivered, 7),
+            st(&[5], Delivered, 8),
+            st(&[6], Dropped, 8),
+            st(&[4], Dropped, 8),
+        ];
+        assert_eq!(
+            merged_states(&writes),
+            vec![
+                (Dropped, 7, vec![1, 2, 3]),
+                (Delivered, 7, vec![4]),
+                (Delivered, 8, vec![5]),
+                (Dropped, 8, vec![6, 4]),
+            ]
+        );
     }
 }
