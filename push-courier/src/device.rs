@@ -125,6 +125,16 @@ pub fn quic_endpoint(
     tls: Arc<rustls::ServerConfig>,
     idle_timeout: Duration,
 ) -> Result<quinn::Endpoint, Error> {
+    let cfg = quic_server_config(tls, idle_timeout)?;
+    quinn::Endpoint::server(cfg, addr).map_err(Error::Io)
+}
+
+/// The QUIC server configuration for device links (see
+/// [`quic_endpoint`]).
+pub fn quic_server_config(
+    tls: Arc<rustls::ServerConfig>,
+    idle_timeout: Duration,
+) -> Result<quinn::ServerConfig, Error> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from((*tls).clone())
         .map_err(|e| Error::Config(format!("QUIC TLS: {e}")))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -147,7 +157,7 @@ pub fn quic_endpoint(
         .mtu_discovery_config(None);
     cfg.transport_config(Arc::new(transport));
     cfg.migration(true);
-    quinn::Endpoint::server(cfg, addr).map_err(Error::Io)
+    Ok(cfg)
 }
 
 /// Accepts QUIC device connections until `shutdown`.
