@@ -14,7 +14,10 @@
 #   BENCH_BIN=/tmp/parley bench/courier.sh    a prebuilt binary (compare builds)
 #
 # Then the store path alone: STORE_DEVICES (10,000) devices that go offline
-# after getting their token, pushed at STORE_RATE (80,000/s offered).
+# after getting their token, pushed at STORE_RATE (80,000/s offered). Past
+# a million pushes their queues are full (cap 100), so the end of the run
+# also drops the oldest message with every push (STORE_DEVICES=2000: mostly
+# that path).
 # Needs openssl (to make the provider key).
 #
 # Writes bench/results/courier.md next to the published anchors.
