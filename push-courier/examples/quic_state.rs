@@ -44,6 +44,17 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static COUNTING: Counting = Counting;
 
+/// The datagrams `conn` has to send now, one per transmit.
+fn datagrams(conn: &mut Connection, now: Instant) -> Vec<BytesMut> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    while let Some(t) = conn.poll_transmit(now, 1, &mut buf) {
+        out.push(BytesMut::from(&buf[..t.size]));
+        buf.clear();
+    }
+    out
+}
+
 #[allow(clippy::print_stdout)]
 fn main() -> anyhow::Result<()> {
     let n: usize = match std::env::args().nth(1) {
@@ -90,7 +101,6 @@ fn main() -> anyhow::Result<()> {
     let before = LIVE.load(Ordering::Relaxed);
     let mut servers: Vec<Connection> = Vec::with_capacity(n);
     let mut clients: Vec<Connection> = Vec::with_capacity(n);
-    let mut buf = Vec::new();
     for i in 0..n {
         let addr = SocketAddr::from(([127, 0, (i / 250) as u8, (i % 250 + 1) as u8], 40000));
         let (_, mut c) = client.connect(now, client_cfg.clone(), server_addr, "localhost")?;
@@ -98,11 +108,8 @@ fn main() -> anyhow::Result<()> {
         // A handshake is a few flights; bounded.
         for _ in 0..20 {
             let mut moved = false;
-            buf.clear();
-            while let Some(t) = c.poll_transmit(now, 1, &mut buf) {
+            for data in datagrams(&mut c, now) {
                 moved = true;
-                let data = BytesMut::from(&buf[..t.size]);
-                buf.clear();
                 let mut reply = Vec::new();
                 match server.handle(now, addr, None, None, data, &mut reply) {
                     Some(DatagramEvent::NewConnection(incoming)) => {
@@ -123,11 +130,8 @@ fn main() -> anyhow::Result<()> {
                         s.handle_event(ev);
                     }
                 }
-                buf.clear();
-                while let Some(t) = s.poll_transmit(now, 1, &mut buf) {
+                for data in datagrams(s, now) {
                     moved = true;
-                    let data = BytesMut::from(&buf[..t.size]);
-                    buf.clear();
                     let mut reply = Vec::new();
                     if let Some(DatagramEvent::ConnectionEvent(_, ev)) =
                         client.handle(now, server_addr, None, None, data, &mut reply)

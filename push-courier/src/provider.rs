@@ -40,10 +40,6 @@ impl Response {
     }
 }
 
-fn io_err(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
-    std::io::Error::other(e)
-}
-
 impl Http2 {
     /// Connects to `addr`, trusting `roots`, expecting a certificate for
     /// `server_name`, offering ALPN `h2` only.
@@ -55,14 +51,14 @@ impl Http2 {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(io_err)?
+            .map_err(std::io::Error::other)?
             .with_root_certificates(roots)
             .with_no_client_auth();
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
-        let name =
-            rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(io_err)?;
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+            .map_err(std::io::Error::other)?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
             .await?;
@@ -70,7 +66,7 @@ impl Http2 {
             .max_concurrent_reset_streams(1024)
             .handshake(tls)
             .await
-            .map_err(io_err)?;
+            .map_err(std::io::Error::other)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "provider HTTP/2 connection ended");
@@ -95,32 +91,34 @@ impl Http2 {
             .authority(self.authority.as_str())
             .path_and_query(path)
             .build()
-            .map_err(io_err)?;
+            .map_err(std::io::Error::other)?;
         let mut req = Request::new(());
-        *req.method_mut() = Method::from_bytes(method.as_bytes()).map_err(io_err)?;
+        *req.method_mut() = Method::from_bytes(method.as_bytes()).map_err(std::io::Error::other)?;
         *req.uri_mut() = uri;
         let h = req.headers_mut();
         for (k, v) in headers {
             h.append(
-                HeaderName::from_bytes(k.as_bytes()).map_err(io_err)?,
-                HeaderValue::from_str(v).map_err(io_err)?,
+                HeaderName::from_bytes(k.as_bytes()).map_err(std::io::Error::other)?,
+                HeaderValue::from_str(v).map_err(std::io::Error::other)?,
             );
         }
         // Waits while the server's stream limit is reached.
         poll_fn(|cx| self.send.poll_ready(cx))
             .await
-            .map_err(io_err)?;
+            .map_err(std::io::Error::other)?;
         let (response, mut stream) = self
             .send
             .send_request(req, body.is_empty())
-            .map_err(io_err)?;
+            .map_err(std::io::Error::other)?;
         if !body.is_empty() {
-            stream.send_data(Bytes::from(body), true).map_err(io_err)?;
+            stream
+                .send_data(Bytes::from(body), true)
+                .map_err(std::io::Error::other)?;
         }
-        let (parts, mut recv) = response.await.map_err(io_err)?.into_parts();
+        let (parts, mut recv) = response.await.map_err(std::io::Error::other)?.into_parts();
         let mut body = BytesMut::new();
         while let Some(chunk) = recv.data().await {
-            let chunk = chunk.map_err(io_err)?;
+            let chunk = chunk.map_err(std::io::Error::other)?;
             let _ = recv.flow_control().release_capacity(chunk.len());
             body.extend_from_slice(&chunk);
         }
