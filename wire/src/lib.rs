@@ -7,6 +7,7 @@
 //!   service publishes in its key transparency directory.
 //! - [`push`]: `parley-push/1`, the device link of the push courier.
 //! - [`webpush`]: opening (and sealing) RFC 8291 Web Push bodies.
+//! - [`net`]: address prefixes and the key a per-source limit counts by.
 //! - [`ratelimit`]: keyed token buckets with time passed in.
 //! - [`request_auth`]: how a device signs its HTTP requests.
 //! - [`sip`]: SIP messages, URIs, Via and digest authentication.
@@ -19,6 +20,7 @@ pub mod device_list;
 pub mod handle;
 pub mod key_transfer;
 pub mod keys;
+pub mod net;
 pub mod passport;
 pub mod push;
 pub mod ratelimit;

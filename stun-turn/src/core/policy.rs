@@ -5,66 +5,8 @@
 //! `64:ff9b::7f00:1` and `2002:7f00:1::` are all judged as `127.0.0.1`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::str::FromStr;
 
-/// An address prefix such as `127.0.0.0/8` or `fc00::/7`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl IpNet {
-    pub fn new(addr: IpAddr, prefix: u8) -> Option<IpNet> {
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        (prefix <= max).then_some(IpNet { addr, prefix })
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(n) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(n) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl FromStr for IpNet {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, p) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a
-            .parse()
-            .map_err(|_| format!("`{s}` is not an address or prefix"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match p {
-            Some(p) => p
-                .parse::<u8>()
-                .map_err(|_| format!("bad prefix length in `{s}`"))?,
-            None => max,
-        };
-        IpNet::new(addr, prefix).ok_or_else(|| format!("prefix length in `{s}` exceeds {max}"))
-    }
-}
-
-impl std::fmt::Display for IpNet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
+pub use wire::net::IpNet;
 
 /// IPv4 special-purpose ranges (IANA registry, plus multicast and class E).
 const DENY_V4: &[([u8; 4], u8)] = &[

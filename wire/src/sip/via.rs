@@ -91,7 +91,10 @@ impl Via {
 
     /// RFC 3261 §18.2.1 and RFC 3581 §4: note where the request really
     /// came from.
+    /// A `received` the sender wrote itself is dropped first: responses go
+    /// to the address the request came from, never one it names.
     pub fn stamp_source(&mut self, from: SocketAddr) {
+        self.params.retain(|(k, _)| k != "received");
         let sent_ip = self.host.parse::<IpAddr>().ok();
         if sent_ip != Some(from.ip()) {
             self.set_param("received", Some(from.ip().to_string()));
@@ -160,5 +163,18 @@ mod tests {
         assert!(Via::parse("SIP/2.0/UDP a:99999").is_none());
         let named = Via::parse("SIP/2.0/TCP host.example;branch=z9hG4bK2").unwrap();
         assert_eq!(named.response_addr(), None);
+        // A `received` of the sender's own choosing goes.
+        for text in [
+            "SIP/2.0/UDP 192.0.2.7:5060;branch=z9hG4bK3;received=127.0.0.1",
+            "SIP/2.0/UDP 192.0.2.7:5060;received=127.0.0.1;branch=z9hG4bK3;received=10.0.0.1",
+        ] {
+            let mut forged = Via::parse(text).unwrap();
+            forged.stamp_source("192.0.2.7:5060".parse().unwrap());
+            assert_eq!(forged.param("received"), None, "{forged}");
+            assert_eq!(
+                forged.response_addr(),
+                Some("192.0.2.7:5060".parse().unwrap())
+            );
+        }
     }
 }
