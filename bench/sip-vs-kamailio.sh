@@ -202,7 +202,7 @@ run_proxy() { # label port
   sleep 0.5
   mkdir -p "$dir/reg-callee-$label"
   (cd "$dir/reg-callee-$label" && sipp "127.0.0.1:$port" -sf "$reg_scen" -i 127.0.0.1 -t u1 -nostdin -m 1 \
-      -s callee%40bench.test -au callee@bench.test -ap bench-password -key contact_port $uas_port \
+      -s callee%40bench.test -au callee@bench.test -ap bench-password -auth_uri parley.test -key contact_port $uas_port \
       -timeout 10s -timeout_error > out 2>&1) || { echo "callee registration failed"; cat "$dir/reg-callee-$label/out"; exit 1; }
   for r in $call_rates; do
     measure_step call "$label" "$port" "$r" -sf "$scen/uac.xml" -s callee%40bench.test
@@ -211,7 +211,7 @@ run_proxy() { # label port
   wait "$uas" 2>/dev/null || true
   for r in $reg_rates; do
     measure_step reg "$label" "$port" "$r" -sf "$scen/reg.xml" -s bench%40bench.test \
-      -au bench@bench.test -ap bench-password
+      -au bench@bench.test -ap bench-password -auth_uri parley.test
   done
 }
 

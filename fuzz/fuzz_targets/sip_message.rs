@@ -3,7 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use signaling::core::digest::Credentials;
+use signaling::core::digest::{same_resource, Credentials, NonceCounts};
+use signaling::core::flow::FlowTokens;
 use signaling::core::message::{frame, Frame, HeaderName, Message};
 use signaling::core::uri::{NameAddr, Uri};
 use signaling::core::via::Via;
@@ -42,8 +43,23 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
+        let mut counts = NonceCounts::default();
         for v in m.lines(&HeaderName::AUTHORIZATION) {
-            let _ = Credentials::parse(v);
+            if let Some(c) = Credentials::parse(v) {
+                if let Some(u) = m.uri() {
+                    let _ = same_resource(&c.uri, u);
+                }
+                let _ = counts.accept(&c);
+            }
+        }
+        // Route tokens from hostile peers: only ours decode.
+        let tokens = FlowTokens::new(&[3; 32]);
+        for v in m.values(&HeaderName::ROUTE) {
+            if let Ok(na) = NameAddr::parse(v) {
+                if let Some(Some(t)) = na.uri.param("pf") {
+                    assert!(tokens.decode(t, m.call_id(), 0).is_none());
+                }
+            }
         }
         let _ = m.cseq();
         let _ = m.tag(&HeaderName::TO);

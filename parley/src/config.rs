@@ -12,8 +12,8 @@ use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use stun_turn::core::policy::IpNet;
 use toml::{Table, Value};
+use wire::net::IpNet;
 
 /// Sections that environment variables may address.
 const SECTIONS: &[&str] = &["admin", "turn", "ids", "courier", "signaling"];
@@ -57,8 +57,19 @@ pub struct SignalingSection {
     pub ring_timeout_secs: Option<u64>,
     /// How long a device woken by push may take to register, seconds. Default 30.
     pub push_window_secs: Option<u64>,
-    /// Out-of-dialog requests per second per source address. Default 200.
+    /// Requests per second per source address (IPv6: per /64) outside
+    /// dialogs of ours. Default 200.
     pub source_rate: Option<u32>,
+    /// Address prefixes (trunks, gateways) that requests without a route
+    /// of ours may be forwarded to, for authenticated senders only.
+    /// Default: none, i.e. such requests get 403 Relaying Forbidden.
+    pub forward_to: Option<OneOrMany<String>>,
+    /// How long a call's route through the proxy is honoured, seconds.
+    /// Default 43200 (12 h).
+    pub dialog_lifetime_secs: Option<u64>,
+    /// Calls per minute that may wake sleeping devices, per caller and
+    /// per callee. Default 30.
+    pub wakes_per_minute: Option<u32>,
     /// Calls ringing at once. Default 100000.
     pub max_calls: Option<usize>,
     /// Open SIP connections. Default 10000.
@@ -139,6 +150,23 @@ impl SignalingSection {
         }
         if let Some(r) = self.source_rate {
             p.source_rate = r.max(1);
+        }
+        p.forward_to = nets("signaling.forward_to", &self.forward_to)?;
+        if let Some(s) = self.dialog_lifetime_secs {
+            if !(60..=7 * 24 * 3600).contains(&s) {
+                return Err(anyhow!(
+                    "invalid configuration: signaling.dialog_lifetime_secs: must be 60 to 604800, got {s}"
+                ));
+            }
+            p.dialog_lifetime = Duration::from_secs(s);
+        }
+        if let Some(n) = self.wakes_per_minute {
+            if n == 0 {
+                return Err(anyhow!(
+                    "invalid configuration: signaling.wakes_per_minute: must be at least 1"
+                ));
+            }
+            p.wakes_per_minute = n;
         }
         if let Some(n) = self.max_calls {
             p.max_calls = n.max(1);

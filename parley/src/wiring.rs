@@ -51,19 +51,30 @@ pub struct CourierWaker(pub Arc<push_courier::courier::Courier>);
 const WAKE_TTL: Duration = Duration::from_secs(30);
 
 impl signaling::runtime::Waker for CourierWaker {
-    fn wake(
-        &self,
-        handle: Handle,
-        push: signaling::core::registrar::PushParams,
-        call_id: String,
-        caller: String,
-    ) {
+    fn wake(&self, wake: signaling::runtime::Wake) {
+        let signaling::runtime::Wake {
+            handle,
+            push,
+            device,
+            call_id,
+            caller,
+        } = wake;
         if push.provider != "parley" && push.provider != "apns" {
             tracing::warn!(provider = %push.provider, "cannot wake a device through this push provider");
             return;
         }
         let Some(token) = wire::push::DeviceToken::from_hex(&push.prid) else {
             tracing::debug!("pn-prid is not a courier device token");
+            return;
+        };
+        // The VoIP topic the binding named: a wake-up goes only to a token
+        // of that topic, and only to the registering device's own token.
+        let Some(topic) = push
+            .param
+            .clone()
+            .filter(|t| wire::push::is_parley_topic(t))
+        else {
+            tracing::debug!("binding names no VoIP topic (pn-param); not woken");
             return;
         };
         let Ok(id) = push_courier::courier::Courier::new_id() else {
@@ -85,11 +96,12 @@ impl signaling::runtime::Waker for CourierWaker {
             expires: (now + WAKE_TTL).as_secs(),
             now_or_never: false,
             collapse_id: collapse,
-            topic: push.param.clone(),
+            topic: Some(topic),
             payload: payload.to_string().into_bytes(),
             provider: "signaling".into(),
             vapid_key: None,
             receipt: None,
+            for_device: Some(device),
         };
         spawn_push(&self.0, req, "VoIP push for a waiting call refused");
     }

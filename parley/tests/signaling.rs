@@ -70,22 +70,30 @@ fn ids_call(
 /// Proves Bob's number and creates his account with one device; returns
 /// the device's key, id and certificate (PEM).
 fn activate(up: &Up, data: &Path) -> (SigningKey, DeviceId, String) {
+    activate_as(up, data, BOB)
+}
+
+/// Proves `handle` and creates its account with one device.
+fn activate_as(up: &Up, data: &Path, handle: &str) -> (SigningKey, DeviceId, String) {
+    let outbox = data.join("outbox");
+    let seen: Vec<std::path::PathBuf> = std::fs::read_dir(&outbox)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
     let (s, v) = ids_call(
         up,
         data,
         "/v1/verifications",
-        &serde_json::json!({"handle": BOB}),
+        &serde_json::json!({"handle": handle}),
         None,
     );
     assert_eq!(s, 201, "{v}");
     let id = v["id"].as_str().unwrap().to_owned();
-    let outbox = data.join("outbox");
     let deadline = Instant::now() + Duration::from_secs(10);
     let code = loop {
         let found = std::fs::read_dir(&outbox).ok().and_then(|rd| {
             rd.flatten()
                 .map(|e| e.path())
-                .find(|p| p.extension().is_some_and(|x| x == "txt"))
+                .find(|p| p.extension().is_some_and(|x| x == "txt") && !seen.contains(p))
         });
         if let Some(f) = found {
             let text = std::fs::read_to_string(f).unwrap();
@@ -116,7 +124,7 @@ fn activate(up: &Up, data: &Path) -> (SigningKey, DeviceId, String) {
     let list = DeviceList {
         account_key: account.public(),
         seq: 1,
-        handles: vec![wire::Handle::parse(BOB).unwrap().uri()],
+        handles: vec![wire::Handle::parse(handle).unwrap().uri()],
         devices: vec![DeviceEntry {
             id: device_id,
             identity_key: device.public(),
@@ -396,5 +404,79 @@ fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
         sip.send(&String::from_utf8(ok.to_bytes()).unwrap()).await;
         let answered = recv(&alice);
         assert!(answered.starts_with("SIP/2.0 200 OK\r\n"), "{answered}");
+    });
+}
+
+/// The attack of a user with an account: register your own handle with
+/// the victim's VoIP token (learnt from a lookup, a log, a shared
+/// device…), go to sleep, call yourself. The wake-up names the device
+/// that registered the binding, the courier finds the token is not that
+/// device's, and the victim's phone hears nothing.
+#[test]
+fn a_wake_binding_with_another_devices_token_wakes_nobody() {
+    parley_tests::tool::require("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("parley.toml");
+    std::fs::write(&config, "[signaling]\nring_timeout_secs = 30\n").unwrap();
+    let up = start(&data, &config);
+    let (bob_key, _, bob_cert) = activate(&up, &data);
+    let bob = credentials(&data, &bob_key, &bob_cert);
+    const MALLORY: &str = "+14155550199";
+    let (m_key, _, m_cert) = activate_as(&up, &data, MALLORY);
+    let mallory = credentials(&data, &m_key, &m_cert);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (mut courier, tokens) =
+            DeviceClient::connect(up.courier, Transport::Tls, &bob, &[TOPIC], 0)
+                .await
+                .unwrap();
+        let victim_token = tokens[0].1.to_hex();
+
+        // Mallory registers her own handle with Bob's token and sleeps.
+        let contact = format!(
+            "<sip:m@127.0.0.1:1;transport=tls;pn-provider=parley;pn-prid={victim_token};pn-param={TOPIC}>;+sip.instance=\"<urn:uuid:0f1e2d3c-0000-4000-8000-0000000000ee>\""
+        );
+        let mut sip = SipTls::connect(up.sip_tls, &mallory).await;
+        let register = register_text(&contact, "reg-m", 1).replace(BOB, MALLORY);
+        sip.send(&register).await;
+        let r = sip.recv().await;
+        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
+        drop(sip);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // She calls herself from another connection.
+        let mut caller = SipTls::connect(up.sip_tls, &mallory).await;
+        let invite = format!(
+            "INVITE sip:{MALLORY}@localhost SIP/2.0\r\n\
+             Via: SIP/2.0/TLS 127.0.0.1:2;branch=z9hG4bKmal1\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:{MALLORY}@localhost>;tag=m1\r\n\
+             To: <sip:{MALLORY}@localhost>\r\n\
+             Call-ID: wake-abuse\r\n\
+             CSeq: 1 INVITE\r\n\
+             Contact: <sip:m@127.0.0.1:2;transport=tls>\r\n\
+             Content-Length: 0\r\n\r\n"
+        );
+        caller.send(&invite).await;
+        let trying = caller.recv().await;
+        assert!(trying.starts_with("SIP/2.0 100 "), "{trying}");
+
+        // Bob's phone hears nothing (the courier refused the wake-up as
+        // another device's token), though a real wake-up takes well under
+        // a second on this path.
+        match courier.next_within(Duration::from_secs(3)).await {
+            Err(client_sdk::courier::ClientError::Timeout) => {}
+            Ok(ClientEvent::Notification(n)) => panic!(
+                "Bob was woken by Mallory's call: {}",
+                String::from_utf8_lossy(&n.payload)
+            ),
+            other => panic!("unexpected: {other:?}"),
+        }
     });
 }

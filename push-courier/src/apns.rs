@@ -214,6 +214,7 @@ async fn accept(
         provider: provider.name.clone(),
         vapid_key: None,
         receipt: None,
+        for_device: None,
     };
     match st.courier.push(req).await {
         Ok(_) => Ok(()),
@@ -227,6 +228,7 @@ async fn accept(
                 timestamp_ms: Some(at * 1000),
             },
             PushError::TopicMismatch => err(StatusCode::BAD_REQUEST, "DeviceTokenNotForTopic"),
+            PushError::TopicReserved => err(StatusCode::BAD_REQUEST, "TopicDisallowed"),
             PushError::KeyMismatch => err(StatusCode::FORBIDDEN, "Forbidden"),
             PushError::TooManyRequests => err(StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
             PushError::Unavailable(_) => err(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),

@@ -87,6 +87,14 @@ pub struct PushRequest {
     pub vapid_key: Option<[u8; 65]>,
     /// Web Push receipt subscription.
     pub receipt: Option<String>,
+    /// Set by Parley's own services (signaling's wake-ups, ids' account
+    /// notices): the device the push is for, as that service knows it
+    /// (the certificate that registered the binding, the account's device
+    /// row). The token must be one that device got over its own link, so
+    /// naming another device's token reaches nobody. Only such pushes may
+    /// use Parley's own topics ([`wire::push::is_parley_topic`]); a
+    /// provider's push (`None`) may not.
+    pub for_device: Option<DeviceId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +115,8 @@ pub enum PushError {
     Unregistered { at: i64 },
     #[error("token is not for this topic")]
     TopicMismatch,
+    #[error("the token's topic is reserved for Parley's own services")]
+    TopicReserved,
     #[error("token is not of this kind")]
     WrongKind,
     #[error("subscription is restricted to another application server key")]
@@ -262,6 +272,15 @@ impl Courier {
                 .tokens
                 .get(&req.token)
                 .ok_or(PushError::UnknownToken)?;
+            match req.for_device {
+                // Not that device's token: as if it did not exist.
+                Some(d) if d != t.device => return Err(PushError::UnknownToken),
+                Some(_) => {}
+                None if wire::push::is_parley_topic(&t.topic) => {
+                    return Err(PushError::TopicReserved)
+                }
+                None => {}
+            }
             if let Some(at) = t.revoked_at {
                 return Err(PushError::Unregistered { at });
             }

@@ -192,6 +192,7 @@ async fn push(
         provider: key_name(&key),
         vapid_key: Some(key),
         receipt,
+        for_device: None,
     };
     match st.courier.push(req).await {
         Ok(outcome) => {
@@ -214,7 +215,7 @@ async fn push(
             h.insert("ttl", HeaderValue::from(ttl));
             r
         }
-        Err(PushError::UnknownToken) | Err(PushError::WrongKind) => {
+        Err(PushError::UnknownToken | PushError::WrongKind | PushError::TopicReserved) => {
             problem(StatusCode::NOT_FOUND, "no such subscription")
         }
         Err(PushError::Unregistered { .. }) => {

@@ -294,7 +294,7 @@ async fn revoked_token_gets_410_unregistered_with_timestamp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_queue_collapses_expires_and_puts_voip_first() {
     let env = Env::start(|_| {}).await;
-    let (_, creds) = env.device();
+    let (device, creds) = env.device();
     let voip_topic = "com.example.chat.voip";
     let (dev, tokens) = env
         .connect(&creds, Transport::Tls, &[TOPIC, voip_topic])
@@ -330,6 +330,8 @@ async fn offline_queue_collapses_expires_and_puts_voip_first() {
         let r = env.apns(t, &h, b.as_bytes()).await;
         assert_eq!(r.status, 200, "{r:?}");
     }
+    // A VoIP wake-up comes from signaling, for the device it names; a
+    // provider may not push to a VoIP topic.
     let r = env
         .curl(
             "POST",
@@ -340,10 +342,37 @@ async fn offline_queue_collapses_expires_and_puts_voip_first() {
                 ("apns-push-type", "voip".into()),
                 ("apns-priority", "5".into()),
             ],
-            Some(br#"{"n":6}"#),
+            Some(br#"{"n":0}"#),
         )
         .await;
-    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body.contains("TopicDisallowed"), "{r:?}");
+    let courier = env.server.as_ref().unwrap().courier.clone();
+    let wake = |for_device| push_courier::courier::PushRequest {
+        id: push_courier::courier::Courier::new_id().unwrap(),
+        token: voip,
+        push_type: PushType::Voip,
+        priority: 5,
+        expires: 0,
+        now_or_never: false,
+        collapse_id: String::new(),
+        topic: Some(voip_topic.to_owned()),
+        payload: br#"{"n":6}"#.to_vec(),
+        provider: "signaling".into(),
+        vapid_key: None,
+        receipt: None,
+        for_device,
+    };
+    // Named for another device, the token is nobody's.
+    let other = wire::DeviceId::random();
+    assert_eq!(
+        courier.push(wake(Some(other))).await,
+        Err(push_courier::courier::PushError::UnknownToken)
+    );
+    assert_eq!(
+        courier.push(wake(Some(device))).await,
+        Ok(push_courier::courier::PushOutcome::Stored)
+    );
     // Let n=3 expire.
     tokio::time::sleep(Duration::from_millis(2100)).await;
 

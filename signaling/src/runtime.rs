@@ -77,9 +77,21 @@ pub trait Directory: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'static>>;
 }
 
+/// A VoIP push for a sleeping device, as [`Event::Wake`] asks.
+#[derive(Clone, Debug)]
+pub struct Wake {
+    pub handle: Handle,
+    pub push: PushParams,
+    /// The device that registered the binding: `push.prid` must be its.
+    pub device: DeviceId,
+    pub call_id: String,
+    /// The caller's From header.
+    pub caller: String,
+}
+
 /// Sends a VoIP push to a sleeping device (the courier in `parley up`).
 pub trait Waker: Send + Sync + 'static {
-    fn wake(&self, handle: Handle, push: PushParams, call_id: String, caller: String);
+    fn wake(&self, wake: Wake);
 }
 
 /// A directory that refuses every device: for a proxy with digest
@@ -102,8 +114,8 @@ impl Directory for NoDirectory {
 pub struct NoWaker;
 
 impl Waker for NoWaker {
-    fn wake(&self, handle: Handle, push: PushParams, _: String, _: String) {
-        tracing::warn!(handle = %handle.redacted(), provider = %push.provider, "no push service configured; cannot wake device");
+    fn wake(&self, wake: Wake) {
+        tracing::warn!(handle = %wake.handle.redacted(), provider = %wake.push.provider, "no push service configured; cannot wake device");
     }
 }
 
@@ -369,6 +381,30 @@ impl Server {
             m.rate_limited,
         );
         line(
+            "relay_refused_total",
+            "counter",
+            "Requests refused for naming a host that is neither ours nor allowed (403 Relaying Forbidden).",
+            m.relay_refused,
+        );
+        line(
+            "digest_replays_total",
+            "counter",
+            "Digest answers sent again with a nonce count already used.",
+            m.digest_replays,
+        );
+        line(
+            "caller_id_refused_total",
+            "counter",
+            "Out-of-dialog requests refused because their From was not the sender's handle.",
+            m.caller_id_refused,
+        );
+        line(
+            "wakes_limited_total",
+            "counter",
+            "Calls that woke no device because the caller or callee was past its wake-up budget.",
+            m.wakes_limited,
+        );
+        line(
             "registrations_total",
             "counter",
             "REGISTERs accepted.",
@@ -551,9 +587,16 @@ async fn run_core(
                 Event::Wake {
                     handle,
                     push,
+                    device,
                     call_id,
                     caller,
-                } => waker.wake(handle, push, call_id, caller),
+                } => waker.wake(Wake {
+                    handle,
+                    push,
+                    device,
+                    call_id,
+                    caller,
+                }),
             }
         }
     }

@@ -60,7 +60,7 @@ fn digest_register_challenges_then_accepts_the_right_password_only() {
         .next()
         .unwrap();
 
-    let answer = |password: &str| {
+    let answer = |password: &str, nc: u32| {
         use ring::digest::{digest, SHA256};
         let h = |s: String| {
             digest(&SHA256, s.as_bytes())
@@ -71,26 +71,32 @@ fn digest_register_challenges_then_accepts_the_right_password_only() {
         };
         let ha1 = h(format!("{ALICE}:{DOMAIN}:{password}"));
         let ha2 = h(format!("REGISTER:sip:{DOMAIN}"));
-        let r = h(format!("{ha1}:{nonce}:00000001:c0ffee:auth:{ha2}"));
+        let r = h(format!("{ha1}:{nonce}:{nc:08x}:c0ffee:auth:{ha2}"));
         format!(
             "Authorization: Digest username=\"{ALICE}\", realm=\"{DOMAIN}\", nonce=\"{nonce}\", \
-             uri=\"sip:{DOMAIN}\", response=\"{r}\", algorithm=SHA-256, qop=auth, nc=00000001, \
+             uri=\"sip:{DOMAIN}\", response=\"{r}\", algorithm=SHA-256, qop=auth, nc={nc:08x}, \
              cnonce=\"c0ffee\"\n"
         )
     };
-    let wrong = format!("{contact}{}", answer("guess"));
+    let wrong = format!("{contact}{}", answer("guess", 1));
     let out = w.send(&ua, &register_text(&ua, ALICE, 2, &wrong));
     assert_eq!(codes(&out, &ua), vec![401]);
-    let right = format!("{contact}{}", answer("alice-secret"));
+    let right = format!("{contact}{}", answer("alice-secret", 1));
     let out = w.send(&ua, &register_text(&ua, ALICE, 3, &right));
     assert_eq!(codes(&out, &ua), vec![200]);
-    // A retransmission is answered again; an older CSeq is out of order.
+    // A retransmission is answered again from its transaction; the same
+    // answer in another request is a replay (stale challenge); an older
+    // CSeq with a fresh count is out of order.
     let out = w.send(&ua, &register_text(&ua, ALICE, 3, &right));
     assert_eq!(codes(&out, &ua), vec![200]);
     let out = w.send(&ua, &register_text(&ua, ALICE, 2, &right));
+    assert_eq!(codes(&out, &ua), vec![401]);
+    let next = format!("{contact}{}", answer("alice-secret", 2));
+    let out = w.send(&ua, &register_text(&ua, ALICE, 2, &next));
     assert_eq!(codes(&out, &ua), vec![500]);
     // Alice's credentials do not register Bob.
-    let out = w.send(&ua, &register_text(&ua, BOB, 4, &right));
+    let bob = format!("{contact}{}", answer("alice-secret", 3));
+    let out = w.send(&ua, &register_text(&ua, BOB, 4, &bob));
     assert_eq!(codes(&out, &ua), vec![403]);
 }
 
@@ -328,18 +334,32 @@ fn calls_need_credentials_and_sources_are_rate_limited() {
     config.allow_unauthenticated_calls = true;
     let mut w = World::with(config);
     w.register(&phone, BOB);
+    // Over TCP (the peer's address is proven) the flood is told 503.
+    let mut flooder = Ua::new("flooder", tcp("10.0.0.67:40000", 67));
+    flooder.device = None;
     let mut refused = 0;
     for i in 0..20 {
         let out = w.send(
-            &stranger,
-            &invite_text(&stranger, BOB, &format!("flood-{i}"), &format!("f{i}")),
+            &flooder,
+            &invite_text(&flooder, BOB, &format!("flood-{i}"), &format!("f{i}")),
         );
-        if codes(&out, &stranger).contains(&503) {
+        if codes(&out, &flooder).contains(&503) {
             refused += 1;
         }
     }
     assert!(refused >= 14, "{refused} of 20 refused");
     assert!(w.proxy.metrics().rate_limited >= 14);
+    // Over UDP (the source may be spoofed) past the budget nothing is sent.
+    let mut forks = 0;
+    for i in 0..20 {
+        let out = w.send(
+            &stranger,
+            &invite_text(&stranger, BOB, &format!("udp-{i}"), &format!("u{i}")),
+        );
+        assert!(!codes(&out, &stranger).contains(&503));
+        forks += requests(&out, &phone, "INVITE").len();
+    }
+    assert!(forks <= 6, "{forks} calls let through");
 }
 
 #[test]

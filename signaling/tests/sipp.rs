@@ -174,6 +174,10 @@ fn register(dir: &Path, proxy: &Proxy, transport: &str, contact_port: u16) {
             BOB,
             "-ap",
             "bob-password",
+            // The digest `uri` must name the Request-URI (SIPp's default is
+            // the remote address, which the proxy refuses with 400).
+            "-auth_uri",
+            "parley.test",
             "-key",
             "contact_port",
             &cp,
@@ -220,6 +224,8 @@ fn call(dir: &Path, proxy: &Proxy, transport: &str) -> Output {
             ALICE,
             "-ap",
             "alice-password",
+            "-auth_uri",
+            &format!("{BOB}@parley.test"),
         ],
     )
 }

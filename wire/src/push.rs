@@ -52,6 +52,14 @@ pub const TOKEN_LEN: usize = 32;
 /// the identity service, next to the app's own topics.
 pub const ACCOUNT_TOPIC: &str = "parley.account";
 
+/// Topics that only Parley's own services push to: VoIP wake-ups for
+/// calls (`<app>.voip`, as APNs names VoIP topics; signaling sends them
+/// for a call it is routing) and [`ACCOUNT_TOPIC`] (ids). A third-party
+/// provider pushing there could ring or wake a device outside any call.
+pub fn is_parley_topic(topic: &str) -> bool {
+    topic == ACCOUNT_TOPIC || topic.ends_with(".voip")
+}
+
 /// A device token: 32 unguessable bytes, one per (device, topic) or per Web
 /// Push subscription.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

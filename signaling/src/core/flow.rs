@@ -121,11 +121,13 @@ pub struct Transmit {
     pub bytes: Vec<u8>,
 }
 
-/// Signs and reads flow tokens: `<flow>.<flow>.<mac>` or `<flow>.<mac>`,
-/// where a flow is `u<hex address>`, `t…`, `s…`, `w…` (transport and
-/// address) optionally followed by `-<conn id>`. The MAC (HMAC-SHA256,
-/// truncated to 64 bits) is keyed per process, so a token cannot be forged
-/// by a peer nor outlive the connections it names.
+/// Signs and reads flow tokens: `<flow>.<flow>.<expiry>.<mac>` or
+/// `<flow>.<expiry>.<mac>`, where a flow is `u<hex address>`, `t…`, `s…`,
+/// `w…` (transport and address) optionally followed by `-<conn id>`, and
+/// the expiry is `x<hex seconds>` on the proxy's clock. The MAC
+/// (HMAC-SHA256, truncated to 64 bits) covers the token and the Call-ID it
+/// was issued for, keyed per process: a token cannot be forged by a peer,
+/// used in another dialog, outlive its expiry, nor the process.
 #[derive(Debug)]
 pub struct FlowTokens {
     key: hmac::Key,
@@ -138,24 +140,28 @@ impl FlowTokens {
         }
     }
 
-    pub fn encode(&self, flows: &[Flow]) -> String {
+    /// A token naming `flows`, good for requests and responses of the
+    /// dialog `call_id` until `expires` (seconds on the proxy's clock).
+    pub fn encode(&self, flows: &[Flow], call_id: &str, expires: u64) -> String {
         let mut out = String::with_capacity(64);
         for f in flows {
             encode_flow(&mut out, f);
             out.push('.');
         }
-        let tag = hmac::sign(&self.key, out.as_bytes());
+        let _ = write!(out, "x{expires:x}.");
+        let tag = self.mac(&out, call_id);
         for b in &tag.as_ref()[..8] {
             let _ = write!(out, "{b:02x}");
         }
         out
     }
 
-    /// The flows in a token we signed; `None` for anything else.
-    pub fn decode(&self, token: &str) -> Option<Vec<Flow>> {
+    /// The flows in a token we signed for `call_id` that has not expired
+    /// at `now` (seconds on the proxy's clock); `None` for anything else.
+    pub fn decode(&self, token: &str, call_id: &str, now: u64) -> Option<Vec<Flow>> {
         let (body, mac) = token.rsplit_once('.')?;
         let signed = &token[..body.len() + 1];
-        let tag = hmac::sign(&self.key, signed.as_bytes());
+        let tag = self.mac(signed, call_id);
         let mut expect = String::with_capacity(16);
         for b in &tag.as_ref()[..8] {
             let _ = write!(expect, "{b:02x}");
@@ -163,7 +169,12 @@ impl FlowTokens {
         if !ring_constant_time_eq(expect.as_bytes(), mac.as_bytes()) {
             return None;
         }
-        body.split('.').map(decode_flow).collect()
+        let (flows, expiry) = body.rsplit_once('.')?;
+        let expires = u64::from_str_radix(expiry.strip_prefix('x')?, 16).ok()?;
+        if now > expires {
+            return None;
+        }
+        flows.split('.').map(decode_flow).collect()
     }
 
     /// A hex digest of `input` under the process key: for branch ids that
@@ -175,6 +186,15 @@ impl FlowTokens {
             let _ = write!(out, "{b:02x}");
         }
         out
+    }
+
+    fn mac(&self, signed: &str, call_id: &str) -> hmac::Tag {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(signed.as_bytes());
+        // The Call-ID cannot hold a NUL, so the split is unambiguous.
+        ctx.update(b"\0");
+        ctx.update(call_id.as_bytes());
+        ctx.sign()
     }
 }
 
@@ -256,11 +276,20 @@ mod tests {
                 conn: None,
             },
         ];
-        let token = t.encode(&flows);
-        assert_eq!(t.decode(&token), Some(flows.to_vec()));
+        let token = t.encode(&flows, "call-1", 100);
+        assert_eq!(t.decode(&token, "call-1", 100), Some(flows.to_vec()));
         let forged = token.replacen("-2a", "-2b", 1);
-        assert_eq!(t.decode(&forged), None);
-        assert_eq!(FlowTokens::new(&[8; 32]).decode(&token), None);
-        assert_eq!(t.decode("garbage"), None);
+        assert_eq!(t.decode(&forged, "call-1", 100), None);
+        assert_eq!(
+            FlowTokens::new(&[8; 32]).decode(&token, "call-1", 100),
+            None
+        );
+        assert_eq!(t.decode("garbage", "call-1", 100), None);
+        // Bound to its dialog and its lifetime.
+        assert_eq!(t.decode(&token, "call-2", 100), None);
+        assert_eq!(t.decode(&token, "call-1", 101), None);
+        let later = token.replacen("x64.", "x65.", 1);
+        assert_ne!(later, token);
+        assert_eq!(t.decode(&later, "call-1", 101), None);
     }
 }

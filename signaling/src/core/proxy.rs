@@ -17,6 +17,23 @@
 //!   incoming one, and the flows to use are read back from the signed
 //!   token in our Record-Route and Via, so no per-dialog state exists.
 //!
+//! Who may make us send what (the proxy is not an open relay):
+//! - a request goes out only to a registered binding's flow, or along the
+//!   flows of a token this proxy signed for that Call-ID and that has not
+//!   expired ([`FlowTokens`]); a response only back to the flow its Via
+//!   token names. A Route or Request-URI naming any other host is
+//!   refused with 403, unless the sender authenticated and the host is in
+//!   [`Config::forward_to`] (empty by default);
+//! - a caller calls as itself: the From of an out-of-dialog request names
+//!   the digest account's handle, or a handle the device is listed for;
+//! - refusals to parties that did not authenticate are sent once, without
+//!   a transaction (no retransmission toward a source that may be
+//!   spoofed), and only within the per-source budget
+//!   ([`Config::source_rate`], IPv6 counted per /64); past the budget UDP
+//!   gets nothing at all;
+//! - digest answers must be `qop=auth`, for this Request-URI, with a nonce
+//!   count not used before ([`NonceCounts`]).
+//!
 //! Decline semantics: a 6xx from any branch (603 Decline when the person
 //! refuses on one device, 600 Busy Everywhere) ends the call on every
 //! device: the other branches are CANCELled with `Reason: SIP;cause=<code>`
@@ -26,7 +43,7 @@
 //! branches are CANCELled and the caller gets 480 if any device rang, else
 //! 408.
 
-use crate::core::digest::{Credentials, Digest, Verdict};
+use crate::core::digest::{same_resource, Credentials, Digest, NonceCounts, Verdict};
 use crate::core::flow::{ConnId, Flow, FlowTokens, Source, Transmit, Transport};
 use crate::core::message::{tag_of, HeaderName, Message, Method, ParseError, StartLine};
 use crate::core::registrar::{Limits, PushParams, Registrar};
@@ -38,6 +55,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use wire::handle::Handle;
 use wire::keys::DeviceId;
+use wire::net::{source_key, IpNet};
 use wire::ratelimit::RateLimiter;
 
 /// What the proxy is and how it behaves. Durations are wall-clock spans.
@@ -68,9 +86,22 @@ pub struct Config {
     pub flow_timer: Duration,
     /// Calls (fork contexts) at once; more get 503. Default 100,000.
     pub max_calls: usize,
-    /// Out-of-dialog requests per second per source address; more get 503
-    /// with Retry-After. Default 200.
+    /// Requests per second per source address (IPv6: per /64) that are
+    /// neither retransmissions nor in a dialog of ours; more get 503 with
+    /// Retry-After over connections and nothing over UDP. Default 200.
     pub source_rate: u32,
+    /// Where a request that carries no route of ours may be forwarded when
+    /// its sender authenticated (a device certificate or digest
+    /// credentials): address prefixes of trunks or gateways. Empty by
+    /// default: such requests get 403 Relaying Forbidden.
+    pub forward_to: Vec<IpNet>,
+    /// How long the route of a call (the signed token in our Record-Route)
+    /// is honoured; in-dialog requests after that get 481. Default 12 h.
+    pub dialog_lifetime: Duration,
+    /// Calls per minute that may wake sleeping devices, per caller and
+    /// per callee; past it a call rings only devices that are awake.
+    /// Default 30.
+    pub wakes_per_minute: u32,
     /// RFC 3261 timer bases. Defaults 500 ms, 4 s, 5 s.
     pub t1: Duration,
     pub t2: Duration,
@@ -98,6 +129,9 @@ impl Default for Config {
             flow_timer: Duration::from_secs(120),
             max_calls: 100_000,
             source_rate: 200,
+            forward_to: Vec::new(),
+            dialog_lifetime: Duration::from_secs(12 * 3600),
+            wakes_per_minute: 30,
             t1: Duration::from_millis(500),
             t2: Duration::from_secs(4),
             t4: Duration::from_secs(5),
@@ -120,8 +154,12 @@ pub enum Event {
     Wake {
         handle: Handle,
         push: PushParams,
+        /// The device whose certificate registered the binding: the push
+        /// service must check that `push.prid` is that device's token.
+        device: DeviceId,
         call_id: String,
-        /// The caller's From header, for the push payload.
+        /// The caller's From header (checked: the caller's own handle),
+        /// for the push payload.
         caller: String,
     },
 }
@@ -133,6 +171,12 @@ pub struct Metrics {
     pub responses: u64,
     pub malformed: u64,
     pub rate_limited: u64,
+    /// Requests refused for naming a host that is not ours nor allowed.
+    pub relay_refused: u64,
+    /// Digest answers sent again (a nonce count used before).
+    pub digest_replays: u64,
+    /// Out-of-dialog requests whose From named someone else.
+    pub caller_id_refused: u64,
     pub registrations: u64,
     pub registrations_refused: u64,
     pub bindings: u64,
@@ -145,6 +189,9 @@ pub struct Metrics {
     pub forks: u64,
     pub fork_branches: u64,
     pub push_wakes: u64,
+    /// Calls that woke nobody: the caller or the callee was past
+    /// [`Config::wakes_per_minute`].
+    pub wakes_limited: u64,
     pub cancels_sent: u64,
     /// Time from a 2xx or 6xx to the CANCEL of another branch, microseconds.
     pub cancel_latency_us_sum: u64,
@@ -157,14 +204,17 @@ pub struct Proxy {
     config: Config,
     tokens: FlowTokens,
     digest: Digest,
+    nonce_counts: NonceCounts,
     epoch: Instant,
     registrar: Registrar,
     servers: HashMap<String, ServerTx>,
     clients: HashMap<String, ClientTx>,
     forks: HashMap<u64, Fork>,
     waiting: HashMap<Handle, Vec<u64>>,
-    pending_auth: HashMap<u64, PendingRegister>,
+    pending_auth: HashMap<u64, Pending>,
     limiter: RateLimiter<IpAddr>,
+    /// Wake-ups per caller and per callee.
+    wake_limiter: RateLimiter<WakeKey>,
     /// Devices whose certificates ids revoked: refused, and unbound.
     revoked: HashSet<DeviceId>,
     timers: Timers<Timer>,
@@ -198,11 +248,14 @@ impl Proxy {
     pub fn new(config: Config, secret: [u8; 32], now: Instant) -> Proxy {
         let digest = Digest::new(&config.realm, &secret);
         let limiter = RateLimiter::new(config.source_rate.max(1), Duration::from_secs(1));
+        let wake_limiter =
+            RateLimiter::new(config.wakes_per_minute.max(1), Duration::from_secs(60));
         let mut timers = Timers::default();
         timers.at(now + SWEEP_EVERY, Timer::Sweep);
         Proxy {
             tokens: FlowTokens::new(&secret),
             digest,
+            nonce_counts: NonceCounts::default(),
             epoch: now,
             registrar: Registrar::default(),
             servers: HashMap::new(),
@@ -211,6 +264,7 @@ impl Proxy {
             waiting: HashMap::new(),
             pending_auth: HashMap::new(),
             limiter,
+            wake_limiter,
             revoked: HashSet::new(),
             timers,
             transmits: VecDeque::new(),
@@ -274,6 +328,13 @@ impl Proxy {
             Err(e) => {
                 self.metrics.malformed += 1;
                 tracing::debug!(error = %e, from = %source.flow.remote, "malformed SIP message");
+                // Answered within the source's budget only, like any
+                // refusal: the source of a datagram may be spoofed.
+                let within = self.limiter.take(source_key(source.flow.remote.ip()), now);
+                if !within {
+                    self.metrics.rate_limited += 1;
+                    return;
+                }
                 if let Some(resp) = bad_request(bytes, &e, source.flow.remote) {
                     self.send(source.flow, resp.to_bytes());
                 }
@@ -286,11 +347,26 @@ impl Proxy {
         let Some(p) = self.pending_auth.remove(&id) else {
             return;
         };
-        if allowed {
-            self.register(Some(&p.key), &p.source, &p.request, &p.handle, now);
-        } else {
-            self.metrics.registrations_refused += 1;
-            self.respond(&p.key, 403, "Device Not Listed For Handle", now);
+        match (p.callee, allowed) {
+            (None, true) => self.register(Some(&p.key), &p.source, &p.request, &p.handle, now),
+            (None, false) => {
+                self.metrics.registrations_refused += 1;
+                self.respond(&p.key, 403, "Device Not Listed For Handle", now);
+            }
+            (Some(callee), true) => {
+                // Unless the caller CANCELled meanwhile.
+                let open = self
+                    .servers
+                    .get(&p.key)
+                    .is_some_and(|t| t.state == SState::Proceeding);
+                if open {
+                    self.admit_call(p.source, p.request, p.key, callee, now);
+                }
+            }
+            (Some(_), false) => {
+                self.metrics.caller_id_refused += 1;
+                self.respond(&p.key, 403, "From Is Not Yours", now);
+            }
         }
     }
 
@@ -345,10 +421,10 @@ impl Proxy {
     fn handle_request(&mut self, source: Source, mut req: Message, now: Instant) {
         // RFC 3261 §18.2.1 / RFC 3581: note the real source in the top Via.
         let Some(mut top) = req.values(&HeaderName::VIA).next().and_then(Via::parse) else {
-            self.send(
-                source.flow,
-                Message::response_to(&req, 400, "Bad Via Header", None).to_bytes(),
-            );
+            if !self.over_budget(&source, &req, now) {
+                let resp = Message::response_to(&req, 400, "Bad Via Header", None);
+                self.send(source.flow, resp.to_bytes());
+            }
             return;
         };
         top.stamp_source(source.flow.remote);
@@ -375,18 +451,9 @@ impl Proxy {
             return;
         }
 
-        if req
-            .header(&HeaderName::MAX_FORWARDS)
-            .is_some_and(|v| v.trim() == "0")
-            && method != Method::Options
-        {
-            self.reply(source, &req, 483, "Too Many Hops", now);
-            return;
-        }
-
         // Loose routing (§16.4): our own Route entries come off, and the
         // flow token in the first tells us where in-dialog requests go.
-        let token = self.pop_our_routes(&mut req);
+        let token = self.pop_our_routes(&mut req, now);
 
         let in_dialog = req.tag(&HeaderName::TO).is_some();
         if in_dialog || req.has(&HeaderName::ROUTE) {
@@ -394,7 +461,19 @@ impl Proxy {
             return;
         }
 
-        // Out of dialog, addressed to us.
+        // Out of dialog, addressed to us: within the source's budget first,
+        // before anything is answered.
+        if self.over_budget(&source, &req, now) {
+            return;
+        }
+        if req
+            .header(&HeaderName::MAX_FORWARDS)
+            .is_some_and(|v| v.trim() == "0")
+            && method != Method::Options
+        {
+            self.refuse(&source, &req, 483, "Too Many Hops");
+            return;
+        }
         let Some(uri) = req.uri().cloned() else {
             return;
         };
@@ -404,15 +483,9 @@ impl Proxy {
             self.send(reply_flow(&source, &req), resp.to_bytes());
             return;
         }
-        if !self.is_ours(&uri) {
-            self.reply(source, &req, 403, "Relaying Forbidden", now);
-            return;
-        }
-        if !self.limiter.take(source.flow.remote.ip(), now) {
-            self.metrics.rate_limited += 1;
-            let mut resp = Message::response_to(&req, 503, "Service Unavailable", Some("rl"));
-            resp.push(HeaderName::RETRY_AFTER, "1");
-            self.send(source.flow, resp.to_bytes());
+        if !self.names_us(&uri) {
+            self.metrics.relay_refused += 1;
+            self.refuse(&source, &req, 403, "Relaying Forbidden");
             return;
         }
         if self.draining && matches!(method, Method::Invite | Method::Register) {
@@ -436,32 +509,171 @@ impl Proxy {
                 resp.push(HeaderName::SUPPORTED, "outbound, path");
                 self.send_response(&key, resp, now);
             } else {
-                self.reply(source, &req, 404, "Not Found", now);
+                self.refuse(&source, &req, 404, "Not Found");
             }
             return;
         }
         let Some(handle) = uri.user_unescaped().and_then(|u| Handle::parse(&u).ok()) else {
-            self.reply(source, &req, 404, "Not Found", now);
+            self.refuse(&source, &req, 404, "Not Found");
             return;
         };
-        if !self.call_authorized(&source, &mut req, &method, now) {
-            self.challenge(source, &req, 407, now);
-            return;
+        let caller = match self.authenticate(&source, &mut req, &method, now) {
+            Auth::Caller(c) => c,
+            Auth::BadUri => {
+                self.refuse(&source, &req, 400, "Bad Request (Digest URI Mismatch)");
+                return;
+            }
+            Auth::Stale => {
+                self.challenge_stale(&source, &req, 407, true, now);
+                return;
+            }
+            Auth::Missing => {
+                self.challenge(&source, &req, 407, now);
+                return;
+            }
+        };
+        // A caller calls as itself (the From is what the callee's devices
+        // and the wake-up push show).
+        let from = self.caller_handle(&req);
+        match caller {
+            Caller::Anyone => {}
+            Caller::Account(who) if from.as_ref() == Some(&who) => {}
+            Caller::Device(device) => {
+                let Some(from) = from else {
+                    self.metrics.caller_id_refused += 1;
+                    self.refuse(&source, &req, 403, "From Is Not Yours");
+                    return;
+                };
+                let registered = self
+                    .registrar
+                    .bindings(&from)
+                    .iter()
+                    .any(|b| b.device == Some(device));
+                if !registered {
+                    // Ask the directory whether the device is listed for
+                    // that handle; the request waits in its transaction.
+                    self.await_directory(source, req, key, device, from, Some(handle), now);
+                    return;
+                }
+            }
+            Caller::Account(_) => {
+                self.metrics.caller_id_refused += 1;
+                self.refuse(&source, &req, 403, "From Is Not Yours");
+                return;
+            }
         }
+        self.admit_call(source, req, key, handle, now);
+    }
+
+    /// An authenticated out-of-dialog request to `handle`: forked, unless
+    /// too many calls are in progress.
+    fn admit_call(
+        &mut self,
+        source: Source,
+        req: Message,
+        key: String,
+        handle: Handle,
+        now: Instant,
+    ) {
         if self.forks.len() >= self.config.max_calls {
-            let mut resp = Message::response_to(&req, 503, "Too Many Calls", Some("mc"));
+            let mut resp = match self.servers.contains_key(&key) {
+                true => self.response(&key, &req, 503, "Too Many Calls"),
+                false => Message::response_to(&req, 503, "Too Many Calls", Some("mc")),
+            };
             resp.push(HeaderName::RETRY_AFTER, "1");
-            self.send(source.flow, resp.to_bytes());
+            if self.servers.contains_key(&key) {
+                self.send_response(&key, resp, now);
+            } else {
+                self.send(source.flow, resp.to_bytes());
+            }
             return;
         }
         self.start_fork(source, req, key, handle, now);
     }
 
+    /// Parks a request from a device until the directory says whether the
+    /// device is listed for `handle` ([`Event::Authorize`]): a REGISTER
+    /// (`callee` none), or a call from `handle` to `callee`.
+    #[allow(clippy::too_many_arguments)]
+    fn await_directory(
+        &mut self,
+        source: Source,
+        req: Message,
+        key: String,
+        device: DeviceId,
+        handle: Handle,
+        callee: Option<Handle>,
+        now: Instant,
+    ) {
+        // A transaction absorbs retransmissions meanwhile.
+        self.start_server(&key, source, &req, None);
+        if self.pending_auth.len() >= MAX_PENDING_AUTH {
+            self.respond(&key, 503, "Service Unavailable", now);
+            return;
+        }
+        if callee.is_some() && req.method() == Some(&Method::Invite) {
+            let trying = Message::response_to(&req, 100, "Trying", None);
+            self.send_response(&key, trying, now);
+        }
+        let id = self.next_id();
+        self.pending_auth.insert(
+            id,
+            Pending {
+                key,
+                source,
+                request: req,
+                handle: handle.clone(),
+                callee,
+            },
+        );
+        self.events
+            .push_back(Event::Authorize { id, device, handle });
+    }
+
+    /// The handle an out-of-dialog request's From names, if it is an
+    /// address-of-record of ours.
+    fn caller_handle(&self, req: &Message) -> Option<Handle> {
+        let from = NameAddr::parse(req.header(&HeaderName::FROM)?).ok()?;
+        if !self.names_us(&from.uri) {
+            return None;
+        }
+        Handle::parse(&from.uri.user_unescaped()?).ok()
+    }
+
+    /// Takes one request from the source's budget; past it, a 503 over a
+    /// connection (its peer is who it says) and silence over UDP (the
+    /// source may be spoofed: answering would reflect traffic at it).
+    fn over_budget(&mut self, source: &Source, req: &Message, now: Instant) -> bool {
+        if self.limiter.take(source_key(source.flow.remote.ip()), now) {
+            return false;
+        }
+        self.metrics.rate_limited += 1;
+        if source.flow.transport.reliable() && req.method() != Some(&Method::Ack) {
+            let mut resp = Message::response_to(req, 503, "Service Unavailable", Some("rl"));
+            resp.push(HeaderName::RETRY_AFTER, "1");
+            self.send(source.flow, resp.to_bytes());
+        }
+        true
+    }
+
+    /// A refusal to a party we have not authenticated: one response, with
+    /// no transaction (nothing is retransmitted toward a source that may
+    /// be spoofed, and nothing is kept); never an answer to an ACK.
+    fn refuse(&mut self, source: &Source, req: &Message, code: u16, reason: &str) {
+        if req.method() == Some(&Method::Ack) {
+            return;
+        }
+        tracing::debug!(code, from = %source.flow.remote, "refused SIP request");
+        let resp = self.stateless_response(req, code, reason);
+        self.send(reply_flow(source, req), resp.to_bytes());
+    }
+
     /// Takes our own entries off the top of the Route set (§16.4) and
     /// returns what the first one carried: the flows of its token (decoded
-    /// once, here) and its `ftag`.
-    fn pop_our_routes(&self, req: &mut Message) -> Option<RouteToken> {
+    /// once, here, for this Call-ID and not expired) and its `ftag`.
+    fn pop_our_routes(&self, req: &mut Message, now: Instant) -> Option<RouteToken> {
         let mut token = None;
+        let clock = self.clock(now);
         loop {
             let first = req.values(&HeaderName::ROUTE).next().map(str::to_string);
             let Some(first) = first else {
@@ -474,12 +686,15 @@ impl Proxy {
                 .uri
                 .param("pf")
                 .flatten()
-                .and_then(|t| self.tokens.decode(t));
+                .and_then(|t| self.tokens.decode(t, req.call_id(), clock))
+                // A route names both ends of a dialog.
+                .filter(|f| f.len() == 2);
             if flows.is_none() && !self.names_us(&na.uri) {
                 break;
             }
             if token.is_none() {
                 token = Some(RouteToken {
+                    signed: na.uri.has_param("pf"),
                     flows,
                     ftag: na.uri.param("ftag").flatten().map(str::to_string),
                 });
@@ -507,9 +722,10 @@ impl Proxy {
             }
             return;
         }
-        // ACK for a 2xx is its own transaction and follows the route set.
+        // ACK for a 2xx is its own transaction and follows the route set;
+        // an ACK for a stateless refusal of ours has no route and ends here.
         let mut req = req;
-        let token = self.pop_our_routes(&mut req);
+        let token = self.pop_our_routes(&mut req, now);
         if req.tag(&HeaderName::TO).is_some() {
             self.forward_stateless(source, req, token, now);
         }
@@ -519,18 +735,22 @@ impl Proxy {
         // The CANCEL matches the INVITE's server transaction (§9.2).
         let invite_key = key.replacen("|CANCEL", "|INVITE", 1);
         let Some(tx) = self.servers.get(&invite_key) else {
-            self.reply(source, req, 481, "Call/Transaction Does Not Exist", now);
+            if !self.over_budget(&source, req, now) {
+                self.refuse(&source, req, 481, "Call/Transaction Does Not Exist");
+            }
             return;
         };
         let (to_tag, fork, state) = (tx.to_tag.clone(), tx.fork, tx.state);
         let resp = Message::response_to(req, 200, "OK", Some(&to_tag));
         self.send(source.flow, resp.to_bytes());
-        let Some(fork_id) = fork else {
-            return;
-        };
         if state != SState::Proceeding {
             return; // final already sent: the CANCEL has no effect
         }
+        let Some(fork_id) = fork else {
+            // Still waiting for the directory: nothing was forked yet.
+            self.respond(&invite_key, 487, "Request Terminated", now);
+            return;
+        };
         let reason = req.header(&HeaderName::REASON).map(str::to_string);
         self.cancel_branches(fork_id, None, reason, now);
         if let Some(f) = self.forks.get_mut(&fork_id) {
@@ -547,55 +767,41 @@ impl Proxy {
             .and_then(|v| NameAddr::parse(v).ok());
         let Some(handle) = to
             .as_ref()
-            .filter(|to| self.is_ours(&to.uri))
+            .filter(|to| self.names_us(&to.uri))
             .and_then(|to| to.uri.user_unescaped())
             .and_then(|u| Handle::parse(&u).ok())
         else {
             self.metrics.registrations_refused += 1;
-            self.reply(source, &req, 404, "Not Found", now);
+            self.refuse(&source, &req, 404, "Not Found");
             return;
         };
         if source.device.is_some_and(|d| self.revoked.contains(&d)) {
             self.metrics.registrations_refused += 1;
-            self.reply(source, &req, 403, "Device Revoked", now);
+            self.refuse(&source, &req, 403, "Device Revoked");
             return;
         }
         if let Some(device) = source.device {
-            // The answer waits for the directory: keep a transaction so
-            // retransmissions meanwhile are absorbed.
-            self.start_server(&key, source, &req, None);
-            if self.pending_auth.len() >= MAX_PENDING_AUTH {
-                self.respond(&key, 503, "Service Unavailable", now);
-                return;
-            }
-            let id = self.next_id();
-            self.pending_auth.insert(
-                id,
-                PendingRegister {
-                    key,
-                    source,
-                    request: req,
-                    handle: handle.clone(),
-                },
-            );
-            self.events
-                .push_back(Event::Authorize { id, device, handle });
+            // The answer waits for the directory.
+            self.await_directory(source, req, key, device, handle, None, now);
             return;
         }
-        // Digest REGISTERs are answered statelessly, as a registrar may
-        // (a retransmission is answered again the same way: the
-        // registrar treats a repeated CSeq as the same request).
         match self.check_digest(&req, &HeaderName::AUTHORIZATION, "REGISTER", now) {
-            Some((Verdict::Ok, who)) if who == handle => {
-                self.register(None, &source, &req, &handle, now);
+            Auth::Caller(Caller::Account(who)) if who == handle => {
+                // In a transaction: a retransmission gets the same answer
+                // without spending the nonce count again.
+                self.start_server(&key, source, &req, None);
+                self.register(Some(&key), &source, &req, &handle, now);
             }
-            Some((Verdict::Ok, _)) => {
+            Auth::Caller(_) => {
                 self.metrics.registrations_refused += 1;
-                let resp = self.stateless_response(&req, 403, "Forbidden");
-                self.send(reply_flow(&source, &req), resp.to_bytes());
+                self.refuse(&source, &req, 403, "Forbidden");
             }
-            Some((Verdict::Stale, _)) => self.challenge_stale(source, &req, 401, true, now),
-            _ => self.challenge(source, &req, 401, now),
+            Auth::BadUri => {
+                self.metrics.registrations_refused += 1;
+                self.refuse(&source, &req, 400, "Bad Request (Digest URI Mismatch)");
+            }
+            Auth::Stale => self.challenge_stale(&source, &req, 401, true, now),
+            Auth::Missing => self.challenge(&source, &req, 401, now),
         }
     }
 
@@ -670,58 +876,84 @@ impl Proxy {
         }
     }
 
-    /// Out-of-dialog requests need a device certificate or an account's
-    /// credentials (Proxy-Authorization, consumed here: §22.3).
-    fn call_authorized(
+    /// Who sent a request that needs a sender: a device by its
+    /// certificate, or an account by its credentials (Proxy-Authorization,
+    /// consumed here: §22.3).
+    fn authenticate(
         &mut self,
         source: &Source,
         req: &mut Message,
         method: &Method,
         now: Instant,
-    ) -> bool {
+    ) -> Auth {
         if let Some(d) = source.device {
-            return !self.revoked.contains(&d);
+            if self.revoked.contains(&d) {
+                return Auth::Missing;
+            }
+            return Auth::Caller(Caller::Device(d));
         }
         if self.config.allow_unauthenticated_calls {
-            return true;
+            return Auth::Caller(Caller::Anyone);
         }
-        let ok = matches!(
-            self.check_digest(req, &HeaderName::PROXY_AUTHORIZATION, method.as_str(), now),
-            Some((Verdict::Ok, _))
-        );
-        if ok {
+        let auth = self.check_digest(req, &HeaderName::PROXY_AUTHORIZATION, method.as_str(), now);
+        if matches!(auth, Auth::Caller(_)) {
             req.remove(&HeaderName::PROXY_AUTHORIZATION);
         }
-        ok
+        auth
     }
 
-    /// Checks credentials in `header` against the accounts: the verdict
-    /// and whose account it was.
+    /// Checks credentials in `header` against the accounts (RFC 3261
+    /// §22.4, RFC 7616): the right password, for this Request-URI, with a
+    /// nonce count not used before.
     fn check_digest(
-        &self,
+        &mut self,
         req: &Message,
         header: &HeaderName,
         method: &str,
         now: Instant,
-    ) -> Option<(Verdict, Handle)> {
+    ) -> Auth {
         let elapsed = now.duration_since(self.epoch);
-        req.lines(header)
+        let found = req
+            .lines(header)
             .filter_map(Credentials::parse)
             .filter(|c| c.realm == self.digest.realm())
             .find_map(|c| {
                 let who = Handle::parse(&c.username).ok()?;
-                let password = self.config.accounts.get(&who)?;
-                Some((self.digest.verify(&c, method, password, elapsed), who))
-            })
+                self.config.accounts.contains_key(&who).then_some((c, who))
+            });
+        let Some((creds, who)) = found else {
+            return Auth::Missing;
+        };
+        if !req.uri().is_some_and(|u| same_resource(&creds.uri, u)) {
+            return Auth::BadUri;
+        }
+        let Some(password) = self.config.accounts.get(&who) else {
+            return Auth::Missing;
+        };
+        match self.digest.verify(&creds, method, password, elapsed) {
+            Verdict::Wrong => Auth::Missing,
+            Verdict::Stale => Auth::Stale,
+            Verdict::Ok if self.nonce_counts.accept(&creds) => Auth::Caller(Caller::Account(who)),
+            Verdict::Ok => {
+                // A replayed answer: whoever sent it may not know the
+                // password; the owner's client answers a stale challenge
+                // without asking anyone.
+                self.metrics.digest_replays += 1;
+                Auth::Stale
+            }
+        }
     }
 
-    fn challenge(&mut self, source: Source, req: &Message, code: u16, now: Instant) {
+    fn challenge(&mut self, source: &Source, req: &Message, code: u16, now: Instant) {
         self.challenge_stale(source, req, code, false, now);
     }
 
+    /// A 401/407 challenge, sent once without a transaction: its ACK (for
+    /// an INVITE) has no route of ours and is dropped, a retransmitted
+    /// request is challenged again.
     fn challenge_stale(
         &mut self,
-        source: Source,
+        source: &Source,
         req: &Message,
         code: u16,
         stale: bool,
@@ -736,21 +968,45 @@ impl Proxy {
             )
         };
         let mut resp = self.stateless_response(req, code, reason);
+        let unique = self.next_id();
         for c in self.digest.challenges(
             now.duration_since(self.epoch),
+            unique,
             stale,
             self.config.digest_sha256,
         ) {
             resp.push(header.clone(), c);
         }
-        if req.method() == Some(&Method::Invite) {
-            // The caller ACKs a 407 hop by hop: a transaction absorbs it.
-            let key = self.start_server_for(source, req);
-            self.send_response(&key, resp, now);
-        } else {
-            self.send(reply_flow(&source, req), resp.to_bytes());
-        }
+        self.send(reply_flow(source, req), resp.to_bytes());
     }
+}
+
+/// Whose wake-up budget a call spends.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum WakeKey {
+    /// The caller's handle (its From, checked), or its source.
+    Caller(String),
+    Callee(Handle),
+}
+
+/// What authenticating a request found.
+enum Auth {
+    Caller(Caller),
+    /// Right password but an old nonce, or a nonce count used before:
+    /// challenge again with `stale=true`.
+    Stale,
+    /// The digest `uri` is not this request's Request-URI: 400.
+    BadUri,
+    /// No credentials, or wrong ones: challenge.
+    Missing,
+}
+
+/// Who an authenticated request is from.
+enum Caller {
+    Device(DeviceId),
+    Account(Handle),
+    /// [`Config::allow_unauthenticated_calls`].
+    Anyone,
 }
 
 // ---------------------------------------------------------------------
@@ -790,8 +1046,19 @@ impl Proxy {
     ) {
         let invite = req.method() == Some(&Method::Invite);
         let fork_id = self.next_id();
-        self.start_server(&key, source, &req, Some(fork_id));
-        if invite {
+        // A request that waited for the directory has its transaction
+        // (and its 100 Trying) already.
+        let parked = match self.servers.get_mut(&key) {
+            Some(tx) => {
+                tx.fork = Some(fork_id);
+                true
+            }
+            None => false,
+        };
+        if !parked {
+            self.start_server(&key, source, &req, Some(fork_id));
+        }
+        if invite && !parked {
             let trying = Message::response_to(&req, 100, "Trying", None);
             self.send_response(&key, trying, now);
         }
@@ -816,18 +1083,42 @@ impl Proxy {
         let mut targets = Vec::new();
         let mut wakes = Vec::new();
         for (_, b) in self.registrar.active(&handle, now) {
-            match (b.target(), &b.push) {
-                (Some(flow), _) => targets.push((flow, b.contact.uri.clone())),
-                (None, Some(push)) if invite => wakes.push((binding_id(b), push.clone())),
-                (None, _) => {}
+            match (b.target(), &b.push, b.device) {
+                (Some(flow), _, _) => targets.push((flow, b.contact.uri.clone())),
+                // Only a binding a device certificate registered is woken:
+                // the push service checks the token is that device's.
+                (None, Some(push), Some(device)) if invite => {
+                    wakes.push((binding_id(b), push.clone(), device))
+                }
+                (None, _, _) => {}
             }
         }
-        for (id, push) in wakes {
+        if !wakes.is_empty() {
+            // Both budgets are spent only when both allow the wake.
+            let from = self
+                .caller_handle(&fork.request)
+                .map(|h| h.as_str().to_string())
+                .unwrap_or_else(|| source_key(source.flow.remote.ip()).to_string());
+            let callee = WakeKey::Callee(handle.clone());
+            let caller_key = WakeKey::Caller(from);
+            let allowed = self.wake_limiter.wait_time(&callee, now).is_zero()
+                && self.wake_limiter.wait_time(&caller_key, now).is_zero();
+            if allowed {
+                self.wake_limiter.take(callee, now);
+                self.wake_limiter.take(caller_key, now);
+            } else {
+                self.metrics.wakes_limited += 1;
+                tracing::debug!(callee = %handle.redacted(), "wake-ups past their budget; ringing awake devices only");
+                wakes.clear();
+            }
+        }
+        for (id, push, device) in wakes {
             self.metrics.push_wakes += 1;
             fork.waiting.push(id);
             self.events.push_back(Event::Wake {
                 handle: handle.clone(),
                 push,
+                device,
                 call_id: fork.request.call_id().to_string(),
                 caller: caller.clone(),
             });
@@ -893,7 +1184,10 @@ impl Proxy {
         decrement_max_forwards(&mut m);
         if f.invite {
             let ftag = m.tag(&HeaderName::FROM).unwrap_or("").to_string();
-            let token = self.tokens.encode(&[f.source_flow, flow]);
+            let expires = self.clock(now) + self.config.dialog_lifetime.as_secs();
+            let token = self
+                .tokens
+                .encode(&[f.source_flow, flow], m.call_id(), expires);
             // Double Record-Route when the two sides use different
             // transports (RFC 5658), so each side reaches us over its own.
             let upstream = f.source_flow.transport;
@@ -912,7 +1206,7 @@ impl Proxy {
         let invite = f.invite;
         let n = self.next_id();
         let branch = format!("{MAGIC_COOKIE}{}", self.tokens.digest(&n.to_be_bytes()));
-        let via = self.our_via(flow.transport, &branch, source_flow);
+        let via = self.our_via(flow.transport, &branch, source_flow, m.call_id(), now);
         m.prepend(HeaderName::VIA, via);
         let bytes = m.to_bytes();
         self.send(flow, bytes.clone());
@@ -1187,60 +1481,101 @@ fn decrement_max_forwards(m: &mut Message) {
 // Stateless forwarding.
 
 impl Proxy {
+    /// An in-dialog request, an ACK for a 2xx, or a request with a Route
+    /// that is not ours: along the flows of our token, or nowhere.
     fn forward_stateless(
         &mut self,
         source: Source,
-        mut req: Message,
+        req: Message,
         token: Option<RouteToken>,
         now: Instant,
     ) {
-        let method = req.method().cloned().unwrap_or(Method::Ack);
-        // Where: the next Route, else the Request-URI (§16.6 steps 6–7);
-        // over the flow our token names, if it names one for this
-        // direction.
+        let (flows, ftag) = match token {
+            Some(RouteToken {
+                flows: Some(flows),
+                ftag,
+                ..
+            }) => (flows, ftag),
+            // Our Record-Route, but its token is for another dialog, has
+            // expired, or is from before a restart: no such dialog here.
+            Some(RouteToken { signed: true, .. }) => {
+                if !self.over_budget(&source, &req, now) {
+                    self.refuse(&source, &req, 481, "Call/Transaction Does Not Exist");
+                }
+                return;
+            }
+            _ => {
+                self.forward_foreign(source, req, now);
+                return;
+            }
+        };
+        if source.device.is_some_and(|d| self.revoked.contains(&d)) {
+            self.refuse(&source, &req, 403, "Device Revoked");
+            return;
+        }
+        // The token names the caller's flow, then the callee's; the
+        // caller's From tag tells the direction.
+        let from_caller = ftag.as_deref() == req.tag(&HeaderName::FROM);
+        let flow = if from_caller { flows[1] } else { flows[0] };
+        self.relay(source, req, flow, now);
+    }
+
+    /// A request with no route of ours whose next hop (the Route, else the
+    /// Request-URI, §16.6 steps 6–7) is not a binding: forwarded only for
+    /// an authenticated sender, to a host in [`Config::forward_to`].
+    fn forward_foreign(&mut self, source: Source, mut req: Message, now: Instant) {
+        if self.over_budget(&source, &req, now) {
+            return;
+        }
         let next_uri = match req.values(&HeaderName::ROUTE).next() {
             Some(r) => NameAddr::parse(r).ok().map(|na| na.uri),
             None => req.uri().cloned(),
         };
-        // An in-dialog request that names us and carries no route of ours
-        // has nowhere to go (sending it on would loop back to us).
-        if token.is_none() && next_uri.as_ref().is_some_and(|u| self.is_ours(u)) {
-            if method != Method::Ack {
-                self.reply(source, &req, 404, "Not Here", now);
-            }
+        // Names us but carries no route of ours (expired, another
+        // dialog's, or from before a restart): the dialog is not here.
+        if next_uri.as_ref().is_some_and(|u| self.names_us(u)) {
+            self.refuse(&source, &req, 404, "Not Here");
             return;
         }
-        let mut flow = next_uri.as_ref().and_then(Flow::for_uri);
-        if let Some(RouteToken {
-            flows: Some(flows),
-            ftag,
-        }) = &token
-        {
-            let from_caller = ftag.as_deref() == req.tag(&HeaderName::FROM);
-            let pick = if from_caller {
-                flows.get(1)
-            } else {
-                flows.first()
-            };
-            if let Some(f) = pick {
-                flow = Some(*f);
-            }
-        }
-        let Some(flow) = flow else {
-            if method != Method::Ack {
-                self.reply(source, &req, 404, "Not Found", now);
-            }
+        let allowed = next_uri.as_ref().and_then(Flow::for_uri).filter(|f| {
+            self.config
+                .forward_to
+                .iter()
+                .any(|n| n.contains(f.remote.ip()))
+        });
+        let Some(flow) = allowed else {
+            self.metrics.relay_refused += 1;
+            self.refuse(&source, &req, 403, "Relaying Forbidden");
             return;
         };
+        if req.method() == Some(&Method::Ack) {
+            // An ACK carries no credentials; only a device's goes on.
+            if source.device.is_some_and(|d| !self.revoked.contains(&d)) {
+                self.relay(source, req, flow, now);
+            }
+            return;
+        }
+        let method = req.method().cloned().unwrap_or(Method::Ack);
+        match self.authenticate(&source, &mut req, &method, now) {
+            Auth::Caller(Caller::Device(_) | Caller::Account(_)) => {
+                self.relay(source, req, flow, now)
+            }
+            Auth::BadUri => self.refuse(&source, &req, 400, "Bad Request (Digest URI Mismatch)"),
+            Auth::Stale => self.challenge_stale(&source, &req, 407, true, now),
+            Auth::Caller(Caller::Anyone) | Auth::Missing => self.challenge(&source, &req, 407, now),
+        }
+    }
+
+    /// Sends a request on to `flow` with our Via on top (§16.6).
+    fn relay(&mut self, source: Source, mut req: Message, flow: Flow, now: Instant) {
         if req
             .header(&HeaderName::MAX_FORWARDS)
             .is_some_and(|v| v.trim() == "0")
         {
-            if method != Method::Ack {
-                self.reply(source, &req, 483, "Too Many Hops", now);
-            }
+            self.refuse(&source, &req, 483, "Too Many Hops");
             return;
         }
+        let method = req.method().cloned().unwrap_or(Method::Ack);
         decrement_max_forwards(&mut req);
         // §16.11: a branch that depends only on the incoming one, so a
         // retransmission leaves with the same branch.
@@ -1252,7 +1587,13 @@ impl Proxy {
         let mut seed = incoming.into_bytes();
         seed.extend_from_slice(method.as_str().as_bytes());
         let branch = format!("{MAGIC_COOKIE}s{}", self.tokens.digest(&seed));
-        let via = self.our_via(flow.transport, &branch, source.flow);
+        let via = self.our_via(
+            flow.transport,
+            &branch,
+            reply_flow(&source, &req),
+            req.call_id(),
+            now,
+        );
         req.prepend(HeaderName::VIA, via);
         self.send(flow, req.to_bytes());
     }
@@ -1281,38 +1622,41 @@ impl Proxy {
             return;
         }
         // Not a transaction of ours: forwarded statelessly if our Via
-        // carries our token (back along the next Via, over its flow).
-        let Some(flows) = self.via_token(&top) else {
+        // carries our token, to the flow the token names.
+        let Some(flow) = self.via_token(&top, resp.call_id(), now) else {
             tracing::debug!(from = %source.flow.remote, "response not for us");
             return;
         };
         resp.pop_first(&HeaderName::VIA);
-        self.forward_response(flows.first().copied(), resp);
+        self.forward_response(flow, resp);
     }
 
-    /// The flows in the token of one of our Vias.
-    fn via_token(&self, via: &Via) -> Option<Vec<Flow>> {
-        via.param("pf")
+    /// The flow in the token of one of our Vias: where the request came
+    /// from, for responses of the same Call-ID, until the token expires.
+    fn via_token(&self, via: &Via, call_id: &str, now: Instant) -> Option<Flow> {
+        let flows = via
+            .param("pf")
             .flatten()
-            .and_then(|t| self.tokens.decode(t))
+            .and_then(|t| self.tokens.decode(t, call_id, self.clock(now)))?;
+        match flows.as_slice() {
+            [f] => Some(*f),
+            _ => None,
+        }
     }
 
-    /// Sends a response on to the next Via, over `token_flow` (the inbound
-    /// flow our Via recorded) when that is a connection.
-    fn forward_response(&mut self, token_flow: Option<Flow>, resp: Message) {
-        let Some(next) = resp.values(&HeaderName::VIA).next().and_then(Via::parse) else {
-            return;
-        };
-        let flow = match (token_flow, next.response_addr()) {
-            (Some(f), _) if f.conn.is_some() => f,
-            (_, Some(addr)) => Flow {
-                transport: Transport::from_via(&next.transport).unwrap_or(Transport::Udp),
-                remote: addr,
-                conn: None,
-            },
-            (Some(f), None) => f,
-            (None, None) => return,
-        };
+    /// Sends a response back over `flow`, the one our Via token recorded.
+    /// Over UDP the next Via may name another port of the same host
+    /// (§18.2.2: `received` with the sent-by port); never another host.
+    fn forward_response(&mut self, flow: Flow, resp: Message) {
+        let mut flow = flow;
+        if flow.conn.is_none() {
+            let next = resp.values(&HeaderName::VIA).next().and_then(Via::parse);
+            if let Some(addr) = next.and_then(|v| v.response_addr()) {
+                if addr.ip() == flow.remote.ip() {
+                    flow.remote = addr;
+                }
+            }
+        }
         self.send(flow, resp.to_bytes());
     }
 
@@ -1361,8 +1705,9 @@ impl Proxy {
             Some(id) if self.forks.contains_key(&id) => self.fork_response(id, key, resp, now),
             // The call is over here, but every 2xx still goes upstream.
             _ if invite && (200..300).contains(&code) => {
-                let flow = self.via_token(ours).and_then(|f| f.first().copied());
-                self.forward_response(flow, resp)
+                if let Some(flow) = self.via_token(ours, resp.call_id(), now) {
+                    self.forward_response(flow, resp);
+                }
             }
             _ => {}
         }
@@ -1441,11 +1786,15 @@ struct ServerTx {
     sent: u32,
 }
 
-struct PendingRegister {
+/// A request from a device waiting for [`Event::Authorize`]'s answer.
+struct Pending {
     key: String,
     source: Source,
     request: Message,
+    /// The handle the device registers or calls as.
     handle: Handle,
+    /// For a call: whom it is to. `None` for a REGISTER.
+    callee: Option<Handle>,
 }
 
 /// Every deadline the core has. Transaction timers name the state they
@@ -1520,6 +1869,8 @@ impl Proxy {
             Timer::Sweep => {
                 self.registrar.sweep(now);
                 self.limiter.prune(now);
+                self.wake_limiter.prune(now);
+                self.nonce_counts.prune(now.duration_since(self.epoch));
                 self.timers.at(now + SWEEP_EVERY, Timer::Sweep);
             }
         }
@@ -1634,27 +1985,6 @@ impl Proxy {
         );
     }
 
-    /// A server transaction for a request we answer at once.
-    fn start_server_for(&mut self, source: Source, req: &Message) -> String {
-        let method = req.method().cloned().unwrap_or(Method::Ack);
-        let via = req.values(&HeaderName::VIA).next().and_then(Via::parse);
-        let key = match via {
-            Some(v) => server_key(&v, req, &method),
-            None => format!("{}|{}", req.call_id(), method),
-        };
-        if !self.servers.contains_key(&key) {
-            self.start_server(&key, source, req, None);
-        }
-        key
-    }
-
-    /// Our response to a request in a new transaction.
-    fn reply(&mut self, source: Source, req: &Message, code: u16, reason: &str, now: Instant) {
-        let key = self.start_server_for(source, req);
-        let resp = self.response(&key, req, code, reason);
-        self.send_response(&key, resp, now);
-    }
-
     fn response(&self, key: &str, req: &Message, code: u16, reason: &str) -> Message {
         let tag = self.servers.get(key).map(|t| t.to_tag.as_str());
         Message::response_to(req, code, reason, tag)
@@ -1767,9 +2097,26 @@ impl Proxy {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 5060)))
     }
 
-    fn our_via(&self, transport: Transport, branch: &str, inbound: Flow) -> String {
+    /// Seconds on the proxy's clock, the time base of tokens.
+    fn clock(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    /// Our Via, whose token names `inbound` (where responses go back) for
+    /// as long as responses to the request may come: the ring timeout and
+    /// a transaction's 64·T1 (a 2xx is retransmitted that long).
+    fn our_via(
+        &self,
+        transport: Transport,
+        branch: &str,
+        inbound: Flow,
+        call_id: &str,
+        now: Instant,
+    ) -> String {
         let addr = self.our_addr(transport);
-        let token = self.tokens.encode(&[inbound]);
+        let lifetime = self.config.ring_timeout + 64 * self.config.t1;
+        let expires = self.clock(now) + lifetime.as_secs() + 1;
+        let token = self.tokens.encode(&[inbound], call_id, expires);
         // A SocketAddr writes an IPv6 host in brackets, as sent-by wants.
         format!(
             "SIP/2.0/{} {addr};branch={branch};pf={token}",
@@ -1789,14 +2136,6 @@ impl Proxy {
         }
         uri.set_param("pf", Some(token));
         format!("<{uri}>")
-    }
-
-    /// A URI that names this proxy: one of our domains or addresses.
-    fn is_ours(&self, uri: &Uri) -> bool {
-        uri.param("pf")
-            .flatten()
-            .is_some_and(|t| self.tokens.decode(t).is_some())
-            || self.names_us(uri)
     }
 
     /// A URI with one of our domains, or one of our addresses.
@@ -1820,6 +2159,8 @@ impl Proxy {
 
 /// What our own Route entry carried back to us.
 struct RouteToken {
+    /// It had a token (valid or not): it was a Record-Route of ours.
+    signed: bool,
     /// Caller's and callee's flows, when the signed token was valid.
     flows: Option<Vec<Flow>>,
     /// The caller's From tag: tells the two directions apart.

@@ -2,12 +2,25 @@
 //! `qop=auth`, RFC 8760 for SHA-256), for standard user agents that have
 //! a configured account. Parley devices use their certificate instead.
 //!
-//! Nonces are stateless: the time they were issued and a MAC over it, so
-//! any number of challenges cost no memory, and a nonce older than
-//! [`NONCE_LIFETIME`] is answered with `stale=true`.
+//! Nonces are stateless: the time they were issued, a number unique to
+//! the challenge (so no two clients share a nonce, and with it a nonce
+//! count) and a MAC over both, so any number of challenges cost no
+//! memory, and a nonce older than [`NONCE_LIFETIME`] is answered with
+//! `stale=true`.
+//!
+//! Replay protection (RFC 7616 §3.4, §5.12): only `qop=auth` answers are
+//! accepted, so every answer carries a nonce count, and [`NonceCounts`]
+//! remembers the highest count accepted per nonce: a sniffed answer sent
+//! again (with another Contact, say) is refused. The `uri` an answer was
+//! made for must name the request's own Request-URI ([`same_resource`],
+//! RFC 2617 §3.2.2.5), so an answer for one request is no good for
+//! another. The state is kept only for answers that verified, that is for
+//! parties that know a password.
 
+use crate::sip::uri::Uri;
 use md5::{Digest as _, Md5};
 use ring::{digest, hmac};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -91,6 +104,7 @@ pub enum Verdict {
     Ok,
     /// Right password, old nonce: challenge again with `stale=true`.
     Stale,
+    /// Wrong password, no `qop=auth`, or not a nonce of ours.
     Wrong,
 }
 
@@ -119,8 +133,15 @@ impl Digest {
     /// the whole registration ("Function not implemented") when any
     /// challenge names an algorithm it lacks, and SIPp 3.6 knows MD5 only.
     /// Either way, credentials in both algorithms are accepted.
-    pub fn challenges(&self, elapsed: Duration, stale: bool, sha256: bool) -> Vec<String> {
-        let nonce = self.nonce(elapsed.as_secs());
+    /// `unique` must differ between challenges (a counter).
+    pub fn challenges(
+        &self,
+        elapsed: Duration,
+        unique: u64,
+        stale: bool,
+        sha256: bool,
+    ) -> Vec<String> {
+        let nonce = self.nonce(elapsed.as_secs(), unique);
         let stale = if stale { ", stale=true" } else { "" };
         let algorithms: &[Algorithm] = if sha256 {
             &[Algorithm::Sha256, Algorithm::Md5]
@@ -162,12 +183,12 @@ impl Digest {
         };
         let ha1 = algorithm.hash(&format!("{}:{}:{password}", creds.username, self.realm));
         let ha2 = algorithm.hash(&format!("{method}:{}", creds.uri));
+        // RFC 2069 answers (no qop) carry no count and replay freely.
         let expect = match (&creds.qop, &creds.cnonce, &creds.nc) {
             (Some(qop), Some(cnonce), Some(nc)) if qop.eq_ignore_ascii_case("auth") => {
                 algorithm.hash(&format!("{ha1}:{}:{nc}:{cnonce}:auth:{ha2}", creds.nonce))
             }
-            (Some(_), _, _) => return Verdict::Wrong,
-            _ => algorithm.hash(&format!("{ha1}:{}:{ha2}", creds.nonce)),
+            _ => return Verdict::Wrong,
         };
         let given = creds.response.to_ascii_lowercase();
         let same = expect.len() == given.len()
@@ -185,8 +206,9 @@ impl Digest {
         Verdict::Ok
     }
 
-    fn nonce(&self, secs: u64) -> String {
-        let stamp = format!("{secs:x}");
+    /// `<secs>.<unique>.<mac>`, in hex.
+    fn nonce(&self, secs: u64, unique: u64) -> String {
+        let stamp = format!("{secs:x}.{unique:x}");
         let tag = hmac::sign(&self.key, stamp.as_bytes());
         let mut out = stamp;
         out.push('.');
@@ -197,9 +219,84 @@ impl Digest {
     }
 
     fn nonce_time(&self, nonce: &str) -> Option<u64> {
-        let (stamp, _) = nonce.split_once('.')?;
-        let secs = u64::from_str_radix(stamp, 16).ok()?;
-        (self.nonce(secs) == nonce).then_some(secs)
+        let mut parts = nonce.splitn(3, '.');
+        let secs = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let unique = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let same = self.nonce(secs, unique);
+        let same = same.len() == nonce.len()
+            && same
+                .bytes()
+                .zip(nonce.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        same.then_some(secs)
+    }
+}
+
+/// Whether the `uri` of an answer names the same resource as the
+/// request's Request-URI (RFC 2617 §3.2.2.5, RFC 3261 §22.4): the same
+/// scheme, user, host (case-insensitive) and port. URI parameters are not
+/// part of the resource.
+pub fn same_resource(answer_uri: &str, request_uri: &Uri) -> bool {
+    let Ok(u) = Uri::parse(answer_uri.trim()) else {
+        return false;
+    };
+    u.scheme == request_uri.scheme
+        && u.user_unescaped() == request_uri.user_unescaped()
+        && u.host.eq_ignore_ascii_case(&request_uri.host)
+        && u.port == request_uri.port
+}
+
+/// The highest nonce count accepted for each nonce still alive: an answer
+/// is used once (RFC 7616 §3.4: the count must grow).
+#[derive(Debug, Default)]
+pub struct NonceCounts {
+    /// Nonce → (when it was issued, on the verifier's clock; highest count).
+    seen: HashMap<String, (u64, u32)>,
+}
+
+impl NonceCounts {
+    /// Records the count of a verified answer; false if this count (or a
+    /// higher one) was accepted for the same nonce before: a replay.
+    pub fn accept(&mut self, creds: &Credentials) -> bool {
+        let Some(nc) = creds
+            .nc
+            .as_deref()
+            .and_then(|n| u32::from_str_radix(n, 16).ok())
+        else {
+            return false;
+        };
+        let issued = creds
+            .nonce
+            .split_once('.')
+            .and_then(|(t, _)| u64::from_str_radix(t, 16).ok())
+            .unwrap_or(0);
+        match self.seen.get_mut(&creds.nonce) {
+            Some((_, highest)) if nc <= *highest => false,
+            Some((_, highest)) => {
+                *highest = nc;
+                true
+            }
+            None => {
+                self.seen.insert(creds.nonce.clone(), (issued, nc));
+                true
+            }
+        }
+    }
+
+    /// Forgets nonces past their lifetime (they verify as stale anyway).
+    pub fn prune(&mut self, elapsed: Duration) {
+        let now = elapsed.as_secs();
+        self.seen
+            .retain(|_, (issued, _)| now.saturating_sub(*issued) <= NONCE_LIFETIME.as_secs());
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
     }
 }
 
@@ -333,7 +430,7 @@ mod tests {
     fn a_client_answer_verifies_and_prefers_sha256() {
         let d = Digest::new("example.com", &[5; 32]);
         for sha in [false, true] {
-            let ch = d.challenges(Duration::from_secs(10), false, sha);
+            let ch = d.challenges(Duration::from_secs(10), 1, false, sha);
             let ch: Vec<&str> = ch.iter().map(String::as_str).collect();
             let v = respond(&ch, "REGISTER", "sip:example.com", "alice", "pw", "abc", 1).unwrap();
             assert_eq!(v.contains("algorithm=SHA-256"), sha, "{v}");
@@ -351,7 +448,7 @@ mod tests {
     fn accepts_a_correct_answer_and_refuses_others() {
         let d = Digest::new("parley.test", &[1; 32]);
         let now = Duration::from_secs(1000);
-        let challenge = &d.challenges(now, false, false)[0];
+        let challenge = &d.challenges(now, 7, false, false)[0];
         let nonce = challenge
             .split("nonce=\"")
             .nth(1)
@@ -376,8 +473,58 @@ mod tests {
             Verdict::Stale
         );
         let mut forged = creds.clone();
-        forged.nonce = "3e8.000000000000000000000000".into();
+        forged.nonce = "3e8.7.000000000000000000000000".into();
         assert_eq!(d.verify(&forged, "REGISTER", "secret", now), Verdict::Wrong);
         assert!(Credentials::parse("Basic abc").is_none());
+        // An RFC 2069 answer (no qop, so no count) is refused.
+        let legacy = Algorithm::Md5.hash(&format!("{ha1}:{nonce}:{ha2}"));
+        let old = Credentials {
+            response: legacy,
+            qop: None,
+            nc: None,
+            cnonce: None,
+            ..creds.clone()
+        };
+        assert_eq!(d.verify(&old, "REGISTER", "secret", now), Verdict::Wrong);
+        // Two challenges in the same second carry different nonces.
+        let other = &d.challenges(now, 8, false, false)[0];
+        assert_ne!(challenge, other);
+    }
+
+    #[test]
+    fn a_nonce_count_is_accepted_once_and_must_grow() {
+        let mut counts = NonceCounts::default();
+        let creds = |nonce: &str, nc: &str| Credentials {
+            nonce: nonce.into(),
+            nc: Some(nc.into()),
+            ..Credentials::default()
+        };
+        assert!(counts.accept(&creds("10.1.aa", "00000001")));
+        assert!(!counts.accept(&creds("10.1.aa", "00000001")), "replayed");
+        assert!(counts.accept(&creds("10.1.aa", "00000003")));
+        assert!(!counts.accept(&creds("10.1.aa", "00000002")), "older");
+        assert!(
+            counts.accept(&creds("11.2.bb", "00000001")),
+            "another nonce"
+        );
+        assert!(!counts.accept(&creds("11.2.bb", "zz")), "no count");
+        counts.prune(Duration::from_secs(0x10 + 300));
+        assert_eq!(counts.len(), 2);
+        counts.prune(Duration::from_secs(0x11 + 301));
+        assert!(counts.is_empty());
+    }
+
+    #[test]
+    fn the_answer_uri_must_name_the_request_uri() {
+        let ruri = Uri::parse("sip:parley.test").unwrap();
+        assert!(same_resource("sip:parley.test", &ruri));
+        assert!(same_resource("sip:PARLEY.test;transport=tcp", &ruri));
+        assert!(!same_resource("sip:127.0.0.1:5070", &ruri));
+        assert!(!same_resource("sip:parley.test:5060", &ruri));
+        assert!(!same_resource("sips:parley.test", &ruri));
+        assert!(!same_resource("garbage", &ruri));
+        let call = Uri::parse("sip:+14155550123@parley.test").unwrap();
+        assert!(same_resource("sip:%2B14155550123@parley.test", &call));
+        assert!(!same_resource("sip:+14155550100@parley.test", &call));
     }
 }
