@@ -381,6 +381,22 @@ fn device_json(d: &crate::store::DeviceRow) -> Value {
     })
 }
 
+/// A device as a lookup shows it: what a caller needs to verify and reach
+/// it (id, key, capabilities). Never its push tokens (only signaling, for
+/// a call it routes, and the account's own devices may make it wake), and
+/// its name only to the account's own devices.
+fn looked_up_device_json(d: &crate::store::DeviceRow, own: bool) -> Value {
+    let mut v = json!({
+        "id": d.id.to_string(),
+        "identity_key": B64.encode(&d.identity_key),
+        "capabilities": serde_json::from_str::<Value>(&d.capabilities).unwrap_or(json!([])),
+    });
+    if own {
+        v["name"] = json!(d.name);
+    }
+    v
+}
+
 async fn account(State(ids): S, Device { me, .. }: Device) -> R {
     let a = ids
         .store
@@ -604,7 +620,10 @@ async fn lookup(State(ids): S, Device { me, body }: Device) -> R {
                 "value": B64.encode(value),
                 "proof": B64.encode(proof),
                 "root": root_json(root),
-                "devices": devices.iter().map(device_json).collect::<Vec<_>>(),
+                "devices": devices
+                    .iter()
+                    .map(|d| looked_up_device_json(d, d.account_id == me.device.account_id))
+                    .collect::<Vec<_>>(),
             }),
         })
         .collect();

@@ -179,8 +179,10 @@ pub struct AccountEvent {
 /// through the courier to each device's [`wire::push::ACCOUNT_TOPIC`]
 /// token. Called after the change is committed; must not block.
 pub trait AccountNotifier: Send + Sync {
-    /// `tokens`: the courier tokens (hex) of the devices to tell.
-    fn notify(&self, tokens: Vec<String>, event: AccountEvent);
+    /// `tokens`: the devices to tell and their courier tokens (hex) for
+    /// [`wire::push::ACCOUNT_TOPIC`], as each device registered them; the
+    /// courier delivers a token only to the device named with it.
+    fn notify(&self, tokens: Vec<(DeviceId, String)>, event: AccountEvent);
 }
 
 impl std::fmt::Debug for Ids {
@@ -247,9 +249,13 @@ impl Ids {
         let Some(n) = self.notifier.get() else {
             return;
         };
-        let tokens: Vec<String> = to
+        let tokens: Vec<(DeviceId, String)> = to
             .iter()
-            .flat_map(|d| account_tokens(&d.push_tokens))
+            .flat_map(|d| {
+                account_tokens(&d.push_tokens)
+                    .into_iter()
+                    .map(|t| (d.id, t))
+            })
             .collect();
         if tokens.is_empty() {
             return;

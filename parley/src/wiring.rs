@@ -116,7 +116,7 @@ pub struct CourierAccountNotifier(pub Arc<push_courier::courier::Courier>);
 const ACCOUNT_EVENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl ids::AccountNotifier for CourierAccountNotifier {
-    fn notify(&self, tokens: Vec<String>, event: ids::AccountEvent) {
+    fn notify(&self, tokens: Vec<(DeviceId, String)>, event: ids::AccountEvent) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -130,7 +130,7 @@ impl ids::AccountNotifier for CourierAccountNotifier {
         })
         .to_string()
         .into_bytes();
-        for token in tokens {
+        for (device, token) in tokens {
             let Some(token) = wire::push::DeviceToken::from_hex(&token) else {
                 continue;
             };
@@ -150,6 +150,7 @@ impl ids::AccountNotifier for CourierAccountNotifier {
                 provider: "ids".into(),
                 vapid_key: None,
                 receipt: None,
+                for_device: Some(device),
             };
             spawn_push(&self.0, req, "account change push refused");
         }
