@@ -11,7 +11,15 @@
 //!   2 min, 4 min);
 //! - at most 5 checks per session: two right away, then 1 min, 2 min,
 //!   4 min after each wrong code;
-//! - new sessions are rate-limited per handle and per client IP;
+//! - new sessions are rate-limited per handle and per client address
+//!   (IPv4 per address, IPv6 per /64 — what one host or site is given —
+//!   and, for volume, per /48);
+//! - wrong codes count per handle across sessions: every
+//!   [`VerificationConfig::lockout_after`] of them lock the handle (no new
+//!   sessions, no checks) for a time that doubles with each lockout, from
+//!   15 minutes up to a day. So a handle takes a few dozen guesses a day
+//!   however many sessions an attacker starts, where the per-session limit
+//!   alone allowed 25 an hour, forever; a success clears the count;
 //! - every refusal says when to retry.
 
 use std::collections::HashMap;
@@ -21,6 +29,7 @@ use std::time::{Duration, Instant};
 use ring::hmac;
 use wire::Handle;
 
+use wire::net::source_key;
 use wire::ratelimit::RateLimiter;
 
 #[derive(Debug, Clone)]
@@ -37,8 +46,18 @@ pub struct VerificationConfig {
     pub check_delays: Vec<Duration>,
     /// New sessions per handle per hour. Default 5.
     pub starts_per_handle_per_hour: u32,
-    /// New sessions per client IP per hour. Default 20.
+    /// New sessions per client address (IPv6: per /64) per hour. Default 20.
     pub starts_per_ip_per_hour: u32,
+    /// New sessions per IPv6 /48 per hour. Default 100.
+    pub starts_per_v6_48_per_hour: u32,
+    /// Wrong codes for one handle (across its sessions) before it is
+    /// locked. Default 10.
+    pub lockout_after: u32,
+    /// The first lockout; each next one doubles. Default 15 min.
+    pub lockout_base: Duration,
+    /// The longest lockout, and how long a handle's wrong codes are
+    /// remembered after the last one. Default 24 h.
+    pub lockout_max: Duration,
     /// How long a handle token from a passed check is valid. Default 10 min.
     pub token_ttl: Duration,
     /// Sessions kept at most; beyond this new sessions are refused. Default 100 000.
@@ -55,6 +74,10 @@ impl Default for VerificationConfig {
             check_delays: [0, 60, 120, 240].map(Duration::from_secs).to_vec(),
             starts_per_handle_per_hour: 5,
             starts_per_ip_per_hour: 20,
+            starts_per_v6_48_per_hour: 100,
+            lockout_after: 10,
+            lockout_base: Duration::from_secs(15 * 60),
+            lockout_max: Duration::from_secs(24 * 3600),
             token_ttl: Duration::from_secs(600),
             max_sessions: 100_000,
         }
@@ -123,6 +146,18 @@ pub struct Verifications {
     tokens: HashMap<[u8; 32], (Handle, Instant)>,
     per_handle: RateLimiter<Handle>,
     per_ip: RateLimiter<IpAddr>,
+    per_v6_48: RateLimiter<IpAddr>,
+    /// Wrong codes per handle, across sessions.
+    failures: HashMap<Handle, Failures>,
+}
+
+/// A handle's wrong codes since its last success.
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    last: Instant,
+    /// Locked (no starts, no checks) until then.
+    locked_until: Option<Instant>,
 }
 
 impl std::fmt::Debug for Verifications {
@@ -142,6 +177,8 @@ impl Verifications {
         Verifications {
             per_handle: RateLimiter::new(config.starts_per_handle_per_hour, HOUR),
             per_ip: RateLimiter::new(config.starts_per_ip_per_hour, HOUR),
+            per_v6_48: RateLimiter::new(config.starts_per_v6_48_per_hour, HOUR),
+            failures: HashMap::new(),
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
             sessions: HashMap::new(),
             tokens: HashMap::new(),
@@ -162,16 +199,25 @@ impl Verifications {
         if self.sessions.len() >= self.config.max_sessions {
             return Err(Refusal::Busy);
         }
-        // Check both limits before consuming either.
-        let wait = self
+        self.locked(&handle, now)?;
+        let ip = source_key(ip);
+        let net48 = wide_key(ip);
+        // Check every limit before consuming any.
+        let mut wait = self
             .per_ip
             .wait_time(&ip, now)
             .max(self.per_handle.wait_time(&handle, now));
+        if let Some(n) = net48 {
+            wait = wait.max(self.per_v6_48.wait_time(&n, now));
+        }
         if !wait.is_zero() {
             return Err(Refusal::RetryAfter(wait));
         }
         self.per_ip.take(ip, now);
         self.per_handle.take(handle.clone(), now);
+        if let Some(n) = net48 {
+            self.per_v6_48.take(n, now);
+        }
         let id = SessionId(id);
         let code = code_from(code_seed);
         let session = Session {
@@ -226,6 +272,8 @@ impl Verifications {
         if s.checks >= self.config.max_checks {
             return Err(Refusal::Exhausted);
         }
+        let handle = s.handle.clone();
+        self.locked(&handle, now)?;
         if now < s.next_check_at {
             return Err(Refusal::RetryAfter(s.next_check_at - now));
         }
@@ -234,12 +282,23 @@ impl Verifications {
         let s = self.sessions.get_mut(&id).ok_or(Refusal::NotFound)?;
         s.checks += 1;
         if ok {
-            let handle = s.handle.clone();
             self.sessions.remove(&id);
+            self.failures.remove(&handle);
             self.tokens
                 .insert(token, (handle.clone(), now + self.config.token_ttl));
             return Ok(handle);
         }
+        let checks = s.checks;
+        if let Some(lock) = self.failed(&handle, now) {
+            // The handle is locked: this session is over, and the next
+            // one waits for the lock.
+            self.sessions.remove(&id);
+            return Err(Refusal::RetryAfter(lock));
+        }
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Err(Refusal::NotFound);
+        };
+        debug_assert_eq!(s.checks, checks);
         let wait = delay(&self.config.check_delays, s.checks);
         s.next_check_at = now + wait;
         let checks_left = self.config.max_checks - s.checks;
@@ -276,6 +335,10 @@ impl Verifications {
         self.tokens.retain(|_, (_, until)| now < *until);
         self.per_handle.prune(now);
         self.per_ip.prune(now);
+        self.per_v6_48.prune(now);
+        let keep = self.config.lockout_max;
+        self.failures
+            .retain(|_, f| now < f.last + keep || f.locked_until.is_some_and(|until| now < until));
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -306,6 +369,50 @@ impl Verifications {
 
     fn mac(&self, id: &SessionId, code: &Code) -> hmac::Tag {
         hmac::sign(&self.key, &mac_input(id, &code.0))
+    }
+
+    /// Refuses while `handle` is locked.
+    fn locked(&self, handle: &Handle, now: Instant) -> Result<(), Refusal> {
+        match self.failures.get(handle).and_then(|f| f.locked_until) {
+            Some(until) if now < until => Err(Refusal::RetryAfter(until - now)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a wrong code for `handle`; returns how long it is now locked,
+    /// if this failure locked it.
+    fn failed(&mut self, handle: &Handle, now: Instant) -> Option<Duration> {
+        let c = &self.config;
+        let f = self.failures.entry(handle.clone()).or_insert(Failures {
+            count: 0,
+            last: now,
+            locked_until: None,
+        });
+        if now >= f.last + c.lockout_max {
+            // Quiet for a day: start over.
+            f.count = 0;
+        }
+        f.count += 1;
+        f.last = now;
+        let every = c.lockout_after.max(1);
+        if f.count % every != 0 {
+            return None;
+        }
+        let nth = f.count / every - 1;
+        let lock = c
+            .lockout_base
+            .saturating_mul(2u32.saturating_pow(nth.min(16)))
+            .min(c.lockout_max);
+        f.locked_until = Some(now + lock);
+        Some(lock)
+    }
+}
+
+/// The /48 an IPv6 source belongs to, counted for volume; none for IPv4.
+fn wide_key(ip: IpAddr) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V4(_) => None,
+        IpAddr::V6(v6) => Some(IpAddr::V6((u128::from(v6) & !((1u128 << 80) - 1)).into())),
     }
 }
 
@@ -467,6 +574,132 @@ mod tests {
         // A refused start consumed nothing: after the wait it works.
         let later = now + Duration::from_secs(720);
         v.start(handle(), IP, later, [77; 16], 1).unwrap();
+    }
+
+    #[test]
+    fn wrong_codes_count_per_handle_across_sessions_and_lock_it_longer_each_time() {
+        let mut v = v();
+        let mut now = Instant::now();
+        let mut seed = 0u8;
+        let mut guesses = 0;
+        let mut locks = Vec::new();
+        // An attacker starts session after session (from ever new
+        // addresses) and guesses as fast as each allows, for a day.
+        let end = now + Duration::from_secs(24 * 3600);
+        while now < end {
+            seed = seed.wrapping_add(1);
+            let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, seed, 1));
+            let s = match v.start(handle(), ip, now, [seed; 16], 999_999) {
+                Ok((s, _)) => s,
+                Err(Refusal::RetryAfter(w)) => {
+                    now += w;
+                    continue;
+                }
+                Err(e) => panic!("{e:?}"),
+            };
+            loop {
+                match v.check(s.id, "000000", now, [9; 32]) {
+                    Err(Refusal::WrongCode { next_check_in, .. }) => {
+                        guesses += 1;
+                        now += next_check_in;
+                    }
+                    Err(Refusal::RetryAfter(lock)) => {
+                        guesses += 1;
+                        locks.push(lock.as_secs() / 60);
+                        break;
+                    }
+                    Err(Refusal::Exhausted) => {
+                        guesses += 1;
+                        break;
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(&locks[..4], &[15, 30, 60, 120], "minutes, doubling");
+        assert!(guesses <= 70, "{guesses} guesses in a day");
+        // Another handle is not affected.
+        let other = Handle::parse("+14155550100").unwrap();
+        assert!(v.start(other, IP, now, [201; 16], 1).is_ok());
+    }
+
+    #[test]
+    fn a_locked_handle_takes_no_session_and_no_check() {
+        let mut v = v();
+        let mut now = Instant::now();
+        // Ten wrong codes over three sessions lock the handle.
+        let mut sessions = Vec::new();
+        for i in 0..3u8 {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, i));
+            sessions.push(v.start(handle(), ip, now, [i; 16], 123_456).unwrap().0);
+        }
+        let mut last = None;
+        for n in 0..10 {
+            let s = &sessions[n / 4];
+            let r = v.check(s.id, "000000", now, [9; 32]);
+            if let Err(Refusal::WrongCode { next_check_in, .. }) = &r {
+                if n % 4 == 3 {
+                    continue; // the next session starts at once
+                }
+                now += *next_check_in;
+            }
+            last = Some(r);
+        }
+        let lock = Duration::from_secs(15 * 60);
+        assert_eq!(last, Some(Err(Refusal::RetryAfter(lock))));
+        // Even the right code in a session still open is refused now.
+        now += Duration::from_secs(1);
+        assert_eq!(
+            v.check(sessions[1].id, "123456", now, [9; 32]),
+            Err(Refusal::RetryAfter(lock - Duration::from_secs(1)))
+        );
+        assert_eq!(
+            v.start(handle(), IP, now, [50; 16], 1).map(|x| x.1),
+            Err(Refusal::RetryAfter(lock - Duration::from_secs(1)))
+        );
+        // After the lock a new session works.
+        now += lock;
+        let (s, _) = v.start(handle(), IP, now, [51; 16], 654_321).unwrap();
+        assert_eq!(v.check(s.id, "654321", now, [9; 32]), Ok(handle()));
+    }
+
+    #[test]
+    fn a_right_code_clears_the_handles_failures() {
+        let mut v = v();
+        let now = Instant::now();
+        let (s, _) = v.start(handle(), IP, now, [1; 16], 123_456).unwrap();
+        for _ in 0..2 {
+            assert!(v.check(s.id, "000000", now, [9; 32]).is_err());
+        }
+        let now = now + Duration::from_secs(60);
+        assert_eq!(v.check(s.id, "123456", now, [9; 32]), Ok(handle()));
+        assert!(v.failures.is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_host_is_one_source_and_a_48_is_bounded() {
+        let mut v = v();
+        let now = Instant::now();
+        let mut ok = 0;
+        // Twenty-five handles from addresses of one /64: 20 pass.
+        for i in 0..25u32 {
+            let h = Handle::parse(&format!("v{i}@example.com")).unwrap();
+            let ip: IpAddr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+            if v.start(h, ip, now, [i as u8; 16], 1).is_ok() {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 20);
+        // Many /64s of one /48: bounded by the /48's 100 an hour.
+        let mut ok = 0;
+        for i in 0..150u32 {
+            let h = Handle::parse(&format!("w{i}@example.com")).unwrap();
+            let ip: IpAddr = format!("2001:db8:7:{:x}::1", i).parse().unwrap();
+            if v.start(h, ip, now, [(i % 250) as u8; 16], 1).is_ok() {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 100);
     }
 
     #[test]
