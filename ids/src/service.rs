@@ -651,7 +651,13 @@ impl Ids {
         }
         let proven = self.redeem(handle_tokens)?;
         let r = self
-            .update_inner(&account_id, &list, &proven, sealed_account_keys)
+            .update_inner(
+                &account_id,
+                account.seq,
+                &list,
+                &proven,
+                sealed_account_keys,
+            )
             .await;
         if r.is_err() {
             self.restore(proven);
@@ -662,6 +668,7 @@ impl Ids {
     async fn update_inner(
         &self,
         account_id: &str,
+        prev_seq: i64,
         list: &SignedDeviceList,
         proven: &[(Handle, [u8; 32])],
         sealed: &HashMap<String, Vec<u8>>,
@@ -735,6 +742,17 @@ impl Ids {
             .collect();
 
         let mut t = self.store.begin().await?;
+        tx::advance_account(
+            &mut t,
+            &AccountRow {
+                id: account_id.to_owned(),
+                account_key: list.list.account_key.0.to_vec(),
+                seq: list.list.seq as i64,
+                list: list.encode(),
+            },
+            prev_seq,
+        )
+        .await?;
         for (d, link) in &added {
             let (serial, cert) = self.ca.issue(d.id, &d.identity_key, self.random(), now)?;
             tx::insert_device(
@@ -791,17 +809,6 @@ impl Ids {
             tx::queue_publish(&mut t, uri, &DirectoryValue::Tombstone.encode(), now).await?;
             tx::event(&mut t, account_id, "handle_removed", None, now).await?;
         }
-        tx::upsert_account(
-            &mut t,
-            &AccountRow {
-                id: account_id.to_owned(),
-                account_key: list.list.account_key.0.to_vec(),
-                seq: list.list.seq as i64,
-                list: list.encode(),
-            },
-            now,
-        )
-        .await?;
         t.commit().await.map_err(Error::db)?;
         self.devices.clear();
         // Every (active) device that was on the account before, and still is.

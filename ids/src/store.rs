@@ -491,6 +491,37 @@ pub mod tx {
         Ok(())
     }
 
+    /// Moves an existing account to a new device list, if its list is
+    /// still the one at `prev_seq`: the seq check and the write are one
+    /// statement in the change's transaction, so of two concurrent
+    /// updates from the same seq only one commits (the other gets 409).
+    /// It runs first in the transaction: on PostgreSQL it takes the row
+    /// lock that makes a concurrent updater wait, then fail.
+    pub async fn advance_account(
+        c: &mut AnyConnection,
+        a: &AccountRow,
+        prev_seq: i64,
+    ) -> Result<(), Error> {
+        let done = sqlx::query(
+            "UPDATE accounts SET account_key = $2, seq = $3, list = $4
+             WHERE id = $1 AND seq = $5 AND $3 > seq",
+        )
+        .bind(&a.id)
+        .bind(a.account_key.clone())
+        .bind(a.seq)
+        .bind(a.list.clone())
+        .bind(prev_seq)
+        .execute(c)
+        .await
+        .map_err(Error::db)?;
+        if done.rows_affected() != 1 {
+            return Err(Error::Conflict(format!(
+                "the device list changed meanwhile (it is no longer at seq {prev_seq}); read it again"
+            )));
+        }
+        Ok(())
+    }
+
     /// Binds a handle to an account. Fails with `HandleTaken` if another
     /// account holds it.
     pub async fn bind_handle(

@@ -1482,3 +1482,73 @@ impl ids::AccountNotifier for Told {
         self.0.lock().unwrap().push((tokens, event));
     }
 }
+
+/// Two device-list updates from the same seq race: the seq check and the
+/// write are one statement in the change's transaction, so exactly one
+/// commits and the other gets 409 — never both (which could leave a
+/// removed device published by the loser's later write).
+fn refs(l: &[String]) -> Vec<&str> {
+    l.iter().map(String::as_str).collect()
+}
+
+async fn concurrent_list_updates_commit_once(lab: Lab) {
+    let (account, a1, a1_id) = new_account(&lab, "race@example.com").await;
+    let uri = |h: &str| wire::Handle::parse(h).unwrap().uri();
+    let mut current = vec![uri("race@example.com")];
+    for round in 0..4u64 {
+        let seq = 2 + round;
+        let (b, c) = (
+            format!("+1415555{:04}", 100 + round * 2),
+            format!("+1415555{:04}", 101 + round * 2),
+        );
+        let (tb, tc) = (lab.prove(&b).await, lab.prove(&c).await);
+        let with = |h: &str| {
+            let mut l: Vec<String> = current.clone();
+            l.push(uri(h));
+            l
+        };
+        let (lb, lc) = (with(&b), with(&c));
+        let one = json!({
+            "device_list": signed_list(&account, seq, &refs(&lb), &[(a1_id, &a1)]),
+            "handle_tokens": [tb],
+        });
+        let other = json!({
+            "device_list": signed_list(&account, seq, &refs(&lc), &[(a1_id, &a1)]),
+            "handle_tokens": [tc],
+        });
+        let ((s1, v1), (s2, v2)) = tokio::join!(
+            lab.call("PUT", "/v1/account/device-list", Some(one), Some(&a1)),
+            lab.call("PUT", "/v1/account/device-list", Some(other), Some(&a1)),
+        );
+        let mut codes = [s1, s2];
+        codes.sort();
+        assert_eq!(codes, [200, 409], "round {round}: {v1} {v2}");
+        let winner = if s1 == 200 { lb } else { lc };
+        let (s, v) = lab.call("GET", "/v1/account", None, Some(&a1)).await;
+        assert_eq!(s, 200);
+        assert_eq!(v["seq"], seq);
+        let mut handles: Vec<String> = v["handles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap().to_owned())
+            .collect();
+        handles.sort();
+        let mut expect = winner.clone();
+        expect.sort();
+        assert_eq!(handles, expect, "only the winner's list is bound");
+        current = winner;
+    }
+    lab.server.unwrap().shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_list_updates_commit_once_sqlite() {
+    concurrent_list_updates_commit_once(Lab::start("race-sqlite", None).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_list_updates_commit_once_postgres() {
+    let pg = parley_tests::postgres::Postgres::start("ids-race");
+    concurrent_list_updates_commit_once(Lab::start("race-postgres", Some(pg.url())).await).await;
+}
