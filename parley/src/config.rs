@@ -74,6 +74,9 @@ pub struct SignalingSection {
     pub max_calls: Option<usize>,
     /// Open SIP connections. Default 10000.
     pub max_connections: Option<usize>,
+    /// Accepted SIP connections from one source address (IPv6: /64).
+    /// Default 256.
+    pub max_connections_per_source: Option<usize>,
     /// Let calls through without a device certificate or digest
     /// credentials (benchmarks, labs). Default false.
     pub allow_unauthenticated_calls: Option<bool>,
@@ -173,6 +176,9 @@ impl SignalingSection {
         }
         if let Some(n) = self.max_connections {
             c.max_connections = n.max(1);
+        }
+        if let Some(n) = self.max_connections_per_source {
+            c.max_connections_per_source = n.max(1);
         }
         if let Some(b) = self.allow_unauthenticated_calls {
             p.allow_unauthenticated_calls = b;

@@ -9,7 +9,7 @@
 //! for VoIP pushes).
 
 use crate::core::flow::{ConnId, Flow, Source, Transmit, Transport};
-use crate::core::message::{frame, Frame, MAX_MESSAGE};
+use crate::core::message::{Frame, Framer, MAX_MESSAGE};
 use crate::core::proxy::{self, Event, Metrics, Proxy};
 use crate::core::registrar::PushParams;
 use crate::error::Error;
@@ -42,9 +42,16 @@ pub struct Config {
     /// Open connections at most, both directions; more are refused.
     /// Default 10,000 (the process shares a 20,000-file limit).
     pub max_connections: usize,
+    /// Accepted connections at most from one source address (IPv6: one
+    /// /64), so one host cannot take every slot. Default 256.
+    pub max_connections_per_source: usize,
     /// A connection that sends nothing (not even a CRLF keepalive) for
     /// this long is closed. Default: twice the flow timer plus 30 s.
     pub idle_timeout: Duration,
+    /// How long an accepted connection without a device certificate may
+    /// take to send its first whole SIP message; until then it has not
+    /// earned the idle timeout. Default 20 s.
+    pub first_message_timeout: Duration,
     /// UDP socket receive and send buffers, bytes (the kernel caps them at
     /// net.core.rmem_max / wmem_max). Default 4 MiB: a burst of requests
     /// waits in the socket instead of being dropped and retransmitted.
@@ -62,6 +69,8 @@ impl Default for Config {
             idle_timeout: 2 * proxy.flow_timer + Duration::from_secs(30),
             proxy,
             max_connections: 10_000,
+            max_connections_per_source: 256,
+            first_message_timeout: Duration::from_secs(20),
             udp_buffer: 4 << 20,
         }
     }
@@ -171,8 +180,38 @@ pub(crate) struct Shared {
     pub(crate) inputs: mpsc::Sender<Input>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) limit: Arc<tokio::sync::Semaphore>,
+    /// Accepted connections per source key.
+    per_source: PerSource,
+    max_per_source: usize,
     pub(crate) idle_timeout: Duration,
+    pub(crate) first_message_timeout: Duration,
     pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// Accepted connections per source key (see [`wire::net::source_key`]).
+type PerSource = Arc<Mutex<HashMap<std::net::IpAddr, usize>>>;
+
+/// A connection's place: one of `max_connections` and, for an accepted
+/// connection, one of its source's `max_connections_per_source`. Given
+/// back when dropped.
+pub(crate) struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    source: Option<(std::net::IpAddr, PerSource)>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((ip, counts)) = self.source.take() {
+            if let Ok(mut c) = counts.lock() {
+                if let Some(n) = c.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        c.remove(&ip);
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Server {
@@ -239,7 +278,10 @@ impl Server {
             inputs: inputs.clone(),
             counters: counters.clone(),
             limit: Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1))),
+            per_source: Arc::new(Mutex::new(HashMap::new())),
+            max_per_source: config.max_connections_per_source.max(1),
             idle_timeout: config.idle_timeout,
+            first_message_timeout: config.first_message_timeout,
             shutdown: stop.clone(),
         });
         let metrics = Arc::new(Mutex::new(Metrics::default()));
@@ -682,6 +724,10 @@ fn send(udp: &[(bool, Arc<UdpSocket>)], shared: &Arc<Shared>, t: Transmit) {
                         .fetch_add(1, Ordering::Relaxed);
                     return;
                 };
+                let slot = Slot {
+                    _permit: permit,
+                    source: None,
+                };
                 let dial =
                     tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(t.flow.remote))
                         .await;
@@ -695,7 +741,7 @@ fn send(udp: &[(bool, Arc<UdpSocket>)], shared: &Arc<Shared>, t: Transmit) {
                             remote,
                             None,
                             shared,
-                            permit,
+                            slot,
                             Some(t.bytes),
                         )
                         .await;
@@ -738,12 +784,13 @@ async fn bind_tcp(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, Error> {
 }
 
 /// The next accepted connection with a connection slot, until shutdown.
-/// Past `max_connections` new connections are closed at once.
+/// Past `max_connections`, or its source's `max_connections_per_source`,
+/// a new connection is closed at once.
 pub(crate) async fn accept_next(
     listener: &TcpListener,
     shared: &Shared,
     stop: &mut watch::Receiver<bool>,
-) -> Option<(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
+) -> Option<(TcpStream, SocketAddr, Slot)> {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -765,8 +812,33 @@ pub(crate) async fn accept_next(
                 .fetch_add(1, Ordering::Relaxed);
             continue;
         };
+        let ip = wire::net::source_key(remote.ip());
+        let admitted = match shared.per_source.lock() {
+            Ok(mut c) => {
+                let n = c.entry(ip).or_insert(0);
+                if *n < shared.max_per_source {
+                    *n += 1;
+                    true
+                } else {
+                    false
+                }
+            }
+            Err(_) => false,
+        };
+        if !admitted {
+            shared
+                .counters
+                .refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%remote, "connections from this source at their limit");
+            continue;
+        }
+        let slot = Slot {
+            _permit: permit,
+            source: Some((ip, shared.per_source.clone())),
+        };
         let _ = stream.set_nodelay(true);
-        return Some((stream, remote, permit));
+        return Some((stream, remote, slot));
     }
 }
 
@@ -830,12 +902,12 @@ async fn accept_loop(
     shared: Arc<Shared>,
 ) {
     let mut stop = shared.shutdown.clone();
-    while let Some((stream, remote, permit)) = accept_next(&listener, &shared, &mut stop).await {
+    while let Some((stream, remote, slot)) = accept_next(&listener, &shared, &mut stop).await {
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => run_conn(stream, Transport::Tcp, remote, None, shared, permit, None).await,
+                None => run_conn(stream, Transport::Tcp, remote, None, shared, slot, None).await,
                 Some(acceptor) => {
                     let hs = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
                         .await;
@@ -850,7 +922,7 @@ async fn accept_loop(
                         .and_then(|c| c.first())
                         .and_then(|c| wire::device_cert::identity(c.as_ref()))
                         .map(|i| i.device);
-                    run_conn(tls, Transport::Tls, remote, device, shared, permit, None).await
+                    run_conn(tls, Transport::Tls, remote, device, shared, slot, None).await
                 }
             }
         });
@@ -866,12 +938,14 @@ async fn run_conn<S>(
     remote: SocketAddr,
     device: Option<DeviceId>,
     shared: Arc<Shared>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: Slot,
     first: Option<Vec<u8>>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (flow, tx, mut rx) = shared.open_conn(transport, remote);
+    // A connection we dialled carries our request: its peer answers.
+    let dialled = first.is_some();
     if let Some(b) = first {
         let _ = tx.try_send(b);
     }
@@ -888,9 +962,18 @@ async fn run_conn<S>(
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 16 * 1024];
     let mut stop = shared.shutdown.clone();
+    let mut framer = Framer::default();
+    // An accepted connection without a device certificate has a short
+    // time to say something before it holds its slot for the idle timeout.
+    let mut proven = device.is_some() || dialled;
     'read: loop {
+        let wait = if proven {
+            shared.idle_timeout
+        } else {
+            shared.first_message_timeout
+        };
         let n = tokio::select! {
-            r = tokio::time::timeout(shared.idle_timeout, reader.read(&mut chunk)) => match r {
+            r = tokio::time::timeout(wait, reader.read(&mut chunk)) => match r {
                 Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
                 Ok(Ok(n)) => n,
             },
@@ -898,7 +981,7 @@ async fn run_conn<S>(
         };
         buf.extend_from_slice(&chunk[..n]);
         loop {
-            match frame(&buf) {
+            match framer.next(&buf) {
                 Ok(None) => break,
                 Ok(Some(Frame::Keepalive { n, ping })) => {
                     buf.drain(..n);
@@ -908,6 +991,7 @@ async fn run_conn<S>(
                     }
                 }
                 Ok(Some(Frame::Message(n))) => {
+                    proven = true;
                     let msg: Vec<u8> = buf.drain(..n).collect();
                     let source = Source { flow, device };
                     if shared

@@ -72,9 +72,17 @@ pub(crate) async fn accept_loop(
                 let _ = sink.close().await;
             });
             let mut stop = shared.shutdown.clone();
+            // As on TCP: without a device certificate, a short time to send
+            // a first message before the idle timeout applies.
+            let mut proven = device.is_some();
             loop {
+                let wait = if proven {
+                    shared.idle_timeout
+                } else {
+                    shared.first_message_timeout
+                };
                 let next = tokio::select! {
-                    n = tokio::time::timeout(shared.idle_timeout, stream.next()) => n,
+                    n = tokio::time::timeout(wait, stream.next()) => n,
                     _ = stop.changed() => break,
                 };
                 let bytes = match next {
@@ -85,6 +93,7 @@ pub(crate) async fn accept_loop(
                     Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
                     _ => break,
                 };
+                proven = true;
                 let source = Source { flow, device };
                 if shared
                     .inputs

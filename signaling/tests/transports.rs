@@ -95,3 +95,97 @@ fn keepalives_framing_errors_and_malformed_datagrams() {
     );
     rt.block_on(server.shutdown(Duration::ZERO));
 }
+
+/// One source cannot take every connection slot, and a connection that
+/// says nothing loses its slot after the first-message timeout instead of
+/// the idle timeout.
+#[test]
+fn connections_are_capped_per_source_and_silent_ones_close_early() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut config = Config {
+        udp: vec![],
+        tcp: vec![any],
+        tls: vec![],
+        wss: vec![],
+        max_connections_per_source: 3,
+        first_message_timeout: Duration::from_millis(300),
+        ..Config::default()
+    };
+    config.proxy.domains = vec!["parley.test".into()];
+    let server = rt
+        .block_on(Server::start(
+            config,
+            None,
+            Arc::new(NoDirectory),
+            Arc::new(NoWaker),
+        ))
+        .unwrap();
+    let tcp = server.tcp_addrs()[0];
+    let options = |n: u32| {
+        format!(
+            "OPTIONS sip:parley.test SIP/2.0\r\n\
+             Via: SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bKcap{n}\r\n\
+             From: <sip:a@parley.test>;tag=1\r\n\
+             To: <sip:parley.test>\r\n\
+             Call-ID: cap-{n}\r\n\
+             CSeq: 1 OPTIONS\r\n\
+             Content-Length: 0\r\n\r\n"
+        )
+    };
+    // A connection that says nothing is closed after the first-message
+    // timeout, not the idle timeout (270 s).
+    let started = std::time::Instant::now();
+    let mut silent = TcpStream::connect(tcp).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(silent.read_to_end(&mut rest).unwrap(), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    // Three speaking connections from 127.0.0.1 are served (retrying
+    // while the silent one's slot is given back)...
+    let mut held = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut n = 0;
+    while held.len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "slots not given back");
+        n += 1;
+        let mut s = TcpStream::connect(tcp).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        if s.write_all(options(n).as_bytes()).is_err() {
+            continue;
+        }
+        let mut buf = [0u8; 4096];
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => continue,
+            Ok(len) => {
+                let reply = String::from_utf8_lossy(&buf[..len]).to_string();
+                assert!(reply.starts_with("SIP/2.0 200 OK\r\n"), "{reply}");
+                held.push(s);
+            }
+        }
+    }
+    // ...a fourth is closed at once: it gets no answer.
+    let mut fourth = TcpStream::connect(tcp).unwrap();
+    fourth
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = fourth.write_all(options(99).as_bytes());
+    let mut rest = Vec::new();
+    let answered = fourth.read_to_end(&mut rest).map(|_| rest.clone());
+    assert!(
+        answered.as_ref().map_or(true, |r| r.is_empty()),
+        "the fourth connection was served: {:?}",
+        answered.map(|r| String::from_utf8_lossy(&r).to_string())
+    );
+    rt.block_on(server.shutdown(Duration::ZERO));
+}

@@ -269,30 +269,87 @@ pub enum Frame {
 /// Finds the next frame at the start of `buf`; `Ok(None)` if more bytes are
 /// needed. A stream needs `Content-Length` on every message (RFC 3261
 /// §18.3); a header block without it, or larger than [`MAX_MESSAGE`], is an
-/// error and the connection should be closed.
+/// error and the stream cannot be resynchronised. A reader that calls this
+/// again after every read rescans the header each time; [`Framer`] does not.
 pub fn frame(buf: &[u8]) -> Result<Option<Frame>, ParseError> {
+    match scan(buf, 0)? {
+        Scan::Frame(f) => Ok(Some(f)),
+        Scan::NeedHeader | Scan::NeedBody(_) => Ok(None),
+    }
+}
+
+/// [`frame`] for a stream read piece by piece: it remembers how far it
+/// searched for the end of the header and, once that is found, the
+/// message's length, so every byte is looked at a bounded number of times
+/// (a peer dripping a 64 KiB header a byte per read costs linear time,
+/// not quadratic). Call [`Framer::next`] with the whole unconsumed buffer
+/// after each read, and consume what a returned frame says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Framer {
+    /// Bytes at the start of the buffer known to hold no header end.
+    scanned: usize,
+    /// The length of the message whose header is complete.
+    total: Option<usize>,
+}
+
+impl Framer {
+    pub fn next(&mut self, buf: &[u8]) -> Result<Option<Frame>, ParseError> {
+        if let Some(total) = self.total {
+            if buf.len() < total {
+                return Ok(None);
+            }
+            *self = Framer::default();
+            return Ok(Some(Frame::Message(total)));
+        }
+        // A header end is `\n\n` or `\n\r\n`: it may start two bytes
+        // before where the last search stopped.
+        match scan(buf, self.scanned.saturating_sub(2))? {
+            Scan::Frame(f) => {
+                *self = Framer::default();
+                Ok(Some(f))
+            }
+            Scan::NeedHeader => {
+                self.scanned = buf.len();
+                Ok(None)
+            }
+            Scan::NeedBody(total) => {
+                self.total = Some(total);
+                Ok(None)
+            }
+        }
+    }
+}
+
+enum Scan {
+    Frame(Frame),
+    NeedHeader,
+    NeedBody(usize),
+}
+
+/// The framing of [`frame`], searching for the header end from `from`.
+fn scan(buf: &[u8], from: usize) -> Result<Scan, ParseError> {
     let crlfs = buf
         .iter()
         .take_while(|b| **b == b'\r' || **b == b'\n')
         .count();
     if crlfs > 0 {
         if buf.starts_with(b"\r\n\r\n") {
-            return Ok(Some(Frame::Keepalive { n: 4, ping: true }));
+            return Ok(Scan::Frame(Frame::Keepalive { n: 4, ping: true }));
         }
         if crlfs == buf.len() && crlfs < 4 && b"\r\n\r\n".starts_with(buf) {
             // Could still become a ping.
-            return Ok(None);
+            return Ok(Scan::NeedHeader);
         }
-        return Ok(Some(Frame::Keepalive {
+        return Ok(Scan::Frame(Frame::Keepalive {
             n: crlfs,
             ping: false,
         }));
     }
-    let Some((head_end, body_start)) = header_end(buf) else {
+    let Some((head_end, body_start)) = header_end_from(buf, from) else {
         if buf.len() > MAX_MESSAGE {
             return Err(ParseError::TooLarge);
         }
-        return Ok(None);
+        return Ok(Scan::NeedHeader);
     };
     let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| ParseError::Encoding)?;
     let mut length = None;
@@ -311,9 +368,9 @@ pub fn frame(buf: &[u8]) -> Result<Option<Frame>, ParseError> {
         return Err(ParseError::TooLarge);
     }
     if buf.len() < total {
-        return Ok(None);
+        return Ok(Scan::NeedBody(total));
     }
-    Ok(Some(Frame::Message(total)))
+    Ok(Scan::Frame(Frame::Message(total)))
 }
 
 impl Message {
@@ -729,7 +786,11 @@ fn parse_start_line(line: &str) -> Result<StartLine, ParseError> {
 /// Where the header block ends: (end of the last header line, start of
 /// the body). Accepts CRLFCRLF and, robustly, LFLF.
 fn header_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
+    header_end_from(buf, 0)
+}
+
+fn header_end_from(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    let mut i = from;
     while i < buf.len() {
         if buf[i] == b'\n' {
             if buf.get(i + 1) == Some(&b'\n') {
@@ -900,11 +961,69 @@ mod tests {
         assert_eq!(m.header(&HeaderName::MAX_FORWARDS), Some("69"));
     }
 
+    #[test]
+    fn the_framer_looks_at_each_header_byte_a_bounded_number_of_times() {
+        // A 60 KiB header dripped a byte at a time: the framer resumes
+        // where it stopped instead of searching from the start.
+        let mut framer = Framer::default();
+        let mut buf = b"OPTIONS sip:a SIP/2.0\r\nX: ".to_vec();
+        for _ in 0..60_000 {
+            buf.push(b'a');
+            assert_eq!(framer.next(&buf), Ok(None));
+            assert!(framer.scanned + 2 >= buf.len());
+        }
+        buf.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\nhi");
+        assert_eq!(framer.next(&buf), Ok(Some(Frame::Message(buf.len()))));
+        assert_eq!(framer, Framer::default());
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics_on_random_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
             let _ = Message::parse(&bytes);
             let _ = frame(&bytes);
+        }
+
+        /// A stream cut anywhere, fed a piece at a time: the framer finds
+        /// the frames `frame` finds on the whole, and the same error.
+        #[test]
+        fn the_framer_cuts_a_stream_as_frame_does(
+            pieces in proptest::collection::vec(0usize..40, 1..40),
+            body in 0usize..30,
+            crlf in proptest::bool::ANY,
+        ) {
+            let msg = |n: usize| {
+                let body = "x".repeat(n);
+                let eol = if crlf { "\r\n" } else { "\n" };
+                format!("MESSAGE sip:a@b SIP/2.0{eol}Call-ID: c{eol}Content-Length: {n}{eol}{eol}{body}")
+            };
+            let stream = format!("{}\r\n\r\n{}\r\n{}", msg(body), msg(0), msg(body + 1));
+            let whole = {
+                let mut out = Vec::new();
+                let mut rest = stream.as_bytes();
+                while let Ok(Some(f)) = frame(rest) {
+                    let n = match f { Frame::Keepalive { n, .. } | Frame::Message(n) => n };
+                    out.push(f);
+                    rest = &rest[n..];
+                }
+                out
+            };
+            let mut got = Vec::new();
+            let mut framer = Framer::default();
+            let mut buf: Vec<u8> = Vec::new();
+            let mut fed = 0;
+            let mut cuts = pieces.into_iter().cycle();
+            while fed < stream.len() {
+                let n = cuts.next().unwrap_or(1).max(1).min(stream.len() - fed);
+                buf.extend_from_slice(&stream.as_bytes()[fed..fed + n]);
+                fed += n;
+                while let Ok(Some(f)) = framer.next(&buf) {
+                    let n = match f { Frame::Keepalive { n, .. } | Frame::Message(n) => n };
+                    got.push(f);
+                    buf.drain(..n);
+                }
+            }
+            proptest::prop_assert_eq!(got, whole);
         }
 
         #[test]
