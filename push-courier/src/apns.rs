@@ -105,11 +105,7 @@ async fn push(
         .get::<ClientCertName>()
         .cloned()
         .unwrap_or(ClientCertName(None));
-    // Read the body before any verdict: an HTTP/2 answer sent while the
-    // client is still sending ends in a stream reset many clients report
-    // as a failure instead of the answer.
-    let payload = axum::body::to_bytes(body, MAX_REQUEST_BODY).await;
-    // apns-id next: every answer carries it.
+    // apns-id first: every answer carries it.
     let id = match header(&headers, "apns-id") {
         Some(v) => match NotificationId::from_uuid(v) {
             Some(id) => id,
@@ -131,26 +127,43 @@ async fn push(
             }
         },
     };
+    if method != Method::POST {
+        return respond(
+            id,
+            Err(err(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed")),
+        );
+    }
+    // Who asks, before anything of the body is read: a stranger's body is
+    // never buffered (up to 64 KiB per stream, 1000 streams a connection).
+    let provider = match st.authenticate(&headers, &cert) {
+        Ok(p) => p,
+        Err(e) => return respond(id, Err(e)),
+    };
+    // A provider's body is read whole before any verdict (an HTTP/2
+    // answer sent while the client is still sending ends in a stream
+    // reset many clients report as a failure instead of the answer), and
+    // within a deadline, so a stalled body does not hold its stream.
+    let payload =
+        tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_REQUEST_BODY)).await;
     let r = match payload {
-        Ok(p) => accept(&st, &token, &cert, method, &headers, p, id).await,
-        Err(_) => Err(err(StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge")),
+        Ok(Ok(p)) => accept(&st, &token, provider, &headers, p, id).await,
+        Ok(Err(_)) => Err(err(StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge")),
+        Err(_) => Err(err(StatusCode::BAD_REQUEST, "IdleTimeout")),
     };
     respond(id, r)
 }
 
+/// How long a provider may take to send a request body.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn accept(
     st: &ApnsState,
     token: &str,
-    cert: &ClientCertName,
-    method: Method,
+    provider: &Provider,
     headers: &HeaderMap,
     payload: bytes::Bytes,
     id: NotificationId,
 ) -> Result<(), ApnsError> {
-    if method != Method::POST {
-        return Err(err(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"));
-    }
-    let provider = st.authenticate(headers, cert)?;
     let token =
         DeviceToken::from_hex(token).ok_or(err(StatusCode::BAD_REQUEST, "BadDeviceToken"))?;
     let push_type = match header(headers, "apns-push-type") {

@@ -79,12 +79,18 @@ pub async fn serve_tcp(
     let handshakes = Arc::new(tokio::sync::Semaphore::new(
         courier.config.max_handshakes.max(1),
     ));
-    while let Some((tcp, _peer)) = crate::http::accept(&listener, &mut stop, "device").await {
+    let per_source = wire::net::PerSourceLimit::new(courier.config.max_handshakes_per_source);
+    while let Some((tcp, peer)) = crate::http::accept(&listener, &mut stop, "device").await {
         let tls = tls.clone();
         let courier = courier.clone();
         let shutdown = shutdown.clone();
-        // Past max_handshakes at once, new connections are dropped (devices
-        // retry with backoff) rather than running unbounded handshakes.
+        // Past max_handshakes at once, or the source's share of them, new
+        // connections are dropped (devices retry with backoff) rather than
+        // running unbounded handshakes.
+        let Some(claim) = per_source.claim(peer.ip()) else {
+            tracing::debug!("too many handshakes from this source; connection dropped");
+            continue;
+        };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             tracing::debug!("too many handshakes in progress; connection dropped");
             continue;
@@ -93,6 +99,7 @@ pub async fn serve_tcp(
             let timeout = courier.config.handshake_timeout;
             let accepted = tokio::time::timeout(timeout, crate::lean_tls::accept(tcp, tls)).await;
             drop(permit);
+            drop(claim);
             let tls = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {

@@ -29,17 +29,38 @@ pub fn tls_config(
         .map_err(|e| Error::Config(format!("provider TLS: {e}")))
 }
 
+/// How many provider connections may be open, in all and per source.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub connections: usize,
+    pub per_source: usize,
+}
+
 pub(crate) async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: axum::Router,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.connections.max(1)));
+    let per_source = wire::net::PerSourceLimit::new(limits.per_source);
     while let Some((tcp, peer)) = accept(&listener, &mut shutdown, "provider").await {
+        // Past either cap the connection is closed at once: an
+        // unauthenticated peer holds nothing beyond its share.
+        let Some(claim) = per_source.claim(peer.ip()) else {
+            tracing::debug!("provider connections from this source at their limit");
+            continue;
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::debug!("provider connections at their limit");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
+            let _held = (claim, permit);
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,

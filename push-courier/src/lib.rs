@@ -84,6 +84,14 @@ pub struct Config {
     /// TLS handshakes in progress at once; connections beyond are dropped
     /// and the device retries. Default 1024.
     pub max_handshakes: usize,
+    /// TLS handshakes in progress at once from one source address (IPv6:
+    /// one /64), so one host cannot hold every handshake slot. Default 64.
+    pub max_handshakes_per_source: usize,
+    /// Open provider connections at most. Default 4096.
+    pub max_provider_connections: usize,
+    /// Open provider connections from one source address (IPv6: /64).
+    /// Default 64.
+    pub max_provider_connections_per_source: usize,
     /// Unwritten bytes to a device before it is a slow reader and is
     /// disconnected (its messages stay stored). Default 256 KiB.
     pub max_write_buffer: usize,
@@ -115,6 +123,9 @@ impl Default for Config {
             session: SessionConfig::default(),
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
+            max_handshakes_per_source: 64,
+            max_provider_connections: 4096,
+            max_provider_connections_per_source: 64,
             max_write_buffer: 256 * 1024,
             provider_rate: 20_000,
             subscription_rate: 100,

@@ -134,6 +134,49 @@ impl Http2 {
     }
 }
 
+impl Http2 {
+    /// Sends the headers and the first `body` bytes of a request whose
+    /// body never ends, and returns the status the server answers with
+    /// meanwhile: what a server says before it has read a whole body.
+    pub async fn request_unfinished(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> std::io::Result<u16> {
+        let uri = Uri::builder()
+            .scheme("https")
+            .authority(self.authority.as_str())
+            .path_and_query(path)
+            .build()
+            .map_err(std::io::Error::other)?;
+        let mut req = Request::new(());
+        *req.method_mut() = Method::from_bytes(method.as_bytes()).map_err(std::io::Error::other)?;
+        *req.uri_mut() = uri;
+        for (k, v) in headers {
+            req.headers_mut().append(
+                HeaderName::from_bytes(k.as_bytes()).map_err(std::io::Error::other)?,
+                HeaderValue::from_str(v).map_err(std::io::Error::other)?,
+            );
+        }
+        poll_fn(|cx| self.send.poll_ready(cx))
+            .await
+            .map_err(std::io::Error::other)?;
+        let (response, mut stream) = self
+            .send
+            .send_request(req, false)
+            .map_err(std::io::Error::other)?;
+        stream
+            .send_data(Bytes::from(body), false)
+            .map_err(std::io::Error::other)?;
+        let response = response.await.map_err(std::io::Error::other)?;
+        // Keep the stream open until the answer is read.
+        drop(stream);
+        Ok(response.status().as_u16())
+    }
+}
+
 /// Pushes through the APNs-style API as one provider.
 #[derive(Debug, Clone)]
 pub struct ApnsSender {

@@ -99,6 +99,10 @@ impl Server {
                 provider_listener,
                 provider_tls,
                 app,
+                crate::http::Limits {
+                    connections: courier.config.max_provider_connections,
+                    per_source: courier.config.max_provider_connections_per_source,
+                },
                 rx.clone(),
             )),
             tokio::spawn(housekeeping(courier.clone(), rx.clone())),

@@ -1035,3 +1035,80 @@ async fn a_revoked_device_certificate_is_closed_and_refused() {
     }
     quiet(&mut bystander, Duration::from_millis(200)).await;
 }
+
+/// A stranger's request is answered before its body is read (so no body
+/// is buffered for it), and one source holds a bounded share of the
+/// provider connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_are_refused_before_their_bodies_and_connections_are_capped() {
+    let env = Env::start(|c| c.max_provider_connections_per_source = 2).await;
+    let mut h2 = env.provider_http2().await.unwrap();
+    let path = format!("/3/device/{}", "ab".repeat(32));
+    // Headers, 1 KiB of a 60 KiB body, and nothing more: the answer comes
+    // anyway (the old handler waited for the body that never came).
+    let status = tokio::time::timeout(
+        Duration::from_secs(5),
+        h2.request_unfinished(
+            "POST",
+            &path,
+            &[("content-length", "61440"), ("apns-topic", TOPIC)],
+            vec![b'x'; 1024],
+        ),
+    )
+    .await
+    .expect("answered before the body")
+    .unwrap();
+    assert_eq!(status, 403);
+    // Two connections from this address are open; a third gets none.
+    let _second = env.provider_http2().await.unwrap();
+    let third = tokio::time::timeout(Duration::from_secs(5), env.provider_http2()).await;
+    assert!(
+        !matches!(third, Ok(Ok(_))),
+        "a third connection from one source was served"
+    );
+    // Giving one back lets the next in.
+    drop(h2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if env.provider_http2().await.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "slot not given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Connections that never finish their TLS handshake hold at most their
+/// source's share of the handshake slots, and only until the handshake
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_handshakes_from_one_source_are_capped() {
+    let env = Env::start(|c| {
+        c.max_handshakes_per_source = 2;
+        c.handshake_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let (_, creds) = env.device();
+    let addr = env.server().device_addr();
+    let idle = idle_connections(addr, 2).await;
+    // Both of this address's handshake slots are held: a device from the
+    // same address is dropped at once.
+    let refused = DeviceClient::connect(addr, Transport::Tls, &creds, &[TOPIC], 0).await;
+    assert!(refused.is_err(), "served past the source's handshake cap");
+    // After the handshake timeout the idle ones are gone.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (_dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    assert_eq!(tokens.len(), 1);
+    drop(idle);
+}
+
+/// `n` TCP connections that never start TLS.
+async fn idle_connections(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // The listener accepts in order: these take their slots before any
+    // connection made after them.
+    out
+}

@@ -180,38 +180,19 @@ pub(crate) struct Shared {
     pub(crate) inputs: mpsc::Sender<Input>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) limit: Arc<tokio::sync::Semaphore>,
-    /// Accepted connections per source key.
-    per_source: PerSource,
-    max_per_source: usize,
+    /// Accepted connections per source.
+    per_source: wire::net::PerSourceLimit,
     pub(crate) idle_timeout: Duration,
     pub(crate) first_message_timeout: Duration,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
-
-/// Accepted connections per source key (see [`wire::net::source_key`]).
-type PerSource = Arc<Mutex<HashMap<std::net::IpAddr, usize>>>;
 
 /// A connection's place: one of `max_connections` and, for an accepted
 /// connection, one of its source's `max_connections_per_source`. Given
 /// back when dropped.
 pub(crate) struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    source: Option<(std::net::IpAddr, PerSource)>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Some((ip, counts)) = self.source.take() {
-            if let Ok(mut c) = counts.lock() {
-                if let Some(n) = c.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        c.remove(&ip);
-                    }
-                }
-            }
-        }
-    }
+    _source: Option<wire::net::SourceClaim>,
 }
 
 impl Server {
@@ -278,8 +259,7 @@ impl Server {
             inputs: inputs.clone(),
             counters: counters.clone(),
             limit: Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1))),
-            per_source: Arc::new(Mutex::new(HashMap::new())),
-            max_per_source: config.max_connections_per_source.max(1),
+            per_source: wire::net::PerSourceLimit::new(config.max_connections_per_source),
             idle_timeout: config.idle_timeout,
             first_message_timeout: config.first_message_timeout,
             shutdown: stop.clone(),
@@ -726,7 +706,7 @@ fn send(udp: &[(bool, Arc<UdpSocket>)], shared: &Arc<Shared>, t: Transmit) {
                 };
                 let slot = Slot {
                     _permit: permit,
-                    source: None,
+                    _source: None,
                 };
                 let dial =
                     tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(t.flow.remote))
@@ -812,30 +792,17 @@ pub(crate) async fn accept_next(
                 .fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let ip = wire::net::source_key(remote.ip());
-        let admitted = match shared.per_source.lock() {
-            Ok(mut c) => {
-                let n = c.entry(ip).or_insert(0);
-                if *n < shared.max_per_source {
-                    *n += 1;
-                    true
-                } else {
-                    false
-                }
-            }
-            Err(_) => false,
-        };
-        if !admitted {
+        let Some(claim) = shared.per_source.claim(remote.ip()) else {
             shared
                 .counters
                 .refused_connections
                 .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%remote, "connections from this source at their limit");
             continue;
-        }
+        };
         let slot = Slot {
             _permit: permit,
-            source: Some((ip, shared.per_source.clone())),
+            _source: Some(claim),
         };
         let _ = stream.set_nodelay(true);
         return Some((stream, remote, slot));

@@ -1,7 +1,10 @@
-//! Address prefixes, and the key a rate limit counts a source under.
+//! Address prefixes, the key a rate limit counts a source under, and a
+//! cap on what one source may hold at once.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 /// An address prefix such as `127.0.0.0/8` or `fc00::/7`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,6 +79,62 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A cap on what each source (by [`source_key`]) holds at once:
+/// connections, handshakes. A claim is given back when dropped.
+#[derive(Clone, Debug)]
+pub struct PerSourceLimit {
+    cap: usize,
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One thing a source holds; dropping it gives it back.
+#[derive(Debug)]
+pub struct SourceClaim {
+    key: IpAddr,
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl PerSourceLimit {
+    pub fn new(cap: usize) -> PerSourceLimit {
+        PerSourceLimit {
+            cap: cap.max(1),
+            counts: Arc::default(),
+        }
+    }
+
+    /// A claim for `ip`'s source, or `None` if it holds `cap` already.
+    pub fn claim(&self, ip: IpAddr) -> Option<SourceClaim> {
+        let key = source_key(ip);
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = c.entry(key).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(SourceClaim {
+            key,
+            counts: self.counts.clone(),
+        })
+    }
+
+    /// Sources holding anything now.
+    pub fn sources(&self) -> usize {
+        self.counts.lock().map(|c| c.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for SourceClaim {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,6 +149,24 @@ mod tests {
         assert!(!one.contains("127.0.0.1".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<IpNet>().is_err());
         assert!("nope".parse::<IpNet>().is_err());
+    }
+
+    #[test]
+    fn a_source_holds_at_most_its_cap_and_drops_give_back() {
+        let limit = PerSourceLimit::new(2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let (x, y) = (limit.claim(a).unwrap(), limit.claim(a).unwrap());
+        assert!(limit.claim(a).is_none());
+        // Another address of the same /64 is the same source.
+        let v6a: IpAddr = "2001:db8::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8::2".parse().unwrap();
+        let _z = limit.claim(v6a).unwrap();
+        let _w = limit.claim(v6b).unwrap();
+        assert!(limit.claim(v6a).is_none());
+        drop(x);
+        let _again = limit.claim(a).unwrap();
+        drop(y);
+        assert_eq!(limit.sources(), 2);
     }
 
     #[test]

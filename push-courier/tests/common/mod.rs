@@ -170,6 +170,16 @@ impl Env {
         self.server().provider_addr().port()
     }
 
+    /// An HTTP/2 connection to the provider API.
+    pub async fn provider_http2(&self) -> std::io::Result<push_courier::provider::Http2> {
+        push_courier::provider::Http2::connect(
+            self.server().provider_addr(),
+            "localhost",
+            self.roots.clone(),
+        )
+        .await
+    }
+
     /// A new device: its id and credentials with an `ids`-issued cert.
     pub fn device(&self) -> (DeviceId, DeviceCredentials) {
         let (id, creds, _) = self.device_with_serial();
