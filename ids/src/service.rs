@@ -157,7 +157,22 @@ pub struct Ids {
     /// trusted for [`DEVICE_CACHE_TTL`], which bounds how long a change
     /// made by another instance on a shared database goes unseen.
     devices: Cache<[u8; wire::keys::PUBLIC_KEY_LEN], (DeviceRow, Instant)>,
+    /// The last CRL signed, for the revoked set it lists: `/v1/crl` signs
+    /// anew only when that set changed or the list is an hour old.
+    crl: Mutex<Option<SignedCrl>>,
+    /// Audits running (each holds the directory's read lock): at most one.
+    audits: tokio::sync::Semaphore,
 }
+
+struct SignedCrl {
+    revoked: Vec<(String, i64)>,
+    der: Vec<u8>,
+    signed_at: Instant,
+}
+
+/// How long a signed CRL is served while nothing is revoked (it says it
+/// is valid a day).
+const CRL_REUSE: Duration = Duration::from_secs(3600);
 
 /// How long an authenticated device is taken from memory instead of the
 /// database (see [`Ids::device`]).
@@ -235,6 +250,8 @@ impl Ids {
             rng,
             notifier: OnceLock::new(),
             devices: Cache::new(DEVICE_CACHE_SIZE),
+            crl: Mutex::new(None),
+            audits: tokio::sync::Semaphore::new(1),
         })
     }
 
@@ -1005,8 +1022,37 @@ impl Ids {
         Ok(out)
     }
 
+    /// The CRL for `revoked`: the one signed last if it lists the same
+    /// serials and is less than an hour old, else a new one.
     pub fn crl(&self, revoked: &[(String, i64)]) -> Result<Vec<u8>, Error> {
-        self.ca.crl(revoked, unix_now())
+        let now = Instant::now();
+        let mut cached = self.crl.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cached.as_ref() {
+            if c.revoked == revoked && now.duration_since(c.signed_at) < CRL_REUSE {
+                return Ok(c.der.clone());
+            }
+        }
+        let der = self.ca.crl(revoked, unix_now())?;
+        *cached = Some(SignedCrl {
+            revoked: revoked.to_vec(),
+            der: der.clone(),
+            signed_at: now,
+        });
+        Ok(der)
+    }
+
+    /// An append-only proof between two epochs, one audit at a time (it
+    /// holds the directory's read lock, which the publisher waits on);
+    /// another gets 429.
+    pub async fn audit(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> Result<(Vec<u8>, Vec<(u64, Vec<u8>)>), Error> {
+        let Ok(_one) = self.audits.try_acquire() else {
+            return Err(Error::RetryAfter(Duration::from_secs(1)));
+        };
+        self.kt.audit(start, end).await
     }
 
     pub fn ca_pem(&self) -> &str {

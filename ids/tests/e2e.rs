@@ -708,6 +708,8 @@ async fn prove_register_approve_lookup_and_detect_a_malicious_insert(lab: Lab) {
     assert_eq!(s, 403, "a removed device is refused");
     let crl = crl_serials(&lab).await;
     assert_eq!(crl.len(), 1, "one revoked certificate");
+    // While nothing more is revoked, the same signed list is served.
+    assert_eq!(crl_der(&lab).await, crl_der(&lab).await);
 
     // The OpenAPI document is served.
     let (s, v) = lab.call("GET", "/v1/openapi.json", None, None).await;
@@ -748,6 +750,12 @@ async fn prove_register_approve_lookup_and_detect_a_malicious_insert(lab: Lab) {
         .call("GET", "/v1/kt/audit?start=2&end=1", None, None)
         .await;
     assert_eq!(s, 400);
+    // An audit spans at most 100 epochs (it holds the directory's read
+    // lock), whatever the latest epoch is.
+    let (s, v) = lab
+        .call("GET", "/v1/kt/audit?start=1&end=102", None, None)
+        .await;
+    assert_eq!(s, 400, "{v}");
 
     lab.server.unwrap().shutdown().await;
 }
@@ -794,14 +802,18 @@ fn audit_own(
     unapproved_changes(&history, 0, &account.public(), approved)
 }
 
-async fn crl_serials(lab: &Lab) -> Vec<Vec<u8>> {
+async fn crl_der(lab: &Lab) -> Bytes {
     let req = hyper::Request::get("/v1/crl")
         .header("host", "x")
         .body(Full::new(Bytes::new()))
         .unwrap();
     let resp = lab.send(req).await;
     assert_eq!(resp.headers()["content-type"], "application/pkix-crl");
-    let der = resp.into_body().collect().await.unwrap().to_bytes();
+    resp.into_body().collect().await.unwrap().to_bytes()
+}
+
+async fn crl_serials(lab: &Lab) -> Vec<Vec<u8>> {
+    let der = crl_der(lab).await;
     let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der).unwrap();
     crl.iter_revoked_certificates()
         .map(|r| r.raw_serial().to_vec())

@@ -133,18 +133,28 @@ async fn push(
             Err(err(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed")),
         );
     }
-    // Who asks, before anything of the body is read: a stranger's body is
-    // never buffered (up to 64 KiB per stream, 1000 streams a connection).
+    // Who asks, before the body is kept: a stranger's body is read and
+    // thrown away as it comes (never buffered: up to 64 KiB per stream,
+    // 1000 streams a connection), within the same deadline, and answered
+    // once it ended — an HTTP/2 answer sent while the client is still
+    // sending ends in a stream reset that clients report as a failure.
     let provider = match st.authenticate(&headers, &cert) {
         Ok(p) => p,
-        Err(e) => return respond(id, Err(e)),
+        Err(e) => {
+            let within = st.courier.config.provider_body_timeout;
+            let _ = tokio::time::timeout(within, discard(body, MAX_REQUEST_BODY)).await;
+            return respond(id, Err(e));
+        }
     };
     // A provider's body is read whole before any verdict (an HTTP/2
     // answer sent while the client is still sending ends in a stream
     // reset many clients report as a failure instead of the answer), and
     // within a deadline, so a stalled body does not hold its stream.
-    let payload =
-        tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_REQUEST_BODY)).await;
+    let payload = tokio::time::timeout(
+        st.courier.config.provider_body_timeout,
+        axum::body::to_bytes(body, MAX_REQUEST_BODY),
+    )
+    .await;
     let r = match payload {
         Ok(Ok(p)) => accept(&st, &token, provider, &headers, p, id).await,
         Ok(Err(_)) => Err(err(StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge")),
@@ -153,8 +163,21 @@ async fn push(
     respond(id, r)
 }
 
-/// How long a provider may take to send a request body.
-const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Reads a body to its end, keeping none of it, or stops past `limit`
+/// bytes.
+async fn discard(body: axum::body::Body, limit: usize) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(data) = frame.data_ref() {
+            seen += data.len();
+            if seen > limit {
+                return;
+            }
+        }
+    }
+}
 
 async fn accept(
     st: &ApnsState,

@@ -156,8 +156,10 @@ pub struct Courier {
     inner: Mutex<Inner>,
     seq: AtomicI64,
     generation: AtomicU64,
-    /// Woken when a message with a receipt subscription finishes.
-    pub receipts: Notify,
+    /// Woken when the writer has committed message state changes
+    /// (delivered, expired, dropped): receipt long-polls look again then,
+    /// and only then.
+    pub receipts: Arc<Notify>,
     /// (unix time, next sequence number) once a minute, to purge old
     /// statuses by sequence range.
     marks: Mutex<std::collections::VecDeque<(i64, i64)>>,
@@ -213,11 +215,17 @@ impl Courier {
             inner: Mutex::new(inner),
             seq: AtomicI64::new(seq),
             generation: AtomicU64::new(0),
-            receipts: Notify::new(),
+            receipts: Arc::new(Notify::new()),
             marks: Mutex::new(std::collections::VecDeque::new()),
             config,
         });
-        tokio::spawn(writer(store, rx, courier.config.max_batch, metrics));
+        tokio::spawn(writer(
+            store,
+            rx,
+            courier.config.max_batch,
+            metrics,
+            courier.receipts.clone(),
+        ));
         Ok(courier)
     }
 
@@ -607,7 +615,6 @@ impl Courier {
             state: MessageState::Delivered,
             at: unix_now(),
         }]);
-        self.receipts.notify_waiters();
     }
 
     /// Drops expired messages from queues; called every second.
@@ -625,7 +632,6 @@ impl Courier {
             state: MessageState::Expired,
             at: now,
         }]);
-        self.receipts.notify_waiters();
     }
 
     /// Replaces the set of revoked certificate serials; connected devices
@@ -747,6 +753,7 @@ async fn writer(
     mut rx: mpsc::Receiver<(Vec<Write>, Option<Reply>)>,
     max_batch: usize,
     metrics: Arc<Metrics>,
+    receipts: Arc<Notify>,
 ) {
     let mut batch: Vec<Write> = Vec::new();
     let mut replies: Vec<Reply> = Vec::new();
@@ -772,6 +779,9 @@ async fn writer(
         }
         for r in replies.drain(..) {
             let _ = r.send(result.clone());
+        }
+        if result.is_ok() && batch.iter().any(|w| matches!(w, Write::State { .. })) {
+            receipts.notify_waiters();
         }
         batch.clear();
     }

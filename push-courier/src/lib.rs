@@ -87,6 +87,8 @@ pub struct Config {
     /// TLS handshakes in progress at once from one source address (IPv6:
     /// one /64), so one host cannot hold every handshake slot. Default 64.
     pub max_handshakes_per_source: usize,
+    /// How long a provider request's body may take to arrive. Default 10 s.
+    pub provider_body_timeout: Duration,
     /// Open provider connections at most. Default 4096.
     pub max_provider_connections: usize,
     /// Open provider connections from one source address (IPv6: /64).
@@ -124,6 +126,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 1024,
             max_handshakes_per_source: 64,
+            provider_body_timeout: Duration::from_secs(10),
             max_provider_connections: 4096,
             max_provider_connections_per_source: 64,
             max_write_buffer: 256 * 1024,

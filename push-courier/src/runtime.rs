@@ -176,6 +176,14 @@ async fn housekeeping(courier: Arc<Courier>, mut shutdown: watch::Receiver<bool>
                 Ok(k) => tracing::debug!(rows = k, "purged old message statuses"),
                 Err(e) => tracing::warn!(error = %e, "status purge failed"),
             }
+            // A receipt subscription lives as long as the statuses it
+            // reports on.
+            let made_before = unix_now() - retention;
+            match courier.store.purge_receipt_subscriptions(made_before).await {
+                Ok(0) => {}
+                Ok(k) => tracing::debug!(rows = k, "purged old receipt subscriptions"),
+                Err(e) => tracing::warn!(error = %e, "receipt subscription purge failed"),
+            }
         }
     }
 }

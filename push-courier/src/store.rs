@@ -529,6 +529,16 @@ impl Store {
     }
 
     /// Deletes finished messages with a sequence number below `before`.
+    /// Forgets receipt subscriptions made before `before` (unix seconds).
+    pub async fn purge_receipt_subscriptions(&self, before: i64) -> Result<u64, Error> {
+        let r = sqlx::query("DELETE FROM receipt_subscriptions WHERE created_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(r.rows_affected())
+    }
+
     pub async fn purge(&self, before: i64) -> Result<u64, Error> {
         let r = sqlx::query("DELETE FROM messages WHERE seq < $1 AND state <> 0")
             .bind(before)

@@ -52,7 +52,14 @@ struct WebPushState {
     courier: Arc<Courier>,
     origin: String,
     verified: VerifiedCache<([u8; 65], i64)>,
+    /// Receipt subscriptions made per source (a VAPID key costs nothing
+    /// to make, so the key is no budget).
+    receipt_starts: std::sync::Mutex<wire::ratelimit::RateLimiter<std::net::IpAddr>>,
 }
+
+/// Receipt subscriptions one source address (IPv6: /64) may make per
+/// minute.
+const RECEIPT_SUBSCRIPTIONS_PER_MINUTE: u32 = 10;
 
 pub fn router(courier: Arc<Courier>) -> Router {
     let origin = origin_of(&courier.config.public_url);
@@ -60,6 +67,10 @@ pub fn router(courier: Arc<Courier>) -> Router {
         courier,
         origin,
         verified: VerifiedCache::new(VAPID_CACHE),
+        receipt_starts: std::sync::Mutex::new(wire::ratelimit::RateLimiter::new(
+            RECEIPT_SUBSCRIPTIONS_PER_MINUTE,
+            Duration::from_secs(60),
+        )),
     });
     Router::new()
         .route("/wp/receipts", post(new_receipt_subscription))
@@ -240,12 +251,28 @@ async fn push(
 
 async fn new_receipt_subscription(
     State(st): State<Arc<WebPushState>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
     let key = match st.vapid(&headers) {
         Ok(k) => k,
         Err(r) => return r,
     };
+    let source = wire::net::source_key(peer.ip());
+    let allowed = st
+        .receipt_starts
+        .lock()
+        .map(|mut l| l.take(source, std::time::Instant::now()))
+        .unwrap_or(false);
+    if !allowed {
+        let mut r = problem(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many receipt subscriptions from this address",
+        );
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("60"));
+        return r;
+    }
     let id = match random::<16>() {
         Ok(r) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r),
         Err(_) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "no randomness"),
@@ -325,10 +352,8 @@ async fn receipts(
                 .insert("content-type", HeaderValue::from_static("application/json"));
             return r;
         }
-        // Acks are written in the background; poll at least once a second.
-        let wait = deadline
-            .saturating_duration_since(tokio::time::Instant::now())
-            .min(Duration::from_secs(1));
+        // State changes wake us once committed; nothing to poll meanwhile.
+        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
         if wait.is_zero() {
             return StatusCode::NO_CONTENT.into_response();
         }

@@ -808,6 +808,26 @@ async fn web_push_protocol_rules() {
         seen.contains("\"delivered\"") && seen.contains("\"replaced\""),
         "{seen}"
     );
+    // Receipt subscriptions cost a row each and a VAPID key costs nothing
+    // to make: one address makes at most 10 a minute.
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let r = env
+            .curl(
+                "POST",
+                "/wp/receipts",
+                &[("authorization", good.clone())],
+                None,
+            )
+            .await;
+        statuses.push(r.status);
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        9,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1036,16 +1056,20 @@ async fn a_revoked_device_certificate_is_closed_and_refused() {
     quiet(&mut bystander, Duration::from_millis(200)).await;
 }
 
-/// A stranger's request is answered before its body is read (so no body
-/// is buffered for it), and one source holds a bounded share of the
-/// provider connections.
+/// A body that never ends holds its stream only until the body deadline
+/// (a stranger's is thrown away as it comes, never buffered), and one
+/// source holds a bounded share of the provider connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn strangers_are_refused_before_their_bodies_and_connections_are_capped() {
-    let env = Env::start(|c| c.max_provider_connections_per_source = 2).await;
+async fn stalled_bodies_are_bounded_and_connections_are_capped() {
+    let env = Env::start(|c| {
+        c.max_provider_connections_per_source = 2;
+        c.provider_body_timeout = Duration::from_millis(300);
+    })
+    .await;
     let mut h2 = env.provider_http2().await.unwrap();
     let path = format!("/3/device/{}", "ab".repeat(32));
     // Headers, 1 KiB of a 60 KiB body, and nothing more: the answer comes
-    // anyway (the old handler waited for the body that never came).
+    // at the deadline (the old handler waited for the body forever).
     let status = tokio::time::timeout(
         Duration::from_secs(5),
         h2.request_unfinished(
@@ -1056,9 +1080,28 @@ async fn strangers_are_refused_before_their_bodies_and_connections_are_capped() 
         ),
     )
     .await
-    .expect("answered before the body")
+    .expect("answered at the body deadline")
     .unwrap();
     assert_eq!(status, 403);
+    // A provider's stalled body gets IdleTimeout, as APNs says it.
+    let jwt = format!("bearer {}", env.jwt());
+    let status = tokio::time::timeout(
+        Duration::from_secs(5),
+        h2.request_unfinished(
+            "POST",
+            &path,
+            &[
+                ("content-length", "61440"),
+                ("apns-topic", TOPIC),
+                ("authorization", &jwt),
+            ],
+            vec![b'x'; 1024],
+        ),
+    )
+    .await
+    .expect("answered at the body deadline")
+    .unwrap();
+    assert_eq!(status, 400);
     // Two connections from this address are open; a third gets none.
     let _second = env.provider_http2().await.unwrap();
     let third = tokio::time::timeout(Duration::from_secs(5), env.provider_http2()).await;
