@@ -363,8 +363,8 @@ impl Ids {
             match raw.and_then(|r| v.redeem(&r, now).map(|h| (h, r))) {
                 Some(x) => out.push(x),
                 None => {
-                    for (h, r) in out {
-                        v.restore(r, h, now);
+                    for (_, r) in out {
+                        v.restore(r, now);
                     }
                     return Err(Error::Forbidden(
                         "a handle token is invalid, used or expired; verify the handle again"
@@ -379,8 +379,8 @@ impl Ids {
     fn restore(&self, tokens: Vec<(Handle, [u8; 32])>) {
         let now = Instant::now();
         let mut v = self.lock_verifications();
-        for (h, r) in tokens {
-            v.restore(r, h, now);
+        for (_, r) in tokens {
+            v.restore(r, now);
         }
     }
 

@@ -144,6 +144,9 @@ pub struct Verifications {
     key: hmac::Key,
     sessions: HashMap<SessionId, Session>,
     tokens: HashMap<[u8; 32], (Handle, Instant)>,
+    /// Tokens spent, until they would have expired: a request that spent
+    /// one and then failed puts it back with the lifetime it had left.
+    spent: HashMap<[u8; 32], (Handle, Instant)>,
     per_handle: RateLimiter<Handle>,
     per_ip: RateLimiter<IpAddr>,
     per_v6_48: RateLimiter<IpAddr>,
@@ -182,6 +185,7 @@ impl Verifications {
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
             sessions: HashMap::new(),
             tokens: HashMap::new(),
+            spent: HashMap::new(),
             config,
         }
     }
@@ -315,13 +319,22 @@ impl Verifications {
     /// Spends a handle token. Returns the handle it proves, once.
     pub fn redeem(&mut self, token: &[u8; 32], now: Instant) -> Option<Handle> {
         let (handle, until) = self.tokens.remove(token)?;
-        (now < until).then_some(handle)
+        if now >= until {
+            return None;
+        }
+        self.spent.insert(*token, (handle.clone(), until));
+        Some(handle)
     }
 
-    /// Puts a token back (the request that spent it failed for another reason).
-    pub fn restore(&mut self, token: [u8; 32], handle: Handle, now: Instant) {
-        self.tokens
-            .insert(token, (handle, now + self.config.token_ttl));
+    /// Puts a spent token back (the request that spent it failed for
+    /// another reason) with the lifetime it had: a lifetime is absolute,
+    /// so failing requests cannot keep a token alive.
+    pub fn restore(&mut self, token: [u8; 32], now: Instant) {
+        if let Some((handle, until)) = self.spent.remove(&token) {
+            if now < until {
+                self.tokens.insert(token, (handle, until));
+            }
+        }
     }
 
     pub fn state_of(&self, id: SessionId) -> Option<SessionState> {
@@ -333,6 +346,7 @@ impl Verifications {
         let ttl = self.config.session_ttl;
         self.sessions.retain(|_, s| now < s.started + ttl);
         self.tokens.retain(|_, (_, until)| now < *until);
+        self.spent.retain(|_, (_, until)| now < *until);
         self.per_handle.prune(now);
         self.per_ip.prune(now);
         self.per_v6_48.prune(now);
@@ -485,6 +499,26 @@ mod tests {
         let (s, _) = v.start(handle(), IP, t0, [1; 16], 1).unwrap();
         v.check(s.id, "000001", t0, [9; 32]).unwrap();
         assert_eq!(v.redeem(&[9; 32], t0 + Duration::from_secs(601)), None);
+    }
+
+    #[test]
+    fn a_restored_token_keeps_its_absolute_lifetime() {
+        let mut v = v();
+        let t0 = Instant::now();
+        let (s, _) = v.start(handle(), IP, t0, [1; 16], 1).unwrap();
+        v.check(s.id, "000001", t0, [9; 32]).unwrap();
+        // Spent and put back again and again by failing requests...
+        let mut now = t0;
+        for _ in 0..5 {
+            now += Duration::from_secs(100);
+            assert_eq!(v.redeem(&[9; 32], now), Some(handle()));
+            v.restore([9; 32], now);
+        }
+        // ...it still dies ten minutes after it was made.
+        assert_eq!(v.redeem(&[9; 32], t0 + Duration::from_secs(600)), None);
+        // A token never spent cannot be restored into existence.
+        v.restore([7; 32], now);
+        assert_eq!(v.redeem(&[7; 32], now), None);
     }
 
     #[test]
