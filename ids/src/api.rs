@@ -601,9 +601,13 @@ async fn turn_credentials(State(ids): S, Device { me, .. }: Device) -> R {
     .into_response())
 }
 
-async fn lookup(State(ids): S, Device { me, body }: Device) -> R {
+async fn lookup(
+    State(ids): S,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Device { me, body }: Device,
+) -> R {
     let req: Lookup = parse(&body)?;
-    let results = ids.lookup(&me, &req.handles).await?;
+    let results = ids.lookup(&me, peer.ip(), &req.handles).await?;
     let results: Vec<Value> = results
         .iter()
         .map(|(handle, r)| match r {
@@ -630,8 +634,16 @@ async fn lookup(State(ids): S, Device { me, body }: Device) -> R {
     ok(StatusCode::OK, json!({"results": results}))
 }
 
-async fn history(State(ids): S, Path(handle): Path<String>, _: Device) -> R {
+async fn history(
+    State(ids): S,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(handle): Path<String>,
+    Device { me, .. }: Device,
+) -> R {
     let h = wire::Handle::parse(&handle).map_err(|e| Error::BadRequest(e.to_string()))?;
+    // A history read says whether a handle exists, as a lookup does: it
+    // spends the same budget.
+    ids.spend_lookups(&me, peer.ip(), 1)?;
     let (proof, root) = ids
         .kt
         .history(&h.uri())

@@ -37,7 +37,9 @@ pub struct Config {
     pub publish_interval: Duration,
     /// Allowed clock skew of signed requests. Default 300 s.
     pub max_skew: Duration,
-    /// Handles a device may look up per minute. Default 600.
+    /// Handles an account (all its devices together) may look up per
+    /// minute, history reads included; a client address (IPv6: /64) may
+    /// look up four times that. Default 600.
     pub lookups_per_minute: u32,
     /// Handles per lookup request. Default 64.
     pub max_lookup_handles: usize,
@@ -149,7 +151,11 @@ pub struct Ids {
     ca: DeviceCa,
     sender: Box<dyn CodeSender>,
     verifications: Mutex<Verifications>,
-    lookups: Mutex<RateLimiter<DeviceId>>,
+    /// Lookups per account: a device id costs nothing to mint (link
+    /// another device), an account needs a proven handle.
+    lookups: Mutex<RateLimiter<String>>,
+    /// Lookups per client address, for accounts made in bulk.
+    lookups_by_source: Mutex<RateLimiter<std::net::IpAddr>>,
     rng: SystemRandom,
     notifier: OnceLock<Arc<dyn AccountNotifier>>,
     /// Active devices by identity key, as read for authentication. Cleared
@@ -240,6 +246,10 @@ impl Ids {
             verifications: Mutex::new(Verifications::new(config.verification.clone(), &key)),
             lookups: Mutex::new(RateLimiter::new(
                 config.lookups_per_minute,
+                Duration::from_secs(60),
+            )),
+            lookups_by_source: Mutex::new(RateLimiter::new(
+                config.lookups_per_minute.saturating_mul(4),
                 Duration::from_secs(60),
             )),
             config,
@@ -965,9 +975,38 @@ impl Ids {
         })
     }
 
+    /// Spends `n` lookups of the account's budget and of the client
+    /// address's (all or none of each); a refusal says when to retry.
+    pub fn spend_lookups(
+        &self,
+        me: &AuthedDevice,
+        source: std::net::IpAddr,
+        n: usize,
+    ) -> Result<(), Error> {
+        let now = Instant::now();
+        let source = wire::net::source_key(source);
+        let account = &me.device.account_id;
+        let mut a = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self
+            .lookups_by_source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Each bucket refills evenly; n lookups fit if the n-th would.
+        for _ in 0..n {
+            let wait = a.wait_time(account, now).max(s.wait_time(&source, now));
+            if !wait.is_zero() {
+                return Err(Error::RetryAfter(wait));
+            }
+            a.take(account.clone(), now);
+            s.take(source, now);
+        }
+        Ok(())
+    }
+
     pub async fn lookup(
         &self,
         me: &AuthedDevice,
+        source: std::net::IpAddr,
         handles: &[String],
     ) -> Result<Vec<(String, LookupResult)>, Error> {
         if handles.is_empty() || handles.len() > self.config.max_lookup_handles {
@@ -976,15 +1015,7 @@ impl Ids {
                 self.config.max_lookup_handles
             )));
         }
-        {
-            let now = Instant::now();
-            let mut l = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
-            for _ in handles {
-                if !l.take(me.device.id, now) {
-                    return Err(Error::RetryAfter(l.wait_time(&me.device.id, now)));
-                }
-            }
-        }
+        self.spend_lookups(me, source, handles.len())?;
         let mut out = Vec::with_capacity(handles.len());
         for input in handles {
             let h = match Handle::parse(input) {

@@ -1126,7 +1126,7 @@ async fn handles_links_limits_reset_and_delete() {
         .await;
     assert_eq!(s, 204);
 
-    // Lookups are counted per handle against the device's quota.
+    // Lookups are counted per handle against the account's quota.
     let sixty: Vec<String> = (0..60).map(|i| format!("nobody{i}@example.com")).collect();
     let (s, _) = lab
         .call(
@@ -1147,6 +1147,31 @@ async fn handles_links_limits_reset_and_delete() {
         .await;
     assert_eq!(s, 429, "{v}");
     assert!(v["retry_after"].as_u64().unwrap() >= 1);
+    // The quota is the account's: another of its devices (a device id
+    // costs nothing to mint) is refused too, history reads included;
+    // another account is not.
+    let (s, _) = lab
+        .call(
+            "POST",
+            "/v1/lookup",
+            Some(json!({"handles": ["nobody@example.com"]})),
+            Some(&a1),
+        )
+        .await;
+    assert_eq!(s, 429);
+    let (s, _) = lab
+        .call("GET", "/v1/history/bob@example.com", None, Some(&a1))
+        .await;
+    assert_eq!(s, 429);
+    let (s, _) = lab
+        .call(
+            "POST",
+            "/v1/lookup",
+            Some(json!({"handles": ["nobody@example.com"]})),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(s, 200);
 
     // Every device lost: prove the email again and reset. The old devices
     // are out, the old account's other handle becomes a tombstone.
