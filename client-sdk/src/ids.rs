@@ -100,6 +100,9 @@ pub struct IdsClient {
     /// go over mutual TLS instead of carrying a signature.
     certificate: Option<(PublicKey, tokio_rustls::TlsConnector)>,
     anchor: Option<TrustAnchor>,
+    /// Every root this client accepted: none may be older than the newest,
+    /// nor differ from one seen for the same epoch.
+    seen: transparency::SeenRoots,
 }
 
 /// A TLS 1.3 client trusting `roots`, presenting `identity` (a device's
@@ -178,6 +181,7 @@ impl IdsClient {
             roots,
             certificate: None,
             anchor: None,
+            seen: transparency::SeenRoots::default(),
         })
     }
 
@@ -536,6 +540,27 @@ impl IdsClient {
         self.anchor = Some(anchor);
     }
 
+    /// The newest directory epoch this client accepted: an app keeps it
+    /// across restarts and hands it to [`IdsClient::resume_from_epoch`],
+    /// so that an older (replayed) view is refused after a restart too.
+    pub fn highest_epoch(&self) -> u64 {
+        self.seen.highest_epoch()
+    }
+
+    /// Refuses any root older than `epoch` from now on.
+    pub fn resume_from_epoch(&mut self, epoch: u64) {
+        if epoch > self.seen.highest_epoch() {
+            self.seen = transparency::SeenRoots::starting_at(epoch);
+        }
+    }
+
+    /// A root whose signature verified joins what this client has seen.
+    fn observe(&mut self, root: &SignedRoot) -> Result<(), IdsError> {
+        self.seen
+            .observe(root)
+            .map_err(|e| IdsError::Transparency(e.to_string()))
+    }
+
     /// Looks handles up and verifies each proof and list before any key
     /// is returned. A handle that is not found has no entry.
     pub async fn lookup(
@@ -567,6 +592,7 @@ impl IdsClient {
             let root = root_of(&r["root"])?;
             let verified = transparency::verify_lookup(&anchor, &root, &handle.uri(), &proof)
                 .map_err(|e| IdsError::Transparency(e.to_string()))?;
+            self.observe(&root)?;
             let devices = match verified.value {
                 DirectoryValue::Active(l) => l
                     .list
@@ -608,6 +634,7 @@ impl IdsClient {
         let root = root_of(&v["root"])?;
         let history = transparency::verify_history(&anchor, &root, &handle.uri(), &proof)
             .map_err(|e| IdsError::Transparency(e.to_string()))?;
+        self.observe(&root)?;
         Ok(transparency::unapproved_changes(
             &history,
             since_epoch,

@@ -1501,6 +1501,16 @@ async fn the_sdk_refuses_forged_lists_and_its_audit_catches_an_injected_device()
             .any(|f| matches!(f, Unapproved::AccountKey { .. })),
         "{findings:?}"
     );
+
+    // A client that has seen a newer epoch than the directory shows it
+    // (a replayed lookup, or a server that rolled back) refuses the view.
+    assert!(sdk.highest_epoch() > 0);
+    let mut ahead = sdk.clone();
+    ahead.resume_from_epoch(sdk.highest_epoch() + 1000);
+    match ahead.lookup(&alice_key, std::slice::from_ref(&bob_h)).await {
+        Err(IdsError::Transparency(e)) if e.contains("stale") => {}
+        other => panic!("an older view must be refused, got {other:?}"),
+    }
 }
 
 /// Records what ids would push about account changes.

@@ -12,7 +12,12 @@
 //! 1. the epoch root is signed by the anchor's root key;
 //! 2. the akd proof verifies against that root for the handle's label;
 //! 3. the value is an active device list whose signature verifies under
-//!    its account key, and which names the handle that was looked up.
+//!    its account key, and which names the handle that was looked up;
+//! 4. the root is no older than the newest this client has seen, and is
+//!    the same root it saw before for that epoch ([`SeenRoots`]): an old
+//!    signed root and its proof still verify (one still listing a removed
+//!    device, say), and two different trees signed for one epoch are a
+//!    split view.
 
 use akd_core::proto::specs::types as pb;
 use akd_core::{AkdLabel, DomainLabel, ExperimentalConfiguration};
@@ -51,6 +56,10 @@ pub enum KtError {
     WrongHandle(String),
     #[error("history does not end at the looked-up value")]
     HistoryMismatch,
+    #[error("the directory answered from epoch {got} after this client saw epoch {seen}: a stale or replayed view")]
+    StaleRoot { seen: u64, got: u64 },
+    #[error("the directory signed two different roots for epoch {0}: a split view")]
+    ForkedRoot(u64),
 }
 
 /// What a client pins for a deployment.
@@ -86,6 +95,57 @@ impl SignedRoot {
                 &self.signature,
             )
             .map_err(|_| KtError::RootSignature)
+    }
+}
+
+/// The roots a client has accepted: the newest epoch, and the root hash
+/// of the most recent epochs. Keep one per client (an app persists
+/// [`SeenRoots::highest_epoch`] across restarts and passes it back with
+/// [`SeenRoots::starting_at`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeenRoots {
+    highest: u64,
+    recent: std::collections::BTreeMap<u64, [u8; 32]>,
+}
+
+/// Root hashes kept for fork detection.
+const SEEN_ROOTS: usize = 1024;
+
+impl SeenRoots {
+    /// A client that has seen up to `epoch` before (0: nothing).
+    pub fn starting_at(epoch: u64) -> SeenRoots {
+        SeenRoots {
+            highest: epoch,
+            recent: Default::default(),
+        }
+    }
+
+    /// Accepts a root whose signature verified, or says why not: older
+    /// than the newest seen, or another hash for an epoch seen before.
+    pub fn observe(&mut self, root: &SignedRoot) -> Result<(), KtError> {
+        if let Some(h) = self.recent.get(&root.epoch) {
+            if *h != root.root_hash {
+                return Err(KtError::ForkedRoot(root.epoch));
+            }
+            return Ok(());
+        }
+        if root.epoch < self.highest {
+            return Err(KtError::StaleRoot {
+                seen: self.highest,
+                got: root.epoch,
+            });
+        }
+        self.highest = root.epoch;
+        self.recent.insert(root.epoch, root.root_hash);
+        while self.recent.len() > SEEN_ROOTS {
+            self.recent.pop_first();
+        }
+        Ok(())
+    }
+
+    /// The newest epoch accepted.
+    pub fn highest_epoch(&self) -> u64 {
+        self.highest
     }
 }
 
@@ -221,4 +281,42 @@ pub fn unapproved_changes(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(epoch: u64, h: u8) -> SignedRoot {
+        SignedRoot {
+            epoch,
+            root_hash: [h; 32],
+            signature: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn roots_must_not_go_back_nor_fork() {
+        let mut seen = SeenRoots::default();
+        seen.observe(&root(5, 1)).unwrap();
+        seen.observe(&root(7, 2)).unwrap();
+        // The same root again is fine, newer ones too.
+        seen.observe(&root(7, 2)).unwrap();
+        seen.observe(&root(5, 1)).unwrap();
+        // A replayed older epoch never seen is stale.
+        assert_eq!(
+            seen.observe(&root(6, 9)),
+            Err(KtError::StaleRoot { seen: 7, got: 6 })
+        );
+        // Another tree for an epoch already seen is a fork.
+        assert_eq!(seen.observe(&root(7, 3)), Err(KtError::ForkedRoot(7)));
+        assert_eq!(seen.highest_epoch(), 7);
+        // An app that persisted its highest epoch starts from it.
+        let mut again = SeenRoots::starting_at(7);
+        assert!(matches!(
+            again.observe(&root(3, 1)),
+            Err(KtError::StaleRoot { .. })
+        ));
+        again.observe(&root(8, 4)).unwrap();
+    }
 }
