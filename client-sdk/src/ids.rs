@@ -58,11 +58,24 @@ pub struct Registered {
 pub struct Claim {
     pub link: String,
     pub device: DeviceId,
+    /// The name the new device gave itself (the service relays it).
+    pub name: String,
     pub identity_key: wire::keys::PublicKey,
     pub transfer_key: Vec<u8>,
 }
 
 impl Claim {
+    /// The digits the new device shows for this claim if it is the new
+    /// device's own (see [`wire::key_transfer::link_fingerprint`]).
+    pub fn fingerprint(&self, code: &str) -> String {
+        wire::key_transfer::link_fingerprint(
+            code,
+            self.device,
+            &self.identity_key,
+            &self.transfer_key,
+        )
+    }
+
     /// Whether this claim is on `code`, as [`IdsClient::create_link`]
     /// returned it (the service names links by the code's SHA-256).
     pub fn is_for(&self, code: &str) -> bool {
@@ -366,7 +379,9 @@ impl IdsClient {
     }
 
     /// The new device claims the code with its identity key and a
-    /// transfer key for receiving the account key.
+    /// transfer key for receiving the account key. Returns the link
+    /// fingerprint the new device must show: the person types it on the
+    /// approving device, which approves only the claim it matches.
     pub async fn claim_link(
         &self,
         code: &str,
@@ -374,7 +389,7 @@ impl IdsClient {
         key: &SigningKey,
         transfer: &wire::key_transfer::TransferKey,
         name: &str,
-    ) -> Result<(), IdsError> {
+    ) -> Result<String, IdsError> {
         self.expect(
             202,
             "POST",
@@ -387,7 +402,12 @@ impl IdsClient {
             Some(key),
         )
         .await?;
-        Ok(())
+        Ok(wire::key_transfer::link_fingerprint(
+            code,
+            device,
+            &key.public(),
+            transfer.public(),
+        ))
     }
 
     /// The account's current device list, as this device's account key
@@ -434,6 +454,7 @@ impl IdsClient {
             out.push(Claim {
                 link: str_field(&c, "link")?.to_string(),
                 device,
+                name: c["name"].as_str().unwrap_or("").to_string(),
                 identity_key: wire::keys::PublicKey::from_b64(str_field(&c, "identity_key")?)
                     .map_err(|e| IdsError::Protocol(e.to_string()))?,
                 transfer_key: B64
@@ -444,16 +465,30 @@ impl IdsClient {
         Ok(out)
     }
 
-    /// Approves a claim: the account's new list (`current` plus the
-    /// device, next sequence number) and the account key sealed to the
-    /// new device. Returns the new list.
+    /// Approves a claim on `code`: the account's new list (`current` plus
+    /// the device, next sequence number) and the account key sealed to the
+    /// new device. `confirmed` is the fingerprint the person read on the
+    /// new device and typed here: a claim it does not match (one the
+    /// service injected or altered) is refused and nothing is sealed.
+    /// Returns the new list.
     pub async fn approve(
         &self,
         key: &SigningKey,
         account: &SigningKey,
         current: &DeviceList,
         claim: &Claim,
+        code: &str,
+        confirmed: &str,
     ) -> Result<DeviceList, IdsError> {
+        if !claim.is_for(code)
+            || !wire::key_transfer::same_fingerprint(&claim.fingerprint(code), confirmed)
+        {
+            return Err(IdsError::Transparency(
+                "the claim on this link code is not the one the new device shows \
+                 (its fingerprint differs): not approved"
+                    .into(),
+            ));
+        }
         let mut list = current.clone();
         list.seq += 1;
         list.devices.push(DeviceEntry {
@@ -514,6 +549,67 @@ impl IdsClient {
                 return Err(IdsError::Connect("no approval in time".into()));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The new device, once approved, checks what it was given against
+    /// the directory: a verified lookup of `handle` must publish a list
+    /// signed by `account` that names this device. A service that sealed
+    /// its own account key to the new device, or never published it, is
+    /// found out here. Waits (bounded by `max`) for the next epoch.
+    pub async fn verify_joined(
+        &mut self,
+        key: &SigningKey,
+        handle: &Handle,
+        account: &SigningKey,
+        device: DeviceId,
+        max: Duration,
+    ) -> Result<(), IdsError> {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let anchor = self.anchor().await?;
+            let names = [handle.as_str()];
+            let v = self
+                .expect(
+                    200,
+                    "POST",
+                    "/v1/lookup",
+                    Some(json!({"handles": names})),
+                    Some(key),
+                )
+                .await?;
+            if let Some(r) = v["results"]
+                .as_array()
+                .and_then(|a| a.first())
+                .filter(|r| r["status"] == "found")
+            {
+                let proof = B64
+                    .decode(str_field(r, "proof")?)
+                    .map_err(|e| IdsError::Protocol(e.to_string()))?;
+                let root = root_of(&r["root"])?;
+                let verified = transparency::verify_lookup(&anchor, &root, &handle.uri(), &proof)
+                    .map_err(|e| IdsError::Transparency(e.to_string()))?;
+                self.observe(&root)?;
+                if let DirectoryValue::Active(l) = verified.value {
+                    if l.list.account_key != account.public() {
+                        return Err(IdsError::Transparency(format!(
+                            "the account key this device received is not the one the directory \
+                             publishes for {}",
+                            handle.as_str()
+                        )));
+                    }
+                    if l.list.device(device).is_some() {
+                        return Ok(());
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(IdsError::Transparency(format!(
+                    "the directory does not list this device for {} yet",
+                    handle.as_str()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

@@ -1599,3 +1599,131 @@ async fn concurrent_list_updates_commit_once_postgres() {
     let pg = parley_tests::postgres::Postgres::start("ids-race");
     concurrent_list_updates_commit_once(Lab::start("race-postgres", Some(pg.url())).await).await;
 }
+
+/// Linking a device while the service plays against it: the service puts
+/// its own device and transfer key in place of the new device's claim.
+/// The approver's person types the digits the new device shows; they are
+/// not the swapped claim's, so nothing is approved or sealed, and the new
+/// device's wait ends unapproved. An honest link then goes through, and
+/// the new device checks the account key it received against the
+/// directory (a key the service sealed of its own would not match).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_the_service_put_in_place_is_refused_and_the_new_device_checks_its_account() {
+    use client_sdk::ids::{IdsClient, IdsError};
+    use wire::key_transfer::TransferKey;
+    let lab = Lab::start("link-mitm", None).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in client_sdk::ids::pem_certs(&lab.ca_pem).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let sdk = IdsClient::new(lab.addr, "localhost", roots).unwrap();
+    let alice_h = wire::Handle::parse("alice@example.com").unwrap();
+    let token = lab.prove(alice_h.as_str()).await;
+    let account = SigningKey::generate();
+    let a1 = SigningKey::generate();
+    let a1_id = DeviceId::random();
+    sdk.create_account(
+        &account,
+        a1_id,
+        &a1,
+        std::slice::from_ref(&alice_h),
+        &[token],
+        "laptop",
+    )
+    .await
+    .unwrap();
+
+    // The new device claims the code and shows its fingerprint.
+    let code = sdk.create_link(&a1).await.unwrap();
+    let (b, b_id, b_transfer) = (
+        SigningKey::generate(),
+        DeviceId::random(),
+        TransferKey::generate(),
+    );
+    let shown = sdk
+        .claim_link(&code, b_id, &b, &b_transfer, "phone")
+        .await
+        .unwrap();
+    // The service swaps in its own device.
+    let evil = SigningKey::generate();
+    let evil_id = DeviceId([0xee; 16]);
+    let evil_transfer = TransferKey::generate();
+    {
+        let server = lab.server.as_ref().unwrap();
+        let mut tx = server.ids.store.begin().await.unwrap();
+        sqlx::query(
+            "UPDATE links SET claim_device = $1, claim_key = $2, claim_transfer_key = $3 \
+             WHERE claim_key IS NOT NULL",
+        )
+        .bind(evil_id.to_string())
+        .bind(evil.public().0.to_vec())
+        .bind(evil_transfer.public().to_vec())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let claims = sdk.pending_claims(&a1).await.unwrap();
+    let claim = claims.iter().find(|c| c.is_for(&code)).unwrap();
+    assert_eq!(claim.device, evil_id, "the approver sees the swapped claim");
+    assert_ne!(claim.fingerprint(&code), shown);
+    let current = sdk.account_list(&a1, &account).await.unwrap();
+    match sdk
+        .approve(&a1, &account, &current, claim, &code, &shown)
+        .await
+    {
+        Err(IdsError::Transparency(e)) => assert!(e.contains("fingerprint"), "{e}"),
+        other => panic!("a swapped claim must not be approved, got {other:?}"),
+    }
+    assert_eq!(
+        sdk.account_list(&a1, &account).await.unwrap().devices.len(),
+        1,
+        "nothing was approved"
+    );
+    match sdk
+        .await_approval(&code, &b, b_transfer, Duration::from_millis(500))
+        .await
+    {
+        // Its claim is gone from the service: it says so.
+        Err(IdsError::Refused { status: 404, .. }) => {}
+        other => panic!("the new device must not be approved, got {other:?}"),
+    }
+
+    // An honest link: approved with the digits the new device shows.
+    let code = sdk.create_link(&a1).await.unwrap();
+    let (c, c_id, c_transfer) = (
+        SigningKey::generate(),
+        DeviceId::random(),
+        TransferKey::generate(),
+    );
+    let shown = sdk
+        .claim_link(&code, c_id, &c, &c_transfer, "tablet")
+        .await
+        .unwrap();
+    let claims = sdk.pending_claims(&a1).await.unwrap();
+    let claim = claims.iter().find(|x| x.is_for(&code)).unwrap();
+    assert_eq!(claim.name, "tablet");
+    sdk.approve(&a1, &account, &current, claim, &code, &shown)
+        .await
+        .unwrap();
+    let (reg, received) = sdk
+        .await_approval(&code, &c, c_transfer, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(reg.device_id, c_id);
+    // The new device checks the account key against the directory: the
+    // one it received is published; another would not be.
+    let mut c_sdk = sdk.clone();
+    c_sdk
+        .verify_joined(&c, &alice_h, &received, c_id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let foreign = SigningKey::generate();
+    match c_sdk
+        .verify_joined(&c, &alice_h, &foreign, c_id, Duration::from_secs(2))
+        .await
+    {
+        Err(IdsError::Transparency(e)) => assert!(e.contains("account key"), "{e}"),
+        other => panic!("a foreign account key must be refused, got {other:?}"),
+    }
+}

@@ -395,7 +395,10 @@ async fn activate(args: &ClientArgs, a: &ActivateArgs) -> Result<()> {
             let code = match (&a.code, &a.outbox) {
                 (Some(c), _) => c.clone(),
                 (None, Some(dir)) => read_code(dir, &handle).await?,
-                (None, None) => prompt("the 6-digit code: ")?,
+                (None, None) => prompt(
+                    "the 6-digit code: ",
+                    "no code given (pass --code, or --outbox for a development server)",
+                )?,
             };
             let token = ids.check_verification(&id, code.trim()).await?;
             say(start, "handle proven");
@@ -406,12 +409,32 @@ async fn activate(args: &ClientArgs, a: &ActivateArgs) -> Result<()> {
             let key = SigningKey::generate();
             let device = DeviceId::random();
             let transfer = wire::key_transfer::TransferKey::generate();
-            ids.claim_link(code, device, &key, &transfer, &a.name)
+            let fingerprint = ids
+                .claim_link(code, device, &key, &transfer, &a.name)
                 .await?;
-            say(start, "link code claimed; waiting for the approving device");
+            say(
+                start,
+                format!(
+                    "link fingerprint: {fingerprint} (type it on the approving device); waiting for the approval"
+                ),
+            );
             let (reg, account) = ids
                 .await_approval(code, &key, transfer, Duration::from_secs(a.wait))
                 .await?;
+            // What arrived must be what the directory publishes for the
+            // handle: the account key, and this device in its list.
+            ids.verify_joined(
+                &key,
+                &handle,
+                &account,
+                reg.device_id,
+                Duration::from_secs(a.wait.min(60)),
+            )
+            .await?;
+            say(
+                start,
+                "the directory lists this device under the account key it received",
+            );
             let me = Identity {
                 device: reg.device_id,
                 key,
@@ -444,14 +467,16 @@ async fn activate(args: &ClientArgs, a: &ActivateArgs) -> Result<()> {
     Ok(())
 }
 
-fn prompt(what: &str) -> Result<String> {
+/// Asks on stderr and reads a line from stdin; `missing` says what to do
+/// when nothing comes.
+fn prompt(what: &str, missing: &str) -> Result<String> {
     use std::io::{BufRead, Write};
     eprint!("{what}");
     std::io::stderr().flush()?;
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
     if line.trim().is_empty() {
-        bail!("no code given (pass --code, or --outbox for a development server)");
+        bail!("{missing}");
     }
     Ok(line)
 }
@@ -488,13 +513,26 @@ async fn approve(args: &ClientArgs, a: &ApproveArgs) -> Result<()> {
     say(
         start,
         format!(
-            "device {} (key {}) claimed the code; approving",
+            "device {} \"{}\" (key {}) claimed the code",
             claim.device,
+            claim.name,
             claim.identity_key.fingerprint()
         ),
     );
+    // The person confirms the claim is the device in their hand: the
+    // digits it shows must be this claim's (the service relays claims and
+    // could put its own in their place).
+    let typed = tokio::task::spawn_blocking(|| {
+        prompt(
+            "type the link fingerprint the new device shows: ",
+            "no fingerprint typed: nothing approved",
+        )
+    })
+    .await??;
     let current = ids.account_list(&me.key, &account).await?;
-    let list = ids.approve(&me.key, &account, &current, &claim).await?;
+    let list = ids
+        .approve(&me.key, &account, &current, &claim, &code, &typed)
+        .await?;
     say(
         start,
         format!("approved: the account has {} devices", list.devices.len()),

@@ -307,7 +307,9 @@ async fn scenario(
     let phone_device = DeviceId::random();
     let transfer = wire::key_transfer::TransferKey::generate();
     let code = ids.create_link(&laptop_id.key).await?;
-    ids.claim_link(&code, phone_device, &phone_key, &transfer, "Bob's phone")
+    // The phone shows its link fingerprint; Bob types it on the laptop.
+    let shown = ids
+        .claim_link(&code, phone_device, &phone_key, &transfer, "Bob's phone")
         .await?;
     let claim = ids
         .pending_claims(&laptop_id.key)
@@ -315,14 +317,31 @@ async fn scenario(
         .into_iter()
         .find(|c| c.device == phone_device)
         .ok_or_else(|| anyhow!("the phone's claim did not reach the laptop"))?;
-    ids.approve(&laptop_id.key, &bob_account, &bob_list, &claim)
-        .await?;
+    ids.approve(
+        &laptop_id.key,
+        &bob_account,
+        &bob_list,
+        &claim,
+        &code,
+        &shown,
+    )
+    .await?;
     let (phone_reg, phone_account) = ids
         .await_approval(&code, &phone_key, transfer, Duration::from_secs(10))
         .await?;
     if phone_account.public() != bob_account.public() {
         bail!("the phone did not receive Bob's account key");
     }
+    let mut phone_ids = ids.clone();
+    phone_ids
+        .verify_joined(
+            &phone_key,
+            &bob_h,
+            &phone_account,
+            phone_reg.device_id,
+            Duration::from_secs(10),
+        )
+        .await?;
     let phone_id = Identity {
         device: phone_reg.device_id,
         key: phone_key,

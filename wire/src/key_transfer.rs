@@ -12,15 +12,62 @@
 //! ```
 //!
 //! Each derived key seals exactly one message, so the nonce is fixed.
+//!
+//! The server relays the claim too, so the approver must know the claim
+//! it seals to is the new device's own, not one the server put in its
+//! place: the new device shows a [`link_fingerprint`] of the code and its
+//! keys, the approving device computes the same from the claim it sees, and
+//! the person confirms they match (typing the new device's digits) before
+//! anything is sealed — the numeric comparison of Bluetooth pairing, over
+//! the two screens the person holds. 64 bits: a server cannot grind keys
+//! of its own to the same digits in the link's lifetime.
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, ECDH_P256};
 use ring::hkdf;
 use ring::rand::SystemRandom;
 
-use crate::keys::{DeviceId, SigningKey, PUBLIC_KEY_LEN};
+use crate::keys::{DeviceId, PublicKey, SigningKey, PUBLIC_KEY_LEN};
 
 const INFO: &[u8] = b"parley-account-key-transfer-v1";
+const FINGERPRINT_CONTEXT: &[u8] = b"parley-link-fingerprint-v1\0";
+
+/// The 20 digits (four groups of five) that commit to a link claim: the
+/// link code (as typed, case and separators aside), the new device's id,
+/// identity key and transfer key.
+pub fn link_fingerprint(
+    code: &str,
+    device: DeviceId,
+    identity_key: &PublicKey,
+    transfer_key: &[u8],
+) -> String {
+    let code: String = code
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(FINGERPRINT_CONTEXT);
+    ctx.update(&(code.len() as u32).to_be_bytes());
+    ctx.update(code.as_bytes());
+    ctx.update(&device.0);
+    ctx.update(&identity_key.0);
+    ctx.update(transfer_key);
+    let d = ctx.finish();
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&d.as_ref()[..8]);
+    let digits = format!("{:020}", u64::from_be_bytes(n));
+    let groups: Vec<&str> = (0..4).map(|i| &digits[i * 5..i * 5 + 5]).collect();
+    groups.join(" ")
+}
+
+/// Whether what a person typed is `fingerprint` (digits compared, spaces
+/// and dashes ignored).
+pub fn same_fingerprint(fingerprint: &str, typed: &str) -> bool {
+    let digits = |s: &str| -> String { s.chars().filter(char::is_ascii_digit).collect() };
+    let (a, b) = (digits(fingerprint), digits(typed));
+    a.len() == 20 && a == b
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransferError {
@@ -143,6 +190,41 @@ fn derive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_fingerprint_commits_to_the_code_and_both_keys() {
+        let id = DeviceId([3; 16]);
+        let key = SigningKey::generate().public();
+        let t = TransferKey::generate();
+        let fp = link_fingerprint("ABCD-EFGH-JKMN-PQRS", id, &key, t.public());
+        assert_eq!(fp.len(), 23);
+        // The code as the person typed it.
+        assert_eq!(
+            fp,
+            link_fingerprint("abcd efgh jkmn pqrs", id, &key, t.public())
+        );
+        assert!(same_fingerprint(&fp, &fp.replace(' ', "-")));
+        assert!(!same_fingerprint(&fp, "1234"));
+        // Anything else gives other digits.
+        let other = TransferKey::generate();
+        assert_ne!(
+            fp,
+            link_fingerprint("ABCD-EFGH-JKMN-PQRS", id, &key, other.public())
+        );
+        let other_key = SigningKey::generate().public();
+        assert_ne!(
+            fp,
+            link_fingerprint("ABCD-EFGH-JKMN-PQRS", id, &other_key, t.public())
+        );
+        assert_ne!(
+            fp,
+            link_fingerprint("ABCD-EFGH-JKMN-PQRT", id, &key, t.public())
+        );
+        assert_ne!(
+            fp,
+            link_fingerprint("ABCD-EFGH-JKMN-PQRS", DeviceId([4; 16]), &key, t.public())
+        );
+    }
 
     #[test]
     fn the_new_device_recovers_the_account_key() {
