@@ -22,7 +22,7 @@ use wire::transparency::SignedRoot;
 use wire::{DeviceId, PublicKey};
 
 use crate::error::Error;
-use crate::service::{AuthedDevice, Ids, LookupResult, Registered};
+use crate::service::{AuthedDevice, Ids, LookupResult, Registered, ResetOutcome};
 
 /// The OpenAPI document, served as is.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -38,6 +38,10 @@ pub fn router(ids: Arc<Ids>) -> Router {
         .route("/v1/verifications/{id}/check", post(check_verification))
         .route("/v1/accounts", post(create_account))
         .route("/v1/accounts/reset", post(reset_account))
+        .route("/v1/accounts/reset/{id}", get(reset_status))
+        .route("/v1/account/resets", get(list_resets))
+        .route("/v1/account/resets/{id}/approve", post(approve_reset))
+        .route("/v1/account/resets/{id}/cancel", post(cancel_reset))
         .route("/v1/account", get(account).delete(delete_account))
         .route("/v1/account/device-list", put(update_device_list))
         .route("/v1/account/links", post(create_link).get(list_links))
@@ -354,7 +358,9 @@ async fn reset_account(State(ids): S, signed: Signed) -> R {
     register(&ids, signed, true).await
 }
 
-/// `POST /v1/accounts` and `/v1/accounts/reset` take the same body.
+/// `POST /v1/accounts` and `/v1/accounts/reset` take the same body. A
+/// reset of an account that still has devices is 202: it waits for them
+/// (see `GET /v1/accounts/reset/{id}`).
 async fn register(ids: &Ids, Signed { key, body }: Signed, reset: bool) -> R {
     let req: CreateAccount = parse(&body)?;
     let list = b64("device_list", &req.device_list)?;
@@ -363,12 +369,58 @@ async fn register(ids: &Ids, Signed { key, body }: Signed, reset: bool) -> R {
         &req.device.name,
         &req.device.capabilities,
     );
-    let r = if reset {
-        ids.reset_account(&key, tokens, &list, name, caps).await?
-    } else {
-        ids.create_account(&key, tokens, &list, name, caps).await?
-    };
+    if reset {
+        return reset_answer(ids.reset_account(&key, tokens, &list, name, caps).await?);
+    }
+    let r = ids.create_account(&key, tokens, &list, name, caps).await?;
     ok(StatusCode::CREATED, registered_json(&r))
+}
+
+fn reset_answer(r: ResetOutcome) -> R {
+    match r {
+        ResetOutcome::Done(r) => ok(StatusCode::CREATED, registered_json(&r)),
+        ResetOutcome::Pending { id, effective_at } => ok(
+            StatusCode::ACCEPTED,
+            json!({"reset": id, "status": "pending", "effective_at": effective_at}),
+        ),
+        ResetOutcome::Cancelled => {
+            Err(Error::Gone("a device of the account cancelled this reset".into()).into())
+        }
+    }
+}
+
+/// The new device's view of its reset: 202 while it waits, 201 with its
+/// registration once done, 410 if cancelled.
+async fn reset_status(State(ids): S, Path(id): Path<String>, Signed { key, .. }: Signed) -> R {
+    reset_answer(ids.reset_status(&key, &id).await?)
+}
+
+/// Resets waiting to retire this device's account.
+async fn list_resets(State(ids): S, Device { me, .. }: Device) -> R {
+    let resets: Vec<Value> = ids
+        .resets_for(&me)
+        .await?
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.id,
+                "device_name": r.name,
+                "requested_at": r.created_at,
+                "effective_at": r.effective_at,
+            })
+        })
+        .collect();
+    ok(StatusCode::OK, json!({"resets": resets}))
+}
+
+async fn approve_reset(State(ids): S, Path(id): Path<String>, Device { me, .. }: Device) -> R {
+    ids.approve_reset(&me, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn cancel_reset(State(ids): S, Path(id): Path<String>, Device { me, .. }: Device) -> R {
+    ids.cancel_reset(&me, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 fn device_json(d: &crate::store::DeviceRow) -> Value {

@@ -45,6 +45,10 @@ pub struct Config {
     pub max_lookup_handles: usize,
     /// Link code lifetime. Default 10 min.
     pub link_ttl: Duration,
+    /// How long a reset of an account that still has devices waits before
+    /// it takes effect, unless one of them approves (or cancels) it.
+    /// Default 7 days (Signal's registration lock lasts as long).
+    pub reset_delay: Duration,
     /// Devices per account. Default 16 (the format allows 32).
     pub max_devices: usize,
     /// Where the development sender writes codes.
@@ -95,6 +99,7 @@ impl Default for Config {
             lookups_per_minute: 600,
             max_lookup_handles: 64,
             link_ttl: Duration::from_secs(600),
+            reset_delay: Duration::from_secs(7 * 24 * 3600),
             max_devices: 16,
             outbox: PathBuf::from("parley-data/outbox"),
             turn: TurnConfig {
@@ -128,6 +133,27 @@ pub struct Registered {
     pub device_id: DeviceId,
     pub certificate: String,
     pub ca: String,
+}
+
+/// What a reset request became.
+#[derive(Debug, Clone)]
+pub enum ResetOutcome {
+    /// Done at once: the old accounts had no device left.
+    Done(Registered),
+    /// Waiting until `effective_at` (unix seconds) for the old accounts'
+    /// devices to approve or cancel it.
+    Pending { id: String, effective_at: i64 },
+    /// A device of the account cancelled it.
+    Cancelled,
+}
+
+/// How an account is made: fresh, by a reset at once, or by a pending
+/// reset `id` coming due (done once, in the account's transaction).
+#[derive(Clone, Copy, Debug)]
+enum Creation<'a> {
+    New,
+    Reset,
+    PendingReset(&'a str),
 }
 
 /// One looked-up handle.
@@ -476,6 +502,12 @@ impl Ids {
     /// Lost every device: prove a handle again and start over with a new
     /// account key. Every device of the old account is removed and told so;
     /// the old account's other handles are deleted.
+    ///
+    /// Proving a handle is not proving you are its owner (a SIM swap, a
+    /// stolen mailbox): while the old account still has devices, the reset
+    /// waits [`Config::reset_delay`], and those devices are told at once
+    /// and may approve it (it is done then) or cancel it — what Signal's
+    /// registration lock and WhatsApp's new-device notices do.
     pub async fn reset_account(
         &self,
         key: &PublicKey,
@@ -483,9 +515,186 @@ impl Ids {
         device_list: &[u8],
         name: &str,
         capabilities: &[String],
-    ) -> Result<Registered, Error> {
-        self.register(key, handle_tokens, device_list, name, capabilities, true)
+    ) -> Result<ResetOutcome, Error> {
+        let list = parse_signed_list(device_list)?;
+        let me = single_device(&list, key)?;
+        let proven = self.redeem(handle_tokens)?;
+        let r = self
+            .reset_inner(&list, me, &proven, name, capabilities)
+            .await;
+        if r.is_err() {
+            self.restore(proven);
+        }
+        r
+    }
+
+    async fn reset_inner(
+        &self,
+        list: &SignedDeviceList,
+        me: DeviceId,
+        proven: &[(Handle, [u8; 32])],
+        name: &str,
+        capabilities: &[String],
+    ) -> Result<ResetOutcome, Error> {
+        let proven_uris: BTreeSet<String> = proven.iter().map(|(h, _)| h.uri()).collect();
+        check_proven(list, &proven_uris)?;
+        let mut guarded = Vec::new();
+        let mut active = Vec::new();
+        for uri in &proven_uris {
+            let Some(a) = self.store.account_of_handle(uri).await? else {
+                continue;
+            };
+            let devices: Vec<DeviceRow> = self
+                .store
+                .devices_of(&a)
+                .await?
+                .into_iter()
+                .filter(|d| d.revoked_at.is_none())
+                .collect();
+            if !devices.is_empty() && !guarded.contains(&a) {
+                guarded.push(a);
+                active.extend(devices);
+            }
+        }
+        if guarded.is_empty() {
+            let r = self
+                .create_account_inner(list, me, &proven_uris, name, capabilities, Creation::Reset)
+                .await?;
+            return Ok(ResetOutcome::Done(r));
+        }
+        let now = unix_now();
+        let row = crate::store::ResetRow {
+            id: wire::keys::hex(&self.random::<16>()),
+            device_key: list.list.devices[0].identity_key.0.to_vec(),
+            list: list.encode(),
+            name: clean_name(name)?,
+            capabilities: caps_json(capabilities)?,
+            accounts: guarded.clone(),
+            created_at: now,
+            effective_at: now + self.config.reset_delay.as_secs() as i64,
+            state: crate::store::ResetState::Pending,
+            result: None,
+        };
+        self.store.insert_reset(&row).await?;
+        let mut t = self.store.begin().await?;
+        for a in &guarded {
+            tx::event(&mut t, a, "reset_requested", None, now).await?;
+        }
+        t.commit().await.map_err(Error::db)?;
+        tracing::info!(accounts = guarded.len(), "account reset requested; waiting");
+        self.tell(
+            &active,
+            vec![AccountEvent {
+                kind: "reset_requested",
+                device: None,
+            }],
+        );
+        Ok(ResetOutcome::Pending {
+            id: row.id,
+            effective_at: row.effective_at,
+        })
+    }
+
+    /// The new device asks how its reset is doing; a reset whose delay is
+    /// over is done now.
+    pub async fn reset_status(&self, key: &PublicKey, id: &str) -> Result<ResetOutcome, Error> {
+        let row = self
+            .store
+            .reset(id)
+            .await?
+            .filter(|r| r.device_key[..] == key.0[..])
+            .ok_or_else(|| Error::NotFound("no such reset for this key".into()))?;
+        match row.state {
+            crate::store::ResetState::Cancelled => Ok(ResetOutcome::Cancelled),
+            crate::store::ResetState::Done => Ok(ResetOutcome::Done(registered_of(&row)?)),
+            crate::store::ResetState::Pending if unix_now() >= row.effective_at => {
+                Ok(ResetOutcome::Done(self.finish_reset(&row).await?))
+            }
+            crate::store::ResetState::Pending => Ok(ResetOutcome::Pending {
+                id: row.id,
+                effective_at: row.effective_at,
+            }),
+        }
+    }
+
+    /// Pending resets that would retire this device's account.
+    pub async fn resets_for(
+        &self,
+        me: &AuthedDevice,
+    ) -> Result<Vec<crate::store::ResetRow>, Error> {
+        self.store.resets_of(&me.device.account_id).await
+    }
+
+    /// A device of the account lets the reset happen now.
+    pub async fn approve_reset(&self, me: &AuthedDevice, id: &str) -> Result<(), Error> {
+        let row = self.reset_of_my_account(me, id).await?;
+        self.finish_reset(&row).await.map(|_| ())
+    }
+
+    /// A device of the account stops the reset.
+    pub async fn cancel_reset(&self, me: &AuthedDevice, id: &str) -> Result<(), Error> {
+        let row = self.reset_of_my_account(me, id).await?;
+        if !self.store.cancel_reset(&row.id).await? {
+            return Err(Error::Conflict("the reset is no longer pending".into()));
+        }
+        let now = unix_now();
+        let mut t = self.store.begin().await?;
+        for a in &row.accounts {
+            tx::event(&mut t, a, "reset_cancelled", None, now).await?;
+        }
+        t.commit().await.map_err(Error::db)?;
+        tracing::info!("account reset cancelled by a device of the account");
+        Ok(())
+    }
+
+    async fn reset_of_my_account(
+        &self,
+        me: &AuthedDevice,
+        id: &str,
+    ) -> Result<crate::store::ResetRow, Error> {
+        let row = self
+            .store
+            .reset(id)
+            .await?
+            .filter(|r| r.accounts.contains(&me.device.account_id))
+            .ok_or_else(|| Error::NotFound("no such reset of this account".into()))?;
+        if row.state != crate::store::ResetState::Pending {
+            return Err(Error::Conflict("the reset is no longer pending".into()));
+        }
+        Ok(row)
+    }
+
+    /// Carries out a pending reset (once, whoever asks first).
+    async fn finish_reset(&self, row: &crate::store::ResetRow) -> Result<Registered, Error> {
+        let list = parse_signed_list(&row.list)?;
+        let key = PublicKey(
+            row.device_key
+                .clone()
+                .try_into()
+                .map_err(|_| Error::Internal("stored reset key".into()))?,
+        );
+        let me = single_device(&list, &key)?;
+        let uris: BTreeSet<String> = list.list.handles.iter().cloned().collect();
+        let caps: Vec<String> = serde_json::from_str(&row.capabilities).unwrap_or_default();
+        match self
+            .create_account_inner(
+                &list,
+                me,
+                &uris,
+                &row.name,
+                &caps,
+                Creation::PendingReset(&row.id),
+            )
             .await
+        {
+            Ok(r) => Ok(r),
+            // Another request finished it first: its result stands.
+            Err(Error::Conflict(_)) => match self.store.reset(&row.id).await? {
+                Some(r) if r.state == crate::store::ResetState::Done => registered_of(&r),
+                _ => Err(Error::Conflict("the reset is no longer pending".into())),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     /// Registers the one device of a new account; the handle tokens are
@@ -502,8 +711,14 @@ impl Ids {
         let list = parse_signed_list(device_list)?;
         let me = single_device(&list, key)?;
         let proven = self.redeem(handle_tokens)?;
+        let uris: BTreeSet<String> = proven.iter().map(|(h, _)| h.uri()).collect();
+        let how = if reset {
+            Creation::Reset
+        } else {
+            Creation::New
+        };
         let r = self
-            .create_account_inner(&list, me, &proven, name, capabilities, reset)
+            .create_account_inner(&list, me, &uris, name, capabilities, how)
             .await;
         if r.is_err() {
             self.restore(proven);
@@ -515,18 +730,14 @@ impl Ids {
         &self,
         list: &SignedDeviceList,
         me: DeviceId,
-        proven: &[(Handle, [u8; 32])],
+        proven_uris: &BTreeSet<String>,
         name: &str,
         capabilities: &[String],
-        reset: bool,
+        how: Creation<'_>,
     ) -> Result<Registered, Error> {
-        let proven_uris: BTreeSet<String> = proven.iter().map(|(h, _)| h.uri()).collect();
+        check_proven(list, proven_uris)?;
         let listed: BTreeSet<String> = list.list.handles.iter().cloned().collect();
-        if proven_uris != listed {
-            return Err(Error::BadRequest(
-                "the device list must name exactly the handles proven by the handle tokens".into(),
-            ));
-        }
+        let reset = !matches!(how, Creation::New);
         let now = unix_now();
         let account_id = wire::keys::hex(&self.random::<16>());
         let (serial, cert) =
@@ -594,6 +805,18 @@ impl Ids {
             now,
         )
         .await?;
+        let registered = Registered {
+            account_id: account_id.clone(),
+            device_id: me,
+            certificate: cert.clone(),
+            ca: self.ca.ca_pem().to_owned(),
+        };
+        if let Creation::PendingReset(id) = how {
+            // Once: a second request finishing the same reset finds it done.
+            if !tx::finish_reset(&mut t, id, &registered_json(&registered)).await? {
+                return Err(Error::Conflict("the reset is no longer pending".into()));
+            }
+        }
         t.commit().await.map_err(Error::db)?;
         self.devices.clear();
         tracing::info!(account = %&account_id[..8], reset, "account created");
@@ -602,12 +825,7 @@ impl Ids {
             device: None,
         };
         self.tell(&retired, vec![reset]);
-        Ok(Registered {
-            account_id,
-            device_id: me,
-            certificate: cert,
-            ca: self.ca.ca_pem().to_owned(),
-        })
+        Ok(registered)
     }
 
     /// Removes an account's devices and handles (inside `t`); handles in
@@ -1113,6 +1331,44 @@ fn parse_signed_list(b: &[u8]) -> Result<SignedDeviceList, Error> {
 }
 
 /// A new account's list holds exactly the registering device.
+/// The device list must name exactly the handles the tokens proved.
+fn check_proven(list: &SignedDeviceList, proven_uris: &BTreeSet<String>) -> Result<(), Error> {
+    let listed: BTreeSet<String> = list.list.handles.iter().cloned().collect();
+    if *proven_uris != listed {
+        return Err(Error::BadRequest(
+            "the device list must name exactly the handles proven by the handle tokens".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A registration as stored with a finished reset.
+fn registered_json(r: &Registered) -> String {
+    serde_json::json!({
+        "account_id": r.account_id,
+        "device_id": r.device_id.to_string(),
+        "certificate": r.certificate,
+        "ca": r.ca,
+    })
+    .to_string()
+}
+
+fn registered_of(row: &crate::store::ResetRow) -> Result<Registered, Error> {
+    let bad = || Error::Internal("stored reset result".into());
+    let v: serde_json::Value =
+        serde_json::from_str(row.result.as_deref().ok_or_else(bad)?).map_err(|_| bad())?;
+    let s = |k: &str| v[k].as_str().map(str::to_owned).ok_or_else(bad);
+    Ok(Registered {
+        account_id: s("account_id")?,
+        device_id: wire::keys::unhex(&s("device_id")?)
+            .and_then(|b| b.try_into().ok())
+            .map(DeviceId)
+            .ok_or_else(bad)?,
+        certificate: s("certificate")?,
+        ca: s("ca")?,
+    })
+}
+
 fn single_device(list: &SignedDeviceList, key: &PublicKey) -> Result<DeviceId, Error> {
     match &list.list.devices[..] {
         [d] if d.identity_key == *key => Ok(d.id),

@@ -72,6 +72,34 @@ pub struct Claim<'a> {
     pub transfer_key: Option<&'a [u8]>,
 }
 
+/// A reset of the accounts of some handles, waiting for its delay or for
+/// a device of those accounts to approve or cancel it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResetRow {
+    pub id: String,
+    /// The new device's identity key.
+    pub device_key: Vec<u8>,
+    /// The new account's signed device list (wire encoding).
+    pub list: Vec<u8>,
+    pub name: String,
+    /// JSON array of strings.
+    pub capabilities: String,
+    /// The accounts it retires (their devices may approve or cancel).
+    pub accounts: Vec<String>,
+    pub created_at: i64,
+    pub effective_at: i64,
+    pub state: ResetState,
+    /// The new device's registration (JSON), once done.
+    pub result: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetState {
+    Pending = 0,
+    Done = 1,
+    Cancelled = 2,
+}
+
 /// An event for the devices of an account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRow {
@@ -119,6 +147,18 @@ CREATE TABLE IF NOT EXISTS links (
     claim_transfer_key {blob},
     sealed_account_key {blob},
     approved BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS pending_resets (
+    id TEXT PRIMARY KEY,
+    device_key {blob} NOT NULL,
+    list {blob} NOT NULL,
+    name TEXT NOT NULL,
+    capabilities TEXT NOT NULL,
+    accounts TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    effective_at BIGINT NOT NULL,
+    state BIGINT NOT NULL DEFAULT 0,
+    result TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     seq {serial},
@@ -276,6 +316,57 @@ impl Store {
             .await
             .map_err(Error::db)?;
         Ok(row.map(link_row))
+    }
+
+    pub async fn insert_reset(&self, r: &ResetRow) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO pending_resets (id, device_key, list, name, capabilities, accounts,
+                created_at, effective_at, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
+        )
+        .bind(&r.id)
+        .bind(r.device_key.clone())
+        .bind(r.list.clone())
+        .bind(&r.name)
+        .bind(&r.capabilities)
+        .bind(serde_json::to_string(&r.accounts).map_err(|e| Error::Internal(e.to_string()))?)
+        .bind(r.created_at)
+        .bind(r.effective_at)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(())
+    }
+
+    pub async fn reset(&self, id: &str) -> Result<Option<ResetRow>, Error> {
+        let row = sqlx::query(&format!("{RESET_SELECT} WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        row.map(reset_row).transpose()
+    }
+
+    /// Pending resets that would retire `account_id`.
+    pub async fn resets_of(&self, account_id: &str) -> Result<Vec<ResetRow>, Error> {
+        // Account ids are hex: a quoted one cannot match anything else.
+        let rows = sqlx::query(&format!(
+            "{RESET_SELECT} WHERE state = 0 AND accounts LIKE $1"
+        ))
+        .bind(format!("%\"{account_id}\"%"))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        rows.into_iter().map(reset_row).collect()
+    }
+
+    /// Cancels a pending reset; false if it was not pending.
+    pub async fn cancel_reset(&self, id: &str) -> Result<bool, Error> {
+        let r = sqlx::query("UPDATE pending_resets SET state = 2 WHERE id = $1 AND state = 0")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(r.rows_affected() == 1)
     }
 
     pub async fn links_of(&self, account_id: &str, now: i64) -> Result<Vec<LinkRow>, Error> {
@@ -605,6 +696,24 @@ pub mod tx {
         Ok(())
     }
 
+    /// Marks a pending reset done with the new device's registration; false
+    /// if it was no longer pending (done or cancelled meanwhile).
+    pub async fn finish_reset(
+        c: &mut AnyConnection,
+        id: &str,
+        result: &str,
+    ) -> Result<bool, Error> {
+        let r = sqlx::query(
+            "UPDATE pending_resets SET state = 1, result = $1 WHERE id = $2 AND state = 0",
+        )
+        .bind(result)
+        .bind(id)
+        .execute(c)
+        .await
+        .map_err(Error::db)?;
+        Ok(r.rows_affected() == 1)
+    }
+
     pub async fn event(
         c: &mut AnyConnection,
         account_id: &str,
@@ -701,6 +810,29 @@ fn device_row(r: sqlx::any::AnyRow) -> Result<DeviceRow, Error> {
         certificate: r.get(7),
         created_at: r.get(8),
         revoked_at: r.get(9),
+    })
+}
+
+const RESET_SELECT: &str = "SELECT id, device_key, list, name, capabilities, accounts,
+    created_at, effective_at, state, result FROM pending_resets";
+
+fn reset_row(r: sqlx::any::AnyRow) -> Result<ResetRow, Error> {
+    let accounts: String = r.get(5);
+    Ok(ResetRow {
+        id: r.get(0),
+        device_key: r.get(1),
+        list: r.get(2),
+        name: r.get(3),
+        capabilities: r.get(4),
+        accounts: serde_json::from_str(&accounts).map_err(|e| Error::Internal(e.to_string()))?,
+        created_at: r.get(6),
+        effective_at: r.get(7),
+        state: match r.get::<i64, _>(8) {
+            0 => ResetState::Pending,
+            1 => ResetState::Done,
+            _ => ResetState::Cancelled,
+        },
+        result: r.get(9),
     })
 }
 

@@ -1173,8 +1173,51 @@ async fn handles_links_limits_reset_and_delete() {
         .await;
     assert_eq!(s, 200);
 
-    // Every device lost: prove the email again and reset. The old devices
-    // are out, the old account's other handle becomes a tombstone.
+    // Someone proves Alice's email (a stolen mailbox, a SIM swap) and
+    // asks for a reset: her account still has devices, so it waits, and
+    // they are told and may stop it.
+    let (m1, m1_id) = (SigningKey::generate(), DeviceId::random());
+    let mallory_key = SigningKey::generate();
+    let token = lab.prove("alice@example.com").await;
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/accounts/reset",
+            Some(json!({
+                "handle_tokens": [token],
+                "device_list": signed_list(&mallory_key, 1, &[alice], &[(m1_id, &m1)]),
+                "device": {"name": "not Alice"},
+            })),
+            Some(&m1),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["status"], "pending");
+    let reset_id = v["reset"].as_str().unwrap().to_owned();
+    let requested = told.take();
+    assert_eq!(requested.len(), 1, "{requested:?}");
+    assert_eq!(requested[0].1.kind, "reset_requested");
+    let (s, _) = lab.call("GET", "/v1/account", None, Some(&a1)).await;
+    assert_eq!(s, 200, "Alice's devices are still in");
+    let (s, v) = lab.call("GET", "/v1/account/resets", None, Some(&a2)).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["resets"][0]["id"], reset_id.as_str());
+    assert_eq!(v["resets"][0]["device_name"], "not Alice");
+    // Bob (another account) can neither see nor stop it.
+    let path = format!("/v1/account/resets/{reset_id}/cancel");
+    let (s, _) = lab.call("POST", &path, None, Some(&bob)).await;
+    assert_eq!(s, 404);
+    let (s, _) = lab.call("POST", &path, None, Some(&a2)).await;
+    assert_eq!(s, 204, "Alice's device stops it");
+    let status = format!("/v1/accounts/reset/{reset_id}");
+    let (s, _) = lab.call("GET", &status, None, Some(&m1)).await;
+    assert_eq!(s, 410, "the requester hears it was cancelled");
+    let (s, _) = lab.call("GET", "/v1/account", None, Some(&a1)).await;
+    assert_eq!(s, 200);
+
+    // Every device lost (Alice asks from her new phone, her old devices
+    // approve in this test; unattended, the delay would pass): the old
+    // devices are out, the old account's other handle becomes a tombstone.
     let new_account_key = SigningKey::generate();
     let (n1, n1_id) = (SigningKey::generate(), DeviceId::random());
     let token = lab.prove("alice@example.com").await;
@@ -1190,7 +1233,24 @@ async fn handles_links_limits_reset_and_delete() {
             Some(&n1),
         )
         .await;
+    assert_eq!(s, 202, "{v}");
+    let reset_id = v["reset"].as_str().unwrap().to_owned();
+    let _ = told.take();
+    let status = format!("/v1/accounts/reset/{reset_id}");
+    let (s, v) = lab.call("GET", &status, None, Some(&n1)).await;
+    assert_eq!(s, 202, "{v}");
+    let (s, _) = lab.call("GET", &status, None, Some(&m1)).await;
+    assert_eq!(s, 404, "only the requesting key sees its reset");
+    let approve = format!("/v1/account/resets/{reset_id}/approve");
+    let (s, v) = lab.call("POST", &approve, None, Some(&a1)).await;
+    assert_eq!(s, 204, "{v}");
+    let (s, v) = lab.call("GET", &status, None, Some(&n1)).await;
     assert_eq!(s, 201, "{v}");
+    assert_eq!(v["device_id"], n1_id.to_string());
+    assert!(v["certificate"]
+        .as_str()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
     for old in [&a1, &a2] {
         let (s, _) = lab.call("GET", "/v1/account", None, Some(old)).await;
         assert_eq!(s, 403, "devices of the reset account are removed");
@@ -1726,4 +1786,50 @@ async fn a_claim_the_service_put_in_place_is_refused_and_the_new_device_checks_i
         Err(IdsError::Transparency(e)) => assert!(e.contains("account key"), "{e}"),
         other => panic!("a foreign account key must be refused, got {other:?}"),
     }
+}
+
+/// Nobody answers a pending reset: it takes effect when its delay is
+/// over, at the requester's next look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_reset_takes_effect_after_its_delay() {
+    let lab = Lab::start_with("reset-delay", None, |c| {
+        c.reset_delay = Duration::from_secs(1)
+    })
+    .await;
+    let (_, old, _) = new_account(&lab, "carol@example.com").await;
+    let carol = wire::Handle::parse("carol@example.com").unwrap().uri();
+    let account = SigningKey::generate();
+    let (n1, n1_id) = (SigningKey::generate(), DeviceId::random());
+    let token = lab.prove("carol@example.com").await;
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/accounts/reset",
+            Some(json!({
+                "handle_tokens": [token],
+                "device_list": signed_list(&account, 1, &[&carol], &[(n1_id, &n1)]),
+                "device": {"name": "new phone"},
+            })),
+            Some(&n1),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let status = format!("/v1/accounts/reset/{}", v["reset"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, v) = lab.call("GET", &status, None, Some(&n1)).await;
+        if s == 201 {
+            assert_eq!(v["device_id"], n1_id.to_string());
+            break;
+        }
+        assert_eq!(s, 202, "{v}");
+        assert!(std::time::Instant::now() < deadline, "never took effect");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (s, _) = lab.call("GET", "/v1/account", None, Some(&old)).await;
+    assert_eq!(s, 403, "the old device is out");
+    // Asking again gives the same registration.
+    let (s, v) = lab.call("GET", &status, None, Some(&n1)).await;
+    assert_eq!(s, 201);
+    assert_eq!(v["device_id"], n1_id.to_string());
 }

@@ -670,6 +670,12 @@ pub fn describe(e: &DeviceEvent) -> String {
                 "device_added" => "a device was added",
                 "device_removed" => "a device was removed",
                 "account_reset" => "the account was reset (this device is no longer in it)",
+                "reset_requested" => {
+                    "WARNING: someone proved a handle of this account and asked to reset it; \
+                     it takes effect in 7 days unless a device cancels it \
+                     (GET /v1/account/resets)"
+                }
+                "reset_cancelled" => "a pending reset of the account was cancelled",
                 _ => "the account changed",
             };
             match device {
