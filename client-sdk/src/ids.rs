@@ -100,6 +100,8 @@ pub struct Found {
     pub handle: Handle,
     /// From the verified, account-signed device list.
     pub devices: Vec<DeviceKey>,
+    /// The key that signed that list; none for a deleted handle.
+    pub account_key: Option<wire::keys::PublicKey>,
     pub epoch: u64,
 }
 
@@ -567,40 +569,17 @@ impl IdsClient {
     ) -> Result<(), IdsError> {
         let deadline = tokio::time::Instant::now() + max;
         loop {
-            let anchor = self.anchor().await?;
-            let names = [handle.as_str()];
-            let v = self
-                .expect(
-                    200,
-                    "POST",
-                    "/v1/lookup",
-                    Some(json!({"handles": names})),
-                    Some(key),
-                )
-                .await?;
-            if let Some(r) = v["results"]
-                .as_array()
-                .and_then(|a| a.first())
-                .filter(|r| r["status"] == "found")
-            {
-                let proof = B64
-                    .decode(str_field(r, "proof")?)
-                    .map_err(|e| IdsError::Protocol(e.to_string()))?;
-                let root = root_of(&r["root"])?;
-                let verified = transparency::verify_lookup(&anchor, &root, &handle.uri(), &proof)
-                    .map_err(|e| IdsError::Transparency(e.to_string()))?;
-                self.observe(&root)?;
-                if let DirectoryValue::Active(l) = verified.value {
-                    if l.list.account_key != account.public() {
-                        return Err(IdsError::Transparency(format!(
-                            "the account key this device received is not the one the directory \
-                             publishes for {}",
-                            handle.as_str()
-                        )));
-                    }
-                    if l.list.device(device).is_some() {
-                        return Ok(());
-                    }
+            let found = self.lookup(key, std::slice::from_ref(handle)).await?;
+            if let Some(f) = found.first().filter(|f| f.account_key.is_some()) {
+                if f.account_key != Some(account.public()) {
+                    return Err(IdsError::Transparency(format!(
+                        "the account key this device received is not the one the directory \
+                         publishes for {}",
+                        handle.as_str()
+                    )));
+                }
+                if f.devices.iter().any(|d| d.device == device) {
+                    return Ok(());
                 }
             }
             if tokio::time::Instant::now() >= deadline {
@@ -689,21 +668,24 @@ impl IdsClient {
             let verified = transparency::verify_lookup(&anchor, &root, &handle.uri(), &proof)
                 .map_err(|e| IdsError::Transparency(e.to_string()))?;
             self.observe(&root)?;
-            let devices = match verified.value {
-                DirectoryValue::Active(l) => l
-                    .list
-                    .devices
-                    .iter()
-                    .map(|d| DeviceKey {
-                        device: d.id,
-                        key: d.identity_key,
-                    })
-                    .collect(),
-                _ => Vec::new(),
+            let (devices, account_key) = match verified.value {
+                DirectoryValue::Active(l) => (
+                    l.list
+                        .devices
+                        .iter()
+                        .map(|d| DeviceKey {
+                            device: d.id,
+                            key: d.identity_key,
+                        })
+                        .collect(),
+                    Some(l.list.account_key),
+                ),
+                _ => (Vec::new(), None),
             };
             out.push(Found {
                 handle,
                 devices,
+                account_key,
                 epoch: verified.epoch,
             });
         }

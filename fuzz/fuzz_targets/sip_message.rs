@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 use signaling::core::digest::{same_resource, Credentials, NonceCounts};
 use signaling::core::flow::FlowTokens;
-use signaling::core::message::{frame, Frame, HeaderName, Message};
+use signaling::core::message::{frame, Frame, Framer, HeaderName, Message};
 use signaling::core::uri::{NameAddr, Uri};
 use signaling::core::via::Via;
 
@@ -19,6 +19,38 @@ fuzz_target!(|data: &[u8]| {
         assert!(n > 0 && n <= rest.len());
         rest = &rest[n..];
     }
+    // The incremental framer, fed the same bytes in pieces of 7, cuts
+    // them where `frame` does.
+    let mut whole = Vec::new();
+    let mut rest = data;
+    while let Ok(Some(f)) = frame(rest) {
+        let n = match f {
+            Frame::Keepalive { n, .. } | Frame::Message(n) => n,
+        };
+        whole.push(f);
+        rest = &rest[n..];
+    }
+    let mut pieces = Vec::new();
+    let (mut framer, mut buf, mut fed) = (Framer::default(), Vec::new(), 0);
+    'feed: while fed < data.len() {
+        let n = 7.min(data.len() - fed);
+        buf.extend_from_slice(&data[fed..fed + n]);
+        fed += n;
+        loop {
+            match framer.next(&buf) {
+                Ok(Some(f)) => {
+                    let n = match f {
+                        Frame::Keepalive { n, .. } | Frame::Message(n) => n,
+                    };
+                    pieces.push(f);
+                    buf.drain(..n);
+                }
+                Ok(None) => break,
+                Err(_) => break 'feed,
+            }
+        }
+    }
+    assert_eq!(&pieces[..], &whole[..pieces.len().min(whole.len())]);
     if let Ok(m) = Message::parse(data) {
         // What we write reads back and writes the same again.
         let again = Message::parse(&m.to_bytes()).expect("our own output parses");

@@ -765,17 +765,7 @@ impl Ids {
                 retired.extend(active);
             }
         }
-        tx::upsert_account(
-            &mut t,
-            &AccountRow {
-                id: account_id.clone(),
-                account_key: list.list.account_key.0.to_vec(),
-                seq: list.list.seq as i64,
-                list: list.encode(),
-            },
-            now,
-        )
-        .await?;
+        tx::upsert_account(&mut t, &account_row(&account_id, list), now).await?;
         let value = DirectoryValue::Active(list.clone()).encode();
         for uri in &listed {
             tx::bind_handle(&mut t, uri, &account_id).await?;
@@ -987,17 +977,7 @@ impl Ids {
             .collect();
 
         let mut t = self.store.begin().await?;
-        tx::advance_account(
-            &mut t,
-            &AccountRow {
-                id: account_id.to_owned(),
-                account_key: list.list.account_key.0.to_vec(),
-                seq: list.list.seq as i64,
-                list: list.encode(),
-            },
-            prev_seq,
-        )
-        .await?;
+        tx::advance_account(&mut t, &account_row(account_id, list), prev_seq).await?;
         for (d, link) in &added {
             let (serial, cert) = self.ca.issue(d.id, &d.identity_key, self.random(), now)?;
             tx::insert_device(
@@ -1331,6 +1311,16 @@ fn parse_signed_list(b: &[u8]) -> Result<SignedDeviceList, Error> {
 }
 
 /// A new account's list holds exactly the registering device.
+/// The account row that holds `list`.
+fn account_row(id: &str, list: &SignedDeviceList) -> AccountRow {
+    AccountRow {
+        id: id.to_owned(),
+        account_key: list.list.account_key.0.to_vec(),
+        seq: list.list.seq as i64,
+        list: list.encode(),
+    }
+}
+
 /// The device list must name exactly the handles the tokens proved.
 fn check_proven(list: &SignedDeviceList, proven_uris: &BTreeSet<String>) -> Result<(), Error> {
     let listed: BTreeSet<String> = list.list.handles.iter().cloned().collect();

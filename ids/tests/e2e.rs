@@ -894,6 +894,35 @@ async fn openapi_document_matches_the_routes_and_errors_are_problems() {
     lab.server.unwrap().shutdown().await;
 }
 
+/// Asks for a reset of `handle` (a URI) with a new account of one device.
+async fn request_reset(
+    lab: &Lab,
+    handle: &str,
+    account: &SigningKey,
+    device: (DeviceId, &SigningKey),
+    name: &str,
+) -> (u16, Value) {
+    let token = lab.prove(&handle_of(handle)).await;
+    lab.call(
+        "POST",
+        "/v1/accounts/reset",
+        Some(json!({
+            "handle_tokens": [token],
+            "device_list": signed_list(account, 1, &[handle], &[(device.0, device.1)]),
+            "device": {"name": name},
+        })),
+        Some(device.1),
+    )
+    .await
+}
+
+/// The handle a `mailto:` or `tel:` URI names, as a user types it.
+fn handle_of(uri: &str) -> String {
+    uri.trim_start_matches("mailto:")
+        .trim_start_matches("tel:")
+        .to_string()
+}
+
 /// Registers a first device for `handle`; returns (account key, device key, device id).
 async fn new_account(lab: &Lab, handle: &str) -> (SigningKey, SigningKey, DeviceId) {
     let (account, device, id, _) = new_account_with_certificate(lab, handle).await;
@@ -1178,19 +1207,7 @@ async fn handles_links_limits_reset_and_delete() {
     // they are told and may stop it.
     let (m1, m1_id) = (SigningKey::generate(), DeviceId::random());
     let mallory_key = SigningKey::generate();
-    let token = lab.prove("alice@example.com").await;
-    let (s, v) = lab
-        .call(
-            "POST",
-            "/v1/accounts/reset",
-            Some(json!({
-                "handle_tokens": [token],
-                "device_list": signed_list(&mallory_key, 1, &[alice], &[(m1_id, &m1)]),
-                "device": {"name": "not Alice"},
-            })),
-            Some(&m1),
-        )
-        .await;
+    let (s, v) = request_reset(&lab, alice, &mallory_key, (m1_id, &m1), "not Alice").await;
     assert_eq!(s, 202, "{v}");
     assert_eq!(v["status"], "pending");
     let reset_id = v["reset"].as_str().unwrap().to_owned();
@@ -1220,19 +1237,7 @@ async fn handles_links_limits_reset_and_delete() {
     // devices are out, the old account's other handle becomes a tombstone.
     let new_account_key = SigningKey::generate();
     let (n1, n1_id) = (SigningKey::generate(), DeviceId::random());
-    let token = lab.prove("alice@example.com").await;
-    let (s, v) = lab
-        .call(
-            "POST",
-            "/v1/accounts/reset",
-            Some(json!({
-                "handle_tokens": [token],
-                "device_list": signed_list(&new_account_key, 1, &[alice], &[(n1_id, &n1)]),
-                "device": {"name": "new phone"},
-            })),
-            Some(&n1),
-        )
-        .await;
+    let (s, v) = request_reset(&lab, alice, &new_account_key, (n1_id, &n1), "new phone").await;
     assert_eq!(s, 202, "{v}");
     let reset_id = v["reset"].as_str().unwrap().to_owned();
     let _ = told.take();
@@ -1800,19 +1805,7 @@ async fn an_unanswered_reset_takes_effect_after_its_delay() {
     let carol = wire::Handle::parse("carol@example.com").unwrap().uri();
     let account = SigningKey::generate();
     let (n1, n1_id) = (SigningKey::generate(), DeviceId::random());
-    let token = lab.prove("carol@example.com").await;
-    let (s, v) = lab
-        .call(
-            "POST",
-            "/v1/accounts/reset",
-            Some(json!({
-                "handle_tokens": [token],
-                "device_list": signed_list(&account, 1, &[&carol], &[(n1_id, &n1)]),
-                "device": {"name": "new phone"},
-            })),
-            Some(&n1),
-        )
-        .await;
+    let (s, v) = request_reset(&lab, &carol, &account, (n1_id, &n1), "new phone").await;
     assert_eq!(s, 202, "{v}");
     let status = format!("/v1/accounts/reset/{}", v["reset"].as_str().unwrap());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -86,22 +86,7 @@ impl Http2 {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> std::io::Result<Response> {
-        let uri = Uri::builder()
-            .scheme("https")
-            .authority(self.authority.as_str())
-            .path_and_query(path)
-            .build()
-            .map_err(std::io::Error::other)?;
-        let mut req = Request::new(());
-        *req.method_mut() = Method::from_bytes(method.as_bytes()).map_err(std::io::Error::other)?;
-        *req.uri_mut() = uri;
-        let h = req.headers_mut();
-        for (k, v) in headers {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).map_err(std::io::Error::other)?,
-                HeaderValue::from_str(v).map_err(std::io::Error::other)?,
-            );
-        }
+        let req = self.head(method, path, headers)?;
         // Waits while the server's stream limit is reached.
         poll_fn(|cx| self.send.poll_ready(cx))
             .await
@@ -145,6 +130,30 @@ impl Http2 {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> std::io::Result<u16> {
+        let req = self.head(method, path, headers)?;
+        poll_fn(|cx| self.send.poll_ready(cx))
+            .await
+            .map_err(std::io::Error::other)?;
+        let (response, mut stream) = self
+            .send
+            .send_request(req, false)
+            .map_err(std::io::Error::other)?;
+        stream
+            .send_data(Bytes::from(body), false)
+            .map_err(std::io::Error::other)?;
+        let response = response.await.map_err(std::io::Error::other)?;
+        // Keep the stream open until the answer is read.
+        drop(stream);
+        Ok(response.status().as_u16())
+    }
+
+    /// A request's head: method, this connection's authority, headers.
+    fn head(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<Request<()>> {
         let uri = Uri::builder()
             .scheme("https")
             .authority(self.authority.as_str())
@@ -160,20 +169,7 @@ impl Http2 {
                 HeaderValue::from_str(v).map_err(std::io::Error::other)?,
             );
         }
-        poll_fn(|cx| self.send.poll_ready(cx))
-            .await
-            .map_err(std::io::Error::other)?;
-        let (response, mut stream) = self
-            .send
-            .send_request(req, false)
-            .map_err(std::io::Error::other)?;
-        stream
-            .send_data(Bytes::from(body), false)
-            .map_err(std::io::Error::other)?;
-        let response = response.await.map_err(std::io::Error::other)?;
-        // Keep the stream open until the answer is read.
-        drop(stream);
-        Ok(response.status().as_u16())
+        Ok(req)
     }
 }
 

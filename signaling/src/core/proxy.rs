@@ -576,14 +576,15 @@ impl Proxy {
         now: Instant,
     ) {
         if self.forks.len() >= self.config.max_calls {
-            let mut resp = match self.servers.contains_key(&key) {
-                true => self.response(&key, &req, 503, "Too Many Calls"),
-                false => Message::response_to(&req, 503, "Too Many Calls", Some("mc")),
-            };
-            resp.push(HeaderName::RETRY_AFTER, "1");
+            // In the request's transaction when it waited for the
+            // directory, else statelessly.
             if self.servers.contains_key(&key) {
+                let mut resp = self.response(&key, &req, 503, "Too Many Calls");
+                resp.push(HeaderName::RETRY_AFTER, "1");
                 self.send_response(&key, resp, now);
             } else {
+                let mut resp = Message::response_to(&req, 503, "Too Many Calls", Some("mc"));
+                resp.push(HeaderName::RETRY_AFTER, "1");
                 self.send(source.flow, resp.to_bytes());
             }
             return;
