@@ -240,6 +240,14 @@ pub struct CourierSection {
     pub provider_rate: Option<u32>,
     /// How long message statuses stay queryable, seconds. Default 86400.
     pub status_retention_secs: Option<u64>,
+    /// Device TLS handshakes in progress at once from one address (IPv6:
+    /// /64). Default 64.
+    pub max_handshakes_per_source: Option<usize>,
+    /// Open provider connections, and from one address. Defaults 4096, 64.
+    pub max_provider_connections: Option<usize>,
+    pub max_provider_connections_per_source: Option<usize>,
+    /// How long a provider request's body may take, seconds. Default 10.
+    pub provider_body_timeout_secs: Option<u64>,
     /// Wait for the disk on every commit. false: a push answered 2xx survives
     /// the courier being killed, not a power loss (SQLite only). Default true.
     pub fsync: Option<bool>,
@@ -320,6 +328,23 @@ impl CourierSection {
         }
         if let Some(s) = self.status_retention_secs {
             c.status_retention = Duration::from_secs(s);
+        }
+        if let Some(n) = self.max_handshakes_per_source {
+            c.max_handshakes_per_source = n.max(1);
+        }
+        if let Some(n) = self.max_provider_connections {
+            c.max_provider_connections = n.max(1);
+        }
+        if let Some(n) = self.max_provider_connections_per_source {
+            c.max_provider_connections_per_source = n.max(1);
+        }
+        if let Some(s) = self.provider_body_timeout_secs {
+            if !(1..=300).contains(&s) {
+                return Err(anyhow!(
+                    "invalid configuration: courier.provider_body_timeout_secs: must be 1 to 300, got {s}"
+                ));
+            }
+            c.provider_body_timeout = Duration::from_secs(s);
         }
         if let Some(f) = self.fsync {
             c.fsync = f;
@@ -404,6 +429,12 @@ pub struct IdsSection {
     pub turn_uris: Option<OneOrMany<String>>,
     /// Lifetime of a device's TURN credentials, seconds. Default 3600.
     pub turn_ttl_secs: Option<u64>,
+    /// Handles an account may look up per minute (four times that per
+    /// client address). Default 600.
+    pub lookups_per_minute: Option<u32>,
+    /// How long a reset of an account that still has devices waits for
+    /// them, seconds. Default 604800 (7 days).
+    pub reset_delay_secs: Option<u64>,
 }
 
 /// Secrets (SMTP URL with its password, webhook token) stay out of Debug.
@@ -423,6 +454,8 @@ impl std::fmt::Debug for IdsSection {
             .field("sms_webhook_token", &set(&self.sms_webhook_token))
             .field("turn_uris", &self.turn_uris)
             .field("turn_ttl_secs", &self.turn_ttl_secs)
+            .field("lookups_per_minute", &self.lookups_per_minute)
+            .field("reset_delay_secs", &self.reset_delay_secs)
             .finish()
     }
 }
@@ -476,6 +509,22 @@ impl IdsSection {
                 ));
             }
             c.turn.uris = uris;
+        }
+        if let Some(n) = self.lookups_per_minute {
+            if n == 0 {
+                return Err(anyhow!(
+                    "invalid configuration: ids.lookups_per_minute: must be at least 1"
+                ));
+            }
+            c.lookups_per_minute = n;
+        }
+        if let Some(s) = self.reset_delay_secs {
+            if s > 90 * 24 * 3600 {
+                return Err(anyhow!(
+                    "invalid configuration: ids.reset_delay_secs: at most 7776000 (90 days), got {s}"
+                ));
+            }
+            c.reset_delay = Duration::from_secs(s);
         }
         if let Some(t) = self.turn_ttl_secs {
             if !(60..=86_400).contains(&t) {
@@ -924,5 +973,76 @@ mod tests {
         assert_eq!(c.providers[0].name, "cert-only");
         assert!(c.providers[0].public_key.is_none());
         assert!(c.database_url.ends_with("courier.db"));
+        let c = load_toml(
+            "[courier]\nmax_handshakes_per_source = 8\nmax_provider_connections = 100\n\
+             max_provider_connections_per_source = 4\nprovider_body_timeout_secs = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_handshakes_per_source, 8);
+        assert_eq!(c.max_provider_connections, 100);
+        assert_eq!(c.max_provider_connections_per_source, 4);
+        assert_eq!(c.provider_body_timeout, Duration::from_secs(3));
+        let e = load_toml("[courier]\nprovider_body_timeout_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("courier.provider_body_timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn abuse_limits_are_configurable_and_checked() {
+        let s = load(
+            None,
+            env(&[
+                ("PARLEY_SIGNALING_FORWARD_TO", "10.1.0.0/16,2001:db8::/32"),
+                ("PARLEY_SIGNALING_DIALOG_LIFETIME_SECS", "3600"),
+                ("PARLEY_SIGNALING_WAKES_PER_MINUTE", "5"),
+                ("PARLEY_SIGNALING_MAX_CONNECTIONS_PER_SOURCE", "16"),
+                ("PARLEY_IDS_LOOKUPS_PER_MINUTE", "120"),
+                ("PARLEY_IDS_RESET_DELAY_SECS", "86400"),
+            ])
+            .into_iter(),
+            &[],
+        )
+        .unwrap();
+        let sig = s.signaling.to_config().unwrap();
+        assert_eq!(sig.proxy.forward_to.len(), 2);
+        assert_eq!(sig.proxy.dialog_lifetime, Duration::from_secs(3600));
+        assert_eq!(sig.proxy.wakes_per_minute, 5);
+        assert_eq!(sig.max_connections_per_source, 16);
+        let ids = s.ids.to_config(Path::new("/tmp")).unwrap();
+        assert_eq!(ids.lookups_per_minute, 120);
+        assert_eq!(ids.reset_delay, Duration::from_secs(86400));
+        for (key, value, named) in [
+            (
+                "PARLEY_SIGNALING_FORWARD_TO",
+                "10.0.0.0/99",
+                "signaling.forward_to",
+            ),
+            (
+                "PARLEY_SIGNALING_DIALOG_LIFETIME_SECS",
+                "5",
+                "signaling.dialog_lifetime_secs",
+            ),
+            (
+                "PARLEY_SIGNALING_WAKES_PER_MINUTE",
+                "0",
+                "signaling.wakes_per_minute",
+            ),
+        ] {
+            let e = load(None, env(&[(key, value)]).into_iter(), &[])
+                .and_then(|s| s.signaling.to_config())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(named), "{e}");
+        }
+        let e = load(
+            None,
+            env(&[("PARLEY_IDS_LOOKUPS_PER_MINUTE", "0")]).into_iter(),
+            &[],
+        )
+        .and_then(|s| s.ids.to_config(Path::new("/tmp")))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ids.lookups_per_minute"), "{e}");
     }
 }
