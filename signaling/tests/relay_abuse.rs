@@ -130,6 +130,35 @@ fn a_spoofed_invite_gets_one_answer_and_the_budget_bounds_the_rest() {
     let out = w.invite(&victim, BOB, "reflect");
     assert_eq!(codes(&out, &victim), vec![407]);
     assert!(w.advance(Duration::from_secs(40)).is_empty());
+    // The ACKs for those challenges are absorbed without spending the
+    // budget: two more challenges still get their answers.
+    let mut small = sim::config();
+    small.source_rate = 2;
+    let mut w2 = World::with(small);
+    w2.register(&phone, BOB);
+    let caller = stranger(udp("198.51.100.20:5060"));
+    for i in 0..2 {
+        let out = w2.invite(&caller, BOB, &format!("acked-{i}"));
+        let challenge = to(&out, &caller)[0].clone();
+        assert_eq!(challenge.code(), Some(407));
+        let ack = format!(
+            "ACK sip:{BOB}@{DOMAIN} SIP/2.0\n\
+             Via: {}\n\
+             Max-Forwards: 70\n\
+             From: <sip:{ALICE}@{DOMAIN}>;tag=caller1\n\
+             To: {}\n\
+             Call-ID: acked-{i}\n\
+             CSeq: 1 ACK\n\
+             Content-Length: 0\n\n",
+            caller.via(&format!("inv-acked-{i}")),
+            challenge.header(&HeaderName::TO).unwrap()
+        );
+        assert!(
+            w2.send(&caller, &ack).is_empty(),
+            "an ACK is never answered"
+        );
+    }
+    assert_eq!(w2.proxy.metrics().rate_limited, 0);
     // A flood: at most `source_rate` answers a second, then silence over
     // UDP; a TCP peer (its address is proven) is told 503.
     let mut answered = 0;

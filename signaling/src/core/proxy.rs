@@ -1525,7 +1525,10 @@ impl Proxy {
     /// Request-URI, §16.6 steps 6–7) is not a binding: forwarded only for
     /// an authenticated sender, to a host in [`Config::forward_to`].
     fn forward_foreign(&mut self, source: Source, mut req: Message, now: Instant) {
-        if self.over_budget(&source, &req, now) {
+        let ack = req.method() == Some(&Method::Ack);
+        // An ACK is never answered (the one for our stateless 407 ends
+        // here), so it spends no budget; anything else may be.
+        if !ack && self.over_budget(&source, &req, now) {
             return;
         }
         let next_uri = match req.values(&HeaderName::ROUTE).next() {
@@ -1549,7 +1552,7 @@ impl Proxy {
             self.refuse(&source, &req, 403, "Relaying Forbidden");
             return;
         };
-        if req.method() == Some(&Method::Ack) {
+        if ack {
             // An ACK carries no credentials; only a device's goes on.
             if source.device.is_some_and(|d| !self.revoked.contains(&d)) {
                 self.relay(source, req, flow, now);
