@@ -163,6 +163,21 @@ async fn push(
     respond(id, r)
 }
 
+/// The answer to a request no route takes (an unknown path, a method a
+/// path does not have), in Apple's form with a fresh `apns-id`, after its
+/// body was read and thrown away (an answer sent while the client is still
+/// sending resets the stream).
+pub(crate) async fn unrouted(
+    req: Request,
+    within: std::time::Duration,
+    status: StatusCode,
+    reason: &'static str,
+) -> Response {
+    let _ = tokio::time::timeout(within, discard(req.into_body(), MAX_REQUEST_BODY)).await;
+    let id = Courier::new_id().unwrap_or(NotificationId([0; 16]));
+    respond(id, Err(err(status, reason)))
+}
+
 /// Reads a body to its end, keeping none of it, or stops past `limit`
 /// bytes.
 async fn discard(body: axum::body::Body, limit: usize) {

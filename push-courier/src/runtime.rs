@@ -86,8 +86,21 @@ impl Server {
         }
         let courier = Courier::open(config, store).await?;
         let (shutdown, rx) = watch::channel(false);
-        let app =
-            crate::apns::router(courier.clone()).merge(crate::webpush::router(courier.clone()));
+        // Whatever no route takes is answered in Apple's form too.
+        let within = courier.config.provider_body_timeout;
+        let app = crate::apns::router(courier.clone())
+            .merge(crate::webpush::router(courier.clone()))
+            .fallback(move |req: axum::extract::Request| {
+                crate::apns::unrouted(req, within, axum::http::StatusCode::NOT_FOUND, "BadPath")
+            })
+            .method_not_allowed_fallback(move |req: axum::extract::Request| {
+                crate::apns::unrouted(
+                    req,
+                    within,
+                    axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                    "MethodNotAllowed",
+                )
+            });
         let mut tasks = vec![
             tokio::spawn(crate::device::serve_tcp(
                 device_listener,

@@ -1155,3 +1155,26 @@ async fn idle_connections(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::ne
     // connection made after them.
     out
 }
+
+/// Every request that reaches the provider listener gets an answer in
+/// Apple's form, bodies included: an unknown path is `404 BadPath`, a
+/// wrong method `405 MethodNotAllowed` (curl, HTTP/2, with a body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_methods_get_apples_answers() {
+    let env = Env::start(|_| {}).await;
+    for path in ["/3/nothing/here", "/", "/3/device", "/wp"] {
+        let r = env.curl("POST", path, &[], Some(b"{}")).await;
+        assert_eq!(
+            (r.status, r.reason().as_str()),
+            (404, "BadPath"),
+            "{path}: {r:?}"
+        );
+        assert!(r.header("apns-id").is_some(), "{r:?}");
+    }
+    let r = env.curl("POST", "/3/status/abc", &[], Some(b"{}")).await;
+    assert_eq!(
+        (r.status, r.reason().as_str()),
+        (405, "MethodNotAllowed"),
+        "{r:?}"
+    );
+}
