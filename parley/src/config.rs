@@ -723,7 +723,14 @@ impl TurnSection {
         c.relay_ipv4 = self.relay_ipv4;
         c.relay_ipv6 = self.relay_ipv6;
         c.external_ipv4 = self.external_ipv4;
-        if c.relay_ipv4.is_none() && c.relay_ipv6.is_none() {
+        // IPv4 relaying follows the listeners whatever `relay_ipv6` says:
+        // a server IPv4 clients can reach relays IPv4 unless told where.
+        let ipv4_clients = c
+            .udp
+            .iter()
+            .chain(&c.tcp)
+            .any(|a| a.is_ipv4() || a.ip().is_unspecified());
+        if c.relay_ipv4.is_none() && (ipv4_clients || c.relay_ipv6.is_none()) {
             c.relay_ipv4 = Some(default_relay_ip(&c.udp));
         }
         c.min_port = self.min_port.unwrap_or(c.min_port);
@@ -986,6 +993,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("courier.provider_body_timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn an_ipv6_relay_address_leaves_ipv4_relaying_on() {
+        let turn = |listen: &[&str], v6: Option<&str>| {
+            TurnSection {
+                listen: Some(OneOrMany::Many(
+                    listen.iter().map(|a| a.parse().unwrap()).collect(),
+                )),
+                relay_ipv6: v6.map(|a| a.parse().unwrap()),
+                ..TurnSection::default()
+            }
+            .to_config("s")
+            .unwrap()
+        };
+        // Both families listened on, IPv6 relay named: IPv4 relays on
+        // the IPv4 listen address.
+        let c = turn(&["127.0.0.1:3479", "[::1]:3479"], Some("::1"));
+        assert_eq!(c.relay_ipv4, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(c.relay_ipv6, Some("::1".parse().unwrap()));
+        // IPv6 only: no IPv4 relay (no IPv4 client can reach it).
+        let c = turn(&["[::1]:3479"], Some("::1"));
+        assert_eq!(c.relay_ipv4, None);
+        // Nothing named: the IPv4 listen address.
+        let c = turn(&["127.0.0.2:3479"], None);
+        assert_eq!(c.relay_ipv4, Some("127.0.0.2".parse().unwrap()));
     }
 
     #[test]
