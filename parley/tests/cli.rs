@@ -372,3 +372,46 @@ fn up_creates_the_data_dir_serves_admin_reloads_and_drains() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot bind") && err.contains(&port), "{err}");
 }
+
+/// `parley turn` listening on IPv4 and IPv6 with an IPv6 relay address
+/// named still relays IPv4: an IPv4 Allocate gets an IPv4 relayed
+/// address, not 440 (Address Family not Supported).
+#[test]
+fn an_ipv6_relay_address_keeps_ipv4_allocations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let args = [
+        "--data",
+        data.to_str().expect("utf8"),
+        "--admin",
+        "127.0.0.1:0",
+        "turn",
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        "[::1]:0",
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--relay-ipv6",
+        "::1",
+    ];
+    let (mut child, printed) = parley_tests::tool::start_until_ready(BIN, &args);
+    let udp4: Option<SocketAddr> = printed.iter().find_map(|l| {
+        l.strip_prefix("parley: turn udp=")?
+            .split([',', ' '])
+            .filter_map(|s| s.parse::<SocketAddr>().ok())
+            .find(SocketAddr::is_ipv4)
+    });
+    let secret = std::fs::read_to_string(data.join("turn-secret"))
+        .expect("secret")
+        .trim()
+        .to_owned();
+    let (user, pass) = rest_user(&secret);
+    let result = udp4.map(|a| TurnClient::new(a, &user, &pass).allocate());
+    let _ = child.kill();
+    let _ = child.wait();
+    let relayed = result
+        .expect("an IPv4 listen address printed")
+        .expect("an IPv4 allocation");
+    assert!(relayed.is_ipv4(), "{relayed}");
+}
