@@ -341,3 +341,49 @@ fn uclient_rfc6062_tcp_relay_lossless() {
 fn uclient_rfc6062_tcp_relay_over_tls_lossless() {
     tcp_relay(&["-S", "-t"], true);
 }
+
+/// RFC 6062 between the clients themselves (no outside peer), several
+/// pairs at once: each client Connects to every other client's relayed
+/// address and each side binds its data connection. turnutils_uclient
+/// presents its allocation's nonce on every new data connection and then
+/// keeps using the nonce it got last; with nonces bound to the client's
+/// port, 14 of 30 connections completed after a 37 s wait.
+#[test]
+fn uclient_rfc6062_client_to_client_with_several_pairs() {
+    let relay = relay::start(relay::lab_config());
+    let port = relay.tcp_addrs()[0].port().to_string();
+    let mut a = args(STATIC);
+    a.extend(args(&[
+        "-X",
+        "-T",
+        "-m",
+        "5",
+        "-n",
+        "10",
+        "-l",
+        "120",
+        "-z",
+        "5",
+        "-p",
+        &port,
+        "127.0.0.1",
+    ]));
+    let out = run("turnutils_uclient", &a, LIMIT);
+    assert!(
+        out.text.contains("connections are completed") && !out.text.contains("not enough"),
+        "not every RFC 6062 connection completed:\n{}",
+        out.text
+    );
+    let t = totals(&out.text);
+    assert!(t.sent > 0, "{t:?}");
+    assert_lossless(&t, t.sent);
+    let bound: u64 = relay
+        .metrics()
+        .iter()
+        .map(|m| {
+            m.tcp_connections_bound
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
+    assert!(bound >= 20, "{bound} data connections bound");
+}

@@ -183,11 +183,22 @@ impl NonceKey {
     }
 
     /// A 64-bit MAC: forging one online takes ~2^63 requests, and a nonce
-    /// lives ten minutes.
+    /// lives ten minutes. It binds the client's address and the server
+    /// address it reached, not the client's port nor the transport: an RFC
+    /// 6062 client opens a new TCP connection for every ConnectionBind and
+    /// presents its allocation's nonce there (coturn accepts it, as the
+    /// allocation's session nonce), then uses whatever nonce it got last on
+    /// its control connection too.
     fn mac(&self, issued: u32, client: &ClientAddr) -> [u8; 8] {
         let mut ctx = ring::hmac::Context::with_key(&self.key);
         ctx.update(&issued.to_be_bytes());
-        client.hash_into(|b| ctx.update(b));
+        for ip in [client.remote.ip(), client.local.ip()] {
+            match ip {
+                std::net::IpAddr::V4(ip) => ctx.update(&ip.octets()),
+                std::net::IpAddr::V6(ip) => ctx.update(&ip.octets()),
+            }
+        }
+        ctx.update(&client.local.port().to_be_bytes());
         let tag = ctx.sign();
         let mut out = [0u8; 8];
         out.copy_from_slice(&tag.as_ref()[..8]);
@@ -256,8 +267,19 @@ mod tests {
         let n = k.issue(&client(1000), 1_000_000);
         assert!(n.starts_with("obMatJos2wAAA"));
         assert_eq!(k.check(&n, &client(1000), 1_000_100, 600), Ok(()));
+        // Another port of the same client (an RFC 6062 data connection)
+        // may present it; another address may not.
+        assert_eq!(k.check(&n, &client(1001), 1_000_100, 600), Ok(()));
+        let mut elsewhere = client(1000);
+        elsewhere.remote = ([192, 0, 2, 2], 1000).into();
         assert_eq!(
-            k.check(&n, &client(1001), 1_000_100, 600),
+            k.check(&n, &elsewhere, 1_000_100, 600),
+            Err(NonceError::Invalid)
+        );
+        let mut other_server = client(1000);
+        other_server.local = ([127, 0, 0, 1], 3479).into();
+        assert_eq!(
+            k.check(&n, &other_server, 1_000_100, 600),
             Err(NonceError::Invalid)
         );
         assert_eq!(

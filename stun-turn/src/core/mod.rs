@@ -59,19 +59,6 @@ pub struct ClientAddr {
     pub local: SocketAddr,
 }
 
-impl ClientAddr {
-    pub(crate) fn hash_into(&self, mut f: impl FnMut(&[u8])) {
-        f(&[self.transport as u8]);
-        for a in [self.remote, self.local] {
-            match a.ip() {
-                IpAddr::V4(ip) => f(&ip.octets()),
-                IpAddr::V6(ip) => f(&ip.octets()),
-            }
-            f(&a.port().to_be_bytes());
-        }
-    }
-}
-
 /// A relay socket, named by the core; the runtime maps it to a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RelayId(pub u32);

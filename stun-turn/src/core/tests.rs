@@ -487,18 +487,22 @@ fn wrong_password_is_challenged_again() {
 }
 
 #[test]
-fn nonce_goes_stale_with_time_and_from_another_address() {
+fn nonce_goes_stale_with_time_and_from_another_address_not_another_port() {
     let mut h = harness();
     let (creds, _) = h.allocate(client(5005), "alice", "wonderland");
     h.advance(Duration::from_secs(601));
     let code = h.simple(client(5005), Method::Refresh, &creds, |_| {});
     assert_eq!(code, Some(438));
-    // The same nonce presented from another 5-tuple is not ours to honour.
+    // The same nonce presented from another address is not ours to
+    // honour; from another port of the same client (an RFC 6062 data
+    // connection, a second socket) it is.
     let fresh = h.challenge(client(5006), "alice", "wonderland");
-    let mut stolen = fresh.clone();
-    stolen.nonce = fresh.nonce.clone();
-    let resp = h.allocate_with(client(5007), &stolen, |_| {});
+    let mut elsewhere = client(5007);
+    elsewhere.remote = SocketAddr::from(([198, 51, 100, 2], 5007));
+    let resp = h.allocate_with(elsewhere, &fresh, |_| {});
     assert_eq!(error_code(&Message::decode(&resp).unwrap()), Some(438));
+    let resp = h.allocate_with(client(5007), &fresh, |_| {});
+    assert_eq!(error_code(&Message::decode(&resp).unwrap()), None);
 }
 
 #[test]
