@@ -306,3 +306,44 @@ fn sipp_fork_to_three_devices_one_answers_two_are_cancelled_over_udp() {
 fn sipp_fork_to_three_devices_one_answers_two_are_cancelled_over_tcp() {
     fork_to_three("t1");
 }
+
+/// SIPp's digest answer names the remote address as its `uri` unless told
+/// otherwise (`-auth_uri`); the REGISTER's Request-URI is `sip:parley.test`,
+/// so the answer is for another resource (RFC 3261 §22.4): 400, and no
+/// registration.
+#[test]
+fn sipp_digest_for_another_uri_is_refused() {
+    require("sipp");
+    let proxy = Proxy::start();
+    let dir = tempfile::tempdir().unwrap();
+    let target = format!("127.0.0.1:{}", proxy.port);
+    let out = sipp(
+        dir.path(),
+        "u1",
+        free_port(),
+        &[
+            &target,
+            "-sf",
+            &scenario("register.xml"),
+            "-s",
+            BOB,
+            "-au",
+            BOB,
+            "-ap",
+            "bob-password",
+            "-key",
+            "contact_port",
+            "5999",
+        ],
+    );
+    assert!(
+        !out.success,
+        "SIPp registered with a digest for another URI"
+    );
+    let text = format!("{}\n{}", out.text, logs(dir.path()));
+    assert!(
+        text.contains("400 Bad Request (Digest URI Mismatch)"),
+        "{text}"
+    );
+    assert_eq!(proxy.metrics().registrations, 0);
+}
