@@ -136,7 +136,7 @@ impl World {
                 moved = true;
                 match e {
                     Event::Authorize { id, .. } => self.proxy.handle_authorization(id, true, now),
-                    wake @ Event::Wake { .. } => self.wakes.push(wake),
+                    wake @ Event::Wake(_) => self.wakes.push(wake),
                 }
             }
             while let Some(t) = self.proxy.poll_transmit() {

@@ -11,7 +11,6 @@
 use crate::core::flow::{ConnId, Flow, Source, Transmit, Transport};
 use crate::core::message::{Frame, Framer, MAX_MESSAGE};
 use crate::core::proxy::{self, Event, Metrics, Proxy};
-use crate::core::registrar::PushParams;
 use crate::error::Error;
 use std::collections::HashMap;
 use std::future::Future;
@@ -86,17 +85,7 @@ pub trait Directory: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'static>>;
 }
 
-/// A VoIP push for a sleeping device, as [`Event::Wake`] asks.
-#[derive(Clone, Debug)]
-pub struct Wake {
-    pub handle: Handle,
-    pub push: PushParams,
-    /// The device that registered the binding: `push.prid` must be its.
-    pub device: DeviceId,
-    pub call_id: String,
-    /// The caller's From header.
-    pub caller: String,
-}
+pub use crate::core::proxy::Wake;
 
 /// Sends a VoIP push to a sleeping device (the courier in `parley up`).
 pub trait Waker: Send + Sync + 'static {
@@ -606,19 +595,7 @@ async fn run_core(
                         let _ = inputs.send(Input::Authorized(id, ok)).await;
                     });
                 }
-                Event::Wake {
-                    handle,
-                    push,
-                    device,
-                    call_id,
-                    caller,
-                } => waker.wake(Wake {
-                    handle,
-                    push,
-                    device,
-                    call_id,
-                    caller,
-                }),
+                Event::Wake(wake) => waker.wake(wake),
             }
         }
     }

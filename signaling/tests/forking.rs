@@ -274,7 +274,7 @@ fn a_sleeping_device_is_woken_by_push_and_joins_the_call() {
         .events
         .iter()
         .find_map(|e| match e {
-            Event::Wake { push, call_id, .. } => Some((push.clone(), call_id.clone())),
+            Event::Wake(wake) => Some((wake.push.clone(), wake.call_id.clone())),
             _ => None,
         })
         .expect("a VoIP push");

@@ -574,7 +574,7 @@ proptest! {
             }
         }
         prop_assert!(out.len() <= 1, "{} answers to one request", out.len());
-        let woke = w.events.iter().any(|e| matches!(e, Event::Wake { .. }));
+        let woke = w.events.iter().any(|e| matches!(e, Event::Wake(_)));
         prop_assert!(!woke, "a device was woken");
     }
 }
@@ -590,7 +590,7 @@ fn the_default_config_forwards_nowhere_foreign() {
 fn wakes(w: &World) -> usize {
     w.events
         .iter()
-        .filter(|e| matches!(e, Event::Wake { .. }))
+        .filter(|e| matches!(e, Event::Wake(_)))
         .count()
 }
 
@@ -605,7 +605,7 @@ fn a_wake_up_names_the_registering_device_and_digest_bindings_are_not_woken() {
     let alice = Ua::new("alice", udp("10.0.0.1:5060"));
     w.invite(&alice, BOB, "w-1");
     let device = w.events.iter().find_map(|e| match e {
-        Event::Wake { device, .. } => Some(*device),
+        Event::Wake(wake) => Some(wake.device),
         _ => None,
     });
     assert_eq!(device, phone.device, "the push service checks this device");

@@ -151,17 +151,21 @@ pub enum Event {
     },
     /// Wake a sleeping device by a VoIP push: a call is waiting for it to
     /// register.
-    Wake {
-        handle: Handle,
-        push: PushParams,
-        /// The device whose certificate registered the binding: the push
-        /// service must check that `push.prid` is that device's token.
-        device: DeviceId,
-        call_id: String,
-        /// The caller's From header (checked: the caller's own handle),
-        /// for the push payload.
-        caller: String,
-    },
+    Wake(Wake),
+}
+
+/// A VoIP push for a sleeping device, as [`Event::Wake`] asks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wake {
+    pub handle: Handle,
+    pub push: PushParams,
+    /// The device whose certificate registered the binding: the push
+    /// service must check that `push.prid` is that device's token.
+    pub device: DeviceId,
+    pub call_id: String,
+    /// The caller's From header (checked: the caller's own handle), for
+    /// the push payload.
+    pub caller: String,
 }
 
 /// Counters since start; labels are bounded.
@@ -330,9 +334,7 @@ impl Proxy {
                 tracing::debug!(error = %e, from = %source.flow.remote, "malformed SIP message");
                 // Answered within the source's budget only, like any
                 // refusal: the source of a datagram may be spoofed.
-                let within = self.limiter.take(source_key(source.flow.remote.ip()), now);
-                if !within {
-                    self.metrics.rate_limited += 1;
+                if !self.spend_budget(&source, now) {
                     return;
                 }
                 if let Some(resp) = bad_request(bytes, &e, source.flow.remote) {
@@ -519,16 +521,8 @@ impl Proxy {
         };
         let caller = match self.authenticate(&source, &mut req, &method, now) {
             Auth::Caller(c) => c,
-            Auth::BadUri => {
-                self.refuse(&source, &req, 400, "Bad Request (Digest URI Mismatch)");
-                return;
-            }
-            Auth::Stale => {
-                self.challenge_stale(&source, &req, 407, true, now);
-                return;
-            }
-            Auth::Missing => {
-                self.challenge(&source, &req, 407, now);
+            other => {
+                self.refuse_auth(&source, &req, &other, 407, now);
                 return;
             }
         };
@@ -645,16 +639,25 @@ impl Proxy {
     /// connection (its peer is who it says) and silence over UDP (the
     /// source may be spoofed: answering would reflect traffic at it).
     fn over_budget(&mut self, source: &Source, req: &Message, now: Instant) -> bool {
-        if self.limiter.take(source_key(source.flow.remote.ip()), now) {
+        if self.spend_budget(source, now) {
             return false;
         }
-        self.metrics.rate_limited += 1;
         if source.flow.transport.reliable() && req.method() != Some(&Method::Ack) {
             let mut resp = Message::response_to(req, 503, "Service Unavailable", Some("rl"));
             resp.push(HeaderName::RETRY_AFTER, "1");
             self.send(source.flow, resp.to_bytes());
         }
         true
+    }
+
+    /// Takes one request from the source's budget (IPv6 by /64); false,
+    /// counted, when it is spent.
+    fn spend_budget(&mut self, source: &Source, now: Instant) -> bool {
+        let within = self.limiter.take(source_key(source.flow.remote.ip()), now);
+        if !within {
+            self.metrics.rate_limited += 1;
+        }
+        within
     }
 
     /// A refusal to a party we have not authenticated: one response, with
@@ -797,12 +800,12 @@ impl Proxy {
                 self.metrics.registrations_refused += 1;
                 self.refuse(&source, &req, 403, "Forbidden");
             }
-            Auth::BadUri => {
-                self.metrics.registrations_refused += 1;
-                self.refuse(&source, &req, 400, "Bad Request (Digest URI Mismatch)");
+            other => {
+                if matches!(other, Auth::BadUri) {
+                    self.metrics.registrations_refused += 1;
+                }
+                self.refuse_auth(&source, &req, &other, 401, now);
             }
-            Auth::Stale => self.challenge_stale(&source, &req, 401, true, now),
-            Auth::Missing => self.challenge(&source, &req, 401, now),
         }
     }
 
@@ -920,17 +923,15 @@ impl Proxy {
             .filter(|c| c.realm == self.digest.realm())
             .find_map(|c| {
                 let who = Handle::parse(&c.username).ok()?;
-                self.config.accounts.contains_key(&who).then_some((c, who))
+                let password = self.config.accounts.get(&who)?;
+                Some((c, who, password))
             });
-        let Some((creds, who)) = found else {
+        let Some((creds, who, password)) = found else {
             return Auth::Missing;
         };
         if !req.uri().is_some_and(|u| same_resource(&creds.uri, u)) {
             return Auth::BadUri;
         }
-        let Some(password) = self.config.accounts.get(&who) else {
-            return Auth::Missing;
-        };
         match self.digest.verify(&creds, method, password, elapsed) {
             Verdict::Wrong => Auth::Missing,
             Verdict::Stale => Auth::Stale,
@@ -942,6 +943,25 @@ impl Proxy {
                 self.metrics.digest_replays += 1;
                 Auth::Stale
             }
+        }
+    }
+
+    /// The answer to a request whose authentication found no caller (an
+    /// anonymous caller counts as none): 400 for a digest made for another
+    /// URI, else a challenge (`code` 401 or 407), stale when the password
+    /// was right.
+    fn refuse_auth(
+        &mut self,
+        source: &Source,
+        req: &Message,
+        auth: &Auth,
+        code: u16,
+        now: Instant,
+    ) {
+        match auth {
+            Auth::BadUri => self.refuse(source, req, 400, "Bad Request (Digest URI Mismatch)"),
+            Auth::Stale => self.challenge_stale(source, req, code, true, now),
+            Auth::Missing | Auth::Caller(_) => self.challenge(source, req, code, now),
         }
     }
 
@@ -1116,13 +1136,13 @@ impl Proxy {
         for (id, push, device) in wakes {
             self.metrics.push_wakes += 1;
             fork.waiting.push(id);
-            self.events.push_back(Event::Wake {
+            self.events.push_back(Event::Wake(Wake {
                 handle: handle.clone(),
                 push,
                 device,
                 call_id: fork.request.call_id().to_string(),
                 caller: caller.clone(),
-            });
+            }));
         }
         self.metrics.forks += 1;
         if targets.is_empty() && fork.waiting.is_empty() {
@@ -1564,9 +1584,8 @@ impl Proxy {
             Auth::Caller(Caller::Device(_) | Caller::Account(_)) => {
                 self.relay(source, req, flow, now)
             }
-            Auth::BadUri => self.refuse(&source, &req, 400, "Bad Request (Digest URI Mismatch)"),
-            Auth::Stale => self.challenge_stale(&source, &req, 407, true, now),
-            Auth::Caller(Caller::Anyone) | Auth::Missing => self.challenge(&source, &req, 407, now),
+            // `allow_unauthenticated_calls` does not open forwarding.
+            other => self.refuse_auth(&source, &req, &other, 407, now),
         }
     }
 
