@@ -188,6 +188,12 @@ impl FromStr for DeviceId {
     }
 }
 
+/// Compares two MACs (or digests of secrets) in time that depends only on
+/// their length.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Lower-case hex. (Tokens and ids are written on every push, so this
 /// avoids the formatting machinery.)
 pub fn hex(b: &[u8]) -> String {

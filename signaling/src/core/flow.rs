@@ -166,7 +166,7 @@ impl FlowTokens {
         for b in &tag.as_ref()[..8] {
             let _ = write!(expect, "{b:02x}");
         }
-        if !ring_constant_time_eq(expect.as_bytes(), mac.as_bytes()) {
+        if !wire::keys::ct_eq(expect.as_bytes(), mac.as_bytes()) {
             return None;
         }
         let (flows, expiry) = body.rsplit_once('.')?;
@@ -196,10 +196,6 @@ impl FlowTokens {
         ctx.update(call_id.as_bytes());
         ctx.sign()
     }
-}
-
-fn ring_constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn encode_flow(out: &mut String, f: &Flow) {

@@ -17,6 +17,7 @@
 //! another. The state is kept only for answers that verified, that is for
 //! parties that know a password.
 
+use crate::keys::ct_eq;
 use crate::sip::uri::Uri;
 use md5::{Digest as _, Md5};
 use ring::{digest, hmac};
@@ -191,13 +192,7 @@ impl Digest {
             _ => return Verdict::Wrong,
         };
         let given = creds.response.to_ascii_lowercase();
-        let same = expect.len() == given.len()
-            && expect
-                .bytes()
-                .zip(given.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !same {
+        if !ct_eq(expect.as_bytes(), given.as_bytes()) {
             return Verdict::Wrong;
         }
         if elapsed.as_secs().saturating_sub(issued) > NONCE_LIFETIME.as_secs() {
@@ -222,14 +217,7 @@ impl Digest {
         let mut parts = nonce.splitn(3, '.');
         let secs = u64::from_str_radix(parts.next()?, 16).ok()?;
         let unique = u64::from_str_radix(parts.next()?, 16).ok()?;
-        let same = self.nonce(secs, unique);
-        let same = same.len() == nonce.len()
-            && same
-                .bytes()
-                .zip(nonce.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        same.then_some(secs)
+        ct_eq(self.nonce(secs, unique).as_bytes(), nonce.as_bytes()).then_some(secs)
     }
 }
 
