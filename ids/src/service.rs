@@ -544,6 +544,9 @@ impl Ids {
             let Some(a) = self.store.account_of_handle(uri).await? else {
                 continue;
             };
+            if guarded.contains(&a) {
+                continue; // another of its handles brought it in
+            }
             let devices: Vec<DeviceRow> = self
                 .store
                 .devices_of(&a)
@@ -551,7 +554,7 @@ impl Ids {
                 .into_iter()
                 .filter(|d| d.revoked_at.is_none())
                 .collect();
-            if !devices.is_empty() && !guarded.contains(&a) {
+            if !devices.is_empty() {
                 guarded.push(a);
                 active.extend(devices);
             }

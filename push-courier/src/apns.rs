@@ -141,8 +141,7 @@ async fn push(
     let provider = match st.authenticate(&headers, &cert) {
         Ok(p) => p,
         Err(e) => {
-            let within = st.courier.config.provider_body_timeout;
-            let _ = tokio::time::timeout(within, discard(body, MAX_REQUEST_BODY)).await;
+            discard(body, st.courier.config.provider_body_timeout).await;
             return respond(id, Err(e));
         }
     };
@@ -173,25 +172,28 @@ pub(crate) async fn unrouted(
     status: StatusCode,
     reason: &'static str,
 ) -> Response {
-    let _ = tokio::time::timeout(within, discard(req.into_body(), MAX_REQUEST_BODY)).await;
+    discard(req.into_body(), within).await;
     let id = Courier::new_id().unwrap_or(NotificationId([0; 16]));
     respond(id, Err(err(status, reason)))
 }
 
-/// Reads a body to its end, keeping none of it, or stops past `limit`
-/// bytes.
-async fn discard(body: axum::body::Body, limit: usize) {
+/// Reads a body to its end, keeping none of it; stops past
+/// [`MAX_REQUEST_BODY`] bytes or after `within`.
+async fn discard(body: axum::body::Body, within: std::time::Duration) {
     use http_body_util::BodyExt;
-    let mut body = body;
-    let mut seen = 0usize;
-    while let Some(Ok(frame)) = body.frame().await {
-        if let Some(data) = frame.data_ref() {
-            seen += data.len();
-            if seen > limit {
-                return;
+    let drain = async {
+        let mut body = body;
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                seen += data.len();
+                if seen > MAX_REQUEST_BODY {
+                    return;
+                }
             }
         }
-    }
+    };
+    let _ = tokio::time::timeout(within, drain).await;
 }
 
 async fn accept(
