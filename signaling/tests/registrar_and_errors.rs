@@ -10,21 +10,6 @@ use signaling::core::proxy::Proxy;
 use sim::*;
 use std::time::{Duration, Instant};
 
-fn register_text(ua: &Ua, handle: &str, cseq: u32, extra: &str) -> String {
-    format!(
-        "REGISTER sip:{DOMAIN} SIP/2.0\n\
-         Via: {}\n\
-         From: <sip:{handle}@{DOMAIN}>;tag=r\n\
-         To: <sip:{handle}@{DOMAIN}>\n\
-         Call-ID: reg-{}\n\
-         CSeq: {cseq} REGISTER\n\
-         {extra}\
-         Content-Length: 0\n\n",
-        ua.via(&format!("r{cseq}")),
-        ua.name
-    )
-}
-
 #[test]
 fn digest_register_challenges_then_accepts_the_right_password_only() {
     let mut w = World::new();

@@ -416,18 +416,8 @@ fn digest_answers_are_for_this_request_uri_and_used_once() {
     let mut w = World::new();
     let ua = stranger(udp("10.0.0.5:5060"));
     let register = |cseq: u32, extra: &str| {
-        format!(
-            "REGISTER sip:{DOMAIN} SIP/2.0\n\
-             Via: {}\n\
-             From: <sip:{ALICE}@{DOMAIN}>;tag=r\n\
-             To: <sip:{ALICE}@{DOMAIN}>\n\
-             Call-ID: reg-digest\n\
-             CSeq: {cseq} REGISTER\n\
-             Contact: <sip:alice@10.0.0.5:5060>\n\
-             {extra}\
-             Content-Length: 0\n\n",
-            ua.via(&format!("d{cseq}"))
-        )
+        let lines = format!("Contact: <sip:alice@10.0.0.5:5060>\n{extra}");
+        register_text(&ua, ALICE, cseq, &lines)
     };
     let out = w.send(&ua, &register(1, ""));
     let challenge = to(&out, &ua)[0]
@@ -621,17 +611,11 @@ fn a_wake_up_names_the_registering_device_and_digest_bindings_are_not_woken() {
     let sip_phone = stranger(tcp("10.0.0.50:40000", 50));
     let contact = "<sip:p@10.0.0.50:40000;transport=tcp;pn-provider=parley;pn-prid=feedface;pn-param=app.voip>";
     let register = |cseq: u32, auth: &str| {
-        format!(
-            "REGISTER sip:{DOMAIN} SIP/2.0\n\
-             Via: {}\n\
-             From: <sip:{BOB}@{DOMAIN}>;tag=r\n\
-             To: <sip:{BOB}@{DOMAIN}>\n\
-             Call-ID: reg-pn\n\
-             CSeq: {cseq} REGISTER\n\
-             Contact: {contact}\n\
-             {auth}\
-             Content-Length: 0\n\n",
-            sip_phone.via(&format!("pn{cseq}"))
+        register_text(
+            &sip_phone,
+            BOB,
+            cseq,
+            &format!("Contact: {contact}\n{auth}"),
         )
     };
     let out = w.send(&sip_phone, &register(1, ""));

@@ -207,6 +207,23 @@ impl World {
     }
 }
 
+/// A REGISTER from `ua` for `handle` with `extra` header lines (a
+/// Contact, credentials…), CSeq `cseq` on one Call-ID per user agent.
+pub fn register_text(ua: &Ua, handle: &str, cseq: u32, extra: &str) -> String {
+    format!(
+        "REGISTER sip:{DOMAIN} SIP/2.0\n\
+     Via: {}\n\
+     From: <sip:{handle}@{DOMAIN}>;tag=r\n\
+     To: <sip:{handle}@{DOMAIN}>\n\
+     Call-ID: reg-{}\n\
+     CSeq: {cseq} REGISTER\n\
+     {extra}\
+     Content-Length: 0\n\n",
+        ua.via(&format!("r{cseq}")),
+        ua.name
+    )
+}
+
 pub fn invite_text(caller: &Ua, handle: &str, call: &str, branch: &str) -> String {
     format!(
         "INVITE sip:{handle}@{DOMAIN} SIP/2.0\n\
