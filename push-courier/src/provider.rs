@@ -13,7 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use h2::client::SendRequest;
+use h2::client::{ResponseFuture, SendRequest};
+use h2::SendStream;
 use hyper::http::{HeaderName, HeaderValue, Method, Request, Uri};
 
 /// One HTTP/2 connection; clone it to send from many tasks.
@@ -86,20 +87,7 @@ impl Http2 {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> std::io::Result<Response> {
-        let req = self.head(method, path, headers)?;
-        // Waits while the server's stream limit is reached.
-        poll_fn(|cx| self.send.poll_ready(cx))
-            .await
-            .map_err(std::io::Error::other)?;
-        let (response, mut stream) = self
-            .send
-            .send_request(req, body.is_empty())
-            .map_err(std::io::Error::other)?;
-        if !body.is_empty() {
-            stream
-                .send_data(Bytes::from(body), true)
-                .map_err(std::io::Error::other)?;
-        }
+        let (response, _stream) = self.start(method, path, headers, body, true).await?;
         let (parts, mut recv) = response.await.map_err(std::io::Error::other)?.into_parts();
         let mut body = BytesMut::new();
         while let Some(chunk) = recv.data().await {
@@ -130,21 +118,39 @@ impl Http2 {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> std::io::Result<u16> {
-        let req = self.head(method, path, headers)?;
-        poll_fn(|cx| self.send.poll_ready(cx))
-            .await
-            .map_err(std::io::Error::other)?;
-        let (response, mut stream) = self
-            .send
-            .send_request(req, false)
-            .map_err(std::io::Error::other)?;
-        stream
-            .send_data(Bytes::from(body), false)
-            .map_err(std::io::Error::other)?;
+        let (response, stream) = self.start(method, path, headers, body, false).await?;
         let response = response.await.map_err(std::io::Error::other)?;
         // Keep the stream open until the answer is read.
         drop(stream);
         Ok(response.status().as_u16())
+    }
+
+    /// Opens a stream for a request and sends its head and `body`;
+    /// `end` says whether the body ends there.
+    async fn start(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+        end: bool,
+    ) -> std::io::Result<(ResponseFuture, SendStream<Bytes>)> {
+        let req = self.head(method, path, headers)?;
+        // Waits while the server's stream limit is reached.
+        poll_fn(|cx| self.send.poll_ready(cx))
+            .await
+            .map_err(std::io::Error::other)?;
+        let only_head = end && body.is_empty();
+        let (response, mut stream) = self
+            .send
+            .send_request(req, only_head)
+            .map_err(std::io::Error::other)?;
+        if !only_head {
+            stream
+                .send_data(Bytes::from(body), end)
+                .map_err(std::io::Error::other)?;
+        }
+        Ok((response, stream))
     }
 
     /// A request's head: method, this connection's authority, headers.
