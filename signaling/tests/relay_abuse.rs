@@ -411,6 +411,22 @@ fn a_caller_calls_as_itself_only() {
     assert_eq!(codes(&out, &phone), vec![403]);
 }
 
+/// The digest challenge in the answer `ua` got.
+fn challenge(out: &[(Flow, Message)], ua: &Ua) -> String {
+    to(out, ua)[0]
+        .header(&HeaderName::WWW_AUTHENTICATE)
+        .unwrap()
+        .to_string()
+}
+
+/// An Authorization header line answering `challenge` for a REGISTER to
+/// `uri` as `user`, with nonce count `nc`.
+fn authorization(challenge: &str, uri: &str, user: &str, secret: &str, nc: u32) -> String {
+    let a =
+        wire::sip::digest::respond(&[challenge], "REGISTER", uri, user, secret, "cn", nc).unwrap();
+    format!("Authorization: {a}\n")
+}
+
 #[test]
 fn digest_answers_are_for_this_request_uri_and_used_once() {
     let mut w = World::new();
@@ -420,23 +436,8 @@ fn digest_answers_are_for_this_request_uri_and_used_once() {
         register_text(&ua, ALICE, cseq, &lines)
     };
     let out = w.send(&ua, &register(1, ""));
-    let challenge = to(&out, &ua)[0]
-        .header(&HeaderName::WWW_AUTHENTICATE)
-        .unwrap()
-        .to_string();
-    let answer = |uri: &str, nc: u32| {
-        let a = wire::sip::digest::respond(
-            &[&challenge],
-            "REGISTER",
-            uri,
-            ALICE,
-            "alice-secret",
-            "cn",
-            nc,
-        )
-        .unwrap();
-        format!("Authorization: {a}\n")
-    };
+    let challenge = challenge(&out, &ua);
+    let answer = |uri: &str, nc: u32| authorization(&challenge, uri, ALICE, "alice-secret", nc);
     // SIPp's default: the answer names another URI than the request's.
     let out = w.send(&ua, &register(2, &answer("sip:127.0.0.1:5070", 1)));
     assert_eq!(codes(&out, &ua), vec![400]);
@@ -619,24 +620,14 @@ fn a_wake_up_names_the_registering_device_and_digest_bindings_are_not_woken() {
         )
     };
     let out = w.send(&sip_phone, &register(1, ""));
-    let challenge = to(&out, &sip_phone)[0]
-        .header(&HeaderName::WWW_AUTHENTICATE)
-        .unwrap()
-        .to_string();
-    let answer = wire::sip::digest::respond(
-        &[&challenge],
-        "REGISTER",
+    let answer = authorization(
+        &challenge(&out, &sip_phone),
         &format!("sip:{DOMAIN}"),
         BOB,
         "bob-secret",
-        "c",
         1,
-    )
-    .unwrap();
-    let out = w.send(
-        &sip_phone,
-        &register(2, &format!("Authorization: {answer}\n")),
     );
+    let out = w.send(&sip_phone, &register(2, &answer));
     assert_eq!(codes(&out, &sip_phone), vec![200]);
     w.proxy
         .handle_conn_closed(signaling::core::flow::ConnId(50), w.now);
