@@ -283,12 +283,7 @@ fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
     let (key, _device_id, cert) = activate(&up, &data);
     let creds = credentials(&data, &key, &cert);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime().block_on(async {
         // The phone holds its courier link and learns its VoIP token.
         let (mut courier, tokens) =
             DeviceClient::connect(up.courier, Transport::Tls, &creds, &[TOPIC], 0)
@@ -426,12 +421,7 @@ fn a_wake_binding_with_another_devices_token_wakes_nobody() {
     let (m_key, _, m_cert) = activate_as(&up, &data, MALLORY);
     let mallory = credentials(&data, &m_key, &m_cert);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime().block_on(async {
         let (mut courier, tokens) =
             DeviceClient::connect(up.courier, Transport::Tls, &bob, &[TOPIC], 0)
                 .await
@@ -479,4 +469,13 @@ fn a_wake_binding_with_another_devices_token_wakes_nobody() {
             other => panic!("unexpected: {other:?}"),
         }
     });
+}
+
+/// A two-thread runtime for the tests that hold device links.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
