@@ -102,6 +102,16 @@ fn relayed(relay: &Relay) -> (u64, u64) {
     })
 }
 
+/// RFC 6062 data connections bound through ConnectionBind, all workers.
+fn tcp_bound(relay: &Relay) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    relay
+        .metrics()
+        .iter()
+        .map(|m| m.tcp_connections_bound.load(Relaxed))
+        .sum()
+}
+
 const STATIC: &[&str] = &["-u", USER, "-w", PASSWORD];
 
 /// One client, five messages over UDP: for runs that must be refused.
@@ -318,14 +328,7 @@ fn tcp_relay(mode: &[&str], tls: bool) {
     let t = uclient_sized(&flags, port, Some(&peer), STATIC, 2, 10);
     assert!(t.sent >= 20, "{t:?}");
     assert_lossless(&t, t.sent);
-    let bound: u64 = relay
-        .metrics()
-        .iter()
-        .map(|m| {
-            m.tcp_connections_bound
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .sum();
+    let bound = tcp_bound(&relay);
     assert!(
         bound >= 2,
         "data connections were bound through ConnectionBind: {bound}"
@@ -377,13 +380,6 @@ fn uclient_rfc6062_client_to_client_with_several_pairs() {
     let t = totals(&out.text);
     assert!(t.sent > 0, "{t:?}");
     assert_lossless(&t, t.sent);
-    let bound: u64 = relay
-        .metrics()
-        .iter()
-        .map(|m| {
-            m.tcp_connections_bound
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .sum();
+    let bound = tcp_bound(&relay);
     assert!(bound >= 20, "{bound} data connections bound");
 }
