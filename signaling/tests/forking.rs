@@ -316,11 +316,7 @@ fn a_sleeping_device_is_woken_by_push_and_joins_the_call() {
 #[test]
 fn a_device_that_never_wakes_leaves_480() {
     let mut w = World::new();
-    let mut phone = Ua::new("phone", tcp("10.0.0.11:40000", 7));
-    phone.push = true;
-    w.register(&phone, BOB);
-    w.proxy
-        .handle_conn_closed(signaling::core::flow::ConnId(7), w.now);
+    w.sleeping_phone(BOB);
     let alice = Ua::new("alice", udp("10.0.0.1:5060"));
     let out = w.invite(&alice, BOB, "call-q");
     assert_eq!(codes(&out, &alice), vec![100]);

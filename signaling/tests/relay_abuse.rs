@@ -588,11 +588,7 @@ fn wakes(w: &World) -> usize {
 #[test]
 fn a_wake_up_names_the_registering_device_and_digest_bindings_are_not_woken() {
     let mut w = World::new();
-    let mut phone = Ua::new("phone", tcp("10.0.0.11:40000", 7));
-    phone.push = true;
-    w.register(&phone, BOB);
-    w.proxy
-        .handle_conn_closed(signaling::core::flow::ConnId(7), w.now);
+    let phone = w.sleeping_phone(BOB);
     let alice = Ua::new("alice", udp("10.0.0.1:5060"));
     w.invite(&alice, BOB, "w-1");
     let device = w.events.iter().find_map(|e| match e {
@@ -641,11 +637,7 @@ fn wake_ups_are_budgeted_per_caller_and_per_callee() {
     let mut config = config();
     config.wakes_per_minute = 3;
     let mut w = World::with(config);
-    let mut phone = Ua::new("phone", tcp("10.0.0.11:40000", 7));
-    phone.push = true;
-    w.register(&phone, BOB);
-    w.proxy
-        .handle_conn_closed(signaling::core::flow::ConnId(7), w.now);
+    w.sleeping_phone(BOB);
     // One caller calls again and again: three wake-ups, then none.
     let alice = Ua::new("alice", udp("10.0.0.1:5060"));
     for i in 0..6 {

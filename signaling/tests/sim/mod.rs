@@ -176,6 +176,16 @@ impl World {
         out
     }
 
+    /// A push-capable phone registered for `handle` over TCP connection 7,
+    /// whose app then went to the background: its connection is closed.
+    pub fn sleeping_phone(&mut self, handle: &str) -> Ua {
+        let mut phone = Ua::new("phone", tcp("10.0.0.11:40000", 7));
+        phone.push = true;
+        self.register(&phone, handle);
+        self.proxy.handle_conn_closed(ConnId(7), self.now);
+        phone
+    }
+
     pub fn register(&mut self, ua: &Ua, handle: &str) {
         self.seq += 1;
         let text = format!(
