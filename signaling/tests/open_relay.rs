@@ -4,36 +4,13 @@
 //! hear nothing, and the refusal is not retransmitted at the client (a
 //! spoofed source would otherwise get Timer G's copies).
 
-use signaling::runtime::{Config, NoDirectory, NoWaker, Server};
+mod loopback;
+
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::Arc;
+use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 const BOB: &str = "+14155550123";
-
-fn start(rt: &tokio::runtime::Runtime, v6: bool) -> Server {
-    let any = if v6 {
-        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
-    } else {
-        SocketAddr::from(([127, 0, 0, 1], 0))
-    };
-    let mut config = Config {
-        udp: vec![any],
-        tcp: vec![any],
-        tls: vec![],
-        wss: vec![],
-        ..Config::default()
-    };
-    config.proxy.domains = vec!["parley.test".into()];
-    rt.block_on(Server::start(
-        config,
-        None,
-        Arc::new(NoDirectory),
-        Arc::new(NoWaker),
-    ))
-    .unwrap()
-}
 
 /// The attacks, each naming `target` (`host:port` with URI params).
 fn attacks(via: &str, target: &str, n: usize) -> Vec<String> {
@@ -104,7 +81,12 @@ fn run(v6: bool) {
         .enable_all()
         .build()
         .unwrap();
-    let server = start(&rt, v6);
+    let ip: std::net::IpAddr = if v6 {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    } else {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    };
+    let server = loopback::start(&rt, ip);
     let host = if v6 { "[::1]" } else { "127.0.0.1" };
     let bind = format!("{host}:0");
     let service = UdpSocket::bind(&bind).unwrap();

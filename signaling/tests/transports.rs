@@ -3,30 +3,11 @@
 //! datagrams get a 400 that names the fault, and OPTIONS to the proxy is
 //! answered over TCP.
 
-use signaling::runtime::{Config, NoDirectory, NoWaker, Server};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::sync::Arc;
-use std::time::Duration;
+mod loopback;
 
-fn start(rt: &tokio::runtime::Runtime) -> Server {
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut config = Config {
-        udp: vec![any],
-        tcp: vec![any],
-        tls: vec![],
-        wss: vec![],
-        ..Config::default()
-    };
-    config.proxy.domains = vec!["parley.test".into()];
-    rt.block_on(Server::start(
-        config,
-        None,
-        Arc::new(NoDirectory),
-        Arc::new(NoWaker),
-    ))
-    .unwrap()
-}
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::time::Duration;
 
 fn read_some(s: &mut TcpStream) -> Vec<u8> {
     let mut buf = [0u8; 4096];
@@ -43,7 +24,7 @@ fn keepalives_framing_errors_and_malformed_datagrams() {
         .enable_all()
         .build()
         .unwrap();
-    let server = start(&rt);
+    let server = loopback::start(&rt, std::net::Ipv4Addr::LOCALHOST.into());
     let tcp = server.tcp_addrs()[0];
     let udp = server.udp_addrs()[0];
 
@@ -106,25 +87,11 @@ fn connections_are_capped_per_source_and_silent_ones_close_early() {
         .enable_all()
         .build()
         .unwrap();
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut config = Config {
-        udp: vec![],
-        tcp: vec![any],
-        tls: vec![],
-        wss: vec![],
-        max_connections_per_source: 3,
-        first_message_timeout: Duration::from_millis(300),
-        ..Config::default()
-    };
-    config.proxy.domains = vec!["parley.test".into()];
-    let server = rt
-        .block_on(Server::start(
-            config,
-            None,
-            Arc::new(NoDirectory),
-            Arc::new(NoWaker),
-        ))
-        .unwrap();
+    let mut config = loopback::config(std::net::Ipv4Addr::LOCALHOST.into());
+    config.udp = vec![];
+    config.max_connections_per_source = 3;
+    config.first_message_timeout = Duration::from_millis(300);
+    let server = loopback::serve(&rt, config);
     let tcp = server.tcp_addrs()[0];
     let options = |n: u32| {
         format!(
