@@ -156,33 +156,44 @@ fn wait_bound(port: u16, transport: &str) {
     panic!("SIPp did not bind port {port}");
 }
 
-/// Registers `contact_port` (another SIPp's address) for Bob.
-fn register(dir: &Path, proxy: &Proxy, transport: &str, contact_port: u16) {
+/// Runs SIPp's REGISTER for Bob with `contact_port` (another SIPp's
+/// address) as the Contact, answering the digest challenge for
+/// `auth_uri` (SIPp's default without it: the remote address).
+fn sipp_register(
+    dir: &Path,
+    proxy: &Proxy,
+    transport: &str,
+    contact_port: u16,
+    auth_uri: Option<&str>,
+) -> Output {
     let target = format!("127.0.0.1:{}", proxy.port);
     let cp = contact_port.to_string();
-    let out = sipp(
-        dir,
-        transport,
-        free_port(),
-        &[
-            &target,
-            "-sf",
-            &scenario("register.xml"),
-            "-s",
-            BOB,
-            "-au",
-            BOB,
-            "-ap",
-            "bob-password",
-            // The digest `uri` must name the Request-URI (SIPp's default is
-            // the remote address, which the proxy refuses with 400).
-            "-auth_uri",
-            "parley.test",
-            "-key",
-            "contact_port",
-            &cp,
-        ],
-    );
+    let scenario = scenario("register.xml");
+    let mut args = vec![
+        target.as_str(),
+        "-sf",
+        &scenario,
+        "-s",
+        BOB,
+        "-au",
+        BOB,
+        "-ap",
+        "bob-password",
+        "-key",
+        "contact_port",
+        &cp,
+    ];
+    if let Some(uri) = auth_uri {
+        args.extend(["-auth_uri", uri]);
+    }
+    sipp(dir, transport, free_port(), &args)
+}
+
+/// Registers `contact_port` (another SIPp's address) for Bob.
+fn register(dir: &Path, proxy: &Proxy, transport: &str, contact_port: u16) {
+    // The digest `uri` must name the Request-URI (SIPp's default is the
+    // remote address, which the proxy refuses with 400).
+    let out = sipp_register(dir, proxy, transport, contact_port, Some("parley.test"));
     assert!(
         out.success,
         "SIPp registration failed:\n{}\n{}",
@@ -316,26 +327,7 @@ fn sipp_digest_for_another_uri_is_refused() {
     require("sipp");
     let proxy = Proxy::start();
     let dir = tempfile::tempdir().unwrap();
-    let target = format!("127.0.0.1:{}", proxy.port);
-    let out = sipp(
-        dir.path(),
-        "u1",
-        free_port(),
-        &[
-            &target,
-            "-sf",
-            &scenario("register.xml"),
-            "-s",
-            BOB,
-            "-au",
-            BOB,
-            "-ap",
-            "bob-password",
-            "-key",
-            "contact_port",
-            "5999",
-        ],
-    );
+    let out = sipp_register(dir.path(), &proxy, "u1", 5999, None);
     assert!(
         !out.success,
         "SIPp registered with a digest for another URI"
