@@ -106,39 +106,39 @@ async fn push(
         .cloned()
         .unwrap_or(ClientCertName(None));
     // apns-id first: every answer carries it.
-    let id = match header(&headers, "apns-id") {
+    let (id, early) = match header(&headers, "apns-id") {
         Some(v) => match NotificationId::from_uuid(v) {
-            Some(id) => id,
-            None => {
-                let id = NotificationId(random().unwrap_or([0; 16]));
-                return respond(id, Err(err(StatusCode::BAD_REQUEST, "BadMessageId")));
-            }
+            Some(id) => (id, None),
+            None => (
+                NotificationId(random().unwrap_or([0; 16])),
+                Some(err(StatusCode::BAD_REQUEST, "BadMessageId")),
+            ),
         },
         None => match Courier::new_id() {
-            Ok(id) => id,
-            Err(_) => {
-                return respond(
-                    NotificationId([0; 16]),
-                    Err(err(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "InternalServerError",
-                    )),
-                )
-            }
+            Ok(id) => (id, None),
+            Err(_) => (
+                NotificationId([0; 16]),
+                Some(err(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalServerError",
+                )),
+            ),
         },
     };
-    if method != Method::POST {
-        return respond(
-            id,
-            Err(err(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed")),
-        );
-    }
-    // Who asks, before the body is kept: a stranger's body is read and
-    // thrown away as it comes (never buffered: up to 64 KiB per stream,
-    // 1000 streams a connection), within the same deadline, and answered
-    // once it ended — an HTTP/2 answer sent while the client is still
-    // sending ends in a stream reset that clients report as a failure.
-    let provider = match st.authenticate(&headers, &cert) {
+    // What is wrong before the body is kept, and who asks: a refused
+    // request's body is read and thrown away as it comes (never buffered:
+    // up to 64 KiB per stream, 1000 streams a connection), within the same
+    // deadline, and answered once it ended — an HTTP/2 answer sent while
+    // the client is still sending ends in a stream reset that clients
+    // report as a failure.
+    let verdict = match early {
+        Some(e) => Err(e),
+        None if method != Method::POST => {
+            Err(err(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"))
+        }
+        None => st.authenticate(&headers, &cert),
+    };
+    let provider = match verdict {
         Ok(p) => p,
         Err(e) => {
             discard(body, st.courier.config.provider_body_timeout).await;

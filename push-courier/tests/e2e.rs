@@ -1102,6 +1102,34 @@ async fn stalled_bodies_are_bounded_and_connections_are_capped() {
     .expect("answered at the body deadline")
     .unwrap();
     assert_eq!(status, 400);
+    // A request refused on its headers alone (here its apns-id) is also
+    // answered only once its body ended or the deadline passed: an answer
+    // while the client is still sending resets the stream, and curl then
+    // reports a failure instead of BadMessageId.
+    let asked = std::time::Instant::now();
+    let status = tokio::time::timeout(
+        Duration::from_secs(5),
+        h2.request_unfinished(
+            "POST",
+            &path,
+            &[
+                ("content-length", "61440"),
+                ("apns-topic", TOPIC),
+                ("apns-id", "42"),
+                ("authorization", &jwt),
+            ],
+            vec![b'x'; 1024],
+        ),
+    )
+    .await
+    .expect("answered at the body deadline")
+    .unwrap();
+    assert_eq!(status, 400);
+    assert!(
+        asked.elapsed() >= Duration::from_millis(300),
+        "answered after {:?}, while the body was still coming",
+        asked.elapsed()
+    );
     // Two connections from this address are open; a third gets none.
     let _second = env.provider_http2().await.unwrap();
     let third = tokio::time::timeout(Duration::from_secs(5), env.provider_http2()).await;
