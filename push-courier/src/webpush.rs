@@ -105,9 +105,22 @@ async fn push(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    // Read the body first (see apns.rs: early HTTP/2 answers reset streams).
-    let payload = match axum::body::to_bytes(body, MAX_REQUEST_BODY).await {
-        Ok(b) if b.len() <= MAX_BODY => b,
+    // Read the body first (see apns.rs: early HTTP/2 answers reset
+    // streams), within the body deadline, so a stalled body does not hold
+    // its stream.
+    let payload = tokio::time::timeout(
+        st.courier.config.provider_body_timeout,
+        axum::body::to_bytes(body, MAX_REQUEST_BODY),
+    )
+    .await;
+    let payload = match payload {
+        Ok(Ok(b)) if b.len() <= MAX_BODY => b,
+        Err(_) => {
+            return problem(
+                StatusCode::REQUEST_TIMEOUT,
+                "the push message body did not arrive in time",
+            )
+        }
         _ => {
             return problem(
                 StatusCode::PAYLOAD_TOO_LARGE,

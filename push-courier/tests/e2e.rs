@@ -1130,6 +1130,20 @@ async fn stalled_bodies_are_bounded_and_connections_are_capped() {
         "answered after {:?}, while the body was still coming",
         asked.elapsed()
     );
+    // A Web Push body that stalls is answered at the same deadline.
+    let status = tokio::time::timeout(
+        Duration::from_secs(5),
+        h2.request_unfinished(
+            "POST",
+            "/wp/AAAA",
+            &[("content-length", "4096"), ("ttl", "60")],
+            vec![b'x'; 1024],
+        ),
+    )
+    .await
+    .expect("answered at the body deadline")
+    .unwrap();
+    assert_eq!(status, 408);
     // Two connections from this address are open; a third gets none.
     let _second = env.provider_http2().await.unwrap();
     let third = tokio::time::timeout(Duration::from_secs(5), env.provider_http2()).await;
