@@ -300,6 +300,11 @@ pub enum DeviceEvent {
     /// expect: a device it did not know of, another account key (an
     /// account reset, or a directory that lies), or a deletion.
     Unapproved(Vec<wire::transparency::Unapproved>),
+    /// The directory's roots are not one append-only chain, or not the
+    /// roots this device accepted: it showed this device (or everyone
+    /// else) a tree of its own. Its answers can no longer be trusted; the
+    /// app tells its user and its operator.
+    SplitView(String),
     /// Something went wrong outside a call.
     Error(String),
 }
@@ -864,6 +869,17 @@ impl Task {
             Err(e) => {
                 self.event(DeviceEvent::Error(format!("own history audit: {e}")))
                     .await;
+            }
+        }
+        // Every root this device accepted, its own history's included,
+        // must extend the ones before.
+        match self.ids.audit_roots().await {
+            // Another audit is being built: the next round catches up.
+            Ok(_) | Err(IdsError::Refused { status: 429, .. }) => {}
+            Err(IdsError::Transparency(e)) => self.event(DeviceEvent::SplitView(e)).await,
+            Err(e) => {
+                self.event(DeviceEvent::Error(format!("directory audit: {e}")))
+                    .await
             }
         }
         let next = tokio::time::Instant::now() + audit.every;

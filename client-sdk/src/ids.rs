@@ -637,7 +637,9 @@ impl IdsClient {
     }
 
     /// Looks handles up and verifies each proof and list before any key
-    /// is returned. A handle that is not found has no entry.
+    /// is returned. A handle that is not found has no entry, but only if
+    /// the directory proved its absence: an answer that skips a handle, or
+    /// says "not found" without a proof, is refused.
     pub async fn lookup(
         &mut self,
         key: &SigningKey,
@@ -654,42 +656,76 @@ impl IdsClient {
                 Some(key),
             )
             .await?;
+        let results = v["results"].as_array().cloned().unwrap_or_default();
         let mut out = Vec::new();
-        for r in v["results"].as_array().cloned().unwrap_or_default() {
-            if r["status"] != "found" {
-                continue;
-            }
-            let handle = Handle::parse(str_field(&r, "handle")?)
-                .map_err(|e| IdsError::Protocol(e.to_string()))?;
-            let proof = B64
-                .decode(str_field(&r, "proof")?)
-                .map_err(|e| IdsError::Protocol(e.to_string()))?;
-            let root = root_of(&r["root"])?;
-            let verified = transparency::verify_lookup(&anchor, &root, &handle.uri(), &proof)
-                .map_err(|e| IdsError::Transparency(e.to_string()))?;
+        for h in handles {
+            let uri = h.uri();
+            let r = results
+                .iter()
+                .find(|r| r["handle"].as_str() == Some(uri.as_str()))
+                .ok_or_else(|| {
+                    IdsError::Transparency(format!("the directory did not answer for {uri}"))
+                })?;
+            let (found, root) = verified_result(&anchor, h, r)?;
             self.observe(&root)?;
-            let (devices, account_key) = match verified.value {
-                DirectoryValue::Active(l) => (
-                    l.list
-                        .devices
-                        .iter()
-                        .map(|d| DeviceKey {
-                            device: d.id,
-                            key: d.identity_key,
-                        })
-                        .collect(),
-                    Some(l.list.account_key),
-                ),
-                _ => (Vec::new(), None),
-            };
-            out.push(Found {
-                handle,
-                devices,
-                account_key,
-                epoch: verified.epoch,
-            });
+            out.extend(found);
         }
         Ok(out)
+    }
+
+    /// Proves that every directory root this client accepted since the
+    /// last audit extends the ones before it, append-only (akd's audit
+    /// proof), and that the directory lists the same root for every epoch
+    /// this client saw. A split view — this client shown a tree of its
+    /// own — fails here as soon as the directory shows it a root of the
+    /// tree everyone else sees. Checks at most [`AUDIT_EPOCHS`] epochs per
+    /// request; returns the epoch audited to.
+    pub async fn audit_roots(&mut self) -> Result<u64, IdsError> {
+        while let Some((start, end)) = self.seen.audit_span(AUDIT_EPOCHS) {
+            let path = format!("/v1/kt/audit?start={start}&end={end}");
+            let v = self.expect(200, "GET", &path, None, None).await?;
+            let bad = |what: &str| IdsError::Protocol(format!("bad audit answer: {what}"));
+            let listed = v["root_hashes"]
+                .as_array()
+                .ok_or_else(|| bad("root_hashes"))?
+                .iter()
+                .map(|r| {
+                    let epoch = r["epoch"].as_u64().ok_or_else(|| bad("epoch"))?;
+                    let hash = r["root_hash"]
+                        .as_str()
+                        .and_then(|h| B64.decode(h).ok())
+                        .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                        .ok_or_else(|| bad("root_hash"))?;
+                    Ok((epoch, hash))
+                })
+                .collect::<Result<Vec<_>, IdsError>>()?;
+            let hashes = self
+                .seen
+                .audit_hashes(start, end, &listed)
+                .map_err(|e| IdsError::Transparency(e.to_string()))?;
+            let proof = B64
+                .decode(str_field(&v, "proof")?)
+                .map_err(|e| IdsError::Protocol(e.to_string()))?;
+            verify_append_only(hashes, &proof).await?;
+            self.seen.audited(end, listed[listed.len() - 1].1);
+        }
+        Ok(self.seen.checkpoint().map_or(0, |(e, _)| e))
+    }
+
+    /// The newest root this client proved one append-only chain with every
+    /// root it accepted before (epoch, root hash): an app persists it and
+    /// hands it to [`IdsClient::resume_from_checkpoint`].
+    pub fn checkpoint(&self) -> Option<(u64, [u8; 32])> {
+        self.seen.checkpoint()
+    }
+
+    /// Starts from a [`IdsClient::checkpoint`] saved before: older roots
+    /// are refused, and the next [`IdsClient::audit_roots`] proves the
+    /// roots accepted from now on extend this one.
+    pub fn resume_from_checkpoint(&mut self, epoch: u64, root_hash: [u8; 32]) {
+        if epoch >= self.seen.highest_epoch() {
+            self.seen = transparency::SeenRoots::resuming_from(epoch, root_hash);
+        }
     }
 
     /// Audits this device's own handle: its whole verified history from
@@ -759,6 +795,86 @@ impl IdsClient {
                 })
                 .unwrap_or_default(),
         })
+    }
+}
+
+/// Epochs one audit request spans (the service's limit).
+pub const AUDIT_EPOCHS: u64 = 100;
+
+/// Verifies akd's append-only proof (protobuf `AppendOnlyProof`) over the
+/// root hashes of consecutive epochs.
+async fn verify_append_only(hashes: Vec<[u8; 32]>, proof: &[u8]) -> Result<(), IdsError> {
+    use protobuf::Message;
+    let msg = akd::proto::specs::types::AppendOnlyProof::parse_from_bytes(proof)
+        .map_err(|e| IdsError::Protocol(format!("audit proof: {e}")))?;
+    let proof = akd::AppendOnlyProof::try_from(&msg)
+        .map_err(|e| IdsError::Protocol(format!("audit proof: {e}")))?;
+    akd::auditor::audit_verify::<transparency::KtConfig>(hashes, proof)
+        .await
+        .map_err(|e| IdsError::Transparency(format!("append-only proof: {e}")))
+}
+
+/// Verifies one entry of a lookup answer for `handle`: a lookup proof and
+/// a signed list naming it (the keys it gives), or a proof that the handle
+/// was never published (nothing). Returns the root it verified against,
+/// which the caller must still check against the roots it has seen.
+pub fn verified_result(
+    anchor: &TrustAnchor,
+    handle: &Handle,
+    r: &Value,
+) -> Result<(Option<Found>, SignedRoot), IdsError> {
+    let uri = handle.uri();
+    let b64 = |k: &str| {
+        B64.decode(str_field(r, k)?)
+            .map_err(|e| IdsError::Protocol(e.to_string()))
+    };
+    let refuse = |e: transparency::KtError| IdsError::Transparency(format!("{uri}: {e}"));
+    match r["status"].as_str() {
+        Some("found") => {
+            let root = root_of(&r["root"])?;
+            let verified =
+                transparency::verify_lookup(anchor, &root, &uri, &b64("proof")?).map_err(refuse)?;
+            let (devices, account_key) = match verified.value {
+                DirectoryValue::Active(l) => (
+                    l.list
+                        .devices
+                        .iter()
+                        .map(|d| DeviceKey {
+                            device: d.id,
+                            key: d.identity_key,
+                        })
+                        .collect(),
+                    Some(l.list.account_key),
+                ),
+                _ => (Vec::new(), None),
+            };
+            let found = Found {
+                handle: handle.clone(),
+                devices,
+                account_key,
+                epoch: verified.epoch,
+            };
+            Ok((Some(found), root))
+        }
+        Some("not_found") => {
+            let root = root_of(&r["root"]).map_err(|_| {
+                IdsError::Transparency(format!("{uri}: \"not found\" without an absence proof"))
+            })?;
+            let (vrf, proof) = match (b64("vrf_proof"), b64("proof")) {
+                (Ok(v), Ok(p)) => (v, p),
+                _ => {
+                    return Err(IdsError::Transparency(format!(
+                        "{uri}: \"not found\" without an absence proof"
+                    )))
+                }
+            };
+            transparency::verify_absence(anchor, &root, &uri, &vrf, &proof).map_err(refuse)?;
+            Ok((None, root))
+        }
+        _ => Err(IdsError::Protocol(format!(
+            "the directory refused {uri}: {}",
+            r["detail"].as_str().unwrap_or("no detail")
+        ))),
     }
 }
 

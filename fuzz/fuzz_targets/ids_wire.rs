@@ -1,12 +1,13 @@
 //! The identity service's parsers of untrusted input: directory values
-//! (from the server, on clients), device lists (from clients, on the
-//! server), request signature headers and handles.
+//! and transparency proofs (from the server, on clients), device lists
+//! (from clients, on the server), request signature headers and handles.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use wire::device_list::DirectoryValue;
 
 fuzz_target!(|data: &[u8]| {
+    proofs(data);
     if let Ok(DirectoryValue::Active(list)) = DirectoryValue::decode(data) {
         // Whatever decodes re-encodes to the same bytes and verifies or not
         // without panicking.
@@ -30,3 +31,44 @@ fuzz_target!(|data: &[u8]| {
 /// One key for the whole run: no input can carry a valid signature by it,
 /// so only the parsing and the checks before the signature are exercised.
 static KEY: std::sync::OnceLock<wire::SigningKey> = std::sync::OnceLock::new();
+
+/// Lookup, history and absence proofs as a client checks them, against a
+/// root this harness signs (so that the proof parsers and akd's checks run,
+/// not only the signature check): the first 32 bytes are the root hash.
+fn proofs(data: &[u8]) {
+    use wire::transparency::{
+        verify_absence, verify_history, verify_lookup, SignedRoot, TrustAnchor,
+    };
+    let Some((hash, proof)) = data.split_first_chunk::<32>() else {
+        return;
+    };
+    let (anchor, root_key) = ANCHOR.get_or_init(|| {
+        let pkcs8 =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .expect("key");
+        let key = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("key");
+        let anchor = TrustAnchor {
+            vrf_public_key: [9; 32].to_vec(),
+            root_key: ring::signature::KeyPair::public_key(&key).as_ref().to_vec(),
+        };
+        (anchor, key)
+    });
+    let root = SignedRoot {
+        epoch: 7,
+        root_hash: *hash,
+        signature: root_key
+            .sign(&SignedRoot::signing_bytes(7, hash))
+            .as_ref()
+            .to_vec(),
+    };
+    let uri = "mailto:alice@example.com";
+    let _ = verify_lookup(anchor, &root, uri, proof);
+    let _ = verify_history(anchor, &root, uri, proof);
+    let (vrf, rest) = proof.split_at(proof.len().min(80));
+    let _ = verify_absence(anchor, &root, uri, vrf, rest);
+}
+
+static ANCHOR: std::sync::OnceLock<(
+    wire::transparency::TrustAnchor,
+    ring::signature::Ed25519KeyPair,
+)> = std::sync::OnceLock::new();

@@ -664,7 +664,13 @@ async fn lookup(
         .iter()
         .map(|(handle, r)| match r {
             LookupResult::Invalid(e) => json!({"handle": handle, "status": "invalid", "detail": e}),
-            LookupResult::NotFound => json!({"handle": handle, "status": "not_found"}),
+            LookupResult::NotFound(a) => json!({
+                "handle": handle,
+                "status": "not_found",
+                "vrf_proof": B64.encode(&a.vrf_proof),
+                "proof": B64.encode(&a.proof),
+                "root": root_json(&a.root),
+            }),
             LookupResult::Found {
                 value,
                 proof,

@@ -387,9 +387,30 @@ pub struct Proven {
     pub root: SignedRoot,
 }
 
+/// Proof that a label has no value at `root`: the VRF proof of its first
+/// version's tree label, and a non-membership proof of that label
+/// (`wire::transparency::verify_absence`).
+#[derive(Debug, Clone)]
+pub struct Absence {
+    pub vrf_proof: Vec<u8>,
+    pub proof: Vec<u8>,
+    pub root: SignedRoot,
+}
+
+/// What a lookup proves.
+#[derive(Debug, Clone)]
+pub enum Looked {
+    Found(Proven),
+    Absent(Absence),
+}
+
 /// The directory plus the key that signs its epoch roots.
 pub struct Transparency {
     dir: Directory<KtConfig, SqlDatabase, VrfKey>,
+    /// The directory's storage and VRF key, for the absence proofs akd's
+    /// `Directory` does not make.
+    manager: StorageManager<SqlDatabase>,
+    vrf: VrfKey,
     /// The same storage as `dir`'s (the record cache is shared).
     db: SqlDatabase,
     store: Store,
@@ -430,9 +451,13 @@ impl Transparency {
         // only after they commit (record_cache.rs).
         let db = SqlDatabase::new(store.clone(), 4_000_000, vrf.clone());
         let manager = StorageManager::new_no_cache(db.clone());
-        let dir = Directory::<KtConfig, _, _>::new(manager, vrf, AzksParallelismConfig::default())
-            .await
-            .map_err(dir_err)?;
+        let dir = Directory::<KtConfig, _, _>::new(
+            manager.clone(),
+            vrf.clone(),
+            AzksParallelismConfig::default(),
+        )
+        .await
+        .map_err(dir_err)?;
         let vrf_pk = dir.get_public_key().await.map_err(dir_err)?;
         let anchor = TrustAnchor {
             vrf_public_key: vrf_pk.to_bytes().to_vec(),
@@ -440,6 +465,8 @@ impl Transparency {
         };
         let t = Transparency {
             dir,
+            manager,
+            vrf,
             db,
             store,
             root_key,
@@ -518,22 +545,76 @@ impl Transparency {
     }
 
     /// A lookup proof for a label, with the value it proves and the root
-    /// it verifies against; None if the label was never published.
-    pub async fn lookup(&self, uri: &str) -> Result<Option<Proven>, Error> {
+    /// it verifies against; or, if the label was never published, the
+    /// proof that it is absent.
+    pub async fn lookup(&self, uri: &str) -> Result<Looked, Error> {
         let _reading = self.readers.read().await;
         let label = AkdLabel(uri.as_bytes().to_vec());
-        match self.dir.lookup(label).await {
-            Ok((proof, EpochHash(epoch, hash))) => {
-                let root = self.root_at(epoch, hash).await?;
-                Ok(Some(Proven {
-                    proof: wire::transparency::encode_lookup_proof(&proof),
-                    value: proof.value.0,
-                    root,
-                }))
+        // A publish may add the label between akd's lookup and the absence
+        // proof, which then does not verify: the second round finds it.
+        for _ in 0..2 {
+            match self.dir.lookup(label.clone()).await {
+                Ok((proof, EpochHash(epoch, hash))) => {
+                    let root = self.root_at(epoch, hash).await?;
+                    return Ok(Looked::Found(Proven {
+                        proof: wire::transparency::encode_lookup_proof(&proof),
+                        value: proof.value.0,
+                        root,
+                    }));
+                }
+                Err(akd::errors::AkdError::Storage(StorageError::NotFound(_))) => {
+                    let absence = self.absence(&label).await?;
+                    if wire::transparency::verify_absence(
+                        &self.anchor,
+                        &absence.root,
+                        uri,
+                        &absence.vrf_proof,
+                        &absence.proof,
+                    )
+                    .is_ok()
+                    {
+                        return Ok(Looked::Absent(absence));
+                    }
+                }
+                Err(e) => return Err(dir_err(e)),
             }
-            Err(akd::errors::AkdError::Storage(StorageError::NotFound(_))) => Ok(None),
-            Err(e) => Err(dir_err(e)),
         }
+        Err(Error::Directory(format!(
+            "no verifiable lookup or absence proof for {uri}"
+        )))
+    }
+
+    /// The absence proof of `label` in the current epoch (see [`Absence`]).
+    async fn absence(&self, label: &AkdLabel) -> Result<Absence, Error> {
+        use akd::ecvrf::VRFKeyStorage;
+        let azks = match self
+            .manager
+            .get::<akd::Azks>(&akd::append_only_zks::DEFAULT_AZKS_KEY)
+            .await
+        {
+            Ok(DbRecord::Azks(azks)) => azks,
+            Ok(_) => return Err(Error::Directory("the tree header is not a tree".into())),
+            Err(e) => return Err(Error::Directory(e.to_string())),
+        };
+        let vrf = self
+            .vrf
+            .get_label_proof::<KtConfig>(label, akd::VersionFreshness::Fresh, 1)
+            .await
+            .map_err(|e| Error::Directory(e.to_string()))?;
+        let node = self.vrf.get_node_label_from_vrf_proof(vrf).await;
+        let proof = azks
+            .get_non_membership_proof::<KtConfig, _>(&self.manager, node)
+            .await
+            .map_err(dir_err)?;
+        let hash = azks
+            .get_root_hash::<KtConfig, _>(&self.manager)
+            .await
+            .map_err(dir_err)?;
+        Ok(Absence {
+            vrf_proof: vrf.to_bytes().to_vec(),
+            proof: wire::transparency::encode_absence_proof(&proof),
+            root: self.root_at(azks.get_latest_epoch(), hash).await?,
+        })
     }
 
     /// A complete history proof (protobuf) for a label.
@@ -616,7 +697,7 @@ pub(crate) fn unix_now() -> i64 {
 mod tests {
     use super::*;
     use wire::device_list::{DeviceEntry, DeviceList, DirectoryValue};
-    use wire::transparency::{verify_history, verify_lookup, KtError};
+    use wire::transparency::{verify_absence, verify_history, verify_lookup, KtError};
     use wire::{DeviceId, SigningKey};
 
     /// A store in a fresh directory, removed when the returned guard drops.
@@ -675,6 +756,11 @@ mod tests {
         let anchor = kt.anchor().clone();
         let account = SigningKey::generate();
         let alice = "mailto:alice@example.com";
+        // Before anything is published every handle is proven absent.
+        let Looked::Absent(a) = kt.lookup(alice).await.unwrap() else {
+            panic!("nothing is published")
+        };
+        verify_absence(&anchor, &a.root, alice, &a.vrf_proof, &a.proof).unwrap();
         let v1 = list(&account, alice, 1, 1);
         queue(&store, alice, &v1).await;
         queue(
@@ -689,7 +775,9 @@ mod tests {
         queue(&store, alice, &v2).await;
         assert_eq!(kt.publish_pending(1000).await.unwrap(), 1);
 
-        let Proven { proof, value, root } = kt.lookup(alice).await.unwrap().unwrap();
+        let Looked::Found(Proven { proof, value, root }) = kt.lookup(alice).await.unwrap() else {
+            panic!("alice is published")
+        };
         assert_eq!(root.epoch, 2);
         assert_eq!(value, v2);
         let got = verify_lookup(&anchor, &root, alice, &proof).unwrap();
@@ -706,11 +794,59 @@ mod tests {
             verify_lookup(&anchor, &bad_root, alice, &proof),
             Err(KtError::RootSignature)
         );
-        assert!(kt
-            .lookup("mailto:nobody@example.com")
-            .await
-            .unwrap()
-            .is_none());
+        // A handle never published is proven absent, and only that handle.
+        let nobody = "mailto:nobody@example.com";
+        let Looked::Absent(absent) = kt.lookup(nobody).await.unwrap() else {
+            panic!("nobody was never published")
+        };
+        let Absence {
+            vrf_proof,
+            proof: nm,
+            root: nm_root,
+        } = &absent;
+        verify_absence(&anchor, nm_root, nobody, vrf_proof, nm).unwrap();
+        // The same proof does not say another handle is absent, nor a
+        // published one; nor does it verify against another root.
+        assert!(matches!(
+            verify_absence(
+                &anchor,
+                nm_root,
+                "mailto:somebody@example.com",
+                vrf_proof,
+                nm
+            ),
+            Err(KtError::Proof(_))
+        ));
+        assert!(verify_absence(&anchor, nm_root, alice, vrf_proof, nm).is_err());
+        let mut other = nm_root.clone();
+        other.root_hash[1] ^= 1;
+        assert_eq!(
+            verify_absence(&anchor, &other, nobody, vrf_proof, nm),
+            Err(KtError::RootSignature)
+        );
+        // Our proof-to-hash gives akd's label for every VRF proof.
+        for uri in [alice, nobody, "tel:+14155550123"] {
+            use akd::ecvrf::VRFKeyStorage;
+            let label = AkdLabel(uri.as_bytes().to_vec());
+            for (freshness, version) in [
+                (akd::VersionFreshness::Fresh, 1),
+                (akd::VersionFreshness::Stale, 2),
+            ] {
+                let vrf = VrfKey::new([7; 32])
+                    .unwrap()
+                    .get_label_proof::<KtConfig>(&label, freshness, version)
+                    .await
+                    .unwrap();
+                let akd_label = VrfKey::new([7; 32])
+                    .unwrap()
+                    .get_node_label_from_vrf_proof(vrf)
+                    .await;
+                assert_eq!(
+                    wire::transparency::vrf_node_label(&vrf.to_bytes()),
+                    Some(akd_label.label_val)
+                );
+            }
+        }
 
         let (hproof, hroot) = kt.history(alice).await.unwrap().unwrap();
         let history = verify_history(&anchor, &hroot, alice, &hproof).unwrap();
@@ -742,7 +878,9 @@ mod tests {
         assert!(records > 2);
         assert_eq!(kt.warm_cache().await.unwrap(), records as usize);
         assert_eq!(kt.warm_cache().await.unwrap(), records as usize);
-        let Proven { proof, root, .. } = kt.lookup(alice).await.unwrap().unwrap();
+        let Looked::Found(Proven { proof, root, .. }) = kt.lookup(alice).await.unwrap() else {
+            panic!("alice is published")
+        };
         assert_eq!(
             verify_lookup(&anchor, &root, alice, &proof)
                 .unwrap()
@@ -758,7 +896,9 @@ mod tests {
         let kt = Transparency::open(store.clone(), VrfKey::new([7; 32]).unwrap(), &key)
             .await
             .unwrap();
-        let Proven { proof, root, .. } = kt.lookup(alice).await.unwrap().unwrap();
+        let Looked::Found(Proven { proof, root, .. }) = kt.lookup(alice).await.unwrap() else {
+            panic!("alice is published")
+        };
         verify_lookup(&anchor, &root, alice, &proof).unwrap();
     }
 

@@ -25,8 +25,36 @@ struct Lab {
     outbox: std::path::PathBuf,
     server: Option<ids::runtime::Server>,
     ca_pem: String,
+    keys: LabKeys,
     /// Removed when the test ends.
     _dir: tempfile::TempDir,
+}
+
+/// A deployment's secrets: its device CA, TLS certificate and
+/// transparency root key.
+#[derive(Clone)]
+struct LabKeys {
+    ca_pem: String,
+    ca_key_pem: String,
+    cert_der: Vec<u8>,
+    cert_key_der: Vec<u8>,
+    root_pkcs8: Vec<u8>,
+}
+
+impl LabKeys {
+    fn generate() -> LabKeys {
+        let (ca_pem, ca_key_pem, server_cert) = pki();
+        let root_key =
+            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .unwrap();
+        LabKeys {
+            ca_pem,
+            ca_key_pem,
+            cert_der: server_cert.cert.der().to_vec(),
+            cert_key_der: server_cert.signing_key.serialize_der(),
+            root_pkcs8: root_key.as_ref().to_vec(),
+        }
+    }
 }
 
 fn pki() -> (String, String, rcgen::CertifiedKey<KeyPair>) {
@@ -80,12 +108,27 @@ impl Lab {
         database: Option<String>,
         tweak: impl FnOnce(&mut ids::Config),
     ) -> Lab {
+        Lab::start_keyed(name, database, tweak, LabKeys::generate()).await
+    }
+
+    /// Another service with this one's keys and a database of its own: a
+    /// directory that keeps two trees.
+    async fn twin(&self, name: &str) -> Lab {
+        Lab::start_keyed(name, None, |_| {}, self.keys.clone()).await
+    }
+
+    async fn start_keyed(
+        name: &str,
+        database: Option<String>,
+        tweak: impl FnOnce(&mut ids::Config),
+        keys: LabKeys,
+    ) -> Lab {
         let tmp = tempfile::Builder::new()
             .prefix(&format!("parley-ids-e2e-{name}-"))
             .tempdir()
             .unwrap();
         let dir = tmp.path().to_owned();
-        let (ca_pem, ca_key_pem, server_cert) = pki();
+        let ca_pem = keys.ca_pem.clone();
         let mut config = ids::Config {
             database_url: database
                 .unwrap_or_else(|| format!("sqlite://{}", dir.join("ids.db").display())),
@@ -100,29 +143,24 @@ impl Lab {
             false => ids::store::Backend::Sqlite,
         };
         assert_eq!(store.backend(), expected);
-        let root_key =
-            ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-                .unwrap();
         let kt = ids::kt::Transparency::open(
             store.clone(),
             ids::kt::VrfKey::new([3; 32]).unwrap(),
-            root_key.as_ref(),
+            &keys.root_pkcs8,
         )
         .await
         .unwrap();
-        let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &ca_key_pem).unwrap();
+        let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &keys.ca_key_pem).unwrap();
         let sender = ids::sender::OutboxSender {
             dir: config.outbox.clone(),
         };
         let outbox = config.outbox.clone();
         let service = ids::Ids::new(config, store, kt, ca, Box::new(sender)).unwrap();
 
-        let key =
-            rustls::pki_types::PrivateKeyDer::try_from(server_cert.signing_key.serialize_der())
-                .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(keys.cert_key_der.clone()).unwrap();
         // Devices may present the certificates the service issues them.
         let server_tls = ids::runtime::tls_config(
-            vec![server_cert.cert.der().clone()],
+            vec![keys.cert_der.clone().into()],
             key,
             Some(roots_of(&ca_pem)),
         )
@@ -137,6 +175,7 @@ impl Lab {
             outbox,
             server: Some(server),
             ca_pem,
+            keys,
             _dir: tmp,
         }
     }
@@ -1831,4 +1870,220 @@ async fn an_unanswered_reset_takes_effect_after_its_delay() {
     let (s, v) = lab.call("GET", &status, None, Some(&n1)).await;
     assert_eq!(s, 201);
     assert_eq!(v["device_id"], n1_id.to_string());
+}
+
+/// Forwards each TCP connection to one of two services; the test flips
+/// which. To a client behind it the two look like one directory.
+struct Switch {
+    addr: SocketAddr,
+    to_second: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Switch {
+    async fn start(first: SocketAddr, second: SocketAddr) -> Switch {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let to_second = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = to_second.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = match flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    true => second,
+                    false => first,
+                };
+                tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        Switch { addr, to_second }
+    }
+
+    fn flip(&self) {
+        self.to_second
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Absence is proven: a handle nobody registered comes back as nothing
+/// only with a proof for that handle, and an answer without one, with
+/// another handle's, or one that leaves a handle out is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_accepts_not_found_only_with_an_absence_proof() {
+    use client_sdk::ids::{verified_result, IdsClient, IdsError};
+    let lab = Lab::start("absence", None).await;
+    let mut sdk = IdsClient::new(lab.addr, "localhost", roots_of(&lab.ca_pem)).unwrap();
+    let (_, bob, _) = new_account(&lab, "bob@example.com").await;
+    let bob_h = wire::Handle::parse("bob@example.com").unwrap();
+    let nobody = wire::Handle::parse("nobody@example.com").unwrap();
+    // Wait for Bob's handle to be published.
+    for _ in 0..100 {
+        if !sdk
+            .lookup(&bob, std::slice::from_ref(&bob_h))
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let found = sdk
+        .lookup(&bob, &[nobody.clone(), bob_h.clone()])
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].handle, bob_h);
+
+    // The answers themselves, as the service sends them.
+    let anchor = lab.anchor().await;
+    let (s, v) = lab
+        .call(
+            "POST",
+            "/v1/lookup",
+            Some(json!({"handles": [nobody.as_str(), bob_h.as_str()]})),
+            Some(&bob),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let absent = v["results"][0].clone();
+    assert_eq!(absent["status"], "not_found");
+    let (none, _) = verified_result(&anchor, &nobody, &absent).unwrap();
+    assert!(none.is_none());
+    let refused = |r: &Value, h: &wire::Handle| {
+        matches!(
+            verified_result(&anchor, h, r),
+            Err(IdsError::Transparency(_))
+        )
+    };
+    // Bob hidden behind an absence proof (nobody's), or behind none.
+    assert!(refused(&absent, &bob_h));
+    let mut bare = json!({"handle": bob_h.uri(), "status": "not_found"});
+    assert!(refused(&bare, &bob_h));
+    bare["root"] = absent["root"].clone();
+    assert!(refused(&bare, &bob_h));
+    // An absence proof against another root.
+    let mut moved = absent.clone();
+    moved["root"] = v["results"][1]["root"].clone();
+    moved["root"]["epoch"] = json!(v["results"][1]["root"]["epoch"].as_u64().unwrap() + 1);
+    assert!(refused(&moved, &nobody));
+}
+
+/// A directory that keeps two trees under one key (a split view): a client
+/// shown the other tree, at a later epoch, takes its answers — no single
+/// answer can tell — but its audit of the roots it accepted fails, because
+/// no append-only proof links the root it saw first to the other tree.
+/// A client that stays on one tree audits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_view_fails_the_clients_audit_of_its_roots() {
+    use client_sdk::ids::{IdsClient, IdsError};
+    let honest = Lab::start("split-honest", None).await;
+    let forked = honest.twin("split-forked").await;
+    let switch = Switch::start(honest.addr, forked.addr).await;
+    let roots = roots_of(&honest.ca_pem);
+    let mut victim = IdsClient::new(switch.addr, "localhost", roots.clone()).unwrap();
+    let mut bystander = IdsClient::new(honest.addr, "localhost", roots).unwrap();
+
+    let alice_h = wire::Handle::parse("alice@example.com").unwrap();
+    let list = |account: &SigningKey, device: &SigningKey| {
+        DirectoryValue::Active(
+            DeviceList {
+                account_key: account.public(),
+                seq: 1,
+                handles: vec![alice_h.uri()],
+                devices: vec![DeviceEntry {
+                    id: DeviceId::random(),
+                    identity_key: device.public(),
+                }],
+            }
+            .sign(account)
+            .unwrap(),
+        )
+    };
+    let (account, device) = (SigningKey::generate(), SigningKey::generate());
+    honest
+        .server_publishes(&alice_h.uri(), &list(&account, &device))
+        .await;
+    let (evil_account, evil_device) = (SigningKey::generate(), SigningKey::generate());
+    for _ in 0..3 {
+        forked
+            .server_publishes(&alice_h.uri(), &list(&evil_account, &evil_device))
+            .await;
+    }
+    // Lookups need an account of each tree's to sign them.
+    let (_, looker, _) = new_account(&honest, "looker@example.com").await;
+    let (s, _) = forked
+        .call(
+            "POST",
+            "/v1/accounts",
+            Some(json!({
+                "handle_tokens": [forked.prove("looker@example.com").await],
+                "device_list": signed_list(
+                    &SigningKey::generate(),
+                    1,
+                    &["mailto:looker@example.com"],
+                    &[(DeviceId::random(), &looker)],
+                ),
+                "device": {},
+            })),
+            Some(&looker),
+        )
+        .await;
+    assert_eq!(s, 201);
+
+    let first = victim
+        .lookup(&looker, std::slice::from_ref(&alice_h))
+        .await
+        .unwrap();
+    assert_eq!(first[0].devices[0].key, device.public());
+    let seen_first = victim.highest_epoch();
+    // The forked tree must be ahead, or the view is refused as stale.
+    for _ in 0..100 {
+        let epoch = forked.call("GET", "/v1/kt/root", None, None).await.1["epoch"]
+            .as_u64()
+            .unwrap_or(0);
+        if epoch > seen_first {
+            break;
+        }
+        forked
+            .server_publishes(&alice_h.uri(), &list(&evil_account, &evil_device))
+            .await;
+    }
+    switch.flip();
+    let second = victim
+        .lookup(&looker, std::slice::from_ref(&alice_h))
+        .await
+        .unwrap();
+    assert_eq!(second[0].devices[0].key, evil_device.public());
+    match victim.audit_roots().await {
+        Err(IdsError::Transparency(e)) => assert!(e.contains("split view"), "{e}"),
+        other => panic!("a split view must fail the audit, got {other:?}"),
+    }
+
+    // The bystander sees one tree grow and audits cleanly across it.
+    bystander
+        .lookup(&looker, std::slice::from_ref(&alice_h))
+        .await
+        .unwrap();
+    let from = bystander.highest_epoch();
+    for _ in 0..3 {
+        honest
+            .server_publishes(&alice_h.uri(), &list(&account, &device))
+            .await;
+    }
+    bystander
+        .lookup(&looker, std::slice::from_ref(&alice_h))
+        .await
+        .unwrap();
+    assert!(bystander.highest_epoch() > from);
+    assert_eq!(
+        bystander.audit_roots().await.unwrap(),
+        bystander.highest_epoch()
+    );
+    assert_eq!(
+        bystander.checkpoint().map(|(e, _)| e),
+        Some(bystander.highest_epoch())
+    );
 }

@@ -700,6 +700,10 @@ pub fn describe(e: &DeviceEvent) -> String {
             })
             .collect::<Vec<_>>()
             .join("; "),
+        DeviceEvent::SplitView(e) => format!(
+            "WARNING: the identity service showed this device a view of the directory that \
+             others do not see ({e}); do not trust keys from it"
+        ),
         DeviceEvent::Error(e) => format!("error: {e}"),
         DeviceEvent::Call(c) => match c {
             CallEvent::Incoming { from, .. } => format!("incoming call from {}", from.as_str()),

@@ -18,6 +18,18 @@
 //!    signed root and its proof still verify (one still listing a removed
 //!    device, say), and two different trees signed for one epoch are a
 //!    split view.
+//!
+//! A handle the directory says it does not know comes with an absence
+//! proof ([`verify_absence`]): the VRF label of its first version, and a
+//! proof that this label is not in the tree. Without one, "not found" would
+//! be the server's word, and a server could hide a handle from a caller.
+//!
+//! The roots a client accepted must also form one append-only chain:
+//! [`SeenRoots::audit_span`] names the span not yet checked, and
+//! [`SeenRoots::audited`] takes the root hashes an append-only proof over
+//! that span verified. A server that showed this client a tree of its own
+//! (a split view) cannot rejoin the tree everyone else sees without failing
+//! that check.
 
 use akd_core::proto::specs::types as pb;
 use akd_core::{AkdLabel, DomainLabel, ExperimentalConfiguration};
@@ -60,6 +72,8 @@ pub enum KtError {
     StaleRoot { seen: u64, got: u64 },
     #[error("the directory signed two different roots for epoch {0}: a split view")]
     ForkedRoot(u64),
+    #[error("the directory's audit of epochs {start} to {end} does not match the roots this client saw: a split view")]
+    AuditMismatch { start: u64, end: u64 },
 }
 
 /// What a client pins for a deployment.
@@ -98,14 +112,19 @@ impl SignedRoot {
     }
 }
 
-/// The roots a client has accepted: the newest epoch, and the root hash
-/// of the most recent epochs. Keep one per client (an app persists
-/// [`SeenRoots::highest_epoch`] across restarts and passes it back with
+/// The roots a client has accepted: the newest epoch, the root hash of
+/// the most recent epochs, and how far they are known to be one
+/// append-only chain. Keep one per client; an app persists
+/// [`SeenRoots::checkpoint`] across restarts and passes it back with
+/// [`SeenRoots::resuming_from`] (or only the epoch, to
 /// [`SeenRoots::starting_at`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SeenRoots {
     highest: u64,
     recent: std::collections::BTreeMap<u64, [u8; 32]>,
+    /// The newest root proven to extend, append-only, the first root this
+    /// client accepted (which is trusted on first use).
+    audited: Option<(u64, [u8; 32])>,
 }
 
 /// Root hashes kept for fork detection.
@@ -116,7 +135,17 @@ impl SeenRoots {
     pub fn starting_at(epoch: u64) -> SeenRoots {
         SeenRoots {
             highest: epoch,
-            recent: Default::default(),
+            ..Default::default()
+        }
+    }
+
+    /// A client whose roots up to `epoch` were one append-only chain
+    /// ending in `root_hash` (a [`SeenRoots::checkpoint`]).
+    pub fn resuming_from(epoch: u64, root_hash: [u8; 32]) -> SeenRoots {
+        SeenRoots {
+            highest: epoch,
+            recent: [(epoch, root_hash)].into(),
+            audited: Some((epoch, root_hash)),
         }
     }
 
@@ -137,6 +166,7 @@ impl SeenRoots {
         }
         self.highest = root.epoch;
         self.recent.insert(root.epoch, root.root_hash);
+        self.audited.get_or_insert((root.epoch, root.root_hash));
         while self.recent.len() > SEEN_ROOTS {
             self.recent.pop_first();
         }
@@ -146,6 +176,59 @@ impl SeenRoots {
     /// The newest epoch accepted.
     pub fn highest_epoch(&self) -> u64 {
         self.highest
+    }
+
+    /// The newest root known to extend every root before it: what an app
+    /// persists.
+    pub fn checkpoint(&self) -> Option<(u64, [u8; 32])> {
+        self.audited
+    }
+
+    /// The epochs whose append-only proof this client still needs, at most
+    /// `max_epochs` of them from the last audited root: None when every
+    /// accepted root is audited.
+    pub fn audit_span(&self, max_epochs: u64) -> Option<(u64, u64)> {
+        let (from, _) = self.audited?;
+        (self.highest > from).then(|| (from, self.highest.min(from + max_epochs.max(1))))
+    }
+
+    /// Checks the root hashes a directory lists for `start..=end` against
+    /// the roots this client accepted: they must run without a gap, begin
+    /// at the audited root and agree with every root seen in the span.
+    /// Returns them in order, for the append-only proof to verify.
+    pub fn audit_hashes(
+        &self,
+        start: u64,
+        end: u64,
+        listed: &[(u64, [u8; 32])],
+    ) -> Result<Vec<[u8; 32]>, KtError> {
+        let mismatch = KtError::AuditMismatch { start, end };
+        let contiguous = end > start
+            && listed.len() as u64 == end - start + 1
+            && listed
+                .iter()
+                .zip(start..)
+                .all(|((epoch, _), want)| *epoch == want);
+        if !contiguous || self.audited.is_none_or(|(e, _)| e != start) {
+            return Err(mismatch);
+        }
+        let agrees = |(epoch, hash): &(u64, [u8; 32])| {
+            let audited = self.audited.filter(|(e, _)| e == epoch).map(|(_, h)| h);
+            let seen = self.recent.get(epoch).copied();
+            [audited, seen].into_iter().flatten().all(|h| h == *hash)
+        };
+        if !listed.iter().all(agrees) {
+            return Err(mismatch);
+        }
+        Ok(listed.iter().map(|(_, h)| *h).collect())
+    }
+
+    /// Records that the roots up to `epoch` (whose hash is `root_hash`)
+    /// were proven one append-only chain.
+    pub fn audited(&mut self, epoch: u64, root_hash: [u8; 32]) {
+        if self.audited.is_none_or(|(e, _)| e < epoch) {
+            self.audited = Some((epoch, root_hash));
+        }
     }
 }
 
@@ -208,6 +291,81 @@ pub fn verify_history(
         .into_iter()
         .map(|r| checked_value(handle_uri, r))
         .collect()
+}
+
+/// Verifies that `handle_uri` has no value in the directory at `root`:
+/// `vrf_proof` (80 bytes) proves the VRF label of the handle's first
+/// version, and `proof` (akd protobuf `NonMembershipProof`) that no leaf
+/// of the tree has that label.
+pub fn verify_absence(
+    anchor: &TrustAnchor,
+    root: &SignedRoot,
+    handle_uri: &str,
+    vrf_proof: &[u8],
+    proof: &[u8],
+) -> Result<(), KtError> {
+    use akd_core::configuration::Configuration;
+    use akd_core::ecvrf::{Proof, VRFPublicKey};
+    root.verify(anchor)?;
+    let msg = pb::NonMembershipProof::parse_from_bytes(proof)
+        .map_err(|e| KtError::ProofEncoding(e.to_string()))?;
+    let absent = akd_core::NonMembershipProof::try_from(&msg)
+        .map_err(|e| KtError::ProofEncoding(e.to_string()))?;
+    // The label must be this handle's: the VRF proof verifies for the
+    // handle's first version, and its output is the label.
+    let bad_vrf = |e: String| KtError::Proof(format!("VRF: {e}"));
+    let key = VRFPublicKey::try_from(anchor.vrf_public_key.as_slice())
+        .map_err(|e| bad_vrf(e.to_string()))?;
+    let input = KtConfig::get_hash_from_label_input(
+        &AkdLabel(handle_uri.as_bytes().to_vec()),
+        akd_core::VersionFreshness::Fresh,
+        1,
+    );
+    let vrf = Proof::try_from(vrf_proof).map_err(|e| bad_vrf(e.to_string()))?;
+    key.verify(&vrf, &input)
+        .map_err(|e| bad_vrf(e.to_string()))?;
+    if vrf_node_label(vrf_proof).ok_or_else(|| bad_vrf("no point".into()))?
+        != absent.label.label_val
+        || absent.label.label_len != 256
+    {
+        return Err(KtError::Proof(
+            "the absence proof is for another label".into(),
+        ));
+    }
+    // An empty tree (no epoch published yet) has no leaf at all; its root
+    // is akd's empty-root constant, which no other tree hashes to.
+    if root.root_hash == KtConfig::compute_root_hash_from_val(&KtConfig::empty_root_value()) {
+        return Ok(());
+    }
+    // akd exposes its non-membership check under `public_tests` because
+    // on its own it says nothing about whose label it is; with the VRF
+    // check above it is akd's own `verify_nonexistence`.
+    akd_core::verify::verify_nonmembership_for_tests_only::<KtConfig>(root.root_hash, &absent)
+        .map_err(|e| KtError::Proof(e.to_string()))
+}
+
+/// The tree label a VRF proof (80 bytes: Gamma, c, s) stands for: the
+/// first 32 bytes of ECVRF_proof_to_hash (RFC 9381 §5.2,
+/// ECVRF-EDWARDS25519-SHA512-TAI, suite 0x03). None if Gamma is not a
+/// curve point.
+pub fn vrf_node_label(vrf_proof: &[u8]) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    let gamma = curve25519_dalek::edwards::CompressedEdwardsY::from_slice(vrf_proof.get(..32)?)
+        .ok()?
+        .decompress()?;
+    let out = sha2::Sha512::new()
+        .chain_update([0x03, 0x03])
+        .chain_update(gamma.mul_by_cofactor().compress().as_bytes())
+        .chain_update([0x00])
+        .finalize();
+    out[..32].try_into().ok()
+}
+
+/// Encodes an akd non-membership proof for the wire.
+pub fn encode_absence_proof(p: &akd_core::NonMembershipProof) -> Vec<u8> {
+    pb::NonMembershipProof::from(p)
+        .write_to_bytes()
+        .expect("protobuf encoding of a non-membership proof")
 }
 
 fn checked_value(handle_uri: &str, r: akd_core::VerifyResult) -> Result<VerifiedValue, KtError> {
@@ -318,5 +476,96 @@ mod tests {
             Err(KtError::StaleRoot { .. })
         ));
         again.observe(&root(8, 4)).unwrap();
+    }
+
+    #[test]
+    fn audits_cover_every_accepted_root_once() {
+        let mut seen = SeenRoots::default();
+        assert_eq!(seen.audit_span(100), None);
+        seen.observe(&root(5, 1)).unwrap();
+        // The first root is where audits start.
+        assert_eq!(seen.checkpoint(), Some((5, [1; 32])));
+        assert_eq!(seen.audit_span(100), None);
+        seen.observe(&root(9, 2)).unwrap();
+        seen.observe(&root(300, 3)).unwrap();
+        assert_eq!(seen.audit_span(100), Some((5, 105)));
+        let listed = |from: u64, to: u64| -> Vec<(u64, [u8; 32])> {
+            (from..=to)
+                .map(|e| {
+                    let h = match e {
+                        5 => 1,
+                        9 => 2,
+                        300 => 3,
+                        _ => 0,
+                    };
+                    (e, [h; 32])
+                })
+                .collect()
+        };
+        let hashes = seen.audit_hashes(5, 105, &listed(5, 105)).unwrap();
+        assert_eq!(hashes.len(), 101);
+        seen.audited(105, hashes[100]);
+        assert_eq!(seen.audit_span(100), Some((105, 205)));
+        let mismatch = Err(KtError::AuditMismatch {
+            start: 105,
+            end: 205,
+        });
+        // A listing that skips an epoch, starts elsewhere or ends early.
+        let mut gap = listed(105, 205);
+        gap.remove(50);
+        assert_eq!(seen.audit_hashes(105, 205, &gap), mismatch);
+        assert_eq!(seen.audit_hashes(105, 205, &listed(104, 204)), mismatch);
+        assert_eq!(seen.audit_hashes(105, 205, &listed(105, 204)), mismatch);
+        // Another hash for the audited root, or for a root this client saw.
+        let mut other = listed(105, 205);
+        other[0].1 = [7; 32];
+        assert_eq!(seen.audit_hashes(105, 205, &other), mismatch);
+        seen.audited(205, [0; 32]);
+        let mut other = listed(205, 300);
+        other[95].1 = [7; 32];
+        assert_eq!(
+            seen.audit_hashes(205, 300, &other),
+            Err(KtError::AuditMismatch {
+                start: 205,
+                end: 300
+            })
+        );
+        seen.audit_hashes(205, 300, &listed(205, 300)).unwrap();
+        seen.audited(300, [3; 32]);
+        assert_eq!(seen.audit_span(100), None);
+        // An older audit never moves the checkpoint back.
+        seen.audited(200, [0; 32]);
+        assert_eq!(seen.checkpoint(), Some((300, [3; 32])));
+        // A checkpoint persisted across a restart is where audits resume.
+        let mut again = SeenRoots::resuming_from(300, [3; 32]);
+        assert_eq!(again.observe(&root(300, 4)), Err(KtError::ForkedRoot(300)));
+        again.observe(&root(301, 5)).unwrap();
+        assert_eq!(again.audit_span(100), Some((300, 301)));
+    }
+
+    proptest::proptest! {
+        /// Whatever a server sends as an absence proof is refused or
+        /// accepted without a panic, under a root the anchor did sign.
+        #[test]
+        fn absence_proofs_never_panic(
+            hash in proptest::array::uniform32(proptest::prelude::any::<u8>()),
+            vrf in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100),
+            proof in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+        ) {
+            let rng = ring::rand::SystemRandom::new();
+            let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+            let key = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+            let anchor = TrustAnchor {
+                vrf_public_key: [9; 32].to_vec(),
+                root_key: ring::signature::KeyPair::public_key(&key).as_ref().to_vec(),
+            };
+            let signed = SignedRoot {
+                epoch: 3,
+                root_hash: hash,
+                signature: key.sign(&SignedRoot::signing_bytes(3, &hash)).as_ref().to_vec(),
+            };
+            let _ = verify_absence(&anchor, &signed, "mailto:a@example.com", &vrf, &proof);
+            let _ = verify_lookup(&anchor, &signed, "mailto:a@example.com", &proof);
+        }
     }
 }

@@ -73,8 +73,8 @@ impl Ids {
             };
             let uri = h.uri();
             let r = match self.kt.lookup(&uri).await? {
-                None => LookupResult::NotFound,
-                Some(crate::kt::Proven { proof, value, root }) => {
+                crate::kt::Looked::Absent(a) => LookupResult::NotFound(a),
+                crate::kt::Looked::Found(crate::kt::Proven { proof, value, root }) => {
                     let devices = match DirectoryValue::decode(&value) {
                         Ok(DirectoryValue::Active(list)) => {
                             let rows = self.store.devices_of_handle(&uri).await?;

@@ -165,7 +165,8 @@ enum Creation<'a> {
 #[derive(Debug, Clone)]
 pub enum LookupResult {
     Invalid(String),
-    NotFound,
+    /// Never published; the proof says so.
+    NotFound(crate::kt::Absence),
     Found {
         value: Vec<u8>,
         proof: Vec<u8>,
