@@ -112,6 +112,13 @@ pub enum PhoneEvent {
         call: String,
         reason: String,
     },
+    /// Another device removed a device and rotated the account key: the
+    /// new key (PKCS#8), checked against the directory, which the app
+    /// stores in place of the old one (as the credentials'
+    /// `account_key`).
+    AccountKeyRotated {
+        account_key: Vec<u8>,
+    },
     /// Anything else, described.
     Other {
         description: String,
@@ -140,6 +147,9 @@ fn phone_event(e: DeviceEvent) -> Option<PhoneEvent> {
             },
             // Statistics arrive every second; the app asks for them.
             CallEvent::Stats { .. } => return None,
+        },
+        DeviceEvent::AccountKeyRotated(key) => PhoneEvent::AccountKeyRotated {
+            account_key: key.pkcs8().to_vec(),
         },
         other => PhoneEvent::Other {
             description: format!("{other:?}"),

@@ -272,6 +272,12 @@ pub struct Identity {
     pub certificate: String,
 }
 
+/// After a notice of a rotated account key, how soon and how many times
+/// the device looks for it before the audit's own pace resumes: the
+/// directory publishes every few seconds.
+const ROTATION_CHECK: Duration = Duration::from_secs(2);
+const ROTATION_CHECKS: u8 = 10;
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum DeviceEvent {
     Call(CallEvent),
@@ -305,6 +311,11 @@ pub enum DeviceEvent {
     /// else) a tree of its own. Its answers can no longer be trusted; the
     /// app tells its user and its operator.
     SplitView(String),
+    /// Another device of the account removed a device and rotated the
+    /// account key (the removed device holds the old one). This is the new
+    /// key, sealed to this device and checked against the directory: the
+    /// app stores it in place of the old one.
+    AccountKeyRotated(SigningKey),
     /// Something went wrong outside a call.
     Error(String),
 }
@@ -418,6 +429,7 @@ impl Device {
             heard: HashMap::new(),
             registered_reported: false,
             camera: TestPattern::default(),
+            rotation_checks: 0,
         };
         if online {
             task.connect_sip().await?;
@@ -556,6 +568,9 @@ struct Task {
     heard: HashMap<CallId, Vec<i16>>,
     registered_reported: bool,
     camera: TestPattern,
+    /// Quick checks left for an account key that a notice says was
+    /// rotated but the directory does not show yet.
+    rotation_checks: u8,
 }
 
 impl Task {
@@ -825,9 +840,37 @@ impl Task {
     /// Checks the own handle's history since the last check; whatever
     /// this device did not expect is reported once.
     async fn audit_own(&mut self) {
-        let Some((audit, _, since)) = self.audit.take() else {
+        let Some((mut audit, _, since)) = self.audit.take() else {
             return;
         };
+        // A key another device rotated to comes first: the history is
+        // then checked against it.
+        let rotated = self
+            .ids
+            .rotated_account_key(
+                &self.me.key,
+                self.me.device,
+                &self.config.handle,
+                &audit.account_key,
+            )
+            .await;
+        let mut soon = false;
+        match rotated {
+            Ok(Some(key)) => {
+                audit.account_key = key.public();
+                self.rotation_checks = 0;
+                self.event(DeviceEvent::AccountKeyRotated(key)).await;
+            }
+            Ok(None) if self.rotation_checks > 0 => {
+                self.rotation_checks -= 1;
+                soon = true;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.event(DeviceEvent::Error(format!("account key rotation: {e}")))
+                    .await
+            }
+        }
         let result = self
             .ids
             .audit_own(
@@ -838,7 +881,6 @@ impl Task {
                 since,
             )
             .await;
-        let mut audit = audit;
         let mut since = since;
         match result {
             Ok(found) if !found.is_empty() => {
@@ -882,7 +924,11 @@ impl Task {
                     .await
             }
         }
-        let next = tokio::time::Instant::now() + audit.every;
+        let next = tokio::time::Instant::now()
+            + match soon {
+                true => ROTATION_CHECK.min(audit.every),
+                false => audit.every,
+            };
         self.audit = Some((audit, next, since));
     }
 
@@ -946,6 +992,13 @@ impl Task {
             let device = v["parley"]["device"]
                 .as_str()
                 .and_then(|d| d.parse::<DeviceId>().ok());
+            if kind == "account_key_rotated" {
+                // Check soon, and again until the directory shows it.
+                self.rotation_checks = ROTATION_CHECKS;
+                if let Some(a) = self.audit.as_mut() {
+                    a.1 = tokio::time::Instant::now() + ROTATION_CHECK;
+                }
+            }
             self.event(DeviceEvent::AccountChanged { kind, device })
                 .await;
             return;

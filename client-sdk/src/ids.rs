@@ -514,6 +514,104 @@ impl IdsClient {
         Ok(list)
     }
 
+    /// Removes `remove` from the account and rotates the account key, which
+    /// the removed devices hold: the new list is signed by a fresh key that
+    /// `account` endorses, and the fresh key is sealed to the identity key
+    /// of every device that stays but this one (`me`). Returns the new
+    /// account key, which replaces `account` from now on, and the new list.
+    pub async fn remove_devices(
+        &self,
+        key: &SigningKey,
+        me: DeviceId,
+        account: &SigningKey,
+        remove: &[DeviceId],
+    ) -> Result<(SigningKey, DeviceList), IdsError> {
+        let current = self.account_list(key, account).await?;
+        if remove.contains(&me) {
+            return Err(IdsError::Protocol(
+                "a device cannot remove itself this way; delete the account or let another device remove it".into(),
+            ));
+        }
+        if let Some(d) = remove.iter().find(|d| current.device(**d).is_none()) {
+            return Err(IdsError::Protocol(format!(
+                "device {d} is not on this account"
+            )));
+        }
+        let fresh = SigningKey::generate();
+        let mut list = current;
+        list.seq += 1;
+        list.account_key = fresh.public();
+        list.devices.retain(|d| !remove.contains(&d.id));
+        let mut sealed = serde_json::Map::new();
+        for d in list.devices.iter().filter(|d| d.id != me) {
+            let blob = wire::key_transfer::seal_to_device(&fresh, &d.identity_key, d.id)
+                .map_err(|e| IdsError::Protocol(e.to_string()))?;
+            sealed.insert(d.id.to_string(), json!(B64.encode(blob)));
+        }
+        let signed = list
+            .clone()
+            .sign_rotated(&fresh, account)
+            .map_err(|e| IdsError::Protocol(e.to_string()))?;
+        self.expect(
+            200,
+            "PUT",
+            "/v1/account/device-list",
+            Some(json!({
+                "device_list": B64.encode(DirectoryValue::Active(signed).encode()),
+                "rotated_account_keys": sealed,
+            })),
+            Some(key),
+        )
+        .await?;
+        Ok((fresh, list))
+    }
+
+    /// The account key another device rotated to (it removed a device),
+    /// sealed to this device (`me`, whose identity key is `key`). Taken
+    /// only if `handle`'s verified history shows the rotation endorsed
+    /// from `held`, the key this device holds, and ending at it. None
+    /// while there is nothing newer than `held`, or while the directory
+    /// does not show it yet (it publishes every few seconds).
+    pub async fn rotated_account_key(
+        &mut self,
+        key: &SigningKey,
+        me: DeviceId,
+        handle: &Handle,
+        held: &PublicKey,
+    ) -> Result<Option<SigningKey>, IdsError> {
+        let v = match self
+            .expect(200, "GET", "/v1/account/key", None, Some(key))
+            .await
+        {
+            Ok(v) => v,
+            Err(IdsError::Refused { status: 404, .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let sealed = B64
+            .decode(str_field(&v, "sealed")?)
+            .map_err(|e| IdsError::Protocol(e.to_string()))?;
+        let fresh = wire::key_transfer::open_with_identity(key, &sealed, me)
+            .map_err(|e| IdsError::Transparency(format!("the sealed account key: {e}")))?;
+        if fresh.public() == *held {
+            return Ok(None);
+        }
+        let history = match self.verified_history(key, handle).await {
+            Ok(h) => h,
+            // Not in a published epoch yet.
+            Err(IdsError::Refused { status: 404, .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match transparency::current_account_key(&history, held) {
+            k if k == *held => Ok(None),
+            k if k == fresh.public() => Ok(Some(fresh)),
+            _ => Err(IdsError::Transparency(
+                "the account key sealed to this device is not the one the directory \
+                 shows endorsed by this device's key"
+                    .into(),
+            )),
+        }
+    }
+
     /// The new device waits (bounded) for approval; returns its
     /// registration and the account key the approver sealed to it.
     pub async fn await_approval(
@@ -739,6 +837,22 @@ impl IdsClient {
         approved: &[DeviceId],
         since_epoch: u64,
     ) -> Result<Vec<Unapproved>, IdsError> {
+        let history = self.verified_history(key, handle).await?;
+        Ok(transparency::unapproved_changes(
+            &history,
+            since_epoch,
+            account,
+            approved,
+        ))
+    }
+
+    /// `handle`'s whole history, verified (newest first); a 404 while the
+    /// handle is in no published epoch yet.
+    async fn verified_history(
+        &mut self,
+        key: &SigningKey,
+        handle: &Handle,
+    ) -> Result<Vec<transparency::VerifiedValue>, IdsError> {
         let anchor = self.anchor().await?;
         let path = format!("/v1/history/{}", handle.as_str().replace('+', "%2B"));
         let v = self.expect(200, "GET", &path, None, Some(key)).await?;
@@ -749,12 +863,7 @@ impl IdsClient {
         let history = transparency::verify_history(&anchor, &root, &handle.uri(), &proof)
             .map_err(|e| IdsError::Transparency(e.to_string()))?;
         self.observe(&root)?;
-        Ok(transparency::unapproved_changes(
-            &history,
-            since_epoch,
-            account,
-            approved,
-        ))
+        Ok(history)
     }
 
     /// Tells `ids` which push tokens reach this device.

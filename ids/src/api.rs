@@ -44,6 +44,7 @@ pub fn router(ids: Arc<Ids>) -> Router {
         .route("/v1/account/resets/{id}/cancel", post(cancel_reset))
         .route("/v1/account", get(account).delete(delete_account))
         .route("/v1/account/device-list", put(update_device_list))
+        .route("/v1/account/key", get(rotated_account_key))
         .route("/v1/account/links", post(create_link).get(list_links))
         .route("/v1/links/{code}/claim", post(claim_link))
         .route("/v1/links/{code}", get(link_status))
@@ -491,6 +492,11 @@ struct UpdateDeviceList {
     /// Link code hash (hex) → account key sealed to the new device.
     #[serde(default)]
     sealed_account_keys: HashMap<String, String>,
+    /// When the list rotates the account key: device id (hex) → the new
+    /// key sealed to that device's identity key, for every device that
+    /// stays except the sender.
+    #[serde(default)]
+    rotated_account_keys: HashMap<String, String>,
 }
 
 async fn update_device_list(State(ids): S, Device { me, body }: Device) -> R {
@@ -500,10 +506,29 @@ async fn update_device_list(State(ids): S, Device { me, body }: Device) -> R {
     for (k, v) in &req.sealed_account_keys {
         sealed.insert(k.clone(), b64("sealed_account_keys", v)?);
     }
+    let mut rotated = HashMap::new();
+    for (k, v) in &req.rotated_account_keys {
+        rotated.insert(k.clone(), b64("rotated_account_keys", v)?);
+    }
     let seq = ids
-        .update_device_list(&me, &list, &req.handle_tokens, &sealed)
+        .update_device_list(&me, &list, &req.handle_tokens, &sealed, &rotated)
         .await?;
     ok(StatusCode::OK, json!({"seq": seq}))
+}
+
+/// The account key as the last rotation sealed it to this device.
+async fn rotated_account_key(State(ids): S, Device { me, .. }: Device) -> R {
+    let (seq, sealed) = ids
+        .store
+        .rotated_key(&me.device.id.to_string())
+        .await?
+        .ok_or_else(|| {
+            Error::NotFound("the account key was not rotated since this device joined".into())
+        })?;
+    ok(
+        StatusCode::OK,
+        json!({"seq": seq, "sealed": B64.encode(sealed)}),
+    )
 }
 
 async fn create_link(State(ids): S, Device { me, .. }: Device) -> R {

@@ -148,6 +148,13 @@ CREATE TABLE IF NOT EXISTS links (
     sealed_account_key {blob},
     approved BIGINT NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS account_key_seals (
+    device_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    sealed {blob} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS account_key_seals_account ON account_key_seals (account_id);
 CREATE TABLE IF NOT EXISTS pending_resets (
     id TEXT PRIMARY KEY,
     device_key {blob} NOT NULL,
@@ -242,6 +249,17 @@ impl Store {
             .await
             .map_err(Error::db)?;
         Ok(row.map(|r| r.get(0)))
+    }
+
+    /// The account key the last rotation sealed to `device`, and the list
+    /// seq of that rotation.
+    pub async fn rotated_key(&self, device: &str) -> Result<Option<(i64, Vec<u8>)>, Error> {
+        let row = sqlx::query("SELECT seq, sealed FROM account_key_seals WHERE device_id = $1")
+            .bind(device)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     pub async fn account(&self, id: &str) -> Result<Option<AccountRow>, Error> {
@@ -690,6 +708,41 @@ pub mod tx {
              WHERE id = $1",
         )
         .bind(id)
+        .execute(&mut *c)
+        .await
+        .map_err(Error::db)?;
+        forget_rotated_key(c, id).await
+    }
+
+    /// Drops the account key sealed to `device` by an earlier rotation.
+    pub async fn forget_rotated_key(c: &mut AnyConnection, device: &str) -> Result<(), Error> {
+        sqlx::query("DELETE FROM account_key_seals WHERE device_id = $1")
+            .bind(device)
+            .execute(c)
+            .await
+            .map_err(Error::db)?;
+        Ok(())
+    }
+
+    /// Keeps the rotated account key sealed to `device` (replacing an
+    /// older one) until the device fetches it again or is removed.
+    pub async fn seal_rotated_key(
+        c: &mut AnyConnection,
+        device: &str,
+        account_id: &str,
+        seq: i64,
+        sealed: &[u8],
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO account_key_seals (device_id, account_id, seq, sealed)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (device_id) DO UPDATE
+             SET account_id = excluded.account_id, seq = excluded.seq, sealed = excluded.sealed",
+        )
+        .bind(device)
+        .bind(account_id)
+        .bind(seq)
+        .bind(sealed.to_vec())
         .execute(c)
         .await
         .map_err(Error::db)?;
@@ -770,6 +823,7 @@ pub mod tx {
             "DELETE FROM accounts WHERE id = $1",
             "DELETE FROM links WHERE account_id = $1",
             "DELETE FROM events WHERE account_id = $1",
+            "DELETE FROM account_key_seals WHERE account_id = $1",
         ] {
             sqlx::query(q)
                 .bind(id)

@@ -341,13 +341,14 @@ fn root_of(v: &Value) -> SignedRoot {
     }
 }
 
-fn signed_list(
+/// A list of `devices` for `handles` under `account`.
+fn list_of(
     account: &SigningKey,
     seq: u64,
     handles: &[&str],
     devices: &[(DeviceId, &SigningKey)],
-) -> String {
-    let list = DeviceList {
+) -> DeviceList {
+    DeviceList {
         account_key: account.public(),
         seq,
         handles: handles.iter().map(|h| h.to_string()).collect(),
@@ -358,7 +359,28 @@ fn signed_list(
                 identity_key: k.public(),
             })
             .collect(),
-    };
+    }
+}
+
+/// As `signed_list`, under `account` endorsed by `previous`.
+fn rotated_list(
+    previous: &SigningKey,
+    account: &SigningKey,
+    seq: u64,
+    handles: &[&str],
+    devices: &[(DeviceId, &SigningKey)],
+) -> String {
+    let list = list_of(account, seq, handles, devices);
+    B64.encode(DirectoryValue::Active(list.sign_rotated(account, previous).unwrap()).encode())
+}
+
+fn signed_list(
+    account: &SigningKey,
+    seq: u64,
+    handles: &[&str],
+    devices: &[(DeviceId, &SigningKey)],
+) -> String {
+    let list = list_of(account, seq, handles, devices);
     B64.encode(DirectoryValue::Active(list.sign(account).unwrap()).encode())
 }
 
@@ -733,16 +755,32 @@ async fn prove_register_approve_lookup_and_detect_a_malicious_insert(lab: Lab) {
         "{findings:?}"
     );
 
-    // Removing a device revokes its certificate.
-    let (s, v) = lab
-        .call(
-            "PUT",
-            "/v1/account/device-list",
-            Some(json!({"device_list": signed_list(&alice_account, 3, &[alice_uri], &[(a1_id, &a1)])})),
-            Some(&a1),
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
+    // Removing a device rotates the account key (the removed device holds
+    // the old one): a list under the old key is refused (400), so is a new
+    // key the current one did not endorse (403). The endorsed rotation
+    // goes through and revokes the device's certificate; after it the old
+    // key no longer counts.
+    let rotated_account = SigningKey::generate();
+    let one = [(a1_id, &a1)];
+    for (list, want) in [
+        (signed_list(&alice_account, 3, &[alice_uri], &one), 400),
+        (signed_list(&rotated_account, 3, &[alice_uri], &one), 403),
+        (
+            rotated_list(&alice_account, &rotated_account, 3, &[alice_uri], &one),
+            200,
+        ),
+        (signed_list(&alice_account, 4, &[alice_uri], &one), 403),
+    ] {
+        let (s, v) = lab
+            .call(
+                "PUT",
+                "/v1/account/device-list",
+                Some(json!({ "device_list": list })),
+                Some(&a1),
+            )
+            .await;
+        assert_eq!(s, want, "{v}");
+    }
     let (s, _) = lab.call("GET", "/v1/account", None, Some(&a2)).await;
     assert_eq!(s, 403, "a removed device is refused");
     let crl = crl_serials(&lab).await;
@@ -1728,20 +1766,7 @@ async fn a_claim_the_service_put_in_place_is_refused_and_the_new_device_checks_i
     }
     let sdk = IdsClient::new(lab.addr, "localhost", roots).unwrap();
     let alice_h = wire::Handle::parse("alice@example.com").unwrap();
-    let token = lab.prove(alice_h.as_str()).await;
-    let account = SigningKey::generate();
-    let a1 = SigningKey::generate();
-    let a1_id = DeviceId::random();
-    sdk.create_account(
-        &account,
-        a1_id,
-        &a1,
-        std::slice::from_ref(&alice_h),
-        &[token],
-        "laptop",
-    )
-    .await
-    .unwrap();
+    let (account, a1, _) = sdk_account(&lab, &sdk, &alice_h, "laptop").await;
 
     // The new device claims the code and shows its fingerprint.
     let code = sdk.create_link(&a1).await.unwrap();
@@ -2086,4 +2111,172 @@ async fn a_split_view_fails_the_clients_audit_of_its_roots() {
         bystander.checkpoint().map(|(e, _)| e),
         Some(bystander.highest_epoch())
     );
+}
+
+/// Creates an account for `handle` through the SDK; returns (account key,
+/// device key, device id).
+async fn sdk_account(
+    lab: &Lab,
+    sdk: &client_sdk::ids::IdsClient,
+    handle: &wire::Handle,
+    name: &str,
+) -> (SigningKey, SigningKey, DeviceId) {
+    let token = lab.prove(handle.as_str()).await;
+    let (account, key, id) = (
+        SigningKey::generate(),
+        SigningKey::generate(),
+        DeviceId::random(),
+    );
+    sdk.create_account(
+        &account,
+        id,
+        &key,
+        std::slice::from_ref(handle),
+        &[token],
+        name,
+    )
+    .await
+    .unwrap();
+    (account, key, id)
+}
+
+/// Links a new device to the account through `approver`; returns its key
+/// and id.
+async fn link_device(
+    sdk: &client_sdk::ids::IdsClient,
+    approver: &SigningKey,
+    account: &SigningKey,
+    name: &str,
+) -> (SigningKey, DeviceId) {
+    use wire::key_transfer::TransferKey;
+    let code = sdk.create_link(approver).await.unwrap();
+    let (key, id, transfer) = (
+        SigningKey::generate(),
+        DeviceId::random(),
+        TransferKey::generate(),
+    );
+    let shown = sdk
+        .claim_link(&code, id, &key, &transfer, name)
+        .await
+        .unwrap();
+    let claims = sdk.pending_claims(approver).await.unwrap();
+    let claim = claims.iter().find(|c| c.is_for(&code)).unwrap();
+    let current = sdk.account_list(approver, account).await.unwrap();
+    sdk.approve(approver, account, &current, claim, &code, &shown)
+        .await
+        .unwrap();
+    let (_, received) = sdk
+        .await_approval(&code, &key, transfer, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(received.public(), account.public());
+    (key, id)
+}
+
+/// Removing a device rotates the account key: the removed device's copy
+/// stops counting, the devices that stay take the new key from what was
+/// sealed to them once the directory shows it endorsed by the old one, and
+/// a key the service seals to them itself is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_device_rotates_the_account_key() {
+    use client_sdk::ids::{IdsClient, IdsError};
+    let lab = Lab::start("rotation", None).await;
+    let mut sdk = IdsClient::new(lab.addr, "localhost", roots_of(&lab.ca_pem)).unwrap();
+    let alice_h = wire::Handle::parse("alice@example.com").unwrap();
+    let (account, a1, a1_id) = sdk_account(&lab, &sdk, &alice_h, "laptop").await;
+    let (a2, a2_id) = link_device(&sdk, &a1, &account, "phone").await;
+    let (a3, a3_id) = link_device(&sdk, &a1, &account, "tablet").await;
+
+    // Nothing was rotated yet.
+    assert_eq!(
+        sdk.rotated_account_key(&a2, a2_id, &alice_h, &account.public())
+            .await
+            .unwrap(),
+        None
+    );
+    // A device cannot remove itself this way, nor a stranger.
+    assert!(sdk
+        .remove_devices(&a1, a1_id, &account, &[a1_id])
+        .await
+        .is_err());
+    assert!(sdk
+        .remove_devices(&a1, a1_id, &account, &[DeviceId::random()])
+        .await
+        .is_err());
+
+    // The tablet is lost: the laptop removes it.
+    let (rotated, list) = sdk
+        .remove_devices(&a1, a1_id, &account, &[a3_id])
+        .await
+        .unwrap();
+    assert_ne!(rotated.public(), account.public());
+    assert_eq!(list.devices.len(), 2);
+    // The tablet is revoked and its copy of the old key signs nothing.
+    let (s, _) = lab.call("GET", "/v1/account/key", None, Some(&a3)).await;
+    assert_eq!(s, 403);
+    let (s, _) = lab
+        .call(
+            "PUT",
+            "/v1/account/device-list",
+            Some(json!({"device_list": signed_list(&account, 9, &[&alice_h.uri()], &[(a1_id, &a1), (a3_id, &a3)])})),
+            Some(&a1),
+        )
+        .await;
+    assert_eq!(s, 403, "the old key no longer counts");
+
+    // The phone takes the new key once the directory shows the rotation.
+    let mut taken = None;
+    for _ in 0..100 {
+        taken = sdk
+            .rotated_account_key(&a2, a2_id, &alice_h, &account.public())
+            .await
+            .unwrap();
+        if taken.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let taken = taken.expect("the phone takes the rotated key");
+    assert_eq!(taken.public(), rotated.public());
+    // Held already: nothing newer.
+    assert_eq!(
+        sdk.rotated_account_key(&a2, a2_id, &alice_h, &rotated.public())
+            .await
+            .unwrap(),
+        None
+    );
+    // It signs with it (the account's list checks out under it), and its
+    // audit, from either key, sees nothing it did not approve.
+    assert_eq!(
+        sdk.account_list(&a2, &taken).await.unwrap().devices.len(),
+        2
+    );
+    for held in [&account, &rotated] {
+        let found = sdk
+            .audit_own(&a2, &alice_h, &held.public(), &[a1_id, a2_id, a3_id], 0)
+            .await
+            .unwrap();
+        assert!(found.is_empty(), "{found:?}");
+    }
+
+    // The service seals a key of its own to the phone: refused, since the
+    // directory does not show it endorsed by the phone's key.
+    let evil = SigningKey::generate();
+    let sealed = wire::key_transfer::seal_to_device(&evil, &a2.public(), a2_id).unwrap();
+    {
+        let server = lab.server.as_ref().unwrap();
+        sqlx::query("UPDATE account_key_seals SET sealed = $1 WHERE device_id = $2")
+            .bind(sealed)
+            .bind(a2_id.to_string())
+            .execute(server.ids.store.pool())
+            .await
+            .unwrap();
+    }
+    match sdk
+        .rotated_account_key(&a2, a2_id, &alice_h, &account.public())
+        .await
+    {
+        Err(IdsError::Transparency(e)) => assert!(e.contains("endorsed"), "{e}"),
+        other => panic!("a key the service sealed must be refused, got {other:?}"),
+    }
 }

@@ -83,6 +83,20 @@ enum ClientCommand {
     Listen(ListenArgs),
     /// Show this device's handle, id and key fingerprint.
     Whoami,
+    /// List the account's devices (id, name, key fingerprint).
+    Devices,
+    /// Remove devices from the account (a lost or sold phone): their
+    /// certificates are revoked and the account key is rotated, since they
+    /// hold the old one. The new key is stored here and sealed to every
+    /// other device, which takes it when it next checks its account.
+    Remove(RemoveArgs),
+}
+
+#[derive(Debug, Args)]
+struct RemoveArgs {
+    /// Device ids, as `parley client devices` shows them.
+    #[arg(required = true)]
+    device: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -308,6 +322,8 @@ pub fn run(mut args: ClientArgs, data: Option<PathBuf>) -> Result<()> {
             ClientCommand::Call(a) => call(&args, a).await,
             ClientCommand::Listen(a) => listen(&args, a).await,
             ClientCommand::Whoami => whoami(&args),
+            ClientCommand::Devices => devices(&args).await,
+            ClientCommand::Remove(a) => remove(&args, a).await,
         }
     })
 }
@@ -484,11 +500,11 @@ fn prompt(what: &str, missing: &str) -> Result<String> {
 #[allow(clippy::print_stdout)]
 async fn approve(args: &ClientArgs, a: &ApproveArgs) -> Result<()> {
     let start = Instant::now();
-    let state = State::load(&args.state)?;
+    let mut state = State::load(&args.state)?;
     let me = state.identity()?;
-    let account = State::key(&state.account_key)?;
     let mut ids = ids_client(args)?;
     ids.pin(state.anchor()?);
+    let account = account_key(args, &mut state, &mut ids, &me, start).await?;
     let code = ids.create_link(&me.key).await?;
     // The code on a line of its own, for scripts.
     println!("link code: {code}");
@@ -540,6 +556,101 @@ async fn approve(args: &ClientArgs, a: &ApproveArgs) -> Result<()> {
     Ok(())
 }
 
+/// The account key this device should use: the stored one, or the one
+/// another device rotated to since (then stored in its place).
+async fn account_key(
+    args: &ClientArgs,
+    state: &mut State,
+    ids: &mut IdsClient,
+    me: &Identity,
+    start: Instant,
+) -> Result<SigningKey> {
+    let held = State::key(&state.account_key)?;
+    let handle = Handle::parse(&state.handle)?;
+    match ids
+        .rotated_account_key(&me.key, me.device, &handle, &held.public())
+        .await?
+    {
+        Some(k) => {
+            adopt(args, state, &k, start)?;
+            Ok(k)
+        }
+        None => Ok(held),
+    }
+}
+
+/// Stores an account key another device rotated to.
+fn adopt(args: &ClientArgs, state: &mut State, key: &SigningKey, start: Instant) -> Result<()> {
+    state.account_key = B64.encode(key.pkcs8());
+    state.save(&args.state)?;
+    say(
+        start,
+        "another device rotated the account key (it removed a device); stored the new one",
+    );
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn devices(args: &ClientArgs) -> Result<()> {
+    let state = State::load(&args.state)?;
+    let me = state.identity()?;
+    let mut ids = ids_client(args)?;
+    ids.pin(state.anchor()?);
+    let (status, v) = ids.call("GET", "/v1/account", None, Some(&me.key)).await?;
+    if status != 200 {
+        bail!("identity service: {status} {}", v["detail"]);
+    }
+    for d in v["devices"].as_array().cloned().unwrap_or_default() {
+        let id = d["id"].as_str().unwrap_or("?");
+        let key = d["identity_key"]
+            .as_str()
+            .and_then(|k| wire::keys::PublicKey::from_b64(k).ok())
+            .map_or_else(|| "?".into(), |k| k.fingerprint());
+        let mine = if id == state.device_id {
+            " (this device)"
+        } else {
+            ""
+        };
+        println!(
+            "{id}  {:<16} key {key}{mine}",
+            d["name"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+async fn remove(args: &ClientArgs, a: &RemoveArgs) -> Result<()> {
+    let start = Instant::now();
+    let mut state = State::load(&args.state)?;
+    let me = state.identity()?;
+    let mut ids = ids_client(args)?;
+    ids.pin(state.anchor()?);
+    let gone = a
+        .device
+        .iter()
+        .map(|d| {
+            d.parse::<DeviceId>()
+                .map_err(|_| anyhow!("{d} is not a device id"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let account = account_key(args, &mut state, &mut ids, &me, start).await?;
+    let (fresh, list) = ids
+        .remove_devices(&me.key, me.device, &account, &gone)
+        .await?;
+    state.account_key = B64.encode(fresh.pkcs8());
+    state.save(&args.state)?;
+    say(
+        start,
+        format!(
+            "removed {} device(s); the account key is rotated (new key {}) and sealed to the {} other device(s)",
+            gone.len(),
+            fresh.public().fingerprint(),
+            list.devices.len().saturating_sub(1),
+        ),
+    );
+    Ok(())
+}
+
 fn whoami(args: &ClientArgs) -> Result<()> {
     let state = State::load(&args.state)?;
     let me = state.identity()?;
@@ -583,7 +694,7 @@ async fn start_device(
     audit_every: Option<Duration>,
     accept_unverified: bool,
 ) -> Result<(Device, State, Sound)> {
-    let state = State::load(&args.state)?;
+    let mut state = State::load(&args.state)?;
     let me = state.identity()?;
     let mut ids = ids_client(args)?;
     ids.pin(state.anchor()?);
@@ -593,7 +704,7 @@ async fn start_device(
         Some(every) => {
             // What this device knows of its account now: the list the
             // account key signed, as ids holds it (checked).
-            let account = State::key(&state.account_key)?;
+            let account = account_key(args, &mut state, &mut ids, &me, Instant::now()).await?;
             let list = ids.account_list(&me.key, &account).await?;
             Some(OwnAudit {
                 account_key: account.public(),
@@ -703,6 +814,10 @@ pub fn describe(e: &DeviceEvent) -> String {
         DeviceEvent::SplitView(e) => format!(
             "WARNING: the identity service showed this device a view of the directory that \
              others do not see ({e}); do not trust keys from it"
+        ),
+        DeviceEvent::AccountKeyRotated(k) => format!(
+            "another device rotated the account key (it removed a device); the new key is {}",
+            k.public().fingerprint()
         ),
         DeviceEvent::Error(e) => format!("error: {e}"),
         DeviceEvent::Call(c) => match c {
@@ -848,7 +963,7 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
 async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
     let start = Instant::now();
     let audit = (a.audit_every > 0).then(|| Duration::from_secs(a.audit_every));
-    let (mut device, state, _sound) =
+    let (mut device, mut state, _sound) =
         start_device(args, &a.media, audit, a.accept_unverified).await?;
     registered(&mut device, start).await?;
     say(start, format!("listening as {}", state.handle));
@@ -904,6 +1019,10 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
             }
             DeviceEvent::CourierLost { retry_in: None } => {
                 bail!("{}", describe(&ev));
+            }
+            DeviceEvent::AccountKeyRotated(key) => {
+                adopt(args, &mut state, key, start)?;
+                continue;
             }
             _ => {}
         }

@@ -371,8 +371,39 @@ fn a_listening_client_warns_of_a_device_another_one_approved() {
         warning.contains(&format!("device {tablet_id} joined this account")),
         "{warning}"
     );
+
+    // The tablet is lost: the phone removes it, which rotates the account
+    // key. The listening laptop takes the new key and stores it.
+    let mut c = client(&up, &data, &phone);
+    c.arg("devices");
+    let listed = run(c, Duration::from_secs(30), "devices");
+    assert_eq!(listed.lines().count(), 3, "{listed}");
+    assert!(listed.contains(&tablet_id), "{listed}");
+    let mut c = client(&up, &data, &phone);
+    c.args(["remove", &tablet_id]);
+    let removed = run(c, Duration::from_secs(30), "remove");
+    assert!(removed.contains("account key is rotated"), "{removed}");
+    wait_line(&rx, "rotated the account key", &mut seen);
+    let key_of = |state: &Path| -> String {
+        let text = std::fs::read_to_string(state.join("device.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["account_key"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(key_of(&laptop), key_of(&phone));
     let _ = listen.kill();
     let _ = listen.wait();
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.contains("WARNING") && l.contains("account key")),
+        "a rotation endorsed by the old key is not a warning:\n{}",
+        seen.join("\n")
+    );
+    let mut c = client(&up, &data, &laptop);
+    c.arg("devices");
+    let listed = run(c, Duration::from_secs(30), "devices");
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(!listed.contains(&tablet_id), "{listed}");
 }
 
 /// Interop: the SDK, as `parley client`, calls baresip through `parley

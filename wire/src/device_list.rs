@@ -22,6 +22,21 @@
 //! [64]              ECDSA P-256 SHA-256 signature (r‖s) by the account key
 //!                   over "parley-device-list-v1\0" ‖ every byte above
 //! ```
+//!
+//! Kind 2 is an active list that rotates the account key (a device was
+//! removed, so the key it held must stop counting). Before the signature
+//! it carries the key it replaces and that key's endorsement of the new
+//! one:
+//!
+//! ```text
+//! [65]              previous account public key
+//! [64]              signature by the previous key over
+//!                   "parley-account-key-rotation-v1\0" ‖ new key ‖ seq
+//! ```
+//!
+//! A device that holds the previous key accepts the new one on the strength
+//! of that endorsement (`transparency::unapproved_changes`); a key that
+//! appears without one is an account reset, or a directory that lies.
 
 use crate::keys::{DeviceId, KeyError, PublicKey, SigningKey, PUBLIC_KEY_LEN, SIGNATURE_LEN};
 
@@ -29,6 +44,7 @@ pub const MAGIC: &[u8; 4] = b"PLY1";
 pub const MAX_DEVICES: usize = 32;
 pub const MAX_HANDLES: usize = 16;
 const CONTEXT: &[u8] = b"parley-device-list-v1\0";
+const ROTATION_CONTEXT: &[u8] = b"parley-account-key-rotation-v1\0";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceListError {
@@ -44,6 +60,8 @@ pub enum DeviceListError {
     Order,
     #[error("handle is not UTF-8")]
     Utf8,
+    #[error("a key rotation must name another key than the new one")]
+    Rotation,
     #[error(transparent)]
     Key(#[from] KeyError),
 }
@@ -69,7 +87,27 @@ pub struct DeviceList {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedDeviceList {
     pub list: DeviceList,
+    /// Set when this list replaces the account key (boxed: most lists
+    /// carry none).
+    pub rotation: Option<Box<Rotation>>,
     pub signature: [u8; SIGNATURE_LEN],
+}
+
+/// The account key a list replaces, and that key's endorsement of the new
+/// one at the list's seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    pub previous_key: PublicKey,
+    pub endorsement: [u8; SIGNATURE_LEN],
+}
+
+impl Rotation {
+    fn message(new_key: &PublicKey, seq: u64) -> Vec<u8> {
+        let mut m = ROTATION_CONTEXT.to_vec();
+        m.extend_from_slice(&new_key.0);
+        m.extend_from_slice(&seq.to_be_bytes());
+        m
+    }
 }
 
 /// What the directory holds for a handle.
@@ -89,10 +127,10 @@ impl DeviceList {
         self.devices.dedup_by_key(|d| d.id);
     }
 
-    fn body(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(80 + self.devices.len() * 81 + self.handles.len() * 32);
+    fn body(&self, rotation: Option<&Rotation>) -> Vec<u8> {
+        let mut b = Vec::with_capacity(210 + self.devices.len() * 81 + self.handles.len() * 32);
         b.extend_from_slice(MAGIC);
-        b.push(1);
+        b.push(if rotation.is_some() { 2 } else { 1 });
         b.extend_from_slice(&self.account_key.0);
         b.extend_from_slice(&self.seq.to_be_bytes());
         b.push(self.handles.len() as u8);
@@ -104,6 +142,10 @@ impl DeviceList {
         for d in &self.devices {
             b.extend_from_slice(&d.id.0);
             b.extend_from_slice(&d.identity_key.0);
+        }
+        if let Some(r) = rotation {
+            b.extend_from_slice(&r.previous_key.0);
+            b.extend_from_slice(&r.endorsement);
         }
         b
     }
@@ -127,17 +169,41 @@ impl DeviceList {
 
     /// Signs the list with the account key, which must match
     /// `account_key`.
-    pub fn sign(mut self, account: &SigningKey) -> Result<SignedDeviceList, DeviceListError> {
+    pub fn sign(self, account: &SigningKey) -> Result<SignedDeviceList, DeviceListError> {
+        self.sign_with(account, None)
+    }
+
+    /// Signs the list with a new account key (`account_key` must be its
+    /// public half), endorsed by the key it replaces.
+    pub fn sign_rotated(
+        self,
+        account: &SigningKey,
+        previous: &SigningKey,
+    ) -> Result<SignedDeviceList, DeviceListError> {
+        let endorsement = previous.sign(&Rotation::message(&self.account_key, self.seq));
+        let rotation = Rotation {
+            previous_key: previous.public(),
+            endorsement,
+        };
+        self.sign_with(account, Some(Box::new(rotation)))
+    }
+
+    fn sign_with(
+        mut self,
+        account: &SigningKey,
+        rotation: Option<Box<Rotation>>,
+    ) -> Result<SignedDeviceList, DeviceListError> {
         self.normalise();
         self.check_shape()?;
         if account.public() != self.account_key {
             return Err(KeyError::BadSignature.into());
         }
         let mut msg = CONTEXT.to_vec();
-        msg.extend_from_slice(&self.body());
+        msg.extend_from_slice(&self.body(rotation.as_deref()));
         Ok(SignedDeviceList {
             signature: account.sign(&msg),
             list: self,
+            rotation,
         })
     }
 
@@ -148,18 +214,33 @@ impl DeviceList {
 
 impl SignedDeviceList {
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = self.list.body();
+        let mut b = self.list.body(self.rotation.as_deref());
         b.extend_from_slice(&self.signature);
         b
     }
 
-    /// Checks the account key's signature.
+    /// Checks the account key's signature and, for a rotation, the
+    /// previous key's endorsement of the new one.
     pub fn verify(&self) -> Result<(), DeviceListError> {
         self.list.check_shape()?;
+        if let Some(r) = &self.rotation {
+            if r.previous_key == self.list.account_key {
+                return Err(DeviceListError::Rotation);
+            }
+            r.previous_key.verify(
+                &Rotation::message(&self.list.account_key, self.list.seq),
+                &r.endorsement,
+            )?;
+        }
         let mut msg = CONTEXT.to_vec();
-        msg.extend_from_slice(&self.list.body());
+        msg.extend_from_slice(&self.list.body(self.rotation.as_deref()));
         self.list.account_key.verify(&msg, &self.signature)?;
         Ok(())
+    }
+
+    /// The account key this list replaces, if it rotates it.
+    pub fn rotated_from(&self) -> Option<&PublicKey> {
+        self.rotation.as_ref().map(|r| &r.previous_key)
     }
 }
 
@@ -182,14 +263,15 @@ impl DirectoryValue {
         if r.take(4)? != MAGIC {
             return Err(DeviceListError::Magic);
         }
-        match r.u8()? {
+        let rotated = match r.u8()? {
             0 => {
                 r.end()?;
                 return Ok(DirectoryValue::Tombstone);
             }
-            1 => {}
+            1 => false,
+            2 => true,
             k => return Err(DeviceListError::Kind(k)),
-        }
+        };
         let account_key = PublicKey::from_slice(r.take(PUBLIC_KEY_LEN)?)?;
         let seq = u64::from_be_bytes(r.take(8)?.try_into().map_err(|_| DeviceListError::Length)?);
         let nh = r.u8()? as usize;
@@ -210,6 +292,16 @@ impl DirectoryValue {
             let identity_key = PublicKey::from_slice(r.take(PUBLIC_KEY_LEN)?)?;
             devices.push(DeviceEntry { id, identity_key });
         }
+        let rotation = match rotated {
+            true => Some(Box::new(Rotation {
+                previous_key: PublicKey::from_slice(r.take(PUBLIC_KEY_LEN)?)?,
+                endorsement: r
+                    .take(SIGNATURE_LEN)?
+                    .try_into()
+                    .map_err(|_| DeviceListError::Length)?,
+            })),
+            false => None,
+        };
         let signature = r
             .take(SIGNATURE_LEN)?
             .try_into()
@@ -222,7 +314,11 @@ impl DirectoryValue {
             devices,
         };
         list.check_shape()?;
-        Ok(DirectoryValue::Active(SignedDeviceList { list, signature }))
+        Ok(DirectoryValue::Active(SignedDeviceList {
+            list,
+            rotation,
+            signature,
+        }))
     }
 }
 
@@ -333,5 +429,47 @@ mod tests {
             framed.extend_from_slice(&b);
             let _ = DirectoryValue::decode(&framed);
         }
+    }
+
+    #[test]
+    fn a_rotation_is_endorsed_by_the_key_it_replaces() {
+        let (old, new) = (SigningKey::generate(), SigningKey::generate());
+        let mut list = sample(&new, 2);
+        list.seq = 9;
+        let signed = list.clone().sign_rotated(&new, &old).unwrap();
+        signed.verify().unwrap();
+        assert_eq!(signed.rotated_from(), Some(&old.public()));
+        let bytes = signed.encode();
+        assert_eq!(bytes[4], 2, "kind 2");
+        let DirectoryValue::Active(back) = DirectoryValue::decode(&bytes).unwrap() else {
+            panic!("tombstone")
+        };
+        assert_eq!(back, signed);
+        back.verify().unwrap();
+        // A plain list stays kind 1.
+        assert_eq!(list.clone().sign(&new).unwrap().encode()[4], 1);
+
+        // Endorsed by another key than the one it names, or for another
+        // seq: refused.
+        let mut stranger = signed.clone();
+        stranger.rotation.as_mut().unwrap().previous_key = SigningKey::generate().public();
+        assert!(stranger.verify().is_err());
+        let mut other_seq = list.clone();
+        other_seq.seq = 10;
+        let mut replayed = other_seq.sign_rotated(&new, &old).unwrap();
+        replayed.rotation = signed.rotation.clone();
+        assert!(replayed.verify().is_err());
+        // Dropping the rotation breaks the account signature.
+        let mut bare = signed.clone();
+        bare.rotation = None;
+        assert!(bare.verify().is_err());
+        // A key cannot "rotate" to itself.
+        let same = sample(&old, 1).sign_rotated(&old, &old).unwrap();
+        assert_eq!(same.verify(), Err(DeviceListError::Rotation));
+        // Truncated inside the rotation.
+        assert_eq!(
+            DirectoryValue::decode(&bytes[..bytes.len() - 70]),
+            Err(DeviceListError::Length)
+        );
     }
 }

@@ -30,6 +30,8 @@ use ring::rand::SystemRandom;
 use crate::keys::{DeviceId, PublicKey, SigningKey, PUBLIC_KEY_LEN};
 
 const INFO: &[u8] = b"parley-account-key-transfer-v1";
+/// Info for a rotated account key sealed to a device's identity key.
+const ROTATION_INFO: &[u8] = b"parley-account-key-rotation-seal-v1";
 const FINGERPRINT_CONTEXT: &[u8] = b"parley-link-fingerprint-v1\0";
 
 /// The 20 digits (four groups of five) that commit to a link claim: the
@@ -110,23 +112,16 @@ impl TransferKey {
             return Err(TransferError::Open);
         }
         let (their_public, ciphertext) = sealed.split_at(PUBLIC_KEY_LEN);
-        let key = derive(
+        let public = &self.public;
+        let key = agreement::agree_ephemeral(
             self.private,
-            their_public,
-            their_public,
-            &self.public,
-            device,
+            &UnparsedPublicKey::new(&ECDH_P256, their_public),
+            |shared| aead_key(shared, their_public, public, INFO, device),
         )
+        .ok()
+        .flatten()
         .ok_or(TransferError::Open)?;
-        let mut buf = ciphertext.to_vec();
-        let plain = key
-            .open_in_place(
-                Nonce::assume_unique_for_key([0; 12]),
-                Aad::empty(),
-                &mut buf,
-            )
-            .map_err(|_| TransferError::Open)?;
-        SigningKey::from_pkcs8(plain).map_err(|_| TransferError::BadAccountKey)
+        open_sealed(key, ciphertext)
     }
 }
 
@@ -139,6 +134,17 @@ pub fn seal_account_key(
     if transfer_public.len() != PUBLIC_KEY_LEN {
         return Err(TransferError::BadTransferKey);
     }
+    seal(account, transfer_public, INFO, device)
+}
+
+/// ECDH from a fresh ephemeral key to `recipient`, then [`aead_key`] with
+/// `context`: the ephemeral public key followed by the sealed PKCS#8.
+fn seal(
+    account: &SigningKey,
+    recipient: &[u8],
+    context: &[u8],
+    device: DeviceId,
+) -> Result<Vec<u8>, TransferError> {
     let rng = SystemRandom::new();
     let mine = EphemeralPrivateKey::generate(&ECDH_P256, &rng)
         .expect("system random number generator failed");
@@ -147,8 +153,14 @@ pub fn seal_account_key(
         .expect("public key of a fresh P-256 key")
         .as_ref()
         .to_vec();
-    let key = derive(mine, transfer_public, &my_public, transfer_public, device)
-        .ok_or(TransferError::BadTransferKey)?;
+    let key = agreement::agree_ephemeral(
+        mine,
+        &UnparsedPublicKey::new(&ECDH_P256, recipient),
+        |shared| aead_key(shared, &my_public, recipient, context, device),
+    )
+    .ok()
+    .flatten()
+    .ok_or(TransferError::BadTransferKey)?;
     let mut buf = account.pkcs8().to_vec();
     key.seal_in_place_append_tag(
         Nonce::assume_unique_for_key([0; 12]),
@@ -161,30 +173,74 @@ pub fn seal_account_key(
     Ok(out)
 }
 
-/// ECDH with `peer`, then HKDF with salt = sealer's ‖ opener's public key.
-fn derive(
-    private: EphemeralPrivateKey,
-    peer: &[u8],
+/// Opens the sealed PKCS#8 with the derived key.
+fn open_sealed(key: LessSafeKey, ciphertext: &[u8]) -> Result<SigningKey, TransferError> {
+    let mut buf = ciphertext.to_vec();
+    let plain = key
+        .open_in_place(
+            Nonce::assume_unique_for_key([0; 12]),
+            Aad::empty(),
+            &mut buf,
+        )
+        .map_err(|_| TransferError::Open)?;
+    SigningKey::from_pkcs8(plain).map_err(|_| TransferError::BadAccountKey)
+}
+
+/// HKDF-SHA256 of an ECDH secret (salt = sealer's ‖ opener's public key,
+/// info = context ‖ device id) to an AES-256-GCM key.
+fn aead_key(
+    shared: &[u8],
     sealer_public: &[u8],
     opener_public: &[u8],
+    context: &[u8],
     device: DeviceId,
 ) -> Option<LessSafeKey> {
     let mut salt = sealer_public.to_vec();
     salt.extend_from_slice(opener_public);
-    agreement::agree_ephemeral(
-        private,
-        &UnparsedPublicKey::new(&ECDH_P256, peer),
-        |shared| {
-            let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt).extract(shared);
-            let info = [INFO, &device.0[..]];
-            let okm = prk.expand(&info, &AES_256_GCM).ok()?;
-            let mut key = [0u8; 32];
-            okm.fill(&mut key).ok()?;
-            Some(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).ok()?))
-        },
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt).extract(shared);
+    let info = [context, &device.0[..]];
+    let okm = prk.expand(&info, &AES_256_GCM).ok()?;
+    let mut key = [0u8; 32];
+    okm.fill(&mut key).ok()?;
+    Some(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).ok()?))
+}
+
+/// Seals a rotated account key to an existing device of the account, to
+/// the identity key the device list names for it (the device opens it
+/// with [`open_with_identity`]). Same construction as a link's transfer,
+/// with the identity key as the recipient's half and its own context.
+pub fn seal_to_device(
+    account: &SigningKey,
+    identity: &PublicKey,
+    device: DeviceId,
+) -> Result<Vec<u8>, TransferError> {
+    seal(account, &identity.0, ROTATION_INFO, device)
+}
+
+/// Opens what [`seal_to_device`] sealed to this device's identity key.
+pub fn open_with_identity(
+    identity: &SigningKey,
+    sealed: &[u8],
+    device: DeviceId,
+) -> Result<SigningKey, TransferError> {
+    use p256::pkcs8::DecodePrivateKey;
+    if sealed.len() < PUBLIC_KEY_LEN + AES_256_GCM.tag_len() {
+        return Err(TransferError::Open);
+    }
+    let (their_public, ciphertext) = sealed.split_at(PUBLIC_KEY_LEN);
+    let secret =
+        p256::SecretKey::from_pkcs8_der(identity.pkcs8()).map_err(|_| TransferError::Open)?;
+    let sealer = p256::PublicKey::from_sec1_bytes(their_public).map_err(|_| TransferError::Open)?;
+    let shared = p256::ecdh::diffie_hellman(secret.to_nonzero_scalar(), sealer.as_affine());
+    let key = aead_key(
+        shared.raw_secret_bytes().as_slice(),
+        their_public,
+        &identity.public().0,
+        ROTATION_INFO,
+        device,
     )
-    .ok()
-    .flatten()
+    .ok_or(TransferError::Open)?;
+    open_sealed(key, ciphertext)
 }
 
 #[cfg(test)]
@@ -263,5 +319,26 @@ mod tests {
             Err(TransferError::BadTransferKey)
         );
         assert!(TransferKey::generate().open(&[1, 2, 3], device).is_err());
+    }
+
+    #[test]
+    fn a_rotated_key_opens_only_for_its_device() {
+        let account = SigningKey::generate();
+        let (phone, laptop) = (SigningKey::generate(), SigningKey::generate());
+        let (phone_id, laptop_id) = (DeviceId([1; 16]), DeviceId([2; 16]));
+        let sealed = seal_to_device(&account, &phone.public(), phone_id).unwrap();
+        let opened = open_with_identity(&phone, &sealed, phone_id).unwrap();
+        assert_eq!(opened.public(), account.public());
+        // Another device's key, another device id, a flipped byte.
+        assert!(open_with_identity(&laptop, &sealed, phone_id).is_err());
+        assert!(open_with_identity(&phone, &sealed, laptop_id).is_err());
+        let mut bad = sealed.clone();
+        bad[70] ^= 1;
+        assert!(open_with_identity(&phone, &bad, phone_id).is_err());
+        assert!(open_with_identity(&phone, &sealed[..40], phone_id).is_err());
+        // A link transfer's sealed key does not open as a rotation's.
+        let t = TransferKey::generate();
+        let linked = seal_account_key(&account, t.public(), phone_id).unwrap();
+        assert!(open_with_identity(&phone, &linked, phone_id).is_err());
     }
 }

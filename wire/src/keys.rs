@@ -142,6 +142,15 @@ impl SigningKey {
     }
 }
 
+/// Two signing keys are equal when their public halves are.
+impl PartialEq for SigningKey {
+    fn eq(&self, other: &SigningKey) -> bool {
+        self.public() == other.public()
+    }
+}
+
+impl Eq for SigningKey {}
+
 impl Clone for SigningKey {
     fn clone(&self) -> SigningKey {
         SigningKey::from_pkcs8(&self.pkcs8).expect("a key's own PKCS#8 parses")

@@ -410,23 +410,71 @@ pub enum Unapproved {
     Tombstone { epoch: u64 },
 }
 
+/// The account key that `held` leads to through the endorsed rotations in
+/// a handle's verified history (oldest first): the key a device holding
+/// `held` should hold now; `held` itself if none follows it.
+pub fn current_account_key(history: &[VerifiedValue], held: &crate::PublicKey) -> crate::PublicKey {
+    let mut current = *held;
+    for v in history.iter().rev() {
+        if let DirectoryValue::Active(l) = &v.value {
+            if l.rotated_from() == Some(&current) {
+                current = l.list.account_key;
+            }
+        }
+    }
+    current
+}
+
 /// A device's check of its own handle's verified history: every value
-/// published since `since_epoch` must be signed by `account_key` and list
-/// only devices in `approved`. Returns what did not hold, oldest first.
+/// published since `since_epoch` must be signed by `account_key`, or by a
+/// key the account rotated to or from along an unbroken chain of
+/// endorsements (a device removed elsewhere rotates the key; see
+/// `device_list::Rotation`), and list only devices in `approved`. Returns
+/// what did not hold, oldest first.
 pub fn unapproved_changes(
     history: &[VerifiedValue],
     since_epoch: u64,
     account_key: &crate::PublicKey,
     approved: &[crate::DeviceId],
 ) -> Vec<Unapproved> {
+    let oldest_first: Vec<&VerifiedValue> = history.iter().rev().collect();
+    let rotated_from = |key: &crate::PublicKey| {
+        oldest_first.iter().find_map(|v| match &v.value {
+            DirectoryValue::Active(l) if l.list.account_key == *key => l.rotated_from().copied(),
+            _ => None,
+        })
+    };
+    // The key the chain that ends in the held key starts from.
+    let mut current = *account_key;
+    for _ in 0..oldest_first.len() {
+        match rotated_from(&current) {
+            Some(previous) => current = previous,
+            None => break,
+        }
+    }
     let mut out = Vec::new();
-    for v in history.iter().rev().filter(|v| v.epoch >= since_epoch) {
+    for v in oldest_first {
+        let report = v.epoch >= since_epoch;
         match &v.value {
-            DirectoryValue::Tombstone => out.push(Unapproved::Tombstone { epoch: v.epoch }),
-            DirectoryValue::Active(l) if l.list.account_key != *account_key => {
-                out.push(Unapproved::AccountKey { epoch: v.epoch })
+            DirectoryValue::Tombstone => {
+                if report {
+                    out.push(Unapproved::Tombstone { epoch: v.epoch });
+                }
             }
             DirectoryValue::Active(l) => {
+                if l.list.account_key != current {
+                    if l.rotated_from() == Some(&current) {
+                        current = l.list.account_key;
+                    } else {
+                        if report {
+                            out.push(Unapproved::AccountKey { epoch: v.epoch });
+                        }
+                        continue;
+                    }
+                }
+                if !report {
+                    continue;
+                }
                 for d in &l.list.devices {
                     if !approved.contains(&d.id) {
                         out.push(Unapproved::Device {
@@ -567,5 +615,71 @@ mod tests {
             let _ = verify_absence(&anchor, &signed, "mailto:a@example.com", &vrf, &proof);
             let _ = verify_lookup(&anchor, &signed, "mailto:a@example.com", &proof);
         }
+    }
+
+    #[test]
+    fn a_rotation_endorsed_along_the_chain_is_approved() {
+        use crate::device_list::{DeviceEntry, DeviceList};
+        use crate::{DeviceId, SigningKey};
+        let (k1, k2, thief) = (
+            SigningKey::generate(),
+            SigningKey::generate(),
+            SigningKey::generate(),
+        );
+        let (a, b, c) = (DeviceId([1; 16]), DeviceId([2; 16]), DeviceId([3; 16]));
+        let entry = |id| DeviceEntry {
+            id,
+            identity_key: SigningKey::generate().public(),
+        };
+        let list = |key: &SigningKey, seq, ids: &[DeviceId]| DeviceList {
+            account_key: key.public(),
+            seq,
+            handles: vec!["mailto:a@example.com".into()],
+            devices: ids.iter().map(|i| entry(*i)).collect(),
+        };
+        let at = |epoch, s| VerifiedValue {
+            epoch,
+            version: epoch,
+            value: DirectoryValue::Active(s),
+        };
+        // k1 with devices a, b, c; c removed and the key rotated to k2.
+        let mut history = vec![
+            at(3, list(&k2, 2, &[a, b]).sign_rotated(&k2, &k1).unwrap()),
+            at(1, list(&k1, 1, &[a, b, c]).sign(&k1).unwrap()),
+        ];
+        history.sort_by_key(|v| std::cmp::Reverse(v.epoch));
+        // Device a holds k2 now, or still k1 (it has not fetched k2 yet).
+        for held in [&k2, &k1] {
+            assert_eq!(
+                unapproved_changes(&history, 0, &held.public(), &[a, b, c]),
+                vec![]
+            );
+        }
+        // The removed device c kept k1 and endorses a key of its own; the
+        // server publishes it. The rotation does not follow from k2.
+        history.insert(
+            0,
+            at(
+                5,
+                list(&thief, 3, &[a, b]).sign_rotated(&thief, &k1).unwrap(),
+            ),
+        );
+        assert_eq!(
+            unapproved_changes(&history, 0, &k2.public(), &[a, b, c]),
+            vec![Unapproved::AccountKey { epoch: 5 }]
+        );
+        // A device still holding k1 is led to k2, not to the later fork.
+        assert_eq!(current_account_key(&history, &k1.public()), k2.public());
+        assert_eq!(current_account_key(&history, &k2.public()), k2.public());
+        // A key with no endorsement at all (a reset) is reported as before.
+        let other = SigningKey::generate();
+        let reset = vec![
+            at(7, list(&other, 1, &[a]).sign(&other).unwrap()),
+            at(3, list(&k2, 2, &[a, b]).sign_rotated(&k2, &k1).unwrap()),
+        ];
+        assert_eq!(
+            unapproved_changes(&reset, 4, &k2.public(), &[a, b]),
+            vec![Unapproved::AccountKey { epoch: 7 }]
+        );
     }
 }

@@ -579,6 +579,7 @@ impl Ids {
         device_list: &[u8],
         handle_tokens: &[String],
         sealed_account_keys: &HashMap<String, Vec<u8>>,
+        rotated_account_keys: &HashMap<String, Vec<u8>>,
     ) -> Result<i64, Error> {
         let list = parse_signed_list(device_list)?;
         let account_id = me.device.account_id.clone();
@@ -587,10 +588,19 @@ impl Ids {
             .account(&account_id)
             .await?
             .ok_or_else(|| Error::NotFound("account".into()))?;
-        if list.list.account_key.0[..] != account.account_key[..] {
+        let same_key = list.list.account_key.0[..] == account.account_key[..];
+        let from_current = list
+            .rotated_from()
+            .is_some_and(|k| k.0[..] == account.account_key[..]);
+        if !same_key && !from_current {
             return Err(Error::Forbidden(
-                "the list is signed by another account key; use an account reset to rotate it"
+                "the list is signed by another account key that the current one did not endorse"
                     .into(),
+            ));
+        }
+        if same_key && list.rotation.is_some() {
+            return Err(Error::BadRequest(
+                "the list rotates from a key that is not the account's".into(),
             ));
         }
         if (list.list.seq as i64) <= account.seq {
@@ -608,11 +618,15 @@ impl Ids {
         let proven = self.redeem(handle_tokens)?;
         let r = self
             .update_inner(
+                me.device.id,
                 &account_id,
                 account.seq,
                 &list,
                 &proven,
-                sealed_account_keys,
+                Sealed {
+                    links: sealed_account_keys,
+                    rotated: rotated_account_keys,
+                },
             )
             .await;
         if r.is_err() {
@@ -623,11 +637,12 @@ impl Ids {
 
     async fn update_inner(
         &self,
+        sender: DeviceId,
         account_id: &str,
         prev_seq: i64,
         list: &SignedDeviceList,
         proven: &[(Handle, [u8; 32])],
-        sealed: &HashMap<String, Vec<u8>>,
+        sealed: Sealed<'_>,
     ) -> Result<i64, Error> {
         let now = unix_now();
         let current_handles: BTreeSet<String> = self
@@ -685,6 +700,7 @@ impl Ids {
             .values()
             .filter(|row| list.list.device(row.id).is_none())
             .collect();
+        let rotated = rotation_seals(sender, &existing, list, &removed, sealed.rotated)?;
         let events: Vec<AccountEvent> = added
             .iter()
             .map(|(d, _)| AccountEvent {
@@ -694,6 +710,10 @@ impl Ids {
             .chain(removed.iter().map(|row| AccountEvent {
                 kind: "device_removed",
                 device: Some(row.id),
+            }))
+            .chain(list.rotation.as_ref().map(|_| AccountEvent {
+                kind: "account_key_rotated",
+                device: Some(sender),
             }))
             .collect();
 
@@ -724,7 +744,7 @@ impl Ids {
             tx::approve_link(
                 &mut t,
                 &link.code_hash,
-                sealed.get(&code_hex).map(Vec::as_slice),
+                sealed.links.get(&code_hex).map(Vec::as_slice),
             )
             .await?;
             tx::event(
@@ -741,6 +761,16 @@ impl Ids {
             tx::revoke_device(&mut t, &id, now).await?;
             tx::scrub_device(&mut t, &id).await?;
             tx::event(&mut t, account_id, "device_removed", Some(&id), now).await?;
+        }
+        for (device, blob) in &rotated {
+            let seq = list.list.seq as i64;
+            tx::seal_rotated_key(&mut t, &device.to_string(), account_id, seq, blob).await?;
+        }
+        if list.rotation.is_some() {
+            // The sender made the new key; an older one sealed to it is stale.
+            let by = sender.to_string();
+            tx::forget_rotated_key(&mut t, &by).await?;
+            tx::event(&mut t, account_id, "account_key_rotated", Some(&by), now).await?;
         }
         let value = DirectoryValue::Active(list.clone()).encode();
         for uri in &new_handles {
@@ -822,6 +852,68 @@ fn parse_signed_list(b: &[u8]) -> Result<SignedDeviceList, Error> {
 
 /// A new account's list holds exactly the registering device.
 /// The account row that holds `list`.
+/// The account keys a device-list update hands on: to devices approved
+/// through a link (by link code hash), and, when the list rotates the
+/// key, to the devices that stay (by device id).
+#[derive(Clone, Copy)]
+struct Sealed<'a> {
+    links: &'a HashMap<String, Vec<u8>>,
+    rotated: &'a HashMap<String, Vec<u8>>,
+}
+
+/// Largest sealed account key accepted (65-byte ephemeral key, a PKCS#8
+/// P-256 key of ~140 bytes, 16-byte tag).
+const MAX_SEALED_KEY: usize = 512;
+
+/// Checks a rotation's sealed keys: removing a device must rotate the
+/// account key (the removed device holds the old one), and a rotation
+/// must seal the new key to every device that stays but the sender, and
+/// to no one else. Returns them by device.
+fn rotation_seals<'a>(
+    sender: DeviceId,
+    existing: &HashMap<DeviceId, DeviceRow>,
+    list: &SignedDeviceList,
+    removed: &[&DeviceRow],
+    rotated: &'a HashMap<String, Vec<u8>>,
+) -> Result<Vec<(DeviceId, &'a [u8])>, Error> {
+    if list.rotation.is_none() {
+        if !removed.is_empty() {
+            return Err(Error::BadRequest(
+                "removing a device rotates the account key: sign the list with a new key \
+                 that the current one endorses, and seal the new key to every device that stays"
+                    .into(),
+            ));
+        }
+        if !rotated.is_empty() {
+            return Err(Error::BadRequest(
+                "rotated_account_keys without a key rotation".into(),
+            ));
+        }
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for id in existing.keys() {
+        if *id == sender || list.list.device(*id).is_none() {
+            continue;
+        }
+        let blob = rotated.get(&id.to_string()).ok_or_else(|| {
+            Error::BadRequest(format!("the new account key is not sealed to device {id}"))
+        })?;
+        if blob.len() > MAX_SEALED_KEY {
+            return Err(Error::BadRequest(format!(
+                "a sealed account key is at most {MAX_SEALED_KEY} bytes"
+            )));
+        }
+        out.push((*id, blob.as_slice()));
+    }
+    if out.len() != rotated.len() {
+        return Err(Error::BadRequest(
+            "rotated_account_keys names a device that does not stay on the account".into(),
+        ));
+    }
+    Ok(out)
+}
+
 fn account_row(id: &str, list: &SignedDeviceList) -> AccountRow {
     AccountRow {
         id: id.to_owned(),
