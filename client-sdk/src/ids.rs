@@ -355,17 +355,18 @@ impl IdsClient {
         name: &str,
     ) -> Result<Registered, IdsError> {
         let list = first_list(account, device, key, handles);
-        let signed = sign_list(&list, account)?;
+        let mut body = signed_lists(&list, account, None)?;
+        body.insert("handle_tokens".into(), json!(tokens));
+        body.insert(
+            "device".into(),
+            json!({"name": name, "capabilities": ["audio", "video"]}),
+        );
         let v = self
             .expect(
                 201,
                 "POST",
                 "/v1/accounts",
-                Some(json!({
-                    "handle_tokens": tokens,
-                    "device_list": signed,
-                    "device": {"name": name, "capabilities": ["audio", "video"]},
-                })),
+                Some(Value::Object(body)),
                 Some(key),
             )
             .await?;
@@ -500,17 +501,12 @@ impl IdsClient {
         let sealed =
             wire::key_transfer::seal_account_key(account, &claim.transfer_key, claim.device)
                 .map_err(|e| IdsError::Protocol(e.to_string()))?;
-        self.expect(
-            200,
-            "PUT",
-            "/v1/account/device-list",
-            Some(json!({
-                "device_list": sign_list(&list, account)?,
-                "sealed_account_keys": {claim.link.clone(): B64.encode(&sealed)},
-            })),
-            Some(key),
-        )
-        .await?;
+        let mut body = signed_lists(&list, account, None)?;
+        body.insert(
+            "sealed_account_keys".into(),
+            json!({claim.link.clone(): B64.encode(&sealed)}),
+        );
+        self.put_list(key, body).await?;
         Ok(list)
     }
 
@@ -548,21 +544,9 @@ impl IdsClient {
                 .map_err(|e| IdsError::Protocol(e.to_string()))?;
             sealed.insert(d.id.to_string(), json!(B64.encode(blob)));
         }
-        let signed = list
-            .clone()
-            .sign_rotated(&fresh, account)
-            .map_err(|e| IdsError::Protocol(e.to_string()))?;
-        self.expect(
-            200,
-            "PUT",
-            "/v1/account/device-list",
-            Some(json!({
-                "device_list": B64.encode(DirectoryValue::Active(signed).encode()),
-                "rotated_account_keys": sealed,
-            })),
-            Some(key),
-        )
-        .await?;
+        let mut body = signed_lists(&list, &fresh, Some(account))?;
+        body.insert("rotated_account_keys".into(), Value::Object(sealed));
+        self.put_list(key, body).await?;
         Ok((fresh, list))
     }
 
@@ -610,6 +594,23 @@ impl IdsClient {
                     .into(),
             )),
         }
+    }
+
+    /// Replaces the account's device list (`PUT /v1/account/device-list`).
+    async fn put_list(
+        &self,
+        key: &SigningKey,
+        body: serde_json::Map<String, Value>,
+    ) -> Result<(), IdsError> {
+        self.expect(
+            200,
+            "PUT",
+            "/v1/account/device-list",
+            Some(Value::Object(body)),
+            Some(key),
+        )
+        .await
+        .map(drop)
     }
 
     /// The new device waits (bounded) for approval; returns its
@@ -987,12 +988,34 @@ pub fn verified_result(
     }
 }
 
-fn sign_list(list: &DeviceList, account: &SigningKey) -> Result<String, IdsError> {
-    let signed: SignedDeviceList = list
-        .clone()
-        .sign(account)
+/// A list as a request carries it: `device_list`, signed by `account`
+/// (endorsed by `previous` when it rotates the key), and, when it names
+/// several handles, `handle_lists`: the same list naming each handle
+/// alone, which is what the directory publishes under that handle.
+fn signed_lists(
+    list: &DeviceList,
+    account: &SigningKey,
+    previous: Option<&SigningKey>,
+) -> Result<serde_json::Map<String, Value>, IdsError> {
+    let sign = |l: DeviceList| -> Result<Value, IdsError> {
+        let signed: SignedDeviceList = match previous {
+            Some(p) => l.sign_rotated(account, p),
+            None => l.sign(account),
+        }
         .map_err(|e| IdsError::Protocol(e.to_string()))?;
-    Ok(B64.encode(DirectoryValue::Active(signed).encode()))
+        Ok(json!(B64.encode(DirectoryValue::Active(signed).encode())))
+    };
+    let mut fields = serde_json::Map::new();
+    fields.insert("device_list".into(), sign(list.clone())?);
+    if list.handles.len() > 1 {
+        let per_handle = list
+            .handles
+            .iter()
+            .map(|h| Ok((h.clone(), sign(list.for_handle(h))?)))
+            .collect::<Result<serde_json::Map<_, _>, IdsError>>()?;
+        fields.insert("handle_lists".into(), Value::Object(per_handle));
+    }
+    Ok(fields)
 }
 
 fn registered(v: &Value) -> Result<Registered, IdsError> {

@@ -22,7 +22,7 @@ use wire::transparency::SignedRoot;
 use wire::{DeviceId, PublicKey};
 
 use crate::error::Error;
-use crate::service::{AuthedDevice, Ids, LookupResult, Registered, ResetOutcome};
+use crate::service::{AuthedDevice, Ids, LookupResult, Registered, ResetOutcome, Submitted};
 
 /// The OpenAPI document, served as is.
 pub const OPENAPI: &str = include_str!("../openapi.json");
@@ -339,7 +339,21 @@ struct NewDevice {
 struct CreateAccount {
     handle_tokens: Vec<String>,
     device_list: String,
+    /// Handle URI → a list naming only that handle (needed when the device
+    /// list names several; see `service::Lists`).
+    #[serde(default)]
+    handle_lists: HashMap<String, String>,
     device: NewDevice,
+}
+
+/// Decodes `handle_lists` (handle URI → base64url list).
+fn handle_lists(
+    given: &HashMap<String, String>,
+) -> Result<std::collections::BTreeMap<String, Vec<u8>>, Error> {
+    given
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), b64("handle_lists", v)?)))
+        .collect()
 }
 
 fn registered_json(r: &Registered) -> Value {
@@ -365,15 +379,25 @@ async fn reset_account(State(ids): S, signed: Signed) -> R {
 async fn register(ids: &Ids, Signed { key, body }: Signed, reset: bool) -> R {
     let req: CreateAccount = parse(&body)?;
     let list = b64("device_list", &req.device_list)?;
+    let per_handle = handle_lists(&req.handle_lists)?;
+    let submitted = Submitted {
+        list: &list,
+        per_handle: &per_handle,
+    };
     let (tokens, name, caps) = (
         &req.handle_tokens,
         &req.device.name,
         &req.device.capabilities,
     );
     if reset {
-        return reset_answer(ids.reset_account(&key, tokens, &list, name, caps).await?);
+        return reset_answer(
+            ids.reset_account(&key, tokens, submitted, name, caps)
+                .await?,
+        );
     }
-    let r = ids.create_account(&key, tokens, &list, name, caps).await?;
+    let r = ids
+        .create_account(&key, tokens, submitted, name, caps)
+        .await?;
     ok(StatusCode::CREATED, registered_json(&r))
 }
 
@@ -489,6 +513,9 @@ struct UpdateDeviceList {
     device_list: String,
     #[serde(default)]
     handle_tokens: Vec<String>,
+    /// Handle URI → a list naming only that handle (see `CreateAccount`).
+    #[serde(default)]
+    handle_lists: HashMap<String, String>,
     /// Link code hash (hex) → account key sealed to the new device.
     #[serde(default)]
     sealed_account_keys: HashMap<String, String>,
@@ -510,8 +537,13 @@ async fn update_device_list(State(ids): S, Device { me, body }: Device) -> R {
     for (k, v) in &req.rotated_account_keys {
         rotated.insert(k.clone(), b64("rotated_account_keys", v)?);
     }
+    let per_handle = handle_lists(&req.handle_lists)?;
+    let submitted = Submitted {
+        list: &list,
+        per_handle: &per_handle,
+    };
     let seq = ids
-        .update_device_list(&me, &list, &req.handle_tokens, &sealed, &rotated)
+        .update_device_list(&me, submitted, &req.handle_tokens, &sealed, &rotated)
         .await?;
     ok(StatusCode::OK, json!({"seq": seq}))
 }

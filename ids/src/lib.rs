@@ -21,4 +21,4 @@ pub mod store;
 mod vrf;
 
 pub use error::Error;
-pub use service::{AccountEvent, AccountNotifier, Config, Ids, TurnConfig};
+pub use service::{AccountEvent, AccountNotifier, Config, Ids, Lists, Submitted, TurnConfig};

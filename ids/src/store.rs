@@ -167,6 +167,12 @@ CREATE TABLE IF NOT EXISTS pending_resets (
     state BIGINT NOT NULL DEFAULT 0,
     result TEXT
 );
+CREATE TABLE IF NOT EXISTS pending_reset_values (
+    reset_id TEXT NOT NULL,
+    uri TEXT NOT NULL,
+    value {blob} NOT NULL,
+    PRIMARY KEY (reset_id, uri)
+);
 CREATE TABLE IF NOT EXISTS events (
     seq {serial},
     account_id TEXT NOT NULL,
@@ -336,7 +342,14 @@ impl Store {
         Ok(row.map(link_row))
     }
 
-    pub async fn insert_reset(&self, r: &ResetRow) -> Result<(), Error> {
+    /// Stores a pending reset with the values to publish under its
+    /// handles when it is done (handle URI → wire encoding).
+    pub async fn insert_reset(
+        &self,
+        r: &ResetRow,
+        values: &std::collections::BTreeMap<String, Vec<u8>>,
+    ) -> Result<(), Error> {
+        let mut t = self.begin().await?;
         sqlx::query(
             "INSERT INTO pending_resets (id, device_key, list, name, capabilities, accounts,
                 created_at, effective_at, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0)",
@@ -349,10 +362,34 @@ impl Store {
         .bind(serde_json::to_string(&r.accounts).map_err(|e| Error::Internal(e.to_string()))?)
         .bind(r.created_at)
         .bind(r.effective_at)
-        .execute(&self.pool)
+        .execute(&mut *t)
         .await
         .map_err(Error::db)?;
-        Ok(())
+        for (uri, value) in values {
+            sqlx::query(
+                "INSERT INTO pending_reset_values (reset_id, uri, value) VALUES ($1, $2, $3)",
+            )
+            .bind(&r.id)
+            .bind(uri)
+            .bind(value.clone())
+            .execute(&mut *t)
+            .await
+            .map_err(Error::db)?;
+        }
+        t.commit().await.map_err(Error::db)
+    }
+
+    /// The values stored with a pending reset, by handle URI.
+    pub async fn reset_values(
+        &self,
+        id: &str,
+    ) -> Result<std::collections::BTreeMap<String, Vec<u8>>, Error> {
+        let rows = sqlx::query("SELECT uri, value FROM pending_reset_values WHERE reset_id = $1")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     pub async fn reset(&self, id: &str) -> Result<Option<ResetRow>, Error> {

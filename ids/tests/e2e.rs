@@ -384,6 +384,34 @@ fn signed_list(
     B64.encode(DirectoryValue::Active(list.sign(account).unwrap()).encode())
 }
 
+/// A request's list fields: `device_list`, and for several handles a list
+/// naming each alone (`handle_lists`), plus `extra` fields.
+fn lists_json(
+    account: &SigningKey,
+    seq: u64,
+    handles: &[&str],
+    devices: &[(DeviceId, &SigningKey)],
+    extra: Value,
+) -> Value {
+    let mut body = json!({"device_list": signed_list(account, seq, handles, devices)});
+    if handles.len() > 1 {
+        let each: serde_json::Map<String, Value> = handles
+            .iter()
+            .map(|h| {
+                (
+                    h.to_string(),
+                    json!(signed_list(account, seq, &[h], devices)),
+                )
+            })
+            .collect();
+        body["handle_lists"] = Value::Object(each);
+    }
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        body[k] = v.clone();
+    }
+    body
+}
+
 /// Looks up one handle and verifies the proof; returns the verified value
 /// and the response entry.
 async fn lookup(
@@ -1145,28 +1173,73 @@ async fn handles_links_limits_reset_and_delete() {
     let (_, bob, _) = new_account(&lab, "bob@example.com").await;
 
     // Adding a handle needs a token proving it.
-    let both = signed_list(&account, 2, &[alice, phone], &[(a1_id, &a1)]);
+    let me = [(a1_id, &a1)];
+    let both = lists_json(&account, 2, &[alice, phone], &me, json!({}));
     let (s, _) = lab
         .call(
             "PUT",
             "/v1/account/device-list",
-            Some(json!({"device_list": both})),
+            Some(both.clone()),
             Some(&a1),
         )
         .await;
     assert_eq!(s, 403, "an unproven handle is refused");
     let token = lab.prove("+14155550123").await;
+    // The directory publishes under each handle a list naming only it:
+    // a list naming both handles is refused without them, and so are
+    // per-handle lists that name another handle or other devices.
+    let stranger_key = SigningKey::generate();
+    let others = [(a1_id, &a1), (DeviceId::random(), &stranger_key)];
+    for (per_handle, why) in [
+        (None, "no per-handle lists"),
+        (
+            Some(json!({
+                alice: signed_list(&account, 2, &[alice, phone], &me),
+                phone: signed_list(&account, 2, &[phone], &me),
+            })),
+            "one names both handles",
+        ),
+        (
+            Some(json!({
+                alice: signed_list(&account, 2, &[alice], &me),
+                phone: signed_list(&account, 2, &[phone], &others),
+            })),
+            "one lists other devices",
+        ),
+    ] {
+        let mut body = both.clone();
+        body["handle_tokens"] = json!([token]);
+        match per_handle {
+            Some(p) => body["handle_lists"] = p,
+            None => drop(body.as_object_mut().unwrap().remove("handle_lists")),
+        }
+        let (s, v) = lab
+            .call("PUT", "/v1/account/device-list", Some(body), Some(&a1))
+            .await;
+        assert_eq!(s, 400, "{why}: {v}");
+    }
+    let mut body = both.clone();
+    body["handle_tokens"] = json!([token]);
     let (s, v) = lab
-        .call(
-            "PUT",
-            "/v1/account/device-list",
-            Some(json!({"device_list": both, "handle_tokens": [token]})),
-            Some(&a1),
-        )
+        .call("PUT", "/v1/account/device-list", Some(body), Some(&a1))
         .await;
     assert_eq!(s, 200, "{v}");
     let (_, v) = lab.call("GET", "/v1/account", None, Some(&a1)).await;
     assert_eq!(v["handles"], json!([alice, phone]));
+    // A lookup of the phone number shows the phone number only, not the
+    // email address; the account's own list still names both.
+    let published = until_value(&lab, &anchor, &bob, phone, |_| true).await;
+    let DirectoryValue::Active(l) = published else {
+        panic!("the phone is published")
+    };
+    assert_eq!(l.list.handles, vec![phone.to_string()]);
+    assert_eq!(l.list.seq, 2);
+    let (_, v) = lab.call("GET", "/v1/account", None, Some(&a1)).await;
+    let own = DirectoryValue::decode(&B64.decode(v["device_list"].as_str().unwrap()).unwrap());
+    let Ok(DirectoryValue::Active(own)) = own else {
+        panic!("the account's list")
+    };
+    assert_eq!(own.list.handles.len(), 2);
 
     // A link code is claimed once; unknown codes are 404.
     let (_, v) = lab.call("POST", "/v1/account/links", None, Some(&a1)).await;
@@ -1200,7 +1273,13 @@ async fn handles_links_limits_reset_and_delete() {
         .call(
             "PUT",
             "/v1/account/device-list",
-            Some(json!({"device_list": signed_list(&account, 3, &[alice, phone], &[(a1_id, &a1), (stranger.0, &stranger.1)])})),
+            Some(lists_json(
+                &account,
+                3,
+                &[alice, phone],
+                &[(a1_id, &a1), (stranger.0, &stranger.1)],
+                json!({}),
+            )),
             Some(&a1),
         )
         .await;
@@ -1209,7 +1288,13 @@ async fn handles_links_limits_reset_and_delete() {
         .call(
             "PUT",
             "/v1/account/device-list",
-            Some(json!({"device_list": signed_list(&account, 3, &[alice, phone], &[(a1_id, &a1), (a2_id, &a2)])})),
+            Some(lists_json(
+                &account,
+                3,
+                &[alice, phone],
+                &[(a1_id, &a1), (a2_id, &a2)],
+                json!({}),
+            )),
             Some(&a1),
         )
         .await;
@@ -1703,14 +1788,20 @@ async fn concurrent_list_updates_commit_once(lab: Lab) {
             l
         };
         let (lb, lc) = (with(&b), with(&c));
-        let one = json!({
-            "device_list": signed_list(&account, seq, &refs(&lb), &[(a1_id, &a1)]),
-            "handle_tokens": [tb],
-        });
-        let other = json!({
-            "device_list": signed_list(&account, seq, &refs(&lc), &[(a1_id, &a1)]),
-            "handle_tokens": [tc],
-        });
+        let one = lists_json(
+            &account,
+            seq,
+            &refs(&lb),
+            &[(a1_id, &a1)],
+            json!({"handle_tokens": [tb]}),
+        );
+        let other = lists_json(
+            &account,
+            seq,
+            &refs(&lc),
+            &[(a1_id, &a1)],
+            json!({"handle_tokens": [tc]}),
+        );
         let ((s1, v1), (s2, v2)) = tokio::join!(
             lab.call("PUT", "/v1/account/device-list", Some(one), Some(&a1)),
             lab.call("PUT", "/v1/account/device-list", Some(other), Some(&a1)),
@@ -1766,7 +1857,7 @@ async fn a_claim_the_service_put_in_place_is_refused_and_the_new_device_checks_i
     }
     let sdk = IdsClient::new(lab.addr, "localhost", roots).unwrap();
     let alice_h = wire::Handle::parse("alice@example.com").unwrap();
-    let (account, a1, _) = sdk_account(&lab, &sdk, &alice_h, "laptop").await;
+    let (account, a1, _) = sdk_account(&lab, &sdk, std::slice::from_ref(&alice_h), "laptop").await;
 
     // The new device claims the code and shows its fingerprint.
     let code = sdk.create_link(&a1).await.unwrap();
@@ -2118,25 +2209,21 @@ async fn a_split_view_fails_the_clients_audit_of_its_roots() {
 async fn sdk_account(
     lab: &Lab,
     sdk: &client_sdk::ids::IdsClient,
-    handle: &wire::Handle,
+    handles: &[wire::Handle],
     name: &str,
 ) -> (SigningKey, SigningKey, DeviceId) {
-    let token = lab.prove(handle.as_str()).await;
+    let mut tokens = Vec::new();
+    for h in handles {
+        tokens.push(lab.prove(h.as_str()).await);
+    }
     let (account, key, id) = (
         SigningKey::generate(),
         SigningKey::generate(),
         DeviceId::random(),
     );
-    sdk.create_account(
-        &account,
-        id,
-        &key,
-        std::slice::from_ref(handle),
-        &[token],
-        name,
-    )
-    .await
-    .unwrap();
+    sdk.create_account(&account, id, &key, handles, &tokens, name)
+        .await
+        .unwrap();
     (account, key, id)
 }
 
@@ -2183,7 +2270,15 @@ async fn removing_a_device_rotates_the_account_key() {
     let lab = Lab::start("rotation", None).await;
     let mut sdk = IdsClient::new(lab.addr, "localhost", roots_of(&lab.ca_pem)).unwrap();
     let alice_h = wire::Handle::parse("alice@example.com").unwrap();
-    let (account, a1, a1_id) = sdk_account(&lab, &sdk, &alice_h, "laptop").await;
+    // Two handles: every list the SDK signs goes with one per handle.
+    let alice_phone = wire::Handle::parse("+14155550199").unwrap();
+    let (account, a1, a1_id) = sdk_account(
+        &lab,
+        &sdk,
+        &[alice_h.clone(), alice_phone.clone()],
+        "laptop",
+    )
+    .await;
     let (a2, a2_id) = link_device(&sdk, &a1, &account, "phone").await;
     let (a3, a3_id) = link_device(&sdk, &a1, &account, "tablet").await;
 
@@ -2258,6 +2353,22 @@ async fn removing_a_device_rotates_the_account_key() {
             .unwrap();
         assert!(found.is_empty(), "{found:?}");
     }
+
+    // A lookup of the phone number names it alone, under the new key.
+    let anchor = lab.anchor().await;
+    let value = until_value(
+        &lab,
+        &anchor,
+        &a2,
+        &alice_phone.uri(),
+        |v| matches!(v, DirectoryValue::Active(l) if l.list.account_key == rotated.public()),
+    )
+    .await;
+    let DirectoryValue::Active(l) = value else {
+        panic!("published")
+    };
+    assert_eq!(l.list.handles, vec![alice_phone.uri()]);
+    assert_eq!(l.rotated_from(), Some(&account.public()));
 
     // The service seals a key of its own to the phone: refused, since the
     // directory does not show it endorsed by the phone's key.

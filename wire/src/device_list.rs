@@ -207,6 +207,16 @@ impl DeviceList {
         })
     }
 
+    /// This list naming only `uri`: what the directory publishes under
+    /// one handle of an account with several, so that a lookup of one does
+    /// not reveal the others.
+    pub fn for_handle(&self, uri: &str) -> DeviceList {
+        DeviceList {
+            handles: vec![uri.to_owned()],
+            ..self.clone()
+        }
+    }
+
     pub fn device(&self, id: DeviceId) -> Option<&DeviceEntry> {
         self.devices.iter().find(|d| d.id == id)
     }

@@ -1,6 +1,6 @@
 //! The identity service's operations, independent of HTTP.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -410,7 +410,7 @@ impl Ids {
         &self,
         key: &PublicKey,
         handle_tokens: &[String],
-        device_list: &[u8],
+        device_list: Submitted<'_>,
         name: &str,
         capabilities: &[String],
     ) -> Result<Registered, Error> {
@@ -424,13 +424,13 @@ impl Ids {
         &self,
         key: &PublicKey,
         handle_tokens: &[String],
-        device_list: &[u8],
+        device_list: Submitted<'_>,
         name: &str,
         capabilities: &[String],
         reset: bool,
     ) -> Result<Registered, Error> {
-        let list = parse_signed_list(device_list)?;
-        let me = single_device(&list, key)?;
+        let lists = device_list.parse()?;
+        let me = single_device(&lists.account, key)?;
         let proven = self.redeem(handle_tokens)?;
         let uris: BTreeSet<String> = proven.iter().map(|(h, _)| h.uri()).collect();
         let how = if reset {
@@ -439,7 +439,7 @@ impl Ids {
             Creation::New
         };
         let r = self
-            .create_account_inner(&list, me, &uris, name, capabilities, how)
+            .create_account_inner(&lists, me, &uris, name, capabilities, how)
             .await;
         if r.is_err() {
             self.restore(proven);
@@ -449,13 +449,14 @@ impl Ids {
 
     async fn create_account_inner(
         &self,
-        list: &SignedDeviceList,
+        lists: &Lists,
         me: DeviceId,
         proven_uris: &BTreeSet<String>,
         name: &str,
         capabilities: &[String],
         how: Creation<'_>,
     ) -> Result<Registered, Error> {
+        let list = &lists.account;
         check_proven(list, proven_uris)?;
         let listed: BTreeSet<String> = list.list.handles.iter().cloned().collect();
         let reset = !matches!(how, Creation::New);
@@ -487,10 +488,9 @@ impl Ids {
             }
         }
         tx::upsert_account(&mut t, &account_row(&account_id, list), now).await?;
-        let value = DirectoryValue::Active(list.clone()).encode();
-        for uri in &listed {
+        for (uri, value) in &lists.values {
             tx::bind_handle(&mut t, uri, &account_id).await?;
-            tx::queue_publish(&mut t, uri, &value, now).await?;
+            tx::queue_publish(&mut t, uri, value, now).await?;
         }
         tx::insert_device(
             &mut t,
@@ -576,12 +576,13 @@ impl Ids {
     pub async fn update_device_list(
         &self,
         me: &AuthedDevice,
-        device_list: &[u8],
+        device_list: Submitted<'_>,
         handle_tokens: &[String],
         sealed_account_keys: &HashMap<String, Vec<u8>>,
         rotated_account_keys: &HashMap<String, Vec<u8>>,
     ) -> Result<i64, Error> {
-        let list = parse_signed_list(device_list)?;
+        let lists = device_list.parse()?;
+        let list = &lists.account;
         let account_id = me.device.account_id.clone();
         let account = self
             .store
@@ -621,7 +622,7 @@ impl Ids {
                 me.device.id,
                 &account_id,
                 account.seq,
-                &list,
+                &lists,
                 &proven,
                 Sealed {
                     links: sealed_account_keys,
@@ -640,10 +641,11 @@ impl Ids {
         sender: DeviceId,
         account_id: &str,
         prev_seq: i64,
-        list: &SignedDeviceList,
+        lists: &Lists,
         proven: &[(Handle, [u8; 32])],
         sealed: Sealed<'_>,
     ) -> Result<i64, Error> {
+        let list = &lists.account;
         let now = unix_now();
         let current_handles: BTreeSet<String> = self
             .store
@@ -772,10 +774,9 @@ impl Ids {
             tx::forget_rotated_key(&mut t, &by).await?;
             tx::event(&mut t, account_id, "account_key_rotated", Some(&by), now).await?;
         }
-        let value = DirectoryValue::Active(list.clone()).encode();
-        for uri in &new_handles {
+        for (uri, value) in &lists.values {
             tx::bind_handle(&mut t, uri, account_id).await?;
-            tx::queue_publish(&mut t, uri, &value, now).await?;
+            tx::queue_publish(&mut t, uri, value, now).await?;
             if !current_handles.contains(uri) {
                 tx::event(&mut t, account_id, "handle_added", None, now).await?;
             }
@@ -834,6 +835,74 @@ fn session_id(s: &str) -> Result<SessionId, Error> {
         .and_then(|b| b.try_into().ok())
         .map(SessionId)
         .ok_or_else(|| Error::NotFound("no such verification, or it expired".into()))
+}
+
+/// A device list as a device sends it: the list, and the lists for
+/// single handles (handle URI → wire encoding); see [`Lists`].
+#[derive(Debug, Clone, Copy)]
+pub struct Submitted<'a> {
+    pub list: &'a [u8],
+    pub per_handle: &'a BTreeMap<String, Vec<u8>>,
+}
+
+impl Submitted<'_> {
+    fn parse(self) -> Result<Lists, Error> {
+        Lists::parse(self.list, self.per_handle)
+    }
+}
+
+/// A device list as a device submits it, checked: the account's list
+/// (every handle; ids keeps it for the account's devices) and the value
+/// to publish under each handle. A list naming several handles comes with
+/// a list per handle, signed by the same key and otherwise the same, that
+/// names only that handle: a lookup of one handle must not reveal the
+/// account's others (a phone number its owner's email addresses).
+#[derive(Debug, Clone)]
+pub struct Lists {
+    pub account: SignedDeviceList,
+    pub values: BTreeMap<String, Vec<u8>>,
+}
+
+impl Lists {
+    /// `per_handle`: handle URI → that handle's list (wire encoding).
+    pub fn parse(list: &[u8], per_handle: &BTreeMap<String, Vec<u8>>) -> Result<Lists, Error> {
+        let account = parse_signed_list(list)?;
+        if let Some(uri) = per_handle
+            .keys()
+            .find(|u| !account.list.handles.contains(u))
+        {
+            return Err(Error::BadRequest(format!(
+                "handle_lists names {uri}, which the device list does not"
+            )));
+        }
+        let mut values = BTreeMap::new();
+        for uri in &account.list.handles {
+            let value = match per_handle.get(uri) {
+                Some(bytes) => {
+                    let one = parse_signed_list(bytes)?;
+                    let same = one.list.account_key == account.list.account_key
+                        && one.list.seq == account.list.seq
+                        && one.list.devices == account.list.devices
+                        && one.rotated_from() == account.rotated_from();
+                    if one.list.handles != [uri.clone()] || !same {
+                        return Err(Error::BadRequest(format!(
+                            "the list for {uri} must name only {uri} and otherwise be the device list"
+                        )));
+                    }
+                    bytes.clone()
+                }
+                None if account.list.handles.len() == 1 => account.encode(),
+                None => {
+                    return Err(Error::BadRequest(format!(
+                        "a device list naming several handles needs a list for each in \
+                         handle_lists (missing {uri})"
+                    )))
+                }
+            };
+            values.insert(uri.clone(), value);
+        }
+        Ok(Lists { account, values })
+    }
 }
 
 fn parse_signed_list(b: &[u8]) -> Result<SignedDeviceList, Error> {

@@ -17,15 +17,15 @@ impl Ids {
         &self,
         key: &PublicKey,
         handle_tokens: &[String],
-        device_list: &[u8],
+        device_list: Submitted<'_>,
         name: &str,
         capabilities: &[String],
     ) -> Result<ResetOutcome, Error> {
-        let list = parse_signed_list(device_list)?;
-        let me = single_device(&list, key)?;
+        let lists = device_list.parse()?;
+        let me = single_device(&lists.account, key)?;
         let proven = self.redeem(handle_tokens)?;
         let r = self
-            .reset_inner(&list, me, &proven, name, capabilities)
+            .reset_inner(&lists, me, &proven, name, capabilities)
             .await;
         if r.is_err() {
             self.restore(proven);
@@ -35,12 +35,13 @@ impl Ids {
 
     pub(super) async fn reset_inner(
         &self,
-        list: &SignedDeviceList,
+        lists: &Lists,
         me: DeviceId,
         proven: &[(Handle, [u8; 32])],
         name: &str,
         capabilities: &[String],
     ) -> Result<ResetOutcome, Error> {
+        let list = &lists.account;
         let proven_uris: BTreeSet<String> = proven.iter().map(|(h, _)| h.uri()).collect();
         check_proven(list, &proven_uris)?;
         let mut guarded = Vec::new();
@@ -66,7 +67,7 @@ impl Ids {
         }
         if guarded.is_empty() {
             let r = self
-                .create_account_inner(list, me, &proven_uris, name, capabilities, Creation::Reset)
+                .create_account_inner(lists, me, &proven_uris, name, capabilities, Creation::Reset)
                 .await?;
             return Ok(ResetOutcome::Done(r));
         }
@@ -83,7 +84,7 @@ impl Ids {
             state: crate::store::ResetState::Pending,
             result: None,
         };
-        self.store.insert_reset(&row).await?;
+        self.store.insert_reset(&row, &lists.values).await?;
         let mut t = self.store.begin().await?;
         for a in &guarded {
             tx::event(&mut t, a, "reset_requested", None, now).await?;
@@ -177,19 +178,20 @@ impl Ids {
         &self,
         row: &crate::store::ResetRow,
     ) -> Result<Registered, Error> {
-        let list = parse_signed_list(&row.list)?;
+        let lists = Lists::parse(&row.list, &self.store.reset_values(&row.id).await?)?;
+        let list = &lists.account;
         let key = PublicKey(
             row.device_key
                 .clone()
                 .try_into()
                 .map_err(|_| Error::Internal("stored reset key".into()))?,
         );
-        let me = single_device(&list, &key)?;
+        let me = single_device(list, &key)?;
         let uris: BTreeSet<String> = list.list.handles.iter().cloned().collect();
         let caps: Vec<String> = serde_json::from_str(&row.capabilities).unwrap_or_default();
         match self
             .create_account_inner(
-                &list,
+                &lists,
                 me,
                 &uris,
                 &row.name,
