@@ -818,8 +818,9 @@ async fn kt_audit(State(ids): S, Query(q): Query<AuditQuery>) -> R {
     )
 }
 
-/// Epochs one audit may span: its proof is built under the directory's
-/// read lock, so the span bounds how long the publisher can be held up.
+/// Epochs one audit may span: the span bounds the work and the answer's
+/// size (each epoch's proof holds the directory's read lock only while it
+/// is built).
 const MAX_AUDIT_EPOCHS: u64 = 100;
 
 async fn crl(State(ids): S) -> R {

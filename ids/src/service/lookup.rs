@@ -118,9 +118,9 @@ impl Ids {
         Ok(der)
     }
 
-    /// An append-only proof between two epochs, one audit at a time (it
-    /// holds the directory's read lock, which the publisher waits on);
-    /// another gets 429.
+    /// An append-only proof between two epochs, one audit at a time (the
+    /// proofs are work for anyone to ask: the endpoint is public); another
+    /// gets 429.
     pub async fn audit(
         &self,
         start: u64,
