@@ -53,6 +53,10 @@ pub struct SignalingSection {
     pub advertise: Option<IpAddr>,
     /// Digest realm. Default: the first domain.
     pub realm: Option<String>,
+    /// File holding the key of digest nonces and route tokens (base64url,
+    /// 32+ random bytes). Nodes that share it take each other's challenges
+    /// and route tokens. Default: the data directory's `sip-secret`.
+    pub secret_file: Option<PathBuf>,
     /// How long a call may ring, seconds. Default 60.
     pub ring_timeout_secs: Option<u64>,
     /// How long a device woken by push may take to register, seconds. Default 30.

@@ -5,6 +5,8 @@
 //!   ca.pem, ca-key.pem          development CA (trust ca.pem in clients)
 //!   server.pem, server-key.pem  localhost, 127.0.0.1 and ::1, issued by the CA
 //!   turn-secret                 the TURN REST shared secret
+//!   sip-secret                  signaling's key for digest nonces and
+//!                               route tokens (share it between nodes)
 //! ```
 //! Keys and secrets are written with mode 0600. Production passes real
 //! certificate files and secrets instead; then these are not used.
@@ -28,6 +30,9 @@ pub struct DataDir {
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub turn_secret: String,
+    /// Signaling's key for digest nonces and route tokens: kept, so that a
+    /// restart does not break the dialogs and challenges in flight.
+    pub sip_secret: PathBuf,
 }
 
 impl DataDir {
@@ -83,15 +88,10 @@ pub fn open(root: &Path) -> Result<DataDir> {
         write_file(&server_cert, cert.pem().as_bytes(), 0o644)?;
         tracing::info!(path = %server_cert.display(), "issued server certificate for localhost, 127.0.0.1, ::1");
     }
-    if !secret_path.exists() {
-        let mut raw = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
-            .map_err(|_| anyhow::anyhow!("system random number generator unavailable"))?;
-        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
-        write_file(&secret_path, format!("{secret}\n").as_bytes(), 0o600)?;
-        tracing::info!(path = %secret_path.display(), "generated TURN REST secret");
-    }
+    new_secret(&secret_path, "TURN REST secret")?;
     let turn_secret = read_secret(&secret_path)?;
+    let sip_secret = root.join("sip-secret");
+    new_secret(&sip_secret, "signaling secret")?;
     Ok(DataDir {
         root: root.to_owned(),
         ca_cert,
@@ -99,7 +99,40 @@ pub fn open(root: &Path) -> Result<DataDir> {
         server_cert,
         server_key,
         turn_secret,
+        sip_secret,
     })
+}
+
+/// Writes 32 random bytes (base64url) to `path` unless it exists.
+fn new_secret(path: &Path, what: &str) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let mut raw = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+        .map_err(|_| anyhow::anyhow!("system random number generator unavailable"))?;
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+    write_file(path, format!("{secret}\n").as_bytes(), 0o600)?;
+    tracing::info!(path = %path.display(), "generated {what}");
+    Ok(())
+}
+
+/// A signaling secret file: base64url of at least 32 bytes, hashed to the
+/// 32-byte key (so any long random string will do).
+pub fn sip_secret(path: &Path) -> Result<[u8; 32]> {
+    let text = read_secret(path)?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text.trim_end_matches('='))
+        .unwrap_or_else(|_| text.as_bytes().to_vec());
+    if raw.len() < 32 {
+        anyhow::bail!(
+            "{} holds {} bytes; a signaling secret needs at least 32 random bytes",
+            path.display(),
+            raw.len()
+        );
+    }
+    let d = ring::digest::digest(&ring::digest::SHA256, &raw);
+    Ok(d.as_ref().try_into().expect("SHA-256 is 32 bytes"))
 }
 
 impl DataDir {
@@ -195,4 +228,25 @@ fn restrict(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot set permissions on {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signaling_secret_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open(dir.path()).unwrap();
+        let key = sip_secret(&first.sip_secret).unwrap();
+        // A second start reads the same file: the same key.
+        let again = open(dir.path()).unwrap();
+        assert_eq!(sip_secret(&again.sip_secret).unwrap(), key);
+        // A file of its own: any long random string, or refused if short.
+        let own = dir.path().join("own");
+        fs::write(&own, "c2hhcmVkLWJ5LWV2ZXJ5LW5vZGUtb2YtdGhlLWNsdXN0ZXI\n").unwrap();
+        assert_ne!(sip_secret(&own).unwrap(), key);
+        fs::write(&own, "short\n").unwrap();
+        assert!(sip_secret(&own).is_err());
+    }
 }

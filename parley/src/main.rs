@@ -458,6 +458,8 @@ fn run(cli: Cli) -> Result<()> {
     let courier_config = settings.courier.to_config(&data.root)?;
     let mut signaling_config = settings.signaling.to_config()?;
     settings.signaling.advertise(&mut signaling_config);
+    let sip_secret = (settings.signaling.secret_file.as_ref()).unwrap_or(&data.sip_secret);
+    signaling_config.secret = Some(data::sip_secret(sip_secret)?);
     let (cert, key) = tls_files(&settings.turn, &data);
     let tls = tls::server_config(&cert, &key, &[ALPN_STUN_TURN])?;
 

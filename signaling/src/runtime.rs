@@ -55,6 +55,10 @@ pub struct Config {
     /// net.core.rmem_max / wmem_max). Default 4 MiB: a burst of requests
     /// waits in the socket instead of being dropped and retransmitted.
     pub udp_buffer: usize,
+    /// The key of digest nonces and route tokens. Nodes that share it (and
+    /// a node restarted with it) take each other's challenges and tokens;
+    /// None: a random one for this process alone.
+    pub secret: Option<[u8; 32]>,
 }
 
 impl Default for Config {
@@ -71,6 +75,7 @@ impl Default for Config {
             max_connections_per_source: 256,
             first_message_timeout: Duration::from_secs(20),
             udp_buffer: 4 << 20,
+            secret: None,
         }
     }
 }
@@ -254,10 +259,26 @@ impl Server {
             shutdown: stop.clone(),
         });
         let metrics = Arc::new(Mutex::new(Metrics::default()));
-        let mut secret = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
-            .map_err(|_| Error::Tls("no system randomness".into()))?;
-        let core = Proxy::new(config.proxy.clone(), secret, Instant::now());
+        let rng = ring::rand::SystemRandom::new();
+        let random = |buf: &mut [u8]| {
+            ring::rand::SecureRandom::fill(&rng, buf)
+                .map_err(|_| Error::Tls("no system randomness".into()))
+        };
+        let secret = match config.secret {
+            Some(s) => s,
+            None => {
+                let mut s = [0u8; 32];
+                random(&mut s)?;
+                s
+            }
+        };
+        let mut first_id = [0u8; 8];
+        random(&mut first_id)?;
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let core = Proxy::new(config.proxy.clone(), secret, Instant::now())
+            .with_wall_clock(unix, u64::from_be_bytes(first_id));
         let mut listeners = Vec::new();
         for s in &udp {
             listeners.push(tokio::spawn(udp_reader(

@@ -126,8 +126,9 @@ pub struct Transmit {
 /// `w…` (transport and address) optionally followed by `-<conn id>`, and
 /// the expiry is `x<hex seconds>` on the proxy's clock. The MAC
 /// (HMAC-SHA256, truncated to 64 bits) covers the token and the Call-ID it
-/// was issued for, keyed per process: a token cannot be forged by a peer,
-/// used in another dialog, outlive its expiry, nor the process.
+/// was issued for, keyed by signaling's secret: a token cannot be forged
+/// by a peer, used in another dialog, nor outlive its expiry; nodes (and a
+/// restarted process) with the same secret and Unix time take it.
 #[derive(Debug)]
 pub struct FlowTokens {
     key: hmac::Key,

@@ -291,3 +291,51 @@ pub fn bob_devices() -> HashMap<&'static str, Ua> {
     m.insert("tablet", Ua::new("tablet", udp("10.0.0.13:5060")));
     m
 }
+
+/// Bob's laptop registered, Alice's call to Bob answered: (Alice, the
+/// laptop, the Record-Route the laptop saw).
+pub fn answered_call(w: &mut World, call: &str) -> (Ua, Ua, String) {
+    let laptop = Ua::new("laptop", tcp("10.0.0.12:40000", 21));
+    w.register(&laptop, BOB);
+    let alice = Ua::new("alice", tcp("10.0.0.1:41000", 22));
+    let out = w.send(
+        &alice,
+        &invite_text(&alice, BOB, call, &format!("i-{call}")),
+    );
+    let inv = requests(&out, &laptop, "INVITE")[0].clone();
+    let rr = inv.header(&HeaderName::RECORD_ROUTE).unwrap().to_string();
+    w.send_msg(&laptop, &reply(&inv, 200, "OK", "lap"));
+    (alice, laptop, rr)
+}
+
+/// Alice's BYE of `call` along `rr`.
+pub fn bye(ua: &Ua, call: &str, rr: &str, branch: &str) -> String {
+    format!(
+        "BYE sip:uas@10.0.0.99:5060;transport=tcp SIP/2.0\n\
+         Via: {}\n\
+         Route: {rr}\n\
+         Max-Forwards: 70\n\
+         From: <sip:{ALICE}@{DOMAIN}>;tag=caller1\n\
+         To: <sip:{BOB}@{DOMAIN}>;tag=lap\n\
+         Call-ID: {call}\n\
+         CSeq: 2 BYE\n\
+         Content-Length: 0\n\n",
+        ua.via(branch)
+    )
+}
+
+/// The digest challenge in the answer `ua` got.
+pub fn challenge(out: &[(Flow, Message)], ua: &Ua) -> String {
+    to(out, ua)[0]
+        .header(&HeaderName::WWW_AUTHENTICATE)
+        .unwrap()
+        .to_string()
+}
+
+/// An Authorization header line answering `challenge` for a REGISTER to
+/// `uri` as `user`, with nonce count `nc`.
+pub fn authorization(challenge: &str, uri: &str, user: &str, secret: &str, nc: u32) -> String {
+    let a =
+        wire::sip::digest::respond(&[challenge], "REGISTER", uri, user, secret, "cn", nc).unwrap();
+    format!("Authorization: {a}\n")
+}

@@ -216,6 +216,10 @@ pub struct Proxy {
     digest: Digest,
     nonce_counts: NonceCounts,
     epoch: Instant,
+    /// Seconds on the proxy's clock at `epoch`: 0, or the Unix time given
+    /// to [`Proxy::with_wall_clock`], so that tokens and nonces mean the
+    /// same on every node sharing the secret, and after a restart.
+    clock_base: u64,
     registrar: Registrar,
     servers: HashMap<String, ServerTx>,
     clients: HashMap<String, ClientTx>,
@@ -253,8 +257,9 @@ const MAX_SERVER_TRANSACTIONS: usize = 1_000_000;
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 impl Proxy {
-    /// `secret` keys flow tokens, digest nonces and our tags and branches;
-    /// give each process a fresh random one.
+    /// `secret` keys flow tokens, digest nonces and our tags and branches:
+    /// a fresh random one per process, or one every node of a cluster
+    /// shares (kept across restarts), with [`Proxy::with_wall_clock`].
     pub fn new(config: Config, secret: [u8; 32], now: Instant) -> Proxy {
         let digest = Digest::new(&config.realm, &secret);
         let limiter = RateLimiter::new(config.source_rate.max(1), Duration::from_secs(1));
@@ -267,6 +272,7 @@ impl Proxy {
             digest,
             nonce_counts: NonceCounts::default(),
             epoch: now,
+            clock_base: 0,
             registrar: Registrar::default(),
             servers: HashMap::new(),
             clients: HashMap::new(),
@@ -284,6 +290,18 @@ impl Proxy {
             draining: false,
             config,
         }
+    }
+
+    /// Runs the clock of tokens and nonces on Unix time (`unix_secs` at the
+    /// `now` given to [`Proxy::new`]) instead of from zero, and starts our
+    /// ids (tags, branches, nonces) at `first_id`, a random number: then a
+    /// route token or digest challenge of one node verifies on another node
+    /// with the same secret, or on this one after a restart, and the nodes'
+    /// ids do not collide.
+    pub fn with_wall_clock(mut self, unix_secs: u64, first_id: u64) -> Proxy {
+        self.clock_base = unix_secs;
+        self.next_id = first_id;
+        self
     }
 
     pub fn config(&self) -> &Config {

@@ -505,7 +505,7 @@ impl Proxy {
         method: &str,
         now: Instant,
     ) -> Auth {
-        let elapsed = now.duration_since(self.epoch);
+        let elapsed = Duration::from_secs(self.clock(now));
         let found = req
             .lines(header)
             .filter_map(Credentials::parse)
@@ -580,7 +580,7 @@ impl Proxy {
         let mut resp = self.stateless_response(req, code, reason);
         let unique = self.next_id();
         for c in self.digest.challenges(
-            now.duration_since(self.epoch),
+            Duration::from_secs(self.clock(now)),
             unique,
             stale,
             self.config.digest_sha256,

@@ -56,7 +56,8 @@ impl Proxy {
                 self.registrar.sweep(now);
                 self.limiter.prune(now);
                 self.wake_limiter.prune(now);
-                self.nonce_counts.prune(now.duration_since(self.epoch));
+                self.nonce_counts
+                    .prune(Duration::from_secs(self.clock(now)));
                 self.timers.at(now + SWEEP_EVERY, Timer::Sweep);
             }
         }
@@ -275,7 +276,7 @@ impl Proxy {
     }
 
     pub(super) fn next_id(&mut self) -> u64 {
-        self.next_id += 1;
+        self.next_id = self.next_id.wrapping_add(1);
         self.next_id
     }
 
@@ -291,7 +292,7 @@ impl Proxy {
 
     /// Seconds on the proxy's clock, the time base of tokens.
     pub(super) fn clock(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.epoch).as_secs()
+        self.clock_base + now.saturating_duration_since(self.epoch).as_secs()
     }
 
     /// Our Via, whose token names `inbound` (where responses go back) for
