@@ -12,7 +12,7 @@
 //! session drops a second copy).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -154,7 +154,7 @@ pub struct Courier {
     pub metrics: Arc<Metrics>,
     writer: mpsc::Sender<(Vec<Write>, Option<Reply>)>,
     inner: Mutex<Inner>,
-    seq: AtomicI64,
+    seqs: Arc<SeqBlocks>,
     generation: AtomicU64,
     /// Woken when the writer has committed message state changes
     /// (delivered, expired, dropped): receipt long-polls look again then,
@@ -163,6 +163,95 @@ pub struct Courier {
     /// (unix time, next sequence number) once a minute, to purge old
     /// statuses by sequence range.
     marks: Mutex<std::collections::VecDeque<(i64, i64)>>,
+}
+
+/// Message sequence numbers reserved per block in the database.
+const SEQ_BLOCK: i64 = 1 << 16;
+
+/// The block of sequence numbers this node hands out, and the next block,
+/// reserved in the background before this one runs out.
+#[derive(Debug)]
+struct SeqBlocks {
+    state: Mutex<SeqState>,
+    /// Wakes the refill task: the spare block was taken into use, or the
+    /// courier is gone.
+    refill: Arc<Notify>,
+    /// Set when the courier is dropped: the refill task ends.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug)]
+struct SeqState {
+    current: std::ops::Range<i64>,
+    spare: Option<std::ops::Range<i64>>,
+}
+
+impl SeqBlocks {
+    fn new(first: std::ops::Range<i64>) -> SeqBlocks {
+        let blocks = SeqBlocks {
+            state: Mutex::new(SeqState {
+                current: first,
+                spare: None,
+            }),
+            refill: Arc::new(Notify::new()),
+            closed: Default::default(),
+        };
+        blocks.refill.notify_one();
+        blocks
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SeqState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next number; None only if a whole block went before the next
+    /// one could be reserved.
+    fn take(&self) -> Option<i64> {
+        let mut s = self.lock();
+        if s.current.is_empty() {
+            s.current = s.spare.take()?;
+            self.refill.notify_one();
+        }
+        s.current.next()
+    }
+
+    /// The number the next message gets (or one past every number given).
+    fn next(&self) -> i64 {
+        self.lock().current.start
+    }
+}
+
+/// Keeps a spare block reserved while the courier lives.
+async fn seq_refill(store: Store, blocks: std::sync::Weak<SeqBlocks>, wake: Arc<Notify>) {
+    loop {
+        let woken = wake.notified();
+        let Some(b) = blocks.upgrade() else { return };
+        if b.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if b.lock().spare.is_some() {
+            drop(b);
+            woken.await;
+            continue;
+        }
+        match store.reserve_seqs(SEQ_BLOCK).await {
+            Ok(r) => b.lock().spare = Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "reserving message numbers failed; retrying");
+                drop(b);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+impl Drop for Courier {
+    fn drop(&mut self) {
+        // The refill task holds no reference while it waits: wake it to
+        // find the courier gone.
+        self.seqs.closed.store(true, Ordering::SeqCst);
+        self.seqs.refill.notify_one();
+    }
 }
 
 impl Courier {
@@ -191,7 +280,7 @@ impl Courier {
         for m in &queued {
             queues.admit(m.device, entry(m));
         }
-        let seq = store.max_seq().await?;
+        let seqs = Arc::new(SeqBlocks::new(store.reserve_seqs(SEQ_BLOCK).await?));
         tracing::info!(
             tokens = tokens.len(),
             queued = queued.len(),
@@ -213,12 +302,17 @@ impl Courier {
             metrics: metrics.clone(),
             writer: tx,
             inner: Mutex::new(inner),
-            seq: AtomicI64::new(seq),
+            seqs: seqs.clone(),
             generation: AtomicU64::new(0),
             receipts: Arc::new(Notify::new()),
             marks: Mutex::new(std::collections::VecDeque::new()),
             config,
         });
+        tokio::spawn(seq_refill(
+            store.clone(),
+            Arc::downgrade(&seqs),
+            seqs.refill.clone(),
+        ));
         tokio::spawn(writer(
             store,
             rx,
@@ -337,7 +431,11 @@ impl Courier {
                 counter.fetch_add(1, Ordering::Relaxed);
                 return Ok(outcome);
             }
-            let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let Some(seq) = self.seqs.take() else {
+                return Err(PushError::Unavailable(
+                    "reserving message numbers; retry shortly".into(),
+                ));
+            };
             let stored = StoredMessage {
                 seq,
                 device: t.device,
@@ -660,7 +758,7 @@ impl Courier {
     /// below which every message is older than `retention_s`.
     pub fn purge_cutoff(&self, now: i64, retention_s: i64) -> Option<i64> {
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        marks.push_back((now, self.seq.load(Ordering::Relaxed) + 1));
+        marks.push_back((now, self.seqs.next()));
         let mut cutoff = None;
         while marks.front().is_some_and(|(t, _)| *t <= now - retention_s) {
             cutoff = marks.pop_front().map(|(_, s)| s);

@@ -184,7 +184,7 @@ async fn housekeeping(courier: Arc<Courier>, mut shutdown: watch::Receiver<bool>
             let Some(before) = courier.purge_cutoff(unix_now(), retention) else {
                 continue;
             };
-            match courier.store.purge(before).await {
+            match courier.store.purge(before, unix_now() - retention).await {
                 Ok(0) => {}
                 Ok(k) => tracing::debug!(rows = k, "purged old message statuses"),
                 Err(e) => tracing::warn!(error = %e, "status purge failed"),

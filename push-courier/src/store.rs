@@ -137,6 +137,10 @@ CREATE INDEX IF NOT EXISTS messages_live ON messages (seq) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS messages_id ON messages (id);
 CREATE INDEX IF NOT EXISTS messages_receipt ON messages (receipt, receipt_sent)
     WHERE receipt IS NOT NULL;
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    next BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS receipt_subscriptions (
     id TEXT PRIMARY KEY,
     provider TEXT NOT NULL,
@@ -466,13 +470,30 @@ impl Store {
         Ok(out)
     }
 
-    /// The highest message sequence number used so far.
-    pub async fn max_seq(&self) -> Result<i64, Error> {
-        let r = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM messages")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(Error::db)?;
-        Ok(r.get(0))
+    /// Reserves `n` message sequence numbers for this node alone: every
+    /// courier on the database takes its numbers from one counter row, so
+    /// two never hand out the same (the counter starts past the messages a
+    /// database already holds).
+    pub async fn reserve_seqs(&self, n: i64) -> Result<std::ops::Range<i64>, Error> {
+        sqlx::query(
+            // `WHERE true`: SQLite reads `ON` after a bare `FROM messages`
+            // as a join's.
+            "INSERT INTO counters (name, next) \
+             SELECT 'messages', COALESCE(MAX(seq), 0) + 1 FROM messages WHERE true \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        let r = sqlx::query(
+            "UPDATE counters SET next = next + $1 WHERE name = 'messages' RETURNING next",
+        )
+        .bind(n)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        let end: i64 = r.get(0);
+        Ok(end - n..end)
     }
 
     /// The latest status of a message id sent by `provider`.
@@ -539,12 +560,18 @@ impl Store {
         Ok(r.rows_affected())
     }
 
-    pub async fn purge(&self, before: i64) -> Result<u64, Error> {
-        let r = sqlx::query("DELETE FROM messages WHERE seq < $1 AND state <> 0")
-            .bind(before)
-            .execute(&self.pool)
-            .await
-            .map_err(Error::db)?;
+    /// Deletes the statuses of finished messages numbered below `before`
+    /// and last changed before `changed_before` (Unix seconds). Numbers come
+    /// in blocks per node, so a low number may still be recent: the time
+    /// keeps those.
+    pub async fn purge(&self, before: i64, changed_before: i64) -> Result<u64, Error> {
+        let r =
+            sqlx::query("DELETE FROM messages WHERE seq < $1 AND state <> 0 AND updated_at < $2")
+                .bind(before)
+                .bind(changed_before)
+                .execute(&self.pool)
+                .await
+                .map_err(Error::db)?;
         Ok(r.rows_affected())
     }
 }
@@ -641,5 +668,45 @@ mod tests {
                 (Dropped, 8, vec![6, 4]),
             ]
         );
+    }
+
+    /// Numbers are reserved past the messages a database holds (one made
+    /// before the counter existed included), and no two reservations
+    /// overlap, from one store or two on the same file.
+    #[tokio::test]
+    async fn reservations_start_past_stored_messages_and_never_overlap() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c.db").display());
+        let store = Store::open(&url).await.unwrap();
+        let message = |seq| {
+            Write::Insert(Box::new(StoredMessage {
+                seq,
+                device: wire::DeviceId([1; 16]),
+                note: wire::push::Notification {
+                    id: wire::push::NotificationId([seq as u8; 16]),
+                    token: DeviceToken([2; 32]),
+                    push_type: wire::push::PushType::Alert,
+                    priority: 5,
+                    expires: 0,
+                    collapse_id: String::new(),
+                    topic: "t".into(),
+                    payload: Vec::new(),
+                },
+                receipt: None,
+                provider: "p".into(),
+                created_at: 1,
+            }))
+        };
+        store.apply(&[message(40), message(41)]).await.unwrap();
+        let other = Store::open(&url).await.unwrap();
+        let mut got = Vec::new();
+        for i in 0..20 {
+            let s = if i % 2 == 0 { &store } else { &other };
+            got.push(s.reserve_seqs(7).await.unwrap());
+        }
+        assert_eq!(got[0], 42..49);
+        for w in got.windows(2) {
+            assert_eq!(w[0].end, w[1].start, "{got:?}");
+        }
     }
 }

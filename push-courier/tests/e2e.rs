@@ -1220,3 +1220,68 @@ async fn unknown_paths_and_methods_get_apples_answers() {
         "{r:?}"
     );
 }
+
+/// Two couriers on one PostgreSQL database take pushes at the same time:
+/// each hands out message numbers from blocks the database reserved for
+/// it, so no push collides with another's row (numbers used to start at
+/// each node's `max(seq)`, so both handed out the same ones and whole
+/// batches failed). Every push is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_couriers_on_one_database_number_their_messages_apart() {
+    use push_courier::courier::{Courier, PushOutcome, PushRequest};
+    use push_courier::store::Store;
+    let pg = tokio::task::spawn_blocking(|| parley_tests::postgres::Postgres::start("courier-seq"))
+        .await
+        .unwrap();
+    let config = push_courier::Config {
+        database_url: pg.url(),
+        // Every push stays queued for the count below.
+        queue_cap: 1000,
+        ..push_courier::Config::default()
+    };
+    let a = Courier::open(config.clone(), Store::open(&pg.url()).await.unwrap())
+        .await
+        .unwrap();
+    let device = wire::DeviceId::random();
+    let token = a.tokens_for(device, &[TOPIC.to_string()]).await.unwrap()[0].1;
+    // The second node starts once the token exists (tokens made later do
+    // not reach it yet: cluster mode is not done).
+    let b = Courier::open(config, Store::open(&pg.url()).await.unwrap())
+        .await
+        .unwrap();
+    const EACH: usize = 300;
+    let push = |c: std::sync::Arc<Courier>, i: usize| async move {
+        c.push(PushRequest {
+            id: Courier::new_id().unwrap(),
+            token,
+            push_type: PushType::Alert,
+            priority: 5,
+            expires: 0,
+            now_or_never: false,
+            collapse_id: String::new(),
+            topic: None,
+            payload: format!("{{\"n\":{i}}}").into_bytes(),
+            provider: "test".into(),
+            vapid_key: None,
+            receipt: None,
+            for_device: None,
+        })
+        .await
+    };
+    let mut tasks = Vec::new();
+    for i in 0..EACH {
+        tasks.push(tokio::spawn(push(a.clone(), i)));
+        tasks.push(tokio::spawn(push(b.clone(), EACH + i)));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r, Ok(PushOutcome::Stored));
+    }
+    let store = Store::open(&pg.url()).await.unwrap();
+    let queued = store.queued_index().await.unwrap();
+    assert_eq!(queued.len(), 2 * EACH, "every push stored once");
+    let mut seqs: Vec<i64> = queued.iter().map(|m| m.seq).collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 2 * EACH);
+}
