@@ -34,6 +34,20 @@ pub struct SqlDatabase {
     vrf: VrfKey,
     /// Whether [`SqlDatabase::warm`] has run (it runs once).
     warmed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Who may write the tree: see [`Fence`].
+    fence: std::sync::Arc<std::sync::Mutex<Fence>>,
+}
+
+/// The publisher lease a write must hold. Once the directory is open,
+/// every write (an epoch) checks in its own transaction that the lease is
+/// still this node's at the term it took, and locks the lease row until
+/// it commits: a publisher that lost the lease (paused past its expiry,
+/// partitioned) cannot write an epoch after another took over.
+#[derive(Debug, Default)]
+struct Fence {
+    required: bool,
+    holder: String,
+    term: Option<i64>,
 }
 
 fn se(e: impl std::fmt::Display) -> StorageError {
@@ -59,7 +73,12 @@ impl SqlDatabase {
             cache: std::sync::Arc::new(RecordCache::new(cached_records)),
             vrf,
             warmed: Default::default(),
+            fence: Default::default(),
         }
+    }
+
+    fn fence(&self) -> std::sync::MutexGuard<'_, Fence> {
+        self.fence.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reads tree records into the cache in id order until it is full or
@@ -197,6 +216,28 @@ impl Database for SqlDatabase {
         .await
         .map_err(se)?;
         let mut tx = self.store.begin().await.map_err(se)?;
+        let fence = {
+            let f = self.fence();
+            f.required.then(|| (f.holder.clone(), f.term))
+        };
+        if let Some((holder, term)) = fence {
+            // A no-op update: it checks the lease and locks its row. Not
+            // its expiry: only another node's takeover (a new term) makes a
+            // write unsafe, and a long publish may outlast the lease.
+            let held = sqlx::query(
+                "UPDATE kt_lease SET term = term WHERE id = 1 AND holder = $1 AND term = $2",
+            )
+            .bind(holder)
+            .bind(term.unwrap_or(-1))
+            .execute(&mut *tx)
+            .await
+            .map_err(se)?;
+            if held.rows_affected() != 1 {
+                return Err(StorageError::Other(
+                    "this node no longer holds the publisher lease".into(),
+                ));
+            }
+        }
         for (chunk, proofs) in newest.chunks(ROWS).zip(proofs.chunks(ROWS)) {
             let sql = format!(
                 "INSERT INTO akd_lookup_vrf (label, epoch, proofs) VALUES {}
@@ -428,6 +469,11 @@ pub struct Transparency {
     /// The newest signed root seen: every lookup answers with the root
     /// of the current epoch, and a root never changes once signed.
     latest_root: std::sync::Mutex<Option<SignedRoot>>,
+    /// How long the publisher lease lasts unless renewed.
+    lease: std::time::Duration,
+    /// The newest epoch this node knows of; another node's publish past it
+    /// flushes the cached tree.
+    seen_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Transparency {
@@ -474,6 +520,8 @@ impl Transparency {
             readers: tokio::sync::RwLock::new(()),
             publishing: tokio::sync::Mutex::new(()),
             latest_root: std::sync::Mutex::new(None),
+            lease: std::time::Duration::from_secs(10),
+            seen_epoch: Default::default(),
         };
         // Sign the current root if this epoch has none yet (a new directory,
         // or a crash between publish and signing).
@@ -481,7 +529,61 @@ impl Transparency {
         if t.store.root(epoch).await?.is_none() {
             t.sign_root(epoch, hash).await?;
         }
+        t.seen_epoch
+            .store(epoch, std::sync::atomic::Ordering::SeqCst);
+        // From now on only the lease holder writes the tree.
+        let mut random = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random)
+            .map_err(|_| Error::Internal("no system randomness".into()))?;
+        {
+            let mut f = t.db.fence();
+            f.required = true;
+            f.holder = wire::keys::hex(&random);
+        }
         Ok(t)
+    }
+
+    /// How long the publisher lease lasts unless renewed (default 10 s):
+    /// when the publisher dies, another node takes over within this.
+    pub fn with_lease(mut self, lease: std::time::Duration) -> Transparency {
+        self.lease = lease;
+        self
+    }
+
+    /// Keeps or takes the publisher lease; whether this node publishes.
+    /// A node that takes it over forgets its cached tree first: the last
+    /// publisher changed it.
+    async fn lead(&self) -> Result<bool, Error> {
+        let (holder, term) = {
+            let f = self.db.fence();
+            (f.holder.clone(), f.term)
+        };
+        let now = unix_now_ms();
+        let held = self
+            .store
+            .lease(&holder, term, now, now + self.lease.as_millis() as i64)
+            .await?;
+        if held.is_some() && held != term {
+            tracing::info!(node = %holder, term = held, "took the key directory publisher lease");
+            self.db.cache.clear();
+        }
+        self.db.fence().term = held;
+        Ok(held.is_some())
+    }
+
+    /// Once another node's newest epoch is signed, forgets the cached tree
+    /// (its records changed) so that lookups prove from the new epoch. A
+    /// lookup that spans two such publishes may not verify (akd keeps one
+    /// previous version of each tree node): the runtime calls this several
+    /// times per publish interval.
+    pub async fn follow(&self) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        let newest = self.store.latest_root_epoch().await?;
+        if newest > self.seen_epoch.load(Ordering::SeqCst) {
+            self.db.cache.clear();
+            self.seen_epoch.store(newest, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     pub fn anchor(&self) -> &TrustAnchor {
@@ -529,6 +631,10 @@ impl Transparency {
     /// of values published (0: no epoch was made).
     pub async fn publish_pending(&self, max: i64) -> Result<usize, Error> {
         let _writer = self.publishing.lock().await;
+        if !self.lead().await? {
+            self.follow().await?;
+            return Ok(0);
+        }
         let pending = self.store.pending(max).await?;
         if pending.is_empty() {
             return Ok(0);
@@ -540,6 +646,8 @@ impl Transparency {
             .collect();
         let EpochHash(epoch, hash) = self.dir.publish(updates).await.map_err(dir_err)?;
         self.sign_root(epoch, hash).await?;
+        self.seen_epoch
+            .store(epoch, std::sync::atomic::Ordering::SeqCst);
         self.store.unqueue(&pending).await?;
         Ok(pending.len())
     }
@@ -695,6 +803,12 @@ impl Transparency {
 
 fn dir_err(e: akd::errors::AkdError) -> Error {
     Error::Directory(e.to_string())
+}
+
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 pub(crate) fn unix_now() -> i64 {

@@ -60,6 +60,7 @@ impl Server {
         let tasks = vec![
             tokio::spawn(serve(listener, tls, ids.clone(), rx.clone())),
             tokio::spawn(publisher(ids.clone(), rx.clone())),
+            tokio::spawn(follower(ids.clone(), rx.clone())),
             tokio::spawn(warm(ids.clone(), rx.clone())),
         ];
         tracing::info!(%addr, "ids listening");
@@ -158,6 +159,22 @@ async fn warm(ids: Arc<Ids>, mut shutdown: watch::Receiver<bool>) {
             Err(e) => tracing::warn!(error = %e, "key directory warm-up stopped; proofs read the database"),
         },
         _ = shutdown.changed() => {}
+    }
+}
+
+/// Looks for another node's new epoch four times per publish interval,
+/// so that a lookup here rarely spans two of its publishes (see
+/// `Transparency::follow`).
+async fn follower(ids: Arc<Ids>, mut shutdown: watch::Receiver<bool>) {
+    let every = (ids.config.publish_interval / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = ids.kt.follow().await {
+            tracing::warn!(error = %e, "checking for a new epoch failed");
+        }
     }
 }
 

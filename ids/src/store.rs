@@ -186,6 +186,12 @@ CREATE TABLE IF NOT EXISTS kt_pending (
     value {blob} NOT NULL,
     queued_at BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS kt_lease (
+    id BIGINT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    term BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS kt_roots (
     epoch BIGINT PRIMARY KEY,
     root_hash {blob} NOT NULL,
@@ -599,6 +605,62 @@ impl Store {
             .into_iter()
             .map(|r| (r.get::<i64, _>(0) as u64, r.get(1)))
             .collect())
+    }
+
+    /// The newest epoch with a signed root.
+    pub async fn latest_root_epoch(&self) -> Result<u64, Error> {
+        let row = sqlx::query("SELECT COALESCE(MAX(epoch), 0) FROM kt_roots")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(row.get::<i64, _>(0) as u64)
+    }
+
+    /// Keeps or takes the publisher lease: `holder` keeps it if it holds
+    /// `term` and it has not expired, or takes it (the next term) if it
+    /// expired. Returns the term `holder` now holds, if any. Times are
+    /// Unix milliseconds.
+    pub async fn lease(
+        &self,
+        holder: &str,
+        term: Option<i64>,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<Option<i64>, Error> {
+        if let Some(t) = term {
+            let kept = sqlx::query(
+                "UPDATE kt_lease SET expires_at = $1
+                 WHERE id = 1 AND holder = $2 AND term = $3 AND expires_at > $4",
+            )
+            .bind(until_ms)
+            .bind(holder)
+            .bind(t)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::db)?;
+            if kept.rows_affected() == 1 {
+                return Ok(Some(t));
+            }
+        }
+        sqlx::query(
+            "INSERT INTO kt_lease (id, holder, term, expires_at) VALUES (1, $1, 1, $2)
+             ON CONFLICT (id) DO UPDATE
+             SET holder = excluded.holder, term = kt_lease.term + 1, expires_at = excluded.expires_at
+             WHERE kt_lease.expires_at <= $3",
+        )
+        .bind(holder)
+        .bind(until_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        let row = sqlx::query("SELECT holder, term FROM kt_lease WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        let (h, t): (String, i64) = (row.get(0), row.get(1));
+        Ok((h == holder).then_some(t))
     }
 
     pub async fn root(&self, epoch: u64) -> Result<Option<(Vec<u8>, Vec<u8>)>, Error> {

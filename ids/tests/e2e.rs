@@ -2391,3 +2391,113 @@ async fn removing_a_device_rotates_the_account_key() {
         other => panic!("a key the service sealed must be refused, got {other:?}"),
     }
 }
+
+/// Two identity service nodes on one PostgreSQL database: exactly one
+/// publishes at a time (a lease in the database, fenced by its term), the
+/// other proves lookups from the newest epoch once it follows, epochs stay
+/// contiguous, and when the publisher stops the other takes over after the
+/// lease runs out; the audit proof across the takeover verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_directory_nodes_publish_through_one_lease() {
+    use ids::kt::{Looked, Transparency, VrfKey};
+    let pg = tokio::task::spawn_blocking(|| parley_tests::postgres::Postgres::start("ids-lease"))
+        .await
+        .unwrap();
+    let root_key =
+        ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    let lease = Duration::from_millis(600);
+    let node = || async {
+        let store = ids::store::Store::open(&pg.url()).await.unwrap();
+        let kt = Transparency::open(
+            store.clone(),
+            VrfKey::new([3; 32]).unwrap(),
+            root_key.as_ref(),
+        )
+        .await
+        .unwrap()
+        .with_lease(lease);
+        (store, kt)
+    };
+    let (store, a) = node().await;
+    let (_, b) = node().await;
+    assert_eq!(a.anchor(), b.anchor());
+    let anchor = a.anchor().clone();
+    let account = SigningKey::generate();
+    let device = SigningKey::generate();
+    let queue = |n: u64| {
+        let store = store.clone();
+        let (account, device) = (account.clone(), device.clone());
+        async move {
+            let uri = format!("mailto:user{n}@example.com");
+            let value = DirectoryValue::Active(
+                list_of(
+                    &account,
+                    1,
+                    &[uri.as_str()],
+                    &[(DeviceId([1; 16]), &device)],
+                )
+                .sign(&account)
+                .unwrap(),
+            );
+            let mut tx = store.begin().await.unwrap();
+            ids::store::tx::queue_publish(&mut tx, &uri, &value.encode(), 0)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            uri
+        }
+    };
+    // Both publisher loops run: each value is published once, by one node.
+    let mut published = [0usize; 2];
+    for round in 0..4u64 {
+        queue(round).await;
+        published[0] += a.publish_pending(100).await.unwrap();
+        published[1] += b.publish_pending(100).await.unwrap();
+    }
+    assert_eq!(published[0] + published[1], 4);
+    assert!(published.contains(&0), "one publisher: {published:?}");
+    let (leader, follower) = if published[0] > 0 { (a, b) } else { (b, a) };
+    // The follower proves from the newest epoch once it follows.
+    let latest = store.latest_root_epoch().await.unwrap();
+    assert_eq!(follower.publish_pending(100).await.unwrap(), 0);
+    let uri = "mailto:user3@example.com";
+    let Looked::Found(p) = follower.lookup(uri).await.unwrap() else {
+        panic!("published")
+    };
+    assert_eq!(p.root.epoch, latest);
+    verify_lookup(&anchor, &p.root, uri, &p.proof).unwrap();
+
+    // The publisher stops; after its lease the other takes over.
+    drop(leader);
+    let last = queue(10).await;
+    assert_eq!(
+        follower.publish_pending(100).await.unwrap(),
+        0,
+        "lease not yet expired"
+    );
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    assert_eq!(follower.publish_pending(100).await.unwrap(), 1);
+    let Looked::Found(p) = follower.lookup(&last).await.unwrap() else {
+        panic!("published after the takeover")
+    };
+    verify_lookup(&anchor, &p.root, &last, &p.proof).unwrap();
+    // Epochs stayed contiguous, and the audit across the takeover verifies.
+    let end = store.latest_root_epoch().await.unwrap();
+    let roots = store.roots(1, end).await.unwrap();
+    assert_eq!(
+        roots.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
+        (1..=end).collect::<Vec<_>>()
+    );
+    let (proof, hashes) = follower.audit(1, end).await.unwrap();
+    let proof = akd::proto::specs::types::AppendOnlyProof::parse_from_bytes(&proof).unwrap();
+    let hashes = hashes
+        .into_iter()
+        .map(|(_, h)| <[u8; 32]>::try_from(h).unwrap())
+        .collect();
+    akd::auditor::audit_verify::<wire::transparency::KtConfig>(
+        hashes,
+        akd::AppendOnlyProof::try_from(&proof).unwrap(),
+    )
+    .await
+    .expect("append-only across the takeover");
+}
