@@ -234,6 +234,13 @@ impl Store {
             .map_err(Error::from_sqlstore)
     }
 
+    /// One round trip to the database: whether it answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        sqlstore::ping(&self.pool)
+            .await
+            .map_err(Error::from_sqlstore)
+    }
+
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }

@@ -1,6 +1,6 @@
 //! The loopback admin listener: `/metrics` (Prometheus text), `/healthz`
 //! (the process runs) and `/readyz` (every service accepts traffic; 503
-//! while starting or draining).
+//! while starting or draining, or while a database does not answer).
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -15,11 +15,27 @@ pub trait MetricsSource: Send + Sync {
     fn render(&self, out: &mut String);
 }
 
+/// Something a service needs to take traffic (its database), asked at
+/// each `/readyz`.
+pub trait ReadyProbe: Send + Sync {
+    /// What it is, for the answer: `ids database`.
+    fn name(&self) -> &'static str;
+    fn probe(&self) -> Probe<'_>;
+}
+
+/// A probe's answer to come.
+pub type Probe<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+
 #[derive(Clone)]
 pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     pub sources: Arc<Vec<Arc<dyn MetricsSource>>>,
+    pub probes: Arc<Vec<Arc<dyn ReadyProbe>>>,
 }
+
+/// How long `/readyz` waits for each probe.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub fn router(state: AdminState) -> Router {
     Router::new()
@@ -44,9 +60,67 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    if s.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    if !s.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string());
+    }
+    for p in s.probes.iter() {
+        let failed = match tokio::time::timeout(PROBE_TIMEOUT, p.probe()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {PROBE_TIMEOUT:?}"),
+        };
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}: {failed}\n", p.name()),
+        );
+    }
+    (StatusCode::OK, "ready\n".to_string())
+}
+
+pub struct SignalingMetrics(pub Arc<signaling::runtime::Server>);
+
+impl MetricsSource for SignalingMetrics {
+    fn render(&self, out: &mut String) {
+        self.0.render_metrics(out);
+    }
+}
+
+pub struct CourierMetrics(pub Arc<push_courier::courier::Courier>);
+
+impl MetricsSource for CourierMetrics {
+    fn render(&self, out: &mut String) {
+        self.0.render_metrics(out);
+    }
+}
+
+impl MetricsSource for crate::Relay {
+    fn render(&self, out: &mut String) {
+        self.render_metrics(out);
+    }
+}
+
+/// The identity service's database.
+pub struct IdsDatabase(pub ids::store::Store);
+
+impl ReadyProbe for IdsDatabase {
+    fn name(&self) -> &'static str {
+        "ids database"
+    }
+
+    fn probe(&self) -> Probe<'_> {
+        Box::pin(async { self.0.ping().await.map_err(|e| e.to_string()) })
+    }
+}
+
+/// The push courier's database.
+pub struct CourierDatabase(pub push_courier::store::Store);
+
+impl ReadyProbe for CourierDatabase {
+    fn name(&self) -> &'static str {
+        "courier database"
+    }
+
+    fn probe(&self) -> Probe<'_> {
+        Box::pin(async { self.0.ping().await.map_err(|e| e.to_string()) })
     }
 }

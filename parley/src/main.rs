@@ -818,10 +818,23 @@ async fn serve(
                 .iter()
                 .map(|r| r.clone() as Arc<dyn admin::MetricsSource>)
                 .chain(courier_server.iter().map(|c| {
-                    Arc::new(CourierMetrics(c.courier.clone())) as Arc<dyn admin::MetricsSource>
+                    Arc::new(admin::CourierMetrics(c.courier.clone()))
+                        as Arc<dyn admin::MetricsSource>
                 }))
                 .chain(signaling_server.iter().map(|s| {
-                    Arc::new(SignalingMetrics(s.clone())) as Arc<dyn admin::MetricsSource>
+                    Arc::new(admin::SignalingMetrics(s.clone())) as Arc<dyn admin::MetricsSource>
+                }))
+                .collect(),
+        ),
+        probes: Arc::new(
+            ids_server
+                .iter()
+                .map(|i| {
+                    Arc::new(admin::IdsDatabase(i.ids.store.clone())) as Arc<dyn admin::ReadyProbe>
+                })
+                .chain(courier_server.iter().map(|c| {
+                    Arc::new(admin::CourierDatabase(c.courier.store.clone()))
+                        as Arc<dyn admin::ReadyProbe>
                 }))
                 .collect(),
         ),
@@ -928,28 +941,6 @@ fn reload(
     let (cert, key) = tls_files(&settings.turn, data);
     let tls = tls::server_config(&cert, &key, &[ALPN_STUN_TURN])?;
     Ok((users, secrets, tls))
-}
-
-struct SignalingMetrics(Arc<signaling::runtime::Server>);
-
-impl admin::MetricsSource for SignalingMetrics {
-    fn render(&self, out: &mut String) {
-        self.0.render_metrics(out);
-    }
-}
-
-struct CourierMetrics(Arc<push_courier::courier::Courier>);
-
-impl admin::MetricsSource for CourierMetrics {
-    fn render(&self, out: &mut String) {
-        self.0.render_metrics(out);
-    }
-}
-
-impl admin::MetricsSource for Relay {
-    fn render(&self, out: &mut String) {
-        self.render_metrics(out);
-    }
 }
 
 fn init_tracing(filter: &str) -> Result<()> {

@@ -218,6 +218,36 @@ fn start(data: &Path, extra: &[&str]) -> Running {
     run
 }
 
+/// `/readyz` answers 503 naming the database while ids' and the courier's
+/// PostgreSQL is down, and 200 again once it is back, without a restart.
+#[test]
+fn readyz_is_unready_while_the_database_is_down() {
+    let pg = parley_tests::postgres::Postgres::start("cli-readyz");
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.url();
+    let run = start(
+        &dir.path().join("data"),
+        &["--ids-database", &url, "--courier-database", &url],
+    );
+    assert_eq!(http_get(run.admin, "/readyz").0, 200);
+    pg.stop();
+    let (code, body) = http_get(run.admin, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("database"), "{body}");
+    pg.start_again();
+    let mut last = (0, String::new());
+    for _ in 0..100 {
+        last = http_get(run.admin, "/readyz");
+        if last.0 == 200 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(last.0, 200, "{}", last.1);
+    // The process stayed up throughout.
+    assert_eq!(http_get(run.admin, "/healthz").0, 200);
+}
+
 fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect admin");
     s.set_read_timeout(Some(Duration::from_secs(5)))

@@ -470,6 +470,13 @@ impl Store {
         Ok(out)
     }
 
+    /// One round trip to the database: whether it answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        sqlstore::ping(&self.pool)
+            .await
+            .map_err(Error::from_sqlstore)
+    }
+
     /// Reserves `n` message sequence numbers for this node alone: every
     /// courier on the database takes its numbers from one counter row, so
     /// two never hand out the same (the counter starts past the messages a

@@ -103,6 +103,13 @@ pub async fn open(url: &str, opts: Options) -> Result<(AnyPool, Backend), Error>
     Ok((pool, backend))
 }
 
+/// One round trip to the database: whether it answers (a readiness
+/// probe).
+pub async fn ping(pool: &AnyPool) -> Result<(), Error> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
+
 /// Runs `schema` (statements separated by `;`) in one transaction, with
 /// `{blob}` and `{serial}` replaced by each backend's type.
 pub async fn migrate(pool: &AnyPool, backend: Backend, schema: &str) -> Result<(), Error> {

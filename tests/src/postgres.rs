@@ -55,12 +55,20 @@ impl Postgres {
                 "--no-sync",
             ],
         );
+        pg.start_again();
+        pg
+    }
+
+    /// Starts the server again after [`Postgres::stop`] (same port, same
+    /// data).
+    pub fn start_again(&self) {
+        let data = self.root.join("data");
         let opts = format!(
             "-c listen_addresses=127.0.0.1 -p {} -k {} -F",
-            pg.port,
-            pg.root.display()
+            self.port,
+            self.root.display()
         );
-        pg.run(
+        self.run(
             "pg_ctl",
             &[
                 "-D",
@@ -68,14 +76,31 @@ impl Postgres {
                 "-o",
                 &opts,
                 "-l",
-                pg.root.join("log").to_str().expect("utf8"),
+                self.root.join("log").to_str().expect("utf8"),
                 "-w",
                 "-t",
                 "30",
                 "start",
             ],
         );
-        pg
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected).
+    pub fn stop(&self) {
+        let data = self.root.join("data");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().expect("utf8"),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "30",
+                "stop",
+            ],
+        );
     }
 
     /// `postgres://parley@127.0.0.1:PORT/postgres`
