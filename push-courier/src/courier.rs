@@ -163,6 +163,23 @@ pub struct Courier {
     /// (unix time, next sequence number) once a minute, to purge old
     /// statuses by sequence range.
     marks: Mutex<std::collections::VecDeque<(i64, i64)>>,
+    /// Revocations by other couriers on the database are caught up from
+    /// this time on (Unix seconds).
+    revoked_mark: std::sync::atomic::AtomicI64,
+}
+
+/// Marks `token` revoked at `at` in memory: no longer a topic's token,
+/// and its queued messages leave the device's queue (returned).
+fn forget_token(inner: &mut Inner, token: &DeviceToken, at: i64) -> Vec<Entry> {
+    let Some(t) = inner.tokens.get_mut(token) else {
+        return Vec::new();
+    };
+    t.revoked_at = Some(at);
+    let (device, key) = (t.device, (t.device, t.topic.clone()));
+    if t.kind == TokenKind::Topic && inner.by_topic.get(&key) == Some(token) {
+        inner.by_topic.remove(&key);
+    }
+    inner.queues.remove_token(&device, token)
 }
 
 /// Message sequence numbers reserved per block in the database.
@@ -306,6 +323,7 @@ impl Courier {
             generation: AtomicU64::new(0),
             receipts: Arc::new(Notify::new()),
             marks: Mutex::new(std::collections::VecDeque::new()),
+            revoked_mark: std::sync::atomic::AtomicI64::new(unix_now()),
             config,
         });
         tokio::spawn(seq_refill(
@@ -365,6 +383,14 @@ impl Courier {
     /// Accepts a push: durable before this returns `Ok(Stored)`.
     pub async fn push(&self, mut req: PushRequest) -> Result<PushOutcome, PushError> {
         let now = unix_now();
+        // A token another courier on the database made since this one
+        // started is read once, then known.
+        if !self.lock().tokens.contains_key(&req.token) {
+            match self.store.token(&req.token).await {
+                Ok(row) => self.learn(row),
+                Err(e) => return Err(PushError::Unavailable(e.to_string())),
+            }
+        }
         let (device, note, insert) = {
             let mut guard = self.lock();
             // Borrow fields apart: the token entry stays borrowed while the
@@ -572,6 +598,17 @@ impl Courier {
         topics: &[String],
     ) -> Result<Vec<(String, DeviceToken)>, Error> {
         let now = unix_now();
+        // The device may have got its tokens from another courier on the
+        // database: the same ones again, not new ones.
+        let missing = {
+            let inner = self.lock();
+            topics
+                .iter()
+                .any(|t| !inner.by_topic.contains_key(&(device, t.clone())))
+        };
+        if missing {
+            self.learn(self.store.tokens_of(device).await?);
+        }
         let mut out = Vec::new();
         let mut new = Vec::new();
         {
@@ -650,18 +687,14 @@ impl Courier {
         let now = unix_now();
         let gone = {
             let mut inner = self.lock();
-            let Some(t) = inner.tokens.get_mut(&token) else {
-                return Ok(false);
-            };
-            if t.device != device || t.revoked_at.is_some() {
+            if inner
+                .tokens
+                .get(&token)
+                .is_none_or(|t| t.device != device || t.revoked_at.is_some())
+            {
                 return Ok(false);
             }
-            t.revoked_at = Some(now);
-            let key = (device, t.topic.clone());
-            if t.kind == TokenKind::Topic {
-                inner.by_topic.remove(&key);
-            }
-            inner.queues.remove_token(&device, &token)
+            forget_token(&mut inner, &token, now)
         };
         self.commit(vec![
             Write::Revoke { token, at: now },
@@ -673,6 +706,72 @@ impl Courier {
         ])
         .await?;
         Ok(true)
+    }
+
+    /// Takes tokens read from the database into memory, unless known.
+    fn learn(&self, rows: impl IntoIterator<Item = TokenRow>) {
+        let mut inner = self.lock();
+        for t in rows {
+            if inner.tokens.contains_key(&t.token) {
+                continue;
+            }
+            if t.revoked_at.is_none() && t.kind == TokenKind::Topic {
+                inner
+                    .by_topic
+                    .entry((t.device, t.topic.clone()))
+                    .or_insert(t.token);
+            }
+            inner.tokens.insert(
+                t.token,
+                TokenEntry {
+                    device: t.device,
+                    topic: t.topic,
+                    kind: t.kind,
+                    server_key: t.server_key,
+                    revoked_at: t.revoked_at,
+                },
+            );
+        }
+    }
+
+    /// Applies revocations other couriers on the database made since the
+    /// last call: their tokens are refused here too, and what this courier
+    /// held for them is marked unregistered. The runtime calls it every
+    /// second.
+    pub async fn catch_up_revocations(&self) -> Result<usize, Error> {
+        let since = self.revoked_mark.load(Ordering::Relaxed);
+        let rows = self.store.revoked_since(since).await?;
+        let mut mark = since;
+        let mut writes = Vec::new();
+        let mut caught = 0;
+        {
+            let mut inner = self.lock();
+            for row in &rows {
+                let Some(at) = row.revoked_at else { continue };
+                mark = mark.max(at);
+                if inner
+                    .tokens
+                    .get(&row.token)
+                    .is_none_or(|t| t.revoked_at.is_some())
+                {
+                    continue;
+                }
+                caught += 1;
+                let gone = forget_token(&mut inner, &row.token, at);
+                if !gone.is_empty() {
+                    writes.push(Write::State {
+                        seqs: gone.iter().map(|e| e.seq as i64).collect(),
+                        state: MessageState::Unregistered,
+                        at,
+                    });
+                }
+            }
+        }
+        if !writes.is_empty() {
+            self.commit(writes).await?;
+        }
+        self.revoked_mark.store(mark, Ordering::Relaxed);
+        Ok(caught)
     }
 
     /// Stored messages for a device that just said Hello, in delivery order

@@ -178,6 +178,9 @@ async fn housekeeping(courier: Arc<Courier>, mut shutdown: watch::Receiver<bool>
             _ = shutdown.changed() => return,
         }
         courier.expire();
+        if let Err(e) = courier.catch_up_revocations().await {
+            tracing::warn!(error = %e, "reading other couriers' revocations failed");
+        }
         n += 1;
         if n % 60 == 0 {
             let retention = courier.config.status_retention.as_secs() as i64;

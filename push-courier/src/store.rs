@@ -115,6 +115,7 @@ CREATE TABLE IF NOT EXISTS tokens (
     revoked_at BIGINT
 );
 CREATE INDEX IF NOT EXISTS tokens_device ON tokens (device);
+CREATE INDEX IF NOT EXISTS tokens_revoked ON tokens (revoked_at) WHERE revoked_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS messages (
     seq BIGINT PRIMARY KEY,
     id {blob} NOT NULL,
@@ -413,29 +414,49 @@ impl Store {
 
     /// Every token, for the in-memory index at start.
     pub async fn tokens(&self) -> Result<Vec<TokenRow>, Error> {
-        let rows = sqlx::query(
-            "SELECT token, device, topic, kind, server_key, created_at, revoked_at FROM tokens",
-        )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(Error::db)?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(TokenRow {
-                    token: DeviceToken(blob_array(r.get::<Vec<u8>, _>(0))?),
-                    device: device_id(&r.get::<String, _>(1))?,
-                    topic: r.get(2),
-                    kind: if r.get::<i64, _>(3) == 1 {
-                        TokenKind::WebPush
-                    } else {
-                        TokenKind::Topic
-                    },
-                    server_key: r.get(4),
-                    created_at: r.get(5),
-                    revoked_at: r.get(6),
-                })
-            })
-            .collect()
+        self.tokens_where("", None).await
+    }
+
+    /// One token, whichever node made it.
+    pub async fn token(&self, token: &DeviceToken) -> Result<Option<TokenRow>, Error> {
+        let rows = self
+            .tokens_where("WHERE token = $1", Some(token.0.to_vec()))
+            .await?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// A device's tokens, whichever node made them.
+    pub async fn tokens_of(&self, device: DeviceId) -> Result<Vec<TokenRow>, Error> {
+        let rows = sqlx::query(&format!("{TOKEN_COLS} FROM tokens WHERE device = $1"))
+            .bind(device.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        rows.into_iter().map(token_row).collect()
+    }
+
+    /// Tokens revoked at or after `since` (Unix seconds), by any node.
+    pub async fn revoked_since(&self, since: i64) -> Result<Vec<TokenRow>, Error> {
+        let rows = sqlx::query(&format!("{TOKEN_COLS} FROM tokens WHERE revoked_at >= $1"))
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        rows.into_iter().map(token_row).collect()
+    }
+
+    async fn tokens_where(
+        &self,
+        clause: &str,
+        blob: Option<Vec<u8>>,
+    ) -> Result<Vec<TokenRow>, Error> {
+        let sql = format!("{TOKEN_COLS} FROM tokens {clause}");
+        let mut q = sqlx::query(&sql);
+        if let Some(b) = blob {
+            q = q.bind(b);
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(Error::db)?;
+        rows.into_iter().map(token_row).collect()
     }
 
     /// Every queued message without its payload, for the in-memory
@@ -581,6 +602,24 @@ impl Store {
                 .map_err(Error::db)?;
         Ok(r.rows_affected())
     }
+}
+
+const TOKEN_COLS: &str = "SELECT token, device, topic, kind, server_key, created_at, revoked_at";
+
+fn token_row(r: sqlx::any::AnyRow) -> Result<TokenRow, Error> {
+    Ok(TokenRow {
+        token: DeviceToken(blob_array(r.get::<Vec<u8>, _>(0))?),
+        device: device_id(&r.get::<String, _>(1))?,
+        topic: r.get(2),
+        kind: if r.get::<i64, _>(3) == 1 {
+            TokenKind::WebPush
+        } else {
+            TokenKind::Topic
+        },
+        server_key: r.get(4),
+        created_at: r.get(5),
+        revoked_at: r.get(6),
+    })
 }
 
 const MESSAGE_COLS: &str = "SELECT seq, id, device, token, push_type, priority, expires, \

@@ -1221,6 +1221,53 @@ async fn unknown_paths_and_methods_get_apples_answers() {
     );
 }
 
+/// Two couriers on one PostgreSQL database.
+async fn two_couriers(
+    name: &'static str,
+) -> (
+    parley_tests::postgres::Postgres,
+    std::sync::Arc<push_courier::courier::Courier>,
+    std::sync::Arc<push_courier::courier::Courier>,
+) {
+    use push_courier::courier::Courier;
+    use push_courier::store::Store;
+    let pg = tokio::task::spawn_blocking(move || parley_tests::postgres::Postgres::start(name))
+        .await
+        .unwrap();
+    let config = push_courier::Config {
+        database_url: pg.url(),
+        // Every push stays queued, for counting.
+        queue_cap: 1000,
+        ..push_courier::Config::default()
+    };
+    let a = Courier::open(config.clone(), Store::open(&pg.url()).await.unwrap())
+        .await
+        .unwrap();
+    let b = Courier::open(config, Store::open(&pg.url()).await.unwrap())
+        .await
+        .unwrap();
+    (pg, a, b)
+}
+
+/// A provider's push of `n` to `token`.
+fn push_of(token: wire::push::DeviceToken, n: usize) -> push_courier::courier::PushRequest {
+    push_courier::courier::PushRequest {
+        id: push_courier::courier::Courier::new_id().unwrap(),
+        token,
+        push_type: PushType::Alert,
+        priority: 5,
+        expires: 0,
+        now_or_never: false,
+        collapse_id: String::new(),
+        topic: None,
+        payload: format!("{{\"n\":{n}}}").into_bytes(),
+        provider: "test".into(),
+        vapid_key: None,
+        receipt: None,
+        for_device: None,
+    }
+}
+
 /// Two couriers on one PostgreSQL database take pushes at the same time:
 /// each hands out message numbers from blocks the database reserved for
 /// it, so no push collides with another's row (numbers used to start at
@@ -1228,60 +1275,54 @@ async fn unknown_paths_and_methods_get_apples_answers() {
 /// batches failed). Every push is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_couriers_on_one_database_number_their_messages_apart() {
-    use push_courier::courier::{Courier, PushOutcome, PushRequest};
-    use push_courier::store::Store;
-    let pg = tokio::task::spawn_blocking(|| parley_tests::postgres::Postgres::start("courier-seq"))
-        .await
-        .unwrap();
-    let config = push_courier::Config {
-        database_url: pg.url(),
-        // Every push stays queued for the count below.
-        queue_cap: 1000,
-        ..push_courier::Config::default()
-    };
-    let a = Courier::open(config.clone(), Store::open(&pg.url()).await.unwrap())
-        .await
-        .unwrap();
+    use push_courier::courier::PushOutcome;
+    let (pg, a, b) = two_couriers("courier-seq").await;
     let device = wire::DeviceId::random();
     let token = a.tokens_for(device, &[TOPIC.to_string()]).await.unwrap()[0].1;
-    // The second node starts once the token exists (tokens made later do
-    // not reach it yet: cluster mode is not done).
-    let b = Courier::open(config, Store::open(&pg.url()).await.unwrap())
-        .await
-        .unwrap();
     const EACH: usize = 300;
-    let push = |c: std::sync::Arc<Courier>, i: usize| async move {
-        c.push(PushRequest {
-            id: Courier::new_id().unwrap(),
-            token,
-            push_type: PushType::Alert,
-            priority: 5,
-            expires: 0,
-            now_or_never: false,
-            collapse_id: String::new(),
-            topic: None,
-            payload: format!("{{\"n\":{i}}}").into_bytes(),
-            provider: "test".into(),
-            vapid_key: None,
-            receipt: None,
-            for_device: None,
-        })
-        .await
-    };
     let mut tasks = Vec::new();
     for i in 0..EACH {
-        tasks.push(tokio::spawn(push(a.clone(), i)));
-        tasks.push(tokio::spawn(push(b.clone(), EACH + i)));
+        let (a, b) = (a.clone(), b.clone());
+        tasks.push(tokio::spawn(async move { a.push(push_of(token, i)).await }));
+        tasks.push(tokio::spawn(async move {
+            b.push(push_of(token, EACH + i)).await
+        }));
     }
     for t in tasks {
-        let r = t.await.unwrap();
-        assert_eq!(r, Ok(PushOutcome::Stored));
+        assert_eq!(t.await.unwrap(), Ok(PushOutcome::Stored));
     }
-    let store = Store::open(&pg.url()).await.unwrap();
+    let store = push_courier::store::Store::open(&pg.url()).await.unwrap();
     let queued = store.queued_index().await.unwrap();
     assert_eq!(queued.len(), 2 * EACH, "every push stored once");
     let mut seqs: Vec<i64> = queued.iter().map(|m| m.seq).collect();
     seqs.sort();
     seqs.dedup();
     assert_eq!(seqs.len(), 2 * EACH);
+}
+
+/// A token made by one courier works at another on the same database,
+/// the device gets the same token from either, and a revocation at one is
+/// refused at the other once it catches up (every second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_revocations_reach_every_courier_on_the_database() {
+    use push_courier::courier::{PushError, PushOutcome};
+    let (_pg, a, b) = two_couriers("courier-tokens").await;
+    let device = wire::DeviceId::random();
+    let token = a.tokens_for(device, &[TOPIC.to_string()]).await.unwrap()[0].1;
+    assert_eq!(b.push(push_of(token, 1)).await, Ok(PushOutcome::Stored));
+    let again = b.tokens_for(device, &[TOPIC.to_string()]).await.unwrap()[0].1;
+    assert_eq!(again, token, "the same token from the other courier");
+    assert!(a.revoke(device, token).await.unwrap());
+    assert_eq!(b.catch_up_revocations().await.unwrap(), 1);
+    assert!(matches!(
+        b.push(push_of(token, 2)).await,
+        Err(PushError::Unregistered { .. })
+    ));
+    // Caught up once only.
+    assert_eq!(b.catch_up_revocations().await.unwrap(), 0);
+    // A token nobody made stays unknown.
+    assert_eq!(
+        b.push(push_of(wire::push::DeviceToken([7; 32]), 3)).await,
+        Err(PushError::UnknownToken)
+    );
 }
