@@ -47,7 +47,8 @@ fn failed(e: impl std::fmt::Display) -> ParleyError {
 pub struct Services {
     /// The identity service, `host:port`.
     pub ids: String,
-    /// The push courier's device port.
+    /// The push courier's device port; several, comma-separated, for
+    /// couriers on one database (tried in turn when the link is lost).
     pub courier: String,
     /// Signaling's SIP over TLS port.
     pub sip: String,
@@ -297,12 +298,19 @@ impl Parley {
         } else {
             IpAddr::from([0, 0, 0, 0])
         };
+        let couriers = self
+            .services
+            .courier
+            .split(',')
+            .map(|a| addr("courier", a.trim()))
+            .collect::<Result<Vec<_>, _>>()?;
         let config = DeviceConfig {
             name: "app".into(),
             handle,
             sip_domain: self.services.domain.clone(),
             sip,
-            courier: addr("courier", &self.services.courier)?,
+            courier: couriers[0],
+            courier_fallbacks: couriers[1..].to_vec(),
             courier_transport: client_sdk::courier::Transport::Tls,
             server_name: self.services.server_name.clone(),
             roots: self.roots.clone(),

@@ -110,6 +110,10 @@ pub struct DeviceConfig {
     /// The courier's device port, and how to reach it: TLS over TCP, or
     /// QUIC, which keeps the link across a change of network.
     pub courier: SocketAddr,
+    /// Other couriers on the same database: when the link to one is lost
+    /// or cannot be made, the device tries the next (with the same
+    /// backoff), keeping its tokens.
+    pub courier_fallbacks: Vec<SocketAddr>,
     pub courier_transport: Transport,
     /// Name in the services' certificates, and their trust anchors.
     pub server_name: String,
@@ -136,6 +140,15 @@ pub struct DeviceConfig {
     /// no devices for the caller's handle): they ring, unauthenticated,
     /// instead of being refused (438). Off by default.
     pub accept_unverified: bool,
+}
+
+impl DeviceConfig {
+    /// Every courier address, the first one first.
+    pub fn couriers(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.courier)
+            .chain(self.courier_fallbacks.iter().copied())
+            .collect()
+    }
 }
 
 /// What a device checks its own handle's published history against: the
@@ -365,7 +378,17 @@ impl Device {
             roots: config.roots.clone(),
             server_name: config.server_name.clone(),
         };
-        let (courier, tokens) = connect_courier(&config, &creds).await?;
+        // The first courier that answers.
+        let mut first = Err(DeviceError::Courier("no courier address".into()));
+        let mut courier_at = 0;
+        for (i, addr) in config.couriers().into_iter().enumerate() {
+            first = connect_courier(&config, addr, &creds).await;
+            courier_at = i;
+            if first.is_ok() {
+                break;
+            }
+        }
+        let (courier, tokens) = first?;
         ids.set_push_tokens(&me.key, &tokens.pairs(&config)).await?;
         let voip_token = tokens.voip.clone();
         let turn = ids.turn_credentials(&me.key).await?;
@@ -416,6 +439,7 @@ impl Device {
             phone,
             courier: Some(courier),
             courier_retry,
+            courier_at,
             tokens,
             sip: None,
             online,
@@ -552,6 +576,9 @@ struct Task {
     phone: Phone,
     courier: Option<DeviceClient>,
     courier_retry: Retry,
+    /// Which of [`DeviceConfig::couriers`] the link is to, or is tried
+    /// next.
+    courier_at: usize,
     tokens: Tokens,
     sip: Option<Sip>,
     /// The device wants to be registered (it is not asleep).
@@ -957,9 +984,11 @@ impl Task {
     /// One courier reconnection attempt.
     async fn courier_reconnect(&mut self) {
         self.courier_retry.stop();
+        let couriers = self.config.couriers();
+        let addr = couriers[self.courier_at % couriers.len()];
         let attempt = tokio::time::timeout(
             COURIER_CONNECT_LIMIT,
-            connect_courier(&self.config, &self.creds),
+            connect_courier(&self.config, addr, &self.creds),
         )
         .await;
         match attempt {
@@ -979,7 +1008,11 @@ impl Task {
                 }
                 self.event(DeviceEvent::CourierConnected).await;
             }
-            _ => self.courier_retry.failed(),
+            _ => {
+                // The next courier, if there is another.
+                self.courier_at = (self.courier_at + 1) % couriers.len();
+                self.courier_retry.failed()
+            }
         }
     }
 
@@ -1122,10 +1155,11 @@ impl Tokens {
 
 async fn connect_courier(
     config: &DeviceConfig,
+    addr: SocketAddr,
     creds: &DeviceCredentials,
 ) -> Result<(DeviceClient, Tokens), DeviceError> {
     let (courier, tokens) = DeviceClient::connect(
-        config.courier,
+        addr,
         config.courier_transport,
         creds,
         &[config.voip_topic.as_str(), wire::push::ACCOUNT_TOPIC],

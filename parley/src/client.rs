@@ -40,9 +40,16 @@ pub struct ClientArgs {
     /// The identity service (HTTPS).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8444")]
     ids: SocketAddr,
-    /// The push courier's device port (TLS).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:5223")]
-    courier: SocketAddr,
+    /// The push courier's device port (TLS). Several, comma-separated:
+    /// couriers on one database; when the link to one is lost the client
+    /// tries the next.
+    #[arg(
+        long,
+        value_name = "ADDR[,ADDR…]",
+        default_value = "127.0.0.1:5223",
+        value_delimiter = ','
+    )]
+    courier: Vec<SocketAddr>,
     /// Reach the courier over QUIC (the same port, UDP) instead of TLS over
     /// TCP: the push link then survives a change of network.
     #[arg(long)]
@@ -719,7 +726,11 @@ async fn start_device(
         handle,
         sip_domain: args.domain.clone(),
         sip: args.sip,
-        courier: args.courier,
+        courier: *args
+            .courier
+            .first()
+            .ok_or_else(|| anyhow!("--courier needs an address"))?,
+        courier_fallbacks: args.courier.iter().skip(1).copied().collect(),
         courier_transport: if args.quic {
             Transport::Quic
         } else {

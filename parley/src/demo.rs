@@ -358,6 +358,7 @@ async fn scenario(
         sip_domain: "localhost".into(),
         sip: signaling.tls_addrs()[0],
         courier: courier.device_addr(),
+        courier_fallbacks: Vec::new(),
         courier_transport: client_sdk::courier::Transport::Tls,
         server_name: "localhost".into(),
         roots: roots.clone(),

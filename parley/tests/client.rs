@@ -17,6 +17,11 @@ const BOB: &str = "+14155550123";
 
 /// `parley client` with the state directory and the stack's addresses.
 fn client(up: &parley_tests::up::Up, data: &Path, state: &Path) -> Command {
+    client_via(up, data, state, &up.courier.to_string())
+}
+
+/// As [`client`], with `couriers` (comma-separated) for the push link.
+fn client_via(up: &parley_tests::up::Up, data: &Path, state: &Path, couriers: &str) -> Command {
     let mut c = Command::new(BIN);
     c.arg("client")
         .arg("--state")
@@ -24,7 +29,7 @@ fn client(up: &parley_tests::up::Up, data: &Path, state: &Path) -> Command {
         .arg("--ids")
         .arg(up.ids.to_string())
         .arg("--courier")
-        .arg(up.courier.to_string())
+        .arg(couriers)
         .arg("--sip")
         .arg(up.sip_tls.to_string())
         // The CA comes from `parley up`'s data directory.
@@ -567,4 +572,47 @@ fn sound_card_streams_carry_a_call() {
     let out = run(call, limit, "call on the sound card");
     assert!(out.contains("media connected"), "{out}");
     finish(listen, limit, "listen");
+}
+
+/// Two couriers on one PostgreSQL database: a listening client whose
+/// courier dies moves its push link to the other, keeps its tokens, and
+/// still hears what ids pushes (which goes through the other courier).
+#[test]
+fn a_client_moves_to_another_courier_when_its_courier_dies() {
+    let pg = parley_tests::postgres::Postgres::start("client-failover");
+    let dir = tempfile::tempdir().unwrap();
+    let courier_db = format!("[courier]\ndatabase = \"{}\"\n", pg.url());
+    let (data, up) = parley_tests::up::start_lab_on(BIN, dir.path(), None, &[], &courier_db);
+    let config = dir.path().join("courier.toml");
+    std::fs::write(&config, &courier_db).unwrap();
+    let second = parley_tests::courier::start(BIN, &data, &config);
+    let (laptop, phone, tablet) = (
+        dir.path().join("laptop"),
+        dir.path().join("phone"),
+        dir.path().join("tablet"),
+    );
+    activate(&up, &data, &laptop, BOB);
+    link_device(&up, &data, &laptop, &phone, "phone");
+
+    // The laptop's push link goes to the second courier first.
+    let couriers = format!("{},{}", second.device, up.courier);
+    let mut c = client_via(&up, &data, &laptop, &couriers);
+    c.args(["listen", "--audit-every", "1"]);
+    let (mut listen, rx) = spawn(c);
+    let mut seen = Vec::new();
+    wait_line(&rx, "listening as", &mut seen);
+    drop(second);
+    wait_line(&rx, "push link lost", &mut seen);
+    wait_line(&rx, "push link back", &mut seen);
+    // The phone approves a tablet: ids pushes the news through `parley
+    // up`'s courier, which now holds the laptop's link (with the tokens
+    // the other courier gave it).
+    let (tablet_id, _) = link_device(&up, &data, &phone, &tablet, "tablet");
+    let news = wait_line(&rx, "pushed by ids", &mut seen);
+    assert!(
+        news.contains(&format!("a device was added: {tablet_id}")),
+        "{news}"
+    );
+    let _ = listen.kill();
+    let _ = listen.wait();
 }

@@ -2,12 +2,11 @@
 //! `kill -9`, and reach the device exactly once per ack.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use client_sdk::courier::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
+use parley_tests::courier::Courier;
 use push_courier::provider::Http2;
 use ring::signature::KeyPair;
 use wire::push::NotificationId;
@@ -15,54 +14,8 @@ use wire::push::NotificationId;
 const BIN: &str = env!("CARGO_BIN_EXE_parley");
 const TOPIC: &str = "com.example.crash";
 
-struct Courier {
-    child: Child,
-    device: SocketAddr,
-    provider: SocketAddr,
-}
-
-impl Drop for Courier {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(data: &Path, config: &Path) -> Courier {
-    let (child, printed) = parley_tests::tool::start_until_ready(
-        BIN,
-        &[
-            "--data",
-            data.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--admin",
-            "127.0.0.1:0",
-            "courier",
-            "--courier-device-listen",
-            "127.0.0.1:0",
-            "--courier-provider-listen",
-            "127.0.0.1:0",
-        ],
-    );
-    let unset = SocketAddr::from(([0, 0, 0, 0], 0));
-    let mut c = Courier {
-        child,
-        device: unset,
-        provider: unset,
-    };
-    for line in &printed {
-        if let Some(rest) = line.strip_prefix("parley: courier devices tls=") {
-            let mut words = rest.split_whitespace();
-            c.device = words.next().unwrap().parse().unwrap();
-            let provider = words
-                .find_map(|w| w.strip_prefix("https://"))
-                .expect("provider address");
-            c.provider = provider.parse().unwrap();
-        }
-    }
-    assert_ne!(c.provider.port(), 0, "courier line before ready");
-    c
+    parley_tests::courier::start(BIN, data, config)
 }
 
 fn unix_now() -> i64 {

@@ -1,6 +1,7 @@
 //! Test support shared by the scenario and interop tests:
 //!
 //! - [`baresip`]: baresip as a peer, in network namespaces of its own;
+//! - [`courier`]: `parley courier` alone as a separate process;
 //! - [`tool`]: runs third-party clients (coturn's `turnutils_*`, `stun`)
 //!   with a time bound, and fails loudly when one is not installed;
 //! - [`relay`]: starts the real relay in-process on loopback;
@@ -11,6 +12,7 @@
 //! - [`up`]: `parley up` as a separate process on free loopback ports.
 
 pub mod baresip;
+pub mod courier;
 pub mod peer;
 pub mod pki;
 pub mod postgres;
