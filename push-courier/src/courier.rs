@@ -64,7 +64,16 @@ struct Inner {
     provider_limit: RateLimiter<String>,
     subscription_limit: RateLimiter<DeviceToken>,
     revoked_serials: HashSet<Vec<u8>>,
+    /// Tokens the database did not know either, and when it said so: a
+    /// provider sending to made-up tokens costs one read per token per
+    /// [`UNKNOWN_FOR`], not one per push.
+    unknown: HashMap<DeviceToken, Instant>,
 }
+
+/// How long a token the database did not know is not asked about again.
+const UNKNOWN_FOR: Duration = Duration::from_secs(2);
+/// Unknown tokens remembered at most (then forgotten all at once).
+const UNKNOWN_KEPT: usize = 10_000;
 
 /// A push as a provider API hands it over.
 #[derive(Debug, Clone)]
@@ -137,6 +146,9 @@ pub struct Metrics {
     pub pushes_sent_now: AtomicU64,
     pub pushes_discarded: AtomicU64,
     pub pushes_rejected: AtomicU64,
+    /// Tokens looked up in the database (made by another courier, or
+    /// unknown).
+    pub token_reads: AtomicU64,
     pub delivered: AtomicU64,
     pub dropped: AtomicU64,
     pub collapsed: AtomicU64,
@@ -312,6 +324,7 @@ impl Courier {
             provider_limit: RateLimiter::new(config.provider_rate, Duration::from_secs(1)),
             subscription_limit: RateLimiter::new(config.subscription_rate, Duration::from_secs(1)),
             revoked_serials: HashSet::new(),
+            unknown: HashMap::new(),
         };
         let metrics = Arc::new(Metrics::default());
         let courier = Arc::new(Courier {
@@ -385,9 +398,25 @@ impl Courier {
         let now = unix_now();
         // A token another courier on the database made since this one
         // started is read once, then known.
-        if !self.lock().tokens.contains_key(&req.token) {
+        let ask = {
+            let inner = self.lock();
+            !inner.tokens.contains_key(&req.token)
+                && inner
+                    .unknown
+                    .get(&req.token)
+                    .is_none_or(|at| at.elapsed() >= UNKNOWN_FOR)
+        };
+        if ask {
+            self.metrics.token_reads.fetch_add(1, Ordering::Relaxed);
             match self.store.token(&req.token).await {
-                Ok(row) => self.learn(row),
+                Ok(Some(row)) => self.learn(Some(row)),
+                Ok(None) => {
+                    let mut inner = self.lock();
+                    if inner.unknown.len() >= UNKNOWN_KEPT {
+                        inner.unknown.clear();
+                    }
+                    inner.unknown.insert(req.token, Instant::now());
+                }
                 Err(e) => return Err(PushError::Unavailable(e.to_string())),
             }
         }
@@ -925,6 +954,7 @@ impl Courier {
             ("parley_courier_replaced_connections_total", &m.replaced),
             ("parley_courier_commit_batches_total", &m.batches),
             ("parley_courier_committed_writes_total", &m.batched_writes),
+            ("parley_courier_token_reads_total", &m.token_reads),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", g(v));
         }
