@@ -551,8 +551,8 @@ impl Transparency {
     }
 
     /// Keeps or takes the publisher lease; whether this node publishes.
-    /// A node that takes it over forgets its cached tree first: the last
-    /// publisher changed it.
+    /// A node that takes it over first catches up with what the last
+    /// publisher wrote (see [`Transparency::follow`]).
     async fn lead(&self) -> Result<bool, Error> {
         let (holder, term) = {
             let f = self.db.fence();
@@ -565,10 +565,23 @@ impl Transparency {
             .await?;
         if held.is_some() && held != term {
             tracing::info!(node = %holder, term = held, "took the key directory publisher lease");
-            self.db.cache.clear();
+            // Another node may have published since this one last looked.
+            self.follow().await?;
         }
         self.db.fence().term = held;
         Ok(held.is_some())
+    }
+
+    /// Gives the publisher lease up, if this node holds it (at shutdown).
+    pub async fn release(&self) -> Result<(), Error> {
+        let (holder, term) = {
+            let mut f = self.db.fence();
+            (f.holder.clone(), f.term.take())
+        };
+        match term {
+            Some(t) => self.store.release_lease(&holder, t).await,
+            None => Ok(()),
+        }
     }
 
     /// Once another node's newest epoch is signed, forgets the cached tree
@@ -645,9 +658,11 @@ impl Transparency {
             .map(|(uri, v)| (AkdLabel(uri.as_bytes().to_vec()), AkdValue(v.clone())))
             .collect();
         let EpochHash(epoch, hash) = self.dir.publish(updates).await.map_err(dir_err)?;
-        self.sign_root(epoch, hash).await?;
+        // Known here before its root is signed: `follow` must not take
+        // this node's own epoch for another node's and drop the cache.
         self.seen_epoch
             .store(epoch, std::sync::atomic::Ordering::SeqCst);
+        self.sign_root(epoch, hash).await?;
         self.store.unqueue(&pending).await?;
         Ok(pending.len())
     }
@@ -1025,6 +1040,35 @@ mod tests {
             panic!("alice is published")
         };
         verify_lookup(&anchor, &root, alice, &proof).unwrap();
+    }
+
+    /// A lone node takes the publisher lease at its first publish without
+    /// dropping the tree it loaded: nobody else published meanwhile.
+    #[tokio::test]
+    async fn taking_the_lease_keeps_a_warm_cache_when_nothing_changed() {
+        let (_dir, store) = temp_store("kt-warm").await;
+        let key = root_key();
+        let kt = Transparency::open(store.clone(), VrfKey::new([7; 32]).unwrap(), &key)
+            .await
+            .unwrap();
+        let alice = "mailto:alice@example.com";
+        queue(&store, alice, &list(&SigningKey::generate(), alice, 1, 1)).await;
+        assert_eq!(kt.publish_pending(10).await.unwrap(), 1);
+        // Restarted (the lease given back at shutdown): it warms its
+        // cache, then publishes as the new holder.
+        kt.release().await.unwrap();
+        drop(kt);
+        let kt = Transparency::open(store.clone(), VrfKey::new([7; 32]).unwrap(), &key)
+            .await
+            .unwrap()
+            .with_lease(std::time::Duration::from_millis(1));
+        let warm = kt.warm_cache().await.unwrap();
+        assert!(warm > 2);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let bob = "mailto:bob@example.com";
+        queue(&store, bob, &list(&SigningKey::generate(), bob, 1, 1)).await;
+        assert_eq!(kt.publish_pending(10).await.unwrap(), 1);
+        assert!(kt.db.cache.len() >= warm, "the warm cache was dropped");
     }
 
     use protobuf::Message;

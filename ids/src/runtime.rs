@@ -85,6 +85,11 @@ impl Server {
         if let Err(e) = self.ids.kt.publish_pending(100_000).await {
             tracing::warn!(error = %e, "final publish failed; changes stay queued");
         }
+        // Another node (or this one, restarted) publishes at once instead
+        // of waiting out the lease.
+        if let Err(e) = self.ids.kt.release().await {
+            tracing::warn!(error = %e, "releasing the publisher lease failed");
+        }
     }
 }
 

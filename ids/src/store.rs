@@ -670,6 +670,19 @@ impl Store {
         Ok((h == holder).then_some(t))
     }
 
+    /// Ends `holder`'s lease at `term` now, so that another takes it.
+    pub async fn release_lease(&self, holder: &str, term: i64) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE kt_lease SET expires_at = 0 WHERE id = 1 AND holder = $1 AND term = $2",
+        )
+        .bind(holder)
+        .bind(term)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(())
+    }
+
     pub async fn root(&self, epoch: u64) -> Result<Option<(Vec<u8>, Vec<u8>)>, Error> {
         let row = sqlx::query("SELECT root_hash, signature FROM kt_roots WHERE epoch = $1")
             .bind(epoch as i64)
