@@ -474,6 +474,8 @@ pub struct Transparency {
     /// The newest epoch this node knows of; another node's publish past it
     /// flushes the cached tree.
     seen_epoch: std::sync::atomic::AtomicU64,
+    /// Times this node took the publisher lease (its first included).
+    takeovers: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Transparency {
@@ -522,6 +524,7 @@ impl Transparency {
             latest_root: std::sync::Mutex::new(None),
             lease: std::time::Duration::from_secs(10),
             seen_epoch: Default::default(),
+            takeovers: Default::default(),
         };
         // Sign the current root if this epoch has none yet (a new directory,
         // or a crash between publish and signing).
@@ -565,11 +568,30 @@ impl Transparency {
             .await?;
         if held.is_some() && held != term {
             tracing::info!(node = %holder, term = held, "took the key directory publisher lease");
+            self.takeovers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Another node may have published since this one last looked.
             self.follow().await?;
         }
         self.db.fence().term = held;
         Ok(held.is_some())
+    }
+
+    /// Prometheus text: the newest epoch this node knows, whether it is
+    /// the publisher, and how often it took the lease.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering;
+        let publisher = u8::from(self.db.fence().term.is_some());
+        let _ = writeln!(
+            out,
+            "# TYPE parley_ids_epoch gauge\nparley_ids_epoch {}\n\
+             # TYPE parley_ids_publisher gauge\nparley_ids_publisher {publisher}\n\
+             # TYPE parley_ids_publisher_takeovers_total counter\n\
+             parley_ids_publisher_takeovers_total {}",
+            self.seen_epoch.load(Ordering::SeqCst),
+            self.takeovers.load(Ordering::Relaxed),
+        );
     }
 
     /// Gives the publisher lease up, if this node holds it (at shutdown).

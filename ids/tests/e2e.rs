@@ -2457,6 +2457,13 @@ async fn two_directory_nodes_publish_through_one_lease() {
     assert_eq!(published[0] + published[1], 4);
     assert!(published.contains(&0), "one publisher: {published:?}");
     let (leader, follower) = if published[0] > 0 { (a, b) } else { (b, a) };
+    let metrics = |kt: &Transparency| {
+        let mut out = String::new();
+        kt.render_metrics(&mut out);
+        out
+    };
+    assert!(metrics(&leader).contains("parley_ids_publisher 1"));
+    assert!(metrics(&follower).contains("parley_ids_publisher 0"));
     // The follower proves from the newest epoch once it follows.
     let latest = store.latest_root_epoch().await.unwrap();
     assert_eq!(follower.publish_pending(100).await.unwrap(), 0);
@@ -2477,6 +2484,9 @@ async fn two_directory_nodes_publish_through_one_lease() {
     );
     tokio::time::sleep(lease + Duration::from_millis(200)).await;
     assert_eq!(follower.publish_pending(100).await.unwrap(), 1);
+    let m = metrics(&follower);
+    assert!(m.contains("parley_ids_publisher 1"), "{m}");
+    assert!(m.contains("parley_ids_publisher_takeovers_total 1"), "{m}");
     let Looked::Found(p) = follower.lookup(&last).await.unwrap() else {
         panic!("published after the takeover")
     };

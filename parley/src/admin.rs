@@ -99,6 +99,14 @@ impl MetricsSource for crate::Relay {
     }
 }
 
+pub struct IdsMetrics(pub Arc<ids::Ids>);
+
+impl MetricsSource for IdsMetrics {
+    fn render(&self, out: &mut String) {
+        self.0.kt.render_metrics(out);
+    }
+}
+
 /// The identity service's database.
 pub struct IdsDatabase(pub ids::store::Store);
 

@@ -824,6 +824,9 @@ async fn serve(
                 .chain(signaling_server.iter().map(|s| {
                     Arc::new(admin::SignalingMetrics(s.clone())) as Arc<dyn admin::MetricsSource>
                 }))
+                .chain(ids_server.iter().map(|i| {
+                    Arc::new(admin::IdsMetrics(i.ids.clone())) as Arc<dyn admin::MetricsSource>
+                }))
                 .collect(),
         ),
         probes: Arc::new(

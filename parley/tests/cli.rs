@@ -330,6 +330,12 @@ fn up_creates_the_data_dir_serves_admin_reloads_and_drains() {
     let (code, metrics) = http_get(run.admin, "/metrics");
     assert_eq!(code, 200);
     assert!(metrics.contains("parley_turn_allocations 2"), "{metrics}");
+    // A lone identity service is the key directory's publisher.
+    assert!(metrics.contains("parley_ids_epoch "), "{metrics}");
+    assert!(
+        metrics.contains("parley_ids_publisher_takeovers_total "),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("parley_turn_auth_failures_total{reason=\"challenged\"}"),
         "{metrics}"
