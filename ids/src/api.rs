@@ -318,7 +318,7 @@ struct CheckVerification {
 
 async fn check_verification(State(ids): S, Path(id): Path<String>, body: Bytes) -> R {
     let req: CheckVerification = parse(&body)?;
-    let (handle, token) = ids.check_verification(&id, &req.code)?;
+    let (handle, token) = ids.check_verification(&id, &req.code).await?;
     ok(
         StatusCode::OK,
         json!({"handle": handle.uri(), "handle_token": token}),

@@ -190,7 +190,7 @@ async fn publisher(ids: Arc<Ids>, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.changed() => return,
         }
-        ids.tick();
+        ids.tick().await;
         let started = std::time::Instant::now();
         match ids.kt.publish_pending(100_000).await {
             Ok(0) => {}

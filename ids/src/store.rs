@@ -100,6 +100,26 @@ pub enum ResetState {
     Cancelled = 2,
 }
 
+/// A verification session as stored (times in Unix milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    pub handle: String,
+    pub started_ms: i64,
+    pub code_mac: Vec<u8>,
+    pub sends: i64,
+    pub last_send_ms: i64,
+    pub checks: i64,
+    pub next_check_ms: i64,
+}
+
+/// A handle's wrong codes as stored (times in Unix milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailureRow {
+    pub count: i64,
+    pub last_ms: i64,
+    pub locked_until_ms: Option<i64>,
+}
+
 /// An event for the devices of an account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRow {
@@ -166,6 +186,28 @@ CREATE TABLE IF NOT EXISTS pending_resets (
     effective_at BIGINT NOT NULL,
     state BIGINT NOT NULL DEFAULT 0,
     result TEXT
+);
+CREATE TABLE IF NOT EXISTS verification_sessions (
+    id {blob} PRIMARY KEY,
+    handle TEXT NOT NULL,
+    started_ms BIGINT NOT NULL,
+    code_mac {blob} NOT NULL,
+    sends BIGINT NOT NULL,
+    last_send_ms BIGINT NOT NULL,
+    checks BIGINT NOT NULL,
+    next_check_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS verification_failures (
+    handle TEXT PRIMARY KEY,
+    count BIGINT NOT NULL,
+    last_ms BIGINT NOT NULL,
+    locked_until_ms BIGINT
+);
+CREATE TABLE IF NOT EXISTS handle_tokens (
+    token_hash {blob} PRIMARY KEY,
+    handle TEXT NOT NULL,
+    expires_ms BIGINT NOT NULL,
+    spent BIGINT NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS pending_reset_values (
     reset_id TEXT NOT NULL,
@@ -614,6 +656,85 @@ impl Store {
             .collect())
     }
 
+    /// Spends handle tokens (by their SHA-256): all of them, once each,
+    /// unexpired at `now_ms`, or none. Returns the handles they prove, in
+    /// order, or None.
+    pub async fn spend_tokens(
+        &self,
+        hashes: &[[u8; 32]],
+        now_ms: i64,
+    ) -> Result<Option<Vec<String>>, Error> {
+        let mut t = self.begin().await?;
+        let mut out = Vec::with_capacity(hashes.len());
+        for h in hashes {
+            let row = sqlx::query(
+                "UPDATE handle_tokens SET spent = 1
+                 WHERE token_hash = $1 AND spent = 0 AND expires_ms > $2 RETURNING handle",
+            )
+            .bind(h.to_vec())
+            .bind(now_ms)
+            .fetch_optional(&mut *t)
+            .await
+            .map_err(Error::db)?;
+            match row {
+                Some(r) => out.push(r.get(0)),
+                None => return Ok(None), // dropped: rolled back
+            }
+        }
+        t.commit().await.map_err(Error::db)?;
+        Ok(Some(out))
+    }
+
+    /// Puts spent tokens back (the request that spent them failed), with
+    /// the lifetime they had: an expired one stays spent.
+    pub async fn unspend_tokens(&self, hashes: &[[u8; 32]], now_ms: i64) -> Result<(), Error> {
+        for h in hashes {
+            sqlx::query(
+                "UPDATE handle_tokens SET spent = 0 WHERE token_hash = $1 AND expires_ms > $2",
+            )
+            .bind(h.to_vec())
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes verification sessions started before `sessions_before_ms`,
+    /// tokens expired at `now_ms`, and wrong-code counts last changed
+    /// before `failures_before_ms` that lock nothing any more.
+    pub async fn prune_verifications(
+        &self,
+        now_ms: i64,
+        sessions_before_ms: i64,
+        failures_before_ms: i64,
+    ) -> Result<(), Error> {
+        for (sql, at) in [
+            (
+                "DELETE FROM verification_sessions WHERE started_ms < $1",
+                sessions_before_ms,
+            ),
+            ("DELETE FROM handle_tokens WHERE expires_ms <= $1", now_ms),
+        ] {
+            sqlx::query(sql)
+                .bind(at)
+                .execute(&self.pool)
+                .await
+                .map_err(Error::db)?;
+        }
+        sqlx::query(
+            "DELETE FROM verification_failures WHERE last_ms < $1
+             AND (locked_until_ms IS NULL OR locked_until_ms < $2)",
+        )
+        .bind(failures_before_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(())
+    }
+
     /// The newest epoch with a signed root.
     pub async fn latest_root_epoch(&self) -> Result<u64, Error> {
         let row = sqlx::query("SELECT COALESCE(MAX(epoch), 0) FROM kt_roots")
@@ -697,6 +818,146 @@ impl Store {
 pub mod tx {
     use super::*;
     use sqlx::AnyConnection;
+
+    /// Row locks for a read that a write in the same transaction follows:
+    /// PostgreSQL's `FOR UPDATE`; SQLite's write transactions are
+    /// exclusive already.
+    fn for_update(backend: Backend) -> &'static str {
+        match backend {
+            Backend::Postgres => " FOR UPDATE",
+            Backend::Sqlite => "",
+        }
+    }
+
+    pub async fn session(
+        c: &mut AnyConnection,
+        backend: Backend,
+        id: &[u8],
+    ) -> Result<Option<SessionRow>, Error> {
+        let row = sqlx::query(&format!(
+            "SELECT handle, started_ms, code_mac, sends, last_send_ms, checks, next_check_ms
+             FROM verification_sessions WHERE id = $1{}",
+            for_update(backend)
+        ))
+        .bind(id.to_vec())
+        .fetch_optional(c)
+        .await
+        .map_err(Error::db)?;
+        Ok(row.map(|r| SessionRow {
+            handle: r.get(0),
+            started_ms: r.get(1),
+            code_mac: r.get(2),
+            sends: r.get(3),
+            last_send_ms: r.get(4),
+            checks: r.get(5),
+            next_check_ms: r.get(6),
+        }))
+    }
+
+    /// Stores a session, or deletes it (None).
+    pub async fn put_session(
+        c: &mut AnyConnection,
+        id: &[u8],
+        s: Option<&SessionRow>,
+    ) -> Result<(), Error> {
+        let Some(s) = s else {
+            sqlx::query("DELETE FROM verification_sessions WHERE id = $1")
+                .bind(id.to_vec())
+                .execute(c)
+                .await
+                .map_err(Error::db)?;
+            return Ok(());
+        };
+        sqlx::query(
+            "INSERT INTO verification_sessions
+                (id, handle, started_ms, code_mac, sends, last_send_ms, checks, next_check_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (id) DO UPDATE SET code_mac = excluded.code_mac, sends = excluded.sends,
+                last_send_ms = excluded.last_send_ms, checks = excluded.checks,
+                next_check_ms = excluded.next_check_ms",
+        )
+        .bind(id.to_vec())
+        .bind(&s.handle)
+        .bind(s.started_ms)
+        .bind(s.code_mac.clone())
+        .bind(s.sends)
+        .bind(s.last_send_ms)
+        .bind(s.checks)
+        .bind(s.next_check_ms)
+        .execute(c)
+        .await
+        .map_err(Error::db)?;
+        Ok(())
+    }
+
+    pub async fn failures(
+        c: &mut AnyConnection,
+        backend: Backend,
+        handle: &str,
+    ) -> Result<Option<FailureRow>, Error> {
+        let row = sqlx::query(&format!(
+            "SELECT count, last_ms, locked_until_ms FROM verification_failures WHERE handle = $1{}",
+            for_update(backend)
+        ))
+        .bind(handle)
+        .fetch_optional(c)
+        .await
+        .map_err(Error::db)?;
+        Ok(row.map(|r| FailureRow {
+            count: r.get(0),
+            last_ms: r.get(1),
+            locked_until_ms: r.get(2),
+        }))
+    }
+
+    /// Stores a handle's wrong codes, or deletes them (None).
+    pub async fn put_failures(
+        c: &mut AnyConnection,
+        handle: &str,
+        f: Option<&FailureRow>,
+    ) -> Result<(), Error> {
+        let Some(f) = f else {
+            sqlx::query("DELETE FROM verification_failures WHERE handle = $1")
+                .bind(handle)
+                .execute(c)
+                .await
+                .map_err(Error::db)?;
+            return Ok(());
+        };
+        sqlx::query(
+            "INSERT INTO verification_failures (handle, count, last_ms, locked_until_ms)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (handle) DO UPDATE SET count = excluded.count, last_ms = excluded.last_ms,
+                locked_until_ms = excluded.locked_until_ms",
+        )
+        .bind(handle)
+        .bind(f.count)
+        .bind(f.last_ms)
+        .bind(f.locked_until_ms)
+        .execute(c)
+        .await
+        .map_err(Error::db)?;
+        Ok(())
+    }
+
+    /// A handle token (by its SHA-256) proving `handle` until `expires_ms`.
+    pub async fn insert_token(
+        c: &mut AnyConnection,
+        hash: &[u8; 32],
+        handle: &str,
+        expires_ms: i64,
+    ) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO handle_tokens (token_hash, handle, expires_ms) VALUES ($1, $2, $3)",
+        )
+        .bind(hash.to_vec())
+        .bind(handle)
+        .bind(expires_ms)
+        .execute(c)
+        .await
+        .map_err(Error::db)?;
+        Ok(())
+    }
 
     pub async fn upsert_account(
         c: &mut AnyConnection,

@@ -42,6 +42,24 @@ struct LabKeys {
 }
 
 impl LabKeys {
+    /// An identity service on `config`'s database with these keys.
+    async fn service(
+        &self,
+        config: ids::Config,
+        sender: Box<dyn ids::sender::CodeSender>,
+    ) -> ids::Ids {
+        let store = ids::store::Store::open(&config.database_url).await.unwrap();
+        let kt = ids::kt::Transparency::open(
+            store.clone(),
+            ids::kt::VrfKey::new([3; 32]).unwrap(),
+            &self.root_pkcs8,
+        )
+        .await
+        .unwrap();
+        let ca = ids::certs::DeviceCa::from_pem(&self.ca_pem, &self.ca_key_pem).unwrap();
+        ids::Ids::new(config, store, kt, ca, sender).unwrap()
+    }
+
     fn generate() -> LabKeys {
         let (ca_pem, ca_key_pem, server_cert) = pki();
         let root_key =
@@ -137,25 +155,16 @@ impl Lab {
             ..ids::Config::default()
         };
         tweak(&mut config);
-        let store = ids::store::Store::open(&config.database_url).await.unwrap();
-        let expected = match config.database_url.starts_with("postgres") {
-            true => ids::store::Backend::Postgres,
-            false => ids::store::Backend::Sqlite,
-        };
-        assert_eq!(store.backend(), expected);
-        let kt = ids::kt::Transparency::open(
-            store.clone(),
-            ids::kt::VrfKey::new([3; 32]).unwrap(),
-            &keys.root_pkcs8,
-        )
-        .await
-        .unwrap();
-        let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &keys.ca_key_pem).unwrap();
         let sender = ids::sender::OutboxSender {
             dir: config.outbox.clone(),
         };
         let outbox = config.outbox.clone();
-        let service = ids::Ids::new(config, store, kt, ca, Box::new(sender)).unwrap();
+        let expected = match config.database_url.starts_with("postgres") {
+            true => ids::store::Backend::Postgres,
+            false => ids::store::Backend::Sqlite,
+        };
+        let service = keys.service(config, Box::new(sender)).await;
+        assert_eq!(service.store.backend(), expected);
 
         let key = rustls::pki_types::PrivateKeyDer::try_from(keys.cert_key_der.clone()).unwrap();
         // Devices may present the certificates the service issues them.
@@ -2510,4 +2519,126 @@ async fn two_directory_nodes_publish_through_one_lease() {
     )
     .await
     .expect("append-only across the takeover");
+}
+
+/// Captures the codes a service sends.
+#[derive(Debug, Default, Clone)]
+struct Codes(Arc<std::sync::Mutex<Vec<String>>>);
+
+#[async_trait::async_trait]
+impl ids::sender::CodeSender for Codes {
+    async fn send(
+        &self,
+        _to: &wire::Handle,
+        code: &ids::core::verification::Code,
+    ) -> Result<(), ids::Error> {
+        self.0.lock().unwrap().push(code.0.clone());
+        Ok(())
+    }
+}
+
+/// Two identity service nodes on one PostgreSQL database with the same
+/// code key: a code sent through one is taken at the other, a handle's
+/// wrong codes lock it on both, and a handle token is spent once across
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_code_sent_through_one_node_is_checked_at_another() {
+    let pg = tokio::task::spawn_blocking(|| parley_tests::postgres::Postgres::start("ids-codes"))
+        .await
+        .unwrap();
+    let keys = LabKeys::generate();
+    let codes = Codes::default();
+    let config = || ids::Config {
+        database_url: pg.url(),
+        ..ids::Config::default()
+    };
+    let node = || async {
+        keys.service(config(), Box::new(codes.clone()))
+            .await
+            .with_code_key(&[5; 32])
+    };
+    let (a, b) = (node().await, node().await);
+    let ip: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+
+    // Started at A, checked at B.
+    let s = a.start_verification("+14155550123", ip).await.unwrap();
+    let code = codes.0.lock().unwrap().pop().unwrap();
+    let (handle, token) = b.check_verification(&s.id, &code).await.unwrap();
+    assert_eq!(handle.as_str(), "+14155550123");
+    // The session is over on both.
+    assert!(a.check_verification(&s.id, &code).await.is_err());
+
+    // Wrong codes spread over both nodes lock the handle on both: ten
+    // wrong codes, two per session, alternating nodes.
+    let mut locked = false;
+    for round in 0..5 {
+        let (start, check) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let s = match start.start_verification("+14155550199", ip).await {
+            Ok(s) => s,
+            Err(e) => panic!("round {round}: {e}"),
+        };
+        for node in [check, start] {
+            if let Err(ids::Error::RetryAfter(d)) = node.check_verification(&s.id, "000000").await {
+                if d > Duration::from_secs(600) {
+                    locked = true;
+                }
+            }
+        }
+    }
+    assert!(locked, "the tenth wrong code locks the handle");
+    for node in [&a, &b] {
+        assert!(matches!(
+            node.start_verification("+14155550199", ip).await,
+            Err(ids::Error::RetryAfter(_))
+        ));
+    }
+    // Nodes without the shared key do not take each other's codes.
+    let c = keys.service(config(), Box::new(codes.clone())).await;
+    let s = a.start_verification("+14155550177", ip).await.unwrap();
+    let code = codes.0.lock().unwrap().pop().unwrap();
+    assert!(c.check_verification(&s.id, &code).await.is_err());
+    // The token from B is spent once, at either node: creating an account
+    // with it at A works, and at B again is refused.
+    let (account, device) = (SigningKey::generate(), SigningKey::generate());
+    let list = |seq| {
+        B64.decode(signed_list(
+            &account,
+            seq,
+            &["tel:+14155550123"],
+            &[(DeviceId::random(), &device)],
+        ))
+        .unwrap()
+    };
+    let none = std::collections::BTreeMap::new();
+    fn submitted<'a>(
+        l: &'a [u8],
+        none: &'a std::collections::BTreeMap<String, Vec<u8>>,
+    ) -> ids::Submitted<'a> {
+        ids::Submitted {
+            list: l,
+            per_handle: none,
+        }
+    }
+    let first = list(1);
+    a.create_account(
+        &device.public(),
+        std::slice::from_ref(&token),
+        submitted(&first, &none),
+        "d",
+        &[],
+    )
+    .await
+    .unwrap();
+    let again = list(1);
+    assert!(matches!(
+        b.create_account(
+            &device.public(),
+            &[token],
+            submitted(&again, &none),
+            "d",
+            &[]
+        )
+        .await,
+        Err(ids::Error::Forbidden(_))
+    ));
 }

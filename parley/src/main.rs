@@ -535,7 +535,14 @@ async fn start_ids(
         .with_context(|| format!("cannot read {}", data.ca_key.display()))?;
     let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &ca_key)?;
     let sender = settings.sender(&config.outbox)?;
-    let service = ids::Ids::new(config, store, kt, ca, sender)?;
+    // Verification codes are stored under a key every node derives alike
+    // from the directory's VRF key.
+    let code_key = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &vrf),
+        b"parley-verification-codes-v1",
+    );
+    let code_key: [u8; 32] = code_key.as_ref().try_into()?;
+    let service = ids::Ids::new(config, store, kt, ca, sender)?.with_code_key(&code_key);
     let (cert, key) = data.server_files(&settings.cert, &settings.key);
     // Devices may authenticate with the certificates this CA issues them.
     let tls = ids::runtime::tls_config(

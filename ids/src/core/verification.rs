@@ -1,8 +1,12 @@
 //! Proving a handle: a 6-digit code goes out, comes back, and is checked.
 //!
 //! Sans-IO: time and randomness come in as arguments, the code to deliver
-//! comes out in the result. Sessions live in memory (they are short-lived
-//! and bounded in number); what they prove is a single-use handle token.
+//! comes out in the result. Sessions and a handle's wrong-code count are
+//! kept by the caller between requests (in the database, so that any node
+//! of a cluster can take the next request): it puts them in with
+//! [`Verifications::put_session`] / [`Verifications::put_failures`] and
+//! reads them back after the operation. What a passed check proves is a
+//! single-use handle token, which the caller makes and keeps.
 //!
 //! Rules (defaults in [`VerificationConfig`]):
 //! - a session expires 10 minutes after it starts; codes are stored as
@@ -128,14 +132,17 @@ pub enum Refusal {
     Busy,
 }
 
-struct Session {
-    handle: Handle,
-    started: Instant,
-    code_mac: hmac::Tag,
-    sends: u32,
-    last_send: Instant,
-    checks: u32,
-    next_check_at: Instant,
+/// A session as the caller keeps it between requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub handle: Handle,
+    pub started: Instant,
+    /// HMAC-SHA256(key, session id ‖ code).
+    pub code_mac: [u8; 32],
+    pub sends: u32,
+    pub last_send: Instant,
+    pub checks: u32,
+    pub next_check_at: Instant,
 }
 
 /// All verification sessions of one node.
@@ -143,10 +150,6 @@ pub struct Verifications {
     config: VerificationConfig,
     key: hmac::Key,
     sessions: HashMap<SessionId, Session>,
-    tokens: HashMap<[u8; 32], (Handle, Instant)>,
-    /// Tokens spent, until they would have expired: a request that spent
-    /// one and then failed puts it back with the lifetime it had left.
-    spent: HashMap<[u8; 32], (Handle, Instant)>,
     per_handle: RateLimiter<Handle>,
     per_ip: RateLimiter<IpAddr>,
     per_v6_48: RateLimiter<IpAddr>,
@@ -155,19 +158,18 @@ pub struct Verifications {
 }
 
 /// A handle's wrong codes since its last success.
-#[derive(Debug, Clone, Copy)]
-struct Failures {
-    count: u32,
-    last: Instant,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Failures {
+    pub count: u32,
+    pub last: Instant,
     /// Locked (no starts, no checks) until then.
-    locked_until: Option<Instant>,
+    pub locked_until: Option<Instant>,
 }
 
 impl std::fmt::Debug for Verifications {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifications")
             .field("sessions", &self.sessions.len())
-            .field("tokens", &self.tokens.len())
             .finish()
     }
 }
@@ -184,8 +186,6 @@ impl Verifications {
             failures: HashMap::new(),
             key: hmac::Key::new(hmac::HMAC_SHA256, key),
             sessions: HashMap::new(),
-            tokens: HashMap::new(),
-            spent: HashMap::new(),
             config,
         }
     }
@@ -262,15 +262,10 @@ impl Verifications {
         Ok((self.state(id), code))
     }
 
-    /// Checks a code. On success the session ends and a single-use handle
-    /// token (from `token`, 32 random bytes) proves the handle.
-    pub fn check(
-        &mut self,
-        id: SessionId,
-        code: &str,
-        now: Instant,
-        token: [u8; 32],
-    ) -> Result<Handle, Refusal> {
+    /// Checks a code. On success the session ends, the handle's wrong
+    /// codes are forgotten, and the caller makes a handle token for it
+    /// (valid [`VerificationConfig::token_ttl`]).
+    pub fn check(&mut self, id: SessionId, code: &str, now: Instant) -> Result<Handle, Refusal> {
         self.handle_timeout(now);
         let s = self.sessions.get(&id).ok_or(Refusal::NotFound)?;
         if s.checks >= self.config.max_checks {
@@ -281,15 +276,13 @@ impl Verifications {
         if now < s.next_check_at {
             return Err(Refusal::RetryAfter(s.next_check_at - now));
         }
-        let ok = code.len() == 6
-            && hmac::verify(&self.key, &mac_input(&id, code), s.code_mac.as_ref()).is_ok();
+        let ok =
+            code.len() == 6 && hmac::verify(&self.key, &mac_input(&id, code), &s.code_mac).is_ok();
         let s = self.sessions.get_mut(&id).ok_or(Refusal::NotFound)?;
         s.checks += 1;
         if ok {
             self.sessions.remove(&id);
             self.failures.remove(&handle);
-            self.tokens
-                .insert(token, (handle.clone(), now + self.config.token_ttl));
             return Ok(handle);
         }
         let checks = s.checks;
@@ -316,37 +309,41 @@ impl Verifications {
         })
     }
 
-    /// Spends a handle token. Returns the handle it proves, once.
-    pub fn redeem(&mut self, token: &[u8; 32], now: Instant) -> Option<Handle> {
-        let (handle, until) = self.tokens.remove(token)?;
-        if now >= until {
-            return None;
-        }
-        self.spent.insert(*token, (handle.clone(), until));
-        Some(handle)
+    /// A session as it is now, for the caller to keep (None: it ended).
+    pub fn session(&self, id: SessionId) -> Option<Session> {
+        self.sessions.get(&id).cloned()
     }
 
-    /// Puts a spent token back (the request that spent it failed for
-    /// another reason) with the lifetime it had: a lifetime is absolute,
-    /// so failing requests cannot keep a token alive.
-    pub fn restore(&mut self, token: [u8; 32], now: Instant) {
-        if let Some((handle, until)) = self.spent.remove(&token) {
-            if now < until {
-                self.tokens.insert(token, (handle, until));
-            }
-        }
+    /// Puts in a session the caller kept (or forgets it, for None),
+    /// replacing what this node had for it.
+    pub fn put_session(&mut self, id: SessionId, s: Option<Session>) {
+        match s {
+            Some(s) => self.sessions.insert(id, s),
+            None => self.sessions.remove(&id),
+        };
+    }
+
+    /// A handle's wrong codes as they are now, for the caller to keep.
+    pub fn failures(&self, handle: &Handle) -> Option<Failures> {
+        self.failures.get(handle).copied()
+    }
+
+    /// Puts in a handle's wrong codes the caller kept (or none).
+    pub fn put_failures(&mut self, handle: &Handle, f: Option<Failures>) {
+        match f {
+            Some(f) => self.failures.insert(handle.clone(), f),
+            None => self.failures.remove(handle),
+        };
     }
 
     pub fn state_of(&self, id: SessionId) -> Option<SessionState> {
         self.sessions.contains_key(&id).then(|| self.state(id))
     }
 
-    /// Drops expired sessions, tokens and rate-limit entries.
+    /// Drops expired sessions and rate-limit entries.
     pub fn handle_timeout(&mut self, now: Instant) {
         let ttl = self.config.session_ttl;
         self.sessions.retain(|_, s| now < s.started + ttl);
-        self.tokens.retain(|_, (_, until)| now < *until);
-        self.spent.retain(|_, (_, until)| now < *until);
         self.per_handle.prune(now);
         self.per_ip.prune(now);
         self.per_v6_48.prune(now);
@@ -357,11 +354,7 @@ impl Verifications {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let ttl = self.config.session_ttl;
-        self.sessions
-            .values()
-            .map(|s| s.started + ttl)
-            .chain(self.tokens.values().map(|(_, t)| *t))
-            .min()
+        self.sessions.values().map(|s| s.started + ttl).min()
     }
 
     pub fn session_count(&self) -> usize {
@@ -381,8 +374,11 @@ impl Verifications {
         }
     }
 
-    fn mac(&self, id: &SessionId, code: &Code) -> hmac::Tag {
+    fn mac(&self, id: &SessionId, code: &Code) -> [u8; 32] {
         hmac::sign(&self.key, &mac_input(id, &code.0))
+            .as_ref()
+            .try_into()
+            .expect("HMAC-SHA256 is 32 bytes")
     }
 
     /// Refuses while `handle` is locked.
@@ -472,10 +468,8 @@ mod tests {
         assert_eq!(code.0, "123456");
         assert_eq!(s.checks_left, 5);
         assert_eq!(s.expires_at, t0 + Duration::from_secs(600));
-        assert_eq!(v.check(s.id, "123456", t0, [9; 32]), Ok(handle()));
-        assert_eq!(v.check(s.id, "123456", t0, [9; 32]), Err(Refusal::NotFound));
-        assert_eq!(v.redeem(&[9; 32], t0), Some(handle()));
-        assert_eq!(v.redeem(&[9; 32], t0), None, "single use");
+        assert_eq!(v.check(s.id, "123456", t0), Ok(handle()));
+        assert_eq!(v.check(s.id, "123456", t0), Err(Refusal::NotFound));
     }
 
     #[test]
@@ -485,40 +479,31 @@ mod tests {
         let (s, code) = v.start(handle(), IP, t0, [1; 16], 42).unwrap();
         assert_eq!(code.0, "000042");
         let late = t0 + Duration::from_secs(600);
-        assert_eq!(
-            v.check(s.id, "000042", late, [9; 32]),
-            Err(Refusal::NotFound)
-        );
+        assert_eq!(v.check(s.id, "000042", late), Err(Refusal::NotFound));
         assert_eq!(v.session_count(), 0);
     }
 
     #[test]
-    fn handle_tokens_expire() {
-        let mut v = v();
+    fn a_session_and_failures_put_in_from_elsewhere_carry_on() {
+        // Node A starts a session and takes a wrong code; node B, given
+        // what A kept, takes the next check where A left off.
+        let mut a = v();
         let t0 = Instant::now();
-        let (s, _) = v.start(handle(), IP, t0, [1; 16], 1).unwrap();
-        v.check(s.id, "000001", t0, [9; 32]).unwrap();
-        assert_eq!(v.redeem(&[9; 32], t0 + Duration::from_secs(601)), None);
-    }
-
-    #[test]
-    fn a_restored_token_keeps_its_absolute_lifetime() {
-        let mut v = v();
-        let t0 = Instant::now();
-        let (s, _) = v.start(handle(), IP, t0, [1; 16], 1).unwrap();
-        v.check(s.id, "000001", t0, [9; 32]).unwrap();
-        // Spent and put back again and again by failing requests...
-        let mut now = t0;
-        for _ in 0..5 {
-            now += Duration::from_secs(100);
-            assert_eq!(v.redeem(&[9; 32], now), Some(handle()));
-            v.restore([9; 32], now);
-        }
-        // ...it still dies ten minutes after it was made.
-        assert_eq!(v.redeem(&[9; 32], t0 + Duration::from_secs(600)), None);
-        // A token never spent cannot be restored into existence.
-        v.restore([7; 32], now);
-        assert_eq!(v.redeem(&[7; 32], now), None);
+        let (s, _) = a.start(handle(), IP, t0, [1; 16], 777_777).unwrap();
+        assert!(a.check(s.id, "000000", t0).is_err());
+        let (kept, failures) = (a.session(s.id), a.failures(&handle()));
+        assert_eq!(kept.as_ref().map(|k| k.checks), Some(1));
+        assert_eq!(failures.map(|f| f.count), Some(1));
+        let mut b = v();
+        b.put_session(s.id, kept);
+        b.put_failures(&handle(), failures);
+        assert_eq!(b.state_of(s.id).map(|st| st.checks_left), Some(4));
+        assert_eq!(b.check(s.id, "777777", t0), Ok(handle()));
+        assert_eq!(b.session(s.id), None, "ended");
+        assert_eq!(b.failures(&handle()), None, "cleared");
+        // Put back as gone, a session is gone.
+        a.put_session(s.id, None);
+        assert_eq!(a.check(s.id, "777777", t0), Err(Refusal::NotFound));
     }
 
     #[test]
@@ -529,7 +514,7 @@ mod tests {
         // Two immediate tries, then 1 min, 2 min, 4 min.
         let expect = [0, 60, 120, 240];
         for (i, wait) in expect.iter().enumerate() {
-            let r = v.check(s.id, "000000", now, [9; 32]);
+            let r = v.check(s.id, "000000", now);
             assert_eq!(
                 r,
                 Err(Refusal::WrongCode {
@@ -539,7 +524,7 @@ mod tests {
             );
             if *wait > 0 {
                 assert_eq!(
-                    v.check(s.id, "111111", now, [9; 32]),
+                    v.check(s.id, "111111", now),
                     Err(Refusal::RetryAfter(Duration::from_secs(*wait))),
                     "too early, even with the right code"
                 );
@@ -547,14 +532,8 @@ mod tests {
             now += Duration::from_secs(*wait);
         }
         // The fifth check is the last; wrong again ends the session.
-        assert_eq!(
-            v.check(s.id, "000000", now, [9; 32]),
-            Err(Refusal::Exhausted)
-        );
-        assert_eq!(
-            v.check(s.id, "111111", now, [9; 32]),
-            Err(Refusal::NotFound)
-        );
+        assert_eq!(v.check(s.id, "000000", now), Err(Refusal::Exhausted));
+        assert_eq!(v.check(s.id, "111111", now), Err(Refusal::NotFound));
     }
 
     #[test]
@@ -577,8 +556,8 @@ mod tests {
         // Five sends in 7.5 minutes; a sixth is refused outright.
         assert_eq!(v.resend(s.id, now, 9).map(|x| x.1), Err(Refusal::Exhausted));
         // Only the newest code works.
-        assert!(v.check(s.id, "000001", now, [9; 32]).is_err());
-        assert_eq!(v.check(s.id, &last.0, now, [9; 32]), Ok(handle()));
+        assert!(v.check(s.id, "000001", now).is_err());
+        assert_eq!(v.check(s.id, &last.0, now), Ok(handle()));
     }
 
     #[test]
@@ -632,7 +611,7 @@ mod tests {
                 Err(e) => panic!("{e:?}"),
             };
             loop {
-                match v.check(s.id, "000000", now, [9; 32]) {
+                match v.check(s.id, "000000", now) {
                     Err(Refusal::WrongCode { next_check_in, .. }) => {
                         guesses += 1;
                         now += next_check_in;
@@ -670,7 +649,7 @@ mod tests {
         let mut last = None;
         for n in 0..10 {
             let s = &sessions[n / 4];
-            let r = v.check(s.id, "000000", now, [9; 32]);
+            let r = v.check(s.id, "000000", now);
             if let Err(Refusal::WrongCode { next_check_in, .. }) = &r {
                 if n % 4 == 3 {
                     continue; // the next session starts at once
@@ -684,7 +663,7 @@ mod tests {
         // Even the right code in a session still open is refused now.
         now += Duration::from_secs(1);
         assert_eq!(
-            v.check(sessions[1].id, "123456", now, [9; 32]),
+            v.check(sessions[1].id, "123456", now),
             Err(Refusal::RetryAfter(lock - Duration::from_secs(1)))
         );
         assert_eq!(
@@ -694,7 +673,7 @@ mod tests {
         // After the lock a new session works.
         now += lock;
         let (s, _) = v.start(handle(), IP, now, [51; 16], 654_321).unwrap();
-        assert_eq!(v.check(s.id, "654321", now, [9; 32]), Ok(handle()));
+        assert_eq!(v.check(s.id, "654321", now), Ok(handle()));
     }
 
     #[test]
@@ -703,10 +682,10 @@ mod tests {
         let now = Instant::now();
         let (s, _) = v.start(handle(), IP, now, [1; 16], 123_456).unwrap();
         for _ in 0..2 {
-            assert!(v.check(s.id, "000000", now, [9; 32]).is_err());
+            assert!(v.check(s.id, "000000", now).is_err());
         }
         let now = now + Duration::from_secs(60);
-        assert_eq!(v.check(s.id, "123456", now, [9; 32]), Ok(handle()));
+        assert_eq!(v.check(s.id, "123456", now), Ok(handle()));
         assert!(v.failures.is_empty());
     }
 

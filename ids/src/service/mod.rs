@@ -183,6 +183,8 @@ pub struct Ids {
     ca: DeviceCa,
     sender: Box<dyn CodeSender>,
     verifications: Mutex<Verifications>,
+    /// The core's times as stored (see `verification.rs`).
+    clock: verification::WallClock,
     /// Lookups per account: a device id costs nothing to mint (link
     /// another device), an account needs a proven handle.
     lookups: Mutex<RateLimiter<String>>,
@@ -276,6 +278,7 @@ impl Ids {
             .map_err(|_| Error::Internal("random".into()))?;
         Ok(Ids {
             verifications: Mutex::new(Verifications::new(config.verification.clone(), &key)),
+            clock: verification::WallClock::now(),
             lookups: Mutex::new(RateLimiter::new(
                 config.lookups_per_minute,
                 Duration::from_secs(60),
@@ -295,6 +298,16 @@ impl Ids {
             crl: Mutex::new(None),
             audits: tokio::sync::Semaphore::new(1),
         })
+    }
+
+    /// The key verification codes are stored under. Every node of a
+    /// deployment needs the same one, or a code sent through one is not
+    /// taken at another; without it each process picks its own.
+    pub fn with_code_key(self, key: &[u8; 32]) -> Ids {
+        Ids {
+            verifications: Mutex::new(Verifications::new(self.config.verification.clone(), key)),
+            ..self
+        }
     }
 
     /// Where account changes are pushed (once; later calls are ignored).
@@ -431,7 +444,7 @@ impl Ids {
     ) -> Result<Registered, Error> {
         let lists = device_list.parse()?;
         let me = single_device(&lists.account, key)?;
-        let proven = self.redeem(handle_tokens)?;
+        let proven = self.redeem(handle_tokens).await?;
         let uris: BTreeSet<String> = proven.iter().map(|(h, _)| h.uri()).collect();
         let how = if reset {
             Creation::Reset
@@ -442,7 +455,7 @@ impl Ids {
             .create_account_inner(&lists, me, &uris, name, capabilities, how)
             .await;
         if r.is_err() {
-            self.restore(proven);
+            self.restore(proven).await;
         }
         r
     }
@@ -616,7 +629,7 @@ impl Ids {
                 self.config.max_devices
             )));
         }
-        let proven = self.redeem(handle_tokens)?;
+        let proven = self.redeem(handle_tokens).await?;
         let r = self
             .update_inner(
                 me.device.id,
@@ -631,7 +644,7 @@ impl Ids {
             )
             .await;
         if r.is_err() {
-            self.restore(proven);
+            self.restore(proven).await;
         }
         r
     }

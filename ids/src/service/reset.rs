@@ -23,12 +23,12 @@ impl Ids {
     ) -> Result<ResetOutcome, Error> {
         let lists = device_list.parse()?;
         let me = single_device(&lists.account, key)?;
-        let proven = self.redeem(handle_tokens)?;
+        let proven = self.redeem(handle_tokens).await?;
         let r = self
             .reset_inner(&lists, me, &proven, name, capabilities)
             .await;
         if r.is_err() {
-            self.restore(proven);
+            self.restore(proven).await;
         }
         r
     }
