@@ -746,8 +746,10 @@ impl Store {
 
     /// Keeps or takes the publisher lease: `holder` keeps it if it holds
     /// `term` and it has not expired, or takes it (the next term) if it
-    /// expired. Returns the term `holder` now holds, if any. Times are
-    /// Unix milliseconds.
+    /// expired or was already `holder`'s (the same node, restarted: the
+    /// new term fences off anything the old process still had in flight).
+    /// Returns the term `holder` now holds, if any. Times are Unix
+    /// milliseconds.
     pub async fn lease(
         &self,
         holder: &str,
@@ -775,7 +777,7 @@ impl Store {
             "INSERT INTO kt_lease (id, holder, term, expires_at) VALUES (1, $1, 1, $2)
              ON CONFLICT (id) DO UPDATE
              SET holder = excluded.holder, term = kt_lease.term + 1, expires_at = excluded.expires_at
-             WHERE kt_lease.expires_at <= $3",
+             WHERE kt_lease.expires_at <= $3 OR kt_lease.holder = excluded.holder",
         )
         .bind(holder)
         .bind(until_ms)

@@ -7,6 +7,8 @@
 //!   turn-secret                 the TURN REST shared secret
 //!   sip-secret                  signaling's key for digest nonces and
 //!                               route tokens (share it between nodes)
+//!   node-id                     this node's name among others (never copy
+//!                               it to another node)
 //! ```
 //! Keys and secrets are written with mode 0600. Production passes real
 //! certificate files and secrets instead; then these are not used.
@@ -33,6 +35,9 @@ pub struct DataDir {
     /// Signaling's key for digest nonces and route tokens: kept, so that a
     /// restart does not break the dialogs and challenges in flight.
     pub sip_secret: PathBuf,
+    /// This node's name among nodes sharing a database (the key directory
+    /// publisher lease): random, made once, kept across restarts.
+    pub node_id: String,
 }
 
 impl DataDir {
@@ -92,6 +97,9 @@ pub fn open(root: &Path) -> Result<DataDir> {
     let turn_secret = read_secret(&secret_path)?;
     let sip_secret = root.join("sip-secret");
     new_secret(&sip_secret, "signaling secret")?;
+    let node_path = root.join("node-id");
+    new_secret(&node_path, "node id")?;
+    let node_id = read_secret(&node_path)?;
     Ok(DataDir {
         root: root.to_owned(),
         ca_cert,
@@ -100,6 +108,7 @@ pub fn open(root: &Path) -> Result<DataDir> {
         server_key,
         turn_secret,
         sip_secret,
+        node_id,
     })
 }
 

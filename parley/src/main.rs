@@ -527,8 +527,9 @@ async fn start_ids(
     let store = ids::store::Store::open(&config.database_url)
         .await
         .with_context(|| "cannot open the identity database (ids.database)")?;
-    let kt =
-        ids::kt::Transparency::open(store.clone(), ids::kt::VrfKey::new(vrf)?, &root_key).await?;
+    let kt = ids::kt::Transparency::open(store.clone(), ids::kt::VrfKey::new(vrf)?, &root_key)
+        .await?
+        .with_node(&data.node_id);
     let ca_pem = std::fs::read_to_string(&data.ca_cert)
         .with_context(|| format!("cannot read {}", data.ca_cert.display()))?;
     let ca_key = std::fs::read_to_string(&data.ca_key)
