@@ -203,6 +203,11 @@ CREATE TABLE IF NOT EXISTS verification_failures (
     last_ms BIGINT NOT NULL,
     locked_until_ms BIGINT
 );
+CREATE TABLE IF NOT EXISTS verification_starts (
+    key TEXT NOT NULL,
+    at_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS verification_starts_key ON verification_starts (key, at_ms);
 CREATE TABLE IF NOT EXISTS handle_tokens (
     token_hash {blob} PRIMARY KEY,
     handle TEXT NOT NULL,
@@ -723,6 +728,11 @@ impl Store {
                 .await
                 .map_err(Error::db)?;
         }
+        sqlx::query("DELETE FROM verification_starts WHERE at_ms < $1")
+            .bind(now_ms - 3_600_000)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::db)?;
         sqlx::query(
             "DELETE FROM verification_failures WHERE last_ms < $1
              AND (locked_until_ms IS NULL OR locked_until_ms < $2)",
@@ -939,6 +949,35 @@ pub mod tx {
         .execute(c)
         .await
         .map_err(Error::db)?;
+        Ok(())
+    }
+
+    /// Verification sessions started under `key` since `since_ms` (on any
+    /// node), and when the oldest of them started.
+    pub async fn starts(
+        c: &mut AnyConnection,
+        key: &str,
+        since_ms: i64,
+    ) -> Result<(i64, Option<i64>), Error> {
+        let r = sqlx::query(
+            "SELECT COUNT(*), MIN(at_ms) FROM verification_starts WHERE key = $1 AND at_ms >= $2",
+        )
+        .bind(key)
+        .bind(since_ms)
+        .fetch_one(c)
+        .await
+        .map_err(Error::db)?;
+        Ok((r.get(0), r.get(1)))
+    }
+
+    /// Counts a session started under `key` at `at_ms`.
+    pub async fn record_start(c: &mut AnyConnection, key: &str, at_ms: i64) -> Result<(), Error> {
+        sqlx::query("INSERT INTO verification_starts (key, at_ms) VALUES ($1, $2)")
+            .bind(key)
+            .bind(at_ms)
+            .execute(c)
+            .await
+            .map_err(Error::db)?;
         Ok(())
     }
 

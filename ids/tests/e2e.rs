@@ -2592,6 +2592,18 @@ async fn a_code_sent_through_one_node_is_checked_at_another() {
             Err(ids::Error::RetryAfter(_))
         ));
     }
+    // New sessions for one handle count on every node: five an hour,
+    // however they are spread.
+    for n in 0..5 {
+        let node = if n % 2 == 0 { &a } else { &b };
+        node.start_verification("+14155550155", ip).await.unwrap();
+    }
+    for node in [&a, &b] {
+        assert!(matches!(
+            node.start_verification("+14155550155", ip).await,
+            Err(ids::Error::RetryAfter(_))
+        ));
+    }
     // Nodes without the shared key do not take each other's codes.
     let c = keys.service(config(), Box::new(codes.clone())).await;
     let s = a.start_verification("+14155550177", ip).await.unwrap();

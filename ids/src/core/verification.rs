@@ -419,7 +419,7 @@ impl Verifications {
 }
 
 /// The /48 an IPv6 source belongs to, counted for volume; none for IPv4.
-fn wide_key(ip: IpAddr) -> Option<IpAddr> {
+pub fn wide_key(ip: IpAddr) -> Option<IpAddr> {
     match ip {
         IpAddr::V4(_) => None,
         IpAddr::V6(v6) => Some(IpAddr::V6((u128::from(v6) & !((1u128 << 80) - 1)).into())),

@@ -6,8 +6,10 @@
 //! sent through one node is checked at another, a handle's lockout holds on
 //! every node, and a token is spent once across them. Each request reads
 //! what it needs with row locks, lets the core decide, and writes it back
-//! in the same transaction. Limits on new sessions per handle and per
-//! address are counted per node.
+//! in the same transaction. New sessions per handle, per address (IPv6:
+//! /64) and per IPv6 /48 are counted in the database too, an hour back,
+//! so the limits hold however many nodes an attacker spreads over; the
+//! core's own counts stay as each node's first line.
 
 use super::*;
 use crate::core::verification::{Failures, Session, SessionId};
@@ -94,6 +96,8 @@ impl WallClock {
     }
 }
 
+const HOUR_MS: i64 = 3_600_000;
+
 /// Handle tokens are kept by their SHA-256: the database holds nothing a
 /// reader could present.
 fn token_hash(token: &[u8; 32]) -> [u8; 32] {
@@ -114,6 +118,15 @@ impl Ids {
         let id: [u8; 16] = self.random();
         let mut t = self.store.begin().await?;
         let failures = tx::failures(&mut t, self.store.backend(), handle.as_str()).await?;
+        let keys = self.start_keys(&handle, ip);
+        let now_ms = self.clock.ms(now);
+        for (key, limit) in &keys {
+            let (count, oldest) = tx::starts(&mut t, key, now_ms - HOUR_MS).await?;
+            if count >= i64::from(*limit) {
+                let wait = oldest.map_or(HOUR_MS, |o| o + HOUR_MS - now_ms).max(1000);
+                return Err(Error::RetryAfter(Duration::from_millis(wait as u64)));
+            }
+        }
         let (state, code, session) = {
             let mut v = self.lock_verifications();
             v.put_failures(&handle, failures.map(|f| self.clock.failures(&f)));
@@ -130,10 +143,32 @@ impl Ids {
         };
         let row = session.map(|s| self.clock.session_row(&s));
         tx::put_session(&mut t, &id, row.as_ref()).await?;
+        for (key, _) in &keys {
+            tx::record_start(&mut t, key, now_ms).await?;
+        }
         t.commit().await.map_err(Error::db)?;
         self.sender.send(&handle, &code).await?;
         tracing::info!(handle = %handle.redacted(), "verification started");
         Ok(self.view(state, now))
+    }
+
+    /// What a new session counts under, with each key's hourly limit.
+    fn start_keys(&self, handle: &Handle, ip: IpAddr) -> Vec<(String, u32)> {
+        let c = &self.config.verification;
+        let mut keys = vec![
+            (
+                format!("handle {}", handle.as_str()),
+                c.starts_per_handle_per_hour,
+            ),
+            (
+                format!("source {}", wire::net::source_key(ip)),
+                c.starts_per_ip_per_hour,
+            ),
+        ];
+        if let Some(net) = crate::core::verification::wide_key(ip) {
+            keys.push((format!("net48 {net}"), c.starts_per_v6_48_per_hour));
+        }
+        keys
     }
 
     pub async fn resend_verification(&self, id: &str) -> Result<VerificationView, Error> {
