@@ -194,8 +194,12 @@ fn forget_token(inner: &mut Inner, token: &DeviceToken, at: i64) -> Vec<Entry> {
     inner.queues.remove_token(&device, token)
 }
 
-/// Message sequence numbers reserved per block in the database.
-const SEQ_BLOCK: i64 = 1 << 16;
+/// Message sequence numbers reserved per block in the database: at the
+/// store path's ~50k pushes/s a block lasts about 20 s, time enough to
+/// reserve the next even while the writer keeps SQLite busy (with blocks
+/// of 65,536 the reservation, waiting for SQLite's write lock between
+/// group commits, lost the race now and then and pushes got 503).
+const SEQ_BLOCK: i64 = 1 << 20;
 
 /// The block of sequence numbers this node hands out, and the next block,
 /// reserved in the background before this one runs out.
