@@ -427,33 +427,24 @@ impl Ids {
         name: &str,
         capabilities: &[String],
     ) -> Result<Registered, Error> {
-        self.register(key, handle_tokens, device_list, name, capabilities, false)
-            .await
-    }
-
-    /// Registers the one device of a new account; the handle tokens are
-    /// given back if registration fails.
-    async fn register(
-        &self,
-        key: &PublicKey,
-        handle_tokens: &[String],
-        device_list: Submitted<'_>,
-        name: &str,
-        capabilities: &[String],
-        reset: bool,
-    ) -> Result<Registered, Error> {
         let lists = device_list.parse()?;
         let me = single_device(&lists.account, key)?;
+        self.spending(handle_tokens, async |proven| {
+            let uris: BTreeSet<String> = proven.iter().map(|(h, _)| h.uri()).collect();
+            self.create_account_inner(&lists, me, &uris, name, capabilities, Creation::New)
+                .await
+        })
+        .await
+    }
+
+    /// Spends `handle_tokens` for `run`, and gives them back if it fails.
+    pub(super) async fn spending<T>(
+        &self,
+        handle_tokens: &[String],
+        run: impl AsyncFnOnce(&[(Handle, [u8; 32])]) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         let proven = self.redeem(handle_tokens).await?;
-        let uris: BTreeSet<String> = proven.iter().map(|(h, _)| h.uri()).collect();
-        let how = if reset {
-            Creation::Reset
-        } else {
-            Creation::New
-        };
-        let r = self
-            .create_account_inner(&lists, me, &uris, name, capabilities, how)
-            .await;
+        let r = run(&proven).await;
         if r.is_err() {
             self.restore(proven).await;
         }
@@ -629,24 +620,22 @@ impl Ids {
                 self.config.max_devices
             )));
         }
-        let proven = self.redeem(handle_tokens).await?;
-        let r = self
-            .update_inner(
+        self.spending(handle_tokens, async |proven| {
+            let sealed = Sealed {
+                links: sealed_account_keys,
+                rotated: rotated_account_keys,
+            };
+            self.update_inner(
                 me.device.id,
                 &account_id,
                 account.seq,
                 &lists,
-                &proven,
-                Sealed {
-                    links: sealed_account_keys,
-                    rotated: rotated_account_keys,
-                },
+                proven,
+                sealed,
             )
-            .await;
-        if r.is_err() {
-            self.restore(proven).await;
-        }
-        r
+            .await
+        })
+        .await
     }
 
     async fn update_inner(

@@ -23,14 +23,11 @@ impl Ids {
     ) -> Result<ResetOutcome, Error> {
         let lists = device_list.parse()?;
         let me = single_device(&lists.account, key)?;
-        let proven = self.redeem(handle_tokens).await?;
-        let r = self
-            .reset_inner(&lists, me, &proven, name, capabilities)
-            .await;
-        if r.is_err() {
-            self.restore(proven).await;
-        }
-        r
+        self.spending(handle_tokens, async |proven| {
+            self.reset_inner(&lists, me, proven, name, capabilities)
+                .await
+        })
+        .await
     }
 
     pub(super) async fn reset_inner(
