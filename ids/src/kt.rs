@@ -851,7 +851,7 @@ fn dir_err(e: akd::errors::AkdError) -> Error {
     Error::Directory(e.to_string())
 }
 
-fn unix_now_ms() -> i64 {
+pub(crate) fn unix_now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

@@ -28,12 +28,7 @@ impl WallClock {
     pub(super) fn now() -> WallClock {
         WallClock {
             at: Instant::now(),
-            unix_ms: crate::kt::unix_now() * 1000
-                + i64::from(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.subsec_millis()),
-                ),
+            unix_ms: crate::kt::unix_now_ms(),
         }
     }
 
