@@ -180,6 +180,35 @@ pub struct Courier {
     revoked_mark: std::sync::atomic::AtomicI64,
 }
 
+/// Takes token rows into the token index, unless known; a live topic token
+/// becomes the device's token for its topic unless it has one.
+fn learn_tokens(
+    tokens: &mut HashMap<DeviceToken, TokenEntry>,
+    by_topic: &mut HashMap<(DeviceId, String), DeviceToken>,
+    rows: impl IntoIterator<Item = TokenRow>,
+) {
+    for t in rows {
+        if tokens.contains_key(&t.token) {
+            continue;
+        }
+        if t.revoked_at.is_none() && t.kind == TokenKind::Topic {
+            by_topic
+                .entry((t.device, t.topic.clone()))
+                .or_insert(t.token);
+        }
+        tokens.insert(
+            t.token,
+            TokenEntry {
+                device: t.device,
+                topic: t.topic,
+                kind: t.kind,
+                server_key: t.server_key,
+                revoked_at: t.revoked_at,
+            },
+        );
+    }
+}
+
 /// Marks `token` revoked at `at` in memory: no longer a topic's token,
 /// and its queued messages leave the device's queue (returned).
 fn forget_token(inner: &mut Inner, token: &DeviceToken, at: i64) -> Vec<Entry> {
@@ -293,21 +322,7 @@ impl Courier {
     pub async fn open(config: Config, store: Store) -> Result<Arc<Courier>, Error> {
         let mut tokens = HashMap::new();
         let mut by_topic = HashMap::new();
-        for t in store.tokens().await? {
-            if t.revoked_at.is_none() && t.kind == TokenKind::Topic {
-                by_topic.insert((t.device, t.topic.clone()), t.token);
-            }
-            tokens.insert(
-                t.token,
-                TokenEntry {
-                    device: t.device,
-                    topic: t.topic,
-                    kind: t.kind,
-                    server_key: t.server_key,
-                    revoked_at: t.revoked_at,
-                },
-            );
-        }
+        learn_tokens(&mut tokens, &mut by_topic, store.tokens().await?);
         let mut queues = Queues::new(config.queue_cap);
         let queued = store.queued_index().await?;
         for m in &queued {
@@ -743,28 +758,8 @@ impl Courier {
 
     /// Takes tokens read from the database into memory, unless known.
     fn learn(&self, rows: impl IntoIterator<Item = TokenRow>) {
-        let mut inner = self.lock();
-        for t in rows {
-            if inner.tokens.contains_key(&t.token) {
-                continue;
-            }
-            if t.revoked_at.is_none() && t.kind == TokenKind::Topic {
-                inner
-                    .by_topic
-                    .entry((t.device, t.topic.clone()))
-                    .or_insert(t.token);
-            }
-            inner.tokens.insert(
-                t.token,
-                TokenEntry {
-                    device: t.device,
-                    topic: t.topic,
-                    kind: t.kind,
-                    server_key: t.server_key,
-                    revoked_at: t.revoked_at,
-                },
-            );
-        }
+        let inner = &mut *self.lock();
+        learn_tokens(&mut inner.tokens, &mut inner.by_topic, rows);
     }
 
     /// Applies revocations other couriers on the database made since the
