@@ -26,6 +26,8 @@
 #                and the relay with ICE and DTLS-SRTP
 #   iproute2     `ip netns`: the baresip test gives each instance a network
 #                namespace of its own
+#   nats-server  the message bus between cluster nodes; the cluster tests
+#                start their own in a temporary directory
 #   python3, python3-pip
 #                the Python binding's test, and pip for the PyPI tools below
 #   libasound2-dev
@@ -52,13 +54,16 @@ esac
 packages=(cmake pkg-config libssl-dev)
 commands=(cmake pkg-config openssl.pc)
 if ! $build_only; then
-  packages+=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2 libasound2-dev python3 python3-pip)
-  commands+=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip alsa.pc python3 pip.module)
+  packages+=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2 libasound2-dev python3 python3-pip nats-server)
+  commands+=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip alsa.pc python3 pip.module nats-server)
 fi
 
 # initdb lives outside PATH on Debian, under /usr/lib/postgresql/<version>/bin.
 have() {
-  if [ "$1" = initdb ]; then
+  if [ "$1" = nats-server ]; then
+    # Debian puts it in /usr/sbin, which a user's PATH may lack.
+    command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ]
+  elif [ "$1" = initdb ]; then
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
   elif [ "$1" = pip.module ]; then
     # Any python3 with pip will do (a pyenv or venv one too).
@@ -85,11 +90,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # Debian's coturn and postgresql packages ship system services; Parley's
+  # Debian's coturn, postgresql and nats-server packages ship system services; Parley's
   # tests start their own servers, so make sure none is left holding ports.
   if command -v systemctl >/dev/null 2>&1; then
     $sudo systemctl disable --now coturn >/dev/null 2>&1 || true
     $sudo systemctl disable --now postgresql >/dev/null 2>&1 || true
+    $sudo systemctl disable --now nats-server >/dev/null 2>&1 || true
   fi
   for i in "${!packages[@]}"; do
     if ! have "${commands[$i]}"; then

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -21,6 +21,7 @@ use wire::push::{CloseReason, DeviceToken, Notification, NotificationId, PushTyp
 use wire::ratelimit::RateLimiter;
 use wire::DeviceId;
 
+use crate::cluster::{shard_of, Cluster, NodeMsg};
 use crate::core::queue::{Entry, Queues};
 use crate::error::Error;
 use crate::mailbox;
@@ -64,6 +65,9 @@ struct Inner {
     provider_limit: RateLimiter<String>,
     subscription_limit: RateLimiter<DeviceToken>,
     revoked_serials: HashSet<Vec<u8>>,
+    /// Cluster mode: devices of this node's shards connected to other
+    /// nodes, as (node, generation there).
+    remote: HashMap<DeviceId, (Arc<str>, u64)>,
     /// Tokens the database did not know either, and when it said so: a
     /// provider sending to made-up tokens costs one read per token per
     /// [`UNKNOWN_FOR`], not one per push.
@@ -104,6 +108,26 @@ pub struct PushRequest {
     /// use Parley's own topics ([`wire::push::is_parley_topic`]); a
     /// provider's push (`None`) may not.
     pub for_device: Option<DeviceId>,
+}
+
+/// A push that passed the checks of the node the provider reached, on its
+/// way to the owner of the device's queue (this node or another).
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub device: DeviceId,
+    pub note: Notification,
+    pub receipt: Option<String>,
+    pub provider: String,
+    pub created_at: i64,
+    pub now_or_never: bool,
+}
+
+/// Who holds a device's queue.
+enum Owner {
+    /// This node; in cluster mode with its lease (shard, term).
+    Here(Option<(u16, i64)>),
+    /// Another node (cluster mode): the shard to forward to.
+    Elsewhere(u16),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,6 +202,8 @@ pub struct Courier {
     /// Revocations by other couriers on the database are caught up from
     /// this time on (Unix seconds).
     revoked_mark: std::sync::atomic::AtomicI64,
+    /// Set in cluster mode, once, right after open.
+    cluster: OnceLock<Arc<Cluster>>,
 }
 
 /// Takes token rows into the token index, unless known; a live topic token
@@ -324,7 +350,12 @@ impl Courier {
         let mut by_topic = HashMap::new();
         learn_tokens(&mut tokens, &mut by_topic, store.tokens().await?);
         let mut queues = Queues::new(config.queue_cap);
-        let queued = store.queued_index().await?;
+        // In cluster mode each shard's queue is loaded when this node
+        // takes the shard.
+        let queued = match config.cluster {
+            None => store.queued_index().await?,
+            Some(_) => Vec::new(),
+        };
         for m in &queued {
             queues.admit(m.device, entry(m));
         }
@@ -343,6 +374,7 @@ impl Courier {
             provider_limit: RateLimiter::new(config.provider_rate, Duration::from_secs(1)),
             subscription_limit: RateLimiter::new(config.subscription_rate, Duration::from_secs(1)),
             revoked_serials: HashSet::new(),
+            remote: HashMap::new(),
             unknown: HashMap::new(),
         };
         let metrics = Arc::new(Metrics::default());
@@ -356,6 +388,7 @@ impl Courier {
             receipts: Arc::new(Notify::new()),
             marks: Mutex::new(std::collections::VecDeque::new()),
             revoked_mark: std::sync::atomic::AtomicI64::new(unix_now()),
+            cluster: OnceLock::new(),
             config,
         });
         tokio::spawn(seq_refill(
@@ -439,7 +472,7 @@ impl Courier {
                 Err(e) => return Err(PushError::Unavailable(e.to_string())),
             }
         }
-        let (device, note, insert) = {
+        let accepted = {
             let mut guard = self.lock();
             // Borrow fields apart: the token entry stays borrowed while the
             // limits and queues change.
@@ -492,19 +525,69 @@ impl Courier {
                 topic: req.topic.take().unwrap_or_else(|| t.topic.clone()),
                 payload: req.payload,
             };
-            if req.now_or_never {
-                let sent = inner
-                    .online
-                    .get(&t.device)
-                    .is_some_and(|o| o.tx.try_send(ConnCommand::Deliver(Box::new(note))).is_ok());
-                let (outcome, counter) = if sent {
-                    (PushOutcome::SentNow, &self.metrics.pushes_sent_now)
-                } else {
-                    (PushOutcome::Discarded, &self.metrics.pushes_discarded)
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                return Ok(outcome);
+            Accepted {
+                device: t.device,
+                note,
+                receipt: req.receipt,
+                provider: req.provider,
+                created_at: now,
+                now_or_never: req.now_or_never,
             }
+        };
+        match self.owner(&accepted.device) {
+            Owner::Here(lease) => self.accept(accepted, lease).await,
+            Owner::Elsewhere(shard) => {
+                let Some(c) = self.cluster.get() else {
+                    return Err(PushError::Unavailable("no cluster".into()));
+                };
+                c.forward_push(shard, &accepted).await
+            }
+        }
+    }
+
+    /// Who holds `device`'s queue now.
+    fn owner(&self, device: &DeviceId) -> Owner {
+        let Some(c) = self.cluster.get() else {
+            return Owner::Here(None);
+        };
+        let shard = shard_of(device);
+        match c.term(shard) {
+            Some(term) => Owner::Here(Some((shard, term))),
+            None => Owner::Elsewhere(shard),
+        }
+    }
+
+    /// Stores a push for a device whose queue this node holds (with
+    /// `lease` in cluster mode) and hands it to the device wherever it is
+    /// connected: durable before this returns `Ok(Stored)`.
+    pub async fn accept(
+        &self,
+        a: Accepted,
+        lease: Option<(u16, i64)>,
+    ) -> Result<PushOutcome, PushError> {
+        let Accepted {
+            device,
+            note,
+            receipt,
+            provider,
+            created_at: now,
+            now_or_never,
+        } = a;
+        if now_or_never {
+            let sent = match self.deliver(device, &note, None) {
+                Some(_) => true,
+                None => self.deliver_remote(device, &note).await,
+            };
+            let (outcome, counter) = if sent {
+                (PushOutcome::SentNow, &self.metrics.pushes_sent_now)
+            } else {
+                (PushOutcome::Discarded, &self.metrics.pushes_discarded)
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            return Ok(outcome);
+        }
+        let (insert, displaced) = {
+            let mut inner = self.lock();
             let Some(seq) = self.seqs.take() else {
                 return Err(PushError::Unavailable(
                     "reserving message numbers; retry shortly".into(),
@@ -512,14 +595,15 @@ impl Courier {
             };
             let stored = StoredMessage {
                 seq,
-                device: t.device,
+                device,
                 note: note.clone(),
-                receipt: req.receipt,
-                provider: req.provider,
+                receipt,
+                provider,
                 created_at: now,
             };
-            let adm = inner.queues.admit(t.device, entry(&stored));
+            let adm = inner.queues.admit(device, entry(&stored));
             let mut writes = vec![Write::Insert(Box::new(stored))];
+            writes.extend(fence(lease));
             let displaced: Vec<Entry> = adm.replaced.iter().chain(&adm.dropped).cloned().collect();
             for (gone, state, counter) in [
                 (
@@ -541,9 +625,8 @@ impl Courier {
                     });
                 }
             }
-            (t.device, note, (writes, displaced))
+            (writes, displaced)
         };
-        let (insert, displaced) = insert;
         // The insert is queued for the writer before the device can see the
         // message, so its ack (a later write) commits after it; the device
         // gets it while the commit runs, and the provider's 2xx still waits
@@ -565,9 +648,33 @@ impl Courier {
         }
         self.metrics.pushes_stored.fetch_add(1, Ordering::Relaxed);
         // A connection that came up during the commit may have read its
-        // backlog before the message was there.
-        self.deliver(device, &note, early);
+        // backlog before the message was there. A device connected to
+        // another node gets it once committed.
+        if self.deliver(device, &note, early).is_none() {
+            self.deliver_remote(device, &note).await;
+        }
         Ok(PushOutcome::Stored)
+    }
+
+    /// Cluster mode: sends `note` to the node the device is attached from,
+    /// if any. Returns whether it went.
+    async fn deliver_remote(&self, device: DeviceId, note: &Notification) -> bool {
+        let Some(c) = self.cluster.get() else {
+            return false;
+        };
+        let Some((node, generation)) = self.lock().remote.get(&device).cloned() else {
+            return false;
+        };
+        let Ok(note) = crate::cluster::encode_note(note) else {
+            return false;
+        };
+        let msg = NodeMsg::Deliver {
+            device: device.to_string(),
+            generation,
+            note,
+        };
+        c.to_node(&node, &msg).await;
+        true
     }
 
     /// Hands `note` to the device's connection unless it is the one of
@@ -636,6 +743,11 @@ impl Courier {
         {
             inner.online.remove(&device);
             self.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+        drop(inner);
+        if let (Owner::Elsewhere(_), Some(c)) = (self.owner(&device), self.cluster.get()) {
+            let c = c.clone();
+            tokio::spawn(async move { c.detach(device, generation).await });
         }
     }
 
@@ -744,15 +856,13 @@ impl Courier {
             }
             forget_token(&mut inner, &token, now)
         };
-        self.commit(vec![
-            Write::Revoke { token, at: now },
-            Write::State {
-                seqs: gone.iter().map(|e| e.seq as i64).collect(),
-                state: MessageState::Unregistered,
-                at: now,
-            },
-        ])
-        .await?;
+        let mut writes = vec![Write::Revoke { token, at: now }];
+        writes.extend(self.state_writes(
+            gone.iter().map(|e| (device, e.seq as i64)),
+            MessageState::Unregistered,
+            now,
+        ));
+        self.commit(writes).await?;
         Ok(true)
     }
 
@@ -771,6 +881,7 @@ impl Courier {
         let rows = self.store.revoked_since(since).await?;
         let mut mark = since;
         let mut writes = Vec::new();
+        let mut gone_at: Vec<(DeviceId, i64, i64)> = Vec::new();
         let mut caught = 0;
         {
             let mut inner = self.lock();
@@ -786,14 +897,20 @@ impl Courier {
                 }
                 caught += 1;
                 let gone = forget_token(&mut inner, &row.token, at);
-                if !gone.is_empty() {
-                    writes.push(Write::State {
-                        seqs: gone.iter().map(|e| e.seq as i64).collect(),
-                        state: MessageState::Unregistered,
-                        at,
-                    });
-                }
+                gone_at.extend(gone.iter().map(|e| (row.device, e.seq as i64, at)));
             }
+        }
+        // Grouped by time: one revocation's messages share a statement.
+        let mut i = 0;
+        while i < gone_at.len() {
+            let at = gone_at[i].2;
+            let n = gone_at[i..].iter().take_while(|g| g.2 == at).count();
+            writes.extend(self.state_writes(
+                gone_at[i..i + n].iter().map(|(d, s, _)| (*d, *s)),
+                MessageState::Unregistered,
+                at,
+            ));
+            i += n;
         }
         if !writes.is_empty() {
             self.commit(writes).await?;
@@ -802,10 +919,36 @@ impl Courier {
         Ok(caught)
     }
 
-    /// Stored messages for a device that just said Hello, in delivery order
-    /// (VoIP and priority 10 first). Memory knows which sequence numbers
-    /// the device has waiting; the database has their payloads.
-    pub async fn backlog(&self, device: DeviceId) -> Result<Vec<Notification>, Error> {
+    /// Stored messages for a device that just said Hello (connection
+    /// `generation`), in delivery order (VoIP and priority 10 first). In
+    /// cluster mode a device of another node's shard is attached to that
+    /// node, which answers with the backlog.
+    pub async fn backlog(
+        &self,
+        device: DeviceId,
+        generation: u64,
+    ) -> Result<Vec<Notification>, Error> {
+        match (self.owner(&device), self.cluster.get()) {
+            (Owner::Elsewhere(_), Some(c)) => c.attach(device, generation).await,
+            _ => {
+                // Connected here now: not through another node any more.
+                let old = self.lock().remote.remove(&device);
+                if let (Some((node, generation)), Some(c)) = (old, self.cluster.get()) {
+                    let msg = NodeMsg::Close {
+                        device: device.to_string(),
+                        generation,
+                    };
+                    c.to_node(&node, &msg).await;
+                }
+                self.queued_for(device).await
+            }
+        }
+    }
+
+    /// The device's queued messages with payloads, in delivery order.
+    /// Memory knows which sequence numbers it has waiting; the database
+    /// has their payloads.
+    async fn queued_for(&self, device: DeviceId) -> Result<Vec<Notification>, Error> {
         let order = self.lock().queues.delivery_seqs(&device, unix_now() as u64);
         if order.is_empty() {
             return Ok(Vec::new());
@@ -817,8 +960,26 @@ impl Courier {
         Ok(seqs.iter().filter_map(|s| by_seq.remove(s)).collect())
     }
 
-    /// The device acked these ids.
+    /// The device acked these ids (on a connection to this node).
     pub fn acked(&self, device: DeviceId, ids: Vec<NotificationId>) {
+        match (self.owner(&device), self.cluster.get()) {
+            (Owner::Elsewhere(_), Some(c)) => {
+                let c = c.clone();
+                tokio::spawn(async move { c.ack(device, &ids).await });
+            }
+            (Owner::Here(lease), _) => self.acked_here(device, ids, lease),
+            (Owner::Elsewhere(_), None) => {}
+        }
+    }
+
+    /// Acks for a device whose queue this node holds (with `lease` in
+    /// cluster mode).
+    pub fn acked_here(
+        &self,
+        device: DeviceId,
+        ids: Vec<NotificationId>,
+        lease: Option<(u16, i64)>,
+    ) {
         let mut seqs = Vec::with_capacity(ids.len());
         {
             let mut inner = self.lock();
@@ -835,11 +996,13 @@ impl Courier {
         self.metrics
             .delivered
             .fetch_add(seqs.len() as u64, Ordering::Relaxed);
-        self.commit_later(vec![Write::State {
+        let mut writes = vec![Write::State {
             seqs,
             state: MessageState::Delivered,
             at: unix_now(),
-        }]);
+        }];
+        writes.extend(fence(lease));
+        self.commit_later(writes);
     }
 
     /// Drops expired messages from queues; called every second.
@@ -852,11 +1015,172 @@ impl Courier {
         self.metrics
             .expired
             .fetch_add(gone.len() as u64, Ordering::Relaxed);
-        self.commit_later(vec![Write::State {
-            seqs: gone.iter().map(|(_, e)| e.seq as i64).collect(),
-            state: MessageState::Expired,
-            at: now,
-        }]);
+        let writes = self.state_writes(
+            gone.iter().map(|(d, e)| (*d, e.seq as i64)),
+            MessageState::Expired,
+            now,
+        );
+        if !writes.is_empty() {
+            self.commit_later(writes);
+        }
+    }
+
+    /// A state change for messages of these devices, with the fences of
+    /// their shards in cluster mode. Messages of shards this node no
+    /// longer holds are left to their new owner.
+    fn state_writes(
+        &self,
+        messages: impl IntoIterator<Item = (DeviceId, i64)>,
+        state: MessageState,
+        at: i64,
+    ) -> Vec<Write> {
+        let mut seqs = Vec::new();
+        let mut fences: Vec<(u16, i64)> = Vec::new();
+        for (device, seq) in messages {
+            match self.owner(&device) {
+                Owner::Here(lease) => {
+                    seqs.push(seq);
+                    fences.extend(lease.filter(|l| !fences.contains(l)));
+                }
+                Owner::Elsewhere(_) => {}
+            }
+        }
+        if seqs.is_empty() {
+            return Vec::new();
+        }
+        let mut writes = vec![Write::State { seqs, state, at }];
+        writes.extend(fences.into_iter().filter_map(|l| fence(Some(l))));
+        writes
+    }
+
+    /// Cluster mode: `device`, a device of this node's shard, is connected
+    /// to `node` as `generation`. Later pushes go there; returns the
+    /// backlog. An older connection through another node is closed.
+    pub async fn attach_remote(
+        &self,
+        device: DeviceId,
+        node: &str,
+        generation: u64,
+    ) -> Result<Vec<Notification>, Error> {
+        let old = self.lock().remote.insert(device, (node.into(), generation));
+        if let (Some((n, g)), Some(c)) = (old, self.cluster.get()) {
+            if (&*n, g) != (node, generation) {
+                let msg = NodeMsg::Close {
+                    device: device.to_string(),
+                    generation: g,
+                };
+                c.to_node(&n, &msg).await;
+            }
+        }
+        self.queued_for(device).await
+    }
+
+    /// Cluster mode: a connection through another node ended.
+    pub fn detach_remote(&self, device: DeviceId, node: &str, generation: u64) {
+        let mut inner = self.lock();
+        if inner
+            .remote
+            .get(&device)
+            .is_some_and(|(n, g)| (&**n, *g) == (node, generation))
+        {
+            inner.remote.remove(&device);
+        }
+    }
+
+    /// Cluster mode: a delivery from the owner for connection `generation`
+    /// on this node.
+    pub fn deliver_to(&self, device: DeviceId, generation: u64, note: Notification) {
+        let online = self
+            .lock()
+            .online
+            .get(&device)
+            .is_some_and(|o| o.generation == generation);
+        if online {
+            self.deliver(device, &note, None);
+        }
+    }
+
+    /// Cluster mode: the device connected again elsewhere; its connection
+    /// `generation` here is closed.
+    pub fn replaced(&self, device: DeviceId, generation: u64) {
+        let inner = self.lock();
+        if let Some(o) = inner.online.get(&device) {
+            if o.generation == generation {
+                let _ = o.tx.try_send(ConnCommand::Close(
+                    CloseReason::Replaced,
+                    "another connection from this device",
+                ));
+            }
+        }
+    }
+
+    /// Cluster mode: loads the queue index of shards this node is taking
+    /// over.
+    pub async fn load_shards(&self, shards: &[u16]) -> Result<(), Error> {
+        let bytes: Vec<u8> = shards.iter().map(|s| *s as u8).collect();
+        let rows = self.store.queued_index_of(&bytes).await?;
+        let mut inner = self.lock();
+        for m in &rows {
+            inner.queues.admit(m.device, entry(m));
+        }
+        tracing::debug!(
+            shards = shards.len(),
+            queued = rows.len(),
+            "shard queues loaded"
+        );
+        Ok(())
+    }
+
+    /// Cluster mode: forgets what this node held for a shard it no longer
+    /// owns.
+    pub fn drop_shard(&self, shard: u16) {
+        let mut inner = self.lock();
+        inner.queues.drop_devices(|d| shard_of(d) == shard);
+        inner.remote.retain(|d, _| shard_of(d) != shard);
+    }
+
+    /// Cluster mode: `shard` has a new owner. This node's connected
+    /// devices of that shard attach to it and get their backlog (the device
+    /// drops what it already has); if this node is the owner, they get
+    /// the backlog it loaded. A device that cannot be attached is told to
+    /// reconnect.
+    pub async fn reattach(&self, shard: u16) {
+        let here: Vec<(DeviceId, u64)> = self
+            .lock()
+            .online
+            .iter()
+            .filter(|(d, _)| shard_of(d) == shard)
+            .map(|(d, o)| (*d, o.generation))
+            .collect();
+        for (device, generation) in here {
+            match self.backlog(device, generation).await {
+                Ok(notes) => {
+                    for n in notes {
+                        self.deliver_to(device, generation, n);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot attach device to its shard's owner");
+                    let inner = self.lock();
+                    if let Some(o) = inner.online.get(&device) {
+                        if o.generation == generation {
+                            let _ = o
+                                .tx
+                                .try_send(ConnCommand::Close(CloseReason::Shutdown, "reconnect"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes this courier a cluster node (once, right after open).
+    pub fn join(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
     }
 
     /// Replaces the set of revoked certificate serials; connected devices
@@ -957,7 +1281,15 @@ impl Courier {
         ] {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", g(v));
         }
+        if let Some(c) = self.cluster.get() {
+            c.render_metrics(out);
+        }
     }
+}
+
+/// The fence for a write made under `lease`.
+fn fence(lease: Option<(u16, i64)>) -> Option<Write> {
+    lease.map(|(shard, term)| Write::Fence { shard, term })
 }
 
 fn entry(m: &StoredMessage) -> Entry {
@@ -982,34 +1314,76 @@ async fn writer(
     receipts: Arc<Notify>,
 ) {
     let mut batch: Vec<Write> = Vec::new();
-    let mut replies: Vec<Reply> = Vec::new();
+    // Per queued item: how many of the batch's writes are its, and who
+    // waits for it.
+    let mut items: Vec<(usize, Option<Reply>)> = Vec::new();
     while let Some((w, r)) = rx.recv().await {
+        items.push((w.len(), r));
         batch.extend(w);
-        replies.extend(r);
         while batch.len() < max_batch {
             match rx.try_recv() {
                 Ok((w, r)) => {
+                    items.push((w.len(), r));
                     batch.extend(w);
-                    replies.extend(r);
                 }
                 Err(_) => break,
             }
         }
-        let result = store.apply(&batch).await.map_err(|e| e.to_string());
-        metrics.batches.fetch_add(1, Ordering::Relaxed);
-        metrics
-            .batched_writes
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let result = loop {
+            let result = store.apply(&batch).await;
+            metrics.batches.fetch_add(1, Ordering::Relaxed);
+            metrics
+                .batched_writes
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            match result {
+                // A lease this node lost refuses its own writes only: the
+                // rest of the batch (other shards' pushes and acks) is
+                // tried again without them.
+                Err(Error::Fenced(shard)) => {
+                    tracing::warn!(
+                        shard,
+                        "writes for a shard this node no longer holds refused"
+                    );
+                    refuse_fenced(&mut batch, &mut items, shard);
+                    if batch.is_empty() {
+                        break Ok(());
+                    }
+                }
+                r => break r.map_err(|e| e.to_string()),
+            }
+        };
         if let Err(e) = &result {
             tracing::error!(error = %e, writes = batch.len(), "commit failed");
         }
-        for r in replies.drain(..) {
-            let _ = r.send(result.clone());
+        for (_, r) in items.drain(..) {
+            if let Some(r) = r {
+                let _ = r.send(result.clone());
+            }
         }
         if result.is_ok() && batch.iter().any(|w| matches!(w, Write::State { .. })) {
             receipts.notify_waiters();
         }
         batch.clear();
+    }
+}
+
+/// Takes the items fenced by `shard` out of the batch and tells their
+/// waiters so.
+fn refuse_fenced(batch: &mut Vec<Write>, items: &mut Vec<(usize, Option<Reply>)>, shard: u16) {
+    let mut all = std::mem::take(batch).into_iter();
+    for (len, reply) in std::mem::take(items) {
+        let writes: Vec<Write> = all.by_ref().take(len).collect();
+        let fenced = writes
+            .iter()
+            .any(|w| matches!(w, Write::Fence { shard: s, .. } if *s == shard));
+        if fenced {
+            if let Some(r) = reply {
+                let _ = r.send(Err(Error::Fenced(shard).to_string()));
+            }
+        } else {
+            items.push((writes.len(), reply));
+            batch.extend(writes);
+        }
     }
 }
 

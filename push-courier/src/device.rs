@@ -251,7 +251,7 @@ async fn run<S>(
     let mut buf = [0u8; 256];
     loop {
         while let Some(ev) = s.poll_event() {
-            Box::pin(on_event(&courier, device, &mut s, ev)).await;
+            Box::pin(on_event(&courier, device, generation, &mut s, ev)).await;
         }
         if !s.output().is_empty() {
             if s.output().len() > courier.config.max_write_buffer {
@@ -304,11 +304,17 @@ async fn run<S>(
     let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
 }
 
-async fn on_event(courier: &Courier, device: DeviceId, s: &mut Session, ev: SessionEvent) {
+async fn on_event(
+    courier: &Courier,
+    device: DeviceId,
+    generation: u64,
+    s: &mut Session,
+    ev: SessionEvent,
+) {
     match ev {
         SessionEvent::Hello { topics } => {
             let tokens = courier.tokens_for(device, &topics).await;
-            let backlog = courier.backlog(device).await;
+            let backlog = courier.backlog(device, generation).await;
             let now = Instant::now();
             match (tokens, backlog) {
                 (Ok(t), Ok(b)) => {

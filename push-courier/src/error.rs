@@ -6,6 +6,9 @@ pub enum Error {
     Config(String),
     #[error("database: {0}")]
     Database(String),
+    /// A write for a shard whose lease this node no longer holds.
+    #[error("shard {0} is held by another node now; retry")]
+    Fenced(u16),
     #[error("internal: {0}")]
     Internal(String),
     #[error("io: {0}")]

@@ -13,9 +13,12 @@
 //! - [`store`]: sqlx on SQLite or PostgreSQL.
 //! - [`device`]: the TLS and QUIC listeners that drive sessions.
 //! - [`provider`]: the provider side (HTTP/2 client, APNs-style sender).
+//! - [`cluster`]: shard leases and NATS messages between couriers on one
+//!   PostgreSQL database.
 //! - [`runtime`]: starts and stops all of it.
 
 pub mod apns;
+pub mod cluster;
 pub mod core;
 pub mod courier;
 pub mod device;
@@ -111,6 +114,8 @@ pub struct Config {
     /// Largest group-commit batch. Default 2048 writes.
     pub max_batch: usize,
     pub providers: Vec<Provider>,
+    /// Cluster mode (PostgreSQL and NATS); `None` = one node.
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 impl Default for Config {
@@ -136,6 +141,7 @@ impl Default for Config {
             fsync: true,
             max_batch: 2048,
             providers: Vec::new(),
+            cluster: None,
         }
     }
 }

@@ -44,6 +44,11 @@ pub struct Server {
 impl Server {
     pub async fn start(config: Config, tls: Tls) -> Result<Server, Error> {
         let store = Store::open_with(&config.database_url, config.fsync).await?;
+        if config.cluster.is_some() && store.backend() != crate::store::Backend::Postgres {
+            return Err(Error::Config(
+                "courier cluster mode needs PostgreSQL (database_url = postgres://…)".into(),
+            ));
+        }
         let device_tls = crate::device::tls_config(
             tls.chain.clone(),
             tls.key.clone_key(),
@@ -84,6 +89,10 @@ impl Server {
         if config.public_url.is_empty() {
             config.public_url = format!("https://localhost:{}", provider_addr.port());
         }
+        let cluster = match &config.cluster {
+            Some(c) => Some(Arc::new(crate::cluster::Cluster::connect(c.clone()).await?)),
+            None => None,
+        };
         let courier = Courier::open(config, store).await?;
         let (shutdown, rx) = watch::channel(false);
         // Whatever no route takes is answered in Apple's form too.
@@ -120,6 +129,14 @@ impl Server {
             )),
             tokio::spawn(housekeeping(courier.clone(), rx.clone())),
         ];
+        if let Some(c) = cluster {
+            courier.join(c.clone());
+            tasks.push(tokio::spawn(crate::cluster::run(
+                courier.clone(),
+                c,
+                rx.clone(),
+            )));
+        }
         if let Some(ep) = &quic {
             tasks.push(tokio::spawn(crate::device::serve_quic(
                 ep.clone(),

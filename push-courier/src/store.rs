@@ -146,6 +146,16 @@ CREATE TABLE IF NOT EXISTS receipt_subscriptions (
     id TEXT PRIMARY KEY,
     provider TEXT NOT NULL,
     created_at BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS courier_shards (
+    shard BIGINT PRIMARY KEY,
+    holder TEXT NOT NULL DEFAULT '',
+    term BIGINT NOT NULL DEFAULT 0,
+    expires_at BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS courier_nodes (
+    node TEXT PRIMARY KEY,
+    expires_at BIGINT NOT NULL
 )
 ";
 
@@ -218,6 +228,13 @@ pub enum Write {
     ReceiptsSent {
         seqs: Vec<i64>,
     },
+    /// The batch commits only if this node still holds `shard`'s lease at
+    /// `term` (cluster mode): the writes of a node that lost the lease
+    /// (paused, partitioned) are refused, whole.
+    Fence {
+        shard: u16,
+        term: i64,
+    },
 }
 
 impl Store {
@@ -283,6 +300,7 @@ impl Store {
             Backend::Postgres => self.pool.begin().await,
         }
         .map_err(Error::db)?;
+        self.check_fences(&mut tx, writes).await?;
         let mut inserts: Vec<&StoredMessage> = Vec::new();
         let states = merged_states(writes);
         for w in writes {
@@ -412,6 +430,173 @@ impl Store {
         tx.commit().await.map_err(Error::db)
     }
 
+    /// Checks the batch's fences first thing in its transaction, locking
+    /// the lease rows until commit so that no takeover (an update of the
+    /// row) comes between the check and the commit.
+    async fn check_fences(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        writes: &[Write],
+    ) -> Result<(), Error> {
+        let mut fences: Vec<(u16, i64)> = writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::Fence { shard, term } => Some((*shard, *term)),
+                _ => None,
+            })
+            .collect();
+        if fences.is_empty() {
+            return Ok(());
+        }
+        fences.sort_unstable();
+        fences.dedup();
+        let lock = match self.backend {
+            Backend::Postgres => " FOR SHARE",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "SELECT shard, term, expires_at FROM courier_shards WHERE shard IN ({}){lock}",
+            self.placeholders(1, fences.len())
+        );
+        let mut q = sqlx::query(&sql);
+        for (shard, _) in &fences {
+            q = q.bind(i64::from(*shard));
+        }
+        let rows = q.fetch_all(&mut **tx).await.map_err(Error::db)?;
+        let held: std::collections::HashMap<i64, (i64, i64)> = rows
+            .iter()
+            .map(|r| (r.get::<i64, _>(0), (r.get::<i64, _>(1), r.get::<i64, _>(2))))
+            .collect();
+        let now = crate::courier::unix_now_ms();
+        for (shard, term) in fences {
+            match held.get(&i64::from(shard)) {
+                Some((t, until)) if *t == term && *until > now => {}
+                _ => return Err(Error::Fenced(shard)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the lease rows of `shards` shards (cluster mode).
+    pub async fn ensure_shards(&self, shards: u16) -> Result<(), Error> {
+        let values: Vec<String> = (0..shards).map(|s| format!("({s})")).collect();
+        sqlx::query(&format!(
+            "INSERT INTO courier_shards (shard) VALUES {} ON CONFLICT (shard) DO NOTHING",
+            values.join(",")
+        ))
+        .execute(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(())
+    }
+
+    /// Extends every lease `node` still holds to `until_ms`; returns them
+    /// as (shard, term). A lease that ran out is not extended: someone may
+    /// have taken it, and the node has stopped serving it anyway.
+    pub async fn renew_shards(
+        &self,
+        node: &str,
+        until_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<(u16, i64)>, Error> {
+        let rows = sqlx::query(
+            "UPDATE courier_shards SET expires_at = $1 \
+             WHERE holder = $2 AND expires_at > $3 RETURNING shard, term",
+        )
+        .bind(until_ms)
+        .bind(node)
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(shard_terms(rows))
+    }
+
+    /// Takes up to `want` shards whose lease ran out (at random, so nodes
+    /// starting together spread), each with its term raised; returns them.
+    pub async fn claim_shards(
+        &self,
+        node: &str,
+        want: usize,
+        until_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<(u16, i64)>, Error> {
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        let skip = match self.backend {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let rows = sqlx::query(&format!(
+            "UPDATE courier_shards SET holder = $1, term = term + 1, expires_at = $2 \
+             WHERE expires_at <= $3 AND shard IN (SELECT shard FROM courier_shards \
+             WHERE expires_at <= $3 ORDER BY random() LIMIT $4{skip}) RETURNING shard, term"
+        ))
+        .bind(node)
+        .bind(until_ms)
+        .bind(now_ms)
+        .bind(want as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(shard_terms(rows))
+    }
+
+    /// Every shard's lease: (shard, holder, term, expires_at ms).
+    pub async fn shard_leases(&self) -> Result<Vec<(u16, String, i64, i64)>, Error> {
+        let rows = sqlx::query(
+            "SELECT shard, holder, term, expires_at FROM courier_shards ORDER BY shard",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<i64, _>(0) as u16, r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+
+    /// Gives up `node`'s lease on `shard` at `term` now.
+    pub async fn release_shard(&self, node: &str, shard: u16, term: i64) -> Result<(), Error> {
+        sqlx::query(
+            "UPDATE courier_shards SET expires_at = 0 \
+             WHERE shard = $1 AND holder = $2 AND term = $3",
+        )
+        .bind(i64::from(shard))
+        .bind(node)
+        .bind(term)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        Ok(())
+    }
+
+    /// Says `node` is alive until `until_ms`; returns how many nodes are
+    /// (this one included). Nodes gone for an hour are forgotten.
+    pub async fn heartbeat(&self, node: &str, until_ms: i64, now_ms: i64) -> Result<usize, Error> {
+        sqlx::query(
+            "INSERT INTO courier_nodes (node, expires_at) VALUES ($1, $2) \
+             ON CONFLICT (node) DO UPDATE SET expires_at = excluded.expires_at",
+        )
+        .bind(node)
+        .bind(until_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(Error::db)?;
+        sqlx::query("DELETE FROM courier_nodes WHERE expires_at < $1")
+            .bind(now_ms - 3_600_000)
+            .execute(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        let r = sqlx::query("SELECT COUNT(*) FROM courier_nodes WHERE expires_at > $1")
+            .bind(now_ms)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(Error::db)?;
+        Ok(r.get::<i64, _>(0).max(1) as usize)
+    }
+
     /// Every token, for the in-memory index at start.
     pub async fn tokens(&self) -> Result<Vec<TokenRow>, Error> {
         self.tokens_where("", None).await
@@ -468,6 +653,39 @@ impl Store {
         .fetch_all(&self.pool)
         .await
         .map_err(Error::db)?;
+        rows.into_iter().map(message_row).collect()
+    }
+
+    /// The queued messages of devices whose ids start with one of the
+    /// bytes `shards`, without payloads: the queue index of shards a node
+    /// takes over, in one scan. Device ids are stored as lower-case hex,
+    /// so a shard is a range of them.
+    pub async fn queued_index_of(&self, shards: &[u8]) -> Result<Vec<StoredMessage>, Error> {
+        if shards.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ranges: Vec<String> = (0..shards.len())
+            .map(|i| {
+                format!(
+                    "(device >= {} AND device < {})",
+                    self.param(2 * i + 1),
+                    self.param(2 * i + 2)
+                )
+            })
+            .collect();
+        let sql = format!(
+            "{MESSAGE_COLS_NO_PAYLOAD} FROM messages WHERE state = 0 AND ({}) ORDER BY seq",
+            ranges.join(" OR ")
+        );
+        let mut q = sqlx::query(&sql);
+        for s in shards {
+            // Past "ff…" come no hex digits.
+            let hi = s
+                .checked_add(1)
+                .map_or_else(|| "g".to_owned(), |n| format!("{n:02x}"));
+            q = q.bind(format!("{s:02x}")).bind(hi);
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(Error::db)?;
         rows.into_iter().map(message_row).collect()
     }
 
@@ -602,6 +820,12 @@ impl Store {
                 .map_err(Error::db)?;
         Ok(r.rows_affected())
     }
+}
+
+fn shard_terms(rows: Vec<sqlx::any::AnyRow>) -> Vec<(u16, i64)> {
+    rows.iter()
+        .map(|r| (r.get::<i64, _>(0) as u16, r.get::<i64, _>(1)))
+        .collect()
 }
 
 const TOKEN_COLS: &str = "SELECT token, device, topic, kind, server_key, created_at, revoked_at";

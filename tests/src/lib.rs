@@ -6,6 +6,7 @@
 //!   with a time bound, and fails loudly when one is not installed;
 //! - [`relay`]: starts the real relay in-process on loopback;
 //! - [`peer`]: a UDP echo peer that records what reaches it;
+//! - [`nats`]: a throwaway NATS server on loopback;
 //! - [`pki`]: a throwaway CA with a localhost server certificate;
 //! - [`postgres`]: a throwaway PostgreSQL server on loopback;
 //! - [`turn_client`]: a small blocking TURN client for byte-level checks;
@@ -13,6 +14,7 @@
 
 pub mod baresip;
 pub mod courier;
+pub mod nats;
 pub mod peer;
 pub mod pki;
 pub mod postgres;

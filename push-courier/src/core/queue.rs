@@ -197,6 +197,21 @@ impl Queues {
         }
     }
 
+    /// Forgets every message of the devices `gone` picks (a shard this
+    /// node no longer holds).
+    pub fn drop_devices(&mut self, gone: impl Fn(&DeviceId) -> bool) {
+        let mut dropped = 0;
+        self.devices.retain(|d, q| {
+            let g = gone(d);
+            if g {
+                dropped += q.len();
+            }
+            !g
+        });
+        self.total -= dropped;
+        self.by_expiry.retain(|(_, _, d)| !gone(d));
+    }
+
     pub fn len(&self, device: &DeviceId) -> usize {
         self.devices.get(device).map_or(0, Vec::len)
     }

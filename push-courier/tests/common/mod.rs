@@ -53,6 +53,7 @@ pub fn p256_scalar(pkcs8: &[u8]) -> Vec<u8> {
     pkcs8[i..i + 32].to_vec()
 }
 
+#[allow(unused_imports)]
 pub use parley_tests::tool::pem;
 
 pub fn unix_now() -> i64 {
@@ -151,6 +152,12 @@ impl Env {
             self.config.device_listen = device;
             self.config.provider_listen = provider;
         }
+        self.server = Some(self.node(self.config.clone()).await);
+    }
+
+    /// Another courier with this one's certificates and providers, on
+    /// `config` (another node of a cluster on the same database).
+    pub async fn node(&self, config: Config) -> Server {
         let (cert, key) = self.server_chain.clone().unwrap();
         let tls = Tls {
             chain: vec![cert],
@@ -159,7 +166,7 @@ impl Env {
             device_crls: vec![],
             provider_roots: Some(self.roots.clone()),
         };
-        self.server = Some(Server::start(self.config.clone(), tls).await.unwrap());
+        Server::start(config, tls).await.unwrap()
     }
 
     pub fn server(&self) -> &Server {
@@ -172,12 +179,15 @@ impl Env {
 
     /// An HTTP/2 connection to the provider API.
     pub async fn provider_http2(&self) -> std::io::Result<push_courier::provider::Http2> {
-        push_courier::provider::Http2::connect(
-            self.server().provider_addr(),
-            "localhost",
-            self.roots.clone(),
-        )
-        .await
+        self.provider_http2_to(self.server().provider_addr()).await
+    }
+
+    /// An HTTP/2 connection to the provider API at `addr` (another node).
+    pub async fn provider_http2_to(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> std::io::Result<push_courier::provider::Http2> {
+        push_courier::provider::Http2::connect(addr, "localhost", self.roots.clone()).await
     }
 
     /// A new device: its id and credentials with an `ids`-issued cert.
