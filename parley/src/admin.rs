@@ -132,3 +132,21 @@ impl ReadyProbe for CourierDatabase {
         Box::pin(async { self.0.ping().await.map_err(|e| e.to_string()) })
     }
 }
+
+/// The courier's NATS connection, in cluster mode.
+pub struct CourierNats(pub Arc<push_courier::cluster::Cluster>);
+
+impl ReadyProbe for CourierNats {
+    fn name(&self) -> &'static str {
+        "courier NATS"
+    }
+
+    fn probe(&self) -> Probe<'_> {
+        Box::pin(async {
+            match self.0.nats_up() {
+                true => Ok(()),
+                false => Err("not connected".to_owned()),
+            }
+        })
+    }
+}

@@ -16,7 +16,7 @@ use toml::{Table, Value};
 use wire::net::IpNet;
 
 /// Sections that environment variables may address.
-const SECTIONS: &[&str] = &["admin", "turn", "ids", "courier", "signaling"];
+const SECTIONS: &[&str] = &["admin", "turn", "ids", "courier", "signaling", "cluster"];
 
 /// The whole configuration file.
 #[derive(Debug, Default, Deserialize)]
@@ -31,6 +31,55 @@ pub struct Settings {
     pub ids: IdsSection,
     pub courier: CourierSection,
     pub signaling: SignalingSection,
+    pub cluster: ClusterSection,
+}
+
+/// Several nodes of a service sharing PostgreSQL and NATS. Without
+/// `nats`, each process is a cluster of one.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// NATS server URLs (`nats://host:4222`); naming one turns cluster
+    /// mode on. Default: none.
+    pub nats: Option<OneOrMany<String>>,
+    /// This node's name, unique in the cluster (letters, digits, `-`, `_`).
+    /// Default: the data directory's `node-id`.
+    pub node: Option<String>,
+    /// Key file every node shares, for SIP digest nonces and route tokens
+    /// (base64url, 32+ random bytes). Default: `signaling.secret_file`,
+    /// else the data directory's `sip-secret` (copy it to every node).
+    pub secret_file: Option<PathBuf>,
+    /// Courier shard lease, seconds: a dead node's devices and queues
+    /// move to the others within it. Default 8.
+    pub lease_secs: Option<u64>,
+}
+
+impl ClusterSection {
+    pub fn enabled(&self) -> bool {
+        self.nats.as_ref().is_some_and(|n| !n.to_vec().is_empty())
+    }
+
+    /// The courier's part, for node `default_node` unless `node` is set.
+    pub fn courier(
+        &self,
+        default_node: &str,
+    ) -> Result<Option<push_courier::cluster::ClusterConfig>> {
+        if !self.enabled() {
+            return Ok(None);
+        }
+        let mut c = push_courier::cluster::ClusterConfig::new(
+            self.node.clone().unwrap_or_else(|| default_node.to_owned()),
+            self.nats
+                .as_ref()
+                .map(OneOrMany::to_vec)
+                .unwrap_or_default(),
+        );
+        if let Some(s) = self.lease_secs {
+            c.lease = Duration::from_secs(s);
+        }
+        c.validate().map_err(|e| anyhow!("cluster: {e}"))?;
+        Ok(Some(c))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1023,6 +1072,43 @@ mod tests {
         // Nothing named: the IPv4 listen address.
         let c = turn(&["127.0.0.2:3479"], None);
         assert_eq!(c.relay_ipv4, Some("127.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn cluster_mode_is_off_until_a_nats_url_is_named() {
+        let s = load(None, env(&[]).into_iter(), &[]).unwrap();
+        assert!(!s.cluster.enabled());
+        assert!(s.cluster.courier("node-a").unwrap().is_none());
+        let s = load(
+            None,
+            env(&[
+                (
+                    "PARLEY_CLUSTER_NATS",
+                    "nats://10.0.0.1:4222,nats://10.0.0.2:4222",
+                ),
+                ("PARLEY_CLUSTER_LEASE_SECS", "5"),
+            ])
+            .into_iter(),
+            &[],
+        )
+        .unwrap();
+        let c = s.cluster.courier("node-a").unwrap().unwrap();
+        assert_eq!(c.node, "node-a", "the data directory's node id by default");
+        assert_eq!(c.nats.len(), 2);
+        assert_eq!(c.lease, Duration::from_secs(5));
+        // A node name must be usable in NATS subjects.
+        let s = load(
+            None,
+            env(&[
+                ("PARLEY_CLUSTER_NATS", "nats://127.0.0.1:4222"),
+                ("PARLEY_CLUSTER_NODE", "a.b"),
+            ])
+            .into_iter(),
+            &[],
+        )
+        .unwrap();
+        let e = s.cluster.courier("x").unwrap_err().to_string();
+        assert!(e.contains("cluster node id"), "{e}");
     }
 
     #[test]

@@ -49,6 +49,13 @@ struct Cli {
     /// warn for `parley client`]
     #[arg(long, global = true, value_name = "FILTER")]
     log: Option<String>,
+    /// NATS server URL(s), comma-separated: run as one node of a cluster
+    /// on PostgreSQL and NATS (see [cluster]). [default: none, one node]
+    #[arg(long = "cluster-nats", global = true, value_name = "URL")]
+    cluster_nats: Option<String>,
+    /// This node's name in the cluster. [default: the data directory's node-id]
+    #[arg(long = "cluster-node", global = true, value_name = "NAME")]
+    cluster_node: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -444,9 +451,19 @@ fn run(cli: Cli) -> Result<()> {
     if let Some(l) = &cli.log {
         overrides.push(("log".into(), Value::String(l.clone())));
     }
+    if let Some(n) = &cli.cluster_nats {
+        let urls = n.split(',').map(|u| Value::String(u.trim().to_owned()));
+        overrides.push(("cluster.nats".into(), Value::Array(urls.collect())));
+    }
+    if let Some(n) = &cli.cluster_node {
+        overrides.push(("cluster.node".into(), Value::String(n.clone())));
+    }
     let settings = config::load(cli.config.as_deref(), std::env::vars(), &overrides)?;
     init_tracing(settings.log.as_deref().unwrap_or("info"))?;
 
+    if settings.cluster.enabled() {
+        require_postgres(services, &settings)?;
+    }
     let data_root = settings
         .data
         .clone()
@@ -455,10 +472,13 @@ fn run(cli: Cli) -> Result<()> {
     let turn_config = settings.turn.to_config(&data.turn_secret)?;
     let mut ids_config = settings.ids.to_config(&data.root)?;
     ids_config.turn.secret = Some(data.turn_secret.clone());
-    let courier_config = settings.courier.to_config(&data.root)?;
+    let mut courier_config = settings.courier.to_config(&data.root)?;
+    courier_config.cluster = settings.cluster.courier(&data.node_id)?;
     let mut signaling_config = settings.signaling.to_config()?;
     settings.signaling.advertise(&mut signaling_config);
-    let sip_secret = (settings.signaling.secret_file.as_ref()).unwrap_or(&data.sip_secret);
+    let sip_secret = (settings.cluster.secret_file.as_ref())
+        .or(settings.signaling.secret_file.as_ref())
+        .unwrap_or(&data.sip_secret);
     signaling_config.secret = Some(data::sip_secret(sip_secret)?);
     let (cert, key) = tls_files(&settings.turn, &data);
     let tls = tls::server_config(&cert, &key, &[ALPN_STUN_TURN])?;
@@ -476,6 +496,27 @@ fn run(cli: Cli) -> Result<()> {
         (turn_config, ids_config, courier_config, signaling_config),
         tls,
     ))
+}
+
+/// Cluster mode keeps shared state in PostgreSQL: a node on SQLite would
+/// be a cluster of its own.
+fn require_postgres(services: Services, settings: &config::Settings) -> Result<()> {
+    for (on, name, url) in [
+        (services.ids, "ids.database", &settings.ids.database),
+        (
+            services.courier,
+            "courier.database",
+            &settings.courier.database,
+        ),
+    ] {
+        let url = url.as_deref().unwrap_or("sqlite in the data directory");
+        if on && !url.starts_with("postgres") {
+            anyhow::bail!(
+                "cluster mode needs PostgreSQL: set {name} = \"postgres://…\" (it is {url})"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The relay's addresses as `turn:`/`turns:` URIs for devices; an
@@ -847,6 +888,12 @@ async fn serve(
                     Arc::new(admin::CourierDatabase(c.courier.store.clone()))
                         as Arc<dyn admin::ReadyProbe>
                 }))
+                .chain(
+                    courier_server
+                        .iter()
+                        .filter_map(|c| c.courier.cluster().cloned())
+                        .map(|c| Arc::new(admin::CourierNats(c)) as Arc<dyn admin::ReadyProbe>),
+                )
                 .collect(),
         ),
     };
@@ -895,6 +942,13 @@ async fn serve(
                 c.provider_addr(),
                 c.courier.config.public_url,
             );
+            if let Some(cl) = &c.courier.config.cluster {
+                println!(
+                    "parley: courier cluster node={} nats={}",
+                    cl.node,
+                    cl.nats.join(",")
+                );
+            }
         }
         if let Some(s) = &signaling_server {
             println!(

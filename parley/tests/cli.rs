@@ -1,7 +1,7 @@
 //! The `parley` binary as a user runs it.
 
+use parley_tests::tool::http_get;
 use parley_tests::turn_client::TurnClient;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -95,6 +95,26 @@ fn help_explains_every_command() {
     ] {
         assert!(text.contains(word), "turn --help lacks {word}:\n{text}");
     }
+}
+
+#[test]
+fn cluster_mode_without_postgresql_is_refused_in_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("d");
+    let out = parley(&[
+        "--data",
+        data.to_str().expect("utf8"),
+        "--cluster-nats",
+        "nats://127.0.0.1:9",
+        "courier",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cluster mode needs PostgreSQL") && err.contains("courier.database"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -248,36 +268,8 @@ fn readyz_is_unready_while_the_database_is_down() {
     assert_eq!(http_get(run.admin, "/healthz").0, 200);
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect admin");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    let code = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_owned())
-        .unwrap_or_default();
-    (code, body)
-}
-
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok);
+    parley_tests::tool::signal(child.id(), sig);
 }
 
 fn rest_user(secret: &str) -> (String, String) {

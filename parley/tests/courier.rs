@@ -5,81 +5,18 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use client_sdk::courier::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
+use client_sdk::courier::{ClientEvent, DeviceClient, Transport};
 use parley_tests::courier::Courier;
 use push_courier::provider::Http2;
-use ring::signature::KeyPair;
 use wire::push::NotificationId;
 
+mod support;
+use support::{device_creds, provider_config, roots, unix_now, TOPIC};
+
 const BIN: &str = env!("CARGO_BIN_EXE_parley");
-const TOPIC: &str = "com.example.crash";
 
 fn start(data: &Path, config: &Path) -> Courier {
     parley_tests::courier::start(BIN, data, config)
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// A provider key registered in the config file; returns its PKCS#8.
-fn provider_config(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
-    let rng = ring::rand::SystemRandom::new();
-    let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
-    let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
-    let kp = ring::signature::EcdsaKeyPair::from_pkcs8(alg, doc.as_ref(), &rng).unwrap();
-    let spki = wire::PublicKey::from_slice(kp.public_key().as_ref())
-        .unwrap()
-        .to_spki_der();
-    let key_path = dir.join("provider.pem");
-    std::fs::write(&key_path, parley_tests::tool::pem("PUBLIC KEY", &spki)).unwrap();
-    let config = dir.join("parley.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[courier]\nqueue_cap = 1000\n\n[[courier.providers]]\nname = \"acme\"\nteam_id = \"TEAM123456\"\nkey_id = \"KEY1234567\"\nkey = \"{}\"\ntopics = [\"{TOPIC}\"]\n",
-            key_path.display()
-        ),
-    )
-    .unwrap();
-    (config, doc.as_ref().to_vec())
-}
-
-/// A device certificate from the data directory's CA, as `ids` issues it.
-fn device_creds(data: &Path) -> DeviceCredentials {
-    let ca_pem = std::fs::read_to_string(data.join("ca.pem")).unwrap();
-    let ca_key = std::fs::read_to_string(data.join("ca-key.pem")).unwrap();
-    let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &ca_key).unwrap();
-    let key = wire::SigningKey::generate();
-    let (_, cert) = ca
-        .issue(
-            wire::DeviceId::random(),
-            &key.public(),
-            [0x11; 16],
-            unix_now(),
-        )
-        .unwrap();
-    let chain = rustls_pemfile::certs(&mut cert.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    DeviceCredentials {
-        chain,
-        key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.pkcs8().to_vec().into()),
-        roots: roots(data),
-        server_name: "localhost".into(),
-    }
-}
-
-fn roots(data: &Path) -> rustls::RootCertStore {
-    let ca_pem = std::fs::read(data.join("ca.pem")).unwrap();
-    let mut r = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut ca_pem.as_slice()) {
-        r.add(c.unwrap()).unwrap();
-    }
-    r
 }
 
 /// Pushes `n` messages concurrently; returns the ids answered 200.
@@ -148,9 +85,9 @@ async fn drain(dev: &mut DeviceClient, want: usize) -> HashSet<String> {
 async fn kill_9_after_2xx_loses_nothing_and_delivers_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (config, key) = provider_config(dir.path());
+    let (config, key) = provider_config(dir.path(), "");
     let courier = start(&data, &config);
-    let creds = device_creds(&data);
+    let creds = device_creds(&data, wire::DeviceId::random());
     let (dev, tokens) = DeviceClient::connect(courier.device, Transport::Tls, &creds, &[TOPIC], 0)
         .await
         .unwrap();
@@ -208,10 +145,10 @@ async fn kill_9_after_2xx_loses_nothing_and_delivers_once() {
 async fn a_standalone_courier_refuses_devices_on_its_revocation_list() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (config, _) = provider_config(dir.path());
+    let (config, _) = provider_config(dir.path(), "");
     // First start creates the CA; the device's certificate comes from it.
     drop(start(&data, &config));
-    let creds = device_creds(&data);
+    let creds = device_creds(&data, wire::DeviceId::random());
     let ca = ids::certs::DeviceCa::from_pem(
         &std::fs::read_to_string(data.join("ca.pem")).unwrap(),
         &std::fs::read_to_string(data.join("ca-key.pem")).unwrap(),

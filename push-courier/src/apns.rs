@@ -83,6 +83,15 @@ fn respond(id: NotificationId, r: Result<(), ApnsError>) -> Response {
                 "content-type",
                 HeaderValue::from_static("application/json; charset=utf-8"),
             );
+            // Worth trying again shortly: storage or the device's shard
+            // owner was busy or moving, or the provider went too fast.
+            if matches!(
+                e.status,
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+            ) {
+                r.headers_mut()
+                    .insert("retry-after", HeaderValue::from_static("1"));
+            }
             r
         }
     };

@@ -257,7 +257,10 @@ async fn push(
             r
         }
         Err(PushError::Unavailable(_)) => {
-            problem(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
+            let mut r = problem(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable");
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+            r
         }
     }
 }
