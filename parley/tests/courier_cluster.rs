@@ -24,7 +24,7 @@ struct Lab {
     data: PathBuf,
     key: Vec<u8>,
     pg: parley_tests::postgres::Postgres,
-    _nats: parley_tests::nats::Nats,
+    nats: Mutex<parley_tests::nats::Nats>,
     /// Node i listens on 127.0.0.(i+2); `None` once killed.
     nodes: Mutex<Vec<Option<Courier>>>,
 }
@@ -63,7 +63,7 @@ impl Lab {
                 data,
                 key,
                 pg,
-                _nats: nats,
+                nats: Mutex::new(nats),
                 nodes: Mutex::new(nodes),
             }
         })
@@ -208,18 +208,20 @@ fn run_device(
     })
 }
 
-/// Three nodes, 20,000 pushes spread over them by providers that retry a
-/// failed push at another node with the same id, and `kill -9` of one node
-/// a third of the way through: every push answered 2xx reaches its device,
-/// the dead node's shards move to the others within the lease, its
-/// devices reconnect elsewhere, and nothing is left queued once the
-/// devices have acked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_killed_under_load_loses_no_acknowledged_push() {
+/// What happens a third of the way through a load run; returns a task
+/// whose answer the run reports.
+type Disruption = Box<dyn FnOnce(Arc<Lab>) -> tokio::task::JoinHandle<String> + Send>;
+
+/// Pushes `PUSHES` messages to 24 devices spread over three nodes, by 48
+/// providers that each push to a node in turn and retry a push that got
+/// no 2xx at the next node with the same id (as APNs clients do), with
+/// `disrupt` a third of the way through. Then checks that every push
+/// answered 2xx reached its device (once, after the device's dedup) and
+/// that nothing is left queued once the devices have acked.
+async fn under_load(lab: Arc<Lab>, disrupt: Disruption) {
     const DEVICES: usize = 24;
     const PUSHES: usize = 20_000;
     const WORKERS: usize = 48;
-    let lab = Lab::start("courier-cluster-kill", 3).await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut tokens = Vec::new();
     let mut received = Vec::new();
@@ -254,17 +256,19 @@ async fn a_node_killed_under_load_loses_no_acknowledged_push() {
     }
     let next = Arc::new(AtomicUsize::new(0));
     let pushed: Arc<Mutex<HashMap<usize, HashSet<NotificationId>>>> = Default::default();
-    let failover: Arc<Mutex<Option<tokio::task::JoinHandle<Duration>>>> = Default::default();
+    let disrupt = Arc::new(Mutex::new(Some(disrupt)));
+    let during: Arc<Mutex<Option<tokio::task::JoinHandle<String>>>> = Default::default();
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..WORKERS {
-        let (lab, next, pushed, tokens, auth, failover) = (
+        let (lab, next, pushed, tokens, auth, disrupt, during) = (
             lab.clone(),
             next.clone(),
             pushed.clone(),
             tokens.clone(),
             auth.clone(),
-            failover.clone(),
+            disrupt.clone(),
+            during.clone(),
         );
         let mut http = http.clone();
         workers.push(tokio::spawn(async move {
@@ -275,12 +279,8 @@ async fn a_node_killed_under_load_loses_no_acknowledged_push() {
                     return retries;
                 }
                 if i == PUSHES / 3 {
-                    // SIGKILL, as `kill -9`.
-                    lab.nodes.lock().unwrap()[1] = None;
-                    let lab = lab.clone();
-                    *failover.lock().unwrap() = Some(tokio::spawn(async move {
-                        lab.wait_spread(2, Duration::from_secs(30)).await
-                    }));
+                    let f = disrupt.lock().unwrap().take().unwrap();
+                    *during.lock().unwrap() = Some(f(lab.clone()));
                 }
                 let device = i % DEVICES;
                 let id = NotificationId(push_courier::courier::random().unwrap());
@@ -309,8 +309,8 @@ async fn a_node_killed_under_load_loses_no_acknowledged_push() {
         retries += w.await.unwrap();
     }
     let push_time = started.elapsed();
-    let watcher = failover.lock().unwrap().take().unwrap();
-    let failover = watcher.await.unwrap();
+    let watcher = during.lock().unwrap().take().unwrap();
+    let what = watcher.await.unwrap();
 
     // Every acknowledged push arrives (bounded).
     let pushed = pushed.lock().unwrap().clone();
@@ -333,13 +333,15 @@ async fn a_node_killed_under_load_loses_no_acknowledged_push() {
     let store = lab.store().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let queued = store.queued_index().await.unwrap().len();
-        if queued == 0 {
+        let queued = store.queued_index().await.unwrap();
+        if queued.is_empty() {
             break;
         }
+        let ids: Vec<String> = queued.iter().map(|m| m.note.id.to_uuid()).collect();
         assert!(
             Instant::now() < deadline,
-            "{queued} messages still queued after every device acked"
+            "{} messages still queued after every device acked: {ids:?}",
+            ids.len()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -349,10 +351,70 @@ async fn a_node_killed_under_load_loses_no_acknowledged_push() {
         duplicates += d.await.unwrap();
     }
     eprintln!(
-        "{PUSHES} pushes in {push_time:?} ({:.0}/s), {retries} retries, {duplicates} duplicates dropped by devices; \
-         every shard owned by the survivors {failover:?} after the kill",
+        "{PUSHES} pushes in {push_time:?} ({:.0}/s), {retries} retries, \
+         {duplicates} duplicates dropped by devices; {what}",
         PUSHES as f64 / push_time.as_secs_f64(),
     );
+}
+
+/// `kill -9` of one of three nodes under load: its shards move to the
+/// others within the lease, its devices reconnect elsewhere, and no push
+/// answered 2xx is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_load_loses_no_acknowledged_push() {
+    let lab = Lab::start("courier-cluster-kill", 3).await;
+    under_load(
+        lab,
+        Box::new(|lab: Arc<Lab>| {
+            // SIGKILL, as `kill -9`.
+            lab.nodes.lock().unwrap()[1] = None;
+            tokio::spawn(async move {
+                let t = lab.wait_spread(2, Duration::from_secs(30)).await;
+                format!("every shard owned by the survivors {t:?} after the kill")
+            })
+        }),
+    )
+    .await;
+}
+
+/// NATS restarted under load: while it is away pushes that need another
+/// node get 503 (never a 2xx for a push not stored) and /readyz says so;
+/// once it is back the nodes reconnect by themselves and every push
+/// answered 2xx arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restarted_under_load_loses_no_acknowledged_push() {
+    let lab = Lab::start("courier-cluster-nats", 3).await;
+    under_load(
+        lab,
+        Box::new(|lab: Arc<Lab>| {
+            lab.nats.lock().unwrap().stop();
+            tokio::spawn(async move {
+                let down = Instant::now();
+                let node0 = || lab.nodes.lock().unwrap()[0].as_ref().map(|c| c.readyz());
+                while node0() != Some(503) {
+                    assert!(
+                        down.elapsed() < Duration::from_secs(10),
+                        "/readyz stayed ready without NATS"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let nats = lab.clone();
+                tokio::task::spawn_blocking(move || nats.nats.lock().unwrap().start_again())
+                    .await
+                    .unwrap();
+                while node0() != Some(200) {
+                    assert!(
+                        down.elapsed() < Duration::from_secs(30),
+                        "not ready again after NATS came back"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                format!("NATS away for {:?}", down.elapsed())
+            })
+        }),
+    )
+    .await;
 }
 
 /// A node paused (SIGSTOP) past its lease loses its shards to the others;

@@ -235,6 +235,8 @@ pub struct Cluster {
     leases: Mutex<HashMap<u16, Lease>>,
     /// Runs a lease round now: another node gave shards up.
     round: tokio::sync::Notify,
+    /// NATS came back after being away.
+    reconnected: Arc<tokio::sync::Notify>,
     pub metrics: ClusterMetrics,
 }
 
@@ -243,8 +245,27 @@ impl Cluster {
     /// node then reports unready and forwards nothing until it is up).
     pub async fn connect(config: ClusterConfig) -> Result<Cluster, Error> {
         config.validate()?;
+        let reconnected = Arc::new(tokio::sync::Notify::new());
+        let events = reconnected.clone();
         let nats = async_nats::ConnectOptions::new()
             .name(format!("parley-courier-{}", config.node))
+            .event_callback(move |e| {
+                let events = events.clone();
+                async move {
+                    match e {
+                        async_nats::Event::Connected => events.notify_one(),
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("NATS connection lost; reconnecting")
+                        }
+                        other => tracing::debug!(event = %other, "NATS"),
+                    }
+                }
+            })
+            // Back within a second or two of the server: a node without
+            // NATS answers 503 for every device another node owns.
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((attempts as u64 * 100).min(2000))
+            })
             .retry_on_initial_connect()
             .request_timeout(Some(REQUEST_TIMEOUT))
             .connect(config.nats.clone())
@@ -255,6 +276,7 @@ impl Cluster {
             nats,
             leases: Mutex::new(HashMap::new()),
             round: tokio::sync::Notify::new(),
+            reconnected,
             metrics: ClusterMetrics::default(),
         })
     }
@@ -455,6 +477,15 @@ pub async fn run(courier: Arc<Courier>, cluster: Arc<Cluster>, shutdown: watch::
         ))),
         Err(e) => tracing::error!(error = %e, "cannot subscribe to owner changes"),
     }
+    tasks.push(tokio::spawn({
+        let (courier, cluster) = (courier.clone(), cluster.clone());
+        async move {
+            loop {
+                cluster.reconnected.notified().await;
+                courier.reattach_where(|_| true).await;
+            }
+        }
+    }));
     lease_rounds(&courier, &cluster, shutdown).await;
     for t in tasks {
         t.abort();

@@ -1145,11 +1145,18 @@ impl Courier {
     /// the backlog it loaded. A device that cannot be attached is told to
     /// reconnect.
     pub async fn reattach(&self, shard: u16) {
+        self.reattach_where(|d| shard_of(d) == shard).await
+    }
+
+    /// As [`Courier::reattach`], for the connected devices `pick` picks
+    /// (all of them after NATS was away: what it lost meanwhile comes
+    /// back with the backlog).
+    pub async fn reattach_where(&self, pick: impl Fn(&DeviceId) -> bool) {
         let here: Vec<(DeviceId, u64)> = self
             .lock()
             .online
             .iter()
-            .filter(|(d, _)| shard_of(d) == shard)
+            .filter(|(d, _)| pick(d))
             .map(|(d, o)| (*d, o.generation))
             .collect();
         for (device, generation) in here {
