@@ -34,12 +34,15 @@ pub struct CourierLoad {
     /// its CA (as `ids` does), and its ca.pem is trusted.
     #[arg(long, default_value = "./parley-data")]
     pub data: PathBuf,
-    /// Courier device address (TLS and QUIC).
-    #[arg(long, default_value = "127.0.0.1:5223")]
-    pub device_addr: SocketAddr,
-    /// Courier provider address (HTTPS).
-    #[arg(long, default_value = "127.0.0.1:8443")]
-    pub provider_addr: SocketAddr,
+    /// Courier device address (TLS and QUIC); several (comma-separated)
+    /// for the nodes of a cluster: device i connects to the (i mod n)th.
+    #[arg(long, default_value = "127.0.0.1:5223", value_delimiter = ',')]
+    pub device_addr: Vec<SocketAddr>,
+    /// Courier provider address (HTTPS); several (comma-separated) for
+    /// the nodes of a cluster: the provider connections are spread over
+    /// them, so most pushes reach a node that does not hold the device.
+    #[arg(long, default_value = "127.0.0.1:8443", value_delimiter = ',')]
+    pub provider_addr: Vec<SocketAddr>,
     /// Provider ES256 private key (PKCS#8 PEM) registered with the courier.
     #[arg(long)]
     pub provider_key: PathBuf,
@@ -74,9 +77,10 @@ pub struct CourierLoad {
     /// Pushes in flight at once.
     #[arg(long, default_value_t = 512)]
     pub concurrency: usize,
-    /// The courier's process id, to report its memory per connection.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// The courier's process id (ids, comma-separated, for a cluster), to
+    /// report its memory per connection.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// Device connections opened at once per worker.
     #[arg(long, default_value_t = 64)]
     pub connect_parallelism: usize,
@@ -196,7 +200,10 @@ async fn worker(args: CourierLoad, index: usize, count: usize) -> Result<()> {
         };
         let quic = is_quic(i, args.quic_percent).then(|| quic_eps[k % quic_eps.len()].clone());
         let (sem, hist, stats, out) = (sem.clone(), hist.clone(), stats.clone(), out.clone());
-        let (addr, topic) = (args.device_addr, args.topic.clone());
+        let (addr, topic) = (
+            args.device_addr[i % args.device_addr.len()],
+            args.topic.clone(),
+        );
         let offline = args.offline_percent;
         tasks.push(tokio::spawn(async move {
             let permit = sem.acquire_owned().await;
@@ -366,10 +373,30 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// The resident memory of all of `pids`, if every one can be read.
+fn rss_total(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| rss_kib(*p)).sum()
+}
+
+/// Addresses as a comma-separated list, as the flags take them.
+fn list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[allow(clippy::print_stdout)]
 async fn parent(args: CourierLoad) -> Result<()> {
     if args.devices == 0 || args.quic_percent > 100 {
         bail!("--devices must be positive and --quic-percent at most 100");
+    }
+    if args.device_addr.is_empty() || args.provider_addr.is_empty() {
+        bail!("--device-addr and --provider-addr need at least one address");
     }
     let tls_devices = args.devices - args.devices * usize::from(args.quic_percent) / 100;
     let procs = args
@@ -377,10 +404,12 @@ async fn parent(args: CourierLoad) -> Result<()> {
         .unwrap_or_else(|| tls_devices.div_ceil(15_000).max(2))
         .clamp(1, 250);
     let provider_key = read_pkcs8(&args.provider_key)?;
-    let rss_before = args.server_pid.and_then(rss_kib);
+    let rss_before = rss_total(&args.server_pid);
     println!(
         "loadsim: {} devices ({}% QUIC) over {procs} worker processes against {}",
-        args.devices, args.quic_percent, args.device_addr
+        args.devices,
+        args.quic_percent,
+        list(&args.device_addr)
     );
     let exe = std::env::current_exe()?;
     let shared = Arc::new(Mutex::new(Shared::default()));
@@ -391,7 +420,7 @@ async fn parent(args: CourierLoad) -> Result<()> {
             .arg("--data")
             .arg(&args.data)
             .arg("--device-addr")
-            .arg(args.device_addr.to_string())
+            .arg(list(&args.device_addr))
             .arg("--provider-key")
             .arg(&args.provider_key)
             .arg("--topic")
@@ -489,11 +518,14 @@ async fn parent(args: CourierLoad) -> Result<()> {
             .values()
             .fold((0u64, 0u64), |a, v| (a.0 + v.0, a.1 + v.1))
     };
-    let rss_after = args.server_pid.and_then(rss_kib);
+    let rss_after = rss_total(&args.server_pid);
     let server_files = args
         .server_pid
-        .and_then(|p| std::fs::read_dir(format!("/proc/{p}/fd")).ok())
-        .map(|d| d.count());
+        .iter()
+        .map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).map(|d| d.count()))
+        .sum::<std::io::Result<usize>>()
+        .ok()
+        .filter(|_| !args.server_pid.is_empty());
     let per_conn = match (rss_before, rss_after) {
         (Some(b), Some(a)) if held > 0 => Some((a.saturating_sub(b)) as f64 * 1024.0 / held as f64),
         _ => None,
@@ -517,8 +549,9 @@ async fn parent(args: CourierLoad) -> Result<()> {
     }
     let roots = crate::tls::roots(&args.data.join("ca.pem"))?;
     let mut senders = Vec::new();
-    for _ in 0..args.provider_connections.max(1) {
-        let http = Http2::connect(args.provider_addr, "localhost", roots.clone()).await?;
+    for k in 0..args.provider_connections.max(args.provider_addr.len()) {
+        let addr = args.provider_addr[k % args.provider_addr.len()];
+        let http = Http2::connect(addr, "localhost", roots.clone()).await?;
         senders.push(ApnsSender::new(
             http,
             provider_key.clone(),

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# A three-node courier cluster on this machine: `parley courier` (release)
+# on 127.0.0.2, .3 and .4 with one PostgreSQL and one nats-server of its
+# own (scripts/lib/services.sh). `parley loadsim courier` spreads DEVICES
+# devices over the three nodes and pushes over provider connections
+# spread over them too, so two pushes in three reach a node that does not
+# hold the device's queue and two devices in three sit on a node that
+# does not: phase 1 offers RATE pushes/s (throughput), phase 2 half of
+# what phase 1 achieved (provider → device latency across nodes). Then
+# `kill -9` of one node and the time until the other two own every shard
+# (its devices' queues move with them). Everything shares the 2 cores.
+#
+#   bench/cluster.sh                              10,000 devices, 20,000/s offered
+#   DEVICES=3000 RATE=5000 bench/cluster.sh       quick
+#   BENCH_BIN=/tmp/parley bench/cluster.sh        a prebuilt binary
+#
+# Needs openssl, postgresql and nats-server (scripts/install-deps.sh).
+# Writes bench/results/cluster.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/services.sh
+devices=${DEVICES:-10000}
+rate=${RATE:-20000}
+seconds=${SECONDS_RUN:-15}
+dir=$(mktemp -d /tmp/parley-cluster-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  stop_services
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+if [ -n "${BENCH_BIN:-}" ]; then
+  bin=$BENCH_BIN
+else
+  echo "bench: building parley (release)"
+  cargo build --release --locked -q -p parley
+  bin=target/release/parley
+fi
+
+start_postgres "$dir"
+start_nats "$dir"
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/provider-key.pem" 2>/dev/null
+openssl pkey -in "$dir/provider-key.pem" -pubout -out "$dir/provider-pub.pem"
+cat > "$dir/parley.toml" <<EOF
+[courier]
+provider_rate = 10000000
+database = "$PG_URL"
+
+[[courier.providers]]
+name = "load"
+team_id = "LOADTEAM01"
+key_id = "LOADKEY001"
+key = "$dir/provider-pub.pem"
+
+[cluster]
+nats = "$NATS_URL"
+EOF
+
+# One data directory (CA, certificates) for all three; --cluster-node names each.
+for i in 0 1 2; do
+  host=127.0.0.$((i + 2))
+  "$bin" --data "$dir/data" --config "$dir/parley.toml" --admin "$host:19090" --log warn \
+    --cluster-node "n$i" courier \
+    --courier-device-listen "$host:15223" --courier-provider-listen "$host:18443" \
+    > "$dir/n$i.out" 2> "$dir/n$i.err" &
+  pids+=($!)
+  for _ in $(seq 100); do grep -q '^parley: ready' "$dir/n$i.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q '^parley: ready' "$dir/n$i.out" || { cat "$dir/n$i.err"; exit 1; }
+done
+
+# Shards owned by node i (0 if it does not answer).
+owned() {
+  curl -s --max-time 2 "http://127.0.0.$(($1 + 2)):19090/metrics" \
+    | awk '$1 == "parley_courier_shards_owned" { print $2; found = 1 } END { if (!found) print 0 }'
+}
+# Waits until nodes "$@" own all 256 shards between them; prints the seconds it took.
+wait_owned() {
+  local start total
+  start=$EPOCHREALTIME
+  for _ in $(seq 600); do
+    total=0
+    for i in "$@"; do total=$((total + $(owned "$i"))); done
+    if [ "$total" -eq 256 ]; then
+      awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f\n", b - a }'
+      return
+    fi
+    sleep 0.1
+  done
+  echo "bench: shards not owned after 60 s" >&2
+  exit 1
+}
+echo "bench: three nodes up; shards spread in $(wait_owned 0 1 2) s"
+# Let the share even out (a joining node takes its share over a few rounds).
+sleep 6
+
+echo "bench: $devices devices over three nodes"
+load=$("$bin" loadsim courier --data "$dir/data" \
+  --device-addr 127.0.0.2:15223,127.0.0.3:15223,127.0.0.4:15223 \
+  --provider-addr 127.0.0.2:18443,127.0.0.3:18443,127.0.0.4:18443 \
+  --provider-key "$dir/provider-key.pem" --devices "$devices" --rate "$rate" \
+  --seconds "$seconds" --server-pid "$(IFS=,; echo "${pids[*]}")" | tee /dev/stderr)
+
+echo "bench: kill -9 of node n1"
+kill -9 "${pids[1]}"
+failover=$(wait_owned 0 2)
+echo "bench: the other two own every shard after $failover s"
+
+report=bench/results/cluster.md
+{
+  echo "# Push courier: three nodes on one machine"
+  echo
+  echo "Run $(date -u +%Y-%m-%d) on $(nproc) cores: three \`parley courier\` nodes, PostgreSQL,"
+  echo "nats-server and the load generator (\`parley loadsim courier\`) on the same cores."
+  echo "Devices and provider connections spread over the three nodes: two pushes in three"
+  echo "reach a node that does not hold the device's queue, and two devices in three are"
+  echo "connected to a node that does not."
+  echo
+  echo "## $devices devices"
+  echo
+  grep '^|' <<<"$load"
+  echo
+  echo "## Failover"
+  echo
+  echo "| kill -9 of a node → the other two own all 256 shards | ${failover} s (lease 8 s) |"
+  echo "|---|---|"
+} > "$report"
+cat "$report"
+echo "bench: wrote $report"
