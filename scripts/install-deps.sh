@@ -3,6 +3,7 @@
 # it installs only what is missing.
 #
 #   scripts/install-deps.sh --build   only what building needs (scripts/up.sh)
+#   scripts/install-deps.sh --cluster that, PostgreSQL and nats-server (scripts/cluster.sh)
 #   scripts/install-deps.sh           that, and what the tests and benchmarks need
 #
 # To build:
@@ -45,14 +46,20 @@
 set -euo pipefail
 
 build_only=false
+cluster=false
 case "${1:-}" in
   --build) build_only=true ;;
+  --cluster) build_only=true; cluster=true ;;
   "") ;;
-  *) echo "usage: $0 [--build]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--build|--cluster]" >&2; exit 2 ;;
 esac
 
 packages=(cmake pkg-config libssl-dev)
 commands=(cmake pkg-config openssl.pc)
+if $cluster; then
+  packages+=(postgresql nats-server python3)
+  commands+=(initdb nats-server python3)
+fi
 if ! $build_only; then
   packages+=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2 libasound2-dev python3 python3-pip nats-server)
   commands+=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip alsa.pc python3 pip.module nats-server)
