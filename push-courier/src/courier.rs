@@ -576,7 +576,7 @@ impl Courier {
         if now_or_never {
             let sent = match self.deliver(device, &note, None) {
                 Some(_) => true,
-                None => self.deliver_remote(device, &note).await,
+                None => self.deliver_remote(device, &note, None).await.is_some(),
             };
             let (outcome, counter) = if sent {
                 (PushOutcome::SentNow, &self.metrics.pushes_sent_now)
@@ -633,9 +633,13 @@ impl Courier {
         // for the commit. If the commit fails the provider is told so and
         // may retry with the same id, which the device drops.
         let mut early = None;
+        let mut early_remote = None;
         let result = match self.enqueue(insert).await {
             Ok(reply) => {
                 early = self.deliver(device, &note, None);
+                if early.is_none() {
+                    early_remote = self.deliver_remote(device, &note, None).await;
+                }
                 Self::committed(reply).await
             }
             Err(e) => Err(e),
@@ -647,34 +651,38 @@ impl Courier {
             return Err(PushError::Unavailable(e.to_string()));
         }
         self.metrics.pushes_stored.fetch_add(1, Ordering::Relaxed);
-        // A connection that came up during the commit may have read its
-        // backlog before the message was there. A device connected to
-        // another node gets it once committed.
+        // A connection that came up during the commit, here or through
+        // another node, may have read its backlog before the message was
+        // there.
         if self.deliver(device, &note, early).is_none() {
-            self.deliver_remote(device, &note).await;
+            self.deliver_remote(device, &note, early_remote).await;
         }
         Ok(PushOutcome::Stored)
     }
 
     /// Cluster mode: sends `note` to the node the device is attached from,
-    /// if any. Returns whether it went.
-    async fn deliver_remote(&self, device: DeviceId, note: &Notification) -> bool {
-        let Some(c) = self.cluster.get() else {
-            return false;
-        };
-        let Some((node, generation)) = self.lock().remote.get(&device).cloned() else {
-            return false;
-        };
-        let Ok(note) = crate::cluster::encode_note(note) else {
-            return false;
-        };
+    /// unless that is the attachment `skip`; returns the attachment it went
+    /// to. Like a delivery here, it goes while the commit runs: the
+    /// device's ack comes back through this node's writer, after the
+    /// insert.
+    async fn deliver_remote(
+        &self,
+        device: DeviceId,
+        note: &Notification,
+        skip: Option<(Arc<str>, u64)>,
+    ) -> Option<(Arc<str>, u64)> {
+        let c = self.cluster.get()?;
+        let (node, generation) = self.lock().remote.get(&device).cloned()?;
+        if skip.as_ref() == Some(&(node.clone(), generation)) {
+            return skip;
+        }
         let msg = NodeMsg::Deliver {
             device: device.to_string(),
             generation,
-            note,
+            note: crate::cluster::encode_note(note).ok()?,
         };
         c.to_node(&node, &msg).await;
-        true
+        Some((node, generation))
     }
 
     /// Hands `note` to the device's connection unless it is the one of
@@ -1072,6 +1080,11 @@ impl Courier {
                 c.to_node(&n, &msg).await;
             }
         }
+        // Every push admitted before the attachment is committed before
+        // the backlog is read: those still committing were sent to the
+        // old attachment (or to this one before NATS lost them), and the
+        // backlog must hold them.
+        self.commit(Vec::new()).await?;
         self.queued_for(device).await
     }
 
