@@ -31,13 +31,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [ -n "${BENCH_BIN:-}" ]; then
-  bin=$BENCH_BIN
-else
-  echo "bench: building parley (release)"
-  cargo build --release --locked -q -p parley
-  bin=target/release/parley
-fi
+. scripts/lib/build.sh
+release_bin "${BENCH_BIN:-}"
 
 start_postgres "$dir"
 start_nats "$dir"
@@ -123,7 +118,7 @@ report=bench/results/cluster.md
   echo
   echo "## Failover"
   echo
-  echo "| kill -9 of a node → the other two own all 256 shards | ${failover} s (lease 8 s) |"
+  echo "| kill -9 of a node → the other two own all 256 shards | ${failover} s (lease 6 s) |"
   echo "|---|---|"
 } > "$report"
 cat "$report"

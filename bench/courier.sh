@@ -35,13 +35,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if [ -n "${BENCH_BIN:-}" ]; then
-  bin=$BENCH_BIN
-else
-  echo "bench: building parley (release)"
-  cargo build --release --locked -q -p parley
-  bin=target/release/parley
-fi
+. scripts/lib/build.sh
+release_bin "${BENCH_BIN:-}"
 
 openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/provider-key.pem" 2>/dev/null
 openssl pkey -in "$dir/provider-key.pem" -pubout -out "$dir/provider-pub.pem"

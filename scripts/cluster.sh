@@ -15,13 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nodes=${NODES:-3}
 scripts/install-deps.sh --cluster
-if [ -n "${CLUSTER_BIN:-}" ]; then
-  bin=$CLUSTER_BIN
-else
-  echo "cluster: building parley (release)"
-  cargo build --release --locked -q -p parley
-  bin=target/release/parley
-fi
+. scripts/lib/build.sh
+release_bin "${CLUSTER_BIN:-}"
 . scripts/lib/services.sh
 
 tmp=$(mktemp -d /tmp/parley-cluster.XXXXXX)

@@ -50,7 +50,7 @@ pub struct ClusterSection {
     /// else the data directory's `sip-secret` (copy it to every node).
     pub secret_file: Option<PathBuf>,
     /// Courier shard lease, seconds: a dead node's devices and queues
-    /// move to the others within it. Default 8.
+    /// move to the others within it and a quarter of it. Default 6.
     pub lease_secs: Option<u64>,
 }
 

@@ -98,6 +98,20 @@ impl Lab {
         }
     }
 
+    /// A device link to node `i` (which must be alive) and its tokens.
+    async fn connect(&self, i: usize, creds: &DeviceCredentials) -> (DeviceClient, DeviceToken) {
+        let (dev, tokens) = DeviceClient::connect(
+            self.device_addr(i).unwrap(),
+            Transport::Tls,
+            creds,
+            &[TOPIC],
+            0,
+        )
+        .await
+        .unwrap();
+        (dev, tokens[0].1)
+    }
+
     fn device_addr(&self, i: usize) -> Option<std::net::SocketAddr> {
         self.nodes.lock().unwrap()[i].as_ref().map(|c| c.device)
     }
@@ -228,17 +242,9 @@ async fn under_load(lab: Arc<Lab>, disrupt: Disruption) {
     let mut devices = Vec::new();
     for i in 0..DEVICES {
         let creds = device_creds(&lab.data, DeviceId::random());
-        let (dev, t) = DeviceClient::connect(
-            lab.device_addr(i % 3).unwrap(),
-            Transport::Tls,
-            &creds,
-            &[TOPIC],
-            0,
-        )
-        .await
-        .unwrap();
+        let (dev, token) = lab.connect(i % 3, &creds).await;
         drop(dev);
-        tokens.push(t[0].1);
+        tokens.push(token);
         let got = Arc::new(Mutex::new(HashSet::new()));
         received.push(got.clone());
         devices.push(run_device(lab.clone(), creds, i % 3, got, stop.clone()));
@@ -432,16 +438,7 @@ async fn a_paused_owner_is_fenced_out_when_it_resumes() {
         }
     };
     let creds = device_creds(&lab.data, device);
-    let (dev, t) = DeviceClient::connect(
-        lab.device_addr(1).unwrap(),
-        Transport::Tls,
-        &creds,
-        &[TOPIC],
-        0,
-    )
-    .await
-    .unwrap();
-    let token = t[0].1;
+    let (dev, token) = lab.connect(1, &creds).await;
     drop(dev);
     let auth = lab.bearer();
     let mut via1 = Http2::connect(lab.provider_addr(1).unwrap(), "localhost", roots(&lab.data))
@@ -474,15 +471,7 @@ async fn a_paused_owner_is_fenced_out_when_it_resumes() {
     let takeover = paused.elapsed();
     assert_eq!(lab.owner_of(&device).await, 1);
     // The device, back on node 1, gets both from the new owner.
-    let (mut dev, _) = DeviceClient::connect(
-        lab.device_addr(1).unwrap(),
-        Transport::Tls,
-        &creds,
-        &[TOPIC],
-        0,
-    )
-    .await
-    .unwrap();
+    let (mut dev, _) = lab.connect(1, &creds).await;
     let mut got = HashSet::new();
     while got.len() < 2 {
         match dev.next_within(Duration::from_secs(10)).await {
@@ -509,15 +498,7 @@ async fn a_paused_owner_is_fenced_out_when_it_resumes() {
     // ended by its own clock: the device connecting to it is served by
     // the new owner, which has nothing left for it.
     lab.nodes.lock().unwrap()[0].as_ref().unwrap().pause(false);
-    let (mut dev, _) = DeviceClient::connect(
-        lab.device_addr(0).unwrap(),
-        Transport::Tls,
-        &creds,
-        &[TOPIC],
-        0,
-    )
-    .await
-    .unwrap();
+    let (mut dev, _) = lab.connect(0, &creds).await;
     match dev.next_within(Duration::from_secs(2)).await {
         Err(ClientError::Timeout) => {}
         other => panic!("the paused node delivered stale state: {other:?}"),

@@ -66,8 +66,8 @@ pub struct ClusterConfig {
     pub node: String,
     /// NATS server URLs (`nats://host:4222`), any of which will do.
     pub nats: Vec<String>,
-    /// Shard lease length; a dead node's shards move within it. Default
-    /// 8 s.
+    /// Shard lease length; a dead node's shards move within it and one
+    /// lease round (a quarter of it). Default 6 s.
     pub lease: Duration,
 }
 
@@ -76,7 +76,7 @@ impl ClusterConfig {
         ClusterConfig {
             node: node.into(),
             nats,
-            lease: Duration::from_secs(8),
+            lease: Duration::from_secs(6),
         }
     }
 

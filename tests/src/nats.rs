@@ -21,7 +21,7 @@ impl Nats {
             std::env::temp_dir().join(format!("parley-nats-{name}-{}.log", std::process::id()));
         let mut nats = Nats {
             bin: server_bin(),
-            port: free_port(),
+            port: crate::tool::free_port(),
             log,
             child: None,
         };
@@ -83,11 +83,4 @@ fn server_bin() -> PathBuf {
         .unwrap_or_else(|| {
             panic!("`nats-server` is not installed; run scripts/install-deps.sh (Debian package nats-server)")
         })
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    let port = l.local_addr().expect("local addr").port();
-    drop(l);
-    port
 }

@@ -36,7 +36,7 @@ impl Postgres {
             assert!(ok, "cannot hand {} to the postgres user", root.display());
         }
         let pg = Postgres {
-            port: free_port(),
+            port: crate::tool::free_port(),
             root,
             bin,
             as_root,
@@ -179,16 +179,6 @@ fn server_bin() -> PathBuf {
     versions.pop().map(|(_, b)| b).unwrap_or_else(|| {
         panic!("PostgreSQL server is not installed (no /usr/lib/postgresql/*/bin/initdb); run scripts/install-deps.sh")
     })
-}
-
-fn free_port() -> u16 {
-    // Bind, read the port, release: the server binds it a moment later.
-    // Another process could take it in between; on loopback in a test run
-    // that is rare, and pg_ctl then fails loudly rather than silently.
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    let port = l.local_addr().expect("local addr").port();
-    drop(l);
-    port
 }
 
 fn is_root() -> bool {

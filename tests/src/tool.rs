@@ -210,3 +210,14 @@ pub fn signal(pid: u32, sig: &str) {
         .is_ok_and(|s| s.success());
     assert!(ok, "kill {sig} {pid} failed");
 }
+
+/// A TCP port on 127.0.0.1 free a moment ago (bind, read, release): a
+/// server the test starts binds it a moment later. Another process could
+/// take it in between; on loopback in a test run that is rare, and the
+/// server then fails loudly.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let port = l.local_addr().expect("local addr").port();
+    drop(l);
+    port
+}
