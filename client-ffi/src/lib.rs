@@ -48,7 +48,9 @@ pub struct Services {
     /// The identity service, `host:port`.
     pub ids: String,
     /// The push courier's device port; several, comma-separated, for
-    /// couriers on one database (tried in turn when the link is lost).
+    /// couriers on one database (tried in turn when the link is lost). A
+    /// name (`courier.example.com:5223`) gives every address it resolves
+    /// to.
     pub courier: String,
     /// Signaling's SIP over TLS port.
     pub sip: String,
@@ -298,12 +300,9 @@ impl Parley {
         } else {
             IpAddr::from([0, 0, 0, 0])
         };
-        let couriers = self
-            .services
-            .courier
-            .split(',')
-            .map(|a| addr("courier", a.trim()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let couriers = client_sdk::courier::courier_addrs(&self.services.courier).map_err(|e| {
+            ParleyError::Invalid(format!("courier {:?}: {e}", self.services.courier))
+        })?;
         let config = DeviceConfig {
             name: "app".into(),
             handle,

@@ -17,6 +17,29 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use wire::push::{CloseReason, DeviceToken, Frame, Notification, NotificationId, ALPN, VERSION};
 
+/// Courier addresses from a comma-separated list of `host:port` or
+/// `ip:port`: every address each name resolves to (a cluster behind one
+/// DNS name with several A/AAAA records), in order, each once. The device
+/// link tries them in turn.
+pub fn courier_addrs(spec: &str) -> std::io::Result<Vec<SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for a in part.to_socket_addrs()? {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("no courier address in {spec:?}"),
+        ));
+    }
+    Ok(out)
+}
+
 /// How to reach the courier and who this device is.
 #[derive(Debug)]
 pub struct DeviceCredentials {
@@ -435,4 +458,27 @@ async fn drive<S>(
         }
     }
     let _ = events.send(ClientEvent::Closed(closed_with)).await;
+}
+
+#[cfg(test)]
+mod addr_tests {
+    use super::courier_addrs;
+
+    #[test]
+    fn courier_lists_take_addresses_and_names() {
+        let a = courier_addrs("127.0.0.2:5223, 127.0.0.3:5223,127.0.0.2:5223").unwrap();
+        assert_eq!(
+            a,
+            vec![
+                "127.0.0.2:5223".parse().unwrap(),
+                "127.0.0.3:5223".parse().unwrap()
+            ],
+            "in order, each once"
+        );
+        // A name gives every address it resolves to.
+        let a = courier_addrs("localhost:5223").unwrap();
+        assert!(a.contains(&"127.0.0.1:5223".parse().unwrap()), "{a:?}");
+        assert!(courier_addrs("").is_err());
+        assert!(courier_addrs("127.0.0.1").is_err(), "a port is needed");
+    }
 }

@@ -42,14 +42,10 @@ pub struct ClientArgs {
     ids: SocketAddr,
     /// The push courier's device port (TLS). Several, comma-separated:
     /// couriers on one database; when the link to one is lost the client
-    /// tries the next.
-    #[arg(
-        long,
-        value_name = "ADDR[,ADDR…]",
-        default_value = "127.0.0.1:5223",
-        value_delimiter = ','
-    )]
-    courier: Vec<SocketAddr>,
+    /// tries the next. A name (host:port) gives every address it resolves
+    /// to.
+    #[arg(long, value_name = "ADDR[,ADDR…]", default_value = "127.0.0.1:5223")]
+    courier: String,
     /// Reach the courier over QUIC (the same port, UDP) instead of TLS over
     /// TCP: the push link then survives a change of network.
     #[arg(long)]
@@ -721,16 +717,15 @@ async fn start_device(
         }
         None => None,
     };
+    let couriers = client_sdk::courier::courier_addrs(&args.courier)
+        .with_context(|| format!("--courier {}", args.courier))?;
     let config = DeviceConfig {
         name: state.name.clone(),
         handle,
         sip_domain: args.domain.clone(),
         sip: args.sip,
-        courier: *args
-            .courier
-            .first()
-            .ok_or_else(|| anyhow!("--courier needs an address"))?,
-        courier_fallbacks: args.courier.iter().skip(1).copied().collect(),
+        courier: couriers[0],
+        courier_fallbacks: couriers[1..].to_vec(),
         courier_transport: if args.quic {
             Transport::Quic
         } else {

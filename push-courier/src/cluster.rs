@@ -235,6 +235,10 @@ pub struct Cluster {
     leases: Mutex<HashMap<u16, Lease>>,
     /// Runs a lease round now: another node gave shards up.
     round: tokio::sync::Notify,
+    /// Each shard's (holder, term) as this node last read them, so that a
+    /// change whose announcement NATS lost still re-attaches this node's
+    /// devices of that shard. `None`: announced, not read since.
+    seen: Mutex<HashMap<u16, Option<(String, i64)>>>,
     /// NATS came back after being away.
     reconnected: Arc<tokio::sync::Notify>,
     pub metrics: ClusterMetrics,
@@ -276,6 +280,7 @@ impl Cluster {
             nats,
             leases: Mutex::new(HashMap::new()),
             round: tokio::sync::Notify::new(),
+            seen: Mutex::new(HashMap::new()),
             reconnected,
             metrics: ClusterMetrics::default(),
         })
@@ -603,7 +608,32 @@ async fn lease_round(courier: &Arc<Courier>, cluster: &Arc<Cluster>) -> Result<(
         // round: until then the shard has no owner and its pushes get 503.
         let _ = cluster.nats.publish(OWNERS_SUBJECT, FREE.into()).await;
     }
+    for shard in missed_changes(cluster, courier.store.shard_leases().await?) {
+        let courier = courier.clone();
+        tokio::spawn(async move { courier.reattach(shard).await });
+    }
     Ok(())
+}
+
+/// The shards of another node whose owner changed since the last read
+/// without this node hearing of it (NATS is at-most-once).
+fn missed_changes(cluster: &Cluster, leases: Vec<(u16, String, i64, i64)>) -> Vec<u16> {
+    let now = unix_now_ms();
+    let mut seen = cluster.seen.lock().unwrap_or_else(|p| p.into_inner());
+    let first = seen.is_empty();
+    let mut missed = Vec::new();
+    for (shard, holder, term, expires) in leases {
+        if expires <= now || holder == cluster.config.node {
+            continue;
+        }
+        let now_held = Some((holder, term));
+        match seen.insert(shard, now_held.clone()) {
+            Some(before @ Some(_)) if before != now_held => missed.push(shard),
+            None if !first => missed.push(shard),
+            _ => {}
+        }
+    }
+    missed
 }
 
 /// Helper so the predicate sees (shard, lease) as one value.
@@ -839,6 +869,13 @@ async fn owner_changes(
         else {
             continue;
         };
+        // Heard: the next read of the leases takes the new owner as
+        // known.
+        cluster
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(shard, None);
         let courier = courier.clone();
         tokio::spawn(async move { courier.reattach(shard).await });
     }
@@ -888,6 +925,24 @@ mod tests {
             assert!(c.validate().is_err(), "{bad:?}");
         }
         assert!(ClusterConfig::new("a", vec![]).validate().is_err());
+    }
+
+    #[tokio::test]
+    async fn owner_changes_nats_lost_are_found_in_the_lease_rows() {
+        let cluster = Cluster::connect(ClusterConfig::new("me", vec!["nats://127.0.0.1:9".into()]))
+            .await
+            .unwrap();
+        let later = unix_now_ms() + 60_000;
+        let row = |s: u16, h: &str, t: i64| (s, h.to_owned(), t, later);
+        // First read: nothing to catch up on.
+        assert!(missed_changes(&cluster, vec![row(1, "a", 1), row(2, "b", 1)]).is_empty());
+        // Shard 1 moved without a word: found. Shard 2 moved and was
+        // announced: not again.
+        cluster.seen.lock().unwrap().insert(2, None);
+        let missed = missed_changes(&cluster, vec![row(1, "c", 2), row(2, "c", 2)]);
+        assert_eq!(missed, vec![1]);
+        // Unchanged, or now this node's own: nothing.
+        assert!(missed_changes(&cluster, vec![row(1, "c", 2), row(2, "me", 3)]).is_empty());
     }
 
     #[test]
