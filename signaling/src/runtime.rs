@@ -97,6 +97,38 @@ pub trait Waker: Send + Sync + 'static {
     fn wake(&self, wake: Wake);
 }
 
+pub use crate::core::proxy::SharedBinding;
+
+/// Where nodes of a cluster keep their bindings for each other (cluster
+/// mode; see [`Server::start_shared`]).
+pub trait Location: Send + Sync + 'static {
+    /// This node's bindings of `handle` are now `bindings` (replacing what
+    /// it stored for the handle before). Stores run one after another, in
+    /// the order the proxy made them.
+    fn store(
+        &self,
+        handle: Handle,
+        bindings: Vec<SharedBinding>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+    /// The bindings of `handle` other nodes stored (unexpired); empty when
+    /// the store cannot be read.
+    fn lookup(
+        &self,
+        handle: Handle,
+    ) -> Pin<Box<dyn Future<Output = Vec<SharedBinding>> + Send + 'static>>;
+}
+
+/// What the core asks of the rest of the system.
+struct Services {
+    directory: Arc<dyn Directory>,
+    waker: Arc<dyn Waker>,
+    location: Option<Arc<dyn Location>>,
+}
+
+/// Stores that may wait at once before new ones are dropped (a store that
+/// slow is down; the bindings are stored again at the next REGISTER).
+const STORES_QUEUED: usize = 4096;
+
 /// A directory that refuses every device: for a proxy with digest
 /// accounts only.
 #[derive(Debug)]
@@ -159,6 +191,7 @@ pub(crate) enum Input {
     Closed(ConnId),
     Authorized(u64, bool),
     Revoked(std::collections::HashSet<DeviceId>),
+    Located(u64, Vec<SharedBinding>),
     Drain,
 }
 
@@ -193,10 +226,34 @@ impl Server {
     /// Binds every listener and starts the core. `tls` is the server
     /// configuration for the TLS listeners (see [`tls_config`]).
     pub async fn start(
+        config: Config,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        directory: Arc<dyn Directory>,
+        waker: Arc<dyn Waker>,
+    ) -> Result<Server, Error> {
+        Server::start_with(config, tls, directory, waker, None).await
+    }
+
+    /// As [`Server::start`], as one node of several that share their
+    /// bindings through `location`: a call arriving here reaches devices
+    /// registered at other nodes through those nodes.
+    pub async fn start_shared(
         mut config: Config,
         tls: Option<Arc<rustls::ServerConfig>>,
         directory: Arc<dyn Directory>,
         waker: Arc<dyn Waker>,
+        location: Arc<dyn Location>,
+    ) -> Result<Server, Error> {
+        config.proxy.shared_location = true;
+        Server::start_with(config, tls, directory, waker, Some(location)).await
+    }
+
+    async fn start_with(
+        mut config: Config,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        directory: Arc<dyn Directory>,
+        waker: Arc<dyn Waker>,
+        location: Option<Arc<dyn Location>>,
     ) -> Result<Server, Error> {
         let mut udp = Vec::new();
         for addr in &config.udp {
@@ -312,8 +369,11 @@ impl Server {
             rx,
             udp,
             shared,
-            directory,
-            waker,
+            Services {
+                directory,
+                waker,
+                location,
+            },
             metrics.clone(),
         ));
         tracing::info!(udp = ?udp_addrs, tcp = ?tcp_addrs, tls = ?tls_addrs, wss = ?wss_addrs, "signaling listening");
@@ -560,10 +620,24 @@ async fn run_core(
     mut rx: mpsc::Receiver<Input>,
     udp: Vec<Arc<UdpSocket>>,
     shared: Arc<Shared>,
-    directory: Arc<dyn Directory>,
-    waker: Arc<dyn Waker>,
+    services: Services,
     metrics: Arc<Mutex<Metrics>>,
 ) {
+    let Services {
+        directory,
+        waker,
+        location,
+    } = services;
+    // Stores run in order, one after another, beside the core.
+    let location = location.map(|l| {
+        let (tx, mut rx) = mpsc::channel::<Pin<Box<dyn Future<Output = ()> + Send>>>(STORES_QUEUED);
+        tokio::spawn(async move {
+            while let Some(store) = rx.recv().await {
+                store.await;
+            }
+        });
+        (l, tx)
+    });
     // Each socket's address family, read once rather than per datagram.
     let udp: Vec<(bool, Arc<UdpSocket>)> = udp
         .into_iter()
@@ -617,6 +691,24 @@ async fn run_core(
                     });
                 }
                 Event::Wake(wake) => waker.wake(wake),
+                Event::Bound { handle, bindings } => {
+                    if let Some((location, stores)) = &location {
+                        if stores.try_send(location.store(handle, bindings)).is_err() {
+                            tracing::warn!("binding store backlog full; a binding goes unshared until its next REGISTER");
+                        }
+                    }
+                }
+                Event::Locate { id, handle } => {
+                    let inputs = shared.inputs.clone();
+                    let found = location.as_ref().map(|(l, _)| l.lookup(handle));
+                    tokio::spawn(async move {
+                        let bindings = match found {
+                            Some(f) => f.await,
+                            None => Vec::new(),
+                        };
+                        let _ = inputs.send(Input::Located(id, bindings)).await;
+                    });
+                }
             }
         }
     }
@@ -634,6 +726,7 @@ fn handle(proxy: &mut Proxy, input: Input, now: Instant) {
         Input::Closed(conn) => proxy.handle_conn_closed(conn, now),
         Input::Authorized(id, ok) => proxy.handle_authorization(id, ok, now),
         Input::Revoked(devices) => proxy.handle_revoked(devices, now),
+        Input::Located(id, bindings) => proxy.handle_located(id, bindings, now),
         Input::Drain => proxy.start_drain(),
     }
 }

@@ -315,14 +315,15 @@ impl Registrar {
     }
 
     /// A connection closed: its bindings fall asleep, go, or fall back to
-    /// their contact address (see the module doc). Returns how many went.
-    pub fn conn_closed(&mut self, conn: ConnId) -> usize {
+    /// their contact address (see the module doc). Returns the handles
+    /// whose bindings changed.
+    pub fn conn_closed(&mut self, conn: ConnId) -> Vec<Handle> {
         let Some(handles) = self.by_conn.remove(&conn) else {
-            return 0;
+            return Vec::new();
         };
         let mut removed = 0;
-        for h in handles {
-            let Some(list) = self.aors.get_mut(&h) else {
+        for h in &handles {
+            let Some(list) = self.aors.get_mut(h) else {
                 continue;
             };
             let before = list.len();
@@ -335,11 +336,18 @@ impl Registrar {
             });
             removed += before - list.len();
             if list.is_empty() {
-                self.aors.remove(&h);
+                self.aors.remove(h);
             }
         }
         self.total -= removed;
-        removed
+        handles
+    }
+
+    /// Whether a connection flow is still open and carries a binding. A
+    /// datagram flow has no end to notice; it counts as in use.
+    pub fn flow_in_use(&self, flow: &Flow) -> bool {
+        flow.conn
+            .is_none_or(|conn| self.by_conn.contains_key(&conn))
     }
 
     /// Drops every binding of these devices (their certificates were

@@ -10,6 +10,7 @@ impl Proxy {
         req: Message,
         key: String,
         handle: Handle,
+        remote: Vec<SharedBinding>,
         now: Instant,
     ) {
         let invite = req.method() == Some(&Method::Invite);
@@ -52,12 +53,26 @@ impl Proxy {
         let mut wakes = Vec::new();
         for (_, b) in self.registrar.active(&handle, now) {
             match (b.target(), &b.push, b.device) {
-                (Some(flow), _, _) => targets.push((flow, b.contact.uri.clone())),
+                (Some(flow), _, _) => targets.push((flow, b.contact.uri.clone(), None)),
                 // Only a binding a device certificate registered is woken:
                 // the push service checks the token is that device's.
                 (None, Some(push), Some(device)) if invite => {
                     wakes.push((binding_id(b), push.clone(), device))
                 }
+                (None, _, _) => {}
+            }
+        }
+        // Bindings at other nodes: through their edge, or woken.
+        for b in remote {
+            let target = b
+                .path
+                .as_deref()
+                .and_then(|p| shared::remote_target(p, &b.contact).map(|t| (t, p)));
+            match (target, b.push, b.device) {
+                (Some(((flow, uri), path)), _, _) => {
+                    targets.push((flow, uri, Some(path.to_string())))
+                }
+                (None, Some(push), Some(device)) if invite => wakes.push((b.id, push, device)),
                 (None, _, _) => {}
             }
         }
@@ -108,8 +123,8 @@ impl Proxy {
                 .at(now + self.config.ring_timeout, Timer::Ring(fork_id));
         }
         self.forks.insert(fork_id, fork);
-        for (flow, uri) in targets {
-            self.add_branch(fork_id, flow, uri, now);
+        for (flow, uri, route) in targets {
+            self.add_branch(fork_id, flow, uri, route, now);
         }
     }
 
@@ -135,19 +150,31 @@ impl Proxy {
             };
             f.waiting.remove(pos);
             if !f.final_sent {
-                self.add_branch(fork_id, flow, uri.clone(), now);
+                self.add_branch(fork_id, flow, uri.clone(), None, now);
             }
         }
         self.prune_waiting(handle);
     }
 
-    pub(super) fn add_branch(&mut self, fork_id: u64, flow: Flow, uri: Uri, now: Instant) {
+    /// A branch of the fork to `uri` over `flow`; `route`: the path of a
+    /// binding at another node, whose edge `flow` reaches.
+    pub(super) fn add_branch(
+        &mut self,
+        fork_id: u64,
+        flow: Flow,
+        uri: Uri,
+        route: Option<String>,
+        now: Instant,
+    ) {
         let Some(f) = self.forks.get(&fork_id) else {
             return;
         };
         let mut m = f.request.clone();
         if let StartLine::Request { uri: ruri, .. } = &mut m.start {
             *ruri = uri;
+        }
+        if let Some(route) = route {
+            m.prepend(HeaderName::ROUTE, route);
         }
         decrement_max_forwards(&mut m);
         if f.invite {

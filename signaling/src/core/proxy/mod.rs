@@ -62,7 +62,10 @@ mod forking;
 mod forward;
 mod request;
 mod response;
+mod shared;
 mod transaction;
+
+pub use shared::SharedBinding;
 
 /// What the proxy is and how it behaves. Durations are wall-clock spans.
 #[derive(Clone, Debug)]
@@ -108,6 +111,10 @@ pub struct Config {
     /// per callee; past it a call rings only devices that are awake.
     /// Default 30.
     pub wakes_per_minute: u32,
+    /// Several nodes share one location service (cluster mode): the core
+    /// reports this node's bindings ([`Event::Bound`]) and asks for other
+    /// nodes' before forking ([`Event::Locate`]). Default off.
+    pub shared_location: bool,
     /// RFC 3261 timer bases. Defaults 500 ms, 4 s, 5 s.
     pub t1: Duration,
     pub t2: Duration,
@@ -138,6 +145,7 @@ impl Default for Config {
             forward_to: Vec::new(),
             dialog_lifetime: Duration::from_secs(12 * 3600),
             wakes_per_minute: 30,
+            shared_location: false,
             t1: Duration::from_millis(500),
             t2: Duration::from_secs(4),
             t4: Duration::from_secs(5),
@@ -158,6 +166,15 @@ pub enum Event {
     /// Wake a sleeping device by a VoIP push: a call is waiting for it to
     /// register.
     Wake(Wake),
+    /// Cluster mode: this node's bindings of `handle` are now these
+    /// (store them for the other nodes; empty = none left).
+    Bound {
+        handle: Handle,
+        bindings: Vec<SharedBinding>,
+    },
+    /// Cluster mode: a call to `handle` waits for its bindings at other
+    /// nodes; answer with [`Proxy::handle_located`].
+    Locate { id: u64, handle: Handle },
 }
 
 /// A VoIP push for a sleeping device, as [`Event::Wake`] asks.
@@ -226,6 +243,7 @@ pub struct Proxy {
     forks: HashMap<u64, Fork>,
     waiting: HashMap<Handle, Vec<u64>>,
     pending_auth: HashMap<u64, Pending>,
+    locating: HashMap<u64, shared::Locating>,
     limiter: RateLimiter<IpAddr>,
     /// Wake-ups per caller and per callee.
     wake_limiter: RateLimiter<WakeKey>,
@@ -279,6 +297,7 @@ impl Proxy {
             forks: HashMap::new(),
             waiting: HashMap::new(),
             pending_auth: HashMap::new(),
+            locating: HashMap::new(),
             limiter,
             wake_limiter,
             revoked: HashSet::new(),
@@ -409,7 +428,9 @@ impl Proxy {
 
     /// A connection closed.
     pub fn handle_conn_closed(&mut self, conn: ConnId, now: Instant) {
-        self.registrar.conn_closed(conn);
+        for handle in self.registrar.conn_closed(conn) {
+            self.announce_bindings(&handle, now);
+        }
         // Branches that were waiting on that connection will hear nothing:
         // a transport error is a 503 from the branch (RFC 3261 §8.1.3.1),
         // so the call goes on with the others instead of waiting for
@@ -599,6 +620,8 @@ struct RouteToken {
     flows: Option<Vec<Flow>>,
     /// The caller's From tag: tells the two directions apart.
     ftag: Option<String>,
+    /// A path of ours (cluster mode): the device flow it names.
+    edge: Option<Flow>,
 }
 
 /// A request that belongs to the INVITE's own transaction (CANCEL §9.1,

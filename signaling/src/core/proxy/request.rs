@@ -39,6 +39,10 @@ impl Proxy {
         // Loose routing (§16.4): our own Route entries come off, and the
         // flow token in the first tells us where in-dialog requests go.
         let token = self.pop_our_routes(&mut req, now);
+        if let Some(edge) = token.as_ref().and_then(|t| t.edge) {
+            self.forward_to_edge(source, req, edge, now);
+            return;
+        }
 
         let in_dialog = req.tag(&HeaderName::TO).is_some();
         if in_dialog || req.has(&HeaderName::ROUTE) {
@@ -166,7 +170,11 @@ impl Proxy {
             }
             return;
         }
-        self.start_fork(source, req, key, handle, now);
+        if self.config.shared_location {
+            self.locate(source, req, key, handle, now);
+        } else {
+            self.start_fork(source, req, key, handle, Vec::new(), now);
+        }
     }
 
     /// Parks a request from a device until the directory says whether the
@@ -258,8 +266,16 @@ impl Proxy {
     /// Takes our own entries off the top of the Route set (§16.4) and
     /// returns what the first one carried: the flows of its token (decoded
     /// once, here, for this Call-ID and not expired) and its `ftag`.
+    ///
+    /// Ours are the entries naming one of our addresses. The first entry
+    /// may also be another node's with a token that verifies here (a node
+    /// sharing our secret that is gone: we take its dialogs over), with
+    /// the entries after it that name the same host (its double
+    /// Record-Route); an entry of another node further down stays, since
+    /// the request goes on through that node.
     pub(super) fn pop_our_routes(&self, req: &mut Message, now: Instant) -> Option<RouteToken> {
-        let mut token = None;
+        let mut token: Option<RouteToken> = None;
+        let mut taken_over: Option<String> = None;
         let clock = self.clock(now);
         loop {
             let first = req.values(&HeaderName::ROUTE).next().map(str::to_string);
@@ -276,14 +292,20 @@ impl Proxy {
                 .and_then(|t| self.tokens.decode(t, req.call_id(), clock))
                 // A route names both ends of a dialog.
                 .filter(|f| f.len() == 2);
-            if flows.is_none() && !self.names_us(&na.uri) {
-                break;
+            let edge = self.edge_flow(&na.uri, now);
+            let ours = self.names_us(&na.uri) || taken_over.as_deref() == Some(&na.uri.host);
+            if !ours {
+                if token.is_some() || (flows.is_none() && edge.is_none()) {
+                    break;
+                }
+                taken_over = Some(na.uri.host.clone());
             }
             if token.is_none() {
                 token = Some(RouteToken {
-                    signed: na.uri.has_param("pf"),
+                    signed: na.uri.has_param("pf") || na.uri.has_param("pe"),
                     flows,
                     ftag: na.uri.param("ftag").flatten().map(str::to_string),
+                    edge,
                 });
             }
             req.pop_first(&HeaderName::ROUTE);
@@ -313,7 +335,11 @@ impl Proxy {
         // an ACK for a stateless refusal of ours has no route and ends here.
         let mut req = req;
         let token = self.pop_our_routes(&mut req, now);
-        if req.tag(&HeaderName::TO).is_some() {
+        if let Some(edge) = token.as_ref().and_then(|t| t.edge) {
+            // The ACK for a non-2xx the device sent through us, from the
+            // node the call came to.
+            self.forward_to_edge(source, req, edge, now);
+        } else if req.tag(&HeaderName::TO).is_some() {
             self.forward_stateless(source, req, token, now);
         }
     }
@@ -322,6 +348,13 @@ impl Proxy {
         // The CANCEL matches the INVITE's server transaction (§9.2).
         let invite_key = key.replacen("|CANCEL", "|INVITE", 1);
         let Some(tx) = self.servers.get(&invite_key) else {
+            // An INVITE we sent on to a device statelessly, as its edge:
+            // its CANCEL follows the same path (§16.11).
+            let mut fwd = req.clone();
+            if let Some(edge) = self.pop_our_routes(&mut fwd, now).and_then(|t| t.edge) {
+                self.forward_to_edge(source, fwd, edge, now);
+                return;
+            }
             if !self.over_budget(&source, req, now) {
                 self.refuse(&source, req, 481, "Call/Transaction Does Not Exist");
             }
@@ -462,6 +495,7 @@ impl Proxy {
                 }
                 resp.push(HeaderName::SUPPORTED, "outbound, path");
                 answer(self, resp);
+                self.announce_bindings(handle, now);
                 for i in update.awake {
                     self.binding_awake(handle, i, now);
                 }
