@@ -43,6 +43,9 @@ database = "$PG_URL"
 [courier]
 database = "$PG_URL"
 
+[signaling]
+database = "$PG_URL"
+
 [turn]
 # Clients on this machine relay to each other through loopback.
 allow_peers = ["127.0.0.0/8"]
@@ -79,10 +82,11 @@ NATS (between couriers), $data (CA, keys, secrets). Try, in other shells:
   $bin client --state alice --ids 127.0.0.2:8444 --courier 127.0.0.2:5223,127.0.0.3:5223 \\
       --sip 127.0.0.2:5061 --ca $data/ca.pem activate --handle alice@example.com --outbox $data/outbox
   $bin client --state bob --ids 127.0.0.3:8444 --courier 127.0.0.3:5223,127.0.0.4:5223 \\
-      --sip 127.0.0.2:5061 --ca $data/ca.pem activate --handle bob@example.com --outbox $data/outbox
+      --sip 127.0.0.3:5061 --ca $data/ca.pem activate --handle bob@example.com --outbox $data/outbox
 
-SIP registrations are held by the node that took them: clients that call
-each other name the same --sip node. Ctrl-C stops the cluster.
+then \`listen --answer\` as Bob and \`call bob@example.com\` as Alice, with the same
+flags: the call arrives at Alice's signaling node and reaches Bob through his.
+Ctrl-C stops the cluster.
 EOF
 wait -n "${pids[@]}" || true
 echo "cluster: a node exited; see $tmp/n*.err"

@@ -137,6 +137,8 @@ impl World {
                 match e {
                     Event::Authorize { id, .. } => self.proxy.handle_authorization(id, true, now),
                     wake @ Event::Wake(_) => self.wakes.push(wake),
+                    // One node: no shared location.
+                    Event::Bound { .. } | Event::Locate { .. } => {}
                 }
             }
             while let Some(t) = self.proxy.poll_transmit() {

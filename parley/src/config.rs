@@ -144,6 +144,10 @@ pub struct SignalingSection {
     pub key: Option<PathBuf>,
     /// CA of device certificates. Default: the data directory's CA.
     pub device_ca: Option<PathBuf>,
+    /// Where the nodes of a cluster keep their SIP bindings for each
+    /// other (`postgres://…`); needed with `[cluster]`. Default: none (one
+    /// node keeps its own).
+    pub database: Option<String>,
 }
 
 /// A digest account: the handle it may register and call as.

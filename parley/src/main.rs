@@ -504,6 +504,11 @@ fn require_postgres(services: Services, settings: &config::Settings) -> Result<(
     for (on, name, url) in [
         (services.ids, "ids.database", &settings.ids.database),
         (
+            services.signaling,
+            "signaling.database",
+            &settings.signaling.database,
+        ),
+        (
             services.courier,
             "courier.database",
             &settings.courier.database,
@@ -624,6 +629,7 @@ async fn start_signaling(
     config: signaling::runtime::Config,
     ids: Option<Arc<ids::Ids>>,
     courier: Option<Arc<push_courier::courier::Courier>>,
+    shared: Option<(&str, &str)>,
 ) -> Result<signaling::runtime::Server> {
     let (cert, key) = data.server_files(&settings.cert, &settings.key);
     let device_ca = data.ca_or(&settings.device_ca);
@@ -640,9 +646,24 @@ async fn start_signaling(
         Some(c) => Arc::new(wiring::CourierWaker(c)),
         None => Arc::new(signaling::runtime::NoWaker),
     };
-    signaling::runtime::Server::start(config, Some(tls), directory, waker)
-        .await
-        .with_context(|| "cannot start signaling")
+    let started = match shared {
+        // Cluster mode: bindings shared with the other nodes.
+        Some((url, node)) => {
+            let location = signaling::location::SqlLocation::open(url, node)
+                .await
+                .with_context(|| "cannot open the shared SIP bindings (signaling.database)")?;
+            signaling::runtime::Server::start_shared(
+                config,
+                Some(tls),
+                directory,
+                waker,
+                Arc::new(location),
+            )
+            .await
+        }
+        None => signaling::runtime::Server::start(config, Some(tls), directory, waker).await,
+    };
+    started.with_context(|| "cannot start signaling")
 }
 
 /// In `parley up`, device certificates revoked in the identity service
@@ -768,6 +789,17 @@ impl Stack {
             i.ids
                 .set_notifier(Arc::new(wiring::CourierAccountNotifier(c.courier.clone())));
         }
+        let shared_sip = match (settings.cluster.enabled(), &settings.signaling.database) {
+            (true, Some(url)) => Some((
+                url.clone(),
+                settings
+                    .cluster
+                    .node
+                    .clone()
+                    .unwrap_or_else(|| data.node_id.clone()),
+            )),
+            _ => None,
+        };
         let signaling_server = match services.signaling {
             true => Some(Arc::new(
                 start_signaling(
@@ -776,6 +808,9 @@ impl Stack {
                     signaling_config,
                     ids_server.as_ref().map(|s| s.ids.clone()),
                     courier_server.as_ref().map(|c| c.courier.clone()),
+                    shared_sip
+                        .as_ref()
+                        .map(|(url, node)| (url.as_str(), node.as_str())),
                 )
                 .await?,
             )),

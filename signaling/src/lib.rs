@@ -11,9 +11,12 @@
 //!   [`core::proxy::Proxy`].
 //! - [`runtime`]: UDP, TCP, TLS and secure WebSocket listeners (5060,
 //!   5061, 8445) around one core.
+//! - [`location`]: the bindings nodes of a cluster share (PostgreSQL),
+//!   behind [`runtime::Location`].
 
 pub mod core;
 pub mod error;
+pub mod location;
 pub mod runtime;
 mod websocket;
 
