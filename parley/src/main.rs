@@ -621,6 +621,13 @@ async fn start_courier(
         .with_context(|| "cannot start the push courier")
 }
 
+/// Where signaling shares its bindings in cluster mode.
+struct SharedSip {
+    url: String,
+    node: String,
+    nats: Vec<String>,
+}
+
 /// Binds SIP signaling; in `parley up` its device checks go to the
 /// identity service and its wake-ups to the courier.
 async fn start_signaling(
@@ -629,7 +636,7 @@ async fn start_signaling(
     config: signaling::runtime::Config,
     ids: Option<Arc<ids::Ids>>,
     courier: Option<Arc<push_courier::courier::Courier>>,
-    shared: Option<(&str, &str)>,
+    shared: Option<&SharedSip>,
 ) -> Result<signaling::runtime::Server> {
     let (cert, key) = data.server_files(&settings.cert, &settings.key);
     let device_ca = data.ca_or(&settings.device_ca);
@@ -648,10 +655,13 @@ async fn start_signaling(
     };
     let started = match shared {
         // Cluster mode: bindings shared with the other nodes.
-        Some((url, node)) => {
-            let location = signaling::location::SqlLocation::open(url, node)
+        Some(shared) => {
+            let location = signaling::location::SqlLocation::open(&shared.url, &shared.node)
                 .await
-                .with_context(|| "cannot open the shared SIP bindings (signaling.database)")?;
+                .with_context(|| "cannot open the shared SIP bindings (signaling.database)")?
+                .with_nats(&shared.nats)
+                .await
+                .with_context(|| "cannot reach NATS (cluster.nats)")?;
             signaling::runtime::Server::start_shared(
                 config,
                 Some(tls),
@@ -790,14 +800,20 @@ impl Stack {
                 .set_notifier(Arc::new(wiring::CourierAccountNotifier(c.courier.clone())));
         }
         let shared_sip = match (settings.cluster.enabled(), &settings.signaling.database) {
-            (true, Some(url)) => Some((
-                url.clone(),
-                settings
+            (true, Some(url)) => Some(SharedSip {
+                url: url.clone(),
+                node: settings
                     .cluster
                     .node
                     .clone()
                     .unwrap_or_else(|| data.node_id.clone()),
-            )),
+                nats: settings
+                    .cluster
+                    .nats
+                    .as_ref()
+                    .map(config::OneOrMany::to_vec)
+                    .unwrap_or_default(),
+            }),
             _ => None,
         };
         let signaling_server = match services.signaling {
@@ -808,9 +824,7 @@ impl Stack {
                     signaling_config,
                     ids_server.as_ref().map(|s| s.ids.clone()),
                     courier_server.as_ref().map(|c| c.courier.clone()),
-                    shared_sip
-                        .as_ref()
-                        .map(|(url, node)| (url.as_str(), node.as_str())),
+                    shared_sip.as_ref(),
                 )
                 .await?,
             )),

@@ -6,6 +6,12 @@
 //! handed out): a call wakes the device by push, and the device registers
 //! wherever it lands. A node that starts marks the bindings it left as
 //! asleep too: the connections their paths name died with it.
+//!
+//! With NATS, each store is also told to the other nodes as it happens
+//! (`parley.sip.bound`), so that a call waiting at one node for a device
+//! it woke rings the device at whichever node it registers (as Flexisip's
+//! registrar does with Redis publish/subscribe). NATS only hurries this
+//! along: without it the call rings the devices that were awake.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -46,6 +52,28 @@ const ALIVE_FOR: Duration = Duration::from_secs(10);
 pub struct SqlLocation {
     pool: AnyPool,
     node: String,
+    nats: Option<async_nats::Client>,
+}
+
+const SUBJECT: &str = "parley.sip.bound";
+
+/// What a node tells the others when it stores a handle's bindings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BoundNotice {
+    pub node: String,
+    pub handle: String,
+    pub bindings: Vec<SharedBinding>,
+}
+
+impl BoundNotice {
+    /// Reads a notice, its handle in normal form; `None` for anything
+    /// malformed.
+    pub fn decode(bytes: &[u8]) -> Option<(BoundNotice, Handle)> {
+        let mut n: BoundNotice = serde_json::from_slice(bytes).ok()?;
+        let handle = Handle::parse(&n.handle).ok()?;
+        n.handle = handle.as_str().to_owned();
+        Some((n, handle))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +106,7 @@ impl SqlLocation {
         let loc = SqlLocation {
             pool,
             node: node.to_owned(),
+            nats: None,
         };
         sqlx::query("UPDATE sip_bindings SET path = NULL WHERE node = $1")
             .bind(&loc.node)
@@ -96,6 +125,19 @@ impl SqlLocation {
             }
         });
         Ok(loc)
+    }
+
+    /// Tells other nodes of every store over NATS (`urls`), and hears of
+    /// theirs ([`Location::watch`]).
+    pub async fn with_nats(mut self, urls: &[String]) -> Result<SqlLocation, LocationError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("parley-signaling-{}", self.node))
+            .retry_on_initial_connect()
+            .connect(urls.to_vec())
+            .await
+            .map_err(db)?;
+        self.nats = Some(client);
+        Ok(self)
     }
 
     async fn beat(&self) -> Result<(), LocationError> {
@@ -152,7 +194,20 @@ impl SqlLocation {
             .await
             .map_err(db)?;
         }
-        tx.commit().await.map_err(db)
+        tx.commit().await.map_err(db)?;
+        if let Some(nats) = &self.nats {
+            let notice = BoundNotice {
+                node: self.node.clone(),
+                handle: handle.as_str().to_owned(),
+                bindings: bindings.to_vec(),
+            };
+            if let Ok(bytes) = serde_json::to_vec(&notice) {
+                if let Err(e) = nats.publish(SUBJECT, bytes.into()).await {
+                    tracing::debug!(error = %e, "cannot tell other nodes of a binding");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The unexpired bindings of `handle` at other nodes; those of a node
@@ -221,5 +276,30 @@ impl Location for SqlLocation {
                 Vec::new()
             })
         })
+    }
+
+    fn watch(&self) -> Option<tokio::sync::mpsc::Receiver<(Handle, Vec<SharedBinding>)>> {
+        let nats = self.nats.clone()?;
+        let me = self.node.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let mut sub = match nats.subscribe(SUBJECT).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot hear other nodes' bindings");
+                    return;
+                }
+            };
+            while let Some(m) = sub.next().await {
+                let Some((notice, handle)) = BoundNotice::decode(&m.payload) else {
+                    continue;
+                };
+                if notice.node != me && tx.send((handle, notice.bindings)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Some(rx)
     }
 }

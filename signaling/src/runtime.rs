@@ -116,6 +116,12 @@ pub trait Location: Send + Sync + 'static {
         &self,
         handle: Handle,
     ) -> Pin<Box<dyn Future<Output = Vec<SharedBinding>> + Send + 'static>>;
+    /// Bindings other nodes store from now on, as they store them: a call
+    /// here waiting for a device woken by push rings it wherever it
+    /// registers. `None`: this location tells of none.
+    fn watch(&self) -> Option<mpsc::Receiver<(Handle, Vec<SharedBinding>)>> {
+        None
+    }
 }
 
 /// What the core asks of the rest of the system.
@@ -192,6 +198,7 @@ pub(crate) enum Input {
     Authorized(u64, bool),
     Revoked(std::collections::HashSet<DeviceId>),
     Located(u64, Vec<SharedBinding>),
+    RemoteBound(Handle, Vec<SharedBinding>),
     Drain,
 }
 
@@ -628,6 +635,21 @@ async fn run_core(
         waker,
         location,
     } = services;
+    // What other nodes store reaches the core as it is stored.
+    if let Some(mut notices) = location.as_ref().and_then(|l| l.watch()) {
+        let inputs = shared.inputs.clone();
+        tokio::spawn(async move {
+            while let Some((handle, bindings)) = notices.recv().await {
+                if inputs
+                    .send(Input::RemoteBound(handle, bindings))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
     // Stores run in order, one after another, beside the core.
     let location = location.map(|l| {
         let (tx, mut rx) = mpsc::channel::<Pin<Box<dyn Future<Output = ()> + Send>>>(STORES_QUEUED);
@@ -727,6 +749,11 @@ fn handle(proxy: &mut Proxy, input: Input, now: Instant) {
         Input::Authorized(id, ok) => proxy.handle_authorization(id, ok, now),
         Input::Revoked(devices) => proxy.handle_revoked(devices, now),
         Input::Located(id, bindings) => proxy.handle_located(id, bindings, now),
+        Input::RemoteBound(handle, bindings) => {
+            for b in bindings {
+                proxy.handle_remote_bound(&handle, b, now);
+            }
+        }
         Input::Drain => proxy.start_drain(),
     }
 }

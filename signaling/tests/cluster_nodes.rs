@@ -178,3 +178,60 @@ fn a_call_at_node_a_rings_a_device_registered_at_node_b() {
     }
     drop((a, b));
 }
+
+/// What a node stores reaches the other nodes over NATS as it is stored
+/// (a call waiting for a woken device hears of its registration there),
+/// and never the node itself.
+#[test]
+fn stores_are_told_to_the_other_nodes() {
+    use signaling::runtime::{Location, SharedBinding};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pg = parley_tests::postgres::Postgres::start("sip-cluster-nats");
+    let nats = parley_tests::nats::Nats::start("sip-cluster-nats");
+    let open = |name: &str| {
+        rt.block_on(async {
+            SqlLocation::open(&pg.url(), name)
+                .await
+                .unwrap()
+                .with_nats(&[nats.url()])
+                .await
+                .unwrap()
+        })
+    };
+    let (a, c) = (open("a"), open("c"));
+    let mut heard_a = rt.block_on(async { a.watch() }).expect("a NATS watch");
+    let mut heard_c = rt.block_on(async { c.watch() }).expect("a NATS watch");
+    let bob = Handle::parse(BOB).unwrap();
+    let binding = SharedBinding {
+        id: "urn:uuid:bob-phone".into(),
+        contact: "sip:bob@10.0.0.11:40001;transport=tcp".into(),
+        path: Some("<sip:127.0.0.4:5060;lr;pe=x>".into()),
+        push: None,
+        device: Some(wire::keys::DeviceId::random()),
+        expires: 4_000_000_000,
+    };
+    // The subscriptions are made in the background: store until heard.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        rt.block_on(c.put(&bob, std::slice::from_ref(&binding)))
+            .unwrap();
+        let got = rt.block_on(async {
+            tokio::time::timeout(Duration::from_millis(200), heard_a.recv()).await
+        });
+        if let Ok(Some(got)) = got {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "node a never heard of c's store");
+    };
+    assert_eq!(got, (bob.clone(), vec![binding.clone()]));
+    // The one who stored hears nothing of it.
+    let own = rt
+        .block_on(async { tokio::time::timeout(Duration::from_millis(300), heard_c.recv()).await });
+    assert!(own.is_err(), "a node was told of its own store: {own:?}");
+    // And the table has it for lookups too.
+    assert_eq!(rt.block_on(a.get(&bob)).unwrap(), vec![binding]);
+}

@@ -20,7 +20,7 @@ use wire::handle::Handle;
 use wire::keys::DeviceId;
 
 /// RFC 8599 push parameters from a Contact URI.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PushParams {
     /// `pn-provider`: `apns`, `fcm`, `webpush`, or `parley` for the
     /// courier's own device link.

@@ -22,7 +22,7 @@ use super::*;
 const PATH_LABEL: &str = "\0path";
 
 /// A binding as the other nodes see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SharedBinding {
     /// Names the binding across registrations (`+sip.instance`, else its
     /// push token, else its contact): what a call waiting for it by push
@@ -34,9 +34,29 @@ pub struct SharedBinding {
     /// asleep (its flow is gone: reachable only by push).
     pub path: Option<String>,
     pub push: Option<PushParams>,
+    #[serde(with = "device_hex")]
     pub device: Option<DeviceId>,
     /// Unix seconds.
     pub expires: u64,
+}
+
+/// A device id as its 32 hex digits.
+mod device_hex {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use wire::keys::DeviceId;
+
+    pub fn serialize<S: Serializer>(d: &Option<DeviceId>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DeviceId>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|h| h.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 /// A call waiting for [`Event::Locate`]'s answer.
