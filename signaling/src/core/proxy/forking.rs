@@ -131,9 +131,6 @@ impl Proxy {
     /// A binding was (re)registered and is reachable: a call waiting on
     /// it by push gets its branch now.
     pub(super) fn binding_awake(&mut self, handle: &Handle, index: usize, now: Instant) {
-        let Some(forks) = self.waiting.get(handle).cloned() else {
-            return;
-        };
         let Some(b) = self.registrar.bindings(handle).get(index) else {
             return;
         };
@@ -141,16 +138,33 @@ impl Proxy {
             Some(flow) => (binding_id(b), flow, b.contact.uri.clone()),
             None => return,
         };
+        self.woken(handle, &id, flow, uri, None, now);
+    }
+
+    /// The binding `id` of `handle` woke (here, or at another node whose
+    /// edge `route` names): every call waiting for it gets its branch.
+    pub(super) fn woken(
+        &mut self,
+        handle: &Handle,
+        id: &str,
+        flow: Flow,
+        uri: Uri,
+        route: Option<String>,
+        now: Instant,
+    ) {
+        let Some(forks) = self.waiting.get(handle).cloned() else {
+            return;
+        };
         for fork_id in forks {
             let Some(f) = self.forks.get_mut(&fork_id) else {
                 continue;
             };
-            let Some(pos) = f.waiting.iter().position(|w| *w == id) else {
+            let Some(pos) = f.waiting.iter().position(|w| w == id) else {
                 continue;
             };
             f.waiting.remove(pos);
             if !f.final_sent {
-                self.add_branch(fork_id, flow, uri.clone(), None, now);
+                self.add_branch(fork_id, flow, uri.clone(), route.clone(), now);
             }
         }
         self.prune_waiting(handle);

@@ -194,22 +194,7 @@ impl Proxy {
         let Some((flow, contact)) = remote_target(&path, &b.contact) else {
             return;
         };
-        let Some(forks) = self.waiting.get(handle).cloned() else {
-            return;
-        };
-        for fork_id in forks {
-            let Some(f) = self.forks.get_mut(&fork_id) else {
-                continue;
-            };
-            let Some(pos) = f.waiting.iter().position(|w| *w == b.id) else {
-                continue;
-            };
-            f.waiting.remove(pos);
-            if !f.final_sent {
-                self.add_branch(fork_id, flow, contact.clone(), Some(path.clone()), now);
-            }
-        }
-        self.prune_waiting(handle);
+        self.woken(handle, &b.id, flow, contact, Some(path), now);
     }
 
     /// A request that came with one of our path tokens (from the node a
