@@ -100,15 +100,17 @@ impl Proxy {
     }
 
     /// Our path URI for `flow`, good until `expires` (our clock's
-    /// seconds); `None` without a UDP address of ours to name.
+    /// seconds): over TCP if we listen on it (an INVITE with SDP and an
+    /// Identity header outgrows a datagram, RFC 3261 §18.1.1), else UDP;
+    /// `None` with neither.
     fn path_uri(&self, flow: Flow, expires: u64) -> Option<String> {
-        let (_, addr) = self
-            .config
-            .advertise
-            .iter()
-            .find(|(t, _)| *t == Transport::Udp)?;
+        let ours = |t: Transport| self.config.advertise.iter().find(|(a, _)| *a == t);
+        let (transport, addr) = ours(Transport::Tcp).or_else(|| ours(Transport::Udp))?;
         let token = self.tokens.encode(&[flow], PATH_LABEL, expires);
         let mut uri = Uri::host_port(&addr.ip().to_string(), Some(addr.port()));
+        if *transport == Transport::Tcp {
+            uri.set_param("transport", Some("tcp"));
+        }
         uri.set_param("lr", None);
         uri.set_param("pe", Some(&token));
         Some(format!("<{uri}>"))
