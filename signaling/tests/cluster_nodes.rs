@@ -235,3 +235,44 @@ fn stores_are_told_to_the_other_nodes() {
     // And the table has it for lookups too.
     assert_eq!(rt.block_on(a.get(&bob)).unwrap(), vec![binding]);
 }
+
+/// Bindings outlive their node: a node that starts again (every node, after
+/// a restart of all of them) finds its old bindings in the table, handed
+/// out asleep, since the connections their paths named are gone; a
+/// push-capable device among them is then woken by the next call.
+#[test]
+fn bindings_survive_a_restart_asleep() {
+    use signaling::runtime::SharedBinding;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pg = parley_tests::postgres::Postgres::start("sip-cluster-restart");
+    let bob = Handle::parse(BOB).unwrap();
+    let phone = SharedBinding {
+        id: "urn:uuid:bob-phone".into(),
+        contact: "sip:bob@10.0.0.11:40001;transport=tcp".into(),
+        path: Some("<sip:127.0.0.3:5060;transport=tcp;lr;pe=x>".into()),
+        push: Some(signaling::core::registrar::PushParams {
+            provider: "parley".into(),
+            prid: "feedface".into(),
+            param: Some("com.example.app.voip".into()),
+        }),
+        device: Some(wire::keys::DeviceId::random()),
+        expires: 4_000_000_000,
+    };
+    let b = rt.block_on(SqlLocation::open(&pg.url(), "b")).unwrap();
+    rt.block_on(b.put(&bob, std::slice::from_ref(&phone)))
+        .unwrap();
+    let a = rt.block_on(SqlLocation::open(&pg.url(), "a")).unwrap();
+    assert_eq!(rt.block_on(a.get(&bob)).unwrap(), vec![phone.clone()]);
+    // B starts again.
+    drop(b);
+    let _b = rt.block_on(SqlLocation::open(&pg.url(), "b")).unwrap();
+    let asleep = SharedBinding {
+        path: None,
+        ..phone
+    };
+    assert_eq!(rt.block_on(a.get(&bob)).unwrap(), vec![asleep]);
+}
