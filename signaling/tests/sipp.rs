@@ -1,10 +1,12 @@
 //! Interop with SIPp (Debian `sip-tester`): registration with digest, and
 //! calls from a SIPp caller through the proxy to SIPp devices over UDP and
 //! TCP, including a fork to three devices where one answers and the other
-//! two must get CANCEL with the RFC 3326 Reason. The scenarios are in
-//! `tests/sipp/`.
+//! two must get CANCEL with the RFC 3326 Reason, and the same fork with
+//! the devices spread over two nodes that share their bindings in
+//! PostgreSQL. The scenarios are in `tests/sipp/`.
 
 use parley_tests::tool::{require, run_in, Output};
+use signaling::location::SqlLocation;
 use signaling::runtime::{Config, NoDirectory, NoWaker, Server};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -24,6 +26,15 @@ struct Proxy {
 
 impl Proxy {
     fn start() -> Proxy {
+        Proxy::start_with(None)
+    }
+
+    /// A node of a cluster whose bindings are in `location`.
+    fn start_shared(location: SqlLocation) -> Proxy {
+        Proxy::start_with(Some(location))
+    }
+
+    fn start_with(location: Option<SqlLocation>) -> Proxy {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -48,12 +59,23 @@ impl Proxy {
                     .accounts
                     .insert(Handle::parse(h).unwrap(), pw.into());
             }
-            let started = rt.block_on(Server::start(
-                config,
-                None,
-                Arc::new(NoDirectory),
-                Arc::new(NoWaker),
-            ));
+            let started = rt.block_on(async {
+                match &location {
+                    Some(l) => {
+                        Server::start_shared(
+                            config,
+                            None,
+                            Arc::new(NoDirectory),
+                            Arc::new(NoWaker),
+                            Arc::new(l.clone()),
+                        )
+                        .await
+                    }
+                    None => {
+                        Server::start(config, None, Arc::new(NoDirectory), Arc::new(NoWaker)).await
+                    }
+                }
+            });
             if let Ok(server) = started {
                 return Proxy {
                     rt,
@@ -338,4 +360,73 @@ fn sipp_digest_for_another_uri_is_refused() {
         "{text}"
     );
     assert_eq!(proxy.metrics().registrations, 0);
+}
+
+/// The fork to three with the devices spread over two nodes: one device
+/// at node A, two at node B, the call at A. The device that answers is
+/// at B; the other two, one at each node, get CANCEL with the Reason,
+/// B's through B.
+fn fork_across_two_nodes(transport: &'static str) {
+    require("sipp");
+    let pg = parley_tests::postgres::Postgres::start(&format!("sipp-fork-{transport}"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let open = |name: &str| rt.block_on(SqlLocation::open(&pg.url(), name)).unwrap();
+    let a = Proxy::start_shared(open("a"));
+    let b = Proxy::start_shared(open("b"));
+    let probe = open("probe");
+    let dir = tempfile::tempdir().unwrap();
+    let mut devices = Vec::new();
+    for (file, node) in [
+        ("uas_cancelled.xml", &a),
+        ("uas_answer.xml", &b),
+        ("uas_cancelled.xml", &b),
+    ] {
+        let (port, handle) = device(dir.path(), transport, file);
+        register(dir.path(), node, transport, port);
+        devices.push((file, handle));
+    }
+    // B's two bindings are stored in the background.
+    let bob = Handle::parse(BOB).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rt.block_on(probe.get(&bob)).unwrap().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "bindings never reached the database"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let caller = call(dir.path(), &a, transport);
+    assert!(
+        caller.success,
+        "SIPp caller failed:\n{}\n{}",
+        caller.text,
+        logs(dir.path())
+    );
+    for (file, handle) in devices {
+        let out = handle.join().unwrap();
+        assert!(
+            out.success,
+            "SIPp device {file} failed (a cancelled device must see the Reason):\n{}\n{}",
+            out.text,
+            logs(dir.path())
+        );
+    }
+    let m = a.metrics();
+    assert_eq!(m.calls_answered, 1);
+    assert_eq!(m.fork_branches, 3);
+    assert_eq!(m.cancels_sent, 2);
+}
+
+#[test]
+fn sipp_fork_across_two_nodes_over_udp() {
+    fork_across_two_nodes("u1");
+}
+
+#[test]
+fn sipp_fork_across_two_nodes_over_tcp() {
+    fork_across_two_nodes("t1");
 }
