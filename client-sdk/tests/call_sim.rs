@@ -201,7 +201,7 @@ impl World {
                     Event::Authorize { id, .. } => self.proxy.handle_authorization(id, true, now),
                     wake @ Event::Wake(_) => self.wakes.push(wake),
                     // One node: no shared location.
-                    Event::Bound { .. } | Event::Locate { .. } => {}
+                    Event::Bound { .. } | Event::Locate { .. } | Event::NonceUsed { .. } => {}
                 }
             }
             while let Some(t) = self.proxy.poll_transmit() {

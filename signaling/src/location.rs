@@ -21,7 +21,7 @@ use sqlx::{AnyPool, Row};
 use wire::handle::Handle;
 
 use crate::core::registrar::PushParams;
-use crate::runtime::{Location, SharedBinding};
+use crate::runtime::{Location, Notice, SharedBinding};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sip_bindings (
@@ -56,6 +56,15 @@ pub struct SqlLocation {
 }
 
 const SUBJECT: &str = "parley.sip.bound";
+const NONCE_SUBJECT: &str = "parley.sip.nonce";
+
+/// What a node tells the others when it takes a digest answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NonceNotice {
+    pub node: String,
+    pub nonce: String,
+    pub nc: u32,
+}
 
 /// What a node tells the others when it stores a handle's bindings.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -278,28 +287,62 @@ impl Location for SqlLocation {
         })
     }
 
-    fn watch(&self) -> Option<tokio::sync::mpsc::Receiver<(Handle, Vec<SharedBinding>)>> {
+    fn watch(&self) -> Option<tokio::sync::mpsc::Receiver<Notice>> {
         let nats = self.nats.clone()?;
         let me = self.node.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         tokio::spawn(async move {
             use futures_util::StreamExt;
-            let mut sub = match nats.subscribe(SUBJECT).await {
+            let subs = async {
+                Ok::<_, async_nats::SubscribeError>((
+                    nats.subscribe(SUBJECT).await?,
+                    nats.subscribe(NONCE_SUBJECT).await?,
+                ))
+            };
+            let (bound, nonces) = match subs.await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot hear other nodes' bindings");
+                    tracing::warn!(error = %e, "cannot hear other signaling nodes");
                     return;
                 }
             };
-            while let Some(m) = sub.next().await {
-                let Some((notice, handle)) = BoundNotice::decode(&m.payload) else {
-                    continue;
+            let mut all = futures_util::stream::select(bound, nonces);
+            while let Some(m) = all.next().await {
+                let notice = if m.subject.as_str() == SUBJECT {
+                    match BoundNotice::decode(&m.payload) {
+                        Some((n, handle)) if n.node != me => Notice::Bound(handle, n.bindings),
+                        _ => continue,
+                    }
+                } else {
+                    match serde_json::from_slice::<NonceNotice>(&m.payload) {
+                        Ok(n) if n.node != me => Notice::NonceUsed(n.nonce, n.nc),
+                        _ => continue,
+                    }
                 };
-                if notice.node != me && tx.send((handle, notice.bindings)).await.is_err() {
+                if tx.send(notice).await.is_err() {
                     return;
                 }
             }
         });
         Some(rx)
+    }
+
+    fn nonce_used(&self, nonce: String, nc: u32) {
+        let Some(nats) = self.nats.clone() else {
+            return;
+        };
+        let notice = NonceNotice {
+            node: self.node.clone(),
+            nonce,
+            nc,
+        };
+        let Ok(bytes) = serde_json::to_vec(&notice) else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = nats.publish(NONCE_SUBJECT, bytes.into()).await {
+                tracing::debug!(error = %e, "cannot tell other nodes of a digest answer");
+            }
+        });
     }
 }

@@ -116,12 +116,25 @@ pub trait Location: Send + Sync + 'static {
         &self,
         handle: Handle,
     ) -> Pin<Box<dyn Future<Output = Vec<SharedBinding>> + Send + 'static>>;
-    /// Bindings other nodes store from now on, as they store them: a call
-    /// here waiting for a device woken by push rings it wherever it
-    /// registers. `None`: this location tells of none.
-    fn watch(&self) -> Option<mpsc::Receiver<(Handle, Vec<SharedBinding>)>> {
+    /// What other nodes do from now on, as they do it: the bindings they
+    /// store (a call here waiting for a device woken by push rings it
+    /// wherever it registers) and the digest answers they take. `None`:
+    /// this location tells of nothing.
+    fn watch(&self) -> Option<mpsc::Receiver<Notice>> {
         None
     }
+    /// Tells the other nodes that a digest answer with this nonce and
+    /// count was taken here.
+    fn nonce_used(&self, _nonce: String, _nc: u32) {}
+}
+
+/// What another node did, as [`Location::watch`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// It stored its bindings of a handle.
+    Bound(Handle, Vec<SharedBinding>),
+    /// It took a digest answer with this nonce and count.
+    NonceUsed(String, u32),
 }
 
 /// What the core asks of the rest of the system.
@@ -198,7 +211,7 @@ pub(crate) enum Input {
     Authorized(u64, bool),
     Revoked(std::collections::HashSet<DeviceId>),
     Located(u64, Vec<SharedBinding>),
-    RemoteBound(Handle, Vec<SharedBinding>),
+    Notice(Notice),
     Drain,
 }
 
@@ -639,12 +652,8 @@ async fn run_core(
     if let Some(mut notices) = location.as_ref().and_then(|l| l.watch()) {
         let inputs = shared.inputs.clone();
         tokio::spawn(async move {
-            while let Some((handle, bindings)) = notices.recv().await {
-                if inputs
-                    .send(Input::RemoteBound(handle, bindings))
-                    .await
-                    .is_err()
-                {
+            while let Some(notice) = notices.recv().await {
+                if inputs.send(Input::Notice(notice)).await.is_err() {
                     return;
                 }
             }
@@ -720,6 +729,11 @@ async fn run_core(
                         }
                     }
                 }
+                Event::NonceUsed { nonce, nc } => {
+                    if let Some((location, _)) = &location {
+                        location.nonce_used(nonce, nc);
+                    }
+                }
                 Event::Locate { id, handle } => {
                     let inputs = shared.inputs.clone();
                     let found = location.as_ref().map(|(l, _)| l.lookup(handle));
@@ -749,11 +763,12 @@ fn handle(proxy: &mut Proxy, input: Input, now: Instant) {
         Input::Authorized(id, ok) => proxy.handle_authorization(id, ok, now),
         Input::Revoked(devices) => proxy.handle_revoked(devices, now),
         Input::Located(id, bindings) => proxy.handle_located(id, bindings, now),
-        Input::RemoteBound(handle, bindings) => {
+        Input::Notice(Notice::Bound(handle, bindings)) => {
             for b in bindings {
                 proxy.handle_remote_bound(&handle, b, now);
             }
         }
+        Input::Notice(Notice::NonceUsed(nonce, nc)) => proxy.handle_nonce_used(&nonce, nc),
         Input::Drain => proxy.start_drain(),
     }
 }

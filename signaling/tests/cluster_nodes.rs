@@ -184,7 +184,7 @@ fn a_call_at_node_a_rings_a_device_registered_at_node_b() {
 /// and never the node itself.
 #[test]
 fn stores_are_told_to_the_other_nodes() {
-    use signaling::runtime::{Location, SharedBinding};
+    use signaling::runtime::{Location, Notice, SharedBinding};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -227,13 +227,18 @@ fn stores_are_told_to_the_other_nodes() {
         }
         assert!(Instant::now() < deadline, "node a never heard of c's store");
     };
-    assert_eq!(got, (bob.clone(), vec![binding.clone()]));
+    assert_eq!(got, Notice::Bound(bob.clone(), vec![binding.clone()]));
     // The one who stored hears nothing of it.
     let own = rt
         .block_on(async { tokio::time::timeout(Duration::from_millis(300), heard_c.recv()).await });
     assert!(own.is_err(), "a node was told of its own store: {own:?}");
     // And the table has it for lookups too.
     assert_eq!(rt.block_on(a.get(&bob)).unwrap(), vec![binding]);
+    // A digest answer taken at c is told to a, so it is not taken twice.
+    rt.block_on(async { c.nonce_used("6b4a7ac0.abc".into(), 3) });
+    let got =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), heard_a.recv()).await });
+    assert_eq!(got, Ok(Some(Notice::NonceUsed("6b4a7ac0.abc".into(), 3))));
 }
 
 /// Bindings outlive their node: a node that starts again (every node, after

@@ -222,3 +222,41 @@ fn a_device_whose_edge_lost_its_connection_is_not_reached_through_it() {
     let out = hop(&out, &mut b, &node_b, &node_a2);
     assert_eq!(codes(&out, &node_a2), vec![480], "{out:#?}");
 }
+
+/// A digest answer taken at one node is refused at another once that node
+/// heard of it (the nodes share the secret, so the answer verifies at
+/// both): a replay is answered with a stale challenge, as at one node.
+#[test]
+fn a_digest_answer_taken_at_one_node_is_not_taken_at_another() {
+    let (mut a, _) = node("192.0.2.1", 1);
+    let (mut b, _) = node("192.0.2.2", 1 << 40);
+    let mut ua = Ua::new("softphone", udp("10.0.0.5:5060"));
+    ua.device = None;
+    let register = |cseq: u32, extra: &str| {
+        let lines = format!("Contact: <sip:alice@10.0.0.5:5060>\n{extra}");
+        register_text(&ua, ALICE, cseq, &lines)
+    };
+    let out = a.send(&ua, &register(1, ""));
+    let answer = authorization(
+        &challenge(&out, &ua),
+        &format!("sip:{DOMAIN}"),
+        ALICE,
+        "alice-secret",
+        1,
+    );
+    let out = a.send(&ua, &register(2, &answer));
+    assert_eq!(codes(&out, &ua), vec![200]);
+    let (nonce, nc) = a
+        .events
+        .iter()
+        .find_map(|e| match e {
+            Event::NonceUsed { nonce, nc } => Some((nonce.clone(), *nc)),
+            _ => None,
+        })
+        .expect("A tells of the answer it took");
+    assert_eq!(nc, 1);
+    b.proxy.handle_nonce_used(&nonce, nc);
+    let out = b.send(&ua, &register(3, &answer));
+    assert_eq!(codes(&out, &ua), vec![401], "the same answer again, at B");
+    assert_eq!(b.proxy.metrics().digest_replays, 1);
+}

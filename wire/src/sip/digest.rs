@@ -254,19 +254,25 @@ impl NonceCounts {
         else {
             return false;
         };
-        let issued = creds
-            .nonce
+        self.record(&creds.nonce, nc)
+    }
+
+    /// Records count `nc` of `nonce` as used (accepted here, or by another
+    /// node sharing the secret, which said so); false if it or a higher
+    /// one was used before.
+    pub fn record(&mut self, nonce: &str, nc: u32) -> bool {
+        let issued = nonce
             .split_once('.')
             .and_then(|(t, _)| u64::from_str_radix(t, 16).ok())
             .unwrap_or(0);
-        match self.seen.get_mut(&creds.nonce) {
+        match self.seen.get_mut(nonce) {
             Some((_, highest)) if nc <= *highest => false,
             Some((_, highest)) => {
                 *highest = nc;
                 true
             }
             None => {
-                self.seen.insert(creds.nonce.clone(), (issued, nc));
+                self.seen.insert(nonce.to_owned(), (issued, nc));
                 true
             }
         }

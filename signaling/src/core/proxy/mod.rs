@@ -175,6 +175,10 @@ pub enum Event {
     /// Cluster mode: a call to `handle` waits for its bindings at other
     /// nodes; answer with [`Proxy::handle_located`].
     Locate { id: u64, handle: Handle },
+    /// Cluster mode: a digest answer with this nonce and count was taken
+    /// here; tell the other nodes ([`Proxy::handle_nonce_used`]) so that it
+    /// is not taken again there.
+    NonceUsed { nonce: String, nc: u32 },
 }
 
 /// A VoIP push for a sleeping device, as [`Event::Wake`] asks.

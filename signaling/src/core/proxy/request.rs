@@ -558,7 +558,21 @@ impl Proxy {
         match self.digest.verify(&creds, method, password, elapsed) {
             Verdict::Wrong => Auth::Missing,
             Verdict::Stale => Auth::Stale,
-            Verdict::Ok if self.nonce_counts.accept(&creds) => Auth::Caller(Caller::Account(who)),
+            Verdict::Ok if self.nonce_counts.accept(&creds) => {
+                if self.config.shared_location {
+                    if let Some(nc) = creds
+                        .nc
+                        .as_deref()
+                        .and_then(|n| u32::from_str_radix(n, 16).ok())
+                    {
+                        self.events.push_back(Event::NonceUsed {
+                            nonce: creds.nonce.clone(),
+                            nc,
+                        });
+                    }
+                }
+                Auth::Caller(Caller::Account(who))
+            }
             Verdict::Ok => {
                 // A replayed answer: whoever sent it may not know the
                 // password; the owner's client answers a stale challenge

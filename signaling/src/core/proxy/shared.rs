@@ -183,6 +183,12 @@ impl Proxy {
         self.start_fork(l.source, l.request, l.key, l.handle, remote, now);
     }
 
+    /// Another node took a digest answer with this nonce and count: a
+    /// replay of it here is refused as it would be there.
+    pub fn handle_nonce_used(&mut self, nonce: &str, nc: u32) {
+        self.nonce_counts.record(nonce, nc);
+    }
+
     fn path_is_ours(&self, path: &str) -> bool {
         NameAddr::parse(path).is_ok_and(|na| self.names_us(&na.uri))
     }
