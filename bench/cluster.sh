@@ -25,6 +25,7 @@ seconds=${SECONDS_RUN:-15}
 dir=$(mktemp -d /tmp/parley-cluster-bench.XXXXXX)
 pids=()
 cleanup() {
+  trap '' INT TERM
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   stop_services
   rm -rf "$dir"

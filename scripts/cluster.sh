@@ -23,7 +23,10 @@ tmp=$(mktemp -d /tmp/parley-cluster.XXXXXX)
 data=./parley-cluster
 pids=()
 stop() {
-  trap - INT TERM EXIT
+  # A second Ctrl-C (or TERM) must not cut the clean-up short and leave
+  # PostgreSQL or NATS running.
+  trap '' INT TERM
+  trap - EXIT
   echo
   echo "cluster: stopping"
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
