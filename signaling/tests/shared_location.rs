@@ -7,7 +7,7 @@ mod sim;
 
 use signaling::core::flow::{ConnId, Flow};
 use signaling::core::message::{HeaderName, Message};
-use signaling::core::proxy::{Event, Proxy, SharedBinding};
+use signaling::core::proxy::{Event, SharedBinding};
 use sim::*;
 use wire::handle::Handle;
 
@@ -27,8 +27,7 @@ fn node(ip: &str, first_id: u64) -> (World, Ua) {
         ),
     ];
     c.shared_location = true;
-    let mut w = World::with(c.clone());
-    w.proxy = Proxy::new(c, [9; 32], w.now).with_wall_clock(UNIX, first_id);
+    let w = World::node(c, [9; 32], UNIX, first_id);
     // How the other node appears to this one: a UDP peer, no device.
     let mut me = Ua::new(&format!("node-{ip}"), udp(&format!("{ip}:5060")));
     me.device = None;

@@ -7,7 +7,6 @@
 mod loopback;
 mod sim;
 
-use signaling::core::proxy::Proxy;
 use sim::*;
 use std::time::Duration;
 
@@ -17,9 +16,7 @@ const UNIX: u64 = 1_800_000_000;
 
 /// A node on Unix time with `secret`, its ids starting at `first_id`.
 fn node(secret: [u8; 32], unix: u64, first_id: u64) -> World {
-    let mut w = World::new();
-    w.proxy = Proxy::new(config(), secret, w.now).with_wall_clock(unix, first_id);
-    w
+    World::node(config(), secret, unix, first_id)
 }
 
 #[test]

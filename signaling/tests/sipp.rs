@@ -298,6 +298,37 @@ fn sipp_call_through_the_proxy_over_tcp() {
     call_through_the_proxy("t1");
 }
 
+/// The caller calls Bob at `proxy`: its scenario and every device's must
+/// pass (the cancelled ones see the Reason), and `proxy` counts one
+/// answer, three branches and two CANCELs.
+fn call_the_fork(
+    dir: &Path,
+    proxy: &Proxy,
+    transport: &str,
+    devices: Vec<(&str, std::thread::JoinHandle<Output>)>,
+) {
+    let caller = call(dir, proxy, transport);
+    assert!(
+        caller.success,
+        "SIPp caller failed:\n{}\n{}",
+        caller.text,
+        logs(dir)
+    );
+    for (file, handle) in devices {
+        let out = handle.join().unwrap();
+        assert!(
+            out.success,
+            "SIPp device {file} failed (a cancelled device must see the Reason):\n{}\n{}",
+            out.text,
+            logs(dir)
+        );
+    }
+    let m = proxy.metrics();
+    assert_eq!(m.calls_answered, 1);
+    assert_eq!(m.fork_branches, 3);
+    assert_eq!(m.cancels_sent, 2);
+}
+
 fn fork_to_three(transport: &'static str) {
     require("sipp");
     let proxy = Proxy::start();
@@ -308,26 +339,7 @@ fn fork_to_three(transport: &'static str) {
         register(dir.path(), &proxy, transport, port);
         devices.push((file, handle));
     }
-    let caller = call(dir.path(), &proxy, transport);
-    assert!(
-        caller.success,
-        "SIPp caller failed:\n{}\n{}",
-        caller.text,
-        logs(dir.path())
-    );
-    for (file, handle) in devices {
-        let out = handle.join().unwrap();
-        assert!(
-            out.success,
-            "SIPp device {file} failed (a cancelled device must see the Reason):\n{}\n{}",
-            out.text,
-            logs(dir.path())
-        );
-    }
-    let m = proxy.metrics();
-    assert_eq!(m.calls_answered, 1);
-    assert_eq!(m.fork_branches, 3);
-    assert_eq!(m.cancels_sent, 2);
+    call_the_fork(dir.path(), &proxy, transport, devices);
 }
 
 #[test]
@@ -399,26 +411,7 @@ fn fork_across_two_nodes(transport: &'static str) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let caller = call(dir.path(), &a, transport);
-    assert!(
-        caller.success,
-        "SIPp caller failed:\n{}\n{}",
-        caller.text,
-        logs(dir.path())
-    );
-    for (file, handle) in devices {
-        let out = handle.join().unwrap();
-        assert!(
-            out.success,
-            "SIPp device {file} failed (a cancelled device must see the Reason):\n{}\n{}",
-            out.text,
-            logs(dir.path())
-        );
-    }
-    let m = a.metrics();
-    assert_eq!(m.calls_answered, 1);
-    assert_eq!(m.fork_branches, 3);
-    assert_eq!(m.cancels_sent, 2);
+    call_the_fork(dir.path(), &a, transport, devices);
 }
 
 #[test]

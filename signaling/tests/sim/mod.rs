@@ -108,6 +108,14 @@ impl World {
         World::with(config())
     }
 
+    /// A node of several: `config` keyed with `secret`, on Unix time
+    /// (`unix` now), its ids starting at `first_id`.
+    pub fn node(config: Config, secret: [u8; 32], unix: u64, first_id: u64) -> World {
+        let mut w = World::with(config.clone());
+        w.proxy = Proxy::new(config, secret, w.now).with_wall_clock(unix, first_id);
+        w
+    }
+
     pub fn with(config: Config) -> World {
         let now = Instant::now();
         World {
