@@ -548,7 +548,7 @@ async fn lease_round(courier: &Arc<Courier>, cluster: &Arc<Cluster>) -> Result<(
     let until_ms = now_ms + lease.as_millis() as i64;
     // Shards past their time by this node's clock are dropped whatever
     // the database says.
-    lose(courier, cluster, |l| l.valid_until <= started);
+    lose(courier, cluster, |_, l| l.valid_until <= started);
     let nodes = courier.store.heartbeat(&node, until_ms, now_ms).await?;
     cluster.metrics.nodes.store(nodes as u64, Ordering::Relaxed);
     let renewed: HashMap<u16, i64> = courier
@@ -558,7 +558,7 @@ async fn lease_round(courier: &Arc<Courier>, cluster: &Arc<Cluster>) -> Result<(
         .into_iter()
         .collect();
     let valid_until = started + lease - margin;
-    lose(courier, cluster, |l| !renewed.contains_key(&l.0));
+    lose(courier, cluster, |shard, _| !renewed.contains_key(&shard));
     let mut fresh = Vec::new();
     {
         let mut leases = cluster.leases();
@@ -636,23 +636,13 @@ fn missed_changes(cluster: &Cluster, leases: Vec<(u16, String, i64, i64)>) -> Ve
     missed
 }
 
-/// Helper so the predicate sees (shard, lease) as one value.
-struct LeaseView<'a>(u16, &'a Lease);
-
-impl std::ops::Deref for LeaseView<'_> {
-    type Target = Lease;
-    fn deref(&self) -> &Lease {
-        self.1
-    }
-}
-
 /// Drops the shards whose leases match `lost`.
-fn lose(courier: &Courier, cluster: &Cluster, lost: impl Fn(&LeaseView<'_>) -> bool) {
+fn lose(courier: &Courier, cluster: &Cluster, lost: impl Fn(u16, &Lease) -> bool) {
     let gone: Vec<u16> = {
         let mut leases = cluster.leases();
         let gone: Vec<u16> = leases
             .iter()
-            .filter(|(s, l)| lost(&LeaseView(**s, l)))
+            .filter(|(s, l)| lost(**s, l))
             .map(|(s, _)| *s)
             .collect();
         for s in &gone {

@@ -123,11 +123,11 @@ pub struct Accepted {
 }
 
 /// Who holds a device's queue.
-enum Owner {
+enum Owner<'a> {
     /// This node; in cluster mode with its lease (shard, term).
     Here(Option<(u16, i64)>),
-    /// Another node (cluster mode): the shard to forward to.
-    Elsewhere(u16),
+    /// Another node of `cluster`: the shard to forward to.
+    Elsewhere(&'a Arc<Cluster>, u16),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -536,24 +536,19 @@ impl Courier {
         };
         match self.owner(&accepted.device) {
             Owner::Here(lease) => self.accept(accepted, lease).await,
-            Owner::Elsewhere(shard) => {
-                let Some(c) = self.cluster.get() else {
-                    return Err(PushError::Unavailable("no cluster".into()));
-                };
-                c.forward_push(shard, &accepted).await
-            }
+            Owner::Elsewhere(c, shard) => c.forward_push(shard, &accepted).await,
         }
     }
 
     /// Who holds `device`'s queue now.
-    fn owner(&self, device: &DeviceId) -> Owner {
+    fn owner(&self, device: &DeviceId) -> Owner<'_> {
         let Some(c) = self.cluster.get() else {
             return Owner::Here(None);
         };
         let shard = shard_of(device);
         match c.term(shard) {
             Some(term) => Owner::Here(Some((shard, term))),
-            None => Owner::Elsewhere(shard),
+            None => Owner::Elsewhere(c, shard),
         }
     }
 
@@ -753,7 +748,7 @@ impl Courier {
             self.metrics.connections.fetch_sub(1, Ordering::Relaxed);
         }
         drop(inner);
-        if let (Owner::Elsewhere(_), Some(c)) = (self.owner(&device), self.cluster.get()) {
+        if let Owner::Elsewhere(c, _) = self.owner(&device) {
             let c = c.clone();
             tokio::spawn(async move { c.detach(device, generation).await });
         }
@@ -936,9 +931,9 @@ impl Courier {
         device: DeviceId,
         generation: u64,
     ) -> Result<Vec<Notification>, Error> {
-        match (self.owner(&device), self.cluster.get()) {
-            (Owner::Elsewhere(_), Some(c)) => c.attach(device, generation).await,
-            _ => {
+        match self.owner(&device) {
+            Owner::Elsewhere(c, _) => c.attach(device, generation).await,
+            Owner::Here(_) => {
                 // Connected here now: not through another node any more.
                 let old = self.lock().remote.remove(&device);
                 if let (Some((node, generation)), Some(c)) = (old, self.cluster.get()) {
@@ -970,13 +965,12 @@ impl Courier {
 
     /// The device acked these ids (on a connection to this node).
     pub fn acked(&self, device: DeviceId, ids: Vec<NotificationId>) {
-        match (self.owner(&device), self.cluster.get()) {
-            (Owner::Elsewhere(_), Some(c)) => {
+        match self.owner(&device) {
+            Owner::Elsewhere(c, _) => {
                 let c = c.clone();
                 tokio::spawn(async move { c.ack(device, &ids).await });
             }
-            (Owner::Here(lease), _) => self.acked_here(device, ids, lease),
-            (Owner::Elsewhere(_), None) => {}
+            Owner::Here(lease) => self.acked_here(device, ids, lease),
         }
     }
 
@@ -1050,7 +1044,7 @@ impl Courier {
                     seqs.push(seq);
                     fences.extend(lease.filter(|l| !fences.contains(l)));
                 }
-                Owner::Elsewhere(_) => {}
+                Owner::Elsewhere(..) => {}
             }
         }
         if seqs.is_empty() {
