@@ -259,3 +259,39 @@ fn a_digest_answer_taken_at_one_node_is_not_taken_at_another() {
     assert_eq!(codes(&out, &ua), vec![401], "the same answer again, at B");
     assert_eq!(b.proxy.metrics().digest_replays, 1);
 }
+
+/// A stranger cannot route through an edge: a path token that is forged,
+/// or signed for a dialog rather than a path, sends nothing to any device.
+#[test]
+fn a_forged_or_borrowed_path_reaches_no_device() {
+    let (mut b, _) = node("192.0.2.2", 1 << 40);
+    let laptop = Ua::new("laptop", tcp("10.0.0.12:40000", 21));
+    b.register(&laptop, BOB);
+    let real = bound(&b, BOB)[0].path.clone().unwrap();
+    let mut stranger = Ua::new("stranger", udp("203.0.113.9:5060"));
+    stranger.device = None;
+    let forged = real.replace("pe=", "pe=00");
+    // A Record-Route token of a call (pf, signed for its Call-ID) used as
+    // a path.
+    let token = real.split("pe=").nth(1).unwrap().trim_end_matches('>');
+    let borrowed = format!("<sip:192.0.2.2:5060;lr;pf={token}>");
+    for route in [forged, borrowed] {
+        let text = format!(
+            "INVITE sip:laptop@10.0.0.12:40000;transport=tcp SIP/2.0\n\
+             Via: {}\n\
+             Route: {route}\n\
+             Max-Forwards: 70\n\
+             From: <sip:mallory@example.org>;tag=m1\n\
+             To: <sip:{BOB}@{DOMAIN}>\n\
+             Call-ID: stranger-1\n\
+             CSeq: 1 INVITE\n\
+             Content-Length: 0\n\n",
+            stranger.via("s1")
+        );
+        let out = b.send(&stranger, &text);
+        assert!(
+            requests(&out, &laptop, "INVITE").is_empty(),
+            "{route} reached the device: {out:#?}"
+        );
+    }
+}
