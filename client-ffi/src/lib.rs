@@ -150,6 +150,9 @@ fn phone_event(e: DeviceEvent) -> Option<PhoneEvent> {
             },
             // Statistics arrive every second; the app asks for them.
             CallEvent::Stats { .. } => return None,
+            moved @ CallEvent::RelayMoved { .. } => PhoneEvent::Other {
+                description: format!("{moved:?}"),
+            },
         },
         DeviceEvent::AccountKeyRotated(key) => PhoneEvent::AccountKeyRotated {
             account_key: key.pkcs8().to_vec(),

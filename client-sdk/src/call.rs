@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use wire::handle::Handle;
 use wire::keys::{DeviceId, PublicKey, SigningKey};
@@ -25,6 +25,14 @@ use crate::media::{
     CallStats, Datagram, MediaConfig, MediaError, MediaEvent, MediaSession, VerifiedSdp,
 };
 use crate::sip::{CallId, UaConfig, UaError, UaEvent, UserAgent};
+
+/// After a glare (RFC 3261 §14.1): the owner of the Call-ID offers again
+/// after 2.1–4 s, the other end after 0–2 s. Fixed points in those ranges
+/// keep the two apart.
+const GLARE_WAIT_OWNER: Duration = Duration::from_millis(2500);
+const GLARE_WAIT_OTHER: Duration = Duration::from_millis(1000);
+/// A restart that could not go out because a re-INVITE was under way.
+const RESTART_RETRY: Duration = Duration::from_millis(500);
 
 /// A device and its identity key, from a verified `ids` lookup.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +95,13 @@ pub enum CallEvent {
     MediaConnected {
         call: CallId,
     },
+    /// The relay carrying the call stopped answering; the call moves to
+    /// another (an ICE restart).
+    RelayMoved {
+        call: CallId,
+        from: SocketAddr,
+        to: SocketAddr,
+    },
     Stats {
         call: CallId,
         stats: Box<CallStats>,
@@ -136,8 +151,17 @@ struct Call {
     /// Callee: the offer and its Identity header; caller: unused.
     offer: Option<(String, Option<String>)>,
     answer_sdp: Option<String>,
-    /// A network change waiting for gathering to make the restart offer.
+    /// An ICE restart to offer once gathering is over (a network change,
+    /// a new relay, stalled media).
     restart_pending: bool,
+    /// When to offer the restart again after a glare (491) or a re-offer
+    /// that could not go out.
+    restart_at: Option<Instant>,
+    /// The far end's re-offer, waiting for our gathering to end: the
+    /// answer must carry the new candidates.
+    deferred_reoffer: Option<(String, Option<String>)>,
+    /// We placed the call (we own its Call-ID, RFC 3261 §14.1).
+    placed: bool,
     /// Caller: Alerting was reported.
     alerted: bool,
     /// The far end is a SIP phone outside the key directory (placed with
@@ -262,6 +286,9 @@ impl Phone {
                 offer: None,
                 answer_sdp: None,
                 restart_pending: false,
+                restart_at: None,
+                deferred_reoffer: None,
+                placed: true,
                 alerted: false,
                 unverified,
             },
@@ -402,9 +429,10 @@ impl Phone {
     /// One 20 ms microphone frame for the call.
     pub fn send_audio(&mut self, now: Instant, call: &str, pcm: &[i16]) -> Result<(), CallError> {
         if let Some(m) = self.calls.get_mut(call).and_then(|c| c.media.as_mut()) {
-            if m.is_connected() {
-                m.send_audio(now, pcm)?;
-            }
+            // Every frame, connected or not: the RTP clock must keep time
+            // through an outage, or the far end's playout runs ahead of
+            // it and drops what comes after as late.
+            m.send_audio(now, pcm)?;
         }
         self.collect(now, call);
         Ok(())
@@ -470,6 +498,13 @@ impl Phone {
         self.ua_events(now);
         let ids: Vec<CallId> = self.calls.keys().cloned().collect();
         for id in ids {
+            if let Some(c) = self.calls.get_mut(&id) {
+                if c.restart_at.is_some_and(|t| t <= now) {
+                    c.restart_at = None;
+                    c.restart_pending = true;
+                    self.on_gathered(now, &id)?;
+                }
+            }
             if let Some(m) = self.calls.get_mut(&id).and_then(|c| c.media.as_mut()) {
                 if m.poll_timeout() <= now {
                     m.handle_timeout(now)?;
@@ -485,6 +520,7 @@ impl Phone {
             .calls
             .values()
             .filter_map(|c| c.media.as_ref().map(MediaSession::poll_timeout))
+            .chain(self.calls.values().filter_map(|c| c.restart_at))
             .min();
         match (self.ua.poll_timeout(), media) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -505,6 +541,38 @@ impl Phone {
         self.events.pop_front()
     }
 
+    /// Checks the far end's re-offer and answers it from the media as it
+    /// is now.
+    fn answer_reoffer(
+        &mut self,
+        now: Instant,
+        call: &str,
+        sdp: &str,
+        identity: Option<&str>,
+    ) -> Result<(), CallError> {
+        let Some(c) = self.calls.get_mut(call) else {
+            return Ok(());
+        };
+        match c.check(sdp, identity) {
+            Ok((_, verified)) => {
+                let media = c.media.as_mut().ok_or(CallError::NoCall)?;
+                let answer = media.accept_offer(now, &verified)?;
+                // Our current candidates go with the answer, and the far
+                // end's restart renews ICE both ways.
+                c.restart_pending = false;
+                c.restart_at = None;
+                let identity = self.sign(call, &answer, false)?;
+                self.ua.answer_reoffer(call, &answer, Some(&identity))?;
+                self.collect(now, call);
+            }
+            Err(e) => {
+                let _ = self.ua.hangup(now, call);
+                self.end(call, EndReason::Security(e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
     /// Moves a call on after its media changed.
     fn drive(&mut self, now: Instant, id: &str) -> Result<(), CallError> {
         let mut gathered = false;
@@ -519,6 +587,22 @@ impl Phone {
         }
         for e in media_events {
             match e {
+                MediaEvent::Gathered { .. } => {
+                    // Gathered again mid-call: the far end needs the new
+                    // candidates.
+                    if let Some(c) = self.calls.get_mut(id) {
+                        if c.stage == Stage::Active {
+                            c.restart_pending = true;
+                        }
+                    }
+                }
+                MediaEvent::RelayMoved { from, to } => {
+                    self.events.push_back(CallEvent::RelayMoved {
+                        call: id.into(),
+                        from,
+                        to,
+                    })
+                }
                 MediaEvent::Connected => self
                     .events
                     .push_back(CallEvent::MediaConnected { call: id.into() }),
@@ -550,6 +634,11 @@ impl Phone {
                     }
                     Some(Stage::Gathering) | Some(Stage::Calling) => {
                         self.end(id, EndReason::Failed(0, e.to_string()));
+                    }
+                    Some(Stage::Active) => {
+                        // No relay left to restart through: the call
+                        // stays on the path it has, which may come back.
+                        tracing::warn!(call = id, error = %e, "ICE restart");
                     }
                     _ => return Err(e),
                 }
@@ -593,14 +682,30 @@ impl Phone {
                 self.events
                     .push_back(CallEvent::Ringing { call: id.into() });
             }
+            Stage::Active if c.media.as_ref().is_some_and(|m| !m.is_gathered()) => {
+                // Still gathering: the Gathered event brings us back.
+            }
+            Stage::Active if c.deferred_reoffer.is_some() => {
+                // The far end's restart waited for our candidates; the
+                // answer carries them, so ours is not needed.
+                let (sdp, identity) = c.deferred_reoffer.take().unwrap_or_default();
+                c.restart_pending = false;
+                c.restart_at = None;
+                self.answer_reoffer(now, id, &sdp, identity.as_deref())?;
+            }
             Stage::Active if c.restart_pending => {
                 c.restart_pending = false;
                 let media = c.media.as_mut().ok_or(CallError::NoCall)?;
                 let offer = media.create_restart_offer(now)?;
                 let peer = c.peer.clone();
                 let identity = self.sign_for(&peer, &offer, true);
-                // A glare (491) leaves the far end's restart to win.
-                let _ = self.ua.reoffer(now, id, &offer, Some(&identity));
+                if self.ua.reoffer(now, id, &offer, Some(&identity)).is_err() {
+                    // A re-INVITE is already under way (ours or the far
+                    // end's): try again after it.
+                    if let Some(c) = self.calls.get_mut(id) {
+                        c.restart_at = Some(now + RESTART_RETRY);
+                    }
+                }
             }
             _ => {}
         }
@@ -638,6 +743,9 @@ impl Phone {
                         offer: Some((sdp, identity)),
                         answer_sdp: None,
                         restart_pending: false,
+                        restart_at: None,
+                        deferred_reoffer: None,
+                        placed: false,
                         alerted: false,
                         unverified: false,
                     },
@@ -724,19 +832,27 @@ impl Phone {
                 let Some(c) = self.calls.get_mut(&call) else {
                     return Ok(());
                 };
-                match c.check(&sdp, identity.as_deref()) {
-                    Ok((_, verified)) => {
-                        let media = c.media.as_mut().ok_or(CallError::NoCall)?;
-                        let answer = media.accept_offer(now, &verified)?;
-                        let identity = self.sign(&call, &answer, false)?;
-                        self.ua.answer_reoffer(&call, &answer, Some(&identity))?;
-                        self.collect(now, &call);
-                    }
-                    Err(e) => {
-                        let _ = self.ua.hangup(now, &call);
-                        self.end(&call, EndReason::Security(e.to_string()));
-                    }
+                if c.media.as_ref().is_some_and(|m| !m.is_gathered()) {
+                    c.deferred_reoffer = Some((sdp, identity));
+                    return Ok(());
                 }
+                self.answer_reoffer(now, &call, &sdp, identity.as_deref())?;
+            }
+            UaEvent::ReOfferRefused { call, code } => {
+                let Some(c) = self.calls.get_mut(&call) else {
+                    return Ok(());
+                };
+                // RFC 3261 §14.1: after a glare the owner of the Call-ID
+                // waits 2.1–4 s and the other end under 2 s, so the two
+                // restarts do not meet again. Our candidates may still be
+                // unknown to the far end, so offer again either way.
+                let wait = if c.placed {
+                    GLARE_WAIT_OWNER
+                } else {
+                    GLARE_WAIT_OTHER
+                };
+                tracing::debug!(call, code, "re-offer refused; offering again later");
+                c.restart_at = Some(now + wait);
             }
             UaEvent::ReAnswered {
                 call,

@@ -392,13 +392,19 @@ impl Device {
         ids.set_push_tokens(&me.key, &tokens.pairs(&config)).await?;
         let voip_token = tokens.voip.clone();
         let turn = ids.turn_credentials(&me.key).await?;
-        let relay = turn
+        // Every UDP relay ids names: the first carries calls, the others
+        // take over when it dies mid-call.
+        let mut relays = turn
             .uris
             .iter()
-            .find_map(|u| turn_udp_addr(u))
+            .filter_map(|u| turn_udp_addr(u))
+            .map(|a| turn::Config::new(a, &turn.username, &turn.password));
+        let relay = relays
+            .next()
             .ok_or_else(|| DeviceError::Call("no UDP relay among the TURN URIs".into()))?;
         let media = MediaConfig {
-            turn: Some(turn::Config::new(relay, &turn.username, &turn.password)),
+            turn: Some(relay),
+            spare_turn: relays.collect(),
             relay_only: config.relay_only,
             video: config.video,
             seed: u64::from_le_bytes(me.device.0[..8].try_into().unwrap_or([7; 8])),

@@ -135,6 +135,13 @@ pub enum UaEvent {
         sdp: String,
         identity: Option<String>,
     },
+    /// Our re-offer was refused (491 when both ends re-offered at once,
+    /// RFC 3261 §14.1) or went unanswered (408): the media stays as it
+    /// was.
+    ReOfferRefused {
+        call: CallId,
+        code: u16,
+    },
     /// The far end's answer to our re-offer.
     ReAnswered {
         call: CallId,
@@ -566,6 +573,12 @@ impl UserAgent {
                     });
                 }
                 _ => {
+                    if c.outgoing_reinvite() {
+                        self.events.push_back(UaEvent::ReOfferRefused {
+                            call: id.clone(),
+                            code: 408,
+                        });
+                    }
                     c.reinvite = None;
                 }
             }
@@ -631,6 +644,11 @@ impl UserAgent {
                         call: call_id,
                         sdp: body(&m),
                         identity: m.header(&HeaderName::IDENTITY).map(str::to_string),
+                    });
+                } else {
+                    self.events.push_back(UaEvent::ReOfferRefused {
+                        call: call_id,
+                        code,
                     });
                 }
             }

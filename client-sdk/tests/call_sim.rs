@@ -16,13 +16,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use client_sdk::call::{CallEvent, DeviceKey, EndReason, Phone};
-use client_sdk::media::audio::{dominant_frequency, Tone};
+use client_sdk::media::audio::{dominant_frequency, Decoded, Tone};
 use client_sdk::media::MediaConfig;
 use client_sdk::sip::{PushContact, UaConfig};
 use client_sdk::turn;
 use signaling::core::flow::{ConnId, Flow, Source, Transport};
 use signaling::core::proxy::{Config, Event, Proxy};
-use sim::{addr, Link, Udp, TURN};
+use sim::{addr, Link, Udp, TURN, TURN2};
 use wire::handle::Handle;
 use wire::keys::{DeviceId, SigningKey};
 
@@ -40,6 +40,8 @@ struct Dev {
     call: Option<String>,
     tone: Tone,
     heard: Vec<i16>,
+    /// How each played frame was made (None: nothing to play yet).
+    played: Vec<Option<Decoded>>,
     events: Vec<(Duration, CallEvent)>,
 }
 
@@ -77,7 +79,8 @@ impl World {
             start: now,
             now,
             proxy: Proxy::new(config, [4; 32], now),
-            udp: Udp::new(11, link, now, Some(users)),
+            // Two relays, as ids lists them: the first carries calls.
+            udp: Udp::with_relays(11, link, now, users, &[TURN, TURN2]),
             devs: Vec::new(),
             directory: HashMap::new(),
             next_conn: 1,
@@ -103,6 +106,11 @@ impl World {
         }
         let media_config = MediaConfig {
             turn: Some(turn::Config::new(addr(TURN), name, &format!("{name}-turn"))),
+            spare_turn: vec![turn::Config::new(
+                addr(TURN2),
+                name,
+                &format!("{name}-turn"),
+            )],
             relay_only: true,
             seed: u64::from(n) * 31,
             ..MediaConfig::default()
@@ -125,6 +133,7 @@ impl World {
             call: None,
             tone: Tone::new(freq, 0.3),
             heard: Vec::new(),
+            played: Vec::new(),
             events: Vec::new(),
         });
         self.connect(name);
@@ -265,6 +274,7 @@ impl World {
                     d.phone.send_audio(now, &call, &frame).unwrap();
                     if let Some(p) = d.phone.play_audio(now, &call).unwrap() {
                         d.heard.extend_from_slice(&p.pcm);
+                        d.played.push(p.how);
                     }
                 }
             }
@@ -422,6 +432,162 @@ fn alice_calls_bob_the_laptop_answers_the_phone_hears_answered_elsewhere() {
         });
     let stats = stats.expect("stats during the call");
     assert!(stats.mos > 4.0, "{stats:?}");
+}
+
+/// The relay carrying a call dies mid-call (both ends use it): each end
+/// finds its relay silent, allocates on the next one, and restarts ICE;
+/// the two re-INVITEs meet (491 both ways) and the retry of RFC 3261
+/// §14.1 settles it. Audio comes back both ways through the second relay
+/// within seconds, and the call never ends.
+#[test]
+fn when_the_relay_in_use_dies_the_call_moves_to_another() {
+    let mut w = World::new(Link::default());
+    w.add("alice", "alice@example.com", 1, 440.0, false);
+    w.add("laptop", "+14155550123", 3, 660.0, false);
+    let call = w.dial("alice", "+14155550123");
+    w.run_until(Duration::from_secs(3), |w| {
+        w.has("laptop", |e| matches!(e, CallEvent::Incoming { .. }))
+    });
+    w.ring("laptop").unwrap();
+    w.run_until(Duration::from_secs(3), |w| {
+        w.has("laptop", |e| matches!(e, CallEvent::Ringing { .. }))
+    });
+    let now = w.now;
+    w.dev("laptop").phone.answer(now, &call).unwrap();
+    w.pump();
+    w.run_until(Duration::from_secs(5), |w| {
+        w.has("alice", |e| matches!(e, CallEvent::MediaConnected { .. }))
+            && w.has("laptop", |e| matches!(e, CallEvent::MediaConnected { .. }))
+    });
+    w.run(Duration::from_secs(2));
+    assert_eq!(heard(&w, "alice"), 660.0);
+    assert_eq!(heard(&w, "laptop"), 440.0);
+
+    w.udp.kill_relay(TURN);
+    let killed_at = w.at();
+    let before: Vec<(usize, usize)> = w
+        .devs
+        .iter()
+        .map(|d| (d.heard.len(), d.played.len()))
+        .collect();
+    // Stall (1.5 s), the probe (1 s), the new allocation, the restart.
+    w.run(Duration::from_secs(10));
+    eprintln!("{}", w.timeline());
+    for name in ["alice", "laptop"] {
+        let moved = w
+            .devs
+            .iter()
+            .find(|d| d.name == name)
+            .unwrap()
+            .events
+            .iter()
+            .find_map(|(t, e)| match e {
+                CallEvent::RelayMoved { from, to, .. } => Some((*t, *from, *to)),
+                _ => None,
+            });
+        let (t, from, to) = moved.unwrap_or_else(|| panic!("{name} moves to the other relay"));
+        assert_eq!((from, to), (addr(TURN), addr(TURN2)));
+        assert!(
+            t - killed_at < Duration::from_secs(4),
+            "{name} moved at {t:?}"
+        );
+        assert!(
+            !w.has(name, |e| matches!(e, CallEvent::Ended { .. })),
+            "{name}'s call goes on"
+        );
+    }
+    // The last three seconds carry the far end's tone again.
+    assert_eq!(heard(&w, "alice"), 660.0, "Alice hears the laptop again");
+    assert_eq!(heard(&w, "laptop"), 440.0, "the laptop hears Alice again");
+    for (d, (samples, frames)) in w.devs.iter().zip(before) {
+        assert!(
+            d.heard.len() - samples >= 9 * 48_000,
+            "{} kept playing out",
+            d.name
+        );
+        // Packets stop (concealment stands in), then come again through
+        // the second relay.
+        let after = &d.played[frames..];
+        let gap = after
+            .iter()
+            .position(|p| *p == Some(Decoded::Concealed))
+            .expect("the loss shows");
+        let back = gap
+            + after[gap..]
+                .iter()
+                .position(|p| *p == Some(Decoded::Packet))
+                .unwrap_or_else(|| panic!("{} gets packets again", d.name));
+        let back = TICK * back as u32;
+        // Stall 1.5 s, probe 1 s, then a new allocation and restart.
+        assert!(back < Duration::from_secs(4), "{}: {back:?}", d.name);
+    }
+    let now = w.now;
+    assert!(
+        w.dev("alice").phone.stats(&call, now).is_some(),
+        "the call is up"
+    );
+}
+
+/// Both ends change network at the same moment, so their ICE restarts
+/// cross (a glare): each gets 491, and the retry of RFC 3261 §14.1 (the
+/// callee first, then the caller) brings media back on the new paths.
+#[test]
+fn crossing_ice_restarts_settle_after_the_glare() {
+    let link = Link {
+        jitter: Duration::ZERO,
+        ..Link::default()
+    };
+    let mut w = World::new(link);
+    w.add("alice", "alice@example.com", 1, 440.0, false);
+    w.add("laptop", "+14155550123", 3, 660.0, false);
+    let call = w.dial("alice", "+14155550123");
+    w.run_until(Duration::from_secs(3), |w| {
+        w.has("laptop", |e| matches!(e, CallEvent::Incoming { .. }))
+    });
+    w.ring("laptop").unwrap();
+    w.run_until(Duration::from_secs(3), |w| {
+        w.has("laptop", |e| matches!(e, CallEvent::Ringing { .. }))
+    });
+    let now = w.now;
+    w.dev("laptop").phone.answer(now, &call).unwrap();
+    w.pump();
+    w.run(Duration::from_secs(2));
+    let glares = std::rc::Rc::new(std::cell::Cell::new(0));
+    let seen = glares.clone();
+    w.tamper = Some(Box::new(move |_, bytes| {
+        if bytes.starts_with(b"SIP/2.0 491") {
+            seen.set(seen.get() + 1);
+        }
+        bytes
+    }));
+    let now = w.now;
+    for (name, port) in [("alice", 50_001), ("laptop", 50_001)] {
+        let d = w.dev(name);
+        d.media.set_port(port);
+        let local = d.media;
+        d.phone.network_changed(now, &call, local).unwrap();
+    }
+    w.pump();
+    let frames: Vec<usize> = w.devs.iter().map(|d| d.played.len()).collect();
+    w.run(Duration::from_secs(6));
+    assert!(glares.get() >= 2, "both re-INVITEs met a 491");
+    for (d, from) in w.devs.iter().zip(frames) {
+        assert!(
+            !d.events
+                .iter()
+                .any(|(_, e)| matches!(e, CallEvent::Ended { .. })),
+            "{}'s call goes on",
+            d.name
+        );
+        // The last two seconds came in packets again.
+        let tail = &d.played[from..];
+        let recent = &tail[tail.len() - 100..];
+        let packets = recent
+            .iter()
+            .filter(|p| **p == Some(Decoded::Packet))
+            .count();
+        assert!(packets > 90, "{}: {packets} of 100 frames", d.name);
+    }
 }
 
 #[test]

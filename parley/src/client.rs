@@ -839,6 +839,9 @@ pub fn describe(e: &DeviceEvent) -> String {
                     .into()
             }
             CallEvent::MediaConnected { .. } => "media connected (ICE + DTLS-SRTP)".into(),
+            CallEvent::RelayMoved { from, to, .. } => {
+                format!("the relay {from} stopped answering; media moves to the relay {to}")
+            }
             CallEvent::Ended { reason, .. } => format!("call ended: {reason:?}"),
             CallEvent::Stats { .. } => "stats".into(),
         },

@@ -134,6 +134,10 @@ pub struct MediaConfig {
     pub audio: AudioConfig,
     /// The relay and the device's short-lived credentials for it.
     pub turn: Option<turn::Config>,
+    /// More relays, in order of preference: when the one in use stops
+    /// answering mid-call, the session allocates on the next and asks for
+    /// an ICE restart ([`MediaEvent::RelayMoved`]).
+    pub spare_turn: Vec<turn::Config>,
     /// Offer only the relayed candidate: the far end never learns this
     /// device's addresses.
     pub relay_only: bool,
@@ -156,6 +160,7 @@ impl Default for MediaConfig {
         MediaConfig {
             audio: AudioConfig::default(),
             turn: None,
+            spare_turn: Vec::new(),
             relay_only: false,
             seed: 0,
             stats_interval: Duration::from_secs(1),
@@ -176,7 +181,9 @@ pub struct Datagram {
 /// What the session tells the app.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MediaEvent {
-    /// Candidates are gathered: create the offer or answer now.
+    /// Candidates are gathered: create the offer or answer now; in a call
+    /// that is up, they were gathered again (a new network or a new
+    /// relay): restart ICE.
     Gathered {
         host: Option<SocketAddr>,
         reflexive: Option<SocketAddr>,
@@ -186,6 +193,12 @@ pub enum MediaEvent {
     RelayFailed {
         code: u16,
         reason: String,
+    },
+    /// The relay in use stopped answering mid-call; the session is
+    /// allocating on the next one, and [`MediaEvent::Gathered`] follows.
+    RelayMoved {
+        from: SocketAddr,
+        to: SocketAddr,
     },
     /// ICE and DTLS are up: SRTP flows.
     Connected,
@@ -287,6 +300,8 @@ pub struct MediaSession {
     /// Last time media arrived, for stall detection.
     last_media_in: Option<Instant>,
     stalled: bool,
+    /// ICE is checking (a restart): nothing to send on.
+    ice_checking: bool,
     relay_payloads: RelayPayloads,
     pending_offer: Option<SdpPendingOffer>,
     audio_mid: Option<Mid>,
@@ -376,6 +391,7 @@ impl MediaSession {
             remote_sdp: None,
             last_media_in: None,
             stalled: false,
+            ice_checking: false,
             relay_payloads: RelayPayloads::default(),
             pending_offer: None,
             audio_mid: None,
@@ -481,6 +497,8 @@ impl MediaSession {
         let sdp = sdp::bundled(offer.sdp(), &[])?;
         tracing::debug!(offer = %sdp, "the far end's offer");
         let parsed = SdpOffer::from_sdp_string(&sdp).map_err(|e| MediaError::Sdp(e.to_string()))?;
+        // str0m drops any offer of ours still waiting (a glare).
+        self.pending_offer = None;
         let answer = self.rtc.sdp_api().accept_offer(parsed)?;
         // The relay must let the far end's candidates in (and out) before
         // str0m's first check goes through it.
@@ -533,6 +551,43 @@ impl MediaSession {
             None => self.gathered()?,
         }
         self.drain(now)
+    }
+
+    /// Gathering is over (the offer, answer or restart offer can be made).
+    pub fn is_gathered(&self) -> bool {
+        self.gather_deadline.is_none()
+    }
+
+    /// The relay in use died: its candidate goes, and an allocation on
+    /// the next relay of [`MediaConfig::spare_turn`] begins (the dead one
+    /// goes to the back of the list, in case it comes back).
+    fn move_relay(&mut self, now: Instant) {
+        let Some(old) = self.config.turn.take() else {
+            return;
+        };
+        let next = self.config.spare_turn.remove(0);
+        self.events.push_back(MediaEvent::RelayMoved {
+            from: old.server,
+            to: next.server,
+        });
+        self.config.spare_turn.push(old);
+        if let Some(relayed) = self.relayed.take() {
+            let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.candidates)
+                .into_iter()
+                .partition(|c| c.addr() == relayed);
+            self.candidates = kept;
+            for c in gone {
+                self.rtc.direct_api().invalidate_candidate(&c);
+            }
+        }
+        self.permitted.clear();
+        self.config.seed = self.config.seed.wrapping_add(1);
+        let mut client = TurnClient::new(next.clone(), self.config.seed);
+        client.allocate(now);
+        self.config.turn = Some(next);
+        self.turn = Some(client);
+        self.gather_deadline = Some(now + GATHER_TIMEOUT);
+        self.drain_turn(now);
     }
 
     /// An offer that restarts ICE (new credentials, the current
@@ -596,13 +651,20 @@ impl MediaSession {
                 code: 0,
                 reason: "no answer from the TURN server".into(),
             });
-            self.gathered()?;
+            if self.connected_at.is_some() && !self.config.spare_turn.is_empty() {
+                // Mid-call, moving off a dead relay onto another dead one:
+                // try the next.
+                self.move_relay(now);
+            } else {
+                self.gathered()?;
+            }
         }
         self.drain_turn(now);
         if now >= self.rtc_timeout {
             self.rtc.handle_input(Input::Timeout(now))?;
         }
-        if self.is_connected()
+        // Once media has flowed: ICE may already call the path lost.
+        if self.connected_at.is_some()
             && !self.stalled
             && self
                 .last_media_in
@@ -610,6 +672,10 @@ impl MediaSession {
         {
             self.stalled = true;
             self.events.push_back(MediaEvent::Stalled);
+            // The relay may be gone: make sure it still answers.
+            if let Some(t) = self.turn.as_mut() {
+                t.probe(now);
+            }
         }
         if now >= self.next_stats {
             self.next_stats = now + self.config.stats_interval;
@@ -635,7 +701,11 @@ impl MediaSession {
         if let Some(tt) = self.turn.as_ref().and_then(|c| c.poll_timeout()) {
             t = t.min(tt);
         }
-        if let (Some(last), false) = (self.last_media_in, self.stalled) {
+        if let (Some(last), false, true) = (
+            self.last_media_in,
+            self.stalled,
+            self.connected_at.is_some(),
+        ) {
             t = t.min(last + STALL);
         }
         t
@@ -645,7 +715,7 @@ impl MediaSession {
     pub fn send_audio(&mut self, now: Instant, pcm: &[i16]) -> Result<(), MediaError> {
         let rtp_time = self.send_time;
         self.send_time += FRAME_SAMPLES as u64;
-        if !self.rtc.is_connected() {
+        if !self.path_up() {
             return Ok(());
         }
         let silence;
@@ -704,8 +774,7 @@ impl MediaSession {
     ) -> Result<(), MediaError> {
         let rtp_time = self.video_time;
         self.video_time += u64::from(90_000 / video::FPS);
-        let (Some(mid), true, true) = (self.video_mid, self.camera_on, self.rtc.is_connected())
-        else {
+        let (Some(mid), true, true) = (self.video_mid, self.camera_on, self.path_up()) else {
             return Ok(());
         };
         let Some((enc, _)) = self.video.as_mut() else {
@@ -750,6 +819,13 @@ impl MediaSession {
 
     pub fn is_connected(&self) -> bool {
         self.connected_at.is_some() && self.rtc.is_connected()
+    }
+
+    /// Media can go out now. During an ICE restart str0m has no pair to
+    /// send on and would queue what it is given, then play the backlog
+    /// out late, ahead of fresh frames: a real-time sender drops instead.
+    fn path_up(&self) -> bool {
+        self.rtc.is_connected() && !self.ice_checking
     }
 
     /// The relayed address, once allocated.
@@ -893,6 +969,9 @@ impl MediaSession {
                         .push_back(MediaEvent::RelayFailed { code, reason });
                     if self.gather_deadline.is_some() {
                         let _ = self.gathered();
+                    } else if !self.config.spare_turn.is_empty() {
+                        self.move_relay(now);
+                        return;
                     }
                 }
                 turn::Event::Data { peer, data } => {
@@ -938,12 +1017,15 @@ impl MediaSession {
                                 data: wrapped,
                             });
                         }
-                    } else {
+                    } else if t.source == self.local {
                         self.out.push_back(Datagram {
                             to: t.destination,
                             data,
                         });
                     }
+                    // Anything else comes from a candidate given up (a
+                    // relay that died, a network left): sending it from
+                    // our own socket would show the far end our address.
                 }
                 Output::Event(e) => self.on_event(now, e)?,
             }
@@ -961,7 +1043,11 @@ impl MediaSession {
             Event::MediaAdded(m) if m.kind == MediaKind::Audio => {
                 self.audio_mid.get_or_insert(m.mid);
             }
+            Event::IceConnectionStateChange(s) if s != IceConnectionState::Disconnected => {
+                self.ice_checking = matches!(s, IceConnectionState::Checking);
+            }
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                self.ice_checking = false;
                 self.events.push_back(MediaEvent::Disconnected);
             }
             Event::MediaData(d) if Some(d.mid) == self.video_mid && self.video_mid.is_some() => {

@@ -21,6 +21,8 @@ use wire::passport::{self, Claims};
 
 pub const TURN: &str = "203.0.113.10:3478";
 pub const RELAY_IP: &str = "203.0.113.10";
+/// A second relay, for calls that move when the first dies.
+pub const TURN2: &str = "203.0.113.20:3478";
 pub const ALICE: &str = "192.0.2.1:40000";
 pub const BOB: &str = "198.51.100.2:50000";
 const TICK: Duration = Duration::from_millis(20);
@@ -89,6 +91,10 @@ impl Phone {
 }
 
 pub struct Relay {
+    /// Where clients reach it.
+    pub at: SocketAddr,
+    /// Killed: everything to or from it is lost.
+    pub dead: bool,
     pub server: Server,
     pub by_addr: HashMap<SocketAddr, RelayId>,
     pub addr_of: HashMap<RelayId, SocketAddr>,
@@ -104,20 +110,35 @@ pub struct Udp {
     seq: u64,
     queue: BinaryHeap<Reverse<(Instant, u64)>>,
     in_flight: HashMap<u64, (SocketAddr, SocketAddr, Vec<u8>)>,
-    pub relay: Option<Relay>,
-    /// What the relay forwarded between the devices (peer-side payloads).
+    pub relays: Vec<Relay>,
+    /// What the relays forwarded between the devices (peer-side payloads).
     pub relayed_payloads: Vec<Vec<u8>>,
 }
 
 impl Udp {
-    /// `users`: TURN accounts (user, password).
+    /// `users`: TURN accounts (user, password) on a relay at [`TURN`].
     pub fn new(seed: u64, link: Link, now: Instant, users: Option<Vec<(String, String)>>) -> Udp {
-        let relay = users.map(|users| {
+        match users {
+            Some(users) => Udp::with_relays(seed, link, now, users, &[TURN]),
+            None => Udp::with_relays(seed, link, now, Vec::new(), &[]),
+        }
+    }
+
+    /// Relays at each of `servers`, all with the accounts `users`.
+    pub fn with_relays(
+        seed: u64,
+        link: Link,
+        now: Instant,
+        users: Vec<(String, String)>,
+        servers: &[&str],
+    ) -> Udp {
+        let relays = servers.iter().map(|at| {
+            let at = addr(at);
             let config = stun_turn::Config {
                 realm: "parley".into(),
-                udp: vec![addr(TURN)],
-                relay_ipv4: Some(RELAY_IP.parse().unwrap()),
-                users,
+                udp: vec![at],
+                relay_ipv4: Some(at.ip()),
+                users: users.clone(),
                 // The simulated devices and relay live in documentation
                 // ranges, which the relay's default policy refuses.
                 allow_peers: vec![
@@ -127,8 +148,10 @@ impl Udp {
                 ],
                 ..stun_turn::Config::default()
             };
-            let shared = Shared::new(config, [9; 32], vec![addr(TURN)], now, unix_now());
+            let shared = Shared::new(config, [9; 32], vec![at], now, unix_now());
             Relay {
+                at,
+                dead: false,
                 server: Server::new(
                     shared,
                     Arc::new(stun_turn::metrics::Metrics::default()),
@@ -148,7 +171,7 @@ impl Udp {
             seq: 0,
             queue: BinaryHeap::new(),
             in_flight: HashMap::new(),
-            relay,
+            relays: relays.collect(),
             relayed_payloads: Vec::new(),
         }
     }
@@ -164,26 +187,36 @@ impl Udp {
         self.in_flight.insert(self.seq, (from, to, data));
     }
 
-    /// When the wire or the relay next has something to do.
+    /// The relay at `at` dies (as with `kill -9`): from now on it takes
+    /// and sends nothing.
+    pub fn kill_relay(&mut self, at: &str) {
+        let at = addr(at);
+        for r in self.relays.iter_mut().filter(|r| r.at == at) {
+            r.dead = true;
+        }
+    }
+
+    /// When the wire or a relay next has something to do.
     pub fn next_time(&self) -> Option<Instant> {
         let q = self.queue.peek().map(|Reverse((t, _))| *t);
-        let r = self.relay.as_ref().and_then(|r| r.server.poll_timeout());
-        match (q, r) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.relays
+            .iter()
+            .filter(|r| !r.dead)
+            .filter_map(|r| r.server.poll_timeout())
+            .chain(q)
+            .min()
     }
 
     /// Runs the relay and hands back the datagrams that arrive at an
     /// endpoint by `now`: (from, to, data).
     pub fn due(&mut self) -> Vec<(SocketAddr, SocketAddr, Vec<u8>)> {
         let now = self.now;
-        if let Some(r) = &mut self.relay {
+        for r in self.relays.iter_mut().filter(|r| !r.dead) {
             if r.server.poll_timeout().is_some_and(|t| t <= now) {
                 r.server.handle_timeout(now);
             }
         }
-        self.flush_relay();
+        self.flush_relays();
         let mut out = Vec::new();
         while let Some(Reverse((t, id))) = self.queue.peek().copied() {
             if t > now {
@@ -198,35 +231,44 @@ impl Udp {
         out
     }
 
-    /// Sends what the relay's core queued.
-    fn flush_relay(&mut self) {
-        let Some(r) = &mut self.relay else { return };
+    /// Sends what the relays' cores queued.
+    fn flush_relays(&mut self) {
         let mut sends = Vec::new();
-        while let Some(e) = r.server.poll_event() {
-            if let stun_turn::core::Event::BindRelay { relay, addr, .. } = e {
-                let bound = SocketAddr::new(addr.ip(), r.next_port);
-                r.next_port += 1;
-                r.by_addr.insert(bound, relay);
-                r.addr_of.insert(relay, bound);
-                r.server.handle_relay_bound(relay, Some(bound), self.now);
+        for r in self.relays.iter_mut().filter(|r| !r.dead) {
+            while let Some(e) = r.server.poll_event() {
+                if let stun_turn::core::Event::BindRelay { relay, addr, .. } = e {
+                    let bound = SocketAddr::new(addr.ip(), r.next_port);
+                    r.next_port += 1;
+                    r.by_addr.insert(bound, relay);
+                    r.addr_of.insert(relay, bound);
+                    r.server.handle_relay_bound(relay, Some(bound), self.now);
+                }
             }
-        }
-        while let Some(t) = r.server.poll_transmit() {
-            sends.push((t.from, t.to.remote, t.bytes));
+            while let Some(t) = r.server.poll_transmit() {
+                sends.push((t.from, t.to.remote, t.bytes));
+            }
         }
         for (from, to, data) in sends {
             self.send(from, to, data);
         }
     }
 
-    /// Delivers to the relay if it is for the relay.
+    /// Delivers to a relay if it is for one (a dead relay loses it).
     fn deliver_to_relay(&mut self, from: SocketAddr, to: SocketAddr, data: &[u8]) -> bool {
         let now = self.now;
-        let Some(r) = self.relay.as_mut() else {
+        let Some(r) = self
+            .relays
+            .iter_mut()
+            .find(|r| r.at == to || r.by_addr.contains_key(&to))
+        else {
             return false;
         };
+        if r.dead {
+            return true;
+        }
+        let at = r.at;
         let mut out = Vec::new();
-        if to == addr(TURN) {
+        if to == at {
             let client = ClientAddr {
                 transport: Transport::Udp,
                 remote: from,
@@ -250,10 +292,10 @@ impl Udp {
                     let mut f =
                         stun_turn::channel_data::encode_header(channel, data.len()).to_vec();
                     f.extend_from_slice(data);
-                    out.push((addr(TURN), to.remote, f));
+                    out.push((at, to.remote, f));
                 }
                 PeerOutcome::Indication { to, message } => {
-                    out.push((addr(TURN), to.remote, message.to_vec()));
+                    out.push((at, to.remote, message.to_vec()));
                 }
             }
         } else {
@@ -262,7 +304,7 @@ impl Udp {
         for (from, to, data) in out {
             self.send(from, to, data);
         }
-        self.flush_relay();
+        self.flush_relays();
         true
     }
 }
