@@ -39,9 +39,12 @@ trap 'exit 130' INT TERM
 
 start_postgres "$tmp"
 start_nats "$tmp"
+# Every node's relay, so a call moves to another when its relay dies.
+turn_uris=$(for i in $(seq 0 $((nodes - 1))); do printf '"turn:127.0.0.%d:3478?transport=udp", ' $((i + 2)); done)
 cat > "$tmp/parley.toml" <<EOF
 [ids]
 database = "$PG_URL"
+turn_uris = [${turn_uris%, }]
 
 [courier]
 database = "$PG_URL"

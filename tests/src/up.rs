@@ -81,6 +81,13 @@ pub fn start_lab_on(
     (data, up)
 }
 
+/// One node of a cluster: `parley up` with every listener on a free port
+/// of `ip` (127.0.0.x), `args` before `up` (say `--cluster-node n1`), and
+/// `config` naming the shared PostgreSQL and NATS.
+pub fn start_node(bin: &str, data: &Path, config: &Path, ip: IpAddr, args: &[&str]) -> Up {
+    launch_at(bin, data, config, None, None, ip, args)
+}
+
 impl Up {
     /// Kills the process (as a crash would) and starts it again on the
     /// same data directory and addresses.
@@ -108,41 +115,52 @@ fn launch(
     fixed: Option<[SocketAddr; 5]>,
     public: Option<IpAddr>,
 ) -> Up {
-    let any = "127.0.0.1:0".to_string();
+    launch_at(bin, data, config, fixed, public, [127, 0, 0, 1].into(), &[])
+}
+
+fn launch_at(
+    bin: &str,
+    data: &Path,
+    config: &Path,
+    fixed: Option<[SocketAddr; 5]>,
+    public: Option<IpAddr>,
+    ip: IpAddr,
+    args: &[&str],
+) -> Up {
+    let any = SocketAddr::new(ip, 0).to_string();
     let at = |i: usize| fixed.map_or_else(|| any.clone(), |a| a[i].to_string());
     let (mut turn, ids, courier, mut sip, sip_tls) = (at(0), at(1), at(2), at(3), at(4));
     if let Some(ip) = public {
         turn = SocketAddr::new(ip, 0).to_string();
         sip = turn.clone();
     }
-    let (child, printed) = crate::tool::start_until_ready(
-        bin,
-        &[
-            "--data",
-            data.to_str().expect("UTF-8 path"),
-            "--config",
-            config.to_str().expect("UTF-8 path"),
-            "--admin",
-            &any,
-            "up",
-            "--listen",
-            &turn,
-            "--tls-listen",
-            &any,
-            "--ids-listen",
-            &ids,
-            "--courier-device-listen",
-            &courier,
-            "--courier-provider-listen",
-            &any,
-            "--sip-listen",
-            &sip,
-            "--sip-tls-listen",
-            &sip_tls,
-            "--sip-wss-listen",
-            &any,
-        ],
-    );
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend_from_slice(&[
+        "--data",
+        data.to_str().expect("UTF-8 path"),
+        "--config",
+        config.to_str().expect("UTF-8 path"),
+        "--admin",
+        &any,
+        "up",
+        "--listen",
+        &turn,
+        "--tls-listen",
+        &any,
+        "--ids-listen",
+        &ids,
+        "--courier-device-listen",
+        &courier,
+        "--courier-provider-listen",
+        &any,
+        "--sip-listen",
+        &sip,
+        "--sip-tls-listen",
+        &sip_tls,
+        "--sip-wss-listen",
+        &any,
+    ]);
+    let (child, printed) = crate::tool::start_until_ready(bin, &all);
     let find = |service: &str, key: &str| {
         printed
             .iter()

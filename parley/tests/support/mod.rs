@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod clients;
+
 use std::path::Path;
 
 use client_sdk::courier::DeviceCredentials;
