@@ -227,6 +227,11 @@ struct ListenArgs {
     /// this they are refused (438).
     #[arg(long)]
     accept_unverified: bool,
+    /// Between calls keep only the push link, as a phone in the
+    /// background does: the SIP connection closes once registered, and a
+    /// VoIP push wakes the device to register again and take the call.
+    #[arg(long)]
+    asleep: bool,
     #[command(flatten)]
     media: MediaArgs,
 }
@@ -976,6 +981,10 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
         start_device(args, &a.media, audit, a.accept_unverified).await?;
     registered(&mut device, start).await?;
     say(start, format!("listening as {}", state.handle));
+    if a.asleep {
+        device.sleep().await?;
+        say(start, "asleep: only the push link is open");
+    }
     let mut ended = 0u32;
     // Calls that came with no PASSporT (from phones outside the directory).
     let mut unverified = std::collections::HashSet::new();
@@ -1023,6 +1032,10 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
                 record(&device, call, path.as_deref(), start).await?;
                 if a.calls != 0 && ended >= a.calls {
                     return Ok(());
+                }
+                if a.asleep {
+                    device.sleep().await?;
+                    say(start, "asleep again");
                 }
                 continue;
             }

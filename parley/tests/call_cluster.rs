@@ -1,19 +1,27 @@
-//! A whole call across a cluster: two `parley up` nodes (127.0.0.2 and
-//! 127.0.0.3) on one PostgreSQL and one NATS, and two stand-alone relays
-//! (127.0.0.5 and 127.0.0.6) that ids hands out in that order. Alice uses
-//! every service of node a, Bob every service of node b; both send media
-//! through a relay only. Mid-call the relay carrying it is killed with
-//! SIGKILL: both clients move to the other relay and each hears the other
-//! again to the end of the call.
+//! Whole calls across a cluster of `parley up` nodes (127.0.0.2, .3, .4)
+//! on one PostgreSQL and one NATS, with two stand-alone relays (127.0.0.5
+//! and .6) that ids hands out in that order; the devices are `parley
+//! client` processes, each using the services of the nodes it is given.
+//!
+//! - Alice uses every service of node a, Bob every service of node b; both
+//!   send media through a relay only. Mid-call the relay carrying it is
+//!   killed with SIGKILL: both clients move to the other relay and each
+//!   hears the other again to the end of the call.
+//! - Bob's device sleeps with its push link at node b and registers at
+//!   node c; Alice calls at node a: the VoIP push wakes Bob's device, it
+//!   registers at c, the waiting call rings it there, and it answers.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::Child;
 use std::time::Duration;
 
 use parley_tests::up::{start_node, Up};
 
 mod support;
-use support::clients::{activate, client, finish, heard, spawn, tone_wav, wait_line};
+use support::clients::{
+    activate, client, client_sip_at, finish, heard, spawn, tone_wav, wait_line,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_parley");
 const ALICE: &str = "alice@example.com";
@@ -48,55 +56,87 @@ fn relay(data: &std::path::Path, ip: &str) -> (Child, SocketAddr) {
     (child, udp)
 }
 
+/// Nodes, relays and what they share. Fields drop in order: nodes and
+/// relays before the database and NATS they use.
+struct Cluster {
+    nodes: Vec<Up>,
+    relays: Vec<(Child, SocketAddr)>,
+    _nats: parley_tests::nats::Nats,
+    _pg: parley_tests::postgres::Postgres,
+    data: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// `n` nodes (a, b, c… on 127.0.0.2…) and two relays.
+    fn start(name: &str, n: u8) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let pg = parley_tests::postgres::Postgres::start(name);
+        let nats = parley_tests::nats::Nats::start(name);
+        // The first relay makes the shared data directory (CA, secrets).
+        let relays: Vec<(Child, SocketAddr)> = ["127.0.0.5", "127.0.0.6"]
+            .iter()
+            .map(|ip| relay(&data, ip))
+            .collect();
+        let uris: Vec<String> = relays
+            .iter()
+            .map(|(_, a)| format!("\"turn:{a}?transport=udp\""))
+            .collect();
+        let config = dir.path().join("parley.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[ids]\ndatabase = \"{pg}\"\npublish_interval_secs = 0.2\nturn_uris = [{uris}]\n\n\
+                 [courier]\ndatabase = \"{pg}\"\n\n[signaling]\ndatabase = \"{pg}\"\n\n\
+                 [turn]\nallow_peers = [\"127.0.0.0/8\"]\n\n[cluster]\nnats = \"{nats}\"\n",
+                pg = pg.url(),
+                uris = uris.join(", "),
+                nats = nats.url(),
+            ),
+        )
+        .unwrap();
+        let nodes = (0..n)
+            .map(|i| {
+                let name = char::from(b'a' + i).to_string();
+                start_node(
+                    BIN,
+                    &data,
+                    &config,
+                    IpAddr::from([127, 0, 0, 2 + i]),
+                    &["--log", "warn", "--cluster-node", &name],
+                )
+            })
+            .collect();
+        Cluster {
+            nodes,
+            relays,
+            _nats: nats,
+            _pg: pg,
+            data,
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
 #[test]
 fn a_call_across_nodes_moves_to_another_relay_when_its_relay_dies() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let pg = parley_tests::postgres::Postgres::start("call-cluster");
-    let nats = parley_tests::nats::Nats::start("call-cluster");
-    // The first relay makes the shared data directory (CA, secrets).
-    let mut relays: Vec<(Child, SocketAddr)> = ["127.0.0.5", "127.0.0.6"]
-        .iter()
-        .map(|ip| relay(&data, ip))
-        .collect();
-    let uris: Vec<String> = relays
-        .iter()
-        .map(|(_, a)| format!("\"turn:{a}?transport=udp\""))
-        .collect();
-    let config = dir.path().join("parley.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[ids]\ndatabase = \"{pg}\"\npublish_interval_secs = 0.2\nturn_uris = [{uris}]\n\n\
-             [courier]\ndatabase = \"{pg}\"\n\n[signaling]\ndatabase = \"{pg}\"\n\n\
-             [turn]\nallow_peers = [\"127.0.0.0/8\"]\n\n[cluster]\nnats = \"{nats}\"\n",
-            pg = pg.url(),
-            uris = uris.join(", "),
-            nats = nats.url(),
-        ),
-    )
-    .unwrap();
-    let node = |ip: [u8; 4], name: &str| -> Up {
-        start_node(
-            BIN,
-            &data,
-            &config,
-            IpAddr::from(ip),
-            &["--log", "warn", "--cluster-node", name],
-        )
-    };
-    let (a, b) = (node([127, 0, 0, 2], "a"), node([127, 0, 0, 3], "b"));
-
-    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
-    activate(&a, &data, &alice, ALICE);
-    activate(&b, &data, &bob, BOB);
+    let mut cl = Cluster::start("call-cluster", 2);
+    let (a, b, data) = (&cl.nodes[0], &cl.nodes[1], cl.data.clone());
+    let (alice, bob) = (cl.path("alice"), cl.path("bob"));
+    activate(a, &data, &alice, ALICE);
+    activate(b, &data, &bob, BOB);
     let (alice_wav, alice_rec, bob_rec) = (
-        dir.path().join("alice-says.wav"),
-        dir.path().join("alice-heard.wav"),
-        dir.path().join("bob-heard.wav"),
+        cl.path("alice-says.wav"),
+        cl.path("alice-heard.wav"),
+        cl.path("bob-heard.wav"),
     );
     tone_wav(&alice_wav, 440.0, 20.0);
-    let mut c = client(&b, &data, &bob);
+    let mut c = client(b, &data, &bob);
     c.args([
         "listen",
         "--answer",
@@ -112,7 +152,7 @@ fn a_call_across_nodes_moves_to_another_relay_when_its_relay_dies() {
     let mut bob_seen = Vec::new();
     wait_line(&bob_out, "listening as", &mut bob_seen);
 
-    let mut c = client(&a, &data, &alice);
+    let mut c = client(a, &data, &alice);
     c.args(["call", BOB, "--seconds", "12", "--relay-only", "--play"])
         .arg(&alice_wav)
         .arg("--record")
@@ -123,10 +163,10 @@ fn a_call_across_nodes_moves_to_another_relay_when_its_relay_dies() {
     std::thread::sleep(Duration::from_secs(2));
 
     // The relay both ends use dies.
-    let (mut dead, dead_at) = relays.remove(0);
+    let (mut dead, dead_at) = cl.relays.remove(0);
     dead.kill().unwrap();
     dead.wait().unwrap();
-    let (_, spare) = &relays[0];
+    let (_, spare) = &cl.relays[0];
     for (out, seen) in [(&alice_out, &mut alice_seen), (&bob_out, &mut bob_seen)] {
         let moved = wait_line(out, "stopped answering", seen);
         assert!(
@@ -147,5 +187,56 @@ fn a_call_across_nodes_moves_to_another_relay_when_its_relay_dies() {
     let (f, share, n) = heard(&alice_rec);
     assert!(n >= 48_000 * 10, "Alice recorded {n} samples");
     assert_eq!(f, 660.0, "Alice heard {f} Hz ({share:.2} of the energy)");
-    drop((a, b, relays, nats, pg));
+}
+
+#[test]
+fn a_sleeping_device_woken_by_push_registers_at_another_node_and_answers() {
+    let cl = Cluster::start("wake-cluster", 3);
+    let (a, b, c, data) = (&cl.nodes[0], &cl.nodes[1], &cl.nodes[2], cl.data.clone());
+    let (alice, bob) = (cl.path("alice"), cl.path("bob"));
+    activate(a, &data, &alice, ALICE);
+    activate(b, &data, &bob, BOB);
+    let (alice_wav, alice_rec, bob_rec) = (
+        cl.path("alice-says.wav"),
+        cl.path("alice-heard.wav"),
+        cl.path("bob-heard.wav"),
+    );
+    tone_wav(&alice_wav, 440.0, 10.0);
+    // Bob's push link is at node b, his SIP at node c; between calls only
+    // the push link is open.
+    let mut cmd = client_sip_at(b, c, &data, &bob);
+    cmd.args([
+        "listen", "--asleep", "--answer", "--calls", "1", "--tone", "660", "--record",
+    ])
+    .arg(&bob_rec);
+    let (listen, bob_out) = spawn(cmd);
+    let mut bob_seen = Vec::new();
+    wait_line(
+        &bob_out,
+        "asleep: only the push link is open",
+        &mut bob_seen,
+    );
+
+    let mut cmd = client(a, &data, &alice);
+    cmd.args(["call", BOB, "--seconds", "3", "--play"])
+        .arg(&alice_wav)
+        .arg("--record")
+        .arg(&alice_rec);
+    let (call, alice_out) = spawn(cmd);
+    let mut alice_seen = Vec::new();
+    for line in ["woken by a VoIP push", "incoming call from", "answered"] {
+        wait_line(&bob_out, line, &mut bob_seen);
+    }
+    wait_line(&alice_out, "media connected", &mut alice_seen);
+    let limit = Duration::from_secs(60);
+    finish(call, limit, "call");
+    finish(listen, limit, "listen");
+    alice_seen.extend(alice_out.try_iter());
+    let alice_text = alice_seen.join("\n");
+    assert!(alice_text.contains("answered by device"), "{alice_text}");
+
+    let (f, share, _) = heard(&bob_rec);
+    assert_eq!(f, 440.0, "Bob heard {f} Hz ({share:.2} of the energy)");
+    let (f, share, _) = heard(&alice_rec);
+    assert_eq!(f, 660.0, "Alice heard {f} Hz ({share:.2} of the energy)");
 }

@@ -13,8 +13,28 @@ pub fn client(up: &parley_tests::up::Up, data: &Path, state: &Path) -> Command {
     client_via(up, data, state, &up.courier.to_string())
 }
 
+/// As [`client`], with SIP at another node of a cluster.
+pub fn client_sip_at(
+    up: &parley_tests::up::Up,
+    sip: &parley_tests::up::Up,
+    data: &Path,
+    state: &Path,
+) -> Command {
+    client_to(up, data, state, &up.courier.to_string(), sip.sip_tls)
+}
+
 /// As [`client`], with `couriers` (comma-separated) for the push link.
 pub fn client_via(up: &parley_tests::up::Up, data: &Path, state: &Path, couriers: &str) -> Command {
+    client_to(up, data, state, couriers, up.sip_tls)
+}
+
+fn client_to(
+    up: &parley_tests::up::Up,
+    data: &Path,
+    state: &Path,
+    couriers: &str,
+    sip: std::net::SocketAddr,
+) -> Command {
     let mut c = Command::new(BIN);
     c.arg("client")
         .arg("--state")
@@ -24,7 +44,7 @@ pub fn client_via(up: &parley_tests::up::Up, data: &Path, state: &Path, couriers
         .arg("--courier")
         .arg(couriers)
         .arg("--sip")
-        .arg(up.sip_tls.to_string())
+        .arg(sip.to_string())
         // The CA comes from `parley up`'s data directory.
         .arg("--data")
         .arg(data)
