@@ -502,7 +502,12 @@ fn run(cli: Cli) -> Result<()> {
 /// be a cluster of its own.
 fn require_postgres(services: Services, settings: &config::Settings) -> Result<()> {
     for (on, name, url) in [
-        (services.ids, "ids.database", &settings.ids.database),
+        // A stand-alone signaling node reads the directory from ids' store.
+        (
+            services.ids || services.signaling,
+            "ids.database",
+            &settings.ids.database,
+        ),
         (
             services.signaling,
             "signaling.database",
@@ -628,14 +633,15 @@ struct SharedSip {
     nats: Vec<String>,
 }
 
-/// Binds SIP signaling; in `parley up` its device checks go to the
-/// identity service and its wake-ups to the courier.
+/// Binds SIP signaling; with the identity service's store its device
+/// checks go there, and with a courier (in this process, or a cluster's
+/// over NATS) its wake-ups.
 async fn start_signaling(
     settings: &config::SignalingSection,
     data: &data::DataDir,
     config: signaling::runtime::Config,
-    ids: Option<Arc<ids::Ids>>,
-    courier: Option<Arc<push_courier::courier::Courier>>,
+    ids: Option<ids::store::Store>,
+    courier: Option<wiring::CourierLink>,
     shared: Option<&SharedSip>,
 ) -> Result<signaling::runtime::Server> {
     let (cert, key) = data.server_files(&settings.cert, &settings.key);
@@ -646,7 +652,7 @@ async fn start_signaling(
         tls::roots(&device_ca)?,
     )?;
     let directory: Arc<dyn signaling::runtime::Directory> = match ids {
-        Some(ids) => Arc::new(wiring::IdsDirectory(ids)),
+        Some(store) => Arc::new(wiring::IdsDirectory(store)),
         None => Arc::new(signaling::runtime::NoDirectory),
     };
     let waker: Arc<dyn signaling::runtime::Waker> = match courier {
@@ -676,6 +682,20 @@ async fn start_signaling(
     started.with_context(|| "cannot start signaling")
 }
 
+/// A NATS connection for a stand-alone service of a cluster.
+async fn connect_nats(cluster: &config::ClusterSection) -> Result<async_nats::Client> {
+    let urls = cluster
+        .nats
+        .as_ref()
+        .map(config::OneOrMany::to_vec)
+        .unwrap_or_default();
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(urls.clone())
+        .await
+        .with_context(|| format!("cannot reach NATS (cluster.nats {urls:?})"))
+}
+
 /// In `parley up`, device certificates revoked in the identity service
 /// close their courier links and are refused from then on.
 async fn sync_revocations(ids: Arc<ids::Ids>, courier: Arc<push_courier::courier::Courier>) {
@@ -694,16 +714,16 @@ async fn sync_revocations(ids: Arc<ids::Ids>, courier: Arc<push_courier::courier
     }
 }
 
-/// In `parley up`, devices revoked in the identity service lose their SIP
-/// bindings within 5 s and can no longer register or call.
+/// Devices revoked in the identity service lose their SIP bindings within
+/// 5 s and can no longer register or call.
 async fn sync_signaling_revocations(
-    ids: Arc<ids::Ids>,
+    ids: ids::store::Store,
     signaling: Arc<signaling::runtime::Server>,
 ) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {
         tick.tick().await;
-        match ids.store.revoked_devices().await {
+        match ids.revoked_devices().await {
             Ok(list) => {
                 signaling
                     .set_revoked_devices(list.into_iter().collect())
@@ -795,10 +815,28 @@ impl Stack {
             ))),
             _ => {}
         }
-        if let (Some(i), Some(c)) = (&ids_server, &courier_server) {
+        // A stand-alone service of a cluster reaches the courier nodes over
+        // NATS, and signaling reads the directory from ids' store.
+        let courier_link = match &courier_server {
+            Some(c) => Some(wiring::CourierLink::Local(c.courier.clone())),
+            None if settings.cluster.enabled() && (services.ids || services.signaling) => Some(
+                wiring::CourierLink::Cluster(connect_nats(&settings.cluster).await?),
+            ),
+            None => None,
+        };
+        if let (Some(i), Some(link)) = (&ids_server, &courier_link) {
             i.ids
-                .set_notifier(Arc::new(wiring::CourierAccountNotifier(c.courier.clone())));
+                .set_notifier(Arc::new(wiring::CourierAccountNotifier(link.clone())));
         }
+        let ids_store = match (&ids_server, &settings.ids.database) {
+            (Some(i), _) => Some(i.ids.store.clone()),
+            (None, Some(url)) if settings.cluster.enabled() && services.signaling => Some(
+                ids::store::Store::open(url)
+                    .await
+                    .with_context(|| "cannot open the identity service's store (ids.database)")?,
+            ),
+            _ => None,
+        };
         let shared_sip = match (settings.cluster.enabled(), &settings.signaling.database) {
             (true, Some(url)) => Some(SharedSip {
                 url: url.clone(),
@@ -822,19 +860,16 @@ impl Stack {
                     &settings.signaling,
                     data,
                     signaling_config,
-                    ids_server.as_ref().map(|s| s.ids.clone()),
-                    courier_server.as_ref().map(|c| c.courier.clone()),
+                    ids_store.clone(),
+                    courier_link,
                     shared_sip.as_ref(),
                 )
                 .await?,
             )),
             false => None,
         };
-        if let (Some(i), Some(s)) = (&ids_server, &signaling_server) {
-            tasks.push(tokio::spawn(sync_signaling_revocations(
-                i.ids.clone(),
-                s.clone(),
-            )));
+        if let (Some(store), Some(s)) = (ids_store, &signaling_server) {
+            tasks.push(tokio::spawn(sync_signaling_revocations(store, s.clone())));
         }
         Ok(Stack {
             relay,

@@ -1,6 +1,9 @@
-//! How `parley up` joins the services in one process: signaling asks the
-//! identity service which devices a handle has, and wakes sleeping devices
-//! through the courier.
+//! How the services join: signaling asks the identity service's store
+//! which devices a handle has, and wakes sleeping devices through the
+//! courier; ids tells devices of account changes through the courier. In
+//! `parley up` the courier is in the same process; a stand-alone service
+//! of a cluster reaches the courier nodes over NATS and reads ids' store
+//! in the shared PostgreSQL.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,7 +13,7 @@ use wire::handle::Handle;
 use wire::keys::DeviceId;
 
 /// "Is this device one of the handle's active devices?", from ids' store.
-pub struct IdsDirectory(pub Arc<ids::Ids>);
+pub struct IdsDirectory(pub ids::store::Store);
 
 impl signaling::runtime::Directory for IdsDirectory {
     fn authorize(
@@ -18,9 +21,9 @@ impl signaling::runtime::Directory for IdsDirectory {
         device: DeviceId,
         handle: Handle,
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'static>> {
-        let ids = self.0.clone();
+        let store = self.0.clone();
         Box::pin(async move {
-            let account = match ids.store.account_of_handle(&handle.uri()).await {
+            let account = match store.account_of_handle(&handle.uri()).await {
                 Ok(Some(a)) => a,
                 Ok(None) => return false,
                 Err(e) => {
@@ -28,7 +31,7 @@ impl signaling::runtime::Directory for IdsDirectory {
                     return false;
                 }
             };
-            match ids.store.devices_of(&account).await {
+            match store.devices_of(&account).await {
                 Ok(devices) => devices
                     .iter()
                     .any(|d| d.id == device && d.revoked_at.is_none()),
@@ -41,11 +44,38 @@ impl signaling::runtime::Directory for IdsDirectory {
     }
 }
 
-/// Sends VoIP pushes for calls waiting on a sleeping device straight into
-/// the in-process courier. Contacts name the courier with
-/// `pn-provider=parley` (or `apns`, the API it imitates), the device token
-/// in hex as `pn-prid`, and the app topic as `pn-param`.
-pub struct CourierWaker(pub Arc<push_courier::courier::Courier>);
+/// Where pushes from Parley's own services go.
+#[derive(Clone)]
+pub enum CourierLink {
+    /// The courier in this process.
+    Local(Arc<push_courier::courier::Courier>),
+    /// The courier nodes of a cluster, over NATS.
+    Cluster(async_nats::Client),
+}
+
+impl CourierLink {
+    /// Hands `req` over without waiting; a refusal is logged.
+    fn spawn_push(&self, req: push_courier::courier::PushRequest, refused: &'static str) {
+        let link = self.clone();
+        tokio::spawn(async move {
+            let r = match &link {
+                CourierLink::Local(c) => c.push(req).await.map(|_| ()).map_err(|e| e.to_string()),
+                CourierLink::Cluster(nats) => push_courier::submit::submit(nats, &req)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = r {
+                tracing::info!(error = %e, "{refused}");
+            }
+        });
+    }
+}
+
+/// Sends VoIP pushes for calls waiting on a sleeping device to the
+/// courier. Contacts name the courier with `pn-provider=parley` (or
+/// `apns`, the API it imitates), the device token in hex as `pn-prid`, and
+/// the app topic as `pn-param`.
+pub struct CourierWaker(pub CourierLink);
 
 /// A wake-up is useless once the call has stopped waiting for the device.
 const WAKE_TTL: Duration = Duration::from_secs(30);
@@ -103,14 +133,15 @@ impl signaling::runtime::Waker for CourierWaker {
             receipt: None,
             for_device: Some(device),
         };
-        spawn_push(&self.0, req, "VoIP push for a waiting call refused");
+        self.0
+            .spawn_push(req, "VoIP push for a waiting call refused");
     }
 }
 
-/// `parley up`: the identity service tells an account's devices of a
-/// change (a device added or removed, an account reset) by a background
-/// push on their [`wire::push::ACCOUNT_TOPIC`] tokens.
-pub struct CourierAccountNotifier(pub Arc<push_courier::courier::Courier>);
+/// The identity service tells an account's devices of a change (a device
+/// added or removed, an account reset) by a background push on their
+/// [`wire::push::ACCOUNT_TOPIC`] tokens.
+pub struct CourierAccountNotifier(pub CourierLink);
 
 /// A device that stays offline longer than this reads the event stream.
 const ACCOUNT_EVENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -152,21 +183,7 @@ impl ids::AccountNotifier for CourierAccountNotifier {
                 receipt: None,
                 for_device: Some(device),
             };
-            spawn_push(&self.0, req, "account change push refused");
+            self.0.spawn_push(req, "account change push refused");
         }
     }
-}
-
-/// Hands `req` to the courier without waiting; a refusal is logged.
-fn spawn_push(
-    courier: &Arc<push_courier::courier::Courier>,
-    req: push_courier::courier::PushRequest,
-    refused: &'static str,
-) {
-    let courier = courier.clone();
-    tokio::spawn(async move {
-        if let Err(e) = courier.push(req).await {
-            tracing::info!(error = %e, "{refused}");
-        }
-    });
 }

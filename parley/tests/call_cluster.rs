@@ -59,11 +59,14 @@ fn relay(data: &std::path::Path, ip: &str) -> (Child, SocketAddr) {
 /// Nodes, relays and what they share. Fields drop in order: nodes and
 /// relays before the database and NATS they use.
 struct Cluster {
+    /// Stand-alone `parley signaling` processes.
+    signaling: Vec<(Child, SocketAddr)>,
     nodes: Vec<Up>,
     relays: Vec<(Child, SocketAddr)>,
     _nats: parley_tests::nats::Nats,
     _pg: parley_tests::postgres::Postgres,
     data: PathBuf,
+    config: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -109,13 +112,52 @@ impl Cluster {
             })
             .collect();
         Cluster {
+            signaling: Vec::new(),
             nodes,
             relays,
             _nats: nats,
             _pg: pg,
             data,
+            config,
             dir,
         }
+    }
+
+    /// `parley signaling` alone on `ip`, as node `name` of the cluster
+    /// (no ids or courier in its process); its SIP/TLS address.
+    fn start_signaling(&mut self, ip: &str, name: &str) -> SocketAddr {
+        let any = format!("{ip}:0");
+        let (child, printed) = parley_tests::tool::start_until_ready(
+            BIN,
+            &[
+                "--data",
+                self.data.to_str().unwrap(),
+                "--config",
+                self.config.to_str().unwrap(),
+                "--admin",
+                &any,
+                "--log",
+                "warn",
+                "--cluster-node",
+                name,
+                "signaling",
+                "--sip-listen",
+                &any,
+                "--sip-tls-listen",
+                &any,
+                "--sip-wss-listen",
+                &any,
+            ],
+        );
+        let tls = printed
+            .iter()
+            .filter(|l| l.starts_with("parley: signaling "))
+            .find_map(|l| l.split("tls=").nth(1))
+            .and_then(|rest| rest.split([' ', ',']).next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no SIP/TLS address in {printed:?}"));
+        self.signaling.push((child, tls));
+        tls
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -204,7 +246,7 @@ fn a_sleeping_device_woken_by_push_registers_at_another_node_and_answers() {
     tone_wav(&alice_wav, 440.0, 10.0);
     // Bob's push link is at node b, his SIP at node c; between calls only
     // the push link is open.
-    let mut cmd = client_sip_at(b, c, &data, &bob);
+    let mut cmd = client_sip_at(b, c.sip_tls, &data, &bob);
     cmd.args([
         "listen", "--asleep", "--answer", "--calls", "1", "--tone", "660", "--record",
     ])
@@ -239,4 +281,49 @@ fn a_sleeping_device_woken_by_push_registers_at_another_node_and_answers() {
     assert_eq!(f, 440.0, "Bob heard {f} Hz ({share:.2} of the energy)");
     let (f, share, _) = heard(&alice_rec);
     assert_eq!(f, 660.0, "Alice heard {f} Hz ({share:.2} of the energy)");
+}
+
+/// `parley signaling` alone in a cluster has neither ids nor a courier in
+/// its process: it checks devices against ids' store in PostgreSQL (a
+/// device certificate registers only for the handle the directory gives
+/// it) and wakes sleeping devices through the courier nodes over NATS.
+#[test]
+fn a_standalone_signaling_node_checks_the_directory_and_wakes_through_the_couriers() {
+    let mut cl = Cluster::start("sig-cluster", 2);
+    let sip = cl.start_signaling("127.0.0.4", "s");
+    let (a, b, data) = (&cl.nodes[0], &cl.nodes[1], cl.data.clone());
+    let (alice, bob) = (cl.path("alice"), cl.path("bob"));
+    activate(a, &data, &alice, ALICE);
+    activate(b, &data, &bob, BOB);
+    let bob_rec = cl.path("bob-heard.wav");
+    // Bob registers at the stand-alone node (the directory check), then
+    // sleeps with his push link at node b.
+    let mut cmd = client_sip_at(b, sip, &data, &bob);
+    cmd.args([
+        "listen", "--asleep", "--answer", "--calls", "1", "--tone", "660", "--record",
+    ])
+    .arg(&bob_rec);
+    let (listen, bob_out) = spawn(cmd);
+    let mut bob_seen = Vec::new();
+    wait_line(
+        &bob_out,
+        "asleep: only the push link is open",
+        &mut bob_seen,
+    );
+
+    // Alice calls through the stand-alone node too: the wake-up for Bob
+    // leaves it over NATS.
+    let mut cmd = client_sip_at(a, sip, &data, &alice);
+    cmd.args(["call", BOB, "--seconds", "2", "--tone", "440"]);
+    let (call, alice_out) = spawn(cmd);
+    let mut alice_seen = Vec::new();
+    for line in ["woken by a VoIP push", "incoming call from", "answered"] {
+        wait_line(&bob_out, line, &mut bob_seen);
+    }
+    wait_line(&alice_out, "media connected", &mut alice_seen);
+    let limit = Duration::from_secs(60);
+    finish(call, limit, "call");
+    finish(listen, limit, "listen");
+    let (f, share, _) = heard(&bob_rec);
+    assert_eq!(f, 440.0, "Bob heard {f} Hz ({share:.2} of the energy)");
 }

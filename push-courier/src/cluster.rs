@@ -20,7 +20,9 @@
 //!   deliveries to that node (`parley.courier.node.<node>`); acks and the
 //!   end of the connection go to the owner the same way;
 //! - a node that takes a shard over says so on `parley.courier.owners`,
-//!   and nodes attach their connected devices of that shard to it.
+//!   and nodes attach their connected devices of that shard to it;
+//! - Parley's other services on other machines hand their pushes to any
+//!   node on `parley.courier.submit` ([`crate::submit`]).
 //!
 //! NATS carries no state of its own: a message it loses is a delivery the
 //! device gets with its backlog next time, or a request the provider is
@@ -474,6 +476,10 @@ pub async fn run(courier: Arc<Courier>, cluster: Arc<Cluster>, shutdown: watch::
         Ok(sub) => tasks.push(tokio::spawn(node_commands(courier.clone(), sub))),
         Err(e) => tracing::error!(error = %e, "cannot subscribe to this node's subject"),
     }
+    tasks.push(tokio::spawn(crate::submit::serve(
+        courier.clone(),
+        cluster.nats.clone(),
+    )));
     match cluster.nats.subscribe(OWNERS_SUBJECT).await {
         Ok(sub) => tasks.push(tokio::spawn(owner_changes(
             courier.clone(),

@@ -29,6 +29,7 @@ pub mod mailbox;
 pub mod provider;
 pub mod runtime;
 pub mod store;
+pub mod submit;
 pub mod webpush;
 
 use std::net::SocketAddr;

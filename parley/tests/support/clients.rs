@@ -13,14 +13,14 @@ pub fn client(up: &parley_tests::up::Up, data: &Path, state: &Path) -> Command {
     client_via(up, data, state, &up.courier.to_string())
 }
 
-/// As [`client`], with SIP at another node of a cluster.
+/// As [`client`], with SIP at `sip` (another node of a cluster).
 pub fn client_sip_at(
     up: &parley_tests::up::Up,
-    sip: &parley_tests::up::Up,
+    sip: std::net::SocketAddr,
     data: &Path,
     state: &Path,
 ) -> Command {
-    client_to(up, data, state, &up.courier.to_string(), sip.sip_tls)
+    client_to(up, data, state, &up.courier.to_string(), sip)
 }
 
 /// As [`client`], with `couriers` (comma-separated) for the push link.
