@@ -501,13 +501,11 @@ fn run(cli: Cli) -> Result<()> {
 /// Cluster mode keeps shared state in PostgreSQL: a node on SQLite would
 /// be a cluster of its own.
 fn require_postgres(services: Services, settings: &config::Settings) -> Result<()> {
+    // A stand-alone signaling node reads the directory from ids' store,
+    // which must then be the cluster's.
+    let ids_store = services.ids || (services.signaling && settings.ids.database.is_some());
     for (on, name, url) in [
-        // A stand-alone signaling node reads the directory from ids' store.
-        (
-            services.ids || services.signaling,
-            "ids.database",
-            &settings.ids.database,
-        ),
+        (ids_store, "ids.database", &settings.ids.database),
         (
             services.signaling,
             "signaling.database",
@@ -830,11 +828,18 @@ impl Stack {
         }
         let ids_store = match (&ids_server, &settings.ids.database) {
             (Some(i), _) => Some(i.ids.store.clone()),
-            (None, Some(url)) if settings.cluster.enabled() && services.signaling => Some(
+            (None, Some(url)) if services.signaling => Some(
                 ids::store::Store::open(url)
                     .await
                     .with_context(|| "cannot open the identity service's store (ids.database)")?,
             ),
+            (None, None) if services.signaling => {
+                tracing::warn!(
+                    "no ids.database: only digest accounts can register; device certificates \
+                     are refused until ids.database names the identity service's PostgreSQL"
+                );
+                None
+            }
             _ => None,
         };
         let shared_sip = match (settings.cluster.enabled(), &settings.signaling.database) {
