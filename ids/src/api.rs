@@ -758,7 +758,7 @@ async fn history(
     let h = wire::Handle::parse(&handle).map_err(|e| Error::BadRequest(e.to_string()))?;
     // A history read says whether a handle exists, as a lookup does: it
     // spends the same budget.
-    ids.spend_lookups(&me, peer.ip(), 1)?;
+    ids.spend_lookups(&me, peer.ip(), 1).await?;
     let (proof, root) = ids
         .kt
         .history(&h.uri())

@@ -6,6 +6,8 @@
 //! was acknowledged is in the database, and reaches the directory even if
 //! the process dies before the next epoch.
 
+use std::time::Duration;
+
 use sqlx::{AnyPool, Row};
 use wire::DeviceId;
 
@@ -203,6 +205,11 @@ CREATE TABLE IF NOT EXISTS verification_failures (
     last_ms BIGINT NOT NULL,
     locked_until_ms BIGINT
 );
+CREATE TABLE IF NOT EXISTS budgets (
+    key TEXT PRIMARY KEY,
+    tokens DOUBLE PRECISION NOT NULL,
+    at_ms BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS verification_starts (
     key TEXT NOT NULL,
     at_ms BIGINT NOT NULL
@@ -263,7 +270,72 @@ CREATE TABLE IF NOT EXISTS akd_lookup_vrf (
 );
 ";
 
+/// A token bucket kept in the database, shared by every instance on it:
+/// `capacity` tokens, one earned every `per_token`.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub key: String,
+    pub capacity: f64,
+    pub per_token: Duration,
+}
+
 impl Store {
+    /// Takes `n` tokens from every budget, or none from any: `Ok(None)`
+    /// when taken, else how long until the emptiest would have them. One
+    /// statement per budget, each a guarded upsert (refill, check, take),
+    /// so instances sharing the database never overspend.
+    pub async fn spend_budgets(
+        &self,
+        budgets: &[Budget],
+        n: u32,
+        now_ms: i64,
+    ) -> Result<Option<Duration>, Error> {
+        let least = match self.backend {
+            Backend::Postgres => "LEAST",
+            Backend::Sqlite => "MIN",
+        };
+        let level = format!(
+            "{least}($2, budgets.tokens + (CASE WHEN $4 > budgets.at_ms THEN $4 - budgets.at_ms \
+             ELSE 0 END) / $5)"
+        );
+        let take = format!(
+            "INSERT INTO budgets (key, tokens, at_ms) VALUES ($1, $2 - $3, $4)
+             ON CONFLICT (key) DO UPDATE SET tokens = {level} - $3, at_ms = $4
+             WHERE {level} >= $3
+             RETURNING tokens"
+        );
+        let n = f64::from(n);
+        let mut t = self.begin().await?;
+        for b in budgets {
+            let ms_per_token = b.per_token.as_secs_f64() * 1000.0;
+            let taken = sqlx::query(&take)
+                .bind(&b.key)
+                .bind(b.capacity)
+                .bind(n)
+                .bind(now_ms)
+                .bind(ms_per_token)
+                .fetch_optional(&mut *t)
+                .await
+                .map_err(Error::db)?;
+            if taken.is_some() {
+                continue;
+            }
+            let row = sqlx::query("SELECT tokens, at_ms FROM budgets WHERE key = $1")
+                .bind(&b.key)
+                .fetch_one(&mut *t)
+                .await
+                .map_err(Error::db)?;
+            let (tokens, at_ms): (f64, i64) = (row.get(0), row.get(1));
+            let earned = (now_ms - at_ms).max(0) as f64 / ms_per_token;
+            let missing = n - (tokens + earned).min(b.capacity);
+            // Whole seconds: Retry-After is in seconds.
+            let wait = (missing.max(0.0) * ms_per_token / 1000.0).ceil().max(1.0);
+            return Ok(Some(Duration::from_secs(wait as u64)));
+        }
+        t.commit().await.map_err(Error::db)?;
+        Ok(None)
+    }
+
     /// Opens (creating if needed) the database at `url`:
     /// `sqlite:///path/ids.db` or `postgres://user@host/db`.
     pub async fn open(url: &str) -> Result<Store, Error> {
@@ -1326,5 +1398,49 @@ fn link_row(r: sqlx::any::AnyRow) -> LinkRow {
         claim_transfer_key: r.get(7),
         sealed_account_key: r.get(8),
         approved: r.get::<i64, _>(9) != 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The guarded upsert behind shared budgets, on SQLite (the tests of
+    /// two nodes run it on PostgreSQL).
+    #[tokio::test]
+    async fn budgets_take_all_or_nothing_and_refill() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("ids.db").display()))
+            .await
+            .unwrap();
+        let budget = |key: &str| Budget {
+            key: key.into(),
+            capacity: 4.0,
+            per_token: Duration::from_secs(2),
+        };
+        let both = [budget("a"), budget("b")];
+        let t0 = 1_000_000;
+        assert_eq!(store.spend_budgets(&both, 3, t0).await.unwrap(), None);
+        // One left in each: two more are refused, and take nothing.
+        assert_eq!(
+            store.spend_budgets(&both, 2, t0).await.unwrap(),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(store.spend_budgets(&both[..1], 1, t0).await.unwrap(), None);
+        // "b" still has its one; "a" is empty until it earns one in 2 s.
+        assert!(store.spend_budgets(&both, 1, t0).await.unwrap().is_some());
+        assert_eq!(store.spend_budgets(&both[1..], 1, t0).await.unwrap(), None);
+        assert_eq!(
+            store.spend_budgets(&both, 1, t0 + 2_000).await.unwrap(),
+            None
+        );
+        // Refills stop at the capacity.
+        let later = t0 + 3_600_000;
+        assert_eq!(store.spend_budgets(&both, 4, later).await.unwrap(), None);
+        assert!(store
+            .spend_budgets(&both, 1, later)
+            .await
+            .unwrap()
+            .is_some());
     }
 }

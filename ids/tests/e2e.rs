@@ -2653,4 +2653,49 @@ async fn a_code_sent_through_one_node_is_checked_at_another() {
         .await,
         Err(ids::Error::Forbidden(_))
     ));
+
+    // Lookup budgets: with shared budgets an account's lookups count on
+    // every node, so spreading them over two nodes buys nothing; a node
+    // with budgets of its own (the default, one process) lets the same
+    // account start afresh.
+    let (keys, codes, config) = (&keys, &codes, &config);
+    let node = |budgets_shared: bool| async move {
+        let s = keys
+            .service(
+                ids::Config {
+                    lookups_per_minute: 10,
+                    ..config()
+                },
+                Box::new(codes.clone()),
+            )
+            .await;
+        if budgets_shared {
+            s.with_shared_budgets()
+        } else {
+            s
+        }
+    };
+    let (a, b, own) = (node(true).await, node(true).await, node(false).await);
+    let me = a.device(&device.public()).await.unwrap();
+    let ip: std::net::IpAddr = "198.51.100.9".parse().unwrap();
+    for i in 0..10 {
+        let n = if i % 2 == 0 { &a } else { &b };
+        n.spend_lookups(&me, ip, 1).await.unwrap();
+    }
+    for n in [&a, &b] {
+        match n.spend_lookups(&me, ip, 1).await {
+            Err(ids::Error::RetryAfter(d)) => {
+                assert!(
+                    d >= Duration::from_secs(1) && d <= Duration::from_secs(6),
+                    "{d:?}"
+                )
+            }
+            other => panic!("the eleventh lookup in a minute is refused, got {other:?}"),
+        }
+    }
+    own.spend_lookups(&me, ip, 10).await.unwrap();
+    assert!(own.spend_lookups(&me, ip, 1).await.is_err());
+    // All or none: a batch larger than what is left takes nothing.
+    let other = "192.0.2.77".parse().unwrap();
+    assert!(a.spend_lookups(&me, other, 3).await.is_err());
 }

@@ -571,6 +571,7 @@ async fn start_ids(
     settings: &config::IdsSection,
     data: &data::DataDir,
     config: ids::Config,
+    cluster: bool,
 ) -> Result<ids::runtime::Server> {
     let (vrf, root_key) = data.ids_keys()?;
     let store = ids::store::Store::open(&config.database_url)
@@ -592,7 +593,10 @@ async fn start_ids(
         b"parley-verification-codes-v1",
     );
     let code_key: [u8; 32] = code_key.as_ref().try_into()?;
-    let service = ids::Ids::new(config, store, kt, ca, sender)?.with_code_key(&code_key);
+    let mut service = ids::Ids::new(config, store, kt, ca, sender)?.with_code_key(&code_key);
+    if cluster {
+        service = service.with_shared_budgets();
+    }
     let (cert, key) = data.server_files(&settings.cert, &settings.key);
     // Devices may authenticate with the certificates this CA issues them.
     let tls = ids::runtime::tls_config(
@@ -787,7 +791,9 @@ impl Stack {
             ids_config.turn.uris = turn_uris(r);
         }
         let ids_server = match services.ids {
-            true => Some(start_ids(&settings.ids, data, ids_config).await?),
+            true => {
+                Some(start_ids(&settings.ids, data, ids_config, settings.cluster.enabled()).await?)
+            }
             false => None,
         };
         let courier_server = match services.courier {

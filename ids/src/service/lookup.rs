@@ -22,16 +22,40 @@ impl Ids {
     }
 
     /// Spends `n` lookups of the account's budget and of the client
-    /// address's (all or none of each); a refusal says when to retry.
-    pub fn spend_lookups(
+    /// address's (all or none of each); a refusal says when to retry. On
+    /// a shared database ([`Ids::with_shared_budgets`]) the budgets are
+    /// rows every instance spends from; otherwise they are this
+    /// instance's.
+    pub async fn spend_lookups(
         &self,
         me: &AuthedDevice,
         source: std::net::IpAddr,
         n: usize,
     ) -> Result<(), Error> {
-        let now = Instant::now();
         let source = wire::net::source_key(source);
         let account = &me.device.account_id;
+        if self.shared_budgets {
+            let per_minute = f64::from(self.config.lookups_per_minute.max(1));
+            let budget = |key: String, capacity: f64| crate::store::Budget {
+                key,
+                capacity,
+                per_token: Duration::from_secs_f64(60.0 / capacity),
+            };
+            let budgets = [
+                budget(format!("lookup:account:{account}"), per_minute),
+                budget(format!("lookup:source:{source}"), per_minute * 4.0),
+            ];
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            return match self
+                .store
+                .spend_budgets(&budgets, n, crate::kt::unix_now_ms())
+                .await?
+            {
+                None => Ok(()),
+                Some(wait) => Err(Error::RetryAfter(wait)),
+            };
+        }
+        let now = Instant::now();
         let mut a = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
         let mut s = self
             .lookups_by_source
@@ -61,7 +85,7 @@ impl Ids {
                 self.config.max_lookup_handles
             )));
         }
-        self.spend_lookups(me, source, handles.len())?;
+        self.spend_lookups(me, source, handles.len()).await?;
         let mut out = Vec::with_capacity(handles.len());
         for input in handles {
             let h = match Handle::parse(input) {

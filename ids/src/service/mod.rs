@@ -190,6 +190,9 @@ pub struct Ids {
     lookups: Mutex<RateLimiter<String>>,
     /// Lookups per client address, for accounts made in bulk.
     lookups_by_source: Mutex<RateLimiter<std::net::IpAddr>>,
+    /// Lookup budgets live in the database, shared by every instance on
+    /// it (a cluster), rather than in `lookups` and `lookups_by_source`.
+    shared_budgets: bool,
     rng: SystemRandom,
     notifier: OnceLock<Arc<dyn AccountNotifier>>,
     /// Active devices by identity key, as read for authentication. Cleared
@@ -287,6 +290,7 @@ impl Ids {
                 config.lookups_per_minute.saturating_mul(4),
                 Duration::from_secs(60),
             )),
+            shared_budgets: false,
             config,
             store,
             kt,
@@ -306,6 +310,16 @@ impl Ids {
     pub fn with_code_key(self, key: &[u8; 32]) -> Ids {
         Ids {
             verifications: Mutex::new(Verifications::new(self.config.verification.clone(), key)),
+            ..self
+        }
+    }
+
+    /// Lookup budgets in the database, spent by every instance on it:
+    /// for a cluster, where a client spreading its lookups over the nodes
+    /// must not get one budget per node.
+    pub fn with_shared_budgets(self) -> Ids {
+        Ids {
+            shared_budgets: true,
             ..self
         }
     }
