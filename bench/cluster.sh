@@ -8,13 +8,19 @@
 # does not: phase 1 offers RATE pushes/s (throughput), phase 2 half of
 # what phase 1 achieved (provider → device latency across nodes). Then
 # `kill -9` of one node and the time until the other two own every shard
-# (its devices' queues move with them). Everything shares the 2 cores.
+# (its devices' queues move with them). Then calls: three `parley
+# signaling` nodes on the same PostgreSQL and NATS, a SIPp callee
+# registered at the second, and SIPp callers at CALL_RATES calls/s, first
+# through the first node (the call crosses to the callee's edge node),
+# then through the callee's own node, for the call set-up time (INVITE to
+# 200) across nodes and on one. Everything shares the 2 cores.
 #
 #   bench/cluster.sh                              10,000 devices, 20,000/s offered
 #   DEVICES=3000 RATE=5000 bench/cluster.sh       quick
+#   CALL_RATES="200 500" STEP_SECS=5 bench/cluster.sh
 #   BENCH_BIN=/tmp/parley bench/cluster.sh        a prebuilt binary
 #
-# Needs openssl, postgresql and nats-server (scripts/install-deps.sh).
+# Needs openssl, postgresql, nats-server and sipp (scripts/install-deps.sh).
 # Writes bench/results/cluster.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +28,8 @@ cd "$(dirname "$0")/.."
 devices=${DEVICES:-10000}
 rate=${RATE:-20000}
 seconds=${SECONDS_RUN:-15}
+call_rates=${CALL_RATES:-"250 500 1000 2000"}
+step_secs=${STEP_SECS:-10}
 dir=$(mktemp -d /tmp/parley-cluster-bench.XXXXXX)
 pids=()
 cleanup() {
@@ -102,6 +110,50 @@ echo "bench: kill -9 of node n1"
 kill -9 "${pids[1]}"
 failover=$(wait_owned 0 2)
 echo "bench: the other two own every shard after $failover s"
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+
+# Calls across signaling nodes.
+. bench/lib/sipp.sh
+cat > "$dir/sip.toml" <<EOF
+[signaling]
+database = "$PG_URL"
+domains = ["parley.test"]
+allow_unauthenticated_calls = true
+source_rate = 10000000
+max_calls = 1000000
+
+[[signaling.accounts]]
+handle = "callee@bench.test"
+password = "bench-password"
+
+[cluster]
+nats = "$NATS_URL"
+EOF
+for i in 0 1 2; do
+  host=127.0.0.$((i + 2))
+  "$bin" --data "$dir/data" --config "$dir/sip.toml" --admin "$host:19091" --log warn \
+    --cluster-node "s$i" signaling \
+    --sip-listen "$host:25060" --sip-tls-listen "$host:25061" --sip-wss-listen "$host:25062" \
+    > "$dir/s$i.out" 2> "$dir/s$i.err" &
+  pids+=($!)
+  for _ in $(seq 100); do grep -q '^parley: ready' "$dir/s$i.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q '^parley: ready' "$dir/s$i.out" || { cat "$dir/s$i.err"; exit 1; }
+done
+echo "bench: three signaling nodes up; the callee registers at s1"
+sipp_callee 127.0.0.3:25060 27000 s1
+pids+=("$uas")
+calls="$dir/calls.txt"
+: > "$calls"
+for r in $call_rates; do
+  for via in across one; do
+    target=127.0.0.3:25060
+    [ "$via" = across ] && target=127.0.0.2:25060
+    read -r ok failed p50 p99 <<< "$(sipp_step "call-$via-$r" "$target" "$r" $((r * step_secs)) \
+      -sf "$sipp_scenarios/bench/sipp/uac.xml" -s callee%40bench.test)"
+    echo "$via $r $ok $failed $p50 $p99" >> "$calls"
+    echo "bench: calls ($via node(s)), $r/s offered: $((ok / step_secs))/s done, $failed failed, p50 $p50 ms, p99 $p99 ms"
+  done
+done
 
 report=bench/results/cluster.md
 {
@@ -121,6 +173,18 @@ report=bench/results/cluster.md
   echo
   echo "| kill -9 of a node → the other two own all 256 shards | ${failover} s (lease 6 s) |"
   echo "|---|---|"
+  echo
+  echo "## Calls"
+  echo
+  echo "Three \`parley signaling\` nodes; a SIPp callee registered at the second; SIPp"
+  echo "callers (INVITE/200/ACK/BYE, ${step_secs} s per step) through the first node, so each"
+  echo "call crosses to the callee's edge node (its bindings read from PostgreSQL, the"
+  echo "INVITE relayed over TCP), then through the callee's own node. Set-up = INVITE"
+  echo "to 200 at the caller, as SIPp measures it (in steps of about 4 ms here)."
+  echo
+  echo "| offered calls/s | path | done/s | failed | set-up p50 ms | set-up p99 ms |"
+  echo "|---|---|---|---|---|---|"
+  awk -v s="$step_secs" '{ printf "| %s | %s | %d | %s | %s | %s |\n", $2, ($1 == "across" ? "across two nodes" : "one node"), $3 / s, $4, $5, $6 }' "$calls"
 } > "$report"
 cat "$report"
 echo "bench: wrote $report"

@@ -55,7 +55,6 @@ echo "bench: building parley (release)"
 cargo build --release --locked -q -p parley
 bin=$PWD/target/release/parley
 scen=$PWD/bench/sipp
-reg_scen=$PWD/signaling/tests/sipp/register.xml
 tck=$(getconf CLK_TCK)
 
 {
@@ -173,21 +172,7 @@ cpu_ticks() {
   echo "$t"
 }
 
-# One SIPp run in its own directory; prints "ok failed p50 p99".
-sipp_step() { # name port rate count extra...
-  local name=$1 port=$2 rate=$3 count=$4; shift 4
-  local d="$dir/$name"; mkdir -p "$d"
-  (cd "$d" && timeout $((step_secs + 60)) sipp "127.0.0.1:$port" -i 127.0.0.1 -t u1 -nostdin \
-      -r "$rate" -rp 1000 -m "$count" -l $((rate * 4)) -timeout $((step_secs + 40))s -buff_size 4194304 \
-      -trace_stat -stf stat.csv -trace_rtt -rtt_freq 1 -trace_err "$@" > sipp.out 2>&1) || true
-  local ok failed
-  ok=$(awk -F';' 'NR==1{for(i=1;i<=NF;i++) if($i=="SuccessfulCall(C)") c=i} END{print $c+0}' "$d/stat.csv" 2>/dev/null || echo 0)
-  failed=$(awk -F';' 'NR==1{for(i=1;i<=NF;i++) if($i=="FailedCall(C)") c=i} END{print $c+0}' "$d/stat.csv" 2>/dev/null || echo 0)
-  local p
-  p=$(cat "$d"/*_rtt.csv 2>/dev/null | awk -F';' '$2 ~ /^[0-9.]+$/ {print $2}' | sort -n |
-    awk '{a[NR]=$1} END{ if (NR==0) {print "- -"} else {i50=int(NR*0.5); if(i50<1)i50=1; i99=int(NR*0.99); if(i99<1)i99=1; printf "%.1f %.1f\n", a[i50], a[i99]}}')
-  echo "$ok $failed $p"
-}
+. bench/lib/sipp.sh
 
 results="$dir/results.txt"
 : > "$results"
@@ -195,15 +180,7 @@ results="$dir/results.txt"
 run_proxy() { # label port
   local label=$1 port=$2
   echo "bench: $label: registering the callee"
-  local uas_port=27000
-  (cd "$dir" && exec sipp -sf "$scen/uas.xml" -i 127.0.0.1 -p $uas_port -t u1 -nostdin \
-      -trace_err > /dev/null 2>&1) &
-  local uas=$!
-  sleep 0.5
-  mkdir -p "$dir/reg-callee-$label"
-  (cd "$dir/reg-callee-$label" && sipp "127.0.0.1:$port" -sf "$reg_scen" -i 127.0.0.1 -t u1 -nostdin -m 1 \
-      -s callee%40bench.test -au callee@bench.test -ap bench-password -auth_uri parley.test -key contact_port $uas_port \
-      -timeout 10s -timeout_error > out 2>&1) || { echo "callee registration failed"; cat "$dir/reg-callee-$label/out"; exit 1; }
+  sipp_callee "127.0.0.1:$port" 27000 "$label"
   for r in $call_rates; do
     measure_step call "$label" "$port" "$r" -sf "$scen/uac.xml" -s callee%40bench.test
   done
@@ -222,7 +199,7 @@ measure_step() { # kind label port rate sipp-args...
   local kind=$1 label=$2 port=$3 r=$4; shift 4
   local before after line ok failed p50 p99
   before=$(cpu_ticks)
-  line=$(sipp_step "$kind-$label-$r" "$port" "$r" $((r * step_secs)) "$@")
+  line=$(sipp_step "$kind-$label-$r" "127.0.0.1:$port" "$r" $((r * step_secs)) "$@")
   after=$(cpu_ticks)
   read -r ok failed p50 p99 <<< "$line"
   awk -v k="$kind" -v l="$label" -v r="$r" -v ok="$ok" -v f="$failed" -v p50="$p50" -v p99="$p99" \
