@@ -63,6 +63,9 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, StorageError> {
 }
 
 const STATE_COLUMNS: &str = "SELECT data FROM akd_states WHERE label = $1";
+/// Epochs whose changed records stay noted in `akd_changes`: a node
+/// further behind than this reloads its cache instead.
+const CHANGES_KEPT: i64 = 1000;
 
 impl SqlDatabase {
     /// `cached_records`: how many tree records to keep in memory. `vrf`
@@ -281,6 +284,31 @@ impl Database for SqlDatabase {
             }
             q.execute(&mut *tx).await.map_err(se)?;
         }
+        // A publish commits the tree with its new Azks record: note which
+        // records the epoch changed, so the other nodes refresh just
+        // those (see `Transparency::follow`).
+        let epoch = others.iter().find_map(|r| match r {
+            DbRecord::Azks(a) => Some(a.latest_epoch as i64),
+            _ => None,
+        });
+        if let Some(epoch) = epoch {
+            for chunk in others.chunks(ROWS) {
+                let sql = format!(
+                    "INSERT INTO akd_changes (epoch, id) VALUES {} ON CONFLICT DO NOTHING",
+                    placeholders(chunk.len(), 2)
+                );
+                let mut q = sqlx::query(&sql);
+                for r in chunk {
+                    q = q.bind(epoch).bind(r.get_full_binary_id());
+                }
+                q.execute(&mut *tx).await.map_err(se)?;
+            }
+            sqlx::query("DELETE FROM akd_changes WHERE epoch <= $1")
+                .bind(epoch - CHANGES_KEPT)
+                .execute(&mut *tx)
+                .await
+                .map_err(se)?;
+        }
         tx.commit().await.map_err(se)?;
         self.cache.committed(others);
         Ok(())
@@ -472,10 +500,12 @@ pub struct Transparency {
     /// How long the publisher lease lasts unless renewed.
     lease: std::time::Duration,
     /// The newest epoch this node knows of; another node's publish past it
-    /// flushes the cached tree.
+    /// refreshes the cached tree records it changed.
     seen_epoch: std::sync::atomic::AtomicU64,
     /// Times this node took the publisher lease (its first included).
     takeovers: std::sync::atomic::AtomicU64,
+    /// Tree records refreshed from other nodes' epochs.
+    refreshed: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Transparency {
@@ -525,6 +555,7 @@ impl Transparency {
             lease: std::time::Duration::from_secs(10),
             seen_epoch: Default::default(),
             takeovers: Default::default(),
+            refreshed: Default::default(),
         };
         // Sign the current root if this epoch has none yet (a new directory,
         // or a crash between publish and signing).
@@ -597,9 +628,15 @@ impl Transparency {
             "# TYPE parley_ids_epoch gauge\nparley_ids_epoch {}\n\
              # TYPE parley_ids_publisher gauge\nparley_ids_publisher {publisher}\n\
              # TYPE parley_ids_publisher_takeovers_total counter\n\
-             parley_ids_publisher_takeovers_total {}",
+             parley_ids_publisher_takeovers_total {}\n\
+             # TYPE parley_ids_tree_cache_records gauge\n\
+             parley_ids_tree_cache_records {}\n\
+             # TYPE parley_ids_tree_records_refreshed_total counter\n\
+             parley_ids_tree_records_refreshed_total {}",
             self.seen_epoch.load(Ordering::SeqCst),
             self.takeovers.load(Ordering::Relaxed),
+            self.db.cache.len(),
+            self.refreshed.load(Ordering::Relaxed),
         );
     }
 
@@ -615,16 +652,30 @@ impl Transparency {
         }
     }
 
-    /// Once another node's newest epoch is signed, forgets the cached tree
-    /// (its records changed) so that lookups prove from the new epoch. A
-    /// lookup that spans two such publishes may not verify (akd keeps one
-    /// previous version of each tree node): the runtime calls this several
-    /// times per publish interval.
+    /// Once another node's newest epoch is signed, refreshes the cached
+    /// tree records those epochs changed (as the publisher's commit does
+    /// for its own cache), so that lookups prove from the new epoch; if
+    /// the changes are no longer all noted (a node far behind), forgets
+    /// the cached tree instead. A lookup that spans two such publishes
+    /// may not verify (akd keeps one previous version of each tree node):
+    /// the runtime calls this several times per publish interval.
     pub async fn follow(&self) -> Result<(), Error> {
         use std::sync::atomic::Ordering;
         let newest = self.store.latest_root_epoch().await?;
-        if newest > self.seen_epoch.load(Ordering::SeqCst) {
-            self.db.cache.clear();
+        let seen = self.seen_epoch.load(Ordering::SeqCst);
+        if newest > seen {
+            let changed = match seen {
+                0 => None,
+                _ => self.changes_since(seen, newest).await?,
+            };
+            match changed {
+                Some(records) => {
+                    self.db.cache.committed(&records);
+                    self.refreshed
+                        .fetch_add(records.len() as u64, Ordering::Relaxed);
+                }
+                None => self.db.cache.clear(),
+            }
             self.seen_epoch.store(newest, Ordering::SeqCst);
         }
         Ok(())
@@ -632,6 +683,36 @@ impl Transparency {
 
     pub fn anchor(&self) -> &TrustAnchor {
         &self.anchor
+    }
+
+    /// The tree records `(seen, newest]` changed, from the database, if
+    /// every one of those epochs is still noted; `None` otherwise.
+    async fn changes_since(&self, seen: u64, newest: u64) -> Result<Option<Vec<DbRecord>>, Error> {
+        let noted: i64 = sqlx::query_scalar(
+            "SELECT COUNT(DISTINCT epoch) FROM akd_changes WHERE epoch > $1 AND epoch <= $2",
+        )
+        .bind(seen as i64)
+        .bind(newest as i64)
+        .fetch_one(self.store.pool())
+        .await
+        .map_err(Error::db)?;
+        if noted != (newest - seen) as i64 {
+            return Ok(None);
+        }
+        let rows = sqlx::query(
+            "SELECT DISTINCT r.id, r.data FROM akd_changes c JOIN akd_records r ON r.id = c.id
+             WHERE c.epoch > $1 AND c.epoch <= $2",
+        )
+        .bind(seen as i64)
+        .bind(newest as i64)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(Error::db)?;
+        rows.iter()
+            .map(|r| decode::<DbRecord>(&r.get::<Vec<u8>, _>(1)))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+            .map_err(|e| Error::Directory(e.to_string()))
     }
 
     /// Loads the directory's tree into memory. Until a record is cached a

@@ -256,6 +256,11 @@ CREATE TABLE IF NOT EXISTS akd_records (
     id {blob} PRIMARY KEY,
     data {blob} NOT NULL
 );
+CREATE TABLE IF NOT EXISTS akd_changes (
+    epoch BIGINT NOT NULL,
+    id {blob} NOT NULL,
+    PRIMARY KEY (epoch, id)
+);
 CREATE TABLE IF NOT EXISTS akd_states (
     label {blob} NOT NULL,
     epoch BIGINT NOT NULL,

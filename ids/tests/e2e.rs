@@ -2482,6 +2482,16 @@ async fn two_directory_nodes_publish_through_one_lease() {
     };
     assert_eq!(p.root.epoch, latest);
     verify_lookup(&anchor, &p.root, uri, &p.proof).unwrap();
+    // It followed by refreshing the records each epoch changed, not by
+    // dropping its cached tree.
+    let m = metrics(&follower);
+    let gauge = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {m}"))
+    };
+    assert!(gauge("parley_ids_tree_records_refreshed_total ") > 0, "{m}");
+    assert!(gauge("parley_ids_tree_cache_records ") > 0, "{m}");
 
     // The publisher stops; after its lease the other takes over.
     drop(leader);
