@@ -99,17 +99,27 @@ impl Lab {
     }
 
     /// A device link to node `i` (which must be alive) and its tokens.
+    /// A node may turn a device away for a moment while a shard changes
+    /// hands ("retry"); the device tries again, as the SDK does.
     async fn connect(&self, i: usize, creds: &DeviceCredentials) -> (DeviceClient, DeviceToken) {
-        let (dev, tokens) = DeviceClient::connect(
-            self.device_addr(i).unwrap(),
-            Transport::Tls,
-            creds,
-            &[TOPIC],
-            0,
-        )
-        .await
-        .unwrap();
-        (dev, tokens[0].1)
+        for attempt in 1.. {
+            match DeviceClient::connect(
+                self.device_addr(i).unwrap(),
+                Transport::Tls,
+                creds,
+                &[TOPIC],
+                0,
+            )
+            .await
+            {
+                Ok((dev, tokens)) => return (dev, tokens[0].1),
+                Err(ClientError::Closed(_, why)) if why.contains("retry") && attempt < 20 => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => panic!("device link to node {i}: {e}"),
+            }
+        }
+        unreachable!()
     }
 
     fn device_addr(&self, i: usize) -> Option<std::net::SocketAddr> {
