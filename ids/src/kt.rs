@@ -63,6 +63,10 @@ fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, StorageError> {
 }
 
 const STATE_COLUMNS: &str = "SELECT data FROM akd_states WHERE label = $1";
+/// The publisher lease: renewed every publish interval (2 s by default),
+/// so a dead publisher's lease has run out, and another node has taken
+/// it, within 9 s.
+const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(7);
 /// Epochs whose changed records stay noted in `akd_changes`: a node
 /// further behind than this reloads its cache instead.
 const CHANGES_KEPT: i64 = 1000;
@@ -552,7 +556,7 @@ impl Transparency {
             readers: tokio::sync::RwLock::new(()),
             publishing: tokio::sync::Mutex::new(()),
             latest_root: std::sync::Mutex::new(None),
-            lease: std::time::Duration::from_secs(10),
+            lease: DEFAULT_LEASE,
             seen_epoch: Default::default(),
             takeovers: Default::default(),
             refreshed: Default::default(),
@@ -586,8 +590,9 @@ impl Transparency {
         self
     }
 
-    /// How long the publisher lease lasts unless renewed (default 10 s):
-    /// when the publisher dies, another node takes over within this.
+    /// How long the publisher lease lasts unless renewed (default 7 s):
+    /// when the publisher dies, another node takes over within this and
+    /// one publish interval.
     pub fn with_lease(mut self, lease: std::time::Duration) -> Transparency {
         self.lease = lease;
         self

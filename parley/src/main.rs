@@ -571,7 +571,7 @@ async fn start_ids(
     settings: &config::IdsSection,
     data: &data::DataDir,
     config: ids::Config,
-    cluster: bool,
+    cluster: &config::ClusterSection,
 ) -> Result<ids::runtime::Server> {
     let (vrf, root_key) = data.ids_keys()?;
     let store = ids::store::Store::open(&config.database_url)
@@ -579,7 +579,9 @@ async fn start_ids(
         .with_context(|| "cannot open the identity database (ids.database)")?;
     let kt = ids::kt::Transparency::open(store.clone(), ids::kt::VrfKey::new(vrf)?, &root_key)
         .await?
-        .with_node(&data.node_id);
+        // The publisher lease's holder: nodes sharing one data directory
+        // (scripts/cluster.sh) are told apart by --cluster-node.
+        .with_node(cluster.node.as_deref().unwrap_or(&data.node_id));
     let ca_pem = std::fs::read_to_string(&data.ca_cert)
         .with_context(|| format!("cannot read {}", data.ca_cert.display()))?;
     let ca_key = std::fs::read_to_string(&data.ca_key)
@@ -594,7 +596,7 @@ async fn start_ids(
     );
     let code_key: [u8; 32] = code_key.as_ref().try_into()?;
     let mut service = ids::Ids::new(config, store, kt, ca, sender)?.with_code_key(&code_key);
-    if cluster {
+    if cluster.enabled() {
         service = service.with_shared_budgets();
     }
     let (cert, key) = data.server_files(&settings.cert, &settings.key);
@@ -791,9 +793,7 @@ impl Stack {
             ids_config.turn.uris = turn_uris(r);
         }
         let ids_server = match services.ids {
-            true => {
-                Some(start_ids(&settings.ids, data, ids_config, settings.cluster.enabled()).await?)
-            }
+            true => Some(start_ids(&settings.ids, data, ids_config, &settings.cluster).await?),
             false => None,
         };
         let courier_server = match services.courier {

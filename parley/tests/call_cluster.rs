@@ -327,3 +327,69 @@ fn a_standalone_signaling_node_checks_the_directory_and_wakes_through_the_courie
     let (f, share, _) = heard(&bob_rec);
     assert_eq!(f, 440.0, "Bob heard {f} Hz ({share:.2} of the energy)");
 }
+
+/// A number from a node's /metrics.
+fn metric(node: &Up, name: &str) -> Option<f64> {
+    let (_, body) = parley_tests::tool::http_get(node.admin, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `kill -9` of the node publishing the key directory: the other takes the
+/// publisher lease within 10 s, publishes what comes next, and the
+/// directory's roots stay one contiguous, append-only chain across the
+/// takeover (a device's audit of its own history checks it).
+#[test]
+fn the_key_directory_publisher_killed_another_node_takes_over() {
+    let mut cl = Cluster::start("kt-cluster", 2);
+    let data = cl.data.clone();
+    let alice = cl.path("alice");
+    activate(&cl.nodes[0], &data, &alice, ALICE);
+    let publisher = |cl: &Cluster| {
+        (0..cl.nodes.len()).find(|&i| metric(&cl.nodes[i], "parley_ids_publisher") == Some(1.0))
+    };
+    let p = publisher(&cl).expect("one node publishes");
+    // The other node follows the publisher's epochs.
+    let published = metric(&cl.nodes[p], "parley_ids_epoch").unwrap();
+    let waited = std::time::Instant::now();
+    let epoch = loop {
+        let e = metric(&cl.nodes[1 - p], "parley_ids_epoch").unwrap();
+        if e >= published {
+            break e;
+        }
+        assert!(waited.elapsed() < Duration::from_secs(5), "follower at {e}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    cl.nodes.remove(p).kill();
+    let killed = std::time::Instant::now();
+    let survivor = &cl.nodes[0];
+    while metric(survivor, "parley_ids_publisher") != Some(1.0) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "no takeover within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = killed.elapsed();
+    // The survivor publishes the next activation, and Alice's device,
+    // auditing her handle's history from the roots it pinned before,
+    // finds the chain whole.
+    let bob = cl.path("bob");
+    activate(survivor, &data, &bob, BOB);
+    assert!(metric(survivor, "parley_ids_epoch").unwrap() > epoch);
+    let mut c = client(survivor, &data, &alice);
+    c.args(["listen", "--audit-every", "1", "--calls", "1"]);
+    let (mut listen, out) = spawn(c);
+    let mut seen = Vec::new();
+    wait_line(&out, "listening as", &mut seen);
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = listen.kill();
+    let _ = listen.wait();
+    seen.extend(out.try_iter());
+    let text = seen.join("\n");
+    assert!(
+        !text.contains("WARNING") && !text.contains("error"),
+        "{text}"
+    );
+    eprintln!("publisher takeover after {took:?}");
+}

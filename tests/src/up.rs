@@ -19,6 +19,8 @@ pub struct Up {
     pub courier: SocketAddr,
     pub sip_udp: SocketAddr,
     pub sip_tls: SocketAddr,
+    /// The admin listener (/metrics, /healthz, /readyz).
+    pub admin: SocketAddr,
 }
 
 impl Drop for Up {
@@ -89,6 +91,12 @@ pub fn start_node(bin: &str, data: &Path, config: &Path, ip: IpAddr, args: &[&st
 }
 
 impl Up {
+    /// `kill -9`: the process dies at once, as in a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Kills the process (as a crash would) and starts it again on the
     /// same data directory and addresses.
     pub fn restart(self) -> Up {
@@ -174,6 +182,7 @@ fn launch_at(
         courier: find("courier", "tls="),
         sip_udp: find("signaling", "udp="),
         sip_tls: find("signaling", "tls="),
+        admin: find("admin", "http://"),
         child,
         bin: bin.to_string(),
         data: data.to_path_buf(),
