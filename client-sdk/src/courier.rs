@@ -387,12 +387,23 @@ async fn drive<S>(
     let mut last_rx = tokio::time::Instant::now();
     let mut ping = interval.map(tokio::time::interval);
     let mut ping_seq = 0u64;
+    // Without pings of our own, the courier's: it pings after the
+    // interval its Tokens frame names, so two and a half of them with
+    // nothing received mean it is gone (a node whose machine died, or a
+    // QUIC peer that cannot say so), and the link ends for a reconnect.
+    let mut silence: Option<Duration> = None;
     'outer: loop {
         let tick = async {
             match ping.as_mut() {
                 Some(p) => {
                     p.tick().await;
                 }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let quiet = async {
+            match silence {
+                Some(s) => tokio::time::sleep_until(last_rx + s).await,
                 None => std::future::pending::<()>().await,
             }
         };
@@ -409,7 +420,13 @@ async fn drive<S>(
                             used += k;
                             let ev = match f {
                                 Frame::Notification(n) => ClientEvent::Notification(n),
-                                Frame::Tokens { tokens, .. } => ClientEvent::Tokens(tokens),
+                                Frame::Tokens { tokens, ping_interval_s } => {
+                                    if interval.is_none() && ping_interval_s > 0 {
+                                        let every = Duration::from_secs(ping_interval_s.into());
+                                        silence = Some(every * 5 / 2);
+                                    }
+                                    ClientEvent::Tokens(tokens)
+                                }
                                 Frame::Subscription { request, token, endpoint } => {
                                     ClientEvent::Subscription { request, token, endpoint }
                                 }
@@ -435,6 +452,7 @@ async fn drive<S>(
                 Some(f) => send.push(f),
                 None => break,
             },
+            _ = quiet => break,
             _ = tick => {
                 if let Some(i) = interval {
                     if last_rx.elapsed() >= 2 * i {

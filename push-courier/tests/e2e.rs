@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use client_sdk::courier::{ClientEvent, DeviceClient, Transport};
@@ -1335,4 +1336,62 @@ async fn tokens_and_revocations_reach_every_courier_on_the_database() {
         );
     }
     assert_eq!(reads() - before, 1);
+}
+
+/// A courier that goes silent without closing anything (its machine
+/// died; over QUIC nothing says so): a device that pings on no schedule of
+/// its own ends the link after two and a half of the courier's ping
+/// intervals, so it can reconnect elsewhere, and not while the courier
+/// still pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_leaves_a_courier_that_went_silent() {
+    let env = Env::start(|c| c.session.ping_interval = Duration::from_secs(1)).await;
+    let (_, creds) = env.device();
+    // A UDP relay between the device and the courier that can go dark.
+    let server = env.server().quic_addr().unwrap();
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let dark = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relaying = {
+        let dark = dark.clone();
+        tokio::spawn(async move {
+            let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            upstream.connect(server).await.unwrap();
+            let mut device = None;
+            let (mut a, mut b) = ([0u8; 2048], [0u8; 2048]);
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = relay.recv_from(&mut a) => {
+                        device = Some(from);
+                        if !dark.load(std::sync::atomic::Ordering::Relaxed) {
+                            let _ = upstream.send(&a[..n]).await;
+                        }
+                    }
+                    Ok(n) = upstream.recv(&mut b) => {
+                        if let (Some(d), false) = (device, dark.load(std::sync::atomic::Ordering::Relaxed)) {
+                            let _ = relay.send_to(&b[..n], d).await;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let (mut dev, _) = DeviceClient::connect(relay_addr, Transport::Quic, &creds, &[TOPIC], 0)
+        .await
+        .unwrap();
+    // The courier pings every second and the device answers: the link
+    // holds.
+    quiet(&mut dev, Duration::from_secs(4)).await;
+    dark.store(true, std::sync::atomic::Ordering::Relaxed);
+    let went_dark = std::time::Instant::now();
+    match dev.next_within(Duration::from_secs(10)).await {
+        Ok(ClientEvent::Closed(None)) => {}
+        other => panic!("expected the link to end, got {other:?}"),
+    }
+    let after = went_dark.elapsed();
+    assert!(
+        after >= Duration::from_secs(1) && after <= Duration::from_secs(8),
+        "ended {after:?} after the courier went silent"
+    );
+    relaying.abort();
 }
