@@ -133,6 +133,37 @@ impl ReadyProbe for CourierDatabase {
     }
 }
 
+/// Signaling's shared bindings in a cluster: PostgreSQL and NATS.
+pub struct SignalingBindings(pub signaling::location::SqlLocation);
+
+impl ReadyProbe for SignalingBindings {
+    fn name(&self) -> &'static str {
+        "signaling bindings"
+    }
+
+    fn probe(&self) -> Probe<'_> {
+        Box::pin(async { self.0.ready().await })
+    }
+}
+
+/// A stand-alone service's NATS link to the courier nodes.
+pub struct ClusterNats(pub async_nats::Client);
+
+impl ReadyProbe for ClusterNats {
+    fn name(&self) -> &'static str {
+        "NATS (pushes to the couriers)"
+    }
+
+    fn probe(&self) -> Probe<'_> {
+        Box::pin(async {
+            match self.0.connection_state() {
+                async_nats::connection::State::Connected => Ok(()),
+                s => Err(format!("{s:?}")),
+            }
+        })
+    }
+}
+
 /// The courier's NATS connection, in cluster mode.
 pub struct CourierNats(pub Arc<push_courier::cluster::Cluster>);
 

@@ -27,7 +27,8 @@ use toml::Value;
 use wire::handle::Handle;
 use wire::keys::{DeviceId, SigningKey};
 
-use crate::{config, data, Stack};
+use crate::stack::Stack;
+use crate::{config, data};
 
 const ALICE: &str = "alice@example.com";
 const BOB: &str = "+14155550123";
@@ -217,7 +218,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
     let courier_config = settings.courier.to_config(&data.root)?;
     let mut signaling_config = settings.signaling.to_config()?;
     settings.signaling.advertise(&mut signaling_config);
-    let (cert, key) = crate::tls_files(&settings.turn, &data);
+    let (cert, key) = crate::stack::tls_files(&settings.turn, &data);
     let tls = crate::tls::server_config(&cert, &key, &[crate::ALPN_STUN_TURN])?;
     let services = crate::Services {
         turn: true,

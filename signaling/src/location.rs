@@ -149,6 +149,21 @@ impl SqlLocation {
         Ok(self)
     }
 
+    /// Whether the bindings can be read and shared now: the database
+    /// answers, and NATS (if used) is connected. For `/readyz`.
+    pub async fn ready(&self) -> Result<(), String> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| format!("database: {e}"))?;
+        match &self.nats {
+            Some(n) if n.connection_state() != async_nats::connection::State::Connected => {
+                Err("NATS not connected".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
     async fn beat(&self) -> Result<(), LocationError> {
         let now = unix_now();
         sqlx::query(

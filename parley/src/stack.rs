@@ -1,0 +1,424 @@
+//! The services of one process, started together and stopped in order,
+//! and the joins between them: signaling's directory and wake-ups, ids'
+//! account notices, revocations, and in cluster mode the NATS link for
+//! stand-alone services.
+
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use std::sync::Arc;
+use stun_turn::runtime::Relay;
+
+use crate::{admin, config, data, tls, wiring, Services};
+
+/// The relay's addresses as `turn:`/`turns:` URIs for devices; an
+/// unspecified address becomes loopback (set `ids.turn_uris` for
+/// deployments reached from elsewhere).
+fn turn_uris(relay: &Relay) -> Vec<String> {
+    let host = |a: &std::net::SocketAddr| {
+        let ip = if a.ip().is_unspecified() {
+            match a {
+                std::net::SocketAddr::V4(_) => "127.0.0.1".to_string(),
+                std::net::SocketAddr::V6(_) => "[::1]".to_string(),
+            }
+        } else if a.is_ipv6() {
+            format!("[{}]", a.ip())
+        } else {
+            a.ip().to_string()
+        };
+        format!("{ip}:{}", a.port())
+    };
+    let mut out = Vec::new();
+    out.extend(
+        relay
+            .udp_addrs()
+            .iter()
+            .map(|a| format!("turn:{}?transport=udp", host(a))),
+    );
+    out.extend(
+        relay
+            .tcp_addrs()
+            .iter()
+            .map(|a| format!("turn:{}?transport=tcp", host(a))),
+    );
+    out.extend(
+        relay
+            .tls_addrs()
+            .iter()
+            .map(|a| format!("turns:{}?transport=tcp", host(a))),
+    );
+    out
+}
+
+/// Opens the identity service's storage, directory and CA and binds it.
+async fn start_ids(
+    settings: &config::IdsSection,
+    data: &data::DataDir,
+    config: ids::Config,
+    cluster: &config::ClusterSection,
+) -> Result<ids::runtime::Server> {
+    let (vrf, root_key) = data.ids_keys()?;
+    let store = ids::store::Store::open(&config.database_url)
+        .await
+        .with_context(|| "cannot open the identity database (ids.database)")?;
+    let kt = ids::kt::Transparency::open(store.clone(), ids::kt::VrfKey::new(vrf)?, &root_key)
+        .await?
+        // The publisher lease's holder: nodes sharing one data directory
+        // (scripts/cluster.sh) are told apart by --cluster-node.
+        .with_node(cluster.node.as_deref().unwrap_or(&data.node_id));
+    let ca_pem = std::fs::read_to_string(&data.ca_cert)
+        .with_context(|| format!("cannot read {}", data.ca_cert.display()))?;
+    let ca_key = std::fs::read_to_string(&data.ca_key)
+        .with_context(|| format!("cannot read {}", data.ca_key.display()))?;
+    let ca = ids::certs::DeviceCa::from_pem(&ca_pem, &ca_key)?;
+    let sender = settings.sender(&config.outbox)?;
+    // Verification codes are stored under a key every node derives alike
+    // from the directory's VRF key.
+    let code_key = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &vrf),
+        b"parley-verification-codes-v1",
+    );
+    let code_key: [u8; 32] = code_key.as_ref().try_into()?;
+    let mut service = ids::Ids::new(config, store, kt, ca, sender)?.with_code_key(&code_key);
+    if cluster.enabled() {
+        service = service.with_shared_budgets();
+    }
+    let (cert, key) = data.server_files(&settings.cert, &settings.key);
+    // Devices may authenticate with the certificates this CA issues them.
+    let tls = ids::runtime::tls_config(
+        tls::chain(&cert)?,
+        tls::private_key(&key)?,
+        Some(tls::roots(&data.ca_cert)?),
+    )?;
+    Ok(ids::runtime::Server::start(service, settings.listen(), tls).await?)
+}
+
+/// Loads the courier's certificates and trust anchors and binds it.
+async fn start_courier(
+    settings: &config::CourierSection,
+    data: &data::DataDir,
+    config: push_courier::Config,
+) -> Result<push_courier::runtime::Server> {
+    let (cert, key) = data.server_files(&settings.cert, &settings.key);
+    let device_ca = data.ca_or(&settings.device_ca);
+    let provider_ca = data.ca_or(&settings.provider_ca);
+    let tls = push_courier::runtime::Tls {
+        chain: tls::chain(&cert)?,
+        key: tls::private_key(&key)?,
+        device_roots: tls::roots(&device_ca)?,
+        device_crls: Vec::new(),
+        provider_roots: Some(tls::roots(&provider_ca)?),
+    };
+    push_courier::runtime::Server::start(config, tls)
+        .await
+        .with_context(|| "cannot start the push courier")
+}
+
+/// Where signaling shares its bindings in cluster mode.
+struct SharedSip {
+    url: String,
+    node: String,
+    nats: Vec<String>,
+}
+
+/// Binds SIP signaling; with the identity service's store its device
+/// checks go there, and with a courier (in this process, or a cluster's
+/// over NATS) its wake-ups.
+async fn start_signaling(
+    settings: &config::SignalingSection,
+    data: &data::DataDir,
+    config: signaling::runtime::Config,
+    ids: Option<ids::store::Store>,
+    courier: Option<wiring::CourierLink>,
+    shared: Option<&SharedSip>,
+) -> Result<(
+    signaling::runtime::Server,
+    Option<signaling::location::SqlLocation>,
+)> {
+    let (cert, key) = data.server_files(&settings.cert, &settings.key);
+    let device_ca = data.ca_or(&settings.device_ca);
+    let tls = signaling::runtime::tls_config(
+        tls::chain(&cert)?,
+        tls::private_key(&key)?,
+        tls::roots(&device_ca)?,
+    )?;
+    let directory: Arc<dyn signaling::runtime::Directory> = match ids {
+        Some(store) => Arc::new(wiring::IdsDirectory(store)),
+        None => Arc::new(signaling::runtime::NoDirectory),
+    };
+    let waker: Arc<dyn signaling::runtime::Waker> = match courier {
+        Some(c) => Arc::new(wiring::CourierWaker(c)),
+        None => Arc::new(signaling::runtime::NoWaker),
+    };
+    let started = match shared {
+        // Cluster mode: bindings shared with the other nodes.
+        Some(shared) => {
+            let location = signaling::location::SqlLocation::open(&shared.url, &shared.node)
+                .await
+                .with_context(|| "cannot open the shared SIP bindings (signaling.database)")?
+                .with_nats(&shared.nats)
+                .await
+                .with_context(|| "cannot reach NATS (cluster.nats)")?;
+            signaling::runtime::Server::start_shared(
+                config,
+                Some(tls),
+                directory,
+                waker,
+                Arc::new(location.clone()),
+            )
+            .await
+            .map(|s| (s, Some(location)))
+        }
+        None => signaling::runtime::Server::start(config, Some(tls), directory, waker)
+            .await
+            .map(|s| (s, None)),
+    };
+    started.with_context(|| "cannot start signaling")
+}
+
+/// A NATS connection for a stand-alone service of a cluster.
+async fn connect_nats(cluster: &config::ClusterSection) -> Result<async_nats::Client> {
+    let urls = cluster
+        .nats
+        .as_ref()
+        .map(config::OneOrMany::to_vec)
+        .unwrap_or_default();
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(urls.clone())
+        .await
+        .with_context(|| format!("cannot reach NATS (cluster.nats {urls:?})"))
+}
+
+/// In `parley up`, device certificates revoked in the identity service
+/// close their courier links and are refused from then on.
+async fn sync_revocations(ids: Arc<ids::Ids>, courier: Arc<push_courier::courier::Courier>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        match ids.store.revoked().await {
+            Ok(list) => courier.set_revoked_serials(
+                list.iter()
+                    .filter_map(|(serial, _)| wire::keys::unhex(serial))
+                    .map(|s| push_courier::device::normalize_serial(&s))
+                    .collect(),
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot read revoked device certificates"),
+        }
+    }
+}
+
+/// Devices revoked in the identity service lose their SIP bindings within
+/// 5 s and can no longer register or call.
+async fn sync_signaling_revocations(
+    ids: ids::store::Store,
+    signaling: Arc<signaling::runtime::Server>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        match ids.revoked_devices().await {
+            Ok(list) => {
+                signaling
+                    .set_revoked_devices(list.into_iter().collect())
+                    .await
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read revoked devices"),
+        }
+    }
+}
+
+/// A standalone courier re-reads the operator's copy of the ids revocation
+/// list every 30 s.
+async fn sync_crl_file(path: PathBuf, courier: Arc<push_courier::courier::Courier>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        let read = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|b| {
+                push_courier::device::crl_serials(&b).map_err(|e| anyhow::anyhow!("{e}"))
+            });
+        match read {
+            Ok(serials) => courier.set_revoked_serials(serials),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read courier.device_crl; keeping the previous list")
+            }
+        }
+    }
+}
+
+pub(crate) fn tls_files(turn: &config::TurnSection, data: &data::DataDir) -> (PathBuf, PathBuf) {
+    data.server_files(&turn.cert, &turn.key)
+}
+
+/// The services of one process, started.
+pub(crate) struct Stack {
+    pub(crate) relay: Option<Arc<Relay>>,
+    pub(crate) ids: Option<ids::runtime::Server>,
+    pub(crate) courier: Option<push_courier::runtime::Server>,
+    pub(crate) signaling: Option<Arc<signaling::runtime::Server>>,
+    /// What `/readyz` asks besides the services' own databases: in a
+    /// cluster, signaling's shared bindings and the NATS link of a
+    /// stand-alone service.
+    pub(crate) probes: Vec<Arc<dyn admin::ReadyProbe>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Stack {
+    pub(crate) async fn start(
+        settings: &config::Settings,
+        data: &data::DataDir,
+        services: Services,
+        (turn_config, mut ids_config, courier_config, signaling_config): (
+            stun_turn::Config,
+            ids::Config,
+            push_courier::Config,
+            signaling::runtime::Config,
+        ),
+        tls: Arc<rustls::ServerConfig>,
+    ) -> Result<Stack> {
+        let relay = match services.turn {
+            true => Some(Arc::new(Relay::start(turn_config, Some(tls))?)),
+            false => None,
+        };
+        if let (Some(r), true) = (&relay, ids_config.turn.uris.is_empty()) {
+            // The addresses actually bound (a port 0 is chosen by now).
+            ids_config.turn.uris = turn_uris(r);
+        }
+        let ids_server = match services.ids {
+            true => Some(start_ids(&settings.ids, data, ids_config, &settings.cluster).await?),
+            false => None,
+        };
+        let courier_server = match services.courier {
+            true => Some(start_courier(&settings.courier, data, courier_config).await?),
+            false => None,
+        };
+        if let (Some(path), Some(c)) = (&settings.courier.device_crl, &courier_server) {
+            // Loaded once before serving, so a bad path stops start-up.
+            let b = std::fs::read(path)
+                .with_context(|| format!("courier.device_crl: cannot read {}", path.display()))?;
+            let serials = push_courier::device::crl_serials(&b)
+                .with_context(|| format!("courier.device_crl: {}", path.display()))?;
+            c.courier.set_revoked_serials(serials);
+        }
+        let mut tasks = Vec::new();
+        match (&settings.courier.device_crl, &ids_server, &courier_server) {
+            (Some(path), _, Some(c)) => {
+                tasks.push(tokio::spawn(sync_crl_file(path.clone(), c.courier.clone())))
+            }
+            (None, Some(i), Some(c)) => tasks.push(tokio::spawn(sync_revocations(
+                i.ids.clone(),
+                c.courier.clone(),
+            ))),
+            _ => {}
+        }
+        // A stand-alone service of a cluster reaches the courier nodes over
+        // NATS, and signaling reads the directory from ids' store.
+        let courier_link = match &courier_server {
+            Some(c) => Some(wiring::CourierLink::Local(c.courier.clone())),
+            None if settings.cluster.enabled() && (services.ids || services.signaling) => Some(
+                wiring::CourierLink::Cluster(connect_nats(&settings.cluster).await?),
+            ),
+            None => None,
+        };
+        if let (Some(i), Some(link)) = (&ids_server, &courier_link) {
+            i.ids
+                .set_notifier(Arc::new(wiring::CourierAccountNotifier(link.clone())));
+        }
+        let ids_store = match (&ids_server, &settings.ids.database) {
+            (Some(i), _) => Some(i.ids.store.clone()),
+            (None, Some(url)) if services.signaling => Some(
+                ids::store::Store::open(url)
+                    .await
+                    .with_context(|| "cannot open the identity service's store (ids.database)")?,
+            ),
+            (None, None) if services.signaling => {
+                tracing::warn!(
+                    "no ids.database: only digest accounts can register; device certificates \
+                     are refused until ids.database names the identity service's PostgreSQL"
+                );
+                None
+            }
+            _ => None,
+        };
+        let shared_sip = match (settings.cluster.enabled(), &settings.signaling.database) {
+            (true, Some(url)) => Some(SharedSip {
+                url: url.clone(),
+                node: settings
+                    .cluster
+                    .node
+                    .clone()
+                    .unwrap_or_else(|| data.node_id.clone()),
+                nats: settings
+                    .cluster
+                    .nats
+                    .as_ref()
+                    .map(config::OneOrMany::to_vec)
+                    .unwrap_or_default(),
+            }),
+            _ => None,
+        };
+        let mut probes: Vec<Arc<dyn admin::ReadyProbe>> = Vec::new();
+        if let Some(wiring::CourierLink::Cluster(nats)) = &courier_link {
+            probes.push(Arc::new(admin::ClusterNats(nats.clone())));
+        }
+        let signaling_server = match services.signaling {
+            true => {
+                let (server, location) = start_signaling(
+                    &settings.signaling,
+                    data,
+                    signaling_config,
+                    ids_store.clone(),
+                    courier_link,
+                    shared_sip.as_ref(),
+                )
+                .await?;
+                if let Some(l) = location {
+                    probes.push(Arc::new(admin::SignalingBindings(l)));
+                }
+                Some(Arc::new(server))
+            }
+            false => None,
+        };
+        if let (Some(store), Some(s)) = (ids_store, &signaling_server) {
+            tasks.push(tokio::spawn(sync_signaling_revocations(store, s.clone())));
+        }
+        Ok(Stack {
+            relay,
+            ids: ids_server,
+            courier: courier_server,
+            signaling: signaling_server,
+            probes,
+            tasks,
+        })
+    }
+
+    /// Stops everything: ringing calls get a few seconds.
+    pub(crate) async fn shutdown(self) -> Result<()> {
+        for r in self.tasks {
+            r.abort();
+            let _ = r.await;
+        }
+        if let Some(s) = self.signaling {
+            // Admin metrics no longer hold a reference once the admin task
+            // has stopped.
+            match Arc::try_unwrap(s) {
+                Ok(s) => s.shutdown(std::time::Duration::from_secs(5)).await,
+                Err(_) => tracing::error!("signaling still referenced at shutdown"),
+            }
+        }
+        if let Some(c) = self.courier {
+            c.shutdown().await;
+        }
+        if let Some(s) = self.ids {
+            s.shutdown().await;
+        }
+        if let Some(relay) = self.relay {
+            match Arc::try_unwrap(relay) {
+                Ok(r) => tokio::task::spawn_blocking(move || r.shutdown()).await?,
+                Err(_) => tracing::error!("relay still referenced at shutdown; unclean shutdown"),
+            }
+        }
+        Ok(())
+    }
+}
