@@ -26,7 +26,7 @@ use clap::Args;
 use client_sdk::courier::{ClientEvent, DeviceClient, DeviceCredentials};
 use hdrhistogram::Histogram;
 use push_courier::provider::{ApnsSender, Http2};
-use wire::push::DeviceToken;
+use wire::push::{DeviceToken, NotificationId};
 
 #[derive(Debug, Args, Clone)]
 pub struct CourierLoad {
@@ -84,6 +84,14 @@ pub struct CourierLoad {
     /// Device connections opened at once per worker.
     #[arg(long, default_value_t = 64)]
     pub connect_parallelism: usize,
+    /// A cluster node's process id: after the two phases, a third at half
+    /// load during which this process is killed (SIGKILL). Providers
+    /// retry refused pushes with the same id at the other nodes, devices
+    /// reconnect to the next address, and the report says how long after
+    /// the kill every acknowledged push had reached its device, and
+    /// whether any was lost or came twice.
+    #[arg(long)]
+    pub kill_pid: Option<u32>,
     /// Internal: run as worker INDEX of COUNT.
     #[arg(long, hide = true, num_args = 2, value_names = ["INDEX", "COUNT"])]
     pub worker: Option<Vec<usize>>,
@@ -129,9 +137,17 @@ fn read_pkcs8(path: &std::path::Path) -> Result<Vec<u8>> {
 
 // ---------------------------------------------------------------- worker
 
+/// Throughput, half load, and (with `--kill-pid`) half load while a node
+/// dies.
+const PHASES: usize = 3;
+
 #[derive(Default)]
 struct WorkerStats {
     received: AtomicU64,
+    /// Notifications a device got again after acking them.
+    duplicates: AtomicU64,
+    /// Device links made again after their node went away.
+    reconnected: AtomicU64,
     connected: AtomicU64,
     failed: AtomicU64,
     offline: AtomicU64,
@@ -159,7 +175,8 @@ async fn worker(args: CourierLoad, index: usize, count: usize) -> Result<()> {
         1 + (index / 250) as u8,
         1 + (index % 250) as u8,
     ));
-    let hist: Arc<Mutex<[Histogram<u64>; 2]>> = Arc::new(Mutex::new([
+    let hist: Arc<Mutex<[Histogram<u64>; PHASES]>> = Arc::new(Mutex::new([
+        Histogram::new_with_bounds(1, 60_000_000_000, 3)?,
         Histogram::new_with_bounds(1, 60_000_000_000, 3)?,
         Histogram::new_with_bounds(1, 60_000_000_000, 3)?,
     ]));
@@ -200,22 +217,18 @@ async fn worker(args: CourierLoad, index: usize, count: usize) -> Result<()> {
         };
         let quic = is_quic(i, args.quic_percent).then(|| quic_eps[k % quic_eps.len()].clone());
         let (sem, hist, stats, out) = (sem.clone(), hist.clone(), stats.clone(), out.clone());
-        let (addr, topic) = (
-            args.device_addr[i % args.device_addr.len()],
-            args.topic.clone(),
-        );
+        let (addrs, topic) = (args.device_addr.clone(), args.topic.clone());
         let offline = args.offline_percent;
         tasks.push(tokio::spawn(async move {
             let permit = sem.acquire_owned().await;
             let mut tries = 0;
+            let mut at = i % addrs.len();
+            let connect = async |addr: SocketAddr| match &quic {
+                Some(ep) => DeviceClient::connect_quic_on(ep, addr, &creds, &[&topic], 0).await,
+                None => DeviceClient::connect_from(tls_source, addr, &creds, &[&topic], 0).await,
+            };
             let conn = loop {
-                let r = match &quic {
-                    Some(ep) => DeviceClient::connect_quic_on(ep, addr, &creds, &[&topic], 0).await,
-                    None => {
-                        DeviceClient::connect_from(tls_source, addr, &creds, &[&topic], 0).await
-                    }
-                };
-                match r {
+                match connect(addrs[at]).await {
                     Ok(c) => break Some(c),
                     Err(_) if tries < 5 => {
                         tries += 1;
@@ -241,22 +254,49 @@ async fn worker(args: CourierLoad, index: usize, count: usize) -> Result<()> {
                 return;
             }
             stats.connected.fetch_add(1, Ordering::Relaxed);
-            while let Some(ev) = dev.next().await {
-                match ev {
-                    ClientEvent::Notification(n) => {
-                        let now = unix_nanos();
-                        let _ = dev.ack(&[n.id]).await;
-                        stats.received.fetch_add(1, Ordering::Relaxed);
-                        if let Some((phase, sent)) = parse_payload(&n.payload) {
-                            let mut h = hist.lock().unwrap_or_else(|p| p.into_inner());
-                            let _ = h[phase].record(now.saturating_sub(sent).max(1));
+            // Ids seen, across reconnections: a push delivered again after
+            // its ack is counted, not played twice.
+            let mut seen = std::collections::HashSet::new();
+            loop {
+                while let Some(ev) = dev.next().await {
+                    match ev {
+                        ClientEvent::Notification(n) => {
+                            let now = unix_nanos();
+                            let _ = dev.ack(&[n.id]).await;
+                            if !seen.insert(n.id) {
+                                stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            stats.received.fetch_add(1, Ordering::Relaxed);
+                            if let Some((phase, sent)) = parse_payload(&n.payload) {
+                                let mut h = hist.lock().unwrap_or_else(|p| p.into_inner());
+                                if let Some(h) = h.get_mut(phase) {
+                                    let _ = h.record(now.saturating_sub(sent).max(1));
+                                }
+                            }
                         }
+                        ClientEvent::Closed(_) => break,
+                        _ => {}
                     }
-                    ClientEvent::Closed(_) => {
-                        stats.closed.fetch_add(1, Ordering::Relaxed);
+                }
+                stats.closed.fetch_add(1, Ordering::Relaxed);
+                // The node went away: the next address, with backoff, as
+                // the SDK does (bounded: a minute of tries).
+                let mut reconnected = None;
+                for k in 1..=60u64 {
+                    at = (at + 1) % addrs.len();
+                    tokio::time::sleep(Duration::from_millis(100 * k.min(10))).await;
+                    if let Ok((d, _)) = connect(addrs[at]).await {
+                        reconnected = Some(d);
                         break;
                     }
-                    _ => {}
+                }
+                match reconnected {
+                    Some(d) => {
+                        dev = d;
+                        stats.reconnected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => return,
                 }
             }
         }));
@@ -293,7 +333,7 @@ async fn worker(args: CourierLoad, index: usize, count: usize) -> Result<()> {
             _ = &mut stdin => break,
             _ = tick.tick() => {
                 let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = writeln!(o, "received {} closed {}", stats.received.load(Ordering::Relaxed), stats.closed.load(Ordering::Relaxed));
+                let _ = writeln!(o, "received {} closed {} duplicates {} reconnected {}", stats.received.load(Ordering::Relaxed), stats.closed.load(Ordering::Relaxed), stats.duplicates.load(Ordering::Relaxed), stats.reconnected.load(Ordering::Relaxed));
                 let _ = o.flush();
             }
         }
@@ -312,9 +352,11 @@ async fn worker(args: CourierLoad, index: usize, count: usize) -> Result<()> {
     }
     let _ = writeln!(
         o,
-        "final received {} closed {}",
+        "final received {} closed {} duplicates {} reconnected {}",
         stats.received.load(Ordering::Relaxed),
-        stats.closed.load(Ordering::Relaxed)
+        stats.closed.load(Ordering::Relaxed),
+        stats.duplicates.load(Ordering::Relaxed),
+        stats.reconnected.load(Ordering::Relaxed)
     );
     let _ = o.flush();
     std::process::exit(0);
@@ -337,7 +379,7 @@ fn parse_payload(p: &[u8]) -> Option<(usize, u64)> {
         .next()?
         .parse::<u64>()
         .ok()?;
-    Some((phase.min(1), t))
+    Some((phase.min(PHASES - 1), t))
 }
 
 // ---------------------------------------------------------------- parent
@@ -358,6 +400,8 @@ struct Shared {
     tokens: Vec<DeviceToken>,
     connected: HashMap<usize, (u64, u64)>,
     received: HashMap<usize, u64>,
+    duplicates: HashMap<usize, u64>,
+    reconnected: HashMap<usize, u64>,
     ready: usize,
     hist: Vec<(usize, u64, u64)>,
     finals: usize,
@@ -460,8 +504,10 @@ async fn parent(args: CourierLoad) -> Result<()> {
                             .insert(i, (c.parse().unwrap_or(0), f.parse().unwrap_or(0)));
                     }
                     ["ready"] => s.ready += 1,
-                    ["received", r, ..] => {
+                    ["received", r, "closed", _, "duplicates", d, "reconnected", c] => {
                         s.received.insert(i, r.parse().unwrap_or(0));
+                        s.duplicates.insert(i, d.parse().unwrap_or(0));
+                        s.reconnected.insert(i, c.parse().unwrap_or(0));
                     }
                     ["hist", p, v, c] => {
                         let t = (
@@ -471,8 +517,10 @@ async fn parent(args: CourierLoad) -> Result<()> {
                         );
                         s.hist.push(t);
                     }
-                    ["final", "received", r, ..] => {
+                    ["final", "received", r, "closed", _, "duplicates", d, "reconnected", c] => {
                         s.received.insert(i, r.parse().unwrap_or(0));
+                        s.duplicates.insert(i, d.parse().unwrap_or(0));
+                        s.reconnected.insert(i, c.parse().unwrap_or(0));
                         s.finals += 1;
                     }
                     _ => {}
@@ -564,6 +612,34 @@ async fn parent(args: CourierLoad) -> Result<()> {
     let p1 = push_phase(&args, &senders, &tokens, 0, args.rate, &shared).await;
     let half = (p1.accepted_per_s / 2.0).max(1.0) as u64;
     let p2 = push_phase(&args, &senders, &tokens, 1, half, &shared).await;
+    // Phase 3: half load again, and a node killed a third of the way in.
+    let failover = match args.kill_pid {
+        None => None,
+        Some(pid) => {
+            let after = Duration::from_secs(args.seconds) / 3;
+            let killer = tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                println!("loadsim: killed {pid} (SIGKILL)");
+                Instant::now()
+            });
+            let p3 = push_phase(&args, &senders, &tokens, 2, half, &shared).await;
+            let killed = killer.await?;
+            // Until every acknowledged push has reached its device (or a
+            // minute has passed: the rest are lost).
+            let accepted = p1.accepted + p2.accepted + p3.accepted;
+            let delivered = || -> u64 {
+                let s = shared.lock().unwrap_or_else(|p| p.into_inner());
+                s.received.values().sum()
+            };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while delivered() < accepted && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let all_in = (delivered() >= accepted).then(|| killed.elapsed());
+            Some((p3, all_in, after))
+        }
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Collect histograms.
@@ -582,11 +658,16 @@ async fn parent(args: CourierLoad) -> Result<()> {
     let mut hists = [
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?,
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?,
+        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?,
     ];
     for (p, v, c) in &s.hist {
-        let _ = hists[*p].record_n(*v, *c);
+        if let Some(h) = hists.get_mut(*p) {
+            let _ = h.record_n(*v, *c);
+        }
     }
     let received: u64 = s.received.values().sum();
+    let duplicates: u64 = s.duplicates.values().sum();
+    let reconnected: u64 = s.reconnected.values().sum();
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e6;
     println!();
     println!("| | value |");
@@ -643,9 +724,27 @@ async fn parent(args: CourierLoad) -> Result<()> {
             h.len()
         );
     }
+    let mut accepted = p1.accepted + p2.accepted;
+    if let Some((p3, all_in, after)) = &failover {
+        accepted += p3.accepted;
+        println!(
+            "| phase 3 (half load, a node killed after {} s) | accepted {:.0}/s ({} given up after 20 s of retries) |",
+            after.as_secs(),
+            p3.accepted_per_s,
+            p3.errors
+        );
+        println!("| devices reconnected to another node | {reconnected} |");
+        println!(
+            "| kill → every acknowledged push delivered | {} |",
+            all_in.map_or("not within 60 s".into(), |d| format!(
+                "{:.1} s (1 s resolution)",
+                d.as_secs_f64()
+            ))
+        );
+    }
     println!(
-        "| delivered to devices | {received} of {} accepted |",
-        p1.accepted + p2.accepted
+        "| delivered to devices | {received} of {accepted} accepted, {} lost, {duplicates} delivered again after their ack |",
+        accepted.saturating_sub(received)
     );
     Ok(())
 }
@@ -672,8 +771,14 @@ async fn push_phase(
     let start = Instant::now();
     let lanes = args.concurrency.max(1);
     let mut tasks = Vec::new();
+    // While a node dies (phase 3) a refused push is sent again with the
+    // same id at the next node, as a provider retrying 5xx and timeouts
+    // does; otherwise a refusal is an error.
+    let retry = phase == 2;
     for lane in 0..lanes {
-        let mut sender = senders[lane % senders.len()].clone();
+        let mut at = lane % senders.len();
+        let mut sender = senders[at].clone();
+        let senders = senders.to_vec();
         let (ok, errors, issued, tokens) =
             (ok.clone(), errors.clone(), issued.clone(), tokens.clone());
         let topic = args.topic.clone();
@@ -692,13 +797,28 @@ async fn push_phase(
                 }
                 let token = tokens[(k as usize) % tokens.len()];
                 let payload = format!("{{\"p\":{phase},\"t\":{}}}", unix_nanos()).into_bytes();
-                match sender
-                    .push(&token, &topic, &[("apns-priority", "10")], payload)
-                    .await
-                {
-                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => errors.fetch_add(1, Ordering::Relaxed),
-                };
+                let mut id = [0u8; 16];
+                id[0] = phase as u8;
+                id[8..].copy_from_slice(&k.to_be_bytes());
+                let id = NotificationId(id).to_uuid();
+                let headers = [("apns-priority", "10"), ("apns-id", id.as_str())];
+                for attempt in 0.. {
+                    match sender.push(&token, &topic, &headers, payload.clone()).await {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        _ if retry && attempt < 80 => {
+                            at = (at + 1) % senders.len();
+                            sender = senders[at].clone();
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
             }
         }));
     }
