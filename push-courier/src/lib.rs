@@ -30,6 +30,7 @@ pub mod provider;
 pub mod runtime;
 pub mod store;
 pub mod submit;
+pub mod upstream;
 pub mod webpush;
 
 use std::net::SocketAddr;

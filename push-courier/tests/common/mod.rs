@@ -24,7 +24,7 @@ pub struct Env {
     pub server: Option<Server>,
     pub ca_pem: PathBuf,
     device_ca: ids::certs::DeviceCa,
-    roots: rustls::RootCertStore,
+    pub roots: rustls::RootCertStore,
     /// The provider's ES256 key (PKCS#8).
     pub provider_key: Vec<u8>,
     pub config: Config,

@@ -1,0 +1,141 @@
+//! The APNs upstream client against a local stand-in: a second Parley
+//! courier speaks Apple's provider API, so the client's pushes reach a
+//! device connected to it with every APNs header, and its refusals (410
+//! with a timestamp, 400 BadDeviceToken, 429) come back as APNs gives them.
+
+mod common;
+
+use std::time::Duration;
+
+use client_sdk::courier::Transport;
+use common::*;
+use push_courier::upstream::{ApnsClient, ApnsConfig, ApnsPush, Outcome};
+use wire::push::{NotificationId, PushType};
+
+fn client_for(env: &Env) -> ApnsClient {
+    ApnsClient::new(ApnsConfig {
+        addr: env.server().provider_addr(),
+        server_name: "localhost".into(),
+        roots: env.roots.clone(),
+        key_pkcs8: env.provider_key.clone(),
+        key_id: KID.into(),
+        team_id: TEAM.into(),
+    })
+}
+
+fn wake(token: String, n: u8) -> ApnsPush {
+    ApnsPush {
+        token,
+        topic: TOPIC.into(),
+        push_type: PushType::Voip,
+        priority: 10,
+        expiration: unix_now() as u64 + 30,
+        collapse_id: Some("call-1".into()),
+        id: NotificationId([n; 16]),
+        payload: br#"{"aps":{},"parley":{"id":"opaque"}}"#.to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voip_wake_reaches_the_device_with_every_apns_header() {
+    let apple = Env::start(|_| {}).await;
+    let (_, creds) = apple.device();
+    let (mut dev, tokens) = apple.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let client = client_for(&apple);
+    let push = wake(tokens[0].1.to_hex(), 1);
+    assert_eq!(
+        client.send(&push).await,
+        Outcome::Accepted {
+            apns_id: push.id.to_uuid()
+        }
+    );
+    let n = match dev.next_within(Duration::from_secs(5)).await.unwrap() {
+        client_sdk::courier::ClientEvent::Notification(n) => n,
+        other => panic!("expected the wake, got {other:?}"),
+    };
+    assert_eq!(n.id, push.id);
+    assert_eq!(n.push_type, PushType::Voip);
+    assert_eq!(n.priority, 10);
+    assert_eq!(n.expires, push.expiration);
+    assert_eq!(n.collapse_id, "call-1");
+    assert_eq!(n.topic, TOPIC);
+    assert_eq!(n.payload, push.payload);
+    // Many pushes share the one connection.
+    let sends = (2..12u8).map(|i| {
+        let (client, push) = (&client, wake(tokens[0].1.to_hex(), i));
+        async move { client.send(&push).await }
+    });
+    for o in futures_util::future::join_all(sends).await {
+        assert!(matches!(o, Outcome::Accepted { .. }), "{o:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_tokens_are_gone_and_overload_is_retried() {
+    let apple = Env::start(|c| c.provider_rate = 3).await;
+    let (_, creds) = apple.device();
+    let (dev, tokens) = apple.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let client = client_for(&apple);
+    // A token APNs never issued.
+    match client.send(&wake("ab".repeat(32), 1)).await {
+        Outcome::Gone { reason, since } => {
+            assert_eq!((reason.as_str(), since), ("BadDeviceToken", None))
+        }
+        other => panic!("{other:?}"),
+    }
+    // A token the app gave up: 410 with when it was last valid.
+    let token = tokens[0].1;
+    dev.revoke(token).await.unwrap();
+    let mut outcome = client.send(&wake(token.to_hex(), 2)).await;
+    for _ in 0..50 {
+        if matches!(outcome, Outcome::Gone { .. }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        outcome = client.send(&wake(token.to_hex(), 2)).await;
+    }
+    match outcome {
+        Outcome::Gone { reason, since } => {
+            assert_eq!(reason, "Unregistered");
+            let since = since.expect("410 carries a timestamp");
+            assert!((since / 1000 - unix_now()).abs() < 60, "{since}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Past the provider's rate: try again later, as APNs says.
+    let (_, creds) = apple.device();
+    let (_dev, tokens) = apple.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let mut retried = None;
+    for i in 0..10u8 {
+        if let Outcome::Retry { after, reason } =
+            client.send(&wake(tokens[0].1.to_hex(), 10 + i)).await
+        {
+            retried = Some((after, reason));
+            break;
+        }
+    }
+    let (after, reason) = retried.expect("429 after the provider's rate");
+    assert_eq!(reason, "TooManyRequests");
+    assert!(after >= Duration::from_secs(1), "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_apns_is_retried_and_a_later_one_reached() {
+    let mut apple = Env::start(|_| {}).await;
+    let client = client_for(&apple);
+    let (_, creds) = apple.device();
+    let (_dev, tokens) = apple.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    assert!(matches!(
+        client.send(&wake(tokens[0].1.to_hex(), 1)).await,
+        Outcome::Accepted { .. }
+    ));
+    // APNs restarts: the connection drops; the push is to be retried,
+    // and the next one goes over a new connection.
+    apple.restart().await;
+    let (_dev, tokens) = apple.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let mut outcome = client.send(&wake(tokens[0].1.to_hex(), 2)).await;
+    if matches!(outcome, Outcome::Retry { .. }) {
+        outcome = client.send(&wake(tokens[0].1.to_hex(), 2)).await;
+    }
+    assert!(matches!(outcome, Outcome::Accepted { .. }), "{outcome:?}");
+}
