@@ -252,6 +252,8 @@ async fn accept(
     if !provider.topics.is_empty() && !provider.topics.contains(&topic) {
         return Err(err(StatusCode::BAD_REQUEST, "TopicDisallowed"));
     }
+    // A VoIP topic only by name: "any topic" grants none of them.
+    let operator_granted = provider.topics.contains(&topic);
     let limit = if push_type == PushType::Voip {
         MAX_VOIP_PAYLOAD
     } else {
@@ -277,6 +279,7 @@ async fn accept(
         vapid_key: None,
         receipt: None,
         for_device: None,
+        operator_granted,
     };
     match st.courier.push(req).await {
         Ok(_) => Ok(()),

@@ -106,8 +106,13 @@ pub struct PushRequest {
     /// row). The token must be one that device got over its own link, so
     /// naming another device's token reaches nobody. Only such pushes may
     /// use Parley's own topics ([`wire::push::is_parley_topic`]); a
-    /// provider's push (`None`) may not.
+    /// provider's push (`None`) may not, unless `operator_granted`.
     pub for_device: Option<DeviceId>,
+    /// The operator listed this VoIP topic for the provider by name
+    /// (`topics = ["com.example.app.voip"]`): it may wake its app's
+    /// devices as Apple lets an app's provider, which makes a courier an
+    /// APNs stand-in for another Parley deployment.
+    pub operator_granted: bool,
 }
 
 /// A push that passed the checks of the node the provider reached, on its
@@ -485,7 +490,9 @@ impl Courier {
                 // Not that device's token: as if it did not exist.
                 Some(d) if d != t.device => return Err(PushError::UnknownToken),
                 Some(_) => {}
-                None if wire::push::is_parley_topic(&t.topic) => {
+                None if wire::push::is_parley_topic(&t.topic)
+                    && !(req.operator_granted && t.topic.ends_with(".voip")) =>
+                {
                     return Err(PushError::TopicReserved)
                 }
                 None => {}

@@ -97,6 +97,7 @@ impl Submission {
             vapid_key: None,
             receipt: None,
             for_device: Some(self.for_device.parse::<DeviceId>().ok()?),
+            operator_granted: false,
         })
     }
 }
@@ -166,6 +167,7 @@ mod tests {
             vapid_key: None,
             receipt: None,
             for_device: Some(DeviceId([3; 16])),
+            operator_granted: false,
         };
         let wire = serde_json::to_vec(&Submission::of(&req).unwrap()).unwrap();
         let back = serde_json::from_slice::<Submission>(&wire)
@@ -175,6 +177,7 @@ mod tests {
         assert_eq!(format!("{back:?}"), format!("{req:?}"));
         let anonymous = PushRequest {
             for_device: None,
+            operator_granted: false,
             ..req
         };
         assert!(matches!(

@@ -217,6 +217,7 @@ async fn push(
         vapid_key: Some(key),
         receipt,
         for_device: None,
+        operator_granted: false,
     };
     match st.courier.push(req).await {
         Ok(outcome) => {

@@ -363,6 +363,7 @@ async fn offline_queue_collapses_expires_and_puts_voip_first() {
         vapid_key: None,
         receipt: None,
         for_device,
+        operator_granted: false,
     };
     // Named for another device, the token is nobody's.
     let other = wire::DeviceId::random();
@@ -1266,6 +1267,7 @@ fn push_of(token: wire::push::DeviceToken, n: usize) -> push_courier::courier::P
         vapid_key: None,
         receipt: None,
         for_device: None,
+        operator_granted: false,
     }
 }
 
