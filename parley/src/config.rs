@@ -321,7 +321,42 @@ pub struct CourierSection {
     pub device_crl: Option<PathBuf>,
     /// APNs-style providers: `[[courier.providers]]` tables.
     pub providers: Vec<ProviderEntry>,
+    /// Platform push services the courier hands wake-ups to, for devices
+    /// that cannot hold its link: `[courier.upstream.apns]`.
+    pub upstream: UpstreamSection,
 }
+
+/// `[courier.upstream]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub apns: Option<ApnsSection>,
+}
+
+/// `[courier.upstream.apns]`: Apple's push service, reached as a provider
+/// with a token-signing key (`.p8`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsSection {
+    /// host:port. Default `api.push.apple.com:443`; for development builds
+    /// of an app, `api.sandbox.push.apple.com:443`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The name its certificate carries. Default: the host of `url`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// CA certificates (PEM) to trust instead of the public roots: a local
+    /// stand-in.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The signing key Apple issued (`AuthKey_<key id>.p8`, PKCS#8 PEM).
+    pub key: PathBuf,
+    pub key_id: String,
+    pub team_id: String,
+}
+
+/// Apple's production endpoint.
+pub const APNS_DEFAULT: &str = "api.push.apple.com:443";
 
 /// One APNs-style provider.
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -129,6 +129,7 @@ async fn start_signaling(
     config: signaling::runtime::Config,
     ids: Option<ids::store::Store>,
     courier: Option<wiring::CourierLink>,
+    apns: Option<Arc<push_courier::upstream::ApnsClient>>,
     shared: Option<&SharedSip>,
 ) -> Result<(
     signaling::runtime::Server,
@@ -146,7 +147,7 @@ async fn start_signaling(
         None => Arc::new(signaling::runtime::NoDirectory),
     };
     let waker: Arc<dyn signaling::runtime::Waker> = match courier {
-        Some(c) => Arc::new(wiring::CourierWaker(c)),
+        Some(link) => Arc::new(wiring::CourierWaker { link, apns }),
         None => Arc::new(signaling::runtime::NoWaker),
     };
     let started = match shared {
@@ -173,6 +174,44 @@ async fn start_signaling(
             .map(|s| (s, None)),
     };
     started.with_context(|| "cannot start signaling")
+}
+
+/// The APNs client `[courier.upstream.apns]` describes: its address
+/// resolved now, the public roots unless `ca` names others, the `.p8`
+/// key read (never logged).
+async fn apns_client(a: &config::ApnsSection) -> Result<push_courier::upstream::ApnsClient> {
+    let url = a.url.as_deref().unwrap_or(config::APNS_DEFAULT);
+    let addr = tokio::net::lookup_host(url)
+        .await
+        .with_context(|| format!("courier.upstream.apns.url: cannot resolve {url}"))?
+        .next()
+        .with_context(|| format!("courier.upstream.apns.url: no address for {url}"))?;
+    let host = url.rsplit_once(':').map_or(url, |(h, _)| h);
+    let roots = match &a.ca {
+        Some(ca) => tls::roots(ca)?,
+        None => rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        },
+    };
+    let key = match tls::private_key(&a.key)
+        .with_context(|| format!("courier.upstream.apns.key: {}", a.key.display()))?
+    {
+        rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+        _ => anyhow::bail!(
+            "courier.upstream.apns.key: {} is not a PKCS#8 key (Apple's .p8 files are)",
+            a.key.display()
+        ),
+    };
+    Ok(push_courier::upstream::ApnsClient::new(
+        push_courier::upstream::ApnsConfig {
+            addr,
+            server_name: a.server_name.clone().unwrap_or_else(|| host.to_owned()),
+            roots,
+            key_pkcs8: key,
+            key_id: a.key_id.clone(),
+            team_id: a.team_id.clone(),
+        },
+    ))
 }
 
 /// A NATS connection for a stand-alone service of a cluster.
@@ -370,6 +409,10 @@ impl Stack {
                     signaling_config,
                     ids_store.clone(),
                     courier_link,
+                    match &settings.courier.upstream.apns {
+                        Some(a) => Some(Arc::new(apns_client(a).await?)),
+                        None => None,
+                    },
                     shared_sip.as_ref(),
                 )
                 .await?;

@@ -71,11 +71,16 @@ impl CourierLink {
     }
 }
 
-/// Sends VoIP pushes for calls waiting on a sleeping device to the
-/// courier. Contacts name the courier with `pn-provider=parley` (or
-/// `apns`, the API it imitates), the device token in hex as `pn-prid`, and
-/// the app topic as `pn-param`.
-pub struct CourierWaker(pub CourierLink);
+/// Sends VoIP pushes for calls waiting on a sleeping device. Contacts name
+/// the courier with `pn-provider=parley`, the device token in hex as
+/// `pn-prid` and the app topic as `pn-param`; or Apple's service with
+/// `pn-provider=apns` (RFC 8599), the APNs device token as `pn-prid` and
+/// `<team id>.<bundle id>.voip` as `pn-param`, sent through
+/// `[courier.upstream.apns]`.
+pub struct CourierWaker {
+    pub link: CourierLink,
+    pub apns: Option<Arc<push_courier::upstream::ApnsClient>>,
+}
 
 /// A wake-up is useless once the call has stopped waiting for the device.
 const WAKE_TTL: Duration = Duration::from_secs(30);
@@ -89,7 +94,16 @@ impl signaling::runtime::Waker for CourierWaker {
             call_id,
             caller,
         } = wake;
-        if push.provider != "parley" && push.provider != "apns" {
+        if push.provider == "apns" {
+            match &self.apns {
+                Some(apns) => wake_through_apns(apns.clone(), &push, &call_id),
+                None => tracing::warn!(
+                    "a binding asks for a wake-up through APNs, but [courier.upstream.apns] is not set"
+                ),
+            }
+            return;
+        }
+        if push.provider != "parley" {
             tracing::warn!(provider = %push.provider, "cannot wake a device through this push provider");
             return;
         }
@@ -132,10 +146,79 @@ impl signaling::runtime::Waker for CourierWaker {
             vapid_key: None,
             receipt: None,
             for_device: Some(device),
+            operator_granted: false,
         };
-        self.0
+        self.link
             .spawn_push(req, "VoIP push for a waiting call refused");
     }
+}
+
+/// A VoIP push through Apple for a waiting call, retried as APNs says
+/// until the call would no longer wait. Apple sees only the call's id:
+/// no handle, no caller.
+fn wake_through_apns(
+    apns: Arc<push_courier::upstream::ApnsClient>,
+    push: &signaling::core::registrar::PushParams,
+    call_id: &str,
+) {
+    use push_courier::upstream::{ApnsPush, Outcome};
+    let token = push.prid.to_ascii_lowercase();
+    if token.is_empty() || token.len() > 200 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        tracing::debug!("pn-prid is not an APNs device token");
+        return;
+    }
+    // pn-param is `<team id>.<bundle id>.voip`; the topic drops the team.
+    let Some(topic) = push
+        .param
+        .as_deref()
+        .and_then(|p| p.split_once('.'))
+        .map(|(_, t)| t.to_owned())
+        .filter(|t| !t.is_empty())
+    else {
+        tracing::debug!("binding names no APNs topic (pn-param); not woken");
+        return;
+    };
+    let Ok(id) = push_courier::courier::Courier::new_id() else {
+        return;
+    };
+    let until = SystemTime::now() + WAKE_TTL;
+    let wake = ApnsPush {
+        token,
+        topic,
+        push_type: wire::push::PushType::Voip,
+        priority: 10,
+        expiration: until
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+        collapse_id: Some(call_id.chars().take(64).collect()),
+        id,
+        payload: serde_json::json!({"aps": {}, "parley": {"type": "call", "call_id": call_id}})
+            .to_string()
+            .into_bytes(),
+    };
+    tokio::spawn(async move {
+        loop {
+            match apns.send(&wake).await {
+                Outcome::Accepted { .. } => return,
+                Outcome::Retry { after, reason } => {
+                    if SystemTime::now() + after >= until {
+                        tracing::info!(%reason, "APNs did not take the wake-up before the call gave up");
+                        return;
+                    }
+                    tokio::time::sleep(after).await;
+                }
+                Outcome::Gone { reason, .. } => {
+                    tracing::info!(%reason, "APNs no longer knows the device's token; not woken");
+                    return;
+                }
+                Outcome::RenewToken { reason } | Outcome::Refused { reason, .. } => {
+                    tracing::warn!(%reason, "APNs refused the wake-up");
+                    return;
+                }
+            }
+        }
+    });
 }
 
 /// The identity service tells an account's devices of a change (a device
@@ -182,6 +265,7 @@ impl ids::AccountNotifier for CourierAccountNotifier {
                 vapid_key: None,
                 receipt: None,
                 for_device: Some(device),
+                operator_granted: false,
             };
             self.0.spawn_push(req, "account change push refused");
         }

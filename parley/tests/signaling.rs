@@ -324,52 +324,7 @@ fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
         tokio::time::sleep(Duration::from_millis(300)).await;
 
         // Alice calls from a standard user agent with her digest account.
-        let alice = UdpSocket::bind("127.0.0.1:0").unwrap();
-        alice.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let me = alice.local_addr().unwrap();
-        let uri = format!("sip:{BOB}@localhost");
-        let invite = |branch: &str, cseq: u32, auth: Option<String>| {
-            let auth = auth
-                .map(|a| format!("Proxy-Authorization: {a}\r\n"))
-                .unwrap_or_default();
-            format!(
-                "INVITE {uri} SIP/2.0\r\n\
-                 Via: SIP/2.0/UDP {me};branch=z9hG4bK{branch};rport\r\n\
-                 Max-Forwards: 70\r\n\
-                 From: <sip:{ALICE}@localhost>;tag=alice\r\n\
-                 To: <sip:{BOB}@localhost>\r\n\
-                 Call-ID: wake-call\r\n\
-                 CSeq: {cseq} INVITE\r\n\
-                 Contact: <sip:alice@{me}>\r\n\
-                 {auth}\
-                 Content-Length: 0\r\n\r\n"
-            )
-        };
-        let recv = |sock: &UdpSocket| {
-            let mut buf = [0u8; 8192];
-            let (n, _) = sock.recv_from(&mut buf).expect("a response within 10 s");
-            String::from_utf8_lossy(&buf[..n]).to_string()
-        };
-        alice
-            .send_to(invite("a1", 1, None).as_bytes(), up.sip_udp)
-            .unwrap();
-        let challenge = recv(&alice);
-        assert!(challenge.starts_with("SIP/2.0 407 "), "{challenge}");
-        let challenge = Message::parse(challenge.as_bytes()).unwrap();
-        let ack = format!(
-            "ACK {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKa1;rport\r\n\
-             From: <sip:{ALICE}@localhost>;tag=alice\r\nTo: {}\r\nCall-ID: wake-call\r\n\
-             CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
-            challenge.header(&HeaderName::TO).unwrap()
-        );
-        alice.send_to(ack.as_bytes(), up.sip_udp).unwrap();
-        let challenges: Vec<&str> = challenge.lines(&HeaderName::PROXY_AUTHENTICATE).collect();
-        let auth = proxy_authorization(&challenges, &uri);
-        alice
-            .send_to(invite("a2", 2, Some(auth)).as_bytes(), up.sip_udp)
-            .unwrap();
-        let trying = recv(&alice);
-        assert!(trying.starts_with("SIP/2.0 100 "), "{trying}");
+        let alice = alice_invites(&up, "wake-call");
 
         // The VoIP push arrives on the phone's courier link.
         let push = loop {
@@ -397,9 +352,65 @@ fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
         let mut ok = Message::dialog_response(&inv, 200, "OK", "phone");
         ok.push(HeaderName::CONTACT, "<sip:phone@127.0.0.1:1;transport=tls>");
         sip.send(&String::from_utf8(ok.to_bytes()).unwrap()).await;
-        let answered = recv(&alice);
+        let answered = recv_udp(&alice);
         assert!(answered.starts_with("SIP/2.0 200 OK\r\n"), "{answered}");
     });
+}
+
+/// Alice, a standard user agent with a digest account, calls Bob over UDP
+/// with `call_id`: the INVITE, the 407, the ACK, the INVITE with her
+/// credentials, and the 100 Trying. Her socket, for what comes next.
+fn alice_invites(up: &Up, call_id: &str) -> UdpSocket {
+    let alice = UdpSocket::bind("127.0.0.1:0").unwrap();
+    alice
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let me = alice.local_addr().unwrap();
+    let uri = format!("sip:{BOB}@localhost");
+    let invite = |branch: &str, cseq: u32, auth: Option<String>| {
+        let auth = auth
+            .map(|a| format!("Proxy-Authorization: {a}\r\n"))
+            .unwrap_or_default();
+        format!(
+            "INVITE {uri} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {me};branch=z9hG4bK{branch};rport\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:{ALICE}@localhost>;tag=alice\r\n\
+             To: <sip:{BOB}@localhost>\r\n\
+             Call-ID: {call_id}\r\n\
+             CSeq: {cseq} INVITE\r\n\
+             Contact: <sip:alice@{me}>\r\n\
+             {auth}\
+             Content-Length: 0\r\n\r\n"
+        )
+    };
+    alice
+        .send_to(invite("a1", 1, None).as_bytes(), up.sip_udp)
+        .unwrap();
+    let challenge = recv_udp(&alice);
+    assert!(challenge.starts_with("SIP/2.0 407 "), "{challenge}");
+    let challenge = Message::parse(challenge.as_bytes()).unwrap();
+    let ack = format!(
+        "ACK {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKa1;rport\r\n\
+         From: <sip:{ALICE}@localhost>;tag=alice\r\nTo: {}\r\nCall-ID: {call_id}\r\n\
+         CSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+        challenge.header(&HeaderName::TO).unwrap()
+    );
+    alice.send_to(ack.as_bytes(), up.sip_udp).unwrap();
+    let challenges: Vec<&str> = challenge.lines(&HeaderName::PROXY_AUTHENTICATE).collect();
+    let auth = proxy_authorization(&challenges, &uri);
+    alice
+        .send_to(invite("a2", 2, Some(auth)).as_bytes(), up.sip_udp)
+        .unwrap();
+    let trying = recv_udp(&alice);
+    assert!(trying.starts_with("SIP/2.0 100 "), "{trying}");
+    alice
+}
+
+fn recv_udp(sock: &UdpSocket) -> String {
+    let mut buf = [0u8; 8192];
+    let (n, _) = sock.recv_from(&mut buf).expect("a response within 10 s");
+    String::from_utf8_lossy(&buf[..n]).to_string()
 }
 
 /// The attack of a user with an account: register your own handle with
@@ -468,6 +479,143 @@ fn a_wake_binding_with_another_devices_token_wakes_nobody() {
             ),
             other => panic!("unexpected: {other:?}"),
         }
+    });
+}
+
+/// An iPhone in the background: asleep, no link to our courier, only an
+/// APNs device token in its binding (RFC 8599 `pn-provider=apns`). The
+/// call's VoIP push goes through `[courier.upstream.apns]` to Apple, here
+/// a second `parley courier` speaking Apple's provider API, with the VoIP
+/// headers and a payload that names no one; the phone, woken, registers
+/// and takes the call.
+#[test]
+fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
+    parley_tests::tool::require("curl");
+    let dir = tempfile::tempdir().unwrap();
+    // "Apple": a courier with our team's key as a provider.
+    let apple_data = dir.path().join("apple");
+    let rng = ring::rand::SystemRandom::new();
+    let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+    let p8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
+    let public = {
+        use ring::signature::KeyPair;
+        let kp = ring::signature::EcdsaKeyPair::from_pkcs8(alg, p8.as_ref(), &rng).unwrap();
+        wire::PublicKey::from_slice(kp.public_key().as_ref())
+            .unwrap()
+            .to_spki_der()
+    };
+    let p8_path = dir.path().join("AuthKey_KEY1234567.p8");
+    std::fs::write(
+        &p8_path,
+        parley_tests::tool::pem("PRIVATE KEY", p8.as_ref()),
+    )
+    .unwrap();
+    let pub_path = dir.path().join("team.pem");
+    std::fs::write(&pub_path, parley_tests::tool::pem("PUBLIC KEY", &public)).unwrap();
+    let apple_config = dir.path().join("apple.toml");
+    std::fs::write(
+        &apple_config,
+        format!(
+            "[[courier.providers]]\nname = \"us\"\nteam_id = \"TEAM123456\"\n\
+             key_id = \"KEY1234567\"\nkey = \"{}\"\ntopics = [\"{TOPIC}\"]\n",
+            pub_path.display()
+        ),
+    )
+    .unwrap();
+    let apple =
+        parley_tests::courier::start_with(BIN, &apple_data, &apple_config, &[], "127.0.0.1");
+
+    // Our stack, with Apple as the courier's upstream.
+    let data = dir.path().join("data");
+    let config = dir.path().join("parley.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[signaling]\nring_timeout_secs = 30\ndigest_sha256 = true\n\
+             [[signaling.accounts]]\nhandle = \"{ALICE}\"\npassword = \"{ALICE_PASSWORD}\"\n\
+             [courier.upstream.apns]\nurl = \"{}\"\nserver_name = \"localhost\"\n\
+             ca = \"{}\"\nkey = \"{}\"\nkey_id = \"KEY1234567\"\nteam_id = \"TEAM123456\"\n",
+            apple.provider,
+            apple_data.join("ca.pem").display(),
+            p8_path.display()
+        ),
+    )
+    .unwrap();
+    let up = start(&data, &config);
+    let (key, _, cert) = activate(&up, &data);
+    let creds = credentials(&data, &key, &cert);
+
+    runtime().block_on(async {
+        // The phone's APNs token: its link to "Apple".
+        let apple_creds = {
+            let ca = ids::certs::DeviceCa::from_pem(
+                &std::fs::read_to_string(apple_data.join("ca.pem")).unwrap(),
+                &std::fs::read_to_string(apple_data.join("ca-key.pem")).unwrap(),
+            )
+            .unwrap();
+            let k = SigningKey::generate();
+            let (_, pem) = ca.issue(DeviceId::random(), &k.public(), [7; 16], 1_790_000_000).unwrap();
+            DeviceCredentials {
+                chain: rustls_pemfile::certs(&mut pem.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap(),
+                key: rustls::pki_types::PrivateKeyDer::Pkcs8(k.pkcs8().to_vec().into()),
+                roots: roots(&apple_data),
+                server_name: "localhost".into(),
+            }
+        };
+        let (mut apns, tokens) =
+            DeviceClient::connect(apple.device, Transport::Tls, &apple_creds, &[TOPIC], 0)
+                .await
+                .unwrap();
+        let apns_token = tokens[0].1.to_hex();
+        let contact = format!(
+            "<sip:iphone@127.0.0.1:1;transport=tls;pn-provider=apns;pn-prid={apns_token};\
+             pn-param=TEAM123456.{TOPIC}>;+sip.instance=\"<urn:uuid:0f1e2d3c-0000-4000-8000-0000000000a9>\""
+        );
+        // It registers with its ids certificate, then goes to the
+        // background.
+        let mut sip = SipTls::connect(up.sip_tls, &creds).await;
+        sip.send(&register_text(&contact, "reg-i", 1)).await;
+        let r = sip.recv().await;
+        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
+        drop(sip);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let alice = alice_invites(&up, "iphone-call");
+        let push = match apns.next_within(Duration::from_secs(10)).await {
+            Ok(ClientEvent::Notification(n)) => n,
+            other => panic!("no VoIP push through APNs: {other:?}"),
+        };
+        apns.ack(&[push.id]).await.unwrap();
+        assert_eq!(push.push_type, wire::push::PushType::Voip);
+        assert_eq!(push.priority, 10);
+        assert_eq!(push.topic, TOPIC);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(push.expires > now && push.expires <= now + 31, "{}", push.expires);
+        assert_eq!(push.collapse_id, "iphone-call");
+        // Apple learns which call, not who calls whom.
+        let text = String::from_utf8(push.payload.clone()).unwrap();
+        let payload: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(payload["parley"]["call_id"], "iphone-call");
+        assert!(!text.contains(ALICE) && !text.contains(BOB), "{text}");
+
+        // Woken, the phone registers again and answers.
+        let mut sip = SipTls::connect(up.sip_tls, &creds).await;
+        sip.send(&register_text(&contact, "reg-i", 2)).await;
+        let r = sip.recv().await;
+        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
+        let inv = sip.recv().await;
+        assert!(inv.starts_with("INVITE sip:iphone@127.0.0.1:1;"), "{inv}");
+        let inv = Message::parse(inv.as_bytes()).unwrap();
+        let mut ok = Message::dialog_response(&inv, 200, "OK", "iphone");
+        ok.push(HeaderName::CONTACT, "<sip:iphone@127.0.0.1:1;transport=tls>");
+        sip.send(&String::from_utf8(ok.to_bytes()).unwrap()).await;
+        let answered = recv_udp(&alice);
+        assert!(answered.starts_with("SIP/2.0 200 OK\r\n"), "{answered}");
     });
 }
 
