@@ -7,7 +7,7 @@
 //! is `turn.min_port = 50000`, `PARLEY_ADMIN_LISTEN` is `admin.listen`,
 //! `PARLEY_DATA` is `data`. A value with commas is a list.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -52,6 +52,13 @@ pub struct ClusterSection {
     /// Courier shard lease, seconds: a dead node's devices and queues
     /// move to the others within it and a quarter of it. Default 6.
     pub lease_secs: Option<u64>,
+    /// NATS user, with `nats_password_file` (the password alone in a
+    /// file, never in the configuration or logs). Default: none.
+    pub nats_user: Option<String>,
+    pub nats_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) NATS's TLS certificate chains to: TLS is then
+    /// required. Default: plain TCP (a private network only).
+    pub nats_ca: Option<PathBuf>,
 }
 
 impl ClusterSection {
@@ -77,8 +84,44 @@ impl ClusterSection {
         if let Some(s) = self.lease_secs {
             c.lease = Duration::from_secs(s);
         }
+        c.options = self.nats_options()?;
         c.validate().map_err(|e| anyhow!("cluster: {e}"))?;
         Ok(Some(c))
+    }
+
+    /// How every NATS connection of this node starts: user and password,
+    /// and the CA TLS must chain to.
+    pub fn nats_options(&self) -> Result<push_courier::cluster::NatsOptions> {
+        let login = match (&self.nats_user, &self.nats_password_file) {
+            (Some(u), Some(f)) => {
+                let p = std::fs::read_to_string(f).with_context(|| {
+                    format!("cluster.nats_password_file: cannot read {}", f.display())
+                })?;
+                Some((u.clone(), p.trim().to_owned()))
+            }
+            (None, None) => None,
+            _ => bail!("cluster: nats_user and nats_password_file go together"),
+        };
+        if let Some(ca) = &self.nats_ca {
+            if !ca.is_file() {
+                bail!("cluster.nats_ca: {} is not a file", ca.display());
+            }
+        }
+        let ca = self.nats_ca.clone();
+        Ok(push_courier::cluster::NatsOptions(std::sync::Arc::new(
+            move || {
+                let mut o = match &login {
+                    Some((u, p)) => {
+                        async_nats::ConnectOptions::with_user_and_password(u.clone(), p.clone())
+                    }
+                    None => async_nats::ConnectOptions::new(),
+                };
+                if let Some(ca) = &ca {
+                    o = o.add_root_certificates(ca.clone()).require_tls(true);
+                }
+                o
+            },
+        )))
     }
 }
 

@@ -118,6 +118,7 @@ struct SharedSip {
     url: String,
     node: String,
     nats: Vec<String>,
+    options: push_courier::cluster::NatsOptions,
 }
 
 /// Binds SIP signaling; with the identity service's store its device
@@ -156,7 +157,7 @@ async fn start_signaling(
             let location = signaling::location::SqlLocation::open(&shared.url, &shared.node)
                 .await
                 .with_context(|| "cannot open the shared SIP bindings (signaling.database)")?
-                .with_nats(&shared.nats)
+                .with_nats_options(&shared.nats, (shared.options.0)())
                 .await
                 .with_context(|| "cannot reach NATS (cluster.nats)")?;
             signaling::runtime::Server::start_shared(
@@ -221,7 +222,7 @@ async fn connect_nats(cluster: &config::ClusterSection) -> Result<async_nats::Cl
         .as_ref()
         .map(config::OneOrMany::to_vec)
         .unwrap_or_default();
-    async_nats::ConnectOptions::new()
+    (cluster.nats_options()?.0)()
         .retry_on_initial_connect()
         .connect(urls.clone())
         .await
@@ -394,6 +395,7 @@ impl Stack {
                     .as_ref()
                     .map(config::OneOrMany::to_vec)
                     .unwrap_or_default(),
+                options: settings.cluster.nats_options()?,
             }),
             _ => None,
         };

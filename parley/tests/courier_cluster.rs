@@ -544,3 +544,48 @@ async fn a_paused_owner_is_fenced_out_when_it_resumes() {
     );
     eprintln!("takeover {takeover:?} after SIGSTOP");
 }
+
+/// NATS that asks for a password: a node given the user and password file
+/// joins and is ready; one with the wrong password stays unready (its
+/// /readyz says NATS is down) rather than running without its cluster.
+#[test]
+fn nodes_log_in_to_nats_with_the_configured_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let pg = parley_tests::postgres::Postgres::start("courier-nats-auth");
+    let nats = parley_tests::nats::Nats::start_with_password("nats-auth", "parley", "s3cret-nats");
+    let node = |name: &str, password: &str, host: &str| {
+        let secret = dir.path().join(format!("{name}.pass"));
+        std::fs::write(&secret, format!("{password}\n")).unwrap();
+        let (config, _) = provider_config(
+            dir.path(),
+            &format!(
+                "\n[cluster]\nnats = \"{}\"\nnats_user = \"parley\"\nnats_password_file = \"{}\"\n",
+                nats.url(),
+                secret.display()
+            ),
+        );
+        let renamed = dir.path().join(format!("{name}.toml"));
+        std::fs::rename(&config, &renamed).unwrap();
+        parley_tests::courier::start_with(
+            BIN,
+            &data,
+            &renamed,
+            &["--cluster-node", name, "--courier-database", &pg.url()],
+            host,
+        )
+    };
+    let good = node("n0", "s3cret-nats", "127.0.0.2");
+    let wrong = node("n1", "guessed", "127.0.0.3");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while good.readyz() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the node with the password never got ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(good.metric("parley_courier_nats_up"), Some(1.0));
+    assert_eq!(wrong.readyz(), 503);
+    assert_eq!(wrong.metric("parley_courier_nats_up"), Some(0.0));
+}

@@ -60,6 +60,24 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// share, so that a joining node gets its share within a few rounds.
 const RELEASE_PER_ROUND: usize = 64;
 
+/// How a NATS connection starts: the operator's credentials and trusted
+/// CAs. The courier adds its own name and callbacks to what this makes.
+#[derive(Clone)]
+pub struct NatsOptions(pub Arc<dyn Fn() -> async_nats::ConnectOptions + Send + Sync>);
+
+impl Default for NatsOptions {
+    fn default() -> NatsOptions {
+        NatsOptions(Arc::new(async_nats::ConnectOptions::new))
+    }
+}
+
+impl std::fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Credentials stay out of logs.
+        f.write_str("NatsOptions(..)")
+    }
+}
+
 /// This node in the cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -71,6 +89,8 @@ pub struct ClusterConfig {
     /// Shard lease length; a dead node's shards move within it and one
     /// lease round (a quarter of it). Default 6 s.
     pub lease: Duration,
+    /// Credentials and trust for NATS. Default: none (a private network).
+    pub options: NatsOptions,
 }
 
 impl ClusterConfig {
@@ -79,6 +99,7 @@ impl ClusterConfig {
             node: node.into(),
             nats,
             lease: Duration::from_secs(6),
+            options: NatsOptions::default(),
         }
     }
 
@@ -253,7 +274,7 @@ impl Cluster {
         config.validate()?;
         let reconnected = Arc::new(tokio::sync::Notify::new());
         let events = reconnected.clone();
-        let nats = async_nats::ConnectOptions::new()
+        let nats = (config.options.0)()
             .name(format!("parley-courier-{}", config.node))
             .event_callback(move |e| {
                 let events = events.clone();

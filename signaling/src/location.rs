@@ -138,8 +138,19 @@ impl SqlLocation {
 
     /// Tells other nodes of every store over NATS (`urls`), and hears of
     /// theirs ([`Location::watch`]).
-    pub async fn with_nats(mut self, urls: &[String]) -> Result<SqlLocation, LocationError> {
-        let client = async_nats::ConnectOptions::new()
+    pub async fn with_nats(self, urls: &[String]) -> Result<SqlLocation, LocationError> {
+        self.with_nats_options(urls, async_nats::ConnectOptions::new())
+            .await
+    }
+
+    /// As [`SqlLocation::with_nats`], starting from `options` (the
+    /// operator's credentials and trusted CAs).
+    pub async fn with_nats_options(
+        mut self,
+        urls: &[String],
+        options: async_nats::ConnectOptions,
+    ) -> Result<SqlLocation, LocationError> {
+        let client = options
             .name(format!("parley-signaling-{}", self.node))
             .retry_on_initial_connect()
             .connect(urls.to_vec())

@@ -12,11 +12,22 @@ pub struct Nats {
     port: u16,
     log: PathBuf,
     child: Option<Child>,
+    /// A user and password clients must give.
+    login: Option<(String, String)>,
 }
 
 impl Nats {
     /// Starts a server and waits (bounded) until it accepts connections.
     pub fn start(name: &str) -> Nats {
+        Nats::start_as(name, None)
+    }
+
+    /// As [`Nats::start`], admitting only `user` with `password`.
+    pub fn start_with_password(name: &str, user: &str, password: &str) -> Nats {
+        Nats::start_as(name, Some((user.to_owned(), password.to_owned())))
+    }
+
+    fn start_as(name: &str, login: Option<(String, String)>) -> Nats {
         let log =
             std::env::temp_dir().join(format!("parley-nats-{name}-{}.log", std::process::id()));
         let mut nats = Nats {
@@ -24,6 +35,7 @@ impl Nats {
             port: crate::tool::free_port(),
             log,
             child: None,
+            login,
         };
         nats.start_again();
         nats
@@ -33,8 +45,22 @@ impl Nats {
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "NATS is running");
         let log = std::fs::File::create(&self.log).expect("create NATS log");
+        let mut args = vec![
+            "-a".to_owned(),
+            "127.0.0.1".to_owned(),
+            "-p".to_owned(),
+            self.port.to_string(),
+        ];
+        if let Some((u, p)) = &self.login {
+            args.extend([
+                "--user".to_owned(),
+                u.clone(),
+                "--pass".to_owned(),
+                p.clone(),
+            ]);
+        }
         let child = Command::new(&self.bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
