@@ -1,6 +1,4 @@
-//! Upstream delivery to Apple's push service: a device that cannot hold
-//! our link (an iPhone in the background) is woken through APNs, which
-//! Parley reaches as a provider.
+//! Apple's push service (APNs), reached as a provider.
 //!
 //! - [`ProviderToken`]: the ES256 provider token (JWT with the key id as
 //!   `kid` and the team id as `iss`), kept between 20 and 60 minutes as
@@ -14,15 +12,12 @@
 //!   honouring `Retry-After`); or refused for good.
 //! - [`ApnsClient`]: one HTTP/2 connection, many concurrent streams,
 //!   connected on first use and again after a failure.
-//!
-//! The base address is configurable: that is how tests (and the
-//! benchmark) point it at a local stand-in, another Parley courier, which
-//! speaks the same provider API.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use super::{Outcome, DEFAULT_RETRY};
 use crate::provider::{Http2, Response};
 
 /// A provider token is reused this long (APNs: refresh between 20 and 60
@@ -30,8 +25,6 @@ use crate::provider::{Http2, Response};
 pub const TOKEN_REUSE: Duration = Duration::from_secs(40 * 60);
 /// A new provider token no sooner than this after the last.
 pub const TOKEN_MIN_AGE: Duration = Duration::from_secs(20 * 60);
-/// A retry without `Retry-After`.
-const DEFAULT_RETRY: Duration = Duration::from_secs(1);
 
 /// Where APNs is and who we are to it.
 #[derive(Debug, Clone)]
@@ -65,23 +58,6 @@ pub struct ApnsPush {
     pub payload: Vec<u8>,
 }
 
-/// What an APNs answer means for the push and the token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// APNs took it; `apns_id` is its id as APNs echoes it.
-    Accepted { apns_id: String },
-    /// The token is no good any more: drop it and report the device as
-    /// unreachable. `since` is when APNs last saw it valid (410), if said.
-    Gone { reason: String, since: Option<i64> },
-    /// Try again after `after` (429, 5xx, or no answer).
-    Retry { after: Duration, reason: String },
-    /// Our provider token expired or was refused: renew it and retry.
-    RenewToken { reason: String },
-    /// Refused for a reason retrying does not fix (a bad topic, a payload
-    /// too large…).
-    Refused { status: u16, reason: String },
-}
-
 /// Reads APNs's answer (status, headers, `{"reason": …, "timestamp": …}`).
 pub fn classify(r: &Response) -> Outcome {
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
@@ -92,7 +68,7 @@ pub fn classify(r: &Response) -> Outcome {
         .map_or(DEFAULT_RETRY, Duration::from_secs);
     match r.status {
         200 => Outcome::Accepted {
-            apns_id: r.header("apns-id").unwrap_or_default().to_owned(),
+            id: r.header("apns-id").unwrap_or_default().to_owned(),
         },
         410 => Outcome::Gone {
             reason,
@@ -329,7 +305,7 @@ mod tests {
         let id = "8A1B2C3D-0000-0000-0000-000000000001";
         assert_eq!(
             classify(&response(200, &[("apns-id", id)], "")),
-            Outcome::Accepted { apns_id: id.into() }
+            Outcome::Accepted { id: id.into() }
         );
         assert_eq!(
             classify(&response(
