@@ -142,225 +142,14 @@ async fn an_unreachable_apns_is_retried_and_a_later_one_reached() {
 
 // ------------------------------------------------------------------ FCM
 
-/// A local FCM HTTP v1 stand-in: Google's token endpoint (JWT bearer
-/// grant, RS256 assertions checked against the service account's key) and
-/// `messages:send`, over TLS and HTTP/2. Registration tokens named
-/// `gone`, `busy` and `down` get FCM's errors.
-struct FakeFcm {
-    addr: std::net::SocketAddr,
-    roots: rustls::RootCertStore,
-    state: Arc<Mutex<FakeState>>,
-}
-
-#[derive(Default)]
-struct FakeState {
-    /// Access tokens issued, and the live ones.
-    issued: u32,
-    live: Vec<String>,
-    /// Their lifetime, seconds.
-    expires_in: i64,
-    /// Refuse the next send's token as if it had expired.
-    revoke_next: bool,
-    sent: Vec<serde_json::Value>,
-}
-
-use std::sync::{Arc, Mutex};
-
-impl FakeFcm {
-    async fn start(public_pkcs1: Vec<u8>, expires_in: i64) -> FakeFcm {
-        let pki = parley_tests::pki::TestPki::new();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![pki.server_cert.clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(pki.server_key.clone().into()),
-            )
-            .unwrap();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(Mutex::new(FakeState {
-            expires_in,
-            ..FakeState::default()
-        }));
-        let serving = state.clone();
-        let key = Arc::new(public_pkcs1);
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let (acceptor, state, key) = (acceptor.clone(), serving.clone(), key.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let svc = hyper::service::service_fn(move |req| {
-                        let (state, key) = (state.clone(), key.clone());
-                        async move {
-                            Ok::<_, std::convert::Infallible>(fake_fcm(req, &state, &key).await)
-                        }
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-                });
-            }
-        });
-        FakeFcm {
-            addr,
-            roots: pki.roots(),
-            state,
-        }
-    }
-
-    fn issued(&self) -> u32 {
-        self.state.lock().unwrap().issued
-    }
-}
-
-async fn fake_fcm(
-    req: hyper::Request<hyper::body::Incoming>,
-    state: &Mutex<FakeState>,
-    public_pkcs1: &[u8],
-) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
-    use http_body_util::BodyExt;
-    let path = req.uri().path().to_owned();
-    let auth = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let body = req.into_body().collect().await.unwrap().to_bytes();
-    let answer = |status: u16, headers: &[(&str, &str)], body: serde_json::Value| {
-        let mut r = hyper::Response::builder().status(status);
-        for (k, v) in headers {
-            r = r.header(*k, *v);
-        }
-        r.body(http_body_util::Full::new(bytes::Bytes::from(
-            body.to_string(),
-        )))
-        .unwrap()
-    };
-    let fcm_error = |status: u16, code: &str| {
-        serde_json::json!({"error": {"code": status, "status": code,
-            "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": code}]}})
-    };
-    if path == "/token" {
-        let form = String::from_utf8_lossy(&body).to_string();
-        let assertion = form
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("assertion="))
-            .unwrap_or_default();
-        let grant =
-            form.contains("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer");
-        let parts: Vec<&str> = assertion.split('.').collect();
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        use base64::Engine as _;
-        let signed = parts.len() == 3
-            && ring::signature::UnparsedPublicKey::new(
-                &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-                public_pkcs1,
-            )
-            .verify(
-                format!("{}.{}", parts[0], parts[1]).as_bytes(),
-                &b64.decode(parts[2]).unwrap_or_default(),
-            )
-            .is_ok();
-        let claims: serde_json::Value = parts
-            .get(1)
-            .and_then(|c| b64.decode(c).ok())
-            .and_then(|c| serde_json::from_slice(&c).ok())
-            .unwrap_or_default();
-        let scoped = claims["scope"] == push_courier::upstream::fcm::SCOPE
-            && claims["iss"] == "parley@example.iam.gserviceaccount.com"
-            && claims["aud"]
-                .as_str()
-                .is_some_and(|a| a.ends_with("/token"));
-        if !(grant && signed && scoped) {
-            return answer(400, &[], serde_json::json!({"error": "invalid_grant"}));
-        }
-        let mut s = state.lock().unwrap();
-        s.issued += 1;
-        let token = format!("tok-{}", s.issued);
-        s.live.push(token.clone());
-        return answer(
-            200,
-            &[],
-            serde_json::json!({"access_token": token, "expires_in": s.expires_in, "token_type": "Bearer"}),
-        );
-    }
-    if path != "/v1/projects/parley-test/messages:send" {
-        return answer(404, &[], serde_json::json!({}));
-    }
-    let mut s = state.lock().unwrap();
-    let token = auth.strip_prefix("Bearer ").unwrap_or_default().to_owned();
-    if s.revoke_next {
-        s.revoke_next = false;
-        s.live.retain(|t| *t != token);
-    }
-    if !s.live.contains(&token) {
-        return answer(
-            401,
-            &[],
-            serde_json::json!({"error": {"code": 401, "status": "UNAUTHENTICATED"}}),
-        );
-    }
-    let msg: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    match msg["message"]["token"].as_str().unwrap_or_default() {
-        "gone" => answer(404, &[], fcm_error(404, "UNREGISTERED")),
-        "busy" => answer(
-            429,
-            &[("retry-after", "3")],
-            fcm_error(429, "QUOTA_EXCEEDED"),
-        ),
-        "down" => answer(503, &[], fcm_error(503, "UNAVAILABLE")),
-        _ => {
-            s.sent.push(msg);
-            let name = format!("projects/parley-test/messages/{}", s.sent.len());
-            answer(200, &[], serde_json::json!({"name": name}))
-        }
-    }
-}
-
-/// A service account with a fresh RSA key; its public key (PKCS#1 DER).
-fn service_account(token_port: u16) -> (push_courier::upstream::fcm::ServiceAccount, Vec<u8>) {
-    let rsa = openssl::rsa::Rsa::generate(2048).unwrap();
-    let public = rsa.public_key_to_der_pkcs1().unwrap();
-    let pem = openssl::pkey::PKey::from_rsa(rsa)
-        .unwrap()
-        .private_key_to_pem_pkcs8()
-        .unwrap();
-    let json = serde_json::json!({
-        "type": "service_account",
-        "project_id": "parley-test",
-        "private_key_id": "k1",
-        "private_key": String::from_utf8(pem).unwrap(),
-        "client_email": "parley@example.iam.gserviceaccount.com",
-        "token_uri": format!("https://localhost:{token_port}/token"),
-    });
-    let account =
-        push_courier::upstream::fcm::ServiceAccount::from_json(json.to_string().as_bytes())
-            .unwrap();
-    (account, public)
-}
+use parley_tests::fcm::FakeFcm;
 
 async fn fcm(expires_in: i64) -> (FakeFcm, push_courier::upstream::fcm::FcmClient) {
-    // The key must exist before the server that checks it; the port after.
-    let rsa_port = parley_tests::tool::free_port();
-    let (account, public) = service_account(rsa_port);
-    let fake = FakeFcm::start(public, expires_in).await;
-    let account = push_courier::upstream::fcm::ServiceAccount {
-        token_uri: format!("https://localhost:{}/token", fake.addr.port()),
-        ..account
-    };
+    let fake = FakeFcm::start(expires_in).await;
+    let account = push_courier::upstream::fcm::ServiceAccount::from_json(
+        fake.service_account_json().as_bytes(),
+    )
+    .unwrap();
     let client =
         push_courier::upstream::fcm::FcmClient::new(push_courier::upstream::fcm::FcmConfig {
             account,
@@ -396,7 +185,7 @@ async fn an_fcm_data_message_goes_out_high_priority_with_a_cached_access_token()
         ));
     }
     assert_eq!(fake.issued(), 1, "one access token for all three");
-    let sent = fake.state.lock().unwrap().sent[0].clone();
+    let sent = fake.sent()[0].clone();
     assert_eq!(sent["message"]["token"], "android-1");
     assert_eq!(sent["message"]["android"]["priority"], "HIGH");
     assert_eq!(sent["message"]["android"]["ttl"], "30s");
@@ -408,7 +197,7 @@ async fn an_fcm_data_message_goes_out_high_priority_with_a_cached_access_token()
     assert!(sent["message"]["notification"].is_null(), "data only");
 
     // FCM calls the token invalid: a new one, and the push goes.
-    fake.state.lock().unwrap().revoke_next = true;
+    fake.revoke_next();
     assert!(matches!(
         client.send(&data_push("android-1")).await,
         Outcome::Accepted { .. }

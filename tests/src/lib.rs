@@ -2,6 +2,8 @@
 //!
 //! - [`baresip`]: baresip as a peer, in network namespaces of its own;
 //! - [`courier`]: `parley courier` alone as a separate process;
+//! - [`fcm`]: a local FCM HTTP v1 stand-in (token endpoint and
+//!   `messages:send`);
 //! - [`tool`]: runs third-party clients (coturn's `turnutils_*`, `stun`)
 //!   with a time bound, and fails loudly when one is not installed;
 //! - [`relay`]: starts the real relay in-process on loopback;
@@ -14,6 +16,7 @@
 
 pub mod baresip;
 pub mod courier;
+pub mod fcm;
 pub mod nats;
 pub mod peer;
 pub mod pki;
