@@ -374,7 +374,28 @@ pub struct CourierSection {
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamSection {
     pub apns: Option<ApnsSection>,
+    pub fcm: Option<FcmSection>,
 }
+
+/// `[courier.upstream.fcm]`: Google's Firebase Cloud Messaging (HTTP v1),
+/// reached with a service account.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmSection {
+    /// The service-account JSON file from the Firebase console (its
+    /// project, client email, RSA key and token URI; never logged).
+    pub service_account: PathBuf,
+    /// host:port. Default `fcm.googleapis.com:443`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// CA certificates (PEM) to trust instead of the public roots, for
+    /// FCM and the token endpoint: a local stand-in.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+/// Google's endpoint.
+pub const FCM_DEFAULT: &str = "fcm.googleapis.com:443";
 
 /// `[courier.upstream.apns]`: Apple's push service, reached as a provider
 /// with a token-signing key (`.p8`).

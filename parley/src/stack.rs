@@ -130,7 +130,7 @@ async fn start_signaling(
     config: signaling::runtime::Config,
     ids: Option<ids::store::Store>,
     courier: Option<wiring::CourierLink>,
-    apns: Option<Arc<push_courier::upstream::ApnsClient>>,
+    upstream: wiring::Upstream,
     shared: Option<&SharedSip>,
 ) -> Result<(
     signaling::runtime::Server,
@@ -148,7 +148,7 @@ async fn start_signaling(
         None => Arc::new(signaling::runtime::NoDirectory),
     };
     let waker: Arc<dyn signaling::runtime::Waker> = match courier {
-        Some(link) => Arc::new(wiring::CourierWaker { link, apns }),
+        Some(link) => Arc::new(wiring::CourierWaker { link, upstream }),
         None => Arc::new(signaling::runtime::NoWaker),
     };
     let started = match shared {
@@ -177,23 +177,33 @@ async fn start_signaling(
     started.with_context(|| "cannot start signaling")
 }
 
-/// The APNs client `[courier.upstream.apns]` describes: its address
-/// resolved now, the public roots unless `ca` names others, the `.p8`
-/// key read (never logged).
-async fn apns_client(a: &config::ApnsSection) -> Result<push_courier::upstream::ApnsClient> {
-    let url = a.url.as_deref().unwrap_or(config::APNS_DEFAULT);
+/// `host:port` resolved now (`key` names it in errors), and its host.
+async fn resolve(key: &str, url: &str) -> Result<(std::net::SocketAddr, String)> {
     let addr = tokio::net::lookup_host(url)
         .await
-        .with_context(|| format!("courier.upstream.apns.url: cannot resolve {url}"))?
+        .with_context(|| format!("{key}: cannot resolve {url}"))?
         .next()
-        .with_context(|| format!("courier.upstream.apns.url: no address for {url}"))?;
+        .with_context(|| format!("{key}: no address for {url}"))?;
     let host = url.rsplit_once(':').map_or(url, |(h, _)| h);
-    let roots = match &a.ca {
+    Ok((addr, host.to_owned()))
+}
+
+/// The public roots, unless `ca` names others (a stand-in).
+fn upstream_roots(ca: &Option<PathBuf>) -> Result<rustls::RootCertStore> {
+    Ok(match ca {
         Some(ca) => tls::roots(ca)?,
         None => rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         },
-    };
+    })
+}
+
+/// The APNs client `[courier.upstream.apns]` describes: its address
+/// resolved now, the `.p8` key read (never logged).
+async fn apns_client(a: &config::ApnsSection) -> Result<push_courier::upstream::ApnsClient> {
+    let url = a.url.as_deref().unwrap_or(config::APNS_DEFAULT);
+    let (addr, host) = resolve("courier.upstream.apns.url", url).await?;
+    let roots = upstream_roots(&a.ca)?;
     let key = match tls::private_key(&a.key)
         .with_context(|| format!("courier.upstream.apns.key: {}", a.key.display()))?
     {
@@ -206,13 +216,45 @@ async fn apns_client(a: &config::ApnsSection) -> Result<push_courier::upstream::
     Ok(push_courier::upstream::ApnsClient::new(
         push_courier::upstream::ApnsConfig {
             addr,
-            server_name: a.server_name.clone().unwrap_or_else(|| host.to_owned()),
+            server_name: a.server_name.clone().unwrap_or(host),
             roots,
             key_pkcs8: key,
             key_id: a.key_id.clone(),
             team_id: a.team_id.clone(),
         },
     ))
+}
+
+/// The FCM client `[courier.upstream.fcm]` describes: the service
+/// account read (its key never logged), FCM's and the token endpoint's
+/// addresses resolved now.
+async fn fcm_client(f: &config::FcmSection) -> Result<push_courier::upstream::fcm::FcmClient> {
+    use push_courier::upstream::fcm;
+    let key = "courier.upstream.fcm.service_account";
+    let json = std::fs::read(&f.service_account)
+        .with_context(|| format!("{key}: cannot read {}", f.service_account.display()))?;
+    let account = fcm::ServiceAccount::from_json(&json).with_context(|| key.to_owned())?;
+    let url = f.url.as_deref().unwrap_or(config::FCM_DEFAULT);
+    let (api, api_name) = resolve("courier.upstream.fcm.url", url).await?;
+    // https://host[:port]/path → host:port
+    let authority = account
+        .token_uri
+        .strip_prefix("https://")
+        .and_then(|r| r.split('/').next())
+        .with_context(|| format!("{key}: token_uri is not an https URL"))?;
+    let authority = match authority.contains(':') {
+        true => authority.to_owned(),
+        false => format!("{authority}:443"),
+    };
+    let (token, token_name) = resolve("the service account's token_uri", &authority).await?;
+    Ok(fcm::FcmClient::new(fcm::FcmConfig {
+        account,
+        api,
+        api_name,
+        token,
+        token_name,
+        roots: upstream_roots(&f.ca)?,
+    }))
 }
 
 /// A NATS connection for a stand-alone service of a cluster.
@@ -411,9 +453,15 @@ impl Stack {
                     signaling_config,
                     ids_store.clone(),
                     courier_link,
-                    match &settings.courier.upstream.apns {
-                        Some(a) => Some(Arc::new(apns_client(a).await?)),
-                        None => None,
+                    wiring::Upstream {
+                        apns: match &settings.courier.upstream.apns {
+                            Some(a) => Some(Arc::new(apns_client(a).await?)),
+                            None => None,
+                        },
+                        fcm: match &settings.courier.upstream.fcm {
+                            Some(f) => Some(Arc::new(fcm_client(f).await?)),
+                            None => None,
+                        },
                     },
                     shared_sip.as_ref(),
                 )

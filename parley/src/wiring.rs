@@ -79,7 +79,14 @@ impl CourierLink {
 /// `[courier.upstream.apns]`.
 pub struct CourierWaker {
     pub link: CourierLink,
+    pub upstream: Upstream,
+}
+
+/// The platforms' push services the courier may hand wake-ups to.
+#[derive(Default)]
+pub struct Upstream {
     pub apns: Option<Arc<push_courier::upstream::ApnsClient>>,
+    pub fcm: Option<Arc<push_courier::upstream::fcm::FcmClient>>,
 }
 
 /// A wake-up is useless once the call has stopped waiting for the device.
@@ -94,14 +101,21 @@ impl signaling::runtime::Waker for CourierWaker {
             call_id,
             caller,
         } = wake;
-        if push.provider == "apns" {
-            match &self.apns {
-                Some(apns) => wake_through_apns(apns.clone(), &push, &call_id),
-                None => tracing::warn!(
-                    "a binding asks for a wake-up through APNs, but [courier.upstream.apns] is not set"
-                ),
+        match (
+            push.provider.as_str(),
+            &self.upstream.apns,
+            &self.upstream.fcm,
+        ) {
+            ("apns", Some(apns), _) => return wake_through_apns(apns.clone(), &push, &call_id),
+            ("fcm", _, Some(fcm)) => return wake_through_fcm(fcm.clone(), &push, &call_id),
+            (p @ ("apns" | "fcm"), _, _) => {
+                tracing::warn!(
+                    provider = p,
+                    "a binding asks for a wake-up through a platform not set up in [courier.upstream]"
+                );
+                return;
             }
-            return;
+            _ => {}
         }
         if push.provider != "parley" {
             tracing::warn!(provider = %push.provider, "cannot wake a device through this push provider");
@@ -161,7 +175,7 @@ fn wake_through_apns(
     push: &signaling::core::registrar::PushParams,
     call_id: &str,
 ) {
-    use push_courier::upstream::{ApnsPush, Outcome};
+    use push_courier::upstream::ApnsPush;
     let token = push.prid.to_ascii_lowercase();
     if token.is_empty() || token.len() > 200 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
         tracing::debug!("pn-prid is not an APNs device token");
@@ -198,27 +212,65 @@ fn wake_through_apns(
             .into_bytes(),
     };
     tokio::spawn(async move {
-        loop {
-            match apns.send(&wake).await {
-                Outcome::Accepted { .. } => return,
-                Outcome::Retry { after, reason } => {
-                    if SystemTime::now() + after >= until {
-                        tracing::info!(%reason, "APNs did not take the wake-up before the call gave up");
-                        return;
-                    }
-                    tokio::time::sleep(after).await;
-                }
-                Outcome::Gone { reason, .. } => {
-                    tracing::info!(%reason, "APNs no longer knows the device's token; not woken");
+        retried("APNs", until, || apns.send(&wake)).await;
+    });
+}
+
+/// A high-priority data message through FCM for a waiting call, retried
+/// until the call would no longer wait. Google sees only the call's id.
+fn wake_through_fcm(
+    fcm: Arc<push_courier::upstream::fcm::FcmClient>,
+    push: &signaling::core::registrar::PushParams,
+    call_id: &str,
+) {
+    if push.prid.is_empty() || push.prid.len() > 4096 {
+        tracing::debug!("pn-prid is not an FCM registration token");
+        return;
+    }
+    let wake = push_courier::upstream::fcm::FcmPush {
+        token: push.prid.clone(),
+        data: [
+            ("type".to_owned(), "call".to_owned()),
+            ("call_id".to_owned(), call_id.to_owned()),
+        ]
+        .into(),
+        ttl: WAKE_TTL,
+        collapse_key: Some(call_id.chars().take(64).collect()),
+    };
+    let until = SystemTime::now() + WAKE_TTL;
+    tokio::spawn(async move {
+        retried("FCM", until, || fcm.send(&wake)).await;
+    });
+}
+
+/// Sends through a platform until it takes the push, the token turns out
+/// dead, or `until` (the call stops waiting) would pass before a retry.
+async fn retried<F, Fut>(platform: &str, until: SystemTime, send: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = push_courier::upstream::Outcome>,
+{
+    use push_courier::upstream::Outcome;
+    loop {
+        match send().await {
+            Outcome::Accepted { .. } => return,
+            Outcome::Retry { after, reason } => {
+                if SystemTime::now() + after >= until {
+                    tracing::info!(platform, %reason, "the wake-up was not taken before the call gave up");
                     return;
                 }
-                Outcome::RenewToken { reason } | Outcome::Refused { reason, .. } => {
-                    tracing::warn!(%reason, "APNs refused the wake-up");
-                    return;
-                }
+                tokio::time::sleep(after).await;
+            }
+            Outcome::Gone { reason, .. } => {
+                tracing::info!(platform, %reason, "the device's token is gone; not woken");
+                return;
+            }
+            Outcome::RenewToken { reason } | Outcome::Refused { reason, .. } => {
+                tracing::warn!(platform, %reason, "the wake-up was refused");
+                return;
             }
         }
-    });
+    }
 }
 
 /// The identity service tells an account's devices of a change (a device

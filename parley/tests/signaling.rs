@@ -619,6 +619,83 @@ fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
     });
 }
 
+/// An Android phone without a foreground service: asleep, only an FCM
+/// registration token in its binding (`pn-provider=fcm`). The call's
+/// wake-up goes through `[courier.upstream.fcm]` to FCM, here a local
+/// stand-in, as a high-priority data message naming only the call; the
+/// phone, woken, registers and takes the call.
+#[test]
+fn a_sleeping_android_phone_is_woken_through_fcm_and_takes_the_call() {
+    parley_tests::tool::require("curl");
+    let rt = runtime();
+    let fcm = rt.block_on(parley_tests::fcm::FakeFcm::start(3600));
+    let dir = tempfile::tempdir().unwrap();
+    let account = dir.path().join("service-account.json");
+    std::fs::write(&account, fcm.service_account_json()).unwrap();
+    let ca = dir.path().join("google-ca.pem");
+    std::fs::write(&ca, &fcm.ca_pem).unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("parley.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[signaling]\nring_timeout_secs = 30\ndigest_sha256 = true\n\
+             [[signaling.accounts]]\nhandle = \"{ALICE}\"\npassword = \"{ALICE_PASSWORD}\"\n\
+             [courier.upstream.fcm]\nservice_account = \"{}\"\nurl = \"127.0.0.1:{}\"\nca = \"{}\"\n",
+            account.display(),
+            fcm.addr.port(),
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let up = start(&data, &config);
+    let (key, _, cert) = activate(&up, &data);
+    let creds = credentials(&data, &key, &cert);
+
+    rt.block_on(async {
+        let contact = "<sip:pixel@127.0.0.1:1;transport=tls;pn-provider=fcm;pn-prid=fcm-token-1;\
+             pn-param=parley-test>;+sip.instance=\"<urn:uuid:0f1e2d3c-0000-4000-8000-0000000000f1>\"";
+        let mut sip = SipTls::connect(up.sip_tls, &creds).await;
+        sip.send(&register_text(contact, "reg-f", 1)).await;
+        let r = sip.recv().await;
+        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
+        drop(sip);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let alice = alice_invites(&up, "pixel-call");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let message = loop {
+            if let Some(m) = fcm.sent().first() {
+                break m["message"].clone();
+            }
+            assert!(Instant::now() < deadline, "no message reached FCM");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(message["token"], "fcm-token-1");
+        assert_eq!(message["android"]["priority"], "HIGH");
+        assert_eq!(message["android"]["ttl"], "30s");
+        assert_eq!(message["android"]["collapse_key"], "pixel-call");
+        assert_eq!(message["data"]["type"], "call");
+        assert_eq!(message["data"]["call_id"], "pixel-call");
+        let text = message.to_string();
+        assert!(!text.contains(ALICE) && !text.contains(BOB), "{text}");
+        assert_eq!(fcm.issued(), 1);
+
+        let mut sip = SipTls::connect(up.sip_tls, &creds).await;
+        sip.send(&register_text(contact, "reg-f", 2)).await;
+        let r = sip.recv().await;
+        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
+        let inv = sip.recv().await;
+        assert!(inv.starts_with("INVITE sip:pixel@127.0.0.1:1;"), "{inv}");
+        let inv = Message::parse(inv.as_bytes()).unwrap();
+        let mut ok = Message::dialog_response(&inv, 200, "OK", "pixel");
+        ok.push(HeaderName::CONTACT, "<sip:pixel@127.0.0.1:1;transport=tls>");
+        sip.send(&String::from_utf8(ok.to_bytes()).unwrap()).await;
+        let answered = recv_udp(&alice);
+        assert!(answered.starts_with("SIP/2.0 200 OK\r\n"), "{answered}");
+    });
+}
+
 /// A two-thread runtime for the tests that hold device links.
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
