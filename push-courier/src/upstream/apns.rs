@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{Outcome, DEFAULT_RETRY};
-use crate::provider::{Http2, Response};
+use super::{Connection, Outcome, DEFAULT_RETRY};
+use crate::provider::Response;
 
 /// A provider token is reused this long (APNs: refresh between 20 and 60
 /// minutes).
@@ -167,39 +167,21 @@ impl ProviderToken {
 /// Pushes to APNs over one HTTP/2 connection.
 #[derive(Debug)]
 pub struct ApnsClient {
-    config: ApnsConfig,
-    http: tokio::sync::Mutex<Option<Http2>>,
+    apns: Connection,
     token: Mutex<ProviderToken>,
 }
 
 impl ApnsClient {
     pub fn new(config: ApnsConfig) -> ApnsClient {
-        let token = ProviderToken::new(config.key_pkcs8.clone(), &config.key_id, &config.team_id);
+        let token = ProviderToken::new(config.key_pkcs8, &config.key_id, &config.team_id);
         ApnsClient {
-            config,
-            http: tokio::sync::Mutex::new(None),
+            apns: Connection::new(config.addr, &config.server_name, config.roots),
             token: Mutex::new(token),
         }
     }
 
     fn token(&self) -> std::sync::MutexGuard<'_, ProviderToken> {
         self.token.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The connection, made if there is none.
-    async fn connection(&self) -> std::io::Result<Http2> {
-        let mut h = self.http.lock().await;
-        if let Some(c) = h.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = Http2::connect(
-            self.config.addr,
-            &self.config.server_name,
-            self.config.roots.clone(),
-        )
-        .await?;
-        *h = Some(c.clone());
-        Ok(c)
     }
 
     /// Sends `push` once (renewing the provider token and sending again
@@ -242,15 +224,6 @@ impl ApnsClient {
                 }
             }
         };
-        let mut http = match self.connection().await {
-            Ok(h) => h,
-            Err(e) => {
-                return Outcome::Retry {
-                    after: DEFAULT_RETRY,
-                    reason: format!("cannot reach APNs: {e}"),
-                }
-            }
-        };
         let (priority, expiration, id) = (
             push.priority.to_string(),
             push.expiration.to_string(),
@@ -268,19 +241,16 @@ impl ApnsClient {
             headers.push(("apns-collapse-id", c));
         }
         let path = format!("/3/device/{}", push.token);
-        match http
-            .request("POST", &path, &headers, push.payload.clone())
+        match self
+            .apns
+            .request(&path, &headers, push.payload.clone())
             .await
         {
             Ok(r) => classify(&r),
-            Err(e) => {
-                // The connection is gone: the next push makes a new one.
-                *self.http.lock().await = None;
-                Outcome::Retry {
-                    after: DEFAULT_RETRY,
-                    reason: format!("APNs connection lost: {e}"),
-                }
-            }
+            Err(reason) => Outcome::Retry {
+                after: DEFAULT_RETRY,
+                reason,
+            },
         }
     }
 }

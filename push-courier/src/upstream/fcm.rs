@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 
-use super::{Outcome, DEFAULT_RETRY};
-use crate::provider::{Http2, Response};
+use super::{Connection, Outcome, DEFAULT_RETRY};
+use crate::provider::Response;
 
 /// The scope an access token must carry to send.
 pub const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
@@ -182,35 +182,20 @@ struct AccessToken {
 /// Sends to FCM, fetching access tokens as needed.
 #[derive(Debug)]
 pub struct FcmClient {
-    config: FcmConfig,
-    api: tokio::sync::Mutex<Option<Http2>>,
-    token_host: tokio::sync::Mutex<Option<Http2>>,
+    account: ServiceAccount,
+    api: Connection,
+    token_host: Connection,
     access: Mutex<Option<AccessToken>>,
 }
 
 impl FcmClient {
     pub fn new(config: FcmConfig) -> FcmClient {
         FcmClient {
-            config,
-            api: tokio::sync::Mutex::new(None),
-            token_host: tokio::sync::Mutex::new(None),
+            api: Connection::new(config.api, &config.api_name, config.roots.clone()),
+            token_host: Connection::new(config.token, &config.token_name, config.roots),
+            account: config.account,
             access: Mutex::new(None),
         }
-    }
-
-    async fn connect(
-        slot: &tokio::sync::Mutex<Option<Http2>>,
-        addr: SocketAddr,
-        name: &str,
-        roots: &rustls::RootCertStore,
-    ) -> std::io::Result<Http2> {
-        let mut s = slot.lock().await;
-        if let Some(c) = s.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = Http2::connect(addr, name, roots.clone()).await?;
-        *s = Some(c.clone());
-        Ok(c)
     }
 
     fn cached(&self, now: i64) -> Option<String> {
@@ -235,16 +220,11 @@ impl FcmClient {
             after: DEFAULT_RETRY,
             reason,
         };
-        let assertion = self
-            .config
-            .account
-            .assertion(now)
-            .map_err(|e| Outcome::Refused {
-                status: 0,
-                reason: e.to_string(),
-            })?;
+        let assertion = self.account.assertion(now).map_err(|e| Outcome::Refused {
+            status: 0,
+            reason: e.to_string(),
+        })?;
         let path = self
-            .config
             .account
             .token_uri
             .split_once("://")
@@ -253,29 +233,15 @@ impl FcmClient {
         let body = format!(
             "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion={assertion}"
         );
-        let mut http = Self::connect(
-            &self.token_host,
-            self.config.token,
-            &self.config.token_name,
-            &self.config.roots,
-        )
-        .await
-        .map_err(|e| retry(format!("cannot reach the token endpoint: {e}")))?;
-        let r = match http
+        let r = self
+            .token_host
             .request(
-                "POST",
                 &path,
                 &[("content-type", "application/x-www-form-urlencoded")],
                 body.into_bytes(),
             )
             .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                *self.token_host.lock().await = None;
-                return Err(retry(format!("token endpoint connection lost: {e}")));
-            }
-        };
+            .map_err(retry)?;
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
         match (
             r.status,
@@ -333,46 +299,17 @@ impl FcmClient {
             "message": {"token": push.token, "data": push.data, "android": android}
         })
         .to_string();
-        let path = format!(
-            "/v1/projects/{}/messages:send",
-            self.config.account.project_id
-        );
-        let mut http = match Self::connect(
-            &self.api,
-            self.config.api,
-            &self.config.api_name,
-            &self.config.roots,
-        )
-        .await
-        {
-            Ok(h) => h,
-            Err(e) => {
-                return Outcome::Retry {
-                    after: DEFAULT_RETRY,
-                    reason: format!("cannot reach FCM: {e}"),
-                }
-            }
-        };
-        match http
-            .request(
-                "POST",
-                &path,
-                &[
-                    ("authorization", &bearer),
-                    ("content-type", "application/json"),
-                ],
-                body.into_bytes(),
-            )
-            .await
-        {
+        let path = format!("/v1/projects/{}/messages:send", self.account.project_id);
+        let headers = [
+            ("authorization", bearer.as_str()),
+            ("content-type", "application/json"),
+        ];
+        match self.api.request(&path, &headers, body.into_bytes()).await {
             Ok(r) => classify(&r),
-            Err(e) => {
-                *self.api.lock().await = None;
-                Outcome::Retry {
-                    after: DEFAULT_RETRY,
-                    reason: format!("FCM connection lost: {e}"),
-                }
-            }
+            Err(reason) => Outcome::Retry {
+                after: DEFAULT_RETRY,
+                reason,
+            },
         }
     }
 }

@@ -15,6 +15,62 @@ pub mod fcm;
 
 pub use apns::{classify, ApnsClient, ApnsConfig, ApnsPush, ProviderToken};
 
+/// One HTTP/2 connection to a host (many concurrent streams), made on
+/// first use and again after it fails.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    addr: std::net::SocketAddr,
+    name: String,
+    roots: rustls::RootCertStore,
+    slot: tokio::sync::Mutex<Option<crate::provider::Http2>>,
+}
+
+impl Connection {
+    pub(crate) fn new(
+        addr: std::net::SocketAddr,
+        name: &str,
+        roots: rustls::RootCertStore,
+    ) -> Connection {
+        Connection {
+            addr,
+            name: name.to_owned(),
+            roots,
+            slot: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// One request; `Err` says why the host could not be asked (the next
+    /// request connects anew).
+    pub(crate) async fn request(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<crate::provider::Response, String> {
+        let mut http = {
+            let mut slot = self.slot.lock().await;
+            match slot.as_ref() {
+                Some(h) => h.clone(),
+                None => {
+                    let h =
+                        crate::provider::Http2::connect(self.addr, &self.name, self.roots.clone())
+                            .await
+                            .map_err(|e| format!("cannot reach {}: {e}", self.name))?;
+                    *slot = Some(h.clone());
+                    h
+                }
+            }
+        };
+        match http.request("POST", path, headers, body).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                *self.slot.lock().await = None;
+                Err(format!("connection to {} lost: {e}", self.name))
+            }
+        }
+    }
+}
+
 /// A retry without `Retry-After`.
 pub(crate) const DEFAULT_RETRY: Duration = Duration::from_secs(1);
 
