@@ -434,14 +434,10 @@ fn alice_calls_bob_the_laptop_answers_the_phone_hears_answered_elsewhere() {
     assert!(stats.mos > 4.0, "{stats:?}");
 }
 
-/// The relay carrying a call dies mid-call (both ends use it): each end
-/// finds its relay silent, allocates on the next one, and restarts ICE;
-/// the two re-INVITEs meet (491 both ways) and the retry of RFC 3261
-/// §14.1 settles it. Audio comes back both ways through the second relay
-/// within seconds, and the call never ends.
-#[test]
-fn when_the_relay_in_use_dies_the_call_moves_to_another() {
-    let mut w = World::new(Link::default());
+/// Alice calls Bob's laptop (relay only), it answers, and they talk for
+/// two seconds: the world and the call.
+fn alice_and_the_laptop_talk(link: Link) -> (World, String) {
+    let mut w = World::new(link);
     w.add("alice", "alice@example.com", 1, 440.0, false);
     w.add("laptop", "+14155550123", 3, 660.0, false);
     let call = w.dial("alice", "+14155550123");
@@ -460,6 +456,17 @@ fn when_the_relay_in_use_dies_the_call_moves_to_another() {
             && w.has("laptop", |e| matches!(e, CallEvent::MediaConnected { .. }))
     });
     w.run(Duration::from_secs(2));
+    (w, call)
+}
+
+/// The relay carrying a call dies mid-call (both ends use it): each end
+/// finds its relay silent, allocates on the next one, and restarts ICE;
+/// the two re-INVITEs meet (491 both ways) and the retry of RFC 3261
+/// §14.1 settles it. Audio comes back both ways through the second relay
+/// within seconds, and the call never ends.
+#[test]
+fn when_the_relay_in_use_dies_the_call_moves_to_another() {
+    let (mut w, call) = alice_and_the_laptop_talk(Link::default());
     assert_eq!(heard(&w, "alice"), 660.0);
     assert_eq!(heard(&w, "laptop"), 440.0);
 
@@ -537,21 +544,7 @@ fn crossing_ice_restarts_settle_after_the_glare() {
         jitter: Duration::ZERO,
         ..Link::default()
     };
-    let mut w = World::new(link);
-    w.add("alice", "alice@example.com", 1, 440.0, false);
-    w.add("laptop", "+14155550123", 3, 660.0, false);
-    let call = w.dial("alice", "+14155550123");
-    w.run_until(Duration::from_secs(3), |w| {
-        w.has("laptop", |e| matches!(e, CallEvent::Incoming { .. }))
-    });
-    w.ring("laptop").unwrap();
-    w.run_until(Duration::from_secs(3), |w| {
-        w.has("laptop", |e| matches!(e, CallEvent::Ringing { .. }))
-    });
-    let now = w.now;
-    w.dev("laptop").phone.answer(now, &call).unwrap();
-    w.pump();
-    w.run(Duration::from_secs(2));
+    let (mut w, call) = alice_and_the_laptop_talk(link);
     let glares = std::rc::Rc::new(std::cell::Cell::new(0));
     let seen = glares.clone();
     w.tamper = Some(Box::new(move |_, bytes| {

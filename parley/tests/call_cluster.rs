@@ -231,6 +231,22 @@ fn a_call_across_nodes_moves_to_another_relay_when_its_relay_dies() {
     assert_eq!(f, 660.0, "Alice heard {f} Hz ({share:.2} of the energy)");
 }
 
+/// Bob listens asleep (only the push link between calls), answering one
+/// call with 660 Hz and recording it to `rec`; returns once he sleeps.
+fn bob_sleeps(
+    mut cmd: std::process::Command,
+    rec: &std::path::Path,
+) -> (Child, std::sync::mpsc::Receiver<String>, Vec<String>) {
+    cmd.args([
+        "listen", "--asleep", "--answer", "--calls", "1", "--tone", "660", "--record",
+    ])
+    .arg(rec);
+    let (listen, out) = spawn(cmd);
+    let mut seen = Vec::new();
+    wait_line(&out, "asleep: only the push link is open", &mut seen);
+    (listen, out, seen)
+}
+
 #[test]
 fn a_sleeping_device_woken_by_push_registers_at_another_node_and_answers() {
     let cl = Cluster::start("wake-cluster", 3);
@@ -246,18 +262,8 @@ fn a_sleeping_device_woken_by_push_registers_at_another_node_and_answers() {
     tone_wav(&alice_wav, 440.0, 10.0);
     // Bob's push link is at node b, his SIP at node c; between calls only
     // the push link is open.
-    let mut cmd = client_sip_at(b, c.sip_tls, &data, &bob);
-    cmd.args([
-        "listen", "--asleep", "--answer", "--calls", "1", "--tone", "660", "--record",
-    ])
-    .arg(&bob_rec);
-    let (listen, bob_out) = spawn(cmd);
-    let mut bob_seen = Vec::new();
-    wait_line(
-        &bob_out,
-        "asleep: only the push link is open",
-        &mut bob_seen,
-    );
+    let (listen, bob_out, mut bob_seen) =
+        bob_sleeps(client_sip_at(b, c.sip_tls, &data, &bob), &bob_rec);
 
     let mut cmd = client(a, &data, &alice);
     cmd.args(["call", BOB, "--seconds", "3", "--play"])
@@ -298,18 +304,7 @@ fn a_standalone_signaling_node_checks_the_directory_and_wakes_through_the_courie
     let bob_rec = cl.path("bob-heard.wav");
     // Bob registers at the stand-alone node (the directory check), then
     // sleeps with his push link at node b.
-    let mut cmd = client_sip_at(b, sip, &data, &bob);
-    cmd.args([
-        "listen", "--asleep", "--answer", "--calls", "1", "--tone", "660", "--record",
-    ])
-    .arg(&bob_rec);
-    let (listen, bob_out) = spawn(cmd);
-    let mut bob_seen = Vec::new();
-    wait_line(
-        &bob_out,
-        "asleep: only the push link is open",
-        &mut bob_seen,
-    );
+    let (listen, bob_out, mut bob_seen) = bob_sleeps(client_sip_at(b, sip, &data, &bob), &bob_rec);
 
     // Alice calls through the stand-alone node too: the wake-up for Bob
     // leaves it over NATS.
@@ -376,7 +371,14 @@ fn the_key_directory_publisher_killed_another_node_takes_over() {
     // finds the chain whole.
     let bob = cl.path("bob");
     activate(survivor, &data, &bob, BOB);
-    assert!(metric(survivor, "parley_ids_epoch").unwrap() > epoch);
+    let waited = std::time::Instant::now();
+    while metric(survivor, "parley_ids_epoch").unwrap() <= epoch {
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "the survivor publishes no new epoch"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut c = client(survivor, &data, &alice);
     c.args(["listen", "--audit-every", "1", "--calls", "1"]);
     let (mut listen, out) = spawn(c);

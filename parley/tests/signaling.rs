@@ -342,19 +342,39 @@ fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
         assert_eq!(payload["parley"]["call_id"], "wake-call");
 
         // Woken, the phone registers again and the INVITE follows.
-        let mut sip = SipTls::connect(up.sip_tls, &creds).await;
-        sip.send(&register_text(&contact, "reg-1", 2)).await;
-        let r = sip.recv().await;
-        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
-        let inv = sip.recv().await;
-        assert!(inv.starts_with("INVITE sip:phone@127.0.0.1:1;"), "{inv}");
-        let inv = Message::parse(inv.as_bytes()).unwrap();
-        let mut ok = Message::dialog_response(&inv, 200, "OK", "phone");
-        ok.push(HeaderName::CONTACT, "<sip:phone@127.0.0.1:1;transport=tls>");
-        sip.send(&String::from_utf8(ok.to_bytes()).unwrap()).await;
-        let answered = recv_udp(&alice);
-        assert!(answered.starts_with("SIP/2.0 200 OK\r\n"), "{answered}");
+        registers_again_and_answers(&up, &creds, &contact, "reg-1", "phone", &alice).await;
     });
+}
+
+/// A woken device registers again with `contact` (Call-ID `reg`, CSeq
+/// 2), takes the INVITE that waited for it (to `user`), answers, and
+/// Alice hears the 200.
+async fn registers_again_and_answers(
+    up: &Up,
+    creds: &DeviceCredentials,
+    contact: &str,
+    reg: &str,
+    user: &str,
+    alice: &UdpSocket,
+) {
+    let mut sip = SipTls::connect(up.sip_tls, creds).await;
+    sip.send(&register_text(contact, reg, 2)).await;
+    let r = sip.recv().await;
+    assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
+    let inv = sip.recv().await;
+    assert!(
+        inv.starts_with(&format!("INVITE sip:{user}@127.0.0.1:1;")),
+        "{inv}"
+    );
+    let inv = Message::parse(inv.as_bytes()).unwrap();
+    let mut ok = Message::dialog_response(&inv, 200, "OK", user);
+    ok.push(
+        HeaderName::CONTACT,
+        format!("<sip:{user}@127.0.0.1:1;transport=tls>"),
+    );
+    sip.send(&String::from_utf8(ok.to_bytes()).unwrap()).await;
+    let answered = recv_udp(alice);
+    assert!(answered.starts_with("SIP/2.0 200 OK\r\n"), "{answered}");
 }
 
 /// Alice, a standard user agent with a digest account, calls Bob over UDP
@@ -604,18 +624,7 @@ fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
         assert!(!text.contains(ALICE) && !text.contains(BOB), "{text}");
 
         // Woken, the phone registers again and answers.
-        let mut sip = SipTls::connect(up.sip_tls, &creds).await;
-        sip.send(&register_text(&contact, "reg-i", 2)).await;
-        let r = sip.recv().await;
-        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
-        let inv = sip.recv().await;
-        assert!(inv.starts_with("INVITE sip:iphone@127.0.0.1:1;"), "{inv}");
-        let inv = Message::parse(inv.as_bytes()).unwrap();
-        let mut ok = Message::dialog_response(&inv, 200, "OK", "iphone");
-        ok.push(HeaderName::CONTACT, "<sip:iphone@127.0.0.1:1;transport=tls>");
-        sip.send(&String::from_utf8(ok.to_bytes()).unwrap()).await;
-        let answered = recv_udp(&alice);
-        assert!(answered.starts_with("SIP/2.0 200 OK\r\n"), "{answered}");
+        registers_again_and_answers(&up, &creds, &contact, "reg-i", "iphone", &alice).await;
     });
 }
 
@@ -681,18 +690,7 @@ fn a_sleeping_android_phone_is_woken_through_fcm_and_takes_the_call() {
         assert!(!text.contains(ALICE) && !text.contains(BOB), "{text}");
         assert_eq!(fcm.issued(), 1);
 
-        let mut sip = SipTls::connect(up.sip_tls, &creds).await;
-        sip.send(&register_text(contact, "reg-f", 2)).await;
-        let r = sip.recv().await;
-        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
-        let inv = sip.recv().await;
-        assert!(inv.starts_with("INVITE sip:pixel@127.0.0.1:1;"), "{inv}");
-        let inv = Message::parse(inv.as_bytes()).unwrap();
-        let mut ok = Message::dialog_response(&inv, 200, "OK", "pixel");
-        ok.push(HeaderName::CONTACT, "<sip:pixel@127.0.0.1:1;transport=tls>");
-        sip.send(&String::from_utf8(ok.to_bytes()).unwrap()).await;
-        let answered = recv_udp(&alice);
-        assert!(answered.starts_with("SIP/2.0 200 OK\r\n"), "{answered}");
+        registers_again_and_answers(&up, &creds, contact, "reg-f", "pixel", &alice).await;
     });
 }
 
