@@ -163,6 +163,18 @@ impl Cluster {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// Alice's microphone (`seconds` of 440 Hz), and where Alice's and
+    /// Bob's recordings go.
+    fn recordings(&self, seconds: f64) -> (PathBuf, PathBuf, PathBuf) {
+        let says = self.path("alice-says.wav");
+        tone_wav(&says, 440.0, seconds);
+        (
+            says,
+            self.path("alice-heard.wav"),
+            self.path("bob-heard.wav"),
+        )
+    }
 }
 
 #[test]
@@ -172,12 +184,7 @@ fn a_call_across_nodes_moves_to_another_relay_when_its_relay_dies() {
     let (alice, bob) = (cl.path("alice"), cl.path("bob"));
     activate(a, &data, &alice, ALICE);
     activate(b, &data, &bob, BOB);
-    let (alice_wav, alice_rec, bob_rec) = (
-        cl.path("alice-says.wav"),
-        cl.path("alice-heard.wav"),
-        cl.path("bob-heard.wav"),
-    );
-    tone_wav(&alice_wav, 440.0, 20.0);
+    let (alice_wav, alice_rec, bob_rec) = cl.recordings(20.0);
     let mut c = client(b, &data, &bob);
     c.args([
         "listen",
@@ -254,12 +261,7 @@ fn a_sleeping_device_woken_by_push_registers_at_another_node_and_answers() {
     let (alice, bob) = (cl.path("alice"), cl.path("bob"));
     activate(a, &data, &alice, ALICE);
     activate(b, &data, &bob, BOB);
-    let (alice_wav, alice_rec, bob_rec) = (
-        cl.path("alice-says.wav"),
-        cl.path("alice-heard.wav"),
-        cl.path("bob-heard.wav"),
-    );
-    tone_wav(&alice_wav, 440.0, 10.0);
+    let (alice_wav, alice_rec, bob_rec) = cl.recordings(10.0);
     // Bob's push link is at node b, his SIP at node c; between calls only
     // the push link is open.
     let (listen, bob_out, mut bob_seen) =

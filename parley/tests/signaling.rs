@@ -316,12 +316,7 @@ fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
         assert!(r.starts_with("SIP/2.0 403 "), "{r}");
 
         // Bob's phone registers with its ids certificate, then sleeps.
-        let mut sip = SipTls::connect(up.sip_tls, &creds).await;
-        sip.send(&register_text(&contact, "reg-1", 1)).await;
-        let r = sip.recv().await;
-        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
-        drop(sip);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        registers_and_sleeps(&up, &creds, &contact, "reg-1").await;
 
         // Alice calls from a standard user agent with her digest account.
         let alice = alice_invites(&up, "wake-call");
@@ -344,6 +339,17 @@ fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
         // Woken, the phone registers again and the INVITE follows.
         registers_again_and_answers(&up, &creds, &contact, "reg-1", "phone", &alice).await;
     });
+}
+
+/// A device registers `contact` (Call-ID `reg`, CSeq 1) with its
+/// certificate, then closes its connection: asleep.
+async fn registers_and_sleeps(up: &Up, creds: &DeviceCredentials, contact: &str, reg: &str) {
+    let mut sip = SipTls::connect(up.sip_tls, creds).await;
+    sip.send(&register_text(contact, reg, 1)).await;
+    let r = sip.recv().await;
+    assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
+    drop(sip);
+    tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
 /// A woken device registers again with `contact` (Call-ID `reg`, CSeq
@@ -595,12 +601,7 @@ fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
         );
         // It registers with its ids certificate, then goes to the
         // background.
-        let mut sip = SipTls::connect(up.sip_tls, &creds).await;
-        sip.send(&register_text(&contact, "reg-i", 1)).await;
-        let r = sip.recv().await;
-        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
-        drop(sip);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        registers_and_sleeps(&up, &creds, &contact, "reg-i").await;
 
         let alice = alice_invites(&up, "iphone-call");
         let push = match apns.next_within(Duration::from_secs(10)).await {
@@ -664,12 +665,7 @@ fn a_sleeping_android_phone_is_woken_through_fcm_and_takes_the_call() {
     rt.block_on(async {
         let contact = "<sip:pixel@127.0.0.1:1;transport=tls;pn-provider=fcm;pn-prid=fcm-token-1;\
              pn-param=parley-test>;+sip.instance=\"<urn:uuid:0f1e2d3c-0000-4000-8000-0000000000f1>\"";
-        let mut sip = SipTls::connect(up.sip_tls, &creds).await;
-        sip.send(&register_text(contact, "reg-f", 1)).await;
-        let r = sip.recv().await;
-        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
-        drop(sip);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        registers_and_sleeps(&up, &creds, contact, "reg-f").await;
 
         let alice = alice_invites(&up, "pixel-call");
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -241,34 +241,16 @@ impl ApnsClient {
             headers.push(("apns-collapse-id", c));
         }
         let path = format!("/3/device/{}", push.token);
-        match self
-            .apns
-            .request(&path, &headers, push.payload.clone())
+        self.apns
+            .send(&path, &headers, push.payload.clone(), classify)
             .await
-        {
-            Ok(r) => classify(&r),
-            Err(reason) => Outcome::Retry {
-                after: DEFAULT_RETRY,
-                reason,
-            },
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn response(status: u16, headers: &[(&str, &str)], body: &str) -> Response {
-        Response {
-            status,
-            headers: headers
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
-        }
-    }
+    use crate::upstream::response;
 
     #[test]
     fn apns_answers_say_what_to_do() {

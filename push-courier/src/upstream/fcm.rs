@@ -304,30 +304,16 @@ impl FcmClient {
             ("authorization", bearer.as_str()),
             ("content-type", "application/json"),
         ];
-        match self.api.request(&path, &headers, body.into_bytes()).await {
-            Ok(r) => classify(&r),
-            Err(reason) => Outcome::Retry {
-                after: DEFAULT_RETRY,
-                reason,
-            },
-        }
+        self.api
+            .send(&path, &headers, body.into_bytes(), classify)
+            .await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn response(status: u16, headers: &[(&str, &str)], body: &str) -> Response {
-        Response {
-            status,
-            headers: headers
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            body: bytes::Bytes::copy_from_slice(body.as_bytes()),
-        }
-    }
+    use crate::upstream::response;
 
     fn error(code: u16, status: &str, fcm: &str) -> String {
         format!(

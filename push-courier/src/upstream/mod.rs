@@ -71,6 +71,44 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// One request, its answer read by `classify`; a host that cannot be
+    /// asked is a retry.
+    pub(crate) async fn send(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+        classify: fn(&crate::provider::Response) -> Outcome,
+    ) -> Outcome {
+        match self.request(path, headers, body).await {
+            Ok(r) => classify(&r),
+            Err(reason) => Outcome::Retry {
+                after: DEFAULT_RETRY,
+                reason,
+            },
+        }
+    }
+}
+
+/// A response as a push service would give it, for the classifiers'
+/// tests.
+#[cfg(test)]
+pub(crate) fn response(
+    status: u16,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> crate::provider::Response {
+    crate::provider::Response {
+        status,
+        headers: headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+    }
+}
+
 /// A retry without `Retry-After`.
 pub(crate) const DEFAULT_RETRY: Duration = Duration::from_secs(1);
 
