@@ -67,16 +67,21 @@ key = "$dir/provider-pub.pem"
 nats = "$NATS_URL"
 EOF
 
-# One data directory (CA, certificates) for all three; --cluster-node names each.
+# Starts node NAME on HOST with CONFIG, admin on ADMIN_PORT, then the
+# service and its flags; waits until it is ready. One data directory (CA,
+# certificates) for all; --cluster-node names each.
+start_node() { # name host config admin_port service flags...
+  local name=$1 host=$2 config=$3 admin=$4; shift 4
+  "$bin" --data "$dir/data" --config "$config" --admin "$host:$admin" --log warn \
+    --cluster-node "$name" "$@" > "$dir/$name.out" 2> "$dir/$name.err" &
+  pids+=($!)
+  for _ in $(seq 100); do grep -q '^parley: ready' "$dir/$name.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q '^parley: ready' "$dir/$name.out" || { cat "$dir/$name.err"; exit 1; }
+}
 for i in 0 1 2; do
   host=127.0.0.$((i + 2))
-  "$bin" --data "$dir/data" --config "$dir/parley.toml" --admin "$host:19090" --log warn \
-    --cluster-node "n$i" courier \
-    --courier-device-listen "$host:15223" --courier-provider-listen "$host:18443" \
-    > "$dir/n$i.out" 2> "$dir/n$i.err" &
-  pids+=($!)
-  for _ in $(seq 100); do grep -q '^parley: ready' "$dir/n$i.out" 2>/dev/null && break; sleep 0.1; done
-  grep -q '^parley: ready' "$dir/n$i.out" || { cat "$dir/n$i.err"; exit 1; }
+  start_node "n$i" "$host" "$dir/parley.toml" 19090 courier \
+    --courier-device-listen "$host:15223" --courier-provider-listen "$host:18443"
 done
 
 # Shards owned by node i (0 if it does not answer).
@@ -135,13 +140,8 @@ nats = "$NATS_URL"
 EOF
 for i in 0 1 2; do
   host=127.0.0.$((i + 2))
-  "$bin" --data "$dir/data" --config "$dir/sip.toml" --admin "$host:19091" --log warn \
-    --cluster-node "s$i" signaling \
-    --sip-listen "$host:25060" --sip-tls-listen "$host:25061" --sip-wss-listen "$host:25062" \
-    > "$dir/s$i.out" 2> "$dir/s$i.err" &
-  pids+=($!)
-  for _ in $(seq 100); do grep -q '^parley: ready' "$dir/s$i.out" 2>/dev/null && break; sleep 0.1; done
-  grep -q '^parley: ready' "$dir/s$i.out" || { cat "$dir/s$i.err"; exit 1; }
+  start_node "s$i" "$host" "$dir/sip.toml" 19091 signaling \
+    --sip-listen "$host:25060" --sip-tls-listen "$host:25061" --sip-wss-listen "$host:25062"
 done
 echo "bench: three signaling nodes up; the callee registers at s1"
 sipp_callee 127.0.0.3:25060 27000 s1
