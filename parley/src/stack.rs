@@ -343,6 +343,8 @@ pub(crate) struct Stack {
     /// cluster, signaling's shared bindings and the NATS link of a
     /// stand-alone service.
     pub(crate) probes: Vec<Arc<dyn admin::ReadyProbe>>,
+    /// What `/metrics` shows besides the services' own.
+    pub(crate) sources: Vec<Arc<dyn admin::MetricsSource>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -445,6 +447,7 @@ impl Stack {
         if let Some(wiring::CourierLink::Cluster(nats)) = &courier_link {
             probes.push(Arc::new(admin::ClusterNats(nats.clone())));
         }
+        let upstream_metrics = Arc::new(wiring::UpstreamMetrics::default());
         let signaling_server = match services.signaling {
             true => {
                 let (server, location) = start_signaling(
@@ -462,6 +465,7 @@ impl Stack {
                             Some(f) => Some(Arc::new(fcm_client(f).await?)),
                             None => None,
                         },
+                        metrics: upstream_metrics.clone(),
                     },
                     shared_sip.as_ref(),
                 )
@@ -482,6 +486,7 @@ impl Stack {
             courier: courier_server,
             signaling: signaling_server,
             probes,
+            sources: vec![upstream_metrics],
             tasks,
         })
     }

@@ -87,6 +87,45 @@ pub struct CourierWaker {
 pub struct Upstream {
     pub apns: Option<Arc<push_courier::upstream::ApnsClient>>,
     pub fcm: Option<Arc<push_courier::upstream::fcm::FcmClient>>,
+    pub metrics: Arc<UpstreamMetrics>,
+}
+
+/// What became of wake-ups sent through the platforms, for /metrics.
+#[derive(Debug, Default)]
+pub struct UpstreamMetrics {
+    /// [platform][outcome]: see [`UpstreamMetrics::OUTCOMES`].
+    counts: [[std::sync::atomic::AtomicU64; 5]; 2],
+}
+
+impl UpstreamMetrics {
+    const PLATFORMS: [&'static str; 2] = ["apns", "fcm"];
+    /// Taken; retried (each retry); the token was gone; refused; not
+    /// taken before the call stopped waiting.
+    const OUTCOMES: [&'static str; 5] = ["accepted", "retried", "gone", "refused", "expired"];
+
+    fn count(&self, platform: &str, outcome: &str) {
+        let p = Self::PLATFORMS.iter().position(|x| *x == platform);
+        let o = Self::OUTCOMES.iter().position(|x| *x == outcome);
+        if let (Some(p), Some(o)) = (p, o) {
+            self.counts[p][o].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl crate::admin::MetricsSource for UpstreamMetrics {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(out, "# TYPE parley_upstream_wakes_total counter");
+        for (p, platform) in Self::PLATFORMS.iter().enumerate() {
+            for (o, outcome) in Self::OUTCOMES.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "parley_upstream_wakes_total{{platform=\"{platform}\",outcome=\"{outcome}\"}} {}",
+                    self.counts[p][o].load(std::sync::atomic::Ordering::Relaxed)
+                );
+            }
+        }
+    }
 }
 
 /// A wake-up is useless once the call has stopped waiting for the device.
@@ -106,8 +145,14 @@ impl signaling::runtime::Waker for CourierWaker {
             &self.upstream.apns,
             &self.upstream.fcm,
         ) {
-            ("apns", Some(apns), _) => return wake_through_apns(apns.clone(), &push, &call_id),
-            ("fcm", _, Some(fcm)) => return wake_through_fcm(fcm.clone(), &push, &call_id),
+            ("apns", Some(apns), _) => {
+                let metrics = self.upstream.metrics.clone();
+                return wake_through_apns(apns.clone(), &push, &call_id, metrics);
+            }
+            ("fcm", _, Some(fcm)) => {
+                let metrics = self.upstream.metrics.clone();
+                return wake_through_fcm(fcm.clone(), &push, &call_id, metrics);
+            }
             (p @ ("apns" | "fcm"), _, _) => {
                 tracing::warn!(
                     provider = p,
@@ -174,6 +219,7 @@ fn wake_through_apns(
     apns: Arc<push_courier::upstream::ApnsClient>,
     push: &signaling::core::registrar::PushParams,
     call_id: &str,
+    metrics: Arc<UpstreamMetrics>,
 ) {
     use push_courier::upstream::ApnsPush;
     let token = push.prid.to_ascii_lowercase();
@@ -212,7 +258,7 @@ fn wake_through_apns(
             .into_bytes(),
     };
     tokio::spawn(async move {
-        retried("APNs", until, || apns.send(&wake)).await;
+        retried("apns", until, &metrics, || apns.send(&wake)).await;
     });
 }
 
@@ -222,6 +268,7 @@ fn wake_through_fcm(
     fcm: Arc<push_courier::upstream::fcm::FcmClient>,
     push: &signaling::core::registrar::PushParams,
     call_id: &str,
+    metrics: Arc<UpstreamMetrics>,
 ) {
     if push.prid.is_empty() || push.prid.len() > 4096 {
         tracing::debug!("pn-prid is not an FCM registration token");
@@ -239,13 +286,13 @@ fn wake_through_fcm(
     };
     let until = SystemTime::now() + WAKE_TTL;
     tokio::spawn(async move {
-        retried("FCM", until, || fcm.send(&wake)).await;
+        retried("fcm", until, &metrics, || fcm.send(&wake)).await;
     });
 }
 
 /// Sends through a platform until it takes the push, the token turns out
 /// dead, or `until` (the call stops waiting) would pass before a retry.
-async fn retried<F, Fut>(platform: &str, until: SystemTime, send: F)
+async fn retried<F, Fut>(platform: &str, until: SystemTime, metrics: &UpstreamMetrics, send: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = push_courier::upstream::Outcome>,
@@ -253,19 +300,26 @@ where
     use push_courier::upstream::Outcome;
     loop {
         match send().await {
-            Outcome::Accepted { .. } => return,
+            Outcome::Accepted { .. } => {
+                metrics.count(platform, "accepted");
+                return;
+            }
             Outcome::Retry { after, reason } => {
                 if SystemTime::now() + after >= until {
+                    metrics.count(platform, "expired");
                     tracing::info!(platform, %reason, "the wake-up was not taken before the call gave up");
                     return;
                 }
+                metrics.count(platform, "retried");
                 tokio::time::sleep(after).await;
             }
             Outcome::Gone { reason, .. } => {
+                metrics.count(platform, "gone");
                 tracing::info!(platform, %reason, "the device's token is gone; not woken");
                 return;
             }
             Outcome::RenewToken { reason } | Outcome::Refused { reason, .. } => {
+                metrics.count(platform, "refused");
                 tracing::warn!(platform, %reason, "the wake-up was refused");
                 return;
             }

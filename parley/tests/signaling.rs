@@ -341,6 +341,22 @@ fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
     });
 }
 
+/// /metrics counts one wake-up `platform` took (bounded wait: the count
+/// follows the platform's answer).
+fn upstream_counted(up: &Up, platform: &str) {
+    let line =
+        format!("parley_upstream_wakes_total{{platform=\"{platform}\",outcome=\"accepted\"}} 1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, m) = parley_tests::tool::http_get(up.admin, "/metrics");
+        if m.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {line} in\n{m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A device registers `contact` (Call-ID `reg`, CSeq 1) with its
 /// certificate, then closes its connection: asleep.
 async fn registers_and_sleeps(up: &Up, creds: &DeviceCredentials, contact: &str, reg: &str) {
@@ -623,6 +639,7 @@ fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
         let payload: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(payload["parley"]["call_id"], "iphone-call");
         assert!(!text.contains(ALICE) && !text.contains(BOB), "{text}");
+        upstream_counted(&up, "apns");
 
         // Woken, the phone registers again and answers.
         registers_again_and_answers(&up, &creds, &contact, "reg-i", "iphone", &alice).await;
@@ -685,6 +702,7 @@ fn a_sleeping_android_phone_is_woken_through_fcm_and_takes_the_call() {
         let text = message.to_string();
         assert!(!text.contains(ALICE) && !text.contains(BOB), "{text}");
         assert_eq!(fcm.issued(), 1);
+        upstream_counted(&up, "fcm");
 
         registers_again_and_answers(&up, &creds, contact, "reg-f", "pixel", &alice).await;
     });
