@@ -155,6 +155,62 @@ fn bad_values_get_one_line_naming_the_key() {
     assert!(err.contains("turn.min_port"), "{err}");
 }
 
+/// Platform and cluster credentials that cannot be used stop start-up
+/// with one line naming the key, before anything listens.
+#[test]
+fn unusable_push_and_nats_credentials_get_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("d");
+    let sa = dir.path().join("sa.json");
+    std::fs::write(&sa, r#"{"project_id": "p"}"#).expect("write");
+    for (config, service, key) in [
+        (
+            "[courier.upstream.apns]\nkey = \"/nonexistent/AuthKey.p8\"\nkey_id = \"K\"\nteam_id = \"T\"\nurl = \"127.0.0.1:1\"\n".to_owned(),
+            "signaling",
+            "courier.upstream.apns.key",
+        ),
+        (
+            format!("[courier.upstream.fcm]\nservice_account = \"{}\"\n", sa.display()),
+            "signaling",
+            "courier.upstream.fcm.service_account",
+        ),
+        (
+            "[cluster]\nnats = \"nats://127.0.0.1:9\"\nnats_user = \"u\"\n[courier]\ndatabase = \"postgres://x\"\n".to_owned(),
+            "courier",
+            "nats_password_file",
+        ),
+    ] {
+        let cfg = dir.path().join("parley.toml");
+        std::fs::write(&cfg, &config).expect("write");
+        let mut args = vec![
+            "--config",
+            cfg.to_str().expect("utf8"),
+            "--data",
+            data.to_str().expect("utf8"),
+            "--admin",
+            "127.0.0.1:0",
+            "--log",
+            "error",
+            service,
+        ];
+        if service == "signaling" {
+            args.extend([
+                "--sip-listen",
+                "127.0.0.1:0",
+                "--sip-tls-listen",
+                "127.0.0.1:0",
+                "--sip-wss-listen",
+                "127.0.0.1:0",
+            ]);
+        }
+        let out = parley(&args);
+        assert!(!out.status.success(), "{config}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(key), "{config}: {err}");
+    }
+}
+
 /// A running `parley up` and the addresses it printed.
 struct Running {
     child: Child,
