@@ -132,7 +132,7 @@ impl crate::admin::MetricsSource for UpstreamMetrics {
 const WAKE_TTL: Duration = Duration::from_secs(30);
 
 impl signaling::runtime::Waker for CourierWaker {
-    fn wake(&self, wake: signaling::runtime::Wake) {
+    fn wake(&self, wake: signaling::runtime::Wake, report: signaling::runtime::WakeReport) {
         let signaling::runtime::Wake {
             handle,
             push,
@@ -147,11 +147,11 @@ impl signaling::runtime::Waker for CourierWaker {
         ) {
             ("apns", Some(apns), _) => {
                 let metrics = self.upstream.metrics.clone();
-                return wake_through_apns(apns.clone(), &push, &call_id, metrics);
+                return wake_through_apns(apns.clone(), &push, &call_id, (metrics, report));
             }
             ("fcm", _, Some(fcm)) => {
                 let metrics = self.upstream.metrics.clone();
-                return wake_through_fcm(fcm.clone(), &push, &call_id, metrics);
+                return wake_through_fcm(fcm.clone(), &push, &call_id, (metrics, report));
             }
             (p @ ("apns" | "fcm"), _, _) => {
                 tracing::warn!(
@@ -219,7 +219,7 @@ fn wake_through_apns(
     apns: Arc<push_courier::upstream::ApnsClient>,
     push: &signaling::core::registrar::PushParams,
     call_id: &str,
-    metrics: Arc<UpstreamMetrics>,
+    (metrics, report): (Arc<UpstreamMetrics>, signaling::runtime::WakeReport),
 ) {
     use push_courier::upstream::ApnsPush;
     let token = push.prid.to_ascii_lowercase();
@@ -258,7 +258,7 @@ fn wake_through_apns(
             .into_bytes(),
     };
     tokio::spawn(async move {
-        retried("apns", until, &metrics, || apns.send(&wake)).await;
+        retried("apns", until, &metrics, report, || apns.send(&wake)).await;
     });
 }
 
@@ -268,7 +268,7 @@ fn wake_through_fcm(
     fcm: Arc<push_courier::upstream::fcm::FcmClient>,
     push: &signaling::core::registrar::PushParams,
     call_id: &str,
-    metrics: Arc<UpstreamMetrics>,
+    (metrics, report): (Arc<UpstreamMetrics>, signaling::runtime::WakeReport),
 ) {
     if push.prid.is_empty() || push.prid.len() > 4096 {
         tracing::debug!("pn-prid is not an FCM registration token");
@@ -286,14 +286,20 @@ fn wake_through_fcm(
     };
     let until = SystemTime::now() + WAKE_TTL;
     tokio::spawn(async move {
-        retried("fcm", until, &metrics, || fcm.send(&wake)).await;
+        retried("fcm", until, &metrics, report, || fcm.send(&wake)).await;
     });
 }
 
 /// Sends through a platform until it takes the push, the token turns out
-/// dead, or `until` (the call stops waiting) would pass before a retry.
-async fn retried<F, Fut>(platform: &str, until: SystemTime, metrics: &UpstreamMetrics, send: F)
-where
+/// dead (signaling hears of it through `report`), or `until` (the call
+/// stops waiting) would pass before a retry.
+async fn retried<F, Fut>(
+    platform: &str,
+    until: SystemTime,
+    metrics: &UpstreamMetrics,
+    report: signaling::runtime::WakeReport,
+    send: F,
+) where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = push_courier::upstream::Outcome>,
 {
@@ -316,6 +322,7 @@ where
             Outcome::Gone { reason, .. } => {
                 metrics.count(platform, "gone");
                 tracing::info!(platform, %reason, "the device's token is gone; not woken");
+                report.token_gone().await;
                 return;
             }
             Outcome::RenewToken { reason } | Outcome::Refused { reason, .. } => {

@@ -341,11 +341,11 @@ fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
     });
 }
 
-/// /metrics counts one wake-up `platform` took (bounded wait: the count
-/// follows the platform's answer).
-fn upstream_counted(up: &Up, platform: &str) {
+/// /metrics counts one wake-up through `platform` that ended in `outcome`
+/// (bounded wait: the count follows the platform's answer).
+fn upstream_counted(up: &Up, platform: &str, outcome: &str) {
     let line =
-        format!("parley_upstream_wakes_total{{platform=\"{platform}\",outcome=\"accepted\"}} 1");
+        format!("parley_upstream_wakes_total{{platform=\"{platform}\",outcome=\"{outcome}\"}} 1");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (_, m) = parley_tests::tool::http_get(up.admin, "/metrics");
@@ -639,10 +639,20 @@ fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
         let payload: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(payload["parley"]["call_id"], "iphone-call");
         assert!(!text.contains(ALICE) && !text.contains(BOB), "{text}");
-        upstream_counted(&up, "apns");
+        upstream_counted(&up, "apns", "accepted");
 
         // Woken, the phone registers again and answers.
         registers_again_and_answers(&up, &creds, &contact, "reg-i", "iphone", &alice).await;
+
+        // The app is removed: Apple forgets its token. The next call's
+        // wake-up is refused (410), the binding goes, and Alice hears 480
+        // at once rather than after the ring timeout.
+        apns.revoke(tokens[0].1).await.unwrap();
+        registers_and_sleeps(&up, &creds, &contact, "reg-i2").await;
+        let alice = alice_invites(&up, "iphone-call-2");
+        let r = recv_udp(&alice);
+        assert!(r.starts_with("SIP/2.0 480 "), "{r}");
+        upstream_counted(&up, "apns", "gone");
     });
 }
 
@@ -702,7 +712,7 @@ fn a_sleeping_android_phone_is_woken_through_fcm_and_takes_the_call() {
         let text = message.to_string();
         assert!(!text.contains(ALICE) && !text.contains(BOB), "{text}");
         assert_eq!(fcm.issued(), 1);
-        upstream_counted(&up, "fcm");
+        upstream_counted(&up, "fcm", "accepted");
 
         registers_again_and_answers(&up, &creds, contact, "reg-f", "pixel", &alice).await;
     });

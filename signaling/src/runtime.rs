@@ -92,9 +92,30 @@ pub trait Directory: Send + Sync + 'static {
 
 pub use crate::core::proxy::Wake;
 
-/// Sends a VoIP push to a sleeping device (the courier in `parley up`).
+/// Sends a VoIP push to a sleeping device (the courier in `parley up`,
+/// or Apple's and Google's services). What it learns of the token goes
+/// back through `report`.
 pub trait Waker: Send + Sync + 'static {
-    fn wake(&self, wake: Wake);
+    fn wake(&self, wake: Wake, report: WakeReport);
+}
+
+/// How a [`Waker`] tells signaling what became of a wake-up.
+#[derive(Debug, Clone)]
+pub struct WakeReport {
+    inputs: mpsc::Sender<Input>,
+    handle: wire::handle::Handle,
+    prid: String,
+}
+
+impl WakeReport {
+    /// The push service says the token is dead: the device's bindings
+    /// for it go, and calls waiting only for it end (480) at once.
+    pub async fn token_gone(self) {
+        let _ = self
+            .inputs
+            .send(Input::PushGone(self.handle, self.prid))
+            .await;
+    }
 }
 
 pub use crate::core::proxy::SharedBinding;
@@ -168,7 +189,7 @@ impl Directory for NoDirectory {
 pub struct NoWaker;
 
 impl Waker for NoWaker {
-    fn wake(&self, wake: Wake) {
+    fn wake(&self, wake: Wake, _: WakeReport) {
         tracing::warn!(handle = %wake.handle.redacted(), provider = %wake.push.provider, "no push service configured; cannot wake device");
     }
 }
@@ -212,6 +233,8 @@ pub(crate) enum Input {
     Revoked(std::collections::HashSet<DeviceId>),
     Located(u64, Vec<SharedBinding>),
     Notice(Notice),
+    /// A push token turned out dead.
+    PushGone(wire::handle::Handle, String),
     Drain,
 }
 
@@ -721,7 +744,14 @@ async fn run_core(
                         let _ = inputs.send(Input::Authorized(id, ok)).await;
                     });
                 }
-                Event::Wake(wake) => waker.wake(wake),
+                Event::Wake(wake) => {
+                    let report = WakeReport {
+                        inputs: shared.inputs.clone(),
+                        handle: wake.handle.clone(),
+                        prid: wake.push.prid.clone(),
+                    };
+                    waker.wake(wake, report)
+                }
                 Event::Bound { handle, bindings } => {
                     if let Some((location, stores)) = &location {
                         if stores.try_send(location.store(handle, bindings)).is_err() {
@@ -762,6 +792,7 @@ fn handle(proxy: &mut Proxy, input: Input, now: Instant) {
         Input::Closed(conn) => proxy.handle_conn_closed(conn, now),
         Input::Authorized(id, ok) => proxy.handle_authorization(id, ok, now),
         Input::Revoked(devices) => proxy.handle_revoked(devices, now),
+        Input::PushGone(handle, prid) => proxy.handle_push_gone(&handle, &prid, now),
         Input::Located(id, bindings) => proxy.handle_located(id, bindings, now),
         Input::Notice(Notice::Bound(handle, bindings)) => {
             for b in bindings {

@@ -326,6 +326,31 @@ fn a_device_that_never_wakes_leaves_480() {
     assert_eq!(codes(&out, &alice), vec![480]);
 }
 
+/// The push service says the sleeping phone's token is dead (the app was
+/// removed): its binding goes, the call that waited only for it answers
+/// 480 at once instead of at its ring timeout, and the next call does not
+/// try to wake it.
+#[test]
+fn a_dead_push_token_ends_the_wait_and_the_binding() {
+    let mut w = World::new();
+    w.sleeping_phone(BOB);
+    let alice = Ua::new("alice", udp("10.0.0.1:5060"));
+    let out = w.invite(&alice, BOB, "call-g");
+    assert_eq!(codes(&out, &alice), vec![100]);
+    let bob = wire::handle::Handle::parse(BOB).unwrap();
+    // Another token changes nothing.
+    let now = w.now;
+    w.proxy.handle_push_gone(&bob, "c0ffee", now);
+    assert!(codes(&w.drain(), &alice).is_empty());
+    w.proxy.handle_push_gone(&bob, "feedface", now);
+    assert_eq!(codes(&w.drain(), &alice), vec![480]);
+    assert!(w.proxy.shared_bindings(&bob, now).is_empty());
+    let wakes = w.proxy.metrics().push_wakes;
+    let out = w.invite(&alice, BOB, "call-h");
+    assert_eq!(codes(&out, &alice), vec![100, 480]);
+    assert_eq!(w.proxy.metrics().push_wakes, wakes, "nobody to wake");
+}
+
 #[test]
 fn nobody_registered_is_480_and_not_a_handle_is_404() {
     let mut w = World::new();

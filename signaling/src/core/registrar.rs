@@ -364,6 +364,23 @@ impl Registrar {
         removed
     }
 
+    /// Drops the bindings of `handle` woken through the push token `prid`
+    /// (the platform says it is dead); returns them.
+    pub fn remove_push(&mut self, handle: &Handle, prid: &str) -> Vec<Binding> {
+        let Some(list) = self.aors.get_mut(handle) else {
+            return Vec::new();
+        };
+        let (gone, kept): (Vec<Binding>, Vec<Binding>) = std::mem::take(list)
+            .into_iter()
+            .partition(|b| b.push.as_ref().is_some_and(|p| p.prid == prid));
+        *list = kept;
+        if list.is_empty() {
+            self.aors.remove(handle);
+        }
+        self.total -= gone.len();
+        gone
+    }
+
     /// Drops expired bindings.
     pub fn sweep(&mut self, now: Instant) -> usize {
         let mut removed = 0;

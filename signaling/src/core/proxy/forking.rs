@@ -170,6 +170,28 @@ impl Proxy {
         self.prune_waiting(handle);
     }
 
+    /// The push service says the token `prid` of a device of `handle` is
+    /// dead (the app is gone, or the token rotated): its bindings go, and
+    /// calls waiting for it stop waiting; a call with nothing else to
+    /// ring answers at once (480) rather than at its ring timeout.
+    pub fn handle_push_gone(&mut self, handle: &Handle, prid: &str, now: Instant) {
+        let gone = self.registrar.remove_push(handle, prid);
+        if gone.is_empty() {
+            return;
+        }
+        tracing::info!(handle = %handle.redacted(), "a push token is dead; its bindings are dropped");
+        self.announce_bindings(handle, now);
+        let ids: Vec<String> = gone.iter().map(binding_id).collect();
+        let forks = self.waiting.get(handle).cloned().unwrap_or_default();
+        for fork_id in forks {
+            if let Some(f) = self.forks.get_mut(&fork_id) {
+                f.waiting.retain(|w| !ids.contains(w));
+            }
+            self.maybe_finish(fork_id, now);
+        }
+        self.prune_waiting(handle);
+    }
+
     /// A branch of the fork to `uri` over `flow`; `route`: the path of a
     /// binding at another node, whose edge `flow` reaches.
     pub(super) fn add_branch(
