@@ -54,18 +54,36 @@ pub enum CourierLink {
 }
 
 impl CourierLink {
-    /// Hands `req` over without waiting; a refusal is logged.
-    fn spawn_push(&self, req: push_courier::courier::PushRequest, refused: &'static str) {
+    /// Hands `req` over without waiting; a refusal is logged, and a token
+    /// that is gone (unknown, another device's, revoked) is reported
+    /// through `report` if there is one.
+    fn spawn_push(
+        &self,
+        req: push_courier::courier::PushRequest,
+        refused: &'static str,
+        report: Option<signaling::runtime::WakeReport>,
+    ) {
+        use push_courier::courier::PushError;
         let link = self.clone();
         tokio::spawn(async move {
             let r = match &link {
-                CourierLink::Local(c) => c.push(req).await.map(|_| ()).map_err(|e| e.to_string()),
-                CourierLink::Cluster(nats) => push_courier::submit::submit(nats, &req)
-                    .await
-                    .map_err(|e| e.to_string()),
+                CourierLink::Local(c) => c.push(req).await.map(|_| ()).map_err(|e| {
+                    let gone =
+                        matches!(e, PushError::UnknownToken | PushError::Unregistered { .. });
+                    (gone, e.to_string())
+                }),
+                CourierLink::Cluster(nats) => {
+                    push_courier::submit::submit(nats, &req).await.map_err(|e| {
+                        let gone = matches!(e, push_courier::submit::SubmitError::Gone(_));
+                        (gone, e.to_string())
+                    })
+                }
             };
-            if let Err(e) = r {
+            if let Err((gone, e)) = r {
                 tracing::info!(error = %e, "{refused}");
+                if let (true, Some(report)) = (gone, report) {
+                    report.token_gone().await;
+                }
             }
         });
     }
@@ -208,7 +226,7 @@ impl signaling::runtime::Waker for CourierWaker {
             operator_granted: false,
         };
         self.link
-            .spawn_push(req, "VoIP push for a waiting call refused");
+            .spawn_push(req, "VoIP push for a waiting call refused", Some(report));
     }
 }
 
@@ -380,7 +398,7 @@ impl ids::AccountNotifier for CourierAccountNotifier {
                 for_device: Some(device),
                 operator_granted: false,
             };
-            self.0.spawn_push(req, "account change push refused");
+            self.0.spawn_push(req, "account change push refused", None);
         }
     }
 }

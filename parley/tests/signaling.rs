@@ -521,6 +521,10 @@ fn a_wake_binding_with_another_devices_token_wakes_nobody() {
             ),
             other => panic!("unexpected: {other:?}"),
         }
+        // The token is not hers: her binding goes, and her call ends now
+        // (480) instead of ringing out its 30 s.
+        let r = caller.recv().await;
+        assert!(r.starts_with("SIP/2.0 480 "), "{r}");
     });
 }
 

@@ -48,6 +48,8 @@ struct Submission {
 #[derive(Debug, Serialize, Deserialize)]
 enum Answer {
     Accepted,
+    /// The token is unknown, another device's, or revoked.
+    Gone(String),
     Refused(String),
 }
 
@@ -59,6 +61,10 @@ pub enum SubmitError {
     Unreachable(String),
     #[error("the courier refused the push: {0}")]
     Refused(String),
+    /// The token is unknown, not the named device's, or revoked: whoever
+    /// holds it will not be reached through it.
+    #[error("the token is gone: {0}")]
+    Gone(String),
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -112,6 +118,7 @@ pub async fn submit(nats: &async_nats::Client, req: &PushRequest) -> Result<(), 
     match serde_json::from_slice::<Answer>(&reply.payload) {
         Ok(Answer::Accepted) => Ok(()),
         Ok(Answer::Refused(why)) => Err(SubmitError::Refused(why)),
+        Ok(Answer::Gone(why)) => Err(SubmitError::Gone(why)),
         Err(_) => Err(SubmitError::Unreachable("malformed answer".into())),
     }
 }
@@ -136,6 +143,10 @@ pub(crate) async fn serve(courier: Arc<Courier>, nats: async_nats::Client) {
                 None => Answer::Refused("malformed push".into()),
                 Some(req) => match courier.push(req).await {
                     Ok(_) => Answer::Accepted,
+                    Err(
+                        e @ (crate::courier::PushError::UnknownToken
+                        | crate::courier::PushError::Unregistered { .. }),
+                    ) => Answer::Gone(e.to_string()),
                     Err(e) => Answer::Refused(e.to_string()),
                 },
             };
