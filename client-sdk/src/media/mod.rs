@@ -434,13 +434,7 @@ impl MediaSession {
             s.add_candidate(host);
         }
         match s.config.turn.clone() {
-            Some(tc) => {
-                let mut client = TurnClient::new(tc, s.config.seed);
-                client.allocate(now);
-                s.turn = Some(client);
-                s.gather_deadline = Some(now + GATHER_TIMEOUT);
-                s.drain_turn(now);
-            }
+            Some(tc) => s.allocate_on(tc, now),
             None => s.gathered()?,
         }
         s.drain(now)?;
@@ -542,11 +536,7 @@ impl MediaSession {
         match self.config.turn.clone() {
             Some(tc) => {
                 self.config.seed = self.config.seed.wrapping_add(1);
-                let mut client = TurnClient::new(tc, self.config.seed);
-                client.allocate(now);
-                self.turn = Some(client);
-                self.gather_deadline = Some(now + GATHER_TIMEOUT);
-                self.drain_turn(now);
+                self.allocate_on(tc, now);
             }
             None => self.gathered()?,
         }
@@ -582,9 +572,16 @@ impl MediaSession {
         }
         self.permitted.clear();
         self.config.seed = self.config.seed.wrapping_add(1);
-        let mut client = TurnClient::new(next.clone(), self.config.seed);
+        self.config.turn = Some(next.clone());
+        self.allocate_on(next, now);
+    }
+
+    /// A new TURN client for `tc` (with the current seed) asks for an
+    /// allocation; gathering lasts until it answers or
+    /// [`GATHER_TIMEOUT`].
+    fn allocate_on(&mut self, tc: turn::Config, now: Instant) {
+        let mut client = TurnClient::new(tc, self.config.seed);
         client.allocate(now);
-        self.config.turn = Some(next);
         self.turn = Some(client);
         self.gather_deadline = Some(now + GATHER_TIMEOUT);
         self.drain_turn(now);
