@@ -254,6 +254,27 @@ fn bob_sleeps(
     (listen, out, seen)
 }
 
+/// Alice's call (`call`, with its lines) wakes Bob's sleeping `listen`:
+/// he is woken by push, rings and answers, media connects, and both
+/// clients finish. Alice's lines.
+fn bob_wakes_and_answers(
+    (call, alice_out): (Child, std::sync::mpsc::Receiver<String>),
+    listen: Child,
+    bob_out: &std::sync::mpsc::Receiver<String>,
+    bob_seen: &mut Vec<String>,
+) -> Vec<String> {
+    let mut alice_seen = Vec::new();
+    for line in ["woken by a VoIP push", "incoming call from", "answered"] {
+        wait_line(bob_out, line, bob_seen);
+    }
+    wait_line(&alice_out, "media connected", &mut alice_seen);
+    let limit = Duration::from_secs(60);
+    finish(call, limit, "call");
+    finish(listen, limit, "listen");
+    alice_seen.extend(alice_out.try_iter());
+    alice_seen
+}
+
 #[test]
 fn a_sleeping_device_woken_by_push_registers_at_another_node_and_answers() {
     let cl = Cluster::start("wake-cluster", 3);
@@ -272,16 +293,7 @@ fn a_sleeping_device_woken_by_push_registers_at_another_node_and_answers() {
         .arg(&alice_wav)
         .arg("--record")
         .arg(&alice_rec);
-    let (call, alice_out) = spawn(cmd);
-    let mut alice_seen = Vec::new();
-    for line in ["woken by a VoIP push", "incoming call from", "answered"] {
-        wait_line(&bob_out, line, &mut bob_seen);
-    }
-    wait_line(&alice_out, "media connected", &mut alice_seen);
-    let limit = Duration::from_secs(60);
-    finish(call, limit, "call");
-    finish(listen, limit, "listen");
-    alice_seen.extend(alice_out.try_iter());
+    let alice_seen = bob_wakes_and_answers(spawn(cmd), listen, &bob_out, &mut bob_seen);
     let alice_text = alice_seen.join("\n");
     assert!(alice_text.contains("answered by device"), "{alice_text}");
 
@@ -312,15 +324,7 @@ fn a_standalone_signaling_node_checks_the_directory_and_wakes_through_the_courie
     // leaves it over NATS.
     let mut cmd = client_sip_at(a, sip, &data, &alice);
     cmd.args(["call", BOB, "--seconds", "2", "--tone", "440"]);
-    let (call, alice_out) = spawn(cmd);
-    let mut alice_seen = Vec::new();
-    for line in ["woken by a VoIP push", "incoming call from", "answered"] {
-        wait_line(&bob_out, line, &mut bob_seen);
-    }
-    wait_line(&alice_out, "media connected", &mut alice_seen);
-    let limit = Duration::from_secs(60);
-    finish(call, limit, "call");
-    finish(listen, limit, "listen");
+    bob_wakes_and_answers(spawn(cmd), listen, &bob_out, &mut bob_seen);
     let (f, share, _) = heard(&bob_rec);
     assert_eq!(f, 440.0, "Bob heard {f} Hz ({share:.2} of the energy)");
 }

@@ -261,27 +261,31 @@ fn proxy_authorization(challenges: &[&str], uri: &str) -> String {
     )
 }
 
-#[test]
-fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
-    parley_tests::tool::require("curl");
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let config = dir.path().join("parley.toml");
+/// `parley up` in `dir` with Alice's digest account, a 30 s ring timeout
+/// and `extra` configuration, and Bob's phone activated through its ids:
+/// the data directory, the stack and the phone's credentials.
+fn bob_and_alice_up(dir: &Path, extra: &str) -> (std::path::PathBuf, Up, DeviceCredentials) {
+    let data = dir.join("data");
+    let config = dir.join("parley.toml");
     std::fs::write(
         &config,
         format!(
-            "[signaling]\n\
-             ring_timeout_secs = 30\n\
-             digest_sha256 = true\n\
-             [[signaling.accounts]]\n\
-             handle = \"{ALICE}\"\n\
-             password = \"{ALICE_PASSWORD}\"\n"
+            "[signaling]\nring_timeout_secs = 30\ndigest_sha256 = true\n\
+             [[signaling.accounts]]\nhandle = \"{ALICE}\"\npassword = \"{ALICE_PASSWORD}\"\n{extra}"
         ),
     )
     .unwrap();
     let up = start(&data, &config);
-    let (key, _device_id, cert) = activate(&up, &data);
+    let (key, _, cert) = activate(&up, &data);
     let creds = credentials(&data, &key, &cert);
+    (data, up, creds)
+}
+
+#[test]
+fn a_sleeping_device_is_woken_through_the_courier_and_takes_the_call() {
+    parley_tests::tool::require("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, up, creds) = bob_and_alice_up(dir.path(), "");
 
     runtime().block_on(async {
         // The phone holds its courier link and learns its VoIP token.
@@ -572,24 +576,16 @@ fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
         parley_tests::courier::start_with(BIN, &apple_data, &apple_config, &[], "127.0.0.1");
 
     // Our stack, with Apple as the courier's upstream.
-    let data = dir.path().join("data");
-    let config = dir.path().join("parley.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[signaling]\nring_timeout_secs = 30\ndigest_sha256 = true\n\
-             [[signaling.accounts]]\nhandle = \"{ALICE}\"\npassword = \"{ALICE_PASSWORD}\"\n\
-             [courier.upstream.apns]\nurl = \"{}\"\nserver_name = \"localhost\"\n\
+    let (_, up, creds) = bob_and_alice_up(
+        dir.path(),
+        &format!(
+            "[courier.upstream.apns]\nurl = \"{}\"\nserver_name = \"localhost\"\n\
              ca = \"{}\"\nkey = \"{}\"\nkey_id = \"KEY1234567\"\nteam_id = \"TEAM123456\"\n",
             apple.provider,
             apple_data.join("ca.pem").display(),
             p8_path.display()
         ),
-    )
-    .unwrap();
-    let up = start(&data, &config);
-    let (key, _, cert) = activate(&up, &data);
-    let creds = credentials(&data, &key, &cert);
+    );
 
     runtime().block_on(async {
         // The phone's APNs token: its link to "Apple".
@@ -675,23 +671,15 @@ fn a_sleeping_android_phone_is_woken_through_fcm_and_takes_the_call() {
     std::fs::write(&account, fcm.service_account_json()).unwrap();
     let ca = dir.path().join("google-ca.pem");
     std::fs::write(&ca, &fcm.ca_pem).unwrap();
-    let data = dir.path().join("data");
-    let config = dir.path().join("parley.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[signaling]\nring_timeout_secs = 30\ndigest_sha256 = true\n\
-             [[signaling.accounts]]\nhandle = \"{ALICE}\"\npassword = \"{ALICE_PASSWORD}\"\n\
-             [courier.upstream.fcm]\nservice_account = \"{}\"\nurl = \"127.0.0.1:{}\"\nca = \"{}\"\n",
+    let (_, up, creds) = bob_and_alice_up(
+        dir.path(),
+        &format!(
+            "[courier.upstream.fcm]\nservice_account = \"{}\"\nurl = \"127.0.0.1:{}\"\nca = \"{}\"\n",
             account.display(),
             fcm.addr.port(),
             ca.display()
         ),
-    )
-    .unwrap();
-    let up = start(&data, &config);
-    let (key, _, cert) = activate(&up, &data);
-    let creds = credentials(&data, &key, &cert);
+    );
 
     rt.block_on(async {
         let contact = "<sip:pixel@127.0.0.1:1;transport=tls;pn-provider=fcm;pn-prid=fcm-token-1;\
