@@ -334,9 +334,17 @@ impl Cluster {
         self.nats.connection_state() == async_nats::connection::State::Connected
     }
 
-    /// Forwards a validated push to the owner of `shard`.
-    pub async fn forward_push(&self, shard: u16, a: &Accepted) -> Result<PushOutcome, PushError> {
-        let note = encode_note(&a.note).map_err(|e| PushError::Unavailable(e.to_string()))?;
+    /// Forwards a validated push to the owner of `shard`; `None` when no
+    /// node serves the shard right now.
+    pub async fn forward_push(
+        &self,
+        shard: u16,
+        a: &Accepted,
+    ) -> Option<Result<PushOutcome, PushError>> {
+        let note = match encode_note(&a.note) {
+            Ok(n) => n,
+            Err(e) => return Some(Err(PushError::Unavailable(e.to_string()))),
+        };
         let msg = ShardMsg::Push {
             device: a.device.to_string(),
             now_or_never: a.now_or_never,
@@ -345,18 +353,19 @@ impl Cluster {
             created_at: a.created_at,
             note,
         };
-        match self.request(shard, &msg).await {
+        Some(match self.request(shard, &msg).await {
             Ok(Reply::Pushed { outcome }) => match outcome.as_str() {
                 "stored" => Ok(PushOutcome::Stored),
                 "sent_now" => Ok(PushOutcome::SentNow),
                 _ => Ok(PushOutcome::Discarded),
             },
+            Ok(Reply::NotOwner) => return None,
             Ok(Reply::Failed { reason }) => Err(PushError::Unavailable(reason)),
             Ok(_) => Err(PushError::Unavailable(
-                "this device's shard is changing owner; retry shortly".into(),
+                "unexpected answer from the shard's owner".into(),
             )),
             Err(e) => Err(PushError::Unavailable(e)),
-        }
+        })
     }
 
     /// Attaches a device connected here to its shard's owner; returns its
@@ -376,7 +385,10 @@ impl Cluster {
                 Ok(notes.iter().filter_map(|n| decode_note(n)).collect())
             }
             Ok(Reply::Failed { reason }) => Err(Error::Database(reason)),
-            Ok(_) => Err(Error::Internal("no owner for this device's shard".into())),
+            Ok(Reply::NotOwner) => Err(Error::NoOwner(shard_of(&device))),
+            Ok(_) => Err(Error::Internal(
+                "unexpected answer from the shard's owner".into(),
+            )),
             Err(e) => Err(Error::Internal(e)),
         }
     }
@@ -428,12 +440,12 @@ impl Cluster {
                 m.forward_failures.fetch_add(1, Ordering::Relaxed);
                 "malformed answer from the shard's owner".to_owned()
             }),
+            // Nobody serves the shard's subject: as if its last owner had
+            // answered that it owns it no more.
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(Reply::NotOwner),
             Err(e) => {
                 m.forward_failures.fetch_add(1, Ordering::Relaxed);
                 Err(match e.kind() {
-                    async_nats::RequestErrorKind::NoResponders => {
-                        "no node serves this device's shard right now; retry shortly".to_owned()
-                    }
                     async_nats::RequestErrorKind::TimedOut => {
                         "the shard's owner did not answer; retry".to_owned()
                     }

@@ -74,6 +74,16 @@ struct Inner {
     unknown: HashMap<DeviceToken, Instant>,
 }
 
+/// How long a provider's push and a device's hello wait for a shard that
+/// is between owners (given up by one node and not yet taken by another,
+/// or its node died and its lease is running out) before the answer is
+/// "retry", and how often they look again. A device waits longer: it is
+/// better served by a slow hello than by being sent away, and the default
+/// lease and one round (7.5 s) fit before its 10 s hello timeout.
+const PUSH_OWNER_WAIT: Duration = Duration::from_secs(2);
+const HELLO_OWNER_WAIT: Duration = Duration::from_secs(8);
+const OWNER_POLL: Duration = Duration::from_millis(50);
+
 /// How long a token the database did not know is not asked about again.
 const UNKNOWN_FOR: Duration = Duration::from_secs(2);
 /// Unknown tokens remembered at most (then forgotten all at once).
@@ -541,9 +551,16 @@ impl Courier {
                 now_or_never: req.now_or_never,
             }
         };
-        match self.owner(&accepted.device) {
-            Owner::Here(lease) => self.accept(accepted, lease).await,
-            Owner::Elsewhere(c, shard) => c.forward_push(shard, &accepted).await,
+        let deadline = Instant::now() + PUSH_OWNER_WAIT;
+        loop {
+            match self.owner(&accepted.device) {
+                Owner::Here(lease) => return self.accept(accepted, lease).await,
+                Owner::Elsewhere(c, shard) => match c.forward_push(shard, &accepted).await {
+                    Some(r) => return r,
+                    None if Instant::now() < deadline => tokio::time::sleep(OWNER_POLL).await,
+                    None => return Err(PushError::Unavailable(Error::NoOwner(shard).to_string())),
+                },
+            }
         }
     }
 
@@ -938,21 +955,27 @@ impl Courier {
         device: DeviceId,
         generation: u64,
     ) -> Result<Vec<Notification>, Error> {
-        match self.owner(&device) {
-            Owner::Elsewhere(c, _) => c.attach(device, generation).await,
-            Owner::Here(_) => {
-                // Connected here now: not through another node any more.
-                let old = self.lock().remote.remove(&device);
-                if let (Some((node, generation)), Some(c)) = (old, self.cluster.get()) {
-                    let msg = NodeMsg::Close {
-                        device: device.to_string(),
-                        generation,
-                    };
-                    c.to_node(&node, &msg).await;
+        // A shard between owners gets one soon: wait for it rather than
+        // send the device away.
+        let deadline = Instant::now() + HELLO_OWNER_WAIT;
+        while let Owner::Elsewhere(c, _) = self.owner(&device) {
+            match c.attach(device, generation).await {
+                Err(Error::NoOwner(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(OWNER_POLL).await
                 }
-                self.queued_for(device).await
+                r => return r,
             }
         }
+        // Connected here now: not through another node any more.
+        let old = self.lock().remote.remove(&device);
+        if let (Some((node, generation)), Some(c)) = (old, self.cluster.get()) {
+            let msg = NodeMsg::Close {
+                device: device.to_string(),
+                generation,
+            };
+            c.to_node(&node, &msg).await;
+        }
+        self.queued_for(device).await
     }
 
     /// The device's queued messages with payloads, in delivery order.

@@ -9,6 +9,10 @@ pub enum Error {
     /// A write for a shard whose lease this node no longer holds.
     #[error("shard {0} is held by another node now; retry")]
     Fenced(u16),
+    /// No node holds the shard right now: it is between owners (given up
+    /// and not yet taken, or its node died and the lease has not run out).
+    #[error("no node serves shard {0} right now; retry shortly")]
+    NoOwner(u16),
     #[error("internal: {0}")]
     Internal(String),
     #[error("io: {0}")]

@@ -169,3 +169,54 @@ async fn a_push_to_any_node_reaches_the_device_on_another() {
             >= 2
     );
 }
+
+/// A device says hello while its shard has no owner (here another node
+/// held it and went silent): the hello waits for the lease to run out and
+/// this node to take the shard, and the device gets its tokens and what
+/// was stored for it, instead of being sent away to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_waits_for_a_shard_between_owners() {
+    let (env, _others, _nats) = cluster("courier-cluster-between", 1).await;
+    let node = env.server();
+    let (device, creds) = env.device();
+    let (dev, tokens) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    drop(dev);
+    let http = env.provider_http2().await.unwrap();
+    let mut sender =
+        push_courier::provider::ApnsSender::new(http, env.provider_key.clone(), KID, TEAM);
+    let r = sender
+        .push(&tokens[0].1, TOPIC, &[], b"{\"n\":1}".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let id = NotificationId::from_uuid(r.header("apns-id").unwrap()).unwrap();
+
+    // A node that is not there takes the device's shard for 3 s.
+    let pool = sqlx::PgPool::connect(&env.config.database_url)
+        .await
+        .unwrap();
+    let until = unix_now() * 1000 + 3000;
+    sqlx::query(
+        "UPDATE courier_shards SET holder = 'gone', term = term + 1, expires_at = $1 \
+         WHERE shard = $2",
+    )
+    .bind(until)
+    .bind(i64::from(shard_of(&device)))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while owns(&node.courier, &device) {
+        assert!(Instant::now() < deadline, "the node kept the shard");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (mut dev, again) =
+        DeviceClient::connect(node.device_addr(), Transport::Tls, &creds, &[TOPIC], 0)
+            .await
+            .expect("the hello waits for the shard's next owner");
+    assert_eq!(again, tokens);
+    assert!(owns(&node.courier, &device));
+    let n = next_note(&mut dev).await;
+    assert_eq!(n.id, id);
+}
