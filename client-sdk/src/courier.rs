@@ -87,6 +87,14 @@ pub enum ClientError {
     Timeout,
 }
 
+impl ClientError {
+    /// The courier ended the link asking to be tried again later (it is
+    /// shutting down, or its storage is briefly out of reach).
+    pub fn asks_to_retry(&self) -> bool {
+        matches!(self, ClientError::Closed(CloseReason::Shutdown, _))
+    }
+}
+
 /// How to reach the courier.
 enum Via {
     /// TLS over TCP, optionally from a given local address.

@@ -20,7 +20,7 @@ use wire::handle::Handle;
 use wire::keys::{DeviceId, SigningKey};
 
 use crate::call::{CallEvent, Phone};
-use crate::courier::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
+use crate::courier::{ClientError, ClientEvent, DeviceClient, DeviceCredentials, Transport};
 use crate::ids::{IdsClient, IdsError};
 use crate::media::audio::{Tone, FRAME_SAMPLES};
 use crate::media::video::{self, TestPattern};
@@ -34,6 +34,9 @@ const TICK: Duration = Duration::from_millis(20);
 /// most it backs off to.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Rounds over the couriers at start while one asks to be tried again
+/// (it is shutting down, or a cluster node is moving the device's queue).
+const START_ROUNDS: u32 = 4;
 /// How long one courier reconnection attempt may take.
 const COURIER_CONNECT_LIMIT: Duration = Duration::from_secs(10);
 
@@ -378,17 +381,12 @@ impl Device {
             roots: config.roots.clone(),
             server_name: config.server_name.clone(),
         };
-        // The first courier that answers.
-        let mut first = Err(DeviceError::Courier("no courier address".into()));
-        let mut courier_at = 0;
-        for (i, addr) in config.couriers().into_iter().enumerate() {
-            first = connect_courier(&config, addr, &creds).await;
-            courier_at = i;
-            if first.is_ok() {
-                break;
-            }
-        }
-        let (courier, tokens) = first?;
+        let ((courier, tokens), courier_at) =
+            first_answering(&config.couriers(), RETRY_FIRST, |addr| {
+                connect_courier(&config, addr, &creds)
+            })
+            .await
+            .map_err(|e| DeviceError::Courier(e.to_string()))?;
         ids.set_push_tokens(&me.key, &tokens.pairs(&config)).await?;
         let voip_token = tokens.voip.clone();
         let turn = ids.turn_credentials(&me.key).await?;
@@ -1163,7 +1161,7 @@ async fn connect_courier(
     config: &DeviceConfig,
     addr: SocketAddr,
     creds: &DeviceCredentials,
-) -> Result<(DeviceClient, Tokens), DeviceError> {
+) -> Result<(DeviceClient, Tokens), ClientError> {
     let (courier, tokens) = DeviceClient::connect(
         addr,
         config.courier_transport,
@@ -1171,14 +1169,13 @@ async fn connect_courier(
         &[config.voip_topic.as_str(), wire::push::ACCOUNT_TOPIC],
         0,
     )
-    .await
-    .map_err(|e| DeviceError::Courier(e.to_string()))?;
+    .await?;
     let token = |topic: &str| {
         tokens
             .iter()
             .find(|(t, _)| t == topic)
             .map(|(_, t)| t.to_hex())
-            .ok_or_else(|| DeviceError::Courier(format!("no token for the topic {topic}")))
+            .ok_or_else(|| ClientError::Protocol(format!("no token for the topic {topic}")))
     };
     Ok((
         courier,
@@ -1187,6 +1184,41 @@ async fn connect_courier(
             account: token(wire::push::ACCOUNT_TOPIC)?,
         },
     ))
+}
+
+/// The first courier in `addrs` that answers, and its index. While one
+/// asked to be tried again, the list is gone round again after a pause
+/// (doubling from `pause`), [`START_ROUNDS`] times at most.
+async fn first_answering<T, F, Fut>(
+    addrs: &[SocketAddr],
+    mut pause: Duration,
+    mut connect: F,
+) -> Result<(T, usize), ClientError>
+where
+    F: FnMut(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut last = ClientError::Protocol("no courier address".into());
+    for round in 0..START_ROUNDS {
+        if round > 0 {
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+        let mut again = false;
+        for (i, addr) in addrs.iter().enumerate() {
+            match connect(*addr).await {
+                Ok(t) => return Ok((t, i)),
+                Err(e) => {
+                    again |= e.asks_to_retry();
+                    last = e;
+                }
+            }
+        }
+        if !again {
+            break;
+        }
+    }
+    Err(last)
 }
 
 /// The courier's next event, or never while there is no link.
@@ -1201,5 +1233,79 @@ async fn read_sip(sip: &mut Option<Sip>, buf: &mut [u8]) -> std::io::Result<usiz
     match sip {
         Some(s) => s.read(buf).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    const PAUSE: Duration = Duration::from_millis(5);
+
+    fn addrs() -> Vec<SocketAddr> {
+        vec![
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        ]
+    }
+
+    /// Both couriers ask to be tried again twice (a cluster moving the
+    /// device's queue): the third round reaches the first, after two
+    /// pauses, the second twice the first.
+    #[tokio::test]
+    async fn start_goes_round_again_while_a_courier_says_retry() {
+        let tried = RefCell::new(Vec::new());
+        let started = std::time::Instant::now();
+        let r = first_answering(&addrs(), PAUSE, |a| {
+            tried.borrow_mut().push(a.port());
+            let n = tried.borrow().len();
+            async move {
+                if n <= 4 {
+                    Err(ClientError::Closed(
+                        CloseReason::Shutdown,
+                        "storage unavailable; retry".into(),
+                    ))
+                } else {
+                    Ok(a.port())
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(r, (1, 0));
+        assert_eq!(*tried.borrow(), [1, 2, 1, 2, 1]);
+        assert!(started.elapsed() >= PAUSE * 3);
+    }
+
+    /// A refusal that is not "retry" (a revoked device, a dead address)
+    /// ends the start after one round, with the last error.
+    #[tokio::test]
+    async fn start_gives_up_after_one_round_without_a_retry() {
+        let tried = RefCell::new(0);
+        let r: Result<((), usize), _> = first_answering(&addrs(), PAUSE, |_| {
+            *tried.borrow_mut() += 1;
+            async { Err(ClientError::Closed(CloseReason::Revoked, "revoked".into())) }
+        })
+        .await;
+        assert!(matches!(
+            r,
+            Err(ClientError::Closed(CloseReason::Revoked, _))
+        ));
+        assert_eq!(*tried.borrow(), 2);
+    }
+
+    /// A courier that keeps saying retry is given up on after
+    /// `START_ROUNDS` rounds.
+    #[tokio::test]
+    async fn start_is_bounded_when_every_courier_keeps_saying_retry() {
+        let tried = RefCell::new(0);
+        let r: Result<((), usize), _> = first_answering(&addrs()[..1], PAUSE, |_| {
+            *tried.borrow_mut() += 1;
+            async { Err(ClientError::Closed(CloseReason::Shutdown, "retry".into())) }
+        })
+        .await;
+        assert!(r.unwrap_err().asks_to_retry());
+        assert_eq!(*tried.borrow(), START_ROUNDS);
     }
 }
