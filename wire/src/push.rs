@@ -21,6 +21,8 @@
 //! | 0x08 | Ping | either | opaque:u64 |
 //! | 0x09 | Pong | either | the ping's opaque:u64 |
 //! | 0x0a | Close | courier → device | reason:u8, text:str8 |
+//! | 0x0b | Platform | device → courier | request:u32, platform:u8 (1 APNs, 2 FCM), flags:u8 (1 calls, 2 other pushes, 4 APNs sandbox), topic:str8, token: len:u16 (≤ 4096) + UTF-8 |
+//! | 0x0c | PlatformAnswer | courier → device | request:u32, status:u8, text:str8 |
 //!
 //! After the TLS handshake the device sends Hello; the courier answers with
 //! Tokens (one stable token per topic) and then delivers every queued
@@ -28,6 +30,12 @@
 //! it; unacked notifications are delivered again on the next connection, so
 //! a device must drop an id it has already seen. Either side may ping; a
 //! peer that hears nothing for two ping intervals considers the link dead.
+//!
+//! A device that cannot hold the link (an iPhone app in the background)
+//! tells the courier its token at Apple's or Google's push service with
+//! Platform; while it is away, the courier wakes it through that service
+//! with an opaque id, and the device comes back for what waits. An empty
+//! token withdraws the device's tokens of that platform and kinds.
 
 use std::fmt;
 
@@ -258,6 +266,139 @@ impl CloseReason {
     }
 }
 
+/// The platforms' push services a device can be woken through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Platform {
+    /// Apple Push Notification service (PushKit VoIP or alert tokens).
+    Apns,
+    /// Firebase Cloud Messaging (registration tokens).
+    Fcm,
+}
+
+impl Platform {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Apns => "apns",
+            Platform::Fcm => "fcm",
+        }
+    }
+
+    /// Parses `apns` or `fcm` (as RFC 8599 `pn-provider` names them).
+    pub fn parse(s: &str) -> Option<Platform> {
+        match s {
+            "apns" => Some(Platform::Apns),
+            "fcm" => Some(Platform::Fcm),
+            _ => None,
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Platform::Apns => 1,
+            Platform::Fcm => 2,
+        }
+    }
+
+    fn from_code(c: u8) -> Option<Platform> {
+        match c {
+            1 => Some(Platform::Apns),
+            2 => Some(Platform::Fcm),
+            _ => None,
+        }
+    }
+}
+
+/// Longest platform token (FCM registration tokens run to a few hundred
+/// characters; APNs tokens are 64 hex digits).
+pub const MAX_PLATFORM_TOKEN: usize = 4096;
+
+/// A device's token at a platform's push service, and what it is for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PlatformToken {
+    pub platform: Platform,
+    /// Wakes the device for calls (a PushKit token, or an FCM token).
+    pub calls: bool,
+    /// Tells the device of other pushes waiting (an APNs alert token, or
+    /// an FCM token).
+    pub others: bool,
+    /// APNs: the token is of the sandbox (development) environment.
+    pub sandbox: bool,
+    /// APNs: the app's bundle id (VoIP pushes go to `<bundle>.voip`);
+    /// FCM: the Firebase project id.
+    pub topic: String,
+    /// The token; empty to withdraw.
+    pub token: String,
+}
+
+impl PlatformToken {
+    const CALLS: u8 = 1;
+    const OTHERS: u8 = 2;
+    const SANDBOX: u8 = 4;
+
+    fn flags(&self) -> u8 {
+        (if self.calls { Self::CALLS } else { 0 })
+            | (if self.others { Self::OTHERS } else { 0 })
+            | (if self.sandbox { Self::SANDBOX } else { 0 })
+    }
+}
+
+/// Tokens are capabilities: only a prefix is ever shown.
+impl fmt::Debug for PlatformToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let prefix: String = self.token.chars().take(8).collect();
+        f.debug_struct("PlatformToken")
+            .field("platform", &self.platform)
+            .field("calls", &self.calls)
+            .field("others", &self.others)
+            .field("sandbox", &self.sandbox)
+            .field("topic", &self.topic)
+            .field("token", &format_args!("{prefix}…"))
+            .finish()
+    }
+}
+
+/// The courier's answer to [`Frame::Platform`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlatformStatus {
+    /// Kept (or withdrawn).
+    Ok,
+    /// Another device registered this token: a token wakes one device
+    /// only, and never one its registrant does not hold.
+    Taken,
+    /// This courier has no credentials for that platform.
+    Unsupported,
+    /// Malformed (an APNs token that is not hex, no topic, …).
+    Invalid,
+    /// Storage is unavailable; try again later.
+    Unavailable,
+    /// Any other code, for forward compatibility.
+    Other(u8),
+}
+
+impl PlatformStatus {
+    fn code(self) -> u8 {
+        match self {
+            PlatformStatus::Ok => 0,
+            PlatformStatus::Taken => 1,
+            PlatformStatus::Unsupported => 2,
+            PlatformStatus::Invalid => 3,
+            PlatformStatus::Unavailable => 4,
+            PlatformStatus::Other(c) => c,
+        }
+    }
+
+    fn from_code(c: u8) -> PlatformStatus {
+        match c {
+            0 => PlatformStatus::Ok,
+            1 => PlatformStatus::Taken,
+            2 => PlatformStatus::Unsupported,
+            3 => PlatformStatus::Invalid,
+            4 => PlatformStatus::Unavailable,
+            c => PlatformStatus::Other(c),
+        }
+    }
+}
+
 /// A notification as the device receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notification {
@@ -309,6 +450,15 @@ pub enum Frame {
         reason: CloseReason,
         text: String,
     },
+    Platform {
+        request: u32,
+        token: PlatformToken,
+    },
+    PlatformAnswer {
+        request: u32,
+        status: PlatformStatus,
+        text: String,
+    },
 }
 
 /// Why bytes are not a frame.
@@ -341,6 +491,8 @@ impl Frame {
             0x08 => "ping",
             0x09 => "pong",
             0x0a => "close",
+            0x0b => "platform",
+            0x0c => "platform answer",
             _ => "unknown",
         }
     }
@@ -381,6 +533,8 @@ impl Frame {
             Frame::Ping(_) => 0x08,
             Frame::Pong(_) => 0x09,
             Frame::Close { .. } => 0x0a,
+            Frame::Platform { .. } => 0x0b,
+            Frame::PlatformAnswer { .. } => 0x0c,
         }
     }
 
@@ -473,6 +627,26 @@ impl Frame {
                 out.push(reason.code());
                 put_str8(out, text, name)?;
             }
+            Frame::Platform { request, token } => {
+                if token.token.len() > MAX_PLATFORM_TOKEN {
+                    return Err(FrameError::Range(name));
+                }
+                out.extend_from_slice(&request.to_be_bytes());
+                out.push(token.platform.code());
+                out.push(token.flags());
+                put_str8(out, &token.topic, name)?;
+                out.extend_from_slice(&(token.token.len() as u16).to_be_bytes());
+                out.extend_from_slice(token.token.as_bytes());
+            }
+            Frame::PlatformAnswer {
+                request,
+                status,
+                text,
+            } => {
+                out.extend_from_slice(&request.to_be_bytes());
+                out.push(status.code());
+                put_str8(out, text, name)?;
+            }
         }
         Ok(())
     }
@@ -489,7 +663,7 @@ impl Frame {
         if len > MAX_BODY {
             return Err(FrameError::TooLong(len));
         }
-        if !(0x01..=0x0a).contains(&type_) {
+        if !(0x01..=0x0c).contains(&type_) {
             return Err(FrameError::UnknownType(type_));
         }
         if buf.len() < HEADER_LEN + len {
@@ -593,6 +767,38 @@ impl Frame {
             }
             0x08 => Frame::Ping(r.u64()?),
             0x09 => Frame::Pong(r.u64()?),
+            0x0b => {
+                let request = r.u32()?;
+                let platform = Platform::from_code(r.u8()?).ok_or(FrameError::Range(name))?;
+                let flags = r.u8()?;
+                if flags & !(PlatformToken::CALLS | PlatformToken::OTHERS | PlatformToken::SANDBOX)
+                    != 0
+                {
+                    return Err(FrameError::Range(name));
+                }
+                let topic = r.str8()?;
+                let n = r.u16()? as usize;
+                if n > MAX_PLATFORM_TOKEN {
+                    return Err(FrameError::Range(name));
+                }
+                let token = r.utf8(n)?;
+                Frame::Platform {
+                    request,
+                    token: PlatformToken {
+                        platform,
+                        calls: flags & PlatformToken::CALLS != 0,
+                        others: flags & PlatformToken::OTHERS != 0,
+                        sandbox: flags & PlatformToken::SANDBOX != 0,
+                        topic,
+                        token,
+                    },
+                }
+            }
+            0x0c => Frame::PlatformAnswer {
+                request: r.u32()?,
+                status: PlatformStatus::from_code(r.u8()?),
+                text: r.str8()?,
+            },
             _ => {
                 let reason = CloseReason::from_code(r.u8()?);
                 let text = r.str8()?;
@@ -739,6 +945,33 @@ mod tests {
             (1u8..=6, arb_str()).prop_map(|(c, text)| Frame::Close {
                 reason: CloseReason::from_code(c),
                 text
+            }),
+            (
+                any::<u32>(),
+                any::<bool>(),
+                any::<[bool; 3]>(),
+                arb_str(),
+                "[A-Za-z0-9:_\\-]{0,300}"
+            )
+                .prop_map(|(request, apns, [calls, others, sandbox], topic, token)| {
+                    Frame::Platform {
+                        request,
+                        token: PlatformToken {
+                            platform: if apns { Platform::Apns } else { Platform::Fcm },
+                            calls,
+                            others,
+                            sandbox,
+                            topic,
+                            token,
+                        },
+                    }
+                }),
+            (any::<u32>(), any::<u8>(), arb_str()).prop_map(|(request, c, text)| {
+                Frame::PlatformAnswer {
+                    request,
+                    status: PlatformStatus::from_code(c),
+                    text,
+                }
             }),
         ]
     }
