@@ -15,7 +15,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use wire::push::{CloseReason, DeviceToken, Frame, Notification, NotificationId, ALPN, VERSION};
+use wire::push::{
+    CloseReason, DeviceToken, Frame, Notification, NotificationId, PlatformStatus, PlatformToken,
+    ALPN, VERSION,
+};
 
 /// Courier addresses from a comma-separated list of `host:port` or
 /// `ip:port`: every address each name resolves to (a cluster behind one
@@ -67,6 +70,12 @@ pub enum ClientEvent {
         endpoint: String,
     },
     Tokens(Vec<(String, DeviceToken)>),
+    /// The courier's answer to [`DeviceClient::register_platform`].
+    Platform {
+        request: u32,
+        status: PlatformStatus,
+        text: String,
+    },
     /// The link ended; with the courier's reason if it sent one.
     Closed(Option<(CloseReason, String)>),
 }
@@ -345,6 +354,20 @@ impl DeviceClient {
         Ok(request)
     }
 
+    /// Tells the courier this device's token at Apple's or Google's push
+    /// service (an empty token withdraws it), so that it is woken through
+    /// it while away from the link; the answer comes as
+    /// [`ClientEvent::Platform`] with the returned request number.
+    pub async fn register_platform(&mut self, token: PlatformToken) -> Result<u32, ClientError> {
+        let request = self.next_request;
+        self.next_request += 1;
+        self.out
+            .send(Frame::Platform { request, token })
+            .await
+            .map_err(|_| ClientError::Protocol("link closed".into()))?;
+        Ok(request)
+    }
+
     /// Revokes one of this device's tokens.
     pub async fn revoke(&self, token: DeviceToken) -> Result<(), ClientError> {
         self.out
@@ -437,6 +460,9 @@ async fn drive<S>(
                                 }
                                 Frame::Subscription { request, token, endpoint } => {
                                     ClientEvent::Subscription { request, token, endpoint }
+                                }
+                                Frame::PlatformAnswer { request, status, text } => {
+                                    ClientEvent::Platform { request, status, text }
                                 }
                                 Frame::Ping(v) => { send.push(Frame::Pong(v)); continue; }
                                 Frame::Pong(_) => continue,

@@ -402,10 +402,15 @@ pub const FCM_DEFAULT: &str = "fcm.googleapis.com:443";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApnsSection {
-    /// host:port. Default `api.push.apple.com:443`; for development builds
-    /// of an app, `api.sandbox.push.apple.com:443`.
+    /// host:port of the production environment. Default
+    /// `api.push.apple.com:443`.
     #[serde(default)]
     pub url: Option<String>,
+    /// host:port of the sandbox environment, for devices running
+    /// development builds of an app (`api.sandbox.push.apple.com:443`).
+    /// Default: none; such devices' tokens are refused.
+    #[serde(default)]
+    pub sandbox_url: Option<String>,
     /// The name its certificate carries. Default: the host of `url`.
     #[serde(default)]
     pub server_name: Option<String>,

@@ -578,7 +578,6 @@ async fn serve(
                 .chain(ids_server.iter().map(|i| {
                     Arc::new(admin::IdsMetrics(i.ids.clone())) as Arc<dyn admin::MetricsSource>
                 }))
-                .chain(stack.sources.iter().cloned())
                 .collect(),
         ),
         probes: Arc::new(

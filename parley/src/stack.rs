@@ -130,7 +130,6 @@ async fn start_signaling(
     config: signaling::runtime::Config,
     ids: Option<ids::store::Store>,
     courier: Option<wiring::CourierLink>,
-    upstream: wiring::Upstream,
     shared: Option<&SharedSip>,
 ) -> Result<(
     signaling::runtime::Server,
@@ -148,7 +147,7 @@ async fn start_signaling(
         None => Arc::new(signaling::runtime::NoDirectory),
     };
     let waker: Arc<dyn signaling::runtime::Waker> = match courier {
-        Some(link) => Arc::new(wiring::CourierWaker { link, upstream }),
+        Some(link) => Arc::new(wiring::CourierWaker { link }),
         None => Arc::new(signaling::runtime::NoWaker),
     };
     let started = match shared {
@@ -198,11 +197,30 @@ fn upstream_roots(ca: &Option<PathBuf>) -> Result<rustls::RootCertStore> {
     })
 }
 
-/// The APNs client `[courier.upstream.apns]` describes: its address
-/// resolved now, the `.p8` key read (never logged).
-async fn apns_client(a: &config::ApnsSection) -> Result<push_courier::upstream::ApnsClient> {
-    let url = a.url.as_deref().unwrap_or(config::APNS_DEFAULT);
-    let (addr, host) = resolve("courier.upstream.apns.url", url).await?;
+/// The platforms' services `[courier.upstream]` sets up.
+async fn platforms(u: &config::UpstreamSection) -> Result<push_courier::upstream::wake::Platforms> {
+    let mut p = push_courier::upstream::wake::Platforms::default();
+    if let Some(a) = &u.apns {
+        let url = a.url.as_deref().unwrap_or(config::APNS_DEFAULT);
+        p.apns = Some(Arc::new(apns_client(a, "url", url).await?));
+        if let Some(url) = &a.sandbox_url {
+            p.apns_sandbox = Some(Arc::new(apns_client(a, "sandbox_url", url).await?));
+        }
+    }
+    if let Some(f) = &u.fcm {
+        p.fcm = Some(Arc::new(fcm_client(f).await?));
+    }
+    Ok(p)
+}
+
+/// An APNs client for the environment at `url` (`[courier.upstream.apns]`
+/// `which`): its address resolved now, the `.p8` key read (never logged).
+async fn apns_client(
+    a: &config::ApnsSection,
+    which: &str,
+    url: &str,
+) -> Result<push_courier::upstream::ApnsClient> {
+    let (addr, host) = resolve(&format!("courier.upstream.apns.{which}"), url).await?;
     let roots = upstream_roots(&a.ca)?;
     let key = match tls::private_key(&a.key)
         .with_context(|| format!("courier.upstream.apns.key: {}", a.key.display()))?
@@ -343,8 +361,6 @@ pub(crate) struct Stack {
     /// cluster, signaling's shared bindings and the NATS link of a
     /// stand-alone service.
     pub(crate) probes: Vec<Arc<dyn admin::ReadyProbe>>,
-    /// What `/metrics` shows besides the services' own.
-    pub(crate) sources: Vec<Arc<dyn admin::MetricsSource>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -353,7 +369,7 @@ impl Stack {
         settings: &config::Settings,
         data: &data::DataDir,
         services: Services,
-        (turn_config, mut ids_config, courier_config, signaling_config): (
+        (turn_config, mut ids_config, mut courier_config, signaling_config): (
             stun_turn::Config,
             ids::Config,
             push_courier::Config,
@@ -374,7 +390,10 @@ impl Stack {
             false => None,
         };
         let courier_server = match services.courier {
-            true => Some(start_courier(&settings.courier, data, courier_config).await?),
+            true => {
+                courier_config.platforms = platforms(&settings.courier.upstream).await?;
+                Some(start_courier(&settings.courier, data, courier_config).await?)
+            }
             false => None,
         };
         if let (Some(path), Some(c)) = (&settings.courier.device_crl, &courier_server) {
@@ -447,7 +466,6 @@ impl Stack {
         if let Some(wiring::CourierLink::Cluster(nats)) = &courier_link {
             probes.push(Arc::new(admin::ClusterNats(nats.clone())));
         }
-        let upstream_metrics = Arc::new(wiring::UpstreamMetrics::default());
         let signaling_server = match services.signaling {
             true => {
                 let (server, location) = start_signaling(
@@ -456,17 +474,6 @@ impl Stack {
                     signaling_config,
                     ids_store.clone(),
                     courier_link,
-                    wiring::Upstream {
-                        apns: match &settings.courier.upstream.apns {
-                            Some(a) => Some(Arc::new(apns_client(a).await?)),
-                            None => None,
-                        },
-                        fcm: match &settings.courier.upstream.fcm {
-                            Some(f) => Some(Arc::new(fcm_client(f).await?)),
-                            None => None,
-                        },
-                        metrics: upstream_metrics.clone(),
-                    },
                     shared_sip.as_ref(),
                 )
                 .await?;
@@ -486,7 +493,6 @@ impl Stack {
             courier: courier_server,
             signaling: signaling_server,
             probes,
-            sources: vec![upstream_metrics],
             tasks,
         })
     }

@@ -89,61 +89,60 @@ impl CourierLink {
     }
 }
 
+impl CourierLink {
+    /// Hands a call's wake-up through a platform token to the courier
+    /// without waiting; a token that is dead, or not the device's own, is
+    /// reported through `report` (the call stops waiting for the device).
+    fn spawn_platform_wake(
+        &self,
+        device: DeviceId,
+        platform: wire::push::Platform,
+        token: String,
+        expires: i64,
+        report: signaling::runtime::WakeReport,
+    ) {
+        use push_courier::courier::Woken;
+        let link = self.clone();
+        tokio::spawn(async move {
+            let r = match &link {
+                CourierLink::Local(c) => c
+                    .wake_platform(device, platform, &token, expires)
+                    .await
+                    .map_err(|e| e.to_string()),
+                CourierLink::Cluster(nats) => {
+                    push_courier::submit::wake(nats, device, platform, &token, expires)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            };
+            match r {
+                Ok(Woken::Accepted | Woken::Pending) => {}
+                Ok(what) => {
+                    tracing::info!(
+                        platform = platform.as_str(),
+                        ?what,
+                        "a sleeping device could not be woken"
+                    );
+                    report.token_gone().await;
+                }
+                Err(e) => {
+                    tracing::info!(platform = platform.as_str(), error = %e, "wake-up through a platform refused");
+                    report.token_gone().await;
+                }
+            }
+        });
+    }
+}
+
 /// Sends VoIP pushes for calls waiting on a sleeping device. Contacts name
 /// the courier with `pn-provider=parley`, the device token in hex as
-/// `pn-prid` and the app topic as `pn-param`; or Apple's service with
-/// `pn-provider=apns` (RFC 8599), the APNs device token as `pn-prid` and
-/// `<team id>.<bundle id>.voip` as `pn-param`, sent through
-/// `[courier.upstream.apns]`.
+/// `pn-prid` and the app topic as `pn-param` (the courier goes through
+/// Apple or Google itself if the device sleeps without its link); or a
+/// platform directly (RFC 8599): `pn-provider=apns` or `fcm` and the
+/// device's platform token as `pn-prid`, which must be one the device
+/// registered with the courier over its own link.
 pub struct CourierWaker {
     pub link: CourierLink,
-    pub upstream: Upstream,
-}
-
-/// The platforms' push services the courier may hand wake-ups to.
-#[derive(Default)]
-pub struct Upstream {
-    pub apns: Option<Arc<push_courier::upstream::ApnsClient>>,
-    pub fcm: Option<Arc<push_courier::upstream::fcm::FcmClient>>,
-    pub metrics: Arc<UpstreamMetrics>,
-}
-
-/// What became of wake-ups sent through the platforms, for /metrics.
-#[derive(Debug, Default)]
-pub struct UpstreamMetrics {
-    /// [platform][outcome]: see [`UpstreamMetrics::OUTCOMES`].
-    counts: [[std::sync::atomic::AtomicU64; 5]; 2],
-}
-
-impl UpstreamMetrics {
-    const PLATFORMS: [&'static str; 2] = ["apns", "fcm"];
-    /// Taken; retried (each retry); the token was gone; refused; not
-    /// taken before the call stopped waiting.
-    const OUTCOMES: [&'static str; 5] = ["accepted", "retried", "gone", "refused", "expired"];
-
-    fn count(&self, platform: &str, outcome: &str) {
-        let p = Self::PLATFORMS.iter().position(|x| *x == platform);
-        let o = Self::OUTCOMES.iter().position(|x| *x == outcome);
-        if let (Some(p), Some(o)) = (p, o) {
-            self.counts[p][o].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-}
-
-impl crate::admin::MetricsSource for UpstreamMetrics {
-    fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let _ = writeln!(out, "# TYPE parley_upstream_wakes_total counter");
-        for (p, platform) in Self::PLATFORMS.iter().enumerate() {
-            for (o, outcome) in Self::OUTCOMES.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "parley_upstream_wakes_total{{platform=\"{platform}\",outcome=\"{outcome}\"}} {}",
-                    self.counts[p][o].load(std::sync::atomic::Ordering::Relaxed)
-                );
-            }
-        }
-    }
 }
 
 /// A wake-up is useless once the call has stopped waiting for the device.
@@ -158,27 +157,14 @@ impl signaling::runtime::Waker for CourierWaker {
             call_id,
             caller,
         } = wake;
-        match (
-            push.provider.as_str(),
-            &self.upstream.apns,
-            &self.upstream.fcm,
-        ) {
-            ("apns", Some(apns), _) => {
-                let metrics = self.upstream.metrics.clone();
-                return wake_through_apns(apns.clone(), &push, &call_id, (metrics, report));
-            }
-            ("fcm", _, Some(fcm)) => {
-                let metrics = self.upstream.metrics.clone();
-                return wake_through_fcm(fcm.clone(), &push, &call_id, (metrics, report));
-            }
-            (p @ ("apns" | "fcm"), _, _) => {
-                tracing::warn!(
-                    provider = p,
-                    "a binding asks for a wake-up through a platform not set up in [courier.upstream]"
-                );
-                return;
-            }
-            _ => {}
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        if let Some(platform) = wire::push::Platform::parse(&push.provider) {
+            let expires = (now + WAKE_TTL).as_secs() as i64;
+            self.link
+                .spawn_platform_wake(device, platform, push.prid, expires, report);
+            return;
         }
         if push.provider != "parley" {
             tracing::warn!(provider = %push.provider, "cannot wake a device through this push provider");
@@ -201,9 +187,6 @@ impl signaling::runtime::Waker for CourierWaker {
         let Ok(id) = push_courier::courier::Courier::new_id() else {
             return;
         };
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
         let payload = serde_json::json!({
             "aps": {},
             "parley": {"type": "call", "call_id": call_id, "from": caller, "to": handle.as_str()},
@@ -227,128 +210,6 @@ impl signaling::runtime::Waker for CourierWaker {
         };
         self.link
             .spawn_push(req, "VoIP push for a waiting call refused", Some(report));
-    }
-}
-
-/// A VoIP push through Apple for a waiting call, retried as APNs says
-/// until the call would no longer wait. Apple sees only the call's id:
-/// no handle, no caller.
-fn wake_through_apns(
-    apns: Arc<push_courier::upstream::ApnsClient>,
-    push: &signaling::core::registrar::PushParams,
-    call_id: &str,
-    (metrics, report): (Arc<UpstreamMetrics>, signaling::runtime::WakeReport),
-) {
-    use push_courier::upstream::ApnsPush;
-    let token = push.prid.to_ascii_lowercase();
-    if token.is_empty() || token.len() > 200 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-        tracing::debug!("pn-prid is not an APNs device token");
-        return;
-    }
-    // pn-param is `<team id>.<bundle id>.voip`; the topic drops the team.
-    let Some(topic) = push
-        .param
-        .as_deref()
-        .and_then(|p| p.split_once('.'))
-        .map(|(_, t)| t.to_owned())
-        .filter(|t| !t.is_empty())
-    else {
-        tracing::debug!("binding names no APNs topic (pn-param); not woken");
-        return;
-    };
-    let Ok(id) = push_courier::courier::Courier::new_id() else {
-        return;
-    };
-    let until = SystemTime::now() + WAKE_TTL;
-    let wake = ApnsPush {
-        token,
-        topic,
-        push_type: wire::push::PushType::Voip,
-        priority: 10,
-        expiration: until
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs(),
-        collapse_id: Some(call_id.chars().take(64).collect()),
-        id,
-        payload: serde_json::json!({"aps": {}, "parley": {"type": "call", "call_id": call_id}})
-            .to_string()
-            .into_bytes(),
-    };
-    tokio::spawn(async move {
-        retried("apns", until, &metrics, report, || apns.send(&wake)).await;
-    });
-}
-
-/// A high-priority data message through FCM for a waiting call, retried
-/// until the call would no longer wait. Google sees only the call's id.
-fn wake_through_fcm(
-    fcm: Arc<push_courier::upstream::fcm::FcmClient>,
-    push: &signaling::core::registrar::PushParams,
-    call_id: &str,
-    (metrics, report): (Arc<UpstreamMetrics>, signaling::runtime::WakeReport),
-) {
-    if push.prid.is_empty() || push.prid.len() > 4096 {
-        tracing::debug!("pn-prid is not an FCM registration token");
-        return;
-    }
-    let wake = push_courier::upstream::fcm::FcmPush {
-        token: push.prid.clone(),
-        data: [
-            ("type".to_owned(), "call".to_owned()),
-            ("call_id".to_owned(), call_id.to_owned()),
-        ]
-        .into(),
-        ttl: WAKE_TTL,
-        collapse_key: Some(call_id.chars().take(64).collect()),
-    };
-    let until = SystemTime::now() + WAKE_TTL;
-    tokio::spawn(async move {
-        retried("fcm", until, &metrics, report, || fcm.send(&wake)).await;
-    });
-}
-
-/// Sends through a platform until it takes the push, the token turns out
-/// dead (signaling hears of it through `report`), or `until` (the call
-/// stops waiting) would pass before a retry.
-async fn retried<F, Fut>(
-    platform: &str,
-    until: SystemTime,
-    metrics: &UpstreamMetrics,
-    report: signaling::runtime::WakeReport,
-    send: F,
-) where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = push_courier::upstream::Outcome>,
-{
-    use push_courier::upstream::Outcome;
-    loop {
-        match send().await {
-            Outcome::Accepted { .. } => {
-                metrics.count(platform, "accepted");
-                return;
-            }
-            Outcome::Retry { after, reason } => {
-                if SystemTime::now() + after >= until {
-                    metrics.count(platform, "expired");
-                    tracing::info!(platform, %reason, "the wake-up was not taken before the call gave up");
-                    return;
-                }
-                metrics.count(platform, "retried");
-                tokio::time::sleep(after).await;
-            }
-            Outcome::Gone { reason, .. } => {
-                metrics.count(platform, "gone");
-                tracing::info!(platform, %reason, "the device's token is gone; not woken");
-                report.token_gone().await;
-                return;
-            }
-            Outcome::RenewToken { reason } | Outcome::Refused { reason, .. } => {
-                metrics.count(platform, "refused");
-                tracing::warn!(platform, %reason, "the wake-up was refused");
-                return;
-            }
-        }
     }
 }
 

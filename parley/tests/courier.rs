@@ -141,6 +141,102 @@ async fn kill_9_after_2xx_loses_nothing_and_delivers_once() {
     assert!(seen.is_subset(&after), "unacked messages were redelivered");
 }
 
+/// A push for a device asleep without its link, answered 2xx while Apple
+/// cannot be reached; the courier is killed (`kill -9`) before Apple took
+/// the wake-up. After the restart the wake-up goes out (an alert naming
+/// only the push's id), and the device, back on its link, gets the push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_owed_when_the_courier_is_killed_goes_out_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // "Apple": a courier that takes our wake-ups as a provider's pushes.
+    let apple_dir = dir.path().join("apple");
+    std::fs::create_dir_all(&apple_dir).unwrap();
+    let (apple_config, p8) = provider_config(&apple_dir, "");
+    let apple_data = apple_dir.join("data");
+    let apple = start(&apple_data, &apple_config);
+    let (mut iphone, apple_tokens) = DeviceClient::connect(
+        apple.device,
+        Transport::Tls,
+        &device_creds(&apple_data, wire::DeviceId::random()),
+        &[TOPIC],
+        0,
+    )
+    .await
+    .unwrap();
+    let p8_path = dir.path().join("AuthKey_KEY1234567.p8");
+    std::fs::write(&p8_path, parley_tests::tool::pem("PRIVATE KEY", &p8)).unwrap();
+
+    let data = dir.path().join("data");
+    let (config, key) = provider_config(
+        dir.path(),
+        &format!(
+            "[courier.upstream.apns]\nurl = \"{}\"\nserver_name = \"localhost\"\nca = \"{}\"\n\
+             key = \"{}\"\nkey_id = \"KEY1234567\"\nteam_id = \"TEAM123456\"\n",
+            apple.provider,
+            apple_data.join("ca.pem").display(),
+            p8_path.display()
+        ),
+    );
+    let courier = start(&data, &config);
+    let creds = device_creds(&data, wire::DeviceId::random());
+    let (mut dev, tokens) =
+        DeviceClient::connect(courier.device, Transport::Tls, &creds, &[TOPIC], 0)
+            .await
+            .unwrap();
+    let alert = wire::push::PlatformToken {
+        platform: wire::push::Platform::Apns,
+        calls: false,
+        others: true,
+        sandbox: false,
+        topic: TOPIC.into(),
+        token: apple_tokens[0].1.to_hex(),
+    };
+    let request = dev.register_platform(alert).await.unwrap();
+    match dev.next_within(Duration::from_secs(5)).await {
+        Ok(ClientEvent::Platform {
+            request: r, status, ..
+        }) if r == request => {
+            assert_eq!(status, wire::push::PlatformStatus::Ok)
+        }
+        other => panic!("no answer to the platform token: {other:?}"),
+    }
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // Apple hangs; the provider's push is answered all the same, then the
+    // courier dies.
+    apple.pause(true);
+    let pushed = push_many(&courier, &data, &key, &tokens[0].1.to_hex(), 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(courier);
+    apple.pause(false);
+    match iphone.next_within(Duration::from_millis(500)).await {
+        Err(client_sdk::courier::ClientError::Timeout) => {}
+        other => panic!("Apple took the wake-up before the kill: {other:?}"),
+    }
+
+    let courier = start(&data, &config);
+    let wake = match iphone.next_within(Duration::from_secs(15)).await {
+        Ok(ClientEvent::Notification(n)) => n,
+        other => panic!("no wake-up after the restart: {other:?}"),
+    };
+    iphone.ack(&[wake.id]).await.unwrap();
+    assert_eq!(wake.push_type, wire::push::PushType::Alert);
+    let body: serde_json::Value = serde_json::from_slice(&wake.payload).unwrap();
+    assert_eq!(body["parley"]["type"], "wake");
+    assert_eq!(body["parley"]["id"], pushed[0].as_str());
+    assert_eq!(body["aps"]["mutable-content"], 1);
+    assert!(!String::from_utf8_lossy(&wake.payload).contains("\"n\""));
+
+    // Woken, the device takes the push itself over its link.
+    let (mut dev, _) = DeviceClient::connect(courier.device, Transport::Tls, &creds, &[TOPIC], 0)
+        .await
+        .unwrap();
+    let got = drain(&mut dev, 1).await;
+    assert_eq!(got, pushed.into_iter().collect::<HashSet<_>>());
+    drop(apple);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standalone_courier_refuses_devices_on_its_revocation_list() {
     let dir = tempfile::tempdir().unwrap();

@@ -361,6 +361,34 @@ fn upstream_counted(up: &Up, platform: &str, outcome: &str) {
     }
 }
 
+/// A device tells our courier its token at Apple's or Google's service
+/// over its own link (then leaves the link: it sleeps); the courier's
+/// answer.
+async fn registers_platform(
+    up: &Up,
+    creds: &DeviceCredentials,
+    token: wire::push::PlatformToken,
+) -> (wire::push::PlatformStatus, String) {
+    let (mut link, _) = DeviceClient::connect(up.courier, Transport::Tls, creds, &[TOPIC], 0)
+        .await
+        .unwrap();
+    let request = link.register_platform(token).await.unwrap();
+    match link.next_within(Duration::from_secs(5)).await {
+        Ok(ClientEvent::Platform {
+            request: r,
+            status,
+            text,
+        }) if r == request => (status, text),
+        other => panic!("no answer to the platform token: {other:?}"),
+    }
+}
+
+/// The bundle id an app's platform tokens name (its VoIP topic without
+/// `.voip`).
+fn bundle() -> String {
+    TOPIC.trim_end_matches(".voip").to_owned()
+}
+
 /// A device registers `contact` (Call-ID `reg`, CSeq 1) with its
 /// certificate, then closes its connection: asleep.
 async fn registers_and_sleeps(up: &Up, creds: &DeviceCredentials, contact: &str, reg: &str) {
@@ -533,11 +561,13 @@ fn a_wake_binding_with_another_devices_token_wakes_nobody() {
 }
 
 /// An iPhone in the background: asleep, no link to our courier, only an
-/// APNs device token in its binding (RFC 8599 `pn-provider=apns`). The
+/// APNs device token in its binding (RFC 8599 `pn-provider=apns`), which
+/// it registered with our courier over its link before it slept. The
 /// call's VoIP push goes through `[courier.upstream.apns]` to Apple, here
 /// a second `parley courier` speaking Apple's provider API, with the VoIP
 /// headers and a payload that names no one; the phone, woken, registers
-/// and takes the call.
+/// and takes the call. A stranger who names the iPhone's token, with the
+/// courier or in a binding of his own, wakes nobody.
 #[test]
 fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
     parley_tests::tool::require("curl");
@@ -576,7 +606,7 @@ fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
         parley_tests::courier::start_with(BIN, &apple_data, &apple_config, &[], "127.0.0.1");
 
     // Our stack, with Apple as the courier's upstream.
-    let (_, up, creds) = bob_and_alice_up(
+    let (data, up, creds) = bob_and_alice_up(
         dir.path(),
         &format!(
             "[courier.upstream.apns]\nurl = \"{}\"\nserver_name = \"localhost\"\n\
@@ -611,6 +641,16 @@ fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
                 .await
                 .unwrap();
         let apns_token = tokens[0].1.to_hex();
+        let pushkit = wire::push::PlatformToken {
+            platform: wire::push::Platform::Apns,
+            calls: true,
+            others: false,
+            sandbox: false,
+            topic: bundle(),
+            token: apns_token.clone(),
+        };
+        let (status, why) = registers_platform(&up, &creds, pushkit.clone()).await;
+        assert_eq!(status, wire::push::PlatformStatus::Ok, "{why}");
         let contact = format!(
             "<sip:iphone@127.0.0.1:1;transport=tls;pn-provider=apns;pn-prid={apns_token};\
              pn-param=TEAM123456.{TOPIC}>;+sip.instance=\"<urn:uuid:0f1e2d3c-0000-4000-8000-0000000000a9>\""
@@ -633,16 +673,62 @@ fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
             .unwrap()
             .as_secs();
         assert!(push.expires > now && push.expires <= now + 31, "{}", push.expires);
-        assert_eq!(push.collapse_id, "iphone-call");
-        // Apple learns which call, not who calls whom.
+        assert_eq!(push.collapse_id, "parley-call");
+        // Apple learns that a call waits, under an opaque id: not which
+        // call, nor who calls whom.
         let text = String::from_utf8(push.payload.clone()).unwrap();
         let payload: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(payload["parley"]["call_id"], "iphone-call");
-        assert!(!text.contains(ALICE) && !text.contains(BOB), "{text}");
+        assert_eq!(payload["parley"]["type"], "call");
+        let id = payload["parley"]["id"].as_str().unwrap();
+        assert!(wire::push::NotificationId::from_uuid(id).is_some(), "{text}");
+        for secret in [ALICE, BOB, "iphone-call"] {
+            assert!(!text.contains(secret), "{text}");
+        }
         upstream_counted(&up, "apns", "accepted");
 
         // Woken, the phone registers again and answers.
         registers_again_and_answers(&up, &creds, &contact, "reg-i", "iphone", &alice).await;
+
+        // Mallory, a user of ours, learnt the iPhone's token. The courier
+        // will not take it as her device's, and her binding naming it
+        // wakes nobody: her call ends at once, Apple hears nothing.
+        const MALLORY: &str = "+14155550199";
+        let (m_key, _, m_cert) = activate_as(&up, &data, MALLORY);
+        let mallory = credentials(&data, &m_key, &m_cert);
+        let (status, _) = registers_platform(&up, &mallory, pushkit.clone()).await;
+        assert_eq!(status, wire::push::PlatformStatus::Taken);
+        let theirs = contact
+            .replace("sip:iphone@", "sip:m@")
+            .replace("0000000000a9", "0000000000ee");
+        let mut sip = SipTls::connect(up.sip_tls, &mallory).await;
+        sip.send(&register_text(&theirs, "reg-m", 1).replace(BOB, MALLORY))
+            .await;
+        let r = sip.recv().await;
+        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
+        drop(sip);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut caller = SipTls::connect(up.sip_tls, &mallory).await;
+        caller
+            .send(&format!(
+                "INVITE sip:{MALLORY}@localhost SIP/2.0\r\n\
+                 Via: SIP/2.0/TLS 127.0.0.1:2;branch=z9hG4bKmal2\r\n\
+                 Max-Forwards: 70\r\n\
+                 From: <sip:{MALLORY}@localhost>;tag=m2\r\n\
+                 To: <sip:{MALLORY}@localhost>\r\n\
+                 Call-ID: stolen-token\r\n\
+                 CSeq: 1 INVITE\r\n\
+                 Contact: <sip:m@127.0.0.1:2;transport=tls>\r\n\
+                 Content-Length: 0\r\n\r\n"
+            ))
+            .await;
+        let trying = caller.recv().await;
+        assert!(trying.starts_with("SIP/2.0 100 "), "{trying}");
+        let r = caller.recv().await;
+        assert!(r.starts_with("SIP/2.0 480 "), "{r}");
+        match apns.next_within(Duration::from_secs(2)).await {
+            Err(client_sdk::courier::ClientError::Timeout) => {}
+            other => panic!("Mallory's call reached the iPhone: {other:?}"),
+        }
 
         // The app is removed: Apple forgets its token. The next call's
         // wake-up is refused (410), the binding goes, and Alice hears 480
@@ -657,10 +743,11 @@ fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
 }
 
 /// An Android phone without a foreground service: asleep, only an FCM
-/// registration token in its binding (`pn-provider=fcm`). The call's
-/// wake-up goes through `[courier.upstream.fcm]` to FCM, here a local
-/// stand-in, as a high-priority data message naming only the call; the
-/// phone, woken, registers and takes the call.
+/// registration token in its binding (`pn-provider=fcm`), registered
+/// with our courier over its link first. The call's wake-up goes through
+/// `[courier.upstream.fcm]` to FCM, here a local stand-in, as a
+/// high-priority data message with an opaque id; the phone, woken,
+/// registers and takes the call.
 #[test]
 fn a_sleeping_android_phone_is_woken_through_fcm_and_takes_the_call() {
     parley_tests::tool::require("curl");
@@ -682,6 +769,16 @@ fn a_sleeping_android_phone_is_woken_through_fcm_and_takes_the_call() {
     );
 
     rt.block_on(async {
+        let token = wire::push::PlatformToken {
+            platform: wire::push::Platform::Fcm,
+            calls: true,
+            others: true,
+            sandbox: false,
+            topic: "parley-test".into(),
+            token: "fcm-token-1".into(),
+        };
+        let (status, why) = registers_platform(&up, &creds, token).await;
+        assert_eq!(status, wire::push::PlatformStatus::Ok, "{why}");
         let contact = "<sip:pixel@127.0.0.1:1;transport=tls;pn-provider=fcm;pn-prid=fcm-token-1;\
              pn-param=parley-test>;+sip.instance=\"<urn:uuid:0f1e2d3c-0000-4000-8000-0000000000f1>\"";
         registers_and_sleeps(&up, &creds, contact, "reg-f").await;
@@ -697,12 +794,16 @@ fn a_sleeping_android_phone_is_woken_through_fcm_and_takes_the_call() {
         };
         assert_eq!(message["token"], "fcm-token-1");
         assert_eq!(message["android"]["priority"], "HIGH");
-        assert_eq!(message["android"]["ttl"], "30s");
-        assert_eq!(message["android"]["collapse_key"], "pixel-call");
+        let ttl = message["android"]["ttl"].as_str().unwrap();
+        assert!(["29s", "30s"].contains(&ttl), "{ttl}");
+        assert_eq!(message["android"]["collapse_key"], "parley-call");
         assert_eq!(message["data"]["type"], "call");
-        assert_eq!(message["data"]["call_id"], "pixel-call");
+        let id = message["data"]["id"].as_str().unwrap();
+        assert!(wire::push::NotificationId::from_uuid(id).is_some());
         let text = message.to_string();
-        assert!(!text.contains(ALICE) && !text.contains(BOB), "{text}");
+        for secret in [ALICE, BOB, "pixel-call"] {
+            assert!(!text.contains(secret), "{text}");
+        }
         assert_eq!(fcm.issued(), 1);
         upstream_counted(&up, "fcm", "accepted");
 

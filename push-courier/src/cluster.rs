@@ -714,6 +714,12 @@ async fn take(
         tracing::warn!(error = %e, "cannot load shard queues; leaving the leases to expire");
         return;
     }
+    // Wake-ups the shards' last owner had not sent.
+    let bytes: Vec<u8> = numbers
+        .iter()
+        .filter_map(|s| u8::try_from(*s).ok())
+        .collect();
+    courier.resume_owed(Some(&bytes)).await;
     for (shard, term) in shards {
         let sub = match cluster.nats.subscribe(shard_subject(shard)).await {
             Ok(s) => s,

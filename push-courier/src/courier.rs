@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -27,6 +27,10 @@ use crate::error::Error;
 use crate::mailbox;
 use crate::store::{MessageState, Store, StoredMessage, TokenKind, TokenRow, Write};
 use crate::Config;
+
+mod wakes;
+
+pub use wakes::Woken;
 
 /// What a device connection is told to do.
 #[derive(Debug)]
@@ -219,6 +223,11 @@ pub struct Courier {
     revoked_mark: std::sync::atomic::AtomicI64,
     /// Set in cluster mode, once, right after open.
     cluster: OnceLock<Arc<Cluster>>,
+    /// Set when the courier wakes sleeping devices through Apple's or
+    /// Google's services.
+    upstream: OnceLock<wakes::Upstream>,
+    /// This courier, for the tasks it starts.
+    me: Weak<Courier>,
 }
 
 /// Takes token rows into the token index, unless known; a live topic token
@@ -393,7 +402,7 @@ impl Courier {
             unknown: HashMap::new(),
         };
         let metrics = Arc::new(Metrics::default());
-        let courier = Arc::new(Courier {
+        let courier = Arc::new_cyclic(|me| Courier {
             store: store.clone(),
             metrics: metrics.clone(),
             writer: tx,
@@ -404,6 +413,8 @@ impl Courier {
             marks: Mutex::new(std::collections::VecDeque::new()),
             revoked_mark: std::sync::atomic::AtomicI64::new(unix_now()),
             cluster: OnceLock::new(),
+            upstream: OnceLock::new(),
+            me: me.clone(),
             config,
         });
         tokio::spawn(seq_refill(
@@ -418,6 +429,7 @@ impl Courier {
             metrics,
             courier.receipts.clone(),
         ));
+        courier.start_waking();
         Ok(courier)
     }
 
@@ -605,7 +617,10 @@ impl Courier {
             counter.fetch_add(1, Ordering::Relaxed);
             return Ok(outcome);
         }
-        let (insert, displaced) = {
+        // A sleeping device with a platform token is owed a wake-up, from
+        // the same commit as the push.
+        let wakes = self.owed_by(device, &note).await;
+        let (insert, displaced, owed) = {
             let mut inner = self.lock();
             let Some(seq) = self.seqs.take() else {
                 return Err(PushError::Unavailable(
@@ -622,6 +637,14 @@ impl Courier {
             };
             let adm = inner.queues.admit(device, entry(&stored));
             let mut writes = vec![Write::Insert(Box::new(stored))];
+            let owed = wakes.map(|calls| crate::store::Owed {
+                device,
+                seq,
+                id: note.id,
+                calls,
+                expires: note.expires as i64,
+            });
+            writes.extend(owed.clone().map(Write::Owe));
             writes.extend(fence(lease));
             let displaced: Vec<Entry> = adm.replaced.iter().chain(&adm.dropped).cloned().collect();
             for (gone, state, counter) in [
@@ -644,7 +667,7 @@ impl Courier {
                     });
                 }
             }
-            (writes, displaced)
+            (writes, displaced, owed)
         };
         // The insert is queued for the writer before the device can see the
         // message, so its ack (a later write) commits after it; the device
@@ -670,6 +693,9 @@ impl Courier {
             return Err(PushError::Unavailable(e.to_string()));
         }
         self.metrics.pushes_stored.fetch_add(1, Ordering::Relaxed);
+        if let Some(o) = owed {
+            self.kick(o);
+        }
         // A connection that came up during the commit, here or through
         // another node, may have read its backlog before the message was
         // there.
@@ -1278,6 +1304,7 @@ impl Courier {
 
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
+        self.render_wake_metrics(out);
         let m = &self.metrics;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let _ = writeln!(

@@ -356,6 +356,10 @@ async fn on_event(
                 tracing::warn!(error = %e, "cannot revoke token");
             }
         }
+        SessionEvent::Platform { request, token } => {
+            let (status, why) = courier.register_platform(device, &token).await;
+            s.send_platform_answer(request, status, why, Instant::now());
+        }
         SessionEvent::Acked(ids) => courier.acked(device, ids),
         SessionEvent::Closed { reason } => {
             tracing::debug!(?reason, "device session closed");

@@ -118,6 +118,9 @@ pub struct Config {
     pub providers: Vec<Provider>,
     /// Cluster mode (PostgreSQL and NATS); `None` = one node.
     pub cluster: Option<cluster::ClusterConfig>,
+    /// Apple's and Google's services, to wake devices that sleep without
+    /// the link. Default: none.
+    pub platforms: upstream::wake::Platforms,
 }
 
 impl Default for Config {
@@ -144,6 +147,7 @@ impl Default for Config {
             max_batch: 2048,
             providers: Vec::new(),
             cluster: None,
+            platforms: upstream::wake::Platforms::default(),
         }
     }
 }

@@ -20,6 +20,9 @@ use wire::DeviceId;
 
 use crate::error::Error;
 
+mod platform;
+
+pub use platform::{Owed, Registered};
 pub use sqlstore::Backend;
 
 /// Where a message is in its life.
@@ -228,6 +231,9 @@ pub enum Write {
     ReceiptsSent {
         seqs: Vec<i64>,
     },
+    /// A wake-up through the device's platform token is owed from this
+    /// batch on (see [`Owed`]).
+    Owe(Owed),
     /// The batch commits only if this node still holds `shard`'s lease at
     /// `term` (cluster mode): the writes of a node that lost the lease
     /// (paused, partitioned) are refused, whole.
@@ -263,9 +269,12 @@ impl Store {
     }
 
     async fn migrate(&self) -> Result<(), Error> {
-        sqlstore::migrate(&self.pool, self.backend, SCHEMA)
-            .await
-            .map_err(Error::from_sqlstore)
+        for schema in [SCHEMA, platform::SCHEMA] {
+            sqlstore::migrate(&self.pool, self.backend, schema)
+                .await
+                .map_err(Error::from_sqlstore)?;
+        }
+        Ok(())
     }
 
     pub fn backend(&self) -> Backend {
@@ -411,6 +420,7 @@ impl Store {
                     .await
                     .map_err(Error::db)?;
                 }
+                Write::Owe(o) => Store::owe(&mut tx, o, crate::courier::unix_now()).await?,
                 Write::ReceiptsSent { seqs } => {
                     for chunk in shaped(seqs) {
                         let sql = format!(

@@ -20,10 +20,14 @@ use serde::{Deserialize, Serialize};
 use wire::push::{DeviceToken, NotificationId, PushType};
 use wire::DeviceId;
 
-use crate::courier::{Courier, PushRequest};
+use crate::courier::{Courier, PushRequest, Woken};
+use wire::push::Platform;
 
 /// Where services hand pushes to the courier cluster.
 pub const SUBJECT: &str = "parley.courier.submit";
+/// Where signaling hands wake-ups through a platform token
+/// ([`Courier::wake_platform`]).
+pub const WAKE_SUBJECT: &str = "parley.courier.wake";
 /// The courier nodes' queue group on [`SUBJECT`].
 const GROUP: &str = "couriers";
 /// How long a sender waits for a courier node.
@@ -43,6 +47,61 @@ struct Submission {
     payload: String,
     provider: String,
     for_device: String,
+}
+
+/// A call's wake-up through a platform token, as it crosses NATS.
+#[derive(Debug, Serialize, Deserialize)]
+struct PlatformWake {
+    device: String,
+    platform: String,
+    token: String,
+    expires: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum WakeAnswer {
+    Woken(String),
+    Refused(String),
+}
+
+fn woken_name(w: Woken) -> &'static str {
+    match w {
+        Woken::Accepted => "accepted",
+        Woken::Pending => "pending",
+        Woken::Gone => "gone",
+        Woken::Failed => "failed",
+    }
+}
+
+/// Hands a call's wake-up through `device`'s platform token to the
+/// courier cluster; what the platform said first, if it answered quickly.
+pub async fn wake(
+    nats: &async_nats::Client,
+    device: DeviceId,
+    platform: Platform,
+    token: &str,
+    expires: i64,
+) -> Result<Woken, SubmitError> {
+    let msg = PlatformWake {
+        device: device.to_string(),
+        platform: platform.as_str().into(),
+        token: token.into(),
+        expires,
+    };
+    let body = serde_json::to_vec(&msg).unwrap_or_default();
+    // The courier waits a little for the platform's first answer.
+    let reply = tokio::time::timeout(2 * TIMEOUT, nats.request(WAKE_SUBJECT, body.into()))
+        .await
+        .map_err(|_| SubmitError::Unreachable("timed out".into()))?
+        .map_err(|e| SubmitError::Unreachable(e.to_string()))?;
+    match serde_json::from_slice::<WakeAnswer>(&reply.payload) {
+        Ok(WakeAnswer::Woken(w)) => [Woken::Accepted, Woken::Pending, Woken::Gone, Woken::Failed]
+            .into_iter()
+            .find(|x| woken_name(*x) == w)
+            .ok_or_else(|| SubmitError::Unreachable("malformed answer".into())),
+        Ok(WakeAnswer::Refused(why)) => Err(SubmitError::Refused(why)),
+        Err(_) => Err(SubmitError::Unreachable("malformed answer".into())),
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -123,9 +182,54 @@ pub async fn submit(nats: &async_nats::Client, req: &PushRequest) -> Result<(), 
     }
 }
 
-/// This node's part: takes submissions from the queue group until the
-/// subscription ends.
+/// This node's part: takes submissions and wake-ups from the queue group
+/// until the subscriptions end.
 pub(crate) async fn serve(courier: Arc<Courier>, nats: async_nats::Client) {
+    tokio::spawn(serve_wakes(courier.clone(), nats.clone()));
+    serve_pushes(courier, nats).await
+}
+
+async fn serve_wakes(courier: Arc<Courier>, nats: async_nats::Client) {
+    let mut sub = match nats.queue_subscribe(WAKE_SUBJECT, GROUP.into()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot take wake-ups from signaling");
+            return;
+        }
+    };
+    while let Some(m) = sub.next().await {
+        let (courier, nats) = (courier.clone(), nats.clone());
+        tokio::spawn(async move {
+            let msg = serde_json::from_slice::<PlatformWake>(&m.payload).ok();
+            let parsed = msg.and_then(|w| {
+                Some((
+                    w.device.parse::<DeviceId>().ok()?,
+                    Platform::parse(&w.platform)?,
+                    w.token,
+                    w.expires,
+                ))
+            });
+            let answer = match parsed {
+                None => WakeAnswer::Refused("malformed wake-up".into()),
+                Some((device, platform, token, expires)) => {
+                    match courier
+                        .wake_platform(device, platform, &token, expires)
+                        .await
+                    {
+                        Ok(w) => WakeAnswer::Woken(woken_name(w).into()),
+                        Err(e) => WakeAnswer::Refused(e.to_string()),
+                    }
+                }
+            };
+            if let Some(to) = m.reply {
+                let body = serde_json::to_vec(&answer).unwrap_or_default();
+                let _ = nats.publish(to, body.into()).await;
+            }
+        });
+    }
+}
+
+async fn serve_pushes(courier: Arc<Courier>, nats: async_nats::Client) {
     let mut sub = match nats.queue_subscribe(SUBJECT, GROUP.into()).await {
         Ok(s) => s,
         Err(e) => {

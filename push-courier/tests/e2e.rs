@@ -1397,3 +1397,119 @@ async fn a_device_leaves_a_courier_that_went_silent() {
     );
     relaying.abort();
 }
+
+/// The courier's answer to a platform token the device sends over `dev`.
+async fn platform_answer(
+    dev: &mut DeviceClient,
+    token: wire::push::PlatformToken,
+) -> wire::push::PlatformStatus {
+    let request = dev.register_platform(token).await.unwrap();
+    match dev.next_within(WAIT).await.unwrap() {
+        ClientEvent::Platform {
+            request: r, status, ..
+        } if r == request => status,
+        other => panic!("expected the platform answer, got {other:?}"),
+    }
+}
+
+/// A device's platform tokens over its link: kept, replaced when the
+/// platform rotates them, withdrawn; another device's token, a malformed
+/// one and one for a platform without credentials are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_tokens_belong_to_the_device_that_registered_them_first() {
+    platform_token_rules(Env::start(with_apns).await).await;
+}
+
+/// The same on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn platform_tokens_belong_to_the_first_device_on_postgres_too() {
+    platform_token_rules(Env::start_postgres("courier-platform-tokens", with_apns).await).await;
+}
+
+/// APNs production credentials, never used: nothing is pushed.
+fn with_apns(c: &mut push_courier::Config) {
+    c.platforms.apns = Some(Arc::new(push_courier::upstream::ApnsClient::new(
+        push_courier::upstream::ApnsConfig {
+            addr: "127.0.0.1:9".parse().unwrap(),
+            server_name: "localhost".into(),
+            roots: rustls::RootCertStore::empty(),
+            key_pkcs8: Vec::new(),
+            key_id: "KEY1234567".into(),
+            team_id: "TEAM123456".into(),
+        },
+    )));
+}
+
+async fn platform_token_rules(env: Env) {
+    use wire::push::{Platform, PlatformStatus, PlatformToken};
+    let pushkit = |token: &str| PlatformToken {
+        platform: Platform::Apns,
+        calls: true,
+        others: false,
+        sandbox: false,
+        topic: "com.example.app".into(),
+        token: token.into(),
+    };
+    let (a, a_creds) = env.device();
+    let (mut phone, _) = env.connect(&a_creds, Transport::Tls, &[TOPIC]).await;
+    let first = "aa".repeat(32);
+    assert_eq!(
+        platform_answer(&mut phone, pushkit(&first)).await,
+        PlatformStatus::Ok
+    );
+    let store = &env.server().courier.store;
+    assert_eq!(
+        store.platform_tokens_of(a).await.unwrap(),
+        vec![pushkit(&first)]
+    );
+    // Rotated by the platform: the new one replaces the old.
+    let second = "bb".repeat(32);
+    assert_eq!(
+        platform_answer(&mut phone, pushkit(&second)).await,
+        PlatformStatus::Ok
+    );
+    assert_eq!(
+        store.platform_tokens_of(a).await.unwrap(),
+        vec![pushkit(&second)]
+    );
+
+    // Another device naming it is refused; the token stays the first's.
+    let (_, b_creds) = env.device();
+    let (mut stranger, _) = env.connect(&b_creds, Transport::Tls, &[TOPIC]).await;
+    assert_eq!(
+        platform_answer(&mut stranger, pushkit(&second)).await,
+        PlatformStatus::Taken
+    );
+    assert_eq!(
+        platform_answer(&mut stranger, pushkit("not hex")).await,
+        PlatformStatus::Invalid
+    );
+    let fcm = PlatformToken {
+        platform: Platform::Fcm,
+        others: true,
+        topic: "project".into(),
+        token: "fcm-token".into(),
+        ..pushkit("")
+    };
+    assert_eq!(
+        platform_answer(&mut stranger, fcm).await,
+        PlatformStatus::Unsupported
+    );
+    let mut sandbox = pushkit(&"cc".repeat(32));
+    sandbox.sandbox = true;
+    assert_eq!(
+        platform_answer(&mut stranger, sandbox).await,
+        PlatformStatus::Unsupported
+    );
+
+    // Withdrawn (the app signed out): then another device may have it.
+    assert_eq!(
+        platform_answer(&mut phone, pushkit("")).await,
+        PlatformStatus::Ok
+    );
+    assert!(store.platform_tokens_of(a).await.unwrap().is_empty());
+    assert_eq!(
+        platform_answer(&mut stranger, pushkit(&second)).await,
+        PlatformStatus::Ok
+    );
+}

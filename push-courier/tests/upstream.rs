@@ -172,6 +172,7 @@ fn data_push(token: &str) -> push_courier::upstream::fcm::FcmPush {
         .into(),
         ttl: Duration::from_secs(30),
         collapse_key: Some("c1".into()),
+        high: true,
     }
 }
 

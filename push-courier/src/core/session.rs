@@ -12,7 +12,10 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use wire::push::{CloseReason, DeviceToken, Frame, Notification, NotificationId, VERSION};
+use wire::push::{
+    CloseReason, DeviceToken, Frame, Notification, NotificationId, PlatformStatus, PlatformToken,
+    VERSION,
+};
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -56,6 +59,11 @@ pub enum SessionEvent {
     },
     Revoke {
         token: DeviceToken,
+    },
+    /// The device's token at Apple's or Google's push service.
+    Platform {
+        request: u32,
+        token: PlatformToken,
     },
     Acked(Vec<NotificationId>),
     /// The session is over; `by_peer` if the device went away or broke the
@@ -271,6 +279,24 @@ impl Session {
         );
     }
 
+    pub fn send_platform_answer(
+        &mut self,
+        request: u32,
+        status: PlatformStatus,
+        text: &str,
+        now: Instant,
+    ) {
+        let text: String = text.chars().take(120).collect();
+        self.send(
+            &Frame::PlatformAnswer {
+                request,
+                status,
+                text,
+            },
+            now,
+        );
+    }
+
     /// Queues a live notification for the device. One already in flight or
     /// waiting is not sent twice; past `max_inflight` + `max_waiting` the
     /// device is a slow reader and is closed.
@@ -374,6 +400,9 @@ impl Session {
             (State::Open, Frame::Revoke { token }) => {
                 self.events.push_back(SessionEvent::Revoke { token })
             }
+            (State::Open, Frame::Platform { request, token }) => self
+                .events
+                .push_back(SessionEvent::Platform { request, token }),
             (State::Open, _) => self.close(
                 CloseReason::Protocol,
                 "frame not allowed from a device",

@@ -131,6 +131,8 @@ pub struct FcmPush {
     /// How long FCM keeps trying (`android.ttl`).
     pub ttl: Duration,
     pub collapse_key: Option<String>,
+    /// Android priority HIGH (wakes a dozing phone: calls); else NORMAL.
+    pub high: bool,
 }
 
 /// Reads FCM's answer: status and `{"error": {"status", "details": [{"errorCode"}]}}`.
@@ -289,7 +291,7 @@ impl FcmClient {
             Err(o) => return o,
         };
         let mut android = serde_json::json!({
-            "priority": "HIGH",
+            "priority": if push.high { "HIGH" } else { "NORMAL" },
             "ttl": format!("{}s", push.ttl.as_secs()),
         });
         if let Some(c) = &push.collapse_key {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 pub mod apns;
 pub mod fcm;
+pub mod wake;
 
 pub use apns::{classify, ApnsClient, ApnsConfig, ApnsPush, ProviderToken};
 
@@ -52,20 +53,28 @@ impl Connection {
             match slot.as_ref() {
                 Some(h) => h.clone(),
                 None => {
-                    let h =
-                        crate::provider::Http2::connect(self.addr, &self.name, self.roots.clone())
-                            .await
-                            .map_err(|e| format!("cannot reach {}: {e}", self.name))?;
+                    let connect =
+                        crate::provider::Http2::connect(self.addr, &self.name, self.roots.clone());
+                    let h = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+                        .await
+                        .map_err(|_| format!("{} did not answer in time", self.name))?
+                        .map_err(|e| format!("cannot reach {}: {e}", self.name))?;
                     *slot = Some(h.clone());
                     h
                 }
             }
         };
-        match http.request("POST", path, headers, body).await {
-            Ok(r) => Ok(r),
-            Err(e) => {
+        let answer =
+            tokio::time::timeout(REQUEST_TIMEOUT, http.request("POST", path, headers, body)).await;
+        match answer {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
                 *self.slot.lock().await = None;
                 Err(format!("connection to {} lost: {e}", self.name))
+            }
+            Err(_) => {
+                *self.slot.lock().await = None;
+                Err(format!("{} did not answer in time", self.name))
             }
         }
     }
@@ -108,6 +117,12 @@ pub(crate) fn response(
         body: bytes::Bytes::copy_from_slice(body.as_bytes()),
     }
 }
+
+/// A service that takes longer than these to connect, or to answer a
+/// request, is tried again on a new connection: a hung connection must not
+/// hold every wake-up behind it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A retry without `Retry-After`.
 pub(crate) const DEFAULT_RETRY: Duration = Duration::from_secs(1);
