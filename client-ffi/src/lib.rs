@@ -128,6 +128,35 @@ pub enum PhoneEvent {
     },
 }
 
+/// The device's token at Apple's or Google's push service, as the app
+/// got it from the platform (PushKit, `UNUserNotificationCenter`, or
+/// Firebase Messaging).
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct PlatformToken {
+    /// `apns` or `fcm`.
+    pub platform: String,
+    /// The token: hex for APNs; empty to withdraw.
+    pub token: String,
+    /// APNs: the app's bundle id; FCM: the Firebase project id.
+    pub topic: String,
+    /// It wakes the app for calls (a PushKit token; an FCM token).
+    pub calls: bool,
+    /// It tells the app of other pushes (an alert token; an FCM token).
+    pub others: bool,
+    /// APNs: a development build's token (the sandbox environment).
+    pub sandbox: bool,
+}
+
+/// A push from Apple or Google that [`PhoneDevice::handle_push`] read.
+#[derive(Debug, Clone, PartialEq, uniffi::Enum)]
+pub enum PlatformPush {
+    /// A call waits: report it to CallKit now, with `id` as its UUID; it
+    /// rings as [`PhoneEvent::Incoming`] once the device is back.
+    Call { id: String },
+    /// Pushes wait; the device fetches them.
+    Wake { id: String },
+}
+
 fn phone_event(e: DeviceEvent) -> Option<PhoneEvent> {
     Some(match e {
         DeviceEvent::Registered => PhoneEvent::Registered,
@@ -390,6 +419,64 @@ impl PhoneDevice {
                 }
             }
         })
+    }
+
+    /// Tells the courier this device's platform token (again whenever the
+    /// platform rotates it), so that calls wake it through Apple or Google
+    /// while it has no link. Fails if another device holds the token or
+    /// the courier cannot use it.
+    pub fn set_platform_token(&self, token: PlatformToken) -> Result<(), ParleyError> {
+        use wire::push::{Platform, PlatformStatus};
+        let platform = Platform::parse(&token.platform)
+            .ok_or_else(|| invalid(format!("platform {:?}: apns or fcm", token.platform)))?;
+        let t = wire::push::PlatformToken {
+            platform,
+            calls: token.calls,
+            others: token.others,
+            sandbox: token.sandbox,
+            topic: token.topic,
+            token: token.token,
+        };
+        let status = self
+            .rt
+            .block_on(async { self.device.lock().await.set_platform_token(t).await })
+            .map_err(failed)?;
+        match status {
+            PlatformStatus::Ok => Ok(()),
+            PlatformStatus::Invalid => Err(invalid("the courier refused the token as malformed")),
+            other => Err(failed(format!(
+                "the courier did not take the token: {other:?}"
+            ))),
+        }
+    }
+
+    /// Goes to the background as an iPhone app does: no SIP connection,
+    /// no courier link, until a push ([`PhoneDevice::handle_push`]) comes.
+    pub fn background(&self) -> Result<(), ParleyError> {
+        self.rt
+            .block_on(async { self.device.lock().await.background().await })
+            .map_err(failed)
+    }
+
+    /// Hands the device a push the app got from Apple (the payload, JSON)
+    /// or Google (the message's data, as a JSON object). Returns at once
+    /// what it is; the device comes back on its own. `None`: not Parley's.
+    pub fn handle_push(&self, payload: String) -> Result<Option<PlatformPush>, ParleyError> {
+        use client_sdk::device::PlatformPush as P;
+        let p = self
+            .rt
+            .block_on(async {
+                self.device
+                    .lock()
+                    .await
+                    .handle_push(payload.as_bytes())
+                    .await
+            })
+            .map_err(failed)?;
+        Ok(p.map(|p| match p {
+            P::Call { id } => PlatformPush::Call { id },
+            P::Wake { id } => PlatformPush::Wake { id },
+        }))
     }
 
     /// The audio this device played for `call` (48 kHz mono), up to the

@@ -1,6 +1,7 @@
 //! The bindings as an app gets them: generated from the built library
-//! for Swift, Kotlin and Python, and the Python one driving a real call
-//! through `parley up` (tests/python/call.py).
+//! for Swift, Kotlin and Python, and the Python one driving real calls
+//! through `parley up` (tests/python/call.py), one of them to a device
+//! asleep as a phone app is, woken through a local FCM stand-in.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -68,6 +69,9 @@ fn swift_and_kotlin_bindings_are_generated_with_the_whole_api() {
         "hangup",
         "nextEvent",
         "normalizeHandle",
+        "setPlatformToken",
+        "background",
+        "handlePush",
     ] {
         assert!(swift.contains(name), "Swift lacks {name}");
         assert!(kotlin.contains(name), "Kotlin lacks {name}");
@@ -90,7 +94,27 @@ fn python_binding_places_a_call_through_parley_up() {
     // The module loads the library from its own directory.
     std::fs::copy(library(), py.join("libparley_ffi.so")).unwrap();
 
-    let (data, up) = parley_tests::up::start_lab(parley.to_str().unwrap(), dir.path());
+    // Google's FCM, for the part where Bob sleeps as a phone app does.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let fcm = rt.block_on(parley_tests::fcm::FakeFcm::start(3600));
+    let fcm_log = dir.path().join("fcm-sent.jsonl");
+    fcm.log_to(fcm_log.clone());
+    let account = dir.path().join("service-account.json");
+    std::fs::write(&account, fcm.service_account_json()).unwrap();
+    let google_ca = dir.path().join("google-ca.pem");
+    std::fs::write(&google_ca, &fcm.ca_pem).unwrap();
+    let upstream = format!(
+        "[courier.upstream.fcm]\nservice_account = \"{}\"\nurl = \"127.0.0.1:{}\"\nca = \"{}\"\n",
+        account.display(),
+        fcm.addr.port(),
+        google_ca.display()
+    );
+    let (data, up) =
+        parley_tests::up::start_lab_on(parley.to_str().unwrap(), dir.path(), None, &[], &upstream);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/call.py");
     let (ids, courier, sip) = (
         up.ids.to_string(),
@@ -105,6 +129,7 @@ fn python_binding_places_a_call_through_parley_up() {
         ("PARLEY_SIP", sip.as_str()),
         ("PARLEY_CA", ca.to_str().unwrap()),
         ("PARLEY_OUTBOX", outbox.to_str().unwrap()),
+        ("PARLEY_FCM_SENT", fcm_log.to_str().unwrap()),
     ];
     let o = parley_tests::tool::run_with(
         None,

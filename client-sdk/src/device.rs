@@ -29,6 +29,10 @@ use crate::sip::{CallId, PushContact, UaConfig};
 use crate::turn;
 use wire::push::CloseReason;
 
+mod platform;
+
+pub use platform::{read_platform_push, PlatformPush};
+
 const TICK: Duration = Duration::from_millis(20);
 /// Reconnection of the courier link and of SIP: the first retry, and the
 /// most it backs off to.
@@ -299,7 +303,8 @@ pub enum DeviceEvent {
     Call(CallEvent),
     /// SIP registration holds.
     Registered,
-    /// A VoIP push arrived (the device was asleep); its call id.
+    /// A VoIP push arrived (the device was asleep): its call id, or for a
+    /// wake-up through Apple or Google the push's opaque id.
     Woken {
         call_id: String,
     },
@@ -343,6 +348,12 @@ enum Command {
     Decline(CallId, oneshot::Sender<Result<(), DeviceError>>),
     Hangup(CallId, oneshot::Sender<Result<(), DeviceError>>),
     Register(oneshot::Sender<Result<(), DeviceError>>),
+    Platform(
+        wire::push::PlatformToken,
+        oneshot::Sender<Result<wire::push::PlatformStatus, DeviceError>>,
+    ),
+    Background(oneshot::Sender<()>),
+    Woken(PlatformPush),
     Sleep(oneshot::Sender<()>),
     Heard(CallId, oneshot::Sender<Vec<i16>>),
     Stats(CallId, oneshot::Sender<Option<crate::media::CallStats>>),
@@ -458,6 +469,7 @@ impl Device {
             registered_reported: false,
             camera: TestPattern::default(),
             rotation_checks: 0,
+            platform: platform::Platform::default(),
         };
         if online {
             task.connect_sip().await?;
@@ -602,6 +614,7 @@ struct Task {
     /// Quick checks left for an account key that a notice says was
     /// rotated but the directory does not show yet.
     rotation_checks: u8,
+    platform: platform::Platform,
 }
 
 impl Task {
@@ -651,6 +664,9 @@ impl Task {
                         Some(ClientEvent::Closed(reason)) => {
                             let replaced = matches!(reason, Some((CloseReason::Replaced, _)));
                             self.courier_lost(!replaced).await;
+                        }
+                        Some(ClientEvent::Platform { request, status, text }) => {
+                            self.platform_answered(request, status, text).await;
                         }
                         Some(_) => {}
                         None => self.courier_lost(true).await,
@@ -740,6 +756,13 @@ impl Task {
                 let _ = reply.send(r);
             }
             Command::Register(reply) => {
+                if self.platform.suspended {
+                    // Back in the foreground.
+                    self.platform.suspended = false;
+                    if self.courier.is_none() {
+                        self.courier_reconnect().await;
+                    }
+                }
                 self.online = true;
                 let r = self.connect_sip().await;
                 if r.is_ok() {
@@ -748,14 +771,15 @@ impl Task {
                 let _ = reply.send(r);
             }
             Command::Sleep(reply) => {
-                self.online = false;
-                self.sip_retry.stop();
-                if let Some(mut s) = self.sip.take() {
-                    let _ = s.shutdown().await;
-                }
-                self.phone.ua().handle_disconnected();
+                self.go_to_sleep().await;
                 let _ = reply.send(());
             }
+            Command::Platform(token, reply) => self.set_platform(token, reply).await,
+            Command::Background(reply) => {
+                self.go_background().await;
+                let _ = reply.send(());
+            }
+            Command::Woken(push) => self.woken(push).await,
             Command::Heard(call, reply) => {
                 let _ = reply.send(self.heard.get(&call).cloned().unwrap_or_default());
             }
@@ -981,7 +1005,7 @@ impl Task {
         if self.courier.take().is_none() {
             return;
         }
-        let retry_in = retry.then(|| self.courier_retry.start());
+        let retry_in = (retry && !self.platform.suspended).then(|| self.courier_retry.start());
         self.event(DeviceEvent::CourierLost { retry_in }).await;
     }
 
@@ -1010,6 +1034,7 @@ impl Task {
                         self.tokens = tokens;
                     }
                 }
+                self.resend_platform().await;
                 self.event(DeviceEvent::CourierConnected).await;
             }
             _ => {
@@ -1017,6 +1042,24 @@ impl Task {
                 self.courier_at = (self.courier_at + 1) % couriers.len();
                 self.courier_retry.failed()
             }
+        }
+    }
+
+    /// Asleep: the SIP connection closes; the courier link stays.
+    async fn go_to_sleep(&mut self) {
+        self.online = false;
+        self.sip_retry.stop();
+        if let Some(mut s) = self.sip.take() {
+            let _ = s.shutdown().await;
+        }
+        self.phone.ua().handle_disconnected();
+    }
+
+    /// A call waits for this device: it registers, and the call follows.
+    async fn come_online(&mut self) {
+        self.online = true;
+        if self.connect_sip().await.is_ok() {
+            self.phone.ua().register(Instant::now());
         }
     }
 
@@ -1045,10 +1088,7 @@ impl Task {
         }
         let call_id = v["parley"]["call_id"].as_str().unwrap_or("").to_string();
         self.event(DeviceEvent::Woken { call_id }).await;
-        self.online = true;
-        if self.connect_sip().await.is_ok() {
-            self.phone.ua().register(Instant::now());
-        }
+        self.come_online().await;
     }
 
     async fn event(&mut self, e: DeviceEvent) {

@@ -35,6 +35,8 @@ struct State {
     expires_in: i64,
     revoke_next: bool,
     sent: Vec<serde_json::Value>,
+    /// Where each message taken is also appended, one JSON per line.
+    log: Option<std::path::PathBuf>,
 }
 
 impl FakeFcm {
@@ -128,6 +130,12 @@ impl FakeFcm {
         self.state().sent.clone()
     }
 
+    /// Appends every message taken from now on to `path`, one JSON object
+    /// per line (for a test in another process to read).
+    pub fn log_to(&self, path: std::path::PathBuf) {
+        self.state().log = Some(path);
+    }
+
     /// Refuses the next send's access token as if it had expired.
     pub fn revoke_next(&self) {
         self.state().revoke_next = true;
@@ -218,6 +226,18 @@ async fn answer(
         ),
         "down" => json(503, &[], fcm_error(503, "UNAVAILABLE")),
         _ => {
+            if let Some(path) = &s.log {
+                use std::io::Write as _;
+                let line = format!("{msg}\n");
+                let appended = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .and_then(|mut f| f.write_all(line.as_bytes()));
+                if let Err(e) = appended {
+                    eprintln!("fake FCM: cannot log to {}: {e}", path.display());
+                }
+            }
             s.sent.push(msg);
             let name = format!("projects/{PROJECT}/messages/{}", s.sent.len());
             json(200, &[], serde_json::json!({ "name": name }))

@@ -1,11 +1,18 @@
-"""A call between two devices through the Python binding, against a
+"""Calls between two devices through the Python binding, against a
 running `parley up`: both activate with codes from the development
 outbox, Alice calls Bob, Bob answers, and each hears the other's tone.
+Then Bob goes to the background as a phone app does (no link, no SIP)
+with only his FCM token registered; Alice's next call reaches him
+through FCM (a local stand-in), the app hands the push to the device,
+and the call rings and is answered.
 
 Environment: PARLEY_IDS, PARLEY_COURIER, PARLEY_SIP (host:port),
-PARLEY_CA (PEM file), PARLEY_OUTBOX (the outbox directory).
+PARLEY_CA (PEM file), PARLEY_OUTBOX (the outbox directory),
+PARLEY_FCM_SENT (where the FCM stand-in logs what it takes, one JSON
+message per line).
 """
 
+import json
 import os
 import sys
 import time
@@ -51,6 +58,60 @@ def wait_for(device, want, seconds=20):
     raise RuntimeError(f"no {want.__name__} within {seconds} s; saw {seen}")
 
 
+def fcm_message(log, seconds=15):
+    """The first message the FCM stand-in took, as the app would get it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if os.path.exists(log):
+            with open(log, encoding="utf-8") as f:
+                lines = [l for l in f.read().splitlines() if l.strip()]
+            if lines:
+                return json.loads(lines[0])["message"]
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing reached FCM within {seconds} s")
+
+
+def woken_through_fcm(alice, bob):
+    """Bob sleeps as an Android app without a foreground service; Alice's
+    call wakes him through FCM, and he answers."""
+    bob.set_platform_token(parley.PlatformToken(
+        platform="fcm", token="python-bob-fcm", topic="parley-test",
+        calls=True, others=True, sandbox=False))
+    try:
+        bob.set_platform_token(parley.PlatformToken(
+            platform="apns", token="zz", topic="org.parley.app",
+            calls=True, others=False, sandbox=False))
+        raise AssertionError("a malformed APNs token was taken")
+    except parley.ParleyError.Invalid:
+        pass
+    bob.background()
+    time.sleep(0.5)
+
+    call = alice.dial(BOB)
+    message = fcm_message(os.environ["PARLEY_FCM_SENT"])
+    assert message["token"] == "python-bob-fcm", message
+    assert message["android"]["priority"] == "HIGH", message
+    data = message["data"]
+    # Google sees that a call waits, under an opaque id: nothing else.
+    assert set(data) == {"type", "id"}, data
+    assert BOB not in json.dumps(message) and ALICE not in json.dumps(message)
+
+    # The app's FirebaseMessagingService hands the data to the device.
+    push = bob.handle_push(json.dumps(data))
+    assert push == parley.PlatformPush.CALL(id=data["id"]), push
+    assert bob.handle_push('{"aps": {"alert": "not ours"}}') is None
+    ringing = wait_for(bob, parley.PhoneEvent.RINGING)
+    bob.answer(ringing.call)
+    wait_for(alice, parley.PhoneEvent.MEDIA_CONNECTED)
+    wait_for(bob, parley.PhoneEvent.MEDIA_CONNECTED)
+    time.sleep(1)
+    bob_heard = parley.dominant_frequency(bob.heard(ringing.call))
+    alice.hangup(call)
+    wait_for(bob, parley.PhoneEvent.ENDED)
+    print(f"woken through FCM, Bob heard {bob_heard} Hz")
+    assert bob_heard == ALICE_HZ, bob_heard
+
+
 def main():
     services = parley.Services(
         ids=os.environ["PARLEY_IDS"],
@@ -93,6 +154,8 @@ def main():
     print(f"Bob heard {bob_heard} Hz, Alice heard {alice_heard} Hz; Bob: {ended.reason}")
     assert bob_heard == ALICE_HZ, bob_heard
     assert alice_heard == BOB_HZ, alice_heard
+
+    woken_through_fcm(alice, bob)
     print("OK")
 
 
