@@ -31,12 +31,14 @@ pub fn tls_config(
 
 /// How many provider connections may be open, in all and per source.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Limits {
+pub struct Limits {
     pub connections: usize,
     pub per_source: usize,
 }
 
-pub(crate) async fn serve(
+/// Serves `app` over TLS (HTTP/2 or HTTP/1.1 by ALPN) on `listener` until
+/// `shutdown`.
+pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: axum::Router,

@@ -23,7 +23,7 @@ pub mod core;
 pub mod courier;
 pub mod device;
 pub mod error;
-mod http;
+pub mod http;
 mod lean_tls;
 pub mod mailbox;
 pub mod provider;

@@ -2,6 +2,8 @@
 //! courier speaks Apple's provider API, so the client's pushes reach a
 //! device connected to it with every APNs header, and its refusals (410
 //! with a timestamp, 400 BadDeviceToken, 429) come back as APNs gives them.
+//! Then a courier's owed wake-ups through it: retried past 429, dead
+//! tokens dropped. And the FCM client against a local FCM stand-in.
 
 mod common;
 
@@ -226,4 +228,129 @@ async fn fcm_errors_drop_dead_tokens_and_retry_the_rest() {
         Outcome::Retry { ref reason, .. } if reason == "UNAVAILABLE"
     ));
     assert_eq!(fake.issued(), 3, "a token about to expire is not reused");
+}
+
+// ------------------------------------------------------- owed wake-ups
+
+/// Waits (bounded) until `parley_upstream_wakes_total{…outcome}` is
+/// `want`: Apple's answer is counted just after the phone has the push.
+async fn wakes_reach(env: &Env, outcome: &str, want: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while wakes(env, outcome) < want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{outcome}: {} of {want}",
+            wakes(env, outcome)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(wakes(env, outcome), want, "{outcome}");
+}
+
+/// The value of `parley_upstream_wakes_total{platform="apns",outcome=…}`.
+fn wakes(env: &Env, outcome: &str) -> u64 {
+    let mut m = String::new();
+    env.server().courier.render_metrics(&mut m);
+    let key = format!("parley_upstream_wakes_total{{platform=\"apns\",outcome=\"{outcome}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Devices asleep with APNs alert tokens, pushed to at once: "Apple"
+/// takes three a second and answers 429 past that; the courier tries each
+/// wake-up again after the Retry-After until every one is taken. A token
+/// Apple then calls dead (410) is dropped from the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owed_wake_ups_are_retried_past_429_and_dead_tokens_dropped() {
+    let apple = Env::start(|c| c.provider_rate = 3).await;
+    let upstream = std::sync::Arc::new(client_for(&apple));
+    let ours = Env::start(|c| c.platforms.apns = Some(upstream)).await;
+    const N: usize = 6;
+    let mut phones = Vec::new();
+    let mut courier_tokens = Vec::new();
+    let mut devices = Vec::new();
+    for _ in 0..N {
+        // The phone's token at "Apple", and the device at our courier.
+        let (_, apple_creds) = apple.device();
+        let (phone, apple_tokens) = apple.connect(&apple_creds, Transport::Tls, &[TOPIC]).await;
+        let (device, creds) = ours.device();
+        let (mut dev, tokens) = ours.connect(&creds, Transport::Tls, &[TOPIC]).await;
+        let token = wire::push::PlatformToken {
+            platform: wire::push::Platform::Apns,
+            calls: false,
+            others: true,
+            sandbox: false,
+            topic: TOPIC.into(),
+            token: apple_tokens[0].1.to_hex(),
+        };
+        let request = dev.register_platform(token).await.unwrap();
+        match dev.next_within(Duration::from_secs(5)).await.unwrap() {
+            client_sdk::courier::ClientEvent::Platform {
+                request: r, status, ..
+            } if r == request => assert_eq!(status, wire::push::PlatformStatus::Ok),
+            other => panic!("{other:?}"),
+        }
+        drop(dev);
+        phones.push((phone, apple_tokens[0].1));
+        courier_tokens.push(tokens[0].1);
+        devices.push(device);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let http = ours.provider_http2().await.unwrap();
+    let mut sender =
+        push_courier::provider::ApnsSender::new(http, ours.provider_key.clone(), KID, TEAM);
+    for t in &courier_tokens {
+        let r = sender
+            .push(t, TOPIC, &[], b"{\"n\":1}".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    for (phone, _) in &mut phones {
+        match phone.next_within(Duration::from_secs(15)).await {
+            Ok(client_sdk::courier::ClientEvent::Notification(n)) => {
+                assert_eq!(n.push_type, PushType::Alert);
+                phone.ack(&[n.id]).await.unwrap();
+            }
+            other => panic!("a wake-up never reached Apple: {other:?}"),
+        }
+    }
+    wakes_reach(&ours, "accepted", N as u64).await;
+    assert!(wakes(&ours, "retried") >= 1, "Apple's 429 was never met");
+    assert!(ours
+        .server()
+        .courier
+        .store
+        .owed(None)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // The first phone's app is removed: Apple forgets its token.
+    let (phone, apple_token) = phones.remove(0);
+    phone.revoke(apple_token).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = sender
+        .push(&courier_tokens[0], TOPIC, &[], b"{\"n\":2}".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let store = &ours.server().courier.store;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !store
+        .platform_tokens_of(devices[0])
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead token was kept"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wakes_reach(&ours, "gone", 1).await;
 }

@@ -370,20 +370,23 @@ async fn send_owed(me: Weak<Courier>, device: DeviceId) {
         }
         match up.platforms.send(&t, &o, now).await {
             Outcome::Accepted { .. } => {
+                let more = c.settle(&o, Woken::Accepted).await;
+                // Counted once settled: the row is gone by then.
                 up.metrics.count(t.platform, "accepted");
-                if !c.settle(&o, Woken::Accepted).await {
+                if !more {
                     return;
                 }
                 pause = Duration::ZERO;
             }
             Outcome::Gone { reason, .. } => {
-                up.metrics.count(t.platform, "gone");
                 tracing::info!(platform = t.platform.as_str(), %reason, "a platform token is dead; dropped");
                 if let Err(e) = c.store.drop_platform_token(t.platform, &t.token).await {
                     tracing::warn!(error = %e, "cannot drop a dead platform token");
                 }
                 up.forget_tokens(device);
-                if !c.settle(&o, Woken::Gone).await {
+                let more = c.settle(&o, Woken::Gone).await;
+                up.metrics.count(t.platform, "gone");
+                if !more {
                     return;
                 }
                 pause = Duration::ZERO;
