@@ -28,6 +28,8 @@ use hdrhistogram::Histogram;
 use push_courier::provider::{ApnsSender, Http2};
 use wire::push::{DeviceToken, NotificationId};
 
+pub mod upstream;
+
 #[derive(Debug, Args, Clone)]
 pub struct CourierLoad {
     /// Data directory of the courier: device certificates are issued from
@@ -106,6 +108,14 @@ pub fn run(args: CourierLoad) -> Result<()> {
         Some(w) => rt.block_on(worker(args, w[0], w[1])),
         None => rt.block_on(parent(args)),
     }
+}
+
+pub fn run_upstream(args: upstream::UpstreamLoad) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(upstream::run(args))
 }
 
 fn unix_nanos() -> u64 {

@@ -145,6 +145,11 @@ enum Loadsim {
     /// TLS devices come from 127.0.1.x source addresses (one per worker
     /// process), QUIC devices share a few UDP sockets per worker.
     Courier(loadsim::CourierLoad),
+    /// Wake-ups through Apple: play an APNs stand-in, devices asleep with
+    /// APNs tokens, and a provider, against a running courier whose
+    /// [courier.upstream.apns] points at the stand-in; report wake-ups/s
+    /// taken and the latency from the provider's 2xx to Apple.
+    Upstream(loadsim::upstream::UpstreamLoad),
 }
 
 #[derive(Debug, Args, Default)]
@@ -365,9 +370,13 @@ impl TurnArgs {
 
 fn main() {
     let cli = Cli::parse();
-    if let Command::Loadsim(Loadsim::Courier(args)) = cli.command {
+    if let Command::Loadsim(which) = cli.command {
         // A client, not a service: no data directory, config or admin port.
-        if let Err(e) = loadsim::run(args) {
+        let r = match which {
+            Loadsim::Courier(args) => loadsim::run(args),
+            Loadsim::Upstream(args) => loadsim::run_upstream(args),
+        };
+        if let Err(e) = r {
             eprintln!("parley loadsim: {e:#}");
             std::process::exit(2);
         }
