@@ -118,6 +118,49 @@ pub fn run_upstream(args: upstream::UpstreamLoad) -> Result<()> {
         .block_on(upstream::run(args))
 }
 
+/// Hands out push numbers 0..total, each when it is due at `rate` per
+/// second from the start, to any number of lanes pushing at once.
+struct Pacer {
+    issued: AtomicU64,
+    total: u64,
+    rate: u64,
+    start: Instant,
+}
+
+impl Pacer {
+    fn new(rate: u64, seconds: u64) -> Arc<Pacer> {
+        Arc::new(Pacer {
+            issued: AtomicU64::new(0),
+            total: rate * seconds,
+            rate: rate.max(1),
+            start: Instant::now(),
+        })
+    }
+
+    /// The next push's number once it is due; `None` when all are out.
+    async fn next(&self) -> Option<u64> {
+        let k = self.issued.fetch_add(1, Ordering::Relaxed);
+        if k >= self.total {
+            return None;
+        }
+        let due = self.start + Duration::from_secs_f64(k as f64 / self.rate as f64);
+        // A push already due goes now: a timer would wait for the
+        // runtime's next tick.
+        if due > Instant::now() {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        Some(k)
+    }
+}
+
+/// The apns-id of push `k` of `phase`.
+fn push_id(phase: u8, k: u64) -> String {
+    let mut id = [0u8; 16];
+    id[0] = phase;
+    id[8..].copy_from_slice(&k.to_be_bytes());
+    NotificationId(id).to_uuid()
+}
+
 fn unix_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -776,9 +819,8 @@ async fn push_phase(
 ) -> PhaseResult {
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let issued = Arc::new(AtomicU64::new(0));
-    let total = rate * args.seconds;
-    let start = Instant::now();
+    let pacer = Pacer::new(rate, args.seconds);
+    let start = pacer.start;
     let lanes = args.concurrency.max(1);
     let mut tasks = Vec::new();
     // While a node dies (phase 3) a refused push is sent again with the
@@ -789,28 +831,14 @@ async fn push_phase(
         let mut at = lane % senders.len();
         let mut sender = senders[at].clone();
         let senders = senders.to_vec();
-        let (ok, errors, issued, tokens) =
-            (ok.clone(), errors.clone(), issued.clone(), tokens.clone());
+        let (ok, errors, pacer, tokens) =
+            (ok.clone(), errors.clone(), pacer.clone(), tokens.clone());
         let topic = args.topic.clone();
         tasks.push(tokio::spawn(async move {
-            loop {
-                let k = issued.fetch_add(1, Ordering::Relaxed);
-                if k >= total {
-                    break;
-                }
-                // Pace: push k is due at start + k / rate.
-                let due = start + Duration::from_secs_f64(k as f64 / rate as f64);
-                // A push already due goes now: a timer would wait for the
-                // runtime's next tick.
-                if due > Instant::now() {
-                    tokio::time::sleep_until(due.into()).await;
-                }
+            while let Some(k) = pacer.next().await {
                 let token = tokens[(k as usize) % tokens.len()];
                 let payload = format!("{{\"p\":{phase},\"t\":{}}}", unix_nanos()).into_bytes();
-                let mut id = [0u8; 16];
-                id[0] = phase as u8;
-                id[8..].copy_from_slice(&k.to_be_bytes());
-                let id = NotificationId(id).to_uuid();
+                let id = push_id(phase as u8, k);
                 let headers = [("apns-priority", "10"), ("apns-id", id.as_str())];
                 for attempt in 0.. {
                     match sender.push(&token, &topic, &headers, payload.clone()).await {

@@ -389,6 +389,42 @@ fn bundle() -> String {
     TOPIC.trim_end_matches(".voip").to_owned()
 }
 
+/// Mallory (`creds`, handle `me`) registers `contact` and sleeps, then
+/// calls herself from another connection (Call-ID `call_id`); her caller
+/// connection, past the 100 Trying.
+async fn calls_own_sleeping_binding(
+    up: &Up,
+    creds: &DeviceCredentials,
+    me: &str,
+    contact: &str,
+    call_id: &str,
+) -> SipTls {
+    let mut sip = SipTls::connect(up.sip_tls, creds).await;
+    sip.send(&register_text(contact, &format!("reg-{call_id}"), 1).replace(BOB, me))
+        .await;
+    let r = sip.recv().await;
+    assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
+    drop(sip);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut caller = SipTls::connect(up.sip_tls, creds).await;
+    caller
+        .send(&format!(
+            "INVITE sip:{me}@localhost SIP/2.0\r\n\
+             Via: SIP/2.0/TLS 127.0.0.1:2;branch=z9hG4bK{call_id}\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:{me}@localhost>;tag=m1\r\n\
+             To: <sip:{me}@localhost>\r\n\
+             Call-ID: {call_id}\r\n\
+             CSeq: 1 INVITE\r\n\
+             Contact: <sip:m@127.0.0.1:2;transport=tls>\r\n\
+             Content-Length: 0\r\n\r\n"
+        ))
+        .await;
+    let trying = caller.recv().await;
+    assert!(trying.starts_with("SIP/2.0 100 "), "{trying}");
+    caller
+}
+
 /// A device registers `contact` (Call-ID `reg`, CSeq 1) with its
 /// certificate, then closes its connection: asleep.
 async fn registers_and_sleeps(up: &Up, creds: &DeviceCredentials, contact: &str, reg: &str) {
@@ -517,30 +553,9 @@ fn a_wake_binding_with_another_devices_token_wakes_nobody() {
         let contact = format!(
             "<sip:m@127.0.0.1:1;transport=tls;pn-provider=parley;pn-prid={victim_token};pn-param={TOPIC}>;+sip.instance=\"<urn:uuid:0f1e2d3c-0000-4000-8000-0000000000ee>\""
         );
-        let mut sip = SipTls::connect(up.sip_tls, &mallory).await;
-        let register = register_text(&contact, "reg-m", 1).replace(BOB, MALLORY);
-        sip.send(&register).await;
-        let r = sip.recv().await;
-        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
-        drop(sip);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-
         // She calls herself from another connection.
-        let mut caller = SipTls::connect(up.sip_tls, &mallory).await;
-        let invite = format!(
-            "INVITE sip:{MALLORY}@localhost SIP/2.0\r\n\
-             Via: SIP/2.0/TLS 127.0.0.1:2;branch=z9hG4bKmal1\r\n\
-             Max-Forwards: 70\r\n\
-             From: <sip:{MALLORY}@localhost>;tag=m1\r\n\
-             To: <sip:{MALLORY}@localhost>\r\n\
-             Call-ID: wake-abuse\r\n\
-             CSeq: 1 INVITE\r\n\
-             Contact: <sip:m@127.0.0.1:2;transport=tls>\r\n\
-             Content-Length: 0\r\n\r\n"
-        );
-        caller.send(&invite).await;
-        let trying = caller.recv().await;
-        assert!(trying.starts_with("SIP/2.0 100 "), "{trying}");
+        let mut caller =
+            calls_own_sleeping_binding(&up, &mallory, MALLORY, &contact, "wake-abuse").await;
 
         // Bob's phone hears nothing (the courier refused the wake-up as
         // another device's token), though a real wake-up takes well under
@@ -700,29 +715,8 @@ fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
         let theirs = contact
             .replace("sip:iphone@", "sip:m@")
             .replace("0000000000a9", "0000000000ee");
-        let mut sip = SipTls::connect(up.sip_tls, &mallory).await;
-        sip.send(&register_text(&theirs, "reg-m", 1).replace(BOB, MALLORY))
-            .await;
-        let r = sip.recv().await;
-        assert!(r.starts_with("SIP/2.0 200 OK\r\n"), "{r}");
-        drop(sip);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut caller = SipTls::connect(up.sip_tls, &mallory).await;
-        caller
-            .send(&format!(
-                "INVITE sip:{MALLORY}@localhost SIP/2.0\r\n\
-                 Via: SIP/2.0/TLS 127.0.0.1:2;branch=z9hG4bKmal2\r\n\
-                 Max-Forwards: 70\r\n\
-                 From: <sip:{MALLORY}@localhost>;tag=m2\r\n\
-                 To: <sip:{MALLORY}@localhost>\r\n\
-                 Call-ID: stolen-token\r\n\
-                 CSeq: 1 INVITE\r\n\
-                 Contact: <sip:m@127.0.0.1:2;transport=tls>\r\n\
-                 Content-Length: 0\r\n\r\n"
-            ))
-            .await;
-        let trying = caller.recv().await;
-        assert!(trying.starts_with("SIP/2.0 100 "), "{trying}");
+        let mut caller =
+            calls_own_sleeping_binding(&up, &mallory, MALLORY, &theirs, "stolen-token").await;
         let r = caller.recv().await;
         assert!(r.starts_with("SIP/2.0 480 "), "{r}");
         match apns.next_within(Duration::from_secs(2)).await {

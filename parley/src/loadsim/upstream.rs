@@ -22,9 +22,9 @@ use clap::Args;
 use client_sdk::courier::{ClientEvent, DeviceClient, DeviceCredentials, Transport};
 use hdrhistogram::Histogram;
 use push_courier::provider::{ApnsSender, Http2};
-use wire::push::{DeviceToken, NotificationId, Platform, PlatformStatus, PlatformToken};
+use wire::push::{DeviceToken, Platform, PlatformStatus, PlatformToken};
 
-use super::{read_pkcs8, unix_nanos};
+use super::{push_id, read_pkcs8, unix_nanos, Pacer};
 
 #[derive(Debug, Args, Clone)]
 pub struct UpstreamLoad {
@@ -332,30 +332,18 @@ async fn pushes(
 ) -> (f64, u64) {
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let issued = Arc::new(AtomicU64::new(0));
-    let total = rate * args.seconds;
-    let start = Instant::now();
+    let pacer = Pacer::new(rate, args.seconds);
+    let start = pacer.start;
     let mut tasks = Vec::new();
     for lane in 0..args.concurrency.max(1) {
         let mut sender = senders[lane % senders.len()].clone();
-        let (ok, errors, issued, tokens) =
-            (ok.clone(), errors.clone(), issued.clone(), tokens.clone());
+        let (ok, errors, pacer, tokens) =
+            (ok.clone(), errors.clone(), pacer.clone(), tokens.clone());
         let (topic, acked) = (args.topic.clone(), acked.clone());
         tasks.push(tokio::spawn(async move {
-            loop {
-                let k = issued.fetch_add(1, Ordering::Relaxed);
-                if k >= total {
-                    break;
-                }
-                let due = start + Duration::from_secs_f64(k as f64 / rate as f64);
-                if due > Instant::now() {
-                    tokio::time::sleep_until(due.into()).await;
-                }
+            while let Some(k) = pacer.next().await {
                 let token = tokens[(k as usize) % tokens.len()];
-                let mut id = [0u8; 16];
-                id[0] = phase;
-                id[8..].copy_from_slice(&k.to_be_bytes());
-                let id = NotificationId(id).to_uuid();
+                let id = push_id(phase, k);
                 let headers = [("apns-priority", "10"), ("apns-id", id.as_str())];
                 match sender.push(&token, &topic, &headers, b"{}".to_vec()).await {
                     Ok(r) if r.status == 200 => {
