@@ -234,6 +234,11 @@ pub enum Write {
     /// A wake-up through the device's platform token is owed from this
     /// batch on (see [`Owed`]).
     Owe(Owed),
+    /// The wake-up owed to `device` for pushes up to `seq` was taken.
+    OwedDone {
+        device: DeviceId,
+        seq: i64,
+    },
     /// The batch commits only if this node still holds `shard`'s lease at
     /// `term` (cluster mode): the writes of a node that lost the lease
     /// (paused, partitioned) are refused, whole.
@@ -420,7 +425,6 @@ impl Store {
                     .await
                     .map_err(Error::db)?;
                 }
-                Write::Owe(o) => Store::owe(&mut tx, o, crate::courier::unix_now()).await?,
                 Write::ReceiptsSent { seqs } => {
                     for chunk in shaped(seqs) {
                         let sql = format!(
@@ -437,6 +441,8 @@ impl Store {
                 _ => {}
             }
         }
+        self.owe_all(&mut tx, writes, crate::courier::unix_now())
+            .await?;
         tx.commit().await.map_err(Error::db)
     }
 

@@ -305,10 +305,12 @@ impl Courier {
         let Some(up) = self.upstream.get() else {
             return false;
         };
-        if let Err(e) = self.store.owed_done(o.device, o.seq).await {
-            // Sent again after a restart: at least once.
-            tracing::warn!(error = %e, "cannot mark a wake-up sent");
-        }
+        // Group-committed with the pushes; lost in a crash, the wake-up
+        // is sent again after the restart: at least once.
+        self.commit_later(vec![Write::OwedDone {
+            device: o.device,
+            seq: o.seq,
+        }]);
         up.tell(o.device, o.seq, what);
         let mut owed = locked(&up.owed);
         if owed.get(&o.device).is_some_and(|cur| cur.seq == o.seq) {

@@ -16,7 +16,7 @@ use sqlx::Row;
 use wire::push::{NotificationId, Platform, PlatformToken};
 use wire::DeviceId;
 
-use super::{Backend, Store};
+use super::{Backend, Store, Write};
 use crate::error::Error;
 
 pub(super) const SCHEMA: &str = "
@@ -197,43 +197,79 @@ impl Store {
             .collect())
     }
 
-    /// The wake-up owed to `device` for pushes up to `seq` was taken (or
-    /// is no longer owed).
-    pub async fn owed_done(&self, device: DeviceId, seq: i64) -> Result<(), Error> {
-        sqlx::query("DELETE FROM upstream WHERE device = $1 AND seq <= $2")
-            .bind(device.to_string())
-            .bind(seq)
-            .execute(&self.pool)
-            .await
-            .map_err(Error::db)?;
-        Ok(())
-    }
-
-    /// Inside a batch: a wake-up is owed to `o.device` (a call makes a
-    /// call wake-up of one owed for other pushes; the newest push and the
-    /// latest expiry win).
-    pub(super) async fn owe(
+    /// Inside a batch: the batch's wake-ups owed, one row per device (a
+    /// call makes a call wake-up of one owed for other pushes; the newest
+    /// push and the latest expiry win), then those settled.
+    pub(super) async fn owe_all(
+        &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-        o: &Owed,
+        writes: &[Write],
         at: i64,
     ) -> Result<(), Error> {
-        sqlx::query(
-            "INSERT INTO upstream (device, seq, id, calls, expires, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device) DO UPDATE SET \
-             seq = CASE WHEN excluded.seq > upstream.seq THEN excluded.seq ELSE upstream.seq END, \
-             id = CASE WHEN excluded.seq > upstream.seq THEN excluded.id ELSE upstream.id END, \
-             calls = CASE WHEN excluded.calls > upstream.calls THEN excluded.calls ELSE upstream.calls END, \
-             expires = CASE WHEN excluded.expires > upstream.expires THEN excluded.expires ELSE upstream.expires END",
-        )
-        .bind(o.device.to_string())
-        .bind(o.seq)
-        .bind(o.id.to_uuid())
-        .bind(i64::from(o.calls))
-        .bind(o.expires)
-        .bind(at)
-        .execute(&mut **tx)
-        .await
-        .map_err(Error::db)?;
+        let mut owed: Vec<Owed> = Vec::new();
+        let mut done: Vec<(DeviceId, i64)> = Vec::new();
+        for w in writes {
+            match w {
+                Write::Owe(o) => match owed.iter_mut().find(|x| x.device == o.device) {
+                    // One row per device in a statement: PostgreSQL
+                    // refuses to update a row twice in one upsert.
+                    Some(x) => {
+                        if o.seq > x.seq {
+                            x.seq = o.seq;
+                            x.id = o.id;
+                        }
+                        x.calls |= o.calls;
+                        x.expires = x.expires.max(o.expires);
+                    }
+                    None => owed.push(o.clone()),
+                },
+                Write::OwedDone { device, seq } => done.push((*device, *seq)),
+                _ => {}
+            }
+        }
+        for chunk in super::shaped(&owed) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| format!("({})", self.placeholders(i * 6 + 1, 6)))
+                .collect();
+            let sql = format!(
+                "INSERT INTO upstream (device, seq, id, calls, expires, created_at) VALUES {} \
+                 ON CONFLICT (device) DO UPDATE SET \
+                 seq = CASE WHEN excluded.seq > upstream.seq THEN excluded.seq ELSE upstream.seq END, \
+                 id = CASE WHEN excluded.seq > upstream.seq THEN excluded.id ELSE upstream.id END, \
+                 calls = CASE WHEN excluded.calls > upstream.calls THEN excluded.calls ELSE upstream.calls END, \
+                 expires = CASE WHEN excluded.expires > upstream.expires THEN excluded.expires ELSE upstream.expires END",
+                rows.join(",")
+            );
+            let mut q = sqlx::query(&sql);
+            for o in chunk {
+                q = q
+                    .bind(o.device.to_string())
+                    .bind(o.seq)
+                    .bind(o.id.to_uuid())
+                    .bind(i64::from(o.calls))
+                    .bind(o.expires)
+                    .bind(at);
+            }
+            q.execute(&mut **tx).await.map_err(Error::db)?;
+        }
+        for chunk in super::shaped(&done) {
+            let sql = format!(
+                "DELETE FROM upstream WHERE {}",
+                (0..chunk.len())
+                    .map(|i| format!(
+                        "(device = {} AND seq <= {})",
+                        self.param(2 * i + 1),
+                        self.param(2 * i + 2)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" OR ")
+            );
+            let mut q = sqlx::query(&sql);
+            for (device, seq) in chunk {
+                q = q.bind(device.to_string()).bind(*seq);
+            }
+            q.execute(&mut **tx).await.map_err(Error::db)?;
+        }
         Ok(())
     }
 }
