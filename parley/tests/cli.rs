@@ -11,12 +11,28 @@ use stun_turn::core::auth::rest_password;
 
 const BIN: &str = env!("CARGO_BIN_EXE_parley");
 
+/// Runs `parley args…` to its end (at most a minute: one that serves
+/// instead of failing is killed, and the test fails).
 fn parley(args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
+    let child = Command::new(BIN)
         .args(args)
         .stdin(Stdio::null())
-        .output()
-        .expect("run parley")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run parley");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(out) => out.expect("run parley"),
+        Err(_) => {
+            parley_tests::tool::signal(pid, "-KILL");
+            panic!("parley {args:?} did not finish within 60 s")
+        }
+    }
 }
 
 #[test]
@@ -166,12 +182,12 @@ fn unusable_push_and_nats_credentials_get_one_line_naming_the_key() {
     for (config, service, key) in [
         (
             "[courier.upstream.apns]\nkey = \"/nonexistent/AuthKey.p8\"\nkey_id = \"K\"\nteam_id = \"T\"\nurl = \"127.0.0.1:1\"\n".to_owned(),
-            "signaling",
+            "courier",
             "courier.upstream.apns.key",
         ),
         (
             format!("[courier.upstream.fcm]\nservice_account = \"{}\"\n", sa.display()),
-            "signaling",
+            "courier",
             "courier.upstream.fcm.service_account",
         ),
         (
@@ -193,16 +209,12 @@ fn unusable_push_and_nats_credentials_get_one_line_naming_the_key() {
             "error",
             service,
         ];
-        if service == "signaling" {
-            args.extend([
-                "--sip-listen",
-                "127.0.0.1:0",
-                "--sip-tls-listen",
-                "127.0.0.1:0",
-                "--sip-wss-listen",
-                "127.0.0.1:0",
-            ]);
-        }
+        args.extend([
+            "--courier-device-listen",
+            "127.0.0.1:0",
+            "--courier-provider-listen",
+            "127.0.0.1:0",
+        ]);
         let out = parley(&args);
         assert!(!out.status.success(), "{config}");
         let err = String::from_utf8_lossy(&out.stderr);
