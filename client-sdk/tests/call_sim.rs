@@ -210,7 +210,10 @@ impl World {
                     Event::Authorize { id, .. } => self.proxy.handle_authorization(id, true, now),
                     wake @ Event::Wake(_) => self.wakes.push(wake),
                     // One node: no shared location.
-                    Event::Bound { .. } | Event::Locate { .. } | Event::NonceUsed { .. } => {}
+                    Event::Bound { .. }
+                    | Event::Locate { .. }
+                    | Event::NonceUsed { .. }
+                    | Event::PushGone { .. } => {}
                 }
             }
             while let Some(t) = self.proxy.poll_transmit() {

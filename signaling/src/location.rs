@@ -57,6 +57,15 @@ pub struct SqlLocation {
 
 const SUBJECT: &str = "parley.sip.bound";
 const NONCE_SUBJECT: &str = "parley.sip.nonce";
+const PUSH_GONE_SUBJECT: &str = "parley.sip.pushgone";
+
+/// What a node tells the others when a push service calls a token dead.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PushGoneNotice {
+    pub node: String,
+    pub handle: String,
+    pub prid: String,
+}
 
 /// What a node tells the others when it takes a digest answer.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -323,27 +332,35 @@ impl Location for SqlLocation {
                 Ok::<_, async_nats::SubscribeError>((
                     nats.subscribe(SUBJECT).await?,
                     nats.subscribe(NONCE_SUBJECT).await?,
+                    nats.subscribe(PUSH_GONE_SUBJECT).await?,
                 ))
             };
-            let (bound, nonces) = match subs.await {
+            let (bound, nonces, gone) = match subs.await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot hear other signaling nodes");
                     return;
                 }
             };
-            let mut all = futures_util::stream::select(bound, nonces);
+            let mut all =
+                futures_util::stream::select(futures_util::stream::select(bound, nonces), gone);
             while let Some(m) = all.next().await {
-                let notice = if m.subject.as_str() == SUBJECT {
-                    match BoundNotice::decode(&m.payload) {
+                let notice = match m.subject.as_str() {
+                    SUBJECT => match BoundNotice::decode(&m.payload) {
                         Some((n, handle)) if n.node != me => Notice::Bound(handle, n.bindings),
                         _ => continue,
-                    }
-                } else {
-                    match serde_json::from_slice::<NonceNotice>(&m.payload) {
+                    },
+                    NONCE_SUBJECT => match serde_json::from_slice::<NonceNotice>(&m.payload) {
                         Ok(n) if n.node != me => Notice::NonceUsed(n.nonce, n.nc),
                         _ => continue,
-                    }
+                    },
+                    _ => match serde_json::from_slice::<PushGoneNotice>(&m.payload) {
+                        Ok(n) if n.node != me => match Handle::parse(&n.handle) {
+                            Ok(h) => Notice::PushGone(h, n.prid),
+                            Err(_) => continue,
+                        },
+                        _ => continue,
+                    },
                 };
                 if tx.send(notice).await.is_err() {
                     return;
@@ -368,6 +385,25 @@ impl Location for SqlLocation {
         tokio::spawn(async move {
             if let Err(e) = nats.publish(NONCE_SUBJECT, bytes.into()).await {
                 tracing::debug!(error = %e, "cannot tell other nodes of a digest answer");
+            }
+        });
+    }
+
+    fn push_gone(&self, handle: Handle, prid: String) {
+        let Some(nats) = self.nats.clone() else {
+            return;
+        };
+        let notice = PushGoneNotice {
+            node: self.node.clone(),
+            handle: handle.as_str().to_owned(),
+            prid,
+        };
+        let Ok(bytes) = serde_json::to_vec(&notice) else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = nats.publish(PUSH_GONE_SUBJECT, bytes.into()).await {
+                tracing::debug!(error = %e, "cannot tell other nodes of a dead push token");
             }
         });
     }

@@ -147,6 +147,9 @@ pub trait Location: Send + Sync + 'static {
     /// Tells the other nodes that a digest answer with this nonce and
     /// count was taken here.
     fn nonce_used(&self, _nonce: String, _nc: u32) {}
+    /// Tells the other nodes that a push token of a device of `handle` is
+    /// dead, so that their bindings naming it go too.
+    fn push_gone(&self, _handle: Handle, _prid: String) {}
 }
 
 /// What another node did, as [`Location::watch`] tells it.
@@ -156,6 +159,8 @@ pub enum Notice {
     Bound(Handle, Vec<SharedBinding>),
     /// It took a digest answer with this nonce and count.
     NonceUsed(String, u32),
+    /// It heard that this push token of a device of the handle is dead.
+    PushGone(Handle, String),
 }
 
 /// What the core asks of the rest of the system.
@@ -764,6 +769,11 @@ async fn run_core(
                         location.nonce_used(nonce, nc);
                     }
                 }
+                Event::PushGone { handle, prid } => {
+                    if let Some((location, _)) = &location {
+                        location.push_gone(handle, prid);
+                    }
+                }
                 Event::Locate { id, handle } => {
                     let inputs = shared.inputs.clone();
                     let found = location.as_ref().map(|(l, _)| l.lookup(handle));
@@ -800,6 +810,9 @@ fn handle(proxy: &mut Proxy, input: Input, now: Instant) {
             }
         }
         Input::Notice(Notice::NonceUsed(nonce, nc)) => proxy.handle_nonce_used(&nonce, nc),
+        Input::Notice(Notice::PushGone(handle, prid)) => {
+            proxy.handle_remote_push_gone(&handle, &prid, now)
+        }
         Input::Drain => proxy.start_drain(),
     }
 }

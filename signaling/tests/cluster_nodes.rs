@@ -239,6 +239,11 @@ fn stores_are_told_to_the_other_nodes() {
     let got =
         rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), heard_a.recv()).await });
     assert_eq!(got, Ok(Some(Notice::NonceUsed("6b4a7ac0.abc".into(), 3))));
+    // A push token that Apple called dead at c: a drops its bindings too.
+    rt.block_on(async { c.push_gone(bob.clone(), "feedface".into()) });
+    let got =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), heard_a.recv()).await });
+    assert_eq!(got, Ok(Some(Notice::PushGone(bob, "feedface".into()))));
 }
 
 /// Bindings outlive their node: a node that starts again (every node, after

@@ -295,3 +295,47 @@ fn a_forged_or_borrowed_path_reaches_no_device() {
         );
     }
 }
+
+/// Apple calls dead the token of a device asleep at another node: the call
+/// that woke it here answers 480 at once, this node tells the others, and
+/// the node that holds the binding drops it, so the next call wakes
+/// nobody through it.
+#[test]
+fn a_dead_token_of_a_device_asleep_at_another_node_ends_the_wait_everywhere() {
+    let (mut a, _) = node("192.0.2.1", 1);
+    let (mut b, _) = node("192.0.2.2", 1 << 40);
+    let mut phone = Ua::new("phone", tcp("10.0.0.11:40000", 7));
+    phone.push = true;
+    b.register(&phone, BOB);
+    b.proxy.handle_conn_closed(ConnId(7), b.now);
+    b.drain();
+    let asleep = bound(&b, BOB);
+    let prid = asleep[0].push.clone().expect("a push binding").prid;
+
+    let alice = Ua::new("alice", tcp("10.0.0.1:41000", 22));
+    let out = a.invite(&alice, BOB, "call-g1");
+    assert_eq!(codes(&out, &alice), vec![100]);
+    a.proxy.handle_located(locating(&a), asleep, a.now);
+    a.drain();
+    assert!(a.events.iter().any(|e| matches!(e, Event::Wake(_))));
+
+    let bob = Handle::parse(BOB).unwrap();
+    let now = a.now;
+    a.proxy.handle_push_gone(&bob, &prid, now);
+    let out = a.drain();
+    assert_eq!(codes(&out, &alice), vec![480], "{out:#?}");
+    assert!(a.events.iter().any(|e| matches!(
+        e,
+        Event::PushGone { handle, prid: p } if *handle == bob && *p == prid
+    )));
+
+    // B hears of it and drops its binding.
+    let now = b.now;
+    b.proxy.handle_remote_push_gone(&bob, &prid, now);
+    b.drain();
+    assert!(bound(&b, BOB).is_empty(), "B kept the dead binding");
+    assert!(
+        !b.events.iter().any(|e| matches!(e, Event::PushGone { .. })),
+        "B told the others again"
+    );
+}

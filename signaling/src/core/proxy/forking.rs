@@ -97,7 +97,7 @@ impl Proxy {
         }
         for (id, push, device) in wakes {
             self.metrics.push_wakes += 1;
-            fork.waiting.push(id);
+            fork.waiting.push((id, push.prid.clone()));
             self.events.push_back(Event::Wake(Wake {
                 handle: handle.clone(),
                 push,
@@ -159,7 +159,7 @@ impl Proxy {
             let Some(f) = self.forks.get_mut(&fork_id) else {
                 continue;
             };
-            let Some(pos) = f.waiting.iter().position(|w| w == id) else {
+            let Some(pos) = f.waiting.iter().position(|(w, _)| w == id) else {
                 continue;
             };
             f.waiting.remove(pos);
@@ -175,17 +175,33 @@ impl Proxy {
     /// calls waiting for it stop waiting; a call with nothing else to
     /// ring answers at once (480) rather than at its ring timeout.
     pub fn handle_push_gone(&mut self, handle: &Handle, prid: &str, now: Instant) {
-        let gone = self.registrar.remove_push(handle, prid);
-        if gone.is_empty() {
-            return;
+        if self.config.shared_location {
+            self.events.push_back(Event::PushGone {
+                handle: handle.clone(),
+                prid: prid.to_owned(),
+            });
         }
-        tracing::info!(handle = %handle.redacted(), "a push token is dead; its bindings are dropped");
-        self.announce_bindings(handle, now);
+        self.drop_push(handle, prid, now);
+    }
+
+    /// Another node heard that a push token of a device of `handle` is
+    /// dead: this node's bindings naming it go too.
+    pub fn handle_remote_push_gone(&mut self, handle: &Handle, prid: &str, now: Instant) {
+        self.drop_push(handle, prid, now);
+    }
+
+    fn drop_push(&mut self, handle: &Handle, prid: &str, now: Instant) {
+        let gone = self.registrar.remove_push(handle, prid);
+        if !gone.is_empty() {
+            tracing::info!(handle = %handle.redacted(), "a push token is dead; its bindings are dropped");
+            self.announce_bindings(handle, now);
+        }
+        // Calls wait no more for it, whichever node holds its binding.
         let ids: Vec<String> = gone.iter().map(binding_id).collect();
         let forks = self.waiting.get(handle).cloned().unwrap_or_default();
         for fork_id in forks {
             if let Some(f) = self.forks.get_mut(&fork_id) {
-                f.waiting.retain(|w| !ids.contains(w));
+                f.waiting.retain(|(id, p)| !ids.contains(id) && p != prid);
             }
             self.maybe_finish(fork_id, now);
         }

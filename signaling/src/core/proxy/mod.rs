@@ -179,6 +179,10 @@ pub enum Event {
     /// here; tell the other nodes ([`Proxy::handle_nonce_used`]) so that it
     /// is not taken again there.
     NonceUsed { nonce: String, nc: u32 },
+    /// Cluster mode: a push token of a device of `handle` is dead; tell the
+    /// other nodes ([`Proxy::handle_remote_push_gone`]), whose bindings
+    /// may name it too.
+    PushGone { handle: Handle, prid: String },
 }
 
 /// A VoIP push for a sleeping device, as [`Event::Wake`] asks.
@@ -508,8 +512,9 @@ struct Fork {
     answered_at: Option<Instant>,
     final_sent: bool,
     rang: bool,
-    /// Sleeping devices woken by push: `+sip.instance` or push token.
-    waiting: Vec<String>,
+    /// Sleeping devices woken by push: their binding's id (`+sip.instance`
+    /// or push token) and the token they were woken through.
+    waiting: Vec<(String, String)>,
     source_flow: Flow,
 }
 
