@@ -44,11 +44,17 @@ impl Proxy {
             waiting: Vec::new(),
             source_flow: source.flow,
         };
-        let caller = fork
-            .request
-            .header(&HeaderName::FROM)
-            .unwrap_or_default()
-            .to_string();
+        // Who calls, as the woken device shows it: the caller's handle
+        // (checked against its account or device), else its From.
+        let caller = self
+            .caller_handle(&fork.request)
+            .map(|h| h.as_str().to_string())
+            .unwrap_or_else(|| {
+                fork.request
+                    .header(&HeaderName::FROM)
+                    .unwrap_or_default()
+                    .to_string()
+            });
         let mut targets = Vec::new();
         let mut wakes = Vec::new();
         for (_, b) in self.registrar.active(&handle, now) {
