@@ -150,9 +150,10 @@ pub struct PlatformToken {
 /// A push from Apple or Google that [`PhoneDevice::handle_push`] read.
 #[derive(Debug, Clone, PartialEq, uniffi::Enum)]
 pub enum PlatformPush {
-    /// A call waits: report it to CallKit now, with `id` as its UUID; it
-    /// rings as [`PhoneEvent::Incoming`] once the device is back.
-    Call { id: String },
+    /// A call waits: report it to CallKit now, with `id` as its UUID and
+    /// `caller` (if the wake-up carried it, sealed to this device) as who
+    /// calls; it rings as [`PhoneEvent::Incoming`] once the device is back.
+    Call { id: String, caller: Option<String> },
     /// Pushes wait; the device fetches them.
     Wake { id: String },
 }
@@ -436,6 +437,8 @@ impl PhoneDevice {
             sandbox: token.sandbox,
             topic: token.topic,
             token: token.token,
+            // The SDK seals callers to this device's own keys.
+            seal_to: None,
         };
         let status = self
             .rt
@@ -474,7 +477,7 @@ impl PhoneDevice {
             })
             .map_err(failed)?;
         Ok(p.map(|p| match p {
-            P::Call { id } => PlatformPush::Call { id },
+            P::Call { id, caller } => PlatformPush::Call { id, caller },
             P::Wake { id } => PlatformPush::Wake { id },
         }))
     }

@@ -367,6 +367,8 @@ pub struct Device {
     task: tokio::task::JoinHandle<()>,
     /// The courier token for VoIP pushes.
     pub voip_token: String,
+    /// The keys a call's wake-up through Apple or Google is sealed to.
+    seal_keys: wire::webpush::SubscriptionKeys,
 }
 
 impl Drop for Device {
@@ -481,12 +483,14 @@ impl Device {
             .audit
             .clone()
             .map(|a| (a, tokio::time::Instant::now(), 0));
+        let seal_keys = platform::seal_keys(&task.me.key);
         let handle = tokio::spawn(task.run(crx, mrx));
         Ok(Device {
             commands: ctx,
             events: erx,
             task: handle,
             voip_token,
+            seal_keys,
         })
     }
 

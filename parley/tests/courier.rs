@@ -190,6 +190,7 @@ async fn a_wake_up_owed_when_the_courier_is_killed_goes_out_after_restart() {
         sandbox: false,
         topic: TOPIC.into(),
         token: apple_tokens[0].1.to_hex(),
+        seal_to: None,
     };
     let request = dev.register_platform(alert).await.unwrap();
     match dev.next_within(Duration::from_secs(5)).await {

@@ -663,6 +663,7 @@ fn a_sleeping_iphone_is_woken_through_apns_and_takes_the_call() {
             sandbox: false,
             topic: bundle(),
             token: apns_token.clone(),
+            seal_to: None,
         };
         let (status, why) = registers_platform(&up, &creds, pushkit.clone()).await;
         assert_eq!(status, wire::push::PlatformStatus::Ok, "{why}");
@@ -770,6 +771,7 @@ fn a_sleeping_android_phone_is_woken_through_fcm_and_takes_the_call() {
             sandbox: false,
             topic: "parley-test".into(),
             token: "fcm-token-1".into(),
+            seal_to: None,
         };
         let (status, why) = registers_platform(&up, &creds, token).await;
         assert_eq!(status, wire::push::PlatformStatus::Ok, "{why}");

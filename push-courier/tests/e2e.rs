@@ -1449,6 +1449,7 @@ async fn platform_token_rules(env: Env) {
         sandbox: false,
         topic: "com.example.app".into(),
         token: token.into(),
+        seal_to: None,
     };
     let (a, a_creds) = env.device();
     let (mut phone, _) = env.connect(&a_creds, Transport::Tls, &[TOPIC]).await;

@@ -284,6 +284,7 @@ async fn owed_wake_ups_are_retried_past_429_and_dead_tokens_dropped() {
             sandbox: false,
             topic: TOPIC.into(),
             token: apple_tokens[0].1.to_hex(),
+            seal_to: None,
         };
         let request = dev.register_platform(token).await.unwrap();
         match dev.next_within(Duration::from_secs(5)).await.unwrap() {

@@ -21,7 +21,7 @@
 //! | 0x08 | Ping | either | opaque:u64 |
 //! | 0x09 | Pong | either | the ping's opaque:u64 |
 //! | 0x0a | Close | courier → device | reason:u8, text:str8 |
-//! | 0x0b | Platform | device → courier | request:u32, platform:u8 (1 APNs, 2 FCM), flags:u8 (1 calls, 2 other pushes, 4 APNs sandbox), topic:str8, token: len:u16 (≤ 4096) + UTF-8 |
+//! | 0x0b | Platform | device → courier | request:u32, platform:u8 (1 APNs, 2 FCM), flags:u8 (1 calls, 2 other pushes, 4 APNs sandbox), topic:str8, token: len:u16 (≤ 4096) + UTF-8, seal-to: len:u8 (0, or 81: P-256 point:65, auth:16) |
 //! | 0x0c | PlatformAnswer | courier → device | request:u32, status:u8, text:str8 |
 //!
 //! After the TLS handshake the device sends Hello; the courier answers with
@@ -328,6 +328,25 @@ pub struct PlatformToken {
     pub topic: String,
     /// The token; empty to withdraw.
     pub token: String,
+    /// Keys a call's wake-up may carry its details sealed to (RFC 8291:
+    /// a P-256 public key and a 16-byte auth secret), so the app can show
+    /// who calls before it is back on its link; Apple and Google see
+    /// ciphertext. `None`: the wake-up carries an opaque id only.
+    pub seal_to: Option<SealTo>,
+}
+
+/// The device's keys for sealed wake-up details: the `p256dh` and `auth`
+/// of an RFC 8291 subscription.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct SealTo {
+    pub p256dh: [u8; 65],
+    pub auth: [u8; 16],
+}
+
+impl fmt::Debug for SealTo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SealTo(..)")
+    }
 }
 
 impl PlatformToken {
@@ -353,6 +372,7 @@ impl fmt::Debug for PlatformToken {
             .field("sandbox", &self.sandbox)
             .field("topic", &self.topic)
             .field("token", &format_args!("{prefix}…"))
+            .field("seal_to", &self.seal_to.is_some())
             .finish()
     }
 }
@@ -637,6 +657,14 @@ impl Frame {
                 put_str8(out, &token.topic, name)?;
                 out.extend_from_slice(&(token.token.len() as u16).to_be_bytes());
                 out.extend_from_slice(token.token.as_bytes());
+                match &token.seal_to {
+                    Some(k) => {
+                        out.push(81);
+                        out.extend_from_slice(&k.p256dh);
+                        out.extend_from_slice(&k.auth);
+                    }
+                    None => out.push(0),
+                }
             }
             Frame::PlatformAnswer {
                 request,
@@ -782,6 +810,14 @@ impl Frame {
                     return Err(FrameError::Range(name));
                 }
                 let token = r.utf8(n)?;
+                let seal_to = match r.u8()? {
+                    0 => None,
+                    81 => Some(SealTo {
+                        p256dh: r.array()?,
+                        auth: r.array()?,
+                    }),
+                    _ => return Err(FrameError::Range(name)),
+                };
                 Frame::Platform {
                     request,
                     token: PlatformToken {
@@ -791,6 +827,7 @@ impl Frame {
                         sandbox: flags & PlatformToken::SANDBOX != 0,
                         topic,
                         token,
+                        seal_to,
                     },
                 }
             }
@@ -951,21 +988,28 @@ mod tests {
                 any::<bool>(),
                 any::<[bool; 3]>(),
                 arb_str(),
-                "[A-Za-z0-9:_\\-]{0,300}"
+                "[A-Za-z0-9:_\\-]{0,300}",
+                prop::option::of((prop::collection::vec(any::<u8>(), 65), any::<[u8; 16]>()))
             )
-                .prop_map(|(request, apns, [calls, others, sandbox], topic, token)| {
-                    Frame::Platform {
-                        request,
-                        token: PlatformToken {
-                            platform: if apns { Platform::Apns } else { Platform::Fcm },
-                            calls,
-                            others,
-                            sandbox,
-                            topic,
-                            token,
-                        },
+                .prop_map(
+                    |(request, apns, [calls, others, sandbox], topic, token, seal)| {
+                        Frame::Platform {
+                            request,
+                            token: PlatformToken {
+                                platform: if apns { Platform::Apns } else { Platform::Fcm },
+                                calls,
+                                others,
+                                sandbox,
+                                topic,
+                                token,
+                                seal_to: seal.map(|(p, auth)| SealTo {
+                                    p256dh: p.try_into().unwrap(),
+                                    auth,
+                                }),
+                            },
+                        }
                     }
-                }),
+                ),
             (any::<u32>(), any::<u8>(), arb_str()).prop_map(|(request, c, text)| {
                 Frame::PlatformAnswer {
                     request,

@@ -92,13 +92,15 @@ def woken_through_fcm(alice, bob):
     assert message["token"] == "python-bob-fcm", message
     assert message["android"]["priority"] == "HIGH", message
     data = message["data"]
-    # Google sees that a call waits, under an opaque id: nothing else.
-    assert set(data) == {"type", "id"}, data
+    # Google sees that a call waits, under an opaque id, and the call's
+    # details sealed to Bob's device: nothing it can read.
+    assert set(data) == {"type", "id", "sealed"}, data
     assert BOB not in json.dumps(message) and ALICE not in json.dumps(message)
 
-    # The app's FirebaseMessagingService hands the data to the device.
+    # The app's FirebaseMessagingService hands the data to the device,
+    # which opens who calls before it is back on its link.
     push = bob.handle_push(json.dumps(data))
-    assert push == parley.PlatformPush.CALL(id=data["id"]), push
+    assert push == parley.PlatformPush.CALL(id=data["id"], caller=ALICE), push
     assert bob.handle_push('{"aps": {"alert": "not ours"}}') is None
     ringing = wait_for(bob, parley.PhoneEvent.RINGING)
     bob.answer(ringing.call)

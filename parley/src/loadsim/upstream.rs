@@ -181,6 +181,7 @@ async fn sleepers(args: &UpstreamLoad) -> Result<Vec<DeviceToken>> {
                 sandbox: false,
                 topic,
                 token: format!("{i:064x}"),
+                seal_to: None,
             };
             let request = dev.register_platform(token).await?;
             match dev.next_within(Duration::from_secs(10)).await {

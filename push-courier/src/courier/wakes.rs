@@ -217,6 +217,13 @@ impl Courier {
         up.platforms.pick(&tokens, calls).map(|_| calls)
     }
 
+    /// The push `seq` (still queued) sealed to `to`, if it fits.
+    async fn sealed_details(&self, seq: i64, to: &wire::push::SealTo) -> Option<String> {
+        let rows = self.store.queued_by_seq(&[seq]).await.ok()?;
+        let m = rows.into_iter().next()?;
+        wake::seal(to, &m.note.payload)
+    }
+
     /// Starts (or feeds) the task that sends `o`.
     pub(super) fn kick(&self, o: Owed) {
         let Some(up) = self.upstream.get() else {
@@ -370,7 +377,12 @@ async fn send_owed(me: Weak<Courier>, device: DeviceId) {
             }
             continue;
         }
-        match up.platforms.send(&t, &o, now).await {
+        // A call's details, sealed to the device if it gave keys.
+        let sealed = match (&t.seal_to, o.calls) {
+            (Some(k), true) => c.sealed_details(o.seq, k).await,
+            _ => None,
+        };
+        match up.platforms.send(&t, &o, sealed.as_deref(), now).await {
             Outcome::Accepted { .. } => {
                 let more = c.settle(&o, Woken::Accepted).await;
                 // Counted once settled: the row is gone by then.

@@ -13,7 +13,7 @@
 //! call waits.
 
 use sqlx::Row;
-use wire::push::{NotificationId, Platform, PlatformToken};
+use wire::push::{NotificationId, Platform, PlatformToken, SealTo};
 use wire::DeviceId;
 
 use super::{Backend, Store, Write};
@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS platform_tokens (
     others BIGINT NOT NULL,
     sandbox BIGINT NOT NULL,
     topic TEXT NOT NULL,
+    seal_to {blob},
     updated_at BIGINT NOT NULL,
     PRIMARY KEY (platform, token)
 );
@@ -111,8 +112,8 @@ impl Store {
             // this one is then refused, as if it had come second.
             let inserted = sqlx::query(
                 "INSERT INTO platform_tokens \
-                 (platform, token, device, calls, others, sandbox, topic, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (platform, token) DO NOTHING",
+                 (platform, token, device, calls, others, sandbox, topic, seal_to, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (platform, token) DO NOTHING",
             )
             .bind(t.platform.as_str())
             .bind(t.token.as_str())
@@ -121,6 +122,7 @@ impl Store {
             .bind(i64::from(t.others))
             .bind(i64::from(t.sandbox))
             .bind(t.topic.as_str())
+            .bind(t.seal_to.map(|k| [&k.p256dh[..], &k.auth[..]].concat()))
             .bind(now)
             .execute(&mut *tx)
             .await
@@ -137,7 +139,7 @@ impl Store {
     /// The platform tokens `device` registered.
     pub async fn platform_tokens_of(&self, device: DeviceId) -> Result<Vec<PlatformToken>, Error> {
         let rows = sqlx::query(
-            "SELECT platform, token, calls, others, sandbox, topic FROM platform_tokens \
+            "SELECT platform, token, calls, others, sandbox, topic, seal_to FROM platform_tokens \
              WHERE device = $1 ORDER BY platform, token",
         )
         .bind(device.to_string())
@@ -154,6 +156,13 @@ impl Store {
                     others: r.get::<i64, _>(3) != 0,
                     sandbox: r.get::<i64, _>(4) != 0,
                     topic: r.get(5),
+                    seal_to: r
+                        .get::<Option<Vec<u8>>, _>(6)
+                        .filter(|k| k.len() == 81)
+                        .map(|k| SealTo {
+                            p256dh: k[..65].try_into().unwrap_or([0; 65]),
+                            auth: k[65..].try_into().unwrap_or([0; 16]),
+                        }),
                 })
             })
             .collect())

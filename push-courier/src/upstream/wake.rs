@@ -63,8 +63,15 @@ impl Platforms {
         usable.first().copied()
     }
 
-    /// Sends the wake-up `o` through `t`.
-    pub async fn send(&self, t: &PlatformToken, o: &Owed, now: i64) -> Outcome {
+    /// Sends the wake-up `o` through `t`, with the call's details sealed to
+    /// the device (`sealed`, base64url) if there are any.
+    pub async fn send(
+        &self,
+        t: &PlatformToken,
+        o: &Owed,
+        sealed: Option<&str>,
+        now: i64,
+    ) -> Outcome {
         let ttl = match o.expires {
             0 => DEFAULT_TTL,
             e => Duration::from_secs(e.saturating_sub(now).max(1) as u64),
@@ -89,7 +96,7 @@ impl Platforms {
                     expiration: (now + ttl.as_secs() as i64) as u64,
                     collapse_id: Some(format!("parley-{kind}")),
                     id: o.id,
-                    payload: apns_payload(o).into_bytes(),
+                    payload: apns_payload(o, sealed).into_bytes(),
                 };
                 apns.send(&push).await
             }
@@ -97,13 +104,17 @@ impl Platforms {
                 let Some(fcm) = &self.fcm else {
                     return unreachable_service();
                 };
+                let mut data: std::collections::BTreeMap<String, String> = [
+                    ("type".to_owned(), kind.to_owned()),
+                    ("id".to_owned(), o.id.to_uuid()),
+                ]
+                .into();
+                if let Some(s) = sealed {
+                    data.insert("sealed".to_owned(), s.to_owned());
+                }
                 let push = FcmPush {
                     token: t.token.clone(),
-                    data: [
-                        ("type".to_owned(), kind.to_owned()),
-                        ("id".to_owned(), o.id.to_uuid()),
-                    ]
-                    .into(),
+                    data,
                     ttl,
                     collapse_key: Some(format!("parley-{kind}")),
                     high: o.calls,
@@ -123,18 +134,41 @@ fn unreachable_service() -> Outcome {
 
 /// What Apple carries: for a call, a VoIP push whose id the app reports
 /// to CallKit at once (Apple requires every VoIP push to be reported as a
-/// call); otherwise an alert the app's notification service extension
-/// replaces with what it fetches over the link.
-pub fn apns_payload(o: &Owed) -> String {
+/// call), with the call's details sealed to the device if it asked;
+/// otherwise an alert the app's notification service extension replaces
+/// with what it fetches over the link.
+pub fn apns_payload(o: &Owed, sealed: Option<&str>) -> String {
     let id = o.id.to_uuid();
     match o.calls {
-        true => serde_json::json!({"aps": {}, "parley": {"type": "call", "id": id}}),
+        true => {
+            let mut p = serde_json::json!({"type": "call", "id": id});
+            if let Some(s) = sealed {
+                p["sealed"] = s.into();
+            }
+            serde_json::json!({"aps": {}, "parley": p})
+        }
         false => serde_json::json!({
             "aps": {"alert": {"loc-key": "PARLEY_WAKE"}, "mutable-content": 1},
             "parley": {"type": "wake", "id": id},
         }),
     }
     .to_string()
+}
+
+/// Largest push payload sealed into a call's wake-up (APNs takes 5 KiB
+/// for VoIP, FCM 4 KiB for all of a message).
+pub const MAX_SEALED: usize = 2048;
+
+/// `payload` sealed to the device's keys (RFC 8291 `aes128gcm`, as a Web
+/// Push body), base64url: only the device opens it.
+pub fn seal(to: &wire::push::SealTo, payload: &[u8]) -> Option<String> {
+    use base64::Engine as _;
+    if payload.len() > MAX_SEALED {
+        return None;
+    }
+    let seed = crate::courier::random::<48>().ok()?;
+    let body = wire::webpush::encrypt(&to.p256dh, &to.auth, payload, seed).ok()?;
+    Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(body))
 }
 
 /// Why a device's platform token is refused before it is stored.
@@ -219,6 +253,7 @@ mod tests {
             sandbox: false,
             topic: "com.example.app".into(),
             token: token.into(),
+            seal_to: None,
         }
     }
 
@@ -264,6 +299,26 @@ mod tests {
     }
 
     #[test]
+    fn sealed_details_open_only_with_the_devices_keys() {
+        use base64::Engine as _;
+        let keys = wire::webpush::SubscriptionKeys::generate().unwrap();
+        let to = wire::push::SealTo {
+            p256dh: keys.public(),
+            auth: keys.auth,
+        };
+        let details = br#"{"parley":{"type":"call","from":"alice@example.com"}}"#;
+        let sealed = seal(&to, details).unwrap();
+        assert!(!sealed.contains("alice"));
+        let body = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&sealed)
+            .unwrap();
+        assert_eq!(keys.decrypt(&body).unwrap(), details);
+        let other = wire::webpush::SubscriptionKeys::generate().unwrap();
+        assert!(other.decrypt(&body).is_err());
+        assert!(seal(&to, &[b' '; MAX_SEALED + 1]).is_none());
+    }
+
+    #[test]
     fn apple_sees_the_kind_and_an_opaque_id_only() {
         let o = Owed {
             device: wire::DeviceId([1; 16]),
@@ -272,7 +327,7 @@ mod tests {
             calls: true,
             expires: 0,
         };
-        let v: serde_json::Value = serde_json::from_str(&apns_payload(&o)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&apns_payload(&o, None)).unwrap();
         assert_eq!(v["parley"]["type"], "call");
         assert_eq!(v["parley"]["id"], o.id.to_uuid());
         assert_eq!(v["parley"].as_object().unwrap().len(), 2);
