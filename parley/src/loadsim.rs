@@ -30,6 +30,27 @@ use wire::push::{DeviceToken, NotificationId};
 
 pub mod upstream;
 
+/// The provider the load generators push as.
+#[derive(Debug, Args, Clone)]
+pub struct Provider {
+    /// Provider ES256 private key (PKCS#8 PEM) registered with the courier.
+    #[arg(long)]
+    pub provider_key: PathBuf,
+    #[arg(long, default_value = "LOADTEAM01")]
+    pub team_id: String,
+    #[arg(long, default_value = "LOADKEY001")]
+    pub key_id: String,
+    /// The app's topic the provider pushes to.
+    #[arg(long, default_value = "com.example.load")]
+    pub topic: String,
+    /// HTTP/2 connections the provider pushes over.
+    #[arg(long, default_value_t = 8)]
+    pub provider_connections: usize,
+    /// Pushes in flight at once.
+    #[arg(long, default_value_t = 512)]
+    pub concurrency: usize,
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct CourierLoad {
     /// Data directory of the courier: device certificates are issued from
@@ -45,15 +66,8 @@ pub struct CourierLoad {
     /// them, so most pushes reach a node that does not hold the device.
     #[arg(long, default_value = "127.0.0.1:8443", value_delimiter = ',')]
     pub provider_addr: Vec<SocketAddr>,
-    /// Provider ES256 private key (PKCS#8 PEM) registered with the courier.
-    #[arg(long)]
-    pub provider_key: PathBuf,
-    #[arg(long, default_value = "LOADTEAM01")]
-    pub team_id: String,
-    #[arg(long, default_value = "LOADKEY001")]
-    pub key_id: String,
-    #[arg(long, default_value = "com.example.load")]
-    pub topic: String,
+    #[command(flatten)]
+    pub provider: Provider,
     /// Devices to connect.
     #[arg(long, default_value_t = 1000)]
     pub devices: usize,
@@ -73,12 +87,6 @@ pub struct CourierLoad {
     /// Seconds per phase.
     #[arg(long, default_value_t = 15)]
     pub seconds: u64,
-    /// HTTP/2 connections the provider pushes over.
-    #[arg(long, default_value_t = 8)]
-    pub provider_connections: usize,
-    /// Pushes in flight at once.
-    #[arg(long, default_value_t = 512)]
-    pub concurrency: usize,
     /// The courier's process id (ids, comma-separated, for a cluster), to
     /// report its memory per connection.
     #[arg(long, value_delimiter = ',')]
@@ -270,7 +278,7 @@ async fn worker(args: CourierLoad, index: usize, count: usize) -> Result<()> {
         };
         let quic = is_quic(i, args.quic_percent).then(|| quic_eps[k % quic_eps.len()].clone());
         let (sem, hist, stats, out) = (sem.clone(), hist.clone(), stats.clone(), out.clone());
-        let (addrs, topic) = (args.device_addr.clone(), args.topic.clone());
+        let (addrs, topic) = (args.device_addr.clone(), args.provider.topic.clone());
         let offline = args.offline_percent;
         tasks.push(tokio::spawn(async move {
             let permit = sem.acquire_owned().await;
@@ -500,7 +508,7 @@ async fn parent(args: CourierLoad) -> Result<()> {
         .procs
         .unwrap_or_else(|| tls_devices.div_ceil(15_000).max(2))
         .clamp(1, 250);
-    let provider_key = read_pkcs8(&args.provider_key)?;
+    let provider_key = read_pkcs8(&args.provider.provider_key)?;
     let rss_before = rss_total(&args.server_pid);
     println!(
         "loadsim: {} devices ({}% QUIC) over {procs} worker processes against {}",
@@ -519,9 +527,9 @@ async fn parent(args: CourierLoad) -> Result<()> {
             .arg("--device-addr")
             .arg(list(&args.device_addr))
             .arg("--provider-key")
-            .arg(&args.provider_key)
+            .arg(&args.provider.provider_key)
             .arg("--topic")
-            .arg(&args.topic)
+            .arg(&args.provider.topic)
             .arg("--devices")
             .arg(args.devices.to_string())
             .arg("--quic-percent")
@@ -650,14 +658,18 @@ async fn parent(args: CourierLoad) -> Result<()> {
     }
     let roots = crate::tls::roots(&args.data.join("ca.pem"))?;
     let mut senders = Vec::new();
-    for k in 0..args.provider_connections.max(args.provider_addr.len()) {
+    for k in 0..args
+        .provider
+        .provider_connections
+        .max(args.provider_addr.len())
+    {
         let addr = args.provider_addr[k % args.provider_addr.len()];
         let http = Http2::connect(addr, "localhost", roots.clone()).await?;
         senders.push(ApnsSender::new(
             http,
             provider_key.clone(),
-            &args.key_id,
-            &args.team_id,
+            &args.provider.key_id,
+            &args.provider.team_id,
         ));
     }
 
@@ -821,7 +833,7 @@ async fn push_phase(
     let errors = Arc::new(AtomicU64::new(0));
     let pacer = Pacer::new(rate, args.seconds);
     let start = pacer.start;
-    let lanes = args.concurrency.max(1);
+    let lanes = args.provider.concurrency.max(1);
     let mut tasks = Vec::new();
     // While a node dies (phase 3) a refused push is sent again with the
     // same id at the next node, as a provider retrying 5xx and timeouts
@@ -833,7 +845,7 @@ async fn push_phase(
         let senders = senders.to_vec();
         let (ok, errors, pacer, tokens) =
             (ok.clone(), errors.clone(), pacer.clone(), tokens.clone());
-        let topic = args.topic.clone();
+        let topic = args.provider.topic.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(k) = pacer.next().await {
                 let token = tokens[(k as usize) % tokens.len()];

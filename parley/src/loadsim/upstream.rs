@@ -37,17 +37,10 @@ pub struct UpstreamLoad {
     /// Courier provider address (HTTPS).
     #[arg(long, default_value = "127.0.0.1:8443")]
     pub provider_addr: SocketAddr,
-    /// Provider ES256 private key (PKCS#8 PEM) registered with the courier.
-    #[arg(long)]
-    pub provider_key: PathBuf,
-    #[arg(long, default_value = "LOADTEAM01")]
-    pub team_id: String,
-    #[arg(long, default_value = "LOADKEY001")]
-    pub key_id: String,
-    /// The app's topic: providers push to it, and it is the bundle id the
-    /// devices' APNs tokens name.
-    #[arg(long, default_value = "com.example.load")]
-    pub topic: String,
+    /// The provider; its topic is also the bundle id the devices' APNs
+    /// tokens name.
+    #[command(flatten)]
+    pub provider: super::Provider,
     /// Where the APNs stand-in listens (the courier's
     /// `courier.upstream.apns.url`).
     #[arg(long, default_value = "127.0.0.1:19443")]
@@ -66,12 +59,6 @@ pub struct UpstreamLoad {
     /// Seconds per phase.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
-    /// HTTP/2 connections the provider pushes over.
-    #[arg(long, default_value_t = 8)]
-    pub provider_connections: usize,
-    /// Pushes in flight at once.
-    #[arg(long, default_value_t = 512)]
-    pub concurrency: usize,
 }
 
 /// What the APNs stand-in saw.
@@ -167,7 +154,7 @@ async fn sleepers(args: &UpstreamLoad) -> Result<Vec<DeviceToken>> {
             roots: roots.clone(),
             server_name: "localhost".into(),
         };
-        let (sem, addr, topic) = (sem.clone(), args.device_addr, args.topic.clone());
+        let (sem, addr, topic) = (sem.clone(), args.device_addr, args.provider.topic.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
             let (mut dev, tokens) =
@@ -227,16 +214,16 @@ pub async fn run(args: UpstreamLoad) -> Result<()> {
     let tokens = Arc::new(sleepers(&args).await?);
     // Their links close; let the courier see them go.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let provider_key = read_pkcs8(&args.provider_key)?;
+    let provider_key = read_pkcs8(&args.provider.provider_key)?;
     let roots = crate::tls::roots(&args.data.join("ca.pem"))?;
     let mut senders = Vec::new();
-    for _ in 0..args.provider_connections.max(1) {
+    for _ in 0..args.provider.provider_connections.max(1) {
         let http = Http2::connect(args.provider_addr, "localhost", roots.clone()).await?;
         senders.push(ApnsSender::new(
             http,
             provider_key.clone(),
-            &args.key_id,
-            &args.team_id,
+            &args.provider.key_id,
+            &args.provider.team_id,
         ));
     }
 
@@ -336,11 +323,11 @@ async fn pushes(
     let pacer = Pacer::new(rate, args.seconds);
     let start = pacer.start;
     let mut tasks = Vec::new();
-    for lane in 0..args.concurrency.max(1) {
+    for lane in 0..args.provider.concurrency.max(1) {
         let mut sender = senders[lane % senders.len()].clone();
         let (ok, errors, pacer, tokens) =
             (ok.clone(), errors.clone(), pacer.clone(), tokens.clone());
-        let (topic, acked) = (args.topic.clone(), acked.clone());
+        let (topic, acked) = (args.provider.topic.clone(), acked.clone());
         tasks.push(tokio::spawn(async move {
             while let Some(k) = pacer.next().await {
                 let token = tokens[(k as usize) % tokens.len()];
