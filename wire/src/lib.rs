@@ -26,6 +26,7 @@ pub mod push;
 pub mod ratelimit;
 pub mod request_auth;
 pub mod safety_number;
+pub mod sframe;
 pub mod sip;
 pub mod tls;
 pub mod transparency;
