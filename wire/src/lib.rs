@@ -18,6 +18,7 @@
 pub mod device_cert;
 pub mod device_list;
 pub mod handle;
+pub mod hpke;
 pub mod key_transfer;
 pub mod keys;
 pub mod net;
