@@ -1,7 +1,8 @@
 //! Group media's end-to-end encryption as a receiver meets it from the
 //! network: SFrame (RFC 9605) headers and frames, and sender keys sealed
-//! with HPKE (RFC 9180). Headers that decode encode back to the same
-//! bytes; nothing panics, and forgeries do not open.
+//! with HPKE (RFC 9180) in their signed messages. Headers and messages
+//! that decode encode back to the same; nothing panics, and forgeries do
+//! not open.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -24,5 +25,11 @@ fuzz_target!(|data: &[u8]| {
     if let Some(me) = RecipientKey::from_scalar(&[7; 32]) {
         let (enc, ct) = data.split_at(data.len().min(wire::hpke::ENC_LEN));
         assert!(me.open(enc, b"", b"", ct).is_err());
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(m) = wire::group_key::KeyMessage::from_json(text) {
+            let again = wire::group_key::KeyMessage::from_json(&m.to_json());
+            assert_eq!(again.as_ref(), Ok(&m));
+        }
     }
 });

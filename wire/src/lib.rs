@@ -17,6 +17,7 @@
 
 pub mod device_cert;
 pub mod device_list;
+pub mod group_key;
 pub mod handle;
 pub mod hpke;
 pub mod key_transfer;
