@@ -1,0 +1,3 @@
+//! Sans-IO parts of the SFU: no sockets, no clocks but the ones passed in.
+
+pub mod room;

@@ -1,0 +1,418 @@
+//! One group call's room: who is in it, what each publishes, who is
+//! speaking, and for each subscriber what to forward.
+//!
+//! - **Audio**: every other participant's audio goes to every subscriber
+//!   (the devices mix it); it is small, and a muted participant's packets
+//!   stop at the sender.
+//! - **Video, last-N**: a subscriber receives the video of at most `last_n`
+//!   others, the most recent speakers first (RFC 6464 audio levels, which
+//!   stay readable under SFrame), then those who joined first.
+//! - **Simulcast**: each publisher sends two or three layers; a subscriber
+//!   gets, of each video it receives, the best layer that fits its share
+//!   of its bandwidth estimate after audio. It steps down as soon as the
+//!   share is too small, and up only with a margin to spare, so an
+//!   estimate that hovers does not make the picture flap.
+//!
+//! The room ends when the last participant leaves.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// A participant in a room (its index in the call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ParticipantId(pub u16);
+
+/// One simulcast layer of a video: its RTP stream id and its bitrate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    pub rid: String,
+    pub bitrate: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Videos a subscriber receives at most.
+    pub last_n: usize,
+    /// What one audio stream takes of a subscriber's bandwidth, bits/s.
+    pub audio_bitrate: u32,
+    /// How long a participant counts as speaking after its last loud
+    /// packet.
+    pub speaking_for: Duration,
+    /// RFC 6464 level (-dBov, 0 loudest, 127 silence) at or below which a
+    /// voice packet counts as speech.
+    pub speech_level: u8,
+    /// Share of headroom needed to step up a layer (0.15: 15%).
+    pub step_up_margin: f64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            last_n: 4,
+            audio_bitrate: 40_000,
+            speaking_for: Duration::from_secs(3),
+            speech_level: 50,
+            step_up_margin: 0.15,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Participant {
+    joined: Instant,
+    audio: bool,
+    /// Layers, lowest bitrate first.
+    video: Vec<Layer>,
+    last_spoke: Option<Instant>,
+    bandwidth: Option<u32>,
+    /// The layer index this subscriber gets of each publisher's video.
+    layers: BTreeMap<ParticipantId, usize>,
+}
+
+/// What a subscriber is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    pub audio: Vec<ParticipantId>,
+    /// Publisher and the rid of the layer.
+    pub video: Vec<(ParticipantId, String)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Room {
+    config: Config,
+    participants: BTreeMap<ParticipantId, Participant>,
+    /// Someone joined and then everyone left.
+    ended: bool,
+}
+
+impl Room {
+    pub fn new(config: Config) -> Room {
+        Room {
+            config,
+            participants: BTreeMap::new(),
+            ended: false,
+        }
+    }
+
+    pub fn join(&mut self, id: ParticipantId, now: Instant) {
+        self.participants.entry(id).or_insert(Participant {
+            joined: now,
+            audio: false,
+            video: Vec::new(),
+            last_spoke: None,
+            bandwidth: None,
+            layers: BTreeMap::new(),
+        });
+    }
+
+    /// `id` left; whether the room ended with it.
+    pub fn leave(&mut self, id: ParticipantId) -> bool {
+        if self.participants.remove(&id).is_some() {
+            for p in self.participants.values_mut() {
+                p.layers.remove(&id);
+            }
+            if self.participants.is_empty() {
+                self.ended = true;
+            }
+        }
+        self.ended
+    }
+
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    pub fn len(&self) -> usize {
+        self.participants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.participants.is_empty()
+    }
+
+    pub fn publish_audio(&mut self, id: ParticipantId) {
+        if let Some(p) = self.participants.get_mut(&id) {
+            p.audio = true;
+        }
+    }
+
+    /// `id` publishes video in `layers` (any order).
+    pub fn publish_video(&mut self, id: ParticipantId, mut layers: Vec<Layer>) {
+        layers.sort_by_key(|l| l.bitrate);
+        if let Some(p) = self.participants.get_mut(&id) {
+            p.video = layers;
+        }
+    }
+
+    /// An audio packet of `id` carried level `level` (RFC 6464) and the
+    /// voice flag.
+    pub fn audio_level(&mut self, id: ParticipantId, level: u8, voice: bool, now: Instant) {
+        let speech = voice && level <= self.config.speech_level;
+        if let (true, Some(p)) = (speech, self.participants.get_mut(&id)) {
+            p.last_spoke = Some(now);
+        }
+    }
+
+    /// The subscriber's bandwidth estimate (REMB or transport-cc), bits/s.
+    pub fn bandwidth(&mut self, id: ParticipantId, bps: u32) {
+        if let Some(p) = self.participants.get_mut(&id) {
+            p.bandwidth = Some(bps);
+        }
+    }
+
+    /// Participants in speaking order: who spoke most recently (within
+    /// `speaking_for`) first, then the rest by when they joined.
+    pub fn speakers(&self, now: Instant) -> Vec<ParticipantId> {
+        let recent = |p: &Participant| {
+            p.last_spoke
+                .filter(|t| now.saturating_duration_since(*t) <= self.config.speaking_for)
+        };
+        let mut ids: Vec<(ParticipantId, Option<Instant>, Instant)> = self
+            .participants
+            .iter()
+            .map(|(id, p)| (*id, recent(p), p.joined))
+            .collect();
+        // Speakers by their last word, newest first; then by joining.
+        ids.sort_by(|a, b| match (a.1, b.1) {
+            (Some(x), Some(y)) => y.cmp(&x),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => a.2.cmp(&b.2).then(a.0.cmp(&b.0)),
+        });
+        ids.into_iter().map(|(id, _, _)| id).collect()
+    }
+
+    /// What to send `subscriber` now (and the layers it is on, kept for
+    /// the next decision).
+    pub fn plan(&mut self, subscriber: ParticipantId, now: Instant) -> Plan {
+        let Some(me) = self.participants.get(&subscriber) else {
+            return Plan::default();
+        };
+        let audio: Vec<ParticipantId> = self
+            .participants
+            .iter()
+            .filter(|(id, p)| **id != subscriber && p.audio)
+            .map(|(id, _)| *id)
+            .collect();
+        let shown: Vec<ParticipantId> = self
+            .speakers(now)
+            .into_iter()
+            .filter(|id| *id != subscriber)
+            .filter(|id| {
+                self.participants
+                    .get(id)
+                    .is_some_and(|p| !p.video.is_empty())
+            })
+            .take(self.config.last_n)
+            .collect();
+        let share = me.bandwidth.map(|bw| {
+            let after_audio =
+                bw.saturating_sub(self.config.audio_bitrate.saturating_mul(audio.len() as u32));
+            after_audio / (shown.len().max(1) as u32)
+        });
+        let mut video = Vec::with_capacity(shown.len());
+        let mut layers = BTreeMap::new();
+        for id in shown {
+            let publisher = &self.participants[&id];
+            let current = me.layers.get(&id).copied();
+            let layer = self.choose(&publisher.video, current, share);
+            layers.insert(id, layer);
+            video.push((id, publisher.video[layer].rid.clone()));
+        }
+        if let Some(me) = self.participants.get_mut(&subscriber) {
+            me.layers = layers;
+        }
+        Plan { audio, video }
+    }
+
+    /// The layer of `video` (lowest first) for a share of `share` bits/s,
+    /// from `current`: down at once when it no longer fits, up only with
+    /// the margin. No estimate yet: the lowest layer.
+    fn choose(&self, video: &[Layer], current: Option<usize>, share: Option<u32>) -> usize {
+        let Some(share) = share else {
+            return 0;
+        };
+        let fits = |i: usize, margin: f64| {
+            f64::from(video[i].bitrate) * (1.0 + margin) <= f64::from(share)
+        };
+        let best = (0..video.len()).rev().find(|i| fits(*i, 0.0)).unwrap_or(0);
+        match current {
+            Some(c) if c < video.len() && best > c => {
+                // Up only as far as the margin allows.
+                (c..=best)
+                    .rev()
+                    .find(|i| fits(*i, self.config.step_up_margin))
+                    .unwrap_or(c)
+            }
+            _ => best,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(i: u16) -> ParticipantId {
+        ParticipantId(i)
+    }
+
+    fn simulcast() -> Vec<Layer> {
+        [("f", 1_500_000), ("q", 150_000), ("h", 500_000)]
+            .into_iter()
+            .map(|(rid, bitrate)| Layer {
+                rid: rid.into(),
+                bitrate,
+            })
+            .collect()
+    }
+
+    /// A room of `n`, each publishing audio and three video layers, joined
+    /// a second apart.
+    fn room(n: u16, config: Config) -> (Room, Instant) {
+        let t0 = Instant::now();
+        let mut r = Room::new(config);
+        for i in 1..=n {
+            r.join(p(i), t0 + Duration::from_secs(u64::from(i)));
+            r.publish_audio(p(i));
+            r.publish_video(p(i), simulcast());
+        }
+        (r, t0 + Duration::from_secs(60))
+    }
+
+    #[test]
+    fn last_n_follows_the_speakers_and_everyone_hears_everyone() {
+        let config = Config {
+            last_n: 3,
+            ..Config::default()
+        };
+        let (mut r, now) = room(6, config);
+        // Nobody spoke yet: the first to join.
+        let plan = r.plan(p(1), now);
+        assert_eq!(plan.audio, vec![p(2), p(3), p(4), p(5), p(6)]);
+        let shown: Vec<_> = plan.video.iter().map(|(id, _)| *id).collect();
+        assert_eq!(shown, vec![p(2), p(3), p(4)]);
+        // 6 speaks, then 5; a quiet packet (level 90) from 4 is no speech.
+        r.audio_level(p(6), 30, true, now);
+        r.audio_level(p(5), 20, true, now + Duration::from_millis(500));
+        r.audio_level(p(4), 90, true, now + Duration::from_millis(600));
+        let later = now + Duration::from_secs(1);
+        assert_eq!(&r.speakers(later)[..2], &[p(5), p(6)]);
+        let shown: Vec<_> = r
+            .plan(p(1), later)
+            .video
+            .iter()
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(shown, vec![p(5), p(6), p(2)]);
+        // A speaker sees the others, not itself.
+        let shown: Vec<_> = r
+            .plan(p(5), later)
+            .video
+            .iter()
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(shown, vec![p(6), p(1), p(2)]);
+        // Silence for longer than speaking_for: back to joining order.
+        let much_later = later + Duration::from_secs(10);
+        let shown: Vec<_> = r
+            .plan(p(1), much_later)
+            .video
+            .iter()
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(shown, vec![p(2), p(3), p(4)]);
+    }
+
+    #[test]
+    fn layers_step_down_at_once_and_up_with_a_margin() {
+        let config = Config {
+            last_n: 1,
+            ..Config::default()
+        };
+        let (mut r, now) = room(2, config);
+        let rid = |r: &mut Room| r.plan(p(1), now).video[0].1.clone();
+        // No estimate yet: the lowest layer.
+        assert_eq!(rid(&mut r), "q");
+        // Plenty: the full layer (one audio stream takes 40 kb/s).
+        r.bandwidth(p(1), 3_000_000);
+        assert_eq!(rid(&mut r), "f");
+        // The estimate drops: down at once.
+        r.bandwidth(p(1), 400_000);
+        assert_eq!(rid(&mut r), "q");
+        // Just enough for "h" (500k + 40k audio), not with the margin: stay.
+        r.bandwidth(p(1), 560_000);
+        assert_eq!(rid(&mut r), "q");
+        // With the margin: up to "h", and not beyond.
+        r.bandwidth(p(1), 640_000);
+        assert_eq!(rid(&mut r), "h");
+        // Hovering just under "h" plus margin keeps "h" (it still fits).
+        r.bandwidth(p(1), 560_000);
+        assert_eq!(rid(&mut r), "h");
+    }
+
+    #[test]
+    fn a_participant_leaving_mid_call_drops_out_and_the_last_ends_the_room() {
+        let (mut r, now) = room(3, Config::default());
+        r.bandwidth(p(1), 3_000_000);
+        assert_eq!(r.plan(p(1), now).audio, vec![p(2), p(3)]);
+        assert!(!r.leave(p(2)));
+        let plan = r.plan(p(1), now);
+        assert_eq!(plan.audio, vec![p(3)]);
+        assert_eq!(plan.video.len(), 1);
+        assert_eq!(r.plan(p(2), now), Plan::default(), "gone: nothing");
+        assert!(!r.leave(p(1)));
+        assert!(!r.ended());
+        assert!(r.leave(p(3)));
+        assert!(r.ended() && r.is_empty());
+        // Leaving again changes nothing.
+        assert!(r.leave(p(3)));
+    }
+
+    #[test]
+    fn a_subscriber_gets_no_video_from_those_who_publish_none() {
+        let t0 = Instant::now();
+        let mut r = Room::new(Config::default());
+        for i in 1..=3 {
+            r.join(p(i), t0);
+            r.publish_audio(p(i));
+        }
+        r.publish_video(p(3), simulcast());
+        let plan = r.plan(p(1), t0);
+        assert_eq!(plan.audio, vec![p(2), p(3)]);
+        assert_eq!(plan.video, vec![(p(3), "q".to_string())]);
+    }
+
+    proptest::proptest! {
+        /// Whatever is said and whoever leaves, a subscriber never gets its
+        /// own media, and gets at most last_n videos, each a layer its
+        /// publisher sends.
+        #[test]
+        fn plans_stay_within_the_rules(
+            n in 2u16..10,
+            last_n in 1usize..5,
+            events in proptest::collection::vec((1u16..10, 0u8..128, 0u64..20_000, 50_000u32..4_000_000), 0..60),
+            gone in proptest::collection::vec(1u16..10, 0..3),
+        ) {
+            let (mut r, now) = room(n, Config { last_n, ..Config::default() });
+            for (i, level, ms, bw) in events {
+                let t = now + Duration::from_millis(ms);
+                r.audio_level(p(i), level, true, t);
+                r.bandwidth(p(i), bw);
+            }
+            for g in gone {
+                r.leave(p(g));
+            }
+            let later = now + Duration::from_secs(21);
+            for i in 1..=n {
+                let plan = r.plan(p(i), later);
+                proptest::prop_assert!(!plan.audio.contains(&p(i)));
+                proptest::prop_assert!(plan.video.len() <= last_n);
+                for (id, rid) in &plan.video {
+                    proptest::prop_assert!(*id != p(i));
+                    proptest::prop_assert!(simulcast().iter().any(|l| l.rid == *rid));
+                }
+            }
+        }
+    }
+}
