@@ -1,3 +1,4 @@
 //! Sans-IO parts of the SFU: no sockets, no clocks but the ones passed in.
 
+pub mod forward;
 pub mod room;
