@@ -2,3 +2,4 @@
 
 pub mod forward;
 pub mod room;
+pub mod rtp;
