@@ -27,41 +27,8 @@ devices=${DEVICES:-100000}
 quic_pct=${QUIC_PCT:-85}
 rate=${RATE:-30000}
 seconds=${SECONDS_RUN:-15}
-dir=$(mktemp -d /tmp/parley-courier-bench.XXXXXX)
-server=""
-cleanup() {
-  [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-. scripts/lib/build.sh
-release_bin "${BENCH_BIN:-}"
-
-openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/provider-key.pem" 2>/dev/null
-openssl pkey -in "$dir/provider-key.pem" -pubout -out "$dir/provider-pub.pem"
-cat > "$dir/parley.toml" <<EOF
-[courier]
-provider_rate = 10000000
-${DB:+database = "$DB"}
-
-[[courier.providers]]
-name = "load"
-team_id = "LOADTEAM01"
-key_id = "LOADKEY001"
-key = "$dir/provider-pub.pem"
-EOF
-
-start_courier() {
-  rm -rf "$dir/data"
-  "$bin" --data "$dir/data" --config "$dir/parley.toml" --admin 127.0.0.1:0 --log warn courier \
-    --courier-device-listen 127.0.0.1:15223 --courier-provider-listen 127.0.0.1:18443 \
-    > "$dir/server.out" 2> "$dir/server.err" &
-  server=$!
-  for _ in $(seq 100); do grep -q '^parley: ready' "$dir/server.out" 2>/dev/null && break; sleep 0.1; done
-  grep -q '^parley: ready' "$dir/server.out" || { cat "$dir/server.err"; exit 1; }
-}
-stop_courier() { kill "$server"; wait "$server" 2>/dev/null || true; server=""; }
+. bench/lib/courier.sh
+courier_bench courier
 loadsim() {
   "$bin" loadsim courier --data "$dir/data" --device-addr 127.0.0.1:15223 \
     --provider-addr 127.0.0.1:18443 --provider-key "$dir/provider-key.pem" \

@@ -24,22 +24,12 @@ cd "$(dirname "$0")/.."
 devices=${DEVICES:-5000}
 rate=${RATE:-40000}
 seconds=${SECONDS_RUN:-10}
-dir=$(mktemp -d /tmp/parley-upstream-bench.XXXXXX)
-server=""
-cleanup() {
-  [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-. scripts/lib/build.sh
-release_bin "${BENCH_BIN:-}"
+. bench/lib/courier.sh
+courier_bench upstream
 
 key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
-# The provider's key, the team's .p8 for Apple, and the stand-in's CA and
-# certificate for "localhost".
-key "$dir/provider-key.pem"
-openssl pkey -in "$dir/provider-key.pem" -pubout -out "$dir/provider-pub.pem"
+# The team's .p8 for Apple, and the stand-in's CA and certificate for
+# "localhost".
 key "$dir/AuthKey_LOADAPNS01.p8"
 key "$dir/apple-ca-key.pem"
 openssl req -x509 -new -key "$dir/apple-ca-key.pem" -subj /CN=apple-stand-in-ca -days 2 \
@@ -51,15 +41,7 @@ printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' > "$dir/apple
 openssl x509 -req -in "$dir/apple.csr" -CA "$dir/apple-ca.pem" -CAkey "$dir/apple-ca-key.pem" \
   -CAcreateserial -days 2 -extfile "$dir/apple.ext" -out "$dir/apple.pem" 2>/dev/null
 
-cat > "$dir/parley.toml" <<CONF
-[courier]
-provider_rate = 10000000
-
-[[courier.providers]]
-name = "load"
-team_id = "LOADTEAM01"
-key_id = "LOADKEY001"
-key = "$dir/provider-pub.pem"
+cat >> "$dir/parley.toml" <<CONF
 
 [courier.upstream.apns]
 url = "127.0.0.1:19443"
@@ -70,12 +52,7 @@ key_id = "LOADAPNS01"
 team_id = "LOADTEAM01"
 CONF
 
-"$bin" --data "$dir/data" --config "$dir/parley.toml" --admin 127.0.0.1:0 --log warn courier \
-  --courier-device-listen 127.0.0.1:15223 --courier-provider-listen 127.0.0.1:18443 \
-  > "$dir/server.out" 2> "$dir/server.err" &
-server=$!
-for _ in $(seq 100); do grep -q '^parley: ready' "$dir/server.out" 2>/dev/null && break; sleep 0.1; done
-grep -q '^parley: ready' "$dir/server.out" || { cat "$dir/server.err"; exit 1; }
+start_courier
 
 echo "bench: $devices sleeping devices, $rate pushes/s offered"
 "$bin" loadsim upstream --data "$dir/data" --device-addr 127.0.0.1:15223 \
