@@ -992,7 +992,9 @@ impl Courier {
                 r => return r,
             }
         }
-        // Connected here now: not through another node any more.
+        // Connected here now: not through another node any more, and
+        // awake.
+        self.awake(device);
         let old = self.lock().remote.remove(&device);
         if let (Some((node, generation)), Some(c)) = (old, self.cluster.get()) {
             let msg = NodeMsg::Close {
@@ -1121,6 +1123,7 @@ impl Courier {
         generation: u64,
     ) -> Result<Vec<Notification>, Error> {
         let old = self.lock().remote.insert(device, (node.into(), generation));
+        self.awake(device);
         if let (Some((n, g)), Some(c)) = (old, self.cluster.get()) {
             if (&*n, g) != (node, generation) {
                 let msg = NodeMsg::Close {

@@ -249,9 +249,15 @@ async fn wakes_reach(env: &Env, outcome: &str, want: u64) {
 
 /// The value of `parley_upstream_wakes_total{platform="apns",outcome=…}`.
 fn wakes(env: &Env, outcome: &str) -> u64 {
+    wakes_of(env, "apns", outcome)
+}
+
+/// The value of `parley_upstream_wakes_total{platform=…,outcome=…}`.
+fn wakes_of(env: &Env, platform: &str, outcome: &str) -> u64 {
     let mut m = String::new();
     env.server().courier.render_metrics(&mut m);
-    let key = format!("parley_upstream_wakes_total{{platform=\"apns\",outcome=\"{outcome}\"}} ");
+    let key =
+        format!("parley_upstream_wakes_total{{platform=\"{platform}\",outcome=\"{outcome}\"}} ");
     m.lines()
         .find_map(|l| l.strip_prefix(&key))
         .and_then(|v| v.parse().ok())
@@ -360,4 +366,67 @@ async fn owed_wake_ups_are_retried_past_429_and_dead_tokens_dropped() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     wakes_reach(&ours, "gone", 1).await;
+}
+
+/// A device owed a wake-up comes back on its link while the courier waits
+/// out FCM's Retry-After (3 s for the stand-in's `busy` token): the
+/// wake-up is owed no more at once, rather than after the wait (or, had
+/// the courier restarted, sent for nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_back_on_its_link_is_owed_no_wake_up() {
+    let (_google, client) = fcm(3600).await;
+    let ours = Env::start(|c| c.platforms.fcm = Some(std::sync::Arc::new(client))).await;
+    let (_, creds) = ours.device();
+    let (mut dev, tokens) = ours.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let token = wire::push::PlatformToken {
+        platform: wire::push::Platform::Fcm,
+        calls: true,
+        others: true,
+        sandbox: false,
+        topic: "parley-test".into(),
+        token: "busy".into(),
+        seal_to: None,
+    };
+    let request = dev.register_platform(token).await.unwrap();
+    match dev.next_within(Duration::from_secs(5)).await.unwrap() {
+        client_sdk::courier::ClientEvent::Platform {
+            request: r, status, ..
+        } if r == request => assert_eq!(status, wire::push::PlatformStatus::Ok),
+        other => panic!("{other:?}"),
+    }
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let http = ours.provider_http2().await.unwrap();
+    let mut sender =
+        push_courier::provider::ApnsSender::new(http, ours.provider_key.clone(), KID, TEAM);
+    let r = sender
+        .push(&tokens[0].1, TOPIC, &[], b"{\"n\":1}".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let store = &ours.server().courier.store;
+    // FCM said "later": the wake-up is owed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while wakes_of(&ours, "fcm", "retried") == 0 {
+        assert!(std::time::Instant::now() < deadline, "FCM was never asked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.owed(None).await.unwrap().len(), 1);
+
+    // Back on its link: it gets the push, and nothing is owed well before
+    // FCM's 3 s are up.
+    let back = std::time::Instant::now();
+    let (mut dev, _) = ours.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    match dev.next_within(Duration::from_secs(5)).await.unwrap() {
+        client_sdk::courier::ClientEvent::Notification(n) => dev.ack(&[n.id]).await.unwrap(),
+        other => panic!("{other:?}"),
+    }
+    while !store.owed(None).await.unwrap().is_empty() {
+        assert!(
+            back.elapsed() < Duration::from_millis(1500),
+            "still owed after the device came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

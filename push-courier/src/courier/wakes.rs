@@ -50,8 +50,11 @@ type TokenCache = HashMap<DeviceId, (Instant, Arc<[PlatformToken]>)>;
 pub(crate) struct Upstream {
     platforms: Platforms,
     pub(crate) metrics: WakeMetrics,
-    /// The newest wake-up owed to each device whose task runs.
-    owed: Mutex<HashMap<DeviceId, Owed>>,
+    /// The newest wake-up owed to each device whose task runs, and that
+    /// task's number (a task whose entry was taken away ends, even if a
+    /// new one for the device has started since).
+    owed: Mutex<HashMap<DeviceId, (Owed, u64)>>,
+    tasks: std::sync::atomic::AtomicU64,
     /// Who waits to hear of a device's wake-up: (its seq, where to tell).
     waiting: Mutex<Waiting>,
     /// Devices' platform tokens as last read.
@@ -68,6 +71,7 @@ impl Upstream {
             platforms,
             metrics: WakeMetrics::default(),
             owed: Mutex::new(HashMap::new()),
+            tasks: std::sync::atomic::AtomicU64::new(0),
             waiting: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
         }
@@ -199,6 +203,20 @@ impl Courier {
         Ok(t)
     }
 
+    /// The device is back on a link (here, or through another node): what
+    /// waits goes over it, so no wake-up is owed any more, even one whose
+    /// task sleeps until the platform's Retry-After.
+    pub(super) fn awake(&self, device: DeviceId) {
+        let Some(up) = self.upstream.get() else {
+            return;
+        };
+        let Some((o, _)) = locked(&up.owed).remove(&device) else {
+            return;
+        };
+        self.commit_later(vec![Write::OwedDone { device, seq: o.seq }]);
+        up.tell(device, o.seq, Woken::Accepted);
+    }
+
     /// Whether the device is on a link, here or at another node.
     fn attached(&self, device: DeviceId) -> bool {
         let inner = self.lock();
@@ -230,10 +248,11 @@ impl Courier {
             return;
         };
         let device = o.device;
+        let task = up.tasks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         {
             let mut owed = locked(&up.owed);
             match owed.get_mut(&device) {
-                Some(cur) => {
+                Some((cur, _)) => {
                     // The task running for the device takes the newest.
                     if o.seq > cur.seq {
                         cur.seq = o.seq;
@@ -244,11 +263,11 @@ impl Courier {
                     return;
                 }
                 None => {
-                    owed.insert(device, o);
+                    owed.insert(device, (o, task));
                 }
             }
         }
-        tokio::spawn(send_owed(self.me.clone(), device));
+        tokio::spawn(send_owed(self.me.clone(), device, task));
     }
 
     /// Signaling wakes `device` for a call through the platform token its
@@ -320,7 +339,7 @@ impl Courier {
         }]);
         up.tell(o.device, o.seq, what);
         let mut owed = locked(&up.owed);
-        if owed.get(&o.device).is_some_and(|cur| cur.seq == o.seq) {
+        if owed.get(&o.device).is_some_and(|(cur, _)| cur.seq == o.seq) {
             owed.remove(&o.device);
             return false;
         }
@@ -331,7 +350,7 @@ impl Courier {
 /// Sends what is owed to `device` until nothing is: each wake-up until
 /// the platform takes it, the token turns out dead, or it is no use any
 /// more (expired, or the device came back on its link).
-async fn send_owed(me: Weak<Courier>, device: DeviceId) {
+async fn send_owed(me: Weak<Courier>, device: DeviceId, task: u64) {
     let mut pause = Duration::ZERO;
     loop {
         if !pause.is_zero() {
@@ -343,7 +362,11 @@ async fn send_owed(me: Weak<Courier>, device: DeviceId) {
         let Some(up) = c.upstream.get() else {
             return;
         };
-        let Some(o) = locked(&up.owed).get(&device).cloned() else {
+        let Some(o) = locked(&up.owed)
+            .get(&device)
+            .filter(|(_, t)| *t == task)
+            .map(|(o, _)| o.clone())
+        else {
             return;
         };
         let now = unix_now();
