@@ -130,31 +130,77 @@ pub fn lines(out: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<Strin
 
 /// Starts `exe args…` (a `parley` service) and waits up to 30 s for its
 /// `parley: ready` line; returns the child and every line it printed up
-/// to then (the addresses it listens on). A child that does not get ready
-/// is killed and the test fails.
+/// to then (the addresses it listens on). A child that exits first, or
+/// does not get ready in time (then killed), fails the test with what it
+/// printed on stdout and stderr.
 pub fn start_until_ready(exe: &str, args: &[&str]) -> (std::process::Child, Vec<String>) {
     let mut child = Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {exe}: {e}"));
     let rx = lines(child.stdout.take().expect("piped stdout"));
+    // Its errors, kept for the report should it not get ready (and
+    // drained, so a chatty process never blocks on a full pipe).
+    let errors = lines(child.stderr.take().expect("piped stderr"));
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut printed = Vec::new();
+    let mut exited = None;
     while Instant::now() < deadline {
         let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+            exited = child.try_wait().ok().flatten();
+            if exited.is_some() {
+                break;
+            }
             continue;
         };
         if line == "parley: ready" {
+            // Drained from now on, unread.
+            std::thread::spawn(move || errors.into_iter().for_each(drop));
             return (child, printed);
         }
         printed.push(line);
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("{exe} {args:?} did not report ready within 30 s; it printed {printed:?}");
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let status = child.wait();
+    let stderr: Vec<String> = errors.try_iter().collect();
+    panic!(
+        "{exe} {args:?} did not report ready ({}); it printed {printed:?} and on stderr {stderr:?}",
+        match exited {
+            Some(s) => format!("it exited: {s}"),
+            None => format!("not within 30 s; {status:?}"),
+        }
+    );
+}
+
+/// A port on `ip` free for both TCP and UDP a moment ago, outside the
+/// range the system picks ephemeral ports from (Linux: 32768–60999), so a
+/// client's outgoing socket never takes it while a server that listens
+/// there restarts.
+pub fn stable_port(ip: std::net::IpAddr) -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0)
+        ^ (u64::from(std::process::id()) << 20);
+    for _ in 0..500 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let x = (seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)) >> 7) % 12_000;
+        let port = 20_000 + x as u16;
+        let addr = std::net::SocketAddr::new(ip, port);
+        let tcp = std::net::TcpListener::bind(addr);
+        let udp = std::net::UdpSocket::bind(addr);
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for TCP and UDP on {ip} in 20000–31999");
 }
 
 /// DER bytes as a PEM block with `label` (`CERTIFICATE`, `PRIVATE KEY`…).

@@ -136,7 +136,12 @@ fn launch_at(
     args: &[&str],
 ) -> Up {
     let any = SocketAddr::new(ip, 0).to_string();
-    let at = |i: usize| fixed.map_or_else(|| any.clone(), |a| a[i].to_string());
+    // The services' ports stay the same across a restart, so they are
+    // taken outside the ephemeral range: a client reconnecting meanwhile
+    // cannot be holding one.
+    let fixed =
+        fixed.unwrap_or_else(|| [0; 5].map(|_| SocketAddr::new(ip, crate::tool::stable_port(ip))));
+    let at = |i: usize| fixed[i].to_string();
     let (mut turn, ids, courier, mut sip, sip_tls) = (at(0), at(1), at(2), at(3), at(4));
     if let Some(ip) = public {
         turn = SocketAddr::new(ip, 0).to_string();
