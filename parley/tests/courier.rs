@@ -11,7 +11,7 @@ use push_courier::provider::Http2;
 use wire::push::NotificationId;
 
 mod support;
-use support::{device_creds, provider_config, roots, unix_now, TOPIC};
+use support::{device_creds, platform_answer, provider_config, roots, unix_now, TOPIC};
 
 const BIN: &str = env!("CARGO_BIN_EXE_parley");
 
@@ -192,15 +192,8 @@ async fn a_wake_up_owed_when_the_courier_is_killed_goes_out_after_restart() {
         token: apple_tokens[0].1.to_hex(),
         seal_to: None,
     };
-    let request = dev.register_platform(alert).await.unwrap();
-    match dev.next_within(Duration::from_secs(5)).await {
-        Ok(ClientEvent::Platform {
-            request: r, status, ..
-        }) if r == request => {
-            assert_eq!(status, wire::push::PlatformStatus::Ok)
-        }
-        other => panic!("no answer to the platform token: {other:?}"),
-    }
+    let (status, why) = platform_answer(&mut dev, alert).await;
+    assert_eq!(status, wire::push::PlatformStatus::Ok, "{why}");
     drop(dev);
     tokio::time::sleep(Duration::from_millis(200)).await;
 

@@ -17,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wire::device_list::{DeviceEntry, DeviceList, DirectoryValue};
 use wire::{DeviceId, SigningKey};
 
+mod support;
+
 const BIN: &str = env!("CARGO_BIN_EXE_parley");
 const BOB: &str = "+14155550123";
 const ALICE: &str = "+14155550100";
@@ -372,15 +374,7 @@ async fn registers_platform(
     let (mut link, _) = DeviceClient::connect(up.courier, Transport::Tls, creds, &[TOPIC], 0)
         .await
         .unwrap();
-    let request = link.register_platform(token).await.unwrap();
-    match link.next_within(Duration::from_secs(5)).await {
-        Ok(ClientEvent::Platform {
-            request: r,
-            status,
-            text,
-        }) if r == request => (status, text),
-        other => panic!("no answer to the platform token: {other:?}"),
-    }
+    support::platform_answer(&mut link, token).await
 }
 
 /// The bundle id an app's platform tokens name (its VoIP topic without

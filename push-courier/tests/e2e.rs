@@ -1398,20 +1398,6 @@ async fn a_device_leaves_a_courier_that_went_silent() {
     relaying.abort();
 }
 
-/// The courier's answer to a platform token the device sends over `dev`.
-async fn platform_answer(
-    dev: &mut DeviceClient,
-    token: wire::push::PlatformToken,
-) -> wire::push::PlatformStatus {
-    let request = dev.register_platform(token).await.unwrap();
-    match dev.next_within(WAIT).await.unwrap() {
-        ClientEvent::Platform {
-            request: r, status, ..
-        } if r == request => status,
-        other => panic!("expected the platform answer, got {other:?}"),
-    }
-}
-
 /// A device's platform tokens over its link: kept, replaced when the
 /// platform rotates them, withdrawn; another device's token, a malformed
 /// one and one for a platform without credentials are refused.

@@ -292,13 +292,10 @@ async fn owed_wake_ups_are_retried_past_429_and_dead_tokens_dropped() {
             token: apple_tokens[0].1.to_hex(),
             seal_to: None,
         };
-        let request = dev.register_platform(token).await.unwrap();
-        match dev.next_within(Duration::from_secs(5)).await.unwrap() {
-            client_sdk::courier::ClientEvent::Platform {
-                request: r, status, ..
-            } if r == request => assert_eq!(status, wire::push::PlatformStatus::Ok),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(
+            platform_answer(&mut dev, token).await,
+            wire::push::PlatformStatus::Ok
+        );
         drop(dev);
         phones.push((phone, apple_tokens[0].1));
         courier_tokens.push(tokens[0].1);
@@ -387,13 +384,10 @@ async fn a_device_back_on_its_link_is_owed_no_wake_up() {
         token: "busy".into(),
         seal_to: None,
     };
-    let request = dev.register_platform(token).await.unwrap();
-    match dev.next_within(Duration::from_secs(5)).await.unwrap() {
-        client_sdk::courier::ClientEvent::Platform {
-            request: r, status, ..
-        } if r == request => assert_eq!(status, wire::push::PlatformStatus::Ok),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        platform_answer(&mut dev, token).await,
+        wire::push::PlatformStatus::Ok
+    );
     drop(dev);
     tokio::time::sleep(Duration::from_millis(300)).await;
 

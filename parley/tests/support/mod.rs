@@ -72,3 +72,20 @@ pub fn roots(data: &Path) -> rustls::RootCertStore {
     }
     r
 }
+
+/// The courier's answer to a platform token the device sends over `dev`
+/// (within 5 s), and its text.
+pub async fn platform_answer(
+    dev: &mut client_sdk::courier::DeviceClient,
+    token: wire::push::PlatformToken,
+) -> (wire::push::PlatformStatus, String) {
+    let request = dev.register_platform(token).await.unwrap();
+    match dev.next_within(std::time::Duration::from_secs(5)).await {
+        Ok(client_sdk::courier::ClientEvent::Platform {
+            request: r,
+            status,
+            text,
+        }) if r == request => (status, text),
+        other => panic!("no answer to the platform token: {other:?}"),
+    }
+}

@@ -405,3 +405,18 @@ impl Curl {
         })
     }
 }
+
+/// The courier's answer to a platform token the device sends over `dev`
+/// (within 5 s).
+pub async fn platform_answer(
+    dev: &mut DeviceClient,
+    token: wire::push::PlatformToken,
+) -> wire::push::PlatformStatus {
+    let request = dev.register_platform(token).await.unwrap();
+    match dev.next_within(Duration::from_secs(5)).await.unwrap() {
+        client_sdk::courier::ClientEvent::Platform {
+            request: r, status, ..
+        } if r == request => status,
+        other => panic!("expected the platform answer, got {other:?}"),
+    }
+}
