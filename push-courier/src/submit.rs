@@ -185,42 +185,42 @@ pub async fn submit(nats: &async_nats::Client, req: &PushRequest) -> Result<(), 
 /// This node's part: takes submissions and wake-ups from the queue group
 /// until the subscriptions end.
 pub(crate) async fn serve(courier: Arc<Courier>, nats: async_nats::Client) {
-    tokio::spawn(serve_wakes(courier.clone(), nats.clone()));
-    serve_pushes(courier, nats).await
+    let c = courier.clone();
+    tokio::spawn(respond(
+        nats.clone(),
+        WAKE_SUBJECT,
+        "wake-ups from signaling",
+        move |body| take_wake(c.clone(), body),
+    ));
+    respond(nats, SUBJECT, "pushes from other services", move |body| {
+        take_push(courier.clone(), body)
+    })
+    .await
 }
 
-async fn serve_wakes(courier: Arc<Courier>, nats: async_nats::Client) {
-    let mut sub = match nats.queue_subscribe(WAKE_SUBJECT, GROUP.into()).await {
+/// Answers each request on `subject` in the couriers' queue group, in a
+/// task of its own, with what `answer` makes of its body.
+async fn respond<A, F, Fut>(
+    nats: async_nats::Client,
+    subject: &'static str,
+    what: &'static str,
+    answer: F,
+) where
+    A: Serialize + Send,
+    F: Fn(bytes::Bytes) -> Fut,
+    Fut: std::future::Future<Output = A> + Send + 'static,
+{
+    let mut sub = match nats.queue_subscribe(subject, GROUP.into()).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(error = %e, "cannot take wake-ups from signaling");
+            tracing::error!(error = %e, "cannot take {what}");
             return;
         }
     };
     while let Some(m) = sub.next().await {
-        let (courier, nats) = (courier.clone(), nats.clone());
+        let (nats, answer) = (nats.clone(), answer(m.payload));
         tokio::spawn(async move {
-            let msg = serde_json::from_slice::<PlatformWake>(&m.payload).ok();
-            let parsed = msg.and_then(|w| {
-                Some((
-                    w.device.parse::<DeviceId>().ok()?,
-                    Platform::parse(&w.platform)?,
-                    w.token,
-                    w.expires,
-                ))
-            });
-            let answer = match parsed {
-                None => WakeAnswer::Refused("malformed wake-up".into()),
-                Some((device, platform, token, expires)) => {
-                    match courier
-                        .wake_platform(device, platform, &token, expires)
-                        .await
-                    {
-                        Ok(w) => WakeAnswer::Woken(woken_name(w).into()),
-                        Err(e) => WakeAnswer::Refused(e.to_string()),
-                    }
-                }
-            };
+            let answer = answer.await;
             if let Some(to) = m.reply {
                 let body = serde_json::to_vec(&answer).unwrap_or_default();
                 let _ = nats.publish(to, body.into()).await;
@@ -229,36 +229,43 @@ async fn serve_wakes(courier: Arc<Courier>, nats: async_nats::Client) {
     }
 }
 
-async fn serve_pushes(courier: Arc<Courier>, nats: async_nats::Client) {
-    let mut sub = match nats.queue_subscribe(SUBJECT, GROUP.into()).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot take pushes from other services");
-            return;
-        }
-    };
-    while let Some(m) = sub.next().await {
-        let (courier, nats) = (courier.clone(), nats.clone());
-        tokio::spawn(async move {
-            let answer = match serde_json::from_slice::<Submission>(&m.payload)
-                .ok()
-                .and_then(Submission::request)
-            {
-                None => Answer::Refused("malformed push".into()),
-                Some(req) => match courier.push(req).await {
-                    Ok(_) => Answer::Accepted,
-                    Err(
-                        e @ (crate::courier::PushError::UnknownToken
-                        | crate::courier::PushError::Unregistered { .. }),
-                    ) => Answer::Gone(e.to_string()),
-                    Err(e) => Answer::Refused(e.to_string()),
-                },
-            };
-            if let Some(to) = m.reply {
-                let body = serde_json::to_vec(&answer).unwrap_or_default();
-                let _ = nats.publish(to, body.into()).await;
-            }
+async fn take_wake(courier: Arc<Courier>, body: bytes::Bytes) -> WakeAnswer {
+    let parsed = serde_json::from_slice::<PlatformWake>(&body)
+        .ok()
+        .and_then(|w| {
+            Some((
+                w.device.parse::<DeviceId>().ok()?,
+                Platform::parse(&w.platform)?,
+                w.token,
+                w.expires,
+            ))
         });
+    let Some((device, platform, token, expires)) = parsed else {
+        return WakeAnswer::Refused("malformed wake-up".into());
+    };
+    match courier
+        .wake_platform(device, platform, &token, expires)
+        .await
+    {
+        Ok(w) => WakeAnswer::Woken(woken_name(w).into()),
+        Err(e) => WakeAnswer::Refused(e.to_string()),
+    }
+}
+
+async fn take_push(courier: Arc<Courier>, body: bytes::Bytes) -> Answer {
+    let Some(req) = serde_json::from_slice::<Submission>(&body)
+        .ok()
+        .and_then(Submission::request)
+    else {
+        return Answer::Refused("malformed push".into());
+    };
+    match courier.push(req).await {
+        Ok(_) => Answer::Accepted,
+        Err(
+            e @ (crate::courier::PushError::UnknownToken
+            | crate::courier::PushError::Unregistered { .. }),
+        ) => Answer::Gone(e.to_string()),
+        Err(e) => Answer::Refused(e.to_string()),
     }
 }
 
