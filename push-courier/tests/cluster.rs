@@ -220,3 +220,65 @@ async fn a_hello_waits_for_a_shard_between_owners() {
     let n = next_note(&mut dev).await;
     assert_eq!(n.id, id);
 }
+
+/// Signaling on another machine wakes a sleeping device through its FCM
+/// token over NATS (`parley.courier.wake`): the wake-up reaches FCM for
+/// the device that registered the token, and a request naming another
+/// device with the same token is refused and reaches nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_over_nats_goes_only_through_the_devices_own_token() {
+    use wire::push::{Platform, PlatformStatus, PlatformToken};
+    let (google, fcm) = fcm(3600).await;
+    let nats = tokio::task::spawn_blocking(|| parley_tests::nats::Nats::start("courier-wake"))
+        .await
+        .unwrap();
+    let env = Env::start_postgres("courier-wake", |c| {
+        let mut cluster = ClusterConfig::new("n0", vec![nats.url()]);
+        cluster.lease = Duration::from_secs(4);
+        c.cluster = Some(cluster);
+        c.platforms.fcm = Some(std::sync::Arc::new(fcm));
+    })
+    .await;
+    let (device, creds) = env.device();
+    let (mut dev, _) = env.connect(&creds, Transport::Tls, &[TOPIC]).await;
+    let token = PlatformToken {
+        platform: Platform::Fcm,
+        calls: true,
+        others: true,
+        sandbox: false,
+        topic: "parley-test".into(),
+        token: "pixel-7".into(),
+        seal_to: None,
+    };
+    assert_eq!(platform_answer(&mut dev, token).await, PlatformStatus::Ok);
+    drop(dev);
+
+    let signaling = async_nats::connect(nats.url()).await.unwrap();
+    let expires = unix_now() + 30;
+    // The queue group is joined in the background: ask until a node takes it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let woken = loop {
+        match push_courier::submit::wake(&signaling, device, Platform::Fcm, "pixel-7", expires)
+            .await
+        {
+            Err(push_courier::submit::SubmitError::Unreachable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => break other,
+        }
+    };
+    assert_eq!(woken.unwrap(), push_courier::courier::Woken::Accepted);
+    assert_eq!(google.sent().len(), 1);
+    assert_eq!(google.sent()[0]["message"]["data"]["type"], "call");
+
+    // A stranger's device naming the same token.
+    let stranger = wire::DeviceId::random();
+    let refused =
+        push_courier::submit::wake(&signaling, stranger, Platform::Fcm, "pixel-7", expires).await;
+    assert!(
+        matches!(refused, Err(push_courier::submit::SubmitError::Refused(_))),
+        "{refused:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(google.sent().len(), 1, "the stranger's wake-up reached FCM");
+}

@@ -144,26 +144,6 @@ async fn an_unreachable_apns_is_retried_and_a_later_one_reached() {
 
 // ------------------------------------------------------------------ FCM
 
-use parley_tests::fcm::FakeFcm;
-
-async fn fcm(expires_in: i64) -> (FakeFcm, push_courier::upstream::fcm::FcmClient) {
-    let fake = FakeFcm::start(expires_in).await;
-    let account = push_courier::upstream::fcm::ServiceAccount::from_json(
-        fake.service_account_json().as_bytes(),
-    )
-    .unwrap();
-    let client =
-        push_courier::upstream::fcm::FcmClient::new(push_courier::upstream::fcm::FcmConfig {
-            account,
-            api: fake.addr,
-            api_name: "localhost".into(),
-            token: fake.addr,
-            token_name: "localhost".into(),
-            roots: fake.roots.clone(),
-        });
-    (fake, client)
-}
-
 fn data_push(token: &str) -> push_courier::upstream::fcm::FcmPush {
     push_courier::upstream::fcm::FcmPush {
         token: token.into(),

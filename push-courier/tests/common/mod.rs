@@ -420,3 +420,28 @@ pub async fn platform_answer(
         other => panic!("expected the platform answer, got {other:?}"),
     }
 }
+
+/// A local FCM stand-in whose access tokens live `expires_in` seconds,
+/// and an FCM client pointed at it.
+pub async fn fcm(
+    expires_in: i64,
+) -> (
+    parley_tests::fcm::FakeFcm,
+    push_courier::upstream::fcm::FcmClient,
+) {
+    let fake = parley_tests::fcm::FakeFcm::start(expires_in).await;
+    let account = push_courier::upstream::fcm::ServiceAccount::from_json(
+        fake.service_account_json().as_bytes(),
+    )
+    .unwrap();
+    let client =
+        push_courier::upstream::fcm::FcmClient::new(push_courier::upstream::fcm::FcmConfig {
+            account,
+            api: fake.addr,
+            api_name: "localhost".into(),
+            token: fake.addr,
+            token_name: "localhost".into(),
+            roots: fake.roots.clone(),
+        });
+    (fake, client)
+}
