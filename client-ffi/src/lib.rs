@@ -122,6 +122,9 @@ pub enum PhoneEvent {
     AccountKeyRotated {
         account_key: Vec<u8>,
     },
+    /// This device was removed from its account (its certificate is
+    /// revoked): it no longer connects; forget its credentials.
+    Revoked,
     /// Anything else, described.
     Other {
         description: String,
@@ -184,6 +187,7 @@ fn phone_event(e: DeviceEvent) -> Option<PhoneEvent> {
                 description: format!("{moved:?}"),
             },
         },
+        DeviceEvent::Revoked => PhoneEvent::Revoked,
         DeviceEvent::AccountKeyRotated(key) => PhoneEvent::AccountKeyRotated {
             account_key: key.pkcs8().to_vec(),
         },

@@ -315,6 +315,10 @@ pub enum DeviceEvent {
     },
     /// The courier link is back after a loss.
     CourierConnected,
+    /// This device was removed from its account: the courier closed its
+    /// link because its certificate is revoked. It does not reconnect; the
+    /// app should forget the device's credentials.
+    Revoked,
     /// `ids` pushed news of this device's account: `device_added`,
     /// `device_removed` (with the device) or `account_reset`. A prompt
     /// hint, not proof: the own-history audit ([`DeviceConfig::audit`])
@@ -664,6 +668,11 @@ impl Task {
                                 let _ = c.ack(&[n.id]).await;
                             }
                             self.on_push(&n.payload).await;
+                        }
+                        Some(ClientEvent::Closed(Some((CloseReason::Revoked, _)))) => {
+                            if self.courier.take().is_some() {
+                                self.event(DeviceEvent::Revoked).await;
+                            }
                         }
                         Some(ClientEvent::Closed(reason)) => {
                             let replaced = matches!(reason, Some((CloseReason::Replaced, _)));

@@ -787,6 +787,9 @@ pub fn describe(e: &DeviceEvent) -> String {
             "push link taken over by another connection of this device".into()
         }
         DeviceEvent::CourierConnected => "push link back".into(),
+        DeviceEvent::Revoked => {
+            "this device was removed from its account: its certificate is revoked".into()
+        }
         DeviceEvent::AccountChanged { kind, device } => {
             let what = match kind.as_str() {
                 "device_added" => "a device was added",
@@ -1039,7 +1042,7 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
                 }
                 continue;
             }
-            DeviceEvent::CourierLost { retry_in: None } => {
+            DeviceEvent::CourierLost { retry_in: None } | DeviceEvent::Revoked => {
                 bail!("{}", describe(&ev));
             }
             DeviceEvent::AccountKeyRotated(key) => {
