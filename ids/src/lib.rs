@@ -21,4 +21,6 @@ pub mod store;
 mod vrf;
 
 pub use error::Error;
-pub use service::{AccountEvent, AccountNotifier, Config, Ids, Lists, Submitted, TurnConfig};
+pub use service::{
+    AccountEvent, AccountNotifier, Config, Ids, Lists, Revoked, Submitted, TurnConfig,
+};

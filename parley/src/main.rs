@@ -7,6 +7,7 @@ mod config;
 mod data;
 mod demo;
 mod loadsim;
+mod revocations;
 #[cfg(feature = "sound-card")]
 mod sound;
 mod stack;
@@ -587,6 +588,12 @@ async fn serve(
                 .chain(ids_server.iter().map(|i| {
                     Arc::new(admin::IdsMetrics(i.ids.clone())) as Arc<dyn admin::MetricsSource>
                 }))
+                .chain(
+                    (ids_server.is_some()
+                        || courier_server.is_some()
+                        || signaling_server.is_some())
+                    .then(|| Arc::new(stack.revocations.clone()) as Arc<dyn admin::MetricsSource>),
+                )
                 .collect(),
         ),
         probes: Arc::new(

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use stun_turn::runtime::Relay;
 
-use crate::{admin, config, data, tls, wiring, Services};
+use crate::{admin, config, data, revocations, tls, wiring, Services};
 
 /// The relay's addresses as `turn:`/`turns:` URIs for devices; an
 /// unspecified address becomes loopback (set `ids.turn_uris` for
@@ -289,64 +289,6 @@ async fn connect_nats(cluster: &config::ClusterSection) -> Result<async_nats::Cl
         .with_context(|| format!("cannot reach NATS (cluster.nats {urls:?})"))
 }
 
-/// In `parley up`, device certificates revoked in the identity service
-/// close their courier links and are refused from then on.
-async fn sync_revocations(ids: Arc<ids::Ids>, courier: Arc<push_courier::courier::Courier>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-    loop {
-        tick.tick().await;
-        match ids.store.revoked().await {
-            Ok(list) => courier.set_revoked_serials(
-                list.iter()
-                    .filter_map(|(serial, _)| wire::keys::unhex(serial))
-                    .map(|s| push_courier::device::normalize_serial(&s))
-                    .collect(),
-            ),
-            Err(e) => tracing::warn!(error = %e, "cannot read revoked device certificates"),
-        }
-    }
-}
-
-/// Devices revoked in the identity service lose their SIP bindings within
-/// 5 s and can no longer register or call.
-async fn sync_signaling_revocations(
-    ids: ids::store::Store,
-    signaling: Arc<signaling::runtime::Server>,
-) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-    loop {
-        tick.tick().await;
-        match ids.revoked_devices().await {
-            Ok(list) => {
-                signaling
-                    .set_revoked_devices(list.into_iter().collect())
-                    .await
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot read revoked devices"),
-        }
-    }
-}
-
-/// A standalone courier re-reads the operator's copy of the ids revocation
-/// list every 30 s.
-async fn sync_crl_file(path: PathBuf, courier: Arc<push_courier::courier::Courier>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
-    loop {
-        tick.tick().await;
-        let read = std::fs::read(&path)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .and_then(|b| {
-                push_courier::device::crl_serials(&b).map_err(|e| anyhow::anyhow!("{e}"))
-            });
-        match read {
-            Ok(serials) => courier.set_revoked_serials(serials),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read courier.device_crl; keeping the previous list")
-            }
-        }
-    }
-}
-
 pub(crate) fn tls_files(turn: &config::TurnSection, data: &data::DataDir) -> (PathBuf, PathBuf) {
     data.server_files(&turn.cert, &turn.key)
 }
@@ -361,6 +303,8 @@ pub(crate) struct Stack {
     /// cluster, signaling's shared bindings and the NATS link of a
     /// stand-alone service.
     pub(crate) probes: Vec<Arc<dyn admin::ReadyProbe>>,
+    /// Revocations heard, for `/metrics`.
+    pub(crate) revocations: revocations::Feed,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -396,24 +340,14 @@ impl Stack {
             }
             false => None,
         };
-        if let (Some(path), Some(c)) = (&settings.courier.device_crl, &courier_server) {
-            // Loaded once before serving, so a bad path stops start-up.
-            let b = std::fs::read(path)
-                .with_context(|| format!("courier.device_crl: cannot read {}", path.display()))?;
-            let serials = push_courier::device::crl_serials(&b)
-                .with_context(|| format!("courier.device_crl: {}", path.display()))?;
-            c.courier.set_revoked_serials(serials);
-        }
         let mut tasks = Vec::new();
-        match (&settings.courier.device_crl, &ids_server, &courier_server) {
-            (Some(path), _, Some(c)) => {
-                tasks.push(tokio::spawn(sync_crl_file(path.clone(), c.courier.clone())))
-            }
-            (None, Some(i), Some(c)) => tasks.push(tokio::spawn(sync_revocations(
-                i.ids.clone(),
+        if let (Some(path), Some(c)) = (&settings.courier.device_crl, &courier_server) {
+            // Read once before serving, so a bad path stops start-up.
+            c.courier.revoke_serials(revocations::read_crl(path)?);
+            tasks.push(tokio::spawn(revocations::catch_up_from_file(
+                path.clone(),
                 c.courier.clone(),
-            ))),
-            _ => {}
+            )));
         }
         // A stand-alone service of a cluster reaches the courier nodes over
         // NATS, and signaling reads the directory from ids' store.
@@ -424,13 +358,23 @@ impl Stack {
             ),
             None => None,
         };
-        if let (Some(i), Some(link)) = (&ids_server, &courier_link) {
-            i.ids
-                .set_notifier(Arc::new(wiring::CourierAccountNotifier(link.clone())));
+        // Every node of a cluster hears the revocations any ids node makes.
+        let bus = match (&courier_link, settings.cluster.enabled()) {
+            (Some(wiring::CourierLink::Cluster(nats)), _) => Some(nats.clone()),
+            (_, true) => Some(connect_nats(&settings.cluster).await?),
+            (_, false) => None,
+        };
+        let feed = revocations::Feed::new(bus);
+        tasks.extend(feed.listen().await?);
+        if let Some(i) = &ids_server {
+            i.ids.set_notifier(Arc::new(wiring::IdsNotifier {
+                courier: courier_link.clone(),
+                revocations: feed.clone(),
+            }));
         }
         let ids_store = match (&ids_server, &settings.ids.database) {
             (Some(i), _) => Some(i.ids.store.clone()),
-            (None, Some(url)) if services.signaling => Some(
+            (None, Some(url)) if services.signaling || services.courier => Some(
                 ids::store::Store::open(url)
                     .await
                     .with_context(|| "cannot open the identity service's store (ids.database)")?,
@@ -484,8 +428,27 @@ impl Stack {
             }
             false => None,
         };
-        if let (Some(store), Some(s)) = (ids_store, &signaling_server) {
-            tasks.push(tokio::spawn(sync_signaling_revocations(store, s.clone())));
+        let courier = courier_server.as_ref().map(|c| c.courier.clone());
+        tasks.push(feed.apply(revocations::Targets {
+            courier: courier.clone(),
+            signaling: signaling_server.clone(),
+            ids: ids_server.as_ref().map(|i| i.ids.clone()),
+        }));
+        // The courier reads the operator's CRL file instead, if named.
+        let courier = courier.filter(|_| settings.courier.device_crl.is_none());
+        match ids_store {
+            Some(store) if courier.is_some() || signaling_server.is_some() => {
+                tasks.push(tokio::spawn(revocations::catch_up_from_store(
+                    store,
+                    courier,
+                    signaling_server.clone(),
+                )))
+            }
+            None if courier.is_some() => tracing::warn!(
+                "neither ids.database nor courier.device_crl: the courier refuses only the \
+                 certificates revoked while it runs"
+            ),
+            _ => {}
         }
         Ok(Stack {
             relay,
@@ -493,6 +456,7 @@ impl Stack {
             courier: courier_server,
             signaling: signaling_server,
             probes,
+            revocations: feed,
             tasks,
         })
     }

@@ -215,14 +215,25 @@ impl signaling::runtime::Waker for CourierWaker {
 
 /// The identity service tells an account's devices of a change (a device
 /// added or removed, an account reset) by a background push on their
-/// [`wire::push::ACCOUNT_TOPIC`] tokens.
-pub struct CourierAccountNotifier(pub CourierLink);
+/// [`wire::push::ACCOUNT_TOPIC`] tokens, and revokes the certificates of
+/// devices it removes everywhere at once.
+pub struct IdsNotifier {
+    pub courier: Option<CourierLink>,
+    pub revocations: crate::revocations::Feed,
+}
 
 /// A device that stays offline longer than this reads the event stream.
 const ACCOUNT_EVENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
-impl ids::AccountNotifier for CourierAccountNotifier {
+impl ids::AccountNotifier for IdsNotifier {
+    fn revoked(&self, devices: Vec<ids::Revoked>) {
+        self.revocations.publish(devices);
+    }
+
     fn notify(&self, tokens: Vec<(DeviceId, String)>, event: ids::AccountEvent) {
+        let Some(courier) = &self.courier else {
+            return;
+        };
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -259,7 +270,7 @@ impl ids::AccountNotifier for CourierAccountNotifier {
                 for_device: Some(device),
                 operator_granted: false,
             };
-            self.0.spawn_push(req, "account change push refused", None);
+            courier.spawn_push(req, "account change push refused", None);
         }
     }
 }

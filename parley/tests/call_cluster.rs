@@ -10,6 +10,8 @@
 //! - Bob's device sleeps with its push link at node b and registers at
 //!   node c; Alice calls at node a: the VoIP push wakes Bob's device, it
 //!   registers at c, the waiting call rings it there, and it answers.
+//! - A device removed through node a's ids is cut off at node b at once:
+//!   the revocation travels over NATS.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -20,7 +22,7 @@ use parley_tests::up::{start_node, Up};
 
 mod support;
 use support::clients::{
-    activate, client, client_sip_at, finish, heard, spawn, tone_wav, wait_line,
+    activate, client, client_sip_at, finish, heard, link_device, run, spawn, tone_wav, wait_line,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_parley");
@@ -334,6 +336,52 @@ fn metric(node: &Up, name: &str) -> Option<f64> {
     let (_, body) = parley_tests::tool::http_get(node.admin, "/metrics");
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Bob removes his tablet through node a while the tablet listens through
+/// node b: node b hears the revocation over NATS (its metric counts it;
+/// the nodes read the whole list only every 30 s) and closes the
+/// tablet's push link, and the tablet stops, saying it was removed.
+#[test]
+fn a_device_removed_at_one_node_is_cut_off_at_another_at_once() {
+    let cl = Cluster::start("revoke-cluster", 2);
+    let (a, b, data) = (&cl.nodes[0], &cl.nodes[1], cl.data.clone());
+    let (laptop, tablet) = (cl.path("laptop"), cl.path("tablet"));
+    activate(a, &data, &laptop, BOB);
+    let (tablet_id, _) = link_device(a, &data, &laptop, &tablet, BOB, "tablet");
+    let heard = |node: &Up| metric(node, "parley_revocations_heard_total{via=\"nats\"}");
+    assert_eq!(heard(b), Some(0.0));
+
+    let mut c = client(b, &data, &tablet);
+    c.arg("listen");
+    let (listen, out) = spawn(c);
+    let mut seen = Vec::new();
+    wait_line(&out, "listening as", &mut seen);
+    let mut c = client(a, &data, &laptop);
+    c.args(["remove", &tablet_id]);
+    run(c, Duration::from_secs(30), "remove");
+    let removed = std::time::Instant::now();
+    wait_line(&out, "removed from its account", &mut seen);
+    let took = removed.elapsed();
+    assert_eq!(heard(b), Some(1.0));
+    assert!(!listen_succeeded(listen), "{}", seen.join("\n"));
+    eprintln!("the tablet was cut off at node b {took:?} after the removal");
+}
+
+/// Whether a finished (or finishing) client exited 0.
+fn listen_succeeded(mut child: Child) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.success();
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the removed device's client did not stop");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `kill -9` of the node publishing the key directory: the other takes the

@@ -7,12 +7,12 @@
 //! directory) and each side hears the other.
 
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 mod support;
 use support::clients::{
-    activate, client, client_via, finish, heard, run, spawn, tone_wav, wait_line,
+    activate, client, client_via, finish, heard, link_device, run, spawn, tone_wav, wait_line,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_parley");
@@ -68,7 +68,7 @@ fn two_desktop_clients_call_each_other_through_parley_up() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a device"));
 
     // Bob's phone joins his account with a link code his laptop approves.
-    let (_, approved) = link_device(&up, &data, &bob, &bob2, "phone");
+    let (_, approved) = link_device(&up, &data, &bob, &bob2, BOB, "phone");
     assert!(approved.contains("2 devices"), "{approved}");
 
     // Bob's laptop takes one call, speaking 660 Hz; Alice speaks 440 Hz
@@ -132,60 +132,6 @@ fn a_listening_client_rides_out_a_restart_of_the_services() {
     finish(listen, limit, "listen");
 }
 
-/// Joins a new device to `approver`'s account (as `approve` and `activate
-/// --link` do, in two processes); returns the new device's id and the
-/// approver's last line.
-fn link_device(
-    up: &parley_tests::up::Up,
-    data: &Path,
-    approver: &Path,
-    state: &Path,
-    name: &str,
-) -> (String, String) {
-    use std::io::Write;
-    let limit = Duration::from_secs(60);
-    let mut c = client(up, data, approver);
-    c.args(["approve", "--wait", "60"]).stdin(Stdio::piped());
-    let (mut approve, rx) = spawn(c);
-    let mut seen = Vec::new();
-    let code = wait_line(&rx, "link code: ", &mut seen)
-        .split("link code: ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .to_string();
-    let mut join = client(up, data, state);
-    join.args(["activate", "--handle", BOB, "--name", name, "--link", &code]);
-    let (join, join_rx) = spawn(join);
-    // The person reads the new device's fingerprint and types it on the
-    // approving one.
-    let mut join_seen = Vec::new();
-    let fingerprint = wait_line(&join_rx, "link fingerprint: ", &mut join_seen)
-        .split("link fingerprint: ")
-        .nth(1)
-        .unwrap()
-        .split(" (")
-        .next()
-        .unwrap()
-        .to_string();
-    writeln!(approve.stdin.take().unwrap(), "{fingerprint}").unwrap();
-    finish(join, limit, "activate --link");
-    // Its remaining lines (the readers end with the process).
-    while let Ok(l) = join_rx.recv_timeout(Duration::from_secs(5)) {
-        join_seen.push(l);
-    }
-    finish(approve, limit, "approve");
-    let approved = wait_line(&rx, "approved", &mut seen);
-    let out = join_seen.join("\n");
-    let id = out
-        .split("as device ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no device id in {out}"))
-        .to_string();
-    (id, approved)
-}
-
 #[test]
 fn a_listening_client_warns_of_a_device_another_one_approved() {
     let (dir, data, up) = stack();
@@ -195,7 +141,7 @@ fn a_listening_client_warns_of_a_device_another_one_approved() {
         dir.path().join("tablet"),
     );
     activate(&up, &data, &laptop, BOB);
-    link_device(&up, &data, &laptop, &phone, "phone");
+    link_device(&up, &data, &laptop, &phone, BOB, "phone");
 
     // The laptop knows itself and the phone; it checks its history every
     // second while it listens.
@@ -216,7 +162,7 @@ fn a_listening_client_warns_of_a_device_another_one_approved() {
     );
     // The phone approves a tablet: the laptop tells its user, first from
     // ids' push through the courier, then from its own audit.
-    let (tablet_id, _) = link_device(&up, &data, &phone, &tablet, "tablet");
+    let (tablet_id, _) = link_device(&up, &data, &phone, &tablet, BOB, "tablet");
     let news = wait_line(&rx, "pushed by ids", &mut seen);
     assert!(
         news.contains(&format!("a device was added: {tablet_id}")),
@@ -443,7 +389,7 @@ fn a_client_moves_to_another_courier_when_its_courier_dies() {
         dir.path().join("tablet"),
     );
     activate(&up, &data, &laptop, BOB);
-    link_device(&up, &data, &laptop, &phone, "phone");
+    link_device(&up, &data, &laptop, &phone, BOB, "phone");
 
     // The laptop's push link goes to the second courier first.
     let couriers = format!("{},{}", second.device, up.courier);
@@ -458,7 +404,7 @@ fn a_client_moves_to_another_courier_when_its_courier_dies() {
     // The phone approves a tablet: ids pushes the news through `parley
     // up`'s courier, which now holds the laptop's link (with the tokens
     // the other courier gave it).
-    let (tablet_id, _) = link_device(&up, &data, &phone, &tablet, "tablet");
+    let (tablet_id, _) = link_device(&up, &data, &phone, &tablet, BOB, "tablet");
     let news = wait_line(&rx, "pushed by ids", &mut seen);
     assert!(
         news.contains(&format!("a device was added: {tablet_id}")),

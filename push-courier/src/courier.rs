@@ -1256,19 +1256,28 @@ impl Courier {
         self.cluster.get()
     }
 
-    /// Replaces the set of revoked certificate serials; connected devices
-    /// holding one are closed.
-    pub fn set_revoked_serials(&self, serials: HashSet<Vec<u8>>) {
+    /// Adds revoked certificate serials (normalized); connected devices
+    /// holding one are closed. A revocation is never taken back, so lists
+    /// and notices from several sources only add: one read before a
+    /// notice cannot undo it.
+    pub fn revoke_serials(&self, serials: impl IntoIterator<Item = Vec<u8>>) {
         let mut inner = self.lock();
+        let fresh: HashSet<Vec<u8>> = serials
+            .into_iter()
+            .filter(|s| !inner.revoked_serials.contains(s))
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
         for o in inner.online.values() {
-            if serials.contains(&o.serial) {
+            if fresh.contains(&o.serial) {
                 let _ = o.tx.try_send(ConnCommand::Close(
                     CloseReason::Revoked,
                     "certificate revoked",
                 ));
             }
         }
-        inner.revoked_serials = serials;
+        inner.revoked_serials.extend(fresh);
     }
 
     /// Closes every device connection (shutdown).

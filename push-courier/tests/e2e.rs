@@ -1038,7 +1038,7 @@ async fn a_revoked_device_certificate_is_closed_and_refused() {
     let (mut bystander, _) = env.connect(&other, Transport::Quic, &[TOPIC]).await;
     let revoked = push_courier::device::crl_serials(&env.crl(&[&serial])).unwrap();
     assert_eq!(revoked.len(), 1);
-    env.server().courier.set_revoked_serials(revoked);
+    env.server().courier.revoke_serials(revoked);
     match dev.next_within(WAIT).await.unwrap() {
         ClientEvent::Closed(Some((CloseReason::Revoked, _))) => {}
         other => panic!("expected Revoked, got {other:?}"),

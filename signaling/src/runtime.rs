@@ -455,9 +455,9 @@ impl Server {
         &self.wss_addrs
     }
 
-    /// Devices whose certificates are revoked (the whole current set):
-    /// their bindings go and they can no longer register or call.
-    pub async fn set_revoked_devices(&self, devices: std::collections::HashSet<DeviceId>) {
+    /// Devices whose certificates are revoked (the whole list, or the
+    /// newest): their bindings go and they can no longer register or call.
+    pub async fn revoke_devices(&self, devices: std::collections::HashSet<DeviceId>) {
         let _ = self.inputs.send(Input::Revoked(devices)).await;
     }
 

@@ -241,6 +241,29 @@ pub trait AccountNotifier: Send + Sync {
     /// [`wire::push::ACCOUNT_TOPIC`], as each device registered them; the
     /// courier delivers a token only to the device named with it.
     fn notify(&self, tokens: Vec<(DeviceId, String)>, event: AccountEvent);
+
+    /// Devices whose certificates this service has just revoked (called
+    /// after the commit): their courier links and SIP bindings close at
+    /// once, on every node, rather than at the next reading of the
+    /// revocation list.
+    fn revoked(&self, _devices: Vec<Revoked>) {}
+}
+
+/// A device certificate revoked: the device and its certificate's serial
+/// (hex, as in the revocation list).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revoked {
+    pub device: DeviceId,
+    pub serial: String,
+}
+
+impl Revoked {
+    fn of(d: &DeviceRow) -> Revoked {
+        Revoked {
+            device: d.id,
+            serial: d.cert_serial.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Ids {
@@ -327,6 +350,20 @@ impl Ids {
     /// Where account changes are pushed (once; later calls are ignored).
     pub fn set_notifier(&self, n: Arc<dyn AccountNotifier>) {
         let _ = self.notifier.set(n);
+    }
+
+    /// Forgets the devices held for authentication, so the next request
+    /// of each reads the database: another node changed devices.
+    pub fn forget_devices(&self) {
+        self.devices.clear();
+    }
+
+    /// Tells the notifier, if there is one, of certificates revoked.
+    fn tell_revoked<'a>(&self, rows: impl IntoIterator<Item = &'a DeviceRow>) {
+        let revoked: Vec<Revoked> = rows.into_iter().map(Revoked::of).collect();
+        if let (Some(n), false) = (self.notifier.get(), revoked.is_empty()) {
+            n.revoked(revoked);
+        }
     }
 
     /// Tells the devices `to` of `events`, through the notifier if there
@@ -553,6 +590,7 @@ impl Ids {
             kind: "account_reset",
             device: None,
         };
+        self.tell_revoked(&retired);
         self.tell(&retired, vec![reset]);
         Ok(registered)
     }
@@ -804,6 +842,7 @@ impl Ids {
         }
         t.commit().await.map_err(Error::db)?;
         self.devices.clear();
+        self.tell_revoked(removed.iter().copied());
         // Every (active) device that was on the account before, and still is.
         let told: Vec<DeviceRow> = existing
             .into_values()
@@ -823,7 +862,8 @@ impl Ids {
             tx::unbind_handle(&mut t, &uri).await?;
             tx::queue_publish(&mut t, &uri, &DirectoryValue::Tombstone.encode(), now).await?;
         }
-        for d in self.store.devices_of(account_id).await? {
+        let devices = self.store.devices_of(account_id).await?;
+        for d in &devices {
             let id = d.id.to_string();
             tx::revoke_device(&mut t, &id, now).await?;
             tx::scrub_device(&mut t, &id).await?;
@@ -831,6 +871,7 @@ impl Ids {
         tx::delete_account_rows(&mut t, account_id).await?;
         t.commit().await.map_err(Error::db)?;
         self.devices.clear();
+        self.tell_revoked(devices.iter().filter(|d| d.revoked_at.is_none()));
         Ok(())
     }
 

@@ -180,3 +180,60 @@ pub fn activate(up: &parley_tests::up::Up, data: &Path, state: &Path, handle: &s
     let out = run(c, Duration::from_secs(60), "activate");
     assert!(out.contains("activated"), "{out}");
 }
+
+/// Joins a new device to `approver`'s account (as `approve` and `activate
+/// --link` do, in two processes); returns the new device's id and the
+/// approver's last line.
+pub fn link_device(
+    up: &parley_tests::up::Up,
+    data: &Path,
+    approver: &Path,
+    state: &Path,
+    handle: &str,
+    name: &str,
+) -> (String, String) {
+    use std::io::Write;
+    let limit = Duration::from_secs(60);
+    let mut c = client(up, data, approver);
+    c.args(["approve", "--wait", "60"]).stdin(Stdio::piped());
+    let (mut approve, rx) = spawn(c);
+    let mut seen = Vec::new();
+    let code = wait_line(&rx, "link code: ", &mut seen)
+        .split("link code: ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut join = client(up, data, state);
+    join.args([
+        "activate", "--handle", handle, "--name", name, "--link", &code,
+    ]);
+    let (join, join_rx) = spawn(join);
+    // The person reads the new device's fingerprint and types it on the
+    // approving one.
+    let mut join_seen = Vec::new();
+    let fingerprint = wait_line(&join_rx, "link fingerprint: ", &mut join_seen)
+        .split("link fingerprint: ")
+        .nth(1)
+        .unwrap()
+        .split(" (")
+        .next()
+        .unwrap()
+        .to_string();
+    writeln!(approve.stdin.take().unwrap(), "{fingerprint}").unwrap();
+    finish(join, limit, "activate --link");
+    // Its remaining lines (the readers end with the process).
+    while let Ok(l) = join_rx.recv_timeout(Duration::from_secs(5)) {
+        join_seen.push(l);
+    }
+    finish(approve, limit, "approve");
+    let approved = wait_line(&rx, "approved", &mut seen);
+    let out = join_seen.join("\n");
+    let id = out
+        .split("as device ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no device id in {out}"))
+        .to_string();
+    (id, approved)
+}

@@ -423,15 +423,17 @@ impl Proxy {
         }
     }
 
-    /// The devices whose certificates are revoked now (the whole set, as
-    /// the identity service lists it). Their bindings go at once; they can
-    /// neither register nor call from then on, whatever their connection.
+    /// Devices whose certificates are revoked (the whole list as the
+    /// identity service has it, or a notice of the newest). Their bindings
+    /// go at once; they can neither register nor call from then on,
+    /// whatever their connection. A revocation is never taken back, so
+    /// this only adds: a list read before a notice cannot undo it.
     pub fn handle_revoked(&mut self, devices: HashSet<DeviceId>, _now: Instant) {
         let gone = self.registrar.remove_devices(&devices);
         if gone > 0 {
             tracing::info!(bindings = gone, "removed bindings of revoked devices");
         }
-        self.revoked = devices;
+        self.revoked.extend(devices);
     }
 
     /// A connection closed.
