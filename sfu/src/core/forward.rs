@@ -27,13 +27,18 @@ pub struct Rewritten {
     pub timestamp: u32,
 }
 
-/// RTP clock ticks between the last frame of one layer and the first of
-/// the next (one frame at 30 fps on a 90 kHz clock).
+/// RTP clock ticks between the last frame of one video layer and the
+/// first of the next (one frame at 30 fps on a 90 kHz clock).
 const SWITCH_GAP: u32 = 3000;
+
+/// The same for audio: one 20 ms Opus packet on the 48 kHz clock.
+const AUDIO_SWITCH_GAP: u32 = 960;
 
 #[derive(Debug)]
 pub struct Switcher {
     out_ssrc: u32,
+    /// Clock ticks left between the streams at a switch.
+    gap: u32,
     current: Option<u32>,
     target: Option<u32>,
     seq_offset: u16,
@@ -51,10 +56,21 @@ fn newer(a: u16, b: u16) -> bool {
 }
 
 impl Switcher {
-    /// A forwarded stream that goes out as `out_ssrc`.
+    /// A forwarded video that goes out as `out_ssrc`.
     pub fn new(out_ssrc: u32) -> Switcher {
+        Switcher::with_gap(out_ssrc, SWITCH_GAP)
+    }
+
+    /// A forwarded audio stream: every packet is a point to switch at, so
+    /// a slot can move from one speaker to another at once.
+    pub fn audio(out_ssrc: u32) -> Switcher {
+        Switcher::with_gap(out_ssrc, AUDIO_SWITCH_GAP)
+    }
+
+    fn with_gap(out_ssrc: u32, gap: u32) -> Switcher {
         Switcher {
             out_ssrc,
+            gap,
             current: None,
             target: None,
             seq_offset: 0,
@@ -67,6 +83,13 @@ impl Switcher {
     /// The layer forwarded now.
     pub fn current(&self) -> Option<u32> {
         self.current
+    }
+
+    /// Forwards nothing from now on (until the next [`Switcher::want`]);
+    /// the numbering goes on from where it stopped.
+    pub fn stop(&mut self) {
+        self.current = None;
+        self.target = None;
     }
 
     /// Asks for layer `ssrc`; true when the SFU should ask its publisher
@@ -87,7 +110,7 @@ impl Switcher {
         if self.target == Some(p.ssrc) && p.keyframe_start {
             // Switch here: carry on the outgoing numbering.
             let (seq, ts) = match self.last {
-                Some((s, t)) => (s.wrapping_add(1), t.wrapping_add(SWITCH_GAP)),
+                Some((s, t)) => (s.wrapping_add(1), t.wrapping_add(self.gap)),
                 None => (p.seq, p.timestamp),
             };
             self.seq_offset = seq.wrapping_sub(p.seq);

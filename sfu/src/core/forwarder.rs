@@ -1,19 +1,26 @@
 //! The SFU's core for one room (sans-IO): RTP in from each publisher,
 //! what to send to whom out. It reads only headers ([`super::rtp`]),
-//! follows speakers and bandwidth through the [`Room`]'s plans, and keeps
-//! each forwarded video one stream per subscriber ([`Switcher`]).
+//! follows speakers and bandwidth through the [`Room`]'s plans, and sends
+//! each subscriber what it wants through a fixed number of *slots*: the
+//! receive-only audio and video m-lines it offered when it joined. A slot
+//! carries one publisher's stream at a time as one continuous RTP stream
+//! ([`Switcher`]); when the plan changes (another speaker, another layer)
+//! the slot moves, at a key frame for video. So a participant never needs
+//! a new offer when others join or leave, and whose frames a slot carries
+//! is told by the SFrame key id inside them, not by the SFU.
 //!
-//! The runtime (sockets, DTLS-SRTP per participant) calls [`Forwarder::
-//! rtp`] for each packet a publisher sends and [`Forwarder::replan`]
+//! The runtime (sockets, DTLS-SRTP per participant) calls
+//! [`Forwarder::rtp`] (or [`Forwarder::incoming`] with the header already
+//! parsed) for each packet a publisher sends and [`Forwarder::replan`]
 //! regularly (and when an estimate changes), sends each forward it is
-//! given with the rewritten header, and asks publishers for the key frames
-//! it is told to.
+//! given in the subscriber's slot with the rewritten header, and asks
+//! publishers for the key frames it is told to.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use super::forward::{Packet, Rewritten, Switcher};
-use super::room::{Layer, ParticipantId, Plan, Room};
+use super::room::{Layer, ParticipantId, Room};
 use super::rtp::{Header, RtpError};
 
 /// The header extension ids the room's SDP negotiated.
@@ -31,11 +38,26 @@ pub struct Publication {
     pub video: Vec<(Layer, u32)>,
 }
 
-/// One packet to send: to whom, and the header fields it goes out with
-/// (the rest of the packet unchanged).
+/// How many streams of each kind a subscriber takes at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Slots {
+    pub audio: usize,
+    pub video: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Audio,
+    Video,
+}
+
+/// One packet to send: to whom, in which of its slots, and the header
+/// fields it goes out with (the rest of the packet unchanged).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Forward {
     pub to: ParticipantId,
+    pub kind: Kind,
+    pub slot: usize,
     pub header: Rewritten,
 }
 
@@ -46,16 +68,47 @@ pub struct KeyframeRequest {
     pub ssrc: u32,
 }
 
+/// A packet's header as the runtime parsed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incoming {
+    pub ssrc: u32,
+    pub seq: u16,
+    pub timestamp: u32,
+    /// RFC 6464: voice activity and level (-dBov).
+    pub audio_level: Option<(bool, u8)>,
+    /// RFC 9626 frame marking: the first packet of an independent frame.
+    pub keyframe_start: bool,
+}
+
+#[derive(Debug)]
+struct Slot {
+    switcher: Switcher,
+    publisher: Option<ParticipantId>,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    audio: Vec<Slot>,
+    video: Vec<Slot>,
+}
+
+impl Subscriber {
+    fn slots(&mut self, kind: Kind) -> &mut Vec<Slot> {
+        match kind {
+            Kind::Audio => &mut self.audio,
+            Kind::Video => &mut self.video,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Forwarder {
     room: Room,
     ext: ExtensionIds,
     publications: HashMap<ParticipantId, Publication>,
-    /// By publisher's SSRC: whose it is, and whether audio.
-    by_ssrc: HashMap<u32, (ParticipantId, bool)>,
-    plans: HashMap<ParticipantId, Plan>,
-    /// (subscriber, publisher) → the forwarded video.
-    videos: HashMap<(ParticipantId, ParticipantId), Switcher>,
+    /// By publisher's SSRC: whose it is, and of which kind.
+    by_ssrc: HashMap<u32, (ParticipantId, Kind)>,
+    subscribers: HashMap<ParticipantId, Subscriber>,
     next_ssrc: u32,
 }
 
@@ -66,8 +119,7 @@ impl Forwarder {
             ext,
             publications: HashMap::new(),
             by_ssrc: HashMap::new(),
-            plans: HashMap::new(),
-            videos: HashMap::new(),
+            subscribers: HashMap::new(),
             next_ssrc: 0x5f00_0000,
         }
     }
@@ -76,8 +128,38 @@ impl Forwarder {
         &self.room
     }
 
-    pub fn join(&mut self, id: ParticipantId, publication: Publication, now: Instant) {
+    /// `id` joins, publishing `publication` (more may follow with
+    /// [`Forwarder::publish`]) and taking up to `slots` streams.
+    pub fn join(
+        &mut self,
+        id: ParticipantId,
+        publication: Publication,
+        slots: Slots,
+        now: Instant,
+    ) {
         self.room.join(id, now);
+        let mut slot = |audio: bool| {
+            self.next_ssrc = self.next_ssrc.wrapping_add(1);
+            Slot {
+                switcher: match audio {
+                    true => Switcher::audio(self.next_ssrc),
+                    false => Switcher::new(self.next_ssrc),
+                },
+                publisher: None,
+            }
+        };
+        let subscriber = Subscriber {
+            audio: (0..slots.audio).map(|_| slot(true)).collect(),
+            video: (0..slots.video).map(|_| slot(false)).collect(),
+        };
+        self.subscribers.insert(id, subscriber);
+        self.publish(id, publication);
+    }
+
+    /// What `id` publishes now (its SSRCs may be learnt from its first
+    /// packets); replaces what it published before.
+    pub fn publish(&mut self, id: ParticipantId, publication: Publication) {
+        self.by_ssrc.retain(|_, (p, _)| *p != id);
         if publication.audio.is_some() {
             self.room.publish_audio(id);
         }
@@ -86,20 +168,31 @@ impl Forwarder {
             self.room.publish_video(id, layers);
         }
         if let Some(s) = publication.audio {
-            self.by_ssrc.insert(s, (id, true));
+            self.by_ssrc.insert(s, (id, Kind::Audio));
         }
         for (_, s) in &publication.video {
-            self.by_ssrc.insert(*s, (id, false));
+            self.by_ssrc.insert(*s, (id, Kind::Video));
         }
         self.publications.insert(id, publication);
+    }
+
+    pub fn publication(&self, id: ParticipantId) -> Option<&Publication> {
+        self.publications.get(&id)
     }
 
     /// `id` left; whether the room ended.
     pub fn leave(&mut self, id: ParticipantId) -> bool {
         self.publications.remove(&id);
         self.by_ssrc.retain(|_, (p, _)| *p != id);
-        self.plans.remove(&id);
-        self.videos.retain(|(s, p), _| *s != id && *p != id);
+        self.subscribers.remove(&id);
+        for sub in self.subscribers.values_mut() {
+            for slot in sub.audio.iter_mut().chain(sub.video.iter_mut()) {
+                if slot.publisher == Some(id) {
+                    slot.publisher = None;
+                    slot.switcher.stop();
+                }
+            }
+        }
         self.room.leave(id)
     }
 
@@ -108,33 +201,33 @@ impl Forwarder {
         self.room.bandwidth(id, bps);
     }
 
-    /// Plans every subscriber anew (speakers, estimates); the key frames
-    /// needed for the layer switches that follow.
+    /// Plans every subscriber anew (speakers, estimates) and moves its
+    /// slots accordingly; the key frames needed for the video switches
+    /// that follow.
     pub fn replan(&mut self, now: Instant) -> Vec<KeyframeRequest> {
-        let ids: Vec<ParticipantId> = self.publications.keys().copied().collect();
+        let ids: Vec<ParticipantId> = self.subscribers.keys().copied().collect();
         let mut requests = Vec::new();
-        for sub in ids {
-            let plan = self.room.plan(sub, now);
-            for (publisher, rid) in &plan.video {
-                let Some(ssrc) = self.layer_ssrc(*publisher, rid) else {
-                    continue;
-                };
-                let next = &mut self.next_ssrc;
-                let s = self.videos.entry((sub, *publisher)).or_insert_with(|| {
-                    *next = next.wrapping_add(1);
-                    Switcher::new(*next)
-                });
-                if s.want(ssrc) {
-                    requests.push(KeyframeRequest {
-                        publisher: *publisher,
-                        ssrc,
-                    });
-                }
-            }
-            // Videos no longer in the plan stop.
-            self.videos
-                .retain(|(s, p), _| *s != sub || plan.video.iter().any(|(v, _)| v == p));
-            self.plans.insert(sub, plan);
+        for id in ids {
+            let plan = self.room.plan(id, now);
+            let audio: Vec<(ParticipantId, u32)> = plan
+                .audio
+                .iter()
+                .filter_map(|p| Some((*p, self.publications.get(p)?.audio?)))
+                .collect();
+            let video: Vec<(ParticipantId, u32)> = plan
+                .video
+                .iter()
+                .filter_map(|(p, rid)| Some((*p, self.layer_ssrc(*p, rid)?)))
+                .collect();
+            let Some(sub) = self.subscribers.get_mut(&id) else {
+                continue;
+            };
+            assign(&mut sub.audio, &audio);
+            requests.extend(
+                assign(&mut sub.video, &video)
+                    .into_iter()
+                    .map(|(publisher, ssrc)| KeyframeRequest { publisher, ssrc }),
+            );
         }
         requests.sort_by_key(|r| (r.publisher, r.ssrc));
         requests.dedup();
@@ -150,9 +243,7 @@ impl Forwarder {
             .map(|(_, s)| *s)
     }
 
-    /// A packet from `from`: where it goes. Audio goes to every subscriber
-    /// whose plan has the publisher's audio, unchanged; video through each
-    /// subscriber's switcher.
+    /// A packet from `from`, as it came: where it goes.
     pub fn rtp(
         &mut self,
         from: ParticipantId,
@@ -160,48 +251,87 @@ impl Forwarder {
         now: Instant,
     ) -> Result<Vec<Forward>, RtpError> {
         let h = Header::parse(packet)?;
-        let Some(&(owner, audio)) = self.by_ssrc.get(&h.ssrc) else {
-            return Ok(Vec::new());
+        let incoming = Incoming {
+            ssrc: h.ssrc,
+            seq: h.seq,
+            timestamp: h.timestamp,
+            audio_level: h.audio_level(self.ext.audio_level),
+            keyframe_start: h.keyframe_start(self.ext.frame_marking).unwrap_or(false),
+        };
+        Ok(self.incoming(from, &incoming, now))
+    }
+
+    /// A packet from `from`: to every subscriber with a slot on its
+    /// stream. An SSRC that is not `from`'s own goes nowhere.
+    pub fn incoming(&mut self, from: ParticipantId, h: &Incoming, now: Instant) -> Vec<Forward> {
+        let Some(&(owner, kind)) = self.by_ssrc.get(&h.ssrc) else {
+            return Vec::new();
         };
         if owner != from {
             // Someone sending under another participant's SSRC.
-            return Ok(Vec::new());
+            return Vec::new();
         }
+        if let (Kind::Audio, Some((voice, level))) = (kind, h.audio_level) {
+            self.room.audio_level(from, level, voice, now);
+        }
+        let p = Packet {
+            ssrc: h.ssrc,
+            seq: h.seq,
+            timestamp: h.timestamp,
+            // Every Opus packet decodes alone.
+            keyframe_start: kind == Kind::Audio || h.keyframe_start,
+        };
         let mut out = Vec::new();
-        if audio {
-            if let Some((voice, level)) = h.audio_level(self.ext.audio_level) {
-                self.room.audio_level(from, level, voice, now);
-            }
-            for (sub, plan) in &self.plans {
-                if plan.audio.contains(&from) {
+        for (to, sub) in self.subscribers.iter_mut() {
+            for (slot, s) in sub.slots(kind).iter_mut().enumerate() {
+                if s.publisher != Some(from) {
+                    continue;
+                }
+                if let Some(header) = s.switcher.forward(&p) {
                     out.push(Forward {
-                        to: *sub,
-                        header: Rewritten {
-                            ssrc: h.ssrc,
-                            seq: h.seq,
-                            timestamp: h.timestamp,
-                        },
+                        to: *to,
+                        kind,
+                        slot,
+                        header,
                     });
                 }
             }
-        } else {
-            let p = Packet {
-                ssrc: h.ssrc,
-                seq: h.seq,
-                timestamp: h.timestamp,
-                keyframe_start: h.keyframe_start(self.ext.frame_marking).unwrap_or(false),
-            };
-            for ((sub, publisher), s) in self.videos.iter_mut() {
-                if *publisher == from {
-                    if let Some(header) = s.forward(&p) {
-                        out.push(Forward { to: *sub, header });
-                    }
-                }
-            }
         }
-        out.sort_by_key(|f| f.to);
-        Ok(out)
+        out.sort_by_key(|f| (f.to, f.kind, f.slot));
+        out
     }
+}
+
+/// Puts `wanted` (publisher, stream) into `slots`: a publisher keeps the
+/// slot it has, newcomers take the slots of those no longer wanted, in
+/// the order wanted; those beyond the slots wait. The streams to ask key
+/// frames of (a new stream in a slot).
+fn assign(slots: &mut [Slot], wanted: &[(ParticipantId, u32)]) -> Vec<(ParticipantId, u32)> {
+    let wanted = &wanted[..wanted.len().min(slots.len())];
+    for slot in slots.iter_mut() {
+        if slot
+            .publisher
+            .is_some_and(|p| !wanted.iter().any(|(w, _)| *w == p))
+        {
+            slot.publisher = None;
+            slot.switcher.stop();
+        }
+    }
+    let mut asks = Vec::new();
+    for &(publisher, ssrc) in wanted {
+        let at = slots
+            .iter()
+            .position(|s| s.publisher == Some(publisher))
+            .or_else(|| slots.iter().position(|s| s.publisher.is_none()));
+        let Some(at) = at else {
+            continue;
+        };
+        slots[at].publisher = Some(publisher);
+        if slots[at].switcher.want(ssrc) {
+            asks.push((publisher, ssrc));
+        }
+    }
+    asks
 }
 
 #[cfg(test)]
@@ -218,6 +348,8 @@ mod tests {
     fn p(i: u16) -> ParticipantId {
         ParticipantId(i)
     }
+
+    const SLOTS: Slots = Slots { audio: 2, video: 2 };
 
     /// Participant i's audio SSRC is i*100, its layers' i*100+1..3.
     fn publication(i: u16) -> Publication {
@@ -272,7 +404,7 @@ mod tests {
         let t = Instant::now();
         let mut f = Forwarder::new(Room::new(Config::default()), EXT);
         for i in 1..=3 {
-            f.join(p(i), publication(i), t);
+            f.join(p(i), publication(i), SLOTS, t);
         }
         // 2 shares 4 Mb/s between two videos (after two audio streams):
         // "f" fits; 3's 300 kb/s fits nothing but the lowest.
@@ -295,7 +427,8 @@ mod tests {
             "{asks:?}"
         );
 
-        // 1 speaks: 2 and 3 get the packet as it is.
+        // 1 speaks: 2 and 3 get the packet in an audio slot, numbered as
+        // it came (the slot's first packet).
         let out = f.rtp(p(1), &speech(100, 7), t).unwrap();
         assert_eq!(
             out.iter().map(|o| o.to).collect::<Vec<_>>(),
@@ -303,7 +436,7 @@ mod tests {
         );
         assert!(out
             .iter()
-            .all(|o| o.header.ssrc == 100 && o.header.seq == 7));
+            .all(|o| o.kind == Kind::Audio && o.header.seq == 7 && o.header.ssrc != 100));
 
         // 1's key frames on both layers: 2 gets "f" (103), 3 gets "q" (101),
         // each as one stream of its own.
@@ -343,6 +476,7 @@ mod tests {
             f.join(
                 p(i),
                 publication(i),
+                SLOTS,
                 t + Duration::from_millis(u64::from(i)),
             );
         }
@@ -375,5 +509,46 @@ mod tests {
         assert!(out.iter().all(|o| o.to != p(3)));
         assert!(!f.leave(p(1)));
         assert!(f.leave(p(2)), "the room ends with its last participant");
+    }
+
+    #[test]
+    fn with_fewer_audio_slots_than_speakers_a_slot_moves_to_the_latest() {
+        let t = Instant::now();
+        let mut f = Forwarder::new(Room::new(Config::default()), EXT);
+        let one = Slots { audio: 1, video: 0 };
+        for i in 1..=3 {
+            f.join(
+                p(i),
+                publication(i),
+                one,
+                t + Duration::from_millis(u64::from(i)),
+            );
+        }
+        f.replan(t);
+        // 1 hears 2 (first to join of the others), not 3.
+        let to1 = |f: &mut Forwarder, from: u16, seq: u16| -> Vec<Forward> {
+            f.rtp(p(from), &speech(u32::from(from) * 100, seq), t)
+                .unwrap()
+                .into_iter()
+                .filter(|o| o.to == p(1))
+                .collect()
+        };
+        let a = to1(&mut f, 2, 10);
+        assert_eq!(a.len(), 1);
+        assert!(to1(&mut f, 3, 500).is_empty());
+        // 3 speaks up: after a replan 1's one slot carries 3, numbering
+        // going on from 2's last packet.
+        let later = t + Duration::from_millis(20);
+        f.rtp(p(3), &speech(300, 501), later).unwrap();
+        f.replan(later);
+        assert!(to1(&mut f, 2, 11).is_empty());
+        let b = to1(&mut f, 3, 502);
+        assert_eq!(b.len(), 1);
+        assert_eq!((b[0].slot, b[0].header.ssrc), (a[0].slot, a[0].header.ssrc));
+        assert_eq!(b[0].header.seq, a[0].header.seq.wrapping_add(1));
+        assert_eq!(
+            b[0].header.timestamp,
+            a[0].header.timestamp.wrapping_add(960)
+        );
     }
 }

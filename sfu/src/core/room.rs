@@ -72,6 +72,7 @@ struct Participant {
 /// What a subscriber is sent.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
+    /// Publishers whose audio to send, latest speakers first.
     pub audio: Vec<ParticipantId>,
     /// Publisher and the rid of the layer.
     pub video: Vec<(ParticipantId, String)>,
@@ -188,14 +189,15 @@ impl Room {
         let Some(me) = self.participants.get(&subscriber) else {
             return Plan::default();
         };
-        let audio: Vec<ParticipantId> = self
-            .participants
+        let speakers = self.speakers(now);
+        // In speaking order, so a subscriber with fewer audio slots than
+        // publishers hears the latest speakers.
+        let audio: Vec<ParticipantId> = speakers
             .iter()
-            .filter(|(id, p)| **id != subscriber && p.audio)
-            .map(|(id, _)| *id)
+            .copied()
+            .filter(|id| *id != subscriber && self.participants[id].audio)
             .collect();
-        let shown: Vec<ParticipantId> = self
-            .speakers(now)
+        let shown: Vec<ParticipantId> = speakers
             .into_iter()
             .filter(|id| *id != subscriber)
             .filter(|id| {
