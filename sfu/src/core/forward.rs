@@ -85,6 +85,11 @@ impl Switcher {
         self.current
     }
 
+    /// The layer a switch waits for, if any.
+    pub fn wanted(&self) -> Option<u32> {
+        self.target
+    }
+
     /// Forwards nothing from now on (until the next [`Switcher::want`]);
     /// the numbering goes on from where it stopped.
     pub fn stop(&mut self) {

@@ -234,6 +234,16 @@ impl Forwarder {
         requests
     }
 
+    /// A subscriber lost the picture in video slot `slot`: the key frame
+    /// to ask of whoever the slot carries (or is moving to).
+    pub fn keyframe_for(&self, subscriber: ParticipantId, slot: usize) -> Option<KeyframeRequest> {
+        let s = self.subscribers.get(&subscriber)?.video.get(slot)?;
+        Some(KeyframeRequest {
+            publisher: s.publisher?,
+            ssrc: s.switcher.wanted().or(s.switcher.current())?,
+        })
+    }
+
     fn layer_ssrc(&self, publisher: ParticipantId, rid: &str) -> Option<u32> {
         self.publications
             .get(&publisher)?

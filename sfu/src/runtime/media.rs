@@ -1,0 +1,662 @@
+//! The media loop: one UDP socket, one str0m `Rtc` per participant (ICE
+//! lite, DTLS-SRTP hop by hop, RTP mode), and one [`Forwarder`] per room.
+//! Packets are read off the socket, handed to the participant they belong
+//! to, and what its publisher sends goes through the room's forwarder to
+//! the subscribers' slots. Everything runs on one task: a room's state is
+//! touched by nothing else, and a packet is forwarded without a hop
+//! between threads.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use str0m::bwe::BweKind;
+use str0m::change::SdpOffer;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo, Ssrc};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Command, JoinError, Joined, Metrics};
+use crate::core::forwarder::{
+    ExtensionIds, Forward, Forwarder, Incoming, KeyframeRequest, Kind, Publication, Slots,
+};
+use crate::core::room::{Config as RoomConfig, Layer, ParticipantId, Room};
+
+/// How often every room's plan is made anew (speakers, estimates).
+const REPLAN_EVERY: Duration = Duration::from_millis(250);
+
+/// The header extension id both sides use for frame marking (str0m's
+/// standard map leaves 5 free).
+pub const FRAME_MARKING_ID: u8 = 5;
+
+/// Bitrates assumed for simulcast layers by their rid, lowest first.
+fn layer_bitrate(rid: Option<&str>) -> u32 {
+    match rid {
+        Some("q") => 150_000,
+        Some("h") => 500_000,
+        _ => 1_500_000,
+    }
+}
+
+/// One participant's end: its Rtc and what its m-lines are for.
+struct Participant {
+    rtc: Rtc,
+    room: String,
+    id: ParticipantId,
+    /// The m-lines it publishes on (we receive), by mid.
+    publishes: HashMap<Mid, Kind>,
+    /// Its receive slots (we send), per kind, in m-line order.
+    slots: HashMap<Kind, Vec<(Mid, Pt)>>,
+    /// Per (kind, slot): the extended sequence number last written.
+    seqs: HashMap<(Kind, usize), u64>,
+    timeout: Instant,
+    /// Where its packets come from, once ICE chose.
+    remote: Option<SocketAddr>,
+    resource: String,
+}
+
+struct RoomState {
+    forwarder: Forwarder,
+    members: HashMap<ParticipantId, u64>,
+    next_id: u16,
+}
+
+pub(super) struct Loop {
+    socket: Arc<UdpSocket>,
+    /// The address in our ICE candidate.
+    candidate: SocketAddr,
+    room_config: RoomConfig,
+    max_participants: usize,
+    participants: HashMap<u64, Participant>,
+    by_remote: HashMap<SocketAddr, u64>,
+    rooms: HashMap<String, RoomState>,
+    /// Participants by their resource name.
+    resources: HashMap<String, u64>,
+    /// Packets publishers sent, to forward (drained Rtcs put them here).
+    received: VecDeque<(u64, RtpPacket)>,
+    next_key: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Loop {
+    pub(super) fn new(
+        socket: Arc<UdpSocket>,
+        candidate: SocketAddr,
+        room_config: RoomConfig,
+        max_participants: usize,
+        metrics: Arc<Metrics>,
+    ) -> Loop {
+        Loop {
+            socket,
+            candidate,
+            room_config,
+            max_participants,
+            participants: HashMap::new(),
+            by_remote: HashMap::new(),
+            rooms: HashMap::new(),
+            resources: HashMap::new(),
+            received: VecDeque::new(),
+            next_key: 1,
+            metrics,
+        }
+    }
+
+    pub(super) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut buf = vec![0u8; 2000];
+        let mut replan = tokio::time::Instant::now() + REPLAN_EVERY;
+        loop {
+            let next = self
+                .participants
+                .values()
+                .map(|p| p.timeout)
+                .min()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or(replan)
+                .min(replan);
+            tokio::select! {
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => self.datagram(from, &buf[..n]),
+                    Err(e) => tracing::debug!(error = %e, "sfu socket read"),
+                },
+                c = commands.recv() => match c {
+                    Some(c) => self.command(c),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            let now = Instant::now();
+            let due: Vec<u64> = self
+                .participants
+                .iter()
+                .filter(|(_, p)| p.timeout <= now)
+                .map(|(k, _)| *k)
+                .collect();
+            for key in due {
+                if let Some(p) = self.participants.get_mut(&key) {
+                    let _ = p.rtc.handle_input(Input::Timeout(now));
+                }
+                self.drain(key);
+            }
+            if tokio::time::Instant::now() >= replan {
+                replan = tokio::time::Instant::now() + REPLAN_EVERY;
+                self.replan_all(now);
+            }
+            self.pump(now);
+        }
+    }
+
+    /// Forwards what publishers sent, until nothing is left (writing to a
+    /// subscriber drains its Rtc, which may queue more).
+    fn pump(&mut self, now: Instant) {
+        while let Some((key, pkt)) = self.received.pop_front() {
+            self.forward(key, pkt, now);
+        }
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Join { room, offer, reply } => {
+                let r = self.join(&room, &offer);
+                if let Ok((key, _)) = &r {
+                    let key = *key;
+                    let _ = reply.send(r.map(|(_, j)| j));
+                    self.drain(key);
+                } else {
+                    let _ = reply.send(r.map(|(_, j)| j));
+                }
+            }
+            Command::Leave {
+                room,
+                resource,
+                reply,
+            } => {
+                let key = self
+                    .resources
+                    .get(&resource)
+                    .copied()
+                    .filter(|k| self.participants.get(k).is_some_and(|p| p.room == room));
+                if let Some(key) = key {
+                    self.leave(key);
+                }
+                let _ = reply.send(key.is_some());
+            }
+        }
+    }
+
+    /// A participant joins `room` with `offer`: its answer.
+    fn join(&mut self, room: &str, offer: &str) -> Result<(u64, Joined), JoinError> {
+        let offer = SdpOffer::from_sdp_string(offer).map_err(|e| JoinError::Sdp(e.to_string()))?;
+        let members = self.rooms.get(room).map_or(0, |r| r.members.len());
+        if members >= self.max_participants {
+            return Err(JoinError::Full(self.max_participants));
+        }
+        let now = Instant::now();
+        let mut rtc = RtcConfig::new()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_h264(true)
+            .set_extension(FRAME_MARKING_ID, str0m::rtp::Extension::FrameMarking)
+            .enable_bwe(Some(str0m::bwe::Bitrate::kbps(600)))
+            .build(now);
+        let host = Candidate::host(self.candidate, Protocol::Udp)
+            .map_err(|e| JoinError::Sdp(format!("candidate {}: {e}", self.candidate)))?;
+        rtc.add_local_candidate(host);
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| JoinError::Sdp(e.to_string()))?;
+        let answer = answer.to_sdp_string();
+        let (publishes, slots) = lines(&rtc, &answer);
+        let counts = Slots {
+            audio: slots.get(&Kind::Audio).map_or(0, Vec::len),
+            video: slots.get(&Kind::Video).map_or(0, Vec::len),
+        };
+        let config = self.room_config.clone();
+        let state = self
+            .rooms
+            .entry(room.to_string())
+            .or_insert_with(|| RoomState {
+                forwarder: Forwarder::new(
+                    Room::new(config),
+                    ExtensionIds {
+                        audio_level: 1,
+                        frame_marking: FRAME_MARKING_ID,
+                    },
+                ),
+                members: HashMap::new(),
+                next_id: 0,
+            });
+        let id = ParticipantId(state.next_id);
+        state.next_id = state.next_id.wrapping_add(1);
+        state
+            .forwarder
+            .join(id, Publication::default(), counts, now);
+        let key = self.next_key;
+        self.next_key += 1;
+        state.members.insert(id, key);
+        let resource = format!("{}-{}", id.0, super::random_hex());
+        self.resources.insert(resource.clone(), key);
+        self.participants.insert(
+            key,
+            Participant {
+                rtc,
+                room: room.to_string(),
+                id,
+                publishes,
+                slots,
+                seqs: HashMap::new(),
+                timeout: now,
+                remote: None,
+                resource: resource.clone(),
+            },
+        );
+        self.metrics.joins.fetch_add(1, Ordering::Relaxed);
+        self.gauges();
+        tracing::info!(room, participant = id.0, ?counts, "joined");
+        Ok((
+            key,
+            Joined {
+                participant: id.0,
+                resource,
+                answer,
+            },
+        ))
+    }
+
+    fn leave(&mut self, key: u64) {
+        let Some(mut p) = self.participants.remove(&key) else {
+            return;
+        };
+        p.rtc.disconnect();
+        self.resources.remove(&p.resource);
+        if let Some(r) = p.remote {
+            self.by_remote.remove(&r);
+        }
+        let ended = match self.rooms.get_mut(&p.room) {
+            Some(room) => {
+                room.members.remove(&p.id);
+                room.forwarder.leave(p.id)
+            }
+            None => false,
+        };
+        if ended
+            || self
+                .rooms
+                .get(&p.room)
+                .is_some_and(|r| r.members.is_empty())
+        {
+            self.rooms.remove(&p.room);
+            tracing::info!(room = p.room, "room ended");
+        }
+        tracing::info!(room = p.room, participant = p.id.0, "left");
+        self.gauges();
+    }
+
+    fn gauges(&self) {
+        self.metrics
+            .rooms
+            .store(self.rooms.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .participants
+            .store(self.participants.len() as u64, Ordering::Relaxed);
+    }
+
+    fn datagram(&mut self, from: SocketAddr, data: &[u8]) {
+        let now = Instant::now();
+        let Ok(r) = Receive::new(Protocol::Udp, from, self.candidate, data) else {
+            return;
+        };
+        let input = Input::Receive(now, r);
+        let key = match self.by_remote.get(&from) {
+            Some(k) => Some(*k),
+            // A STUN check from a new address: whoever's ICE credentials
+            // it carries.
+            None => self
+                .participants
+                .iter()
+                .find(|(_, p)| p.rtc.accepts(&input))
+                .map(|(k, _)| *k),
+        };
+        let Some(key) = key else {
+            return;
+        };
+        let Some(p) = self.participants.get_mut(&key) else {
+            return;
+        };
+        if p.remote != Some(from) && p.rtc.accepts(&input) {
+            if let Some(old) = p.remote.replace(from) {
+                self.by_remote.remove(&old);
+            }
+            self.by_remote.insert(from, key);
+        }
+        if p.rtc.handle_input(input).is_err() {
+            return;
+        }
+        self.drain(key);
+    }
+
+    /// Runs `key`'s Rtc to its next timeout: sends what it sends, and
+    /// forwards the RTP it received.
+    fn drain(&mut self, key: u64) {
+        let mut asks = Vec::new();
+        let mut gone = false;
+        {
+            let Some(p) = self.participants.get_mut(&key) else {
+                return;
+            };
+            loop {
+                match p.rtc.poll_output() {
+                    Ok(Output::Timeout(t)) => {
+                        p.timeout = t;
+                        break;
+                    }
+                    Ok(Output::Transmit(t)) => {
+                        let _ = self.socket.try_send_to(&t.contents, t.destination);
+                    }
+                    Ok(Output::Event(e)) => match e {
+                        Event::RtpPacket(pkt) => self.received.push_back((key, pkt)),
+                        Event::KeyframeRequest(req) => asks.push(req.mid),
+                        Event::EgressBitrateEstimate(BweKind::Twcc { estimate: b, .. }) => {
+                            let (room, id) = (p.room.clone(), p.id);
+                            if let Some(r) = self.rooms.get_mut(&room) {
+                                r.forwarder
+                                    .bandwidth(id, b.as_u64().min(u64::from(u32::MAX)) as u32);
+                            }
+                        }
+                        Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                            gone = true;
+                        }
+                        _ => {}
+                    },
+                    Err(e) => {
+                        tracing::debug!(error = %e, "participant's connection failed");
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+        }
+        for mid in asks {
+            self.subscriber_wants_keyframe(key, mid);
+        }
+        if gone {
+            self.leave(key);
+        }
+    }
+
+    /// A subscriber lost the picture in a video slot: a key frame from
+    /// whoever the slot carries.
+    fn subscriber_wants_keyframe(&mut self, key: u64, mid: Mid) {
+        let Some(p) = self.participants.get(&key) else {
+            return;
+        };
+        let Some(slot) = p
+            .slots
+            .get(&Kind::Video)
+            .and_then(|s| s.iter().position(|(m, _)| *m == mid))
+        else {
+            return;
+        };
+        let (room, id) = (p.room.clone(), p.id);
+        let ask = self
+            .rooms
+            .get(&room)
+            .and_then(|r| r.forwarder.keyframe_for(id, slot));
+        if let Some(ask) = ask {
+            self.ask_keyframe(&room, ask);
+        }
+    }
+
+    fn ask_keyframe(&mut self, room: &str, ask: KeyframeRequest) {
+        let Some(key) = self
+            .rooms
+            .get(room)
+            .and_then(|r| r.members.get(&ask.publisher).copied())
+        else {
+            return;
+        };
+        if let Some(p) = self.participants.get_mut(&key) {
+            if let Some(s) = p.rtc.direct_api().stream_rx(&Ssrc::from(ask.ssrc)) {
+                s.request_keyframe(KeyframeRequestKind::Pli);
+            }
+        }
+    }
+
+    /// One packet a publisher sent: learnt into its publication if new,
+    /// then written into every subscriber slot the forwarder names.
+    fn forward(&mut self, key: u64, pkt: RtpPacket, now: Instant) {
+        let Some(p) = self.participants.get_mut(&key) else {
+            return;
+        };
+        let ssrc: u32 = *pkt.header.ssrc;
+        let (room, from) = (p.room.clone(), p.id);
+        let Some(state) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let known = state
+            .forwarder
+            .publication(from)
+            .is_some_and(|pb| pb.audio == Some(ssrc) || pb.video.iter().any(|(_, s)| *s == ssrc));
+        if !known {
+            // Which of its m-lines the stream is on.
+            let midrid = p
+                .rtc
+                .direct_api()
+                .stream_rx(&pkt.header.ssrc)
+                .map(|s| (s.mid(), s.rid()));
+            let Some((mid, rid)) = midrid else {
+                return;
+            };
+            let mut publication = state
+                .forwarder
+                .publication(from)
+                .cloned()
+                .unwrap_or_default();
+            match p.publishes.get(&mid) {
+                Some(Kind::Audio) => publication.audio = Some(ssrc),
+                Some(Kind::Video) => {
+                    let rid = rid.map(|r| r.to_string());
+                    publication
+                        .video
+                        .retain(|(l, _)| Some(&l.rid) != rid.as_ref());
+                    publication.video.push((
+                        Layer {
+                            rid: rid.clone().unwrap_or_else(|| "f".into()),
+                            bitrate: layer_bitrate(rid.as_deref()),
+                        },
+                        ssrc,
+                    ));
+                    publication.video.sort_by_key(|(l, _)| l.bitrate);
+                }
+                None => return,
+            }
+            state.forwarder.publish(from, publication);
+            let asks = state.forwarder.replan(now);
+            for a in asks {
+                self.ask_keyframe(&room, a);
+            }
+        }
+        let Some(state) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let ext = &pkt.header.ext_vals;
+        let incoming = Incoming {
+            ssrc,
+            seq: pkt.header.sequence_number,
+            timestamp: pkt.header.timestamp,
+            audio_level: ext.audio_level.map(|l| {
+                (
+                    ext.voice_activity.unwrap_or(false),
+                    l.unsigned_abs().min(127),
+                )
+            }),
+            keyframe_start: ext
+                .frame_mark
+                .is_some_and(|m| (m >> 24) as u8 & 0xa0 == 0xa0),
+        };
+        let forwards: Vec<(u64, Forward)> = state
+            .forwarder
+            .incoming(from, &incoming, now)
+            .into_iter()
+            .filter_map(|f| Some((*state.members.get(&f.to)?, f)))
+            .collect();
+        let bytes = pkt.payload.len() as u64;
+        for (to, f) in forwards {
+            if self.write(to, &f, &pkt) {
+                let (packets, total) = match f.kind {
+                    Kind::Audio => (&self.metrics.audio_packets, &self.metrics.audio_bytes),
+                    Kind::Video => (&self.metrics.video_packets, &self.metrics.video_bytes),
+                };
+                packets.fetch_add(1, Ordering::Relaxed);
+                total.fetch_add(bytes, Ordering::Relaxed);
+                self.drain(to);
+            }
+        }
+    }
+
+    /// Writes `pkt` into subscriber `to`'s slot as `f` says; whether it
+    /// went.
+    fn write(&mut self, to: u64, f: &Forward, pkt: &RtpPacket) -> bool {
+        let Some(sub) = self.participants.get_mut(&to) else {
+            return false;
+        };
+        let Some(&(mid, pt)) = sub.slots.get(&f.kind).and_then(|s| s.get(f.slot)) else {
+            return false;
+        };
+        let last = sub.seqs.get(&(f.kind, f.slot)).copied();
+        let seq = extend(last, f.header.seq);
+        match last {
+            Some(l) if seq <= l => {}
+            _ => {
+                sub.seqs.insert((f.kind, f.slot), seq);
+            }
+        }
+        // In RTP mode str0m writes only the extensions given: the mid
+        // tells the subscriber's stack which slot a new SSRC is for (its
+        // slots share one payload type).
+        let ext = ExtensionValues {
+            audio_level: pkt.header.ext_vals.audio_level,
+            voice_activity: pkt.header.ext_vals.voice_activity,
+            frame_mark: pkt.header.ext_vals.frame_mark,
+            mid: Some(mid),
+            ..Default::default()
+        };
+        let mut api = sub.rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            return false;
+        };
+        tx.write_rtp(
+            RtpWrite::new(
+                pt,
+                SeqNo::from(seq),
+                f.header.timestamp,
+                pkt.timestamp,
+                pkt.payload.clone(),
+            )
+            .marker(pkt.header.marker)
+            .ext_vals(ext)
+            .nackable(f.kind == Kind::Video),
+        );
+        true
+    }
+
+    fn replan_all(&mut self, now: Instant) {
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        for room in rooms {
+            let asks = match self.rooms.get_mut(&room) {
+                Some(r) => r.forwarder.replan(now),
+                None => continue,
+            };
+            if !asks.is_empty() {
+                self.metrics
+                    .layer_switches
+                    .fetch_add(asks.len() as u64, Ordering::Relaxed);
+            }
+            for a in asks {
+                self.ask_keyframe(&room, a);
+                if let Some(key) = self
+                    .rooms
+                    .get(&room)
+                    .and_then(|r| r.members.get(&a.publisher).copied())
+                {
+                    self.drain(key);
+                }
+            }
+        }
+    }
+}
+
+/// The extended sequence number nearest `last` whose low 16 bits are
+/// `seq` (RFC 3711's index estimate); a first packet starts in roll-over
+/// 0.
+fn extend(last: Option<u64>, seq: u16) -> u64 {
+    let Some(last) = last else {
+        return u64::from(seq);
+    };
+    let base = last & !0xffff;
+    let candidates = [base.wrapping_sub(0x1_0000), base, base + 0x1_0000];
+    candidates
+        .iter()
+        .map(|b| b | u64::from(seq))
+        .filter(|c| *c <= last + 0x8000)
+        .min_by_key(|c| c.abs_diff(last))
+        .unwrap_or(u64::from(seq))
+}
+
+/// What the answer's m-lines are for: those the participant publishes on
+/// (we receive) and its receive slots (we send, with the payload type of
+/// the codec), in m-line order.
+#[allow(clippy::type_complexity)]
+fn lines(rtc: &Rtc, answer: &str) -> (HashMap<Mid, Kind>, HashMap<Kind, Vec<(Mid, Pt)>>) {
+    let mut publishes = HashMap::new();
+    let mut slots: HashMap<Kind, Vec<(Mid, Pt)>> = HashMap::new();
+    let mids: Vec<Mid> = answer
+        .lines()
+        .filter_map(|l| l.strip_prefix("a=mid:"))
+        .map(|m| Mid::from(m.trim()))
+        .collect();
+    for mid in mids {
+        let Some(media) = rtc.media(mid) else {
+            continue;
+        };
+        let kind = match media.kind() {
+            MediaKind::Audio => Kind::Audio,
+            MediaKind::Video => Kind::Video,
+        };
+        match media.direction() {
+            Direction::RecvOnly => {
+                publishes.insert(mid, kind);
+            }
+            Direction::SendOnly => {
+                if let Some(pt) = media.remote_pts().first() {
+                    slots.entry(kind).or_default().push((mid, *pt));
+                }
+            }
+            _ => {}
+        }
+    }
+    (publishes, slots)
+}
+
+pub(super) type JoinReply = oneshot::Sender<Result<Joined, JoinError>>;
+
+#[cfg(test)]
+mod tests {
+    use super::extend;
+
+    #[test]
+    fn sequence_numbers_extend_across_wraps_and_late_packets() {
+        assert_eq!(extend(None, 65000), 65000);
+        assert_eq!(extend(Some(65535), 0), 65536);
+        assert_eq!(extend(Some(65536), 65535), 65535, "late, before the wrap");
+        assert_eq!(extend(Some(70000), 4465), 70001);
+        assert_eq!(extend(Some(10), 5), 5);
+    }
+}

@@ -1,0 +1,355 @@
+//! The SFU as a service: the media loop ([`media`]) on one UDP socket, and
+//! the HTTP API participants join through (WHIP-like, RFC 9725's shape):
+//!
+//! - `POST /v1/rooms/{room}/participants` with `Authorization: Bearer
+//!   <room token>` ([`crate::token`]) and the participant's SDP offer
+//!   (`application/sdp`): `201 Created`, the answer, and in `Location` the
+//!   participant's resource. The offer's send m-lines are what it
+//!   publishes; its receive-only m-lines are its slots, the most streams
+//!   of each kind it takes at once.
+//! - `DELETE` on that resource (same token): the participant leaves.
+//!
+//! A room exists from its first join to its last leave.
+
+mod media;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, post};
+use axum::Router;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+pub use media::FRAME_MARKING_ID;
+
+use crate::core::room::Config as RoomConfig;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// UDP address for media (ICE, DTLS-SRTP).
+    pub media: SocketAddr,
+    /// The address participants are told to send media to, when `media`
+    /// is a wildcard (0.0.0.0 or ::).
+    pub advertise: Option<IpAddr>,
+    /// The join API.
+    pub http: SocketAddr,
+    /// Shared with signaling, which makes the room tokens.
+    pub secret: Vec<u8>,
+    pub room: RoomConfig,
+    /// People in one room at most.
+    pub max_participants: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot bind {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("sfu.advertise is needed when the media address is {0}")]
+    NoAdvertise(SocketAddr),
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JoinError {
+    #[error("the offer is not usable SDP: {0}")]
+    Sdp(String),
+    #[error("the room is full ({0} participants)")]
+    Full(usize),
+    #[error("the SFU is stopping")]
+    Stopping,
+}
+
+/// A join's answer.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub participant: u16,
+    /// The participant's resource name (random: a room token does not let
+    /// one participant remove another).
+    pub resource: String,
+    pub answer: String,
+}
+
+pub(crate) enum Command {
+    Join {
+        room: String,
+        offer: String,
+        reply: media::JoinReply,
+    },
+    Leave {
+        room: String,
+        resource: String,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+/// Counters and gauges for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub rooms: AtomicU64,
+    pub participants: AtomicU64,
+    pub joins: AtomicU64,
+    pub refused: AtomicU64,
+    pub audio_packets: AtomicU64,
+    pub audio_bytes: AtomicU64,
+    pub video_packets: AtomicU64,
+    pub video_bytes: AtomicU64,
+    pub layer_switches: AtomicU64,
+}
+
+impl Metrics {
+    /// Prometheus text.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut line = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP parley_sfu_{name} {help}\n# TYPE parley_sfu_{name} {kind}\nparley_sfu_{name} {v}"
+            );
+        };
+        line(
+            "rooms",
+            "gauge",
+            "Rooms with someone in them.",
+            g(&self.rooms),
+        );
+        line(
+            "participants",
+            "gauge",
+            "Participants in all rooms.",
+            g(&self.participants),
+        );
+        line("joins_total", "counter", "Joins answered.", g(&self.joins));
+        line(
+            "joins_refused_total",
+            "counter",
+            "Joins refused (token, offer, full room).",
+            g(&self.refused),
+        );
+        line(
+            "layer_switches_total",
+            "counter",
+            "Key frames asked of publishers to move a video slot (another layer or speaker).",
+            g(&self.layer_switches),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP parley_sfu_forwarded_packets_total RTP packets forwarded, by kind.\n\
+             # TYPE parley_sfu_forwarded_packets_total counter\n\
+             parley_sfu_forwarded_packets_total{{kind=\"audio\"}} {}\n\
+             parley_sfu_forwarded_packets_total{{kind=\"video\"}} {}\n\
+             # HELP parley_sfu_forwarded_bytes_total RTP payload bytes forwarded, by kind.\n\
+             # TYPE parley_sfu_forwarded_bytes_total counter\n\
+             parley_sfu_forwarded_bytes_total{{kind=\"audio\"}} {}\n\
+             parley_sfu_forwarded_bytes_total{{kind=\"video\"}} {}",
+            g(&self.audio_packets),
+            g(&self.video_packets),
+            g(&self.audio_bytes),
+            g(&self.video_bytes),
+        );
+    }
+}
+
+/// The running SFU.
+#[derive(Debug)]
+pub struct Sfu {
+    pub media: SocketAddr,
+    pub http: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Clone)]
+struct Api {
+    commands: mpsc::Sender<Command>,
+    secret: Arc<[u8]>,
+    metrics: Arc<Metrics>,
+}
+
+impl Sfu {
+    pub async fn start(config: Config) -> Result<Sfu, Error> {
+        let socket = UdpSocket::bind(config.media)
+            .await
+            .map_err(|e| Error::Bind(config.media, e))?;
+        let media = socket
+            .local_addr()
+            .map_err(|e| Error::Bind(config.media, e))?;
+        let candidate = match (media.ip().is_unspecified(), config.advertise) {
+            (false, _) => media,
+            (true, Some(ip)) => SocketAddr::new(ip, media.port()),
+            (true, None) => return Err(Error::NoAdvertise(media)),
+        };
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .map_err(|e| Error::Bind(config.http, e))?;
+        let http = listener
+            .local_addr()
+            .map_err(|e| Error::Bind(config.http, e))?;
+        let metrics = Arc::new(Metrics::default());
+        let (tx, rx) = mpsc::channel(256);
+        let media_loop = media::Loop::new(
+            Arc::new(socket),
+            candidate,
+            config.room.clone(),
+            config.max_participants,
+            metrics.clone(),
+        );
+        let api = Api {
+            commands: tx,
+            secret: config.secret.clone().into(),
+            metrics: metrics.clone(),
+        };
+        let router = Router::new()
+            .route("/v1/rooms/{room}/participants", post(join))
+            .route("/v1/rooms/{room}/participants/{resource}", delete(leave))
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_OFFER))
+            .with_state(api);
+        let tasks = vec![
+            tokio::spawn(media_loop.run(rx)),
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, router).await;
+            }),
+        ];
+        Ok(Sfu {
+            media: candidate,
+            http,
+            metrics,
+            tasks,
+        })
+    }
+
+    /// Stops at once: every participant's media ends.
+    pub fn shutdown(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// An offer for 32 participants' slots fits well within this.
+const MAX_OFFER: usize = 64 * 1024;
+
+fn refuse(api: &Api, status: StatusCode, why: impl std::fmt::Display) -> Response {
+    api.metrics.refused.fetch_add(1, Ordering::Relaxed);
+    (status, format!("{why}\n")).into_response()
+}
+
+fn valid_room(room: &str) -> bool {
+    (1..=64).contains(&room.len())
+        && room
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The refusal, if the bearer token does not open `room`.
+fn unauthorized(api: &Api, headers: &HeaderMap, room: &str) -> Option<Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = token else {
+        return Some(refuse(
+            api,
+            StatusCode::UNAUTHORIZED,
+            "a room token is needed (Authorization: Bearer)",
+        ));
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    crate::token::check(&api.secret, room, token, now)
+        .err()
+        .map(|e| refuse(api, StatusCode::FORBIDDEN, e))
+}
+
+async fn join(
+    State(api): State<Api>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    offer: String,
+) -> Response {
+    if !valid_room(&room) {
+        return refuse(&api, StatusCode::NOT_FOUND, "no such room name");
+    }
+    if let Some(r) = unauthorized(&api, &headers, &room) {
+        return r;
+    }
+    let sdp = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/sdp"));
+    if !sdp {
+        return refuse(
+            &api,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the offer goes as application/sdp",
+        );
+    }
+    let (reply, answer) = oneshot::channel();
+    let sent = api
+        .commands
+        .send(Command::Join {
+            room: room.clone(),
+            offer,
+            reply,
+        })
+        .await;
+    let joined = match sent {
+        Ok(()) => answer.await.unwrap_or(Err(JoinError::Stopping)),
+        Err(_) => Err(JoinError::Stopping),
+    };
+    match joined {
+        Ok(j) => (
+            StatusCode::CREATED,
+            [
+                (header::CONTENT_TYPE, "application/sdp".to_string()),
+                (
+                    header::LOCATION,
+                    format!("/v1/rooms/{room}/participants/{}", j.resource),
+                ),
+            ],
+            j.answer,
+        )
+            .into_response(),
+        Err(e @ JoinError::Sdp(_)) => refuse(&api, StatusCode::BAD_REQUEST, e),
+        Err(e @ JoinError::Full(_)) => refuse(&api, StatusCode::FORBIDDEN, e),
+        Err(e @ JoinError::Stopping) => refuse(&api, StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn leave(
+    State(api): State<Api>,
+    Path((room, resource)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = unauthorized(&api, &headers, &room) {
+        return r;
+    }
+    let (reply, done) = oneshot::channel();
+    let sent = api
+        .commands
+        .send(Command::Leave {
+            room,
+            resource,
+            reply,
+        })
+        .await;
+    if sent.is_err() || !done.await.unwrap_or(false) {
+        return (StatusCode::NOT_FOUND, "no such participant\n").into_response();
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+pub(crate) fn random_hex() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
