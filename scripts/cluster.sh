@@ -70,6 +70,7 @@ for i in $(seq 0 $((nodes - 1))); do
     --ids-listen "$ip:8444" \
     --courier-device-listen "$ip:5223" --courier-provider-listen "$ip:8443" \
     --sip-listen "$ip:5060" --sip-tls-listen "$ip:5061" --sip-wss-listen "$ip:8445" \
+    --sfu-listen "$ip:5004" --sfu-api-listen "$ip:8446" \
     > "$out" 2> "$tmp/n$i.err" &
   pids+=($!)
   # The first node creates the shared data directory; the others wait.

@@ -15,6 +15,15 @@ pub trait MetricsSource: Send + Sync {
     fn render(&self, out: &mut String);
 }
 
+/// The SFU's rooms, participants and forwarded media.
+pub struct SfuMetrics(pub Arc<sfu::runtime::Metrics>);
+
+impl MetricsSource for SfuMetrics {
+    fn render(&self, out: &mut String) {
+        self.0.render(out);
+    }
+}
+
 /// Something a service needs to take traffic (its database), asked at
 /// each `/readyz`.
 pub trait ReadyProbe: Send + Sync {

@@ -16,7 +16,15 @@ use toml::{Table, Value};
 use wire::net::IpNet;
 
 /// Sections that environment variables may address.
-const SECTIONS: &[&str] = &["admin", "turn", "ids", "courier", "signaling", "cluster"];
+const SECTIONS: &[&str] = &[
+    "admin",
+    "turn",
+    "ids",
+    "courier",
+    "signaling",
+    "sfu",
+    "cluster",
+];
 
 /// The whole configuration file.
 #[derive(Debug, Default, Deserialize)]
@@ -31,7 +39,66 @@ pub struct Settings {
     pub ids: IdsSection,
     pub courier: CourierSection,
     pub signaling: SignalingSection,
+    pub sfu: SfuSection,
     pub cluster: ClusterSection,
+}
+
+/// The selective forwarding unit for group calls.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SfuSection {
+    /// Media (ICE, DTLS-SRTP) on UDP. Default 0.0.0.0:5004.
+    pub listen: Option<SocketAddr>,
+    /// The join API (HTTPS): participants post their offer with a room
+    /// token. Default 0.0.0.0:8446.
+    pub api_listen: Option<SocketAddr>,
+    /// The address participants send media to, when `listen` is a
+    /// wildcard (NAT, 0.0.0.0). Default 127.0.0.1.
+    pub advertise: Option<IpAddr>,
+    /// People in one room at most. Default 32.
+    pub max_participants: Option<usize>,
+    /// Videos each participant receives at most: the latest speakers'.
+    /// Default 4.
+    pub last_n: Option<usize>,
+    /// Certificate chain and key of the join API (PEM). Default: the data
+    /// directory's server certificate.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl SfuSection {
+    /// The SFU's configuration; `secret` checks room tokens (signaling's,
+    /// which makes them).
+    pub fn to_config(&self, secret: [u8; 32]) -> Result<sfu::runtime::Config> {
+        let listen = self
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 5004)));
+        let max_participants = self.max_participants.unwrap_or(32);
+        if !(2..=64).contains(&max_participants) {
+            bail!("invalid configuration: sfu.max_participants: {max_participants} is not within 2..=64");
+        }
+        let last_n = self.last_n.unwrap_or(4);
+        if !(1..=32).contains(&last_n) {
+            bail!("invalid configuration: sfu.last_n: {last_n} is not within 1..=32");
+        }
+        Ok(sfu::runtime::Config {
+            media: listen,
+            advertise: Some(self.advertise.unwrap_or(match listen {
+                SocketAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+                SocketAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            })),
+            http: self
+                .api_listen
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8446))),
+            tls: None,
+            secret: secret.to_vec(),
+            room: sfu::core::room::Config {
+                last_n,
+                ..Default::default()
+            },
+            max_participants,
+        })
+    }
 }
 
 /// Several nodes of a service sharing PostgreSQL and NATS. Without

@@ -225,12 +225,23 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         ids: true,
         courier: true,
         signaling: true,
+        // A one-to-one call needs no SFU.
+        sfu: false,
     };
+    let sfu_config = settings
+        .sfu
+        .to_config(crate::data::sip_secret(&data.sip_secret)?)?;
     let stack = Stack::start(
         &settings,
         &data,
         services,
-        (turn_config, ids_config, courier_config, signaling_config),
+        (
+            turn_config,
+            ids_config,
+            courier_config,
+            signaling_config,
+            sfu_config,
+        ),
         tls,
     )
     .await?;

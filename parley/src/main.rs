@@ -68,8 +68,9 @@ enum Command {
     ///
     /// The STUN/TURN relay on 3478 (UDP and TCP) and 5349 (TLS), the
     /// identity service on 8444 (HTTPS), the push courier on 5223 (devices,
-    /// TLS and QUIC) and 8443 (providers, HTTPS), and SIP signaling on 5060
-    /// (UDP and TCP), 5061 (TLS) and 8445 (secure WebSocket).
+    /// TLS and QUIC) and 8443 (providers, HTTPS), SIP signaling on 5060
+    /// (UDP and TCP), 5061 (TLS) and 8445 (secure WebSocket), and the SFU
+    /// for group calls on 5004 (media, UDP) and 8446 (join API, HTTPS).
     Up(Box<UpArgs>),
     /// Run the STUN/TURN relay alone.
     ///
@@ -107,6 +108,15 @@ enum Command {
     /// registered device at once, the first answer cancels the others
     /// ("Call completed elsewhere") and a decline ends the call everywhere.
     Signaling(SignalingArgs),
+    /// Run the selective forwarding unit for group calls alone.
+    ///
+    /// Participants join a room through the HTTPS API on 8446 (POST
+    /// /v1/rooms/<room>/participants with an SDP offer and a room token
+    /// signaling made), then send and receive media on UDP 5004 (ICE lite,
+    /// DTLS-SRTP). Media is SFrame-encrypted end to end: the SFU forwards
+    /// it without reading it, choosing per participant the latest speakers
+    /// and the simulcast layer its bandwidth allows.
+    Sfu(SfuArgs),
     /// Show a whole call: the stack in this process, three devices, one call.
     ///
     /// Starts every service on free loopback ports with a temporary data
@@ -256,6 +266,38 @@ struct UpArgs {
     courier: CourierArgs,
     #[command(flatten)]
     signaling: SignalingArgs,
+    #[command(flatten)]
+    sfu: SfuArgs,
+}
+
+#[derive(Debug, Args, Default)]
+struct SfuArgs {
+    /// SFU media (ICE, DTLS-SRTP) UDP listen address. [default: 0.0.0.0:5004]
+    #[arg(long = "sfu-listen", value_name = "ADDR")]
+    sfu_listen: Option<SocketAddr>,
+    /// SFU join API (HTTPS) listen address. [default: 0.0.0.0:8446]
+    #[arg(long = "sfu-api-listen", value_name = "ADDR")]
+    sfu_api_listen: Option<SocketAddr>,
+    /// Address participants send media to when --sfu-listen is a wildcard.
+    /// [default: 127.0.0.1]
+    #[arg(long = "sfu-advertise", value_name = "IP")]
+    sfu_advertise: Option<std::net::IpAddr>,
+}
+
+impl SfuArgs {
+    fn overrides(&self) -> Vec<(String, Value)> {
+        let mut o = Vec::new();
+        if let Some(a) = self.sfu_listen {
+            o.push(("sfu.listen".into(), Value::String(a.to_string())));
+        }
+        if let Some(a) = self.sfu_api_listen {
+            o.push(("sfu.api_listen".into(), Value::String(a.to_string())));
+        }
+        if let Some(a) = self.sfu_advertise {
+            o.push(("sfu.advertise".into(), Value::String(a.to_string())));
+        }
+        o
+    }
 }
 
 #[derive(Debug, Args, Default)]
@@ -417,6 +459,7 @@ struct Services {
     ids: bool,
     courier: bool,
     signaling: bool,
+    sfu: bool,
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -426,19 +469,56 @@ fn run(cli: Cli) -> Result<()> {
         ids,
         courier,
         signaling,
+        sfu: false,
     };
-    let (services, turn_args, ids_args, courier_args, sip_args) = match &cli.command {
+    let (services, turn_args, ids_args, courier_args, sip_args, sfu_args) = match &cli.command {
         Command::Up(a) => (
-            only(true, true, true, true),
+            Services {
+                sfu: true,
+                ..only(true, true, true, true)
+            },
             &a.turn,
             Some(&a.ids),
             Some(&a.courier),
             Some(&a.signaling),
+            Some(&a.sfu),
         ),
-        Command::Turn(a) => (only(true, false, false, false), a, None, None, None),
-        Command::Ids(a) => (only(false, true, false, false), &empty, Some(a), None, None),
-        Command::Courier(a) => (only(false, false, true, false), &empty, None, Some(a), None),
-        Command::Signaling(a) => (only(false, false, false, true), &empty, None, None, Some(a)),
+        Command::Turn(a) => (only(true, false, false, false), a, None, None, None, None),
+        Command::Ids(a) => (
+            only(false, true, false, false),
+            &empty,
+            Some(a),
+            None,
+            None,
+            None,
+        ),
+        Command::Courier(a) => (
+            only(false, false, true, false),
+            &empty,
+            None,
+            Some(a),
+            None,
+            None,
+        ),
+        Command::Signaling(a) => (
+            only(false, false, false, true),
+            &empty,
+            None,
+            None,
+            Some(a),
+            None,
+        ),
+        Command::Sfu(a) => (
+            Services {
+                sfu: true,
+                ..only(false, false, false, false)
+            },
+            &empty,
+            None,
+            None,
+            None,
+            Some(a),
+        ),
         Command::Loadsim(_) | Command::Demo(_) | Command::Client(_) => {
             unreachable!("handled in main")
         }
@@ -451,6 +531,9 @@ fn run(cli: Cli) -> Result<()> {
         overrides.extend(a.overrides());
     }
     if let Some(a) = sip_args {
+        overrides.extend(a.overrides());
+    }
+    if let Some(a) = sfu_args {
         overrides.extend(a.overrides());
     }
     if let Some(d) = &cli.data {
@@ -490,9 +573,14 @@ fn run(cli: Cli) -> Result<()> {
     let sip_secret = (settings.cluster.secret_file.as_ref())
         .or(settings.signaling.secret_file.as_ref())
         .unwrap_or(&data.sip_secret);
-    signaling_config.secret = Some(data::sip_secret(sip_secret)?);
+    let sip_secret = data::sip_secret(sip_secret)?;
+    signaling_config.secret = Some(sip_secret);
+    // Signaling makes the room tokens the SFU checks.
+    let mut sfu_config = settings.sfu.to_config(sip_secret)?;
     let (cert, key) = stack::tls_files(&settings.turn, &data);
     let tls = tls::server_config(&cert, &key, &[ALPN_STUN_TURN])?;
+    let (sfu_cert, sfu_key) = data.server_files(&settings.sfu.cert, &settings.sfu.key);
+    sfu_config.tls = Some(tls::server_config(&sfu_cert, &sfu_key, &[b"http/1.1"])?);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -504,7 +592,13 @@ fn run(cli: Cli) -> Result<()> {
         settings,
         data,
         services,
-        (turn_config, ids_config, courier_config, signaling_config),
+        (
+            turn_config,
+            ids_config,
+            courier_config,
+            signaling_config,
+            sfu_config,
+        ),
         tls,
     ))
 }
@@ -544,12 +638,7 @@ async fn serve(
     settings: config::Settings,
     data: data::DataDir,
     services: Services,
-    configs: (
-        stun_turn::Config,
-        ids::Config,
-        push_courier::Config,
-        signaling::runtime::Config,
-    ),
+    configs: stack::Configs,
     tls: Arc<rustls::ServerConfig>,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -587,6 +676,9 @@ async fn serve(
                 }))
                 .chain(ids_server.iter().map(|i| {
                     Arc::new(admin::IdsMetrics(i.ids.clone())) as Arc<dyn admin::MetricsSource>
+                }))
+                .chain(stack.sfu.iter().map(|s| {
+                    Arc::new(admin::SfuMetrics(s.metrics.clone())) as Arc<dyn admin::MetricsSource>
                 }))
                 .chain(
                     (ids_server.is_some()
@@ -677,6 +769,9 @@ async fn serve(
                 list(s.tls_addrs()),
                 list(s.wss_addrs())
             );
+        }
+        if let Some(s) = &stack.sfu {
+            println!("parley: sfu media={} https://{}", s.media, s.http);
         }
         println!("parley: admin http://{admin_addr} (/metrics /healthz /readyz)");
         println!("parley: ready");

@@ -293,12 +293,22 @@ pub(crate) fn tls_files(turn: &config::TurnSection, data: &data::DataDir) -> (Pa
     data.server_files(&turn.cert, &turn.key)
 }
 
+/// Each service's configuration.
+pub(crate) type Configs = (
+    stun_turn::Config,
+    ids::Config,
+    push_courier::Config,
+    signaling::runtime::Config,
+    sfu::runtime::Config,
+);
+
 /// The services of one process, started.
 pub(crate) struct Stack {
     pub(crate) relay: Option<Arc<Relay>>,
     pub(crate) ids: Option<ids::runtime::Server>,
     pub(crate) courier: Option<push_courier::runtime::Server>,
     pub(crate) signaling: Option<Arc<signaling::runtime::Server>>,
+    pub(crate) sfu: Option<sfu::runtime::Sfu>,
     /// What `/readyz` asks besides the services' own databases: in a
     /// cluster, signaling's shared bindings and the NATS link of a
     /// stand-alone service.
@@ -313,12 +323,7 @@ impl Stack {
         settings: &config::Settings,
         data: &data::DataDir,
         services: Services,
-        (turn_config, mut ids_config, mut courier_config, signaling_config): (
-            stun_turn::Config,
-            ids::Config,
-            push_courier::Config,
-            signaling::runtime::Config,
-        ),
+        (turn_config, mut ids_config, mut courier_config, signaling_config, sfu_config): Configs,
         tls: Arc<rustls::ServerConfig>,
     ) -> Result<Stack> {
         let relay = match services.turn {
@@ -428,6 +433,14 @@ impl Stack {
             }
             false => None,
         };
+        let sfu = match services.sfu {
+            true => Some(
+                sfu::runtime::Sfu::start(sfu_config)
+                    .await
+                    .context("cannot start the SFU")?,
+            ),
+            false => None,
+        };
         let courier = courier_server.as_ref().map(|c| c.courier.clone());
         tasks.push(feed.apply(revocations::Targets {
             courier: courier.clone(),
@@ -455,6 +468,7 @@ impl Stack {
             ids: ids_server,
             courier: courier_server,
             signaling: signaling_server,
+            sfu,
             probes,
             revocations: feed,
             tasks,
@@ -474,6 +488,9 @@ impl Stack {
                 Ok(s) => s.shutdown(std::time::Duration::from_secs(5)).await,
                 Err(_) => tracing::error!("signaling still referenced at shutdown"),
             }
+        }
+        if let Some(s) = self.sfu {
+            s.shutdown();
         }
         if let Some(c) = self.courier {
             c.shutdown().await;

@@ -46,6 +46,7 @@ fn help_explains_every_command() {
         "ids",
         "courier",
         "signaling",
+        "sfu",
         "--config",
         "--data",
         "--admin",
@@ -262,6 +263,10 @@ fn start(data: &Path, extra: &[&str]) -> Running {
         "--sip-tls-listen",
         "127.0.0.1:0",
         "--sip-wss-listen",
+        "127.0.0.1:0",
+        "--sfu-listen",
+        "127.0.0.1:0",
+        "--sfu-api-listen",
         "127.0.0.1:0",
     ];
     args.extend_from_slice(extra);
@@ -510,4 +515,50 @@ fn an_ipv6_relay_address_keeps_ipv4_allocations() {
         .expect("an IPv4 listen address printed")
         .expect("an IPv4 allocation");
     assert!(relayed.is_ipv4(), "{relayed}");
+}
+
+/// `parley up` runs the SFU: its join API answers over HTTPS with the
+/// data directory's certificate, and a join without a room token, or
+/// with one signaling did not make, is refused and counted.
+#[test]
+fn parley_up_serves_the_sfu_join_api_over_https_behind_room_tokens() {
+    parley_tests::tool::require("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let (data, up) = parley_tests::up::start_lab(BIN, dir.path());
+    let join = |auth: Option<&str>| -> String {
+        let mut args = parley_tests::tool::args(&[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+            data.join("ca.pem").to_str().unwrap(),
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/sdp",
+            "--data",
+            "v=0",
+        ]);
+        if let Some(a) = auth {
+            args.extend(["-H".to_string(), format!("Authorization: Bearer {a}")]);
+        }
+        args.push(format!("https://{}/v1/rooms/r1/participants", up.sfu));
+        parley_tests::tool::run("curl", &args, Duration::from_secs(20))
+            .text
+            .trim()
+            .to_string()
+    };
+    assert_eq!(join(None), "401");
+    assert_eq!(
+        join(Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")),
+        "403"
+    );
+    let (_, metrics) = parley_tests::tool::http_get(up.admin, "/metrics");
+    assert!(metrics.contains("parley_sfu_rooms 0"), "{metrics}");
+    assert!(
+        metrics.contains("parley_sfu_joins_refused_total 2"),
+        "{metrics}"
+    );
 }

@@ -24,6 +24,7 @@ async fn sfu() -> sfu::runtime::Sfu {
         media: "127.0.0.1:0".parse().unwrap(),
         advertise: None,
         http: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
         secret: SECRET.to_vec(),
         room: Default::default(),
         max_participants: 32,

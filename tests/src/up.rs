@@ -19,6 +19,8 @@ pub struct Up {
     pub courier: SocketAddr,
     pub sip_udp: SocketAddr,
     pub sip_tls: SocketAddr,
+    /// The SFU's join API (HTTPS).
+    pub sfu: SocketAddr,
     /// The admin listener (/metrics, /healthz, /readyz).
     pub admin: SocketAddr,
 }
@@ -172,6 +174,10 @@ fn launch_at(
         &sip_tls,
         "--sip-wss-listen",
         &any,
+        "--sfu-listen",
+        &any,
+        "--sfu-api-listen",
+        &any,
     ]);
     let (child, printed) = crate::tool::start_until_ready(bin, &all);
     let find = |service: &str, key: &str| {
@@ -187,6 +193,7 @@ fn launch_at(
         courier: find("courier", "tls="),
         sip_udp: find("signaling", "udp="),
         sip_tls: find("signaling", "tls="),
+        sfu: find("sfu", "https://"),
         admin: find("admin", "http://"),
         child,
         bin: bin.to_string(),

@@ -39,6 +39,9 @@ pub struct Config {
     pub advertise: Option<IpAddr>,
     /// The join API.
     pub http: SocketAddr,
+    /// The join API's TLS (HTTPS); none serves plain HTTP (tests, or
+    /// behind a TLS proxy).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Shared with signaling, which makes the room tokens.
     pub secret: Vec<u8>,
     pub room: RoomConfig,
@@ -210,12 +213,13 @@ impl Sfu {
             .route("/v1/rooms/{room}/participants/{resource}", delete(leave))
             .layer(axum::extract::DefaultBodyLimit::max(MAX_OFFER))
             .with_state(api);
-        let tasks = vec![
-            tokio::spawn(media_loop.run(rx)),
-            tokio::spawn(async move {
+        let api_task = match config.tls {
+            None => tokio::spawn(async move {
                 let _ = axum::serve(listener, router).await;
             }),
-        ];
+            Some(tls) => tokio::spawn(serve_tls(listener, tls, router)),
+        };
+        let tasks = vec![tokio::spawn(media_loop.run(rx)), api_task];
         Ok(Sfu {
             media: candidate,
             http,
@@ -229,6 +233,41 @@ impl Sfu {
         for t in self.tasks {
             t.abort();
         }
+    }
+}
+
+/// The join API over TLS: each connection's handshake within 10 s, then
+/// HTTP/1.1 with the same limit on reading a request's head.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+) {
+    use std::time::Duration;
+    use tower::ServiceExt;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    router.clone().oneshot(req.map(axum::body::Body::new))
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+        });
     }
 }
 
