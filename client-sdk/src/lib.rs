@@ -19,6 +19,7 @@
 pub mod call;
 pub mod courier;
 pub mod device;
+pub mod group;
 pub mod group_keys;
 pub mod ids;
 pub mod media;

@@ -1,0 +1,8 @@
+//! Group calls: the device's end of the SFU (its join API and its media),
+//! with every frame encrypted end to end under [`crate::group_keys`].
+
+pub mod session;
+pub mod sfu;
+
+pub use session::{GroupMediaError, GroupSession, GroupStats, Heard};
+pub use sfu::{Joined, SfuClient, SfuError};

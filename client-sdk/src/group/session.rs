@@ -1,0 +1,355 @@
+//! One device's media in a group call, sans-IO: one peer connection to
+//! the SFU (str0m in RTP mode), its own audio encrypted end to end with
+//! SFrame before it is packetised, and the others' audio taken from the
+//! SFU's slots, decrypted, decoded per sender and mixed.
+//!
+//! Only the RTP header, the audio level (RFC 6464) and the `mid` travel in
+//! the clear: the SFU needs them to choose whom to forward. Whose frame a
+//! packet carries is read from the SFrame key id once it decrypts, never
+//! from the SFU.
+//!
+//! The app drives it as it drives a one-to-one [`crate::media::MediaSession`]:
+//! datagrams in, [`GroupSession::poll_transmit`] out, timers through
+//! [`GroupSession::poll_timeout`]; 20 ms of microphone in with
+//! [`GroupSession::send_audio`], 20 ms of the mix out with
+//! [`GroupSession::mix`].
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use str0m::change::{SdpAnswer, SdpPendingOffer};
+use str0m::media::{Direction, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+
+use crate::group_keys::{GroupError, GroupKeys};
+use crate::media::audio::{AudioConfig, AudioDecoder, AudioEncoder, AudioError, FRAME_SAMPLES};
+
+/// The extension id for frame marking, as the SFU negotiates it.
+const FRAME_MARKING_ID: u8 = 5;
+
+/// Frames kept per sender before the oldest is dropped (a sender whose
+/// frames come faster than the mix takes them).
+const MAX_QUEUED: usize = 10;
+
+/// RFC 6464: a frame whose level is at or below this many -dBov counts
+/// as voice.
+const VOICE_LEVEL: u8 = 50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupMediaError {
+    #[error("SDP: {0}")]
+    Sdp(String),
+    #[error("media: {0}")]
+    Rtc(#[from] str0m::RtcError),
+    #[error("audio: {0}")]
+    Audio(#[from] AudioError),
+    #[error("keys: {0}")]
+    Keys(#[from] GroupError),
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    pub to: SocketAddr,
+    pub data: Vec<u8>,
+}
+
+/// What a sender's audio did, as this device heard it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Heard {
+    /// Frames that decrypted and decoded.
+    pub frames: u64,
+    /// RFC 6464 level of the newest (-dBov; 127 silence).
+    pub level: u8,
+}
+
+/// How the session is going.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupStats {
+    /// Frames sent (encrypted).
+    pub frames_out: u64,
+    /// Packets that did not decrypt: keys not (yet) held, or not a
+    /// member's.
+    pub undecryptable: u64,
+    /// By sender index.
+    pub heard: BTreeMap<u16, Heard>,
+}
+
+struct SenderAudio {
+    decoder: AudioDecoder,
+    frames: VecDeque<Vec<i16>>,
+}
+
+pub struct GroupSession {
+    rtc: Rtc,
+    local: SocketAddr,
+    publish: Mid,
+    pending: Option<SdpPendingOffer>,
+    keys: GroupKeys,
+    encoder: AudioEncoder,
+    senders: HashMap<u16, SenderAudio>,
+    seq: u64,
+    timeout: Instant,
+    out: VecDeque<Datagram>,
+    connected: bool,
+    closed: bool,
+    stats: GroupStats,
+}
+
+impl std::fmt::Debug for GroupSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupSession")
+            .field("local", &self.local)
+            .field("connected", &self.connected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroupSession {
+    /// A session on the app's UDP socket bound at `local`, taking up to
+    /// `audio_slots` speakers at once; its offer for the SFU's join API.
+    pub fn new(
+        now: Instant,
+        local: SocketAddr,
+        keys: GroupKeys,
+        audio: AudioConfig,
+        audio_slots: usize,
+    ) -> Result<(GroupSession, String), GroupMediaError> {
+        let mut rtc = RtcConfig::new()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_opus(true, false)
+            .set_extension(FRAME_MARKING_ID, str0m::rtp::Extension::FrameMarking)
+            .build(now);
+        let host = Candidate::host(local, Protocol::Udp)
+            .map_err(|e| GroupMediaError::Sdp(format!("host candidate {local}: {e}")))?;
+        rtc.add_local_candidate(host);
+        let mut api = rtc.sdp_api();
+        let publish = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+        for _ in 0..audio_slots {
+            api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+        }
+        let (offer, pending) = api
+            .apply()
+            .ok_or_else(|| GroupMediaError::Sdp("nothing to offer".into()))?;
+        let session = GroupSession {
+            rtc,
+            local,
+            publish,
+            pending: Some(pending),
+            keys,
+            encoder: AudioEncoder::new(audio)?,
+            senders: HashMap::new(),
+            seq: 0,
+            timeout: now,
+            out: VecDeque::new(),
+            connected: false,
+            closed: false,
+            stats: GroupStats::default(),
+        };
+        Ok((session, offer.to_sdp_string()))
+    }
+
+    /// The SFU's answer to the offer.
+    pub fn accept_answer(&mut self, now: Instant, answer: &str) -> Result<(), GroupMediaError> {
+        let pending = self
+            .pending
+            .take()
+            .ok_or_else(|| GroupMediaError::Sdp("no offer waits for an answer".into()))?;
+        let answer =
+            SdpAnswer::from_sdp_string(answer).map_err(|e| GroupMediaError::Sdp(e.to_string()))?;
+        self.rtc.sdp_api().accept_answer(pending, answer)?;
+        self.drain(now)
+    }
+
+    /// The keys: the app hands it the others' key messages and sends its
+    /// own as members join and leave.
+    pub fn keys(&mut self) -> &mut GroupKeys {
+        &mut self.keys
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The SFU closed or ICE failed: the session is over.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    pub fn stats(&self) -> &GroupStats {
+        &self.stats
+    }
+
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), GroupMediaError> {
+        if let Ok(r) = Receive::new(Protocol::Udp, from, self.local, data) {
+            self.rtc.handle_input(Input::Receive(now, r))?;
+        }
+        self.drain(now)
+    }
+
+    pub fn poll_timeout(&self) -> Instant {
+        self.timeout
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), GroupMediaError> {
+        self.rtc.handle_input(Input::Timeout(now))?;
+        self.drain(now)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Datagram> {
+        self.out.pop_front()
+    }
+
+    /// 20 ms of microphone ([`FRAME_SAMPLES`] at 48 kHz): encoded,
+    /// encrypted under this device's sender key, sent with its level.
+    pub fn send_audio(&mut self, now: Instant, pcm: &[i16]) -> Result<(), GroupMediaError> {
+        if !self.connected {
+            return Ok(());
+        }
+        let Some(opus) = self.encoder.encode(pcm)? else {
+            return Ok(());
+        };
+        let sframe = self.keys.encrypt(&[], &opus)?;
+        let level = level(pcm);
+        let pt = self
+            .rtc
+            .media(self.publish)
+            .and_then(|m| m.remote_pts().first().copied());
+        let Some(pt) = pt else {
+            return Ok(());
+        };
+        let seq = self.seq;
+        self.seq += 1;
+        let ext = ExtensionValues {
+            audio_level: Some(-(level as i8)),
+            voice_activity: Some(level <= VOICE_LEVEL),
+            mid: Some(self.publish),
+            ..Default::default()
+        };
+        let mut api = self.rtc.direct_api();
+        if let Some(tx) = api.stream_tx_by_mid(self.publish, None) {
+            tx.write_rtp(
+                RtpWrite::new(
+                    pt,
+                    SeqNo::from(seq),
+                    (seq * FRAME_SAMPLES as u64) as u32,
+                    now,
+                    sframe,
+                )
+                .ext_vals(ext),
+            );
+            self.stats.frames_out += 1;
+        }
+        self.drain(now)
+    }
+
+    /// The next 20 ms of everyone else, mixed (silence if nobody spoke).
+    pub fn mix(&mut self) -> Vec<i16> {
+        let mut sum = vec![0i32; FRAME_SAMPLES];
+        for s in self.senders.values_mut() {
+            if let Some(f) = s.frames.pop_front() {
+                for (acc, x) in sum.iter_mut().zip(f) {
+                    *acc += i32::from(x);
+                }
+            }
+        }
+        sum.into_iter()
+            .map(|x| x.clamp(i32::from(i16::MIN), i32::from(i16::MAX)) as i16)
+            .collect()
+    }
+
+    fn drain(&mut self, now: Instant) -> Result<(), GroupMediaError> {
+        loop {
+            match self.rtc.poll_output()? {
+                Output::Timeout(t) => {
+                    self.timeout = t;
+                    return Ok(());
+                }
+                Output::Transmit(t) => self.out.push_back(Datagram {
+                    to: t.destination,
+                    data: t.contents.to_vec(),
+                }),
+                Output::Event(e) => self.on_event(now, e),
+            }
+        }
+    }
+
+    fn on_event(&mut self, _now: Instant, e: Event) {
+        match e {
+            Event::Connected => self.connected = true,
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => self.closed = true,
+            Event::RtpPacket(p) => self.on_frame(&p.payload),
+            _ => {}
+        }
+    }
+
+    /// A frame from the SFU: whose it is says its SFrame KID, once it
+    /// decrypts.
+    fn on_frame(&mut self, sframe: &[u8]) {
+        let Ok((header, _)) = wire::sframe::Header::decode(sframe) else {
+            self.stats.undecryptable += 1;
+            return;
+        };
+        let Ok(opus) = self.keys.decrypt(&[], sframe) else {
+            self.stats.undecryptable += 1;
+            return;
+        };
+        let index = (header.kid >> 16) as u16;
+        let sender = match self.senders.entry(index) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => match AudioDecoder::new() {
+                Ok(decoder) => v.insert(SenderAudio {
+                    decoder,
+                    frames: VecDeque::new(),
+                }),
+                Err(_) => return,
+            },
+        };
+        let mut pcm = Vec::with_capacity(FRAME_SAMPLES);
+        if sender.decoder.decode(Some(&opus), false, &mut pcm).is_err() {
+            return;
+        }
+        let heard = self.stats.heard.entry(index).or_default();
+        heard.frames += 1;
+        heard.level = level(&pcm);
+        if sender.frames.len() >= MAX_QUEUED {
+            sender.frames.pop_front();
+        }
+        sender.frames.push_back(pcm);
+    }
+}
+
+/// RFC 6464 level of a frame: -dBov of its RMS, 0 (loudest) to 127.
+pub fn level(pcm: &[i16]) -> u8 {
+    if pcm.is_empty() {
+        return 127;
+    }
+    let mean = pcm.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / pcm.len() as f64;
+    let rms = mean.sqrt() / 32768.0;
+    if rms <= 0.0 {
+        return 127;
+    }
+    (-20.0 * rms.log10()).round().clamp(0.0, 127.0) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::level;
+
+    #[test]
+    fn levels_follow_rfc_6464() {
+        assert_eq!(level(&[0; 960]), 127);
+        assert_eq!(level(&[i16::MAX; 960]), 0);
+        let half: Vec<i16> = vec![16384; 960];
+        assert_eq!(level(&half), 6);
+    }
+}

@@ -1,0 +1,253 @@
+//! A group call on loopback: devices with the SDK's group media session
+//! join one room of the SFU through its HTTPS API with room tokens,
+//! exchange sender keys (HPKE-sealed, signed), and each plays a tone of
+//! its own. Three start; a fourth joins (everyone's key ratchets). Every
+//! device then hears the other three's tones in its mix and never its
+//! own, though the SFU that forwards every frame holds none of the keys.
+//! A fifth joins the room with a valid room token (what a compromised
+//! server could do) but is no member: it is sent every frame and reads
+//! none.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use client_sdk::group::{GroupSession, SfuClient};
+use client_sdk::group_keys::{GroupKeys, Member};
+use client_sdk::media::audio::{tone_share, AudioConfig, Tone};
+use tokio::net::UdpSocket;
+use wire::group_key::KeyMessage;
+use wire::keys::{DeviceId, SigningKey};
+
+const SECRET: &[u8] = b"signaling secret";
+const ROOM: &str = "group-1";
+
+/// The SFU with its join API on TLS, and the CA its certificate chains to.
+async fn sfu() -> (sfu::runtime::Sfu, rustls::RootCertStore) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_cert.der().clone()).unwrap();
+    let sfu = sfu::runtime::Sfu::start(sfu::runtime::Config {
+        media: "127.0.0.1:0".parse().unwrap(),
+        advertise: None,
+        http: "127.0.0.1:0".parse().unwrap(),
+        tls: Some(Arc::new(tls)),
+        secret: SECRET.to_vec(),
+        room: Default::default(),
+        max_participants: 32,
+    })
+    .await
+    .unwrap();
+    (sfu, roots)
+}
+
+fn token() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    sfu::token::make(SECRET, ROOM, now + 600)
+}
+
+struct Device {
+    identity: SigningKey,
+    member: Member,
+    session: GroupSession,
+    socket: UdpSocket,
+    tone: Tone,
+    heard: Vec<i16>,
+}
+
+impl Device {
+    async fn join(sfu: &SfuClient, index: u16, freq: f64) -> Device {
+        let identity = SigningKey::generate();
+        let member = Member {
+            device: DeviceId::random(),
+            identity: identity.public(),
+            index,
+        };
+        let keys = GroupKeys::new("call-1", member.clone()).unwrap();
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let local = socket.local_addr().unwrap();
+        let (mut session, offer) =
+            GroupSession::new(Instant::now(), local, keys, AudioConfig::default(), 7).unwrap();
+        let joined = sfu.join(ROOM, &token(), &offer).await.unwrap();
+        session
+            .accept_answer(Instant::now(), &joined.answer)
+            .unwrap();
+        Device {
+            identity,
+            member,
+            session,
+            socket,
+            tone: Tone::new(freq, 0.3),
+            heard: Vec::new(),
+        }
+    }
+
+    fn step(&mut self) {
+        let now = Instant::now();
+        let mut buf = vec![0u8; 2000];
+        while let Ok((n, from)) = self.socket.try_recv_from(&mut buf) {
+            self.session.handle_datagram(now, from, &buf[..n]).unwrap();
+        }
+        if self.session.poll_timeout() <= now {
+            self.session.handle_timeout(now).unwrap();
+        }
+        while let Some(d) = self.session.poll_transmit() {
+            let _ = self.socket.try_send_to(&d.data, d.to);
+        }
+    }
+
+    /// One 20 ms tick: say a frame of the tone, hear a frame of the mix.
+    fn tick(&mut self, speak: bool) {
+        let frame = self.tone.next_frame();
+        if speak {
+            self.session.send_audio(Instant::now(), &frame).unwrap();
+        }
+        let mix = self.session.mix();
+        self.heard.extend(mix);
+        while let Some(d) = self.session.poll_transmit() {
+            let _ = self.socket.try_send_to(&d.data, d.to);
+        }
+    }
+}
+
+/// Hands each key message to the device it is for.
+fn deliver(devices: &mut [Device], messages: Vec<KeyMessage>) {
+    for m in messages {
+        if let Some(d) = devices.iter_mut().find(|d| d.member.device == m.to) {
+            let identity = d.identity.clone();
+            d.session.keys().accept(&identity, &m).unwrap();
+        }
+    }
+}
+
+async fn run(devices: &mut [Device], d: Duration) {
+    let end = Instant::now() + d;
+    let mut next = Instant::now();
+    while Instant::now() < end {
+        for dev in devices.iter_mut() {
+            dev.step();
+        }
+        if Instant::now() >= next {
+            next += Duration::from_millis(20);
+            for dev in devices.iter_mut() {
+                let speak = dev.session.is_connected();
+                dev.tick(speak);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Share of the last `seconds` of what `d` heard at `freq`.
+fn share(d: &Device, freq: f64, seconds: f64) -> f64 {
+    let n = (48_000.0 * seconds) as usize;
+    let tail = &d.heard[d.heard.len().saturating_sub(n)..];
+    tone_share(tail, freq)
+}
+
+#[tokio::test]
+async fn four_devices_hear_each_other_end_to_end_through_the_sfu() {
+    let (sfu, roots) = sfu().await;
+    let client = SfuClient::new(sfu.http, "127.0.0.1", roots).unwrap();
+    let freqs = [440.0, 660.0, 880.0, 1100.0];
+    let mut devices = Vec::new();
+    for (i, f) in freqs.iter().take(3).enumerate() {
+        devices.push(Device::join(&client, i as u16 + 1, *f).await);
+    }
+    // The first three start the call: each sends its key to the others.
+    let members: Vec<Member> = devices.iter().map(|d| d.member.clone()).collect();
+    let mut messages = Vec::new();
+    for d in devices.iter_mut() {
+        let others: Vec<Member> = members
+            .iter()
+            .filter(|m| **m != d.member)
+            .cloned()
+            .collect();
+        let identity = d.identity.clone();
+        messages.extend(d.session.keys().start(&identity, &others).unwrap());
+    }
+    deliver(&mut devices, messages);
+    run(&mut devices, Duration::from_secs(3)).await;
+
+    // A fourth joins: everyone ratchets and sends it the new key; it
+    // sends its own to everyone.
+    let mut late = Device::join(&client, 4, freqs[3]).await;
+    let mut messages = Vec::new();
+    for d in devices.iter_mut() {
+        let identity = d.identity.clone();
+        messages.push(
+            d.session
+                .keys()
+                .join(&identity, late.member.clone())
+                .unwrap(),
+        );
+    }
+    let identity = late.identity.clone();
+    messages.extend(late.session.keys().start(&identity, &members).unwrap());
+    devices.push(late);
+    deliver(&mut devices, messages);
+    for d in devices.iter_mut() {
+        d.heard.clear();
+    }
+    // The room's snoop: in the room, not in the call.
+    devices.push(Device::join(&client, 9, 1500.0).await);
+    run(&mut devices, Duration::from_secs(3)).await;
+    let snoop = devices.pop().unwrap();
+    assert!(snoop.session.is_connected());
+    assert!(
+        snoop.session.stats().undecryptable > 100,
+        "{:?}",
+        snoop.session.stats()
+    );
+    assert!(snoop.session.stats().heard.is_empty());
+    assert!(snoop.heard.iter().all(|x| *x == 0), "the snoop heard sound");
+
+    let mut m = String::new();
+    sfu.metrics.render(&mut m);
+    for (i, d) in devices.iter().enumerate() {
+        assert!(d.session.is_connected(), "device {i} never connected");
+        let shares: Vec<String> = freqs
+            .iter()
+            .map(|f| format!("{f} Hz {:.3}", share(d, *f, 2.0)))
+            .collect();
+        eprintln!("device {i} heard: {}", shares.join(", "));
+        for (j, f) in freqs.iter().enumerate() {
+            let s = share(d, *f, 2.0);
+            if i == j {
+                assert!(s < 0.02, "device {i} hears itself ({s:.3})");
+            } else {
+                assert!(
+                    s > 0.08,
+                    "device {i} hears {f} Hz at {s:.3}; stats {:?}\n{m}",
+                    d.session.stats()
+                );
+            }
+        }
+        // The members' frames, and none of the snoop's (it has no member
+        // key to send under that they would take).
+        assert_eq!(d.session.stats().heard.len(), 3, "{:?}", d.session.stats());
+    }
+    sfu.shutdown();
+}
