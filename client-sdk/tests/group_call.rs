@@ -19,7 +19,7 @@ use wire::group_key::KeyMessage;
 use wire::keys::{DeviceId, SigningKey};
 
 const SECRET: &[u8] = b"signaling secret";
-const ROOM: &str = "group-1";
+const ROOM: &str = "group-1-abcdefghijkl";
 
 /// The SFU with its join API on TLS, and the CA its certificate chains to.
 async fn sfu() -> (sfu::runtime::Sfu, rustls::RootCertStore) {

@@ -235,6 +235,11 @@ pub struct SignalingSection {
     pub wakes_per_minute: Option<u32>,
     /// Calls ringing at once. Default 100000.
     pub max_calls: Option<usize>,
+    /// The SFU's join API that participants of group calls are sent to,
+    /// with their room tokens (`https://sfu.example.com:8446`). Default:
+    /// the SFU of the same `parley up`; none for `parley signaling` alone,
+    /// where group INVITEs then get 488.
+    pub sfu_url: Option<String>,
     /// Open SIP connections. Default 10000.
     pub max_connections: Option<usize>,
     /// Accepted SIP connections from one source address (IPv6: /64).
@@ -322,6 +327,14 @@ impl SignalingSection {
             p.source_rate = r.max(1);
         }
         p.forward_to = nets("signaling.forward_to", &self.forward_to)?;
+        if let Some(u) = &self.sfu_url {
+            if !u.starts_with("https://") || u.contains(char::is_whitespace) {
+                return Err(anyhow!(
+                    "invalid configuration: signaling.sfu_url: an https:// URL, got {u:?}"
+                ));
+            }
+            p.sfu = Some(u.trim_end_matches('/').to_string());
+        }
         if let Some(s) = self.dialog_lifetime_secs {
             if !(60..=7 * 24 * 3600).contains(&s) {
                 return Err(anyhow!(

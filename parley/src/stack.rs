@@ -415,6 +415,22 @@ impl Stack {
         if let Some(wiring::CourierLink::Cluster(nats)) = &courier_link {
             probes.push(Arc::new(admin::ClusterNats(nats.clone())));
         }
+        let sfu = match services.sfu {
+            true => Some(
+                sfu::runtime::Sfu::start(sfu_config)
+                    .await
+                    .context("cannot start the SFU")?,
+            ),
+            false => None,
+        };
+        let mut signaling_config = signaling_config;
+        if let (Some(s), None) = (&sfu, &signaling_config.proxy.sfu) {
+            // Participants reach the API where they reach the media.
+            signaling_config.proxy.sfu = Some(format!(
+                "https://{}",
+                std::net::SocketAddr::new(s.media.ip(), s.http.port())
+            ));
+        }
         let signaling_server = match services.signaling {
             true => {
                 let (server, location) = start_signaling(
@@ -431,14 +447,6 @@ impl Stack {
                 }
                 Some(Arc::new(server))
             }
-            false => None,
-        };
-        let sfu = match services.sfu {
-            true => Some(
-                sfu::runtime::Sfu::start(sfu_config)
-                    .await
-                    .context("cannot start the SFU")?,
-            ),
             false => None,
         };
         let courier = courier_server.as_ref().map(|c| c.courier.clone());

@@ -544,7 +544,10 @@ fn parley_up_serves_the_sfu_join_api_over_https_behind_room_tokens() {
         if let Some(a) = auth {
             args.extend(["-H".to_string(), format!("Authorization: Bearer {a}")]);
         }
-        args.push(format!("https://{}/v1/rooms/r1/participants", up.sfu));
+        args.push(format!(
+            "https://{}/v1/rooms/room-1-abcdefghijkl/participants",
+            up.sfu
+        ));
         parley_tests::tool::run("curl", &args, Duration::from_secs(20))
             .text
             .trim()

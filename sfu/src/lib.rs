@@ -9,4 +9,5 @@
 
 pub mod core;
 pub mod runtime;
-pub mod token;
+/// Room tokens ([`wire::room_token`]), which signaling makes.
+pub use wire::room_token as token;

@@ -247,7 +247,7 @@ async fn three_participants_hear_each_others_payloads_as_sent() {
     let sfu = sfu().await;
     let mut peers = Vec::new();
     for _ in 0..3 {
-        peers.push(Peer::join(&sfu, "room-1", 2).await);
+        peers.push(Peer::join(&sfu, "room-1-abcdefghijkl", 2).await);
     }
     assert_eq!(metric(&sfu, "parley_sfu_participants"), 3);
     assert_eq!(metric(&sfu, "parley_sfu_rooms"), 1);
@@ -280,7 +280,7 @@ async fn three_participants_hear_each_others_payloads_as_sent() {
     assert!(metric(&sfu, "parley_sfu_forwarded_packets_total{kind=\"audio\"}") > 100);
 
     // Peer 2 leaves: the others hear it no more.
-    let auth = format!("Bearer {}", token("room-1"));
+    let auth = format!("Bearer {}", token("room-1-abcdefghijkl"));
     let (status, _, _) = http(
         sfu.http,
         "DELETE",
@@ -328,11 +328,11 @@ async fn three_participants_hear_each_others_payloads_as_sent() {
 #[tokio::test]
 async fn joins_without_a_valid_token_or_offer_are_refused() {
     let sfu = sfu().await;
-    let path = "/v1/rooms/room-1/participants";
+    let path = "/v1/rooms/room-1-abcdefghijkl/participants";
     let sdp = ("Content-Type", "application/sdp");
     let (status, _, body) = http(sfu.http, "POST", path, &[sdp], "v=0").await;
     assert_eq!(status, 401, "{body}");
-    let other = format!("Bearer {}", token("room-2"));
+    let other = format!("Bearer {}", token("room-2-abcdefghijkl"));
     let (status, _, body) = http(
         sfu.http,
         "POST",
@@ -343,7 +343,10 @@ async fn joins_without_a_valid_token_or_offer_are_refused() {
     .await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("not for this room"), "{body}");
-    let expired = format!("Bearer {}", sfu::token::make(SECRET, "room-1", 1));
+    let expired = format!(
+        "Bearer {}",
+        sfu::token::make(SECRET, "room-1-abcdefghijkl", 1)
+    );
     let (status, _, _) = http(
         sfu.http,
         "POST",
@@ -353,7 +356,7 @@ async fn joins_without_a_valid_token_or_offer_are_refused() {
     )
     .await;
     assert_eq!(status, 403);
-    let good = format!("Bearer {}", token("room-1"));
+    let good = format!("Bearer {}", token("room-1-abcdefghijkl"));
     let (status, _, body) = http(
         sfu.http,
         "POST",
@@ -375,7 +378,7 @@ async fn joins_without_a_valid_token_or_offer_are_refused() {
     let (status, _, _) = http(
         sfu.http,
         "DELETE",
-        "/v1/rooms/room-1/participants/0-nobody",
+        "/v1/rooms/room-1-abcdefghijkl/participants/0-nobody",
         &[("Authorization", &good)],
         "",
     )

@@ -27,6 +27,7 @@ pub mod passport;
 pub mod push;
 pub mod ratelimit;
 pub mod request_auth;
+pub mod room_token;
 pub mod safety_number;
 pub mod sframe;
 pub mod sip;

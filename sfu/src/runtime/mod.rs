@@ -279,13 +279,6 @@ fn refuse(api: &Api, status: StatusCode, why: impl std::fmt::Display) -> Respons
     (status, format!("{why}\n")).into_response()
 }
 
-fn valid_room(room: &str) -> bool {
-    (1..=64).contains(&room.len())
-        && room
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// The refusal, if the bearer token does not open `room`.
 fn unauthorized(api: &Api, headers: &HeaderMap, room: &str) -> Option<Response> {
     let token = headers
@@ -314,7 +307,7 @@ async fn join(
     headers: HeaderMap,
     offer: String,
 ) -> Response {
-    if !valid_room(&room) {
+    if !wire::room_token::valid_room(&room) {
         return refuse(&api, StatusCode::NOT_FOUND, "no such room name");
     }
     if let Some(r) = unauthorized(&api, &headers, &room) {

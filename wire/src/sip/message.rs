@@ -137,6 +137,11 @@ impl HeaderName {
         HeaderName(std::borrow::Cow::Borrowed(s))
     }
 
+    /// An extension header's name, for constants.
+    pub const fn from_static(s: &'static str) -> HeaderName {
+        HeaderName::known(s)
+    }
+
     /// The canonical name for `raw`: compact forms expanded (RFC 3261
     /// §7.3.3 and later RFCs), well-known names in their usual spelling.
     pub fn from_wire(raw: &str) -> HeaderName {

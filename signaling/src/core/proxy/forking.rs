@@ -44,6 +44,11 @@ impl Proxy {
             waiting: Vec::new(),
             source_flow: source.flow,
         };
+        if let Some((code, reason)) = invite.then(|| self.group_refusal(&fork.request)).flatten() {
+            self.forks.insert(fork_id, fork);
+            self.finish(fork_id, code, reason, now);
+            return;
+        }
         // Who calls, as the woken device shows it: the caller's handle
         // (checked against its account or device), else its From.
         let caller = self
@@ -236,6 +241,9 @@ impl Proxy {
         }
         decrement_max_forwards(&mut m);
         if f.invite {
+            self.add_room_headers(&f.request, &mut m, now);
+        }
+        if f.invite {
             let ftag = m.tag(&HeaderName::FROM).unwrap_or("").to_string();
             let expires = self.clock(now) + self.config.dialog_lifetime.as_secs();
             let token = self
@@ -295,6 +303,15 @@ impl Proxy {
         now: Instant,
     ) {
         let code = resp.code().unwrap_or(500);
+        let mut resp = resp;
+        match self.forks.get(&fork_id) {
+            // The caller of a group call gets its room token with the
+            // ringing and the answer.
+            Some(f) if f.invite && (180..300).contains(&code) => {
+                self.add_room_headers(&f.request, &mut resp, now)
+            }
+            _ => group::strip_room_headers(&mut resp),
+        }
         let Some(f) = self.forks.get_mut(&fork_id) else {
             return;
         };

@@ -60,6 +60,7 @@ use wire::ratelimit::RateLimiter;
 
 mod forking;
 mod forward;
+mod group;
 mod request;
 mod response;
 mod shared;
@@ -115,6 +116,10 @@ pub struct Config {
     /// reports this node's bindings ([`Event::Bound`]) and asks for other
     /// nodes' before forking ([`Event::Locate`]). Default off.
     pub shared_location: bool,
+    /// The SFU's join API (`https://host:8446`), handed with room tokens
+    /// to the participants of group calls. Default none: a group INVITE
+    /// gets 488.
+    pub sfu: Option<String>,
     /// RFC 3261 timer bases. Defaults 500 ms, 4 s, 5 s.
     pub t1: Duration,
     pub t2: Duration,
@@ -146,6 +151,7 @@ impl Default for Config {
             dialog_lifetime: Duration::from_secs(12 * 3600),
             wakes_per_minute: 30,
             shared_location: false,
+            sfu: None,
             t1: Duration::from_millis(500),
             t2: Duration::from_secs(4),
             t4: Duration::from_secs(5),
@@ -238,6 +244,8 @@ pub struct Metrics {
 pub struct Proxy {
     config: Config,
     tokens: FlowTokens,
+    /// Keys the room tokens of group calls, which the SFU checks.
+    room_secret: [u8; 32],
     digest: Digest,
     nonce_counts: NonceCounts,
     epoch: Instant,
@@ -295,6 +303,7 @@ impl Proxy {
         timers.at(now + SWEEP_EVERY, Timer::Sweep);
         Proxy {
             tokens: FlowTokens::new(&secret),
+            room_secret: secret,
             digest,
             nonce_counts: NonceCounts::default(),
             epoch: now,

@@ -1,7 +1,8 @@
-//! Room tokens: who may join a room. Signaling, which rings the group,
-//! makes one per participant for the room and a time; the SFU checks it
-//! with the secret they share (as relays check TURN credentials), so the
-//! SFU keeps no accounts and a token for one room opens no other.
+//! Room tokens: who may join a group call's room at the SFU. Signaling,
+//! which rings the group, makes them for the room and a time; the SFU
+//! checks them with the secret they share (as relays check TURN
+//! credentials), so the SFU keeps no accounts and a token for one room
+//! opens no other.
 //!
 //! A token is `base64url(expires as 8 bytes big-endian ‖ tag)` where the
 //! tag is the first 16 bytes of HMAC-SHA256(secret, "parley-sfu-room\0" ‖
@@ -66,6 +67,15 @@ pub fn check(secret: &[u8], room: &str, token: &str, now: u64) -> Result<(), Tok
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A room id as callers choose them: 16 to 64 letters, digits, `-` or
+/// `_` (a random one is unguessable; the SFU takes the same).
+pub fn valid_room(room: &str) -> bool {
+    (16..=64).contains(&room.len())
+        && room
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
