@@ -6,14 +6,15 @@
 //! own, though the SFU that forwards every frame holds none of the keys.
 //! A fifth joins the room with a valid room token (what a compromised
 //! server could do) but is no member: it is sent every frame and reads
-//! none.
+//! none. And eight at once, each hearing the other seven.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use client_sdk::group::{GroupSession, SfuClient};
+use client_sdk::group::{GroupConfig, GroupSession, SfuClient};
 use client_sdk::group_keys::{GroupKeys, Member};
-use client_sdk::media::audio::{tone_share, AudioConfig, Tone};
+use client_sdk::media::audio::{tone_share, Tone};
+use client_sdk::media::video::{is_pattern, TestPattern};
 use tokio::net::UdpSocket;
 use wire::group_key::KeyMessage;
 use wire::keys::{DeviceId, SigningKey};
@@ -74,11 +75,26 @@ struct Device {
     session: GroupSession,
     socket: UdpSocket,
     tone: Tone,
+    /// Its camera, if it sends video.
+    pattern: Option<TestPattern>,
+    ticks: u64,
     heard: Vec<i16>,
 }
 
 impl Device {
     async fn join(sfu: &SfuClient, index: u16, freq: f64) -> Device {
+        Device::join_with(sfu, index, freq, 0.3, 0).await
+    }
+
+    /// A device playing `freq` at `amplitude` (of full scale), and the
+    /// test pattern if it takes `video_slots` videos.
+    async fn join_with(
+        sfu: &SfuClient,
+        index: u16,
+        freq: f64,
+        amplitude: f64,
+        video_slots: usize,
+    ) -> Device {
         let identity = SigningKey::generate();
         let member = Member {
             device: DeviceId::random(),
@@ -88,8 +104,12 @@ impl Device {
         let keys = GroupKeys::new("call-1", member.clone()).unwrap();
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let local = socket.local_addr().unwrap();
-        let (mut session, offer) =
-            GroupSession::new(Instant::now(), local, keys, AudioConfig::default(), 7).unwrap();
+        let config = GroupConfig {
+            audio_slots: 7,
+            video_slots,
+            ..GroupConfig::default()
+        };
+        let (mut session, offer) = GroupSession::new(Instant::now(), local, keys, config).unwrap();
         let joined = sfu.join(ROOM, &token(), &offer).await.unwrap();
         session
             .accept_answer(Instant::now(), &joined.answer)
@@ -99,7 +119,9 @@ impl Device {
             member,
             session,
             socket,
-            tone: Tone::new(freq, 0.3),
+            tone: Tone::new(freq, amplitude),
+            pattern: (video_slots > 0).then(TestPattern::default),
+            ticks: 0,
             heard: Vec::new(),
         }
     }
@@ -123,7 +145,13 @@ impl Device {
         let frame = self.tone.next_frame();
         if speak {
             self.session.send_audio(Instant::now(), &frame).unwrap();
+            // A camera frame every third tick: 16.7 per second.
+            if let Some(p) = self.pattern.as_mut().filter(|_| self.ticks % 3 == 0) {
+                let picture = p.next_frame();
+                self.session.send_video(Instant::now(), &picture).unwrap();
+            }
         }
+        self.ticks += 1;
         let mix = self.session.mix();
         self.heard.extend(mix);
         while let Some(d) = self.session.poll_transmit() {
@@ -167,16 +195,8 @@ fn share(d: &Device, freq: f64, seconds: f64) -> f64 {
     tone_share(tail, freq)
 }
 
-#[tokio::test]
-async fn four_devices_hear_each_other_end_to_end_through_the_sfu() {
-    let (sfu, roots) = sfu().await;
-    let client = SfuClient::new(sfu.http, "127.0.0.1", roots).unwrap();
-    let freqs = [440.0, 660.0, 880.0, 1100.0];
-    let mut devices = Vec::new();
-    for (i, f) in freqs.iter().take(3).enumerate() {
-        devices.push(Device::join(&client, i as u16 + 1, *f).await);
-    }
-    // The first three start the call: each sends its key to the others.
+/// Every member sends its key to every other.
+fn start_keys(devices: &mut [Device]) {
     let members: Vec<Member> = devices.iter().map(|d| d.member.clone()).collect();
     let mut messages = Vec::new();
     for d in devices.iter_mut() {
@@ -188,7 +208,57 @@ async fn four_devices_hear_each_other_end_to_end_through_the_sfu() {
         let identity = d.identity.clone();
         messages.extend(d.session.keys().start(&identity, &others).unwrap());
     }
-    deliver(&mut devices, messages);
+    deliver(devices, messages);
+}
+
+/// Eight at once, each a quieter tone (seven are mixed): every device
+/// hears the seven others, each about a seventh of what it hears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_devices_each_hear_the_other_seven() {
+    let (sfu, roots) = sfu().await;
+    let client = SfuClient::new(sfu.http, "127.0.0.1", roots).unwrap();
+    let freqs = [350.0, 500.0, 650.0, 800.0, 950.0, 1100.0, 1250.0, 1400.0];
+    let mut devices = Vec::new();
+    for (i, f) in freqs.iter().enumerate() {
+        devices.push(Device::join_with(&client, i as u16 + 1, *f, 0.1, 0).await);
+    }
+    start_keys(&mut devices);
+    run(&mut devices, Duration::from_secs(4)).await;
+    for (i, d) in devices.iter().enumerate() {
+        assert!(d.session.is_connected(), "device {i} never connected");
+        for (j, f) in freqs.iter().enumerate() {
+            let s = share(d, *f, 2.0);
+            match i == j {
+                true => assert!(s < 0.02, "device {i} hears itself ({s:.3})"),
+                false => assert!(
+                    s > 0.05,
+                    "device {i} hears {f} Hz at {s:.3}; {:?}",
+                    d.session.stats()
+                ),
+            }
+        }
+    }
+    assert_eq!(
+        sfu.metrics
+            .participants
+            .load(std::sync::atomic::Ordering::Relaxed),
+        8
+    );
+    sfu.shutdown();
+}
+
+#[tokio::test]
+async fn four_devices_hear_each_other_end_to_end_through_the_sfu() {
+    let (sfu, roots) = sfu().await;
+    let client = SfuClient::new(sfu.http, "127.0.0.1", roots).unwrap();
+    let freqs = [440.0, 660.0, 880.0, 1100.0];
+    let mut devices = Vec::new();
+    for (i, f) in freqs.iter().take(3).enumerate() {
+        devices.push(Device::join(&client, i as u16 + 1, *f).await);
+    }
+    // The first three start the call: each sends its key to the others.
+    let members: Vec<Member> = devices.iter().map(|d| d.member.clone()).collect();
+    start_keys(&mut devices);
     run(&mut devices, Duration::from_secs(3)).await;
 
     // A fourth joins: everyone ratchets and sends it the new key; it
@@ -249,5 +319,51 @@ async fn four_devices_hear_each_other_end_to_end_through_the_sfu() {
         // key to send under that they would take).
         assert_eq!(d.session.stats().heard.len(), 3, "{:?}", d.session.stats());
     }
+    sfu.shutdown();
+}
+
+/// Three with audio and video: each decodes the other two's test pattern
+/// from its video slots, end to end encrypted like the audio, and still
+/// hears their tones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_devices_see_each_others_video_end_to_end() {
+    let (sfu, roots) = sfu().await;
+    let client = SfuClient::new(sfu.http, "127.0.0.1", roots).unwrap();
+    let freqs = [440.0, 660.0, 880.0];
+    let mut devices = Vec::new();
+    for (i, f) in freqs.iter().enumerate() {
+        devices.push(Device::join_with(&client, i as u16 + 1, *f, 0.3, 2).await);
+    }
+    start_keys(&mut devices);
+    run(&mut devices, Duration::from_secs(4)).await;
+    let mut m = String::new();
+    sfu.metrics.render(&mut m);
+    for (i, d) in devices.iter().enumerate() {
+        let stats = d.session.stats();
+        eprintln!(
+            "device {i}: sent {} video frames ({} key), saw {:?}",
+            stats.video_frames_out,
+            stats.keyframes_out,
+            stats
+                .seen
+                .iter()
+                .map(|(k, s)| (*k, s.pictures))
+                .collect::<Vec<_>>()
+        );
+        assert!(stats.keyframes_out >= 1, "{stats:?}");
+        for (j, f) in freqs.iter().enumerate().filter(|(j, _)| *j != i) {
+            let seen = stats.seen.get(&(j as u16 + 1)).copied().unwrap_or_default();
+            assert!(
+                seen.pictures >= 20,
+                "device {i} saw {} pictures of {j}; {stats:?}\n{m}",
+                seen.pictures
+            );
+            let last = seen.last.unwrap();
+            assert!(is_pattern(&last.quadrants), "{last:?}");
+            assert!(share(d, *f, 2.0) > 0.2, "device {i} hears {f} Hz faintly");
+        }
+        assert!(!stats.seen.contains_key(&(i as u16 + 1)), "saw itself");
+    }
+    assert!(m.contains("parley_sfu_forwarded_packets_total{kind=\"video\"}"));
     sfu.shutdown();
 }

@@ -4,5 +4,5 @@
 pub mod session;
 pub mod sfu;
 
-pub use session::{GroupMediaError, GroupSession, GroupStats, Heard};
+pub use session::{GroupConfig, GroupMediaError, GroupSession, GroupStats, Heard, Seen};
 pub use sfu::{Joined, SfuClient, SfuError};

@@ -8,11 +8,18 @@
 //! packet carries is read from the SFrame key id once it decrypts, never
 //! from the SFU.
 //!
+//! Video goes the same way: each H.264 frame is sealed whole, then split
+//! into RTP packets of at most [`MAX_CHUNK`] bytes with the frame marking
+//! extension (RFC 9626: start, end, independent) in the clear, so the SFU
+//! can switch a subscriber's slot at a key frame it cannot read. Frames
+//! from the slots are put back together, opened and decoded per sender.
+//!
 //! The app drives it as it drives a one-to-one [`crate::media::MediaSession`]:
 //! datagrams in, [`GroupSession::poll_transmit`] out, timers through
 //! [`GroupSession::poll_timeout`]; 20 ms of microphone in with
 //! [`GroupSession::send_audio`], 20 ms of the mix out with
-//! [`GroupSession::mix`].
+//! [`GroupSession::mix`], camera frames in with
+//! [`GroupSession::send_video`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -24,8 +31,23 @@ use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
+use str0m::media::KeyframeRequestKind;
+
 use crate::group_keys::{GroupError, GroupKeys};
 use crate::media::audio::{AudioConfig, AudioDecoder, AudioEncoder, AudioError, FRAME_SAMPLES};
+use crate::media::video::{Picture, VideoDecoder, VideoEncoder, VideoError, FPS};
+
+/// The largest RTP payload a video frame is split into (SFrame ciphertext
+/// stays under a 1200-byte path MTU with headers and SRTP).
+pub const MAX_CHUNK: usize = 1100;
+
+/// RFC 9626 frame marking, short form: start, end, independent.
+const MARK_START: u8 = 0x80;
+const MARK_END: u8 = 0x40;
+const MARK_INDEPENDENT: u8 = 0x20;
+
+/// The 90 kHz RTP clock's ticks per video frame.
+const VIDEO_TICKS: u64 = 90_000 / FPS as u64;
 
 /// The extension id for frame marking, as the SFU negotiates it.
 const FRAME_MARKING_ID: u8 = 5;
@@ -48,6 +70,30 @@ pub enum GroupMediaError {
     Audio(#[from] AudioError),
     #[error("keys: {0}")]
     Keys(#[from] GroupError),
+    #[error("video: {0}")]
+    Video(#[from] VideoError),
+}
+
+/// What a group session takes and sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupConfig {
+    pub audio: AudioConfig,
+    /// Speakers heard at once (receive-only audio m-lines offered).
+    pub audio_slots: usize,
+    /// Videos seen at once; 0 sends and takes no video.
+    pub video_slots: usize,
+    pub video_bitrate: u32,
+}
+
+impl Default for GroupConfig {
+    fn default() -> GroupConfig {
+        GroupConfig {
+            audio: AudioConfig::default(),
+            audio_slots: 8,
+            video_slots: 0,
+            video_bitrate: 500_000,
+        }
+    }
 }
 
 /// A datagram to send.
@@ -66,8 +112,17 @@ pub struct Heard {
     pub level: u8,
 }
 
+/// What a sender's video did, as this device saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Seen {
+    /// Pictures decoded.
+    pub pictures: u64,
+    /// The newest.
+    pub last: Option<Picture>,
+}
+
 /// How the session is going.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GroupStats {
     /// Frames sent (encrypted).
     pub frames_out: u64,
@@ -76,6 +131,30 @@ pub struct GroupStats {
     pub undecryptable: u64,
     /// By sender index.
     pub heard: BTreeMap<u16, Heard>,
+    /// Video frames sent (encrypted) and key frames among them.
+    pub video_frames_out: u64,
+    pub keyframes_out: u64,
+    /// By sender index.
+    pub seen: BTreeMap<u16, Seen>,
+}
+
+/// A video frame coming together in a slot.
+#[derive(Default)]
+struct Assembly {
+    timestamp: u32,
+    start: Option<u64>,
+    end: Option<u64>,
+    chunks: BTreeMap<u64, Vec<u8>>,
+}
+
+struct Video {
+    publish: Mid,
+    slots: Vec<Mid>,
+    encoder: VideoEncoder,
+    decoders: HashMap<u16, VideoDecoder>,
+    assembling: HashMap<Mid, Assembly>,
+    seq: u64,
+    frames: u64,
 }
 
 struct SenderAudio {
@@ -92,6 +171,7 @@ pub struct GroupSession {
     encoder: AudioEncoder,
     senders: HashMap<u16, SenderAudio>,
     seq: u64,
+    video: Option<Video>,
     timeout: Instant,
     out: VecDeque<Datagram>,
     connected: bool,
@@ -109,19 +189,20 @@ impl std::fmt::Debug for GroupSession {
 }
 
 impl GroupSession {
-    /// A session on the app's UDP socket bound at `local`, taking up to
-    /// `audio_slots` speakers at once; its offer for the SFU's join API.
+    /// A session on the app's UDP socket bound at `local`; its offer for
+    /// the SFU's join API.
     pub fn new(
         now: Instant,
         local: SocketAddr,
         keys: GroupKeys,
-        audio: AudioConfig,
-        audio_slots: usize,
+        config: GroupConfig,
     ) -> Result<(GroupSession, String), GroupMediaError> {
+        let video_on = config.video_slots > 0;
         let mut rtc = RtcConfig::new()
             .set_rtp_mode(true)
             .clear_codecs()
             .enable_opus(true, false)
+            .enable_h264(video_on)
             .set_extension(FRAME_MARKING_ID, str0m::rtp::Extension::FrameMarking)
             .build(now);
         let host = Candidate::host(local, Protocol::Udp)
@@ -129,21 +210,41 @@ impl GroupSession {
         rtc.add_local_candidate(host);
         let mut api = rtc.sdp_api();
         let publish = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
-        for _ in 0..audio_slots {
+        for _ in 0..config.audio_slots {
             api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
         }
+        let video_mids = video_on.then(|| {
+            let publish = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
+            let slots: Vec<Mid> = (0..config.video_slots)
+                .map(|_| api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None))
+                .collect();
+            (publish, slots)
+        });
         let (offer, pending) = api
             .apply()
             .ok_or_else(|| GroupMediaError::Sdp("nothing to offer".into()))?;
+        let video = match video_mids {
+            Some((publish, slots)) => Some(Video {
+                publish,
+                slots,
+                encoder: VideoEncoder::new(config.video_bitrate)?,
+                decoders: HashMap::new(),
+                assembling: HashMap::new(),
+                seq: 0,
+                frames: 0,
+            }),
+            None => None,
+        };
         let session = GroupSession {
             rtc,
             local,
             publish,
             pending: Some(pending),
             keys,
-            encoder: AudioEncoder::new(audio)?,
+            encoder: AudioEncoder::new(config.audio)?,
             senders: HashMap::new(),
             seq: 0,
+            video,
             timeout: now,
             out: VecDeque::new(),
             connected: false,
@@ -252,6 +353,68 @@ impl GroupSession {
         self.drain(now)
     }
 
+    /// One camera frame: encoded, sealed whole under this device's sender
+    /// key, and sent in chunks with frame marking in the clear.
+    pub fn send_video(
+        &mut self,
+        now: Instant,
+        frame: &openh264::formats::YUVBuffer,
+    ) -> Result<(), GroupMediaError> {
+        let Some(v) = self.video.as_mut().filter(|_| self.connected) else {
+            return Ok(());
+        };
+        let annexb = v.encoder.encode(frame)?;
+        if annexb.is_empty() {
+            return Ok(()); // skipped by rate control
+        }
+        let key = is_keyframe(&annexb);
+        let sealed = self.keys.encrypt(&[], &annexb)?;
+        let pt = self
+            .rtc
+            .media(v.publish)
+            .and_then(|m| m.remote_pts().first().copied());
+        let Some(pt) = pt else {
+            return Ok(());
+        };
+        let timestamp = (v.frames * VIDEO_TICKS) as u32;
+        v.frames += 1;
+        let chunks: Vec<&[u8]> = sealed.chunks(MAX_CHUNK).collect();
+        let last = chunks.len() - 1;
+        let mut api = self.rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(v.publish, None) else {
+            return Ok(());
+        };
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut mark = 0u8;
+            if i == 0 {
+                mark |= MARK_START;
+            }
+            if i == last {
+                mark |= MARK_END;
+            }
+            if key {
+                mark |= MARK_INDEPENDENT;
+            }
+            let ext = ExtensionValues {
+                frame_mark: Some(u32::from(mark) << 24),
+                mid: Some(v.publish),
+                ..Default::default()
+            };
+            tx.write_rtp(
+                RtpWrite::new(pt, SeqNo::from(v.seq), timestamp, now, chunk)
+                    .marker(i == last)
+                    .ext_vals(ext)
+                    .nackable(true),
+            );
+            v.seq += 1;
+        }
+        self.stats.video_frames_out += 1;
+        if key {
+            self.stats.keyframes_out += 1;
+        }
+        self.drain(now)
+    }
+
     /// The next 20 ms of everyone else, mixed (silence if nobody spoke).
     pub fn mix(&mut self) -> Vec<i16> {
         let mut sum = vec![0i32; FRAME_SAMPLES];
@@ -287,8 +450,95 @@ impl GroupSession {
         match e {
             Event::Connected => self.connected = true,
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => self.closed = true,
-            Event::RtpPacket(p) => self.on_frame(&p.payload),
+            Event::RtpPacket(p) => {
+                let mid = self
+                    .rtc
+                    .direct_api()
+                    .stream_rx(&p.header.ssrc)
+                    .map(|s| s.mid());
+                let video_slot = match (&self.video, mid) {
+                    (Some(v), Some(m)) => v.slots.contains(&m).then_some(m),
+                    _ => None,
+                };
+                match video_slot {
+                    Some(mid) => self.on_video_packet(mid, &p),
+                    None => self.on_frame(&p.payload),
+                }
+            }
+            // The SFU wants a key frame of ours (a subscriber switched to
+            // us, or lost the picture).
+            Event::KeyframeRequest(_) => {
+                if let Some(v) = self.video.as_mut() {
+                    v.encoder.request_keyframe();
+                }
+            }
             _ => {}
+        }
+    }
+
+    /// A chunk of a video frame in slot `mid`; a whole frame is opened and
+    /// decoded. A frame that cannot be opened or decoded asks for a key
+    /// frame.
+    fn on_video_packet(&mut self, mid: Mid, p: &str0m::rtp::RtpPacket) {
+        let Some(v) = self.video.as_mut() else {
+            return;
+        };
+        let mark = p.header.ext_vals.frame_mark.map_or(0, |m| (m >> 24) as u8);
+        let seq = *p.seq_no;
+        let a = v.assembling.entry(mid).or_default();
+        if a.timestamp != p.header.timestamp || a.chunks.is_empty() {
+            *a = Assembly {
+                timestamp: p.header.timestamp,
+                ..Assembly::default()
+            };
+        }
+        if mark & MARK_START != 0 {
+            a.start = Some(seq);
+        }
+        if mark & MARK_END != 0 || p.header.marker {
+            a.end = Some(seq);
+        }
+        a.chunks.insert(seq, p.payload.to_vec());
+        let (Some(start), Some(end)) = (a.start, a.end) else {
+            return;
+        };
+        if end < start || a.chunks.len() as u64 != end - start + 1 {
+            return;
+        }
+        let sealed: Vec<u8> = std::mem::take(&mut a.chunks)
+            .into_values()
+            .flatten()
+            .collect();
+        *a = Assembly::default();
+        let ssrc = p.header.ssrc;
+        let opened = wire::sframe::Header::decode(&sealed)
+            .ok()
+            .and_then(|(h, _)| Some(((h.kid >> 16) as u16, self.keys.decrypt(&[], &sealed).ok()?)));
+        let Some((index, annexb)) = opened else {
+            self.stats.undecryptable += 1;
+            return;
+        };
+        let Some(v) = self.video.as_mut() else {
+            return;
+        };
+        let decoder = match v.decoders.entry(index) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => match VideoDecoder::new() {
+                Ok(d) => e.insert(d),
+                Err(_) => return,
+            },
+        };
+        match decoder.decode(&annexb) {
+            Ok(Some(picture)) => {
+                let seen = self.stats.seen.entry(index).or_default();
+                seen.pictures += 1;
+                seen.last = Some(picture);
+            }
+            Ok(None) | Err(_) => {
+                if let Some(s) = self.rtc.direct_api().stream_rx(&ssrc) {
+                    s.request_keyframe(KeyframeRequestKind::Pli);
+                }
+            }
         }
     }
 
@@ -326,6 +576,13 @@ impl GroupSession {
         }
         sender.frames.push_back(pcm);
     }
+}
+
+/// Whether an Annex B H.264 frame decodes alone: it has an IDR slice.
+fn is_keyframe(annexb: &[u8]) -> bool {
+    annexb
+        .windows(4)
+        .any(|w| w[..3] == [0, 0, 1] && w[3] & 0x1f == 5)
 }
 
 /// RFC 6464 level of a frame: -dBov of its RMS, 0 (loudest) to 127.
