@@ -875,9 +875,18 @@ impl Phone {
                     }
                 }
             }
+            // Group calls go through the SFU, which a phone of one-to-one
+            // calls does not take part in: it refuses them at once rather
+            // than ringing for nothing.
+            UaEvent::IncomingGroup { call, .. } => {
+                let _ = self.ua.decline(&call, 488);
+            }
             UaEvent::Registered { .. }
             | UaEvent::RegistrationFailed { .. }
-            | UaEvent::Unregistered => {}
+            | UaEvent::Unregistered
+            | UaEvent::RoomPass { .. }
+            | UaEvent::Message { .. }
+            | UaEvent::MessageDone { .. } => {}
         }
         Ok(())
     }

@@ -153,6 +153,56 @@ pub enum UaEvent {
         call: CallId,
         by_peer: bool,
     },
+    /// A group call for us (an INVITE naming a room): its roster as the
+    /// caller wrote it, and the room token the proxy gave. Ring, then
+    /// [`UserAgent::answer_group`] or [`UserAgent::decline`].
+    IncomingGroup {
+        call: CallId,
+        from: String,
+        room: String,
+        pass: Option<RoomPass>,
+        roster: String,
+    },
+    /// The proxy's room token for a group call we placed (with its
+    /// ringing or its answer), once per call.
+    RoomPass {
+        call: CallId,
+        pass: RoomPass,
+    },
+    /// A MESSAGE for us (already answered 200).
+    Message {
+        from: String,
+        content_type: String,
+        body: Vec<u8>,
+    },
+    /// What became of a MESSAGE we sent: its final status (0: no answer).
+    MessageDone {
+        id: String,
+        code: u16,
+    },
+}
+
+/// A room token of a group call and where the SFU takes it, as the proxy
+/// gave them (`Parley-Room-Token`, `Parley-Sfu`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomPass {
+    pub token: String,
+    pub sfu: String,
+}
+
+/// The headers of group calls (see signaling's proxy).
+const GROUP: HeaderName = HeaderName::from_static("Parley-Group");
+const ROOM_TOKEN: HeaderName = HeaderName::from_static("Parley-Room-Token");
+const SFU: HeaderName = HeaderName::from_static("Parley-Sfu");
+
+/// The content type of a group INVITE's roster.
+pub const ROSTER_TYPE: &str = "application/vnd.parley.group+json";
+
+fn room_pass(m: &Message) -> Option<RoomPass> {
+    Some(RoomPass {
+        token: m.header(&ROOM_TOKEN)?.trim().to_string(),
+        sfu: m.header(&SFU)?.trim().to_string(),
+    })
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -200,6 +250,8 @@ struct Call {
     deadline: Option<Instant>,
     auth_tries: u32,
     cancel_sent: bool,
+    /// A group call we placed whose room token has not come yet.
+    awaiting_pass: bool,
 }
 
 #[derive(Debug)]
@@ -221,6 +273,8 @@ pub struct UserAgent {
     config: UaConfig,
     reg: Registration,
     calls: HashMap<CallId, Call>,
+    /// MESSAGEs sent and not yet answered: when they are given up.
+    messages: HashMap<String, Instant>,
     buf: Vec<u8>,
     out: VecDeque<Vec<u8>>,
     events: VecDeque<UaEvent>,
@@ -246,6 +300,7 @@ impl UserAgent {
                 wanted: false,
             },
             calls: HashMap::new(),
+            messages: HashMap::new(),
             buf: Vec::new(),
             out: VecDeque::new(),
             events: VecDeque::new(),
@@ -310,6 +365,46 @@ impl UserAgent {
         sdp: &str,
         identity: Option<&str>,
     ) -> Result<(), UaError> {
+        self.invite_with(
+            now,
+            call_id,
+            target,
+            ("application/sdp", sdp),
+            None,
+            identity,
+        )
+    }
+
+    /// Rings `target` for a group call in `room`: the INVITE names the
+    /// room and carries `roster` (JSON, [`ROSTER_TYPE`]); the room token
+    /// comes back as [`UaEvent::RoomPass`].
+    pub fn invite_group(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        target: &str,
+        room: &str,
+        roster: &str,
+    ) -> Result<(), UaError> {
+        self.invite_with(
+            now,
+            call_id,
+            target,
+            (ROSTER_TYPE, roster),
+            Some(room),
+            None,
+        )
+    }
+
+    fn invite_with(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        target: &str,
+        (content_type, body): (&str, &str),
+        room: Option<&str>,
+        identity: Option<&str>,
+    ) -> Result<(), UaError> {
         let call_id = call_id.to_string();
         let uri_text = if target.starts_with("sip:") || target.starts_with("sips:") {
             target.to_string()
@@ -333,8 +428,11 @@ impl UserAgent {
         if let Some(id) = identity {
             m.push(HeaderName::IDENTITY, id);
         }
-        m.push(HeaderName::CONTENT_TYPE, "application/sdp");
-        m.body = sdp.as_bytes().to_vec();
+        if let Some(room) = room {
+            m.push(GROUP, room);
+        }
+        m.push(HeaderName::CONTENT_TYPE, content_type);
+        m.body = body.as_bytes().to_vec();
         self.out.push_back(m.to_bytes());
         self.calls.insert(
             call_id.clone(),
@@ -352,6 +450,7 @@ impl UserAgent {
                 deadline: Some(now + TRANSACTION_TIMEOUT),
                 auth_tries: 0,
                 cancel_sent: false,
+                awaiting_pass: room.is_some(),
             },
         );
         Ok(())
@@ -365,6 +464,21 @@ impl UserAgent {
         sdp: &str,
         identity: Option<&str>,
     ) -> Result<(), UaError> {
+        self.answer_with(now, call, Some(("application/sdp", sdp)), identity)
+    }
+
+    /// Answers a group call: no SDP, since the media goes to the SFU.
+    pub fn answer_group(&mut self, now: Instant, call: &str) -> Result<(), UaError> {
+        self.answer_with(now, call, None, None)
+    }
+
+    fn answer_with(
+        &mut self,
+        now: Instant,
+        call: &str,
+        body: Option<(&str, &str)>,
+        identity: Option<&str>,
+    ) -> Result<(), UaError> {
         let contact = self.contact(false);
         let c = self.calls.get_mut(call).ok_or(UaError::NoCall)?;
         if c.state != CallState::Ringing {
@@ -376,12 +490,48 @@ impl UserAgent {
         if let Some(id) = identity {
             r.push(HeaderName::IDENTITY, id);
         }
-        r.push(HeaderName::CONTENT_TYPE, "application/sdp");
-        r.body = sdp.as_bytes().to_vec();
+        if let Some((content_type, body)) = body {
+            r.push(HeaderName::CONTENT_TYPE, content_type);
+            r.body = body.as_bytes().to_vec();
+        }
         c.state = CallState::Answered;
         c.deadline = Some(now + TRANSACTION_TIMEOUT);
         self.out.push_back(r.to_bytes());
         Ok(())
+    }
+
+    /// Sends a MESSAGE (RFC 3428) to `target` (a handle or URI); its
+    /// outcome comes as [`UaEvent::MessageDone`] with the returned id.
+    pub fn message(
+        &mut self,
+        now: Instant,
+        target: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<String, UaError> {
+        let uri_text = if target.starts_with("sip:") || target.starts_with("sips:") {
+            target.to_string()
+        } else {
+            handle_uri(target, &self.config.domain)
+        };
+        let uri = Uri::parse(&uri_text).map_err(|e| UaError::Target(format!("{target}: {e}")))?;
+        let id = self.next_call_id();
+        let tag = self.token();
+        let mut m = Message::request(Method::Message, uri);
+        self.push_via(&mut m);
+        m.push(HeaderName::MAX_FORWARDS, "70");
+        m.push(
+            HeaderName::FROM,
+            format!("<{}>;tag={tag}", self.config.aor()),
+        );
+        m.push(HeaderName::TO, format!("<{uri_text}>"));
+        m.push(HeaderName::CALL_ID, id.clone());
+        m.push(HeaderName::CSEQ, "1 MESSAGE");
+        m.push(HeaderName::CONTENT_TYPE, content_type);
+        m.body = body.to_vec();
+        self.out.push_back(m.to_bytes());
+        self.messages.insert(id.clone(), now + TRANSACTION_TIMEOUT);
+        Ok(id)
     }
 
     /// Declines an incoming call: 603 Decline (which the proxy relays at
@@ -522,6 +672,16 @@ impl UserAgent {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        let lost: Vec<String> = self
+            .messages
+            .iter()
+            .filter(|(_, d)| now >= **d)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lost {
+            self.messages.remove(&id);
+            self.events.push_back(UaEvent::MessageDone { id, code: 0 });
+        }
         if let Some((_, _, deadline)) = &self.reg.pending {
             if now >= *deadline {
                 self.reg.pending = None;
@@ -599,6 +759,7 @@ impl UserAgent {
             .into_iter()
             .flatten()
             .chain(self.calls.values().filter_map(|c| c.deadline))
+            .chain(self.messages.values().copied())
         {
             t = Some(t.map_or(x, |t: Instant| t.min(x)));
         }
@@ -622,6 +783,24 @@ impl UserAgent {
             return;
         }
         let call_id = m.call_id().to_string();
+        if method == Method::Message {
+            if code >= 200 && self.messages.remove(&call_id).is_some() {
+                self.events
+                    .push_back(UaEvent::MessageDone { id: call_id, code });
+            }
+            return;
+        }
+        if let Some(c) = self.calls.get_mut(&call_id) {
+            if c.awaiting_pass && method == Method::Invite && (180..300).contains(&code) {
+                if let Some(pass) = room_pass(&m) {
+                    c.awaiting_pass = false;
+                    self.events.push_back(UaEvent::RoomPass {
+                        call: call_id.clone(),
+                        pass,
+                    });
+                }
+            }
+        }
         let Some(c) = self.calls.get_mut(&call_id) else {
             // A 2xx for a call we no longer have (a second answer after a
             // fork, or a retransmission): nothing to do for a stream
@@ -829,14 +1008,24 @@ impl UserAgent {
                     deadline: None,
                     auth_tries: 0,
                     cancel_sent: false,
+                    awaiting_pass: false,
                 };
                 self.calls.insert(call_id.clone(), call);
-                self.events.push_back(UaEvent::Incoming {
-                    call: call_id,
-                    from,
-                    sdp: body(&m),
-                    identity: m.header(&HeaderName::IDENTITY).map(str::to_string),
-                });
+                match m.header(&GROUP) {
+                    Some(room) => self.events.push_back(UaEvent::IncomingGroup {
+                        call: call_id,
+                        from,
+                        room: room.trim().to_string(),
+                        pass: room_pass(&m),
+                        roster: body(&m),
+                    }),
+                    None => self.events.push_back(UaEvent::Incoming {
+                        call: call_id,
+                        from,
+                        sdp: body(&m),
+                        identity: m.header(&HeaderName::IDENTITY).map(str::to_string),
+                    }),
+                }
             }
             Method::Invite => {
                 // A re-INVITE.
@@ -908,6 +1097,18 @@ impl UserAgent {
                 let mut r = Message::response_to(&m, 200, "OK", None);
                 r.push(HeaderName::ALLOW, ALLOW);
                 self.out.push_back(r.to_bytes());
+            }
+            Method::Message => {
+                let r = Message::response_to(&m, 200, "OK", Some(&self.token()));
+                self.out.push_back(r.to_bytes());
+                self.events.push_back(UaEvent::Message {
+                    from: m.header(&HeaderName::FROM).unwrap_or("").to_string(),
+                    content_type: m
+                        .header(&HeaderName::CONTENT_TYPE)
+                        .unwrap_or("")
+                        .to_string(),
+                    body: m.body.clone(),
+                });
             }
             _ => {
                 let mut r = Message::response_to(&m, 405, "Method Not Allowed", None);

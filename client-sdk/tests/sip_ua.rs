@@ -2,7 +2,8 @@
 //! both sans-IO, over simulated TCP connections with hand-moved time:
 //! registration (device certificate and digest), a call forked to every
 //! device of a handle with one asleep and woken by push, "answered
-//! elsewhere", decline everywhere, cancel, re-INVITE and hang-up.
+//! elsewhere", decline everywhere, cancel, re-INVITE and hang-up; a
+//! group call's room tokens, and MESSAGE.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,6 +19,7 @@ const DOMAIN: &str = "parley.test";
 const PROXY: &str = "192.0.2.100:5060";
 const ALICE: &str = "alice@example.com";
 const BOB: &str = "+14155550123";
+const SFU: &str = "https://sfu.parley.test:8446";
 
 struct Device {
     ua: UserAgent,
@@ -48,6 +50,7 @@ impl World {
             advertise: vec![(Transport::Tcp, PROXY.parse().unwrap())],
             realm: DOMAIN.into(),
             accounts,
+            sfu: Some(SFU.into()),
             ..Config::default()
         };
         World {
@@ -428,6 +431,120 @@ fn a_standard_account_registers_with_digest_and_refreshes() {
                 code: 401 | 403,
                 ..
             }
+        )),
+        "{ev:?}"
+    );
+}
+
+/// Alice rings Bob into a group call: his awake device gets the room,
+/// the roster and a room token from the proxy; Alice gets hers with the
+/// ringing (once); Bob answers without SDP, since media goes to the SFU.
+#[test]
+fn a_group_call_rings_with_room_tokens_and_is_answered_without_sdp() {
+    let mut w = world();
+    let now = w.now;
+    let room = "room-0123456789abcdef";
+    let roster = r#"{"members":[]}"#;
+    let call = w.ua("alice").next_call_id();
+    w.ua("alice")
+        .invite_group(now, &call, BOB, room, roster)
+        .unwrap();
+    w.pump();
+    let ev = w.events("laptop");
+    let (incoming, pass) = ev
+        .iter()
+        .find_map(|e| match e {
+            UaEvent::IncomingGroup {
+                call,
+                room: r,
+                pass,
+                roster: body,
+                ..
+            } => {
+                assert_eq!((r.as_str(), body.as_str()), (room, roster));
+                Some((call.clone(), pass.clone()))
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no group call: {ev:?}"));
+    let pass = pass.expect("a room token for the callee");
+    assert_eq!(pass.sfu, SFU);
+    assert!(!pass.token.is_empty());
+    let ev = w.events("alice");
+    let passes: Vec<_> = ev
+        .iter()
+        .filter_map(|e| match e {
+            UaEvent::RoomPass { call: c, pass } if *c == call => Some(pass.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(passes.len(), 1, "{ev:?}");
+    assert_eq!(passes[0].sfu, SFU);
+    assert!(ev.iter().any(|e| matches!(e, UaEvent::Ringing { .. })));
+
+    let now = w.now;
+    w.ua("laptop").answer_group(now, &incoming).unwrap();
+    w.pump();
+    let ev = w.events("alice");
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, UaEvent::Answered { sdp, .. } if sdp.is_empty())),
+        "{ev:?}"
+    );
+    assert!(
+        !ev.iter().any(|e| matches!(e, UaEvent::RoomPass { .. })),
+        "one pass per call: {ev:?}"
+    );
+    let now = w.now;
+    w.ua("alice").hangup(now, &call).unwrap();
+    w.pump();
+    assert!(w
+        .events("laptop")
+        .iter()
+        .any(|e| matches!(e, UaEvent::Ended { by_peer: true, .. })));
+}
+
+/// A MESSAGE to a handle reaches its awake device, which answers 200;
+/// the sender hears what became of it, and of one to nobody.
+#[test]
+fn a_message_reaches_the_handles_device_and_the_sender_hears_the_outcome() {
+    let mut w = world();
+    let now = w.now;
+    let id = w
+        .ua("alice")
+        .message(now, BOB, "application/vnd.parley.keys+json", b"[1,2]")
+        .unwrap();
+    w.pump();
+    let ev = w.events("laptop");
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            UaEvent::Message { content_type, body, from }
+                if content_type == "application/vnd.parley.keys+json"
+                    && body == b"[1,2]"
+                    && from.contains("alice%40example.com")
+        )),
+        "{ev:?}"
+    );
+    let ev = w.events("alice");
+    assert!(
+        ev.contains(&UaEvent::MessageDone {
+            id: id.clone(),
+            code: 200
+        }),
+        "{ev:?}"
+    );
+    let now = w.now;
+    let nobody = w
+        .ua("alice")
+        .message(now, "nobody@example.com", "text/plain", b"hi")
+        .unwrap();
+    w.pump();
+    let ev = w.events("alice");
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            UaEvent::MessageDone { id, code } if *id == nobody && *code >= 400
         )),
         "{ev:?}"
     );
