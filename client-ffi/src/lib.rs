@@ -98,6 +98,13 @@ pub enum PhoneEvent {
     Ringing {
         call: String,
     },
+    /// A group call rings: `from` rang us with `members` (handles), every
+    /// device of whom the directory listed. Answer or hang up with `call`.
+    IncomingGroup {
+        call: String,
+        from: String,
+        members: Vec<String>,
+    },
     /// The far end's devices ring.
     Alerting {
         call: String,
@@ -171,6 +178,15 @@ fn phone_event(e: DeviceEvent) -> Option<PhoneEvent> {
                 from: from.as_str().to_string(),
             },
             CallEvent::Ringing { call } => PhoneEvent::Ringing { call },
+            CallEvent::IncomingGroup {
+                call,
+                from,
+                members,
+            } => PhoneEvent::IncomingGroup {
+                call,
+                from: from.as_str().to_string(),
+                members: members.iter().map(|h| h.as_str().to_string()).collect(),
+            },
             CallEvent::Alerting { call } => PhoneEvent::Alerting { call },
             CallEvent::Answered { call, device } => PhoneEvent::Answered {
                 call,
@@ -396,6 +412,19 @@ impl PhoneDevice {
         let h = Handle::parse(&handle).map_err(invalid)?;
         self.rt
             .block_on(async { self.device.lock().await.dial(&h).await })
+            .map_err(failed)
+    }
+
+    /// Rings every device of every handle into a group call through the
+    /// SFU, end to end encrypted (each handle's keys verified first);
+    /// returns the call's id.
+    pub fn group_call(&self, handles: Vec<String>) -> Result<String, ParleyError> {
+        let hs = handles
+            .iter()
+            .map(|h| Handle::parse(h).map_err(invalid))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.rt
+            .block_on(async { self.device.lock().await.group_call(&hs).await })
             .map_err(failed)
     }
 

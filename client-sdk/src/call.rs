@@ -80,6 +80,14 @@ pub enum CallEvent {
     Ringing {
         call: CallId,
     },
+    /// A group call rings (its id is the room): `from` rang us with
+    /// `members`, every device of whom the directory listed. Answer or
+    /// decline it as any call.
+    IncomingGroup {
+        call: CallId,
+        from: Handle,
+        members: Vec<Handle>,
+    },
     /// The far end's devices ring.
     Alerting {
         call: CallId,
@@ -182,6 +190,11 @@ pub struct Phone {
     events: VecDeque<CallEvent>,
     media_out: VecDeque<(CallId, Datagram)>,
     dial_seq: u64,
+    /// The SIP dialogs of group calls, whose media is the device's own
+    /// business (the SFU), and what the user agent said of them and of
+    /// MESSAGEs: see [`Phone::poll_group_event`].
+    group_calls: std::collections::HashSet<CallId>,
+    group_events: VecDeque<UaEvent>,
 }
 
 /// The Identity header's `info` URI naming the signing device.
@@ -227,7 +240,31 @@ impl Phone {
             events: VecDeque::new(),
             media_out: VecDeque::new(),
             dial_seq: 0,
+            group_calls: std::collections::HashSet::new(),
+            group_events: VecDeque::new(),
         }
+    }
+
+    /// Rings `handle` into the group call in `room` (see
+    /// [`UserAgent::invite_group`]); its SIP dialog's id.
+    pub fn invite_group(
+        &mut self,
+        now: Instant,
+        handle: &Handle,
+        room: &str,
+        roster: &str,
+    ) -> Result<CallId, CallError> {
+        let call = self.ua.next_call_id();
+        self.ua
+            .invite_group(now, &call, handle.as_str(), room, roster)?;
+        self.group_calls.insert(call.clone());
+        Ok(call)
+    }
+
+    /// What the user agent said of group calls' dialogs (incoming, room
+    /// passes, answers, ends) and of MESSAGEs, for the device to act on.
+    pub fn poll_group_event(&mut self) -> Option<UaEvent> {
+        self.group_events.pop_front()
     }
 
     pub fn ua(&mut self) -> &mut UserAgent {
@@ -721,6 +758,26 @@ impl Phone {
     }
 
     fn on_ua_event(&mut self, now: Instant, e: UaEvent) -> Result<(), CallError> {
+        let group = match &e {
+            UaEvent::IncomingGroup { call, .. } => {
+                self.group_calls.insert(call.clone());
+                true
+            }
+            UaEvent::RoomPass { .. } | UaEvent::Message { .. } | UaEvent::MessageDone { .. } => {
+                true
+            }
+            UaEvent::Ringing { call } | UaEvent::Answered { call, .. } => {
+                self.group_calls.contains(call)
+            }
+            UaEvent::Failed { call, .. }
+            | UaEvent::Cancelled { call, .. }
+            | UaEvent::Ended { call, .. } => self.group_calls.remove(call),
+            _ => false,
+        };
+        if group {
+            self.group_events.push_back(e);
+            return Ok(());
+        }
         match e {
             UaEvent::Incoming {
                 call,
@@ -875,12 +932,7 @@ impl Phone {
                     }
                 }
             }
-            // Group calls go through the SFU, which a phone of one-to-one
-            // calls does not take part in: it refuses them at once rather
-            // than ringing for nothing.
-            UaEvent::IncomingGroup { call, .. } => {
-                let _ = self.ua.decline(&call, 488);
-            }
+            UaEvent::IncomingGroup { .. } => {}
             UaEvent::Registered { .. }
             | UaEvent::RegistrationFailed { .. }
             | UaEvent::Unregistered

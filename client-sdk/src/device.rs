@@ -29,7 +29,10 @@ use crate::sip::{CallId, PushContact, UaConfig};
 use crate::turn;
 use wire::push::CloseReason;
 
+mod group;
 mod platform;
+
+pub use group::KEYS_TYPE;
 
 pub use platform::{read_platform_push, PlatformPush};
 
@@ -361,6 +364,8 @@ enum Command {
     Sleep(oneshot::Sender<()>),
     Heard(CallId, oneshot::Sender<Vec<i16>>),
     Stats(CallId, oneshot::Sender<Option<crate::media::CallStats>>),
+    GroupCall(Vec<Handle>, oneshot::Sender<Result<CallId, DeviceError>>),
+    GroupStats(CallId, oneshot::Sender<Option<crate::group::GroupStats>>),
 }
 
 /// The app's handle on a running device.
@@ -476,6 +481,8 @@ impl Device {
             camera: TestPattern::default(),
             rotation_checks: 0,
             platform: platform::Platform::default(),
+            group: None,
+            group_ended: None,
         };
         if online {
             task.connect_sip().await?;
@@ -508,6 +515,24 @@ impl Device {
             .await
             .map_err(|_| DeviceError::Stopped)?;
         rx.await.map_err(|_| DeviceError::Stopped)
+    }
+
+    /// Rings every device of every handle into a group call through the
+    /// SFU, end to end encrypted; its id (the room). Answer, decline and
+    /// hang up take that id as for any call.
+    pub async fn group_call(&self, handles: &[Handle]) -> Result<CallId, DeviceError> {
+        self.ask(|tx| Command::GroupCall(handles.to_vec(), tx))
+            .await?
+    }
+
+    /// What the group call's media did: frames sent, and per member
+    /// heard and seen.
+    pub async fn group_stats(
+        &self,
+        call: &str,
+    ) -> Result<Option<crate::group::GroupStats>, DeviceError> {
+        self.ask(|tx| Command::GroupStats(call.to_string(), tx))
+            .await
     }
 
     /// Looks the handle up (verified) and calls every one of its devices.
@@ -623,6 +648,10 @@ struct Task {
     /// rotated but the directory does not show yet.
     rotation_checks: u8,
     platform: platform::Platform,
+    /// The group call this device is in.
+    group: Option<group::GroupCall>,
+    /// The last group call's room and what its media did.
+    group_ended: Option<(CallId, crate::group::GroupStats)>,
 }
 
 impl Task {
@@ -637,9 +666,10 @@ impl Task {
             tokio::time::interval(Duration::from_millis(1000 / u64::from(video::FPS)));
         frame_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let wake = self
-                .phone
-                .poll_timeout()
+            let wake = [self.phone.poll_timeout(), self.group_timeout()]
+                .into_iter()
+                .flatten()
+                .min()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
@@ -689,7 +719,9 @@ impl Task {
                 _ = Retry::due(self.sip_retry.at) => self.sip_reconnect().await,
                 _ = Retry::due(self.audit.as_ref().map(|a| a.1)) => self.audit_own().await,
                 Some((call, from, data)) = media.recv() => {
-                    if let Err(e) = self.phone.handle_media_input(Instant::now(), &call, from, &data) {
+                    if self.group.as_ref().is_some_and(|g| g.media_key() == call) {
+                        self.group_datagram(from, &data);
+                    } else if let Err(e) = self.phone.handle_media_input(Instant::now(), &call, from, &data) {
                         self.event(DeviceEvent::Error(e.to_string())).await;
                     }
                 }
@@ -698,17 +730,33 @@ impl Task {
                         self.event(DeviceEvent::Error(e.to_string())).await;
                     }
                 }
-                _ = tick.tick() => self.audio(),
-                _ = frame_tick.tick(), if self.config.video => self.video(),
+                _ = tick.tick() => {
+                    self.audio();
+                    self.group_audio();
+                }
+                _ = frame_tick.tick(), if self.config.video => {
+                    self.video();
+                    self.group_video();
+                }
             }
             self.flush().await;
         }
     }
 
+    /// The one-to-one calls with a socket (the group call's is the SFU's).
+    fn calls(&self) -> Vec<CallId> {
+        let group = self.group.as_ref().map(group::GroupCall::media_key);
+        self.sockets
+            .keys()
+            .filter(|k| Some(*k) != group.as_ref())
+            .cloned()
+            .collect()
+    }
+
     /// One camera frame for every call with a socket.
     fn video(&mut self) {
         let now = Instant::now();
-        let calls: Vec<CallId> = self.sockets.keys().cloned().collect();
+        let calls = self.calls();
         for call in calls {
             let frame = self.camera.next_frame();
             let _ = self.phone.send_video(now, &call, &frame);
@@ -718,7 +766,7 @@ impl Task {
     /// One audio clock tick for every call with a socket.
     fn audio(&mut self) {
         let now = Instant::now();
-        let calls: Vec<CallId> = self.sockets.keys().cloned().collect();
+        let calls = self.calls();
         for call in calls {
             let frame = self
                 .speaking
@@ -747,12 +795,21 @@ impl Task {
                 let r = self.dial(now, &handle, unverified).await;
                 let _ = reply.send(r);
             }
+            Command::Answer(call, reply) if self.is_group(&call) => {
+                let r = self.answer_group(now).await;
+                let _ = reply.send(r);
+            }
             Command::Answer(call, reply) => {
                 let r = self
                     .phone
                     .answer(now, &call)
                     .map_err(|e| DeviceError::Call(e.to_string()));
                 let _ = reply.send(r);
+            }
+            Command::Decline(call, reply) if self.is_group(&call) => {
+                self.hangup_group(crate::call::EndReason::Failed(603, "Declined".into()))
+                    .await;
+                let _ = reply.send(Ok(()));
             }
             Command::Decline(call, reply) => {
                 let r = self
@@ -761,12 +818,23 @@ impl Task {
                     .map_err(|e| DeviceError::Call(e.to_string()));
                 let _ = reply.send(r);
             }
+            Command::Hangup(call, reply) if self.is_group(&call) => {
+                self.hangup_group(crate::call::EndReason::Local).await;
+                let _ = reply.send(Ok(()));
+            }
             Command::Hangup(call, reply) => {
                 let r = self
                     .phone
                     .hangup(now, &call)
                     .map_err(|e| DeviceError::Call(e.to_string()));
                 let _ = reply.send(r);
+            }
+            Command::GroupCall(handles, reply) => {
+                let r = self.group_call(now, &handles).await;
+                let _ = reply.send(r);
+            }
+            Command::GroupStats(call, reply) => {
+                let _ = reply.send(self.group_stats(&call));
             }
             Command::Register(reply) => {
                 if self.platform.suspended {
@@ -1104,6 +1172,11 @@ impl Task {
         self.come_online().await;
     }
 
+    /// Whether `call` names the group call.
+    fn is_group(&self, call: &str) -> bool {
+        self.group.as_ref().is_some_and(|g| g.room == call)
+    }
+
     async fn event(&mut self, e: DeviceEvent) {
         let _ = self.events.send(e).await;
     }
@@ -1130,6 +1203,11 @@ impl Task {
                 busy = true;
                 self.on_call_event(e).await;
             }
+            while let Some(e) = self.phone.poll_group_event() {
+                busy = true;
+                self.on_group_signal(e).await;
+            }
+            busy |= self.group_flush().await;
             if self.phone.ua().is_registered() && !self.registered_reported {
                 self.registered_reported = true;
                 self.event(DeviceEvent::Registered).await;

@@ -190,8 +190,13 @@ fn sound(_: &MediaArgs) -> Result<(Sound, Option<LiveAudio>, Option<LiveAudio>)>
 
 #[derive(Debug, Args)]
 struct CallArgs {
-    /// Who to call.
-    handle: String,
+    /// Who to call. Two or more (or --group) ring them all into a group
+    /// call through the SFU, end to end encrypted.
+    #[arg(required = true, num_args = 1..)]
+    handles: Vec<String>,
+    /// A group call even with one handle.
+    #[arg(long)]
+    group: bool,
     /// Talk this long after media connects, then hang up (seconds).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
@@ -213,6 +218,10 @@ struct ListenArgs {
     /// Answer every call that rings.
     #[arg(long)]
     answer: bool,
+    /// Hang up each answered call after this many seconds (0: stay until
+    /// the far end hangs up; a group call goes on while others are in it).
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    hangup_after: u64,
     /// Exit after this many calls have ended (0: never).
     #[arg(long, default_value_t = 0)]
     calls: u32,
@@ -836,6 +845,15 @@ pub fn describe(e: &DeviceEvent) -> String {
         DeviceEvent::Error(e) => format!("error: {e}"),
         DeviceEvent::Call(c) => match c {
             CallEvent::Incoming { from, .. } => format!("incoming call from {}", from.as_str()),
+            CallEvent::IncomingGroup { from, members, .. } => format!(
+                "incoming group call from {} with {} (every device's key verified against ids)",
+                from.as_str(),
+                members
+                    .iter()
+                    .map(|h| h.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             CallEvent::Ringing { .. } => "ringing (caller's PASSporT verified against ids)".into(),
             CallEvent::Alerting { .. } => "the callee's devices ring".into(),
             CallEvent::Answered {
@@ -854,6 +872,35 @@ pub fn describe(e: &DeviceEvent) -> String {
             CallEvent::Stats { .. } => "stats".into(),
         },
     }
+}
+
+/// What a group call's media did, if `call` is one: per member, the
+/// frames heard and pictures seen.
+async fn group_summary(device: &Device, call: &str, start: Instant) {
+    let Ok(Some(s)) = device.group_stats(call).await else {
+        return;
+    };
+    let members: Vec<String> = s
+        .heard
+        .iter()
+        .map(|(i, h)| {
+            let seen = s.seen.get(i).map_or(0, |v| v.pictures);
+            format!("member {i}: {} audio frames, {seen} pictures", h.frames)
+        })
+        .collect();
+    say(
+        start,
+        format!(
+            "group: sent {} audio frames; {}; {} frames did not decrypt",
+            s.frames_out,
+            if members.is_empty() {
+                "heard nobody".to_string()
+            } else {
+                members.join("; ")
+            },
+            s.undecryptable
+        ),
+    );
 }
 
 fn summary(s: &CallStats) -> String {
@@ -889,11 +936,31 @@ async fn record(device: &Device, call: &str, to: Option<&Path>, start: Instant) 
 
 async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
     let start = Instant::now();
-    let callee = Handle::parse(&a.handle).map_err(|e| anyhow!("{}: {e}", a.handle))?;
+    let handles = a
+        .handles
+        .iter()
+        .map(|h| Handle::parse(h).map_err(|e| anyhow!("{h}: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let group = a.group || handles.len() > 1;
+    if group && a.unverified {
+        bail!("a group call is always verified: --unverified is for one SIP phone");
+    }
+    let callee = handles[0].clone();
     let (mut device, _, _sound) = start_device(args, &a.media, None, false).await?;
     registered(&mut device, start).await?;
     let dialed = Instant::now();
-    let call = if a.unverified {
+    let call = if group {
+        let call = device.group_call(&handles).await?;
+        say(
+            start,
+            format!(
+                "group call with {} (every device's key verified; media end to end encrypted \
+                 through the SFU)",
+                a.handles.join(", ")
+            ),
+        );
+        call
+    } else if a.unverified {
         let call = device.dial_unverified(&callee).await?;
         say(
             start,
@@ -970,6 +1037,9 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
     if let Some(s) = &last {
         say(start, summary(s));
     }
+    if group {
+        group_summary(&device, &call, start).await;
+    }
     record(&device, &call, a.media.record.as_deref(), start).await?;
     match (connected, reason) {
         (Some(_), EndReason::Local | EndReason::Remote) => Ok(()),
@@ -992,9 +1062,17 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
     // Calls that came with no PASSporT (from phones outside the directory).
     let mut unverified = std::collections::HashSet::new();
     let mut last: Option<CallStats> = None;
+    // Answered calls to hang up, and when.
+    let mut hang_up: Vec<(String, Instant)> = Vec::new();
     loop {
+        let now = Instant::now();
+        for (call, _) in hang_up.iter().filter(|(_, at)| now >= *at) {
+            say(start, format!("hanging up after {} s", a.hangup_after));
+            device.hangup(call).await?;
+        }
+        hang_up.retain(|(_, at)| now < *at);
         let ev = tokio::select! {
-            ev = device.next_event(Duration::from_secs(1)) => ev,
+            ev = device.next_event(Duration::from_millis(200)) => ev,
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
         let Some(ev) = ev else { continue };
@@ -1007,6 +1085,17 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
                 call, device: None, ..
             }) => {
                 unverified.insert(call.clone());
+            }
+            DeviceEvent::Call(CallEvent::IncomingGroup { call, .. }) => {
+                say(start, describe(&ev));
+                if a.answer {
+                    device.answer(call).await?;
+                    say(start, "answered");
+                    if a.hangup_after > 0 {
+                        hang_up.push((call.clone(), now + Duration::from_secs(a.hangup_after)));
+                    }
+                }
+                continue;
             }
             DeviceEvent::Call(CallEvent::Ringing { call }) => {
                 if unverified.remove(call) {
@@ -1021,11 +1110,15 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
                 if a.answer {
                     device.answer(call).await?;
                     say(start, "answered");
+                    if a.hangup_after > 0 {
+                        hang_up.push((call.clone(), now + Duration::from_secs(a.hangup_after)));
+                    }
                 }
                 continue;
             }
             DeviceEvent::Call(CallEvent::Ended { call, .. }) => {
                 unverified.remove(call);
+                group_summary(&device, call, start).await;
                 say(start, describe(&ev));
                 if let Some(s) = last.take() {
                     say(start, summary(&s));

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 mod support;
 use support::clients::{
-    activate, client, client_via, finish, heard, link_device, run, spawn, tone_wav, wait_line,
+    activate, client, client_via, finish, heard, link_device, run, shares, spawn, tone_wav,
+    wait_line,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_parley");
@@ -412,4 +413,83 @@ fn a_client_moves_to_another_courier_when_its_courier_dies() {
     );
     let _ = listen.kill();
     let _ = listen.wait();
+}
+
+/// A group call through `parley up`: Alice rings Bob and Carol together
+/// (`parley client call BOB CAROL`); each answers on their listening
+/// client. Media goes through the SFU, sealed end to end with keys the
+/// devices exchanged over SIP MESSAGE; each of the three hears the other
+/// two's tones, and nobody hears their own. All leave after about 6 s.
+#[test]
+fn three_desktop_clients_talk_in_a_group_call_through_parley_up() {
+    const CAROL: &str = "carol@example.com";
+    let (dir, data, up) = stack();
+    let state = |n: &str| dir.path().join(n);
+    for (name, handle) in [("alice", ALICE), ("bob", BOB), ("carol", CAROL)] {
+        activate(&up, &data, &state(name), handle);
+    }
+    let limit = Duration::from_secs(60);
+    let mut listeners = Vec::new();
+    for (name, hz) in [("bob", "660"), ("carol", "880")] {
+        let mut c = client(&up, &data, &state(name));
+        c.args([
+            "listen",
+            "--answer",
+            "--calls",
+            "1",
+            "--hangup-after",
+            "6",
+            "--tone",
+            hz,
+            "--record",
+        ])
+        .arg(state(&format!("{name}.wav")));
+        let (child, rx) = spawn(c);
+        let mut seen = Vec::new();
+        wait_line(&rx, "listening as", &mut seen);
+        listeners.push((name, child, rx, seen));
+    }
+    let mut c = client(&up, &data, &state("alice"));
+    c.args([
+        "call",
+        BOB,
+        CAROL,
+        "--seconds",
+        "6",
+        "--tone",
+        "440",
+        "--record",
+    ])
+    .arg(state("alice.wav"));
+    let (call, rx) = spawn(c);
+    let mut alice_seen = Vec::new();
+    wait_line(&rx, "group call with", &mut alice_seen);
+    wait_line(&rx, "media connected", &mut alice_seen);
+    for (_, _, rx, seen) in &mut listeners {
+        wait_line(rx, "incoming group call from", seen);
+        wait_line(rx, "media connected", seen);
+    }
+    finish(call, limit, "call");
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(2)) {
+        alice_seen.push(l);
+    }
+    let out = alice_seen.join("\n");
+    assert!(out.contains("group: sent"), "{out}");
+    for (name, child, rx, mut seen) in listeners {
+        finish(child, limit, name);
+        seen.extend(rx.try_iter());
+        let text = seen.join("\n");
+        assert!(text.contains("0 frames did not decrypt"), "{name}:\n{text}");
+    }
+    assert!(out.contains("0 frames did not decrypt"), "{out}");
+    let freqs = [440.0, 660.0, 880.0];
+    for (i, name) in ["alice", "bob", "carol"].iter().enumerate() {
+        let s = shares(&state(&format!("{name}.wav")), &freqs);
+        for (j, share) in s.iter().enumerate() {
+            match i == j {
+                true => assert!(*share < 0.02, "{name} heard itself: {s:?}"),
+                false => assert!(*share > 0.2, "{name} heard {s:?}"),
+            }
+        }
+    }
 }

@@ -144,6 +144,32 @@ pub fn heard(path: &Path) -> (f64, f64, usize) {
     (f, share, pcm.len())
 }
 
+/// The share of a 48 kHz recording (its first channel, after its first
+/// half second) at each of `freqs`, as the mean over 100 ms windows: a
+/// mix of several streams shifts one stream's phase whenever its delay
+/// moves by a frame, which a single long window would count against it.
+pub fn shares(path: &Path, freqs: &[f64]) -> Vec<f64> {
+    let mut wav = hound::WavReader::open(path).unwrap();
+    let spec = wav.spec();
+    let pcm: Vec<i16> = wav
+        .samples::<i16>()
+        .map(Result::unwrap)
+        .step_by(usize::from(spec.channels))
+        .collect();
+    let body = &pcm[pcm.len().min(24_000)..];
+    let windows: Vec<&[i16]> = body.chunks_exact(4_800).collect();
+    freqs
+        .iter()
+        .map(|f| {
+            let sum: f64 = windows
+                .iter()
+                .map(|w| client_sdk::media::audio::tone_share(w, *f))
+                .sum();
+            sum / windows.len().max(1) as f64
+        })
+        .collect()
+}
+
 /// A client command left running, with its output lines (stdout and
 /// stderr, as they come).
 pub fn spawn(mut c: Command) -> (Child, std::sync::mpsc::Receiver<String>) {

@@ -1,0 +1,715 @@
+//! Group calls on the device. The caller picks a random room, looks every
+//! handle up in the key directory (verified), numbers every device of the
+//! call (itself first) into a roster and rings each handle with an INVITE
+//! naming the room. Signaling gives every participant a room token; each
+//! device that takes part joins the SFU with its own [`GroupSession`] and
+//! sends its sender key, sealed to each other member device and signed
+//! (a [`KeyMessage`]), in a SIP MESSAGE to that member's handle.
+//!
+//! A callee believes no key the roster could name: it looks every handle
+//! up itself and takes a member only if the directory lists that device
+//! for that handle, so a device that signaling or the caller added is
+//! refused; the call is refused if the roster names a device the
+//! directory does not. Keys come only from members, sealed to this device
+//! and signed by theirs ([`GroupKeys::accept`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::UdpSocket;
+use wire::group_key::KeyMessage;
+use wire::handle::Handle;
+use wire::keys::DeviceId;
+
+use super::{CallEvent, DeviceError, DeviceEvent, Speaking, Task};
+use crate::call::EndReason;
+use crate::group::{GroupConfig, GroupSession, SfuClient};
+use crate::group_keys::{GroupKeys, Member};
+use crate::sip::{CallId, RoomPass, UaEvent};
+
+/// The content type of a MESSAGE carrying sender keys (a JSON array of
+/// [`KeyMessage`]s, each for one device).
+pub const KEYS_TYPE: &str = "application/vnd.parley.keys+json";
+
+/// Who is in a group call, as the caller numbered them.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct Roster {
+    room: String,
+    members: Vec<RosterEntry>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct RosterEntry {
+    handle: String,
+    device: String,
+    index: u16,
+}
+
+/// The group call this device is in (one at a time).
+pub(super) struct GroupCall {
+    pub(super) room: String,
+    /// Its SIP dialogs: the handles the caller rang, or the caller.
+    dialogs: HashMap<CallId, Handle>,
+    /// Everyone else, with the keys the directory gave.
+    members: Vec<(Handle, Member)>,
+    keys: Option<GroupKeys>,
+    pass: Option<RoomPass>,
+    session: Option<GroupSession>,
+    socket: Option<Arc<UdpSocket>>,
+    /// Where to leave the SFU: its client, our resource and token.
+    joined: Option<(SfuClient, String, String)>,
+    /// Keys that came before this device joined the SFU.
+    pending: Vec<KeyMessage>,
+    /// Callee: the dialog that rang us, until answered.
+    ringing: Option<CallId>,
+    placed: bool,
+    alerted: bool,
+    answered: bool,
+    connected: bool,
+    speaking: Option<Speaking>,
+}
+
+impl GroupCall {
+    /// The key under which the device's socket map holds the SFU's socket.
+    pub(super) fn media_key(&self) -> String {
+        format!("group:{}", self.room)
+    }
+
+    pub(super) fn session(&mut self) -> Option<&mut GroupSession> {
+        self.session.as_mut()
+    }
+}
+
+/// A random room id: 128 bits, hex.
+fn random_room() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    wire::keys::hex(&b)
+}
+
+/// The SFU's address and TLS name from its URL (`https://host:port`).
+async fn sfu_address(url: &str) -> Result<(std::net::SocketAddr, String), DeviceError> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| DeviceError::Call(format!("the SFU's address is not https: {url}")))?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = match authority.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => authority,
+    };
+    let addr = tokio::net::lookup_host(if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:443")
+    })
+    .await
+    .map_err(|e| DeviceError::Call(format!("the SFU at {url}: {e}")))?
+    .next()
+    .ok_or_else(|| DeviceError::Call(format!("the SFU at {url} has no address")))?;
+    Ok((addr, host.to_string()))
+}
+
+impl Task {
+    /// Rings `handles` into a new group call; its id (the room).
+    pub(super) async fn group_call(
+        &mut self,
+        now: std::time::Instant,
+        handles: &[Handle],
+    ) -> Result<CallId, DeviceError> {
+        if self.group.is_some() {
+            return Err(DeviceError::Call("already in a group call".into()));
+        }
+        let found = self.ids.lookup(&self.me.key, handles).await?;
+        let room = random_room();
+        let me = Member {
+            device: self.me.device,
+            identity: self.me.key.public(),
+            index: 1,
+        };
+        let mut members = Vec::new();
+        let mut roster = vec![RosterEntry {
+            handle: self.config.handle.as_str().to_string(),
+            device: self.me.device.to_string(),
+            index: 1,
+        }];
+        for h in handles {
+            let devices = found
+                .iter()
+                .find(|f| f.handle == *h)
+                .map(|f| f.devices.clone())
+                .filter(|d| !d.is_empty())
+                .ok_or_else(|| DeviceError::Unknown(h.redacted()))?;
+            for d in devices {
+                let index = roster.len() as u16 + 1;
+                roster.push(RosterEntry {
+                    handle: h.as_str().to_string(),
+                    device: d.device.to_string(),
+                    index,
+                });
+                members.push((
+                    h.clone(),
+                    Member {
+                        device: d.device,
+                        identity: d.key,
+                        index,
+                    },
+                ));
+            }
+        }
+        let roster = serde_json::to_string(&Roster {
+            room: room.clone(),
+            members: roster,
+        })
+        .map_err(|e| DeviceError::Call(e.to_string()))?;
+        let keys =
+            GroupKeys::new(&room, me.clone()).map_err(|e| DeviceError::Call(e.to_string()))?;
+        let mut dialogs = HashMap::new();
+        for h in handles {
+            let call = self
+                .phone
+                .invite_group(now, h, &room, &roster)
+                .map_err(|e| DeviceError::Call(e.to_string()))?;
+            dialogs.insert(call, h.clone());
+        }
+        self.group = Some(GroupCall {
+            room: room.clone(),
+            dialogs,
+            members,
+            keys: Some(keys),
+            pass: None,
+            session: None,
+            socket: None,
+            joined: None,
+            pending: Vec::new(),
+            ringing: None,
+            placed: true,
+            alerted: false,
+            answered: false,
+            connected: false,
+            speaking: None,
+        });
+        Ok(room)
+    }
+
+    /// Answers the group call that rings: joins the SFU and sends keys.
+    pub(super) async fn answer_group(
+        &mut self,
+        now: std::time::Instant,
+    ) -> Result<(), DeviceError> {
+        let Some(g) = self.group.as_mut() else {
+            return Err(DeviceError::Call("no group call".into()));
+        };
+        let Some(call) = g.ringing.take() else {
+            return Err(DeviceError::Call("the group call does not ring".into()));
+        };
+        self.phone
+            .ua()
+            .answer_group(now, &call)
+            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        g.answered = true;
+        self.join_sfu().await
+    }
+
+    /// Leaves the group call: its dialogs end, the SFU lets us go.
+    pub(super) async fn hangup_group(&mut self, reason: EndReason) {
+        let Some(mut g) = self.group.take() else {
+            return;
+        };
+        if let Some(s) = g.session.as_ref() {
+            self.group_ended = Some((g.room.clone(), s.stats().clone()));
+        }
+        let now = std::time::Instant::now();
+        if let Some(call) = g.ringing.take() {
+            let _ = self.phone.ua().decline(&call, 603);
+        }
+        for call in g.dialogs.keys() {
+            let _ = self.phone.ua().hangup(now, call);
+        }
+        if let Some((sfu, resource, token)) = g.joined.take() {
+            let _ = sfu.leave(&resource, &token).await;
+        }
+        self.sockets.remove(&g.media_key());
+        self.event(DeviceEvent::Call(CallEvent::Ended {
+            call: g.room.clone(),
+            reason,
+        }))
+        .await;
+    }
+
+    /// Joins the SFU with the room token: the session, its socket, the
+    /// answer; then this device's key goes to every member.
+    async fn join_sfu(&mut self) -> Result<(), DeviceError> {
+        let Some(g) = self.group.as_mut() else {
+            return Ok(());
+        };
+        let (Some(pass), Some(keys)) = (g.pass.clone(), g.keys.take()) else {
+            return Err(DeviceError::Call("no room token for the group call".into()));
+        };
+        let (addr, name) = sfu_address(&pass.sfu).await?;
+        let sfu = SfuClient::new(addr, &name, self.config.roots.clone())
+            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        let socket = UdpSocket::bind(std::net::SocketAddr::new(self.config.media_ip, 0))
+            .await
+            .map_err(|e| DeviceError::Call(format!("media socket: {e}")))?;
+        let local = socket
+            .local_addr()
+            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        let config = GroupConfig {
+            video_slots: if self.config.video { 4 } else { 0 },
+            ..GroupConfig::default()
+        };
+        let now = std::time::Instant::now();
+        let (mut session, offer) = GroupSession::new(now, local, keys, config)
+            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        let joined = sfu
+            .join(&g.room, &pass.token, &offer)
+            .await
+            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        session
+            .accept_answer(now, &joined.answer)
+            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        // Ours to everyone (which makes them members to us), then the
+        // keys that came early.
+        let identity = self.me.key.clone();
+        let others: Vec<Member> = g.members.iter().map(|(_, m)| m.clone()).collect();
+        let ours = session
+            .keys()
+            .start(&identity, &others)
+            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        for m in std::mem::take(&mut g.pending) {
+            if let Err(e) = session.keys().accept(&identity, &m) {
+                tracing::info!(error = %e, "a sender key refused");
+            }
+        }
+        let socket = Arc::new(socket);
+        g.socket = Some(socket.clone());
+        g.session = Some(session);
+        g.joined = Some((sfu, joined.resource, pass.token));
+        g.speaking = Some(Speaking::new(&self.config.microphone));
+        let key = g.media_key();
+        let by_handle = group_by_handle(&g.members, ours);
+        self.add_socket(&key, socket);
+        let now = std::time::Instant::now();
+        for (handle, messages) in by_handle {
+            let body = format!(
+                "[{}]",
+                messages
+                    .iter()
+                    .map(KeyMessage::to_json)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let _ = self
+                .phone
+                .ua()
+                .message(now, handle.as_str(), KEYS_TYPE, body.as_bytes());
+        }
+        Ok(())
+    }
+
+    /// What the user agent said of the group call's dialogs, or a MESSAGE.
+    pub(super) async fn on_group_signal(&mut self, e: UaEvent) {
+        match e {
+            UaEvent::IncomingGroup {
+                call,
+                from,
+                room,
+                pass,
+                roster,
+            } => self.incoming_group(call, from, room, pass, roster).await,
+            UaEvent::RoomPass { call, pass } => {
+                let join = match self.group.as_mut() {
+                    Some(g) if g.dialogs.contains_key(&call) && g.pass.is_none() => {
+                        g.pass = Some(pass);
+                        true
+                    }
+                    _ => false,
+                };
+                if join {
+                    if let Err(e) = self.join_sfu().await {
+                        self.event(DeviceEvent::Error(format!("group call: {e}")))
+                            .await;
+                        self.hangup_group(EndReason::Failed(500, e.to_string()))
+                            .await;
+                    }
+                }
+            }
+            UaEvent::Ringing { call } => {
+                let room = match self.group.as_mut() {
+                    Some(g) if g.dialogs.contains_key(&call) && !g.alerted => {
+                        g.alerted = true;
+                        Some(g.room.clone())
+                    }
+                    _ => None,
+                };
+                if let Some(call) = room {
+                    self.event(DeviceEvent::Call(CallEvent::Alerting { call }))
+                        .await;
+                }
+            }
+            UaEvent::Answered { call, .. } => {
+                let room = match self.group.as_mut() {
+                    Some(g) if g.dialogs.contains_key(&call) && !g.answered => {
+                        g.answered = true;
+                        Some(g.room.clone())
+                    }
+                    _ => None,
+                };
+                if let Some(call) = room {
+                    self.event(DeviceEvent::Call(CallEvent::Answered {
+                        call,
+                        device: None,
+                    }))
+                    .await;
+                }
+            }
+            UaEvent::Failed { call, code, reason } => {
+                // Everyone the caller rang refused: the call is over.
+                let over = match self.group.as_mut() {
+                    Some(g) => {
+                        g.dialogs.remove(&call).is_some()
+                            && g.placed
+                            && g.dialogs.is_empty()
+                            && !g.answered
+                    }
+                    None => false,
+                };
+                if over {
+                    self.hangup_group(EndReason::Failed(code, reason)).await;
+                }
+            }
+            UaEvent::Cancelled { call, reason } => {
+                let rang = self
+                    .group
+                    .as_ref()
+                    .is_some_and(|g| g.ringing.as_deref() == Some(&call));
+                if rang {
+                    self.hangup_group(EndReason::Cancelled(reason)).await;
+                }
+            }
+            UaEvent::Ended { call, .. } => {
+                // A dialog ends; the room goes on while we are in it.
+                if let Some(g) = self.group.as_mut() {
+                    g.dialogs.remove(&call);
+                }
+            }
+            UaEvent::Message {
+                content_type, body, ..
+            } if content_type.trim() == KEYS_TYPE => self.keys_arrived(&body),
+            _ => {}
+        }
+    }
+
+    /// Sender keys in a MESSAGE: those for this device are kept (they
+    /// open only if a member sealed them to us).
+    fn keys_arrived(&mut self, body: &[u8]) {
+        let Some(g) = self.group.as_mut() else {
+            return;
+        };
+        let Ok(values) = serde_json::from_slice::<Vec<serde_json::Value>>(body) else {
+            return;
+        };
+        let identity = self.me.key.clone();
+        for v in values {
+            let Ok(m) = KeyMessage::from_json(&v.to_string()) else {
+                continue;
+            };
+            if m.to != self.me.device {
+                continue;
+            }
+            match g.session.as_mut() {
+                Some(s) => {
+                    if let Err(e) = s.keys().accept(&identity, &m) {
+                        tracing::info!(error = %e, "a sender key refused");
+                    }
+                }
+                None => g.pending.push(m),
+            }
+        }
+    }
+
+    /// A group call rings: the roster is checked against the directory.
+    async fn incoming_group(
+        &mut self,
+        call: CallId,
+        from: String,
+        room: String,
+        pass: Option<RoomPass>,
+        roster: String,
+    ) {
+        let refuse = |this: &mut Task, code: u16| {
+            let _ = this.phone.ua().decline(&call, code);
+        };
+        if self.group.is_some() {
+            refuse(self, 486);
+            return;
+        }
+        let (Some(pass), Ok(roster)) = (pass, serde_json::from_str::<Roster>(&roster)) else {
+            refuse(self, 400);
+            return;
+        };
+        if roster.room != room {
+            refuse(self, 400);
+            return;
+        }
+        let Some(caller) = handle_of(&from) else {
+            refuse(self, 400);
+            return;
+        };
+        match self.check_roster(&roster).await {
+            Ok((me, members)) => {
+                let others: Vec<Handle> = {
+                    let mut hs: Vec<Handle> = members.iter().map(|(h, _)| h.clone()).collect();
+                    hs.dedup();
+                    hs
+                };
+                let keys = match GroupKeys::new(&room, me.clone()) {
+                    Ok(k) => k,
+                    Err(_) => {
+                        refuse(self, 500);
+                        return;
+                    }
+                };
+                let mut dialogs = HashMap::new();
+                dialogs.insert(call.clone(), caller.clone());
+                self.group = Some(GroupCall {
+                    room: room.clone(),
+                    dialogs,
+                    members,
+                    keys: Some(keys),
+                    pass: Some(pass),
+                    session: None,
+                    socket: None,
+                    joined: None,
+                    pending: Vec::new(),
+                    ringing: Some(call),
+                    placed: false,
+                    alerted: false,
+                    answered: false,
+                    connected: false,
+                    speaking: None,
+                });
+                self.event(DeviceEvent::Call(CallEvent::IncomingGroup {
+                    call: room,
+                    from: caller,
+                    members: others,
+                }))
+                .await;
+            }
+            Err(why) => {
+                refuse(self, 488);
+                self.event(DeviceEvent::Error(format!("a group call refused: {why}")))
+                    .await;
+            }
+        }
+    }
+
+    /// This device's place in `roster`, and every other member with the
+    /// key the directory gives it. A device the directory does not list
+    /// for its handle fails the check.
+    async fn check_roster(
+        &mut self,
+        roster: &Roster,
+    ) -> Result<(Member, Vec<(Handle, Member)>), String> {
+        let mut handles: Vec<Handle> = Vec::new();
+        for e in &roster.members {
+            let h = Handle::parse(&e.handle).map_err(|e| e.to_string())?;
+            if !handles.contains(&h) {
+                handles.push(h);
+            }
+        }
+        let found = self
+            .ids
+            .lookup(&self.me.key, &handles)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut me = None;
+        let mut members = Vec::new();
+        for e in &roster.members {
+            let device: DeviceId = e
+                .device
+                .parse()
+                .map_err(|_| "a bad device id".to_string())?;
+            let handle = Handle::parse(&e.handle).map_err(|e| e.to_string())?;
+            if device == self.me.device {
+                me = Some(Member {
+                    device,
+                    identity: self.me.key.public(),
+                    index: e.index,
+                });
+                continue;
+            }
+            let key = found
+                .iter()
+                .find(|f| f.handle == handle)
+                .and_then(|f| f.devices.iter().find(|d| d.device == device))
+                .ok_or_else(|| {
+                    format!(
+                        "the roster names device {device} for {}, which the directory does not list",
+                        handle.redacted()
+                    )
+                })?;
+            members.push((
+                handle,
+                Member {
+                    device,
+                    identity: key.key,
+                    index: e.index,
+                },
+            ));
+        }
+        let me = me.ok_or_else(|| "this device is not in the roster".to_string())?;
+        Ok((me, members))
+    }
+
+    /// One 20 ms tick of the group call's audio.
+    pub(super) fn group_audio(&mut self) {
+        let Some(g) = self.group.as_mut() else {
+            return;
+        };
+        let (Some(session), Some(speaking)) = (g.session.as_mut(), g.speaking.as_mut()) else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let frame = speaking.next_frame();
+        let _ = session.send_audio(now, &frame);
+        let mix = session.mix();
+        if let Some(speaker) = &self.config.speaker {
+            speaker.push(&mix);
+        }
+        let h = self.heard.entry(g.room.clone()).or_default();
+        h.extend_from_slice(&mix);
+        let max = (self.config.keep_heard.as_millis() * 48) as usize;
+        if h.len() > max {
+            h.drain(..h.len() - max);
+        }
+    }
+
+    /// One camera frame for the group call.
+    pub(super) fn group_video(&mut self) {
+        let frame = self.camera.next_frame();
+        if let Some(s) = self.group.as_mut().and_then(GroupCall::session) {
+            let _ = s.send_video(std::time::Instant::now(), &frame);
+        }
+    }
+
+    /// A datagram on the SFU's socket.
+    pub(super) fn group_datagram(&mut self, from: std::net::SocketAddr, data: &[u8]) {
+        if let Some(s) = self.group.as_mut().and_then(GroupCall::session) {
+            let _ = s.handle_datagram(std::time::Instant::now(), from, data);
+        }
+    }
+
+    /// The group session's timers, its datagrams out, and whether media
+    /// came up.
+    pub(super) async fn group_flush(&mut self) -> bool {
+        let mut busy = false;
+        let Some(g) = self.group.as_mut() else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let (Some(session), Some(socket)) = (g.session.as_mut(), g.socket.clone()) else {
+            return false;
+        };
+        if session.poll_timeout() <= now {
+            let _ = session.handle_timeout(now);
+        }
+        while let Some(d) = session.poll_transmit() {
+            busy = true;
+            let _ = socket.send_to(&d.data, d.to).await;
+        }
+        let connected = session.is_connected() && !g.connected;
+        let closed = session.is_closed();
+        if connected {
+            g.connected = true;
+            let call = g.room.clone();
+            self.event(DeviceEvent::Call(CallEvent::MediaConnected { call }))
+                .await;
+        }
+        if closed {
+            self.hangup_group(EndReason::Failed(503, "the SFU went away".into()))
+                .await;
+        }
+        busy
+    }
+
+    /// When the group session's timers are due.
+    pub(super) fn group_timeout(&self) -> Option<std::time::Instant> {
+        self.group
+            .as_ref()
+            .and_then(|g| g.session.as_ref())
+            .map(GroupSession::poll_timeout)
+    }
+
+    /// What the group call's session measured.
+    pub(super) fn group_stats(&self, call: &str) -> Option<crate::group::GroupStats> {
+        match self.group.as_ref().filter(|g| g.room == call) {
+            Some(g) => g.session.as_ref().map(|s| s.stats().clone()),
+            // The call just ended: what its media did to the end.
+            None => self
+                .group_ended
+                .as_ref()
+                .filter(|(room, _)| room == call)
+                .map(|(_, s)| s.clone()),
+        }
+    }
+}
+
+/// Key messages grouped by the member handle whose devices they are for.
+fn group_by_handle(
+    members: &[(Handle, Member)],
+    messages: Vec<KeyMessage>,
+) -> Vec<(Handle, Vec<KeyMessage>)> {
+    let mut out: Vec<(Handle, Vec<KeyMessage>)> = Vec::new();
+    for m in messages {
+        let Some((h, _)) = members.iter().find(|(_, mm)| mm.device == m.to) else {
+            continue;
+        };
+        match out.iter_mut().find(|(x, _)| x == h) {
+            Some((_, v)) => v.push(m),
+            None => out.push((h.clone(), vec![m])),
+        }
+    }
+    out
+}
+
+/// The handle a SIP From value names.
+fn handle_of(value: &str) -> Option<Handle> {
+    let na = wire::sip::uri::NameAddr::parse(value).ok()?;
+    Handle::parse(&na.uri.user_unescaped()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_sfu_url_gives_its_address_and_name() {
+        let (a, n) = sfu_address("https://127.0.0.1:8446").await.unwrap();
+        assert_eq!(
+            (a.to_string(), n.as_str()),
+            ("127.0.0.1:8446".into(), "127.0.0.1")
+        );
+        assert!(sfu_address("http://127.0.0.1:8446").await.is_err());
+        let (a, n) = sfu_address("https://[::1]:9000/").await.unwrap();
+        assert_eq!((a.port(), n.as_str()), (9000, "::1"));
+    }
+
+    #[test]
+    fn rosters_round_trip_and_rooms_are_unguessable() {
+        let r = Roster {
+            room: random_room(),
+            members: vec![RosterEntry {
+                handle: "+14155550123".into(),
+                device: DeviceId::random().to_string(),
+                index: 1,
+            }],
+        };
+        assert!(wire::room_token::valid_room(&r.room));
+        assert_ne!(r.room, random_room());
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<Roster>(&text).unwrap(), r);
+    }
+}
