@@ -103,6 +103,12 @@ pub enum CallEvent {
     MediaConnected {
         call: CallId,
     },
+    /// A device of `handle` left the group call: this device's key is
+    /// new, sent to those who remain.
+    MemberLeft {
+        call: CallId,
+        handle: Handle,
+    },
     /// The relay carrying the call stopped answering; the call moves to
     /// another (an ICE restart).
     RelayMoved {

@@ -865,6 +865,10 @@ pub fn describe(e: &DeviceEvent) -> String {
                     .into()
             }
             CallEvent::MediaConnected { .. } => "media connected (ICE + DTLS-SRTP)".into(),
+            CallEvent::MemberLeft { handle, .. } => format!(
+                "{} left the group call; new keys sent to those who remain",
+                handle.as_str()
+            ),
             CallEvent::RelayMoved { from, to, .. } => {
                 format!("the relay {from} stopped answering; media moves to the relay {to}")
             }

@@ -32,6 +32,17 @@ use crate::sip::{CallId, RoomPass, UaEvent};
 /// [`KeyMessage`]s, each for one device).
 pub const KEYS_TYPE: &str = "application/vnd.parley.keys+json";
 
+/// The content type of a MESSAGE saying a device left a group call
+/// ([`Left`]): the others draw new keys, so it cannot read what follows.
+pub const LEFT_TYPE: &str = "application/vnd.parley.left+json";
+
+/// A device leaving a group call.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct Left {
+    room: String,
+    device: String,
+}
+
 /// Who is in a group call, as the caller numbered them.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 struct Roster {
@@ -224,6 +235,22 @@ impl Task {
         if let Some(call) = g.ringing.take() {
             let _ = self.phone.ua().decline(&call, 603);
         }
+        if g.session.is_some() {
+            // The others draw new keys, so this device cannot read what
+            // follows.
+            let left = serde_json::to_vec(&Left {
+                room: g.room.clone(),
+                device: self.me.device.to_string(),
+            })
+            .unwrap_or_default();
+            let mut told: Vec<&Handle> = Vec::new();
+            for (h, _) in &g.members {
+                if !told.contains(&h) {
+                    told.push(h);
+                    let _ = self.phone.ua().message(now, h.as_str(), LEFT_TYPE, &left);
+                }
+            }
+        }
         for call in g.dialogs.keys() {
             let _ = self.phone.ua().hangup(now, call);
         }
@@ -291,21 +318,7 @@ impl Task {
         let key = g.media_key();
         let by_handle = group_by_handle(&g.members, ours);
         self.add_socket(&key, socket);
-        let now = std::time::Instant::now();
-        for (handle, messages) in by_handle {
-            let body = format!(
-                "[{}]",
-                messages
-                    .iter()
-                    .map(KeyMessage::to_json)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
-            let _ = self
-                .phone
-                .ua()
-                .message(now, handle.as_str(), KEYS_TYPE, body.as_bytes());
-        }
+        self.send_keys(by_handle);
         Ok(())
     }
 
@@ -398,7 +411,73 @@ impl Task {
             UaEvent::Message {
                 content_type, body, ..
             } if content_type.trim() == KEYS_TYPE => self.keys_arrived(&body),
+            UaEvent::Message {
+                content_type,
+                body,
+                from,
+            } if content_type.trim() == LEFT_TYPE => self.member_left(&from, &body).await,
             _ => {}
+        }
+    }
+
+    /// A member says one of its devices left: it goes, and this device
+    /// draws a new key for those who remain. Only a device's own handle
+    /// may say it left (signaling checks who a MESSAGE is from).
+    async fn member_left(&mut self, from: &str, body: &[u8]) {
+        let Ok(left) = serde_json::from_slice::<Left>(body) else {
+            return;
+        };
+        let Some(g) = self.group.as_mut().filter(|g| g.room == left.room) else {
+            return;
+        };
+        let Ok(device) = left.device.parse::<DeviceId>() else {
+            return;
+        };
+        let sender = handle_of(from);
+        let Some(at) = g
+            .members
+            .iter()
+            .position(|(h, m)| m.device == device && Some(h) == sender.as_ref())
+        else {
+            return;
+        };
+        let (handle, _) = g.members.remove(at);
+        let identity = self.me.key.clone();
+        let fresh = match g.session.as_mut() {
+            Some(s) => s.keys().leave(&identity, device),
+            None => return,
+        };
+        let room = g.room.clone();
+        match fresh {
+            Ok(messages) => {
+                let by_handle = group_by_handle(&g.members, messages);
+                self.send_keys(by_handle);
+                self.event(DeviceEvent::Call(CallEvent::MemberLeft {
+                    call: room,
+                    handle,
+                }))
+                .await;
+            }
+            Err(e) => tracing::warn!(error = %e, "new keys after a leave"),
+        }
+    }
+
+    /// Sends key messages, one MESSAGE per member handle.
+    fn send_keys(&mut self, by_handle: Vec<(Handle, Vec<KeyMessage>)>) {
+        let now = std::time::Instant::now();
+        for (handle, messages) in by_handle {
+            let body = format!(
+                "[{}]",
+                messages
+                    .iter()
+                    .map(KeyMessage::to_json)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let _ = self
+                .phone
+                .ua()
+                .message(now, handle.as_str(), KEYS_TYPE, body.as_bytes());
         }
     }
 
