@@ -232,6 +232,18 @@ pub fn dominant_frequency(samples: Vec<i16>) -> f64 {
     client_sdk::media::audio::dominant_frequency(&samples, (200..2000).step_by(20).map(f64::from)).0
 }
 
+/// The share (0..1) of `samples`' energy at `freq` (48 kHz), as the mean
+/// over 100 ms windows: whether a tone is in a mix of several speakers.
+#[uniffi::export]
+pub fn tone_share(samples: Vec<i16>, freq: f64) -> f64 {
+    let windows: Vec<&[i16]> = samples.chunks_exact(4_800).collect();
+    let sum: f64 = windows
+        .iter()
+        .map(|w| client_sdk::media::audio::tone_share(w, freq))
+        .sum();
+    sum / windows.len().max(1) as f64
+}
+
 fn addr(what: &str, s: &str) -> Result<SocketAddr, ParleyError> {
     s.parse()
         .map_err(|e| ParleyError::Invalid(format!("{what} {s:?}: {e}")))

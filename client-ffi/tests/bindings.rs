@@ -72,6 +72,8 @@ fn swift_and_kotlin_bindings_are_generated_with_the_whole_api() {
         "setPlatformToken",
         "background",
         "handlePush",
+        "groupCall",
+        "toneShare",
     ] {
         assert!(swift.contains(name), "Swift lacks {name}");
         assert!(kotlin.contains(name), "Kotlin lacks {name}");

@@ -4,7 +4,9 @@ outbox, Alice calls Bob, Bob answers, and each hears the other's tone.
 Then Bob goes to the background as a phone app does (no link, no SIP)
 with only his FCM token registered; Alice's next call reaches him
 through FCM (a local stand-in), the app hands the push to the device,
-and the call rings and is answered.
+and the call rings and is answered. Last, Alice rings Bob and Carol
+into a group call through the SFU, end to end encrypted: each hears the
+other two's tones in the mix, and nobody their own.
 
 Environment: PARLEY_IDS, PARLEY_COURIER, PARLEY_SIP (host:port),
 PARLEY_CA (PEM file), PARLEY_OUTBOX (the outbox directory),
@@ -19,8 +21,8 @@ import time
 
 import parley_ffi as parley
 
-ALICE, BOB = "alice@example.com", "+14155550123"
-ALICE_HZ, BOB_HZ = 440.0, 660.0
+ALICE, BOB, CAROL = "alice@example.com", "+14155550123", "carol@example.com"
+ALICE_HZ, BOB_HZ, CAROL_HZ = 440.0, 660.0, 880.0
 
 
 def code_for(handle, outbox):
@@ -114,6 +116,35 @@ def woken_through_fcm(alice, bob):
     assert bob_heard == ALICE_HZ, bob_heard
 
 
+def group_call(alice, bob, carol):
+    """Alice rings Bob and Carol together; both answer; each of the three
+    hears the other two (each about half of the mix) and not itself."""
+    room = alice.group_call([BOB, CAROL])
+    for callee, own in ((bob, BOB), (carol, CAROL)):
+        incoming = wait_for(callee, parley.PhoneEvent.INCOMING_GROUP)
+        assert incoming.call == room, incoming
+        assert set(incoming.members) == {ALICE, BOB, CAROL} - {own}, incoming
+        callee.answer(room)
+    for d in (alice, bob, carol):
+        wait_for(d, parley.PhoneEvent.MEDIA_CONNECTED)
+    time.sleep(3)
+    heard = {}
+    for d, name, own in ((alice, "Alice", ALICE_HZ), (bob, "Bob", BOB_HZ),
+                         (carol, "Carol", CAROL_HZ)):
+        samples = d.heard(room)[-96000:]
+        shares = {hz: round(parley.tone_share(samples, hz), 3)
+                  for hz in (ALICE_HZ, BOB_HZ, CAROL_HZ)}
+        heard[name] = shares
+        for hz, share in shares.items():
+            if hz == own:
+                assert share < 0.02, (name, shares)
+            else:
+                assert share > 0.2, (name, shares)
+    for d in (alice, bob, carol):
+        d.hangup(room)
+    print(f"group call: {heard}")
+
+
 def main():
     services = parley.Services(
         ids=os.environ["PARLEY_IDS"],
@@ -158,6 +189,12 @@ def main():
     assert alice_heard == BOB_HZ, alice_heard
 
     woken_through_fcm(alice, bob)
+
+    carol_id = activate(p, CAROL, outbox)
+    carol = p.start_device(carol_id, CAROL_HZ, False)
+    wait_for(carol, parley.PhoneEvent.REGISTERED)
+    time.sleep(0.5)
+    group_call(alice, bob, carol)
     print("OK")
 
 
