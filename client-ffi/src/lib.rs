@@ -202,6 +202,9 @@ fn phone_event(e: DeviceEvent) -> Option<PhoneEvent> {
             moved @ CallEvent::RelayMoved { .. } => PhoneEvent::Other {
                 description: format!("{moved:?}"),
             },
+            CallEvent::MemberJoined { handle, .. } => PhoneEvent::Other {
+                description: format!("{} joined the group call", handle.as_str()),
+            },
             CallEvent::MemberLeft { handle, .. } => PhoneEvent::Other {
                 description: format!("{} left the group call", handle.as_str()),
             },

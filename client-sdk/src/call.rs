@@ -103,6 +103,12 @@ pub enum CallEvent {
     MediaConnected {
         call: CallId,
     },
+    /// `handle` answered our group call (one of its devices joins the
+    /// room).
+    MemberJoined {
+        call: CallId,
+        handle: Handle,
+    },
     /// A device of `handle` left the group call: this device's key is
     /// new, sent to those who remain.
     MemberLeft {

@@ -865,6 +865,9 @@ pub fn describe(e: &DeviceEvent) -> String {
                     .into()
             }
             CallEvent::MediaConnected { .. } => "media connected (ICE + DTLS-SRTP)".into(),
+            CallEvent::MemberJoined { handle, .. } => {
+                format!("{} answered and joins the group call", handle.as_str())
+            }
             CallEvent::MemberLeft { handle, .. } => format!(
                 "{} left the group call; new keys sent to those who remain",
                 handle.as_str()

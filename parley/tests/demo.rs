@@ -38,3 +38,27 @@ fn the_demo_call_goes_through_and_its_checks_hold() {
         .next()
         .is_some_and(|t| t.contains('.'))));
 }
+
+/// `parley demo --group 4`: four people through the SFU, one woken by
+/// push; each hears the other three and decodes their test patterns, and
+/// what the SFU forwarded is SFrame ciphertext that plays as no tone.
+#[test]
+fn the_group_demo_goes_through_and_its_checks_hold() {
+    let out = Command::new(BIN)
+        .args(["demo", "--group", "4", "--seconds", "2"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("parley demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for line in [
+        "dave    woken by a VoIP push",
+        "incoming group call from alice@example.com",
+        "answered and joins the group call",
+        "each SFrame under a member's key; none plays as its sender's tone",
+        "OK: 4 people heard and saw each other",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+}

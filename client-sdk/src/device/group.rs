@@ -79,7 +79,17 @@ pub(super) struct GroupCall {
     answered: bool,
     connected: bool,
     speaking: Option<Speaking>,
+    /// Key MESSAGEs not yet taken: by their id, the handle, the body and
+    /// the tries so far. One to a member that sleeps (waking for the
+    /// call) fails; it is sent again.
+    unsent: HashMap<String, (Handle, Vec<u8>, u8)>,
+    /// Key MESSAGEs to send again, and when.
+    resend: Vec<(std::time::Instant, Handle, Vec<u8>, u8)>,
 }
+
+/// How often, and how far apart, a key MESSAGE is tried.
+const KEY_TRIES: u8 = 10;
+const KEY_RETRY: std::time::Duration = std::time::Duration::from_millis(700);
 
 impl GroupCall {
     /// The key under which the device's socket map holds the SFU's socket.
@@ -200,6 +210,8 @@ impl Task {
             answered: false,
             connected: false,
             speaking: None,
+            unsent: HashMap::new(),
+            resend: Vec::new(),
         });
         Ok(room)
     }
@@ -363,19 +375,16 @@ impl Task {
                 }
             }
             UaEvent::Answered { call, .. } => {
-                let room = match self.group.as_mut() {
-                    Some(g) if g.dialogs.contains_key(&call) && !g.answered => {
+                let joined = match self.group.as_mut() {
+                    Some(g) if g.placed => {
                         g.answered = true;
-                        Some(g.room.clone())
+                        g.dialogs.get(&call).map(|h| (g.room.clone(), h.clone()))
                     }
                     _ => None,
                 };
-                if let Some(call) = room {
-                    self.event(DeviceEvent::Call(CallEvent::Answered {
-                        call,
-                        device: None,
-                    }))
-                    .await;
+                if let Some((call, handle)) = joined {
+                    self.event(DeviceEvent::Call(CallEvent::MemberJoined { call, handle }))
+                        .await;
                 }
             }
             UaEvent::Failed { call, code, reason } => {
@@ -411,6 +420,7 @@ impl Task {
             UaEvent::Message {
                 content_type, body, ..
             } if content_type.trim() == KEYS_TYPE => self.keys_arrived(&body),
+            UaEvent::MessageDone { id, code } => self.key_message_done(&id, code),
             UaEvent::Message {
                 content_type,
                 body,
@@ -474,10 +484,61 @@ impl Task {
                     .collect::<Vec<_>>()
                     .join(",")
             );
-            let _ = self
-                .phone
-                .ua()
-                .message(now, handle.as_str(), KEYS_TYPE, body.as_bytes());
+            self.send_key_message(now, handle, body.into_bytes(), 1);
+        }
+    }
+
+    fn send_key_message(
+        &mut self,
+        now: std::time::Instant,
+        handle: Handle,
+        body: Vec<u8>,
+        tries: u8,
+    ) {
+        if let Ok(id) = self
+            .phone
+            .ua()
+            .message(now, handle.as_str(), KEYS_TYPE, &body)
+        {
+            if let Some(g) = self.group.as_mut() {
+                g.unsent.insert(id, (handle, body, tries));
+            }
+        }
+    }
+
+    /// What became of a key MESSAGE: taken, or to be sent again.
+    fn key_message_done(&mut self, id: &str, code: u16) {
+        let Some(g) = self.group.as_mut() else {
+            return;
+        };
+        let Some((handle, body, tries)) = g.unsent.remove(id) else {
+            return;
+        };
+        if !(200..300).contains(&code) && tries < KEY_TRIES {
+            g.resend.push((
+                std::time::Instant::now() + KEY_RETRY,
+                handle,
+                body,
+                tries + 1,
+            ));
+        }
+    }
+
+    /// Key MESSAGEs due to be sent again.
+    fn resend_keys(&mut self) {
+        let now = std::time::Instant::now();
+        let due: Vec<(Handle, Vec<u8>, u8)> = match self.group.as_mut() {
+            Some(g) => {
+                let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut g.resend)
+                    .into_iter()
+                    .partition(|r| r.0 <= now);
+                g.resend = later;
+                due.into_iter().map(|(_, h, b, t)| (h, b, t)).collect()
+            }
+            None => return,
+        };
+        for (handle, body, tries) in due {
+            self.send_key_message(now, handle, body, tries);
         }
     }
 
@@ -569,6 +630,8 @@ impl Task {
                     answered: false,
                     connected: false,
                     speaking: None,
+                    unsent: HashMap::new(),
+                    resend: Vec::new(),
                 });
                 self.event(DeviceEvent::Call(CallEvent::IncomingGroup {
                     call: room,
@@ -684,6 +747,7 @@ impl Task {
     /// The group session's timers, its datagrams out, and whether media
     /// came up.
     pub(super) async fn group_flush(&mut self) -> bool {
+        self.resend_keys();
         let mut busy = false;
         let Some(g) = self.group.as_mut() else {
             return false;
@@ -714,12 +778,16 @@ impl Task {
         busy
     }
 
-    /// When the group session's timers are due.
+    /// When the group session's timers, or a key MESSAGE to send again,
+    /// are due.
     pub(super) fn group_timeout(&self) -> Option<std::time::Instant> {
-        self.group
+        let g = self.group.as_ref()?;
+        g.session
             .as_ref()
-            .and_then(|g| g.session.as_ref())
             .map(GroupSession::poll_timeout)
+            .into_iter()
+            .chain(g.resend.iter().map(|r| r.0))
+            .min()
     }
 
     /// What the group call's session measured.

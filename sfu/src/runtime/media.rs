@@ -514,8 +514,9 @@ impl Loop {
                     Kind::Audio => (&self.metrics.audio_packets, &self.metrics.audio_bytes),
                     Kind::Video => (&self.metrics.video_packets, &self.metrics.video_bytes),
                 };
-                packets.fetch_add(1, Ordering::Relaxed);
+                let n = packets.fetch_add(1, Ordering::Relaxed);
                 total.fetch_add(bytes, Ordering::Relaxed);
+                self.metrics.sample(f.kind == Kind::Audio, n, &pkt.payload);
                 self.drain(to);
             }
         }

@@ -94,6 +94,10 @@ pub(crate) enum Command {
 /// Counters and gauges for `/metrics`.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    /// Some forwarded payloads (one in [`SAMPLE_EVERY`], the newest
+    /// [`SAMPLES`]), as the SFU saw them: what an operator, or a check
+    /// that the SFU holds nothing it can read, can look at.
+    pub samples: std::sync::Mutex<std::collections::VecDeque<(bool, Vec<u8>)>>,
     pub rooms: AtomicU64,
     pub participants: AtomicU64,
     pub joins: AtomicU64,
@@ -105,7 +109,32 @@ pub struct Metrics {
     pub layer_switches: AtomicU64,
 }
 
+/// One forwarded payload in this many is kept in [`Metrics::samples`].
+pub const SAMPLE_EVERY: u64 = 64;
+/// How many are kept.
+pub const SAMPLES: usize = 64;
+
 impl Metrics {
+    /// The sampled payloads: (audio, payload).
+    pub fn sampled(&self) -> Vec<(bool, Vec<u8>)> {
+        self.samples
+            .lock()
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn sample(&self, audio: bool, n: u64, payload: &[u8]) {
+        if n % SAMPLE_EVERY != 0 {
+            return;
+        }
+        if let Ok(mut s) = self.samples.lock() {
+            if s.len() >= SAMPLES {
+                s.pop_front();
+            }
+            s.push_back((audio, payload.to_vec()));
+        }
+    }
+
     /// Prometheus text.
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;

@@ -11,6 +11,10 @@
 //! end encrypted; then Alice hangs up. The demo exits 0 only if each side
 //! detected the other's tone and decoded the other's test pattern, and
 //! the relay was handed nothing but STUN, DTLS and SRTP.
+//!
+//! `--group N` shows a group call instead ([`group`]).
+
+mod group;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -52,6 +56,11 @@ pub struct DemoArgs {
     /// Audio only.
     #[arg(long)]
     no_video: bool,
+    /// A group call of this many people (3 to 8) through the SFU instead:
+    /// one of them asleep and woken by push, each hearing the others'
+    /// tones and decoding their test patterns, end to end encrypted.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(3..=8))]
+    group: Option<u8>,
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
@@ -153,17 +162,22 @@ async fn until(
                 seen.join(" | ")
             );
         }
-        for d in devs.iter_mut() {
-            while let Some(e) = d.device.next_event(Duration::from_millis(2)).await {
-                match &e {
-                    DeviceEvent::Call(CallEvent::Stats { .. }) => {}
-                    other => t.note(d.name, describe(other)),
-                }
-                d.events.push(e);
-            }
-        }
+        pump(devs, t).await;
     }
     Ok(())
+}
+
+/// Records every device event that has come, noting it.
+async fn pump(devs: &mut [Dev], t: &mut Timeline) {
+    for d in devs.iter_mut() {
+        while let Some(e) = d.device.next_event(Duration::from_millis(2)).await {
+            match &e {
+                DeviceEvent::Call(CallEvent::Stats { .. }) => {}
+                other => t.note(d.name, describe(other)),
+            }
+            d.events.push(e);
+        }
+    }
 }
 
 fn has(devs: &[Dev], name: &str, f: impl Fn(&DeviceEvent) -> bool) -> bool {
@@ -205,6 +219,8 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         ("signaling.listen".into(), any.clone()),
         ("signaling.tls".into(), any.clone()),
         ("signaling.wss".into(), any.clone()),
+        ("sfu.listen".into(), any.clone()),
+        ("sfu.api_listen".into(), any.clone()),
         (
             "signaling.domains".into(),
             Value::Array(vec![Value::String("localhost".into())]),
@@ -226,11 +242,18 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         courier: true,
         signaling: true,
         // A one-to-one call needs no SFU.
-        sfu: false,
+        sfu: args.group.is_some(),
     };
-    let sfu_config = settings
-        .sfu
-        .to_config(crate::data::sip_secret(&data.sip_secret)?)?;
+    // Signaling makes the room tokens the SFU checks: one secret.
+    let secret = crate::data::sip_secret(&data.sip_secret)?;
+    signaling_config.secret = Some(secret);
+    let mut sfu_config = settings.sfu.to_config(secret)?;
+    let (sfu_cert, sfu_key) = data.server_files(&None, &None);
+    sfu_config.tls = Some(crate::tls::server_config(
+        &sfu_cert,
+        &sfu_key,
+        &[b"http/1.1"],
+    )?);
     let stack = Stack::start(
         &settings,
         &data,
@@ -245,7 +268,10 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         tls,
     )
     .await?;
-    let result = scenario(&stack, &data, &settings, args, &mut t).await;
+    let result = match args.group {
+        Some(n) => group::scenario(&stack, &data, &settings, args, usize::from(n), &mut t).await,
+        None => scenario(&stack, &data, &settings, args, &mut t).await,
+    };
     stack.shutdown().await?;
     if args.keep {
         println!("data directory kept: {}", dir.display());
