@@ -97,6 +97,7 @@ impl SfuSection {
                 ..Default::default()
             },
             max_participants,
+            connect_within: Duration::from_secs(30),
         })
     }
 }

@@ -28,6 +28,7 @@ async fn sfu() -> sfu::runtime::Sfu {
         secret: SECRET.to_vec(),
         room: Default::default(),
         max_participants: 32,
+        connect_within: Duration::from_secs(2),
     })
     .await
     .unwrap()
@@ -385,5 +386,44 @@ async fn joins_without_a_valid_token_or_offer_are_refused() {
     .await;
     assert_eq!(status, 404);
     assert_eq!(metric(&sfu, "parley_sfu_joins_refused_total"), 5);
+    sfu.shutdown();
+}
+
+/// Someone with a room token posts an offer and never comes: the SFU
+/// lets go of it after its connect window.
+#[tokio::test]
+async fn a_participant_that_never_connects_is_dropped() {
+    let sfu = sfu().await;
+    let mut rtc = RtcConfig::new()
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .build(Instant::now());
+    let local: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    rtc.add_local_candidate(Candidate::host(local, Protocol::Udp).unwrap());
+    let mut api = rtc.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    let (offer, _) = api.apply().unwrap();
+    let room = "room-1-abcdefghijkl";
+    let auth = format!("Bearer {}", token(room));
+    let (status, _, _) = http(
+        sfu.http,
+        "POST",
+        &format!("/v1/rooms/{room}/participants"),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/sdp"),
+        ],
+        &offer.to_sdp_string(),
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(metric(&sfu, "parley_sfu_participants"), 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&sfu, "parley_sfu_participants") != 0 {
+        assert!(Instant::now() < deadline, "still held after 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&sfu, "parley_sfu_rooms"), 0);
     sfu.shutdown();
 }

@@ -58,6 +58,8 @@ struct Participant {
     /// Where its packets come from, once ICE chose.
     remote: Option<SocketAddr>,
     resource: String,
+    /// When it joined, until its media connects.
+    connecting_since: Option<Instant>,
 }
 
 struct RoomState {
@@ -72,6 +74,7 @@ pub(super) struct Loop {
     candidate: SocketAddr,
     room_config: RoomConfig,
     max_participants: usize,
+    connect_within: Duration,
     participants: HashMap<u64, Participant>,
     by_remote: HashMap<SocketAddr, u64>,
     rooms: HashMap<String, RoomState>,
@@ -88,7 +91,7 @@ impl Loop {
         socket: Arc<UdpSocket>,
         candidate: SocketAddr,
         room_config: RoomConfig,
-        max_participants: usize,
+        (max_participants, connect_within): (usize, Duration),
         metrics: Arc<Metrics>,
     ) -> Loop {
         Loop {
@@ -96,6 +99,7 @@ impl Loop {
             candidate,
             room_config,
             max_participants,
+            connect_within,
             participants: HashMap::new(),
             by_remote: HashMap::new(),
             rooms: HashMap::new(),
@@ -145,6 +149,7 @@ impl Loop {
             if tokio::time::Instant::now() >= replan {
                 replan = tokio::time::Instant::now() + REPLAN_EVERY;
                 self.replan_all(now);
+                self.drop_unconnected(now);
             }
             self.pump(now);
         }
@@ -255,6 +260,7 @@ impl Loop {
                 timeout: now,
                 remote: None,
                 resource: resource.clone(),
+                connecting_since: Some(now),
             },
         );
         self.metrics.joins.fetch_add(1, Ordering::Relaxed);
@@ -268,6 +274,23 @@ impl Loop {
                 answer,
             },
         ))
+    }
+
+    /// Participants that joined but never connected go.
+    fn drop_unconnected(&mut self, now: Instant) {
+        let stale: Vec<u64> = self
+            .participants
+            .iter()
+            .filter(|(_, p)| {
+                p.connecting_since
+                    .is_some_and(|t| now.saturating_duration_since(t) > self.connect_within)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            tracing::info!("a participant never connected; dropped");
+            self.leave(key);
+        }
     }
 
     fn leave(&mut self, key: u64) {
@@ -370,6 +393,7 @@ impl Loop {
                                     .bandwidth(id, b.as_u64().min(u64::from(u32::MAX)) as u32);
                             }
                         }
+                        Event::Connected => p.connecting_since = None,
                         Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                             gone = true;
                         }

@@ -47,6 +47,10 @@ pub struct Config {
     pub room: RoomConfig,
     /// People in one room at most.
     pub max_participants: usize,
+    /// A participant whose media has not connected this long after it
+    /// joined is dropped (it posted an offer and never came). 30 s is
+    /// usual.
+    pub connect_within: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,7 +233,7 @@ impl Sfu {
             Arc::new(socket),
             candidate,
             config.room.clone(),
-            config.max_participants,
+            (config.max_participants, config.connect_within),
             metrics.clone(),
         );
         let api = Api {
