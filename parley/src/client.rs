@@ -1093,18 +1093,9 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
             }) => {
                 unverified.insert(call.clone());
             }
-            DeviceEvent::Call(CallEvent::IncomingGroup { call, .. }) => {
-                say(start, describe(&ev));
-                if a.answer {
-                    device.answer(call).await?;
-                    say(start, "answered");
-                    if a.hangup_after > 0 {
-                        hang_up.push((call.clone(), now + Duration::from_secs(a.hangup_after)));
-                    }
-                }
-                continue;
-            }
-            DeviceEvent::Call(CallEvent::Ringing { call }) => {
+            DeviceEvent::Call(
+                CallEvent::IncomingGroup { call, .. } | CallEvent::Ringing { call },
+            ) => {
                 if unverified.remove(call) {
                     say(
                         start,

@@ -576,11 +576,9 @@ fn run(cli: Cli) -> Result<()> {
     let sip_secret = data::sip_secret(sip_secret)?;
     signaling_config.secret = Some(sip_secret);
     // Signaling makes the room tokens the SFU checks.
-    let mut sfu_config = settings.sfu.to_config(sip_secret)?;
+    let sfu_config = stack::sfu_config(&settings, &data, sip_secret)?;
     let (cert, key) = stack::tls_files(&settings.turn, &data);
     let tls = tls::server_config(&cert, &key, &[ALPN_STUN_TURN])?;
-    let (sfu_cert, sfu_key) = data.server_files(&settings.sfu.cert, &settings.sfu.key);
-    sfu_config.tls = Some(tls::server_config(&sfu_cert, &sfu_key, &[b"http/1.1"])?);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -289,6 +289,20 @@ async fn connect_nats(cluster: &config::ClusterSection) -> Result<async_nats::Cl
         .with_context(|| format!("cannot reach NATS (cluster.nats {urls:?})"))
 }
 
+/// The SFU's configuration: room tokens checked with signaling's
+/// `secret`, the join API on the `[sfu]` certificate (the data
+/// directory's by default).
+pub(crate) fn sfu_config(
+    settings: &config::Settings,
+    data: &data::DataDir,
+    secret: [u8; 32],
+) -> Result<sfu::runtime::Config> {
+    let mut c = settings.sfu.to_config(secret)?;
+    let (cert, key) = data.server_files(&settings.sfu.cert, &settings.sfu.key);
+    c.tls = Some(tls::server_config(&cert, &key, &[b"http/1.1"])?);
+    Ok(c)
+}
+
 pub(crate) fn tls_files(turn: &config::TurnSection, data: &data::DataDir) -> (PathBuf, PathBuf) {
     data.server_files(&turn.cert, &turn.key)
 }

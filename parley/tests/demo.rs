@@ -9,16 +9,23 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_parley");
 
-#[test]
-fn the_demo_call_goes_through_and_its_checks_hold() {
+/// `parley demo` with `args`, which must pass: what it printed.
+fn demo(args: &[&str]) -> String {
     let out = Command::new(BIN)
-        .args(["demo", "--seconds", "2"])
+        .arg("demo")
+        .args(args)
         .env("RUST_LOG", "warn")
         .output()
         .expect("parley demo runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
+    stdout
+}
+
+#[test]
+fn the_demo_call_goes_through_and_its_checks_hold() {
+    let stdout = demo(&["--seconds", "2"]);
     for line in [
         "woken by a VoIP push",
         "call ended: AnsweredElsewhere",
@@ -44,14 +51,7 @@ fn the_demo_call_goes_through_and_its_checks_hold() {
 /// what the SFU forwarded is SFrame ciphertext that plays as no tone.
 #[test]
 fn the_group_demo_goes_through_and_its_checks_hold() {
-    let out = Command::new(BIN)
-        .args(["demo", "--group", "4", "--seconds", "2"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("parley demo runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = demo(&["--group", "4", "--seconds", "2"]);
     for line in [
         "dave    woken by a VoIP push",
         "incoming group call from alice@example.com",

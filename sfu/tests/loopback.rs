@@ -79,6 +79,26 @@ async fn http(
     (status, headers, body.to_string())
 }
 
+/// Posts `offer` to join `room` with a good token.
+async fn post_offer(
+    sfu: &sfu::runtime::Sfu,
+    room: &str,
+    offer: &str,
+) -> (u16, HashMap<String, String>, String) {
+    let auth = format!("Bearer {}", token(room));
+    http(
+        sfu.http,
+        "POST",
+        &format!("/v1/rooms/{room}/participants"),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/sdp"),
+        ],
+        offer,
+    )
+    .await
+}
+
 /// A participant: its peer connection, socket and what it heard, by slot
 /// m-line: the payloads in arrival order.
 struct Peer {
@@ -114,18 +134,7 @@ impl Peer {
             api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
         }
         let (offer, pending) = api.apply().unwrap();
-        let auth = format!("Bearer {}", token(room));
-        let (status, headers, body) = http(
-            sfu.http,
-            "POST",
-            &format!("/v1/rooms/{room}/participants"),
-            &[
-                ("Authorization", &auth),
-                ("Content-Type", "application/sdp"),
-            ],
-            &offer.to_sdp_string(),
-        )
-        .await;
+        let (status, headers, body) = post_offer(sfu, room, &offer.to_sdp_string()).await;
         assert_eq!(status, 201, "{body}");
         assert_eq!(headers["content-type"], "application/sdp");
         let answer = SdpAnswer::from_sdp_string(&body).unwrap();
@@ -404,19 +413,7 @@ async fn a_participant_that_never_connects_is_dropped() {
     let mut api = rtc.sdp_api();
     api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
     let (offer, _) = api.apply().unwrap();
-    let room = "room-1-abcdefghijkl";
-    let auth = format!("Bearer {}", token(room));
-    let (status, _, _) = http(
-        sfu.http,
-        "POST",
-        &format!("/v1/rooms/{room}/participants"),
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/sdp"),
-        ],
-        &offer.to_sdp_string(),
-    )
-    .await;
+    let (status, _, _) = post_offer(&sfu, "room-1-abcdefghijkl", &offer.to_sdp_string()).await;
     assert_eq!(status, 201);
     assert_eq!(metric(&sfu, "parley_sfu_participants"), 1);
     let deadline = Instant::now() + Duration::from_secs(10);

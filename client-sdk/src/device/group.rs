@@ -92,6 +92,37 @@ const KEY_TRIES: u8 = 10;
 const KEY_RETRY: std::time::Duration = std::time::Duration::from_millis(700);
 
 impl GroupCall {
+    /// A call placed (no pass yet, nothing ringing here) or ringing here
+    /// (with its pass, and the dialog to answer).
+    fn new(
+        room: String,
+        dialogs: HashMap<CallId, Handle>,
+        members: Vec<(Handle, Member)>,
+        keys: GroupKeys,
+        pass: Option<RoomPass>,
+        ringing: Option<CallId>,
+    ) -> GroupCall {
+        GroupCall {
+            room,
+            dialogs,
+            members,
+            keys: Some(keys),
+            placed: ringing.is_none(),
+            pass,
+            session: None,
+            socket: None,
+            joined: None,
+            pending: Vec::new(),
+            ringing,
+            alerted: false,
+            answered: false,
+            connected: false,
+            speaking: None,
+            unsent: HashMap::new(),
+            resend: Vec::new(),
+        }
+    }
+
     /// The key under which the device's socket map holds the SFU's socket.
     pub(super) fn media_key(&self) -> String {
         format!("group:{}", self.room)
@@ -194,25 +225,14 @@ impl Task {
                 .map_err(|e| DeviceError::Call(e.to_string()))?;
             dialogs.insert(call, h.clone());
         }
-        self.group = Some(GroupCall {
-            room: room.clone(),
+        self.group = Some(GroupCall::new(
+            room.clone(),
             dialogs,
             members,
-            keys: Some(keys),
-            pass: None,
-            session: None,
-            socket: None,
-            joined: None,
-            pending: Vec::new(),
-            ringing: None,
-            placed: true,
-            alerted: false,
-            answered: false,
-            connected: false,
-            speaking: None,
-            unsent: HashMap::new(),
-            resend: Vec::new(),
-        });
+            keys,
+            None,
+            None,
+        ));
         Ok(room)
     }
 
@@ -614,25 +634,14 @@ impl Task {
                 };
                 let mut dialogs = HashMap::new();
                 dialogs.insert(call.clone(), caller.clone());
-                self.group = Some(GroupCall {
-                    room: room.clone(),
+                self.group = Some(GroupCall::new(
+                    room.clone(),
                     dialogs,
                     members,
-                    keys: Some(keys),
-                    pass: Some(pass),
-                    session: None,
-                    socket: None,
-                    joined: None,
-                    pending: Vec::new(),
-                    ringing: Some(call),
-                    placed: false,
-                    alerted: false,
-                    answered: false,
-                    connected: false,
-                    speaking: None,
-                    unsent: HashMap::new(),
-                    resend: Vec::new(),
-                });
+                    keys,
+                    Some(pass),
+                    Some(call),
+                ));
                 self.event(DeviceEvent::Call(CallEvent::IncomingGroup {
                     call: room,
                     from: caller,

@@ -15,12 +15,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 use client_sdk::call::CallEvent;
 use client_sdk::device::{first_device, AudioSource, Device, DeviceConfig, DeviceEvent};
-use client_sdk::ids::IdsClient;
 use client_sdk::media::audio::{tone_share, AudioDecoder};
 use client_sdk::media::video::is_pattern;
 use wire::handle::Handle;
 
-use super::{has, pump, until, DemoArgs, Dev, Timeline, TOPIC};
+use super::{has, pump, reach, until, DemoArgs, Dev, Reach, Timeline, TOPIC};
 use crate::client::prove_from_outbox;
 use crate::stack::Stack;
 use crate::{config, data};
@@ -48,15 +47,14 @@ pub(super) async fn scenario(
     n: usize,
     t: &mut Timeline,
 ) -> Result<()> {
-    let ids_addr = stack.ids.as_ref().ok_or_else(|| anyhow!("no ids"))?.addr();
-    let courier = stack
-        .courier
-        .as_ref()
-        .ok_or_else(|| anyhow!("no courier"))?;
-    let signaling = stack
-        .signaling
-        .as_ref()
-        .ok_or_else(|| anyhow!("no signaling"))?;
+    let Reach {
+        ids_addr,
+        courier,
+        signaling,
+        roots,
+        ids,
+        outbox,
+    } = reach(stack, data, settings)?;
     let sfu = stack.sfu.as_ref().ok_or_else(|| anyhow!("no SFU"))?;
     t.note(
         "stack",
@@ -68,17 +66,6 @@ pub(super) async fn scenario(
             sfu.http
         ),
     );
-    let ca = std::fs::read_to_string(&data.ca_cert)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in client_sdk::ids::pem_certs(&ca)? {
-        roots.add(c)?;
-    }
-    let ids = IdsClient::new(ids_addr, "localhost", roots.clone())?;
-    let outbox = settings
-        .ids
-        .outbox
-        .clone()
-        .unwrap_or_else(|| data.root.join("outbox"));
 
     let names = &NAMES[..n];
     let handles: Vec<Handle> = names

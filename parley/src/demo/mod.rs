@@ -247,13 +247,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
     // Signaling makes the room tokens the SFU checks: one secret.
     let secret = crate::data::sip_secret(&data.sip_secret)?;
     signaling_config.secret = Some(secret);
-    let mut sfu_config = settings.sfu.to_config(secret)?;
-    let (sfu_cert, sfu_key) = data.server_files(&None, &None);
-    sfu_config.tls = Some(crate::tls::server_config(
-        &sfu_cert,
-        &sfu_key,
-        &[b"http/1.1"],
-    )?);
+    let sfu_config = crate::stack::sfu_config(&settings, &data, secret)?;
     let stack = Stack::start(
         &settings,
         &data,
@@ -279,14 +273,23 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
     result
 }
 
-#[allow(clippy::print_stdout)]
-async fn scenario(
-    stack: &Stack,
+/// How a scenario reaches the stack: its services, and a client of ids
+/// trusting the data directory's CA.
+struct Reach<'a> {
+    ids_addr: std::net::SocketAddr,
+    courier: &'a push_courier::runtime::Server,
+    signaling: &'a signaling::runtime::Server,
+    roots: rustls::RootCertStore,
+    ids: IdsClient,
+    /// Where the development sender writes verification codes.
+    outbox: std::path::PathBuf,
+}
+
+fn reach<'a>(
+    stack: &'a Stack,
     data: &data::DataDir,
     settings: &config::Settings,
-    args: &DemoArgs,
-    t: &mut Timeline,
-) -> Result<()> {
+) -> Result<Reach<'a>> {
     let ids_addr = stack.ids.as_ref().ok_or_else(|| anyhow!("no ids"))?.addr();
     let courier = stack
         .courier
@@ -296,16 +299,6 @@ async fn scenario(
         .signaling
         .as_ref()
         .ok_or_else(|| anyhow!("no signaling"))?;
-    let relay = stack.relay.as_ref().ok_or_else(|| anyhow!("no relay"))?;
-    t.note(
-        "stack",
-        format!(
-            "up: relay udp {}, ids https://{ids_addr}, courier {}, signaling tls {}",
-            relay.udp_addrs()[0],
-            courier.device_addr(),
-            signaling.tls_addrs()[0]
-        ),
-    );
     let ca = std::fs::read_to_string(&data.ca_cert)?;
     let mut roots = rustls::RootCertStore::empty();
     for c in client_sdk::ids::pem_certs(&ca)? {
@@ -317,7 +310,42 @@ async fn scenario(
         .outbox
         .clone()
         .unwrap_or_else(|| data.root.join("outbox"));
+    Ok(Reach {
+        ids_addr,
+        courier,
+        signaling,
+        roots,
+        ids,
+        outbox,
+    })
+}
 
+#[allow(clippy::print_stdout)]
+async fn scenario(
+    stack: &Stack,
+    data: &data::DataDir,
+    settings: &config::Settings,
+    args: &DemoArgs,
+    t: &mut Timeline,
+) -> Result<()> {
+    let Reach {
+        ids_addr,
+        courier,
+        signaling,
+        roots,
+        ids,
+        outbox,
+    } = reach(stack, data, settings)?;
+    let relay = stack.relay.as_ref().ok_or_else(|| anyhow!("no relay"))?;
+    t.note(
+        "stack",
+        format!(
+            "up: relay udp {}, ids https://{ids_addr}, courier {}, signaling tls {}",
+            relay.udp_addrs()[0],
+            courier.device_addr(),
+            signaling.tls_addrs()[0]
+        ),
+    );
     // Activation.
     let alice_h = Handle::parse(ALICE)?;
     let bob_h = Handle::parse(BOB)?;
