@@ -55,6 +55,7 @@ async fn sfu() -> (sfu::runtime::Sfu, rustls::RootCertStore) {
         secret: SECRET.to_vec(),
         room: Default::default(),
         max_participants: 32,
+        max_total: 64,
         connect_within: Duration::from_secs(2),
     })
     .await

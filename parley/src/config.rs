@@ -57,6 +57,8 @@ pub struct SfuSection {
     pub advertise: Option<IpAddr>,
     /// People in one room at most. Default 32.
     pub max_participants: Option<usize>,
+    /// People in all rooms at most; past it joins get 503. Default 2000.
+    pub max_total: Option<usize>,
     /// Videos each participant receives at most: the latest speakers'.
     /// Default 4.
     pub last_n: Option<usize>,
@@ -97,6 +99,7 @@ impl SfuSection {
                 ..Default::default()
             },
             max_participants,
+            max_total: self.max_total.unwrap_or(2000).max(max_participants),
             connect_within: Duration::from_secs(30),
         })
     }

@@ -20,6 +20,11 @@ use tokio::net::UdpSocket;
 const SECRET: &[u8] = b"room secret";
 
 async fn sfu() -> sfu::runtime::Sfu {
+    sfu_with(64).await
+}
+
+/// The SFU holding at most `max_total` participants in all its rooms.
+async fn sfu_with(max_total: usize) -> sfu::runtime::Sfu {
     sfu::runtime::Sfu::start(sfu::runtime::Config {
         media: "127.0.0.1:0".parse().unwrap(),
         advertise: None,
@@ -28,6 +33,7 @@ async fn sfu() -> sfu::runtime::Sfu {
         secret: SECRET.to_vec(),
         room: Default::default(),
         max_participants: 32,
+        max_total,
         connect_within: Duration::from_secs(2),
     })
     .await
@@ -422,5 +428,33 @@ async fn a_participant_that_never_connects_is_dropped() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(metric(&sfu, "parley_sfu_rooms"), 0);
+    sfu.shutdown();
+}
+
+/// Past its total, the SFU refuses joins with 503 and Retry-After, in
+/// any room, and counts them.
+#[tokio::test]
+async fn a_full_sfu_says_when_to_come_back() {
+    let sfu = sfu_with(2).await;
+    let mut rtc = RtcConfig::new()
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .build(Instant::now());
+    rtc.add_local_candidate(
+        Candidate::host("127.0.0.1:9".parse().unwrap(), Protocol::Udp).unwrap(),
+    );
+    let mut api = rtc.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    let offer = api.apply().unwrap().0.to_sdp_string();
+    for room in ["room-1-abcdefghijkl", "room-2-abcdefghijkl"] {
+        assert_eq!(post_offer(&sfu, room, &offer).await.0, 201);
+    }
+    let (status, headers, body) = post_offer(&sfu, "room-3-abcdefghijkl", &offer).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(headers["retry-after"], "30");
+    assert!(body.contains("the SFU is full"), "{body}");
+    assert_eq!(metric(&sfu, "parley_sfu_participants"), 2);
+    assert_eq!(metric(&sfu, "parley_sfu_joins_refused_total"), 1);
     sfu.shutdown();
 }

@@ -74,6 +74,7 @@ pub(super) struct Loop {
     candidate: SocketAddr,
     room_config: RoomConfig,
     max_participants: usize,
+    max_total: usize,
     connect_within: Duration,
     participants: HashMap<u64, Participant>,
     by_remote: HashMap<SocketAddr, u64>,
@@ -91,7 +92,7 @@ impl Loop {
         socket: Arc<UdpSocket>,
         candidate: SocketAddr,
         room_config: RoomConfig,
-        (max_participants, connect_within): (usize, Duration),
+        (max_participants, max_total, connect_within): (usize, usize, Duration),
         metrics: Arc<Metrics>,
     ) -> Loop {
         Loop {
@@ -99,6 +100,7 @@ impl Loop {
             candidate,
             room_config,
             max_participants,
+            max_total,
             connect_within,
             participants: HashMap::new(),
             by_remote: HashMap::new(),
@@ -199,6 +201,9 @@ impl Loop {
         let members = self.rooms.get(room).map_or(0, |r| r.members.len());
         if members >= self.max_participants {
             return Err(JoinError::Full(self.max_participants));
+        }
+        if self.participants.len() >= self.max_total {
+            return Err(JoinError::Busy(self.max_total));
         }
         let now = Instant::now();
         let mut rtc = RtcConfig::new()

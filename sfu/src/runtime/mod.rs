@@ -47,6 +47,9 @@ pub struct Config {
     pub room: RoomConfig,
     /// People in one room at most.
     pub max_participants: usize,
+    /// People in all rooms at most: past it, joins get 503 (each holds a
+    /// peer connection's memory and a share of the one task's time).
+    pub max_total: usize,
     /// A participant whose media has not connected this long after it
     /// joined is dropped (it posted an offer and never came). 30 s is
     /// usual.
@@ -68,6 +71,8 @@ pub enum JoinError {
     Sdp(String),
     #[error("the room is full ({0} participants)")]
     Full(usize),
+    #[error("the SFU is full ({0} participants); try again later")]
+    Busy(usize),
     #[error("the SFU is stopping")]
     Stopping,
 }
@@ -233,7 +238,11 @@ impl Sfu {
             Arc::new(socket),
             candidate,
             config.room.clone(),
-            (config.max_participants, config.connect_within),
+            (
+                config.max_participants,
+                config.max_total,
+                config.connect_within,
+            ),
             metrics.clone(),
         );
         let api = Api {
@@ -385,6 +394,12 @@ async fn join(
             .into_response(),
         Err(e @ JoinError::Sdp(_)) => refuse(&api, StatusCode::BAD_REQUEST, e),
         Err(e @ JoinError::Full(_)) => refuse(&api, StatusCode::FORBIDDEN, e),
+        Err(e @ JoinError::Busy(_)) => {
+            let mut r = refuse(&api, StatusCode::SERVICE_UNAVAILABLE, e);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("30"));
+            r
+        }
         Err(e @ JoinError::Stopping) => refuse(&api, StatusCode::SERVICE_UNAVAILABLE, e),
     }
 }
