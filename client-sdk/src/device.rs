@@ -422,6 +422,7 @@ impl Device {
         let relay = relays
             .next()
             .ok_or_else(|| DeviceError::Call("no UDP relay among the TURN URIs".into()))?;
+        let group_turn = Some(relay.clone());
         let media = MediaConfig {
             turn: Some(relay),
             spare_turn: relays.collect(),
@@ -483,6 +484,7 @@ impl Device {
             platform: platform::Platform::default(),
             group: None,
             group_ended: None,
+            group_turn,
         };
         if online {
             task.connect_sip().await?;
@@ -652,6 +654,8 @@ struct Task {
     group: Option<group::GroupCall>,
     /// The last group call's room and what its media did.
     group_ended: Option<(CallId, crate::group::GroupStats)>,
+    /// The relay group calls reach the SFU through.
+    group_turn: Option<turn::Config>,
 }
 
 impl Task {

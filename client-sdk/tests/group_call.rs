@@ -8,6 +8,7 @@
 //! server could do) but is no member: it is sent every frame and reads
 //! none. And eight at once, each hearing the other seven.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,6 +89,21 @@ impl Device {
         Device::join_with(sfu, index, freq, 0.3, 0).await
     }
 
+    /// A device that reaches the SFU through `relay` only.
+    async fn join_relayed(sfu: &SfuClient, index: u16, freq: f64, relay: SocketAddr) -> Device {
+        let config = GroupConfig {
+            turn: Some(client_sdk::turn::Config::new(
+                relay,
+                "group",
+                "group-password",
+            )),
+            relay_only: true,
+            audio_slots: 7,
+            ..GroupConfig::default()
+        };
+        Device::join_config(sfu, index, freq, 0.3, config).await
+    }
+
     /// A device playing `freq` at `amplitude` (of full scale), and the
     /// test pattern if it takes `video_slots` videos.
     async fn join_with(
@@ -97,6 +113,22 @@ impl Device {
         amplitude: f64,
         video_slots: usize,
     ) -> Device {
+        let config = GroupConfig {
+            audio_slots: 7,
+            video_slots,
+            ..GroupConfig::default()
+        };
+        Device::join_config(sfu, index, freq, amplitude, config).await
+    }
+
+    async fn join_config(
+        sfu: &SfuClient,
+        index: u16,
+        freq: f64,
+        amplitude: f64,
+        config: GroupConfig,
+    ) -> Device {
+        let video_slots = config.video_slots;
         let identity = SigningKey::generate();
         let member = Member {
             device: DeviceId::random(),
@@ -106,11 +138,6 @@ impl Device {
         let keys = GroupKeys::new("call-1", member.clone()).unwrap();
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let local = socket.local_addr().unwrap();
-        let config = GroupConfig {
-            audio_slots: 7,
-            video_slots,
-            ..GroupConfig::default()
-        };
         let (mut session, offer) = GroupSession::new(Instant::now(), local, keys, config).unwrap();
         let joined = sfu.join(ROOM, &token(), &offer).await.unwrap();
         session
@@ -367,5 +394,45 @@ async fn three_devices_see_each_others_video_end_to_end() {
         assert!(!stats.seen.contains_key(&(i as u16 + 1)), "saw itself");
     }
     assert!(m.contains("parley_sfu_forwarded_packets_total{kind=\"video\"}"));
+    sfu.shutdown();
+}
+
+/// Three devices that reach the SFU only through a TURN relay (as on a
+/// network that blocks UDP to it, or to hide their addresses): they
+/// hear each other as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_reach_the_sfu_through_the_relay() {
+    let relay = stun_turn::runtime::Relay::start(
+        stun_turn::Config {
+            udp: vec!["127.0.0.1:0".parse().unwrap()],
+            tcp: Vec::new(),
+            tls: Vec::new(),
+            relay_ipv4: Some([127, 0, 0, 1].into()),
+            users: vec![("group".into(), "group-password".into())],
+            // The SFU is on loopback here.
+            allow_peers: vec!["127.0.0.0/8".parse().unwrap()],
+            workers: 1,
+            ..stun_turn::Config::default()
+        },
+        None,
+    )
+    .unwrap();
+    let relay_addr = relay.udp_addrs()[0];
+    let (sfu, roots) = sfu().await;
+    let client = SfuClient::new(sfu.http, "127.0.0.1", roots).unwrap();
+    let freqs = [440.0, 660.0, 880.0];
+    let mut devices = Vec::new();
+    for (i, f) in freqs.iter().enumerate() {
+        devices.push(Device::join_relayed(&client, i as u16 + 1, *f, relay_addr).await);
+    }
+    start_keys(&mut devices);
+    run(&mut devices, Duration::from_secs(4)).await;
+    for (i, d) in devices.iter().enumerate() {
+        assert!(d.session.is_connected(), "device {i} never connected");
+        for (j, f) in freqs.iter().enumerate().filter(|(j, _)| *j != i) {
+            let s = share(d, *f, 2.0);
+            assert!(s > 0.2, "device {i} hears device {j} at {s:.3}");
+        }
+    }
     sfu.shutdown();
 }

@@ -316,6 +316,8 @@ impl Task {
             .local_addr()
             .map_err(|e| DeviceError::Call(e.to_string()))?;
         let config = GroupConfig {
+            turn: self.group_turn.clone(),
+            relay_only: self.config.relay_only,
             video_slots: if self.config.video { 4 } else { 0 },
             ..GroupConfig::default()
         };

@@ -75,8 +75,14 @@ pub enum GroupMediaError {
 }
 
 /// What a group session takes and sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct GroupConfig {
+    /// A TURN relay to reach the SFU through (networks that block UDP to
+    /// it, or to hide this device's addresses).
+    pub turn: Option<crate::turn::Config>,
+    /// Only the relayed candidate: the SFU never sees this device's own
+    /// address.
+    pub relay_only: bool,
     pub audio: AudioConfig,
     /// Speakers heard at once (receive-only audio m-lines offered).
     pub audio_slots: usize,
@@ -88,6 +94,8 @@ pub struct GroupConfig {
 impl Default for GroupConfig {
     fn default() -> GroupConfig {
         GroupConfig {
+            turn: None,
+            relay_only: false,
             audio: AudioConfig::default(),
             audio_slots: 8,
             video_slots: 0,
@@ -172,6 +180,11 @@ pub struct GroupSession {
     senders: HashMap<u16, SenderAudio>,
     seq: u64,
     video: Option<Video>,
+    /// The relay, its server and the relayed address once allocated.
+    turn: Option<(crate::turn::TurnClient, SocketAddr)>,
+    relayed: Option<SocketAddr>,
+    /// The SFU's candidates from its answer: the relay must let them in.
+    sfu_addrs: Vec<SocketAddr>,
     timeout: Instant,
     out: VecDeque<Datagram>,
     connected: bool,
@@ -205,9 +218,17 @@ impl GroupSession {
             .enable_h264(video_on)
             .set_extension(FRAME_MARKING_ID, str0m::rtp::Extension::FrameMarking)
             .build(now);
-        let host = Candidate::host(local, Protocol::Udp)
-            .map_err(|e| GroupMediaError::Sdp(format!("host candidate {local}: {e}")))?;
-        rtc.add_local_candidate(host);
+        if !config.relay_only {
+            let host = Candidate::host(local, Protocol::Udp)
+                .map_err(|e| GroupMediaError::Sdp(format!("host candidate {local}: {e}")))?;
+            rtc.add_local_candidate(host);
+        }
+        let turn = config.turn.clone().map(|tc| {
+            let server = tc.server;
+            let mut client = crate::turn::TurnClient::new(tc, u64::from(local.port()) | 1);
+            client.allocate(now);
+            (client, server)
+        });
         let mut api = rtc.sdp_api();
         let publish = api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
         for _ in 0..config.audio_slots {
@@ -245,6 +266,9 @@ impl GroupSession {
             senders: HashMap::new(),
             seq: 0,
             video,
+            turn,
+            relayed: None,
+            sfu_addrs: Vec::new(),
             timeout: now,
             out: VecDeque::new(),
             connected: false,
@@ -260,9 +284,16 @@ impl GroupSession {
             .pending
             .take()
             .ok_or_else(|| GroupMediaError::Sdp("no offer waits for an answer".into()))?;
+        self.sfu_addrs = answer
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("a="))
+            .filter_map(|c| Candidate::from_sdp_string(c).ok())
+            .map(|c| c.addr())
+            .collect();
         let answer =
             SdpAnswer::from_sdp_string(answer).map_err(|e| GroupMediaError::Sdp(e.to_string()))?;
         self.rtc.sdp_api().accept_answer(pending, answer)?;
+        self.permit_sfu(now);
         self.drain(now)
     }
 
@@ -291,17 +322,84 @@ impl GroupSession {
         from: SocketAddr,
         data: &[u8],
     ) -> Result<(), GroupMediaError> {
-        if let Ok(r) = Receive::new(Protocol::Udp, from, self.local, data) {
-            self.rtc.handle_input(Input::Receive(now, r))?;
+        match self.turn.as_mut() {
+            Some((t, server)) if *server == from => {
+                t.handle_input(data, now);
+                self.drain_turn(now)?;
+            }
+            _ => {
+                if let Ok(r) = Receive::new(Protocol::Udp, from, self.local, data) {
+                    self.rtc.handle_input(Input::Receive(now, r))?;
+                }
+            }
         }
         self.drain(now)
     }
 
+    /// The relay lets the SFU's candidates in (a channel each).
+    fn permit_sfu(&mut self, now: Instant) {
+        if let (Some((t, _)), Some(_)) = (self.turn.as_mut(), self.relayed) {
+            for a in &self.sfu_addrs {
+                t.bind_channel(*a, now);
+            }
+        }
+    }
+
+    /// What the relay said: its allocation (our relayed candidate), and
+    /// media from the SFU through it.
+    fn drain_turn(&mut self, now: Instant) -> Result<(), GroupMediaError> {
+        let Some((t, server)) = self.turn.as_mut() else {
+            return Ok(());
+        };
+        let server = *server;
+        while let Some(data) = t.poll_transmit() {
+            self.out.push_back(Datagram { to: server, data });
+        }
+        let mut events = Vec::new();
+        while let Some(e) = t.poll_event() {
+            events.push(e);
+        }
+        for e in events {
+            match e {
+                crate::turn::Event::Allocated { relayed, .. } => {
+                    self.relayed = Some(relayed);
+                    if let Ok(c) = Candidate::relayed(relayed, self.local, Protocol::Udp) {
+                        self.rtc.add_local_candidate(c);
+                    }
+                    self.permit_sfu(now);
+                    if let Some((t, _)) = self.turn.as_mut() {
+                        while let Some(data) = t.poll_transmit() {
+                            self.out.push_back(Datagram { to: server, data });
+                        }
+                    }
+                }
+                crate::turn::Event::Data { peer, data } => {
+                    if let Some(relayed) = self.relayed {
+                        if let Ok(r) = Receive::new(Protocol::Udp, peer, relayed, &data) {
+                            self.rtc.handle_input(Input::Receive(now, r))?;
+                            self.drain(now)?;
+                        }
+                    }
+                }
+                crate::turn::Event::Failed { code, reason } => {
+                    tracing::warn!(code, reason, "the relay to the SFU failed");
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     pub fn poll_timeout(&self) -> Instant {
-        self.timeout
+        let relay = self.turn.as_ref().and_then(|(t, _)| t.poll_timeout());
+        relay.map_or(self.timeout, |r| r.min(self.timeout))
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), GroupMediaError> {
+        if let Some((t, _)) = self.turn.as_mut() {
+            t.handle_timeout(now);
+        }
+        self.drain_turn(now)?;
         self.rtc.handle_input(Input::Timeout(now))?;
         self.drain(now)
     }
@@ -437,10 +535,27 @@ impl GroupSession {
                     self.timeout = t;
                     return Ok(());
                 }
-                Output::Transmit(t) => self.out.push_back(Datagram {
-                    to: t.destination,
-                    data: t.contents.to_vec(),
-                }),
+                Output::Transmit(t) => match (self.turn.as_mut(), self.relayed) {
+                    // From the relayed candidate: through the relay.
+                    (Some((turn, server)), Some(relayed)) if t.source == relayed => {
+                        let server = *server;
+                        let wrapped = turn.wrap(t.destination, &t.contents);
+                        while let Some(data) = turn.poll_transmit() {
+                            self.out.push_back(Datagram { to: server, data });
+                        }
+                        self.out.push_back(Datagram {
+                            to: server,
+                            data: wrapped,
+                        });
+                    }
+                    _ if t.source == self.local => self.out.push_back(Datagram {
+                        to: t.destination,
+                        data: t.contents.to_vec(),
+                    }),
+                    // A candidate given up: its traffic would show our
+                    // address.
+                    _ => {}
+                },
                 Output::Event(e) => self.on_event(now, e),
             }
         }
