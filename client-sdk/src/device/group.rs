@@ -728,7 +728,7 @@ impl Task {
         let now = std::time::Instant::now();
         let frame = speaking.next_frame();
         let _ = session.send_audio(now, &frame);
-        let mix = session.mix();
+        let mix = session.mix(now);
         if let Some(speaker) = &self.config.speaker {
             speaker.push(&mix);
         }

@@ -35,6 +35,7 @@ use str0m::media::KeyframeRequestKind;
 
 use crate::group_keys::{GroupError, GroupKeys};
 use crate::media::audio::{AudioConfig, AudioDecoder, AudioEncoder, AudioError, FRAME_SAMPLES};
+use crate::media::jitter::{JitterBuffer, Playout};
 use crate::media::video::{Picture, VideoDecoder, VideoEncoder, VideoError, FPS};
 
 /// The largest RTP payload a video frame is split into (SFrame ciphertext
@@ -51,10 +52,6 @@ const VIDEO_TICKS: u64 = 90_000 / FPS as u64;
 
 /// The extension id for frame marking, as the SFU negotiates it.
 const FRAME_MARKING_ID: u8 = 5;
-
-/// Frames kept per sender before the oldest is dropped (a sender whose
-/// frames come faster than the mix takes them).
-const MAX_QUEUED: usize = 10;
 
 /// RFC 6464: a frame whose level is at or below this many -dBov counts
 /// as voice.
@@ -112,12 +109,17 @@ pub struct Datagram {
 }
 
 /// What a sender's audio did, as this device heard it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Heard {
-    /// Frames that decrypted and decoded.
+    /// Frames that decrypted.
     pub frames: u64,
-    /// RFC 6464 level of the newest (-dBov; 127 silence).
+    /// RFC 6464 level of the newest played (-dBov; 127 silence).
     pub level: u8,
+    /// Share of its frames played that were concealed (lost, late).
+    pub concealed: f64,
+    /// MOS estimate (G.107 E-model) from the concealment and the playout
+    /// delay, as for one-to-one calls.
+    pub mos: f64,
 }
 
 /// What a sender's video did, as this device saw it.
@@ -165,10 +167,18 @@ struct Video {
     frames: u64,
 }
 
+/// One sender's audio: its jitter buffer (reordering, loss concealed by
+/// Opus), its decoder, and when it was last heard.
 struct SenderAudio {
     decoder: AudioDecoder,
-    frames: VecDeque<Vec<i16>>,
+    jitter: JitterBuffer,
+    pcm: Vec<i16>,
+    last_heard: Instant,
 }
+
+/// A sender not heard from this long (it left, or its slot went to
+/// another speaker) is dropped from the mix.
+const SENDER_GONE: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub struct GroupSession {
     rtc: Rtc,
@@ -513,14 +523,34 @@ impl GroupSession {
         self.drain(now)
     }
 
-    /// The next 20 ms of everyone else, mixed (silence if nobody spoke).
-    pub fn mix(&mut self) -> Vec<i16> {
+    /// The next 20 ms of everyone else, mixed (silence if nobody spoke):
+    /// each sender's next frame from its jitter buffer, a lost one
+    /// rebuilt from the next packet's FEC or concealed by Opus.
+    pub fn mix(&mut self, now: Instant) -> Vec<i16> {
+        self.senders
+            .retain(|_, s| now.saturating_duration_since(s.last_heard) < SENDER_GONE);
         let mut sum = vec![0i32; FRAME_SAMPLES];
-        for s in self.senders.values_mut() {
-            if let Some(f) = s.frames.pop_front() {
-                for (acc, x) in sum.iter_mut().zip(f) {
-                    *acc += i32::from(x);
-                }
+        for (index, s) in self.senders.iter_mut() {
+            let decoded = match s.jitter.pop(now) {
+                Playout::Silence => continue,
+                Playout::Frame(p) => s.decoder.decode(Some(&p), false, &mut s.pcm),
+                Playout::Fec(p) => s.decoder.decode(Some(&p), true, &mut s.pcm),
+                Playout::Conceal => s.decoder.decode(None, false, &mut s.pcm),
+            };
+            if decoded.is_err() {
+                continue;
+            }
+            if let Some(h) = self.stats.heard.get_mut(index) {
+                h.level = level(&s.pcm);
+                let js = s.jitter.stats();
+                h.concealed = js.concealed as f64 / js.played.max(1) as f64;
+                // The network's share of the delay is not known here:
+                // one frame each way on top of the playout delay.
+                let delay = s.jitter.target().as_secs_f64() * 1000.0 + 40.0;
+                h.mos = crate::media::quality::mos(delay, h.concealed);
+            }
+            for (acc, x) in sum.iter_mut().zip(&s.pcm) {
+                *acc += i32::from(*x);
             }
         }
         sum.into_iter()
@@ -577,7 +607,7 @@ impl GroupSession {
                 };
                 match video_slot {
                     Some(mid) => self.on_video_packet(mid, &p),
-                    None => self.on_frame(&p.payload),
+                    None => self.on_frame(&p),
                 }
             }
             // The SFU wants a key frame of ours (a subscriber switched to
@@ -658,8 +688,9 @@ impl GroupSession {
     }
 
     /// A frame from the SFU: whose it is says its SFrame KID, once it
-    /// decrypts.
-    fn on_frame(&mut self, sframe: &[u8]) {
+    /// decrypts. It waits in that sender's jitter buffer for its turn.
+    fn on_frame(&mut self, p: &str0m::rtp::RtpPacket) {
+        let sframe = &p.payload[..];
         let Ok((header, _)) = wire::sframe::Header::decode(sframe) else {
             self.stats.undecryptable += 1;
             return;
@@ -674,22 +705,18 @@ impl GroupSession {
             std::collections::hash_map::Entry::Vacant(v) => match AudioDecoder::new() {
                 Ok(decoder) => v.insert(SenderAudio {
                     decoder,
-                    frames: VecDeque::new(),
+                    jitter: JitterBuffer::new(),
+                    pcm: Vec::with_capacity(FRAME_SAMPLES),
+                    last_heard: p.timestamp,
                 }),
                 Err(_) => return,
             },
         };
-        let mut pcm = Vec::with_capacity(FRAME_SAMPLES);
-        if sender.decoder.decode(Some(&opus), false, &mut pcm).is_err() {
-            return;
-        }
-        let heard = self.stats.heard.entry(index).or_default();
-        heard.frames += 1;
-        heard.level = level(&pcm);
-        if sender.frames.len() >= MAX_QUEUED {
-            sender.frames.pop_front();
-        }
-        sender.frames.push_back(pcm);
+        sender
+            .jitter
+            .push(p.header.timestamp, *p.seq_no, opus, p.timestamp);
+        sender.last_heard = p.timestamp;
+        self.stats.heard.entry(index).or_default().frames += 1;
     }
 }
 
