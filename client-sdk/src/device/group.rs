@@ -660,8 +660,7 @@ impl Task {
     }
 
     /// This device's place in `roster`, and every other member with the
-    /// key the directory gives it. A device the directory does not list
-    /// for its handle fails the check.
+    /// key the directory gives it (looked up here, verified).
     async fn check_roster(
         &mut self,
         roster: &Roster,
@@ -678,43 +677,7 @@ impl Task {
             .lookup(&self.me.key, &handles)
             .await
             .map_err(|e| e.to_string())?;
-        let mut me = None;
-        let mut members = Vec::new();
-        for e in &roster.members {
-            let device: DeviceId = e
-                .device
-                .parse()
-                .map_err(|_| "a bad device id".to_string())?;
-            let handle = Handle::parse(&e.handle).map_err(|e| e.to_string())?;
-            if device == self.me.device {
-                me = Some(Member {
-                    device,
-                    identity: self.me.key.public(),
-                    index: e.index,
-                });
-                continue;
-            }
-            let key = found
-                .iter()
-                .find(|f| f.handle == handle)
-                .and_then(|f| f.devices.iter().find(|d| d.device == device))
-                .ok_or_else(|| {
-                    format!(
-                        "the roster names device {device} for {}, which the directory does not list",
-                        handle.redacted()
-                    )
-                })?;
-            members.push((
-                handle,
-                Member {
-                    device,
-                    identity: key.key,
-                    index: e.index,
-                },
-            ));
-        }
-        let me = me.ok_or_else(|| "this device is not in the roster".to_string())?;
-        Ok((me, members))
+        members_from(roster, self.me.device, self.me.key.public(), &found)
     }
 
     /// One 20 ms tick of the group call's audio.
@@ -815,6 +778,64 @@ impl Task {
     }
 }
 
+/// The members a roster names, with the keys `found` (a verified lookup
+/// of its handles) gives them, and this device's place. A device the
+/// directory does not list for its handle, an index or device named
+/// twice (two senders under one key id), or a roster without this device
+/// fails.
+fn members_from(
+    roster: &Roster,
+    me: DeviceId,
+    my_key: wire::keys::PublicKey,
+    found: &[crate::ids::Found],
+) -> Result<(Member, Vec<(Handle, Member)>), String> {
+    let mut indices = std::collections::HashSet::new();
+    let mut devices = std::collections::HashSet::new();
+    let mut mine = None;
+    let mut members = Vec::new();
+    for e in &roster.members {
+        let device: DeviceId = e
+            .device
+            .parse()
+            .map_err(|_| "a bad device id".to_string())?;
+        let handle = Handle::parse(&e.handle).map_err(|e| e.to_string())?;
+        if e.index == 0 || !indices.insert(e.index) || !devices.insert(device) {
+            return Err(format!(
+                "the roster names index {} or device {device} twice",
+                e.index
+            ));
+        }
+        if device == me {
+            mine = Some(Member {
+                device,
+                identity: my_key,
+                index: e.index,
+            });
+            continue;
+        }
+        let key = found
+            .iter()
+            .find(|f| f.handle == handle)
+            .and_then(|f| f.devices.iter().find(|d| d.device == device))
+            .ok_or_else(|| {
+                format!(
+                    "the roster names device {device} for {}, which the directory does not list",
+                    handle.redacted()
+                )
+            })?;
+        members.push((
+            handle,
+            Member {
+                device,
+                identity: key.key,
+                index: e.index,
+            },
+        ));
+    }
+    let mine = mine.ok_or_else(|| "this device is not in the roster".to_string())?;
+    Ok((mine, members))
+}
+
 /// Key messages grouped by the member handle whose devices they are for.
 fn group_by_handle(
     members: &[(Handle, Member)],
@@ -853,6 +874,82 @@ mod tests {
         assert!(sfu_address("http://127.0.0.1:8446").await.is_err());
         let (a, n) = sfu_address("https://[::1]:9000/").await.unwrap();
         assert_eq!((a.port(), n.as_str()), (9000, "::1"));
+    }
+
+    fn entry(handle: &str, device: DeviceId, index: u16) -> RosterEntry {
+        RosterEntry {
+            handle: handle.into(),
+            device: device.to_string(),
+            index,
+        }
+    }
+
+    /// The roster against what the directory says: a device it does not
+    /// list (signaling or the caller added it) fails the call, as does a
+    /// key id given twice; keys come from the directory, not the roster.
+    #[test]
+    fn a_roster_is_believed_only_as_far_as_the_directory_goes() {
+        use crate::call::DeviceKey;
+        let (me, alice, bob, mallory) = (
+            DeviceId::random(),
+            DeviceId::random(),
+            DeviceId::random(),
+            DeviceId::random(),
+        );
+        let key = |_: u8| wire::keys::SigningKey::generate().public();
+        let (alice_key, bob_key) = (key(1), key(2));
+        let found = vec![
+            crate::ids::Found {
+                handle: Handle::parse("alice@example.com").unwrap(),
+                devices: vec![DeviceKey {
+                    device: alice,
+                    key: alice_key,
+                }],
+                account_key: None,
+                epoch: 1,
+            },
+            crate::ids::Found {
+                handle: Handle::parse("+14155550123").unwrap(),
+                devices: vec![DeviceKey {
+                    device: bob,
+                    key: bob_key,
+                }],
+                account_key: None,
+                epoch: 1,
+            },
+        ];
+        let my_key = key(3);
+        let good = Roster {
+            room: random_room(),
+            members: vec![
+                entry("alice@example.com", alice, 1),
+                entry("+14155550123", bob, 2),
+                entry("carol@example.com", me, 3),
+            ],
+        };
+        let (mine, members) = members_from(&good, me, my_key, &found).unwrap();
+        assert_eq!((mine.index, mine.identity), (3, my_key));
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[0].1.identity, alice_key, "the directory's key");
+        // Mallory's device named as one of Bob's: refused.
+        let mut added = good.clone();
+        added.members.push(entry("+14155550123", mallory, 4));
+        let e = members_from(&added, me, my_key, &found).unwrap_err();
+        assert!(e.contains("does not list"), "{e}");
+        // Bob's device named as Alice's: refused too.
+        let mut moved = good.clone();
+        moved.members[1] = entry("alice@example.com", bob, 2);
+        assert!(members_from(&moved, me, my_key, &found).is_err());
+        // Two members under one index (one could speak as the other).
+        let mut twice = good.clone();
+        twice.members[1].index = 1;
+        assert!(members_from(&twice, me, my_key, &found)
+            .unwrap_err()
+            .contains("twice"));
+        // A roster that leaves this device out.
+        let mut without = good.clone();
+        without.members.pop();
+        assert!(members_from(&without, me, my_key, &found).is_err());
     }
 
     #[test]
