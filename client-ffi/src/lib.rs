@@ -98,6 +98,12 @@ pub enum PhoneEvent {
     Ringing {
         call: String,
     },
+    /// `from` asks to join our group call by its link (the directory
+    /// lists their device): answer `call` to admit them, hang up to refuse.
+    JoinRequest {
+        call: String,
+        from: String,
+    },
     /// A group call rings: `from` rang us with `members` (handles), every
     /// device of whom the directory listed. Answer or hang up with `call`.
     IncomingGroup {
@@ -201,6 +207,10 @@ fn phone_event(e: DeviceEvent) -> Option<PhoneEvent> {
             CallEvent::Stats { .. } => return None,
             moved @ CallEvent::RelayMoved { .. } => PhoneEvent::Other {
                 description: format!("{moved:?}"),
+            },
+            CallEvent::JoinRequest { call, from } => PhoneEvent::JoinRequest {
+                call,
+                from: from.as_str().to_string(),
             },
             CallEvent::MemberJoined { handle, .. } => PhoneEvent::Other {
                 description: format!("{} joined the group call", handle.as_str()),
@@ -443,6 +453,21 @@ impl PhoneDevice {
             .collect::<Result<Vec<_>, _>>()?;
         self.rt
             .block_on(async { self.device.lock().await.group_call(&hs).await })
+            .map_err(failed)
+    }
+
+    /// A link others can join the group call `call` by (this device
+    /// admits them as they ask).
+    pub fn call_link(&self, call: String) -> Result<String, ParleyError> {
+        self.rt
+            .block_on(async { self.device.lock().await.call_link(&call).await })
+            .map_err(failed)
+    }
+
+    /// Asks to join a group call by its link; the call's id.
+    pub fn join_link(&self, link: String) -> Result<String, ParleyError> {
+        self.rt
+            .block_on(async { self.device.lock().await.join_link(&link).await })
             .map_err(failed)
     }
 

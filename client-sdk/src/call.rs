@@ -103,6 +103,13 @@ pub enum CallEvent {
     MediaConnected {
         call: CallId,
     },
+    /// `from` asks to join our group call by its link (the directory
+    /// lists their device): answer the call to admit them, decline to
+    /// refuse.
+    JoinRequest {
+        call: CallId,
+        from: Handle,
+    },
     /// `handle` answered our group call (one of its devices joins the
     /// room).
     MemberJoined {

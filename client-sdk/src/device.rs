@@ -365,6 +365,8 @@ enum Command {
     Heard(CallId, oneshot::Sender<Vec<i16>>),
     Stats(CallId, oneshot::Sender<Option<crate::media::CallStats>>),
     GroupCall(Vec<Handle>, oneshot::Sender<Result<CallId, DeviceError>>),
+    CallLink(CallId, oneshot::Sender<Result<String, DeviceError>>),
+    JoinLink(String, oneshot::Sender<Result<CallId, DeviceError>>),
     GroupStats(CallId, oneshot::Sender<Option<crate::group::GroupStats>>),
 }
 
@@ -524,6 +526,20 @@ impl Device {
     /// hang up take that id as for any call.
     pub async fn group_call(&self, handles: &[Handle]) -> Result<CallId, DeviceError> {
         self.ask(|tx| Command::GroupCall(handles.to_vec(), tx))
+            .await?
+    }
+
+    /// A link others can join the group call by: a member (this device)
+    /// admits each who asks ([`CallEvent::JoinRequest`]).
+    pub async fn call_link(&self, call: &str) -> Result<String, DeviceError> {
+        self.ask(|tx| Command::CallLink(call.to_string(), tx))
+            .await?
+    }
+
+    /// Asks to join a group call by its link; the call's id once a member
+    /// admits this device (it is `Answered`, then media connects).
+    pub async fn join_link(&self, link: &str) -> Result<CallId, DeviceError> {
+        self.ask(|tx| Command::JoinLink(link.to_string(), tx))
             .await?
     }
 
@@ -799,6 +815,10 @@ impl Task {
                 let r = self.dial(now, &handle, unverified).await;
                 let _ = reply.send(r);
             }
+            Command::Answer(call, reply) if self.is_group(&call) && self.join_pending() => {
+                let r = self.admit(now).await;
+                let _ = reply.send(r);
+            }
             Command::Answer(call, reply) if self.is_group(&call) => {
                 let r = self.answer_group(now).await;
                 let _ = reply.send(r);
@@ -809,6 +829,10 @@ impl Task {
                     .answer(now, &call)
                     .map_err(|e| DeviceError::Call(e.to_string()));
                 let _ = reply.send(r);
+            }
+            Command::Decline(call, reply) if self.is_group(&call) && self.join_pending() => {
+                self.refuse_join();
+                let _ = reply.send(Ok(()));
             }
             Command::Decline(call, reply) if self.is_group(&call) => {
                 self.hangup_group(crate::call::EndReason::Failed(603, "Declined".into()))
@@ -835,6 +859,13 @@ impl Task {
             }
             Command::GroupCall(handles, reply) => {
                 let r = self.group_call(now, &handles).await;
+                let _ = reply.send(r);
+            }
+            Command::CallLink(call, reply) => {
+                let _ = reply.send(self.call_link(&call));
+            }
+            Command::JoinLink(link, reply) => {
+                let r = self.join_link(now, &link);
                 let _ = reply.send(r);
             }
             Command::GroupStats(call, reply) => {

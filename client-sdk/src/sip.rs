@@ -467,9 +467,16 @@ impl UserAgent {
         self.answer_with(now, call, Some(("application/sdp", sdp)), identity)
     }
 
-    /// Answers a group call: no SDP, since the media goes to the SFU.
-    pub fn answer_group(&mut self, now: Instant, call: &str) -> Result<(), UaError> {
-        self.answer_with(now, call, None, None)
+    /// Answers a group call: no SDP, since the media goes to the SFU;
+    /// `roster` when admitting someone who joins by a call link (their
+    /// place in the call).
+    pub fn answer_group(
+        &mut self,
+        now: Instant,
+        call: &str,
+        roster: Option<&str>,
+    ) -> Result<(), UaError> {
+        self.answer_with(now, call, roster.map(|r| (ROSTER_TYPE, r)), None)
     }
 
     fn answer_with(

@@ -483,7 +483,7 @@ fn a_group_call_rings_with_room_tokens_and_is_answered_without_sdp() {
     assert!(ev.iter().any(|e| matches!(e, UaEvent::Ringing { .. })));
 
     let now = w.now;
-    w.ua("laptop").answer_group(now, &incoming).unwrap();
+    w.ua("laptop").answer_group(now, &incoming, None).unwrap();
     w.pump();
     let ev = w.events("alice");
     assert!(

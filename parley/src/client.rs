@@ -192,8 +192,12 @@ fn sound(_: &MediaArgs) -> Result<(Sound, Option<LiveAudio>, Option<LiveAudio>)>
 struct CallArgs {
     /// Who to call. Two or more (or --group) ring them all into a group
     /// call through the SFU, end to end encrypted.
-    #[arg(required = true, num_args = 1..)]
+    #[arg(required_unless_present = "link", num_args = 1..)]
     handles: Vec<String>,
+    /// Join a group call by the link one of its members shared (that
+    /// member admits this device).
+    #[arg(long, value_name = "LINK", conflicts_with_all = ["handles", "group", "unverified"])]
+    link: Option<String>,
     /// A group call even with one handle.
     #[arg(long)]
     group: bool,
@@ -845,6 +849,9 @@ pub fn describe(e: &DeviceEvent) -> String {
         DeviceEvent::Error(e) => format!("error: {e}"),
         DeviceEvent::Call(c) => match c {
             CallEvent::Incoming { from, .. } => format!("incoming call from {}", from.as_str()),
+            CallEvent::JoinRequest { from, .. } => {
+                format!("{} asks to join the group call by its link", from.as_str())
+            }
             CallEvent::IncomingGroup { from, members, .. } => format!(
                 "incoming group call from {} with {} (every device's key verified against ids)",
                 from.as_str(),
@@ -948,15 +955,18 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
         .iter()
         .map(|h| Handle::parse(h).map_err(|e| anyhow!("{h}: {e}")))
         .collect::<Result<Vec<_>>>()?;
-    let group = a.group || handles.len() > 1;
+    let group = a.group || handles.len() > 1 || a.link.is_some();
     if group && a.unverified {
         bail!("a group call is always verified: --unverified is for one SIP phone");
     }
-    let callee = handles[0].clone();
     let (mut device, _, _sound) = start_device(args, &a.media, None, false).await?;
     registered(&mut device, start).await?;
     let dialed = Instant::now();
-    let call = if group {
+    let call = if let Some(link) = &a.link {
+        let call = device.join_link(link).await?;
+        say(start, format!("asking to join the group call at {link}"));
+        call
+    } else if group {
         let call = device.group_call(&handles).await?;
         say(
             start,
@@ -968,6 +978,7 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
         );
         call
     } else if a.unverified {
+        let callee = handles[0].clone();
         let call = device.dial_unverified(&callee).await?;
         say(
             start,
@@ -978,6 +989,7 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
         );
         call
     } else {
+        let callee = handles[0].clone();
         let call = device.dial(&callee).await?;
         say(
             start,
@@ -1111,6 +1123,22 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
                     if a.hangup_after > 0 {
                         hang_up.push((call.clone(), now + Duration::from_secs(a.hangup_after)));
                     }
+                }
+                continue;
+            }
+            DeviceEvent::Call(CallEvent::JoinRequest { call, .. }) => {
+                say(start, describe(&ev));
+                if a.answer {
+                    device.answer(call).await?;
+                    say(start, "admitted");
+                }
+                continue;
+            }
+            DeviceEvent::Call(CallEvent::MediaConnected { call }) => {
+                say(start, describe(&ev));
+                // A group call: others may join by its link.
+                if let Ok(link) = device.call_link(call).await {
+                    say(start, format!("call link: {link}"));
                 }
                 continue;
             }

@@ -523,3 +523,93 @@ fn three_desktop_clients_talk_in_a_group_call_through_parley_up() {
         }
     }
 }
+
+/// A call link: Alice rings Bob into a group call; Bob's client shows the
+/// call's link; Dave asks to join by it and Bob admits him. Dave hears
+/// Alice and Bob, and they hear him; his keys came from the directory.
+#[test]
+fn a_fourth_joins_a_group_call_by_its_link() {
+    const DAVE: &str = "dave@example.com";
+    let (dir, data, up) = stack();
+    let state = |n: &str| dir.path().join(n);
+    for (name, handle) in [("alice", ALICE), ("bob", BOB), ("dave", DAVE)] {
+        activate(&up, &data, &state(name), handle);
+    }
+    let limit = Duration::from_secs(60);
+    let mut c = client(&up, &data, &state("bob"));
+    c.args([
+        "listen",
+        "--answer",
+        "--calls",
+        "1",
+        "--hangup-after",
+        "9",
+        "--tone",
+        "660",
+        "--record",
+    ])
+    .arg(state("bob.wav"));
+    let (bob, bob_rx) = spawn(c);
+    let mut bob_seen = Vec::new();
+    wait_line(&bob_rx, "listening as", &mut bob_seen);
+    let mut c = client(&up, &data, &state("alice"));
+    c.args([
+        "call",
+        BOB,
+        "--group",
+        "--seconds",
+        "9",
+        "--tone",
+        "440",
+        "--record",
+    ])
+    .arg(state("alice.wav"));
+    let (alice, alice_rx) = spawn(c);
+    let link = wait_line(&bob_rx, "call link: ", &mut bob_seen)
+        .split("call link: ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        link.starts_with("sip:") && link.contains(";parley-room="),
+        "{link}"
+    );
+    let mut c = client(&up, &data, &state("dave"));
+    c.args([
+        "call",
+        "--link",
+        &link,
+        "--seconds",
+        "4",
+        "--tone",
+        "1100",
+        "--record",
+    ])
+    .arg(state("dave.wav"));
+    let (dave, dave_rx) = spawn(c);
+    let mut dave_seen = Vec::new();
+    wait_line(
+        &bob_rx,
+        "asks to join the group call by its link",
+        &mut bob_seen,
+    );
+    wait_line(&bob_rx, "admitted", &mut bob_seen);
+    wait_line(&dave_rx, "media connected", &mut dave_seen);
+    finish(dave, limit, "dave");
+    finish(alice, limit, "alice");
+    finish(bob, limit, "bob");
+    drop(alice_rx);
+    let freqs = [440.0, 660.0, 1100.0];
+    let dave_heard = shares(&state("dave.wav"), &freqs);
+    eprintln!("Dave heard {dave_heard:?}");
+    assert!(
+        dave_heard[0] > 0.2 && dave_heard[1] > 0.2 && dave_heard[2] < 0.02,
+        "Dave heard {dave_heard:?}"
+    );
+    for name in ["alice", "bob"] {
+        let s = shares(&state(&format!("{name}.wav")), &freqs);
+        eprintln!("{name} heard {s:?}");
+        assert!(s[2] > 0.05, "{name} did not hear Dave: {s:?}");
+    }
+}

@@ -36,6 +36,33 @@ pub const KEYS_TYPE: &str = "application/vnd.parley.keys+json";
 /// ([`Left`]): the others draw new keys, so it cannot read what follows.
 pub const LEFT_TYPE: &str = "application/vnd.parley.left+json";
 
+/// The content type of a MESSAGE saying a member admitted someone by a
+/// call link ([`Joined`]): the others send it their keys.
+pub const JOINED_TYPE: &str = "application/vnd.parley.joined+json";
+
+/// Someone admitted into a group call by a call link.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+struct Joined {
+    room: String,
+    handle: String,
+    device: String,
+    index: u16,
+}
+
+/// The call link parameter naming the room.
+const LINK_ROOM: &str = ";parley-room=";
+
+/// A call link: who admits (a member's handle) and the room.
+pub fn parse_link(link: &str) -> Option<(Handle, String)> {
+    let (uri, room) = link.trim().split_once(LINK_ROOM)?;
+    let room = room.split(';').next()?.to_string();
+    if !wire::room_token::valid_room(&room) {
+        return None;
+    }
+    let na = wire::sip::uri::Uri::parse(uri).ok()?;
+    Some((Handle::parse(&na.user_unescaped()?).ok()?, room))
+}
+
 /// A device leaving a group call.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 struct Left {
@@ -74,6 +101,12 @@ pub(super) struct GroupCall {
     pending: Vec<KeyMessage>,
     /// Callee: the dialog that rang us, until answered.
     ringing: Option<CallId>,
+    /// Joining by a call link: the place in the call comes with the
+    /// answer, not the INVITE.
+    by_link: bool,
+    /// Someone asking to join by a call link, until admitted: the dialog,
+    /// their handle and their device as the directory lists it.
+    join_request: Option<(CallId, Handle, Member)>,
     placed: bool,
     alerted: bool,
     answered: bool,
@@ -114,6 +147,8 @@ impl GroupCall {
             joined: None,
             pending: Vec::new(),
             ringing,
+            by_link: false,
+            join_request: None,
             alerted: false,
             answered: false,
             connected: false,
@@ -236,6 +271,241 @@ impl Task {
         Ok(room)
     }
 
+    /// A link others can join this group call by (a member admits them).
+    pub(super) fn call_link(&self, call: &str) -> Result<String, DeviceError> {
+        let g = self
+            .group
+            .as_ref()
+            .filter(|g| g.room == call && g.session.is_some())
+            .ok_or_else(|| DeviceError::Call("not in that group call".into()))?;
+        Ok(format!(
+            "{}{LINK_ROOM}{}",
+            crate::sip::handle_uri(self.config.handle.as_str(), &self.config.sip_domain),
+            g.room
+        ))
+    }
+
+    /// Asks to join a group call by its link: the member it names rings,
+    /// and admitting us answers with our place in the call.
+    pub(super) fn join_link(
+        &mut self,
+        now: std::time::Instant,
+        link: &str,
+    ) -> Result<CallId, DeviceError> {
+        if self.group.is_some() {
+            return Err(DeviceError::Call("already in a group call".into()));
+        }
+        let (member, room) = parse_link(link)
+            .ok_or_else(|| DeviceError::Call(format!("not a call link: {link}")))?;
+        let roster = serde_json::to_string(&Roster {
+            room: room.clone(),
+            members: vec![RosterEntry {
+                handle: self.config.handle.as_str().to_string(),
+                device: self.me.device.to_string(),
+                index: 0,
+            }],
+        })
+        .map_err(|e| DeviceError::Call(e.to_string()))?;
+        let call = self
+            .phone
+            .invite_group(now, &member, &room, &roster)
+            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        let mut dialogs = HashMap::new();
+        dialogs.insert(call, member);
+        // Keys wait for our place in the call.
+        let me = Member {
+            device: self.me.device,
+            identity: self.me.key.public(),
+            index: 0,
+        };
+        let keys = GroupKeys::new(&room, me).map_err(|e| DeviceError::Call(e.to_string()))?;
+        let mut g = GroupCall::new(room.clone(), dialogs, Vec::new(), keys, None, None);
+        g.by_link = true;
+        self.group = Some(g);
+        Ok(room)
+    }
+
+    /// Our place in a call joined by link, from the admitting member's
+    /// answer: the members (checked against the directory), then the SFU.
+    async fn admitted(&mut self, call: &str, roster: &str) -> Result<(), DeviceError> {
+        let roster: Roster = serde_json::from_str(roster)
+            .map_err(|e| DeviceError::Call(format!("the admission's roster: {e}")))?;
+        let (me, members) = self
+            .check_roster(&roster)
+            .await
+            .map_err(|e| DeviceError::Call(format!("the admission's roster: {e}")))?;
+        let Some(g) = self.group.as_mut().filter(|g| g.dialogs.contains_key(call)) else {
+            return Ok(());
+        };
+        g.keys = Some(GroupKeys::new(&g.room, me).map_err(|e| DeviceError::Call(e.to_string()))?);
+        g.members = members;
+        g.by_link = false;
+        self.join_sfu().await
+    }
+
+    /// Admits whoever asks to join by link: their place goes back in the
+    /// answer, our key (ratcheted, so they read nothing said before) to
+    /// them, and the news to the other members, who do the same.
+    pub(super) async fn admit(&mut self, now: std::time::Instant) -> Result<(), DeviceError> {
+        let my_handle = self.config.handle.clone();
+        let identity = self.me.key.clone();
+        let Some(g) = self.group.as_mut() else {
+            return Err(DeviceError::Call("no group call".into()));
+        };
+        let Some((call, handle, mut joiner)) = g.join_request.take() else {
+            return Err(DeviceError::Call("nobody asks to join".into()));
+        };
+        let Some(session) = g.session.as_mut() else {
+            return Err(DeviceError::Call("not in the room yet".into()));
+        };
+        let mine = session.keys().kid() >> 16;
+        let top = g
+            .members
+            .iter()
+            .map(|(_, m)| u64::from(m.index))
+            .chain(std::iter::once(mine))
+            .max()
+            .unwrap_or(1);
+        joiner.index = (top + 1).min(u64::from(u16::MAX)) as u16;
+        let mut entries: Vec<RosterEntry> = g
+            .members
+            .iter()
+            .map(|(h, m)| RosterEntry {
+                handle: h.as_str().to_string(),
+                device: m.device.to_string(),
+                index: m.index,
+            })
+            .collect();
+        entries.push(RosterEntry {
+            handle: my_handle.as_str().to_string(),
+            device: self.me.device.to_string(),
+            index: mine as u16,
+        });
+        entries.push(RosterEntry {
+            handle: handle.as_str().to_string(),
+            device: joiner.device.to_string(),
+            index: joiner.index,
+        });
+        let roster = serde_json::to_string(&Roster {
+            room: g.room.clone(),
+            members: entries,
+        })
+        .map_err(|e| DeviceError::Call(e.to_string()))?;
+        let key = session
+            .keys()
+            .join(&identity, joiner.clone())
+            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        let news = serde_json::to_vec(&Joined {
+            room: g.room.clone(),
+            handle: handle.as_str().to_string(),
+            device: joiner.device.to_string(),
+            index: joiner.index,
+        })
+        .unwrap_or_default();
+        let mut told: Vec<Handle> = Vec::new();
+        for (h, _) in &g.members {
+            if !told.contains(h) {
+                told.push(h.clone());
+            }
+        }
+        g.members.push((handle.clone(), joiner));
+        g.dialogs.insert(call.clone(), handle.clone());
+        self.phone
+            .ua()
+            .answer_group(now, &call, Some(&roster))
+            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        for h in told {
+            let _ = self.phone.ua().message(now, h.as_str(), JOINED_TYPE, &news);
+        }
+        self.send_keys(vec![(handle, vec![key])]);
+        Ok(())
+    }
+
+    /// A member says it admitted someone: they become a member here too,
+    /// if the directory lists their device, and get our key (ratcheted).
+    async fn member_joined(&mut self, from: &str, body: &[u8]) {
+        let Ok(joined) = serde_json::from_slice::<Joined>(body) else {
+            return;
+        };
+        let sender = handle_of(from);
+        let known = self.group.as_ref().is_some_and(|g| {
+            g.room == joined.room
+                && g.session.is_some()
+                && g.members.iter().any(|(h, _)| Some(h) == sender.as_ref())
+        });
+        let (Ok(handle), Ok(device)) = (
+            Handle::parse(&joined.handle),
+            joined.device.parse::<DeviceId>(),
+        ) else {
+            return;
+        };
+        if !known {
+            return;
+        }
+        let found = match self
+            .ids
+            .lookup(&self.me.key, std::slice::from_ref(&handle))
+            .await
+        {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::info!(error = %e, "lookup of a member joining by link");
+                return;
+            }
+        };
+        let Some(key) = found
+            .iter()
+            .find(|f| f.handle == handle)
+            .and_then(|f| f.devices.iter().find(|d| d.device == device))
+        else {
+            tracing::warn!("a member admitted a device the directory does not list; ignored");
+            return;
+        };
+        let joiner = Member {
+            device,
+            identity: key.key,
+            index: joined.index,
+        };
+        let identity = self.me.key.clone();
+        let Some(g) = self.group.as_mut() else {
+            return;
+        };
+        if g.members
+            .iter()
+            .any(|(_, m)| m.device == device || m.index == joiner.index)
+        {
+            return;
+        }
+        let Some(session) = g.session.as_mut() else {
+            return;
+        };
+        let Ok(key) = session.keys().join(&identity, joiner.clone()) else {
+            return;
+        };
+        g.members.push((handle.clone(), joiner));
+        let room = g.room.clone();
+        self.send_keys(vec![(handle.clone(), vec![key])]);
+        self.event(DeviceEvent::Call(CallEvent::MemberJoined {
+            call: room,
+            handle,
+        }))
+        .await;
+    }
+
+    /// Someone waits to be admitted by link.
+    pub(super) fn join_pending(&self) -> bool {
+        self.group
+            .as_ref()
+            .is_some_and(|g| g.join_request.is_some())
+    }
+
+    /// Turns away whoever asks to join by link.
+    pub(super) fn refuse_join(&mut self) {
+        if let Some((call, _, _)) = self.group.as_mut().and_then(|g| g.join_request.take()) {
+            let _ = self.phone.ua().decline(&call, 603);
+        }
+    }
+
     /// Answers the group call that rings: joins the SFU and sends keys.
     pub(super) async fn answer_group(
         &mut self,
@@ -249,7 +519,7 @@ impl Task {
         };
         self.phone
             .ua()
-            .answer_group(now, &call)
+            .answer_group(now, &call, None)
             .map_err(|e| DeviceError::Call(e.to_string()))?;
         g.answered = true;
         self.join_sfu().await
@@ -370,7 +640,8 @@ impl Task {
                 let join = match self.group.as_mut() {
                     Some(g) if g.dialogs.contains_key(&call) && g.pass.is_none() => {
                         g.pass = Some(pass);
-                        true
+                        // Joining by link: our place comes with the answer.
+                        !g.by_link
                     }
                     _ => false,
                 };
@@ -393,6 +664,16 @@ impl Task {
                 };
                 if let Some(call) = room {
                     self.event(DeviceEvent::Call(CallEvent::Alerting { call }))
+                        .await;
+                }
+            }
+            UaEvent::Answered { call, sdp, .. }
+                if self.group.as_ref().is_some_and(|g| g.by_link) =>
+            {
+                if let Err(e) = self.admitted(&call, &sdp).await {
+                    self.event(DeviceEvent::Error(format!("group call: {e}")))
+                        .await;
+                    self.hangup_group(EndReason::Failed(488, e.to_string()))
                         .await;
                 }
             }
@@ -448,6 +729,11 @@ impl Task {
                 body,
                 from,
             } if content_type.trim() == LEFT_TYPE => self.member_left(&from, &body).await,
+            UaEvent::Message {
+                content_type,
+                body,
+                from,
+            } if content_type.trim() == JOINED_TYPE => self.member_joined(&from, &body).await,
             _ => {}
         }
     }
@@ -604,6 +890,14 @@ impl Task {
         let refuse = |this: &mut Task, code: u16| {
             let _ = this.phone.ua().decline(&call, code);
         };
+        let in_room = self
+            .group
+            .as_ref()
+            .is_some_and(|g| g.room == room && g.session.is_some());
+        if in_room {
+            self.join_request(call, from, roster).await;
+            return;
+        }
         if self.group.is_some() {
             refuse(self, 486);
             return;
@@ -657,6 +951,58 @@ impl Task {
                     .await;
             }
         }
+    }
+
+    /// Someone asks to join our group call by its link: they must ask for
+    /// themselves (their roster entry is their own handle, which
+    /// signaling checked), and the directory must list their device. The
+    /// app admits them by answering the call ([`CallEvent::JoinRequest`]).
+    async fn join_request(&mut self, call: CallId, from: String, roster: String) {
+        let asked = serde_json::from_str::<Roster>(&roster)
+            .ok()
+            .and_then(|r| r.members.into_iter().next().filter(|e| e.index == 0));
+        let who = handle_of(&from);
+        let (Some(entry), Some(handle)) = (asked, who) else {
+            let _ = self.phone.ua().decline(&call, 400);
+            return;
+        };
+        let device = entry.device.parse::<DeviceId>().ok();
+        let listed = match (Handle::parse(&entry.handle), device) {
+            (Ok(h), Some(device)) if h == handle => self
+                .ids
+                .lookup(&self.me.key, std::slice::from_ref(&h))
+                .await
+                .ok()
+                .and_then(|found| {
+                    found
+                        .into_iter()
+                        .find(|f| f.handle == h)
+                        .and_then(|f| f.devices.into_iter().find(|d| d.device == device))
+                }),
+            _ => None,
+        };
+        let Some(key) = listed else {
+            let _ = self.phone.ua().decline(&call, 488);
+            return;
+        };
+        let Some(g) = self.group.as_mut() else {
+            return;
+        };
+        if let Some((old, _, _)) = g.join_request.take() {
+            let _ = self.phone.ua().decline(&old, 486);
+        }
+        let joiner = Member {
+            device: key.device,
+            identity: key.key,
+            index: 0,
+        };
+        g.join_request = Some((call, handle.clone(), joiner));
+        let room = g.room.clone();
+        self.event(DeviceEvent::Call(CallEvent::JoinRequest {
+            call: room,
+            from: handle,
+        }))
+        .await;
     }
 
     /// This device's place in `roster`, and every other member with the
