@@ -208,6 +208,9 @@ fn phone_event(e: DeviceEvent) -> Option<PhoneEvent> {
             moved @ CallEvent::RelayMoved { .. } => PhoneEvent::Other {
                 description: format!("{moved:?}"),
             },
+            CallEvent::Upgraded { from, to } => PhoneEvent::Other {
+                description: format!("call {from} became the group call {to}"),
+            },
             CallEvent::JoinRequest { call, from } => PhoneEvent::JoinRequest {
                 call,
                 from: from.as_str().to_string(),
@@ -453,6 +456,15 @@ impl PhoneDevice {
             .collect::<Result<Vec<_>, _>>()?;
         self.rt
             .block_on(async { self.device.lock().await.group_call(&hs).await })
+            .map_err(failed)
+    }
+
+    /// Adds `handle` to the one-to-one call `call`, which becomes a group
+    /// call; returns the group call's id.
+    pub fn add_to_call(&self, call: String, handle: String) -> Result<String, ParleyError> {
+        let h = Handle::parse(&handle).map_err(invalid)?;
+        self.rt
+            .block_on(async { self.device.lock().await.add_to_call(&call, &h).await })
             .map_err(failed)
     }
 

@@ -110,6 +110,12 @@ pub enum CallEvent {
         call: CallId,
         from: Handle,
     },
+    /// The one-to-one call `from` became the group call `to` (someone was
+    /// added): the media moves to the group call, and `from` ends.
+    Upgraded {
+        from: CallId,
+        to: CallId,
+    },
     /// `handle` answered our group call (one of its devices joins the
     /// room).
     MemberJoined {
@@ -473,6 +479,14 @@ impl Phone {
         if let Some(m) = self.calls.get_mut(call).and_then(|c| c.media.as_mut()) {
             m.set_muted(muted);
         }
+    }
+
+    /// Who a one-to-one call in progress is with (answered, either way).
+    pub fn peer(&self, call: &str) -> Option<&Handle> {
+        self.calls
+            .get(call)
+            .filter(|c| c.stage == Stage::Active)
+            .map(|c| &c.peer)
     }
 
     pub fn stats(&self, call: &str, now: Instant) -> Option<CallStats> {

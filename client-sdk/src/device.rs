@@ -366,6 +366,7 @@ enum Command {
     Stats(CallId, oneshot::Sender<Option<crate::media::CallStats>>),
     GroupCall(Vec<Handle>, oneshot::Sender<Result<CallId, DeviceError>>),
     CallLink(CallId, oneshot::Sender<Result<String, DeviceError>>),
+    Add(CallId, Handle, oneshot::Sender<Result<CallId, DeviceError>>),
     JoinLink(String, oneshot::Sender<Result<CallId, DeviceError>>),
     GroupStats(CallId, oneshot::Sender<Option<crate::group::GroupStats>>),
 }
@@ -526,6 +527,14 @@ impl Device {
     /// hang up take that id as for any call.
     pub async fn group_call(&self, handles: &[Handle]) -> Result<CallId, DeviceError> {
         self.ask(|tx| Command::GroupCall(handles.to_vec(), tx))
+            .await?
+    }
+
+    /// Adds `handle` to the one-to-one call `call`: it becomes a group
+    /// call (its id returned) ringing `handle`; the far end's device moves
+    /// to it at once, and both see `CallEvent::Upgraded`.
+    pub async fn add_to_call(&self, call: &str, handle: &Handle) -> Result<CallId, DeviceError> {
+        self.ask(|tx| Command::Add(call.to_string(), handle.clone(), tx))
             .await?
     }
 
@@ -858,7 +867,11 @@ impl Task {
                 let _ = reply.send(r);
             }
             Command::GroupCall(handles, reply) => {
-                let r = self.group_call(now, &handles).await;
+                let r = self.group_call(now, &handles, None).await;
+                let _ = reply.send(r);
+            }
+            Command::Add(call, handle, reply) => {
+                let r = self.add_to_call(now, &call, &handle).await;
                 let _ = reply.send(r);
             }
             Command::CallLink(call, reply) => {

@@ -198,6 +198,13 @@ struct CallArgs {
     /// member admits this device).
     #[arg(long, value_name = "LINK", conflicts_with_all = ["handles", "group", "unverified"])]
     link: Option<String>,
+    /// Once the one-to-one call has talked for --add-after seconds, add
+    /// this handle: the call becomes a group call.
+    #[arg(long, value_name = "HANDLE", conflicts_with_all = ["link", "group"])]
+    add: Option<String>,
+    /// Seconds into the call before --add.
+    #[arg(long, default_value_t = 2, value_name = "SECS")]
+    add_after: u64,
     /// A group call even with one handle.
     #[arg(long)]
     group: bool,
@@ -849,6 +856,9 @@ pub fn describe(e: &DeviceEvent) -> String {
         DeviceEvent::Error(e) => format!("error: {e}"),
         DeviceEvent::Call(c) => match c {
             CallEvent::Incoming { from, .. } => format!("incoming call from {}", from.as_str()),
+            CallEvent::Upgraded { .. } => {
+                "someone was added: the call moved to a group call through the SFU".into()
+            }
             CallEvent::JoinRequest { from, .. } => {
                 format!("{} asks to join the group call by its link", from.as_str())
             }
@@ -997,6 +1007,13 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
         );
         call
     };
+    let mut call = call;
+    let mut added = a
+        .add
+        .as_deref()
+        .map(|h| Handle::parse(h).map_err(|e| anyhow!("{h}: {e}")))
+        .transpose()?;
+    let mut group = group;
     let mut connected: Option<Instant> = None;
     // When we hung up: the call must end within HANGUP_WAIT of it.
     let mut hung_up: Option<Instant> = None;
@@ -1017,6 +1034,19 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
         }
         if hung_up.is_some_and(|h| now >= h + HANGUP_WAIT) {
             bail!("the call did not end after hanging up");
+        }
+        let add_due = connected.is_some_and(|c| now >= c + Duration::from_secs(a.add_after));
+        if let (true, None) = (add_due, hung_up) {
+            if let Some(h) = added.take() {
+                let room = device.add_to_call(&call, &h).await?;
+                say(
+                    start,
+                    format!("adding {}: a group call rings it", h.as_str()),
+                );
+                // The group call carries on from here; its own clock.
+                call = room;
+                group = true;
+            }
         }
         let ev = tokio::select! {
             ev = device.next_event(Duration::from_millis(100)) => ev,
@@ -1043,6 +1073,11 @@ async fn call(args: &ClientArgs, a: &CallArgs) -> Result<()> {
                         a.seconds
                     ),
                 );
+                continue;
+            }
+            DeviceEvent::Call(CallEvent::Ended { call: c, .. }) if *c != call => {
+                // The one-to-one call a group call took over.
+                say(start, describe(&ev));
                 continue;
             }
             DeviceEvent::Call(CallEvent::Ended { reason, .. }) => {
@@ -1083,6 +1118,8 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
     let mut last: Option<CallStats> = None;
     // Answered calls to hang up, and when.
     let mut hang_up: Vec<(String, Instant)> = Vec::new();
+    // One-to-one calls that became group calls: their end is not a call's.
+    let mut upgraded = std::collections::HashSet::new();
     loop {
         let now = Instant::now();
         for (call, _) in hang_up.iter().filter(|(_, at)| now >= *at) {
@@ -1124,6 +1161,19 @@ async fn listen(args: &ClientArgs, a: &ListenArgs) -> Result<()> {
                         hang_up.push((call.clone(), now + Duration::from_secs(a.hangup_after)));
                     }
                 }
+                continue;
+            }
+            DeviceEvent::Call(CallEvent::Upgraded { from, to }) => {
+                say(start, describe(&ev));
+                upgraded.insert(from.clone());
+                // The group call carries the hang-up time on.
+                for (c, _) in hang_up.iter_mut().filter(|(c, _)| c == from) {
+                    *c = to.clone();
+                }
+                continue;
+            }
+            DeviceEvent::Call(CallEvent::Ended { call, .. }) if upgraded.remove(call) => {
+                say(start, describe(&ev));
                 continue;
             }
             DeviceEvent::Call(CallEvent::JoinRequest { call, .. }) => {

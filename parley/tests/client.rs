@@ -613,3 +613,79 @@ fn a_fourth_joins_a_group_call_by_its_link() {
         assert!(s[2] > 0.05, "{name} did not hear Dave: {s:?}");
     }
 }
+
+/// Adding someone to a call: Alice and Bob talk one to one; Alice adds
+/// Carol. The call becomes a group call through the SFU: Bob's device
+/// moves to it without ringing, Carol's rings and answers, and the one to
+/// one call ends. Each then hears the other two.
+#[test]
+fn a_one_to_one_call_becomes_a_group_call_when_someone_is_added() {
+    const CAROL: &str = "carol@example.com";
+    let (dir, data, up) = stack();
+    let state = |n: &str| dir.path().join(n);
+    for (name, handle) in [("alice", ALICE), ("bob", BOB), ("carol", CAROL)] {
+        activate(&up, &data, &state(name), handle);
+    }
+    let limit = Duration::from_secs(60);
+    let mut listeners = Vec::new();
+    for (name, hz) in [("bob", "660"), ("carol", "880")] {
+        let mut c = client(&up, &data, &state(name));
+        c.args([
+            "listen",
+            "--answer",
+            "--calls",
+            "1",
+            "--hangup-after",
+            "6",
+            "--tone",
+            hz,
+            "--record",
+        ])
+        .arg(state(&format!("{name}.wav")));
+        let (child, rx) = spawn(c);
+        let mut seen = Vec::new();
+        wait_line(&rx, "listening as", &mut seen);
+        listeners.push((name, child, rx, seen));
+    }
+    let mut c = client(&up, &data, &state("alice"));
+    c.args([
+        "call",
+        BOB,
+        "--add",
+        CAROL,
+        "--add-after",
+        "2",
+        "--seconds",
+        "8",
+        "--tone",
+        "440",
+        "--record",
+    ])
+    .arg(state("alice.wav"));
+    let (alice, alice_rx) = spawn(c);
+    let mut alice_seen = Vec::new();
+    wait_line(&alice_rx, "adding carol@example.com", &mut alice_seen);
+    {
+        let (_, _, rx, seen) = &mut listeners[0];
+        wait_line(rx, "the call moved to a group call", seen);
+    }
+    {
+        let (_, _, rx, seen) = &mut listeners[1];
+        wait_line(rx, "incoming group call from alice@example.com", seen);
+    }
+    finish(alice, limit, "alice");
+    for (name, child, _, _) in listeners {
+        finish(child, limit, name);
+    }
+    let freqs = [440.0, 660.0, 880.0];
+    for (i, name) in ["alice", "bob", "carol"].iter().enumerate() {
+        let s = shares(&state(&format!("{name}.wav")), &freqs);
+        eprintln!("{name} heard {s:?}");
+        for (j, share) in s.iter().enumerate() {
+            match i == j {
+                true => assert!(*share < 0.02, "{name} heard itself: {s:?}"),
+                false => assert!(*share > 0.15, "{name} heard {s:?}"),
+            }
+        }
+    }
+}

@@ -75,6 +75,10 @@ struct Left {
 struct Roster {
     room: String,
     members: Vec<RosterEntry>,
+    /// The one-to-one call (its Call-ID) this group call takes over:
+    /// someone was added to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upgrade: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -104,6 +108,9 @@ pub(super) struct GroupCall {
     /// Joining by a call link: the place in the call comes with the
     /// answer, not the INVITE.
     by_link: bool,
+    /// The one-to-one call this group call takes over, hung up (by the
+    /// caller) once the peer has answered the group call.
+    upgrade: Option<CallId>,
     /// Someone asking to join by a call link, until admitted: the dialog,
     /// their handle and their device as the directory lists it.
     join_request: Option<(CallId, Handle, Member)>,
@@ -148,6 +155,7 @@ impl GroupCall {
             pending: Vec::new(),
             ringing,
             by_link: false,
+            upgrade: None,
             join_request: None,
             alerted: false,
             answered: false,
@@ -204,6 +212,7 @@ impl Task {
         &mut self,
         now: std::time::Instant,
         handles: &[Handle],
+        upgrade: Option<String>,
     ) -> Result<CallId, DeviceError> {
         if self.group.is_some() {
             return Err(DeviceError::Call("already in a group call".into()));
@@ -248,6 +257,7 @@ impl Task {
         let roster = serde_json::to_string(&Roster {
             room: room.clone(),
             members: roster,
+            upgrade: upgrade.clone(),
         })
         .map_err(|e| DeviceError::Call(e.to_string()))?;
         let keys =
@@ -260,15 +270,28 @@ impl Task {
                 .map_err(|e| DeviceError::Call(e.to_string()))?;
             dialogs.insert(call, h.clone());
         }
-        self.group = Some(GroupCall::new(
-            room.clone(),
-            dialogs,
-            members,
-            keys,
-            None,
-            None,
-        ));
+        let mut g = GroupCall::new(room.clone(), dialogs, members, keys, None, None);
+        g.upgrade = upgrade;
+        self.group = Some(g);
         Ok(room)
+    }
+
+    /// Adds `handle` to the one-to-one call `call`: a group call rings the
+    /// peer (whose device takes it at once) and `handle`; the one-to-one
+    /// call ends once the group's media flows.
+    pub(super) async fn add_to_call(
+        &mut self,
+        now: std::time::Instant,
+        call: &str,
+        handle: &Handle,
+    ) -> Result<CallId, DeviceError> {
+        let peer = self
+            .phone
+            .peer(call)
+            .cloned()
+            .ok_or_else(|| DeviceError::Call("no such call in progress".into()))?;
+        self.group_call(now, &[peer, handle.clone()], Some(call.to_string()))
+            .await
     }
 
     /// A link others can join this group call by (a member admits them).
@@ -304,6 +327,7 @@ impl Task {
                 device: self.me.device.to_string(),
                 index: 0,
             }],
+            upgrade: None,
         })
         .map_err(|e| DeviceError::Call(e.to_string()))?;
         let call = self
@@ -389,6 +413,7 @@ impl Task {
         let roster = serde_json::to_string(&Roster {
             room: g.room.clone(),
             members: entries,
+            upgrade: None,
         })
         .map_err(|e| DeviceError::Call(e.to_string()))?;
         let key = session
@@ -685,10 +710,32 @@ impl Task {
                     }
                     _ => None,
                 };
-                if let Some((call, handle)) = joined {
-                    self.event(DeviceEvent::Call(CallEvent::MemberJoined { call, handle }))
-                        .await;
+                let Some((room, handle)) = joined else {
+                    return;
+                };
+                // The one-to-one call's peer is in the group call now: the
+                // one-to-one call ends.
+                let upgraded = self
+                    .group
+                    .as_ref()
+                    .and_then(|g| g.upgrade.clone())
+                    .filter(|old| self.phone.peer(old) == Some(&handle));
+                if let Some(old) = upgraded {
+                    if let Some(g) = self.group.as_mut() {
+                        g.upgrade = None;
+                    }
+                    let _ = self.phone.hangup(std::time::Instant::now(), &old);
+                    self.event(DeviceEvent::Call(CallEvent::Upgraded {
+                        from: old,
+                        to: room.clone(),
+                    }))
+                    .await;
                 }
+                self.event(DeviceEvent::Call(CallEvent::MemberJoined {
+                    call: room,
+                    handle,
+                }))
+                .await;
             }
             UaEvent::Failed { call, code, reason } => {
                 // Everyone the caller rang refused: the call is over.
@@ -938,12 +985,35 @@ impl Task {
                     Some(pass),
                     Some(call),
                 ));
-                self.event(DeviceEvent::Call(CallEvent::IncomingGroup {
-                    call: room,
-                    from: caller,
-                    members: others,
-                }))
-                .await;
+                // Someone added to our one-to-one call with the caller:
+                // the call moves to the group at once, without ringing.
+                let upgrade = roster
+                    .upgrade
+                    .clone()
+                    .filter(|c| self.phone.peer(c) == Some(&caller));
+                match upgrade {
+                    Some(old) => {
+                        // The caller ends the one-to-one call once we
+                        // are in the group call.
+                        if let Err(e) = self.answer_group(std::time::Instant::now()).await {
+                            self.event(DeviceEvent::Error(format!("group call: {e}")))
+                                .await;
+                        }
+                        self.event(DeviceEvent::Call(CallEvent::Upgraded {
+                            from: old,
+                            to: room,
+                        }))
+                        .await;
+                    }
+                    None => {
+                        self.event(DeviceEvent::Call(CallEvent::IncomingGroup {
+                            call: room.clone(),
+                            from: caller,
+                            members: others,
+                        }))
+                        .await
+                    }
+                }
             }
             Err(why) => {
                 refuse(self, 488);
@@ -1266,6 +1336,7 @@ mod tests {
         ];
         let my_key = key(3);
         let good = Roster {
+            upgrade: None,
             room: random_room(),
             members: vec![
                 entry("alice@example.com", alice, 1),
@@ -1307,6 +1378,7 @@ mod tests {
                 device: DeviceId::random().to_string(),
                 index: 1,
             }],
+            upgrade: None,
         };
         assert!(wire::room_token::valid_room(&r.room));
         assert_ne!(r.room, random_room());
