@@ -383,14 +383,19 @@ impl Task {
             return Err(DeviceError::Call("not in the room yet".into()));
         };
         let mine = session.keys().kid() >> 16;
-        let top = g
-            .members
-            .iter()
-            .map(|(_, m)| u64::from(m.index))
-            .chain(std::iter::once(mine))
-            .max()
-            .unwrap_or(1);
-        joiner.index = (top + 1).min(u64::from(u16::MAX)) as u16;
+        // A random index above the ringing's (1..=255): two members who
+        // admit someone at the same moment do not hand out the same one
+        // (it would be the same SFrame key id), as "highest + 1" would.
+        let taken = |i: u16| u64::from(i) == mine || g.members.iter().any(|(_, m)| m.index == i);
+        joiner.index = (0..64)
+            .find_map(|_| {
+                use ring::rand::SecureRandom;
+                let mut b = [0u8; 2];
+                let _ = ring::rand::SystemRandom::new().fill(&mut b);
+                let i = u16::from_be_bytes(b).max(256);
+                (!taken(i)).then_some(i)
+            })
+            .ok_or_else(|| DeviceError::Call("no free place in the call".into()))?;
         let mut entries: Vec<RosterEntry> = g
             .members
             .iter()
