@@ -259,17 +259,27 @@ fn start_keys(devices: &mut [Device]) {
     deliver(devices, messages);
 }
 
+/// The tones of eight people.
+const EIGHT: [f64; 8] = [350.0, 500.0, 650.0, 800.0, 950.0, 1100.0, 1250.0, 1400.0];
+
+/// Eight devices in the room, each saying one of [`EIGHT`] quietly (seven
+/// are mixed).
+async fn eight(client: &SfuClient) -> Vec<Device> {
+    let mut devices = Vec::new();
+    for (i, f) in EIGHT.iter().enumerate() {
+        devices.push(Device::join_with(client, i as u16 + 1, *f, 0.1, 0).await);
+    }
+    devices
+}
+
 /// Eight at once, each a quieter tone (seven are mixed): every device
 /// hears the seven others, each about a seventh of what it hears.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_devices_each_hear_the_other_seven() {
     let (sfu, roots) = sfu().await;
     let client = SfuClient::new(sfu.http, "127.0.0.1", roots).unwrap();
-    let freqs = [350.0, 500.0, 650.0, 800.0, 950.0, 1100.0, 1250.0, 1400.0];
-    let mut devices = Vec::new();
-    for (i, f) in freqs.iter().enumerate() {
-        devices.push(Device::join_with(&client, i as u16 + 1, *f, 0.1, 0).await);
-    }
+    let freqs = EIGHT;
+    let mut devices = eight(&client).await;
     start_keys(&mut devices);
     run(&mut devices, Duration::from_secs(4)).await;
     for (i, d) in devices.iter().enumerate() {
@@ -463,11 +473,8 @@ async fn devices_reach_the_sfu_through_the_relay() {
 async fn one_of_eight_on_a_lossy_network_still_hears_everyone() {
     let (sfu, roots) = sfu().await;
     let client = SfuClient::new(sfu.http, "127.0.0.1", roots).unwrap();
-    let freqs = [350.0, 500.0, 650.0, 800.0, 950.0, 1100.0, 1250.0, 1400.0];
-    let mut devices = Vec::new();
-    for (i, f) in freqs.iter().enumerate() {
-        devices.push(Device::join_with(&client, i as u16 + 1, *f, 0.1, 0).await);
-    }
+    let freqs = EIGHT;
+    let mut devices = eight(&client).await;
     devices[0].loss = 0.10;
     start_keys(&mut devices);
     run(&mut devices, Duration::from_secs(4)).await;

@@ -415,6 +415,60 @@ fn a_client_moves_to_another_courier_when_its_courier_dies() {
     let _ = listen.wait();
 }
 
+/// A listening group member: its name, process, output lines and the
+/// lines seen so far.
+type Listener = (
+    &'static str,
+    Child,
+    std::sync::mpsc::Receiver<String>,
+    Vec<String>,
+);
+
+/// `name` (state in `dir/name`) listens with `extra` flags, answers one
+/// call with a `hz` tone, hangs up `stay` seconds after answering and
+/// records to `dir/name.wav`; returns once it listens.
+fn listener(
+    up: &parley_tests::up::Up,
+    data: &Path,
+    dir: &Path,
+    (name, hz, stay): (&'static str, &str, &str),
+    extra: &[&str],
+) -> Listener {
+    let mut c = client(up, data, &dir.join(name));
+    c.arg("listen")
+        .args(extra)
+        .args([
+            "--answer",
+            "--calls",
+            "1",
+            "--hangup-after",
+            stay,
+            "--tone",
+            hz,
+            "--record",
+        ])
+        .arg(dir.join(format!("{name}.wav")));
+    let (child, rx) = spawn(c);
+    let mut seen = Vec::new();
+    wait_line(&rx, "listening as", &mut seen);
+    (name, child, rx, seen)
+}
+
+/// Each of `names` (recording `dir/<name>.wav`, saying `freqs[i]`) heard
+/// every other's tone above `min` of its mix and its own below 0.02.
+fn each_hears_the_others(dir: &Path, names: &[&str], freqs: &[f64], min: f64) {
+    for (i, name) in names.iter().enumerate() {
+        let s = shares(&dir.join(format!("{name}.wav")), freqs);
+        eprintln!("{name} heard {s:?}");
+        for (j, share) in s.iter().enumerate() {
+            match i == j {
+                true => assert!(*share < 0.02, "{name} heard itself: {s:?}"),
+                false => assert!(*share > min, "{name} heard {s:?}"),
+            }
+        }
+    }
+}
+
 /// A group call through `parley up`: Alice rings Bob and Carol together
 /// (`parley client call BOB CAROL`); each answers on their listening
 /// client. Media goes through the SFU, sealed end to end with keys the
@@ -432,30 +486,17 @@ fn three_desktop_clients_talk_in_a_group_call_through_parley_up() {
         activate(&up, &data, &state(name), handle);
     }
     let limit = Duration::from_secs(60);
-    let mut listeners = Vec::new();
     // Carol reaches the SFU through the relay only.
-    for (name, hz, stay) in [("bob", "660", "6"), ("carol", "880", "4")] {
-        let mut c = client(&up, &data, &state(name));
-        c.arg("listen");
-        if name == "carol" {
-            c.arg("--relay-only");
-        }
-        c.args([
-            "--answer",
-            "--calls",
-            "1",
-            "--hangup-after",
-            stay,
-            "--tone",
-            hz,
-            "--record",
-        ])
-        .arg(state(&format!("{name}.wav")));
-        let (child, rx) = spawn(c);
-        let mut seen = Vec::new();
-        wait_line(&rx, "listening as", &mut seen);
-        listeners.push((name, child, rx, seen));
-    }
+    let mut listeners = vec![
+        listener(&up, &data, dir.path(), ("bob", "660", "6"), &[]),
+        listener(
+            &up,
+            &data,
+            dir.path(),
+            ("carol", "880", "4"),
+            &["--relay-only"],
+        ),
+    ];
     let mut c = client(&up, &data, &state("alice"));
     c.args([
         "call",
@@ -512,16 +553,12 @@ fn three_desktop_clients_talk_in_a_group_call_through_parley_up() {
         out.contains("carol@example.com left the group call"),
         "{out}"
     );
-    let freqs = [440.0, 660.0, 880.0];
-    for (i, name) in ["alice", "bob", "carol"].iter().enumerate() {
-        let s = shares(&state(&format!("{name}.wav")), &freqs);
-        for (j, share) in s.iter().enumerate() {
-            match i == j {
-                true => assert!(*share < 0.02, "{name} heard itself: {s:?}"),
-                false => assert!(*share > 0.2, "{name} heard {s:?}"),
-            }
-        }
-    }
+    each_hears_the_others(
+        dir.path(),
+        &["alice", "bob", "carol"],
+        &[440.0, 660.0, 880.0],
+        0.2,
+    );
 }
 
 /// A call link: Alice rings Bob into a group call; Bob's client shows the
@@ -536,22 +573,7 @@ fn a_fourth_joins_a_group_call_by_its_link() {
         activate(&up, &data, &state(name), handle);
     }
     let limit = Duration::from_secs(60);
-    let mut c = client(&up, &data, &state("bob"));
-    c.args([
-        "listen",
-        "--answer",
-        "--calls",
-        "1",
-        "--hangup-after",
-        "9",
-        "--tone",
-        "660",
-        "--record",
-    ])
-    .arg(state("bob.wav"));
-    let (bob, bob_rx) = spawn(c);
-    let mut bob_seen = Vec::new();
-    wait_line(&bob_rx, "listening as", &mut bob_seen);
+    let (_, bob, bob_rx, mut bob_seen) = listener(&up, &data, dir.path(), ("bob", "660", "9"), &[]);
     let mut c = client(&up, &data, &state("alice"));
     c.args([
         "call",
@@ -627,26 +649,10 @@ fn a_one_to_one_call_becomes_a_group_call_when_someone_is_added() {
         activate(&up, &data, &state(name), handle);
     }
     let limit = Duration::from_secs(60);
-    let mut listeners = Vec::new();
-    for (name, hz) in [("bob", "660"), ("carol", "880")] {
-        let mut c = client(&up, &data, &state(name));
-        c.args([
-            "listen",
-            "--answer",
-            "--calls",
-            "1",
-            "--hangup-after",
-            "6",
-            "--tone",
-            hz,
-            "--record",
-        ])
-        .arg(state(&format!("{name}.wav")));
-        let (child, rx) = spawn(c);
-        let mut seen = Vec::new();
-        wait_line(&rx, "listening as", &mut seen);
-        listeners.push((name, child, rx, seen));
-    }
+    let mut listeners = vec![
+        listener(&up, &data, dir.path(), ("bob", "660", "6"), &[]),
+        listener(&up, &data, dir.path(), ("carol", "880", "6"), &[]),
+    ];
     let mut c = client(&up, &data, &state("alice"));
     c.args([
         "call",
@@ -677,15 +683,10 @@ fn a_one_to_one_call_becomes_a_group_call_when_someone_is_added() {
     for (name, child, _, _) in listeners {
         finish(child, limit, name);
     }
-    let freqs = [440.0, 660.0, 880.0];
-    for (i, name) in ["alice", "bob", "carol"].iter().enumerate() {
-        let s = shares(&state(&format!("{name}.wav")), &freqs);
-        eprintln!("{name} heard {s:?}");
-        for (j, share) in s.iter().enumerate() {
-            match i == j {
-                true => assert!(*share < 0.02, "{name} heard itself: {s:?}"),
-                false => assert!(*share > 0.15, "{name} heard {s:?}"),
-            }
-        }
-    }
+    each_hears_the_others(
+        dir.path(),
+        &["alice", "bob", "carol"],
+        &[440.0, 660.0, 880.0],
+        0.15,
+    );
 }
