@@ -6,7 +6,7 @@
 //! touched by nothing else, and a packet is forwarded without a hop
 //! between threads.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -77,6 +77,9 @@ pub(super) struct Loop {
     max_total: usize,
     connect_within: Duration,
     participants: HashMap<u64, Participant>,
+    /// Every participant's next timeout, soonest first: the loop wakes for
+    /// the first and runs only those due, not every participant per packet.
+    timers: BTreeSet<(Instant, u64)>,
     by_remote: HashMap<SocketAddr, u64>,
     rooms: HashMap<String, RoomState>,
     /// Participants by their resource name.
@@ -103,6 +106,7 @@ impl Loop {
             max_total,
             connect_within,
             participants: HashMap::new(),
+            timers: BTreeSet::new(),
             by_remote: HashMap::new(),
             rooms: HashMap::new(),
             resources: HashMap::new(),
@@ -117,11 +121,9 @@ impl Loop {
         let mut replan = tokio::time::Instant::now() + REPLAN_EVERY;
         loop {
             let next = self
-                .participants
-                .values()
-                .map(|p| p.timeout)
-                .min()
-                .map(tokio::time::Instant::from_std)
+                .timers
+                .first()
+                .map(|(t, _)| tokio::time::Instant::from_std(*t))
                 .unwrap_or(replan)
                 .min(replan);
             tokio::select! {
@@ -137,10 +139,9 @@ impl Loop {
             }
             let now = Instant::now();
             let due: Vec<u64> = self
-                .participants
-                .iter()
-                .filter(|(_, p)| p.timeout <= now)
-                .map(|(k, _)| *k)
+                .timers
+                .range(..=(now, u64::MAX))
+                .map(|(_, k)| *k)
                 .collect();
             for key in due {
                 if let Some(p) = self.participants.get_mut(&key) {
@@ -253,6 +254,7 @@ impl Loop {
         state.members.insert(id, key);
         let resource = format!("{}-{}", id.0, super::random_hex());
         self.resources.insert(resource.clone(), key);
+        self.timers.insert((now, key));
         self.participants.insert(
             key,
             Participant {
@@ -302,6 +304,7 @@ impl Loop {
         let Some(mut p) = self.participants.remove(&key) else {
             return;
         };
+        self.timers.remove(&(p.timeout, key));
         p.rtc.disconnect();
         self.resources.remove(&p.resource);
         if let Some(r) = p.remote {
@@ -382,7 +385,11 @@ impl Loop {
             loop {
                 match p.rtc.poll_output() {
                     Ok(Output::Timeout(t)) => {
-                        p.timeout = t;
+                        if t != p.timeout {
+                            self.timers.remove(&(p.timeout, key));
+                            self.timers.insert((t, key));
+                            p.timeout = t;
+                        }
                         break;
                     }
                     Ok(Output::Transmit(t)) => {
