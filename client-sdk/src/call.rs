@@ -241,7 +241,7 @@ fn unix_now() -> u64 {
 }
 
 /// The handle a SIP From/To value names (`sip:<handle>@domain`).
-fn handle_of(value: &str) -> Option<Handle> {
+pub(crate) fn handle_of(value: &str) -> Option<Handle> {
     let na = wire::sip::uri::NameAddr::parse(value).ok()?;
     Handle::parse(&na.uri.user_unescaped()?).ok()
 }

@@ -120,6 +120,42 @@ pub struct IdsClient {
     seen: transparency::SeenRoots,
 }
 
+/// One HTTP/1.1 request over a new TLS connection to `addr` (named
+/// `name`), answered within `limit`: its status, headers and body. An
+/// error says what failed to connect or answer.
+pub(crate) async fn one_request(
+    tls: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    name: rustls::pki_types::ServerName<'static>,
+    req: hyper::Request<Full<Bytes>>,
+    limit: std::time::Duration,
+) -> Result<(u16, hyper::HeaderMap, Bytes), String> {
+    let run = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tls = tls.connect(name, tcp).await.map_err(|e| e.to_string())?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, headers, body))
+    };
+    tokio::time::timeout(limit, run)
+        .await
+        .map_err(|_| format!("no answer within {limit:?}"))?
+}
+
 /// A TLS 1.3 client trusting `roots`, presenting `identity` (a device's
 /// certificate chain and key, see [`tls_identity`]) when given.
 pub fn tls_connector(
@@ -247,50 +283,31 @@ impl IdsClient {
         bytes: Bytes,
         key: Option<&SigningKey>,
     ) -> Result<(u16, Value), IdsError> {
-        let run = async {
-            let mut req = hyper::Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", self.addr.to_string())
-                .header("content-type", "application/json");
-            if let Some(k) = key {
-                req = req.header(
-                    "authorization",
-                    wire::request_auth::sign(k, method, path, unix_now(), &bytes),
-                );
-            }
-            let req = req
-                .body(Full::new(bytes))
-                .map_err(|e| IdsError::Protocol(e.to_string()))?;
-            let tcp = tokio::net::TcpStream::connect(self.addr)
-                .await
-                .map_err(|e| IdsError::Connect(e.to_string()))?;
-            let tls = tls
-                .connect(self.server_name.clone(), tcp)
-                .await
-                .map_err(|e| IdsError::Connect(e.to_string()))?;
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                    .await
-                    .map_err(|e| IdsError::Connect(e.to_string()))?;
-            tokio::spawn(conn);
-            let resp = send
-                .send_request(req)
-                .await
-                .map_err(|e| IdsError::Connect(e.to_string()))?;
-            let status = resp.status().as_u16();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| IdsError::Connect(e.to_string()))?
-                .to_bytes();
-            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            Ok((status, v))
-        };
-        tokio::time::timeout(REQUEST_TIMEOUT, run)
-            .await
-            .map_err(|_| IdsError::Connect(format!("no answer within {REQUEST_TIMEOUT:?}")))?
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json");
+        if let Some(k) = key {
+            req = req.header(
+                "authorization",
+                wire::request_auth::sign(k, method, path, unix_now(), &bytes),
+            );
+        }
+        let req = req
+            .body(Full::new(bytes))
+            .map_err(|e| IdsError::Protocol(e.to_string()))?;
+        let (status, _, body) = one_request(
+            tls,
+            self.addr,
+            self.server_name.clone(),
+            req,
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .map_err(IdsError::Connect)?;
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        Ok((status, v))
     }
 
     /// [`IdsClient::call`] expecting `want`; other statuses are refusals.

@@ -23,7 +23,7 @@ use wire::handle::Handle;
 use wire::keys::DeviceId;
 
 use super::{CallEvent, DeviceError, DeviceEvent, Speaking, Task};
-use crate::call::EndReason;
+use crate::call::{handle_of, EndReason};
 use crate::group::{GroupConfig, GroupSession, SfuClient};
 use crate::group_keys::{GroupKeys, Member};
 use crate::sip::{CallId, RoomPass, UaEvent};
@@ -1273,12 +1273,6 @@ fn group_by_handle(
         }
     }
     out
-}
-
-/// The handle a SIP From value names.
-fn handle_of(value: &str) -> Option<Handle> {
-    let na = wire::sip::uri::NameAddr::parse(value).ok()?;
-    Handle::parse(&na.uri.user_unescaped()?).ok()
 }
 
 #[cfg(test)]

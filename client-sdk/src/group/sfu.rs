@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -105,56 +105,35 @@ impl SfuClient {
         token: &str,
         sdp: Option<&str>,
     ) -> Result<(u16, Option<String>, String), SfuError> {
-        let run = async {
-            let mut req = hyper::Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", self.addr.to_string())
-                .header("authorization", format!("Bearer {token}"));
-            if sdp.is_some() {
-                req = req.header("content-type", "application/sdp");
-            }
-            let body = Bytes::from(sdp.unwrap_or_default().to_owned());
-            let req = req
-                .body(Full::new(body))
-                .map_err(|e| SfuError::Connect(e.to_string()))?;
-            let tcp = tokio::net::TcpStream::connect(self.addr)
-                .await
-                .map_err(|e| SfuError::Connect(e.to_string()))?;
-            let tls = self
-                .tls
-                .connect(self.server_name.clone(), tcp)
-                .await
-                .map_err(|e| SfuError::Connect(e.to_string()))?;
-            let (mut send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                    .await
-                    .map_err(|e| SfuError::Connect(e.to_string()))?;
-            tokio::spawn(conn);
-            let resp = send
-                .send_request(req)
-                .await
-                .map_err(|e| SfuError::Connect(e.to_string()))?;
-            let status = resp.status().as_u16();
-            let location = resp
-                .headers()
-                .get("location")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| SfuError::Connect(e.to_string()))?
-                .to_bytes();
-            Ok((
-                status,
-                location,
-                String::from_utf8_lossy(&body).into_owned(),
-            ))
-        };
-        tokio::time::timeout(REQUEST_TIMEOUT, run)
-            .await
-            .map_err(|_| SfuError::Connect(format!("no answer within {REQUEST_TIMEOUT:?}")))?
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .header("authorization", format!("Bearer {token}"));
+        if sdp.is_some() {
+            req = req.header("content-type", "application/sdp");
+        }
+        let body = Bytes::from(sdp.unwrap_or_default().to_owned());
+        let req = req
+            .body(Full::new(body))
+            .map_err(|e| SfuError::Connect(e.to_string()))?;
+        let (status, headers, body) = crate::ids::one_request(
+            &self.tls,
+            self.addr,
+            self.server_name.clone(),
+            req,
+            REQUEST_TIMEOUT,
+        )
+        .await
+        .map_err(SfuError::Connect)?;
+        let location = headers
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok((
+            status,
+            location,
+            String::from_utf8_lossy(&body).into_owned(),
+        ))
     }
 }
