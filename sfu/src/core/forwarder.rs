@@ -17,7 +17,7 @@
 //! publishers for the key frames it is told to.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::forward::{Packet, Rewritten, Switcher};
 use super::room::{Layer, ParticipantId, Room};
@@ -78,6 +78,20 @@ pub struct Incoming {
     pub audio_level: Option<(bool, u8)>,
     /// RFC 9626 frame marking: the first packet of an independent frame.
     pub keyframe_start: bool,
+    /// The packet's length, bytes: what a layer carries is measured.
+    pub size: usize,
+}
+
+/// How long a layer's bitrate is measured over; a layer that sent nothing
+/// for as long is paused (its sender is short of bandwidth) and not chosen.
+const MEASURE_OVER: Duration = Duration::from_secs(1);
+
+/// What one video layer carried since `since`.
+#[derive(Debug)]
+struct Meter {
+    bytes: u64,
+    since: Instant,
+    last: Instant,
 }
 
 #[derive(Debug)]
@@ -109,6 +123,8 @@ pub struct Forwarder {
     /// By publisher's SSRC: whose it is, and of which kind.
     by_ssrc: HashMap<u32, (ParticipantId, Kind)>,
     subscribers: HashMap<ParticipantId, Subscriber>,
+    /// By video SSRC.
+    meters: HashMap<u32, Meter>,
     next_ssrc: u32,
 }
 
@@ -120,6 +136,7 @@ impl Forwarder {
             publications: HashMap::new(),
             by_ssrc: HashMap::new(),
             subscribers: HashMap::new(),
+            meters: HashMap::new(),
             next_ssrc: 0x5f00_0000,
         }
     }
@@ -182,7 +199,11 @@ impl Forwarder {
 
     /// `id` left; whether the room ended.
     pub fn leave(&mut self, id: ParticipantId) -> bool {
-        self.publications.remove(&id);
+        if let Some(p) = self.publications.remove(&id) {
+            for (_, ssrc) in p.video {
+                self.meters.remove(&ssrc);
+            }
+        }
         self.by_ssrc.retain(|_, (p, _)| *p != id);
         self.subscribers.remove(&id);
         for sub in self.subscribers.values_mut() {
@@ -205,6 +226,7 @@ impl Forwarder {
     /// slots accordingly; the key frames needed for the video switches
     /// that follow.
     pub fn replan(&mut self, now: Instant) -> Vec<KeyframeRequest> {
+        self.measure(now);
         let ids: Vec<ParticipantId> = self.subscribers.keys().copied().collect();
         let mut requests = Vec::new();
         for id in ids {
@@ -232,6 +254,30 @@ impl Forwarder {
         requests.sort_by_key(|r| (r.publisher, r.ssrc));
         requests.dedup();
         requests
+    }
+
+    /// Each video layer's bitrate over the last [`MEASURE_OVER`], for the
+    /// room's choices; a layer silent that long measures 0 (paused).
+    fn measure(&mut self, now: Instant) {
+        for (id, publication) in &self.publications {
+            for (layer, ssrc) in &publication.video {
+                let Some(m) = self.meters.get_mut(ssrc) else {
+                    continue;
+                };
+                let over = now.saturating_duration_since(m.since);
+                if over < MEASURE_OVER {
+                    continue;
+                }
+                let bps = if now.saturating_duration_since(m.last) >= MEASURE_OVER {
+                    0
+                } else {
+                    (m.bytes as f64 * 8.0 / over.as_secs_f64()).min(f64::from(u32::MAX)) as u32
+                };
+                self.room.layer_rate(*id, &layer.rid, bps);
+                m.bytes = 0;
+                m.since = now;
+            }
+        }
     }
 
     /// A subscriber lost the picture in video slot `slot`: the key frame
@@ -267,6 +313,7 @@ impl Forwarder {
             timestamp: h.timestamp,
             audio_level: h.audio_level(self.ext.audio_level),
             keyframe_start: h.keyframe_start(self.ext.frame_marking).unwrap_or(false),
+            size: packet.len(),
         };
         Ok(self.incoming(from, &incoming, now))
     }
@@ -283,6 +330,15 @@ impl Forwarder {
         }
         if let (Kind::Audio, Some((voice, level))) = (kind, h.audio_level) {
             self.room.audio_level(from, level, voice, now);
+        }
+        if kind == Kind::Video {
+            let m = self.meters.entry(h.ssrc).or_insert(Meter {
+                bytes: 0,
+                since: now,
+                last: now,
+            });
+            m.bytes += h.size as u64;
+            m.last = now;
         }
         let p = Packet {
             ssrc: h.ssrc,
@@ -471,6 +527,80 @@ mod tests {
         assert_eq!(
             (to2.ssrc, to2.seq),
             (before.ssrc, before.seq.wrapping_add(1))
+        );
+    }
+
+    /// A video packet of `size` bytes.
+    fn sized(ssrc: u32, seq: u16, keyframe: bool, size: usize) -> Vec<u8> {
+        let mut b = video(ssrc, seq, keyframe);
+        b.resize(size, 0);
+        b
+    }
+
+    /// 1 sends its layers for a second each step (`rates`: packets of
+    /// 1000 bytes per second, per layer q, h, f), then 2's plan is made.
+    fn send_for_a_second(f: &mut Forwarder, t: Instant, seq: &mut u16, rates: [u32; 3]) {
+        for tick in 0..50u32 {
+            let at = t + Duration::from_millis(u64::from(tick) * 20);
+            for (k, rate) in rates.iter().enumerate() {
+                // `rate` packets spread over the 50 ticks.
+                if (tick * rate) / 50 != ((tick + 1) * rate) / 50 {
+                    *seq = seq.wrapping_add(1);
+                    f.rtp(p(1), &sized(101 + k as u32, *seq, tick == 0, 1000), at)
+                        .unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn layers_are_chosen_by_what_they_carry_and_a_paused_one_is_passed_over() {
+        let t = Instant::now();
+        let mut f = Forwarder::new(Room::new(Config::default()), EXT);
+        f.join(p(1), publication(1), SLOTS, t);
+        f.join(p(2), Publication::default(), SLOTS, t);
+        // 400 kb/s less one audio stream: of the layers as published
+        // (150k, 500k, 1.5M) only "q" fits.
+        f.bandwidth(p(2), 400_000);
+        assert!(f.replan(t).contains(&KeyframeRequest {
+            publisher: p(1),
+            ssrc: 101
+        }));
+        // They carry far less (24, 80 and 200 kb/s): "f" fits after all,
+        // once measured for a second.
+        let mut seq = 0;
+        send_for_a_second(&mut f, t, &mut seq, [3, 10, 25]);
+        let t1 = t + Duration::from_secs(1);
+        assert_eq!(
+            f.replan(t1 + Duration::from_millis(50)),
+            vec![KeyframeRequest {
+                publisher: p(1),
+                ssrc: 103
+            }]
+        );
+        // 1 stops sending "f" (its own uplink is short): 2 moves to "h",
+        // the best layer still sent, at its key frame.
+        send_for_a_second(&mut f, t1, &mut seq, [3, 10, 0]);
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(
+            f.replan(t2 + Duration::from_millis(50)),
+            vec![KeyframeRequest {
+                publisher: p(1),
+                ssrc: 102
+            }]
+        );
+        seq = seq.wrapping_add(1);
+        let out = f.rtp(p(1), &sized(102, seq, true, 1000), t2).unwrap();
+        assert_eq!(out.iter().map(|o| o.to).collect::<Vec<_>>(), vec![p(2)]);
+        // "f" comes back: up again once measured.
+        send_for_a_second(&mut f, t2, &mut seq, [3, 10, 25]);
+        let t3 = t2 + Duration::from_secs(1);
+        assert_eq!(
+            f.replan(t3 + Duration::from_millis(50)),
+            vec![KeyframeRequest {
+                publisher: p(1),
+                ssrc: 103
+            }]
         );
     }
 

@@ -145,6 +145,18 @@ impl Room {
         }
     }
 
+    /// What `id`'s layer `rid` measured, bits/s. The order of its layers
+    /// stays as published; a layer measuring 0 is paused and not chosen.
+    pub fn layer_rate(&mut self, id: ParticipantId, rid: &str, bps: u32) {
+        let layer = self
+            .participants
+            .get_mut(&id)
+            .and_then(|p| p.video.iter_mut().find(|l| l.rid == rid));
+        if let Some(l) = layer {
+            l.bitrate = bps;
+        }
+    }
+
     /// An audio packet of `id` carried level `level` (RFC 6464) and the
     /// voice flag.
     pub fn audio_level(&mut self, id: ParticipantId, level: u8, voice: bool, now: Instant) {
@@ -229,20 +241,32 @@ impl Room {
 
     /// The layer of `video` (lowest first) for a share of `share` bits/s,
     /// from `current`: down at once when it no longer fits, up only with
-    /// the margin. No estimate yet: the lowest layer.
+    /// the margin. Paused layers (bitrate 0) are passed over. No estimate
+    /// yet: the lowest layer.
     fn choose(&self, video: &[Layer], current: Option<usize>, share: Option<u32>) -> usize {
-        let Some(share) = share else {
+        let live: Vec<usize> = (0..video.len()).filter(|i| video[*i].bitrate > 0).collect();
+        let Some(&lowest) = live.first() else {
             return 0;
+        };
+        let Some(share) = share else {
+            return lowest;
         };
         let fits = |i: usize, margin: f64| {
             f64::from(video[i].bitrate) * (1.0 + margin) <= f64::from(share)
         };
-        let best = (0..video.len()).rev().find(|i| fits(*i, 0.0)).unwrap_or(0);
-        match current {
-            Some(c) if c < video.len() && best > c => {
+        let best = live
+            .iter()
+            .rev()
+            .copied()
+            .find(|i| fits(*i, 0.0))
+            .unwrap_or(lowest);
+        match current.filter(|c| live.contains(c)) {
+            Some(c) if best > c => {
                 // Up only as far as the margin allows.
-                (c..=best)
+                live.iter()
                     .rev()
+                    .copied()
+                    .filter(|i| (c..=best).contains(i))
                     .find(|i| fits(*i, self.config.step_up_margin))
                     .unwrap_or(c)
             }

@@ -536,6 +536,7 @@ impl Loop {
             keyframe_start: ext
                 .frame_mark
                 .is_some_and(|m| (m >> 24) as u8 & 0xa0 == 0xa0),
+            size: pkt.payload.len(),
         };
         let forwards: Vec<(u64, Forward)> = state
             .forwarder
