@@ -85,7 +85,49 @@ struct Device {
     /// state of the generator that picks them.
     loss: f64,
     rng: u64,
+    /// A bottleneck on its incoming link, if any.
+    bottleneck: Option<Bottleneck>,
     heard: Vec<i16>,
+}
+
+/// A narrow link: datagrams leave at `bps` in the order they came,
+/// queued up to `QUEUE` and dropped beyond (as a router's buffer does).
+struct Bottleneck {
+    bps: u32,
+    bytes: u64,
+    free_at: Instant,
+    queue: std::collections::VecDeque<(Instant, SocketAddr, Vec<u8>)>,
+}
+
+impl Bottleneck {
+    const QUEUE: Duration = Duration::from_millis(200);
+
+    fn new(bps: u32) -> Bottleneck {
+        Bottleneck {
+            bps,
+            bytes: 0,
+            free_at: Instant::now(),
+            queue: Default::default(),
+        }
+    }
+
+    fn push(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        let start = self.free_at.max(now);
+        if start.duration_since(now) > Bottleneck::QUEUE {
+            return;
+        }
+        self.bytes += data.len() as u64;
+        let air = Duration::from_secs_f64((data.len() + 28) as f64 * 8.0 / f64::from(self.bps));
+        self.free_at = start + air;
+        self.queue.push_back((self.free_at, from, data.to_vec()));
+    }
+
+    fn pop(&mut self, now: Instant) -> Option<(SocketAddr, Vec<u8>)> {
+        if self.queue.front()?.0 > now {
+            return None;
+        }
+        self.queue.pop_front().map(|(_, from, d)| (from, d))
+    }
 }
 
 impl Device {
@@ -157,6 +199,7 @@ impl Device {
             ticks: 0,
             loss: 0.0,
             rng: u64::from(index) * 7919 + 1,
+            bottleneck: None,
             heard: Vec::new(),
         }
     }
@@ -174,7 +217,13 @@ impl Device {
                     continue;
                 }
             }
-            self.session.handle_datagram(now, from, &buf[..n]).unwrap();
+            match self.bottleneck.as_mut() {
+                Some(b) => b.push(now, from, &buf[..n]),
+                None => self.session.handle_datagram(now, from, &buf[..n]).unwrap(),
+            }
+        }
+        while let Some((from, data)) = self.bottleneck.as_mut().and_then(|b| b.pop(now)) {
+            self.session.handle_datagram(now, from, &data).unwrap();
         }
         if self.session.poll_timeout() <= now {
             self.session.handle_timeout(now).unwrap();
@@ -405,7 +454,7 @@ async fn three_devices_see_each_others_video_end_to_end() {
             stats
                 .seen
                 .iter()
-                .map(|(k, s)| (*k, s.pictures))
+                .map(|(k, s)| (*k, s.pictures, s.last.map(|p| (p.width, p.height))))
                 .collect::<Vec<_>>()
         );
         assert!(stats.keyframes_out >= 1, "{stats:?}");
@@ -423,6 +472,83 @@ async fn three_devices_see_each_others_video_end_to_end() {
         assert!(!stats.seen.contains_key(&(i as u16 + 1)), "saw itself");
     }
     assert!(m.contains("parley_sfu_forwarded_packets_total{kind=\"video\"}"));
+    sfu.shutdown();
+}
+
+/// Three send their camera in three simulcast layers. Each starts on the
+/// lowest and moves up to the full size; then one's incoming link narrows
+/// to 100 kb/s (less than the two others send it). The SFU's estimate for it drops and it is moved down to a
+/// smaller layer of each of the others (at a key frame, so the picture
+/// goes on), while the other two keep the full size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_whose_link_narrows_is_moved_to_a_lower_layer() {
+    let (sfu, roots) = sfu().await;
+    let client = SfuClient::new(sfu.http, "127.0.0.1", roots).unwrap();
+    let freqs = [440.0, 660.0, 880.0];
+    let mut devices = Vec::new();
+    for (i, f) in freqs.iter().enumerate() {
+        devices.push(Device::join_with(&client, i as u16 + 1, *f, 0.3, 2).await);
+    }
+    start_keys(&mut devices);
+    run(&mut devices, Duration::from_secs(4)).await;
+    let sizes = |d: &Device| -> Vec<(u16, Option<(usize, usize)>)> {
+        d.session
+            .stats()
+            .seen
+            .iter()
+            .map(|(k, s)| (*k, s.last.map(|p| (p.width, p.height))))
+            .collect()
+    };
+    for (i, d) in devices.iter().enumerate() {
+        eprintln!("before: device {i} sees {:?}", sizes(d));
+        assert!(
+            sizes(d).iter().all(|(_, s)| *s == Some((320, 240))),
+            "device {i} should see everyone at full size: {:?}",
+            sizes(d)
+        );
+    }
+    let switches = |sfu: &sfu::runtime::Sfu| {
+        let mut m = String::new();
+        sfu.metrics.render(&mut m);
+        m.lines()
+            .find_map(|l| l.strip_prefix("parley_sfu_layer_switches_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = switches(&sfu);
+    devices[0].bottleneck = Some(Bottleneck::new(100_000));
+    let pictures_then: Vec<u64> = devices[0]
+        .session
+        .stats()
+        .seen
+        .values()
+        .map(|s| s.pictures)
+        .collect();
+    run(&mut devices, Duration::from_secs(8)).await;
+    for (i, d) in devices.iter().enumerate() {
+        eprintln!("after: device {i} sees {:?}", sizes(d));
+    }
+    eprintln!(
+        "offered to the narrow link: {} kb/s",
+        devices[0].bottleneck.as_ref().unwrap().bytes * 8 / 8_000
+    );
+    let narrow = sizes(&devices[0]);
+    assert!(
+        narrow
+            .iter()
+            .all(|(_, s)| s.is_some_and(|(w, h)| w < 320 && h < 240)),
+        "the narrow link still gets full size: {narrow:?}"
+    );
+    // The picture went on: frames of the smaller layer were decoded and
+    // are the pattern.
+    for (s, then) in devices[0].session.stats().seen.values().zip(pictures_then) {
+        assert!(s.pictures > then + 10, "{} then {then}", s.pictures);
+        assert!(is_pattern(&s.last.unwrap().quadrants));
+    }
+    for d in &devices[1..] {
+        assert!(sizes(d).iter().all(|(_, s)| *s == Some((320, 240))));
+    }
+    assert!(switches(&sfu) >= before + 2, "layer switches not counted");
     sfu.shutdown();
 }
 

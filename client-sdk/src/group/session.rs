@@ -13,6 +13,10 @@
 //! extension (RFC 9626: start, end, independent) in the clear, so the SFU
 //! can switch a subscriber's slot at a key frame it cannot read. Frames
 //! from the slots are put back together, opened and decoded per sender.
+//! The camera is sent in up to three simulcast layers (rids `q`, `h`,
+//! `f`: a quarter, half and full size), each encoded and sealed on its
+//! own; the SFU gives each subscriber the layer its bandwidth allows, and
+//! a slot that moves between layers is one stream to the decoder.
 //!
 //! The app drives it as it drives a one-to-one [`crate::media::MediaSession`]:
 //! datagrams in, [`GroupSession::poll_transmit`] out, timers through
@@ -26,7 +30,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use str0m::change::{SdpAnswer, SdpPendingOffer};
-use str0m::media::{Direction, MediaKind, Mid};
+use str0m::media::{Direction, MediaKind, Mid, Rid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
@@ -36,7 +40,7 @@ use str0m::media::KeyframeRequestKind;
 use crate::group_keys::{GroupError, GroupKeys};
 use crate::media::audio::{AudioConfig, AudioDecoder, AudioEncoder, AudioError, FRAME_SAMPLES};
 use crate::media::jitter::{JitterBuffer, Playout};
-use crate::media::video::{Picture, VideoDecoder, VideoEncoder, VideoError, FPS};
+use crate::media::video::{half, Picture, VideoDecoder, VideoEncoder, VideoError, FPS};
 
 /// The largest RTP payload a video frame is split into (SFrame ciphertext
 /// stays under a 1200-byte path MTU with headers and SRTP).
@@ -85,7 +89,12 @@ pub struct GroupConfig {
     pub audio_slots: usize,
     /// Videos seen at once; 0 sends and takes no video.
     pub video_slots: usize,
+    /// The full-size layer's bitrate; each lower layer gets a quarter of
+    /// the one above (as many pixels).
     pub video_bitrate: u32,
+    /// Simulcast layers sent, 1 to 3: full size (`f`), half (`h`) and
+    /// quarter (`q`), from the top down. One layer is sent without rids.
+    pub video_layers: usize,
 }
 
 impl Default for GroupConfig {
@@ -97,6 +106,7 @@ impl Default for GroupConfig {
             audio_slots: 8,
             video_slots: 0,
             video_bitrate: 500_000,
+            video_layers: 3,
         }
     }
 }
@@ -157,13 +167,34 @@ struct Assembly {
     chunks: BTreeMap<u64, Vec<u8>>,
 }
 
+/// One simulcast layer this device sends: the camera halved `halvings`
+/// times, its encoder and its RTP numbering.
+struct SendLayer {
+    rid: Option<Rid>,
+    halvings: u8,
+    encoder: VideoEncoder,
+    seq: u64,
+}
+
+/// The rids of `n` simulcast layers, lowest first, with how many times
+/// each halves the camera; one layer goes without a rid.
+fn simulcast_layers(n: usize) -> Vec<(Option<&'static str>, u8)> {
+    match n.clamp(1, 3) {
+        1 => vec![(None, 0)],
+        n => [("q", 2), ("h", 1), ("f", 0)][3 - n..]
+            .iter()
+            .map(|(rid, h)| (Some(*rid), *h))
+            .collect(),
+    }
+}
+
 struct Video {
     publish: Mid,
     slots: Vec<Mid>,
-    encoder: VideoEncoder,
+    /// Lowest first.
+    layers: Vec<SendLayer>,
     decoders: HashMap<u16, VideoDecoder>,
     assembling: HashMap<Mid, Assembly>,
-    seq: u64,
     frames: u64,
 }
 
@@ -244,8 +275,17 @@ impl GroupSession {
         for _ in 0..config.audio_slots {
             api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
         }
+        let layers = simulcast_layers(config.video_layers);
         let video_mids = video_on.then(|| {
-            let publish = api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
+            let simulcast = (layers.len() > 1).then(|| {
+                let mut s = Simulcast::new();
+                for rid in layers.iter().filter_map(|(rid, _)| *rid) {
+                    s.add_send_layer(SimulcastLayer::new(rid));
+                }
+                s
+            });
+            let publish =
+                api.add_media(MediaKind::Video, Direction::SendOnly, None, None, simulcast);
             let slots: Vec<Mid> = (0..config.video_slots)
                 .map(|_| api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None))
                 .collect();
@@ -258,10 +298,21 @@ impl GroupSession {
             Some((publish, slots)) => Some(Video {
                 publish,
                 slots,
-                encoder: VideoEncoder::new(config.video_bitrate)?,
+                layers: layers
+                    .iter()
+                    .map(|(rid, halvings)| {
+                        Ok(SendLayer {
+                            rid: rid.map(Rid::from),
+                            halvings: *halvings,
+                            encoder: VideoEncoder::new(
+                                config.video_bitrate >> (2 * u32::from(*halvings)),
+                            )?,
+                            seq: 0,
+                        })
+                    })
+                    .collect::<Result<_, VideoError>>()?,
                 decoders: HashMap::new(),
                 assembling: HashMap::new(),
-                seq: 0,
                 frames: 0,
             }),
             None => None,
@@ -461,8 +512,9 @@ impl GroupSession {
         self.drain(now)
     }
 
-    /// One camera frame: encoded, sealed whole under this device's sender
-    /// key, and sent in chunks with frame marking in the clear.
+    /// One camera frame: encoded into each simulcast layer, each sealed
+    /// whole under this device's sender key and sent in chunks with frame
+    /// marking in the clear.
     pub fn send_video(
         &mut self,
         now: Instant,
@@ -471,12 +523,6 @@ impl GroupSession {
         let Some(v) = self.video.as_mut().filter(|_| self.connected) else {
             return Ok(());
         };
-        let annexb = v.encoder.encode(frame)?;
-        if annexb.is_empty() {
-            return Ok(()); // skipped by rate control
-        }
-        let key = is_keyframe(&annexb);
-        let sealed = self.keys.encrypt(&[], &annexb)?;
         let pt = self
             .rtc
             .media(v.publish)
@@ -486,39 +532,62 @@ impl GroupSession {
         };
         let timestamp = (v.frames * VIDEO_TICKS) as u32;
         v.frames += 1;
-        let chunks: Vec<&[u8]> = sealed.chunks(MAX_CHUNK).collect();
-        let last = chunks.len() - 1;
-        let mut api = self.rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(v.publish, None) else {
-            return Ok(());
-        };
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let mut mark = 0u8;
-            if i == 0 {
-                mark |= MARK_START;
-            }
-            if i == last {
-                mark |= MARK_END;
-            }
-            if key {
-                mark |= MARK_INDEPENDENT;
-            }
-            let ext = ExtensionValues {
-                frame_mark: Some(u32::from(mark) << 24),
-                mid: Some(v.publish),
-                ..Default::default()
-            };
-            tx.write_rtp(
-                RtpWrite::new(pt, SeqNo::from(v.seq), timestamp, now, chunk)
-                    .marker(i == last)
-                    .ext_vals(ext)
-                    .nackable(true),
-            );
-            v.seq += 1;
+        // The camera at each size a layer wants, halved once per step.
+        let deepest = v.layers.iter().map(|l| l.halvings).max().unwrap_or(0);
+        let mut smaller: Vec<openh264::formats::YUVBuffer> = Vec::new();
+        for _ in 0..deepest {
+            let next = half(smaller.last().unwrap_or(frame));
+            smaller.push(next);
         }
-        self.stats.video_frames_out += 1;
-        if key {
-            self.stats.keyframes_out += 1;
+        let mut api = self.rtc.direct_api();
+        let mut sent_any = false;
+        for layer in v.layers.iter_mut() {
+            let annexb = match layer.halvings {
+                0 => layer.encoder.encode(frame)?,
+                h => layer.encoder.encode(&smaller[usize::from(h) - 1])?,
+            };
+            if annexb.is_empty() {
+                continue; // skipped by rate control
+            }
+            let key = is_keyframe(&annexb);
+            let sealed = self.keys.encrypt(&[], &annexb)?;
+            let Some(tx) = api.stream_tx_by_mid(v.publish, layer.rid) else {
+                continue;
+            };
+            let chunks: Vec<&[u8]> = sealed.chunks(MAX_CHUNK).collect();
+            let last = chunks.len() - 1;
+            for (i, chunk) in chunks.into_iter().enumerate() {
+                let mut mark = 0u8;
+                if i == 0 {
+                    mark |= MARK_START;
+                }
+                if i == last {
+                    mark |= MARK_END;
+                }
+                if key {
+                    mark |= MARK_INDEPENDENT;
+                }
+                let ext = ExtensionValues {
+                    frame_mark: Some(u32::from(mark) << 24),
+                    mid: Some(v.publish),
+                    rid: layer.rid,
+                    ..Default::default()
+                };
+                tx.write_rtp(
+                    RtpWrite::new(pt, SeqNo::from(layer.seq), timestamp, now, chunk)
+                        .marker(i == last)
+                        .ext_vals(ext)
+                        .nackable(true),
+                );
+                layer.seq += 1;
+            }
+            sent_any = true;
+            if key {
+                self.stats.keyframes_out += 1;
+            }
+        }
+        if sent_any {
+            self.stats.video_frames_out += 1;
         }
         self.drain(now)
     }
@@ -612,9 +681,13 @@ impl GroupSession {
             }
             // The SFU wants a key frame of ours (a subscriber switched to
             // us, or lost the picture).
-            Event::KeyframeRequest(_) => {
+            Event::KeyframeRequest(req) => {
                 if let Some(v) = self.video.as_mut() {
-                    v.encoder.request_keyframe();
+                    for l in v.layers.iter_mut() {
+                        if req.rid.is_none() || l.rid == req.rid {
+                            l.encoder.request_keyframe();
+                        }
+                    }
                 }
             }
             _ => {}

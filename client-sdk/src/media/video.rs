@@ -82,6 +82,31 @@ pub fn is_pattern(q: &[f64; 4]) -> bool {
         .all(|(a, b)| (a - b).abs() <= 16.0)
 }
 
+/// `frame` at half its width and height (each pixel the mean of the 2x2
+/// it replaces): the next lower simulcast layer.
+pub fn half(frame: &impl YUVSource) -> YUVBuffer {
+    let (w, h) = frame.dimensions();
+    let (sy, su, sv) = frame.strides();
+    let (hw, hh) = ((w / 2).max(2) & !1, (h / 2).max(2) & !1);
+    let mut out = Vec::with_capacity(hw * hh * 3 / 2);
+    let mut plane = |src: &[u8], stride: usize, ow: usize, oh: usize| {
+        let at = |x: usize, y: usize| u16::from(src.get(y * stride + x).copied().unwrap_or(128));
+        for y in 0..oh {
+            for x in 0..ow {
+                let sum = at(2 * x, 2 * y)
+                    + at(2 * x + 1, 2 * y)
+                    + at(2 * x, 2 * y + 1)
+                    + at(2 * x + 1, 2 * y + 1);
+                out.push(((sum + 2) / 4) as u8);
+            }
+        }
+    };
+    plane(frame.y(), sy, hw, hh);
+    plane(frame.u(), su, hw / 2, hh / 2);
+    plane(frame.v(), sv, hw / 2, hh / 2);
+    YUVBuffer::from_vec(out, hw, hh)
+}
+
 /// H.264 encoder for one outgoing stream.
 pub struct VideoEncoder {
     enc: openh264::encoder::Encoder,
@@ -194,5 +219,22 @@ mod tests {
         // A grey frame is not the pattern.
         let grey = [128.0; 4];
         assert!(!is_pattern(&grey));
+    }
+
+    #[test]
+    fn a_halved_pattern_is_still_the_pattern_at_a_quarter_of_the_pixels() {
+        let full = TestPattern::default().next_frame();
+        let half = half(&full);
+        let quarter = super::half(&half);
+        assert_eq!(half.dimensions(), (WIDTH / 2, HEIGHT / 2));
+        assert_eq!(quarter.dimensions(), (WIDTH / 4, HEIGHT / 4));
+        let (w, h) = quarter.dimensions();
+        let q = quadrant_luma(quarter.y(), quarter.strides().0, w, h);
+        assert!(is_pattern(&q), "{q:?}");
+        let mut enc = VideoEncoder::new(50_000).unwrap();
+        let mut dec = VideoDecoder::new().unwrap();
+        let p = dec.decode(&enc.encode(&quarter).unwrap()).unwrap().unwrap();
+        assert_eq!((p.width, p.height), (w, h));
+        assert!(is_pattern(&p.quadrants), "{:?}", p.quadrants);
     }
 }
