@@ -104,6 +104,8 @@ struct Slot {
 struct Subscriber {
     audio: Vec<Slot>,
     video: Vec<Slot>,
+    /// The last plan's bitrate and wanted bitrate, bits/s.
+    bitrates: (u32, u32),
 }
 
 impl Subscriber {
@@ -168,6 +170,7 @@ impl Forwarder {
         let subscriber = Subscriber {
             audio: (0..slots.audio).map(|_| slot(true)).collect(),
             video: (0..slots.video).map(|_| slot(false)).collect(),
+            bitrates: (0, 0),
         };
         self.subscribers.insert(id, subscriber);
         self.publish(id, publication);
@@ -244,6 +247,7 @@ impl Forwarder {
             let Some(sub) = self.subscribers.get_mut(&id) else {
                 continue;
             };
+            sub.bitrates = (plan.bitrate, plan.wanted);
             assign(&mut sub.audio, &audio);
             requests.extend(
                 assign(&mut sub.video, &video)
@@ -278,6 +282,14 @@ impl Forwarder {
                 m.since = now;
             }
         }
+    }
+
+    /// What the last plans send each subscriber and what the best layers
+    /// would, bits/s: for its bandwidth estimator to hold and to probe for.
+    pub fn bitrates(&self) -> impl Iterator<Item = (ParticipantId, u32, u32)> + '_ {
+        self.subscribers
+            .iter()
+            .map(|(id, s)| (*id, s.bitrates.0, s.bitrates.1))
     }
 
     /// A subscriber lost the picture in video slot `slot`: the key frame

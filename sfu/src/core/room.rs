@@ -76,6 +76,10 @@ pub struct Plan {
     pub audio: Vec<ParticipantId>,
     /// Publisher and the rid of the layer.
     pub video: Vec<(ParticipantId, String)>,
+    /// Bits/s this plan sends, and what the best layers would: the
+    /// estimator should hold the one and probe for the other.
+    pub bitrate: u32,
+    pub wanted: u32,
 }
 
 #[derive(Debug, Default)]
@@ -226,17 +230,27 @@ impl Room {
         });
         let mut video = Vec::with_capacity(shown.len());
         let mut layers = BTreeMap::new();
+        let audio_bps = self.config.audio_bitrate.saturating_mul(audio.len() as u32);
+        let (mut bitrate, mut wanted) = (audio_bps, audio_bps);
         for id in shown {
             let publisher = &self.participants[&id];
             let current = me.layers.get(&id).copied();
             let layer = self.choose(&publisher.video, current, share);
             layers.insert(id, layer);
             video.push((id, publisher.video[layer].rid.clone()));
+            bitrate = bitrate.saturating_add(publisher.video[layer].bitrate);
+            let best = publisher.video.iter().map(|l| l.bitrate).max().unwrap_or(0);
+            wanted = wanted.saturating_add(best);
         }
         if let Some(me) = self.participants.get_mut(&subscriber) {
             me.layers = layers;
         }
-        Plan { audio, video }
+        Plan {
+            audio,
+            video,
+            bitrate,
+            wanted,
+        }
     }
 
     /// The layer of `video` (lowest first) for a share of `share` bits/s,

@@ -605,6 +605,32 @@ impl Loop {
         true
     }
 
+    /// Tells each subscriber's bandwidth estimator what its plan sends
+    /// (to hold, with padding if need be) and what the best layers would
+    /// (to probe for). Without this the estimate stays near where it
+    /// started and the pacer, which sends at most 1.1 times the estimate,
+    /// queues whatever is beyond it.
+    fn steer_estimates(&mut self, room: &str) {
+        let Some(r) = self.rooms.get(room) else {
+            return;
+        };
+        let targets: Vec<(u64, u32, u32)> = r
+            .forwarder
+            .bitrates()
+            .filter_map(|(id, now, wanted)| Some((*r.members.get(&id)?, now, wanted)))
+            .collect();
+        for (key, bitrate, wanted) in targets {
+            if let Some(p) = self.participants.get_mut(&key) {
+                let (min, want) = (u64::from(bitrate), u64::from(wanted.max(bitrate)));
+                p.rtc
+                    .bwe()
+                    .set_bitrate(str0m::bwe::Bitrate::bps(min), str0m::bwe::Bitrate::bps(want));
+                // Its timers may have moved.
+                self.drain(key);
+            }
+        }
+    }
+
     fn replan_all(&mut self, now: Instant) {
         let rooms: Vec<String> = self.rooms.keys().cloned().collect();
         for room in rooms {
@@ -612,6 +638,7 @@ impl Loop {
                 Some(r) => r.forwarder.replan(now),
                 None => continue,
             };
+            self.steer_estimates(&room);
             if !asks.is_empty() {
                 self.metrics
                     .layer_switches
