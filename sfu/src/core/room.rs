@@ -64,6 +64,9 @@ struct Participant {
     /// Layers, lowest bitrate first.
     video: Vec<Layer>,
     last_spoke: Option<Instant>,
+    /// When its current run of speech began: speakers are ranked by it,
+    /// so the order stays put while several talk at once.
+    spoke_since: Option<Instant>,
     bandwidth: Option<u32>,
     /// The layer index this subscriber gets of each publisher's video.
     layers: BTreeMap<ParticipantId, usize>,
@@ -105,6 +108,7 @@ impl Room {
             audio: false,
             video: Vec::new(),
             last_spoke: None,
+            spoke_since: None,
             bandwidth: None,
             layers: BTreeMap::new(),
         });
@@ -166,6 +170,12 @@ impl Room {
     pub fn audio_level(&mut self, id: ParticipantId, level: u8, voice: bool, now: Instant) {
         let speech = voice && level <= self.config.speech_level;
         if let (true, Some(p)) = (speech, self.participants.get_mut(&id)) {
+            let quiet_since = p.last_spoke.is_none_or(|t| {
+                now.saturating_duration_since(t) > self.config.speaking_for
+            });
+            if quiet_since {
+                p.spoke_since = Some(now);
+            }
             p.last_spoke = Some(now);
         }
     }
@@ -177,19 +187,26 @@ impl Room {
         }
     }
 
-    /// Participants in speaking order: who spoke most recently (within
-    /// `speaking_for`) first, then the rest by when they joined.
+    /// Participants in speaking order: those speaking (a word within
+    /// `speaking_for`) by when they began, the latest first, then the rest
+    /// by when they joined. Ranking by the last word would reshuffle
+    /// everyone on each packet while several talk at once, and move their
+    /// videos between slots (each move waits for a key frame).
     pub fn speakers(&self, now: Instant) -> Vec<ParticipantId> {
+        // (began, last word) of those speaking.
         let recent = |p: &Participant| {
-            p.last_spoke
-                .filter(|t| now.saturating_duration_since(*t) <= self.config.speaking_for)
+            let last = p
+                .last_spoke
+                .filter(|t| now.saturating_duration_since(*t) <= self.config.speaking_for)?;
+            Some((p.spoke_since?, last))
         };
-        let mut ids: Vec<(ParticipantId, Option<Instant>, Instant)> = self
+        let mut ids: Vec<(ParticipantId, Option<(Instant, Instant)>, Instant)> = self
             .participants
             .iter()
             .map(|(id, p)| (*id, recent(p), p.joined))
             .collect();
-        // Speakers by their last word, newest first; then by joining.
+        // Speakers by when they began, newest first (then by their last
+        // word); then the rest by joining.
         ids.sort_by(|a, b| match (a.1, b.1) {
             (Some(x), Some(y)) => y.cmp(&x),
             (Some(_), None) => std::cmp::Ordering::Less,
@@ -318,6 +335,47 @@ mod tests {
             r.publish_video(p(i), simulcast());
         }
         (r, t0 + Duration::from_secs(60))
+    }
+
+    #[test]
+    fn several_talking_at_once_keep_their_places_in_last_n() {
+        let config = Config {
+            last_n: 2,
+            ..Config::default()
+        };
+        let (mut r, t) = room(5, config);
+        let ms = |n: u64| Duration::from_millis(n);
+        // 2, 3 and 4 begin in turn; 1 watches.
+        for (k, id) in [2u16, 3, 4].into_iter().enumerate() {
+            r.audio_level(p(id), 20, true, t + ms(100 * k as u64));
+        }
+        let shown = |r: &mut Room, at: Instant| -> Vec<ParticipantId> {
+            r.plan(p(1), at).video.iter().map(|(id, _)| *id).collect()
+        };
+        let first = shown(&mut r, t + ms(250));
+        assert_eq!(first, vec![p(4), p(3)], "the latest to begin first");
+        // They all go on talking, their packets in every order: the two
+        // shown stay the two shown.
+        for tick in 1..=150u64 {
+            let at = t + ms(250 + 20 * tick);
+            let mut order = [2u16, 3, 4];
+            order.rotate_left((tick % 3) as usize);
+            for (k, id) in order.into_iter().enumerate() {
+                r.audio_level(p(id), 20, true, at + ms(k as u64));
+            }
+            assert_eq!(shown(&mut r, at + ms(5)), first, "at tick {tick}");
+        }
+        // 4 stops, the others go on; once 4 counts as quiet, 2 takes its
+        // place.
+        let mut at = t + ms(250 + 20 * 150);
+        let quiet = at + r.config.speaking_for + ms(20);
+        while at < quiet {
+            at += ms(20);
+            for id in [2u16, 3] {
+                r.audio_level(p(id), 20, true, at);
+            }
+        }
+        assert_eq!(shown(&mut r, at), vec![p(3), p(2)]);
     }
 
     #[test]
