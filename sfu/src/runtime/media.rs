@@ -27,6 +27,9 @@ use crate::core::forwarder::{
 };
 use crate::core::room::{Config as RoomConfig, Layer, ParticipantId, Room};
 
+/// Datagrams read at most in one go after a wake-up.
+const BATCH: usize = 256;
+
 /// How often every room's plan is made anew (speakers, estimates).
 const REPLAN_EVERY: Duration = Duration::from_millis(250);
 
@@ -86,6 +89,10 @@ pub(super) struct Loop {
     resources: HashMap<String, u64>,
     /// Packets publishers sent, to forward (drained Rtcs put them here).
     received: VecDeque<(u64, RtpPacket)>,
+    /// Subscribers written to since their Rtc was last drained: drained
+    /// once per batch of datagrams, not once per packet (a drain walks
+    /// every stream of the subscriber).
+    written: Vec<u64>,
     next_key: u64,
     metrics: Arc<Metrics>,
 }
@@ -111,6 +118,7 @@ impl Loop {
             rooms: HashMap::new(),
             resources: HashMap::new(),
             received: VecDeque::new(),
+            written: Vec::new(),
             next_key: 1,
             metrics,
         }
@@ -128,7 +136,17 @@ impl Loop {
                 .min(replan);
             tokio::select! {
                 r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, from)) => self.datagram(from, &buf[..n]),
+                    Ok((n, from)) => {
+                        self.datagram(from, &buf[..n]);
+                        // Whatever else came in the meantime, as one
+                        // batch: one wake-up, one drain per subscriber.
+                        for _ in 0..BATCH {
+                            let Ok((n, from)) = self.socket.try_recv_from(&mut buf) else {
+                                break;
+                            };
+                            self.datagram(from, &buf[..n]);
+                        }
+                    }
                     Err(e) => tracing::debug!(error = %e, "sfu socket read"),
                 },
                 c = commands.recv() => match c {
@@ -158,11 +176,24 @@ impl Loop {
         }
     }
 
-    /// Forwards what publishers sent, until nothing is left (writing to a
-    /// subscriber drains its Rtc, which may queue more).
+    /// Forwards what publishers sent, then drains the subscribers written
+    /// to, until nothing is left (a drain may bring more packets).
     fn pump(&mut self, now: Instant) {
-        while let Some((key, pkt)) = self.received.pop_front() {
-            self.forward(key, pkt, now);
+        loop {
+            while let Some((key, pkt)) = self.received.pop_front() {
+                self.forward(key, pkt, now);
+            }
+            if self.written.is_empty() {
+                return;
+            }
+            let mut written = std::mem::take(&mut self.written);
+            written.sort_unstable();
+            written.dedup();
+            for key in written.drain(..) {
+                self.drain(key);
+            }
+            // Keep the allocation.
+            self.written = written;
         }
     }
 
@@ -554,7 +585,7 @@ impl Loop {
                 let n = packets.fetch_add(1, Ordering::Relaxed);
                 total.fetch_add(bytes, Ordering::Relaxed);
                 self.metrics.sample(f.kind == Kind::Audio, n, &pkt.payload);
-                self.drain(to);
+                self.written.push(to);
             }
         }
     }
