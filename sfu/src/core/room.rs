@@ -29,11 +29,16 @@ pub struct Layer {
     pub bitrate: u32,
 }
 
+/// Audio streams a subscriber gets whatever its estimate says.
+const MIN_AUDIO: usize = 3;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Videos a subscriber receives at most.
     pub last_n: usize,
-    /// What one audio stream takes of a subscriber's bandwidth, bits/s.
+    /// What one audio stream takes of a subscriber's bandwidth, bits/s,
+    /// on the wire: 32 kb/s Opus in 20 ms frames, SFrame, RTP, SRTP, UDP
+    /// and IP come to about 64.
     pub audio_bitrate: u32,
     /// How long a participant counts as speaking after its last loud
     /// packet.
@@ -49,7 +54,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             last_n: 4,
-            audio_bitrate: 40_000,
+            audio_bitrate: 64_000,
             speaking_for: Duration::from_secs(3),
             speech_level: 50,
             step_up_margin: 0.15,
@@ -225,7 +230,7 @@ impl Room {
         let speakers = self.speakers(now);
         // In speaking order, so a subscriber with fewer audio slots than
         // publishers hears the latest speakers.
-        let audio: Vec<ParticipantId> = speakers
+        let mut audio: Vec<ParticipantId> = speakers
             .iter()
             .copied()
             .filter(|id| *id != subscriber && self.participants[id].audio)
@@ -240,24 +245,49 @@ impl Room {
             })
             .take(self.config.last_n)
             .collect();
-        let share = me.bandwidth.map(|bw| {
-            let after_audio =
-                bw.saturating_sub(self.config.audio_bitrate.saturating_mul(audio.len() as u32));
-            after_audio / (shown.len().max(1) as u32)
-        });
+        // What its bandwidth holds goes first to the latest speakers'
+        // audio (the first few always), then to videos in speaking order,
+        // each a fair share of what is left; a video whose lowest layer no
+        // longer fits is not sent. Sending more than the estimate would
+        // only queue it in the pacer, audio and all, for seconds.
+        let all_audio = audio.len();
+        let mut left = me.bandwidth;
+        if let Some(bw) = left {
+            let fits = (bw / self.config.audio_bitrate.max(1)) as usize;
+            audio.truncate(fits.max(MIN_AUDIO));
+            left = Some(bw.saturating_sub(self.audio_bps(audio.len())));
+        }
         let mut video = Vec::with_capacity(shown.len());
         let mut layers = BTreeMap::new();
-        let audio_bps = self.config.audio_bitrate.saturating_mul(audio.len() as u32);
-        let (mut bitrate, mut wanted) = (audio_bps, audio_bps);
-        for id in shown {
-            let publisher = &self.participants[&id];
-            let current = me.layers.get(&id).copied();
+        let mut bitrate = self.audio_bps(audio.len());
+        let mut wanted = self.audio_bps(all_audio);
+        for (k, id) in shown.iter().enumerate() {
+            let publisher = &self.participants[id];
+            let lowest = publisher
+                .video
+                .iter()
+                .map(|l| l.bitrate)
+                .filter(|b| *b > 0)
+                .min()
+                .unwrap_or(0);
+            if left.is_some_and(|l| lowest > l) {
+                break;
+            }
+            let share = left.map(|l| l / (shown.len() - k) as u32);
+            let current = me.layers.get(id).copied();
             let layer = self.choose(&publisher.video, current, share);
-            layers.insert(id, layer);
-            video.push((id, publisher.video[layer].rid.clone()));
-            bitrate = bitrate.saturating_add(publisher.video[layer].bitrate);
+            layers.insert(*id, layer);
+            video.push((*id, publisher.video[layer].rid.clone()));
+            let rate = publisher.video[layer].bitrate;
+            bitrate = bitrate.saturating_add(rate);
+            left = left.map(|l| l.saturating_sub(rate));
             let best = publisher.video.iter().map(|l| l.bitrate).max().unwrap_or(0);
             wanted = wanted.saturating_add(best);
+        }
+        // What was left out is wanted too: the estimator probes for it.
+        for id in shown.iter().skip(video.len()) {
+            let best = self.participants[id].video.iter().map(|l| l.bitrate).max();
+            wanted = wanted.saturating_add(best.unwrap_or(0));
         }
         if let Some(me) = self.participants.get_mut(&subscriber) {
             me.layers = layers;
@@ -268,6 +298,10 @@ impl Room {
             bitrate,
             wanted,
         }
+    }
+
+    fn audio_bps(&self, streams: usize) -> u32 {
+        self.config.audio_bitrate.saturating_mul(streams as u32)
     }
 
     /// The layer of `video` (lowest first) for a share of `share` bits/s,
@@ -335,6 +369,44 @@ mod tests {
             r.publish_video(p(i), simulcast());
         }
         (r, t0 + Duration::from_secs(60))
+    }
+
+    #[test]
+    fn a_narrow_subscriber_gets_the_latest_speakers_first_and_no_video_that_does_not_fit() {
+        let config = Config {
+            audio_bitrate: 40_000,
+            ..Config::default()
+        };
+        let (mut r, t) = room(10, config);
+        // Everyone talks, 2 the latest to begin, then 3, …
+        for id in 2..=10u16 {
+            r.audio_level(p(id), 20, true, t + Duration::from_millis(u64::from(12 - id)));
+        }
+        let at = t + Duration::from_millis(50);
+        // Room for everything: nine voices, four videos at full size.
+        r.bandwidth(p(1), 20_000_000);
+        let plan = r.plan(p(1), at);
+        assert_eq!(plan.audio.len(), 9);
+        assert_eq!(plan.video.len(), 4);
+        // 500 kb/s holds the nine voices (360k); the 140k left fits no
+        // video's lowest layer (150k).
+        r.bandwidth(p(1), 500_000);
+        let plan = r.plan(p(1), at);
+        assert_eq!(plan.audio.len(), 9);
+        assert!(plan.video.is_empty(), "{plan:?}");
+        assert!(plan.bitrate <= 500_000 && plan.wanted > plan.bitrate);
+        // 200 kb/s: five voices, the five latest to begin.
+        r.bandwidth(p(1), 200_000);
+        let plan = r.plan(p(1), at);
+        assert_eq!(plan.audio, vec![p(2), p(3), p(4), p(5), p(6)]);
+        // Starved: still the three latest.
+        r.bandwidth(p(1), 10_000);
+        assert_eq!(r.plan(p(1), at).audio, vec![p(2), p(3), p(4)]);
+        // 600 kb/s: the voices and one video, at its lowest layer (240k
+        // left: one 150k layer, not two).
+        r.bandwidth(p(1), 600_000);
+        let plan = r.plan(p(1), at);
+        assert_eq!(plan.video, vec![(p(2), "q".to_string())]);
     }
 
     #[test]
@@ -426,6 +498,7 @@ mod tests {
     fn layers_step_down_at_once_and_up_with_a_margin() {
         let config = Config {
             last_n: 1,
+            audio_bitrate: 40_000,
             ..Config::default()
         };
         let (mut r, now) = room(2, config);
