@@ -78,7 +78,8 @@ pub struct Incoming {
     pub audio_level: Option<(bool, u8)>,
     /// RFC 9626 frame marking: the first packet of an independent frame.
     pub keyframe_start: bool,
-    /// The packet's length, bytes: what a layer carries is measured.
+    /// The packet's length on the wire, bytes: what a stream carries is
+    /// measured.
     pub size: usize,
 }
 
@@ -203,7 +204,7 @@ impl Forwarder {
     /// `id` left; whether the room ended.
     pub fn leave(&mut self, id: ParticipantId) -> bool {
         if let Some(p) = self.publications.remove(&id) {
-            for (_, ssrc) in p.video {
+            for ssrc in p.audio.into_iter().chain(p.video.into_iter().map(|(_, s)| s)) {
                 self.meters.remove(&ssrc);
             }
         }
@@ -260,26 +261,32 @@ impl Forwarder {
         requests
     }
 
-    /// Each video layer's bitrate over the last [`MEASURE_OVER`], for the
-    /// room's choices; a layer silent that long measures 0 (paused).
+    /// Each stream's bitrate over the last [`MEASURE_OVER`], for the
+    /// room's choices; a video layer silent that long measures 0 (paused).
     fn measure(&mut self, now: Instant) {
+        let rate = |meters: &mut HashMap<u32, Meter>, ssrc: &u32| {
+            let m = meters.get_mut(ssrc)?;
+            let over = now.saturating_duration_since(m.since);
+            if over < MEASURE_OVER {
+                return None;
+            }
+            let bps = if now.saturating_duration_since(m.last) >= MEASURE_OVER {
+                0
+            } else {
+                (m.bytes as f64 * 8.0 / over.as_secs_f64()).min(f64::from(u32::MAX)) as u32
+            };
+            m.bytes = 0;
+            m.since = now;
+            Some(bps)
+        };
         for (id, publication) in &self.publications {
+            if let Some(bps) = publication.audio.and_then(|s| rate(&mut self.meters, &s)) {
+                self.room.audio_rate(*id, bps);
+            }
             for (layer, ssrc) in &publication.video {
-                let Some(m) = self.meters.get_mut(ssrc) else {
-                    continue;
-                };
-                let over = now.saturating_duration_since(m.since);
-                if over < MEASURE_OVER {
-                    continue;
+                if let Some(bps) = rate(&mut self.meters, ssrc) {
+                    self.room.layer_rate(*id, &layer.rid, bps);
                 }
-                let bps = if now.saturating_duration_since(m.last) >= MEASURE_OVER {
-                    0
-                } else {
-                    (m.bytes as f64 * 8.0 / over.as_secs_f64()).min(f64::from(u32::MAX)) as u32
-                };
-                self.room.layer_rate(*id, &layer.rid, bps);
-                m.bytes = 0;
-                m.since = now;
             }
         }
     }
@@ -343,7 +350,7 @@ impl Forwarder {
         if let (Kind::Audio, Some((voice, level))) = (kind, h.audio_level) {
             self.room.audio_level(from, level, voice, now);
         }
-        if kind == Kind::Video {
+        {
             let m = self.meters.entry(h.ssrc).or_insert(Meter {
                 bytes: 0,
                 since: now,
@@ -687,7 +694,9 @@ mod tests {
         };
         let a = to1(&mut f, 2, 10);
         assert_eq!(a.len(), 1);
-        assert!(to1(&mut f, 3, 500).is_empty());
+        // 3's packets (silence, no level) go nowhere near 1.
+        let silent = f.rtp(p(3), &rtp(300, 500, 500 * 960, None), t).unwrap();
+        assert!(silent.iter().all(|o| o.to != p(1)));
         // 3 speaks up: after a replan 1's one slot carries 3, numbering
         // going on from 2's last packet.
         let later = t + Duration::from_millis(20);

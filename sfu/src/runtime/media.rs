@@ -27,6 +27,14 @@ use crate::core::forwarder::{
 };
 use crate::core::room::{Config as RoomConfig, Layer, ParticipantId, Room};
 
+/// Bytes a forwarded packet takes beyond its payload: RTP header and
+/// extensions, SRTP tag, UDP and IP.
+const PACKET_OVERHEAD: usize = 70;
+
+/// Where a subscriber's bandwidth estimate starts; each plan asks the
+/// estimator to probe up from there for what the plan sends.
+const START_ESTIMATE_KBPS: u64 = 600;
+
 /// Datagrams read at most in one go after a wake-up.
 const BATCH: usize = 256;
 
@@ -245,7 +253,7 @@ impl Loop {
             .enable_opus(true, false)
             .enable_h264(true)
             .set_extension(FRAME_MARKING_ID, str0m::rtp::Extension::FrameMarking)
-            .enable_bwe(Some(str0m::bwe::Bitrate::kbps(600)))
+            .enable_bwe(Some(str0m::bwe::Bitrate::kbps(START_ESTIMATE_KBPS)))
             .build(now);
         let host = Candidate::host(self.candidate, Protocol::Udp)
             .map_err(|e| JoinError::Sdp(format!("candidate {}: {e}", self.candidate)))?;
@@ -567,7 +575,7 @@ impl Loop {
             keyframe_start: ext
                 .frame_mark
                 .is_some_and(|m| (m >> 24) as u8 & 0xa0 == 0xa0),
-            size: pkt.payload.len(),
+            size: pkt.payload.len() + PACKET_OVERHEAD,
         };
         let forwards: Vec<(u64, Forward)> = state
             .forwarder
