@@ -204,7 +204,11 @@ impl Forwarder {
     /// `id` left; whether the room ended.
     pub fn leave(&mut self, id: ParticipantId) -> bool {
         if let Some(p) = self.publications.remove(&id) {
-            for ssrc in p.audio.into_iter().chain(p.video.into_iter().map(|(_, s)| s)) {
+            for ssrc in p
+                .audio
+                .into_iter()
+                .chain(p.video.into_iter().map(|(_, s)| s))
+            {
                 self.meters.remove(&ssrc);
             }
         }
@@ -572,6 +576,19 @@ mod tests {
         }
     }
 
+    /// A second of 1's layers at `rates` from `*t`, then the plan just
+    /// after it: the key frames it asks for. `*t` moves on a second.
+    fn a_second_then_replan(
+        f: &mut Forwarder,
+        t: &mut Instant,
+        seq: &mut u16,
+        rates: [u32; 3],
+    ) -> Vec<KeyframeRequest> {
+        send_for_a_second(f, *t, seq, rates);
+        *t += Duration::from_secs(1);
+        f.replan(*t + Duration::from_millis(50))
+    }
+
     #[test]
     fn layers_are_chosen_by_what_they_carry_and_a_paused_one_is_passed_over() {
         let t = Instant::now();
@@ -587,40 +604,25 @@ mod tests {
         }));
         // They carry far less (24, 80 and 200 kb/s): "f" fits after all,
         // once measured for a second.
-        let mut seq = 0;
-        send_for_a_second(&mut f, t, &mut seq, [3, 10, 25]);
-        let t1 = t + Duration::from_secs(1);
-        assert_eq!(
-            f.replan(t1 + Duration::from_millis(50)),
+        let (mut now, mut seq) = (t, 0);
+        let asks = |publisher: u16, ssrc: u32| {
             vec![KeyframeRequest {
-                publisher: p(1),
-                ssrc: 103
+                publisher: p(publisher),
+                ssrc,
             }]
-        );
+        };
+        let step = a_second_then_replan(&mut f, &mut now, &mut seq, [3, 10, 25]);
+        assert_eq!(step, asks(1, 103));
         // 1 stops sending "f" (its own uplink is short): 2 moves to "h",
         // the best layer still sent, at its key frame.
-        send_for_a_second(&mut f, t1, &mut seq, [3, 10, 0]);
-        let t2 = t1 + Duration::from_secs(1);
-        assert_eq!(
-            f.replan(t2 + Duration::from_millis(50)),
-            vec![KeyframeRequest {
-                publisher: p(1),
-                ssrc: 102
-            }]
-        );
+        let step = a_second_then_replan(&mut f, &mut now, &mut seq, [3, 10, 0]);
+        assert_eq!(step, asks(1, 102));
         seq = seq.wrapping_add(1);
-        let out = f.rtp(p(1), &sized(102, seq, true, 1000), t2).unwrap();
+        let out = f.rtp(p(1), &sized(102, seq, true, 1000), now).unwrap();
         assert_eq!(out.iter().map(|o| o.to).collect::<Vec<_>>(), vec![p(2)]);
         // "f" comes back: up again once measured.
-        send_for_a_second(&mut f, t2, &mut seq, [3, 10, 25]);
-        let t3 = t2 + Duration::from_secs(1);
-        assert_eq!(
-            f.replan(t3 + Duration::from_millis(50)),
-            vec![KeyframeRequest {
-                publisher: p(1),
-                ssrc: 103
-            }]
-        );
+        let step = a_second_then_replan(&mut f, &mut now, &mut seq, [3, 10, 25]);
+        assert_eq!(step, asks(1, 103));
     }
 
     #[test]
