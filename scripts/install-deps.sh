@@ -5,6 +5,7 @@
 #   scripts/install-deps.sh --build   only what building needs (scripts/up.sh)
 #   scripts/install-deps.sh --cluster that, PostgreSQL and nats-server (scripts/cluster.sh)
 #   scripts/install-deps.sh           that, and what the tests and benchmarks need
+#   scripts/install-deps.sh --bench   all that, and Janus (bench/sfu-vs-janus.sh's anchor)
 #
 # To build:
 #   cmake        builds the Opus codec (libopus, bundled by the `opus` crate)
@@ -31,6 +32,8 @@
 #                start their own in a temporary directory
 #   python3, python3-pip
 #                the Python binding's test, and pip for the PyPI tools below
+#   janus        (--bench only) the Janus WebRTC server, whose VideoRoom plugin
+#                is the SFU benchmark's anchor
 #   libasound2-dev
 #                ALSA, for `parley client`'s sound-card feature (CI builds it
 #                and runs a call on ALSA's null device)
@@ -47,11 +50,13 @@ set -euo pipefail
 
 build_only=false
 cluster=false
+bench=false
 case "${1:-}" in
   --build) build_only=true ;;
   --cluster) build_only=true; cluster=true ;;
+  --bench) bench=true ;;
   "") ;;
-  *) echo "usage: $0 [--build|--cluster]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--build|--cluster|--bench]" >&2; exit 2 ;;
 esac
 
 packages=(cmake pkg-config libssl-dev)
@@ -63,6 +68,10 @@ fi
 if ! $build_only; then
   packages+=(coturn stun-client procps postgresql curl nodejs npm sip-tester baresip-core iproute2 libasound2-dev python3 python3-pip nats-server)
   commands+=(turnutils_uclient stun kill initdb curl node npm sipp baresip ip alsa.pc python3 pip.module nats-server)
+fi
+if $bench; then
+  packages+=(janus)
+  commands+=(janus)
 fi
 
 # initdb lives outside PATH on Debian, under /usr/lib/postgresql/<version>/bin.
@@ -103,6 +112,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     $sudo systemctl disable --now coturn >/dev/null 2>&1 || true
     $sudo systemctl disable --now postgresql >/dev/null 2>&1 || true
     $sudo systemctl disable --now nats-server >/dev/null 2>&1 || true
+    $sudo systemctl disable --now janus >/dev/null 2>&1 || true
   fi
   for i in "${!packages[@]}"; do
     if ! have "${commands[$i]}"; then

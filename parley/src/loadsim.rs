@@ -28,6 +28,7 @@ use hdrhistogram::Histogram;
 use push_courier::provider::{ApnsSender, Http2};
 use wire::push::{DeviceToken, NotificationId};
 
+pub mod sfu;
 pub mod upstream;
 
 /// The provider the load generators push as.
@@ -116,6 +117,14 @@ pub fn run(args: CourierLoad) -> Result<()> {
         Some(w) => rt.block_on(worker(args, w[0], w[1])),
         None => rt.block_on(parent(args)),
     }
+}
+
+pub fn run_sfu(args: sfu::SfuLoad) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?
+        .block_on(sfu::run(args))
 }
 
 pub fn run_upstream(args: upstream::UpstreamLoad) -> Result<()> {

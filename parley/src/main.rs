@@ -161,6 +161,12 @@ enum Loadsim {
     /// [courier.upstream.apns] points at the stand-in; report wake-ups/s
     /// taken and the latency from the provider's 2xx to Apple.
     Upstream(loadsim::upstream::UpstreamLoad),
+    /// Rooms of participants that each send audio and one video layer and
+    /// take the others', against the Parley SFU or Janus's VideoRoom (the
+    /// same load): report packets forwarded per second, the SFU's CPU per
+    /// forwarded packet (--sfu-pid), latency p50/p99 and loss. Payloads
+    /// are opaque, as SFrame ciphertext is; no codecs run.
+    Sfu(loadsim::sfu::SfuLoad),
 }
 
 #[derive(Debug, Args, Default)]
@@ -418,6 +424,7 @@ fn main() {
         let r = match which {
             Loadsim::Courier(args) => loadsim::run(args),
             Loadsim::Upstream(args) => loadsim::run_upstream(args),
+            Loadsim::Sfu(args) => loadsim::run_sfu(args),
         };
         if let Err(e) = r {
             eprintln!("parley loadsim: {e:#}");
