@@ -182,9 +182,9 @@ impl Room {
     pub fn audio_level(&mut self, id: ParticipantId, level: u8, voice: bool, now: Instant) {
         let speech = voice && level <= self.config.speech_level;
         if let (true, Some(p)) = (speech, self.participants.get_mut(&id)) {
-            let quiet_since = p.last_spoke.is_none_or(|t| {
-                now.saturating_duration_since(t) > self.config.speaking_for
-            });
+            let quiet_since = p
+                .last_spoke
+                .is_none_or(|t| now.saturating_duration_since(t) > self.config.speaking_for);
             if quiet_since {
                 p.spoke_since = Some(now);
             }

@@ -661,9 +661,10 @@ impl Loop {
         for (key, bitrate, wanted) in targets {
             if let Some(p) = self.participants.get_mut(&key) {
                 let (min, want) = (u64::from(bitrate), u64::from(wanted.max(bitrate)));
-                p.rtc
-                    .bwe()
-                    .set_bitrate(str0m::bwe::Bitrate::bps(min), str0m::bwe::Bitrate::bps(want));
+                p.rtc.bwe().set_bitrate(
+                    str0m::bwe::Bitrate::bps(min),
+                    str0m::bwe::Bitrate::bps(want),
+                );
                 // Its timers may have moved.
                 self.drain(key);
             }
