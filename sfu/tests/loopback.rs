@@ -367,6 +367,19 @@ async fn three_participants_hear_each_others_payloads_as_sent() {
         assert_eq!(p.heard.len(), 2, "slots used: {:?}", p.heard.keys());
     }
     assert!(metric(&sfu, "parley_sfu_forwarded_packets_total{kind=\"audio\"}") > 100);
+    // The room's bitrate, under a digest of its id: never the id itself,
+    // which opens the room.
+    let label = sfu::runtime::room_label("room-1-abcdefghijkl");
+    let bps = metric(
+        &sfu,
+        &format!("parley_sfu_room_bitrate_bps{{room=\"{label}\"}}"),
+    );
+    // Three each sending ~36 bytes 50 times a second to two others:
+    // about 86 kb/s.
+    assert!((40_000..200_000).contains(&bps), "{bps} b/s");
+    let mut text = String::new();
+    sfu.metrics.render(&mut text);
+    assert!(!text.contains("room-1-abcdefghijkl"));
 
     // Peer 2 leaves: the others hear it no more.
     let auth = format!("Bearer {}", token("room-1-abcdefghijkl"));

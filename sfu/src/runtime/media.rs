@@ -77,6 +77,9 @@ struct RoomState {
     forwarder: Forwarder,
     members: HashMap<ParticipantId, u64>,
     next_id: u16,
+    /// Payload bytes forwarded since `since`, for its bitrate.
+    bytes: u64,
+    since: Instant,
 }
 
 pub(super) struct Loop {
@@ -178,6 +181,7 @@ impl Loop {
             if tokio::time::Instant::now() >= replan {
                 replan = tokio::time::Instant::now() + REPLAN_EVERY;
                 self.replan_all(now);
+                self.room_bitrates(now);
                 self.drop_unconnected(now);
             }
             self.pump(now);
@@ -282,6 +286,8 @@ impl Loop {
                 ),
                 members: HashMap::new(),
                 next_id: 0,
+                bytes: 0,
+                since: Instant::now(),
             });
         let id = ParticipantId(state.next_id);
         state.next_id = state.next_id.wrapping_add(1);
@@ -584,8 +590,10 @@ impl Loop {
             .filter_map(|f| Some((*state.members.get(&f.to)?, f)))
             .collect();
         let bytes = pkt.payload.len() as u64;
+        let mut sent = 0u64;
         for (to, f) in forwards {
             if self.write(to, &f, &pkt) {
+                sent += bytes;
                 let (packets, total) = match f.kind {
                     Kind::Audio => (&self.metrics.audio_packets, &self.metrics.audio_bytes),
                     Kind::Video => (&self.metrics.video_packets, &self.metrics.video_bytes),
@@ -596,6 +604,26 @@ impl Loop {
                 self.written.push(to);
             }
         }
+        if let Some(state) = self.rooms.get_mut(&room) {
+            state.bytes += sent;
+        }
+    }
+
+    /// Each room's forwarded bitrate over the last second or more, for
+    /// `/metrics`.
+    fn room_bitrates(&mut self, now: Instant) {
+        for (name, r) in self.rooms.iter_mut() {
+            let over = now.saturating_duration_since(r.since);
+            if over < Duration::from_secs(1) {
+                continue;
+            }
+            let bps = (r.bytes as f64 * 8.0 / over.as_secs_f64()) as u64;
+            self.metrics.set_room_bitrate(name, bps);
+            r.bytes = 0;
+            r.since = now;
+        }
+        let live: Vec<&str> = self.rooms.keys().map(String::as_str).collect();
+        self.metrics.keep_rooms(&live);
     }
 
     /// Writes `pkt` into subscriber `to`'s slot as `f` says; whether it

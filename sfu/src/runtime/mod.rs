@@ -116,6 +116,20 @@ pub struct Metrics {
     pub video_packets: AtomicU64,
     pub video_bytes: AtomicU64,
     pub layer_switches: AtomicU64,
+    /// Each room's forwarded payload bitrate, by a digest of its id (a
+    /// room id is a capability: a call link opens it).
+    room_bitrates: std::sync::Mutex<std::collections::BTreeMap<String, (String, u64)>>,
+}
+
+/// What stands for a room in `/metrics`: the first 12 hex digits of the
+/// SHA-256 of its id.
+pub fn room_label(room: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, room.as_bytes())
+        .as_ref()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// One forwarded payload in this many is kept in [`Metrics::samples`].
@@ -141,6 +155,21 @@ impl Metrics {
                 s.pop_front();
             }
             s.push_back((audio, payload.to_vec()));
+        }
+    }
+
+    pub(crate) fn set_room_bitrate(&self, room: &str, bps: u64) {
+        if let Ok(mut m) = self.room_bitrates.lock() {
+            m.entry(room.to_string())
+                .and_modify(|(_, v)| *v = bps)
+                .or_insert_with(|| (room_label(room), bps));
+        }
+    }
+
+    /// Forgets the rooms that ended.
+    pub(crate) fn keep_rooms(&self, live: &[&str]) {
+        if let Ok(mut m) = self.room_bitrates.lock() {
+            m.retain(|room, _| live.contains(&room.as_str()));
         }
     }
 
@@ -194,6 +223,16 @@ impl Metrics {
             g(&self.audio_bytes),
             g(&self.video_bytes),
         );
+        let _ = writeln!(
+            out,
+            "# HELP parley_sfu_room_bitrate_bps Payload bits/s a room's participants were sent over the last second, by a digest of the room id.\n\
+             # TYPE parley_sfu_room_bitrate_bps gauge"
+        );
+        if let Ok(m) = self.room_bitrates.lock() {
+            for (label, bps) in m.values() {
+                let _ = writeln!(out, "parley_sfu_room_bitrate_bps{{room=\"{label}\"}} {bps}");
+            }
+        }
     }
 }
 
