@@ -561,6 +561,61 @@ fn three_desktop_clients_talk_in_a_group_call_through_parley_up() {
     );
 }
 
+/// A member whose device dies sends no "left": Carol's client is killed
+/// mid-call. Alice and Bob stop hearing her frames, and ten seconds on
+/// each drops her and sends the other new keys, as if she had left, so
+/// what she held no longer opens what follows.
+#[test]
+fn a_member_whose_device_dies_is_dropped_and_the_keys_rotate() {
+    const CAROL: &str = "carol@example.com";
+    let (dir, data, up) = stack();
+    let state = |n: &str| dir.path().join(n);
+    for (name, handle) in [("alice", ALICE), ("bob", BOB), ("carol", CAROL)] {
+        activate(&up, &data, &state(name), handle);
+    }
+    let limit = Duration::from_secs(60);
+    let (_, bob, bob_rx, mut bob_seen) =
+        listener(&up, &data, dir.path(), ("bob", "660", "20"), &[]);
+    let (_, mut carol, carol_rx, mut carol_seen) =
+        listener(&up, &data, dir.path(), ("carol", "880", "60"), &[]);
+    let mut c = client(&up, &data, &state("alice"));
+    c.args([
+        "call",
+        BOB,
+        CAROL,
+        "--seconds",
+        "20",
+        "--tone",
+        "440",
+        "--record",
+    ])
+    .arg(state("alice.wav"));
+    let (call, rx) = spawn(c);
+    let mut alice_seen = Vec::new();
+    wait_line(&rx, "media connected", &mut alice_seen);
+    wait_line(&carol_rx, "media connected", &mut carol_seen);
+    wait_line(&bob_rx, "media connected", &mut bob_seen);
+    std::thread::sleep(Duration::from_secs(2));
+    let killed = std::time::Instant::now();
+    carol.kill().unwrap();
+    let _ = carol.wait();
+    wait_line(
+        &rx,
+        "carol@example.com left the group call",
+        &mut alice_seen,
+    );
+    let after = killed.elapsed();
+    eprintln!("alice dropped carol {after:?} after her client died");
+    assert!(after < Duration::from_secs(16), "{after:?}");
+    wait_line(
+        &bob_rx,
+        "carol@example.com left the group call; new keys sent",
+        &mut bob_seen,
+    );
+    finish(call, limit, "call");
+    finish(bob, limit, "bob");
+}
+
 /// A call link: Alice rings Bob into a group call; Bob's client shows the
 /// call's link; Dave asks to join by it and Bob admits him. Dave hears
 /// Alice and Bob, and they hear him; his keys came from the directory.

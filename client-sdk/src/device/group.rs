@@ -127,6 +127,9 @@ pub(super) struct GroupCall {
     resend: Vec<(std::time::Instant, Handle, Vec<u8>, u8)>,
 }
 
+/// A member whose frames stopped this long ago has left.
+const VANISHED: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How often, and how far apart, a key MESSAGE is tried.
 const KEY_TRIES: u8 = 10;
 const KEY_RETRY: std::time::Duration = std::time::Duration::from_millis(700);
@@ -811,7 +814,36 @@ impl Task {
         else {
             return;
         };
-        let (handle, _) = g.members.remove(at);
+        self.drop_member(at).await;
+    }
+
+    /// Members not heard from for [`VANISHED`] (a device that crashed or
+    /// lost its network sends no "left") are dropped as if they had left.
+    async fn drop_vanished(&mut self, now: std::time::Instant) {
+        let Some(g) = self.group.as_ref() else {
+            return;
+        };
+        let Some(session) = g.session.as_ref() else {
+            return;
+        };
+        let gone = g.members.iter().position(|(_, m)| {
+            session
+                .last_heard(m.index)
+                .is_some_and(|t| now.saturating_duration_since(t) > VANISHED)
+        });
+        if let Some(at) = gone {
+            tracing::info!("a member sent nothing for {VANISHED:?}: new keys without it");
+            self.drop_member(at).await;
+        }
+    }
+
+    /// Member `at` is out: the others get new keys it does not hold.
+    async fn drop_member(&mut self, at: usize) {
+        let Some(g) = self.group.as_mut() else {
+            return;
+        };
+        let (handle, left) = g.members.remove(at);
+        let device = left.device;
         let identity = self.me.key.clone();
         let fresh = match g.session.as_mut() {
             Some(s) => s.keys().leave(&identity, device),
@@ -1170,6 +1202,7 @@ impl Task {
             self.hangup_group(EndReason::Failed(503, "the SFU went away".into()))
                 .await;
         }
+        self.drop_vanished(now).await;
         busy
     }
 

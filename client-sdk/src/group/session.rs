@@ -219,6 +219,8 @@ pub struct GroupSession {
     keys: GroupKeys,
     encoder: AudioEncoder,
     senders: HashMap<u16, SenderAudio>,
+    /// When a frame (audio or video) of each sender last opened.
+    last_frame: HashMap<u16, Instant>,
     seq: u64,
     video: Option<Video>,
     /// The relay, its server and the relayed address once allocated.
@@ -325,6 +327,7 @@ impl GroupSession {
             keys,
             encoder: AudioEncoder::new(config.audio)?,
             senders: HashMap::new(),
+            last_frame: HashMap::new(),
             seq: 0,
             video,
             turn,
@@ -371,6 +374,13 @@ impl GroupSession {
     /// The SFU closed or ICE failed: the session is over.
     pub fn is_closed(&self) -> bool {
         self.closed
+    }
+
+    /// When a frame of sender `index` last opened here, if one ever did:
+    /// a member whose device sends (it always does while in the call)
+    /// and has gone quiet for long has left, whether it said so or not.
+    pub fn last_heard(&self, index: u16) -> Option<Instant> {
+        self.last_frame.get(&index).copied()
     }
 
     pub fn stats(&self) -> &GroupStats {
@@ -736,6 +746,7 @@ impl GroupSession {
             self.stats.undecryptable += 1;
             return;
         };
+        self.last_frame.insert(index, p.timestamp);
         let Some(v) = self.video.as_mut() else {
             return;
         };
@@ -773,6 +784,7 @@ impl GroupSession {
             return;
         };
         let index = (header.kid >> 16) as u16;
+        self.last_frame.insert(index, p.timestamp);
         let sender = match self.senders.entry(index) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => match AudioDecoder::new() {
