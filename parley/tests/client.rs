@@ -21,7 +21,7 @@ const ALICE: &str = "alice@example.com";
 const BOB: &str = "+14155550123";
 
 /// `parley up` in a temporary directory; (dir, data directory, stack).
-fn stack() -> (tempfile::TempDir, std::path::PathBuf, parley_tests::up::Up) {
+fn stack() -> Stack {
     let dir = tempfile::tempdir().unwrap();
     let (data, up) = parley_tests::up::start_lab(BIN, dir.path());
     (dir, data, up)
@@ -469,6 +469,54 @@ fn each_hears_the_others(dir: &Path, names: &[&str], freqs: &[f64], min: f64) {
     }
 }
 
+const CAROL: &str = "carol@example.com";
+
+/// A fresh stack: its directory, data directory and services.
+type Stack = (tempfile::TempDir, std::path::PathBuf, parley_tests::up::Up);
+/// A client running, and its output lines.
+type Running = (std::process::Child, std::sync::mpsc::Receiver<String>);
+
+/// Alice, Bob and Carol on a fresh stack; Bob and Carol listening
+/// (answering, saying 660 and 880 Hz, leaving after `stays` seconds;
+/// `carol_flags` for Carol's client), and Alice ringing both with `call
+/// BOB CAROL` for `seconds`, saying 440 Hz and recording `alice.wav`.
+/// Alice's client and its output come last.
+fn alice_rings_bob_and_carol(
+    stays: (&str, &str),
+    carol_flags: &[&str],
+    seconds: &str,
+) -> (Stack, [Listener; 2], Running) {
+    let (dir, data, up) = stack();
+    let state = |n: &str| dir.path().join(n);
+    for (name, handle) in [("alice", ALICE), ("bob", BOB), ("carol", CAROL)] {
+        activate(&up, &data, &state(name), handle);
+    }
+    let listeners = [
+        listener(&up, &data, dir.path(), ("bob", "660", stays.0), &[]),
+        listener(
+            &up,
+            &data,
+            dir.path(),
+            ("carol", "880", stays.1),
+            carol_flags,
+        ),
+    ];
+    let mut c = client(&up, &data, &state("alice"));
+    c.args([
+        "call",
+        BOB,
+        CAROL,
+        "--seconds",
+        seconds,
+        "--tone",
+        "440",
+        "--record",
+    ])
+    .arg(state("alice.wav"));
+    let alice = spawn(c);
+    ((dir, data, up), listeners, alice)
+}
+
 /// A group call through `parley up`: Alice rings Bob and Carol together
 /// (`parley client call BOB CAROL`); each answers on their listening
 /// client. Media goes through the SFU, sealed end to end with keys the
@@ -479,37 +527,10 @@ fn each_hears_the_others(dir: &Path, names: &[&str], freqs: &[f64], min: f64) {
 /// read what follows); they leave after about 6 s.
 #[test]
 fn three_desktop_clients_talk_in_a_group_call_through_parley_up() {
-    const CAROL: &str = "carol@example.com";
-    let (dir, data, up) = stack();
-    let state = |n: &str| dir.path().join(n);
-    for (name, handle) in [("alice", ALICE), ("bob", BOB), ("carol", CAROL)] {
-        activate(&up, &data, &state(name), handle);
-    }
     let limit = Duration::from_secs(60);
     // Carol reaches the SFU through the relay only.
-    let mut listeners = vec![
-        listener(&up, &data, dir.path(), ("bob", "660", "6"), &[]),
-        listener(
-            &up,
-            &data,
-            dir.path(),
-            ("carol", "880", "4"),
-            &["--relay-only"],
-        ),
-    ];
-    let mut c = client(&up, &data, &state("alice"));
-    c.args([
-        "call",
-        BOB,
-        CAROL,
-        "--seconds",
-        "6",
-        "--tone",
-        "440",
-        "--record",
-    ])
-    .arg(state("alice.wav"));
-    let (call, rx) = spawn(c);
+    let ((dir, _data, _up), mut listeners, (call, rx)) =
+        alice_rings_bob_and_carol(("6", "4"), &["--relay-only"], "6");
     let mut alice_seen = Vec::new();
     wait_line(&rx, "group call with", &mut alice_seen);
     wait_line(&rx, "media connected", &mut alice_seen);
@@ -567,30 +588,10 @@ fn three_desktop_clients_talk_in_a_group_call_through_parley_up() {
 /// what she held no longer opens what follows.
 #[test]
 fn a_member_whose_device_dies_is_dropped_and_the_keys_rotate() {
-    const CAROL: &str = "carol@example.com";
-    let (dir, data, up) = stack();
-    let state = |n: &str| dir.path().join(n);
-    for (name, handle) in [("alice", ALICE), ("bob", BOB), ("carol", CAROL)] {
-        activate(&up, &data, &state(name), handle);
-    }
     let limit = Duration::from_secs(60);
-    let (_, bob, bob_rx, mut bob_seen) =
-        listener(&up, &data, dir.path(), ("bob", "660", "20"), &[]);
-    let (_, mut carol, carol_rx, mut carol_seen) =
-        listener(&up, &data, dir.path(), ("carol", "880", "60"), &[]);
-    let mut c = client(&up, &data, &state("alice"));
-    c.args([
-        "call",
-        BOB,
-        CAROL,
-        "--seconds",
-        "20",
-        "--tone",
-        "440",
-        "--record",
-    ])
-    .arg(state("alice.wav"));
-    let (call, rx) = spawn(c);
+    let (_stack, [bob, carol], (call, rx)) = alice_rings_bob_and_carol(("20", "60"), &[], "20");
+    let (_, bob, bob_rx, mut bob_seen) = bob;
+    let (_, mut carol, carol_rx, mut carol_seen) = carol;
     let mut alice_seen = Vec::new();
     wait_line(&rx, "media connected", &mut alice_seen);
     wait_line(&carol_rx, "media connected", &mut carol_seen);
@@ -697,7 +698,6 @@ fn a_fourth_joins_a_group_call_by_its_link() {
 /// one call ends. Each then hears the other two.
 #[test]
 fn a_one_to_one_call_becomes_a_group_call_when_someone_is_added() {
-    const CAROL: &str = "carol@example.com";
     let (dir, data, up) = stack();
     let state = |n: &str| dir.path().join(n);
     for (name, handle) in [("alice", ALICE), ("bob", BOB), ("carol", CAROL)] {
