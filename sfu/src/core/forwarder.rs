@@ -17,9 +17,10 @@
 //! publishers for the key frames it is told to.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::forward::{Packet, Rewritten, Switcher};
+use super::meter::Meter;
 use super::room::{Layer, ParticipantId, Room};
 use super::rtp::{Header, RtpError};
 
@@ -83,18 +84,6 @@ pub struct Incoming {
     pub size: usize,
 }
 
-/// How long a layer's bitrate is measured over; a layer that sent nothing
-/// for as long is paused (its sender is short of bandwidth) and not chosen.
-const MEASURE_OVER: Duration = Duration::from_secs(1);
-
-/// What one video layer carried since `since`.
-#[derive(Debug)]
-struct Meter {
-    bytes: u64,
-    since: Instant,
-    last: Instant,
-}
-
 #[derive(Debug)]
 struct Slot {
     switcher: Switcher,
@@ -126,7 +115,7 @@ pub struct Forwarder {
     /// By publisher's SSRC: whose it is, and of which kind.
     by_ssrc: HashMap<u32, (ParticipantId, Kind)>,
     subscribers: HashMap<ParticipantId, Subscriber>,
-    /// By video SSRC.
+    /// What each publisher's stream carries, by SSRC.
     meters: HashMap<u32, Meter>,
     next_ssrc: u32,
 }
@@ -265,23 +254,20 @@ impl Forwarder {
         requests
     }
 
-    /// Each stream's bitrate over the last [`MEASURE_OVER`], for the
-    /// room's choices; a video layer silent that long measures 0 (paused).
+    /// Each stream's bitrate over the last second or more
+    /// ([`super::meter::MEASURE_OVER`]), for the room's choices; a stream
+    /// silent that long measures 0 (a video layer its sender paused, short
+    /// of bandwidth, is then not chosen).
     fn measure(&mut self, now: Instant) {
         let rate = |meters: &mut HashMap<u32, Meter>, ssrc: &u32| {
             let m = meters.get_mut(ssrc)?;
-            let over = now.saturating_duration_since(m.since);
-            if over < MEASURE_OVER {
-                return None;
-            }
-            let bps = if now.saturating_duration_since(m.last) >= MEASURE_OVER {
+            let silent = m.silent(now);
+            let bps = m.take(now)?;
+            Some(if silent {
                 0
             } else {
-                (m.bytes as f64 * 8.0 / over.as_secs_f64()).min(f64::from(u32::MAX)) as u32
-            };
-            m.bytes = 0;
-            m.since = now;
-            Some(bps)
+                bps.min(u64::from(u32::MAX)) as u32
+            })
         };
         for (id, publication) in &self.publications {
             if let Some(bps) = publication.audio.and_then(|s| rate(&mut self.meters, &s)) {
@@ -354,15 +340,10 @@ impl Forwarder {
         if let (Kind::Audio, Some((voice, level))) = (kind, h.audio_level) {
             self.room.audio_level(from, level, voice, now);
         }
-        {
-            let m = self.meters.entry(h.ssrc).or_insert(Meter {
-                bytes: 0,
-                since: now,
-                last: now,
-            });
-            m.bytes += h.size as u64;
-            m.last = now;
-        }
+        self.meters
+            .entry(h.ssrc)
+            .or_insert_with(|| Meter::new(now))
+            .add(h.size as u64, now);
         let p = Packet {
             ssrc: h.ssrc,
             seq: h.seq,

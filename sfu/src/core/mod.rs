@@ -2,5 +2,6 @@
 
 pub mod forward;
 pub mod forwarder;
+pub mod meter;
 pub mod room;
 pub mod rtp;

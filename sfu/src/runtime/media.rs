@@ -25,6 +25,7 @@ use super::{Command, JoinError, Joined, Metrics};
 use crate::core::forwarder::{
     ExtensionIds, Forward, Forwarder, Incoming, KeyframeRequest, Kind, Publication, Slots,
 };
+use crate::core::meter::Meter;
 use crate::core::room::{Config as RoomConfig, Layer, ParticipantId, Room};
 
 /// Bytes a forwarded packet takes beyond its payload: RTP header and
@@ -77,9 +78,8 @@ struct RoomState {
     forwarder: Forwarder,
     members: HashMap<ParticipantId, u64>,
     next_id: u16,
-    /// Payload bytes forwarded since `since`, for its bitrate.
-    bytes: u64,
-    since: Instant,
+    /// Payload bytes forwarded, for its bitrate.
+    sent: Meter,
 }
 
 pub(super) struct Loop {
@@ -286,8 +286,7 @@ impl Loop {
                 ),
                 members: HashMap::new(),
                 next_id: 0,
-                bytes: 0,
-                since: Instant::now(),
+                sent: Meter::new(Instant::now()),
             });
         let id = ParticipantId(state.next_id);
         state.next_id = state.next_id.wrapping_add(1);
@@ -605,7 +604,7 @@ impl Loop {
             }
         }
         if let Some(state) = self.rooms.get_mut(&room) {
-            state.bytes += sent;
+            state.sent.add(sent, now);
         }
     }
 
@@ -613,14 +612,9 @@ impl Loop {
     /// `/metrics`.
     fn room_bitrates(&mut self, now: Instant) {
         for (name, r) in self.rooms.iter_mut() {
-            let over = now.saturating_duration_since(r.since);
-            if over < Duration::from_secs(1) {
-                continue;
+            if let Some(bps) = r.sent.take(now) {
+                self.metrics.set_room_bitrate(name, bps);
             }
-            let bps = (r.bytes as f64 * 8.0 / over.as_secs_f64()) as u64;
-            self.metrics.set_room_bitrate(name, bps);
-            r.bytes = 0;
-            r.since = now;
         }
         let live: Vec<&str> = self.rooms.keys().map(String::as_str).collect();
         self.metrics.keep_rooms(&live);
