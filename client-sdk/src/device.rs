@@ -683,14 +683,25 @@ struct Task {
     group_turn: Option<turn::Config>,
 }
 
+/// The 20 ms audio clock. It keeps real time: a microphone goes on
+/// capturing and a speaker on playing while the device's task is busy (a
+/// video frame being encoded, say), so ticks it missed are made up at once.
+/// Were they skipped, the RTP clock (one frame per tick) would fall behind
+/// the wall clock, and every listener's jitter buffer would run dry and
+/// play this sender's frames as late.
+fn audio_clock() -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    tick
+}
+
 impl Task {
     async fn run(
         mut self,
         mut commands: mpsc::Receiver<Command>,
         mut media: mpsc::Receiver<(CallId, SocketAddr, Vec<u8>)>,
     ) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = audio_clock();
         let mut frame_tick =
             tokio::time::interval(Duration::from_millis(1000 / u64::from(video::FPS)));
         frame_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1417,6 +1428,24 @@ async fn read_sip(sip: &mut Option<Sip>, buf: &mut [u8]) -> std::io::Result<usiz
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn the_audio_clock_makes_up_the_ticks_a_busy_task_missed() {
+        let mut clock = super::audio_clock();
+        clock.tick().await;
+        // The task is busy for over 100 ms: five frames' worth of time.
+        std::thread::sleep(std::time::Duration::from_millis(110));
+        // Ticks that come at once (well under the 20 ms between ticks).
+        let mut at_once = 0;
+        while at_once < 10
+            && tokio::time::timeout(std::time::Duration::from_millis(15), clock.tick())
+                .await
+                .is_ok()
+        {
+            at_once += 1;
+        }
+        assert!(at_once >= 5, "{at_once} ticks made up");
+    }
+
     use super::*;
     use std::cell::RefCell;
 

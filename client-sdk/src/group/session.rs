@@ -130,6 +130,8 @@ pub struct Heard {
     /// MOS estimate (G.107 E-model) from the concealment and the playout
     /// delay, as for one-to-one calls.
     pub mos: f64,
+    /// Its jitter buffer's counters.
+    pub jitter: crate::media::jitter::JitterStats,
 }
 
 /// What a sender's video did, as this device saw it.
@@ -623,6 +625,7 @@ impl GroupSession {
                 h.level = level(&s.pcm);
                 let js = s.jitter.stats();
                 h.concealed = js.concealed as f64 / js.played.max(1) as f64;
+                h.jitter = js;
                 // The network's share of the delay is not known here:
                 // one frame each way on top of the playout delay.
                 let delay = s.jitter.target().as_secs_f64() * 1000.0 + 40.0;

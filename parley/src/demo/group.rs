@@ -213,7 +213,19 @@ pub(super) async fn scenario(
             }
             line.push(format!("{other} {s:.2}"));
             if s < 0.5 / (n - 1) as f64 {
-                failures.push(format!("{} heard {other} faintly ({s:.2})", d.name));
+                // How its frames fared says whether they were lost, late
+                // or never sent.
+                let j = stats.heard.get(&(j as u16 + 1)).map(|h| h.jitter);
+                let fared = j.map_or("none arrived".into(), |j| {
+                    format!(
+                        "{} frames arrived, {} of {} played concealed, {} late",
+                        j.received, j.concealed, j.played, j.late
+                    )
+                });
+                failures.push(format!(
+                    "{} heard {other} faintly ({s:.2}): {fared}",
+                    d.name
+                ));
             }
             if !args.no_video {
                 let seen = stats.seen.get(&(j as u16 + 1)).copied().unwrap_or_default();
