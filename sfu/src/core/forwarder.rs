@@ -17,7 +17,7 @@
 //! publishers for the key frames it is told to.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::forward::{Packet, Rewritten, Switcher};
 use super::meter::Meter;
@@ -88,7 +88,14 @@ pub struct Incoming {
 struct Slot {
     switcher: Switcher,
     publisher: Option<ParticipantId>,
+    /// When a key frame of the stream it waits for was last asked for.
+    asked: Option<Instant>,
 }
+
+/// A slot still waiting for the key frame of the stream it is to carry
+/// (the first one asked for was lost on the way, or its sender was busy)
+/// asks again after this long.
+const ASK_AGAIN: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Subscriber {
@@ -155,6 +162,7 @@ impl Forwarder {
                     false => Switcher::new(self.next_ssrc),
                 },
                 publisher: None,
+                asked: None,
             }
         };
         let subscriber = Subscriber {
@@ -242,9 +250,9 @@ impl Forwarder {
                 continue;
             };
             sub.bitrates = (plan.bitrate, plan.wanted);
-            assign(&mut sub.audio, &audio);
+            assign(&mut sub.audio, &audio, now);
             requests.extend(
-                assign(&mut sub.video, &video)
+                assign(&mut sub.video, &video, now)
                     .into_iter()
                     .map(|(publisher, ssrc)| KeyframeRequest { publisher, ssrc }),
             );
@@ -375,8 +383,13 @@ impl Forwarder {
 /// Puts `wanted` (publisher, stream) into `slots`: a publisher keeps the
 /// slot it has, newcomers take the slots of those no longer wanted, in
 /// the order wanted; those beyond the slots wait. The streams to ask key
-/// frames of (a new stream in a slot).
-fn assign(slots: &mut [Slot], wanted: &[(ParticipantId, u32)]) -> Vec<(ParticipantId, u32)> {
+/// frames of: a new stream in a slot, or one a slot has waited
+/// [`ASK_AGAIN`] for since it last asked.
+fn assign(
+    slots: &mut [Slot],
+    wanted: &[(ParticipantId, u32)],
+    now: Instant,
+) -> Vec<(ParticipantId, u32)> {
     let wanted = &wanted[..wanted.len().min(slots.len())];
     for slot in slots.iter_mut() {
         if slot
@@ -396,8 +409,15 @@ fn assign(slots: &mut [Slot], wanted: &[(ParticipantId, u32)]) -> Vec<(Participa
         let Some(at) = at else {
             continue;
         };
-        slots[at].publisher = Some(publisher);
-        if slots[at].switcher.want(ssrc) {
+        let slot = &mut slots[at];
+        slot.publisher = Some(publisher);
+        let new = slot.switcher.want(ssrc);
+        let waited = slot.switcher.wanted().is_some()
+            && slot
+                .asked
+                .is_none_or(|t| now.saturating_duration_since(t) >= ASK_AGAIN);
+        if new || waited {
+            slot.asked = Some(now);
             asks.push((publisher, ssrc));
         }
     }
@@ -604,6 +624,31 @@ mod tests {
         // "f" comes back: up again once measured.
         let step = a_second_then_replan(&mut f, &mut now, &mut seq, [3, 10, 25]);
         assert_eq!(step, asks(1, 103));
+    }
+
+    #[test]
+    fn a_slot_whose_key_frame_does_not_come_asks_again() {
+        let t = Instant::now();
+        let mut f = Forwarder::new(Room::new(Config::default()), EXT);
+        f.join(p(1), publication(1), SLOTS, t);
+        f.join(p(2), Publication::default(), SLOTS, t);
+        f.bandwidth(p(2), 400_000);
+        let q = KeyframeRequest {
+            publisher: p(1),
+            ssrc: 101,
+        };
+        assert!(f.replan(t).contains(&q));
+        // The key frame was lost: not asked again at once...
+        assert!(!f.replan(t + Duration::from_millis(500)).contains(&q));
+        // ...but after a second of waiting.
+        assert!(f.replan(t + ASK_AGAIN).contains(&q));
+        assert!(!f
+            .replan(t + ASK_AGAIN + Duration::from_millis(500))
+            .contains(&q));
+        // It comes: the slot carries 1's "q" and asks for it no more.
+        let out = f.rtp(p(1), &video(101, 7, true), t + ASK_AGAIN).unwrap();
+        assert_eq!(out.iter().map(|o| o.to).collect::<Vec<_>>(), vec![p(2)]);
+        assert!(!f.replan(t + ASK_AGAIN * 3).contains(&q));
     }
 
     #[test]
