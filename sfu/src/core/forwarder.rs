@@ -79,8 +79,8 @@ pub struct Incoming {
     pub audio_level: Option<(bool, u8)>,
     /// RFC 9626 frame marking: the first packet of an independent frame.
     pub keyframe_start: bool,
-    /// The packet's length on the wire, bytes: what a stream carries is
-    /// measured.
+    /// The packet's RTP payload, bytes: what a stream carries is
+    /// measured in the bandwidth estimator's terms.
     pub size: usize,
 }
 

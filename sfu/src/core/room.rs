@@ -33,9 +33,9 @@ pub struct Layer {
 pub struct Config {
     /// Videos a subscriber receives at most.
     pub last_n: usize,
-    /// What one audio stream takes of a subscriber's bandwidth, bits/s,
-    /// on the wire: 32 kb/s Opus in 20 ms frames, SFrame, RTP, SRTP, UDP
-    /// and IP come to about 64.
+    /// What one audio stream takes of a subscriber's bandwidth until it
+    /// is measured, in RTP payload bits/s as the bandwidth estimator
+    /// counts: 32 kb/s Opus in 20 ms frames, each sealed with SFrame.
     pub audio_bitrate: u32,
     /// How long a participant counts as speaking after its last loud
     /// packet.
@@ -51,7 +51,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             last_n: 4,
-            audio_bitrate: 64_000,
+            audio_bitrate: 40_000,
             speaking_for: Duration::from_secs(3),
             speech_level: 50,
             step_up_margin: 0.15,

@@ -28,10 +28,6 @@ use crate::core::forwarder::{
 use crate::core::meter::Meter;
 use crate::core::room::{Config as RoomConfig, Layer, ParticipantId, Room};
 
-/// Bytes a forwarded packet takes beyond its payload: RTP header and
-/// extensions, SRTP tag, UDP and IP.
-const PACKET_OVERHEAD: usize = 70;
-
 /// Where a subscriber's bandwidth estimate starts; each plan asks the
 /// estimator to probe up from there for what the plan sends.
 const START_ESTIMATE_KBPS: u64 = 600;
@@ -580,7 +576,9 @@ impl Loop {
             keyframe_start: ext
                 .frame_mark
                 .is_some_and(|m| (m >> 24) as u8 & 0xa0 == 0xa0),
-            size: pkt.payload.len() + PACKET_OVERHEAD,
+            // RTP payload bytes: what the bandwidth estimator counts too
+            // (the plans are held against its estimates).
+            size: pkt.payload.len(),
         };
         let forwards: Vec<(u64, Forward)> = state
             .forwarder
