@@ -87,6 +87,8 @@ struct Device {
     rng: u64,
     /// A bottleneck on its incoming link, if any.
     bottleneck: Option<Bottleneck>,
+    /// And on its outgoing one (queued by destination).
+    uplink: Option<Bottleneck>,
     heard: Vec<i16>,
 }
 
@@ -200,6 +202,7 @@ impl Device {
             loss: 0.0,
             rng: u64::from(index) * 7919 + 1,
             bottleneck: None,
+            uplink: None,
             heard: Vec::new(),
         }
     }
@@ -228,8 +231,22 @@ impl Device {
         if self.session.poll_timeout() <= now {
             self.session.handle_timeout(now).unwrap();
         }
+        self.transmit(now);
+    }
+
+    /// What the session has to send, through the uplink's bottleneck if
+    /// it has one.
+    fn transmit(&mut self, now: Instant) {
         while let Some(d) = self.session.poll_transmit() {
-            let _ = self.socket.try_send_to(&d.data, d.to);
+            match self.uplink.as_mut() {
+                Some(b) => b.push(now, d.to, &d.data),
+                None => {
+                    let _ = self.socket.try_send_to(&d.data, d.to);
+                }
+            }
+        }
+        while let Some((to, data)) = self.uplink.as_mut().and_then(|b| b.pop(now)) {
+            let _ = self.socket.try_send_to(&data, to);
         }
     }
 
@@ -247,9 +264,7 @@ impl Device {
         self.ticks += 1;
         let mix = self.session.mix(Instant::now());
         self.heard.extend(mix);
-        while let Some(d) = self.session.poll_transmit() {
-            let _ = self.socket.try_send_to(&d.data, d.to);
-        }
+        self.transmit(Instant::now());
     }
 }
 
@@ -529,7 +544,14 @@ async fn a_subscriber_whose_link_narrows_is_moved_to_a_lower_layer() {
         .collect();
     run(&mut devices, Duration::from_secs(8)).await;
     for (i, d) in devices.iter().enumerate() {
-        eprintln!("after: device {i} sees {:?}", sizes(d));
+        let stats = d.session.stats();
+        eprintln!(
+            "after: device {i} sees {:?}; sends {} layers ({} changes), estimate {:?}",
+            sizes(d),
+            stats.layers_sent,
+            stats.layer_changes,
+            stats.send_estimate
+        );
     }
     eprintln!(
         "offered to the narrow link: {} kb/s",
@@ -552,6 +574,87 @@ async fn a_subscriber_whose_link_narrows_is_moved_to_a_lower_layer() {
         assert!(sizes(d).iter().all(|(_, s)| *s == Some((320, 240))));
     }
     assert!(switches(&sfu) >= before + 2, "layer switches not counted");
+    sfu.shutdown();
+}
+
+/// Three send their camera in three simulcast layers; then one's uplink
+/// narrows to 90 kb/s, less than its audio and layers carry (some 105
+/// kb/s of tone and test pattern). Its own estimate of the uplink falls and it stops its top layer
+/// (or two); the SFU moves the others down to what it still sends, and
+/// they go on seeing its pattern and hearing its tone. Once the link is
+/// wide again, the estimate climbs and the top layer comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_whose_uplink_narrows_stops_its_top_layer_and_is_still_seen() {
+    let (sfu, mut devices) = three_with_video().await;
+    run(&mut devices, Duration::from_secs(4)).await;
+    let of_0 = |d: &Device| {
+        d.session
+            .stats()
+            .seen
+            .get(&1)
+            .map(|s| (s.pictures, s.last.map(|p| (p.width, p.height))))
+            .unwrap_or_default()
+    };
+    let stats = devices[0].session.stats().clone();
+    eprintln!(
+        "before: sends {} layers ({:?} b/s), estimate {:?}; others see it at {:?}",
+        stats.layers_sent,
+        stats.layer_bitrates,
+        stats.send_estimate,
+        devices[1..].iter().map(of_0).collect::<Vec<_>>()
+    );
+    assert_eq!(stats.layers_sent, 3);
+    assert!(devices[1..].iter().all(|d| of_0(d).1 == Some((320, 240))));
+
+    devices[0].uplink = Some(Bottleneck::new(90_000));
+    let then: Vec<u64> = devices[1..].iter().map(|d| of_0(d).0).collect();
+    run(&mut devices, Duration::from_secs(8)).await;
+    let stats = devices[0].session.stats().clone();
+    eprintln!(
+        "narrow: sends {} layers, estimate {:?}, {} changes; others see it at {:?}",
+        stats.layers_sent,
+        stats.send_estimate,
+        stats.layer_changes,
+        devices[1..].iter().map(of_0).collect::<Vec<_>>()
+    );
+    assert!(stats.layers_sent < 3, "{stats:?}");
+    assert!(stats.send_estimate.is_some_and(|e| e < 100_000));
+    for (d, then) in devices[1..].iter().zip(then) {
+        let (pictures, size) = of_0(d);
+        assert!(
+            size.is_some_and(|(w, h)| w < 320 && h < 240),
+            "still sees the top layer: {size:?}"
+        );
+        assert!(
+            pictures > then + 20,
+            "the picture stalled: {pictures} then {then}"
+        );
+        let last = d.session.stats().seen[&1].last.unwrap();
+        assert!(is_pattern(&last.quadrants));
+        assert!(share(d, THREE[0], 2.0) > 0.2, "device 0 heard faintly");
+    }
+
+    // The estimate climbs back at its own pace (and the estimator probes
+    // now and then): up to 30 s.
+    devices[0].uplink = None;
+    let full = |devices: &[Device]| {
+        devices[0].session.stats().layers_sent == 3
+            && devices[1..].iter().all(|d| of_0(d).1 == Some((320, 240)))
+    };
+    for _ in 0..30 {
+        run(&mut devices, Duration::from_secs(1)).await;
+        if full(&devices) {
+            break;
+        }
+    }
+    let stats = devices[0].session.stats().clone();
+    eprintln!(
+        "wide again: sends {} layers, estimate {:?}; others see it at {:?}",
+        stats.layers_sent,
+        stats.send_estimate,
+        devices[1..].iter().map(of_0).collect::<Vec<_>>()
+    );
+    assert!(full(&devices), "the top layer did not come back: {stats:?}");
     sfu.shutdown();
 }
 

@@ -3,6 +3,7 @@
 
 pub mod session;
 pub mod sfu;
+mod uplink;
 
 pub use session::{GroupConfig, GroupMediaError, GroupSession, GroupStats, Heard, Seen};
 pub use sfu::{Joined, SfuClient, SfuError};

@@ -35,8 +35,10 @@ use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::media::KeyframeRequestKind;
 
+use super::uplink::{audio_need, LayerGate, MEASURE_OVER};
 use crate::group_keys::{GroupError, GroupKeys};
 use crate::media::audio::{AudioConfig, AudioDecoder, AudioEncoder, AudioError, FRAME_SAMPLES};
 use crate::media::jitter::{JitterBuffer, Playout};
@@ -156,6 +158,16 @@ pub struct GroupStats {
     /// Video frames sent (encrypted) and key frames among them.
     pub video_frames_out: u64,
     pub keyframes_out: u64,
+    /// Simulcast layers sent now (the uplink's estimate keeps those that
+    /// fit, lowest first), and how often that number changed.
+    pub layers_sent: usize,
+    pub layer_changes: u64,
+    /// What each layer carried over the last second, payload bits per
+    /// second (lowest first; a stopped layer its last).
+    pub layer_bitrates: Vec<u64>,
+    /// The uplink's bandwidth estimate (TWCC feedback from the SFU), RTP
+    /// payload bits per second.
+    pub send_estimate: Option<u64>,
     /// By sender index.
     pub seen: BTreeMap<u16, Seen>,
 }
@@ -195,6 +207,11 @@ struct Video {
     slots: Vec<Mid>,
     /// Lowest first.
     layers: Vec<SendLayer>,
+    /// How many of them the uplink carries.
+    gate: LayerGate,
+    /// Bytes each layer sent since `window` began.
+    sent: Vec<u64>,
+    window: Instant,
     decoders: HashMap<u16, VideoDecoder>,
     assembling: HashMap<Mid, Assembly>,
     frames: u64,
@@ -232,6 +249,8 @@ pub struct GroupSession {
     sfu_addrs: Vec<SocketAddr>,
     timeout: Instant,
     out: VecDeque<Datagram>,
+    /// The uplink's bandwidth estimate (TWCC), bits per second.
+    estimate: Option<u64>,
     connected: bool,
     closed: bool,
     stats: GroupStats,
@@ -256,13 +275,25 @@ impl GroupSession {
         config: GroupConfig,
     ) -> Result<(GroupSession, String), GroupMediaError> {
         let video_on = config.video_slots > 0;
+        let layers = simulcast_layers(config.video_layers);
+        // Each layer's bitrate, lowest first, and what they and the audio
+        // need: the uplink's estimate starts there and keeps the layers
+        // that fit.
+        let rate = |halvings: u8| config.video_bitrate >> (2 * u32::from(halvings));
+        let layer_rates: Vec<u64> = layers.iter().map(|(_, h)| u64::from(rate(*h))).collect();
+        let gate = LayerGate::new(audio_need(config.audio.start_bitrate), layer_rates);
         let mut rtc = RtcConfig::new()
             .set_rtp_mode(true)
             .clear_codecs()
             .enable_opus(true, false)
             .enable_h264(video_on)
             .set_extension(FRAME_MARKING_ID, str0m::rtp::Extension::FrameMarking)
+            .enable_bwe(video_on.then(|| Bitrate::bps(gate.desired())))
             .build(now);
+        if video_on {
+            rtc.bwe()
+                .set_bitrate(Bitrate::bps(0), Bitrate::bps(gate.desired()));
+        }
         if !config.relay_only {
             let host = Candidate::host(local, Protocol::Udp)
                 .map_err(|e| GroupMediaError::Sdp(format!("host candidate {local}: {e}")))?;
@@ -279,7 +310,6 @@ impl GroupSession {
         for _ in 0..config.audio_slots {
             api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
         }
-        let layers = simulcast_layers(config.video_layers);
         let video_mids = video_on.then(|| {
             let simulcast = (layers.len() > 1).then(|| {
                 let mut s = Simulcast::new();
@@ -308,13 +338,14 @@ impl GroupSession {
                         Ok(SendLayer {
                             rid: rid.map(Rid::from),
                             halvings: *halvings,
-                            encoder: VideoEncoder::new(
-                                config.video_bitrate >> (2 * u32::from(*halvings)),
-                            )?,
+                            encoder: VideoEncoder::new(rate(*halvings))?,
                             seq: 0,
                         })
                     })
                     .collect::<Result<_, VideoError>>()?,
+                gate,
+                sent: vec![0; layers.len()],
+                window: now,
                 decoders: HashMap::new(),
                 assembling: HashMap::new(),
                 frames: 0,
@@ -337,6 +368,7 @@ impl GroupSession {
             sfu_addrs: Vec::new(),
             timeout: now,
             out: VecDeque::new(),
+            estimate: None,
             connected: false,
             closed: false,
             stats: GroupStats::default(),
@@ -551,9 +583,51 @@ impl GroupSession {
             let next = half(smaller.last().unwrap_or(frame));
             smaller.push(next);
         }
+        // What each layer carried over the last second (RTP payloads, as
+        // the estimate counts).
+        let span = now.saturating_duration_since(v.window);
+        let measured = span >= MEASURE_OVER;
+        if measured {
+            let ms = span.as_millis().max(1) as u64;
+            let active = v.gate.active();
+            for (i, bytes) in v.sent.iter_mut().enumerate() {
+                // A stopped layer keeps what it last carried.
+                if i < active {
+                    v.gate.measure(i, *bytes * 8 * 1000 / ms);
+                }
+                *bytes = 0;
+            }
+            v.window = now;
+            self.stats.layer_bitrates = (0..v.layers.len()).map(|i| v.gate.measured(i)).collect();
+        }
+        // The layers the uplink carries; one that starts again starts
+        // with a key frame.
+        let before = v.gate.active();
+        let active = match self.estimate {
+            Some(e) => v.gate.update(now, e),
+            None => before,
+        };
+        if active != before {
+            self.stats.layer_changes += 1;
+            for l in v
+                .layers
+                .iter_mut()
+                .skip(before)
+                .take(active.saturating_sub(before))
+            {
+                l.encoder.request_keyframe();
+            }
+        }
+        if measured {
+            // What every layer needs: the estimator probes for it.
+            self.rtc
+                .bwe()
+                .set_bitrate(Bitrate::bps(0), Bitrate::bps(v.gate.desired()));
+        }
+        self.stats.layers_sent = active;
         let mut api = self.rtc.direct_api();
         let mut sent_any = false;
-        for layer in v.layers.iter_mut() {
+        for (layer, sent) in v.layers.iter_mut().zip(v.sent.iter_mut()).take(active) {
             let annexb = match layer.halvings {
                 0 => layer.encoder.encode(frame)?,
                 h => layer.encoder.encode(&smaller[usize::from(h) - 1])?,
@@ -568,6 +642,7 @@ impl GroupSession {
             };
             let chunks: Vec<&[u8]> = sealed.chunks(MAX_CHUNK).collect();
             let last = chunks.len() - 1;
+            *sent += sealed.len() as u64;
             for (i, chunk) in chunks.into_iter().enumerate() {
                 let mut mark = 0u8;
                 if i == 0 {
@@ -676,6 +751,10 @@ impl GroupSession {
     fn on_event(&mut self, _now: Instant, e: Event) {
         match e {
             Event::Connected => self.connected = true,
+            Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
+                self.estimate = Some(estimate.as_u64());
+                self.stats.send_estimate = self.estimate;
+            }
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => self.closed = true,
             Event::RtpPacket(p) => {
                 let mid = self
