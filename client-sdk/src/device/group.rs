@@ -460,11 +460,8 @@ impl Task {
         let Ok(joined) = serde_json::from_slice::<Joined>(body) else {
             return;
         };
-        let sender = handle_of(from);
         let known = self.group.as_ref().is_some_and(|g| {
-            g.room == joined.room
-                && g.session.is_some()
-                && g.members.iter().any(|(h, _)| Some(h) == sender.as_ref())
+            g.room == joined.room && g.session.is_some() && is_member(&g.members, from)
         });
         let (Ok(handle), Ok(device)) = (
             Handle::parse(&joined.handle),
@@ -800,18 +797,11 @@ impl Task {
         let Ok(left) = serde_json::from_slice::<Left>(body) else {
             return;
         };
-        let Some(g) = self.group.as_mut().filter(|g| g.room == left.room) else {
+        let Some(g) = self.group.as_ref().filter(|g| g.room == left.room) else {
             return;
         };
-        let Ok(device) = left.device.parse::<DeviceId>() else {
-            return;
-        };
-        let sender = handle_of(from);
-        let Some(at) = g
-            .members
-            .iter()
-            .position(|(h, m)| m.device == device && Some(h) == sender.as_ref())
-        else {
+        let Some(at) = leaver(&g.members, from, &left) else {
+            tracing::info!("a \"left\" not from the leaver's own handle; ignored");
             return;
         };
         self.drop_member(at).await;
@@ -1068,14 +1058,12 @@ impl Task {
         let asked = serde_json::from_str::<Roster>(&roster)
             .ok()
             .and_then(|r| r.members.into_iter().next().filter(|e| e.index == 0));
-        let who = handle_of(&from);
-        let (Some(entry), Some(handle)) = (asked, who) else {
+        let (Some(entry), Some(handle)) = (asked, handle_of(&from)) else {
             let _ = self.phone.ua().decline(&call, 400);
             return;
         };
-        let device = entry.device.parse::<DeviceId>().ok();
-        let listed = match (Handle::parse(&entry.handle), device) {
-            (Ok(h), Some(device)) if h == handle => self
+        let listed = match joiner_as_itself(&from, &entry) {
+            Some((h, device)) => self
                 .ids
                 .lookup(&self.me.key, std::slice::from_ref(&h))
                 .await
@@ -1086,7 +1074,7 @@ impl Task {
                         .find(|f| f.handle == h)
                         .and_then(|f| f.devices.into_iter().find(|d| d.device == device))
                 }),
-            _ => None,
+            None => None,
         };
         let Some(key) = listed else {
             let _ = self.phone.ua().decline(&call, 488);
@@ -1308,9 +1296,117 @@ fn group_by_handle(
     out
 }
 
+/// Which member a "left" from `from` takes out: the device it names, and
+/// only if that device is a member for the handle the MESSAGE is from
+/// (signaling checks who a MESSAGE is from; nobody may say someone else
+/// left).
+fn leaver(members: &[(Handle, Member)], from: &str, left: &Left) -> Option<usize> {
+    let device = left.device.parse::<DeviceId>().ok()?;
+    let sender = handle_of(from)?;
+    members
+        .iter()
+        .position(|(h, m)| m.device == device && *h == sender)
+}
+
+/// Whether a MESSAGE from `from` comes from a member's handle: only a
+/// member may say it admitted someone.
+fn is_member(members: &[(Handle, Member)], from: &str) -> bool {
+    let sender = handle_of(from);
+    members.iter().any(|(h, _)| Some(h) == sender.as_ref())
+}
+
+/// The handle and device a join request from `from` asks in for: the
+/// device its roster entry names, and only for the requester's own
+/// handle (nobody joins as someone else).
+fn joiner_as_itself(from: &str, entry: &RosterEntry) -> Option<(Handle, DeviceId)> {
+    let handle = Handle::parse(&entry.handle).ok()?;
+    let device = entry.device.parse::<DeviceId>().ok()?;
+    (Some(&handle) == handle_of(from).as_ref()).then_some((handle, device))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Alice's phone (0) and laptop (1) and Bob's phone (2) in a call.
+    fn call() -> (Vec<(Handle, Member)>, [DeviceId; 3]) {
+        let devices = [DeviceId::random(), DeviceId::random(), DeviceId::random()];
+        let member = |i: usize| Member {
+            device: devices[i],
+            identity: wire::keys::SigningKey::generate().public(),
+            index: i as u16 + 1,
+        };
+        let alice = Handle::parse("alice@example.com").unwrap();
+        let bob = Handle::parse("bob@example.com").unwrap();
+        (
+            vec![
+                (alice.clone(), member(0)),
+                (alice, member(1)),
+                (bob, member(2)),
+            ],
+            devices,
+        )
+    }
+
+    /// A From header for `handle`, as signaling passes it on.
+    fn from(handle: &str) -> String {
+        format!("<{}>;tag=t", crate::sip::handle_uri(handle, "localhost"))
+    }
+
+    fn left(device: DeviceId) -> Left {
+        Left {
+            room: "r".into(),
+            device: device.to_string(),
+        }
+    }
+
+    #[test]
+    fn only_a_devices_own_handle_may_say_it_left() {
+        let (members, d) = call();
+        let alice = &from("alice@example.com");
+        let bob = &from("bob@example.com");
+        let eve = &from("eve@example.com");
+        assert_eq!(leaver(&members, alice, &left(d[1])), Some(1));
+        assert_eq!(leaver(&members, bob, &left(d[2])), Some(2));
+        // Bob may not say Alice's laptop left, nor a stranger anyone.
+        assert_eq!(leaver(&members, bob, &left(d[1])), None);
+        assert_eq!(leaver(&members, eve, &left(d[0])), None);
+        assert_eq!(leaver(&members, eve, &left(d[2])), None);
+        // A device that is not in the call, or no device at all.
+        assert_eq!(leaver(&members, alice, &left(DeviceId::random())), None);
+        let garbage = Left {
+            room: "r".into(),
+            device: "not a device".into(),
+        };
+        assert_eq!(leaver(&members, alice, &garbage), None);
+    }
+
+    #[test]
+    fn only_a_member_may_say_it_admitted_someone() {
+        let (members, _) = call();
+        assert!(is_member(&members, &from("bob@example.com")));
+        assert!(!is_member(&members, &from("eve@example.com")));
+        assert!(!is_member(&members, "not a from header"));
+    }
+
+    #[test]
+    fn a_join_request_asks_in_only_as_its_own_handle() {
+        let eve_phone = DeviceId::random();
+        let from = &from("eve@example.com");
+        let as_eve = entry("eve@example.com", eve_phone, 0);
+        assert_eq!(
+            joiner_as_itself(from, &as_eve),
+            Some((Handle::parse("eve@example.com").unwrap(), eve_phone))
+        );
+        // Eve asking in as Alice (whose device the directory would list).
+        let as_alice = entry("alice@example.com", DeviceId::random(), 0);
+        assert_eq!(joiner_as_itself(from, &as_alice), None);
+        let bad_device = RosterEntry {
+            device: "nope".into(),
+            ..as_eve
+        };
+        assert_eq!(joiner_as_itself(from, &bad_device), None);
+    }
 
     #[tokio::test]
     async fn the_sfu_url_gives_its_address_and_name() {
