@@ -51,6 +51,7 @@ async fn sfu() -> (sfu::runtime::Sfu, rustls::RootCertStore) {
     let sfu = sfu::runtime::Sfu::start(sfu::runtime::Config {
         media: "127.0.0.1:0".parse().unwrap(),
         advertise: None,
+        workers: 1,
         http: "127.0.0.1:0".parse().unwrap(),
         tls: Some(Arc::new(tls)),
         secret: SECRET.to_vec(),

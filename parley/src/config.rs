@@ -47,8 +47,12 @@ pub struct Settings {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SfuSection {
-    /// Media (ICE, DTLS-SRTP) on UDP. Default 0.0.0.0:5004.
+    /// Media (ICE, DTLS-SRTP) on UDP. Default 0.0.0.0:5004. Each further
+    /// media loop (`workers`) takes the next port: 5005, 5006…
     pub listen: Option<SocketAddr>,
+    /// Media loops, each with a share of the rooms on a core of its own
+    /// (a room stays on one). Default: one per core, up to 8.
+    pub workers: Option<usize>,
     /// The join API (HTTPS): participants post their offer with a room
     /// token. Default 0.0.0.0:8446.
     pub api_listen: Option<SocketAddr>,
@@ -79,12 +83,17 @@ impl SfuSection {
         if !(2..=64).contains(&max_participants) {
             bail!("invalid configuration: sfu.max_participants: {max_participants} is not within 2..=64");
         }
+        if let Some(w) = self.workers.filter(|w| !(1..=64).contains(w)) {
+            bail!("invalid configuration: sfu.workers: {w} is not within 1..=64");
+        }
+        let workers = self.workers.unwrap_or(0);
         let last_n = self.last_n.unwrap_or(4);
         if !(1..=32).contains(&last_n) {
             bail!("invalid configuration: sfu.last_n: {last_n} is not within 1..=32");
         }
         Ok(sfu::runtime::Config {
             media: listen,
+            workers,
             advertise: Some(self.advertise.unwrap_or(match listen {
                 SocketAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
                 SocketAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
@@ -1076,6 +1085,20 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn sfu_workers_default_to_one_per_core_and_are_bounded() {
+        let section = |workers| SfuSection {
+            workers,
+            ..SfuSection::default()
+        };
+        assert_eq!(section(None).to_config([0; 32]).unwrap().workers, 0);
+        assert_eq!(section(Some(3)).to_config([0; 32]).unwrap().workers, 3);
+        for bad in [0, 65] {
+            let e = section(Some(bad)).to_config([0; 32]).unwrap_err();
+            assert!(e.to_string().contains("sfu.workers"), "{e}");
+        }
     }
 
     #[test]

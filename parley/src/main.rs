@@ -113,7 +113,8 @@ enum Command {
     /// Participants join a room through the HTTPS API on 8446 (POST
     /// /v1/rooms/<room>/participants with an SDP offer and a room token
     /// signaling made), then send and receive media on UDP 5004 (ICE lite,
-    /// DTLS-SRTP). Media is SFrame-encrypted end to end: the SFU forwards
+    /// DTLS-SRTP; with more than one media loop, on the ports after it
+    /// too, a room on one of them). Media is SFrame-encrypted end to end: the SFU forwards
     /// it without reading it, choosing per participant the latest speakers
     /// and the simulcast layer its bandwidth allows.
     Sfu(SfuArgs),
@@ -288,6 +289,11 @@ struct SfuArgs {
     /// [default: 127.0.0.1]
     #[arg(long = "sfu-advertise", value_name = "IP")]
     sfu_advertise: Option<std::net::IpAddr>,
+    /// SFU media loops, each with a share of the rooms on a core of its
+    /// own and a UDP port of its own (--sfu-listen's, then the next ones).
+    /// [default: one per core, up to 8]
+    #[arg(long = "sfu-workers", value_name = "N")]
+    sfu_workers: Option<usize>,
 }
 
 impl SfuArgs {
@@ -301,6 +307,9 @@ impl SfuArgs {
         }
         if let Some(a) = self.sfu_advertise {
             o.push(("sfu.advertise".into(), Value::String(a.to_string())));
+        }
+        if let Some(n) = self.sfu_workers {
+            o.push(("sfu.workers".into(), Value::Integer(n as i64)));
         }
         o
     }
@@ -776,7 +785,8 @@ async fn serve(
             );
         }
         if let Some(s) = &stack.sfu {
-            println!("parley: sfu media={} https://{}", s.media, s.http);
+            let media: Vec<String> = s.media_all.iter().map(|a| a.to_string()).collect();
+            println!("parley: sfu media={} https://{}", media.join(","), s.http);
         }
         println!("parley: admin http://{admin_addr} (/metrics /healthz /readyz)");
         println!("parley: ready");

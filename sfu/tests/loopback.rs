@@ -27,9 +27,15 @@ async fn sfu() -> sfu::runtime::Sfu {
 
 /// The SFU holding at most `max_total` participants in all its rooms.
 async fn sfu_with(max_total: usize) -> sfu::runtime::Sfu {
+    sfu_on(max_total, 1).await
+}
+
+/// The same with `workers` media loops.
+async fn sfu_on(max_total: usize, workers: usize) -> sfu::runtime::Sfu {
     sfu::runtime::Sfu::start(sfu::runtime::Config {
         media: "127.0.0.1:0".parse().unwrap(),
         advertise: None,
+        workers,
         http: "127.0.0.1:0".parse().unwrap(),
         tls: None,
         secret: SECRET.to_vec(),
@@ -127,6 +133,8 @@ struct Peer {
     dropped: u64,
     /// Key frames the SFU asked of it.
     keyframes_asked: u64,
+    /// Where the SFU's answer said to send media.
+    sfu_media: Vec<SocketAddr>,
 }
 
 impl Peer {
@@ -170,6 +178,12 @@ impl Peer {
         let (status, headers, body) = post_offer(sfu, room, &offer.to_sdp_string()).await;
         assert_eq!(status, 201, "{body}");
         assert_eq!(headers["content-type"], "application/sdp");
+        let sfu_media = body
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("a="))
+            .filter_map(|c| Candidate::from_sdp_string(c).ok())
+            .map(|c| c.addr())
+            .collect();
         let answer = SdpAnswer::from_sdp_string(&body).unwrap();
         rtc.sdp_api().accept_answer(pending, answer).unwrap();
         Peer {
@@ -187,6 +201,7 @@ impl Peer {
             media_in: 0,
             dropped: 0,
             keyframes_asked: 0,
+            sfu_media,
         }
     }
 
@@ -620,17 +635,7 @@ async fn a_participant_that_never_connects_is_dropped() {
 #[tokio::test]
 async fn a_full_sfu_says_when_to_come_back() {
     let sfu = sfu_with(2).await;
-    let mut rtc = RtcConfig::new()
-        .set_rtp_mode(true)
-        .clear_codecs()
-        .enable_opus(true, false)
-        .build(Instant::now());
-    rtc.add_local_candidate(
-        Candidate::host("127.0.0.1:9".parse().unwrap(), Protocol::Udp).unwrap(),
-    );
-    let mut api = rtc.sdp_api();
-    api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
-    let offer = api.apply().unwrap().0.to_sdp_string();
+    let offer = offer_of_one();
     for room in ["room-1-abcdefghijkl", "room-2-abcdefghijkl"] {
         assert_eq!(post_offer(&sfu, room, &offer).await.0, 201);
     }
@@ -641,4 +646,72 @@ async fn a_full_sfu_says_when_to_come_back() {
     assert_eq!(metric(&sfu, "parley_sfu_participants"), 2);
     assert_eq!(metric(&sfu, "parley_sfu_joins_refused_total"), 1);
     sfu.shutdown();
+}
+
+/// With two media loops, rooms spread over them: a room's participants
+/// are sent to its loop's port, media flows in a room on each, the gauges
+/// count both loops, and the limit on everyone holds across them.
+#[tokio::test]
+async fn rooms_spread_over_media_loops_and_counts_and_limits_span_them() {
+    let sfu = sfu_on(5, 2).await;
+    assert_eq!(sfu.media_all.len(), 2);
+    assert_ne!(sfu.media_all[0], sfu.media_all[1]);
+    // A room on each loop.
+    let rooms: Vec<String> = (0..2)
+        .map(|w| {
+            (0..1000)
+                .map(|i| format!("room-{i}-abcdefghijkl"))
+                .find(|r| sfu::runtime::worker_of(r, 2) == w)
+                .unwrap()
+        })
+        .collect();
+    let mut peers = Vec::new();
+    for room in &rooms {
+        for _ in 0..2 {
+            peers.push(Peer::join(&sfu, room, 1).await);
+        }
+    }
+    for (i, p) in peers.iter().enumerate() {
+        assert_eq!(p.sfu_media, vec![sfu.media_all[i / 2]], "peer {i}");
+    }
+    assert_eq!(metric(&sfu, "parley_sfu_participants"), 4);
+    assert_eq!(metric(&sfu, "parley_sfu_rooms"), 2);
+    let said = |i: usize, n: u64| format!("sframe ciphertext of {i}, frame {n}").into_bytes();
+    run(&mut peers, Duration::from_secs(2), |i, n| Some(said(i, n))).await;
+    for (i, p) in peers.iter().enumerate() {
+        let from = |j: usize| {
+            p.all_heard()
+                .iter()
+                .filter(|h| h.starts_with(format!("sframe ciphertext of {j},").as_bytes()))
+                .count()
+        };
+        // Its room-mate, and nobody from the other room.
+        let mate = i ^ 1;
+        assert!(from(mate) >= 20, "peer {i} heard {} of {mate}", from(mate));
+        let others = if i < 2 { [2, 3] } else { [0, 1] };
+        assert_eq!(others.map(from), [0, 0], "peer {i} heard the other room");
+    }
+    // Five at most in all: one more joins, then the next is refused,
+    // whichever loop its room is on.
+    let p = Peer::join(&sfu, &rooms[0], 1).await;
+    let (status, headers, _) = post_offer(&sfu, &rooms[1], &offer_of_one()).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["retry-after"], "30");
+    drop(p);
+    sfu.shutdown();
+}
+
+/// An offer that sends audio and takes nothing.
+fn offer_of_one() -> String {
+    let mut rtc = RtcConfig::new()
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .build(Instant::now());
+    rtc.add_local_candidate(
+        Candidate::host("127.0.0.1:9".parse().unwrap(), Protocol::Udp).unwrap(),
+    );
+    let mut api = rtc.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+    api.apply().unwrap().0.to_sdp_string()
 }

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,11 @@ pub(super) struct Loop {
     written: Vec<u64>,
     next_key: u64,
     metrics: Arc<Metrics>,
+    /// The rooms and participants this loop last counted into the
+    /// metrics' gauges (which every loop adds to).
+    counted: (u64, u64),
+    /// The rooms whose bitrate this loop reported.
+    reported: Vec<String>,
 }
 
 impl Loop {
@@ -128,6 +133,8 @@ impl Loop {
             written: Vec::new(),
             next_key: 1,
             metrics,
+            counted: (0, 0),
+            reported: Vec::new(),
         }
     }
 
@@ -242,7 +249,9 @@ impl Loop {
         if members >= self.max_participants {
             return Err(JoinError::Full(self.max_participants));
         }
-        if self.participants.len() >= self.max_total {
+        // Everyone in every loop's rooms.
+        let total = self.metrics.participants.load(Ordering::Relaxed) as usize;
+        if total >= self.max_total {
             return Err(JoinError::Busy(self.max_total));
         }
         let now = Instant::now();
@@ -370,13 +379,20 @@ impl Loop {
         self.gauges();
     }
 
-    fn gauges(&self) {
-        self.metrics
-            .rooms
-            .store(self.rooms.len() as u64, Ordering::Relaxed);
-        self.metrics
-            .participants
-            .store(self.participants.len() as u64, Ordering::Relaxed);
+    /// Adds what changed in this loop's rooms and participants to the
+    /// gauges, which count every loop's.
+    fn gauges(&mut self) {
+        let now = (self.rooms.len() as u64, self.participants.len() as u64);
+        let add = |g: &AtomicU64, then: u64, now: u64| {
+            if now >= then {
+                g.fetch_add(now - then, Ordering::Relaxed);
+            } else {
+                g.fetch_sub(then - now, Ordering::Relaxed);
+            }
+        };
+        add(&self.metrics.rooms, self.counted.0, now.0);
+        add(&self.metrics.participants, self.counted.1, now.1);
+        self.counted = now;
     }
 
     fn datagram(&mut self, from: SocketAddr, data: &[u8]) {
@@ -614,8 +630,14 @@ impl Loop {
                 self.metrics.set_room_bitrate(name, bps);
             }
         }
-        let live: Vec<&str> = self.rooms.keys().map(String::as_str).collect();
-        self.metrics.keep_rooms(&live);
+        for ended in self
+            .reported
+            .iter()
+            .filter(|r| !self.rooms.contains_key(*r))
+        {
+            self.metrics.forget_room(ended);
+        }
+        self.reported = self.rooms.keys().cloned().collect();
     }
 
     /// Writes `pkt` into subscriber `to`'s slot as `f` says; whether it

@@ -1,5 +1,7 @@
-//! The SFU as a service: the media loop ([`media`]) on one UDP socket, and
-//! the HTTP API participants join through (WHIP-like, RFC 9725's shape):
+//! The SFU as a service: media loops ([`media`]), each on a UDP socket of
+//! its own with the rooms given to it (so rooms spread over the cores and
+//! a room's packets never cross loops), and the HTTP API participants join
+//! through (WHIP-like, RFC 9725's shape):
 //!
 //! - `POST /v1/rooms/{room}/participants` with `Authorization: Bearer
 //!   <room token>` ([`crate::token`]) and the participant's SDP offer
@@ -32,8 +34,13 @@ use crate::core::room::Config as RoomConfig;
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// UDP address for media (ICE, DTLS-SRTP).
+    /// UDP address for media (ICE, DTLS-SRTP): the first loop's; each
+    /// further loop takes the next port (or a port of its own when this
+    /// one is 0).
     pub media: SocketAddr,
+    /// Media loops, each on its own core's worth of time with a share of
+    /// the rooms (by a digest of the room id); 0: one per core, up to 8.
+    pub workers: usize,
     /// The address participants are told to send media to, when `media`
     /// is a wildcard (0.0.0.0 or ::).
     pub advertise: Option<IpAddr>,
@@ -48,7 +55,7 @@ pub struct Config {
     /// People in one room at most.
     pub max_participants: usize,
     /// People in all rooms at most: past it, joins get 503 (each holds a
-    /// peer connection's memory and a share of the one task's time).
+    /// peer connection's memory and a share of a loop's time).
     pub max_total: usize,
     /// A participant whose media has not connected this long after it
     /// joined is dropped (it posted an offer and never came). 30 s is
@@ -62,6 +69,8 @@ pub enum Error {
     Bind(SocketAddr, std::io::Error),
     #[error("sfu.advertise is needed when the media address is {0}")]
     NoAdvertise(SocketAddr),
+    #[error("{0} media loops from port {1} run past port 65535")]
+    Ports(usize, u16),
 }
 
 /// Why a join was refused.
@@ -166,10 +175,10 @@ impl Metrics {
         }
     }
 
-    /// Forgets the rooms that ended.
-    pub(crate) fn keep_rooms(&self, live: &[&str]) {
+    /// Forgets a room that ended.
+    pub(crate) fn forget_room(&self, room: &str) {
         if let Ok(mut m) = self.room_bitrates.lock() {
-            m.retain(|room, _| live.contains(&room.as_str()));
+            m.remove(room);
         }
     }
 
@@ -239,7 +248,10 @@ impl Metrics {
 /// The running SFU.
 #[derive(Debug)]
 pub struct Sfu {
+    /// The first media loop's address, as participants are told it.
     pub media: SocketAddr,
+    /// Every media loop's, in order ([`worker_of`] picks a room's).
+    pub media_all: Vec<SocketAddr>,
     pub http: SocketAddr,
     pub metrics: Arc<Metrics>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -247,7 +259,8 @@ pub struct Sfu {
 
 #[derive(Clone)]
 struct Api {
-    commands: mpsc::Sender<Command>,
+    /// Each media loop's commands.
+    commands: Arc<[mpsc::Sender<Command>]>,
     secret: Arc<[u8]>,
     metrics: Arc<Metrics>,
 }
@@ -270,17 +283,47 @@ fn bind_media(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(s.into())
 }
 
+/// Which of `workers` media loops holds `room`: by the first bytes of
+/// the SHA-256 of its id, so the join and the leave find the same one.
+pub fn worker_of(room: &str, workers: usize) -> usize {
+    let d = ring::digest::digest(&ring::digest::SHA256, room.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d.as_ref()[..8]);
+    (u64::from_be_bytes(first) % workers.max(1) as u64) as usize
+}
+
+/// How many media loops `workers` asks for (0: one per core, up to 8).
+fn loops(workers: usize) -> usize {
+    match workers {
+        0 => std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(8),
+        n => n,
+    }
+}
+
 impl Sfu {
     pub async fn start(config: Config) -> Result<Sfu, Error> {
-        let socket = bind_media(config.media).map_err(|e| Error::Bind(config.media, e))?;
-        let media = socket
-            .local_addr()
-            .map_err(|e| Error::Bind(config.media, e))?;
-        let candidate = match (media.ip().is_unspecified(), config.advertise) {
-            (false, _) => media,
-            (true, Some(ip)) => SocketAddr::new(ip, media.port()),
-            (true, None) => return Err(Error::NoAdvertise(media)),
-        };
+        let n = loops(config.workers);
+        let base = config.media.port();
+        if base != 0 && usize::from(base) + n - 1 > usize::from(u16::MAX) {
+            return Err(Error::Ports(n, base));
+        }
+        let mut sockets = Vec::new();
+        for i in 0..n {
+            let mut addr = config.media;
+            if base != 0 {
+                addr.set_port(base + i as u16);
+            }
+            let socket = bind_media(addr).map_err(|e| Error::Bind(addr, e))?;
+            let bound = socket.local_addr().map_err(|e| Error::Bind(addr, e))?;
+            let candidate = match (bound.ip().is_unspecified(), config.advertise) {
+                (false, _) => bound,
+                (true, Some(ip)) => SocketAddr::new(ip, bound.port()),
+                (true, None) => return Err(Error::NoAdvertise(bound)),
+            };
+            sockets.push((socket, candidate));
+        }
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
             .map_err(|e| Error::Bind(config.http, e))?;
@@ -288,20 +331,27 @@ impl Sfu {
             .local_addr()
             .map_err(|e| Error::Bind(config.http, e))?;
         let metrics = Arc::new(Metrics::default());
-        let (tx, rx) = mpsc::channel(256);
-        let media_loop = media::Loop::new(
-            Arc::new(socket),
-            candidate,
-            config.room.clone(),
-            (
-                config.max_participants,
-                config.max_total,
-                config.connect_within,
-            ),
-            metrics.clone(),
-        );
+        let mut tasks = Vec::new();
+        let mut commands = Vec::new();
+        let media_all: Vec<SocketAddr> = sockets.iter().map(|(_, c)| *c).collect();
+        for (socket, candidate) in sockets {
+            let (tx, rx) = mpsc::channel(256);
+            let media_loop = media::Loop::new(
+                Arc::new(socket),
+                candidate,
+                config.room.clone(),
+                (
+                    config.max_participants,
+                    config.max_total,
+                    config.connect_within,
+                ),
+                metrics.clone(),
+            );
+            tasks.push(tokio::spawn(media_loop.run(rx)));
+            commands.push(tx);
+        }
         let api = Api {
-            commands: tx,
+            commands: commands.into(),
             secret: config.secret.clone().into(),
             metrics: metrics.clone(),
         };
@@ -316,9 +366,10 @@ impl Sfu {
             }),
             Some(tls) => tokio::spawn(serve_tls(listener, tls, router)),
         };
-        let tasks = vec![tokio::spawn(media_loop.run(rx)), api_task];
+        tasks.push(api_task);
         Ok(Sfu {
-            media: candidate,
+            media: media_all[0],
+            media_all,
             http,
             metrics,
             tasks,
@@ -365,6 +416,13 @@ async fn serve_tls(
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                 .await;
         });
+    }
+}
+
+impl Api {
+    /// The media loop that holds `room`.
+    fn loop_of(&self, room: &str) -> &mpsc::Sender<Command> {
+        &self.commands[worker_of(room, self.commands.len())]
     }
 }
 
@@ -423,7 +481,7 @@ async fn join(
     }
     let (reply, answer) = oneshot::channel();
     let sent = api
-        .commands
+        .loop_of(&room)
         .send(Command::Join {
             room: room.clone(),
             offer,
@@ -469,7 +527,7 @@ async fn leave(
     }
     let (reply, done) = oneshot::channel();
     let sent = api
-        .commands
+        .loop_of(&room)
         .send(Command::Leave {
             room,
             resource,
