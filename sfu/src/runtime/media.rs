@@ -78,6 +78,11 @@ struct RoomState {
     sent: Meter,
 }
 
+/// At most this many timeouts already due are run in one drain of a
+/// participant (each lets a paced packet out); the rest wait for the
+/// loop's next turn.
+const DUE_ROUNDS: usize = 256;
+
 pub(super) struct Loop {
     socket: Arc<UdpSocket>,
     /// The address in our ICE candidate.
@@ -438,8 +443,20 @@ impl Loop {
             let Some(p) = self.participants.get_mut(&key) else {
                 return;
             };
+            let now = Instant::now();
+            let mut rounds = 0;
             loop {
                 match p.rtc.poll_output() {
+                    // Due already: str0m's pacer lets one packet out per
+                    // timeout, so a subscriber's queued packets go now,
+                    // not one per turn of the loop.
+                    Ok(Output::Timeout(t)) if t <= now && rounds < DUE_ROUNDS => {
+                        rounds += 1;
+                        if p.rtc.handle_input(Input::Timeout(now)).is_err() {
+                            gone = true;
+                            break;
+                        }
+                    }
                     Ok(Output::Timeout(t)) => {
                         if t != p.timeout {
                             self.timers.remove(&(p.timeout, key));
