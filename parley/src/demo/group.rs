@@ -38,6 +38,39 @@ fn share(pcm: &[i16], hz: f64) -> f64 {
     windows.iter().map(|w| tone_share(w, hz)).sum::<f64>() / windows.len().max(1) as f64
 }
 
+/// A group call member's device on this stack, saying `hz`.
+pub(super) fn device_config(
+    name: &str,
+    handle: &Handle,
+    (signaling, courier, roots): (
+        &signaling::runtime::Server,
+        &push_courier::runtime::Server,
+        &rustls::RootCertStore,
+    ),
+    hz: f64,
+) -> DeviceConfig {
+    DeviceConfig {
+        name: name.into(),
+        handle: handle.clone(),
+        sip_domain: "localhost".into(),
+        sip: signaling.tls_addrs()[0],
+        courier: courier.device_addr(),
+        courier_fallbacks: Vec::new(),
+        courier_transport: client_sdk::courier::Transport::Tls,
+        server_name: "localhost".into(),
+        roots: roots.clone(),
+        voip_topic: TOPIC.into(),
+        media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        relay_only: false,
+        microphone: AudioSource::Tone(hz),
+        speaker: None,
+        keep_heard: Duration::from_secs(4),
+        video: false,
+        audit: None,
+        accept_unverified: false,
+    }
+}
+
 #[allow(clippy::print_stdout)]
 pub(super) async fn scenario(
     stack: &Stack,
@@ -81,26 +114,9 @@ pub(super) async fn scenario(
             &format!("{name}'s phone"),
         )
         .await?;
-        let config = DeviceConfig {
-            name: (*name).into(),
-            handle: handle.clone(),
-            sip_domain: "localhost".into(),
-            sip: signaling.tls_addrs()[0],
-            courier: courier.device_addr(),
-            courier_fallbacks: Vec::new(),
-            courier_transport: client_sdk::courier::Transport::Tls,
-            server_name: "localhost".into(),
-            roots: roots.clone(),
-            voip_topic: TOPIC.into(),
-            media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            relay_only: false,
-            microphone: AudioSource::Tone(tone(i)),
-            speaker: None,
-            keep_heard: Duration::from_secs(args.seconds.max(2) + 2),
-            video: !args.no_video,
-            audit: None,
-            accept_unverified: false,
-        };
+        let mut config = device_config(name, handle, (signaling, courier, &roots), tone(i));
+        config.keep_heard = Duration::from_secs(args.seconds.max(2) + 2);
+        config.video = !args.no_video;
         let device = Device::start(config, id, ids.clone(), true).await?;
         devs.push(Dev {
             name,

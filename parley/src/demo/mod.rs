@@ -15,6 +15,8 @@
 //! `--group N` shows a group call instead ([`group`]).
 
 mod group;
+#[cfg(test)]
+mod strangers;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -201,6 +203,22 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         lines: Vec::new(),
         quiet: false,
     };
+    // A one-to-one call needs no SFU.
+    let (stack, data, settings) = start_stack(dir, args.group.is_some()).await?;
+    let result = match args.group {
+        Some(n) => group::scenario(&stack, &data, &settings, args, usize::from(n), &mut t).await,
+        None => scenario(&stack, &data, &settings, args, &mut t).await,
+    };
+    stack.shutdown().await?;
+    if args.keep {
+        println!("data directory kept: {}", dir.display());
+    }
+    result
+}
+
+/// Every service (the SFU if `sfu`) on free loopback ports with its data
+/// in `dir`.
+async fn start_stack(dir: &Path, sfu: bool) -> Result<(Stack, data::DataDir, config::Settings)> {
     let any = Value::String("127.0.0.1:0".into());
     let overrides: Vec<(String, Value)> = vec![
         ("turn.listen".into(), any.clone()),
@@ -241,8 +259,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         ids: true,
         courier: true,
         signaling: true,
-        // A one-to-one call needs no SFU.
-        sfu: args.group.is_some(),
+        sfu,
     };
     // Signaling makes the room tokens the SFU checks: one secret.
     let secret = crate::data::sip_secret(&data.sip_secret)?;
@@ -262,15 +279,7 @@ async fn demo(dir: &Path, args: &DemoArgs) -> Result<()> {
         tls,
     )
     .await?;
-    let result = match args.group {
-        Some(n) => group::scenario(&stack, &data, &settings, args, usize::from(n), &mut t).await,
-        None => scenario(&stack, &data, &settings, args, &mut t).await,
-    };
-    stack.shutdown().await?;
-    if args.keep {
-        println!("data directory kept: {}", dir.display());
-    }
-    result
+    Ok((stack, data, settings))
 }
 
 /// How a scenario reaches the stack: its services, and a client of ids
