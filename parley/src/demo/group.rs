@@ -9,17 +9,16 @@
 //! payload the SFU forwarded is SFrame ciphertext under a member's key
 //! that, played as Opus, is not its sender's tone.
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use client_sdk::call::CallEvent;
-use client_sdk::device::{first_device, AudioSource, Device, DeviceConfig, DeviceEvent};
+use client_sdk::device::{first_device, Device, DeviceEvent};
 use client_sdk::media::audio::{tone_share, AudioDecoder};
 use client_sdk::media::video::is_pattern;
 use wire::handle::Handle;
 
-use super::{has, pump, reach, until, DemoArgs, Dev, Reach, Timeline, TOPIC};
+use super::{device_config, has, pump, reach, until, DemoArgs, Dev, Reach, Timeline};
 use crate::client::prove_from_outbox;
 use crate::stack::Stack;
 use crate::{config, data};
@@ -36,39 +35,6 @@ fn tone(i: usize) -> f64 {
 fn share(pcm: &[i16], hz: f64) -> f64 {
     let windows: Vec<&[i16]> = pcm.chunks_exact(4_800).collect();
     windows.iter().map(|w| tone_share(w, hz)).sum::<f64>() / windows.len().max(1) as f64
-}
-
-/// A group call member's device on this stack, saying `hz`.
-pub(super) fn device_config(
-    name: &str,
-    handle: &Handle,
-    (signaling, courier, roots): (
-        &signaling::runtime::Server,
-        &push_courier::runtime::Server,
-        &rustls::RootCertStore,
-    ),
-    hz: f64,
-) -> DeviceConfig {
-    DeviceConfig {
-        name: name.into(),
-        handle: handle.clone(),
-        sip_domain: "localhost".into(),
-        sip: signaling.tls_addrs()[0],
-        courier: courier.device_addr(),
-        courier_fallbacks: Vec::new(),
-        courier_transport: client_sdk::courier::Transport::Tls,
-        server_name: "localhost".into(),
-        roots: roots.clone(),
-        voip_topic: TOPIC.into(),
-        media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        relay_only: false,
-        microphone: AudioSource::Tone(hz),
-        speaker: None,
-        keep_heard: Duration::from_secs(4),
-        video: false,
-        audit: None,
-        accept_unverified: false,
-    }
 }
 
 #[allow(clippy::print_stdout)]

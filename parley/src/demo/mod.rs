@@ -282,6 +282,40 @@ async fn start_stack(dir: &Path, sfu: bool) -> Result<(Stack, data::DataDir, con
     Ok((stack, data, settings))
 }
 
+/// A device on this stack, saying `hz` (audio only, directly to its
+/// peers, keeping 4 s of what it heard).
+fn device_config(
+    name: &str,
+    handle: &Handle,
+    (signaling, courier, roots): (
+        &signaling::runtime::Server,
+        &push_courier::runtime::Server,
+        &rustls::RootCertStore,
+    ),
+    hz: f64,
+) -> DeviceConfig {
+    DeviceConfig {
+        name: name.into(),
+        handle: handle.clone(),
+        sip_domain: "localhost".into(),
+        sip: signaling.tls_addrs()[0],
+        courier: courier.device_addr(),
+        courier_fallbacks: Vec::new(),
+        courier_transport: client_sdk::courier::Transport::Tls,
+        server_name: "localhost".into(),
+        roots: roots.clone(),
+        voip_topic: TOPIC.into(),
+        media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        relay_only: false,
+        microphone: AudioSource::Tone(hz),
+        speaker: None,
+        keep_heard: Duration::from_secs(4),
+        video: false,
+        audit: None,
+        accept_unverified: false,
+    }
+}
+
 /// How a scenario reaches the stack: its services, and a client of ids
 /// trusting the data directory's CA.
 struct Reach<'a> {
@@ -428,24 +462,10 @@ async fn scenario(
     );
 
     let cfg = |name: &str, handle: &Handle, hz: f64| DeviceConfig {
-        name: name.into(),
-        handle: handle.clone(),
-        sip_domain: "localhost".into(),
-        sip: signaling.tls_addrs()[0],
-        courier: courier.device_addr(),
-        courier_fallbacks: Vec::new(),
-        courier_transport: client_sdk::courier::Transport::Tls,
-        server_name: "localhost".into(),
-        roots: roots.clone(),
-        voip_topic: TOPIC.into(),
-        media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         relay_only: true,
-        microphone: AudioSource::Tone(hz),
-        speaker: None,
         keep_heard: Duration::from_secs(10),
         video: !args.no_video,
-        audit: None,
-        accept_unverified: false,
+        ..device_config(name, handle, (signaling, courier, &roots), hz)
     };
     let alice = Device::start(
         cfg("alice", &alice_h, ALICE_HZ),

@@ -12,8 +12,7 @@ use client_sdk::sip::{UaConfig, UaEvent, UserAgent};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wire::handle::Handle;
 
-use super::group::device_config;
-use super::{reach, start_stack, Dev, Reach, Timeline};
+use super::{device_config, reach, start_stack, Dev, Reach, Timeline};
 use crate::client::prove_from_outbox;
 
 const LEFT_TYPE: &str = "application/vnd.parley.left+json";
