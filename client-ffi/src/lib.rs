@@ -577,4 +577,74 @@ impl PhoneDevice {
             .block_on(async { self.device.lock().await.heard(&call).await })
             .map_err(failed)
     }
+
+    /// What this device heard and saw of each other participant of the
+    /// group call `call`, and what its uplink carries; none if it is not
+    /// (or was not last) in that call.
+    pub fn group_stats(&self, call: String) -> Result<Option<GroupCallStats>, ParleyError> {
+        let stats = self
+            .rt
+            .block_on(async { self.device.lock().await.group_stats(&call).await })
+            .map_err(failed)?;
+        Ok(stats.map(|s| GroupCallStats::from(&s)))
+    }
+}
+
+/// Another participant of a group call, as this device heard and saw it.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct Participant {
+    /// Its place in the call's roster.
+    pub index: u16,
+    /// Its audio frames that opened.
+    pub frames: u64,
+    /// The newest one's level (RFC 6464: -dBov, 0 loudest, 127 silence).
+    pub level: u8,
+    /// Share of its audio played concealed (lost or late).
+    pub concealed: f64,
+    /// Pictures of its video decoded, and the newest one's size (0 × 0
+    /// before the first).
+    pub pictures: u64,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// A group call as this device had it.
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct GroupCallStats {
+    pub participants: Vec<Participant>,
+    /// Simulcast layers this device sends now (those its uplink carries).
+    pub layers_sent: u32,
+    /// Its uplink's bandwidth estimate, RTP payload bits per second.
+    pub send_estimate_bps: Option<u64>,
+}
+
+impl From<&client_sdk::group::GroupStats> for GroupCallStats {
+    fn from(s: &client_sdk::group::GroupStats) -> GroupCallStats {
+        let indices: std::collections::BTreeSet<u16> =
+            s.heard.keys().chain(s.seen.keys()).copied().collect();
+        let participants = indices
+            .into_iter()
+            .map(|index| {
+                let heard = s.heard.get(&index).copied().unwrap_or_default();
+                let seen = s.seen.get(&index).copied().unwrap_or_default();
+                let (width, height) = seen
+                    .last
+                    .map_or((0, 0), |p| (p.width as u32, p.height as u32));
+                Participant {
+                    index,
+                    frames: heard.frames,
+                    level: heard.level,
+                    concealed: heard.concealed,
+                    pictures: seen.pictures,
+                    width,
+                    height,
+                }
+            })
+            .collect();
+        GroupCallStats {
+            participants,
+            layers_sent: s.layers_sent as u32,
+            send_estimate_bps: s.send_estimate,
+        }
+    }
 }

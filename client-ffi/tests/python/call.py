@@ -131,6 +131,14 @@ def group_call(alice, bob, carol):
     heard = {}
     for d, name, own in ((alice, "Alice", ALICE_HZ), (bob, "Bob", BOB_HZ),
                          (carol, "Carol", CAROL_HZ)):
+        # Each of the other two, by its place in the call: 3 s of audio
+        # (some 150 frames), and loud (the tones are at -10 dBov or so).
+        stats = d.group_stats(room)
+        assert stats is not None, name
+        assert len(stats.participants) == 2, (name, stats)
+        for p in stats.participants:
+            assert p.frames > 50, (name, p)
+            assert p.level < 40, (name, p)
         samples = d.heard(room)[-96000:]
         shares = {hz: round(parley.tone_share(samples, hz), 3)
                   for hz in (ALICE_HZ, BOB_HZ, CAROL_HZ)}
