@@ -110,8 +110,6 @@ pub(super) struct Loop {
     /// The rooms and participants this loop last counted into the
     /// metrics' gauges (which every loop adds to).
     counted: (u64, u64),
-    /// The rooms whose bitrate this loop reported.
-    reported: Vec<String>,
 }
 
 impl Loop {
@@ -139,7 +137,6 @@ impl Loop {
             next_key: 1,
             metrics,
             counted: (0, 0),
-            reported: Vec::new(),
         }
     }
 
@@ -378,6 +375,7 @@ impl Loop {
                 .is_some_and(|r| r.members.is_empty())
         {
             self.rooms.remove(&p.room);
+            self.metrics.forget_room(&p.room);
             tracing::info!(room = p.room, "room ended");
         }
         tracing::info!(room = p.room, participant = p.id.0, "left");
@@ -647,14 +645,6 @@ impl Loop {
                 self.metrics.set_room_bitrate(name, bps);
             }
         }
-        for ended in self
-            .reported
-            .iter()
-            .filter(|r| !self.rooms.contains_key(*r))
-        {
-            self.metrics.forget_room(ended);
-        }
-        self.reported = self.rooms.keys().cloned().collect();
     }
 
     /// Writes `pkt` into subscriber `to`'s slot as `f` says; whether it
