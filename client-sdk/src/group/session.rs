@@ -249,8 +249,6 @@ pub struct GroupSession {
     sfu_addrs: Vec<SocketAddr>,
     timeout: Instant,
     out: VecDeque<Datagram>,
-    /// The uplink's bandwidth estimate (TWCC), bits per second.
-    estimate: Option<u64>,
     connected: bool,
     closed: bool,
     stats: GroupStats,
@@ -368,7 +366,6 @@ impl GroupSession {
             sfu_addrs: Vec::new(),
             timeout: now,
             out: VecDeque::new(),
-            estimate: None,
             connected: false,
             closed: false,
             stats: GroupStats::default(),
@@ -603,7 +600,7 @@ impl GroupSession {
         // The layers the uplink carries; one that starts again starts
         // with a key frame.
         let before = v.gate.active();
-        let active = match self.estimate {
+        let active = match self.stats.send_estimate {
             Some(e) => v.gate.update(now, e),
             None => before,
         };
@@ -752,8 +749,7 @@ impl GroupSession {
         match e {
             Event::Connected => self.connected = true,
             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
-                self.estimate = Some(estimate.as_u64());
-                self.stats.send_estimate = self.estimate;
+                self.stats.send_estimate = Some(estimate.as_u64());
             }
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => self.closed = true,
             Event::RtpPacket(p) => {
