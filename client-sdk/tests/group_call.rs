@@ -611,10 +611,12 @@ async fn a_sender_whose_uplink_narrows_stops_its_top_layer_and_is_still_seen() {
     assert_eq!(stats.layers_sent, 3);
     assert!(devices[1..].iter().all(|d| of_0(d).1 == Some((320, 240))));
 
-    // A deep queue, as on a phone's uplink: loss alone would drive the
-    // estimate below what the audio and the lowest layer need.
+    // A deeper queue than the default, as on a phone's uplink (with drops
+    // alone the estimate falls below what the audio and the lowest layer
+    // need), but short of the listeners' jitter buffers' 400 ms ceiling:
+    // audio that waited longer would come too late to play.
     devices[0].uplink = Some(Bottleneck {
-        depth: Duration::from_millis(600),
+        depth: Duration::from_millis(300),
         ..Bottleneck::new(110_000)
     });
     // Until it sends fewer layers and the others have moved down (15 s at
