@@ -9,6 +9,7 @@
 //! - [`webpush`]: opening (and sealing) RFC 8291 Web Push bodies.
 //! - [`net`]: address prefixes and the key a per-source limit counts by.
 //! - [`ratelimit`]: keyed token buckets with time passed in.
+//! - [`meter`]: bytes counted into bits/s over windows of a second.
 //! - [`request_auth`]: how a device signs its HTTP requests.
 //! - [`sip`]: SIP messages, URIs, Via and digest authentication.
 //! - [`safety_number`]: the 60 digits and QR payload two people compare.
@@ -22,6 +23,7 @@ pub mod handle;
 pub mod hpke;
 pub mod key_transfer;
 pub mod keys;
+pub mod meter;
 pub mod net;
 pub mod passport;
 pub mod push;

@@ -38,7 +38,9 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig}
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::media::KeyframeRequestKind;
 
-use super::uplink::{audio_need, LayerGate, MEASURE_OVER};
+use wire::meter::Meter;
+
+use super::uplink::{audio_need, LayerGate};
 use crate::group_keys::{GroupError, GroupKeys};
 use crate::media::audio::{AudioConfig, AudioDecoder, AudioEncoder, AudioError, FRAME_SAMPLES};
 use crate::media::jitter::{JitterBuffer, Playout};
@@ -209,9 +211,8 @@ struct Video {
     layers: Vec<SendLayer>,
     /// How many of them the uplink carries.
     gate: LayerGate,
-    /// Bytes each layer sent since `window` began.
-    sent: Vec<u64>,
-    window: Instant,
+    /// What each layer sends.
+    meters: Vec<Meter>,
     decoders: HashMap<u16, VideoDecoder>,
     assembling: HashMap<Mid, Assembly>,
     frames: u64,
@@ -342,8 +343,7 @@ impl GroupSession {
                     })
                     .collect::<Result<_, VideoError>>()?,
                 gate,
-                sent: vec![0; layers.len()],
-                window: now,
+                meters: layers.iter().map(|_| Meter::new(now)).collect(),
                 decoders: HashMap::new(),
                 assembling: HashMap::new(),
                 frames: 0,
@@ -582,19 +582,18 @@ impl GroupSession {
         }
         // What each layer carried over the last second (RTP payloads, as
         // the estimate counts).
-        let span = now.saturating_duration_since(v.window);
-        let measured = span >= MEASURE_OVER;
-        if measured {
-            let ms = span.as_millis().max(1) as u64;
-            let active = v.gate.active();
-            for (i, bytes) in v.sent.iter_mut().enumerate() {
+        let mut measured = false;
+        let running = v.gate.active();
+        for (i, m) in v.meters.iter_mut().enumerate() {
+            if let Some(bps) = m.take(now) {
+                measured = true;
                 // A stopped layer keeps what it last carried.
-                if i < active {
-                    v.gate.measure(i, *bytes * 8 * 1000 / ms);
+                if i < running {
+                    v.gate.measure(i, bps);
                 }
-                *bytes = 0;
             }
-            v.window = now;
+        }
+        if measured {
             self.stats.layer_bitrates = (0..v.layers.len()).map(|i| v.gate.measured(i)).collect();
         }
         // The layers the uplink carries; one that starts again starts
@@ -624,7 +623,7 @@ impl GroupSession {
         self.stats.layers_sent = active;
         let mut api = self.rtc.direct_api();
         let mut sent_any = false;
-        for (layer, sent) in v.layers.iter_mut().zip(v.sent.iter_mut()).take(active) {
+        for (layer, meter) in v.layers.iter_mut().zip(v.meters.iter_mut()).take(active) {
             let annexb = match layer.halvings {
                 0 => layer.encoder.encode(frame)?,
                 h => layer.encoder.encode(&smaller[usize::from(h) - 1])?,
@@ -639,7 +638,7 @@ impl GroupSession {
             };
             let chunks: Vec<&[u8]> = sealed.chunks(MAX_CHUNK).collect();
             let last = chunks.len() - 1;
-            *sent += sealed.len() as u64;
+            meter.add(sealed.len() as u64, now);
             for (i, chunk) in chunks.into_iter().enumerate() {
                 let mut mark = 0u8;
                 if i == 0 {

@@ -24,8 +24,6 @@ const HOLD: Duration = Duration::from_secs(2);
 
 /// What SFrame adds to each frame (header and tag), bytes.
 const SFRAME_OVERHEAD: u64 = 22;
-/// Layers are measured over this long.
-pub const MEASURE_OVER: Duration = Duration::from_secs(1);
 
 /// What the audio needs: Opus at `opus_bps`, 50 frames a second, each
 /// sealed with SFrame. Like the estimate, this counts RTP payloads: the

@@ -19,8 +19,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use wire::meter::Meter;
+
 use super::forward::{Packet, Rewritten, Switcher};
-use super::meter::Meter;
 use super::room::{Layer, ParticipantId, Room};
 use super::rtp::{Header, RtpError};
 
@@ -263,7 +264,7 @@ impl Forwarder {
     }
 
     /// Each stream's bitrate over the last second or more
-    /// ([`super::meter::MEASURE_OVER`]), for the room's choices; a stream
+    /// ([`wire::meter::MEASURE_OVER`]), for the room's choices; a stream
     /// silent that long measures 0 (a video layer its sender paused, short
     /// of bandwidth, is then not chosen).
     fn measure(&mut self, now: Instant) {

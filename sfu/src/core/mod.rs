@@ -2,6 +2,5 @@
 
 pub mod forward;
 pub mod forwarder;
-pub mod meter;
 pub mod room;
 pub mod rtp;

@@ -20,12 +20,12 @@ use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo, Ssrc};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
+use wire::meter::Meter;
 
 use super::{Command, JoinError, Joined, Metrics};
 use crate::core::forwarder::{
     ExtensionIds, Forward, Forwarder, Incoming, KeyframeRequest, Kind, Publication, Slots,
 };
-use crate::core::meter::Meter;
 use crate::core::room::{Config as RoomConfig, Layer, ParticipantId, Room};
 
 /// Where a subscriber's bandwidth estimate starts; each plan asks the
