@@ -400,6 +400,7 @@ impl Parley {
             voip_topic: VOIP_TOPIC.into(),
             media_ip,
             relay_only,
+            turn_transport: None,
             microphone: if tone_hz > 0.0 {
                 AudioSource::Tone(tone_hz)
             } else {

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use wire::handle::Handle;
 use wire::keys::{DeviceId, SigningKey};
@@ -30,7 +29,11 @@ use crate::turn;
 use wire::push::CloseReason;
 
 mod group;
+mod media_link;
 mod platform;
+
+use crate::turn_stream::TlsTo;
+use media_link::MediaLink;
 
 pub use group::KEYS_TYPE;
 
@@ -134,6 +137,9 @@ pub struct DeviceConfig {
     pub media_ip: IpAddr,
     /// Offer only relayed candidates.
     pub relay_only: bool,
+    /// How to reach the TURN relay: over UDP, TCP or TLS; `None` tries
+    /// them in that order at start and keeps the first that answers.
+    pub turn_transport: Option<turn::Transport>,
     /// What this device "speaks" in every call.
     pub microphone: AudioSource,
     /// Where the audio it plays goes as it plays (a sound card's output),
@@ -415,20 +421,22 @@ impl Device {
         ids.set_push_tokens(&me.key, &tokens.pairs(&config)).await?;
         let voip_token = tokens.voip.clone();
         let turn = ids.turn_credentials(&me.key).await?;
-        // Every UDP relay ids names: the first carries calls, the others
-        // take over when it dies mid-call.
-        let mut relays = turn
-            .uris
-            .iter()
-            .filter_map(|u| turn_udp_addr(u))
-            .map(|a| turn::Config::new(a, &turn.username, &turn.password));
-        let relay = relays
-            .next()
-            .ok_or_else(|| DeviceError::Call("no UDP relay among the TURN URIs".into()))?;
-        let group_turn = Some(relay.clone());
+        // The relays ids names, over the first transport that answers:
+        // the first carries calls, the others take over when it dies
+        // mid-call.
+        let relays = media_link::choose(
+            &turn.uris,
+            (&turn.username, &turn.password),
+            config.turn_transport,
+            config.media_ip,
+        )
+        .await?;
+        let relay = Some(relays.first.clone());
+        let turn_tls = TlsTo::new(config.roots.clone(), &config.server_name)
+            .map_err(|e| DeviceError::Call(format!("TURN over TLS: {e}")))?;
         let media = MediaConfig {
-            turn: Some(relay),
-            spare_turn: relays.collect(),
+            turn: Some(relays.first),
+            spare_turn: relays.spares,
             relay_only: config.relay_only,
             video: config.video,
             seed: u64::from_le_bytes(me.device.0[..8].try_into().unwrap_or([7; 8])),
@@ -487,7 +495,8 @@ impl Device {
             platform: platform::Platform::default(),
             group: None,
             group_ended: None,
-            group_turn,
+            relay,
+            turn_tls,
         };
         if online {
             task.connect_sip().await?;
@@ -619,16 +628,6 @@ impl Device {
     }
 }
 
-/// `turn:host:port?transport=udp` with an IP host, as a socket address.
-fn turn_udp_addr(uri: &str) -> Option<SocketAddr> {
-    let rest = uri.strip_prefix("turn:")?;
-    let (hostport, query) = rest.split_once('?').unwrap_or((rest, "transport=udp"));
-    if !query.contains("transport=udp") {
-        return None;
-    }
-    hostport.parse().ok()
-}
-
 /// A UUID (RFC 4122 form) from the device id, for `+sip.instance`.
 fn uuid_of(d: DeviceId) -> String {
     let h = wire::keys::hex(&d.0);
@@ -664,7 +663,7 @@ struct Task {
     /// not yet checked.
     audit: Option<(OwnAudit, tokio::time::Instant, u64)>,
     sip_buf: Vec<u8>,
-    sockets: HashMap<CallId, Arc<UdpSocket>>,
+    sockets: HashMap<CallId, MediaLink>,
     media_tx: mpsc::Sender<(CallId, SocketAddr, Vec<u8>)>,
     events: mpsc::Sender<DeviceEvent>,
     speaking: HashMap<CallId, Speaking>,
@@ -679,8 +678,10 @@ struct Task {
     group: Option<group::GroupCall>,
     /// The last group call's room and what its media did.
     group_ended: Option<(CallId, crate::group::GroupStats)>,
-    /// The relay group calls reach the SFU through.
-    group_turn: Option<turn::Config>,
+    /// The relay calls go through (and group calls reach the SFU
+    /// through), and what a TLS connection to it trusts.
+    relay: Option<turn::Config>,
+    turn_tls: TlsTo,
 }
 
 /// The 20 ms audio clock. It keeps real time: a microphone goes on
@@ -949,44 +950,31 @@ impl Task {
                 .filter(|d| !d.is_empty())
                 .ok_or_else(|| DeviceError::Unknown(handle.redacted()))?
         };
-        let socket = self.bind_media().await?;
-        let local = socket
-            .local_addr()
-            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        let (link, incoming) = self.open_media().await?;
+        let local = link.local_addr()?;
         let call = if unverified {
             self.phone.dial_unverified(now, handle, local)
         } else {
             self.phone.dial(now, handle, keys, local)
         }
         .map_err(|e| DeviceError::Call(e.to_string()))?;
-        self.add_socket(&call, socket);
+        self.add_link(&call, link, incoming);
         Ok(call)
     }
 
-    async fn bind_media(&mut self) -> Result<Arc<UdpSocket>, DeviceError> {
-        let s = UdpSocket::bind(SocketAddr::new(self.config.media_ip, 0))
-            .await
-            .map_err(|e| DeviceError::Call(format!("media socket: {e}")))?;
-        Ok(Arc::new(s))
+    /// A media link: a UDP socket and, when the relay is reached over
+    /// TCP or TLS, a stream to the relay.
+    async fn open_media(
+        &mut self,
+    ) -> Result<(MediaLink, Option<media_link::Incoming>), DeviceError> {
+        MediaLink::open(self.config.media_ip, self.relay.as_ref(), &self.turn_tls).await
     }
 
-    fn add_socket(&mut self, call: &str, socket: Arc<UdpSocket>) {
-        let tx = self.media_tx.clone();
-        let s = socket.clone();
-        let id = call.to_string();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            while let Ok((n, from)) = s.recv_from(&mut buf).await {
-                if tx
-                    .send((id.clone(), from, buf[..n].to_vec()))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
-        self.sockets.insert(call.to_string(), socket);
+    /// `call`'s media goes out on `link`, and what comes in on it goes
+    /// to the task.
+    fn add_link(&mut self, call: &str, link: MediaLink, incoming: Option<media_link::Incoming>) {
+        link.deliver(call, incoming, self.media_tx.clone());
+        self.sockets.insert(call.to_string(), link);
     }
 
     async fn connect_sip(&mut self) -> Result<(), DeviceError> {
@@ -1300,11 +1288,11 @@ impl Task {
                 };
                 // A phone outside the directory: no devices, no PASSporT.
                 let sip_phone = keys.is_empty() && device.is_none();
-                match self.bind_media().await {
-                    Ok(socket) => {
-                        let local = socket.local_addr().ok();
+                match self.open_media().await {
+                    Ok((link, incoming)) => {
+                        let local = link.local_addr().ok();
                         if let Some(local) = local {
-                            self.add_socket(call, socket);
+                            self.add_link(call, link, incoming);
                             if sip_phone && self.config.accept_unverified {
                                 let _ = self.phone.ring_unverified(now, call, local);
                             } else {

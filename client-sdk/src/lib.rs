@@ -25,3 +25,4 @@ pub mod ids;
 pub mod media;
 pub mod sip;
 pub mod turn;
+pub mod turn_stream;

@@ -11,6 +11,15 @@
 //! Drive it like every core here: `handle_input` with datagrams from the
 //! server, `handle_timeout` at `poll_timeout`, and send what
 //! `poll_transmit` returns to [`Config::server`].
+//!
+//! The client reaches the server over UDP, or over TCP or TLS where UDP
+//! is blocked ([`Transport`]; RFC 8656 §3.1). The relay toward peers is
+//! UDP either way. On a stream the runtime frames what comes in (see
+//! [`crate::turn_stream`]) and hands each STUN message or ChannelData
+//! frame to `handle_input`; the client pads its ChannelData to four bytes
+//! (§12.5) and does not retransmit requests, which the stream carries
+//! reliably (RFC 8489 §6.2.2), though it gives up on an unanswered one as
+//! late as on UDP.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -37,6 +46,24 @@ const CHANNEL_REFRESH: Duration = Duration::from_secs(540);
 const FIRST_CHANNEL: u16 = 0x4000;
 const LAST_CHANNEL: u16 = 0x4fff;
 
+/// How the client reaches the TURN server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Transport {
+    #[default]
+    Udp,
+    Tcp,
+    /// TLS over TCP (`turns:`), which networks that pass only web
+    /// traffic let through.
+    Tls,
+}
+
+impl Transport {
+    /// A byte stream (TCP or TLS) rather than datagrams.
+    pub fn is_stream(self) -> bool {
+        self != Transport::Udp
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub server: SocketAddr,
@@ -44,6 +71,8 @@ pub struct Config {
     pub password: String,
     /// Allocation lifetime asked for. Default 10 minutes.
     pub lifetime: Duration,
+    /// UDP unless set.
+    pub transport: Transport,
 }
 
 impl Config {
@@ -53,6 +82,16 @@ impl Config {
             username: username.into(),
             password: password.into(),
             lifetime: Duration::from_secs(600),
+            transport: Transport::Udp,
+        }
+    }
+
+    /// The same server and credentials over `transport` at `server`.
+    pub fn over(&self, transport: Transport, server: SocketAddr) -> Config {
+        Config {
+            transport,
+            server,
+            ..self.clone()
         }
     }
 }
@@ -220,6 +259,10 @@ impl TurnClient {
             out.extend_from_slice(&ch.to_be_bytes());
             out.extend_from_slice(&(data.len() as u16).to_be_bytes());
             out.extend_from_slice(data);
+            if self.config.transport.is_stream() {
+                let pad = stun_turn::channel_data::stream_padding(data.len());
+                out.resize(out.len() + pad, 0);
+            }
             return out;
         }
         let tid = self.tid();
@@ -297,7 +340,11 @@ impl TurnClient {
                 } else {
                     RTO * 2u32.pow(p.sends - 1)
                 };
-            self.transmits.push_back(p.bytes.clone());
+            // A stream delivers the first send or breaks; the schedule
+            // only decides when to give up.
+            if !self.config.transport.is_stream() {
+                self.transmits.push_back(p.bytes.clone());
+            }
         }
         if self.refresh_at.is_some_and(|t| t <= now) {
             self.refresh_at = None;

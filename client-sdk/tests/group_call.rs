@@ -10,365 +10,16 @@
 //! through a TURN relay with video, every pair heard and the videos of
 //! each one's last-N seen; narrowing links; a lossy one.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod group;
 
-use client_sdk::group::{GroupConfig, GroupSession, SfuClient};
-use client_sdk::group_keys::{GroupKeys, Member};
-use client_sdk::media::audio::{tone_share, Tone};
-use client_sdk::media::video::{is_pattern, TestPattern};
-use tokio::net::UdpSocket;
-use wire::group_key::KeyMessage;
-use wire::keys::{DeviceId, SigningKey};
+use std::time::Duration;
 
-const SECRET: &[u8] = b"signaling secret";
-const ROOM: &str = "group-1-abcdefghijkl";
-
-/// One call of this file at a time: each runs devices in real time on
-/// the machine's cores, and two at once would each be judged with half
-/// of them.
-async fn alone() -> tokio::sync::MutexGuard<'static, ()> {
-    static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    ALONE.lock().await
-}
-
-/// The SFU with its join API on TLS, and the CA its certificate chains to.
-async fn sfu() -> (sfu::runtime::Sfu, rustls::RootCertStore) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca_cert.der().clone()).unwrap();
-    let sfu = sfu::runtime::Sfu::start(sfu::runtime::Config {
-        media: "127.0.0.1:0".parse().unwrap(),
-        advertise: None,
-        workers: 1,
-        http: "127.0.0.1:0".parse().unwrap(),
-        tls: Some(Arc::new(tls)),
-        secret: SECRET.to_vec(),
-        room: Default::default(),
-        max_participants: 32,
-        max_total: 64,
-        connect_within: Duration::from_secs(2),
-    })
-    .await
-    .unwrap();
-    (sfu, roots)
-}
-
-fn token() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    sfu::token::make(SECRET, ROOM, now + 600)
-}
-
-struct Device {
-    identity: SigningKey,
-    member: Member,
-    session: GroupSession,
-    socket: UdpSocket,
-    tone: Tone,
-    /// Its camera, if it sends video.
-    pattern: Option<TestPattern>,
-    ticks: u64,
-    /// Share of incoming datagrams lost once media flows (0..1), and the
-    /// state of the generator that picks them.
-    loss: f64,
-    rng: u64,
-    /// A bottleneck on its incoming link, if any.
-    bottleneck: Option<Bottleneck>,
-    /// And on its outgoing one (queued by destination).
-    uplink: Option<Bottleneck>,
-    heard: Vec<i16>,
-}
-
-/// A narrow link: datagrams leave at `bps` in the order they came,
-/// queued up to `depth` (200 ms unless set) and dropped beyond (as a
-/// router's buffer does).
-struct Bottleneck {
-    bps: u32,
-    depth: Duration,
-    bytes: u64,
-    free_at: Instant,
-    queue: std::collections::VecDeque<(Instant, SocketAddr, Vec<u8>)>,
-}
-
-impl Bottleneck {
-    fn new(bps: u32) -> Bottleneck {
-        Bottleneck {
-            bps,
-            depth: Duration::from_millis(200),
-            bytes: 0,
-            free_at: Instant::now(),
-            queue: Default::default(),
-        }
-    }
-
-    fn push(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
-        let start = self.free_at.max(now);
-        if start.duration_since(now) > self.depth {
-            return;
-        }
-        self.bytes += data.len() as u64;
-        let air = Duration::from_secs_f64((data.len() + 28) as f64 * 8.0 / f64::from(self.bps));
-        self.free_at = start + air;
-        self.queue.push_back((self.free_at, from, data.to_vec()));
-    }
-
-    fn pop(&mut self, now: Instant) -> Option<(SocketAddr, Vec<u8>)> {
-        if self.queue.front()?.0 > now {
-            return None;
-        }
-        self.queue.pop_front().map(|(_, from, d)| (from, d))
-    }
-}
-
-impl Device {
-    async fn join(sfu: &SfuClient, index: u16, freq: f64) -> Device {
-        Device::join_with(sfu, index, freq, 0.3, 0).await
-    }
-
-    /// A device that reaches the SFU through `relay` only, playing
-    /// `freq` at `amplitude`, and the test pattern if it takes
-    /// `video_slots` videos.
-    async fn join_relayed(
-        sfu: &SfuClient,
-        index: u16,
-        (freq, amplitude): (f64, f64),
-        video_slots: usize,
-        relay: SocketAddr,
-    ) -> Device {
-        let config = GroupConfig {
-            turn: Some(client_sdk::turn::Config::new(
-                relay,
-                "group",
-                "group-password",
-            )),
-            relay_only: true,
-            audio_slots: 7,
-            video_slots,
-            ..GroupConfig::default()
-        };
-        Device::join_config(sfu, index, freq, amplitude, config).await
-    }
-
-    /// A device playing `freq` at `amplitude` (of full scale), and the
-    /// test pattern if it takes `video_slots` videos.
-    async fn join_with(
-        sfu: &SfuClient,
-        index: u16,
-        freq: f64,
-        amplitude: f64,
-        video_slots: usize,
-    ) -> Device {
-        let config = GroupConfig {
-            audio_slots: 7,
-            video_slots,
-            ..GroupConfig::default()
-        };
-        Device::join_config(sfu, index, freq, amplitude, config).await
-    }
-
-    async fn join_config(
-        sfu: &SfuClient,
-        index: u16,
-        freq: f64,
-        amplitude: f64,
-        config: GroupConfig,
-    ) -> Device {
-        let video_slots = config.video_slots;
-        let identity = SigningKey::generate();
-        let member = Member {
-            device: DeviceId::random(),
-            identity: identity.public(),
-            index,
-        };
-        let keys = GroupKeys::new("call-1", member.clone()).unwrap();
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let local = socket.local_addr().unwrap();
-        let (mut session, offer) = GroupSession::new(Instant::now(), local, keys, config).unwrap();
-        let joined = sfu.join(ROOM, &token(), &offer).await.unwrap();
-        session
-            .accept_answer(Instant::now(), &joined.answer)
-            .unwrap();
-        Device {
-            identity,
-            member,
-            session,
-            socket,
-            tone: Tone::new(freq, amplitude),
-            pattern: (video_slots > 0).then(TestPattern::default),
-            ticks: 0,
-            loss: 0.0,
-            rng: u64::from(index) * 7919 + 1,
-            bottleneck: None,
-            uplink: None,
-            heard: Vec::new(),
-        }
-    }
-
-    fn step(&mut self) {
-        let now = Instant::now();
-        let mut buf = vec![0u8; 2000];
-        while let Ok((n, from)) = self.socket.try_recv_from(&mut buf) {
-            if self.loss > 0.0 && self.session.is_connected() {
-                // xorshift: the same losses every run.
-                self.rng ^= self.rng << 13;
-                self.rng ^= self.rng >> 7;
-                self.rng ^= self.rng << 17;
-                if (self.rng % 10_000) as f64 / 10_000.0 < self.loss {
-                    continue;
-                }
-            }
-            match self.bottleneck.as_mut() {
-                Some(b) => b.push(now, from, &buf[..n]),
-                None => self.session.handle_datagram(now, from, &buf[..n]).unwrap(),
-            }
-        }
-        while let Some((from, data)) = self.bottleneck.as_mut().and_then(|b| b.pop(now)) {
-            self.session.handle_datagram(now, from, &data).unwrap();
-        }
-        if self.session.poll_timeout() <= now {
-            self.session.handle_timeout(now).unwrap();
-        }
-        self.transmit(now);
-    }
-
-    /// What the session has to send, through the uplink's bottleneck if
-    /// it has one.
-    fn transmit(&mut self, now: Instant) {
-        while let Some(d) = self.session.poll_transmit() {
-            match self.uplink.as_mut() {
-                Some(b) => b.push(now, d.to, &d.data),
-                None => {
-                    let _ = self.socket.try_send_to(&d.data, d.to);
-                }
-            }
-        }
-        while let Some((to, data)) = self.uplink.as_mut().and_then(|b| b.pop(now)) {
-            let _ = self.socket.try_send_to(&data, to);
-        }
-    }
-
-    /// One 20 ms tick: say a frame of the tone, hear a frame of the mix.
-    fn tick(&mut self, speak: bool) {
-        let frame = self.tone.next_frame();
-        if speak {
-            self.session.send_audio(Instant::now(), &frame).unwrap();
-            // A camera frame every third tick: 16.7 per second, the
-            // devices' cameras out of step (as they are) so that not all
-            // of them encode in the same tick.
-            let phase = self.ticks + u64::from(self.member.index);
-            if let Some(p) = self.pattern.as_mut().filter(|_| phase % 3 == 0) {
-                let picture = p.next_frame();
-                self.session.send_video(Instant::now(), &picture).unwrap();
-            }
-        }
-        self.ticks += 1;
-        let mix = self.session.mix(Instant::now());
-        self.heard.extend(mix);
-        self.transmit(Instant::now());
-    }
-}
-
-/// Hands each key message to the device it is for.
-fn deliver(devices: &mut [Device], messages: Vec<KeyMessage>) {
-    for m in messages {
-        if let Some(d) = devices.iter_mut().find(|d| d.member.device == m.to) {
-            let identity = d.identity.clone();
-            d.session.keys().accept(&identity, &m).unwrap();
-        }
-    }
-}
-
-/// Runs the devices for `d` in real time, each on a task of its own (as
-/// each phone has its own processor): it takes what came in, says and
-/// hears a frame every 20 ms, and sends what its session has to send.
-async fn run(devices: &mut Vec<Device>, d: Duration) {
-    let end = Instant::now() + d;
-    let tasks: Vec<_> = devices
-        .drain(..)
-        .map(|mut dev| {
-            tokio::spawn(async move {
-                let mut next = Instant::now();
-                while Instant::now() < end {
-                    dev.step();
-                    if Instant::now() >= next {
-                        next += Duration::from_millis(20);
-                        let speak = dev.session.is_connected();
-                        dev.tick(speak);
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                dev
-            })
-        })
-        .collect();
-    for t in tasks {
-        devices.push(t.await.unwrap());
-    }
-}
-
-/// Share of the last `seconds` of what `d` heard at `freq`,
-/// as the mean over 100 ms windows (the jitter buffer stretches and
-/// shrinks each sender's delay, which shifts its phase: one long window
-/// would count that against the tone).
-fn share(d: &Device, freq: f64, seconds: f64) -> f64 {
-    let n = (48_000.0 * seconds) as usize;
-    let tail = &d.heard[d.heard.len().saturating_sub(n)..];
-    let windows: Vec<&[i16]> = tail.chunks_exact(4_800).collect();
-    windows.iter().map(|w| tone_share(w, freq)).sum::<f64>() / windows.len().max(1) as f64
-}
-
-/// Every member sends its key to every other.
-fn start_keys(devices: &mut [Device]) {
-    let members: Vec<Member> = devices.iter().map(|d| d.member.clone()).collect();
-    let mut messages = Vec::new();
-    for d in devices.iter_mut() {
-        let others: Vec<Member> = members
-            .iter()
-            .filter(|m| **m != d.member)
-            .cloned()
-            .collect();
-        let identity = d.identity.clone();
-        messages.extend(d.session.keys().start(&identity, &others).unwrap());
-    }
-    deliver(devices, messages);
-}
-
-/// The tones of eight people.
-const EIGHT: [f64; 8] = [350.0, 500.0, 650.0, 800.0, 950.0, 1100.0, 1250.0, 1400.0];
-
-/// Eight devices in the room, each saying one of [`EIGHT`] quietly (seven
-/// are mixed).
-async fn eight(client: &SfuClient) -> Vec<Device> {
-    let mut devices = Vec::new();
-    for (i, f) in EIGHT.iter().enumerate() {
-        devices.push(Device::join_with(client, i as u16 + 1, *f, 0.1, 0).await);
-    }
-    devices
-}
+use client_sdk::group::SfuClient;
+use client_sdk::group_keys::Member;
+use client_sdk::media::video::is_pattern;
+use client_sdk::turn::Transport;
+use client_sdk::turn_stream::TlsTo;
+use group::*;
 
 /// Eight at once, each a quieter tone (seven are mixed): every device
 /// hears the seven others, each about a seventh of what it hears.
@@ -736,11 +387,22 @@ async fn a_sender_whose_uplink_narrows_stops_its_top_layer_and_is_still_seen() {
 /// pattern of as many others as it has slots for (the SFU's last-N), each
 /// in more than 20 pictures.
 async fn whole_call_through_the_relay(freqs: &[f64], amplitude: f64, video_slots: usize) {
+    whole_call_over(freqs, amplitude, video_slots, &[Transport::Udp]).await;
+}
+
+/// The same, device `i` reaching the relay over `over[i % over.len()]`;
+/// the relay listens only on the transports used.
+async fn whole_call_over(freqs: &[f64], amplitude: f64, video_slots: usize, over: &[Transport]) {
+    let on = |t: Transport| match over.contains(&t) {
+        true => vec!["127.0.0.1:0".parse().unwrap()],
+        false => Vec::new(),
+    };
+    let (tls, relay_roots) = tls_on_loopback();
     let relay = stun_turn::runtime::Relay::start(
         stun_turn::Config {
-            udp: vec!["127.0.0.1:0".parse().unwrap()],
-            tcp: Vec::new(),
-            tls: Vec::new(),
+            udp: on(Transport::Udp),
+            tcp: on(Transport::Tcp),
+            tls: on(Transport::Tls),
             relay_ipv4: Some([127, 0, 0, 1].into()),
             users: vec![("group".into(), "group-password".into())],
             // The SFU is on loopback here.
@@ -748,17 +410,25 @@ async fn whole_call_through_the_relay(freqs: &[f64], amplitude: f64, video_slots
             workers: 1,
             ..stun_turn::Config::default()
         },
-        None,
+        Some(tls),
     )
     .unwrap();
-    let relay_addr = relay.udp_addrs()[0];
+    let via = |t: Transport| Via {
+        relay: match t {
+            Transport::Udp => relay.udp_addrs()[0],
+            Transport::Tcp => relay.tcp_addrs()[0],
+            Transport::Tls => relay.tls_addrs()[0],
+        },
+        transport: t,
+        tls: Some(TlsTo::new(relay_roots.clone(), "127.0.0.1").unwrap()),
+    };
     let (sfu, roots) = sfu().await;
     let client = SfuClient::new(sfu.http, "127.0.0.1", roots).unwrap();
     let mut devices = Vec::new();
     for (i, f) in freqs.iter().enumerate() {
         let tone = (*f, amplitude);
-        devices
-            .push(Device::join_relayed(&client, i as u16 + 1, tone, video_slots, relay_addr).await);
+        let via = via(over[i % over.len()]);
+        devices.push(Device::join_relayed(&client, i as u16 + 1, tone, video_slots, &via).await);
     }
     start_keys(&mut devices);
     run(&mut devices, Duration::from_secs(5)).await;
@@ -809,6 +479,15 @@ async fn whole_call_through_the_relay(freqs: &[f64], amplitude: f64, video_slots
 async fn four_hear_and_see_each_other_through_the_relay() {
     let _alone = alone().await;
     whole_call_through_the_relay(&EIGHT[..4], 0.3, 3).await;
+}
+
+/// Four on a network that blocks UDP to the relay: two reach it over
+/// TCP, two over TLS (the relay has no UDP listener at all), and each
+/// still hears and sees the three others through the SFU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_reach_the_sfu_through_the_relay_over_tcp_and_tls() {
+    let _alone = alone().await;
+    whole_call_over(&EIGHT[..4], 0.3, 3, &[Transport::Tcp, Transport::Tls]).await;
 }
 
 /// Eight through the relay: each hears the seven others and sees four

@@ -1,9 +1,10 @@
 //! The SDK's TURN client against Parley's own relay core, both sans-IO,
 //! in one simulated network with hand-moved time: allocation through the
 //! 401 challenge, permissions, Send/Data indications, channels, refreshes
-//! that keep everything alive past every lifetime, and a silent server.
+//! that keep everything alive past every lifetime, and a silent server;
+//! the same over a TCP stream.
 
-use client_sdk::turn::{Config, Event, TurnClient};
+use client_sdk::turn::{Config, Event, Transport as Over, TurnClient};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +15,8 @@ const ME: &str = "198.51.100.7:40000";
 const PEER: &str = "203.0.113.9:5000";
 
 struct Net {
+    /// How the client reaches the server.
+    over: Over,
     client: TurnClient,
     server: Server,
     now: Instant,
@@ -28,8 +31,16 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn client_addr() -> ClientAddr {
+    client_over(Over::Udp)
+}
+
+fn client_over(over: Over) -> ClientAddr {
     ClientAddr {
-        transport: Transport::Udp,
+        transport: match over {
+            Over::Udp => Transport::Udp,
+            Over::Tcp => Transport::Tcp,
+            Over::Tls => Transport::Tls,
+        },
         remote: addr(ME),
         local: addr(SERVER),
     }
@@ -37,6 +48,10 @@ fn client_addr() -> ClientAddr {
 
 impl Net {
     fn new(password: &str) -> Net {
+        Net::over(password, Over::Udp)
+    }
+
+    fn over(password: &str, over: Over) -> Net {
         let now = Instant::now();
         let config = stun_turn::Config {
             realm: "parley".into(),
@@ -54,8 +69,10 @@ impl Net {
             1,
             9,
         );
-        let client = TurnClient::new(Config::new(addr(SERVER), "alice", password), 42);
+        let config = Config::new(addr(SERVER), "alice", password).over(over, addr(SERVER));
+        let client = TurnClient::new(config, 42);
         Net {
+            over,
             client,
             server,
             now,
@@ -98,7 +115,7 @@ impl Net {
     fn deliver_to_server(&mut self, bytes: &[u8]) {
         match self
             .server
-            .handle_client_input(client_addr(), bytes, self.now)
+            .handle_client_input(client_over(self.over), bytes, self.now)
         {
             ClientOutcome::Forward { payload, .. } => self.at_peer.push(bytes[payload].to_vec()),
             ClientOutcome::Handled => {}
@@ -290,6 +307,66 @@ fn a_silent_server_is_retried_then_reported() {
     // RFC 8489 §6.2.1: 7 sends at 0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5 s.
     assert_eq!(sends, vec![0, 500, 1500, 3500, 7500, 15500, 31500]);
     assert!(matches!(failed, Some(Event::Failed { code: 0, .. })));
+}
+
+/// Over TCP: the same allocation, permission and channel; ChannelData
+/// padded to four bytes each way, the payloads exact; refreshes keep it
+/// alive.
+#[test]
+fn over_a_stream_channel_data_is_padded_and_everything_stays_alive() {
+    let mut n = Net::over("wonderland", Over::Tcp);
+    n.client.allocate(n.now);
+    n.pump();
+    assert!(
+        matches!(n.events.first(), Some(Event::Allocated { .. })),
+        "{:?}",
+        n.events
+    );
+    let ch = n.client.bind_channel(addr(PEER), n.now);
+    n.pump();
+    assert!(n.events.contains(&Event::ChannelBound {
+        peer: addr(PEER),
+        channel: ch
+    }));
+    for payload in [&b"a"[..], b"ab", b"abc", b"abcd", b"abcde"] {
+        let d = n.client.wrap(addr(PEER), payload);
+        assert_eq!(d.len() % 4, 0, "{d:?}");
+        assert_eq!(
+            stun_turn::message::stream_frame_len(&d).unwrap(),
+            Some(d.len())
+        );
+        n.deliver_to_server(&d);
+        assert_eq!(n.at_peer.pop().as_deref(), Some(payload));
+        n.peer_sends(payload);
+        assert_eq!(n.take_data(), vec![payload.to_vec()]);
+    }
+    n.advance(Duration::from_secs(1800));
+    assert!(n.server.has_allocation(&client_over(Over::Tcp)));
+    let d = n.client.wrap(addr(PEER), b"still here");
+    n.deliver_to_server(&d);
+    assert_eq!(n.at_peer.pop().as_deref(), Some(&b"still here"[..]));
+}
+
+/// Over a stream a request goes once (the stream carries it or breaks),
+/// and a server that never answers is reported as late as over UDP.
+#[test]
+fn over_a_stream_a_silent_server_is_sent_one_request_then_reported() {
+    let config = Config::new(addr(SERVER), "alice", "wonderland").over(Over::Tls, addr(SERVER));
+    let mut c = TurnClient::new(config, 1);
+    let t0 = Instant::now();
+    c.allocate(t0);
+    assert!(c.poll_transmit().is_some());
+    let mut failed = None;
+    let mut at = t0;
+    while failed.is_none() {
+        at = c.poll_timeout().expect("a deadline is set");
+        c.handle_timeout(at);
+        assert!(c.poll_transmit().is_none(), "sent again over a stream");
+        failed = c.poll_event();
+        assert!(at.duration_since(t0) < Duration::from_secs(120));
+    }
+    assert!(matches!(failed, Some(Event::Failed { code: 0, .. })));
+    assert_eq!(at.duration_since(t0), Duration::from_millis(63_500));
 }
 
 proptest::proptest! {

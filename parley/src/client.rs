@@ -147,6 +147,11 @@ struct MediaArgs {
     /// Offer only relayed candidates (hides this machine's addresses).
     #[arg(long)]
     relay_only: bool,
+    /// Reach the TURN relay over this transport [default: the first of
+    /// udp, tcp and tls that answers; tcp and tls pass networks that
+    /// block UDP].
+    #[arg(long, value_name = "udp|tcp|tls", value_parser = turn_transport)]
+    turn_transport: Option<client_sdk::turn::Transport>,
     /// Send and receive video (a test pattern stands in for the camera).
     #[arg(long)]
     video: bool,
@@ -764,6 +769,7 @@ async fn start_device(
             None => local_ip_towards(args.sip)?,
         },
         relay_only: m.relay_only,
+        turn_transport: m.turn_transport,
         microphone: match mic {
             Some(live) => AudioSource::Live(live),
             None => microphone(m)?,
@@ -1299,6 +1305,17 @@ pub fn write_wav(path: &Path, pcm: &[i16]) -> Result<()> {
     }
     w.finalize()?;
     Ok(())
+}
+
+/// `--turn-transport`.
+fn turn_transport(s: &str) -> Result<client_sdk::turn::Transport, String> {
+    use client_sdk::turn::Transport;
+    match s {
+        "udp" => Ok(Transport::Udp),
+        "tcp" => Ok(Transport::Tcp),
+        "tls" => Ok(Transport::Tls),
+        _ => Err(format!("{s:?} is not udp, tcp or tls")),
+    }
 }
 
 #[cfg(test)]

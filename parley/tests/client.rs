@@ -73,7 +73,8 @@ fn two_desktop_clients_call_each_other_through_parley_up() {
     assert!(approved.contains("2 devices"), "{approved}");
 
     // Bob's laptop takes one call, speaking 660 Hz; Alice speaks 440 Hz
-    // from a WAV file, relay only.
+    // from a WAV file, relay only, reaching the relay over TCP (as on a
+    // network that blocks UDP).
     let (alice_wav, alice_rec, bob_rec) = (
         dir.path().join("alice-says.wav"),
         dir.path().join("alice-heard.wav"),
@@ -90,10 +91,19 @@ fn two_desktop_clients_call_each_other_through_parley_up() {
     let mut bob_seen = Vec::new();
     wait_line(&listen_out, "listening as", &mut bob_seen);
     let mut call = client(&up, &data, &alice);
-    call.args(["call", BOB, "--seconds", "3", "--relay-only", "--play"])
-        .arg(&alice_wav)
-        .arg("--record")
-        .arg(&alice_rec);
+    call.args([
+        "call",
+        BOB,
+        "--seconds",
+        "3",
+        "--relay-only",
+        "--turn-transport",
+        "tcp",
+        "--play",
+    ])
+    .arg(&alice_wav)
+    .arg("--record")
+    .arg(&alice_rec);
     let out = run(call, limit, "call");
     assert!(out.contains("media connected"), "{out}");
     assert!(out.contains("MOS"), "{out}");
@@ -522,15 +532,17 @@ fn alice_rings_bob_and_carol(
 /// client. Media goes through the SFU, sealed end to end with keys the
 /// devices exchanged over SIP MESSAGE; each of the three hears the other
 /// two's tones, and nobody hears their own (Carol through the relay
-/// only). Carol leaves after 4 s: Alice
+/// only, which she reaches over TLS as on a network that passes only web
+/// traffic). Carol leaves after 4 s: Alice
 /// and Bob hear of it and send each other new keys (so Carol could not
 /// read what follows); they leave after about 6 s.
 #[test]
 fn three_desktop_clients_talk_in_a_group_call_through_parley_up() {
     let limit = Duration::from_secs(60);
-    // Carol reaches the SFU through the relay only.
+    // Carol reaches the SFU through the relay only, over TLS.
+    let carol = ["--relay-only", "--turn-transport", "tls"];
     let ((dir, _data, _up), mut listeners, (call, rx)) =
-        alice_rings_bob_and_carol(("6", "4"), &["--relay-only"], "6");
+        alice_rings_bob_and_carol(("6", "4"), &carol, "6");
     let mut alice_seen = Vec::new();
     wait_line(&rx, "group call with", &mut alice_seen);
     wait_line(&rx, "media connected", &mut alice_seen);

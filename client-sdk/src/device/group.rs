@@ -13,11 +13,10 @@
 //! directory does not. Keys come only from members, sealed to this device
 //! and signed by theirs ([`GroupKeys::accept`]).
 
+use super::media_link::MediaLink;
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::net::UdpSocket;
 use wire::group_key::KeyMessage;
 use wire::handle::Handle;
 use wire::keys::DeviceId;
@@ -98,7 +97,7 @@ pub(super) struct GroupCall {
     keys: Option<GroupKeys>,
     pass: Option<RoomPass>,
     session: Option<GroupSession>,
-    socket: Option<Arc<UdpSocket>>,
+    socket: Option<MediaLink>,
     /// Where to leave the SFU: its client, our resource and token.
     joined: Option<(SfuClient, String, String)>,
     /// Keys that came before this device joined the SFU.
@@ -609,14 +608,11 @@ impl Task {
         let (addr, name) = sfu_address(&pass.sfu).await?;
         let sfu = SfuClient::new(addr, &name, self.config.roots.clone())
             .map_err(|e| DeviceError::Call(e.to_string()))?;
-        let socket = UdpSocket::bind(std::net::SocketAddr::new(self.config.media_ip, 0))
-            .await
-            .map_err(|e| DeviceError::Call(format!("media socket: {e}")))?;
-        let local = socket
-            .local_addr()
-            .map_err(|e| DeviceError::Call(e.to_string()))?;
+        let (link, incoming) =
+            MediaLink::open(self.config.media_ip, self.relay.as_ref(), &self.turn_tls).await?;
+        let local = link.local_addr()?;
         let config = GroupConfig {
-            turn: self.group_turn.clone(),
+            turn: self.relay.clone(),
             relay_only: self.config.relay_only,
             video_slots: if self.config.video { 4 } else { 0 },
             ..GroupConfig::default()
@@ -644,14 +640,13 @@ impl Task {
                 tracing::info!(error = %e, "a sender key refused");
             }
         }
-        let socket = Arc::new(socket);
-        g.socket = Some(socket.clone());
+        g.socket = Some(link.clone());
         g.session = Some(session);
         g.joined = Some((sfu, joined.resource, pass.token));
         g.speaking = Some(Speaking::new(&self.config.microphone));
         let key = g.media_key();
         let by_handle = group_by_handle(&g.members, ours);
-        self.add_socket(&key, socket);
+        self.add_link(&key, link, incoming);
         self.send_keys(by_handle);
         Ok(())
     }
@@ -1176,7 +1171,7 @@ impl Task {
         }
         while let Some(d) = session.poll_transmit() {
             busy = true;
-            let _ = socket.send_to(&d.data, d.to).await;
+            socket.send_to(&d.data, d.to).await;
         }
         let connected = session.is_connected() && !g.connected;
         let closed = session.is_closed();

@@ -307,6 +307,7 @@ fn device_config(
         voip_topic: TOPIC.into(),
         media_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         relay_only: false,
+        turn_transport: None,
         microphone: AudioSource::Tone(hz),
         speaker: None,
         keep_heard: Duration::from_secs(4),
@@ -463,6 +464,7 @@ async fn scenario(
 
     let cfg = |name: &str, handle: &Handle, hz: f64| DeviceConfig {
         relay_only: true,
+        turn_transport: None,
         keep_heard: Duration::from_secs(10),
         video: !args.no_video,
         ..device_config(name, handle, (signaling, courier, &roots), hz)
