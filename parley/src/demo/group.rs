@@ -7,7 +7,8 @@
 //! demo exits 0 only if every device heard every other's tone in its mix
 //! and none its own, decoded every other's test pattern, and every
 //! payload the SFU forwarded is SFrame ciphertext under a member's key
-//! that, played as Opus, is not its sender's tone.
+//! that, played as Opus, is not its sender's tone, and decoded as H.264
+//! gives no picture.
 
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use anyhow::{anyhow, bail, Result};
 use client_sdk::call::CallEvent;
 use client_sdk::device::{first_device, Device, DeviceEvent};
 use client_sdk::media::audio::{tone_share, AudioDecoder};
-use client_sdk::media::video::is_pattern;
+use client_sdk::media::video::{is_pattern, VideoDecoder};
 use wire::handle::Handle;
 
 use super::{device_config, has, pump, reach, until, DemoArgs, Dev, Reach, Timeline};
@@ -35,6 +36,34 @@ fn tone(i: usize) -> f64 {
 fn share(pcm: &[i16], hz: f64) -> f64 {
     let windows: Vec<&[i16]> = pcm.chunks_exact(4_800).collect();
     windows.iter().map(|w| tone_share(w, hz)).sum::<f64>() / windows.len().max(1) as f64
+}
+
+/// What is wrong with a payload the SFU forwarded in a call of `n`, if
+/// anything: it is readable media (Opus that plays as one of the
+/// members' tones, H.264 that decodes to a picture), or it is not SFrame
+/// under a member's key id.
+fn readable(is_audio: bool, payload: &[u8], n: usize) -> Result<Option<&'static str>> {
+    if is_audio {
+        // A member's own Opus frames play as its tone (a share near 1):
+        // the SFU's copy must not.
+        let mut pcm = Vec::new();
+        let played = AudioDecoder::new()?
+            .decode(Some(payload), false, &mut pcm)
+            .is_ok();
+        if played && (0..n).any(|i| tone_share(&pcm, tone(i)) > 0.5) {
+            return Ok(Some("a forwarded payload plays as a member's tone"));
+        }
+    } else if let Ok(Some(_)) = VideoDecoder::new()?.decode(payload) {
+        return Ok(Some("a forwarded payload decodes as H.264"));
+    }
+    let member = wire::sframe::Header::decode(payload)
+        .ok()
+        .map(|(h, _)| (h.kid >> 16) as usize)
+        .filter(|i| (1..=n).contains(i));
+    if member.is_none() {
+        return Ok(Some("the SFU forwarded a payload that is not a member's SFrame"));
+    }
+    Ok(None)
 }
 
 #[allow(clippy::print_stdout)]
@@ -238,28 +267,12 @@ pub(super) async fn scenario(
     }
 
     // What the SFU forwarded: SFrame under a member's key, and nothing
-    // that plays as any of the tones.
+    // that plays as any of the tones or shows a picture.
     let samples = sfu.metrics.sampled();
-    let mut opus = AudioDecoder::new()?;
-    let mut audio = 0;
+    let audio = samples.iter().filter(|(a, _)| *a).count();
     for (is_audio, payload) in &samples {
-        let member = wire::sframe::Header::decode(payload)
-            .ok()
-            .map(|(h, _)| (h.kid >> 16) as usize)
-            .filter(|i| (1..=n).contains(i));
-        if member.is_none() {
-            failures.push("the SFU forwarded a payload that is not a member's SFrame".into());
-        }
-        // Its sender's own Opus frames play as its tone (a share near 1):
-        // the SFU's copy must not.
-        if let (true, Some(sender)) = (*is_audio, member) {
-            audio += 1;
-            let mut pcm = Vec::new();
-            if opus.decode(Some(payload), false, &mut pcm).is_ok()
-                && tone_share(&pcm, tone(sender - 1)) > 0.5
-            {
-                failures.push("a forwarded payload plays as its sender's tone".into());
-            }
+        if let Some(f) = readable(*is_audio, payload, n)? {
+            failures.push(f.into());
         }
     }
     if samples.is_empty() {
@@ -267,7 +280,7 @@ pub(super) async fn scenario(
     }
     println!();
     println!(
-        "SFU: {} payloads sampled ({audio} audio), each SFrame under a member's key; none plays as its sender's tone",
+        "SFU: {} payloads sampled ({audio} audio), each SFrame under a member's key; none plays as its sender's tone, none decodes as H.264",
         samples.len()
     );
     let mut m = String::new();
@@ -298,5 +311,48 @@ pub(super) async fn scenario(
         Ok(())
     } else {
         bail!("the group call fell short:\n  {}", failures.join("\n  "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use client_sdk::media::audio::{AudioEncoder, Tone};
+    use client_sdk::media::video::{TestPattern, VideoEncoder};
+    use wire::sframe::{CipherSuite, Key, Sender};
+
+    /// Bob's (member 2) key id, as the SDK forms it: index above 16 bits.
+    fn sealer() -> Sender {
+        Sender::new(Key::derive(CipherSuite::Aes128GcmSha256, 2 << 16, b"bob").unwrap())
+    }
+
+    /// The check has teeth: Bob's own Opus frame and H.264 key frame in
+    /// the clear are caught as what they are; sealed, they pass.
+    #[test]
+    fn readable_media_is_caught_and_ciphertext_passes() {
+        let mut tx = sealer();
+        let mut say = Tone::new(tone(1), 0.3);
+        let mut enc = AudioEncoder::new(Default::default()).unwrap();
+        let mut opus = Vec::new();
+        for _ in 0..5 {
+            if let Some(f) = enc.encode(&say.next_frame()).unwrap() {
+                opus = f;
+            }
+        }
+        let sealed = tx.encrypt(b"", &opus).unwrap();
+        assert_eq!(readable(true, &sealed, 4).unwrap(), None);
+        assert_eq!(
+            readable(true, &opus, 4).unwrap(),
+            Some("a forwarded payload plays as a member's tone")
+        );
+
+        let mut video = VideoEncoder::new(300_000).unwrap();
+        let key = video.encode(&TestPattern::default().next_frame()).unwrap();
+        let sealed = tx.encrypt(b"", &key).unwrap();
+        assert_eq!(readable(false, &sealed, 4).unwrap(), None);
+        assert_eq!(
+            readable(false, &key, 4).unwrap(),
+            Some("a forwarded payload decodes as H.264")
+        );
     }
 }
