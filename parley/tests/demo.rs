@@ -56,7 +56,7 @@ fn the_group_demo_goes_through_and_its_checks_hold() {
         "dave    woken by a VoIP push",
         "incoming group call from alice@example.com",
         "answered and joins the group call",
-        "each SFrame under a member's key; none plays as its sender's tone",
+        "each SFrame under a member's key; none plays as a member's tone, none decodes as H.264",
         "OK: 4 people heard and saw each other",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");

@@ -61,7 +61,9 @@ fn readable(is_audio: bool, payload: &[u8], n: usize) -> Result<Option<&'static 
         .map(|(h, _)| (h.kid >> 16) as usize)
         .filter(|i| (1..=n).contains(i));
     if member.is_none() {
-        return Ok(Some("the SFU forwarded a payload that is not a member's SFrame"));
+        return Ok(Some(
+            "the SFU forwarded a payload that is not a member's SFrame",
+        ));
     }
     Ok(None)
 }
@@ -280,7 +282,7 @@ pub(super) async fn scenario(
     }
     println!();
     println!(
-        "SFU: {} payloads sampled ({audio} audio), each SFrame under a member's key; none plays as its sender's tone, none decodes as H.264",
+        "SFU: {} payloads sampled ({audio} audio), each SFrame under a member's key; none plays as a member's tone, none decodes as H.264",
         samples.len()
     );
     let mut m = String::new();
