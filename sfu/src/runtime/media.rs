@@ -63,11 +63,22 @@ struct Participant {
     /// Per (kind, slot): the extended sequence number last written.
     seqs: HashMap<(Kind, usize), u64>,
     timeout: Instant,
+    /// The latest instant its Rtc was given: a timeout run early is
+    /// given at its own instant, and nothing after it may be earlier.
+    clock: Instant,
     /// Where its packets come from, once ICE chose.
     remote: Option<SocketAddr>,
     resource: String,
     /// When it joined, until its media connects.
     connecting_since: Option<Instant>,
+}
+
+impl Participant {
+    /// `now`, or the later instant its Rtc was already given.
+    fn at(&mut self, now: Instant) -> Instant {
+        self.clock = self.clock.max(now);
+        self.clock
+    }
 }
 
 struct RoomState {
@@ -82,6 +93,13 @@ struct RoomState {
 /// participant (each lets a paced packet out); the rest wait for the
 /// loop's next turn.
 const DUE_ROUNDS: usize = 256;
+/// Timeouts this close are run at once, at their own instant. str0m's
+/// pacer asks for its next turn a fraction of a millisecond ahead (about
+/// two drains in three at 8 in a room), and tokio's timers fire on
+/// millisecond ticks: waiting for one held each subscriber's next packet
+/// up to a millisecond and a loop turn, and that was most of the SFU's
+/// added latency.
+const SOON: Duration = Duration::from_millis(1);
 
 pub(super) struct Loop {
     socket: Arc<UdpSocket>,
@@ -179,7 +197,8 @@ impl Loop {
                 .collect();
             for key in due {
                 if let Some(p) = self.participants.get_mut(&key) {
-                    let _ = p.rtc.handle_input(Input::Timeout(now));
+                    let at = p.at(now);
+                    let _ = p.rtc.handle_input(Input::Timeout(at));
                 }
                 self.drain(key);
             }
@@ -316,6 +335,7 @@ impl Loop {
                 slots,
                 seqs: HashMap::new(),
                 timeout: now,
+                clock: now,
                 remote: None,
                 resource: resource.clone(),
                 connecting_since: Some(now),
@@ -426,6 +446,14 @@ impl Loop {
             }
             self.by_remote.insert(from, key);
         }
+        let at = p.at(now);
+        let input = match at == now {
+            true => input,
+            false => match Receive::new(Protocol::Udp, from, self.candidate, data) {
+                Ok(r) => Input::Receive(at, r),
+                Err(_) => return,
+            },
+        };
         if p.rtc.handle_input(input).is_err() {
             return;
         }
@@ -445,12 +473,13 @@ impl Loop {
             let mut rounds = 0;
             loop {
                 match p.rtc.poll_output() {
-                    // Due already: str0m's pacer lets one packet out per
-                    // timeout, so a subscriber's queued packets go now,
-                    // not one per turn of the loop.
-                    Ok(Output::Timeout(t)) if t <= now && rounds < DUE_ROUNDS => {
+                    // Due already, or within [`SOON`]: str0m's pacer lets
+                    // one packet out per timeout, so a subscriber's queued
+                    // packets go now, not one per turn of the loop.
+                    Ok(Output::Timeout(t)) if t <= now + SOON && rounds < DUE_ROUNDS => {
                         rounds += 1;
-                        if p.rtc.handle_input(Input::Timeout(now)).is_err() {
+                        let at = p.at(t.max(now));
+                        if p.rtc.handle_input(Input::Timeout(at)).is_err() {
                             gone = true;
                             break;
                         }
