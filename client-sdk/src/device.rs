@@ -431,7 +431,7 @@ impl Device {
             config.media_ip,
         )
         .await?;
-        let relay = Some(relays.first.clone());
+        let relay = relays.first.clone();
         let turn_tls = TlsTo::new(config.roots.clone(), &config.server_name)
             .map_err(|e| DeviceError::Call(format!("TURN over TLS: {e}")))?;
         let media = MediaConfig {
@@ -680,7 +680,7 @@ struct Task {
     group_ended: Option<(CallId, crate::group::GroupStats)>,
     /// The relay calls go through (and group calls reach the SFU
     /// through), and what a TLS connection to it trusts.
-    relay: Option<turn::Config>,
+    relay: turn::Config,
     turn_tls: TlsTo,
 }
 
@@ -967,7 +967,7 @@ impl Task {
     async fn open_media(
         &mut self,
     ) -> Result<(MediaLink, Option<media_link::Incoming>), DeviceError> {
-        MediaLink::open(self.config.media_ip, self.relay.as_ref(), &self.turn_tls).await
+        MediaLink::open(self.config.media_ip, &self.relay, &self.turn_tls).await
     }
 
     /// `call`'s media goes out on `link`, and what comes in on it goes

@@ -86,13 +86,10 @@ impl Config {
         }
     }
 
-    /// The same server and credentials over `transport` at `server`.
-    pub fn over(&self, transport: Transport, server: SocketAddr) -> Config {
-        Config {
-            transport,
-            server,
-            ..self.clone()
-        }
+    /// The same, over `transport` (the server's address for it given).
+    pub fn over(mut self, transport: Transport) -> Config {
+        self.transport = transport;
+        self
     }
 }
 

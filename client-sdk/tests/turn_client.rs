@@ -69,7 +69,7 @@ impl Net {
             1,
             9,
         );
-        let config = Config::new(addr(SERVER), "alice", password).over(over, addr(SERVER));
+        let config = Config::new(addr(SERVER), "alice", password).over(over);
         let client = TurnClient::new(config, 42);
         Net {
             over,
@@ -351,7 +351,7 @@ fn over_a_stream_channel_data_is_padded_and_everything_stays_alive() {
 /// and a server that never answers is reported as late as over UDP.
 #[test]
 fn over_a_stream_a_silent_server_is_sent_one_request_then_reported() {
-    let config = Config::new(addr(SERVER), "alice", "wonderland").over(Over::Tls, addr(SERVER));
+    let config = Config::new(addr(SERVER), "alice", "wonderland").over(Over::Tls);
     let mut c = TurnClient::new(config, 1);
     let t0 = Instant::now();
     c.allocate(t0);

@@ -609,10 +609,10 @@ impl Task {
         let sfu = SfuClient::new(addr, &name, self.config.roots.clone())
             .map_err(|e| DeviceError::Call(e.to_string()))?;
         let (link, incoming) =
-            MediaLink::open(self.config.media_ip, self.relay.as_ref(), &self.turn_tls).await?;
+            MediaLink::open(self.config.media_ip, &self.relay, &self.turn_tls).await?;
         let local = link.local_addr()?;
         let config = GroupConfig {
-            turn: self.relay.clone(),
+            turn: Some(self.relay.clone()),
             relay_only: self.config.relay_only,
             video_slots: if self.config.video { 4 } else { 0 },
             ..GroupConfig::default()

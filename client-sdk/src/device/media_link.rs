@@ -64,7 +64,7 @@ pub(super) async fn choose(
 ) -> Result<Relays, DeviceError> {
     let named: Vec<(Transport, SocketAddr)> = uris.iter().filter_map(|u| parse_uri(u)).collect();
     let of = |t: Transport| named.iter().filter(move |(x, _)| *x == t).map(|(_, a)| *a);
-    let config = |t: Transport, a: SocketAddr| turn::Config::new(a, username, password).over(t, a);
+    let config = |t: Transport, a: SocketAddr| turn::Config::new(a, username, password).over(t);
     let transport = match forced {
         Some(t) => t,
         None => {
@@ -152,20 +152,22 @@ impl MediaLink {
     /// reached over one, with the frames that come in on it.
     pub(super) async fn open(
         media_ip: IpAddr,
-        relay: Option<&turn::Config>,
+        relay: &turn::Config,
         tls: &TlsTo,
     ) -> Result<(MediaLink, Option<Incoming>), DeviceError> {
         let udp = UdpSocket::bind(SocketAddr::new(media_ip, 0))
             .await
             .map_err(|e| DeviceError::Call(format!("media socket: {e}")))?;
-        let (turn, incoming) = match relay.filter(|r| r.transport.is_stream()) {
-            Some(r) => {
-                let (tx, rx) = turn_stream::connect(r.server, r.transport, Some(tls))
+        let (turn, incoming) = match relay.transport.is_stream() {
+            true => {
+                let (tx, rx) = turn_stream::connect(relay.server, relay.transport, Some(tls))
                     .await
-                    .map_err(|e| DeviceError::Call(format!("TURN over {:?}: {e}", r.transport)))?;
+                    .map_err(|e| {
+                        DeviceError::Call(format!("TURN over {:?}: {e}", relay.transport))
+                    })?;
                 (Some(tx), Some(rx))
             }
-            None => (None, None),
+            false => (None, None),
         };
         let link = MediaLink {
             udp: Arc::new(udp),

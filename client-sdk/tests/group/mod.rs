@@ -180,8 +180,8 @@ impl Device {
         video_slots: usize,
         via: &Via,
     ) -> Device {
-        let turn = client_sdk::turn::Config::new(via.relay, "group", "group-password")
-            .over(via.transport, via.relay);
+        let turn =
+            client_sdk::turn::Config::new(via.relay, "group", "group-password").over(via.transport);
         let config = GroupConfig {
             turn: Some(turn),
             relay_only: true,
