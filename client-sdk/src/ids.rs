@@ -165,6 +165,20 @@ pub fn tls_connector(
         rustls::pki_types::PrivateKeyDer<'static>,
     )>,
 ) -> Result<tokio_rustls::TlsConnector, IdsError> {
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(tls_client(
+        roots, identity,
+    )?)))
+}
+
+/// The TLS client configuration behind [`tls_connector`]: TLS 1.3 with
+/// the ring provider, the servers checked against `roots`.
+pub fn tls_client(
+    roots: rustls::RootCertStore,
+    identity: Option<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Result<rustls::ClientConfig, IdsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -176,7 +190,7 @@ pub fn tls_connector(
             .map_err(|e| IdsError::Protocol(format!("device certificate: {e}")))?,
         None => builder.with_no_client_auth(),
     };
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    Ok(cfg)
 }
 
 impl std::fmt::Debug for IdsClient {

@@ -37,15 +37,10 @@ pub struct TlsTo {
 }
 
 impl TlsTo {
-    /// TLS 1.2 or 1.3 with the ring provider, the server checked against
-    /// `roots` as `name`.
+    /// TLS 1.3, as on the device's other links ([`crate::ids::tls_client`]),
+    /// the server checked against `roots` as `name`.
     pub fn new(roots: rustls::RootCertStore, name: &str) -> std::io::Result<TlsTo> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(std::io::Error::other)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config = crate::ids::tls_client(roots, None).map_err(std::io::Error::other)?;
         config.alpn_protocols = vec![b"stun.turn".to_vec()];
         let name = ServerName::try_from(name.to_owned()).map_err(std::io::Error::other)?;
         Ok(TlsTo {
